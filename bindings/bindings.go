@@ -1,0 +1,148 @@
+// Package bindings is the flat, stable surface that gopy exposes to Python
+// as gomerge._engine. Every function takes and returns strings and integers
+// only (requests and results are JSON), never panics across the boundary,
+// and reports errors as {"kind": <Python exception name>, "message": ...}
+// so that the Python layer can raise the right exception class.
+//
+// A merge runs as a job: MergeStart returns at once, Python polls MergeWait
+// (which releases the GIL while it waits) to show progress and to stay
+// interruptible, and MergeCancel stops it.
+package bindings
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"runtime/debug"
+	"sync"
+	"time"
+
+	"gomerge/gomerge"
+)
+
+// Version is the engine version, kept equal to the Python package's.
+const Version = "0.1.0"
+
+// EngineVersion returns Version.
+func EngineVersion() string { return Version }
+
+type job struct {
+	cancel   context.CancelFunc
+	progress gomerge.Progress
+	done     chan struct{}
+	result   *gomerge.Result
+	err      error
+}
+
+var (
+	jobsMu sync.Mutex
+	jobs   = map[int64]*job{}
+	nextID int64
+)
+
+type errorJSON struct {
+	Kind    string `json:"kind"`
+	Message string `json:"message"`
+}
+
+type status struct {
+	State  string          `json:"state"` // running, done, error
+	Done   int64           `json:"done"`
+	Total  int64           `json:"total"`
+	Result *gomerge.Result `json:"result,omitempty"`
+	Error  *errorJSON      `json:"error,omitempty"`
+}
+
+func errorStatus(err error) string {
+	b, _ := json.Marshal(status{State: "error", Error: &errorJSON{Kind: string(gomerge.KindOf(err)), Message: err.Error()}})
+	return string(b)
+}
+
+// MergeStart starts a merge in the background from a JSON request (the
+// fields of gomerge.Options) and returns its job id. Every outcome, a request
+// that cannot be parsed included, is reported by MergeWait.
+func MergeStart(request string) int64 {
+	ctx, cancel := context.WithCancel(context.Background())
+	j := &job{cancel: cancel, done: make(chan struct{})}
+	jobsMu.Lock()
+	nextID++
+	id := nextID
+	jobs[id] = j
+	jobsMu.Unlock()
+	go func() {
+		defer close(j.done)
+		defer cancel()
+		defer func() {
+			if p := recover(); p != nil {
+				j.err = fmt.Errorf("internal error: %v\n%s", p, debug.Stack())
+			}
+		}()
+		var opts gomerge.Options
+		if err := json.Unmarshal([]byte(request), &opts); err != nil {
+			j.err = &gomerge.Error{Kind: gomerge.KindType, Msg: "invalid merge request: " + err.Error()}
+			return
+		}
+		j.result, j.err = gomerge.Merge(ctx, opts, &j.progress)
+	}()
+	return id
+}
+
+// MergeWait waits up to timeoutMs milliseconds for job id and returns its
+// status as JSON. A finished job is forgotten once its status is returned.
+func MergeWait(id int64, timeoutMs int) (out string) {
+	defer func() {
+		if p := recover(); p != nil {
+			out = errorStatus(fmt.Errorf("internal error: %v", p))
+		}
+	}()
+	jobsMu.Lock()
+	j := jobs[id]
+	jobsMu.Unlock()
+	if j == nil {
+		return errorStatus(&gomerge.Error{Kind: gomerge.KindValue, Msg: fmt.Sprintf("no merge job with id %d", id)})
+	}
+	select {
+	case <-j.done:
+	case <-time.After(time.Duration(timeoutMs) * time.Millisecond):
+	}
+	s := status{State: "running", Done: j.progress.Done.Load(), Total: j.progress.Total.Load()}
+	select {
+	case <-j.done:
+		jobsMu.Lock()
+		delete(jobs, id)
+		jobsMu.Unlock()
+		if j.err != nil {
+			return errorStatus(j.err)
+		}
+		s.State, s.Result = "done", j.result
+	default:
+	}
+	b, _ := json.Marshal(s)
+	return string(b)
+}
+
+// MergeCancel asks job id to stop; MergeWait then reports it cancelled.
+func MergeCancel(id int64) {
+	jobsMu.Lock()
+	j := jobs[id]
+	jobsMu.Unlock()
+	if j != nil {
+		j.cancel()
+	}
+}
+
+// InspectAdapter reads an adapter directory and returns a JSON summary
+// (or {"error": ...}).
+func InspectAdapter(dir string) (out string) {
+	defer func() {
+		if p := recover(); p != nil {
+			out = errorStatus(fmt.Errorf("internal error: %v", p))
+		}
+	}()
+	info, err := gomerge.Inspect(dir)
+	if err != nil {
+		return errorStatus(err)
+	}
+	b, _ := json.Marshal(info)
+	return string(b)
+}

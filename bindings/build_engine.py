@@ -1,0 +1,76 @@
+"""Build gomerge's Go extension with gopy and copy it into a Python package folder.
+
+Used by the Makefile (development builds into ``python/gomerge/_engine``) and by ``setup.py`` (``pip install .``
+and wheels). Needs Go (with cgo and gcc), the Python headers of the target interpreter and ``pybindgen`` importable
+by that interpreter; gopy and goimports are built from the versions pinned in ``go.mod``.
+
+Usage: ``python bindings/build_engine.py DEST_DIR``
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNTIME_FILES = ("__init__.py", "bindings.py", "go.py")
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> None:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"gomerge engine build failed: {' '.join(cmd)} exited with {proc.returncode}")
+
+
+def build(dest: str, python: str = sys.executable) -> list[str]:
+    """Builds the extension for ``python`` and copies its runtime files into ``dest``.
+
+    Args:
+        dest (`str`): folder that becomes the ``gomerge._engine`` package.
+        python (`str`): interpreter the extension is built for (gopy's ``-vm``).
+
+    Returns:
+        `list[str]`: the files written into ``dest``.
+    """
+    go = shutil.which("go")
+    if go is None:
+        raise SystemExit(
+            "gomerge: building from source needs the Go toolchain (>= 1.26) on PATH; "
+            "install it from https://go.dev/dl/ or install a prebuilt wheel"
+        )
+    env = dict(os.environ)
+    tool_bin = os.path.join(ROOT, ".build", "bin")
+    out = os.path.join(ROOT, ".build", "gopy")
+    env["PATH"] = tool_bin + os.pathsep + env.get("PATH", "")
+    env["CGO_ENABLED"] = "1"
+    env["CGO_LDFLAGS_ALLOW"] = ".*"
+    env["GOFLAGS"] = (env.get("GOFLAGS", "") + " -buildvcs=false").strip()
+    os.makedirs(tool_bin, exist_ok=True)
+    _run([go, "build", "-o", os.path.join(tool_bin, "goimports"), "golang.org/x/tools/cmd/goimports"], env)
+    shutil.rmtree(out, ignore_errors=True)
+    _run(
+        [go, "tool", "gopy", "build", f"-vm={python}", "-name=engine", f"-output={out}", "-rename=true",
+         "-dynamic-link=true", "-no-make=true", "./bindings"],
+        env,
+    )
+    libs = glob.glob(os.path.join(out, "_engine*.so"))
+    if len(libs) != 1:
+        raise SystemExit(f"gomerge engine build: expected one _engine*.so in {out}, found {libs}")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.makedirs(dest)
+    written = []
+    for name in RUNTIME_FILES + (os.path.basename(libs[0]),):
+        shutil.copy2(os.path.join(out, name), os.path.join(dest, name))
+        written.append(os.path.join(dest, name))
+    return written
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit(__doc__)
+    for path in build(sys.argv[1]):
+        print(path)

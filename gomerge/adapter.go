@@ -1,0 +1,208 @@
+package gomerge
+
+import (
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+)
+
+// ModuleKind is the kind of layer a LoRA module adapts.
+type ModuleKind int
+
+// Layer kinds, told apart by their tensor names and ranks.
+const (
+	KindLinear    ModuleKind = iota // lora_A.weight / lora_B.weight, 2-D
+	KindEmbedding                   // lora_embedding_A / lora_embedding_B
+	KindConv                        // lora_A.weight / lora_B.weight, 3-D to 5-D
+)
+
+// File names inside a PEFT adapter directory.
+const (
+	ConfigFile  = "adapter_config.json"
+	WeightsFile = "adapter_model.safetensors"
+	keyPrefix   = "base_model.model."
+)
+
+// Module is one adapted layer of an adapter: lora_A with shape (r, ...) and
+// lora_B with shape (out, r, 1...). In two dimensions A is r x In and B is
+// Out x r, whatever the layer kind.
+type Module struct {
+	Name    string // module path without "base_model.model."
+	Kind    ModuleKind
+	RawA    RawTensor
+	RawB    RawTensor
+	Rank    int
+	Alpha   float64
+	Scaling float64
+}
+
+// In is the number of columns of A in two dimensions.
+func (m *Module) In() int { return numel(m.RawA.Shape[1:]) }
+
+// Out is the number of rows of B.
+func (m *Module) Out() int { return m.RawB.Shape[0] }
+
+// Factors decodes A (r x In) and B (Out x r) to float32.
+func (m *Module) Factors() (a, b []float32) {
+	return Decode(m.RawA.DType, m.RawA.Data), Decode(m.RawB.DType, m.RawB.Data)
+}
+
+// Keys returns the safetensors names of A and B for this module.
+func (m *Module) Keys() (string, string) { return moduleKeys(m.Name, m.Kind) }
+
+func moduleKeys(name string, kind ModuleKind) (string, string) {
+	if kind == KindEmbedding {
+		return keyPrefix + name + ".lora_embedding_A", keyPrefix + name + ".lora_embedding_B"
+	}
+	return keyPrefix + name + ".lora_A.weight", keyPrefix + name + ".lora_B.weight"
+}
+
+// Adapter is a loaded PEFT LoRA adapter directory.
+type Adapter struct {
+	Dir     string
+	Config  *AdapterConfig
+	Modules map[string]*Module
+	Order   []string // module names, sorted
+	Extra   []string // tensors that are not LoRA factors (kept out of merges)
+	DType   DType    // dtype of the first module's lora_A
+}
+
+// LoadAdapter reads and validates a PEFT LoRA adapter directory.
+func LoadAdapter(dir string) (*Adapter, error) {
+	st, err := os.Stat(dir)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, newErr(KindFileNotFound, "adapter directory %s does not exist", dir)
+		}
+		return nil, ioErr(dir, err)
+	}
+	if !st.IsDir() {
+		return nil, valueErr("%s is not a directory; pass a PEFT adapter directory (with %s and %s)", dir, ConfigFile, WeightsFile)
+	}
+	cfg, err := ReadConfig(filepath.Join(dir, ConfigFile))
+	if err != nil {
+		return nil, err
+	}
+	wpath := filepath.Join(dir, WeightsFile)
+	if _, err := os.Stat(wpath); errors.Is(err, fs.ErrNotExist) {
+		if _, err2 := os.Stat(filepath.Join(dir, "adapter_model.bin")); err2 == nil {
+			return nil, valueErr("%s: only adapter_model.bin found; gomerge reads %s (re-save the adapter with safe_serialization=True)", dir, WeightsFile)
+		}
+		return nil, newErr(KindFileNotFound, "%s: no such file", wpath)
+	}
+	raw, _, err := ReadSafetensors(wpath)
+	if err != nil {
+		return nil, err
+	}
+	a := &Adapter{Dir: dir, Config: cfg, Modules: map[string]*Module{}}
+	for key, t := range raw {
+		if err := a.addTensor(wpath, key, t); err != nil {
+			return nil, err
+		}
+	}
+	for name, m := range a.Modules {
+		if err := a.finishModule(wpath, name, m); err != nil {
+			return nil, err
+		}
+		a.Order = append(a.Order, name)
+	}
+	if len(a.Modules) == 0 {
+		return nil, valueErr("%s: no LoRA tensors (lora_A / lora_B) found", wpath)
+	}
+	sort.Strings(a.Order)
+	sort.Strings(a.Extra)
+	a.DType = a.Modules[a.Order[0]].RawA.DType
+	return a, nil
+}
+
+var factorSuffixes = []struct {
+	suffix string
+	kind   ModuleKind
+	isA    bool
+}{
+	{".lora_A.weight", KindLinear, true},
+	{".lora_B.weight", KindLinear, false},
+	{".lora_embedding_A", KindEmbedding, true},
+	{".lora_embedding_B", KindEmbedding, false},
+}
+
+func (a *Adapter) addTensor(path, key string, t RawTensor) error {
+	name := strings.TrimPrefix(key, keyPrefix)
+	switch {
+	case strings.HasSuffix(key, ".lora_magnitude_vector") || strings.Contains(key, ".lora_magnitude_vector."):
+		return valueErr("%s: tensor %s is a DoRA magnitude vector; DoRA adapters are not supported", path, key)
+	case strings.HasSuffix(key, ".lora_B.bias"):
+		return valueErr("%s: tensor %s is a LoRA bias; adapters with lora_bias are not supported", path, key)
+	}
+	for _, s := range factorSuffixes {
+		if !strings.HasSuffix(name, s.suffix) {
+			continue
+		}
+		mod := strings.TrimSuffix(name, s.suffix)
+		if t.DType == "" {
+			return valueErr("%s: tensor %s has a dtype gomerge does not merge (supported: F32, BF16, F16)", path, key)
+		}
+		m := a.Modules[mod]
+		if m == nil {
+			m = &Module{Name: mod, Kind: s.kind}
+			a.Modules[mod] = m
+		} else if (m.Kind == KindEmbedding) != (s.kind == KindEmbedding) {
+			return valueErr("%s: module %s has both lora_A/lora_B and lora_embedding tensors", path, mod)
+		}
+		if s.isA {
+			m.RawA = t
+		} else {
+			m.RawB = t
+		}
+		return nil
+	}
+	a.Extra = append(a.Extra, key)
+	return nil
+}
+
+func (a *Adapter) finishModule(path, name string, m *Module) error {
+	aKey, bKey := m.Keys()
+	if m.RawA.Shape == nil {
+		return valueErr("%s: tensor %s is missing (module %s has only lora_B)", path, aKey, name)
+	}
+	if m.RawB.Shape == nil {
+		return valueErr("%s: tensor %s is missing (module %s has only lora_A)", path, bKey, name)
+	}
+	sa, sb := m.RawA.Shape, m.RawB.Shape
+	if len(sa) < 2 || len(sa) > 5 || len(sb) != len(sa) {
+		return valueErr("%s: tensors %s %v and %s %v do not have the shapes of LoRA factors", path, aKey, sa, bKey, sb)
+	}
+	if len(sa) > 2 {
+		if m.Kind == KindEmbedding {
+			return valueErr("%s: embedding factor %s must be 2-D, got %v", path, aKey, sa)
+		}
+		m.Kind = KindConv
+		for _, d := range sb[2:] {
+			if d != 1 {
+				return valueErr("%s: tensor %s has shape %v; gomerge needs a 1x1 lora_B kernel", path, bKey, sb)
+			}
+		}
+	}
+	if sa[0] != sb[1] {
+		return valueErr("%s: module %s: lora_A %v and lora_B %v disagree on the rank (%d vs %d)", path, name, sa, sb, sa[0], sb[1])
+	}
+	for _, t := range []struct {
+		key string
+		raw RawTensor
+	}{{aKey, m.RawA}, {bKey, m.RawB}} {
+		if numel(t.raw.Shape)*t.raw.DType.Size() != len(t.raw.Data) {
+			return valueErr("%s: tensor %s: shape %v does not match its %d bytes", path, t.key, t.raw.Shape, len(t.raw.Data))
+		}
+	}
+	m.Rank = sa[0]
+	r, alpha := a.Config.ModuleRankAlpha(name)
+	if r != m.Rank {
+		return valueErr("%s: module %s has rank %d but %s gives r=%d for it", path, name, m.Rank, ConfigFile, r)
+	}
+	m.Alpha = alpha
+	m.Scaling = a.Config.Scaling(r, alpha)
+	return nil
+}

@@ -1,0 +1,188 @@
+package gomerge
+
+import (
+	"encoding/binary"
+	"math"
+	"strings"
+	"unsafe"
+)
+
+// DType is a floating-point storage type of adapter tensors.
+type DType string
+
+// The storage types gomerge reads and writes, named as in safetensors.
+const (
+	F32  DType = "F32"
+	BF16 DType = "BF16"
+	F16  DType = "F16"
+)
+
+// ParseDType accepts safetensors names (F32, BF16, F16) and torch names
+// (float32, bfloat16, float16, half).
+func ParseDType(s string) (DType, error) {
+	switch strings.ToLower(strings.TrimPrefix(s, "torch.")) {
+	case "f32", "float32", "float":
+		return F32, nil
+	case "bf16", "bfloat16":
+		return BF16, nil
+	case "f16", "float16", "half":
+		return F16, nil
+	}
+	return "", valueErr("dtype: unsupported dtype %q (expected float32, bfloat16 or float16)", s)
+}
+
+// Size is the number of bytes of one element.
+func (d DType) Size() int {
+	if d == F32 {
+		return 4
+	}
+	return 2
+}
+
+// TorchName is the dtype's name in torch (without the "torch." prefix).
+func (d DType) TorchName() string {
+	switch d {
+	case BF16:
+		return "bfloat16"
+	case F16:
+		return "float16"
+	}
+	return "float32"
+}
+
+// Decode converts little-endian raw bytes of dtype d into float32 values.
+func Decode(d DType, raw []byte) []float32 {
+	n := len(raw) / d.Size()
+	out := make([]float32, n)
+	switch d {
+	case F32:
+		copy(out, bytesAsFloat32(raw[:4*n]))
+	case BF16:
+		for i := range out {
+			out[i] = math.Float32frombits(uint32(binary.LittleEndian.Uint16(raw[2*i:])) << 16)
+		}
+	case F16:
+		for i := range out {
+			out[i] = halfToFloat32(binary.LittleEndian.Uint16(raw[2*i:]))
+		}
+	}
+	return out
+}
+
+// Encode converts float32 values to little-endian raw bytes of dtype d,
+// rounding to nearest, ties to even, as torch does.
+func Encode(d DType, x []float32) []byte {
+	out := make([]byte, len(x)*d.Size())
+	switch d {
+	case F32:
+		copy(out, float32AsBytes(x))
+	case BF16:
+		for i, v := range x {
+			binary.LittleEndian.PutUint16(out[2*i:], Float32ToBF16(v))
+		}
+	case F16:
+		for i, v := range x {
+			binary.LittleEndian.PutUint16(out[2*i:], Float32ToHalf(v))
+		}
+	}
+	return out
+}
+
+// Round returns x rounded to the precision of dtype d (identity for F32).
+func Round(d DType, x float32) float32 {
+	switch d {
+	case BF16:
+		return math.Float32frombits(uint32(Float32ToBF16(x)) << 16)
+	case F16:
+		return halfToFloat32(Float32ToHalf(x))
+	}
+	return x
+}
+
+// Float32ToBF16 rounds f to bfloat16 bits (round to nearest even; NaN stays NaN).
+func Float32ToBF16(f float32) uint16 {
+	b := math.Float32bits(f)
+	if b&0x7fffffff > 0x7f800000 { // NaN: keep it quiet and NaN
+		return uint16(b>>16) | 0x40
+	}
+	b += 0x7fff + (b>>16)&1
+	return uint16(b >> 16)
+}
+
+// Float32ToHalf rounds f to IEEE 754 binary16 bits (round to nearest even).
+func Float32ToHalf(f float32) uint16 {
+	b := math.Float32bits(f)
+	sign := uint16(b>>16) & 0x8000
+	exp := int32(b>>23) & 0xff
+	mant := b & 0x7fffff
+	switch {
+	case exp == 0xff: // Inf or NaN
+		if mant != 0 {
+			return sign | 0x7e00
+		}
+		return sign | 0x7c00
+	case exp > 142: // >= 2^16 overflows to Inf
+		return sign | 0x7c00
+	case exp >= 113: // normal half
+		h := uint32(exp-112)<<10 | mant>>13
+		rest := mant & 0x1fff
+		if rest > 0x1000 || (rest == 0x1000 && h&1 == 1) {
+			h++ // may carry into the exponent, up to Inf: correct
+		}
+		return sign | uint16(h)
+	case exp >= 102: // subnormal half
+		m := mant | 0x800000
+		shift := uint32(126 - exp)
+		h := m >> shift
+		rest := m & (1<<shift - 1)
+		half := uint32(1) << (shift - 1)
+		if rest > half || (rest == half && h&1 == 1) {
+			h++
+		}
+		return sign | uint16(h)
+	}
+	return sign // underflows to zero
+}
+
+func halfToFloat32(h uint16) float32 {
+	sign := uint32(h&0x8000) << 16
+	exp := uint32(h>>10) & 0x1f
+	mant := uint32(h & 0x3ff)
+	switch {
+	case exp == 0x1f:
+		return math.Float32frombits(sign | 0x7f800000 | mant<<13)
+	case exp != 0:
+		return math.Float32frombits(sign | (exp+112)<<23 | mant<<13)
+	case mant == 0:
+		return math.Float32frombits(sign)
+	}
+	// subnormal: normalise
+	e := uint32(113)
+	for mant&0x400 == 0 {
+		mant <<= 1
+		e--
+	}
+	return math.Float32frombits(sign | e<<23 | (mant&0x3ff)<<13)
+}
+
+// bytesAsFloat32 views little-endian bytes as float32 values (copying when
+// the buffer is not 4-byte aligned). The machine must be little-endian,
+// which every platform gomerge is built for is.
+func bytesAsFloat32(b []byte) []float32 {
+	if len(b) == 0 {
+		return nil
+	}
+	if uintptr(unsafe.Pointer(&b[0]))%4 != 0 {
+		c := make([]byte, len(b))
+		copy(c, b)
+		b = c
+	}
+	return unsafe.Slice((*float32)(unsafe.Pointer(&b[0])), len(b)/4)
+}
+
+func float32AsBytes(x []float32) []byte {
+	if len(x) == 0 {
+		return nil
+	}
+	return unsafe.Slice((*byte)(unsafe.Pointer(&x[0])), 4*len(x))
+}

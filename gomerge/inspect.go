@@ -1,0 +1,41 @@
+package gomerge
+
+import (
+	"sort"
+	"strconv"
+)
+
+// AdapterInfo summarises an adapter directory.
+type AdapterInfo struct {
+	Dir           string         `json:"dir"`
+	BaseModel     string         `json:"base_model"`
+	R             int            `json:"r"`
+	LoraAlpha     float64        `json:"lora_alpha"`
+	UseRslora     bool           `json:"use_rslora"`
+	Ranks         map[string]int `json:"ranks"` // rank -> number of modules, keys as strings
+	TargetModules TargetModules  `json:"target_modules"`
+	DType         string         `json:"dtype"`
+	Modules       int            `json:"modules"`
+	Parameters    int64          `json:"parameters"`
+	Extra         []string       `json:"extra_tensors"`
+}
+
+// Inspect loads an adapter directory and summarises it.
+func Inspect(dir string) (*AdapterInfo, error) {
+	a, err := LoadAdapter(dir)
+	if err != nil {
+		return nil, err
+	}
+	info := &AdapterInfo{Dir: dir, BaseModel: a.Config.BaseModel, R: a.Config.R, LoraAlpha: a.Config.LoraAlpha,
+		UseRslora: a.Config.UseRslora, TargetModules: a.Config.TargetModules, DType: a.DType.TorchName(),
+		Modules: len(a.Modules), Ranks: map[string]int{}, Extra: a.Extra}
+	if info.Extra == nil {
+		info.Extra = []string{}
+	}
+	for _, m := range a.Modules {
+		info.Ranks[strconv.Itoa(m.Rank)]++
+		info.Parameters += int64(numel(m.RawA.Shape) + numel(m.RawB.Shape))
+	}
+	sort.Strings(info.Extra)
+	return info, nil
+}

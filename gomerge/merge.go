@@ -1,0 +1,401 @@
+package gomerge
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Combination types handled by this package, as PEFT names them.
+var combinationTypes = map[string]bool{"linear": true, "cat": true, "svd": true}
+
+// allPEFTTypes lists PEFT's combination types, for error messages.
+const allPEFTTypes = "svd, linear, cat, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd"
+
+// Options are the arguments of a merge. The names and meanings follow
+// PEFT's LoraModel.add_weighted_adapter; adapters are directories and the
+// result is written to OutputDir.
+type Options struct {
+	Adapters           []string  `json:"adapters"`
+	Weights            []float64 `json:"weights"`
+	AdapterName        string    `json:"adapter_name"`
+	CombinationType    string    `json:"combination_type"`
+	SVDRank            *int      `json:"svd_rank"`
+	SVDClamp           *float64  `json:"svd_clamp"`
+	SVDFullMatrices    *bool     `json:"svd_full_matrices"`
+	SVDDriver          *string   `json:"svd_driver"`
+	Density            *float64  `json:"density"`
+	MajoritySignMethod string    `json:"majority_sign_method"`
+	OutputDir          string    `json:"output_dir"`
+	Overwrite          bool      `json:"overwrite"`
+	DType              string    `json:"dtype"`   // "" keeps adapter 0's dtype
+	Workers            int       `json:"workers"` // 0 uses all cores
+}
+
+// Result describes a finished merge.
+type Result struct {
+	OutputDir       string   `json:"output_dir"`
+	AdapterName     string   `json:"adapter_name"`
+	CombinationType string   `json:"combination_type"`
+	Rank            int      `json:"rank"`
+	Modules         int      `json:"modules"`
+	DType           string   `json:"dtype"`
+	Seconds         float64  `json:"seconds"`
+	Warnings        []string `json:"warnings"`
+}
+
+// Progress counts merged modules; it is safe to read while a merge runs.
+type Progress struct {
+	Done  atomic.Int64
+	Total atomic.Int64
+}
+
+// source is one adapter's module with its user weight.
+type source struct {
+	weight float64
+	mod    *Module
+}
+
+// moduleJob is the work for one output module.
+type moduleJob struct {
+	name string
+	kind ModuleKind
+	srcs []source
+	in   int
+	out  int
+	// shapes of A and B without the rank, for the output tensors
+	aTail []int
+	bTail []int
+}
+
+// validate checks the options before any file is read.
+func (o *Options) validate() error {
+	if len(o.Adapters) == 0 {
+		return valueErr("adapters: at least one adapter directory is required")
+	}
+	if len(o.Weights) != len(o.Adapters) {
+		return valueErr("weights: got %d weights for %d adapters; pass one weight per adapter", len(o.Weights), len(o.Adapters))
+	}
+	for i, w := range o.Weights {
+		if math.IsNaN(w) || math.IsInf(w, 0) {
+			return valueErr("weights[%d]: %v is not a finite number", i, w)
+		}
+	}
+	seen := map[string]int{}
+	for i, a := range o.Adapters {
+		if j, ok := seen[filepath.Clean(a)]; ok {
+			return valueErr("adapters: %s is listed twice (positions %d and %d)", a, j, i)
+		}
+		seen[filepath.Clean(a)] = i
+	}
+	if o.CombinationType == "" {
+		o.CombinationType = "svd"
+	}
+	if !combinationTypes[o.CombinationType] {
+		if isPEFTType(o.CombinationType) {
+			return valueErr("combination_type: %q is not implemented yet (available: linear, cat, svd)", o.CombinationType)
+		}
+		return valueErr("combination_type: invalid value %q (expected one of %s)", o.CombinationType, allPEFTTypes)
+	}
+	if o.SVDRank != nil && *o.SVDRank <= 0 {
+		return valueErr("svd_rank: must be a positive integer or None, got %d", *o.SVDRank)
+	}
+	if o.SVDClamp != nil && (*o.SVDClamp < 0 || *o.SVDClamp > 1 || math.IsNaN(*o.SVDClamp)) {
+		return valueErr("svd_clamp: must be a quantile in [0, 1] or None, got %v", *o.SVDClamp)
+	}
+	if o.SVDDriver != nil {
+		switch *o.SVDDriver {
+		case "gesvd", "gesvdj", "gesvda":
+		default:
+			return valueErr("svd_driver: invalid value %q (expected None, 'gesvd', 'gesvdj' or 'gesvda')", *o.SVDDriver)
+		}
+	}
+	if o.MajoritySignMethod == "" {
+		o.MajoritySignMethod = "total"
+	}
+	if o.MajoritySignMethod != "total" && o.MajoritySignMethod != "frequency" {
+		return valueErr("majority_sign_method: invalid value %q (expected 'total' or 'frequency')", o.MajoritySignMethod)
+	}
+	if o.DType != "" {
+		if _, err := ParseDType(o.DType); err != nil {
+			return err
+		}
+	}
+	if o.OutputDir == "" {
+		return valueErr("output_dir: a directory to write the merged adapter to is required")
+	}
+	out := filepath.Clean(o.OutputDir)
+	for _, a := range o.Adapters {
+		if filepath.Clean(a) == out {
+			return valueErr("output_dir: %s is also an input adapter; choose another directory", o.OutputDir)
+		}
+	}
+	return nil
+}
+
+func isPEFTType(t string) bool {
+	for _, s := range regexp.MustCompile(`[a-z_]+`).FindAllString(allPEFTTypes, -1) {
+		if s == t {
+			return true
+		}
+	}
+	return false
+}
+
+func isFactorFamily(t string) bool { return t == "linear" }
+
+// Merge runs a merge end to end: validate, read the adapters, merge every
+// module in parallel and write the output directory atomically. progress may
+// be nil; ctx cancels the merge (no output is left behind).
+func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, error) {
+	start := time.Now()
+	if err := opts.validate(); err != nil {
+		return nil, err
+	}
+	if err := checkOutputDir(opts.OutputDir, opts.Overwrite); err != nil {
+		return nil, err
+	}
+	res := &Result{OutputDir: opts.OutputDir, AdapterName: opts.AdapterName, Warnings: []string{}}
+	if len(opts.Adapters) == 1 && opts.CombinationType != "linear" {
+		res.Warnings = append(res.Warnings, fmt.Sprintf(
+			"one adapter only: combination_type %q is replaced by \"linear\", as PEFT does", opts.CombinationType))
+		opts.CombinationType = "linear"
+	}
+	res.CombinationType = opts.CombinationType
+
+	adapters := make([]*Adapter, len(opts.Adapters))
+	for i, dir := range opts.Adapters {
+		a, err := LoadAdapter(dir)
+		if err != nil {
+			return nil, err
+		}
+		adapters[i] = a
+		if len(a.Extra) > 0 {
+			res.Warnings = append(res.Warnings, fmt.Sprintf(
+				"%s: %d tensor(s) that are not LoRA factors were left out of the merge (first: %s)", dir, len(a.Extra), a.Extra[0]))
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, ErrCancelled
+	}
+	outDType := adapters[0].DType
+	if opts.DType != "" {
+		outDType, _ = ParseDType(opts.DType)
+	}
+	res.DType = outDType.TorchName()
+
+	rank, err := newRank(opts, adapters)
+	if err != nil {
+		return nil, err
+	}
+	res.Rank = rank
+	cfgs := make([]*AdapterConfig, len(adapters))
+	for i, a := range adapters {
+		cfgs[i] = a.Config
+	}
+	targets, err := UnionTargetModules(cfgs, opts.Adapters)
+	if err != nil {
+		return nil, err
+	}
+	jobs, err := planModules(opts, adapters)
+	if err != nil {
+		return nil, err
+	}
+	res.Modules = len(jobs)
+
+	tensors, rankPattern, err := runJobs(ctx, opts, jobs, rank, outDType, progress)
+	if err != nil {
+		return nil, err
+	}
+	alphaPattern := make(Patterns, len(rankPattern))
+	copy(alphaPattern, rankPattern)
+	cfgJSON, err := MergedConfigJSON(adapters[0].Config, rank, targets, rankPattern, alphaPattern, nil)
+	if err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, ErrCancelled
+	}
+	if err := WriteAdapterDir(opts.OutputDir, opts.Overwrite, cfgJSON, tensors); err != nil {
+		return nil, err
+	}
+	res.Seconds = time.Since(start).Seconds()
+	return res, nil
+}
+
+// newRank is PEFT's rank of the merged adapter.
+func newRank(opts Options, adapters []*Adapter) (int, error) {
+	ranks := make([]int, len(adapters))
+	for i, a := range adapters {
+		ranks[i] = a.Config.MaxRank()
+	}
+	switch t := opts.CombinationType; {
+	case isFactorFamily(t):
+		for i, r := range ranks {
+			if r != ranks[0] {
+				return 0, valueErr("All adapters must have the same r value when using combination_type %s: "+
+					"%s has r=%d, %s has r=%d (use cat or svd for adapters of different ranks)",
+					t, opts.Adapters[0], ranks[0], opts.Adapters[i], r)
+			}
+		}
+		return ranks[0], nil
+	case t == "cat":
+		sum := 0
+		for _, r := range ranks {
+			sum += r
+		}
+		return sum, nil
+	default: // *svd
+		if opts.SVDRank != nil {
+			return *opts.SVDRank, nil
+		}
+		return maxInt(ranks), nil
+	}
+}
+
+func maxInt(x []int) int {
+	m := x[0]
+	for _, v := range x[1:] {
+		m = max(m, v)
+	}
+	return m
+}
+
+// planModules pairs every module with the adapters that have it and checks
+// that their shapes agree.
+func planModules(opts Options, adapters []*Adapter) ([]moduleJob, error) {
+	byName := map[string]*moduleJob{}
+	var names []string
+	first := map[string]int{}
+	for i, a := range adapters {
+		for _, name := range a.Order {
+			m := a.Modules[name]
+			j := byName[name]
+			if j == nil {
+				j = &moduleJob{name: name, kind: m.Kind, in: m.In(), out: m.Out(),
+					aTail: m.RawA.Shape[1:], bTail: m.RawB.Shape[2:]}
+				byName[name] = j
+				names = append(names, name)
+				first[name] = i
+			} else {
+				f := adapters[first[name]].Modules[name]
+				if m.Kind != j.kind || !equalInts(m.RawA.Shape[1:], j.aTail) || m.Out() != j.out || len(m.RawB.Shape) != len(f.RawB.Shape) {
+					return nil, valueErr("module %s: shapes differ between adapters: %s has lora_A %v / lora_B %v, %s has lora_A %v / lora_B %v",
+						name, opts.Adapters[first[name]], f.RawA.Shape, f.RawB.Shape, opts.Adapters[i], m.RawA.Shape, m.RawB.Shape)
+				}
+				if isFactorFamily(opts.CombinationType) && m.Rank != f.Rank {
+					return nil, valueErr("module %s: combination_type %s needs equal ranks, but %s has rank %d and %s has rank %d",
+						name, opts.CombinationType, opts.Adapters[first[name]], f.Rank, opts.Adapters[i], m.Rank)
+				}
+			}
+			j.srcs = append(j.srcs, source{weight: opts.Weights[i], mod: m})
+		}
+	}
+	sort.Strings(names)
+	jobs := make([]moduleJob, len(names))
+	for i, n := range names {
+		jobs[i] = *byName[n]
+	}
+	return jobs, nil
+}
+
+func equalInts(a, b []int) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// runJobs merges the modules on all cores and returns the encoded output
+// tensors and, for modules whose rank differs from the adapter's rank, a
+// rank pattern.
+func runJobs(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt DType, progress *Progress) (map[string]RawTensor, Patterns, error) {
+	if progress != nil {
+		progress.Total.Store(int64(len(jobs)))
+	}
+	workers := opts.Workers
+	if workers <= 0 {
+		workers = runtime.GOMAXPROCS(0)
+	}
+	tensors := make(map[string]RawTensor, 2*len(jobs))
+	ranks := make([]int, len(jobs))
+	var mu sync.Mutex
+	var next atomic.Int64
+	var firstErr error
+	var wg sync.WaitGroup
+	for w := 0; w < min(workers, len(jobs)); w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= len(jobs) || ctx.Err() != nil {
+					return
+				}
+				aName, bName, a, b, r, err := mergeModule(opts, &jobs[i], rank, dt)
+				mu.Lock()
+				if err != nil && firstErr == nil {
+					firstErr = err
+				}
+				tensors[aName], tensors[bName] = a, b
+				ranks[i] = r
+				mu.Unlock()
+				if progress != nil {
+					progress.Done.Add(1)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if ctx.Err() != nil {
+		return nil, nil, ErrCancelled
+	}
+	if firstErr != nil {
+		return nil, nil, firstErr
+	}
+	var pattern Patterns
+	for i, j := range jobs {
+		if ranks[i] != rank {
+			pattern = append(pattern, PatternEntry{Key: regexp.QuoteMeta(j.name), Value: float64(ranks[i])})
+		}
+	}
+	return tensors, pattern, nil
+}
+
+// mergeModule merges one module, recovering from panics so that a bug in a
+// kernel becomes an error naming the module.
+func mergeModule(opts Options, j *moduleJob, rank int, dt DType) (aName, bName string, ra, rb RawTensor, r int, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = newErr(KindInternal, "module %s: internal error: %v", j.name, p)
+		}
+	}()
+	var a, b []float32
+	switch opts.CombinationType {
+	case "linear":
+		a, b, r = mergeLinear(j.srcs)
+	case "cat":
+		r = rank
+		a, b = mergeCat(j.srcs, r, j.in, j.out)
+	case "svd":
+		r = rank
+		a, b = mergeSVD(j.srcs, r, j.in, j.out, opts.SVDClamp)
+	}
+	aName, bName = moduleKeys(j.name, j.kind)
+	aShape := append([]int{r}, j.aTail...)
+	bShape := append([]int{j.out, r}, j.bTail...)
+	return aName, bName, RawTensor{DType: dt, Shape: aShape, Data: Encode(dt, a)},
+		RawTensor{DType: dt, Shape: bShape, Data: Encode(dt, b)}, r, nil
+}

@@ -1,0 +1,71 @@
+package gomerge
+
+import (
+	"math"
+	"sort"
+)
+
+// mergeSVD is PEFT's "svd" combination: the rank-k truncated SVD of
+// D = sum_i w_i s_i B_i A_i. D has rank at most R = sum r_i, so its SVD is
+// computed exactly from the stacked factors (see LowRankSVD) instead of a
+// dense SVD of the out x in matrix. B' = U_k S_k, A' = V_k^T.
+func mergeSVD(srcs []source, k, in, out int, clamp *float64) (a, b []float32) {
+	total := 0
+	for _, s := range srcs {
+		total += s.mod.Rank
+	}
+	bc := make([]float64, out*total) // [w_1 s_1 B_1 | w_2 s_2 B_2 | ...]
+	ac := make([]float64, total*in)  // [A_1; A_2; ...]
+	off := 0
+	for _, s := range srcs {
+		fa, fb := s.mod.Factors()
+		r := s.mod.Rank
+		c := s.weight * s.mod.Scaling
+		for i := 0; i < out; i++ {
+			row := bc[i*total+off : i*total+off+r]
+			for j, v := range fb[i*r : (i+1)*r] {
+				row[j] = c * float64(v)
+			}
+		}
+		for i, v := range fa {
+			ac[off*in+i] = float64(v)
+		}
+		off += r
+	}
+	bk, ak, _ := LowRankSVD(bc, ac, out, total, in, k)
+	b, a = toFloat32(bk), toFloat32(ak)
+	if clamp != nil {
+		ClampQuantile(a, b, *clamp)
+	}
+	return a, b
+}
+
+// ClampQuantile is PEFT's svd_clamp: hi = quantile(concat(B, A), q) with
+// linear interpolation (torch.quantile), then both factors are clamped to
+// [-hi, hi] in place.
+func ClampQuantile(a, b []float32, q float64) {
+	all := make([]float32, 0, len(a)+len(b))
+	all = append(append(all, b...), a...)
+	if len(all) == 0 {
+		return
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i] < all[j] })
+	pos := q * float64(len(all)-1)
+	lo := int(math.Floor(pos))
+	hiIdx := min(lo+1, len(all)-1)
+	frac := float32(pos - float64(lo))
+	hi := all[lo] + frac*(all[hiIdx]-all[lo])
+	for _, x := range [][]float32{a, b} {
+		for i, v := range x {
+			x[i] = min(max(v, -hi), hi)
+		}
+	}
+}
+
+func toFloat32(x []float64) []float32 {
+	out := make([]float32, len(x))
+	for i, v := range x {
+		out[i] = float32(v)
+	}
+	return out
+}

@@ -1,0 +1,113 @@
+package gomerge
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+
+	"github.com/nlpodyssey/safetensors"
+)
+
+// Tensor is a float32 tensor in row-major order.
+type Tensor struct {
+	Shape []int
+	Data  []float32
+}
+
+// NumElements returns the product of the shape.
+func (t *Tensor) NumElements() int { return numel(t.Shape) }
+
+func numel(shape []int) int {
+	n := 1
+	for _, d := range shape {
+		n *= d
+	}
+	return n
+}
+
+// RawTensor is a tensor as stored in a safetensors file.
+type RawTensor struct {
+	DType DType
+	Shape []int
+	Data  []byte
+}
+
+var stDTypes = map[safetensors.DType]DType{
+	safetensors.F32:  F32,
+	safetensors.BF16: BF16,
+	safetensors.F16:  F16,
+}
+
+// ReadSafetensors reads every tensor of a safetensors file. Tensors of a
+// dtype gomerge does not merge are returned with an empty DType so that the
+// caller can name them when they matter.
+func ReadSafetensors(path string) (map[string]RawTensor, map[string]string, error) {
+	buf, err := os.ReadFile(path)
+	if err != nil {
+		return nil, nil, ioErr(path, err)
+	}
+	st, err := safetensors.Deserialize(buf)
+	if err != nil {
+		return nil, nil, valueErr("%s: not a valid safetensors file: %v", path, err)
+	}
+	_, md, _ := safetensors.ReadMetadata(buf)
+	out := make(map[string]RawTensor, st.Len())
+	for _, nt := range st.Tensors() {
+		shape := make([]int, len(nt.TensorView.Shape()))
+		for i, d := range nt.TensorView.Shape() {
+			shape[i] = int(d)
+		}
+		out[nt.Name] = RawTensor{DType: stDTypes[nt.TensorView.DType()], Shape: shape, Data: nt.TensorView.Data()}
+	}
+	return out, md.Metadata(), nil
+}
+
+// WriteSafetensors writes tensors (already encoded) to path with the given
+// metadata, through a buffered writer, and syncs the file.
+func WriteSafetensors(path string, tensors map[string]RawTensor, metadata map[string]string) error {
+	views := make(map[string]safetensors.TensorView, len(tensors))
+	rev := map[DType]safetensors.DType{F32: safetensors.F32, BF16: safetensors.BF16, F16: safetensors.F16}
+	for name, t := range tensors {
+		shape := make([]uint64, len(t.Shape))
+		for i, d := range t.Shape {
+			shape[i] = uint64(d)
+		}
+		v, err := safetensors.NewTensorView(rev[t.DType], shape, t.Data)
+		if err != nil {
+			return fmt.Errorf("tensor %s: %w", name, err)
+		}
+		views[name] = v
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return ioErr(path, err)
+	}
+	w := bufio.NewWriterSize(f, 1<<20)
+	err = safetensors.SerializeToWriter(views, metadata, w)
+	if err == nil {
+		err = w.Flush()
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return ioErr(path, err)
+	}
+	return nil
+}
+
+// ioErr turns an os error on path into a typed Error.
+func ioErr(path string, err error) error {
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return newErr(KindFileNotFound, "%s: no such file or directory", path)
+	case errors.Is(err, fs.ErrExist):
+		return newErr(KindFileExists, "%s: already exists", path)
+	}
+	return newErr(KindOS, "%s: %v", path, err)
+}

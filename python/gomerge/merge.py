@@ -1,0 +1,272 @@
+"""``add_weighted_adapter`` on PEFT adapter directories, computed by the Go engine."""
+
+from __future__ import annotations
+
+import html
+import numbers
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal, Sequence, Union
+
+from . import _native
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+COMBINATION_TYPES = (
+    "svd",
+    "linear",
+    "cat",
+    "ties",
+    "ties_svd",
+    "dare_ties",
+    "dare_linear",
+    "dare_ties_svd",
+    "dare_linear_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+)
+
+# Below this many modules a progress bar is more noise than help.
+_PROGRESS_MIN_MODULES = 64
+_POLL_MS = 100
+
+
+@dataclass
+class MergeResult:
+    """What a merge produced.
+
+    Attributes:
+        output_dir (`str`): the PEFT adapter directory that was written.
+        adapter_name (`str`): the name given to the merged adapter.
+        combination_type (`str`): the combination actually used (PEFT forces `"linear"` for one adapter).
+        rank (`int`): `r` of the merged adapter.
+        modules (`int`): number of LoRA modules merged.
+        dtype (`str`): torch name of the dtype of the written tensors.
+        seconds (`float`): wall time of the merge, reading and writing included.
+        warnings (`list[str]`): what the engine wants you to know (also issued as Python warnings).
+    """
+
+    output_dir: str
+    adapter_name: str
+    combination_type: str
+    rank: int
+    modules: int
+    dtype: str
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+            for k, v in (
+                ("output_dir", self.output_dir),
+                ("combination_type", self.combination_type),
+                ("rank", self.rank),
+                ("modules", self.modules),
+                ("dtype", self.dtype),
+                ("seconds", f"{self.seconds:.3f}"),
+            )
+        )
+        return f"<table><caption>gomerge: {html.escape(self.adapter_name)}</caption>{rows}</table>"
+
+
+def _paths(adapters: Sequence[PathLike]) -> list[str]:
+    if isinstance(adapters, (str, bytes, os.PathLike)):
+        raise TypeError("adapters: expected a list of adapter directories, got a single path; wrap it in a list")
+    try:
+        items = list(adapters)
+    except TypeError:
+        raise TypeError(f"adapters: expected a list of adapter directories, got {type(adapters).__name__}") from None
+    out = []
+    for i, a in enumerate(items):
+        if not isinstance(a, (str, os.PathLike)):
+            raise TypeError(f"adapters[{i}]: expected a path, got {type(a).__name__}")
+        out.append(os.fspath(a))
+    return out
+
+
+def _floats(weights: Sequence[float]) -> list[float]:
+    try:
+        items = list(weights)
+    except TypeError:
+        raise TypeError(f"weights: expected a list of numbers, got {type(weights).__name__}") from None
+    out = []
+    for i, w in enumerate(items):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real):
+            raise TypeError(f"weights[{i}]: expected a number, got {type(w).__name__}")
+        out.append(float(w))
+    return out
+
+
+def _progress_bar(total: int, enabled: bool | None):
+    if enabled is False or (enabled is None and total < _PROGRESS_MIN_MODULES):
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="gomerge", unit="module")
+
+
+def add_weighted_adapter(
+    adapters: Sequence[PathLike],
+    weights: Sequence[float],
+    adapter_name: str,
+    combination_type: Literal[
+        "svd",
+        "linear",
+        "cat",
+        "ties",
+        "ties_svd",
+        "dare_ties",
+        "dare_linear",
+        "dare_ties_svd",
+        "dare_linear_svd",
+        "magnitude_prune",
+        "magnitude_prune_svd",
+    ] = "svd",
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    svd_full_matrices: bool = True,
+    svd_driver: str | None = None,
+    density: float | None = None,
+    majority_sign_method: Literal["total", "frequency"] = "total",
+    *,
+    output_dir: PathLike | None = None,
+    overwrite: bool = False,
+    dtype: str | None = None,
+    progress: bool | None = None,
+    workers: int | None = None,
+) -> MergeResult:
+    """Merges LoRA adapter directories into a new adapter directory, as PEFT's `add_weighted_adapter` does.
+
+    The arguments are those of PEFT's `LoraModel.add_weighted_adapter`, with adapter directories in place of adapter
+    names. No base model and no torch are needed: the Go engine reads the adapters' `adapter_config.json` and
+    `adapter_model.safetensors`, merges every module in parallel and writes a PEFT adapter directory atomically
+    (nothing is left behind if the merge fails or is interrupted).
+
+    Args:
+        adapters (`list[str | os.PathLike]`):
+            PEFT adapter directories to merge.
+        weights (`list[float]`):
+            One weight per adapter. Weights can be negative, to subtract an adapter's effect.
+        adapter_name (`str`):
+            Name of the merged adapter; also the output directory when `output_dir` is not given.
+        combination_type (`str`, defaults to `"svd"`):
+            `"linear"` (PEFT's factor-wise weighted sum, with its cross terms), `"cat"` (exact, rank = sum of ranks)
+            or `"svd"` (the exact weighted sum of the adapters' updates, truncated to `svd_rank` by an SVD computed
+            from the factors). With one adapter PEFT always uses `"linear"`, and so does gomerge (with a warning).
+        svd_rank (`int`, *optional*):
+            Rank of the merged adapter for `svd`; defaults to the largest rank of the inputs.
+        svd_clamp (`float`, *optional*):
+            A quantile in [0, 1]: the factors are clamped to the range of that quantile of their values.
+        svd_full_matrices (`bool`, defaults to `True`):
+            Accepted for compatibility with PEFT; the result does not depend on it.
+        svd_driver (`str`, *optional*):
+            Accepted for compatibility with PEFT (a CUDA option there): `None`, `"gesvd"`, `"gesvdj"` or `"gesvda"`.
+        density (`float`, *optional*):
+            Fraction of values kept by the pruning combination types.
+        majority_sign_method (`str`, defaults to `"total"`):
+            `"total"` or `"frequency"`, for the TIES combination types.
+        output_dir (`str | os.PathLike`, *optional*):
+            Where to write the merged adapter; defaults to `adapter_name`. `PeftModel.from_pretrained(base, output_dir)`
+            loads it.
+        overwrite (`bool`, defaults to `False`):
+            Replace an existing `output_dir` (only an empty directory or an adapter directory is ever replaced).
+        dtype (`str`, *optional*):
+            dtype of the written tensors (`"float32"`, `"bfloat16"` or `"float16"`); defaults to that of the first
+            adapter.
+        progress (`bool`, *optional*):
+            Show a progress bar (tqdm, if installed). By default it is shown for merges of many modules.
+        workers (`int`, *optional*):
+            Number of modules merged at once; defaults to the number of cores.
+
+    Returns:
+        [`MergeResult`]: the output directory, rank, number of modules, dtype and time taken.
+
+    Raises:
+        `FileNotFoundError`: an adapter directory or one of its files is missing.
+        `FileExistsError`: `output_dir` exists and `overwrite` is not set.
+        `ValueError`: invalid arguments, or adapters that cannot be merged (the message names the file, module or
+            argument at fault).
+        `KeyboardInterrupt`: the merge was interrupted; no output was written.
+
+    Example:
+
+    ```python
+    >>> import gomerge
+    >>> res = gomerge.add_weighted_adapter(
+    ...     ["adapters/norobots", "adapters/sql", "adapters/adcopy"], [2.0, 1.0, 1.0], "merge",
+    ...     combination_type="svd", output_dir="merged",
+    ... )
+    >>> res.rank, res.modules
+    ```
+    """
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise TypeError("adapter_name: expected a non-empty string")
+    if not isinstance(combination_type, str):
+        raise TypeError(f"combination_type: expected a string, got {type(combination_type).__name__}")
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, numbers.Integral)):
+        raise TypeError(f"svd_rank: expected an int or None, got {type(svd_rank).__name__}")
+    for name, value in (("svd_clamp", svd_clamp), ("density", density)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise TypeError(f"{name}: expected a number or None, got {type(value).__name__}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1):
+        raise ValueError(f"workers: expected a positive integer or None, got {workers!r}")
+    request = {
+        "adapters": _paths(adapters),
+        "weights": _floats(weights),
+        "adapter_name": adapter_name,
+        "combination_type": combination_type,
+        "svd_rank": None if svd_rank is None else int(svd_rank),
+        "svd_clamp": None if svd_clamp is None else float(svd_clamp),
+        "svd_full_matrices": bool(svd_full_matrices),
+        "svd_driver": svd_driver,
+        "density": None if density is None else float(density),
+        "majority_sign_method": majority_sign_method,
+        "output_dir": os.fspath(output_dir) if output_dir is not None else adapter_name,
+        "overwrite": bool(overwrite),
+        "dtype": dtype or "",
+        "workers": int(workers or 0),
+    }
+    job = _native.merge_start(request)
+    bar = None
+    try:
+        while True:
+            status = _native.merge_wait(job, _POLL_MS)
+            total, done = status.get("total", 0), status.get("done", 0)
+            if bar is None and total:
+                bar = _progress_bar(total, progress)
+            if bar is not None:
+                bar.update(done - bar.n)
+            if status["state"] == "done":
+                break
+    except KeyboardInterrupt:
+        _native.merge_cancel(job)
+        # Let the job finish its clean-up (it removes any temporary output) before giving control back.
+        try:
+            while _native.merge_wait(job, _POLL_MS)["state"] != "done":
+                pass
+        except BaseException:  # the job's own outcome (usually "cancelled") is superseded by the interrupt
+            pass
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    result = MergeResult(**status["result"])
+    for message in result.warnings:
+        warnings.warn(message, stacklevel=2)
+    return result
+
+
+def inspect_adapter(path: PathLike) -> dict:
+    """Summarises a PEFT LoRA adapter directory: ranks, alpha, target modules, dtype, parameter count.
+
+    Args:
+        path (`str | os.PathLike`): the adapter directory.
+
+    Returns:
+        `dict`: the summary.
+    """
+    return _native.inspect_adapter(os.fspath(path))

@@ -1,0 +1,177 @@
+"""Small models and real PEFT adapters for the parity tests.
+
+Every adapter is made by PEFT itself (`get_peft_model` + `save_pretrained`) on a small transformers or torch model
+built from a config (no downloads). LoRA factors are drawn from a seeded normal distribution so that `lora_B` is
+non-zero and merges are not trivial.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from safetensors.numpy import load_file
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llama(seed: int = 0) -> nn.Module:
+    """A 2-layer Llama-shaped causal LM (hidden 64, 4 heads, 2 KV heads, vocabulary 128)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def gpt2(seed: int = 0) -> nn.Module:
+    """A 2-layer GPT-2 (Conv1D layers: LoRA needs fan_in_fan_out)."""
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)).eval()
+
+
+class ConvNet(nn.Module):
+    """A small CNN with a 3x3 and a 1x1 Conv2d and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 6, 1)
+        self.head = nn.Linear(6 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv2(torch.relu(self.conv1(x)))).flatten(1))
+
+
+def convnet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return ConvNet().eval()
+
+
+MODELS: dict[str, Callable[[int], nn.Module]] = {"llama": llama, "gpt2": gpt2, "conv": convnet}
+
+
+def model_input(kind: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234)
+    if kind == "conv":
+        return torch.randn(2, 3, 8, 8, generator=g)
+    return torch.randint(0, 128, (2, 12), generator=g)
+
+
+def logits(model: nn.Module, kind: str) -> np.ndarray:
+    with torch.no_grad():
+        out = model(model_input(kind))
+    out = out if isinstance(out, torch.Tensor) else out.logits
+    return out.float().numpy().astype(np.float64)
+
+
+@dataclass
+class AdapterSpec:
+    """One adapter to build: LoraConfig arguments, a seed for its factors and the dtype to save it in."""
+
+    lora: dict
+    seed: int
+    dtype: torch.dtype = torch.float32
+    std: float = 0.05
+
+
+@dataclass
+class Case:
+    """A parity case: a model kind, the adapters and the merge weights."""
+
+    name: str
+    model: str
+    adapters: list[AdapterSpec]
+    weights: list[float]
+    types: tuple[str, ...] = ("linear", "cat", "svd")
+    rtol: float = 1e-5
+    notes: list[str] = field(default_factory=list)
+
+
+def make_adapter(kind: str, spec: AdapterSpec, path: str) -> str:
+    """Creates an adapter with PEFT and saves it to `path`."""
+    model = MODELS[kind](0)
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **spec.lora))
+    g = torch.Generator().manual_seed(spec.seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * spec.std)
+    peft_model.to(spec.dtype)
+    peft_model.save_pretrained(path)
+    return path
+
+
+def build_case(case: Case, root: str) -> list[str]:
+    return [make_adapter(case.model, s, os.path.join(root, f"{case.name}-{i}")) for i, s in enumerate(case.adapters)]
+
+
+def peft_merge(case: Case, dirs: list[str], combination_type: str, **kwargs) -> PeftModel:
+    """Loads the adapters into a PeftModel and runs PEFT's own add_weighted_adapter."""
+    model = PeftModel.from_pretrained(MODELS[case.model](0), dirs[0], adapter_name="a0")
+    for i, d in enumerate(dirs[1:], start=1):
+        model.load_adapter(d, adapter_name=f"a{i}")
+    names = [f"a{i}" for i in range(len(dirs))]
+    model.add_weighted_adapter(names, case.weights, "merged", combination_type=combination_type, **kwargs)
+    model.set_adapter("merged")
+    return model.eval()
+
+
+def _2d(t: np.ndarray, rank_first: bool) -> np.ndarray:
+    return t.reshape(t.shape[0], -1) if rank_first else t.reshape(t.shape[0], t.shape[1])
+
+
+def peft_factors(model: PeftModel, name: str = "merged") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per module path (without `base_model.model.`): the adapter's (A, B) as float64 arrays."""
+    out = {}
+    for mod_name, mod in model.named_modules():
+        if not isinstance(mod, LoraLayer):
+            continue
+        if name in mod.lora_A:
+            a, b = mod.lora_A[name].weight, mod.lora_B[name].weight
+        elif name in mod.lora_embedding_A:
+            a, b = mod.lora_embedding_A[name], mod.lora_embedding_B[name]
+        else:
+            continue
+        key = mod_name.removeprefix("base_model.model.")
+        out[key] = (a.detach().float().numpy().astype(np.float64), b.detach().float().numpy().astype(np.float64))
+    return out
+
+
+def file_factors(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per module path: (A, B) read from an adapter directory's safetensors, as float64 arrays."""
+    import json
+
+    from safetensors import safe_open
+
+    tensors = {}
+    with safe_open(os.path.join(path, "adapter_model.safetensors"), framework="pt") as f:
+        for k in f.keys():
+            tensors[k] = f.get_tensor(k).float().numpy().astype(np.float64)
+    out: dict[str, list] = {}
+    for k, v in tensors.items():
+        for suffix, idx in ((".lora_A.weight", 0), (".lora_B.weight", 1), (".lora_embedding_A", 0),
+                            (".lora_embedding_B", 1)):
+            if k.endswith(suffix):
+                mod = k.removeprefix("base_model.model.").removesuffix(suffix)
+                out.setdefault(mod, [None, None])[idx] = v
+    json.load(open(os.path.join(path, "adapter_config.json")))  # must be valid JSON
+    return {k: (a, b) for k, (a, b) in out.items()}
+
+
+def delta(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """B @ A in two dimensions (Conv2d factors flattened)."""
+    return _2d(b, False) @ _2d(a, True)
+
+
+def rel_diff(ours: np.ndarray, theirs: np.ndarray) -> float:
+    """max |ours - theirs| / max |theirs|."""
+    return float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-30))
