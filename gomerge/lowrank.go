@@ -10,8 +10,8 @@ import (
 )
 
 // LowRankSVD computes the rank-k truncated SVD of the product B @ A, where
-// B is m x R and A is R x n (row-major float64), without forming the m x n
-// product: thin QRs B = Qb Rb and A^T = Qa Ra, an SVD of the small core
+// B is m x R and A is R x n (row-major float64; b is overwritten), without
+// forming the m x n product: thin QRs B = Qb Rb and A^T = Qa Ra, an SVD of the small core
 // Rb Ra^T = U S V^T, then B @ A = (Qb U) S (Qa V)^T. The cost is
 // O((m + n) R^2 + R^3) instead of a dense O(m n min(m, n)) SVD.
 //

@@ -1,0 +1,58 @@
+# gomerge: `make run` builds everything and merges a built-in example; `make test` runs every test.
+# Everything is installed into .venv (Python) and the Go module cache; nothing needs installing by hand
+# except Go >= 1.26, Python >= 3.9 and a C compiler.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+GO ?= go
+GO_SOURCES := $(wildcard gomerge/*.go bindings/*.go) go.mod go.sum
+ENGINE := python/gomerge/_engine/bindings.py
+FUZZTIME ?= 10s
+
+.PHONY: all build run test test-go test-python lint wheel bench clean
+
+all: build
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps record that a requirements file is installed; they are redone when the file changes.
+$(VENV)/.deps-build: requirements-build.txt | $(VENV)/bin/python
+	$(PIP) install -q --disable-pip-version-check -r requirements-build.txt
+	touch $@
+
+$(VENV)/.deps-test: tests/requirements.txt $(VENV)/.deps-build
+	$(PIP) install -q --disable-pip-version-check -r tests/requirements.txt
+	touch $@
+
+$(ENGINE): $(GO_SOURCES) bindings/build_engine.py $(VENV)/.deps-build
+	$(PY) bindings/build_engine.py python/gomerge/_engine
+
+build: $(ENGINE)
+
+run: build
+	PYTHONPATH=python $(PY) examples/quickstart.py
+
+lint:
+	@test -z "$$(gofmt -l gomerge bindings)" || (echo "gofmt needed:"; gofmt -l gomerge bindings; exit 1)
+	$(GO) vet ./gomerge ./bindings
+
+test-go:
+	$(GO) test -count=1 ./gomerge ./bindings
+
+test-python: build $(VENV)/.deps-test
+	$(PY) -m pytest -q tests
+
+test: lint test-go test-python
+
+wheel: $(VENV)/.deps-build
+	rm -rf dist
+	$(PIP) wheel --no-deps -w dist .
+
+bench: build $(VENV)/.deps-test
+	PYTHONPATH=python $(PY) benchmarks/bench_svd.py
+
+clean:
+	rm -rf .build python/gomerge/_engine dist build *.egg-info python/*.egg-info

@@ -1,0 +1,115 @@
+package gomerge
+
+import (
+	"math"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestFloat32ToBF16(t *testing.T) {
+	tests := []struct {
+		name string
+		in   uint32 // float32 bits
+		want uint16
+	}{
+		{"one", 0x3f800000, 0x3f80},
+		{"exact", 0x40490000, 0x4049},
+		{"round down below half", 0x3f807fff, 0x3f80},
+		{"tie to even (even stays)", 0x3f808000, 0x3f80},
+		{"tie to even (odd rounds up)", 0x3f818000, 0x3f82},
+		{"round up above half", 0x3f808001, 0x3f81},
+		{"negative", 0xbf808001, 0xbf81},
+		{"max float rounds to inf", 0x7f7fffff, 0x7f80},
+		{"inf", 0x7f800000, 0x7f80},
+		{"-inf", 0xff800000, 0xff80},
+		{"nan stays nan", 0x7f800001, 0x7fc0},
+		{"zero", 0, 0},
+		{"-zero", 0x80000000, 0x8000},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			assert.Equal(t, tc.want, Float32ToBF16(math.Float32frombits(tc.in)))
+		})
+	}
+}
+
+func TestFloat32ToHalf(t *testing.T) {
+	tests := []struct {
+		name string
+		in   float32
+		want uint16
+	}{
+		{"one", 1, 0x3c00},
+		{"-two", -2, 0xc000},
+		{"max half", 65504, 0x7bff},
+		{"overflow", 65520, 0x7c00},   // halfway to 65536 rounds to even: Inf
+		{"just below", 65519, 0x7bff}, // rounds down to max
+		{"smallest normal", 6.103515625e-05, 0x0400},
+		{"smallest subnormal", 5.960464477539063e-08, 0x0001},
+		{"half of smallest subnormal ties to zero", 2.9802322387695312e-08, 0x0000},
+		{"above half of smallest subnormal", 2.99e-08, 0x0001},
+		{"subnormal", 3.0517578125e-05, 0x0200},
+		{"1 + 2^-11 ties to even", 1.00048828125, 0x3c00},
+		{"1 + 3*2^-11 ties to even up", 1.00146484375, 0x3c02},
+		{"inf", float32(math.Inf(1)), 0x7c00},
+		{"nan", float32(math.NaN()), 0x7e00},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			assert.Equal(t, tc.want, Float32ToHalf(tc.in))
+		})
+	}
+}
+
+func TestHalfRoundTripAllValues(t *testing.T) {
+	// every finite half converts to float32 and back unchanged
+	for h := 0; h < 1<<16; h++ {
+		if h&0x7c00 == 0x7c00 && h&0x3ff != 0 {
+			continue // NaN payloads are canonicalised
+		}
+		f := halfToFloat32(uint16(h))
+		require.Equal(t, uint16(h), Float32ToHalf(f), "half %#04x -> %v", h, f)
+	}
+}
+
+func TestEncodeDecodeRoundTrip(t *testing.T) {
+	x := []float32{0, 1, -1.5, 3.1415927, 1e-3, -65504, 1e-7}
+	for _, dt := range []DType{F32, BF16, F16} {
+		t.Run(string(dt), func(t *testing.T) {
+			got := Decode(dt, Encode(dt, x))
+			require.Len(t, got, len(x))
+			for i := range x {
+				assert.Equal(t, Round(dt, x[i]), got[i])
+			}
+		})
+	}
+}
+
+func TestParseDType(t *testing.T) {
+	for in, want := range map[string]DType{"float32": F32, "torch.bfloat16": BF16, "F16": F16, "half": F16} {
+		got, err := ParseDType(in)
+		require.NoError(t, err)
+		assert.Equal(t, want, got)
+	}
+	_, err := ParseDType("int8")
+	require.Error(t, err)
+	assert.Equal(t, KindValue, KindOf(err))
+}
+
+func BenchmarkDecodeBF16(b *testing.B) {
+	raw := Encode(BF16, make([]float32, 1<<20))
+	b.SetBytes(int64(len(raw)))
+	for b.Loop() {
+		Decode(BF16, raw)
+	}
+}
+
+func BenchmarkEncodeBF16(b *testing.B) {
+	x := make([]float32, 1<<20)
+	b.SetBytes(int64(4 * len(x)))
+	for b.Loop() {
+		Encode(BF16, x)
+	}
+}

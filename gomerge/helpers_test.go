@@ -1,0 +1,70 @@
+package gomerge
+
+import (
+	"encoding/json"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+type testModule struct {
+	a, b   *Tensor
+	embed  bool
+	dtype  DType
+	rawKey string // overrides the key prefix when set
+}
+
+func randTensor(rng *rand.Rand, shape ...int) *Tensor {
+	t := &Tensor{Shape: shape, Data: make([]float32, numel(shape))}
+	for i := range t.Data {
+		t.Data[i] = float32(rng.NormFloat64())
+	}
+	return t
+}
+
+// writeTestAdapter writes an adapter directory with the given config keys
+// (merged over a minimal LoRA config) and modules.
+func writeTestAdapter(t testing.TB, dir string, cfg map[string]any, mods map[string]testModule) string {
+	t.Helper()
+	require.NoError(t, os.MkdirAll(dir, 0o755))
+	full := map[string]any{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": []string{"q_proj"}}
+	for k, v := range cfg {
+		full[k] = v
+	}
+	b, err := json.Marshal(full)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(filepath.Join(dir, ConfigFile), b, 0o644))
+	tensors := map[string]RawTensor{}
+	for name, m := range mods {
+		kind := KindLinear
+		if m.embed {
+			kind = KindEmbedding
+		}
+		ak, bk := moduleKeys(name, kind)
+		dt := m.dtype
+		if dt == "" {
+			dt = F32
+		}
+		tensors[ak] = RawTensor{DType: dt, Shape: m.a.Shape, Data: Encode(dt, m.a.Data)}
+		tensors[bk] = RawTensor{DType: dt, Shape: m.b.Shape, Data: Encode(dt, m.b.Data)}
+	}
+	require.NoError(t, WriteSafetensors(filepath.Join(dir, WeightsFile), tensors, map[string]string{"format": "pt"}))
+	return dir
+}
+
+// product returns B @ A (Out x In) in float64 for 2-D views of the factors.
+func product(a, b []float32, out, r, in int) []float64 {
+	p := make([]float64, out*in)
+	for i := 0; i < out; i++ {
+		for k := 0; k < r; k++ {
+			bv := float64(b[i*r+k])
+			for j := 0; j < in; j++ {
+				p[i*in+j] += bv * float64(a[k*in+j])
+			}
+		}
+	}
+	return p
+}

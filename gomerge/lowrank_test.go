@@ -1,0 +1,130 @@
+package gomerge
+
+import (
+	"math"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"gonum.org/v1/gonum/mat"
+)
+
+// denseTruncated is the reference: a dense SVD of B @ A truncated to rank k.
+func denseTruncated(b, a []float64, m, r, n, k int) (*mat.Dense, []float64) {
+	bm := mat.NewDense(m, r, b)
+	am := mat.NewDense(r, n, a)
+	var d mat.Dense
+	d.Mul(bm, am)
+	var svd mat.SVD
+	if !svd.Factorize(&d, mat.SVDThin) {
+		panic("svd failed")
+	}
+	var u, v mat.Dense
+	svd.UTo(&u)
+	svd.VTo(&v)
+	s := svd.Values(nil)
+	q := len(s)
+	kk := min(k, q)
+	out := mat.NewDense(m, n, nil)
+	for j := 0; j < kk; j++ {
+		for i := 0; i < m; i++ {
+			for l := 0; l < n; l++ {
+				out.Set(i, l, out.At(i, l)+u.At(i, j)*s[j]*v.At(l, j))
+			}
+		}
+	}
+	return out, s
+}
+
+func TestLowRankSVDMatchesDenseSVD(t *testing.T) {
+	tests := []struct {
+		name       string
+		m, r, n, k int
+	}{
+		{"square truncated", 20, 12, 20, 4},
+		{"tall", 40, 9, 7, 3},
+		{"wide", 6, 10, 30, 5},
+		{"k equals rank", 25, 6, 18, 6},
+		{"k above rank pads zeros", 15, 3, 11, 8},
+		{"rank above both dims", 5, 12, 4, 4},
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			b := make([]float64, tc.m*tc.r)
+			a := make([]float64, tc.r*tc.n)
+			for i := range b {
+				b[i] = rng.NormFloat64()
+			}
+			for i := range a {
+				a[i] = rng.NormFloat64()
+			}
+			want, wantS := denseTruncated(b, a, tc.m, tc.r, tc.n, tc.k)
+			bk, ak, s := LowRankSVD(append([]float64(nil), b...), append([]float64(nil), a...), tc.m, tc.r, tc.n, tc.k)
+			require.Len(t, bk, tc.m*tc.k)
+			require.Len(t, ak, tc.k*tc.n)
+			for i := 0; i < min(len(s), len(wantS)); i++ {
+				assert.InDelta(t, wantS[i], s[i], 1e-9*wantS[0], "singular value %d", i)
+			}
+			var got mat.Dense
+			got.Mul(mat.NewDense(tc.m, tc.k, bk), mat.NewDense(tc.k, tc.n, ak))
+			assert.True(t, mat.EqualApprox(&got, want, 1e-9*mat.Norm(want, math.Inf(1))), "B'A' differs from the dense truncated SVD")
+			// A' has orthonormal rows (for the components that exist)
+			kk := min(tc.k, len(s), tc.m, tc.n)
+			for i := 0; i < kk; i++ {
+				for j := 0; j < kk; j++ {
+					dot := 0.0
+					for l := 0; l < tc.n; l++ {
+						dot += ak[i*tc.n+l] * ak[j*tc.n+l]
+					}
+					if i == j {
+						assert.InDelta(t, 1, dot, 1e-9)
+					} else {
+						assert.InDelta(t, 0, dot, 1e-9)
+					}
+				}
+			}
+			// canonical signs: the largest |entry| of each column of B' is positive
+			for j := 0; j < kk; j++ {
+				best := 0.0
+				for i := 0; i < tc.m; i++ {
+					if math.Abs(bk[i*tc.k+j]) > math.Abs(best) {
+						best = bk[i*tc.k+j]
+					}
+				}
+				assert.GreaterOrEqual(t, best, 0.0)
+			}
+		})
+	}
+}
+
+func TestClampQuantile(t *testing.T) {
+	// torch.quantile([-4, -1, 0, 2, 3, 10], 0.5) = 1.0 (linear interpolation); clamp to [-1, 1]
+	a := []float32{-4, 2, 10}
+	b := []float32{-1, 0, 3}
+	ClampQuantile(a, b, 0.5)
+	assert.Equal(t, []float32{-1, 1, 1}, a)
+	assert.Equal(t, []float32{-1, 0, 1}, b)
+	// quantile 0.9 of 6 values: pos 4.5 between 3 and 10 -> 6.5
+	a = []float32{-4, 2, 10}
+	b = []float32{-1, 0, 3}
+	ClampQuantile(a, b, 0.9)
+	assert.Equal(t, []float32{-4, 2, 6.5}, a)
+}
+
+func BenchmarkLowRankSVD4096x4096Rank48(b *testing.B) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	m, r, n := 4096, 48, 4096
+	bb := make([]float64, m*r)
+	aa := make([]float64, r*n)
+	for i := range bb {
+		bb[i] = rng.NormFloat64()
+	}
+	for i := range aa {
+		aa[i] = rng.NormFloat64()
+	}
+	for b.Loop() {
+		LowRankSVD(append([]float64(nil), bb...), append([]float64(nil), aa...), m, r, n, 16)
+	}
+}

@@ -1,0 +1,224 @@
+package gomerge
+
+import (
+	"context"
+	"encoding/json"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestFactorWeights(t *testing.T) {
+	tests := []struct {
+		w, s   float64
+		wa, wb float32
+	}{
+		{2, 2, 2, 2},
+		{-2, 2, -2, 2},
+		{0, 3, 0, 0},
+		{0.5, 0.5, 0.5, 0.5},
+		{-1, 0.25, -0.5, 0.5},
+	}
+	for _, tc := range tests {
+		wa, wb := factorWeights(tc.w, tc.s)
+		assert.Equal(t, tc.wa, wa, "w=%v s=%v", tc.w, tc.s)
+		assert.Equal(t, tc.wb, wb, "w=%v s=%v", tc.w, tc.s)
+	}
+}
+
+func mod(rank int, scaling float64, a, b []float32) *Module {
+	return &Module{Rank: rank, Scaling: scaling, RawA: RawTensor{DType: F32, Shape: []int{rank, len(a) / rank}, Data: Encode(F32, a)},
+		RawB: RawTensor{DType: F32, Shape: []int{len(b) / rank, rank}, Data: Encode(F32, b)}}
+}
+
+func TestMergeLinearByHand(t *testing.T) {
+	// rank 1, In 2, Out 2; weights w*s: 4 and -1
+	s1 := source{weight: 2, mod: mod(1, 2, []float32{1, 2}, []float32{3, 4})}
+	s2 := source{weight: -1, mod: mod(1, 1, []float32{5, 6}, []float32{7, 8})}
+	a, b, r := mergeLinear([]source{s1, s2})
+	assert.Equal(t, 1, r)
+	assert.Equal(t, []float32{2*1 - 1*5, 2*2 - 1*6}, a) // sign(c) sqrt|c|: 2 and -1
+	assert.Equal(t, []float32{2*3 + 1*7, 2*4 + 1*8}, b) // sqrt|c|: 2 and 1
+}
+
+func TestMergeCatByHand(t *testing.T) {
+	s1 := source{weight: 2, mod: mod(1, 0.5, []float32{1, 2}, []float32{3, 4})}
+	s2 := source{weight: 3, mod: mod(1, 1, []float32{5, 6}, []float32{7, 8})}
+	a, b := mergeCat([]source{s1, s2}, 3, 2, 2) // rank 3: one zero row/column of padding
+	assert.Equal(t, []float32{1, 2, 15, 18, 0, 0}, a)
+	assert.Equal(t, []float32{3, 7, 0, 4, 8, 0}, b)
+}
+
+func TestMergeSVDIsExactAtFullRank(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	out, in := 9, 7
+	var srcs []source
+	want := make([]float64, out*in)
+	for i, w := range []float64{2, -0.5, 1} {
+		a, b := randTensor(rng, 2, in), randTensor(rng, out, 2)
+		s := float64(i + 1)
+		srcs = append(srcs, source{weight: w, mod: mod(2, s, a.Data, b.Data)})
+		for j, v := range product(a.Data, b.Data, out, 2, in) {
+			want[j] += w * s * v
+		}
+	}
+	a, b := mergeSVD(srcs, 6, in, out, nil)
+	got := product(a, b, out, 6, in)
+	for i := range want {
+		assert.InDelta(t, want[i], got[i], 1e-5)
+	}
+}
+
+func writeThree(t *testing.T, root string) []string {
+	rng := rand.New(rand.NewPCG(5, 6))
+	mods := func(names ...string) map[string]testModule {
+		m := map[string]testModule{}
+		for _, n := range names {
+			m[n] = testModule{a: randTensor(rng, 4, 6), b: randTensor(rng, 5, 4)}
+		}
+		return m
+	}
+	return []string{
+		writeTestAdapter(t, filepath.Join(root, "a"), map[string]any{"target_modules": []string{"q", "v"}, "custom": 1}, mods("m.q", "m.v")),
+		writeTestAdapter(t, filepath.Join(root, "b"), map[string]any{"target_modules": []string{"v", "k"}}, mods("m.v", "m.k")),
+		writeTestAdapter(t, filepath.Join(root, "c"), map[string]any{"target_modules": []string{"q"}, "lora_alpha": 2}, mods("m.q")),
+	}
+}
+
+func TestMergeEndToEnd(t *testing.T) {
+	root := t.TempDir()
+	dirs := writeThree(t, root)
+	for _, ct := range []string{"linear", "cat", "svd"} {
+		t.Run(ct, func(t *testing.T) {
+			out := filepath.Join(root, "out-"+ct)
+			var p Progress
+			res, err := Merge(context.Background(), Options{Adapters: dirs, Weights: []float64{1, 2, -1}, CombinationType: ct, OutputDir: out}, &p)
+			require.NoError(t, err)
+			assert.Equal(t, 3, res.Modules)
+			assert.Equal(t, int64(3), p.Done.Load())
+			merged, err := LoadAdapter(out)
+			require.NoError(t, err)
+			assert.ElementsMatch(t, []string{"m.q", "m.v", "m.k"}, merged.Order)
+			assert.Equal(t, map[string]int{"linear": 4, "cat": 12, "svd": 4}[ct], merged.Config.R)
+			assert.Equal(t, []string{"k", "q", "v"}, merged.Config.TargetModules.Names)
+			assert.Contains(t, merged.Config.Raw, "custom")
+			if ct == "cat" {
+				// cat is exact: B'A' of m.k is 2 * s_b * B_b A_b (only adapter b has it)
+				src, _ := LoadAdapter(dirs[1])
+				sa, sb := src.Modules["m.k"].Factors()
+				ma, mb := merged.Modules["m.k"].Factors()
+				want := product(sa, sb, 5, 4, 6)
+				got := product(ma, mb, 5, 12, 6)
+				for i := range want {
+					assert.InDelta(t, 2*2*want[i], got[i], 1e-4)
+				}
+			}
+		})
+	}
+	entries, err := os.ReadDir(root)
+	require.NoError(t, err)
+	for _, e := range entries {
+		assert.NotContains(t, e.Name(), tmpPrefix, "temporary folder left behind")
+	}
+}
+
+func TestMergeLinearWritesRankPatternForSmallerModules(t *testing.T) {
+	root := t.TempDir()
+	rng := rand.New(rand.NewPCG(7, 8))
+	cfg := map[string]any{"r": 4, "rank_pattern": map[string]int{"q": 2}, "target_modules": []string{"q", "v"}}
+	mods := func() map[string]testModule {
+		return map[string]testModule{
+			"m.q": {a: randTensor(rng, 2, 6), b: randTensor(rng, 5, 2)},
+			"m.v": {a: randTensor(rng, 4, 6), b: randTensor(rng, 5, 4)},
+		}
+	}
+	dirs := []string{writeTestAdapter(t, filepath.Join(root, "a"), cfg, mods()), writeTestAdapter(t, filepath.Join(root, "b"), cfg, mods())}
+	out := filepath.Join(root, "out")
+	_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: []float64{1, 1}, CombinationType: "linear", OutputDir: out}, nil)
+	require.NoError(t, err)
+	raw, err := os.ReadFile(filepath.Join(out, ConfigFile))
+	require.NoError(t, err)
+	var c map[string]any
+	require.NoError(t, json.Unmarshal(raw, &c))
+	assert.Equal(t, map[string]any{`m\.q`: 2.0}, c["rank_pattern"])
+	assert.Equal(t, map[string]any{`m\.q`: 2.0}, c["alpha_pattern"])
+	merged, err := LoadAdapter(out) // the rank check in LoadAdapter passes only with a correct rank_pattern
+	require.NoError(t, err)
+	assert.Equal(t, 2, merged.Modules["m.q"].Rank)
+	assert.Equal(t, 1.0, merged.Modules["m.q"].Scaling)
+}
+
+func TestMergeErrors(t *testing.T) {
+	root := t.TempDir()
+	dirs := writeThree(t, root)
+	rng := rand.New(rand.NewPCG(9, 9))
+	bad := writeTestAdapter(t, filepath.Join(root, "bad"), nil, map[string]testModule{"m.q": {a: randTensor(rng, 4, 7), b: randTensor(rng, 5, 4)}})
+	r8 := writeTestAdapter(t, filepath.Join(root, "r8"), map[string]any{"r": 8}, map[string]testModule{"m.q": {a: randTensor(rng, 8, 6), b: randTensor(rng, 5, 8)}})
+	existing := filepath.Join(root, "exists")
+	require.NoError(t, os.MkdirAll(existing, 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(existing, "notes.txt"), []byte("keep me"), 0o644))
+	one := 1
+	neg := -1
+	tests := []struct {
+		name string
+		opts Options
+		kind Kind
+		want string
+	}{
+		{"weights length", Options{Adapters: dirs, Weights: []float64{1}}, KindValue, "got 1 weights for 3 adapters"},
+		{"unknown type", Options{Adapters: dirs, Weights: []float64{1, 1, 1}, CombinationType: "avg"}, KindValue, `invalid value "avg"`},
+		{"missing dir", Options{Adapters: []string{dirs[0], filepath.Join(root, "nope")}, Weights: []float64{1, 1}}, KindFileNotFound, "nope"},
+		{"shape mismatch", Options{Adapters: []string{dirs[0], bad}, Weights: []float64{1, 1}}, KindValue, "module m.q: shapes differ"},
+		{"unequal ranks for linear", Options{Adapters: []string{dirs[0], r8}, Weights: []float64{1, 1}, CombinationType: "linear"}, KindValue, "same r value"},
+		{"existing output", Options{Adapters: dirs, Weights: []float64{1, 1, 1}, OutputDir: existing}, KindFileExists, "already exists"},
+		{"overwrite non-adapter", Options{Adapters: dirs, Weights: []float64{1, 1, 1}, OutputDir: existing, Overwrite: true}, KindFileExists, "not an adapter"},
+		{"output is input", Options{Adapters: dirs, Weights: []float64{1, 1, 1}, OutputDir: dirs[1]}, KindValue, "also an input"},
+		{"svd rank", Options{Adapters: dirs, Weights: []float64{1, 1, 1}, SVDRank: &neg}, KindValue, "svd_rank"},
+		{"duplicate", Options{Adapters: []string{dirs[0], dirs[0]}, Weights: []float64{1, 1}, SVDRank: &one}, KindValue, "listed twice"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.opts.OutputDir == "" {
+				tc.opts.OutputDir = filepath.Join(root, "out-"+tc.name)
+			}
+			_, err := Merge(context.Background(), tc.opts, nil)
+			require.Error(t, err)
+			assert.Equal(t, tc.kind, KindOf(err), err.Error())
+			assert.Contains(t, err.Error(), tc.want)
+			if tc.opts.OutputDir != existing && tc.opts.OutputDir != dirs[1] {
+				assert.NoDirExists(t, tc.opts.OutputDir)
+			}
+		})
+	}
+	notes, err := os.ReadFile(filepath.Join(existing, "notes.txt"))
+	require.NoError(t, err)
+	assert.Equal(t, "keep me", string(notes))
+}
+
+func TestMergeCancelled(t *testing.T) {
+	root := t.TempDir()
+	dirs := writeThree(t, root)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	out := filepath.Join(root, "out")
+	_, err := Merge(ctx, Options{Adapters: dirs, Weights: []float64{1, 1, 1}, OutputDir: out}, nil)
+	require.ErrorIs(t, err, ErrCancelled)
+	assert.NoDirExists(t, out)
+}
+
+func TestMergeOverwriteReplacesAdapter(t *testing.T) {
+	root := t.TempDir()
+	dirs := writeThree(t, root)
+	out := filepath.Join(root, "out")
+	for _, ct := range []string{"cat", "svd"} {
+		_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: []float64{1, 1, 1}, CombinationType: ct, OutputDir: out, Overwrite: true}, nil)
+		require.NoError(t, err)
+	}
+	merged, err := LoadAdapter(out)
+	require.NoError(t, err)
+	assert.Equal(t, 4, merged.Config.R) // the svd merge replaced the cat one
+}
