@@ -57,7 +57,9 @@ func TestUnionTargetModules(t *testing.T) {
 	list := func(names ...string) *AdapterConfig {
 		return &AdapterConfig{TargetModules: TargetModules{Names: names}}
 	}
-	re := func(s string) *AdapterConfig { return &AdapterConfig{TargetModules: TargetModules{Regex: s, IsRegex: true}} }
+	re := func(s string) *AdapterConfig {
+		return &AdapterConfig{TargetModules: TargetModules{Regex: s, IsRegex: true}}
+	}
 
 	u, err := UnionTargetModules([]*AdapterConfig{list("v", "q"), list("k", "q")}, []string{"a", "b"})
 	require.NoError(t, err)
