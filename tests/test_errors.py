@@ -1,0 +1,122 @@
+"""Bad input: each case raises a clear exception naming what is at fault, writes nothing, and leaves the
+interpreter working."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+import gomerge
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from example_adapters import write_all  # noqa: E402
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    return write_all(str(tmp_path / "adapters"))
+
+
+def _corrupt(path: str, data: bytes) -> None:
+    with open(os.path.join(path, "adapter_model.safetensors"), "wb") as f:
+        f.write(data)
+
+
+def _edit_config(path: str, **changes) -> None:
+    p = os.path.join(path, "adapter_config.json")
+    cfg = json.load(open(p))
+    cfg.update(changes)
+    json.dump(cfg, open(p, "w"))
+
+
+def _reshape_module(path: str) -> None:
+    """Rewrites one lora_A with a different input size."""
+    from safetensors.numpy import load_file, save_file
+
+    f = os.path.join(path, "adapter_model.safetensors")
+    t = load_file(f)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    t[key] = t[key][:, :100].copy()
+    save_file(t, f, metadata={"format": "pt"})
+
+
+CASES = [
+    # (id, how to break the inputs, call overrides, exception, text the message must contain)
+    ("missing-dir", lambda d: shutil.rmtree(d[1]), {}, FileNotFoundError, "sql"),
+    ("missing-safetensors", lambda d: os.remove(os.path.join(d[1], "adapter_model.safetensors")), {},
+     FileNotFoundError, "adapter_model.safetensors"),
+    ("missing-config", lambda d: os.remove(os.path.join(d[2], "adapter_config.json")), {}, FileNotFoundError,
+     "adcopy/adapter_config.json"),
+    ("corrupt-safetensors", lambda d: _corrupt(d[0], b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}"), {},
+     ValueError, "norobots/adapter_model.safetensors"),
+    ("truncated-safetensors", lambda d: _corrupt(d[0], open(os.path.join(d[0], "adapter_model.safetensors"),
+                                                          "rb").read()[:5000]), {}, ValueError, "norobots"),
+    ("empty-safetensors", lambda d: _corrupt(d[0], b""), {}, ValueError, "norobots"),
+    ("not-lora", lambda d: _edit_config(d[1], peft_type="IA3"), {}, ValueError, 'peft_type is "IA3"'),
+    ("dora", lambda d: _edit_config(d[1], use_dora=True), {}, ValueError, "DoRA"),
+    ("config-not-json", lambda d: open(os.path.join(d[0], "adapter_config.json"), "w").write("{oops"), {},
+     ValueError, "norobots/adapter_config.json"),
+    ("weights-length", None, {"weights": [1.0, 1.0]}, ValueError, "2 weights for 3 adapters"),
+    ("unknown-type", None, {"combination_type": "average"}, ValueError, "combination_type"),
+    ("shape-mismatch", lambda d: _reshape_module(d[1]), {}, ValueError, "model.layers.0.self_attn.q_proj"),
+    ("rank-disagrees-with-config", lambda d: _edit_config(d[0], r=4), {}, ValueError, "rank 8"),
+    ("linear-unequal-ranks", lambda d: _edit_config(d[2], r=4, rank_pattern={".*": 8}), {"combination_type": "linear"},
+     None, None),  # max(r, *rank_pattern) is still 8: allowed, and merges
+    ("svd-rank-zero", None, {"svd_rank": 0}, ValueError, "svd_rank"),
+    ("svd-clamp-range", None, {"svd_clamp": 1.5}, ValueError, "svd_clamp"),
+    ("svd-driver", None, {"svd_driver": "magic"}, ValueError, "svd_driver"),
+    ("single-path", None, {"adapters": "one/path"}, TypeError, "single path"),
+    ("weight-type", None, {"weights": [1.0, "a", 1.0]}, TypeError, "weights[1]"),
+    ("dtype", None, {"dtype": "int8"}, ValueError, "dtype"),
+]
+
+
+@pytest.mark.parametrize("case_id,breaker,overrides,exc,text", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(dirs, tmp_path, case_id, breaker, overrides, exc, text):
+    if breaker is not None:
+        breaker(dirs)
+    out = tmp_path / "merged"
+    kwargs = dict(adapters=dirs, weights=[2.0, 1.0, 1.0], adapter_name="m", combination_type="svd", output_dir=out)
+    kwargs.update(overrides)
+    if exc is None:
+        gomerge.add_weighted_adapter(**kwargs)
+        assert (out / "adapter_config.json").exists()
+        return
+    with pytest.raises(exc) as info:
+        gomerge.add_weighted_adapter(**kwargs)
+    assert text in str(info.value)
+    assert not out.exists(), "a failed merge wrote output"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".gomerge-tmp")], "temporary folder left behind"
+    # the interpreter and the engine still work
+    fresh = write_all(str(tmp_path / "fresh"))
+    res = gomerge.add_weighted_adapter(fresh, [1.0, 1.0, 1.0], "ok", "cat", output_dir=tmp_path / "ok")
+    assert res.rank == 24
+
+
+def test_existing_output_is_refused_and_untouched(dirs, tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        gomerge.add_weighted_adapter(dirs, [1.0, 1.0, 1.0], "m", output_dir=out)
+    # overwrite=True still refuses a directory that is not an adapter
+    with pytest.raises(FileExistsError, match="not an adapter"):
+        gomerge.add_weighted_adapter(dirs, [1.0, 1.0, 1.0], "m", output_dir=out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_overwrite_replaces_an_adapter(dirs, tmp_path):
+    out = tmp_path / "merged"
+    gomerge.add_weighted_adapter(dirs, [1.0, 1.0, 1.0], "m", "cat", output_dir=out)
+    res = gomerge.add_weighted_adapter(dirs, [1.0, 1.0, 1.0], "m", "svd", output_dir=out, overwrite=True)
+    assert json.load(open(out / "adapter_config.json"))["r"] == res.rank == 8
+    assert sorted(os.listdir(tmp_path)) == ["adapters", "merged"]
+
+
+def test_not_yet_implemented_types_say_so(dirs, tmp_path):
+    with pytest.raises(ValueError, match="not implemented yet"):
+        gomerge.add_weighted_adapter(dirs, [1.0, 1.0, 1.0], "m", "ties", density=0.2, output_dir=tmp_path / "o")
