@@ -143,3 +143,52 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.parametrize("case_name,svd_rank", [
+    (c, r) for c in ("llama-3", "llama-embedding", "gpt2-fan-in-fan-out") for r in (4, 8, 32)] + [("conv2d", 4)])
+def test_svd_rank_parity(case_name, svd_rank, adapters, tmp_path, record_parity):
+    case = next(c for c in CASES if c.name == case_name)
+    dirs = adapters[case.name]
+    model = peft_merge(case, dirs, "svd", svd_rank=svd_rank)
+    out = tmp_path / "merged"
+    res = gomerge.add_weighted_adapter(dirs, case.weights, "merged", "svd", svd_rank=svd_rank, output_dir=out)
+    assert res.rank == svd_rank
+    ours = file_factors(str(out))
+    for a, b in ours.values():
+        assert a.shape[0] == b.shape[1] == svd_rank
+    compare(case, peft_factors(model), ours, 1e-5, f"{case.name}-svd-rank{svd_rank}", record_parity)
+
+
+@pytest.mark.parametrize("clamp", [0.0, 0.5, 0.9, 0.99, 1.0])
+def test_svd_clamp_follows_peft_rule(clamp, adapters, tmp_path):
+    """svd_clamp: hi = torch.quantile(cat(B'.flat, A'.flat), clamp); both factors clamped to [-hi, hi].
+
+    PEFT's factors carry LAPACK's arbitrary singular-vector signs, so the rule is checked on gomerge's own unclamped
+    factors, with PEFT's code (torch.quantile + clamp) applied to them.
+    """
+    dirs = adapters["llama-3"]
+    plain, clamped = tmp_path / "plain", tmp_path / "clamped"
+    gomerge.add_weighted_adapter(dirs, [2.0, 1.0, 1.0], "m", "svd", output_dir=plain)
+    gomerge.add_weighted_adapter(dirs, [2.0, 1.0, 1.0], "m", "svd", svd_clamp=clamp, output_dir=clamped)
+    p, c = file_factors(str(plain)), file_factors(str(clamped))
+    for mod, (a, b) in p.items():
+        ta, tb = torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)
+        hi = torch.quantile(torch.cat([tb.flatten(), ta.flatten()]), clamp)
+        np.testing.assert_allclose(c[mod][0], ta.clamp(-hi, hi).numpy(), rtol=1e-6, atol=1e-7, err_msg=mod)
+        np.testing.assert_allclose(c[mod][1], tb.clamp(-hi, hi).numpy(), rtol=1e-6, atol=1e-7, err_msg=mod)
+
+
+def test_svd_rank_above_module_size(adapters, tmp_path):
+    """conv2 is a 1x1 Conv2d with 8 inputs and 6 outputs: PEFT fails on svd_rank=8 (its SVD has only 6
+    components); gomerge pads the factors with zeros, so B'A' is still the exact weighted sum (= the cat merge)."""
+    case = next(c for c in CASES if c.name == "conv2d")
+    dirs = adapters[case.name]
+    with pytest.raises(RuntimeError, match="invalid for input"):
+        peft_merge(case, dirs, "svd", svd_rank=8)
+    gomerge.add_weighted_adapter(dirs, case.weights, "m", "svd", svd_rank=8, output_dir=tmp_path / "svd")
+    gomerge.add_weighted_adapter(dirs, case.weights, "m", "cat", output_dir=tmp_path / "cat")
+    svd, cat = file_factors(str(tmp_path / "svd")), file_factors(str(tmp_path / "cat"))
+    a, b = svd["conv2"]
+    assert a.shape == (8, 8, 1, 1) and b.shape == (6, 8, 1, 1)
+    assert rel_diff(delta(a, b), delta(*cat["conv2"])) < 1e-5
