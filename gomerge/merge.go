@@ -2,19 +2,26 @@ package gomerge
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/binary"
 	"fmt"
 	"math"
 	"path/filepath"
 	"regexp"
 	"runtime"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 )
 
-// Combination types handled by this package, as PEFT names them.
-var combinationTypes = map[string]bool{"linear": true, "cat": true, "svd": true}
+// Combination types, as PEFT names them.
+var combinationTypes = map[string]bool{
+	"svd": true, "linear": true, "cat": true, "ties": true, "ties_svd": true, "dare_linear": true,
+	"dare_ties": true, "dare_linear_svd": true, "dare_ties_svd": true, "magnitude_prune": true,
+	"magnitude_prune_svd": true,
+}
 
 // allPEFTTypes lists PEFT's combination types, for error messages.
 const allPEFTTypes = "svd, linear, cat, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd"
@@ -35,6 +42,7 @@ type Options struct {
 	MajoritySignMethod string    `json:"majority_sign_method"`
 	OutputDir          string    `json:"output_dir"`
 	Overwrite          bool      `json:"overwrite"`
+	Seed               *uint64   `json:"seed"`    // DARE's random seed; nil draws a fresh one
 	DType              string    `json:"dtype"`   // "" keeps adapter 0's dtype
 	Workers            int       `json:"workers"` // 0 uses all cores
 }
@@ -48,6 +56,7 @@ type Result struct {
 	Modules         int      `json:"modules"`
 	DType           string   `json:"dtype"`
 	Seconds         float64  `json:"seconds"`
+	Seed            *uint64  `json:"seed"` // the seed of DARE's masks; nil for other types
 	Warnings        []string `json:"warnings"`
 }
 
@@ -57,10 +66,12 @@ type Progress struct {
 	Total atomic.Int64
 }
 
-// source is one adapter's module with its user weight.
+// source is one adapter's module with its user weight and the adapter's
+// position in the merge (which labels its random streams).
 type source struct {
 	weight float64
 	mod    *Module
+	index  int
 }
 
 // moduleJob is the work for one output module.
@@ -99,10 +110,19 @@ func (o *Options) validate() error {
 		o.CombinationType = "svd"
 	}
 	if !combinationTypes[o.CombinationType] {
-		if isPEFTType(o.CombinationType) {
-			return valueErr("combination_type: %q is not implemented yet (available: linear, cat, svd)", o.CombinationType)
-		}
 		return valueErr("combination_type: invalid value %q (expected one of %s)", o.CombinationType, allPEFTTypes)
+	}
+	if isPruning(o.CombinationType) {
+		if o.Density == nil {
+			return valueErr("density: combination_type %q needs a density (the fraction of values kept, in [0, 1])", o.CombinationType)
+		}
+		d := *o.Density
+		if math.IsNaN(d) || d < 0 || d > 1 {
+			return valueErr("density: must be in [0, 1], got %v", d)
+		}
+		if d == 0 && isDARE(o.CombinationType) {
+			return valueErr("density: %q rescales kept values by 1/density and needs density > 0", o.CombinationType)
+		}
 	}
 	if o.SVDRank != nil && *o.SVDRank <= 0 {
 		return valueErr("svd_rank: must be a positive integer or None, got %d", *o.SVDRank)
@@ -140,16 +160,18 @@ func (o *Options) validate() error {
 	return nil
 }
 
-func isPEFTType(t string) bool {
-	for _, s := range regexp.MustCompile(`[a-z_]+`).FindAllString(allPEFTTypes, -1) {
-		if s == t {
-			return true
-		}
+// isFactorFamily tells PEFT's family 1: merges of the factors, equal ranks.
+func isFactorFamily(t string) bool {
+	switch t {
+	case "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune":
+		return true
 	}
 	return false
 }
 
-func isFactorFamily(t string) bool { return t == "linear" }
+func isPruning(t string) bool { return t != "linear" && t != "cat" && t != "svd" }
+
+func isDARE(t string) bool { return strings.HasPrefix(t, "dare_") }
 
 // Merge runs a merge end to end: validate, read the adapters, merge every
 // module in parallel and write the output directory atomically. progress may
@@ -169,6 +191,19 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 		opts.CombinationType = "linear"
 	}
 	res.CombinationType = opts.CombinationType
+	if isPruning(opts.CombinationType) && *opts.Density >= 1 {
+		res.Warnings = append(res.Warnings, fmt.Sprintf(
+			"The density %v is greater than or equal to 1, no pruning will be performed.", *opts.Density))
+	}
+	if isDARE(opts.CombinationType) {
+		if opts.Seed == nil {
+			var b [8]byte
+			_, _ = rand.Read(b[:])
+			seed := binary.LittleEndian.Uint64(b[:]) >> 1 // fits a signed 64-bit integer
+			opts.Seed = &seed
+		}
+		res.Seed = opts.Seed
+	}
 
 	adapters := make([]*Adapter, len(opts.Adapters))
 	for i, dir := range opts.Adapters {
@@ -295,7 +330,7 @@ func planModules(opts Options, adapters []*Adapter) ([]moduleJob, error) {
 						name, opts.CombinationType, opts.Adapters[first[name]], f.Rank, opts.Adapters[i], m.Rank)
 				}
 			}
-			j.srcs = append(j.srcs, source{weight: opts.Weights[i], mod: m})
+			j.srcs = append(j.srcs, source{weight: opts.Weights[i], mod: m, index: i})
 		}
 	}
 	sort.Strings(names)
@@ -383,15 +418,26 @@ func mergeModule(opts Options, j *moduleJob, rank int, dt DType) (aName, bName s
 		}
 	}()
 	var a, b []float32
-	switch opts.CombinationType {
-	case "linear":
-		a, b, r = mergeLinear(j.srcs)
-	case "cat":
+	comb := Combination{Method: combinationFor(opts.CombinationType), SignMethod: opts.MajoritySignMethod, Density: 1}
+	if opts.Density != nil {
+		comb.Density = *opts.Density
+	}
+	var seed uint64
+	if opts.Seed != nil {
+		seed = *opts.Seed
+	}
+	switch t := opts.CombinationType; {
+	case isFactorFamily(t):
+		a, b, r = mergeFactors(j.srcs, comb, seed, j.name)
+	case t == "cat":
 		r = rank
 		a, b = mergeCat(j.srcs, r, j.in, j.out)
-	case "svd":
+	case t == "svd":
 		r = rank
 		a, b = mergeSVD(j.srcs, r, j.in, j.out, opts.SVDClamp)
+	default: // ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd
+		r = rank
+		a, b = mergeDenseSVD(j, comb, r, opts.SVDClamp, seed)
 	}
 	aName, bName = moduleKeys(j.name, j.kind)
 	aShape := append([]int{r}, j.aTail...)

@@ -39,7 +39,7 @@ func TestMergeLinearByHand(t *testing.T) {
 	// rank 1, In 2, Out 2; weights w*s: 4 and -1
 	s1 := source{weight: 2, mod: mod(1, 2, []float32{1, 2}, []float32{3, 4})}
 	s2 := source{weight: -1, mod: mod(1, 1, []float32{5, 6}, []float32{7, 8})}
-	a, b, r := mergeLinear([]source{s1, s2})
+	a, b, r := mergeFactors([]source{s1, s2}, Combination{Method: "task_arithmetic", Density: 1}, 0, "m")
 	assert.Equal(t, 1, r)
 	assert.Equal(t, []float32{2*1 - 1*5, 2*2 - 1*6}, a) // sign(c) sqrt|c|: 2 and -1
 	assert.Equal(t, []float32{2*3 + 1*7, 2*4 + 1*8}, b) // sqrt|c|: 2 and 1

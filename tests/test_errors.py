@@ -72,6 +72,15 @@ CASES = [
     ("single-path", None, {"adapters": "one/path"}, TypeError, "single path"),
     ("weight-type", None, {"weights": [1.0, "a", 1.0]}, TypeError, "weights[1]"),
     ("dtype", None, {"dtype": "int8"}, ValueError, "dtype"),
+    ("density-missing", None, {"combination_type": "ties"}, ValueError, "needs a density"),
+    ("density-negative", None, {"combination_type": "ties_svd", "density": -0.1}, ValueError, "density"),
+    ("density-above-one", None, {"combination_type": "magnitude_prune", "density": 1.5}, ValueError, "[0, 1]"),
+    ("density-zero-dare", None, {"combination_type": "dare_linear", "density": 0.0}, ValueError, "density > 0"),
+    ("sign-method", None, {"combination_type": "ties", "density": 0.5, "majority_sign_method": "mean"}, ValueError,
+     "majority_sign_method"),
+    ("ties-unequal-ranks", lambda d: _edit_config(d[2], r=16, rank_pattern={".*": 8}), {"combination_type": "ties",
+     "density": 0.5}, ValueError, "same r value"),
+    ("seed", None, {"combination_type": "dare_ties", "density": 0.5, "seed": -1}, ValueError, "seed"),
 ]
 
 
@@ -115,8 +124,3 @@ def test_overwrite_replaces_an_adapter(dirs, tmp_path):
     res = gomerge.add_weighted_adapter(dirs, [1.0, 1.0, 1.0], "m", "svd", output_dir=out, overwrite=True)
     assert json.load(open(out / "adapter_config.json"))["r"] == res.rank == 8
     assert sorted(os.listdir(tmp_path)) == ["adapters", "merged"]
-
-
-def test_not_yet_implemented_types_say_so(dirs, tmp_path):
-    with pytest.raises(ValueError, match="not implemented yet"):
-        gomerge.add_weighted_adapter(dirs, [1.0, 1.0, 1.0], "m", "ties", density=0.2, output_dir=tmp_path / "o")

@@ -44,6 +44,8 @@ class MergeResult:
         modules (`int`): number of LoRA modules merged.
         dtype (`str`): torch name of the dtype of the written tensors.
         seconds (`float`): wall time of the merge, reading and writing included.
+        seed (`int`, *optional*): the seed of the DARE masks (`None` for the other types); pass it back as `seed=`
+            to reproduce the merge byte for byte.
         warnings (`list[str]`): what the engine wants you to know (also issued as Python warnings).
     """
 
@@ -54,6 +56,7 @@ class MergeResult:
     modules: int
     dtype: str
     seconds: float
+    seed: int | None = None
     warnings: list[str] = field(default_factory=list)
 
     def _repr_html_(self) -> str:
@@ -66,6 +69,7 @@ class MergeResult:
                 ("modules", self.modules),
                 ("dtype", self.dtype),
                 ("seconds", f"{self.seconds:.3f}"),
+                ("seed", self.seed),
             )
         )
         return f"<table><caption>gomerge: {html.escape(self.adapter_name)}</caption>{rows}</table>"
@@ -135,6 +139,7 @@ def add_weighted_adapter(
     *,
     output_dir: PathLike | None = None,
     overwrite: bool = False,
+    seed: int | None = None,
     dtype: str | None = None,
     progress: bool | None = None,
     workers: int | None = None,
@@ -154,9 +159,12 @@ def add_weighted_adapter(
         adapter_name (`str`):
             Name of the merged adapter; also the output directory when `output_dir` is not given.
         combination_type (`str`, defaults to `"svd"`):
-            `"linear"` (PEFT's factor-wise weighted sum, with its cross terms), `"cat"` (exact, rank = sum of ranks)
-            or `"svd"` (the exact weighted sum of the adapters' updates, truncated to `svd_rank` by an SVD computed
-            from the factors). With one adapter PEFT always uses `"linear"`, and so does gomerge (with a warning).
+            One of PEFT's eleven types. On the factors (all adapters of equal rank): `"linear"` (weighted sum, with
+            PEFT's cross terms), `"ties"`, `"dare_linear"`, `"dare_ties"`, `"magnitude_prune"`. Exact: `"cat"`
+            (rank = sum of ranks). On the adapters' updates, then an SVD to `svd_rank`: `"svd"` (exact SVD computed
+            from the factors), `"ties_svd"`, `"dare_linear_svd"`, `"dare_ties_svd"`, `"magnitude_prune_svd"`
+            (randomized SVD of the pruned update). With one adapter PEFT always uses `"linear"`, and so does gomerge
+            (with a warning).
         svd_rank (`int`, *optional*):
             Rank of the merged adapter for `svd`; defaults to the largest rank of the inputs.
         svd_clamp (`float`, *optional*):
@@ -166,7 +174,8 @@ def add_weighted_adapter(
         svd_driver (`str`, *optional*):
             Accepted for compatibility with PEFT (a CUDA option there): `None`, `"gesvd"`, `"gesvdj"` or `"gesvda"`.
         density (`float`, *optional*):
-            Fraction of values kept by the pruning combination types.
+            Fraction of values kept by the pruning types (ties, dare, magnitude_prune), in [0, 1]; required for them.
+            1 prunes nothing (with a warning, as in PEFT).
         majority_sign_method (`str`, defaults to `"total"`):
             `"total"` or `"frequency"`, for the TIES combination types.
         output_dir (`str | os.PathLike`, *optional*):
@@ -174,6 +183,9 @@ def add_weighted_adapter(
             loads it.
         overwrite (`bool`, defaults to `False`):
             Replace an existing `output_dir` (only an empty directory or an adapter directory is ever replaced).
+        seed (`int`, *optional*):
+            Seed of DARE's random masks. By default a fresh seed is drawn and reported in the result; the same seed
+            gives a byte-identical output on any number of cores.
         dtype (`str`, *optional*):
             dtype of the written tensors (`"float32"`, `"bfloat16"` or `"float16"`); defaults to that of the first
             adapter.
@@ -212,6 +224,9 @@ def add_weighted_adapter(
     for name, value in (("svd_clamp", svd_clamp), ("density", density)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
             raise TypeError(f"{name}: expected a number or None, got {type(value).__name__}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or
+                             not 0 <= seed < 2**64):
+        raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1):
         raise ValueError(f"workers: expected a positive integer or None, got {workers!r}")
     request = {
@@ -227,6 +242,7 @@ def add_weighted_adapter(
         "majority_sign_method": majority_sign_method,
         "output_dir": os.fspath(output_dir) if output_dir is not None else adapter_name,
         "overwrite": bool(overwrite),
+        "seed": None if seed is None else int(seed),
         "dtype": dtype or "",
         "workers": int(workers or 0),
     }

@@ -1,0 +1,35 @@
+package gomerge
+
+import (
+	"math/rand/v2"
+	"strconv"
+)
+
+// rsvdSeed seeds the range finder's test matrix: fixed, so that the pruned
+// SVD merges without DARE are deterministic whatever the merge seed.
+const rsvdSeed = 0x9e3779b97f4a7c15
+
+// mergeDenseSVD is PEFT's family 2 with pruning (ties_svd, dare_linear_svd,
+// dare_ties_svd, magnitude_prune_svd): each source's dense update
+// dW_i = s_i B_i A_i, combined element-wise with the user weights w_i (the
+// scaling is already inside dW_i), then a rank-k truncated SVD of the
+// result. Pruning makes D full rank, so the SVD is randomized (RandomizedSVD).
+func mergeDenseSVD(j *moduleJob, comb Combination, k int, clamp *float64, seed uint64) (a, b []float32) {
+	dws := make([][]float32, len(j.srcs))
+	weights := make([]float32, len(j.srcs))
+	for i, s := range j.srcs {
+		fa, fb := s.mod.Factors()
+		dws[i] = denseDelta(fa, fb, j.out, s.mod.Rank, j.in, s.mod.Scaling)
+		weights[i] = float32(s.weight)
+	}
+	d := comb.Apply(dws, weights, func(i int) *rand.Rand {
+		return TensorRNG(seed, j.name, "dW/"+strconv.Itoa(j.srcs[i].index))
+	})
+	dws = nil
+	bk, ak := RandomizedSVD(d, j.out, j.in, k, TensorRNG(rsvdSeed, j.name, "rsvd"))
+	b, a = toFloat32(bk), toFloat32(ak)
+	if clamp != nil {
+		ClampQuantile(a, b, *clamp)
+	}
+	return a, b
+}

@@ -1,0 +1,41 @@
+package gomerge
+
+import (
+	"math"
+	"math/rand/v2"
+	"strconv"
+)
+
+// factorWeights returns PEFT's weights for combining A and B separately:
+// c = w * scaling, A gets sign(c) * sqrt(|c|) (sign(0) = +1), B gets sqrt(|c|).
+// They are rounded to float32 as torch.tensor(list) does.
+func factorWeights(w, scaling float64) (wa, wb float32) {
+	c := w * scaling
+	sq := math.Sqrt(math.Abs(c))
+	if c < 0 {
+		return float32(-sq), float32(sq)
+	}
+	return float32(sq), float32(sq)
+}
+
+// mergeFactors is PEFT's family 1 (linear, ties, dare_linear, dare_ties,
+// magnitude_prune): the A factors are combined element-wise with weights
+// sign(c_i) sqrt|c_i|, the B factors with sqrt|c_i|, by the same function.
+// B'A' therefore contains the cross terms B_i A_j, exactly as in PEFT. DARE
+// draws one mask per factor, labelled by factor and adapter position.
+func mergeFactors(srcs []source, comb Combination, seed uint64, module string) (a, b []float32, rank int) {
+	as := make([][]float32, len(srcs))
+	bs := make([][]float32, len(srcs))
+	was := make([]float32, len(srcs))
+	wbs := make([]float32, len(srcs))
+	for i, s := range srcs {
+		as[i], bs[i] = s.mod.Factors()
+		was[i], wbs[i] = factorWeights(s.weight, s.mod.Scaling)
+	}
+	rng := func(factor string) func(int) *rand.Rand {
+		return func(i int) *rand.Rand {
+			return TensorRNG(seed, module, factor+"/"+strconv.Itoa(srcs[i].index))
+		}
+	}
+	return comb.Apply(as, was, rng("A")), comb.Apply(bs, wbs, rng("B")), srcs[0].mod.Rank
+}
