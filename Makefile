@@ -52,7 +52,8 @@ wheel: $(VENV)/.deps-build
 	$(PIP) wheel --no-deps -w dist .
 
 bench: build $(VENV)/.deps-test
-	PYTHONPATH=python $(PY) benchmarks/bench_svd.py
+	PYTHONPATH=python:benchmarks $(PY) benchmarks/bench_svd.py
+	PYTHONPATH=python:benchmarks $(PY) benchmarks/bench_pruning.py
 
 clean:
 	rm -rf .build python/gomerge/_engine dist build *.egg-info python/*.egg-info

@@ -16,28 +16,39 @@ func sign32(v float32) float32 {
 	return 0
 }
 
+// isPositive is 1 when v > 0 and 0 otherwise (zeros, negatives, NaN); the
+// compiler turns it into a conditional move, not a branch.
+func isPositive(v float32) uint32 {
+	if v > 0 {
+		return 1
+	}
+	return 0
+}
+
 // ElectSigns returns, per element, the majority sign (+1 or -1) of the
 // stacked tensors: by the sign of their sum ("total") or of the sum of their
 // signs ("frequency"). A sum of exactly zero elects +1, as in PEFT's
 // calculate_majority_sign_mask.
 func ElectSigns(tensors [][]float32, method string) []float32 {
-	out := make([]float32, len(tensors[0]))
-	for j := range out {
-		var s float32
-		for _, t := range tensors {
-			if method == SignFrequency {
-				s += sign32(t[j])
-			} else {
-				s += t[j]
+	sum := make([]float32, len(tensors[0]))
+	for _, t := range tensors {
+		t = t[:len(sum)]
+		if method == SignFrequency {
+			for j, v := range t {
+				sum[j] += float32(isPositive(v)) - float32(isPositive(-v))
+			}
+		} else {
+			for j, v := range t {
+				sum[j] += v
 			}
 		}
-		if s >= 0 {
-			out[j] = 1
-		} else {
-			out[j] = -1
-		}
 	}
-	return out
+	for j, v := range sum {
+		// +1 for v >= 0 (including -0), -1 otherwise
+		neg := isPositive(-v)
+		sum[j] = 1 - 2*float32(neg)
+	}
+	return sum
 }
 
 // DisjointMerge is PEFT's disjoint_merge: per element, the sum of
@@ -45,16 +56,19 @@ func ElectSigns(tensors [][]float32, method string) []float32 {
 // sign (zeros never agree), divided by the number of agreeing tensors
 // (at least 1). The sign test uses the unweighted tensors.
 func DisjointMerge(tensors [][]float32, weights []float32, signs []float32) []float32 {
-	out := make([]float32, len(signs))
-	for j, e := range signs {
-		var sum, count float32
-		for i, t := range tensors {
-			if sign32(t[j]) == e {
-				sum += t[j] * weights[i]
-				count++
-			}
+	sum := make([]float32, len(signs))
+	count := make([]float32, len(signs))
+	for i, t := range tensors {
+		t = t[:len(signs)]
+		w := weights[i]
+		for j, v := range t {
+			agree := float32(isPositive(v * signs[j]))
+			sum[j] += v * w * agree
+			count[j] += agree
 		}
-		out[j] = sum / max(count, 1)
 	}
-	return out
+	for j := range sum {
+		sum[j] /= max(count[j], 1)
+	}
+	return sum
 }

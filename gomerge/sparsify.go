@@ -14,8 +14,8 @@ func PruneK(density float64, n int) int {
 
 // MagnitudePrune keeps the k = int(density * len(t)) entries of t with the
 // largest magnitude and zeroes the rest, in place (PEFT's
-// magnitude_based_pruning). It selects the threshold in O(n) by a two-level
-// radix histogram of the float bits, never sorting. Among entries equal to
+// magnitude_based_pruning). It selects the threshold in O(n), by a radix
+// histogram of the float bits and a quickselect, never sorting. Among entries equal to
 // the k-th magnitude the first ones in memory order are kept (torch breaks
 // such ties arbitrarily).
 func MagnitudePrune(t []float32, density float64) {
@@ -28,15 +28,21 @@ func MagnitudePrune(t []float32, density float64) {
 		return
 	}
 	thr, above := kthLargestAbsBits(t, k)
-	ties := k - above // entries equal to the threshold that are kept
+	// branch-free: keep |t[i]| >= thr (zero the others by masking their bits)
+	equal := 0
 	for i, v := range t {
 		b := math.Float32bits(v) & 0x7fffffff
-		switch {
-		case b > thr:
-		case b == thr && ties > 0:
-			ties--
-		default:
-			t[i] = 0
+		keep := uint32(int64(b)-int64(thr)) >> 31 ^ 1 // 1 when b >= thr
+		equal += int(keep)
+		t[i] = math.Float32frombits(math.Float32bits(v) & -keep)
+	}
+	// entries equal to the threshold beyond the k-th are dropped, last ones first
+	if extra := above + (equal - above) - k; extra > 0 {
+		for i := len(t) - 1; i >= 0 && extra > 0; i-- {
+			if math.Float32bits(t[i])&0x7fffffff == thr {
+				t[i] = 0
+				extra--
+			}
 		}
 	}
 }
@@ -44,34 +50,69 @@ func MagnitudePrune(t []float32, density float64) {
 // kthLargestAbsBits returns the bit pattern of the k-th largest |t[i]|
 // (1-based k) and how many entries are strictly larger. Non-negative
 // float32 values order like their bit patterns, so the selection works on
-// integers: a histogram of the high 16 bits finds the bucket of the k-th
-// value, a second histogram of the low 16 bits inside that bucket finds it.
+// integers: a histogram of the top 11 bits finds the bucket of the k-th
+// value, then a quickselect among that bucket's entries finds the value.
 func kthLargestAbsBits(t []float32, k int) (thr uint32, above int) {
-	var hist [1 << 16]int
+	const shift = 20 // 31 magnitude bits: 11 in the bucket, 20 below
+	var hist [1 << 11]int32
 	for _, v := range t {
-		hist[(math.Float32bits(v)&0x7fffffff)>>16]++
+		hist[(math.Float32bits(v)&0x7fffffff)>>shift]++
 	}
-	hi := 0
-	for hi = len(hist) - 1; hi >= 0; hi-- {
-		if above+hist[hi] >= k {
+	bucket := len(hist) - 1
+	for ; bucket > 0; bucket-- {
+		if above+int(hist[bucket]) >= k {
 			break
 		}
-		above += hist[hi]
+		above += int(hist[bucket])
 	}
-	clear(hist[:])
+	cand := make([]uint32, 0, hist[bucket])
 	for _, v := range t {
-		if b := math.Float32bits(v) & 0x7fffffff; int(b>>16) == hi {
-			hist[b&0xffff]++
+		if b := math.Float32bits(v) & 0x7fffffff; int(b>>shift) == bucket {
+			cand = append(cand, b)
 		}
 	}
-	lo := 0
-	for lo = len(hist) - 1; lo >= 0; lo-- {
-		if above+hist[lo] >= k {
-			break
+	// the (k-above)-th largest candidate
+	thr = selectKthLargest(cand, k-above)
+	for _, b := range cand {
+		if b > thr {
+			above++
 		}
-		above += hist[lo]
 	}
-	return uint32(hi)<<16 | uint32(lo), above
+	return thr, above
+}
+
+// selectKthLargest returns the k-th largest value of x (1-based), reordering
+// x (Hoare's quickselect with a median-of-three pivot).
+func selectKthLargest(x []uint32, k int) uint32 {
+	lo, hi, target := 0, len(x)-1, k-1 // index in descending order
+	for lo < hi {
+		mid := lo + (hi-lo)/2
+		a, b, c := x[lo], x[mid], x[hi]
+		pivot := max(min(a, b), min(max(a, b), c))
+		i, j := lo, hi
+		for i <= j {
+			for x[i] > pivot {
+				i++
+			}
+			for x[j] < pivot {
+				j--
+			}
+			if i <= j {
+				x[i], x[j] = x[j], x[i]
+				i++
+				j--
+			}
+		}
+		switch {
+		case target <= j:
+			hi = j
+		case target >= i:
+			lo = i
+		default:
+			return x[target]
+		}
+	}
+	return x[target]
 }
 
 // RandomPrune is DARE's random pruning, in place: each entry is kept with

@@ -1,0 +1,151 @@
+package gomerge
+
+import (
+	"math"
+	"math/rand/v2"
+	"sort"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// pruneBySort is the reference: keep the k largest magnitudes (stable order
+// among equal magnitudes: the first ones in memory are kept).
+func pruneBySort(t []float32, density float64) []float32 {
+	k := PruneK(density, len(t))
+	idx := make([]int, len(t))
+	for i := range idx {
+		idx[i] = i
+	}
+	sort.SliceStable(idx, func(a, b int) bool { return abs32(t[idx[a]]) > abs32(t[idx[b]]) })
+	out := make([]float32, len(t))
+	for _, i := range idx[:min(k, len(t))] {
+		out[i] = t[i]
+	}
+	return out
+}
+
+func abs32(v float32) float32 { return float32(math.Abs(float64(v))) }
+
+func TestMagnitudePrune(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 1))
+	gen := map[string]func(n int) []float32{
+		"normal": func(n int) []float32 {
+			x := make([]float32, n)
+			for i := range x {
+				x[i] = float32(rng.NormFloat64())
+			}
+			return x
+		},
+		"many ties": func(n int) []float32 {
+			x := make([]float32, n)
+			for i := range x {
+				x[i] = float32(rng.IntN(5) - 2)
+			}
+			return x
+		},
+		"tiny and huge": func(n int) []float32 {
+			x := make([]float32, n)
+			for i := range x {
+				x[i] = float32(math.Ldexp(rng.Float64()-0.5, rng.IntN(200)-100))
+			}
+			return x
+		},
+	}
+	for name, g := range gen {
+		for _, n := range []int{1, 7, 100, 4096, 100_000} {
+			for _, density := range []float64{0, 0.01, 0.2, 0.5, 0.999, 1} {
+				x := g(n)
+				want := pruneBySort(x, density)
+				MagnitudePrune(x, density)
+				kept := 0
+				for _, v := range x {
+					if v != 0 {
+						kept++
+					}
+				}
+				wantKept := 0
+				for _, v := range want {
+					if v != 0 {
+						wantKept++
+					}
+				}
+				require.Equal(t, wantKept, kept, "%s n=%d density=%v", name, n, density)
+				if name != "many ties" { // with ties, which equal entries survive is arbitrary (as in torch)
+					require.Equal(t, want, x, "%s n=%d density=%v", name, n, density)
+				}
+			}
+		}
+	}
+}
+
+func TestPruneKTruncatesLikePython(t *testing.T) {
+	assert.Equal(t, 2, PruneK(0.3, 7))     // 2.1
+	assert.Equal(t, 0, PruneK(0.1, 9))     // 0.9
+	assert.Equal(t, 28, PruneK(0.29, 100)) // 0.29 * 100 = 28.999999999999996: Python int() gives 28
+}
+
+func TestSelectKthLargest(t *testing.T) {
+	rng := rand.New(rand.NewPCG(2, 2))
+	for n := 1; n < 200; n += 7 {
+		x := make([]uint32, n)
+		for i := range x {
+			x[i] = uint32(rng.IntN(50))
+		}
+		sorted := append([]uint32(nil), x...)
+		sort.Slice(sorted, func(a, b int) bool { return sorted[a] > sorted[b] })
+		for k := 1; k <= n; k++ {
+			assert.Equal(t, sorted[k-1], selectKthLargest(append([]uint32(nil), x...), k))
+		}
+	}
+}
+
+func TestRandomPruneIsSeededAndRescaled(t *testing.T) {
+	x := make([]float32, 100_000)
+	for i := range x {
+		x[i] = 3
+	}
+	a := append([]float32(nil), x...)
+	b := append([]float32(nil), x...)
+	RandomPrune(a, 0.3, true, TensorRNG(5, "m", "A/0"))
+	RandomPrune(b, 0.3, true, TensorRNG(5, "m", "A/0"))
+	assert.Equal(t, a, b)
+	kept := 0
+	for _, v := range a {
+		if v != 0 {
+			kept++
+			require.Equal(t, float32(3)/float32(0.3), v)
+		}
+	}
+	assert.InDelta(t, 30_000, kept, 5*math.Sqrt(100_000*0.3*0.7))
+	c := append([]float32(nil), x...)
+	RandomPrune(c, 0.3, true, TensorRNG(5, "m", "A/1"))
+	assert.NotEqual(t, a, c, "another tensor label must give another mask")
+}
+
+func TestElectAndDisjointMerge(t *testing.T) {
+	tensors := [][]float32{{1, -2, 0, 3, 0}, {2, 1, 0, -3, -1}, {-4, 1, 0, 0, 0}}
+	// total: sums -1, 0, 0, 0, -1 -> -1, +1, +1, +1, -1
+	assert.Equal(t, []float32{-1, 1, 1, 1, -1}, ElectSigns(tensors, SignTotal))
+	// frequency: sign sums 1, 1, 0, 0, -1
+	assert.Equal(t, []float32{1, 1, 1, 1, -1}, ElectSigns(tensors, SignFrequency))
+	w := []float32{1, 2, 3}
+	got := DisjointMerge(tensors, w, ElectSigns(tensors, SignTotal))
+	// element 0: only -4 agrees: -12/1; element 1: 1*2 and 1*3 agree: 5/2; element 2: no one agrees: 0;
+	// element 3: 3 agrees (zero never agrees): 3/1; element 4: -1*2: -2/1
+	assert.Equal(t, []float32{-12, 2.5, 0, 3, -2}, got)
+}
+
+func BenchmarkMagnitudePrune16M(b *testing.B) {
+	rng := rand.New(rand.NewPCG(1, 1))
+	x := make([]float32, 1<<24)
+	for i := range x {
+		x[i] = float32(rng.NormFloat64())
+	}
+	y := make([]float32, len(x))
+	for b.Loop() {
+		copy(y, x)
+		MagnitudePrune(y, 0.2)
+	}
+}
