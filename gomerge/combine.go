@@ -28,29 +28,50 @@ func combinationFor(combinationType string) string {
 	return ""
 }
 
+// combineGrain is the chunk of elements combined at once: the chunks of all
+// tensors stay in cache between the election and the disjoint merge.
+const combineGrain = 1 << 14
+
 // Apply combines the tensors with the weights. The tensors are pruned in
-// place; rng(i) gives the random stream of tensor i (used by DARE only).
+// place and the result is written over tensors[0], which is returned;
+// rng(i) gives the random stream of tensor i (used by DARE only).
 func (c Combination) Apply(tensors [][]float32, weights []float32, rng func(i int) *rand.Rand) []float32 {
 	prune := c.Density < 1 // PEFT's prune() returns the tensor untouched for density >= 1
-	switch c.Method {
-	case "magnitude_prune", "ties":
-		if prune {
-			for _, t := range tensors {
-				MagnitudePrune(t, c.Density)
+	if prune && c.Method != "task_arithmetic" {
+		each := func(i int) {
+			switch c.Method {
+			case "magnitude_prune", "ties":
+				MagnitudePrune(tensors[i], c.Density)
+			case "dare_linear", "dare_ties":
+				RandomPrune(tensors[i], c.Density, true, rng(i))
 			}
 		}
-	case "dare_linear", "dare_ties":
-		if prune {
-			for i, t := range tensors {
-				RandomPrune(t, c.Density, true, rng(i))
+		// one goroutine per tensor when tensors are large
+		parallelFor(len(tensors), max(1, combineGrain*4/max(1, len(tensors[0]))), func(lo, hi int) {
+			for i := lo; i < hi; i++ {
+				each(i)
 			}
+		})
+	}
+	out := tensors[0]
+	ties := c.Method == "ties" || c.Method == "dare_ties"
+	parallelFor(len(out), combineGrain, func(lo, hi int) {
+		sub := make([][]float32, len(tensors))
+		for i, t := range tensors {
+			sub[i] = t[lo:hi]
 		}
-	}
-	switch c.Method {
-	case "ties", "dare_ties":
-		return DisjointMerge(tensors, weights, ElectSigns(tensors, c.SignMethod))
-	}
-	return TaskArithmetic(tensors, weights)
+		res := make([]float32, hi-lo)
+		if ties {
+			count := make([]float32, hi-lo)
+			signs := make([]float32, hi-lo)
+			electSignsInto(signs, sub, c.SignMethod)
+			disjointMergeInto(res, count, sub, weights, signs)
+		} else {
+			taskArithmeticInto(res, sub, weights)
+		}
+		copy(out[lo:hi], res)
+	})
+	return out
 }
 
 // TaskArithmetic returns sum_i weights[i] * tensors[i], computed in float32
@@ -58,15 +79,20 @@ func (c Combination) Apply(tensors [][]float32, weights []float32, rng func(i in
 // float32, then summed in order.
 func TaskArithmetic(tensors [][]float32, weights []float32) []float32 {
 	out := make([]float32, len(tensors[0]))
+	taskArithmeticInto(out, tensors, weights)
+	return out
+}
+
+func taskArithmeticInto(out []float32, tensors [][]float32, weights []float32) {
+	clear(out)
 	for i, t := range tensors {
 		w := weights[i]
+		t = t[:len(out)]
 		for j, v := range t {
 			out[j] += v * w
 		}
 	}
-	return out
 }
-
 // ScaleInto writes x * w1 * w2 into dst, rounding after each product as
 // torch does for `tensor * w1 * w2` with Python scalars.
 func ScaleInto(dst, x []float32, w1, w2 float32) {

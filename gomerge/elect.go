@@ -31,6 +31,12 @@ func isPositive(v float32) uint32 {
 // calculate_majority_sign_mask.
 func ElectSigns(tensors [][]float32, method string) []float32 {
 	sum := make([]float32, len(tensors[0]))
+	electSignsInto(sum, tensors, method)
+	return sum
+}
+
+func electSignsInto(sum []float32, tensors [][]float32, method string) {
+	clear(sum)
 	for _, t := range tensors {
 		t = t[:len(sum)]
 		if method == SignFrequency {
@@ -48,7 +54,6 @@ func ElectSigns(tensors [][]float32, method string) []float32 {
 		neg := isPositive(-v)
 		sum[j] = 1 - 2*float32(neg)
 	}
-	return sum
 }
 
 // DisjointMerge is PEFT's disjoint_merge: per element, the sum of
@@ -57,7 +62,13 @@ func ElectSigns(tensors [][]float32, method string) []float32 {
 // (at least 1). The sign test uses the unweighted tensors.
 func DisjointMerge(tensors [][]float32, weights []float32, signs []float32) []float32 {
 	sum := make([]float32, len(signs))
-	count := make([]float32, len(signs))
+	disjointMergeInto(sum, make([]float32, len(signs)), tensors, weights, signs)
+	return sum
+}
+
+func disjointMergeInto(sum, count []float32, tensors [][]float32, weights []float32, signs []float32) {
+	clear(sum)
+	clear(count)
 	for i, t := range tensors {
 		t = t[:len(signs)]
 		w := weights[i]
@@ -70,5 +81,4 @@ func DisjointMerge(tensors [][]float32, weights []float32, signs []float32) []fl
 	for j := range sum {
 		sum[j] /= max(count[j], 1)
 	}
-	return sum
 }

@@ -25,8 +25,10 @@ func mergeDenseSVD(j *moduleJob, comb Combination, k int, clamp *float64, seed u
 	d := comb.Apply(dws, weights, func(i int) *rand.Rand {
 		return TensorRNG(seed, j.name, "dW/"+strconv.Itoa(j.srcs[i].index))
 	})
-	dws = nil
 	bk, ak := RandomizedSVD(d, j.out, j.in, k, TensorRNG(rsvdSeed, j.name, "rsvd"))
+	for _, dw := range dws { // d is dws[0]
+		putBuf(dw)
+	}
 	b, a = toFloat32(bk), toFloat32(ak)
 	if clamp != nil {
 		ClampQuantile(a, b, *clamp)

@@ -12,7 +12,7 @@ import (
 // the optimal rank-k error) on the tests and on the benchmark shapes.
 const (
 	RSVDOversample = 10 // extra columns of the sketch beyond k
-	RSVDPowerIters = 4  // power iterations (each one a D^T and a D product)
+	RSVDPowerIters = 3  // power iterations (each one a D^T and a D product)
 )
 
 // RandomizedSVD computes a rank-k truncated SVD of the dense m x n float32
@@ -75,16 +75,21 @@ func orthonormalize32(g blas32.General) {
 }
 
 // denseDelta returns scaling * B @ A (out x in) in float32, as PEFT's
-// get_delta_weight computes it (the product, then the scaling).
+// get_delta_weight computes it (the product, then the scaling), in a buffer
+// from the pool. Rows are computed in parallel as sums of scaled rows of A.
 func denseDelta(a, b []float32, out, r, in int, scaling float64) []float32 {
-	dw := make([]float32, out*in)
-	blas32.Gemm(blas.NoTrans, blas.NoTrans, 1,
-		blas32.General{Rows: out, Cols: r, Stride: r, Data: b},
-		blas32.General{Rows: r, Cols: in, Stride: in, Data: a},
-		0, blas32.General{Rows: out, Cols: in, Stride: in, Data: dw})
+	dw := getBuf(out * in)
 	s := float32(scaling)
-	for i := range dw {
-		dw[i] *= s
-	}
+	impl := blas32.Implementation()
+	parallelFor(out, max(1, (1<<16)/max(1, in*r)), func(lo, hi int) {
+		for i := lo; i < hi; i++ {
+			row := dw[i*in : (i+1)*in]
+			clear(row)
+			for k := 0; k < r; k++ {
+				impl.Saxpy(in, b[i*r+k], a[k*in:(k+1)*in], 1, row, 1)
+			}
+			impl.Sscal(in, s, row, 1)
+		}
+	})
 	return dw
 }

@@ -1,0 +1,52 @@
+package gomerge
+
+import (
+	"runtime"
+	"sync"
+)
+
+// parallelFor calls fn on consecutive ranges [lo, hi) covering [0, n), on up
+// to GOMAXPROCS goroutines, in chunks of at least grain elements. Small
+// ranges run on the calling goroutine.
+func parallelFor(n, grain int, fn func(lo, hi int)) {
+	workers := runtime.GOMAXPROCS(0)
+	if n <= grain || workers == 1 {
+		if n > 0 {
+			fn(0, n)
+		}
+		return
+	}
+	chunks := min(workers*4, (n+grain-1)/grain)
+	size := (n + chunks - 1) / chunks
+	var wg sync.WaitGroup
+	for lo := 0; lo < n; lo += size {
+		hi := min(lo+size, n)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			fn(lo, hi)
+		}()
+	}
+	wg.Wait()
+}
+
+// bufPool recycles the large float32 buffers of dense merges, so that a
+// merge of many big modules does not allocate (and clear) them every time.
+var bufPool sync.Pool
+
+// getBuf returns a float32 buffer of length n with undefined contents.
+func getBuf(n int) []float32 {
+	if p, ok := bufPool.Get().(*[]float32); ok && cap(*p) >= n {
+		return (*p)[:n]
+	} else if ok {
+		bufPool.Put(p)
+	}
+	return make([]float32, n)
+}
+
+// putBuf gives a buffer back to the pool.
+func putBuf(b []float32) {
+	if cap(b) >= 1<<16 {
+		bufPool.Put(&b)
+	}
+}
