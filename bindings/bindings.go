@@ -30,7 +30,7 @@ type job struct {
 	cancel   context.CancelFunc
 	progress gomerge.Progress
 	done     chan struct{}
-	result   *gomerge.Result
+	result   any
 	err      error
 }
 
@@ -46,11 +46,11 @@ type errorJSON struct {
 }
 
 type status struct {
-	State  string          `json:"state"` // running, done, error
-	Done   int64           `json:"done"`
-	Total  int64           `json:"total"`
-	Result *gomerge.Result `json:"result,omitempty"`
-	Error  *errorJSON      `json:"error,omitempty"`
+	State  string     `json:"state"` // running, done, error
+	Done   int64      `json:"done"`
+	Total  int64      `json:"total"`
+	Result any        `json:"result,omitempty"`
+	Error  *errorJSON `json:"error,omitempty"`
 }
 
 func errorStatus(err error) string {
@@ -58,10 +58,34 @@ func errorStatus(err error) string {
 	return string(b)
 }
 
-// MergeStart starts a merge in the background from a JSON request (the
-// fields of gomerge.Options) and returns its job id. Every outcome, a request
-// that cannot be parsed included, is reported by MergeWait.
+// MergeStart starts a merge of adapter directories in the background from a
+// JSON request (the fields of gomerge.Options) and returns its job id. Every
+// outcome, a request that cannot be parsed included, is reported by
+// MergeWait.
 func MergeStart(request string) int64 {
+	return startJob(func(ctx context.Context, p *gomerge.Progress) (any, error) {
+		var opts gomerge.Options
+		if err := json.Unmarshal([]byte(request), &opts); err != nil {
+			return nil, &gomerge.Error{Kind: gomerge.KindType, Msg: "invalid merge request: " + err.Error()}
+		}
+		return gomerge.Merge(ctx, opts, p)
+	})
+}
+
+// MergeTensorsStart starts a merge of tensors in memory (a gomerge.MemRequest
+// in JSON: raw addresses of float32 buffers that the caller keeps alive and
+// unmoved until MergeWait reports the job finished) and returns its job id.
+func MergeTensorsStart(request string) int64 {
+	return startJob(func(ctx context.Context, p *gomerge.Progress) (any, error) {
+		var req gomerge.MemRequest
+		if err := json.Unmarshal([]byte(request), &req); err != nil {
+			return nil, &gomerge.Error{Kind: gomerge.KindType, Msg: "invalid merge request: " + err.Error()}
+		}
+		return gomerge.MergeTensors(ctx, req, p)
+	})
+}
+
+func startJob(run func(context.Context, *gomerge.Progress) (any, error)) int64 {
 	ctx, cancel := context.WithCancel(context.Background())
 	j := &job{cancel: cancel, done: make(chan struct{})}
 	jobsMu.Lock()
@@ -77,12 +101,7 @@ func MergeStart(request string) int64 {
 				j.err = fmt.Errorf("internal error: %v\n%s", p, debug.Stack())
 			}
 		}()
-		var opts gomerge.Options
-		if err := json.Unmarshal([]byte(request), &opts); err != nil {
-			j.err = &gomerge.Error{Kind: gomerge.KindType, Msg: "invalid merge request: " + err.Error()}
-			return
-		}
-		j.result, j.err = gomerge.Merge(ctx, opts, &j.progress)
+		j.result, j.err = run(ctx, &j.progress)
 	}()
 	return id
 }

@@ -45,9 +45,17 @@ func (m *Module) In() int { return numel(m.RawA.Shape[1:]) }
 // Out is the number of rows of B.
 func (m *Module) Out() int { return m.RawB.Shape[0] }
 
-// Factors decodes A (r x In) and B (Out x r) to float32.
+// Factors returns A (r x In) and B (Out x r) as float32: views of the
+// stored bytes for F32 (read-only), converted copies otherwise.
 func (m *Module) Factors() (a, b []float32) {
-	return Decode(m.RawA.DType, m.RawA.Data), Decode(m.RawB.DType, m.RawB.Data)
+	return view(m.RawA), view(m.RawB)
+}
+
+func view(t RawTensor) []float32 {
+	if t.DType == F32 {
+		return bytesAsFloat32(t.Data)
+	}
+	return Decode(t.DType, t.Data)
 }
 
 // Keys returns the safetensors names of A and B for this module.

@@ -1,7 +1,5 @@
 package gomerge
 
-import "math/rand/v2"
-
 // Combination is one of PEFT's element-wise ways to combine task tensors
 // (merge_utils): the same function serves the factors (family 1) and the
 // dense updates (family 2).
@@ -32,18 +30,27 @@ func combinationFor(combinationType string) string {
 // tensors stay in cache between the election and the disjoint merge.
 const combineGrain = 1 << 14
 
-// Apply combines the tensors with the weights. The tensors are pruned in
-// place and the result is written over tensors[0], which is returned;
-// rng(i) gives the random stream of tensor i (used by DARE only).
-func (c Combination) Apply(tensors [][]float32, weights []float32, rng func(i int) *rand.Rand) []float32 {
+// Apply combines the tensors with the weights and returns the result.
+// With owned, the tensors are the caller's scratch: they are pruned in place
+// and the result is written over tensors[0]. Otherwise they are read-only
+// (views of files or of a model's memory) and are copied before pruning.
+// dare(i, t) applies DARE's random mask of tensor i to t, in place.
+func (c Combination) Apply(tensors [][]float32, weights []float32, dare func(i int, t []float32), owned bool) []float32 {
 	prune := c.Density < 1 // PEFT's prune() returns the tensor untouched for density >= 1
 	if prune && c.Method != "task_arithmetic" {
+		if !owned {
+			copies := make([][]float32, len(tensors))
+			for i, t := range tensors {
+				copies[i] = append([]float32(nil), t...)
+			}
+			tensors, owned = copies, true
+		}
 		each := func(i int) {
 			switch c.Method {
 			case "magnitude_prune", "ties":
 				MagnitudePrune(tensors[i], c.Density)
 			case "dare_linear", "dare_ties":
-				RandomPrune(tensors[i], c.Density, true, rng(i))
+				dare(i, tensors[i])
 			}
 		}
 		// one goroutine per tensor when tensors are large
@@ -54,6 +61,9 @@ func (c Combination) Apply(tensors [][]float32, weights []float32, rng func(i in
 		})
 	}
 	out := tensors[0]
+	if !owned {
+		out = make([]float32, len(tensors[0]))
+	}
 	ties := c.Method == "ties" || c.Method == "dare_ties"
 	parallelFor(len(out), combineGrain, func(lo, hi int) {
 		sub := make([][]float32, len(tensors))
@@ -93,6 +103,7 @@ func taskArithmeticInto(out []float32, tensors [][]float32, weights []float32) {
 		}
 	}
 }
+
 // ScaleInto writes x * w1 * w2 into dst, rounding after each product as
 // torch does for `tensor * w1 * w2` with Python scalars.
 func ScaleInto(dst, x []float32, w1, w2 float32) {

@@ -128,3 +128,79 @@ func BenchmarkLowRankSVD4096x4096Rank48(b *testing.B) {
 		LowRankSVD(append([]float64(nil), bb...), append([]float64(nil), aa...), m, r, n, 16)
 	}
 }
+
+// TestRandomizedSVDAccuracy checks the range finder against a dense SVD on
+// matrices wide enough to use a real sketch, with fast and slow spectral
+// decay: the reconstruction error stays within 1% of the optimal rank-k error.
+func TestRandomizedSVDAccuracy(t *testing.T) {
+	tests := []struct {
+		name  string
+		m, n  int
+		k     int
+		decay float64 // singular values ~ decay^i plus a noise floor
+		exact bool    // a short side: the exact path
+	}{
+		{"fast decay", 200, 300, 8, 0.7, false},
+		{"exact path for a short side", 60, 300, 8, 0.9, true},
+		{"slow decay", 240, 300, 16, 0.97, false},
+		{"flat tail", 160, 260, 8, 0.999, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(11, 12))
+			q := min(tc.m, tc.n)
+			u := orthonormal(rng, tc.m, q)
+			v := orthonormal(rng, tc.n, q)
+			d := make([]float32, tc.m*tc.n)
+			for c := 0; c < q; c++ {
+				s := math.Pow(tc.decay, float64(c)) + 0.01
+				for i := 0; i < tc.m; i++ {
+					for j := 0; j < tc.n; j++ {
+						d[i*tc.n+j] += float32(u[i*q+c] * s * v[j*q+c])
+					}
+				}
+			}
+			dd := make([]float64, len(d))
+			for i, x := range d {
+				dd[i] = float64(x)
+			}
+			var svd mat.SVD
+			require.True(t, svd.Factorize(mat.NewDense(tc.m, tc.n, dd), mat.SVDNone))
+			sv := svd.Values(nil)
+			optimal := 0.0
+			for _, s := range sv[tc.k:] {
+				optimal += s * s
+			}
+			bk, ak := RandomizedSVD(d, tc.m, tc.n, tc.k, rand.New(rand.NewPCG(1, 1)))
+			sketched := min(tc.m, tc.n) > (2*RSVDPowerIters+2)*(tc.k+RSVDOversample)
+			require.Equal(t, !tc.exact, sketched, "the case must take the path it is named for")
+			errSq := 0.0
+			for i := 0; i < tc.m; i++ {
+				for j := 0; j < tc.n; j++ {
+					approx := 0.0
+					for c := 0; c < tc.k; c++ {
+						approx += bk[i*tc.k+c] * ak[c*tc.n+j]
+					}
+					diff := dd[i*tc.n+j] - approx
+					errSq += diff * diff
+				}
+			}
+			ratio := math.Sqrt(errSq / optimal)
+			t.Logf("error / optimal = %.6f", ratio)
+			if tc.exact {
+				assert.InDelta(t, 1, ratio, 1e-6)
+			} else {
+				assert.Less(t, ratio, 1.01)
+			}
+		})
+	}
+}
+
+func orthonormal(rng *rand.Rand, rows, cols int) []float64 {
+	x := make([]float64, rows*cols)
+	for i := range x {
+		x[i] = rng.NormFloat64()
+	}
+	q, _, _ := thinQR(x, rows, cols)
+	return q
+}

@@ -72,6 +72,12 @@ type source struct {
 	weight float64
 	mod    *Module
 	index  int
+	// Optional DARE keep-masks (one byte per element, non-zero keeps), given
+	// by the caller instead of gomerge's generator: for A, B and dW.
+	maskA, maskB, maskDW []byte
+	// roundDW rounds the dense update to this dtype, as PEFT's
+	// get_delta_weight does for half-precision factors ("" or F32: no rounding).
+	roundDW DType
 }
 
 // moduleJob is the work for one output module.
@@ -106,6 +112,29 @@ func (o *Options) validate() error {
 		}
 		seen[filepath.Clean(a)] = i
 	}
+	if err := o.validateCombination(); err != nil {
+		return err
+	}
+	if o.DType != "" {
+		if _, err := ParseDType(o.DType); err != nil {
+			return err
+		}
+	}
+	if o.OutputDir == "" {
+		return valueErr("output_dir: a directory to write the merged adapter to is required")
+	}
+	out := filepath.Clean(o.OutputDir)
+	for _, a := range o.Adapters {
+		if filepath.Clean(a) == out {
+			return valueErr("output_dir: %s is also an input adapter; choose another directory", o.OutputDir)
+		}
+	}
+	return nil
+}
+
+// validateCombination checks the combination arguments (shared by the
+// directory and the in-memory merges).
+func (o *Options) validateCombination() error {
 	if o.CombinationType == "" {
 		o.CombinationType = "svd"
 	}
@@ -143,20 +172,6 @@ func (o *Options) validate() error {
 	if o.MajoritySignMethod != "total" && o.MajoritySignMethod != "frequency" {
 		return valueErr("majority_sign_method: invalid value %q (expected 'total' or 'frequency')", o.MajoritySignMethod)
 	}
-	if o.DType != "" {
-		if _, err := ParseDType(o.DType); err != nil {
-			return err
-		}
-	}
-	if o.OutputDir == "" {
-		return valueErr("output_dir: a directory to write the merged adapter to is required")
-	}
-	out := filepath.Clean(o.OutputDir)
-	for _, a := range o.Adapters {
-		if filepath.Clean(a) == out {
-			return valueErr("output_dir: %s is also an input adapter; choose another directory", o.OutputDir)
-		}
-	}
 	return nil
 }
 
@@ -191,19 +206,8 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 		opts.CombinationType = "linear"
 	}
 	res.CombinationType = opts.CombinationType
-	if isPruning(opts.CombinationType) && *opts.Density >= 1 {
-		res.Warnings = append(res.Warnings, fmt.Sprintf(
-			"The density %v is greater than or equal to 1, no pruning will be performed.", *opts.Density))
-	}
-	if isDARE(opts.CombinationType) {
-		if opts.Seed == nil {
-			var b [8]byte
-			_, _ = rand.Read(b[:])
-			seed := binary.LittleEndian.Uint64(b[:]) >> 1 // fits a signed 64-bit integer
-			opts.Seed = &seed
-		}
-		res.Seed = opts.Seed
-	}
+	res.Warnings = append(res.Warnings, opts.prepareRandomness()...)
+	res.Seed = opts.Seed
 
 	adapters := make([]*Adapter, len(opts.Adapters))
 	for i, dir := range opts.Adapters {
@@ -245,13 +249,19 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 	}
 	res.Modules = len(jobs)
 
-	tensors, rankPattern, err := runJobs(ctx, opts, jobs, rank, outDType, progress)
+	tensors := make(map[string]RawTensor, 2*len(jobs))
+	var mu sync.Mutex
+	ranks, err := runJobs(ctx, opts, jobs, rank, outDType, progress, func(_ int, aName, bName string, a, b RawTensor) error {
+		mu.Lock()
+		tensors[aName], tensors[bName] = a, b
+		mu.Unlock()
+		return nil
+	})
 	if err != nil {
 		return nil, err
 	}
-	alphaPattern := make(Patterns, len(rankPattern))
-	copy(alphaPattern, rankPattern)
-	cfgJSON, err := MergedConfigJSON(adapters[0].Config, rank, targets, rankPattern, alphaPattern, nil)
+	pattern := rankPattern(jobs, ranks, rank)
+	cfgJSON, err := MergedConfigJSON(adapters[0].Config, rank, targets, pattern, append(Patterns(nil), pattern...), nil)
 	if err != nil {
 		return nil, err
 	}
@@ -263,6 +273,25 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 	}
 	res.Seconds = time.Since(start).Seconds()
 	return res, nil
+}
+
+// prepareRandomness draws a fresh seed for DARE when none was given (and
+// clears it for the other types); it returns PEFT's density warning.
+func (o *Options) prepareRandomness() []string {
+	var warnings []string
+	if isPruning(o.CombinationType) && *o.Density >= 1 {
+		warnings = append(warnings, fmt.Sprintf(
+			"The density %v is greater than or equal to 1, no pruning will be performed.", *o.Density))
+	}
+	if !isDARE(o.CombinationType) {
+		o.Seed = nil
+	} else if o.Seed == nil {
+		var b [8]byte
+		_, _ = rand.Read(b[:])
+		seed := binary.LittleEndian.Uint64(b[:]) >> 1 // fits a signed 64-bit integer
+		o.Seed = &seed
+	}
+	return warnings
 }
 
 // newRank is PEFT's rank of the merged adapter.
@@ -353,10 +382,13 @@ func equalInts(a, b []int) bool {
 	return true
 }
 
-// runJobs merges the modules on all cores and returns the encoded output
-// tensors and, for modules whose rank differs from the adapter's rank, a
-// rank pattern.
-func runJobs(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt DType, progress *Progress) (map[string]RawTensor, Patterns, error) {
+// emitFunc receives the merged tensors of job i; it may be called from
+// several goroutines at once.
+type emitFunc func(i int, aName, bName string, a, b RawTensor) error
+
+// runJobs merges the modules on all cores, hands each result to emit and
+// returns each module's merged rank.
+func runJobs(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt DType, progress *Progress, emit emitFunc) ([]int, error) {
 	if progress != nil {
 		progress.Total.Store(int64(len(jobs)))
 	}
@@ -364,11 +396,11 @@ func runJobs(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt D
 	if workers <= 0 {
 		workers = runtime.GOMAXPROCS(0)
 	}
-	tensors := make(map[string]RawTensor, 2*len(jobs))
 	ranks := make([]int, len(jobs))
-	var mu sync.Mutex
 	var next atomic.Int64
+	var errOnce sync.Once
 	var firstErr error
+	var failed atomic.Bool
 	var wg sync.WaitGroup
 	for w := 0; w < min(workers, len(jobs)); w++ {
 		wg.Add(1)
@@ -376,17 +408,19 @@ func runJobs(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt D
 			defer wg.Done()
 			for {
 				i := int(next.Add(1) - 1)
-				if i >= len(jobs) || ctx.Err() != nil {
+				if i >= len(jobs) || ctx.Err() != nil || failed.Load() {
 					return
 				}
 				aName, bName, a, b, r, err := mergeModule(opts, &jobs[i], rank, dt)
-				mu.Lock()
-				if err != nil && firstErr == nil {
-					firstErr = err
+				if err == nil {
+					err = emit(i, aName, bName, a, b)
 				}
-				tensors[aName], tensors[bName] = a, b
+				if err != nil {
+					errOnce.Do(func() { firstErr = err })
+					failed.Store(true)
+					return
+				}
 				ranks[i] = r
-				mu.Unlock()
 				if progress != nil {
 					progress.Done.Add(1)
 				}
@@ -395,18 +429,21 @@ func runJobs(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt D
 	}
 	wg.Wait()
 	if ctx.Err() != nil {
-		return nil, nil, ErrCancelled
+		return nil, ErrCancelled
 	}
-	if firstErr != nil {
-		return nil, nil, firstErr
-	}
+	return ranks, firstErr
+}
+
+// rankPattern lists, for modules whose rank differs from the adapter's, a
+// pattern matching exactly that module.
+func rankPattern(jobs []moduleJob, ranks []int, rank int) Patterns {
 	var pattern Patterns
 	for i, j := range jobs {
 		if ranks[i] != rank {
 			pattern = append(pattern, PatternEntry{Key: regexp.QuoteMeta(j.name), Value: float64(ranks[i])})
 		}
 	}
-	return tensors, pattern, nil
+	return pattern
 }
 
 // mergeModule merges one module, recovering from panics so that a bug in a
@@ -429,6 +466,9 @@ func mergeModule(opts Options, j *moduleJob, rank int, dt DType) (aName, bName s
 	switch t := opts.CombinationType; {
 	case isFactorFamily(t):
 		a, b, r = mergeFactors(j.srcs, comb, seed, j.name)
+		if r > rank {
+			return "", "", RawTensor{}, RawTensor{}, 0, valueErr("module %s: rank %d is above the adapter's rank %d", j.name, r, rank)
+		}
 	case t == "cat":
 		r = rank
 		a, b = mergeCat(j.srcs, r, j.in, j.out)

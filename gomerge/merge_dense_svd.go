@@ -1,9 +1,6 @@
 package gomerge
 
-import (
-	"math/rand/v2"
-	"strconv"
-)
+import "strconv"
 
 // rsvdSeed seeds the range finder's test matrix: fixed, so that the pruned
 // SVD merges without DARE are deterministic whatever the merge seed.
@@ -20,11 +17,20 @@ func mergeDenseSVD(j *moduleJob, comb Combination, k int, clamp *float64, seed u
 	for i, s := range j.srcs {
 		fa, fb := s.mod.Factors()
 		dws[i] = denseDelta(fa, fb, j.out, s.mod.Rank, j.in, s.mod.Scaling)
+		if s.roundDW != "" && s.roundDW != F32 {
+			for e, v := range dws[i] {
+				dws[i][e] = Round(s.roundDW, v)
+			}
+		}
 		weights[i] = float32(s.weight)
 	}
-	d := comb.Apply(dws, weights, func(i int) *rand.Rand {
-		return TensorRNG(seed, j.name, "dW/"+strconv.Itoa(j.srcs[i].index))
-	})
+	d := comb.Apply(dws, weights, func(i int, t []float32) {
+		if mask := j.srcs[i].maskDW; mask != nil {
+			MaskPrune(t, mask, comb.Density, true)
+		} else {
+			RandomPrune(t, comb.Density, true, TensorRNG(seed, j.name, "dW/"+strconv.Itoa(j.srcs[i].index)))
+		}
+	}, true)
 	bk, ak := RandomizedSVD(d, j.out, j.in, k, TensorRNG(rsvdSeed, j.name, "rsvd"))
 	for _, dw := range dws { // d is dws[0]
 		putBuf(dw)

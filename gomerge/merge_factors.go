@@ -2,7 +2,6 @@ package gomerge
 
 import (
 	"math"
-	"math/rand/v2"
 	"strconv"
 )
 
@@ -32,10 +31,18 @@ func mergeFactors(srcs []source, comb Combination, seed uint64, module string) (
 		as[i], bs[i] = s.mod.Factors()
 		was[i], wbs[i] = factorWeights(s.weight, s.mod.Scaling)
 	}
-	rng := func(factor string) func(int) *rand.Rand {
-		return func(i int) *rand.Rand {
-			return TensorRNG(seed, module, factor+"/"+strconv.Itoa(srcs[i].index))
+	dare := func(factor string) func(int, []float32) {
+		return func(i int, t []float32) {
+			mask := srcs[i].maskA
+			if factor == "B" {
+				mask = srcs[i].maskB
+			}
+			if mask != nil {
+				MaskPrune(t, mask, comb.Density, true)
+			} else {
+				RandomPrune(t, comb.Density, true, TensorRNG(seed, module, factor+"/"+strconv.Itoa(srcs[i].index)))
+			}
 		}
 	}
-	return comb.Apply(as, was, rng("A")), comb.Apply(bs, wbs, rng("B")), srcs[0].mod.Rank
+	return comb.Apply(as, was, dare("A"), false), comb.Apply(bs, wbs, dare("B"), false), srcs[0].mod.Rank
 }

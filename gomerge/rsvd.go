@@ -20,12 +20,18 @@ const (
 // Martinsson and Tropp 2011, algorithms 4.4 and 5.1): Q spans D (D^T D)^q
 // Omega, then D ~ Q (Q^T D) is factorised exactly by LowRankSVD. The cost is
 // about (2q + 2) * 2mnl flops with l = k + oversampling, instead of a dense
-// SVD's O(mn min(m, n)). Results are returned like LowRankSVD's: Bk = U_k S_k
-// (m x k) and Ak = V_k^T (k x n), with canonical signs.
+// SVD's O(mn min(m, n)); matrices with a short side get their exact SVD,
+// which is then as cheap. Results are returned like LowRankSVD's:
+// Bk = U_k S_k (m x k) and Ak = V_k^T (k x n), with canonical signs.
 func RandomizedSVD(d []float32, m, n, k int, rng *rand.Rand) (bk, ak []float64) {
 	l := min(k+RSVDOversample, m, n)
 	if l <= 0 {
 		return make([]float64, m*k), make([]float64, k*n)
+	}
+	if q := min(m, n); q <= (2*RSVDPowerIters+2)*l {
+		// A thin matrix: its exact SVD (one QR of the long side, ~2 max(m,n) q^2 flops) costs no more than the
+		// sketch would, so take it.
+		return exactSVD(d, m, n, k)
 	}
 	D := blas32.General{Rows: m, Cols: n, Stride: n, Data: d}
 	omega := make([]float32, n*l)
@@ -56,6 +62,32 @@ func RandomizedSVD(d []float32, m, n, k int, rng *rand.Rand) (bk, ak []float64) 
 	}
 	bk, ak, _ = LowRankSVD(q64, b64, m, l, n, k)
 	return bk, ak
+}
+
+// exactSVD is the rank-k truncated SVD of a dense matrix with a short side:
+// D = I D (or D I) factorised by LowRankSVD.
+func exactSVD(d []float32, m, n, k int) (bk, ak []float64) {
+	d64 := make([]float64, len(d))
+	for i, v := range d {
+		d64[i] = float64(v)
+	}
+	if m <= n {
+		return lowRankK(identity(m), d64, m, m, n, k)
+	}
+	return lowRankK(d64, identity(n), m, n, n, k)
+}
+
+func lowRankK(b, a []float64, m, r, n, k int) (bk, ak []float64) {
+	bk, ak, _ = LowRankSVD(b, a, m, r, n, k)
+	return bk, ak
+}
+
+func identity(n int) []float64 {
+	x := make([]float64, n*n)
+	for i := 0; i < n; i++ {
+		x[i*n+i] = 1
+	}
+	return x
 }
 
 // orthonormalize32 replaces the columns of g by an orthonormal basis of

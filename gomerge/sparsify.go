@@ -32,7 +32,7 @@ func MagnitudePrune(t []float32, density float64) {
 	equal := 0
 	for i, v := range t {
 		b := math.Float32bits(v) & 0x7fffffff
-		keep := uint32(int64(b)-int64(thr)) >> 31 ^ 1 // 1 when b >= thr
+		keep := uint32(int64(b)-int64(thr))>>31 ^ 1 // 1 when b >= thr
 		equal += int(keep)
 		t[i] = math.Float32frombits(math.Float32bits(v) & -keep)
 	}
@@ -132,6 +132,23 @@ func RandomPrune(t []float32, density float64, rescale bool, rng *rand.Rand) {
 	d := float32(density)
 	for i, v := range t {
 		if !keepAll && rng.Uint64() >= limit {
+			t[i] = 0
+		} else if rescale {
+			t[i] = v / d
+		}
+	}
+}
+
+// MaskPrune is RandomPrune with a given keep-mask (one byte per element,
+// non-zero keeps), for masks drawn by the caller (torch's generator).
+func MaskPrune(t []float32, mask []byte, density float64, rescale bool) {
+	if density >= 1 {
+		return
+	}
+	d := float32(density)
+	mask = mask[:len(t)]
+	for i, v := range t {
+		if mask[i] == 0 {
 			t[i] = 0
 		} else if rescale {
 			t[i] = v / d

@@ -56,13 +56,33 @@ def convnet(seed: int = 0) -> nn.Module:
     return ConvNet().eval()
 
 
-MODELS: dict[str, Callable[[int], nn.Module]] = {"llama": llama, "gpt2": gpt2, "conv": convnet}
+class Wide(nn.Module):
+    """Two linear layers wide enough (384 x 640) for gomerge's randomized SVD rather than its exact small-matrix
+    path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(384, 640)
+        self.down = nn.Linear(640, 384)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def wide(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Wide().eval()
+
+
+MODELS: dict[str, Callable[[int], nn.Module]] = {"llama": llama, "gpt2": gpt2, "conv": convnet, "wide": wide}
 
 
 def model_input(kind: str) -> torch.Tensor:
     g = torch.Generator().manual_seed(1234)
     if kind == "conv":
         return torch.randn(2, 3, 8, 8, generator=g)
+    if kind == "wide":
+        return torch.randn(2, 384, generator=g)
     return torch.randint(0, 128, (2, 12), generator=g)
 
 

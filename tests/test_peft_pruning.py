@@ -27,12 +27,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from example_adapters import write_all  # noqa: E402
 
 F32_CASES = [c for c in CASES if c.rtol == 1e-5 and len(c.adapters) > 1 and "linear" in c.types]
+# Modules of 384 x 640: gomerge's randomized SVD (the test models' smaller modules get an exact SVD).
+WIDE = Case("wide-randomized-svd", "wide", [
+    AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["up", "down"]), 31),
+    AdapterSpec(dict(r=8, lora_alpha=8, target_modules=["up", "down"]), 32),
+    AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["up", "down"]), 33),
+], [2.0, 1.0, 1.0])
 
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    return {c.name: build_case(c, str(root)) for c in F32_CASES}
+    return {c.name: build_case(c, str(root)) for c in F32_CASES + [WIDE]}
 
 
 def _family1_params():
@@ -106,6 +112,9 @@ def _family2_params():
                 yield pytest.param(c, t, density, id=f"{c.name}-{t}-{density}")
     c = F32_CASES[0]
     yield pytest.param(c, "ties_svd", 1.0, id=f"{c.name}-ties_svd-1.0")
+    for t in ("ties_svd", "magnitude_prune_svd"):
+        for density in (0.1, 0.2, 0.5, 0.9):
+            yield pytest.param(WIDE, t, density, id=f"{WIDE.name}-{t}-{density}")
 
 
 @pytest.mark.parametrize("case,combination_type,density", list(_family2_params()))

@@ -12,4 +12,24 @@ from .merge import COMBINATION_TYPES, MergeResult, add_weighted_adapter, inspect
 
 __version__ = "0.1.0"
 
-__all__ = ["COMBINATION_TYPES", "MergeResult", "add_weighted_adapter", "engine_version", "inspect_adapter"]
+__all__ = [
+    "COMBINATION_TYPES", "MergeResult", "add_weighted_adapter", "engine_version", "inspect_adapter", "patch_peft",
+    "unpatch_peft",
+]
+
+
+def patch_peft():
+    """Makes every PEFT `LoraModel.add_weighted_adapter` run on gomerge (see `gomerge.peft`); needs torch and peft.
+
+    One line, `gomerge.patch_peft()`, or a context manager: `with gomerge.patch_peft(): ...`.
+    """
+    from .peft import patch_peft as _patch
+
+    return _patch()
+
+
+def unpatch_peft() -> None:
+    """Restores PEFT's own `LoraModel.add_weighted_adapter`."""
+    from .peft import unpatch_peft as _unpatch
+
+    _unpatch()

@@ -36,9 +36,62 @@ def engine_version() -> str:
 
 
 def merge_start(request: dict[str, Any]) -> int:
-    """Starts a merge job in Go and returns its id."""
+    """Starts a merge of adapter directories in Go and returns its job id."""
     _check_fork()
     return int(_b.merge_start(json.dumps(request)))
+
+
+def merge_tensors_start(request: dict[str, Any]) -> int:
+    """Starts a merge of tensors in memory (raw addresses; the caller keeps them alive) and returns its job id."""
+    _check_fork()
+    return int(_b.merge_tensors_start(json.dumps(request)))
+
+
+def run_job(job: int, progress: bool | None, min_modules: int = 64) -> dict[str, Any]:
+    """Waits for a job, showing a progress bar, and returns its result.
+
+    Python polls the job (the GIL is free while Go works), so Ctrl-C or a notebook's interrupt button stops it: the
+    job is cancelled, its clean-up awaited, and the `KeyboardInterrupt` re-raised.
+
+    Args:
+        job (`int`): the job id.
+        progress (`bool`, *optional*): force the progress bar on or off; by default it is shown for jobs of at least
+            `min_modules` modules when tqdm is installed.
+        min_modules (`int`): the default threshold for the progress bar.
+    """
+    bar = None
+    try:
+        while True:
+            status = merge_wait(job, _POLL_MS)
+            total, done = status.get("total", 0), status.get("done", 0)
+            if bar is None and total and (progress or (progress is None and total >= min_modules)):
+                bar = _progress_bar(total)
+            if bar is not None:
+                bar.update(done - bar.n)
+            if status["state"] == "done":
+                return status["result"]
+    except KeyboardInterrupt:
+        merge_cancel(job)
+        try:  # let the job finish its clean-up (it removes any temporary output) before giving control back
+            while merge_wait(job, _POLL_MS)["state"] != "done":
+                pass
+        except BaseException:  # the job's own outcome (usually "cancelled") is superseded by the interrupt
+            pass
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+_POLL_MS = 100
+
+
+def _progress_bar(total: int):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="gomerge", unit="module")
 
 
 def merge_wait(job: int, timeout_ms: int) -> dict[str, Any]:

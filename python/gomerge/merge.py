@@ -29,7 +29,6 @@ COMBINATION_TYPES = (
 
 # Below this many modules a progress bar is more noise than help.
 _PROGRESS_MIN_MODULES = 64
-_POLL_MS = 100
 
 
 @dataclass
@@ -101,16 +100,6 @@ def _floats(weights: Sequence[float]) -> list[float]:
             raise TypeError(f"weights[{i}]: expected a number, got {type(w).__name__}")
         out.append(float(w))
     return out
-
-
-def _progress_bar(total: int, enabled: bool | None):
-    if enabled is False or (enabled is None and total < _PROGRESS_MIN_MODULES):
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="gomerge", unit="module")
 
 
 def add_weighted_adapter(
@@ -246,31 +235,7 @@ def add_weighted_adapter(
         "dtype": dtype or "",
         "workers": int(workers or 0),
     }
-    job = _native.merge_start(request)
-    bar = None
-    try:
-        while True:
-            status = _native.merge_wait(job, _POLL_MS)
-            total, done = status.get("total", 0), status.get("done", 0)
-            if bar is None and total:
-                bar = _progress_bar(total, progress)
-            if bar is not None:
-                bar.update(done - bar.n)
-            if status["state"] == "done":
-                break
-    except KeyboardInterrupt:
-        _native.merge_cancel(job)
-        # Let the job finish its clean-up (it removes any temporary output) before giving control back.
-        try:
-            while _native.merge_wait(job, _POLL_MS)["state"] != "done":
-                pass
-        except BaseException:  # the job's own outcome (usually "cancelled") is superseded by the interrupt
-            pass
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    result = MergeResult(**status["result"])
+    result = MergeResult(**_native.run_job(_native.merge_start(request), progress, _PROGRESS_MIN_MODULES))
     for message in result.warnings:
         warnings.warn(message, stacklevel=2)
     return result

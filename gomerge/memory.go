@@ -1,0 +1,144 @@
+package gomerge
+
+import (
+	"context"
+	"fmt"
+	"unsafe"
+)
+
+// MemSource is one source adapter's factors of a module, in memory owned by
+// the caller (a model's tensors): raw addresses of contiguous float32
+// buffers, kept alive by the caller for the whole merge.
+type MemSource struct {
+	A       uintptr `json:"a"`       // lora_A, (r, ...) float32
+	B       uintptr `json:"b"`       // lora_B, (out, r, 1...) float32
+	AShape  []int   `json:"a_shape"` // shape of lora_A
+	BShape  []int   `json:"b_shape"` // shape of lora_B
+	Scaling float64 `json:"scaling"`
+	Weight  float64 `json:"weight"`
+	Index   int     `json:"index"`  // position of the adapter in the merge
+	MaskA   uintptr `json:"mask_a"` // optional uint8 DARE masks (0: gomerge draws its own)
+	MaskB   uintptr `json:"mask_b"`
+	MaskDW  uintptr `json:"mask_dw"`
+	RoundDW string  `json:"round_dw"` // dtype the dense update is rounded to ("": none)
+}
+
+// MemModule is one module of an in-memory merge and where its result goes:
+// float32 buffers of OutRank x In (A) and Out x OutRank (B), allocated by
+// the caller and zeroed beyond what the merge writes.
+type MemModule struct {
+	Name    string      `json:"name"`
+	Sources []MemSource `json:"sources"`
+	OutA    uintptr     `json:"out_a"`
+	OutB    uintptr     `json:"out_b"`
+	OutRank int         `json:"out_rank"`
+}
+
+// MemRequest is an in-memory merge: the combination arguments of Options
+// (CombinationType as PEFT resolved it, Rank the merged adapter's rank) and
+// the modules.
+type MemRequest struct {
+	Options
+	Rank    int         `json:"rank"`
+	Modules []MemModule `json:"modules"`
+}
+
+// MemResult describes a finished in-memory merge: the rank written for each
+// module, in request order.
+type MemResult struct {
+	Ranks    []int    `json:"ranks"`
+	Seed     *uint64  `json:"seed"`
+	Seconds  float64  `json:"seconds"`
+	Warnings []string `json:"warnings"`
+}
+
+// viewMemory is the one place where a caller's raw address becomes a Go
+// slice. The caller guarantees that n bytes at ptr stay valid and unmoved
+// for the whole call (Python keeps the tensors alive). The address is read
+// through a pointer so that it is never held as a bare uintptr conversion.
+func viewMemory(ptr uintptr, n int) []byte {
+	if ptr == 0 || n == 0 {
+		return nil
+	}
+	p := *(*unsafe.Pointer)(unsafe.Pointer(&ptr))
+	return unsafe.Slice((*byte)(p), n)
+}
+
+// MergeTensors runs a merge on tensors in memory and writes every module's
+// merged factors to the caller's output buffers.
+func MergeTensors(ctx context.Context, req MemRequest, progress *Progress) (*MemResult, error) {
+	opts := req.Options
+	if err := opts.validateCombination(); err != nil {
+		return nil, err
+	}
+	if req.Rank <= 0 {
+		return nil, valueErr("rank: must be positive, got %d", req.Rank)
+	}
+	res := &MemResult{Warnings: opts.prepareRandomness()}
+	res.Seed = opts.Seed
+	jobs := make([]moduleJob, len(req.Modules))
+	for i, mm := range req.Modules {
+		j, err := memJob(mm, opts.CombinationType)
+		if err != nil {
+			return nil, err
+		}
+		jobs[i] = j
+	}
+	ranks, err := runJobs(ctx, opts, jobs, req.Rank, F32, progress, func(i int, _, _ string, a, b RawTensor) error {
+		mm := req.Modules[i]
+		if a.Shape[0] > mm.OutRank {
+			return valueErr("module %s: merged rank %d does not fit the output rank %d", mm.Name, a.Shape[0], mm.OutRank)
+		}
+		copy(viewMemory(mm.OutA, len(a.Data)), a.Data)
+		outB := viewMemory(mm.OutB, 4*jobs[i].out*mm.OutRank)
+		r := a.Shape[0]
+		for row := 0; row < jobs[i].out; row++ { // B is Out x r inside an Out x OutRank buffer
+			copy(outB[4*row*mm.OutRank:4*(row*mm.OutRank+r)], b.Data[4*row*r:4*(row+1)*r])
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	res.Ranks = ranks
+	return res, nil
+}
+
+// memJob turns a module of a request into a job over views of its memory.
+func memJob(mm MemModule, combinationType string) (moduleJob, error) {
+	if len(mm.Sources) == 0 {
+		return moduleJob{}, valueErr("module %s: no source adapter", mm.Name)
+	}
+	var j moduleJob
+	for i, s := range mm.Sources {
+		if len(s.AShape) < 2 || len(s.BShape) != len(s.AShape) || s.AShape[0] != s.BShape[1] || s.A == 0 || s.B == 0 {
+			return j, valueErr("module %s: source %d has factors of shapes %v and %v that are not LoRA factors", mm.Name, s.Index, s.AShape, s.BShape)
+		}
+		m := &Module{Name: mm.Name, Kind: KindLinear, Rank: s.AShape[0], Scaling: s.Scaling,
+			RawA: RawTensor{DType: F32, Shape: s.AShape, Data: viewMemory(s.A, 4*numel(s.AShape))},
+			RawB: RawTensor{DType: F32, Shape: s.BShape, Data: viewMemory(s.B, 4*numel(s.BShape))}}
+		if i == 0 {
+			j = moduleJob{name: mm.Name, in: m.In(), out: m.Out(), aTail: s.AShape[1:], bTail: s.BShape[2:]}
+		} else if m.In() != j.in || m.Out() != j.out {
+			return j, valueErr("module %s: factors of source %d (%v, %v) do not match the first source's", mm.Name, s.Index, s.AShape, s.BShape)
+		}
+		if isFactorFamily(combinationType) && i > 0 && m.Rank != j.srcs[0].mod.Rank {
+			return j, valueErr("module %s: combination_type %s needs equal ranks, got %d and %d", mm.Name, combinationType, j.srcs[0].mod.Rank, m.Rank)
+		}
+		src := source{weight: s.Weight, mod: m, index: s.Index,
+			maskA: viewMemory(s.MaskA, numel(s.AShape)), maskB: viewMemory(s.MaskB, numel(s.BShape)),
+			maskDW: viewMemory(s.MaskDW, m.In()*m.Out())}
+		if s.RoundDW != "" {
+			dt, err := ParseDType(s.RoundDW)
+			if err != nil {
+				return j, fmt.Errorf("module %s: %w", mm.Name, err)
+			}
+			src.roundDW = dt
+		}
+		j.srcs = append(j.srcs, src)
+	}
+	if mm.OutA == 0 || mm.OutB == 0 || mm.OutRank <= 0 {
+		return j, valueErr("module %s: missing output buffers", mm.Name)
+	}
+	return j, nil
+}

@@ -1,0 +1,305 @@
+"""Drop-in for PEFT: `LoraModel.add_weighted_adapter` computed by gomerge's Go kernels, with PEFT's results.
+
+```python
+import gomerge
+
+gomerge.patch_peft()   # the one added line: every model.add_weighted_adapter(...) now runs on gomerge
+model.add_weighted_adapter(["norobots", "sql", "adcopy"], [2.0, 1.0, 1.0], "merge", combination_type="ties",
+                           density=0.2)
+```
+
+The new adapter is created exactly as PEFT creates it (the same config, injected, frozen and not active); only the
+merge of the factors runs in Go. The factors are read from the model without copies when they are contiguous CPU
+float32 tensors (their addresses go to Go; everything else is converted first), and the results come back with the
+dtype and on the device PEFT would give them.
+
+DARE: by default the keep-masks are drawn with torch's global generator in PEFT's order and shapes, so a script that
+calls `torch.manual_seed(...)` gets PEFT's adapter; `seed=` selects gomerge's own generator instead.
+
+Not handled (DoRA, `lora_bias`, Conv1d/Conv3d LoRA layers, other layer types): the call falls back to PEFT's own
+`add_weighted_adapter` with a warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+import warnings
+from dataclasses import replace
+from typing import Any, Literal, Sequence
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer, LoraModel
+from peft.utils import _freeze_adapter, _get_submodules
+from torch import nn
+
+from . import _native
+
+__all__ = ["add_weighted_adapter", "patch_peft", "unpatch_peft"]
+
+FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+PRUNING_TYPES = ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
+                 "magnitude_prune", "magnitude_prune_svd")
+
+_PEFT_ADD_WEIGHTED_ADAPTER = LoraModel.add_weighted_adapter  # PEFT's own method, whatever patching happens later
+_patch_lock = threading.Lock()
+
+
+def _lora_model(model: Any) -> LoraModel:
+    if isinstance(model, PeftModel):
+        model = model.base_model
+    if not isinstance(model, LoraModel):
+        raise TypeError(f"model: expected a PeftModel or LoraModel with LoRA adapters, got {type(model).__name__}")
+    return model
+
+
+def _factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if adapter in layer.lora_A:
+        return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    if adapter in layer.lora_embedding_A:
+        return layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
+    return None
+
+
+def _unsupported(lora_model: LoraModel, adapters: Sequence[str]) -> str | None:
+    """Why gomerge cannot merge these adapters exactly as PEFT would, or None."""
+    for name in adapters:
+        cfg = lora_model.peft_config[name]
+        for option in ("use_dora", "lora_bias"):
+            if getattr(cfg, option, False):
+                return f"adapter {name!r} uses {option}"
+    for key, layer in lora_model.model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        for name in adapters:
+            if name in layer.lora_A:
+                a = layer.lora_A[name]
+                if type(a) not in (nn.Linear, nn.Conv2d):
+                    return f"module {key} of adapter {name!r} is a {type(a).__name__} LoRA layer"
+                if isinstance(a, nn.Conv2d) and a.groups != 1:
+                    return f"module {key} of adapter {name!r} is a grouped Conv2d"
+    return None
+
+
+def _validate(combination_type: str, density: float | None, majority_sign_method: str,
+              svd_clamp: float | None) -> None:
+    if combination_type in PRUNING_TYPES:
+        if density is None:
+            raise ValueError(f"density: combination_type {combination_type!r} needs a density in [0, 1]")
+        if not 0 <= density <= 1:
+            raise ValueError(f"density: must be in [0, 1], got {density}")
+        if density == 0 and combination_type.startswith("dare"):
+            raise ValueError(f"density: {combination_type!r} rescales by 1/density and needs density > 0")
+    if majority_sign_method not in ("total", "frequency"):
+        raise ValueError(f"majority_sign_method: invalid value {majority_sign_method!r} (expected 'total' or "
+                         "'frequency')")
+    if svd_clamp is not None and not 0 <= svd_clamp <= 1:
+        raise ValueError(f"svd_clamp: must be a quantile in [0, 1], got {svd_clamp}")
+
+
+def _f32(t: torch.Tensor, keep: list) -> torch.Tensor:
+    """A contiguous CPU float32 view of t (t itself when it already is one), kept alive in `keep`."""
+    t = t.detach()
+    if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+        t = t.to(device="cpu", dtype=torch.float32).contiguous()
+    keep.append(t)
+    return t
+
+
+def _u8(mask: torch.Tensor, keep: list) -> int:
+    m = mask.detach().to(device="cpu", dtype=torch.uint8).contiguous()
+    keep.append(m)
+    return m.data_ptr()
+
+
+def _dw_mask_2d(layer: LoraLayer, adapter: str, density: float) -> torch.Tensor:
+    """PEFT's DARE mask of one dense update, drawn exactly as PEFT draws it (same shape, strides, dtype, device),
+    then laid out as B @ A."""
+    dw = layer.get_delta_weight(adapter)
+    mask = torch.bernoulli(torch.full_like(input=dw, fill_value=density))
+    is_embedding = adapter in layer.lora_embedding_A
+    if getattr(layer, "fan_in_fan_out", False) or is_embedding:
+        mask = mask.T
+    return mask.reshape(mask.shape[0], -1)
+
+
+def add_weighted_adapter(
+    model: Any,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    adapter_name: str,
+    combination_type: Literal[
+        "svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd",
+        "magnitude_prune", "magnitude_prune_svd",
+    ] = "svd",
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    svd_full_matrices: bool = True,
+    svd_driver: str | None = None,
+    density: float | None = None,
+    majority_sign_method: Literal["total", "frequency"] = "total",
+    *,
+    seed: int | None = None,
+    progress: bool | None = None,
+) -> None:
+    """PEFT's `LoraModel.add_weighted_adapter` on a live model, computed by gomerge.
+
+    Same arguments and behaviour as PEFT's method (see its documentation): the new adapter `adapter_name` is added
+    to `model`, frozen and not active; an existing `adapter_name` makes the call do nothing; one adapter forces
+    `linear`; only the adapters present at a module contribute to it.
+
+    Args:
+        model (`PeftModel` or `LoraModel`): the model holding the adapters, loaded by name.
+        adapters (`list[str]`): names of the adapters to merge.
+        weights (`list[float]`): one weight per adapter (a length mismatch is a `ValueError`; PEFT zips silently).
+        adapter_name (`str`): name of the new adapter.
+        combination_type, svd_rank, svd_clamp, svd_full_matrices, svd_driver, density, majority_sign_method:
+            as in PEFT.
+        seed (`int`, *optional*): DARE only: use gomerge's own generator with this seed instead of drawing the
+            masks from torch's global generator (the default, which reproduces PEFT under `torch.manual_seed`).
+        progress (`bool`, *optional*): show a progress bar (tqdm) while Go works; by default for large models.
+    """
+    self = _lora_model(model)
+    if adapter_name in list(self.peft_config.keys()):
+        return
+    adapters, weights = list(adapters), [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise ValueError(f"weights: got {len(weights)} weights for {len(adapters)} adapters")
+    requested_type = combination_type
+    combination_type, new_rank, new_target_modules = self._check_add_weighted_adapter(
+        adapters=adapters, combination_type=combination_type, svd_rank=svd_rank
+    )
+    reason = _unsupported(self, adapters)
+    if reason is not None:
+        warnings.warn(f"gomerge: {reason}, which gomerge does not merge; using PEFT's own add_weighted_adapter",
+                      stacklevel=2)
+        return _PEFT_ADD_WEIGHTED_ADAPTER(self, adapters, weights, adapter_name, requested_type, svd_rank, svd_clamp,
+                                          svd_full_matrices, svd_driver, density, majority_sign_method)
+    _validate(combination_type, density, majority_sign_method, svd_clamp)
+
+    # Create the adapter exactly as PEFT does (this also draws its initial weights from torch's generator).
+    self.peft_config[adapter_name] = replace(
+        self.peft_config[adapters[0]], r=new_rank, lora_alpha=new_rank, target_modules=new_target_modules,
+        alpha_pattern={}, rank_pattern={},
+    )
+    self.inject_adapter(self.model, adapter_name)
+    _freeze_adapter(self.model, adapter_name)
+    try:
+        _merge(self, adapters, weights, adapter_name, combination_type, new_rank, svd_clamp, density,
+               majority_sign_method, seed, progress)
+    except BaseException:
+        self.delete_adapter(adapter_name)  # leave the model as it was
+        raise
+
+
+def _merge(self: LoraModel, adapters, weights, adapter_name, combination_type, new_rank, svd_clamp, density,
+           majority_sign_method, seed, progress) -> None:
+    family1 = combination_type in FACTOR_TYPES
+    dare_torch = combination_type.startswith("dare") and seed is None and density < 1
+    keep: list = []  # every buffer whose address goes to Go stays referenced here until the job ends
+    targets, modules = [], []
+    for key in [k for k, _ in self.model.named_modules() if self.prefix not in k]:
+        _, target, _ = _get_submodules(self.model, key)
+        if not isinstance(target, LoraLayer):
+            continue
+        tgt = _factors(target, adapter_name)
+        if tgt is None:
+            continue
+        t_a, t_b = tgt
+        t_a.data = t_a.data * 0.0
+        t_b.data = t_b.data * 0.0
+        srcs = [(i, name, w) + _factors(target, name) for i, (name, w) in enumerate(zip(adapters, weights))
+                if _factors(target, name) is not None]
+        if not srcs:
+            raise ValueError("No matching LoRAs found. Please raise an issue on GitHub.")
+        sources = []
+        for i, name, w, a, b in srcs:
+            fa, fb = _f32(a, keep), _f32(b, keep)
+            sources.append({
+                "a": fa.data_ptr(), "b": fb.data_ptr(), "a_shape": list(fa.shape), "b_shape": list(fb.shape),
+                "scaling": float(target.scaling[name]), "weight": w, "index": i,
+                "round_dw": "" if family1 or b.dtype == torch.float32 else str(b.dtype).removeprefix("torch."),
+            })
+        if dare_torch and family1:  # PEFT: every A mask in adapter order, then every B mask
+            for s, (_, _, _, a, _) in zip(sources, srcs):
+                s["mask_a"] = _u8(torch.bernoulli(torch.full_like(input=a.data, fill_value=density)), keep)
+            for s, (_, _, _, _, b) in zip(sources, srcs):
+                s["mask_b"] = _u8(torch.bernoulli(torch.full_like(input=b.data, fill_value=density)), keep)
+        elif dare_torch:  # PEFT: one mask per dense update, in adapter order
+            for s, (_, name, _, _, _) in zip(sources, srcs):
+                s["mask_dw"] = _u8(_dw_mask_2d(target, name, density), keep)
+        if family1:
+            a0, b0 = srcs[0][3], srcs[0][4]
+            out_a = torch.zeros(a0.shape, dtype=torch.float32)
+            out_b = torch.zeros(b0.shape, dtype=torch.float32)
+        else:
+            out_a = torch.zeros(t_a.shape, dtype=torch.float32)
+            out_b = torch.zeros(t_b.shape, dtype=torch.float32)
+        keep += [out_a, out_b]
+        modules.append({"name": key, "sources": sources, "out_a": out_a.data_ptr(), "out_b": out_b.data_ptr(),
+                        "out_rank": out_a.shape[0]})
+        targets.append((t_a, t_b, srcs, out_a, out_b))
+    if not modules:
+        return
+    request = {
+        "combination_type": combination_type, "rank": new_rank, "svd_clamp": svd_clamp, "density": density,
+        "majority_sign_method": majority_sign_method, "seed": seed, "modules": modules,
+    }
+    result = _native.run_job(_native.merge_tensors_start(request), progress)
+    for message in result.get("warnings") or []:
+        warnings.warn(message, stacklevel=3)
+    for t_a, t_b, srcs, out_a, out_b in targets:
+        if family1:  # PEFT: combined on the first source's device, cast to its A's dtype
+            a0, b0 = srcs[0][3], srcs[0][4]
+            t_a.data = out_a.to(device=a0.device, dtype=a0.dtype)
+            t_b.data = out_b.to(device=b0.device, dtype=a0.dtype)
+        elif combination_type == "cat":  # PEFT: written into the new adapter's own tensors
+            t_a.data.copy_(out_a)
+            t_b.data.copy_(out_b)
+        else:  # PEFT: the float32 SVD factors, on the device of the first source's update
+            device = srcs[0][4].device
+            t_a.data = out_a.to(device)
+            t_b.data = out_b.to(device)
+    del keep
+
+
+@functools.wraps(_PEFT_ADD_WEIGHTED_ADAPTER)
+def _patched_add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", svd_rank=None,
+                                  svd_clamp=None, svd_full_matrices=True, svd_driver=None, density=None,
+                                  majority_sign_method="total"):
+    return add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+                                svd_full_matrices, svd_driver, density, majority_sign_method)
+
+
+class PeftPatch:
+    """Returned by `patch_peft()`; as a context manager, it undoes the patch on exit."""
+
+    def __enter__(self) -> "PeftPatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        unpatch_peft()
+
+
+def patch_peft() -> PeftPatch:
+    """Makes every `LoraModel.add_weighted_adapter` (also reached from `PeftModel`) run on gomerge.
+
+    Use it as one line (`gomerge.patch_peft()`) or as a context manager (`with gomerge.patch_peft(): ...`).
+    `unpatch_peft()` restores PEFT's method.
+    """
+    with _patch_lock:
+        LoraModel.add_weighted_adapter = _patched_add_weighted_adapter
+    return PeftPatch()
+
+
+def unpatch_peft() -> None:
+    """Restores PEFT's own `LoraModel.add_weighted_adapter`."""
+    with _patch_lock:
+        LoraModel.add_weighted_adapter = _PEFT_ADD_WEIGHTED_ADAPTER
+
+
+def is_patched() -> bool:
+    """Whether `LoraModel.add_weighted_adapter` currently runs on gomerge."""
+    return LoraModel.add_weighted_adapter is _patched_add_weighted_adapter

@@ -1,0 +1,203 @@
+"""The drop-in: `gomerge.peft.add_weighted_adapter(model, ...)` and `gomerge.patch_peft()` against PEFT's own
+method on live PeftModels, for all eleven combination types."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraModel
+
+import gomerge
+import gomerge.peft as gp
+from peft_cases import MODELS, AdapterSpec, Case, build_case, delta, logits, peft_factors, rel_diff
+from test_peft_parity import CASES
+
+ALL_TYPES = ("svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd",
+             "dare_linear_svd", "magnitude_prune", "magnitude_prune_svd")
+FACTOR_TYPES = ("linear", "cat", "ties", "dare_ties", "dare_linear", "magnitude_prune")
+DROPIN_CASES = [c for c in CASES if c.rtol == 1e-5 and len(c.adapters) > 1 and "linear" in c.types]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {c.name: build_case(c, str(root)) for c in DROPIN_CASES}
+
+
+def load(case: Case, dirs: list[str]) -> PeftModel:
+    model = PeftModel.from_pretrained(MODELS[case.model](0), dirs[0], adapter_name="a0")
+    for i, d in enumerate(dirs[1:], start=1):
+        model.load_adapter(d, adapter_name=f"a{i}")
+    return model.eval()
+
+
+def _kwargs(ctype: str) -> dict:
+    return {} if ctype in ("svd", "linear", "cat") else {"density": 0.4}
+
+
+def assert_same_merge(ours: PeftModel, theirs: PeftModel, case: Case, ctype: str, record=None) -> None:
+    f_theirs, f_ours = peft_factors(theirs), peft_factors(ours)
+    assert sorted(f_theirs) == sorted(f_ours)
+    worst = 0.0
+    for mod, (a, b) in f_theirs.items():
+        oa, ob = f_ours[mod]
+        if ctype in FACTOR_TYPES:
+            assert oa.shape == a.shape and ob.shape == b.shape, mod
+            np.testing.assert_allclose(oa, a, rtol=1e-5, atol=1e-5 * np.abs(a).max(), err_msg=mod)
+            np.testing.assert_allclose(ob, b, rtol=1e-5, atol=1e-5 * np.abs(b).max(), err_msg=mod)
+        d_theirs = delta(a, b)
+        np.testing.assert_allclose(delta(oa, ob), d_theirs, rtol=1e-5, atol=1e-5 * np.abs(d_theirs).max(),
+                                   err_msg=mod)
+        worst = max(worst, rel_diff(delta(oa, ob), d_theirs))
+    if record is not None:
+        record(f"drop-in {case.name}-{ctype}", worst)
+    # same tensors' dtype, device and requires_grad; same config; same active adapter; same logits
+    params_t = {n: p for n, p in theirs.named_parameters() if ".merged" in n}
+    params_o = {n: p for n, p in ours.named_parameters() if ".merged" in n}
+    assert sorted(params_t) == sorted(params_o)
+    for n, p in params_t.items():
+        q = params_o[n]
+        assert (q.dtype, q.device, q.requires_grad, tuple(q.shape)) == (p.dtype, p.device, p.requires_grad,
+                                                                        tuple(p.shape)), n
+        assert not q.requires_grad
+    assert ours.peft_config["merged"].to_dict() == theirs.peft_config["merged"].to_dict()
+    assert ours.active_adapters == theirs.active_adapters
+    ours.set_adapter("merged")
+    theirs.set_adapter("merged")
+    ref = logits(theirs, case.model)
+    np.testing.assert_allclose(logits(ours, case.model), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def _params():
+    for c in DROPIN_CASES:
+        for t in ALL_TYPES:
+            yield pytest.param(c, t, id=f"{c.name}-{t}")
+
+
+@pytest.mark.parametrize("case,ctype", list(_params()))
+def test_dropin_matches_peft(case, ctype, adapters, record_parity):
+    dirs = adapters[case.name]
+    names = [f"a{i}" for i in range(len(dirs))]
+    theirs, ours = load(case, dirs), load(case, dirs)
+    torch.manual_seed(2024)  # DARE: the same torch generator state for both
+    theirs.add_weighted_adapter(names, case.weights, "merged", combination_type=ctype, **_kwargs(ctype))
+    state_theirs = torch.get_rng_state()
+    torch.manual_seed(2024)
+    gp.add_weighted_adapter(ours, names, case.weights, "merged", combination_type=ctype, **_kwargs(ctype))
+    assert torch.equal(torch.get_rng_state(), state_theirs), "torch's generator was used differently from PEFT"
+    assert_same_merge(ours, theirs, case, ctype, record_parity)
+
+
+def test_peft_quirks_are_kept(adapters):
+    case = DROPIN_CASES[0]
+    dirs = adapters[case.name]
+    ours = load(case, dirs)
+    gp.add_weighted_adapter(ours, ["a0"], [1.5], "merged", combination_type="svd")  # one adapter: linear
+    theirs = load(case, dirs)
+    theirs.add_weighted_adapter(["a0"], [1.5], "merged", combination_type="svd")
+    assert_same_merge(ours, theirs, case, "linear")
+    before = {k: a.copy() for k, (a, _) in peft_factors(ours).items()}
+    gp.add_weighted_adapter(ours, ["a0", "a1"], [1.0, 1.0], "merged", combination_type="cat")  # exists: no-op
+    after = peft_factors(ours)
+    assert all(np.array_equal(before[k], after[k][0]) for k in before)
+
+
+def test_invalid_arguments_leave_the_model_unchanged(adapters):
+    case = DROPIN_CASES[0]
+    model = load(case, adapters[case.name])
+    n_params = len(list(model.named_parameters()))
+    for kwargs, exc in [(dict(combination_type="ties"), ValueError),
+                        (dict(combination_type="dare_linear", density=1.5), ValueError),
+                        (dict(combination_type="ties", density=0.5, majority_sign_method="avg"), ValueError),
+                        (dict(combination_type="nope"), ValueError)]:
+        with pytest.raises(exc):
+            gp.add_weighted_adapter(model, ["a0", "a1", "a2"], case.weights, "merged", **kwargs)
+        assert "merged" not in model.peft_config
+        assert len(list(model.named_parameters())) == n_params
+    with pytest.raises(ValueError, match="2 weights for 3 adapters"):
+        gp.add_weighted_adapter(model, ["a0", "a1", "a2"], [1.0, 1.0], "merged")
+    with pytest.raises(ValueError, match="does not exist"):  # PEFT's own check and message
+        gp.add_weighted_adapter(model, ["a0", "zz"], [1.0, 1.0], "merged")
+
+
+def test_seed_selects_gomerge_generator(adapters):
+    case = DROPIN_CASES[0]
+    names = ["a0", "a1", "a2"]
+    runs = []
+    for seed in (7, 7, 8):
+        model = load(case, adapters[case.name])
+        gp.add_weighted_adapter(model, names, case.weights, "merged", "dare_ties", density=0.5, seed=seed)
+        runs.append(peft_factors(model))
+    mod = sorted(runs[0])[0]
+    assert np.array_equal(runs[0][mod][0], runs[1][mod][0])
+    assert not np.array_equal(runs[0][mod][0], runs[2][mod][0])
+
+
+def test_patch_through_peftmodel_forwarding(adapters, monkeypatch):
+    case = DROPIN_CASES[0]
+    calls = []
+    original_start = gomerge._native.merge_tensors_start
+    monkeypatch.setattr(gomerge._native, "merge_tensors_start", lambda req: calls.append(1) or original_start(req))
+    peft_method, delete = LoraModel.add_weighted_adapter, LoraModel.delete_adapter
+    gomerge.patch_peft()
+    try:
+        assert LoraModel.add_weighted_adapter is not peft_method
+        assert LoraModel.delete_adapter is delete  # other methods untouched
+        ours = load(case, adapters[case.name])
+        ours.add_weighted_adapter(["a0", "a1", "a2"], case.weights, "merged", combination_type="ties", density=0.3)
+        assert calls == [1]
+    finally:
+        gomerge.unpatch_peft()
+    assert LoraModel.add_weighted_adapter is peft_method
+    theirs = load(case, adapters[case.name])
+    theirs.add_weighted_adapter(["a0", "a1", "a2"], case.weights, "merged", combination_type="ties", density=0.3)
+    assert calls == [1]
+    assert_same_merge(ours, theirs, case, "ties")
+    with gomerge.patch_peft():
+        assert gp.is_patched()
+    assert not gp.is_patched()
+
+
+def test_two_threads_at_once(adapters):
+    cases = [DROPIN_CASES[0], DROPIN_CASES[2]]
+    models = {c.name: load(c, adapters[c.name]) for c in cases}
+    errors = []
+
+    def work(c):
+        try:
+            n = len(c.adapters)
+            gp.add_weighted_adapter(models[c.name], [f"a{i}" for i in range(n)], c.weights, "merged", "ties_svd",
+                                    density=0.5)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in cases for _ in range(1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for c in cases:
+        theirs = load(c, adapters[c.name])
+        theirs.add_weighted_adapter([f"a{i}" for i in range(len(c.adapters))], c.weights, "merged", "ties_svd",
+                                    density=0.5)
+        assert_same_merge(models[c.name], theirs, c, "ties_svd")
+
+
+def test_dora_falls_back_to_peft_with_a_warning(tmp_path):
+    dirs = []
+    for i in range(2):
+        pm = get_peft_model(MODELS["llama"](0), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True,
+                                                            init_lora_weights=False))
+        pm.save_pretrained(str(tmp_path / f"d{i}"))
+        dirs.append(str(tmp_path / f"d{i}"))
+    case = Case("dora", "llama", [], [1.0, 1.0])
+    model = load(case, dirs)
+    with pytest.warns(UserWarning, match="use_dora.*PEFT's own"):
+        gp.add_weighted_adapter(model, ["a0", "a1"], [1.0, 1.0], "merged", combination_type="svd")
+    assert "merged" in model.peft_config
