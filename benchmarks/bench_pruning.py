@@ -1,7 +1,8 @@
 """PEFT vs gomerge for the pruning merges, timed in one run.
 
 - `ties` at density 0.2, weights [2, 1, 1], on three rank-8 adapters of TinyLlama-1.1B's shapes (all linear
-  modules of 22 layers): PEFT's `add_weighted_adapter` call alone against gomerge disk to disk.
+  modules of 22 layers): PEFT's `add_weighted_adapter` call alone against gomerge disk to disk and against the
+  patched method (`gomerge.patch_peft()`) on the same loaded model.
 - `ties_svd` at density 0.2 on one 4096 x 4096 and one 4096 x 11008 module, three rank-16 adapters: PEFT's call (a dense SVD) against
   gomerge disk to disk, and the reconstruction error of gomerge's factors against the optimal rank-k error (from
   the singular values of PEFT's own SVD of the same matrix).
@@ -34,13 +35,21 @@ def bench_ties_tinyllama(root: str) -> dict:
     with timer(t, "gomerge"):
         res = gomerge.add_weighted_adapter(dirs, [2.0, 1.0, 1.0], "merged", "ties", density=0.2,
                                            output_dir=os.path.join(root, "merged"), progress=False)
-    # agreement on one module
     layer = model.base_model.model.model.layers[10].mlp.down_proj
+    peft_a = layer.lora_A["merged"].weight.detach().clone()
+    # the drop-in on the same loaded model: PEFT's merged adapter removed, then the patched method
+    model.delete_adapter("merged")
+    with gomerge.patch_peft():
+        with timer(t, "patched"):
+            model.add_weighted_adapter(["a0", "a1", "a2"], [2.0, 1.0, 1.0], "merged", "ties", density=0.2)
+    # agreement on one module
     ours = load_file(os.path.join(root, "merged", "adapter_model.safetensors"))
     key = "base_model.model.model.layers.10.mlp.down_proj.lora_A.weight"
-    diff = float(np.abs(ours[key] - layer.lora_A["merged"].weight.detach().numpy()).max())
+    diff = float(np.abs(ours[key] - peft_a.numpy()).max())
+    diff_patched = float((layer.lora_A["merged"].weight.detach() - peft_a).abs().max())
     return {"scenario": f"ties d=0.2, 3 x r8, TinyLlama shapes ({res.modules} modules)",
-            "peft_s": t["peft"], "gomerge_s": t["gomerge"], "check": f"max |A'-A'_peft| = {diff:.1e}"}
+            "peft_s": t["peft"], "gomerge_s": t["gomerge"], "patched_s": t["patched"],
+            "check": f"max |A'-A'_peft| = {diff:.1e} (files), {diff_patched:.1e} (patched)"}
 
 
 def bench_ties_svd(root: str, fan_in: int, fan_out: int) -> dict:
@@ -88,10 +97,13 @@ def main() -> None:
             rows.append(bench_ties_svd(os.path.join(root, "svd11008"), 11008, 4096))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'scenario':58s} {'PEFT call':>10s} {'gomerge':>9s} {'speedup':>8s}  check")
+    print(f"{'scenario':58s} {'PEFT call':>10s} {'gomerge':>9s} {'speedup':>8s} {'patched':>9s} {'speedup':>8s}  check")
     for r in rows:
         r["speedup"] = r["peft_s"] / r["gomerge_s"]
-        print(f"{r['scenario']:58s} {r['peft_s']:9.2f}s {r['gomerge_s']:8.2f}s {r['speedup']:7.1f}x  {r['check']}")
+        patched = (f"{r['patched_s']:8.3f}s {r['peft_s'] / r['patched_s']:7.1f}x" if "patched_s" in r
+                   else f"{'-':>9s} {'-':>8s}")
+        print(f"{r['scenario']:58s} {r['peft_s']:9.3f}s {r['gomerge_s']:8.3f}s {r['speedup']:7.1f}x {patched}  "
+              f"{r['check']}")
     print(json.dumps(rows))
 
 

@@ -32,7 +32,7 @@ from typing import Any, Literal, Sequence
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer, LoraModel
-from peft.utils import _freeze_adapter, _get_submodules
+from peft.utils import _freeze_adapter
 from torch import nn
 
 from . import _native
@@ -200,16 +200,17 @@ def _merge(self: LoraModel, adapters, weights, adapter_name, combination_type, n
     dare_torch = combination_type.startswith("dare") and seed is None and density < 1
     keep: list = []  # every buffer whose address goes to Go stays referenced here until the job ends
     targets, modules = [], []
-    for key in [k for k, _ in self.model.named_modules() if self.prefix not in k]:
-        _, target, _ = _get_submodules(self.model, key)
-        if not isinstance(target, LoraLayer):
+    # the modules in PEFT's order (it walks named_modules and looks each key up again: the same modules)
+    for key, target in self.model.named_modules():
+        if self.prefix in key or not isinstance(target, LoraLayer):
             continue
         tgt = _factors(target, adapter_name)
         if tgt is None:
             continue
         t_a, t_b = tgt
-        t_a.data = t_a.data * 0.0
-        t_b.data = t_b.data * 0.0
+        if combination_type == "cat":  # PEFT zeroes the new factors; only cat writes into them rather than replace
+            t_a.data = t_a.data * 0.0
+            t_b.data = t_b.data * 0.0
         srcs = [(i, name, w) + _factors(target, name) for i, (name, w) in enumerate(zip(adapters, weights))
                 if _factors(target, name) is not None]
         if not srcs:
