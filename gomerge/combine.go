@@ -38,18 +38,27 @@ const combineGrain = 1 << 14
 func (c Combination) Apply(tensors [][]float32, weights []float32, dare func(i int, t []float32), owned bool) []float32 {
 	prune := c.Density < 1 // PEFT's prune() returns the tensor untouched for density >= 1
 	if prune && c.Method != "task_arithmetic" {
-		if !owned {
-			copies := make([][]float32, len(tensors))
-			for i, t := range tensors {
-				copies[i] = append([]float32(nil), t...)
+		src := tensors
+		if !owned { // prune into scratch copies, never into the caller's memory
+			tensors = make([][]float32, len(src))
+			for i, t := range src {
+				tensors[i] = getBuf(len(t))
 			}
-			tensors, owned = copies, true
+			defer func() {
+				for _, t := range tensors[1:] {
+					putBuf(t)
+				}
+			}()
+			owned = true
 		}
 		each := func(i int) {
 			switch c.Method {
 			case "magnitude_prune", "ties":
-				MagnitudePrune(tensors[i], c.Density)
+				MagnitudePruneInto(tensors[i], src[i], c.Density)
 			case "dare_linear", "dare_ties":
+				if &tensors[i][0] != &src[i][0] {
+					copy(tensors[i], src[i])
+				}
 				dare(i, tensors[i])
 			}
 		}

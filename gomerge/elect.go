@@ -1,5 +1,7 @@
 package gomerge
 
+import "math"
+
 // Majority sign methods of TIES.
 const (
 	SignTotal     = "total"     // sign of the sum of the values
@@ -73,7 +75,12 @@ func disjointMergeInto(sum, count []float32, tensors [][]float32, weights []floa
 		t = t[:len(signs)]
 		w := weights[i]
 		for j, v := range t {
-			agree := float32(isPositive(v * signs[j]))
+			// v agrees when it is non-zero and has the elected sign: integer ops, no branch
+			vb := math.Float32bits(v)
+			mag := vb & 0x7fffffff
+			nonzero := (mag | -mag) >> 31
+			same := (vb^math.Float32bits(signs[j]))>>31 ^ 1
+			agree := float32(nonzero & same)
 			sum[j] += v * w * agree
 			count[j] += agree
 		}

@@ -209,13 +209,12 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 	res.Warnings = append(res.Warnings, opts.prepareRandomness()...)
 	res.Seed = opts.Seed
 
-	adapters := make([]*Adapter, len(opts.Adapters))
+	adapters, err := loadAll(opts.Adapters)
+	if err != nil {
+		return nil, err
+	}
 	for i, dir := range opts.Adapters {
-		a, err := LoadAdapter(dir)
-		if err != nil {
-			return nil, err
-		}
-		adapters[i] = a
+		a := adapters[i]
 		if len(a.Extra) > 0 {
 			res.Warnings = append(res.Warnings, fmt.Sprintf(
 				"%s: %d tensor(s) that are not LoRA factors were left out of the merge (first: %s)", dir, len(a.Extra), a.Extra[0]))
@@ -273,6 +272,24 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 	}
 	res.Seconds = time.Since(start).Seconds()
 	return res, nil
+}
+
+// loadAll reads the adapter directories in parallel; the first error in
+// argument order wins.
+func loadAll(dirs []string) ([]*Adapter, error) {
+	adapters := make([]*Adapter, len(dirs))
+	errs := make([]error, len(dirs))
+	parallelFor(len(dirs), 1, func(lo, hi int) {
+		for i := lo; i < hi; i++ {
+			adapters[i], errs[i] = LoadAdapter(dirs[i])
+		}
+	})
+	for _, err := range errs {
+		if err != nil {
+			return nil, err
+		}
+	}
+	return adapters, nil
 }
 
 // prepareRandomness draws a fresh seed for DARE when none was given (and

@@ -19,30 +19,35 @@ func PruneK(density float64, n int) int {
 // the k-th magnitude the first ones in memory order are kept (torch breaks
 // such ties arbitrarily).
 func MagnitudePrune(t []float32, density float64) {
-	k := PruneK(density, len(t))
-	if k >= len(t) {
+	MagnitudePruneInto(t, t, density)
+}
+
+// MagnitudePruneInto writes src magnitude-pruned into dst (which may be src).
+func MagnitudePruneInto(dst, src []float32, density float64) {
+	dst = dst[:len(src)]
+	k := PruneK(density, len(src))
+	if k >= len(src) {
+		copy(dst, src)
 		return
 	}
 	if k <= 0 {
-		clear(t)
+		clear(dst)
 		return
 	}
-	thr, above := kthLargestAbsBits(t, k)
-	// branch-free: keep |t[i]| >= thr (zero the others by masking their bits)
-	equal := 0
-	for i, v := range t {
+	thr, _ := kthLargestAbsBits(src, k)
+	// branch-free: keep |src[i]| >= thr (zero the others by masking their bits)
+	kept := 0
+	for i, v := range src {
 		b := math.Float32bits(v) & 0x7fffffff
 		keep := uint32(int64(b)-int64(thr))>>31 ^ 1 // 1 when b >= thr
-		equal += int(keep)
-		t[i] = math.Float32frombits(math.Float32bits(v) & -keep)
+		kept += int(keep)
+		dst[i] = math.Float32frombits(math.Float32bits(v) & -keep)
 	}
 	// entries equal to the threshold beyond the k-th are dropped, last ones first
-	if extra := above + (equal - above) - k; extra > 0 {
-		for i := len(t) - 1; i >= 0 && extra > 0; i-- {
-			if math.Float32bits(t[i])&0x7fffffff == thr {
-				t[i] = 0
-				extra--
-			}
+	for i := len(dst) - 1; i >= 0 && kept > k; i-- {
+		if math.Float32bits(dst[i])&0x7fffffff == thr {
+			dst[i] = 0
+			kept--
 		}
 	}
 }
