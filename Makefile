@@ -51,9 +51,13 @@ wheel: $(VENV)/.deps-build
 	rm -rf dist
 	$(PIP) wheel --no-deps -w dist .
 
-bench: build $(VENV)/.deps-test
-	PYTHONPATH=python:benchmarks $(PY) benchmarks/bench_svd.py
-	PYTHONPATH=python:benchmarks $(PY) benchmarks/bench_pruning.py
+$(VENV)/.deps-bench: benchmarks/requirements.txt $(VENV)/.deps-test
+	$(PIP) install -q --disable-pip-version-check -r benchmarks/requirements.txt
+	touch $@
+
+# The full comparison with PEFT (S1-S4, about 15 minutes here); results in benchmarks/results/.
+bench: build $(VENV)/.deps-bench
+	PYTHONPATH=python:benchmarks $(PY) benchmarks/run.py
 
 clean:
 	rm -rf .build python/gomerge/_engine dist build *.egg-info python/*.egg-info

@@ -36,7 +36,8 @@ class Linear(nn.Module):
         self.proj = nn.Linear(fan_in, fan_out, bias=False)
 
 
-def save_adapters(make_model, root: str, ranks: list[int], targets: list[str], std: float = 0.02) -> list[str]:
+def save_adapters(make_model, root: str, ranks: list[int], targets: list[str], std: float = 0.02,
+                  dtype: torch.dtype = torch.float32) -> list[str]:
     """Saves one PEFT adapter per rank (random factors, fixed seeds) and returns the directories."""
     dirs = []
     model = make_model()
@@ -49,6 +50,10 @@ def save_adapters(make_model, root: str, ranks: list[int], targets: list[str], s
                 if "lora_" in name:
                     p.copy_(torch.randn(p.shape, generator=g) * std)
         d = os.path.join(root, f"adapter{i}")
+        if dtype != torch.float32:
+            for name, p in pm.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.to(dtype)
         pm.save_pretrained(d)
         model = pm.unload()
         dirs.append(d)

@@ -12,7 +12,7 @@ import (
 // the optimal rank-k error) on the tests and on the benchmark shapes.
 const (
 	RSVDOversample = 10 // extra columns of the sketch beyond k
-	RSVDPowerIters = 3  // power iterations (each one a D^T and a D product)
+	RSVDPowerIters = 2  // power iterations (each one a D^T and a D product)
 )
 
 // RandomizedSVD computes a rank-k truncated SVD of the dense m x n float32

@@ -1,0 +1,321 @@
+"""gomerge against PEFT, side by side in one process, on the same inputs (`make bench`).
+
+Scenarios (CPU, all cores):
+
+- S1, the PEFT guide's example: three rank-8 adapters of TinyLlama-1.1B's shapes (hidden 2048, intermediate 5632,
+  22 layers, 32 heads, 4 KV heads, q/k/v/o/gate/up/down), weights [2, 1, 1]: `ties` (density 0.2), `svd`, `cat`,
+  `linear`, `dare_ties`. Times: PEFT's `add_weighted_adapter` call alone (model and adapters loaded), PEFT end to
+  end (load the base model from disk, load the adapters, merge, save), gomerge disk to disk, and the patched drop-in
+  call. PEFT's dense `svd` takes minutes per layer here: it is timed on one layer and scaled by 22 (marked "est.").
+- S2, big modules: three rank-16 adapters on Llama-7B-shaped modules (4096 x 4096 and 4096 x 11008): `svd` and
+  `ties_svd` (density 0.2), per module.
+- S3, scale: eight rank-64 adapters on every linear module of a Llama-7B shape (32 layers): `ties` (density 0.2)
+  and `svd`, gomerge only (in a child process, for its peak RSS), against the floor.
+- S4, half precision: S1's `ties` with BF16 and F16 adapters against F32, gomerge only.
+
+Every row states the bytes read and written and the floor: those bytes divided by the memory bandwidth measured at
+the start of the run (a large memory copy). Results go to benchmarks/results/ (JSON, Markdown table, PNG chart).
+
+Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4] [--s3-layers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from peft import PeftModel
+from safetensors.numpy import save_file
+
+import gomerge
+import gomerge.peft as gp
+from common import LLAMA_LINEAR, Linear, llama, load_peft, save_adapters, tinyllama
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+CACHE = os.path.join(HERE, ".cache")
+MiB = 1 << 20
+
+
+def bandwidth() -> float:
+    """Bytes per second of a large memory copy (read + write counted), best of five."""
+    src = np.ones(64 * MiB, dtype=np.float32)  # 256 MiB
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def timed(fn, *args, **kwargs) -> float:
+    gc.collect()
+    t0 = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - t0
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def gomerge_child(dirs: list[str], ctype: str, out: str, **kw) -> tuple[float, float]:
+    """Runs one gomerge merge in a child process: (seconds, peak RSS in MiB)."""
+    code = (f"import gomerge, json, resource; r = gomerge.add_weighted_adapter({dirs!r}, {[1.0] * len(dirs)!r}, "
+            f"'m', {ctype!r}, output_dir={out!r}, overwrite=True, progress=False, **{kw!r}); "
+            "print(json.dumps([r.seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))")
+    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(HERE), "python"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr)
+    seconds, peak = json.loads(proc.stdout.strip().splitlines()[-1])
+    return seconds, peak
+
+
+def s1(root: str, bw: float, rows: list) -> None:
+    dirs = save_adapters(tinyllama, os.path.join(root, "s1"), [8, 8, 8], LLAMA_LINEAR)
+    base_dir = os.path.join(root, "s1-base")
+    tinyllama().save_pretrained(base_dir)
+    in_bytes = sum(dir_bytes(d) for d in dirs)
+    model = load_peft(tinyllama, dirs)
+    names = ["a0", "a1", "a2"]
+    weights = [2.0, 1.0, 1.0]
+    one_layer = None
+    for ctype, kw in (("ties", {"density": 0.2}), ("svd", {}), ("cat", {}), ("linear", {}),
+                      ("dare_ties", {"density": 0.2})):
+        out = os.path.join(root, f"s1-{ctype}")
+        t_go = timed(gomerge.add_weighted_adapter, dirs, weights, "m", ctype, output_dir=out, overwrite=True,
+                     progress=False, **kw)
+        out_bytes = dir_bytes(out)
+        t_patched = timed(gp.add_weighted_adapter, model, names, weights, "g", ctype, progress=False, **kw)
+        model.delete_adapter("g")
+        note = ""
+        if ctype == "svd":  # PEFT's dense SVDs: one layer, scaled to 22
+            if one_layer is None:
+                one_dirs = save_adapters(lambda: llama(2048, 5632, 1, 32, 4), os.path.join(root, "s1-one"),
+                                         [8, 8, 8], LLAMA_LINEAR)
+                one_layer = load_peft(lambda: llama(2048, 5632, 1, 32, 4), one_dirs)
+            t_peft = 22 * timed(one_layer.add_weighted_adapter, names, weights, "p", ctype, **kw)
+            t_e2e = t_peft + 22 * 0  # the loads and the save are negligible next to the SVDs
+            note = "PEFT est. (1 layer x 22)"
+        else:
+            t_peft = timed(model.add_weighted_adapter, names, weights, "p", ctype, **kw)
+            model.delete_adapter("p")
+
+            def e2e():
+                from transformers import AutoModelForCausalLM
+
+                m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), dirs[0],
+                                              adapter_name="a0")
+                for i, d in enumerate(dirs[1:], 1):
+                    m.load_adapter(d, adapter_name=f"a{i}")
+                m.add_weighted_adapter(names, weights, "merge", ctype, **kw)
+                m.save_pretrained(os.path.join(root, "s1-peft-e2e"), selected_adapters=["merge"])
+
+            t_e2e = timed(e2e)
+        rows.append(dict(scenario="S1", method=ctype, shapes="TinyLlama-1.1B, 3 x r8, 154 modules",
+                         read=in_bytes, written=out_bytes, floor=(in_bytes + out_bytes) / bw, peft=t_peft,
+                         peft_e2e=t_e2e, gomerge=t_go, patched=t_patched, note=note))
+        print(rows[-1], flush=True)
+    del model, one_layer
+    gc.collect()
+
+
+def s2(root: str, bw: float, rows: list) -> None:
+    for fan_in, fan_out in ((4096, 4096), (11008, 4096)):
+        make = lambda: Linear(fan_in, fan_out)  # noqa: E731
+        dirs = save_adapters(make, os.path.join(root, f"s2-{fan_in}"), [16, 16, 16], ["proj"])
+        in_bytes = sum(dir_bytes(d) for d in dirs)
+        model = load_peft(make, dirs)
+        for ctype, kw in (("svd", {}), ("ties_svd", {"density": 0.2})):
+            captured = {}
+            original = torch.linalg.svd
+
+            def svd(a, *args, **kwargs):
+                u, s, vh = original(a, *args, **kwargs)
+                captured["D"], captured["S"] = a.detach().double(), s.detach().double()
+                return u, s, vh
+
+            torch.linalg.svd = svd
+            try:
+                t_peft = timed(model.add_weighted_adapter, ["a0", "a1", "a2"], [2.0, 1.0, 1.0], "p", ctype, **kw)
+            finally:
+                torch.linalg.svd = original
+            out = os.path.join(root, f"s2-{fan_in}-{ctype}")
+            t_go = timed(gomerge.add_weighted_adapter, dirs, [2.0, 1.0, 1.0], "m", ctype, output_dir=out,
+                         overwrite=True, progress=False, **kw)
+            from safetensors.torch import load_file
+
+            t = load_file(os.path.join(out, "adapter_model.safetensors"))
+            ba = t["base_model.model.proj.lora_B.weight"].double() @ t["base_model.model.proj.lora_A.weight"].double()
+            layer = model.base_model.model.proj
+            peft_ba = layer.lora_B["p"].weight.detach().double() @ layer.lora_A["p"].weight.detach().double()
+            k = ba.shape  # noqa: F841
+            rank = t["base_model.model.proj.lora_A.weight"].shape[0]
+            if ctype == "svd":
+                check = f"||B'A' - PEFT||/||PEFT|| = {float(torch.linalg.norm(ba - peft_ba) / torch.linalg.norm(peft_ba)):.1e}"
+            else:
+                err = float(torch.linalg.norm(captured["D"] - ba))
+                optimal = float(torch.sqrt(torch.sum(captured["S"][rank:] ** 2)))
+                check = f"error/optimal - 1 = {err / optimal - 1:.1e}"
+            model.delete_adapter("p")
+            out_bytes = dir_bytes(out)
+            rows.append(dict(scenario="S2", method=ctype, shapes=f"one {fan_out}x{fan_in} module, 3 x r16",
+                             read=in_bytes, written=out_bytes, floor=(in_bytes + out_bytes) / bw, peft=t_peft,
+                             gomerge=t_go, check=check))
+            print(rows[-1], flush=True)
+        del model
+        gc.collect()
+
+
+def s3_adapters(layers: int) -> list[str]:
+    """Eight rank-64 adapters on every linear module of a Llama-7B shape, written in PEFT's format (cached)."""
+    root = os.path.join(CACHE, f"s3-{layers}")
+    dirs = [os.path.join(root, f"adapter{i}") for i in range(8)]
+    if all(os.path.exists(os.path.join(d, "adapter_model.safetensors")) for d in dirs):
+        return dirs
+    shapes = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096), "self_attn.v_proj": (4096, 4096),
+              "self_attn.o_proj": (4096, 4096), "mlp.gate_proj": (4096, 11008), "mlp.up_proj": (4096, 11008),
+              "mlp.down_proj": (11008, 4096)}
+    rng = np.random.default_rng(0)
+    for i, d in enumerate(dirs):
+        os.makedirs(d, exist_ok=True)
+        tensors = {}
+        for layer in range(layers):
+            for mod, (fan_in, fan_out) in shapes.items():
+                key = f"base_model.model.model.layers.{layer}.{mod}"
+                tensors[key + ".lora_A.weight"] = rng.standard_normal((64, fan_in), dtype=np.float32) * 0.02
+                tensors[key + ".lora_B.weight"] = rng.standard_normal((fan_out, 64), dtype=np.float32) * 0.02
+        save_file(tensors, os.path.join(d, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(d, "adapter_config.json"), "w") as f:
+            json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 64, "lora_alpha": 128,
+                       "target_modules": LLAMA_LINEAR, "base_model_name_or_path": "llama-7b-shaped"}, f)
+    return dirs
+
+
+def s3(root: str, bw: float, rows: list, layers: int) -> None:
+    dirs = s3_adapters(layers)
+    in_bytes = sum(dir_bytes(d) for d in dirs)
+    for ctype, kw in (("ties", {"density": 0.2}), ("svd", {})):
+        out = os.path.join(root, f"s3-{ctype}")
+        t_go, peak = gomerge_child(dirs, ctype, out, **kw)
+        out_bytes = dir_bytes(out)
+        rows.append(dict(scenario="S3", method=ctype, shapes=f"Llama-7B, {layers} layers, 8 x r64",
+                         read=in_bytes, written=out_bytes, floor=(in_bytes + out_bytes) / bw, gomerge=t_go,
+                         peak_rss_mib=peak, rss_budget_mib=(in_bytes + out_bytes) / MiB + 256))
+        print(rows[-1], flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def s4(root: str, bw: float, rows: list) -> None:
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        name = str(dtype).removeprefix("torch.")
+        dirs = save_adapters(tinyllama, os.path.join(root, f"s4-{name}"), [8, 8, 8], LLAMA_LINEAR, dtype=dtype)
+        in_bytes = sum(dir_bytes(d) for d in dirs)
+        out = os.path.join(root, f"s4-{name}-out")
+        t_go = min(timed(gomerge.add_weighted_adapter, dirs, [2.0, 1.0, 1.0], "m", "ties", density=0.2,
+                         output_dir=out, overwrite=True, progress=False) for _ in range(3))
+        out_bytes = dir_bytes(out)
+        rows.append(dict(scenario="S4", method=f"ties {name}", shapes="TinyLlama-1.1B, 3 x r8",
+                         read=in_bytes, written=out_bytes, floor=(in_bytes + out_bytes) / bw, gomerge=t_go))
+        print(rows[-1], flush=True)
+
+
+def fmt_s(x) -> str:
+    return "-" if x is None else (f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s")
+
+
+def table(rows: list, machine: str) -> str:
+    lines = [f"Machine: {machine}", "",
+             "| scenario | method | shapes | read | written | floor | PEFT call | PEFT end to end | gomerge | "
+             "patched | vs PEFT call | vs PEFT e2e | x floor | peak RSS | check |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peft, e2e, go = r.get("peft"), r.get("peft_e2e"), r["gomerge"]
+        lines.append("| " + " | ".join([
+            r["scenario"], r["method"], r["shapes"], f"{r['read'] / MiB:.0f} MiB", f"{r['written'] / MiB:.0f} MiB",
+            fmt_s(r["floor"]), fmt_s(peft) + (" (est.)" if "est." in r.get("note", "") else ""), fmt_s(e2e),
+            fmt_s(go), fmt_s(r.get("patched")), f"{peft / go:.1f}x" if peft else "-",
+            f"{e2e / go:.0f}x" if e2e else "-", f"{go / r['floor']:.1f}",
+            f"{r['peak_rss_mib']:.0f} MiB (budget {r['rss_budget_mib']:.0f})" if "peak_rss_mib" in r else "-",
+            r.get("check", ""),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def chart(rows: list, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [(f"{r['scenario']} {r['method']}", r["peft"] / r["gomerge"], r.get("peft_e2e", 0) / r["gomerge"])
+            for r in rows if r.get("peft")]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    x = np.arange(len(bars))
+    ax.bar(x - 0.2, [b[1] for b in bars], 0.4, label="vs PEFT's add_weighted_adapter call")
+    ax.bar(x + 0.2, [b[2] or np.nan for b in bars], 0.4, label="vs PEFT end to end (load, merge, save)")
+    ax.set_yscale("log")
+    ax.set_xticks(x, [b[0] for b in bars], rotation=30, ha="right")
+    ax.set_ylabel("speedup of gomerge (disk to disk)")
+    ax.axhline(1, color="gray", lw=0.8)
+    ax.legend()
+    ax.set_title("gomerge vs PEFT, same inputs, one run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenarios", default="S1,S2,S3,S4")
+    ap.add_argument("--s3-layers", type=int, default=32)
+    args = ap.parse_args()
+    todo = set(args.scenarios.split(","))
+    bw = bandwidth()
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__} "
+               f"({torch.get_num_threads()} threads), PEFT {__import__('peft').__version__}, "
+               f"memory copy {bw / 1e9:.1f} GB/s")
+    print(machine, flush=True)
+    rows: list = []
+    with tempfile.TemporaryDirectory() as root:
+        if "S1" in todo:
+            s1(root, bw, rows)
+        if "S2" in todo:
+            s2(root, bw, rows)
+        if "S3" in todo:
+            s3(root, bw, rows, args.s3_layers)
+        if "S4" in todo:
+            s4(root, bw, rows)
+    os.makedirs(RESULTS, exist_ok=True)
+    md = table(rows, machine)
+    print(md)
+    with open(os.path.join(RESULTS, "latest.json"), "w") as f:
+        json.dump({"machine": machine, "bandwidth_bytes_per_s": bw, "rows": rows}, f, indent=2)
+    with open(os.path.join(RESULTS, "latest.md"), "w") as f:
+        f.write(md + "\n")
+    if any(r.get("peft") for r in rows):
+        chart(rows, os.path.join(RESULTS, "speedups.png"))
+
+
+if __name__ == "__main__":
+    main()
