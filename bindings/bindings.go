@@ -20,11 +20,8 @@ import (
 	"gomerge/gomerge"
 )
 
-// Version is the engine version, kept equal to the Python package's.
-const Version = "0.1.0"
-
-// EngineVersion returns Version.
-func EngineVersion() string { return Version }
+// EngineVersion returns the engine version, kept equal to the Python package's.
+func EngineVersion() string { return gomerge.Version }
 
 type job struct {
 	cancel   context.CancelFunc

@@ -42,9 +42,11 @@ type Options struct {
 	MajoritySignMethod string    `json:"majority_sign_method"`
 	OutputDir          string    `json:"output_dir"`
 	Overwrite          bool      `json:"overwrite"`
-	Seed               *uint64   `json:"seed"`    // DARE's random seed; nil draws a fresh one
-	DType              string    `json:"dtype"`   // "" keeps adapter 0's dtype
-	Workers            int       `json:"workers"` // 0 uses all cores
+	Seed               *uint64   `json:"seed"`         // DARE's random seed; nil draws a fresh one
+	SourceNames        []string  `json:"source_names"` // how the user named the adapters (for the model card)
+	ModelCard          *bool     `json:"model_card"`   // write README.md (default true)
+	DType              string    `json:"dtype"`        // "" keeps adapter 0's dtype
+	Workers            int       `json:"workers"`      // 0 uses all cores
 }
 
 // Result describes a finished merge.
@@ -267,7 +269,15 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 	if err := ctx.Err(); err != nil {
 		return nil, ErrCancelled
 	}
-	if err := WriteAdapterDir(opts.OutputDir, opts.Overwrite, cfgJSON, tensors); err != nil {
+	extra := map[string][]byte{}
+	if opts.ModelCard == nil || *opts.ModelCard {
+		names := opts.SourceNames
+		if len(names) != len(opts.Adapters) {
+			names = opts.Adapters
+		}
+		extra["README.md"] = []byte(ModelCard(opts, res, adapters[0].Config.BaseModel, names))
+	}
+	if err := WriteAdapterDir(opts.OutputDir, opts.Overwrite, cfgJSON, tensors, extra); err != nil {
 		return nil, err
 	}
 	res.Seconds = time.Since(start).Seconds()
@@ -428,7 +438,7 @@ func runJobs(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt D
 				if i >= len(jobs) || ctx.Err() != nil || failed.Load() {
 					return
 				}
-				aName, bName, a, b, r, err := mergeModule(opts, &jobs[i], rank, dt)
+				aName, bName, a, b, r, err := mergeModule(ctx, opts, &jobs[i], rank, dt)
 				if err == nil {
 					err = emit(i, aName, bName, a, b)
 				}
@@ -465,7 +475,7 @@ func rankPattern(jobs []moduleJob, ranks []int, rank int) Patterns {
 
 // mergeModule merges one module, recovering from panics so that a bug in a
 // kernel becomes an error naming the module.
-func mergeModule(opts Options, j *moduleJob, rank int, dt DType) (aName, bName string, ra, rb RawTensor, r int, err error) {
+func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt DType) (aName, bName string, ra, rb RawTensor, r int, err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			err = newErr(KindInternal, "module %s: internal error: %v", j.name, p)
@@ -494,7 +504,10 @@ func mergeModule(opts Options, j *moduleJob, rank int, dt DType) (aName, bName s
 		a, b = mergeSVD(j.srcs, r, j.in, j.out, opts.SVDClamp)
 	default: // ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd
 		r = rank
-		a, b = mergeDenseSVD(j, comb, r, opts.SVDClamp, seed)
+		a, b, err = mergeDenseSVD(ctx, j, comb, r, opts.SVDClamp, seed)
+		if err != nil {
+			return "", "", RawTensor{}, RawTensor{}, 0, err
+		}
 	}
 	aName, bName = moduleKeys(j.name, j.kind)
 	aShape := append([]int{r}, j.aTail...)

@@ -1,6 +1,9 @@
 package gomerge
 
-import "strconv"
+import (
+	"context"
+	"strconv"
+)
 
 // rsvdSeed seeds the range finder's test matrix: fixed, so that the pruned
 // SVD merges without DARE are deterministic whatever the merge seed.
@@ -11,8 +14,15 @@ const rsvdSeed = 0x9e3779b97f4a7c15
 // dW_i = s_i B_i A_i, combined element-wise with the user weights w_i (the
 // scaling is already inside dW_i), then a rank-k truncated SVD of the
 // result. Pruning makes D full rank, so the SVD is randomized (RandomizedSVD).
-func mergeDenseSVD(j *moduleJob, comb Combination, k int, clamp *float64, seed uint64) (a, b []float32) {
+func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, k int, clamp *float64, seed uint64) (a, b []float32, err error) {
 	dws := make([][]float32, len(j.srcs))
+	defer func() {
+		for _, dw := range dws { // the result d is dws[0]
+			if dw != nil {
+				putBuf(dw)
+			}
+		}
+	}()
 	weights := make([]float32, len(j.srcs))
 	for i, s := range j.srcs {
 		fa, fb := s.mod.Factors()
@@ -23,6 +33,9 @@ func mergeDenseSVD(j *moduleJob, comb Combination, k int, clamp *float64, seed u
 			}
 		}
 		weights[i] = float32(s.weight)
+		if ctx.Err() != nil {
+			return nil, nil, ErrCancelled
+		}
 	}
 	d := comb.Apply(dws, weights, func(i int, t []float32) {
 		if mask := j.srcs[i].maskDW; mask != nil {
@@ -31,13 +44,13 @@ func mergeDenseSVD(j *moduleJob, comb Combination, k int, clamp *float64, seed u
 			RandomPrune(t, comb.Density, true, TensorRNG(seed, j.name, "dW/"+strconv.Itoa(j.srcs[i].index)))
 		}
 	}, true)
-	bk, ak := RandomizedSVD(d, j.out, j.in, k, TensorRNG(rsvdSeed, j.name, "rsvd"))
-	for _, dw := range dws { // d is dws[0]
-		putBuf(dw)
+	if ctx.Err() != nil {
+		return nil, nil, ErrCancelled
 	}
+	bk, ak := RandomizedSVD(d, j.out, j.in, k, TensorRNG(rsvdSeed, j.name, "rsvd"))
 	b, a = toFloat32(bk), toFloat32(ak)
 	if clamp != nil {
 		ClampQuantile(a, b, *clamp)
 	}
-	return a, b
+	return a, b, nil
 }

@@ -48,7 +48,7 @@ func checkOutputDir(dir string, overwrite bool) error {
 // goes to a temporary folder beside dir, which is then renamed into place.
 // A failure leaves no partial output and, with overwrite, the old directory
 // intact.
-func WriteAdapterDir(dir string, overwrite bool, config []byte, tensors map[string]RawTensor) (err error) {
+func WriteAdapterDir(dir string, overwrite bool, config []byte, tensors map[string]RawTensor, extra map[string][]byte) (err error) {
 	if err := checkOutputDir(dir, overwrite); err != nil {
 		return err
 	}
@@ -74,6 +74,11 @@ func WriteAdapterDir(dir string, overwrite bool, config []byte, tensors map[stri
 	}
 	if err := writeFileSync(filepath.Join(tmp, ConfigFile), config); err != nil {
 		return err
+	}
+	for name, data := range extra {
+		if err := writeFileSync(filepath.Join(tmp, filepath.Base(name)), data); err != nil {
+			return err
+		}
 	}
 	if _, statErr := os.Lstat(dir); statErr == nil {
 		// overwrite: move the old directory aside, put the new one in place

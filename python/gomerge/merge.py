@@ -9,7 +9,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Sequence, Union
 
-from . import _native
+from contextlib import ExitStack
+
+from . import _native, sources
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -43,6 +45,12 @@ class MergeResult:
         modules (`int`): number of LoRA modules merged.
         dtype (`str`): torch name of the dtype of the written tensors.
         seconds (`float`): wall time of the merge, reading and writing included.
+        revision (`str`, *optional*):
+            Hub revision for Hub ids without an `@revision`.
+        subfolder (`str`, *optional*):
+            Folder of the adapters inside their directories or Hub repositories.
+        model_card (`bool`, defaults to `True`):
+            Write a `README.md` model card (sources, weights, method, options, seed, usage) with the Hub's metadata.
         seed (`int`, *optional*): the seed of the DARE masks (`None` for the other types); pass it back as `seed=`
             to reproduce the merge byte for byte.
         warnings (`list[str]`): what the engine wants you to know (also issued as Python warnings).
@@ -129,6 +137,9 @@ def add_weighted_adapter(
     output_dir: PathLike | None = None,
     overwrite: bool = False,
     seed: int | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    model_card: bool = True,
     dtype: str | None = None,
     progress: bool | None = None,
     workers: int | None = None,
@@ -142,7 +153,9 @@ def add_weighted_adapter(
 
     Args:
         adapters (`list[str | os.PathLike]`):
-            PEFT adapter directories to merge.
+            PEFT adapters to merge: directories (with `adapter_model.safetensors`, or an older `adapter_model.bin`,
+            read through torch with `weights_only=True`) or Hugging Face Hub ids (`user/repo`, `user/repo@revision`,
+            resolved through `huggingface_hub` and its cache; `HF_HUB_OFFLINE=1` is honoured).
         weights (`list[float]`):
             One weight per adapter. Weights can be negative, to subtract an adapter's effect.
         adapter_name (`str`):
@@ -172,6 +185,12 @@ def add_weighted_adapter(
             loads it.
         overwrite (`bool`, defaults to `False`):
             Replace an existing `output_dir` (only an empty directory or an adapter directory is ever replaced).
+        revision (`str`, *optional*):
+            Hub revision for Hub ids without an `@revision`.
+        subfolder (`str`, *optional*):
+            Folder of the adapters inside their directories or Hub repositories.
+        model_card (`bool`, defaults to `True`):
+            Write a `README.md` model card (sources, weights, method, options, seed, usage) with the Hub's metadata.
         seed (`int`, *optional*):
             Seed of DARE's random masks. By default a fresh seed is drawn and reported in the result; the same seed
             gives a byte-identical output on any number of cores.
@@ -218,8 +237,20 @@ def add_weighted_adapter(
         raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1):
         raise ValueError(f"workers: expected a positive integer or None, got {workers!r}")
+    names = _paths(adapters)
+    with ExitStack() as stack:  # temporary copies of .bin adapters live until the merge is done
+        local = [sources.resolve(n, stack, revision, subfolder) for n in names]
+        return _run(local, names, weights, adapter_name, combination_type, svd_rank, svd_clamp, svd_full_matrices,
+                    svd_driver, density, majority_sign_method, output_dir, overwrite, seed, model_card, dtype,
+                    progress, workers)
+
+
+def _run(local, names, weights, adapter_name, combination_type, svd_rank, svd_clamp, svd_full_matrices, svd_driver,
+         density, majority_sign_method, output_dir, overwrite, seed, model_card, dtype, progress, workers):
     request = {
-        "adapters": _paths(adapters),
+        "adapters": local,
+        "source_names": names,
+        "model_card": bool(model_card),
         "weights": _floats(weights),
         "adapter_name": adapter_name,
         "combination_type": combination_type,
@@ -237,7 +268,7 @@ def add_weighted_adapter(
     }
     result = MergeResult(**_native.run_job(_native.merge_start(request), progress, _PROGRESS_MIN_MODULES))
     for message in result.warnings:
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(message, stacklevel=3)
     return result
 
 

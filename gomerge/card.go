@@ -1,0 +1,65 @@
+package gomerge
+
+import (
+	"fmt"
+	"strings"
+)
+
+// Version is gomerge's version, shared by the engine and the Python package.
+const Version = "0.1.0"
+
+// ModelCard writes the README.md of a merged adapter: YAML metadata as the
+// Hugging Face Hub expects it (base_model, library_name: peft, tags), the
+// sources and weights, the method and its options, the seed, the gomerge
+// version and a usage snippet.
+func ModelCard(opts Options, res *Result, baseModel string, sources []string) string {
+	var b strings.Builder
+	b.WriteString("---\n")
+	if baseModel != "" {
+		fmt.Fprintf(&b, "base_model: %s\n", yamlString(baseModel))
+	}
+	b.WriteString("library_name: peft\ntags:\n- gomerge\n- lora\n- merge\n")
+	fmt.Fprintf(&b, "- %s\n---\n\n", res.CombinationType)
+	name := res.AdapterName
+	if name == "" {
+		name = "merged adapter"
+	}
+	fmt.Fprintf(&b, "# %s\n\nA LoRA adapter merged by [gomerge](https://pypi.org/project/gomerge/) %s with PEFT's "+
+		"`add_weighted_adapter` semantics (`combination_type=%q`).\n\n", name, Version, res.CombinationType)
+	b.WriteString("## Sources\n\n| adapter | weight |\n|---|---|\n")
+	for i, s := range sources {
+		fmt.Fprintf(&b, "| `%s` | %g |\n", s, opts.Weights[i])
+	}
+	b.WriteString("\n## Options\n\n")
+	fmt.Fprintf(&b, "- combination_type: `%s`\n- rank: %d\n- dtype: %s\n", res.CombinationType, res.Rank, res.DType)
+	if opts.Density != nil && isPruning(res.CombinationType) {
+		fmt.Fprintf(&b, "- density: %g\n", *opts.Density)
+	}
+	if strings.Contains(res.CombinationType, "ties") {
+		fmt.Fprintf(&b, "- majority_sign_method: %s\n", opts.MajoritySignMethod)
+	}
+	if opts.SVDRank != nil {
+		fmt.Fprintf(&b, "- svd_rank: %d\n", *opts.SVDRank)
+	}
+	if opts.SVDClamp != nil {
+		fmt.Fprintf(&b, "- svd_clamp: %g\n", *opts.SVDClamp)
+	}
+	if res.Seed != nil {
+		fmt.Fprintf(&b, "- seed: %d (pass it back as `seed=` to reproduce this merge byte for byte)\n", *res.Seed)
+	}
+	base := baseModel
+	if base == "" {
+		base = "<base model>"
+	}
+	fmt.Fprintf(&b, "\n## Usage\n\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"+
+		"base = AutoModelForCausalLM.from_pretrained(%q)\nmodel = PeftModel.from_pretrained(base, %q)\n```\n", base, opts.OutputDir)
+	return b.String()
+}
+
+// yamlString quotes s for YAML when it is not a plain scalar.
+func yamlString(s string) string {
+	if s == "" || strings.ContainsAny(s, ":#{}[],&*?|<>=!%@`'\"\n") || strings.TrimSpace(s) != s {
+		return fmt.Sprintf("%q", s)
+	}
+	return s
+}

@@ -1,0 +1,219 @@
+"""The `gomerge` command: merge LoRA adapters and inspect them from a shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from contextlib import ExitStack
+
+from . import __version__, merge, sources
+from .merge import COMBINATION_TYPES
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+DESCRIPTION = """\
+gomerge merges LoRA adapters as PEFT's add_weighted_adapter does, on fast Go kernels, from PEFT adapter
+directories or Hugging Face Hub ids, without a base model or torch."""
+
+EPILOG = """\
+exit status:
+  0    success
+  1    the merge or inspection failed (bad input, missing file, existing output, ...)
+  2    invalid command line or recipe
+  130  interrupted (Ctrl-C); nothing was written
+
+examples:
+  gomerge merge adapters/norobots adapters/sql adapters/adcopy --weights 2 1 1 \\
+      --method ties --density 0.2 -o merged
+  gomerge merge --recipe merge.yaml
+  gomerge merge user/lora-a user/lora-b@v2 --method svd --svd-rank 16 -o merged --json
+  gomerge inspect merged
+
+Run `gomerge merge --help` for every option and the recipe format."""
+
+RECIPE_HELP = """\
+recipe file (YAML):
+  adapters:                       # required
+    - source: adapters/norobots   # a directory or a Hub id; relative to the recipe file
+      weight: 2.0                 # default 1.0
+    - source: user/repo
+      revision: main              # optional
+      subfolder: lora             # optional
+  method: ties                    # or combination_type:; default svd
+  density: 0.2
+  majority_sign_method: total
+  svd_rank: null
+  svd_clamp: null
+  seed: 42
+  dtype: bfloat16
+  adapter_name: merge
+  output_dir: merged              # relative to the recipe file
+  overwrite: false"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line on stderr, exit status 2
+        sys.stderr.write(f"gomerge: error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="gomerge", description=DESCRIPTION, epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"gomerge {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    m = sub.add_parser("merge", help="merge adapters into a new adapter directory",
+                       description="Merge LoRA adapters into a new PEFT adapter directory. The options are those of "
+                                   "PEFT's add_weighted_adapter.",
+                       epilog=RECIPE_HELP + "\n\n" + EPILOG.split("examples:")[0].rstrip(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("adapters", nargs="*", metavar="ADAPTER",
+                   help="adapter directories or Hub ids (user/repo, user/repo@revision)")
+    m.add_argument("--recipe", metavar="FILE", help="read sources and options from a YAML recipe (see below)")
+    m.add_argument("-w", "--weights", nargs="+", type=float, metavar="W",
+                   help="one weight per adapter (default: 1 each); negative weights subtract")
+    m.add_argument("-m", "--method", "--combination-type", dest="method", choices=COMBINATION_TYPES,
+                   metavar="METHOD", help=f"combination type, one of: {', '.join(COMBINATION_TYPES)} (default: svd)")
+    m.add_argument("-o", "--output-dir", metavar="DIR", help="directory of the merged adapter (default: ADAPTER_NAME)")
+    m.add_argument("-n", "--adapter-name", default=None, help="name of the merged adapter (default: merged)")
+    m.add_argument("--density", type=float, help="fraction of values kept by the pruning methods (ties, dare, "
+                                                 "magnitude_prune), in [0, 1]")
+    m.add_argument("--majority-sign-method", choices=("total", "frequency"), help="TIES sign election "
+                                                                                   "(default: total)")
+    m.add_argument("--svd-rank", type=int, metavar="R", help="rank of the merged adapter for the svd methods "
+                                                             "(default: the largest input rank)")
+    m.add_argument("--svd-clamp", type=float, metavar="Q", help="clamp the svd factors at this quantile, in [0, 1]")
+    m.add_argument("--svd-full-matrices", action=argparse.BooleanOptionalAction, default=None,
+                   help="accepted for PEFT compatibility; no effect on the result")
+    m.add_argument("--svd-driver", choices=("gesvd", "gesvdj", "gesvda"), help="accepted for PEFT compatibility")
+    m.add_argument("--seed", type=int, help="seed of DARE's random masks (default: fresh, reported)")
+    m.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the written tensors "
+                                                                               "(default: the first adapter's)")
+    m.add_argument("--revision", help="Hub revision for Hub ids without @revision")
+    m.add_argument("--subfolder", help="folder of the adapters inside their directories or repositories")
+    m.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an existing output directory (only an adapter directory or an empty one)")
+    m.add_argument("--no-model-card", action="store_true", help="do not write README.md")
+    m.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    m.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+
+    p.merge_parser = m  # for errors reported after parsing
+    i = sub.add_parser("inspect", help="describe an adapter: ranks, alpha, scaling, targets, dtype, size",
+                       description="Describe a PEFT LoRA adapter (a directory or a Hub id).")
+    i.add_argument("adapter", metavar="ADAPTER")
+    i.add_argument("--revision")
+    i.add_argument("--subfolder")
+    i.add_argument("--json", action="store_true", help="print the description as JSON")
+    return p
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"gomerge: error: {' '.join(str(message).split())}\n")
+    return EXIT_FAILED
+
+
+def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    options: dict = {}
+    if args.recipe:
+        from .recipe import RecipeError, load_recipe
+
+        if args.adapters or args.weights:
+            parser.error("give adapters either on the command line or in --recipe, not both")
+        try:
+            recipe = load_recipe(args.recipe)
+        except FileNotFoundError:
+            return _fail(f"recipe {args.recipe}: no such file")
+        except RecipeError as e:
+            sys.stderr.write(f"gomerge: error: {e}\n")
+            return EXIT_USAGE
+        srcs, options = recipe.sources, dict(recipe.options)
+    else:
+        if not args.adapters:
+            parser.error("name at least one ADAPTER, or give --recipe")
+        weights = args.weights if args.weights is not None else [1.0] * len(args.adapters)
+        if len(weights) != len(args.adapters):
+            parser.error(f"--weights: got {len(weights)} weights for {len(args.adapters)} adapters")
+        srcs = [{"source": a, "weight": w} for a, w in zip(args.adapters, weights)]
+    # command-line options override the recipe's
+    for key, value in (("combination_type", args.method), ("density", args.density),
+                       ("majority_sign_method", args.majority_sign_method), ("svd_rank", args.svd_rank),
+                       ("svd_clamp", args.svd_clamp), ("svd_full_matrices", args.svd_full_matrices),
+                       ("svd_driver", args.svd_driver), ("seed", args.seed), ("dtype", args.dtype),
+                       ("output_dir", args.output_dir), ("adapter_name", args.adapter_name),
+                       ("overwrite", args.overwrite)):
+        if value is not None:
+            options[key] = value
+    adapter_name = options.pop("adapter_name", None) or "merged"
+    options.setdefault("output_dir", adapter_name)
+    with ExitStack() as stack:
+        local = [sources.resolve(s["source"], stack, s.get("revision") or args.revision,
+                                 s.get("subfolder") or args.subfolder) for s in srcs]
+        res = merge._run(
+            local, [s["source"] for s in srcs], [s["weight"] for s in srcs], adapter_name,
+            options.get("combination_type", "svd"), options.get("svd_rank"), options.get("svd_clamp"),
+            options.get("svd_full_matrices", True), options.get("svd_driver"), options.get("density"),
+            options.get("majority_sign_method", "total"), options["output_dir"], options.get("overwrite", False),
+            options.get("seed"), not args.no_model_card, options.get("dtype"), False if args.quiet or args.json
+            else None, None,
+        )
+    if args.json:
+        print(json.dumps(res.__dict__))
+    elif not args.quiet:
+        seed = f", seed {res.seed}" if res.seed is not None else ""
+        print(f"merged {len(srcs)} adapters ({res.combination_type}) into {res.output_dir}: rank {res.rank}, "
+              f"{res.modules} modules, {res.dtype}{seed}, {res.seconds:.2f} s")
+    return EXIT_OK
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    with ExitStack() as stack:
+        path = sources.resolve(args.adapter, stack, args.revision, args.subfolder)
+        info = merge.inspect_adapter(path)
+        size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+                   if os.path.isfile(os.path.join(path, f)))
+    info["dir"] = args.adapter
+    info["size_bytes"] = size
+    r, alpha = info["r"], info["lora_alpha"]
+    info["scaling"] = alpha / (r ** 0.5) if info["use_rslora"] else alpha / r
+    if args.json:
+        print(json.dumps(info))
+        return EXIT_OK
+    targets = info["target_modules"]
+    ranks = ", ".join(f"r={k}: {v} modules" for k, v in sorted(info["ranks"].items(), key=lambda kv: int(kv[0])))
+    lines = [
+        f"adapter        {args.adapter}",
+        f"base model     {info['base_model'] or '(not recorded)'}",
+        f"rank           r={r} ({ranks})",
+        f"alpha          {alpha:g}{' (rsLoRA)' if info['use_rslora'] else ''}",
+        f"scaling        {info['scaling']:g}",
+        f"target modules {targets if isinstance(targets, str) else ', '.join(targets)}",
+        f"modules        {info['modules']}",
+        f"dtype          {info['dtype']}",
+        f"parameters     {info['parameters']:,}",
+        f"size           {size / 2**20:.1f} MiB",
+    ]
+    if info["extra_tensors"]:
+        lines.append(f"other tensors  {len(info['extra_tensors'])} (not LoRA factors; left out of merges)")
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        if args.command == "merge":
+            return _merge(args, parser.merge_parser)
+        return _inspect(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("gomerge: interrupted; nothing was written\n")
+        return EXIT_INTERRUPTED
+    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as e:
+        return _fail(str(e))

@@ -1,0 +1,145 @@
+"""Merge recipes: a YAML file naming the sources, weights and options of a merge.
+
+```yaml
+# merge.yaml
+adapters:
+  - source: adapters/norobots        # a directory or a Hub id (user/repo)
+    weight: 2.0
+  - source: smangrul/tinyllama_lora_sql
+    weight: 1.0
+    revision: main                   # optional, Hub ids only
+    subfolder: null                  # optional
+  - source: adapters/adcopy          # weight defaults to 1.0
+method: ties                         # combination_type: any of PEFT's eleven (default: svd)
+density: 0.2
+majority_sign_method: total
+svd_rank: null
+svd_clamp: null
+seed: 42
+dtype: bfloat16                      # float32, bfloat16 or float16 (default: the first adapter's)
+adapter_name: merge
+output_dir: merged                   # relative paths are relative to the recipe file
+overwrite: false
+```
+
+Errors name the file, the line and the key at fault.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .merge import COMBINATION_TYPES
+
+TOP_KEYS = {
+    "adapters": "list of sources", "method": "str", "combination_type": "str", "density": "number",
+    "majority_sign_method": "str", "svd_rank": "int", "svd_clamp": "number", "svd_full_matrices": "bool",
+    "svd_driver": "str", "seed": "int", "dtype": "str", "adapter_name": "str", "output_dir": "str",
+    "overwrite": "bool",
+}
+SOURCE_KEYS = {"source": "str", "weight": "number", "revision": "str", "subfolder": "str"}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file, line and key."""
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe: keyword arguments for `gomerge.add_weighted_adapter`."""
+
+    sources: list[dict] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _type_ok(value: Any, kind: str) -> bool:
+    if value is None:
+        return True
+    return {
+        "str": isinstance(value, str),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+    }.get(kind, True)
+
+
+def load_recipe(path: str) -> Recipe:
+    """Reads and validates a recipe file.
+
+    Args:
+        path (`str`): the YAML file.
+
+    Returns:
+        [`Recipe`]: sources (dicts with `source`, `weight`, `revision`, `subfolder`) and options.
+
+    Raises:
+        `FileNotFoundError`: the file does not exist.
+        `RecipeError` (a `ValueError`): invalid YAML, unknown keys, wrong types or values.
+    """
+    try:
+        import yaml
+    except ImportError:  # pragma: no cover - pyyaml is a dependency
+        raise ImportError("recipes need PyYAML (pip install pyyaml)") from None
+    with open(path) as f:
+        text = f.read()
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+
+    def err(node, msg: str) -> RecipeError:
+        line = f":{node.start_mark.line + 1}" if node is not None else ""
+        return RecipeError(f"{path}{line}: {msg}")
+
+    if root is None or not isinstance(root, yaml.MappingNode):
+        raise err(root, "a recipe is a mapping of keys (adapters, method, ...)")
+    data = yaml.safe_load(text)
+    nodes = {k.value: (k, v) for k, v in root.value}
+    for key, (knode, vnode) in nodes.items():
+        if key not in TOP_KEYS:
+            raise err(knode, f"unknown key {key!r} (expected one of: {', '.join(TOP_KEYS)})")
+        if key != "adapters" and not _type_ok(data[key], TOP_KEYS[key]):
+            raise err(vnode, f"key {key!r} must be a {TOP_KEYS[key]}, got {data[key]!r}")
+    if "adapters" not in nodes:
+        raise err(root, "key 'adapters' is missing: list the adapters to merge")
+    if "method" in nodes and "combination_type" in nodes:
+        raise err(nodes["combination_type"][0], "give either 'method' or 'combination_type', not both")
+    anode = nodes["adapters"][1]
+    if not isinstance(data["adapters"], list) or not data["adapters"]:
+        raise err(anode, "key 'adapters' must be a non-empty list of sources")
+    sources = []
+    for item, node in zip(data["adapters"], anode.value):
+        if isinstance(item, str):
+            item = {"source": item}
+        elif not isinstance(item, dict):
+            raise err(node, "each adapter is a path / Hub id, or a mapping with 'source' and 'weight'")
+        sub = {k.value: (k, v) for k, v in node.value} if isinstance(node, yaml.MappingNode) else {}
+        for key in item:
+            if key not in SOURCE_KEYS:
+                raise err(sub.get(key, (node,))[0], f"adapter: unknown key {key!r} (expected one of: "
+                                                     f"{', '.join(SOURCE_KEYS)})")
+            if not _type_ok(item[key], SOURCE_KEYS[key]):
+                raise err(sub[key][1], f"adapter: key {key!r} must be a {SOURCE_KEYS[key]}, got {item[key]!r}")
+        if not item.get("source"):
+            raise err(node, "adapter: key 'source' (a directory or Hub id) is missing")
+        src = dict(item)
+        src.setdefault("weight", 1.0)
+        if isinstance(src["source"], str) and not os.path.isabs(src["source"]) and \
+                os.path.exists(os.path.join(os.path.dirname(os.path.abspath(path)), src["source"])):
+            src["source"] = os.path.join(os.path.dirname(os.path.abspath(path)), src["source"])
+        sources.append(src)
+    options = {k: v for k, v in data.items() if k != "adapters"}
+    if "method" in options:
+        options["combination_type"] = options.pop("method")
+    ctype = options.get("combination_type", "svd")
+    if ctype not in COMBINATION_TYPES:
+        raise err(nodes.get("method", nodes.get("combination_type"))[1],
+                  f"unknown method {ctype!r} (expected one of: {', '.join(COMBINATION_TYPES)})")
+    out = options.get("output_dir")
+    if out and not os.path.isabs(out):
+        options["output_dir"] = os.path.join(os.path.dirname(os.path.abspath(path)), out)
+    return Recipe(sources=sources, options=options)

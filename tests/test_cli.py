@@ -1,0 +1,162 @@
+"""The `gomerge` command line, through subprocesses: merge, recipes, inspect, exit codes, errors, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import save_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+from example_adapters import write_all  # noqa: E402
+
+
+def gomerge(*args: str, cwd=None, env=None, **kw) -> subprocess.CompletedProcess:
+    e = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "gomerge", *args], capture_output=True, text=True, cwd=cwd, env=e,
+                          **kw)
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    return write_all(str(tmp_path / "adapters"))
+
+
+def test_merge_and_inspect(dirs, tmp_path):
+    out = tmp_path / "merged"
+    r = gomerge("merge", *dirs, "--weights", "2", "1", "1", "--method", "ties", "--density", "0.2", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "merged 3 adapters (ties)" in r.stdout and "rank 8" in r.stdout
+    card = (out / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == "example/tiny-llama-256" and meta["library_name"] == "peft"
+    assert "ties" in meta["tags"] and "density: 0.2" in card and "PeftModel.from_pretrained" in card
+    r = gomerge("inspect", str(out))
+    assert r.returncode == 0 and "r=8" in r.stdout and "modules        28" in r.stdout
+    info = json.loads(gomerge("inspect", str(out), "--json").stdout)
+    assert info["r"] == 8 and info["scaling"] == 1.0 and info["size_bytes"] > 0
+
+
+def test_merge_json_and_options(dirs, tmp_path):
+    r = gomerge("merge", *dirs, "-m", "dare_ties", "--density", "0.5", "--seed", "11", "--dtype", "bfloat16",
+                "-o", str(tmp_path / "o"), "--json", "--no-model-card")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert (res["seed"], res["dtype"], res["combination_type"]) == (11, "bfloat16", "dare_ties")
+    assert not (tmp_path / "o" / "README.md").exists()
+
+
+@pytest.mark.parametrize("args,code,text", [
+    (["merge"], 2, "name at least one ADAPTER"),
+    (["merge", "a", "b", "--weights", "1"], 2, "got 1 weights for 2 adapters"),
+    (["merge", "a", "--method", "avg"], 2, "invalid choice"),
+    (["merge", "missing/dir/x", "-o", "o"], 1, "missing/dir/x"),
+    (["inspect", "nowhere"], 1, "nowhere"),
+    (["frobnicate"], 2, "invalid choice"),
+])
+def test_errors_are_one_line_with_exit_codes(args, code, text, tmp_path):
+    r = gomerge(*args, cwd=tmp_path)
+    assert r.returncode == code, (r.stdout, r.stderr)
+    assert text in r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr  # one clear line
+    assert r.stderr.startswith("gomerge: error: ")
+
+
+def test_existing_output_fails_cleanly(dirs, tmp_path):
+    (tmp_path / "o").mkdir()
+    r = gomerge("merge", *dirs, "-o", str(tmp_path / "o"))
+    assert r.returncode == 1 and "--overwrite" not in r.stdout and "already exists" in r.stderr
+    assert gomerge("merge", *dirs, "-o", str(tmp_path / "o"), "--overwrite").returncode == 0
+
+
+def test_help_reads_like_a_manual():
+    top = gomerge("--help").stdout
+    assert "exit status" in top and "gomerge merge" in top and "gomerge inspect" in top
+    sub = gomerge("merge", "--help").stdout
+    for option in ("--density", "--svd-rank", "--svd-clamp", "--majority-sign-method", "--seed", "--dtype",
+                   "--overwrite", "--json", "--recipe", "recipe file (YAML)"):
+        assert option in sub
+
+
+def test_recipe(dirs, tmp_path):
+    recipe = tmp_path / "merge.yaml"
+    recipe.write_text(f"""\
+adapters:
+  - source: {dirs[0]}
+    weight: 2.0
+  - source: {dirs[1]}
+  - {dirs[2]}
+method: ties
+density: 0.3
+seed: 5
+output_dir: out
+""")
+    r = gomerge("merge", "--recipe", str(recipe), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["output_dir"] == str(tmp_path / "out") and res["combination_type"] == "ties"
+    assert "| 2 |" in (tmp_path / "out" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("body,line,text", [
+    ("adapters:\n  - source: a\nmethd: ties\n", 3, "unknown key 'methd'"),
+    ("adapters:\n  - source: a\n    wieght: 2\n", 3, "unknown key 'wieght'"),
+    ("adapters:\n  - source: a\n    weight: heavy\n", 3, "must be a number"),
+    ("adapters: []\n", 1, "non-empty list"),
+    ("method: ties\n", 1, "'adapters' is missing"),
+    ("adapters:\n  - source: a\nmethod: average\n", 3, "unknown method 'average'"),
+    ("adapters:\n  - source: a\ndensity: [1]\n", 3, "must be a number"),
+    ("adapters:\n  - weight: 1\n", 2, "'source'"),
+    ("adapters:\n  - source: a\n  bad indent: [\n", 3, "not valid YAML"),
+])
+def test_bad_recipes_name_line_and_key(body, line, text, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(body)
+    r = gomerge("merge", "--recipe", str(recipe))
+    assert r.returncode == 2, r.stderr
+    assert f"recipe.yaml:{line}" in r.stderr and text in r.stderr, r.stderr
+
+
+def _big_adapters(root, n_modules=40, size=2048, rank=16):
+    """Three adapters whose ties_svd merge takes seconds: many 2048 x 2048 modules."""
+    rng = np.random.default_rng(0)
+    dirs = []
+    for i in range(3):
+        d = root / f"big{i}"
+        d.mkdir(parents=True)
+        t = {}
+        for m in range(n_modules):
+            key = f"base_model.model.layers.{m}.proj"
+            t[key + ".lora_A.weight"] = rng.standard_normal((rank, size), dtype=np.float32)
+            t[key + ".lora_B.weight"] = rng.standard_normal((size, rank), dtype=np.float32)
+        save_file(t, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": rank,
+                                                           "target_modules": ["proj"]}))
+        dirs.append(str(d))
+    return dirs
+
+
+def test_ctrl_c_stops_within_a_second_and_leaves_nothing(tmp_path):
+    dirs = _big_adapters(tmp_path)
+    out = tmp_path / "merged"
+    e = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    proc = subprocess.Popen([sys.executable, "-m", "gomerge", "merge", *dirs, "-m", "ties_svd", "--density", "0.2",
+                             "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
+    time.sleep(2.0)  # well into the merge
+    assert proc.poll() is None, "the merge finished before it could be interrupted"
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=10)
+    assert time.monotonic() - t0 < 1.0
+    assert proc.returncode == 130 and "interrupted" in err
+    assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".gomerge-tmp")]
