@@ -1,0 +1,117 @@
+"""Sources beyond local folders: Hub ids through a local huggingface_hub cache with the network off, and older
+`adapter_model.bin` adapters; plus Ctrl-C inside the interpreter."""
+
+from __future__ import annotations
+
+import _thread
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import gomerge
+from peft_cases import LLAMA_ALL, MODELS, AdapterSpec, file_factors
+from test_cli import _big_adapters, gomerge as run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+from example_adapters import write_all  # noqa: E402
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def make_hub_cache(cache: str, repo: str, adapter_dir: str, subfolder: str | None = None) -> None:
+    """Lays an adapter out as huggingface_hub caches it: models--{org}--{name}/refs/main + snapshots/{commit}/..."""
+    base = os.path.join(cache, "models--" + repo.replace("/", "--"))
+    snap = os.path.join(base, "snapshots", COMMIT, subfolder or "")
+    os.makedirs(snap, exist_ok=True)
+    os.makedirs(os.path.join(base, "refs"), exist_ok=True)
+    with open(os.path.join(base, "refs", "main"), "w") as f:
+        f.write(COMMIT)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(os.path.join(adapter_dir, name), snap)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    cache = str(tmp_path / "hub")
+    dirs = write_all(str(tmp_path / "adapters"))
+    make_hub_cache(cache, "someone/norobots", dirs[0])
+    make_hub_cache(cache, "someone/sql", dirs[1], subfolder="lora")
+    monkeypatch.setenv("HF_HUB_CACHE", cache)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", cache)
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    return cache, dirs
+
+
+def test_hub_ids_from_the_cache_offline(offline_hub, tmp_path):
+    cache, dirs = offline_hub
+    hub = gomerge.add_weighted_adapter(["someone/norobots", dirs[2]], [2.0, 1.0], "m", "cat",
+                                       output_dir=tmp_path / "from-hub")
+    local = gomerge.add_weighted_adapter([dirs[0], dirs[2]], [2.0, 1.0], "m", "cat", output_dir=tmp_path / "local")
+    assert hub.rank == local.rank
+    a, b = file_factors(str(tmp_path / "from-hub")), file_factors(str(tmp_path / "local"))
+    assert all(np.array_equal(a[k][0], b[k][0]) for k in a)
+    assert "`someone/norobots`" in (tmp_path / "from-hub" / "README.md").read_text()
+    # a revision and a subfolder
+    gomerge.add_weighted_adapter([f"someone/sql@{COMMIT}"], [1.0], "m", subfolder="lora", output_dir=tmp_path / "s")
+
+
+def test_hub_miss_offline_is_a_clear_error(offline_hub, tmp_path):
+    with pytest.raises(OSError, match="someone/unknown.*cache does not hold it"):
+        gomerge.add_weighted_adapter(["someone/unknown", "someone/norobots"], [1.0, 1.0], "m",
+                                     output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_hub_through_the_cli(offline_hub, tmp_path):
+    cache, _ = offline_hub
+    env = {"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"}
+    r = run_cli("inspect", "someone/norobots", env=env)
+    assert r.returncode == 0 and "r=8" in r.stdout, r.stderr
+    r = run_cli("merge", "someone/norobots", "someone/sql", "--subfolder", "lora", "-o", str(tmp_path / "x"), env=env)
+    assert r.returncode == 1 and "someone/norobots" in r.stderr  # no lora/ subfolder in that repo
+    r = run_cli("merge", "someone/nothing", "-o", str(tmp_path / "x"), env=env)
+    assert r.returncode == 1 and "HF_HUB_OFFLINE" in r.stderr
+
+
+def test_bin_adapters_are_read_through_torch(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    import torch
+
+    def save(path, safe):
+        torch.manual_seed(3)
+        pm = get_peft_model(MODELS["llama"](0), LoraConfig(r=4, target_modules=LLAMA_ALL, init_lora_weights=False))
+        pm.save_pretrained(path, safe_serialization=safe)
+
+    save(str(tmp_path / "bin"), False)
+    save(str(tmp_path / "st"), True)
+    assert os.path.exists(tmp_path / "bin" / "adapter_model.bin")
+    assert not os.path.exists(tmp_path / "bin" / "adapter_model.safetensors")
+    r1 = gomerge.add_weighted_adapter([str(tmp_path / "bin")], [1.0], "m", "linear", output_dir=tmp_path / "o1")
+    r2 = gomerge.add_weighted_adapter([str(tmp_path / "st")], [1.0], "m", "linear", output_dir=tmp_path / "o2")
+    a, b = file_factors(str(tmp_path / "o1")), file_factors(str(tmp_path / "o2"))
+    assert r1.modules == r2.modules and all(np.array_equal(a[k][1], b[k][1]) for k in a)
+    assert not os.path.exists(tmp_path / "bin" / "adapter_model.safetensors")  # the source is left as it was
+
+
+def test_keyboard_interrupt_in_process_leaves_nothing_and_interpreter_works(tmp_path):
+    dirs = _big_adapters(tmp_path)
+    out = tmp_path / "merged"
+    timer = threading.Timer(1.0, _thread.interrupt_main)  # what Ctrl-C / a notebook's interrupt button does
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        gomerge.add_weighted_adapter(dirs, [1.0, 1.0, 1.0], "m", "ties_svd", density=0.2, output_dir=out)
+    timer.cancel()
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".gomerge-tmp")]
+    res = gomerge.add_weighted_adapter(write_all(str(tmp_path / "small")), [1.0, 1.0, 1.0], "m", "cat",
+                                       output_dir=tmp_path / "after")
+    assert res.rank == 24
