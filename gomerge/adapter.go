@@ -45,13 +45,22 @@ func (m *Module) In() int { return numel(m.RawA.Shape[1:]) }
 // Out is the number of rows of B.
 func (m *Module) Out() int { return m.RawB.Shape[0] }
 
-// Factors returns A (r x In) and B (Out x r) as float32: views of the
-// stored bytes for F32 (read-only), converted copies otherwise.
+// Factors returns A (r x In) and B (Out x r) as float32, to be treated as
+// read-only: views of memory for F32 tensors in memory, otherwise read from
+// the file and converted. A read error panics with an *Error, which the
+// merge of the module turns back into an error.
 func (m *Module) Factors() (a, b []float32) {
 	return view(m.RawA), view(m.RawB)
 }
 
 func view(t RawTensor) []float32 {
+	if t.src != nil {
+		x, err := t.src.ReadFloat32(t.name)
+		if err != nil {
+			panic(err)
+		}
+		return x
+	}
 	if t.DType == F32 {
 		return bytesAsFloat32(t.Data)
 	}
@@ -76,6 +85,15 @@ type Adapter struct {
 	Order   []string // module names, sorted
 	Extra   []string // tensors that are not LoRA factors (kept out of merges)
 	DType   DType    // dtype of the first module's lora_A
+	file    *STFile
+}
+
+// Close releases the adapter's weights file.
+func (a *Adapter) Close() error {
+	if a.file == nil {
+		return nil
+	}
+	return a.file.Close()
 }
 
 // LoadAdapter reads and validates a PEFT LoRA adapter directory.
@@ -101,29 +119,38 @@ func LoadAdapter(dir string) (*Adapter, error) {
 		}
 		return nil, newErr(KindFileNotFound, "%s: no such file", wpath)
 	}
-	raw, _, err := ReadSafetensors(wpath)
+	file, err := OpenSafetensors(wpath)
 	if err != nil {
 		return nil, err
 	}
-	a := &Adapter{Dir: dir, Config: cfg, Modules: map[string]*Module{}}
-	for key, t := range raw {
-		if err := a.addTensor(wpath, key, t); err != nil {
-			return nil, err
-		}
-	}
-	for name, m := range a.Modules {
-		if err := a.finishModule(wpath, name, m); err != nil {
-			return nil, err
-		}
-		a.Order = append(a.Order, name)
-	}
-	if len(a.Modules) == 0 {
-		return nil, valueErr("%s: no LoRA tensors (lora_A / lora_B) found", wpath)
+	a := &Adapter{Dir: dir, Config: cfg, Modules: map[string]*Module{}, file: file}
+	if err := a.index(wpath, file); err != nil {
+		file.Close()
+		return nil, err
 	}
 	sort.Strings(a.Order)
 	sort.Strings(a.Extra)
 	a.DType = a.Modules[a.Order[0]].RawA.DType
 	return a, nil
+}
+
+func (a *Adapter) index(wpath string, st *STFile) error {
+	for key, e := range st.Entries {
+		t := RawTensor{DType: e.DType, Shape: e.Shape, src: st, name: key, size: e.Length}
+		if err := a.addTensor(wpath, key, t, e.RawDType); err != nil {
+			return err
+		}
+	}
+	for name, m := range a.Modules {
+		if err := a.finishModule(wpath, name, m); err != nil {
+			return err
+		}
+		a.Order = append(a.Order, name)
+	}
+	if len(a.Modules) == 0 {
+		return valueErr("%s: no LoRA tensors (lora_A / lora_B) found", wpath)
+	}
+	return nil
 }
 
 var factorSuffixes = []struct {
@@ -137,7 +164,7 @@ var factorSuffixes = []struct {
 	{".lora_embedding_B", KindEmbedding, false},
 }
 
-func (a *Adapter) addTensor(path, key string, t RawTensor) error {
+func (a *Adapter) addTensor(path, key string, t RawTensor, rawDType string) error {
 	name := strings.TrimPrefix(key, keyPrefix)
 	switch {
 	case strings.HasSuffix(key, ".lora_magnitude_vector") || strings.Contains(key, ".lora_magnitude_vector."):
@@ -151,7 +178,7 @@ func (a *Adapter) addTensor(path, key string, t RawTensor) error {
 		}
 		mod := strings.TrimSuffix(name, s.suffix)
 		if t.DType == "" {
-			return valueErr("%s: tensor %s has a dtype gomerge does not merge (supported: F32, BF16, F16)", path, key)
+			return valueErr("%s: tensor %s has dtype %s, which gomerge does not merge (supported: F32, BF16, F16)", path, key, rawDType)
 		}
 		m := a.Modules[mod]
 		if m == nil {
@@ -201,8 +228,8 @@ func (a *Adapter) finishModule(path, name string, m *Module) error {
 		key string
 		raw RawTensor
 	}{{aKey, m.RawA}, {bKey, m.RawB}} {
-		if numel(t.raw.Shape)*t.raw.DType.Size() != len(t.raw.Data) {
-			return valueErr("%s: tensor %s: shape %v does not match its %d bytes", path, t.key, t.raw.Shape, len(t.raw.Data))
+		if int64(numel(t.raw.Shape)*t.raw.DType.Size()) != t.raw.ByteLen() {
+			return valueErr("%s: tensor %s: shape %v does not match its %d bytes", path, t.key, t.raw.Shape, t.raw.ByteLen())
 		}
 	}
 	m.Rank = sa[0]

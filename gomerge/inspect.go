@@ -26,6 +26,7 @@ func Inspect(dir string) (*AdapterInfo, error) {
 	if err != nil {
 		return nil, err
 	}
+	defer a.Close()
 	info := &AdapterInfo{Dir: dir, BaseModel: a.Config.BaseModel, R: a.Config.R, LoraAlpha: a.Config.LoraAlpha,
 		UseRslora: a.Config.UseRslora, TargetModules: a.Config.TargetModules, DType: a.DType.TorchName(),
 		Modules: len(a.Modules), Ranks: map[string]int{}, Extra: a.Extra}

@@ -215,6 +215,11 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 	if err != nil {
 		return nil, err
 	}
+	defer func() {
+		for _, a := range adapters {
+			a.Close()
+		}
+	}()
 	for i, dir := range opts.Adapters {
 		a := adapters[i]
 		if len(a.Extra) > 0 {
@@ -250,14 +255,45 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 	}
 	res.Modules = len(jobs)
 
-	tensors := make(map[string]RawTensor, 2*len(jobs))
-	var mu sync.Mutex
+	if err := ctx.Err(); err != nil {
+		return nil, ErrCancelled
+	}
+	pending, err := beginAdapterDir(opts.OutputDir, opts.Overwrite)
+	if err != nil {
+		return nil, err
+	}
+	committed := false
+	defer func() {
+		if !committed {
+			pending.abort()
+		}
+	}()
+	// Every output tensor is known before merging: write the header first, then each module as it is done,
+	// so that results never pile up in memory.
+	outs := make([]OutTensor, 0, 2*len(jobs))
+	for i := range jobs {
+		j := &jobs[i]
+		r := rank
+		if isFactorFamily(opts.CombinationType) {
+			r = j.srcs[0].mod.Rank
+		}
+		aName, bName := moduleKeys(j.name, j.kind)
+		outs = append(outs, OutTensor{aName, outDType, append([]int{r}, j.aTail...)},
+			OutTensor{bName, outDType, append([]int{j.out, r}, j.bTail...)})
+	}
+	w, err := CreateSafetensors(pending.path(WeightsFile), outs, map[string]string{"format": "pt"})
+	if err != nil {
+		return nil, err
+	}
 	ranks, err := runJobs(ctx, opts, jobs, rank, outDType, progress, func(_ int, aName, bName string, a, b RawTensor) error {
-		mu.Lock()
-		tensors[aName], tensors[bName] = a, b
-		mu.Unlock()
-		return nil
+		if err := w.WriteTensor(aName, a.Data); err != nil {
+			return err
+		}
+		return w.WriteTensor(bName, b.Data)
 	})
+	if cerr := w.Close(); err == nil {
+		err = cerr
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -266,20 +302,26 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 	if err != nil {
 		return nil, err
 	}
-	if err := ctx.Err(); err != nil {
-		return nil, ErrCancelled
+	if err := writeFileSync(pending.path(ConfigFile), cfgJSON); err != nil {
+		return nil, err
 	}
-	extra := map[string][]byte{}
 	if opts.ModelCard == nil || *opts.ModelCard {
 		names := opts.SourceNames
 		if len(names) != len(opts.Adapters) {
 			names = opts.Adapters
 		}
-		extra["README.md"] = []byte(ModelCard(opts, res, adapters[0].Config.BaseModel, names))
+		card := ModelCard(opts, res, adapters[0].Config.BaseModel, names)
+		if err := writeFileSync(pending.path("README.md"), []byte(card)); err != nil {
+			return nil, err
+		}
 	}
-	if err := WriteAdapterDir(opts.OutputDir, opts.Overwrite, cfgJSON, tensors, extra); err != nil {
+	if err := ctx.Err(); err != nil {
+		return nil, ErrCancelled
+	}
+	if err := pending.commit(opts.Overwrite); err != nil {
 		return nil, err
 	}
+	committed = true
 	res.Seconds = time.Since(start).Seconds()
 	return res, nil
 }
@@ -296,6 +338,11 @@ func loadAll(dirs []string) ([]*Adapter, error) {
 	})
 	for _, err := range errs {
 		if err != nil {
+			for _, a := range adapters {
+				if a != nil {
+					a.Close()
+				}
+			}
 			return nil, err
 		}
 	}
@@ -478,6 +525,10 @@ func rankPattern(jobs []moduleJob, ranks []int, rank int) Patterns {
 func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt DType) (aName, bName string, ra, rb RawTensor, r int, err error) {
 	defer func() {
 		if p := recover(); p != nil {
+			if e, ok := p.(*Error); ok { // a read error raised inside a kernel
+				err = e
+				return
+			}
 			err = newErr(KindInternal, "module %s: internal error: %v", j.name, p)
 		}
 	}()

@@ -44,57 +44,61 @@ func checkOutputDir(dir string, overwrite bool) error {
 	return nil
 }
 
-// WriteAdapterDir writes a PEFT adapter directory atomically: everything
-// goes to a temporary folder beside dir, which is then renamed into place.
-// A failure leaves no partial output and, with overwrite, the old directory
-// intact.
-func WriteAdapterDir(dir string, overwrite bool, config []byte, tensors map[string]RawTensor, extra map[string][]byte) (err error) {
+// pendingDir is an output directory being written: everything goes to a
+// temporary folder beside it, which commit renames into place and abort
+// removes. A failed or interrupted merge leaves no partial output and, with
+// overwrite, the old directory intact.
+type pendingDir struct {
+	dir, parent, tmp string
+}
+
+func beginAdapterDir(dir string, overwrite bool) (*pendingDir, error) {
 	if err := checkOutputDir(dir, overwrite); err != nil {
-		return err
+		return nil, err
 	}
 	dir = filepath.Clean(dir)
 	parent := filepath.Dir(dir)
 	if err := os.MkdirAll(parent, 0o755); err != nil {
-		return ioErr(parent, err)
+		return nil, ioErr(parent, err)
 	}
 	tmp, err := os.MkdirTemp(parent, tmpPrefix+filepath.Base(dir)+"-")
 	if err != nil {
-		return ioErr(parent, err)
+		return nil, ioErr(parent, err)
 	}
-	defer func() {
-		if err != nil {
-			os.RemoveAll(tmp)
-		}
-	}()
 	if err := os.Chmod(tmp, 0o755); err != nil {
-		return ioErr(tmp, err)
+		os.RemoveAll(tmp)
+		return nil, ioErr(tmp, err)
 	}
-	if err := WriteSafetensors(filepath.Join(tmp, WeightsFile), tensors, map[string]string{"format": "pt"}); err != nil {
-		return err
-	}
-	if err := writeFileSync(filepath.Join(tmp, ConfigFile), config); err != nil {
-		return err
-	}
-	for name, data := range extra {
-		if err := writeFileSync(filepath.Join(tmp, filepath.Base(name)), data); err != nil {
+	return &pendingDir{dir: dir, parent: parent, tmp: tmp}, nil
+}
+
+// path is where a file of the output goes while it is pending.
+func (p *pendingDir) path(name string) string { return filepath.Join(p.tmp, filepath.Base(name)) }
+
+// abort removes everything written so far.
+func (p *pendingDir) abort() { os.RemoveAll(p.tmp) }
+
+// commit renames the finished folder into place (replacing an existing
+// output directory, already checked to be replaceable).
+func (p *pendingDir) commit(overwrite bool) error {
+	syncDir(p.tmp)
+	if _, statErr := os.Lstat(p.dir); statErr == nil {
+		if err := checkOutputDir(p.dir, overwrite); err != nil { // it may have appeared meanwhile
 			return err
 		}
-	}
-	if _, statErr := os.Lstat(dir); statErr == nil {
-		// overwrite: move the old directory aside, put the new one in place
-		old := filepath.Join(parent, tmpPrefix+"old-"+filepath.Base(dir)+"-"+randomSuffix())
-		if err := os.Rename(dir, old); err != nil {
-			return ioErr(dir, err)
+		old := filepath.Join(p.parent, tmpPrefix+"old-"+filepath.Base(p.dir)+"-"+randomSuffix())
+		if err := os.Rename(p.dir, old); err != nil {
+			return ioErr(p.dir, err)
 		}
-		if err := os.Rename(tmp, dir); err != nil {
-			_ = os.Rename(old, dir)
-			return ioErr(dir, err)
+		if err := os.Rename(p.tmp, p.dir); err != nil {
+			_ = os.Rename(old, p.dir)
+			return ioErr(p.dir, err)
 		}
 		_ = os.RemoveAll(old)
-	} else if err := os.Rename(tmp, dir); err != nil {
-		return ioErr(dir, err)
+	} else if err := os.Rename(p.tmp, p.dir); err != nil {
+		return ioErr(p.dir, err)
 	}
-	syncDir(parent)
+	syncDir(p.parent)
 	return nil
 }
 

@@ -27,41 +27,29 @@ func numel(shape []int) int {
 	return n
 }
 
-// RawTensor is a tensor as stored in a safetensors file.
+// RawTensor is a tensor as stored: its bytes in memory (Data), or a place
+// in an open safetensors file that is read when the tensor is needed.
 type RawTensor struct {
 	DType DType
 	Shape []int
 	Data  []byte
+	src   *STFile
+	name  string
+	size  int64
+}
+
+// ByteLen is the size of the stored tensor in bytes.
+func (t RawTensor) ByteLen() int64 {
+	if t.src != nil {
+		return t.size
+	}
+	return int64(len(t.Data))
 }
 
 var stDTypes = map[safetensors.DType]DType{
 	safetensors.F32:  F32,
 	safetensors.BF16: BF16,
 	safetensors.F16:  F16,
-}
-
-// ReadSafetensors reads every tensor of a safetensors file. Tensors of a
-// dtype gomerge does not merge are returned with an empty DType so that the
-// caller can name them when they matter.
-func ReadSafetensors(path string) (map[string]RawTensor, map[string]string, error) {
-	buf, err := os.ReadFile(path)
-	if err != nil {
-		return nil, nil, ioErr(path, err)
-	}
-	st, err := safetensors.Deserialize(buf)
-	if err != nil {
-		return nil, nil, valueErr("%s: not a valid safetensors file: %v", path, err)
-	}
-	_, md, _ := safetensors.ReadMetadata(buf)
-	out := make(map[string]RawTensor, st.Len())
-	for _, nt := range st.Tensors() {
-		shape := make([]int, len(nt.TensorView.Shape()))
-		for i, d := range nt.TensorView.Shape() {
-			shape[i] = int(d)
-		}
-		out[nt.Name] = RawTensor{DType: stDTypes[nt.TensorView.DType()], Shape: shape, Data: nt.TensorView.Data()}
-	}
-	return out, md.Metadata(), nil
 }
 
 // WriteSafetensors writes tensors (already encoded) to path with the given

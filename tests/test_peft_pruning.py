@@ -3,7 +3,7 @@
 - Family 1 (`ties`, `magnitude_prune`, on the factors): every module's A', B' and B'A' equal PEFT's (rtol 1e-5).
 - Family 2 (`ties_svd`, `magnitude_prune_svd`, `dare_*_svd`): the matrix PEFT hands to `torch.linalg.svd` is
   captured; gomerge's B'A' must reconstruct it within 1% of the optimal rank-k error (a full SVD here), and where
-  the spectrum has a clear gap at k, B'A' must match PEFT's.
+  the spectrum has a clear gap at k (s_k > 1.5 s_k+1), B'A' must match PEFT's to 1% of its largest entry.
 - DARE: masks are random, so gomerge's masks (recovered from one-hot merges with the same seed) are fed to PEFT's
   own code through `torch.bernoulli`; PEFT then computes exactly what gomerge computed.
 """
@@ -100,7 +100,8 @@ def check_reconstruction(d_list, order, ours, theirs, k, label, record):
             worst_ratio = max(worst_ratio, err / optimal)
         if len(s) > k and s[k - 1] > 1.5 * s[k]:  # a clear gap: the rank-k approximation is well defined
             diff = rel_diff(delta(*ours[mod]), delta(*theirs[mod]))
-            assert diff < 1e-3, f"{mod}: B'A' differs from PEFT's by {diff:.3g} despite a spectral gap"
+            # the randomized SVD's subspace converges like (s_k+1 / s_k)^(2q+1); 1% of the largest entry at 1.5
+            assert diff < 1e-2, f"{mod}: B'A' differs from PEFT's by {diff:.3g} despite a spectral gap"
             gap_diff = max(gap_diff, diff)
     record(label, worst_ratio - 1.0, "family 2: reconstruction error / optimal rank-k error - 1")
 

@@ -1,0 +1,280 @@
+package gomerge
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"unsafe"
+
+	"github.com/nlpodyssey/safetensors"
+)
+
+// MaxHeaderSize caps a safetensors header, as the reference implementation
+// does (100 MB): a larger claim is refused before anything is allocated.
+const MaxHeaderSize = 100_000_000
+
+// STFile is an open safetensors file whose header has been read and
+// validated; tensor data is read on demand, so that a merge holds only the
+// modules it is working on, never whole files.
+type STFile struct {
+	Path      string
+	f         *os.File
+	dataStart int64
+	Entries   map[string]STEntry
+	Metadata  map[string]string
+}
+
+// STEntry locates one tensor of an STFile.
+type STEntry struct {
+	DType    DType  // "" for dtypes gomerge does not merge
+	RawDType string // as written in the file
+	Shape    []int
+	Offset   int64 // from the start of the data section
+	Length   int64
+}
+
+// OpenSafetensors opens and validates a safetensors file: header length
+// within the cap and the file, a JSON header without duplicate names,
+// offsets that tile the data section exactly, and byte counts that match
+// every dtype and shape. The data itself is not read.
+func OpenSafetensors(path string) (*STFile, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, ioErr(path, err)
+	}
+	st, err := readHeader(path, f)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return st, nil
+}
+
+func readHeader(path string, f *os.File) (*STFile, error) {
+	info, err := f.Stat()
+	if err != nil {
+		return nil, ioErr(path, err)
+	}
+	size := info.Size()
+	bad := func(format string, args ...any) error {
+		return valueErr("%s: not a valid safetensors file: %s", path, fmt.Sprintf(format, args...))
+	}
+	var lenBuf [8]byte
+	if _, err := io.ReadFull(f, lenBuf[:]); err != nil {
+		return nil, bad("shorter than its 8-byte header length (%d bytes)", size)
+	}
+	n := binary.LittleEndian.Uint64(lenBuf[:])
+	if n > MaxHeaderSize {
+		return nil, bad("header length %d is above the format's cap of %d", n, MaxHeaderSize)
+	}
+	if int64(n) > size-8 {
+		return nil, bad("header length %d is beyond the end of the file (%d bytes)", n, size)
+	}
+	header := make([]byte, n)
+	if _, err := io.ReadFull(f, header); err != nil {
+		return nil, ioErr(path, err)
+	}
+	if err := checkDuplicateKeys(header); err != nil {
+		return nil, bad("%v", err)
+	}
+	var md safetensors.Metadata
+	if err := json.Unmarshal(header, &md); err != nil {
+		return nil, bad("header: %v", err)
+	}
+	st := &STFile{Path: path, f: f, dataStart: int64(8 + n), Entries: map[string]STEntry{}, Metadata: md.Metadata()}
+	type span struct {
+		name       string
+		start, end uint64
+	}
+	var spans []span
+	for name, ti := range md.Tensors() {
+		shape := make([]int, len(ti.Shape))
+		elems := uint64(1)
+		for i, d := range ti.Shape {
+			if d > 1<<40 || (elems != 0 && elems*d/elems != d) {
+				return nil, bad("tensor %s: shape %v overflows", name, ti.Shape)
+			}
+			elems *= d
+			shape[i] = int(d)
+		}
+		s, e := ti.DataOffsets[0], ti.DataOffsets[1]
+		if e < s || elems > (1<<62)/ti.DType.Size() || e-s != elems*ti.DType.Size() {
+			return nil, bad("tensor %s: dtype %s and shape %v need %d bytes, its offsets [%d, %d] give %d",
+				name, ti.DType, ti.Shape, elems*ti.DType.Size(), s, e, e-s)
+		}
+		spans = append(spans, span{name, s, e})
+		st.Entries[name] = STEntry{DType: stDTypes[ti.DType], RawDType: ti.DType.String(), Shape: shape,
+			Offset: int64(s), Length: int64(e - s)}
+	}
+	sort.Slice(spans, func(i, j int) bool {
+		if spans[i].start != spans[j].start {
+			return spans[i].start < spans[j].start
+		}
+		return spans[i].end < spans[j].end
+	})
+	pos := uint64(0)
+	for _, sp := range spans {
+		if sp.start != pos {
+			kind := "overlaps another tensor"
+			if sp.start > pos {
+				kind = "leaves a gap before it"
+			}
+			return nil, bad("tensor %s at offset %d %s", sp.name, sp.start, kind)
+		}
+		pos = sp.end
+	}
+	if int64(pos) != size-st.dataStart {
+		return nil, bad("its tensors need %d bytes of data, the file holds %d", pos, size-st.dataStart)
+	}
+	return st, nil
+}
+
+// checkDuplicateKeys rejects a header object that names a tensor twice
+// (encoding/json would silently keep the last one).
+func checkDuplicateKeys(header []byte) error {
+	dec := json.NewDecoder(bytes.NewReader(header))
+	tok, err := dec.Token()
+	if err != nil || tok != json.Delim('{') {
+		return fmt.Errorf("header is not a JSON object")
+	}
+	seen := map[string]bool{}
+	for dec.More() {
+		kt, err := dec.Token()
+		if err != nil {
+			return fmt.Errorf("header: %v", err)
+		}
+		key, _ := kt.(string)
+		if seen[key] {
+			return fmt.Errorf("tensor %s appears twice in the header", key)
+		}
+		seen[key] = true
+		var skip json.RawMessage
+		if err := dec.Decode(&skip); err != nil {
+			return fmt.Errorf("header: %v", err)
+		}
+	}
+	return nil
+}
+
+// ReadFloat32 reads tensor name and converts it to float32.
+func (s *STFile) ReadFloat32(name string) ([]float32, error) {
+	e, ok := s.Entries[name]
+	if !ok {
+		return nil, valueErr("%s: no tensor %s", s.Path, name)
+	}
+	n := int(e.Length) / e.DType.Size()
+	if e.DType == F32 {
+		out := make([]float32, n)
+		if n > 0 {
+			if err := s.readAt(unsafe.Slice((*byte)(unsafe.Pointer(&out[0])), 4*n), e.Offset, name); err != nil {
+				return nil, err
+			}
+		}
+		return out, nil
+	}
+	raw := make([]byte, e.Length)
+	if err := s.readAt(raw, e.Offset, name); err != nil {
+		return nil, err
+	}
+	return Decode(e.DType, raw), nil
+}
+
+func (s *STFile) readAt(dst []byte, off int64, name string) error {
+	if _, err := s.f.ReadAt(dst, s.dataStart+off); err != nil {
+		return newErr(KindOS, "%s: reading tensor %s: %v (was the file changed during the merge?)", s.Path, name, err)
+	}
+	return nil
+}
+
+// Close closes the file.
+func (s *STFile) Close() error { return s.f.Close() }
+
+// OutTensor is a tensor of a file written by STWriter.
+type OutTensor struct {
+	Name  string
+	DType DType
+	Shape []int
+}
+
+// STWriter writes a safetensors file whose tensors are all known in advance
+// (names, dtypes, shapes) and arrive in any order, from any goroutine: the
+// header is written first, each tensor at its offset as it comes.
+type STWriter struct {
+	path    string
+	f       *os.File
+	start   int64
+	offsets map[string][2]int64
+}
+
+var writeDTypes = map[DType]string{F32: "F32", BF16: "BF16", F16: "F16"}
+
+// CreateSafetensors creates path with a header for the given tensors and
+// metadata (data sorted by name, the header padded to 8 bytes).
+func CreateSafetensors(path string, tensors []OutTensor, metadata map[string]string) (*STWriter, error) {
+	sorted := append([]OutTensor(nil), tensors...)
+	sort.Slice(sorted, func(i, j int) bool { return sorted[i].Name < sorted[j].Name })
+	header := map[string]any{}
+	if len(metadata) > 0 {
+		header["__metadata__"] = metadata
+	}
+	w := &STWriter{path: path, offsets: map[string][2]int64{}}
+	pos := int64(0)
+	for _, t := range sorted {
+		n := int64(numel(t.Shape) * t.DType.Size())
+		header[t.Name] = map[string]any{"dtype": writeDTypes[t.DType], "shape": t.Shape, "data_offsets": [2]int64{pos, pos + n}}
+		w.offsets[t.Name] = [2]int64{pos, pos + n}
+		pos += n
+	}
+	h, err := json.Marshal(header)
+	if err != nil {
+		return nil, err
+	}
+	for len(h)%8 != 0 {
+		h = append(h, ' ')
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, ioErr(path, err)
+	}
+	w.f = f
+	var lenBuf [8]byte
+	binary.LittleEndian.PutUint64(lenBuf[:], uint64(len(h)))
+	if _, err := f.Write(append(lenBuf[:], h...)); err != nil {
+		f.Close()
+		return nil, ioErr(path, err)
+	}
+	w.start = int64(8 + len(h))
+	if err := f.Truncate(w.start + pos); err != nil {
+		f.Close()
+		return nil, ioErr(path, err)
+	}
+	return w, nil
+}
+
+// WriteTensor writes the encoded data of one tensor at its place.
+func (w *STWriter) WriteTensor(name string, data []byte) error {
+	off, ok := w.offsets[name]
+	if !ok || int64(len(data)) != off[1]-off[0] {
+		return newErr(KindInternal, "%s: tensor %s: unexpected name or size (%d bytes)", w.path, name, len(data))
+	}
+	if _, err := w.f.WriteAt(data, w.start+off[0]); err != nil {
+		return ioErr(w.path, err)
+	}
+	return nil
+}
+
+// Close syncs and closes the file.
+func (w *STWriter) Close() error {
+	err := w.f.Sync()
+	if cerr := w.f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return ioErr(w.path, err)
+	}
+	return nil
+}
