@@ -37,6 +37,8 @@ type Module struct {
 	Rank    int
 	Alpha   float64
 	Scaling float64
+	// factors read from a file, kept until release
+	a, b []float32
 }
 
 // In is the number of columns of A in two dimensions.
@@ -50,12 +52,25 @@ func (m *Module) Out() int { return m.RawB.Shape[0] }
 // the file and converted. A read error panics with an *Error, which the
 // merge of the module turns back into an error.
 func (m *Module) Factors() (a, b []float32) {
-	return view(m.RawA), view(m.RawB)
+	if m.a == nil {
+		m.a, m.b = view(m.RawA), view(m.RawB)
+	}
+	return m.a, m.b
+}
+
+// release gives the buffers of factors read from a file back to the pool
+// (a module is merged by one goroutine, once).
+func (m *Module) release() {
+	if m.RawA.src != nil && m.a != nil {
+		putBuf(m.a)
+		putBuf(m.b)
+	}
+	m.a, m.b = nil, nil
 }
 
 func view(t RawTensor) []float32 {
 	if t.src != nil {
-		x, err := t.src.ReadFloat32(t.name)
+		x, err := t.src.ReadFloat32Into(getBuf(numel(t.Shape)), t.name)
 		if err != nil {
 			panic(err)
 		}

@@ -52,8 +52,14 @@ func (d DType) TorchName() string {
 
 // Decode converts little-endian raw bytes of dtype d into float32 values.
 func Decode(d DType, raw []byte) []float32 {
-	n := len(raw) / d.Size()
-	out := make([]float32, n)
+	out := make([]float32, len(raw)/d.Size())
+	decodeInto(out, d, raw)
+	return out
+}
+
+// decodeInto converts raw bytes of dtype d into out (of the right length).
+func decodeInto(out []float32, d DType, raw []byte) {
+	n := len(out)
 	switch d {
 	case F32:
 		copy(out, bytesAsFloat32(raw[:4*n]))
@@ -66,7 +72,6 @@ func Decode(d DType, raw []byte) []float32 {
 			out[i] = halfToFloat32(binary.LittleEndian.Uint16(raw[2*i:]))
 		}
 	}
-	return out
 }
 
 // Encode converts float32 values to little-endian raw bytes of dtype d,

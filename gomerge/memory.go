@@ -74,6 +74,7 @@ func MergeTensors(ctx context.Context, req MemRequest, progress *Progress) (*Mem
 	if req.Rank <= 0 {
 		return nil, valueErr("rank: must be positive, got %d", req.Rank)
 	}
+	defer holdGCHeadroom()()
 	res := &MemResult{Warnings: opts.prepareRandomness()}
 	res.Seed = opts.Seed
 	jobs := make([]moduleJob, len(req.Modules))

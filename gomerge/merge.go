@@ -201,6 +201,7 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 	if err := checkOutputDir(opts.OutputDir, opts.Overwrite); err != nil {
 		return nil, err
 	}
+	defer holdGCHeadroom()()
 	res := &Result{OutputDir: opts.OutputDir, AdapterName: opts.AdapterName, Warnings: []string{}}
 	if len(opts.Adapters) == 1 && opts.CombinationType != "linear" {
 		res.Warnings = append(res.Warnings, fmt.Sprintf(
@@ -523,6 +524,11 @@ func rankPattern(jobs []moduleJob, ranks []int, rank int) Patterns {
 // mergeModule merges one module, recovering from panics so that a bug in a
 // kernel becomes an error naming the module.
 func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt DType) (aName, bName string, ra, rb RawTensor, r int, err error) {
+	defer func() {
+		for _, s := range j.srcs {
+			s.mod.release()
+		}
+	}()
 	defer func() {
 		if p := recover(); p != nil {
 			if e, ok := p.(*Error); ok { // a read error raised inside a kernel

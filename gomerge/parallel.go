@@ -2,6 +2,8 @@ package gomerge
 
 import (
 	"runtime"
+	"runtime/debug"
+	"runtime/metrics"
 	"sync"
 )
 
@@ -28,6 +30,45 @@ func parallelFor(n, grain int, fn func(lo, hi int)) {
 		}()
 	}
 	wg.Wait()
+}
+
+// gcHeadroom is how much garbage a merge may leave between collections.
+// Streaming merges keep little live data but allocate steadily; with a small
+// live heap Go's collector would run every few megabytes, stop the world
+// hundreds of times per merge and cost more than the merge itself.
+const gcHeadroom = 128 << 20
+
+var (
+	gcMu      sync.Mutex
+	gcUsers   int
+	gcPercent int
+)
+
+// holdGCHeadroom raises GOGC for the duration of a merge so that the next
+// collection comes after about gcHeadroom bytes (never below Go's default
+// of 100%); the returned function restores it when the last concurrent merge
+// ends.
+func holdGCHeadroom() func() {
+	gcMu.Lock()
+	if gcUsers == 0 {
+		sample := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
+		metrics.Read(sample)
+		live := uint64(1 << 20)
+		if sample[0].Value.Kind() == metrics.KindUint64 {
+			live = max(live, sample[0].Value.Uint64())
+		}
+		gcPercent = debug.SetGCPercent(max(100, int(gcHeadroom*100/live)))
+	}
+	gcUsers++
+	gcMu.Unlock()
+	return func() {
+		gcMu.Lock()
+		gcUsers--
+		if gcUsers == 0 {
+			debug.SetGCPercent(gcPercent)
+		}
+		gcMu.Unlock()
+	}
 }
 
 // bufPool recycles the large float32 buffers of dense merges, so that a

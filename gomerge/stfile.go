@@ -166,9 +166,19 @@ func (s *STFile) ReadFloat32(name string) ([]float32, error) {
 	if !ok {
 		return nil, valueErr("%s: no tensor %s", s.Path, name)
 	}
+	return s.ReadFloat32Into(make([]float32, int(e.Length)/max(1, e.DType.Size())), name)
+}
+
+// ReadFloat32Into reads tensor name into out (of its number of elements),
+// converting it to float32.
+func (s *STFile) ReadFloat32Into(out []float32, name string) ([]float32, error) {
+	e, ok := s.Entries[name]
+	if !ok {
+		return nil, valueErr("%s: no tensor %s", s.Path, name)
+	}
 	n := int(e.Length) / e.DType.Size()
+	out = out[:n]
 	if e.DType == F32 {
-		out := make([]float32, n)
 		if n > 0 {
 			if err := s.readAt(unsafe.Slice((*byte)(unsafe.Pointer(&out[0])), 4*n), e.Offset, name); err != nil {
 				return nil, err
@@ -180,7 +190,8 @@ func (s *STFile) ReadFloat32(name string) ([]float32, error) {
 	if err := s.readAt(raw, e.Offset, name); err != nil {
 		return nil, err
 	}
-	return Decode(e.DType, raw), nil
+	decodeInto(out, e.DType, raw)
+	return out, nil
 }
 
 func (s *STFile) readAt(dst []byte, off int64, name string) error {
