@@ -9,9 +9,10 @@ PIP := $(VENV)/bin/pip
 GO ?= go
 GO_SOURCES := $(wildcard gomerge/*.go bindings/*.go) go.mod go.sum
 ENGINE := python/gomerge/_engine/bindings.py
-FUZZTIME ?= 10s
+FUZZTIME ?= 20s
+FUZZ_TARGETS := FuzzOpenSafetensors FuzzParseConfig FuzzPatternResolve
 
-.PHONY: all build run test test-go test-python lint wheel bench clean
+.PHONY: all build run test test-go test-python fuzz lint wheel bench clean
 
 all: build
 
@@ -45,7 +46,15 @@ test-go:
 test-python: build $(VENV)/.deps-test
 	$(PY) -m pytest -q tests
 
-test: lint test-go test-python
+# Each fuzz target runs for FUZZTIME; a crasher is saved under gomerge/testdata/fuzz/ and fails the run
+# (commit it: it then runs as a regression test in test-go).
+fuzz:
+	@for t in $(FUZZ_TARGETS); do \
+		echo "fuzz $$t ($(FUZZTIME))"; \
+		$(GO) test ./gomerge -run='^$$' -fuzz="^$$t$$" -fuzztime=$(FUZZTIME) || exit 1; \
+	done
+
+test: lint test-go fuzz test-python
 
 wheel: $(VENV)/.deps-build
 	rm -rf dist

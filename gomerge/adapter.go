@@ -2,9 +2,11 @@ package gomerge
 
 import (
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strings"
 )
@@ -162,10 +164,47 @@ func (a *Adapter) index(wpath string, st *STFile) error {
 		}
 		a.Order = append(a.Order, name)
 	}
+	sort.Strings(a.Order)
 	if len(a.Modules) == 0 {
 		return valueErr("%s: no LoRA tensors (lora_A / lora_B) found", wpath)
 	}
-	return nil
+	return a.checkTargets(wpath)
+}
+
+// checkTargets refuses weights of which no module matches the config's
+// target_modules (PEFT's rule: a list entry matches a module path equal to
+// it or ending in "."+entry; a string is a full-match regex).
+func (a *Adapter) checkTargets(wpath string) error {
+	tm := a.Config.TargetModules
+	if !tm.IsRegex && len(tm.Names) == 0 {
+		return nil // nothing declared (PEFT's defaults for known models): nothing to check
+	}
+	var re *regexp.Regexp
+	if tm.IsRegex {
+		var err error
+		if re, err = regexp.Compile(`^(?:` + tm.Regex + `)$`); err != nil {
+			return nil // a Python-only regex: PEFT checks it, gomerge cannot
+		}
+	}
+	for name := range a.Modules {
+		if re != nil && re.MatchString(name) {
+			return nil
+		}
+		for _, t := range tm.Names {
+			if name == t || strings.HasSuffix(name, "."+t) {
+				return nil
+			}
+		}
+	}
+	return valueErr("%s: target_modules %v in %s matches none of the %d modules in %s (first: %s)",
+		a.Dir, targetsText(tm), ConfigFile, len(a.Modules), filepath.Base(wpath), a.Order[0])
+}
+
+func targetsText(tm TargetModules) string {
+	if tm.IsRegex {
+		return fmt.Sprintf("%q", tm.Regex)
+	}
+	return fmt.Sprintf("%q", tm.Names)
 }
 
 var factorSuffixes = []struct {

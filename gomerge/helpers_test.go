@@ -30,7 +30,7 @@ func randTensor(rng *rand.Rand, shape ...int) *Tensor {
 func writeTestAdapter(t testing.TB, dir string, cfg map[string]any, mods map[string]testModule) string {
 	t.Helper()
 	require.NoError(t, os.MkdirAll(dir, 0o755))
-	full := map[string]any{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": []string{"q_proj"}}
+	full := map[string]any{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": []string{"q", "k", "v"}}
 	for k, v := range cfg {
 		full[k] = v
 	}

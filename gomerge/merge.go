@@ -42,11 +42,12 @@ type Options struct {
 	MajoritySignMethod string    `json:"majority_sign_method"`
 	OutputDir          string    `json:"output_dir"`
 	Overwrite          bool      `json:"overwrite"`
-	Seed               *uint64   `json:"seed"`         // DARE's random seed; nil draws a fresh one
-	SourceNames        []string  `json:"source_names"` // how the user named the adapters (for the model card)
-	ModelCard          *bool     `json:"model_card"`   // write README.md (default true)
-	DType              string    `json:"dtype"`        // "" keeps adapter 0's dtype
-	Workers            int       `json:"workers"`      // 0 uses all cores
+	Seed               *uint64   `json:"seed"`            // DARE's random seed; nil draws a fresh one
+	SourceNames        []string  `json:"source_names"`    // how the user named the adapters (for the model card)
+	ModelCard          *bool     `json:"model_card"`      // write README.md (default true)
+	AllowNonFinite     bool      `json:"allow_nonfinite"` // merge NaN / Inf values instead of refusing them
+	DType              string    `json:"dtype"`           // "" keeps adapter 0's dtype
+	Workers            int       `json:"workers"`         // 0 uses all cores
 }
 
 // Result describes a finished merge.
@@ -221,6 +222,9 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 			a.Close()
 		}
 	}()
+	for _, a := range adapters {
+		a.file.AllowNonFinite = opts.AllowNonFinite
+	}
 	for i, dir := range opts.Adapters {
 		a := adapters[i]
 		if len(a.Extra) > 0 {
@@ -255,6 +259,9 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 		return nil, err
 	}
 	res.Modules = len(jobs)
+	if opts.Workers, err = planWorkers(opts, jobs, availableMemory()); err != nil {
+		return nil, err
+	}
 
 	if err := ctx.Err(); err != nil {
 		return nil, ErrCancelled
@@ -499,6 +506,7 @@ func runJobs(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt D
 				if progress != nil {
 					progress.Done.Add(1)
 				}
+				gcTune()
 			}
 		}()
 	}

@@ -222,3 +222,20 @@ func TestMergeOverwriteReplacesAdapter(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, 4, merged.Config.R) // the svd merge replaced the cat one
 }
+
+func TestPlanWorkersRefusesWhatCannotFit(t *testing.T) {
+	mod := &Module{Rank: 16}
+	big := moduleJob{name: "m.big", in: 11008, out: 4096, srcs: []source{{mod: mod}, {mod: mod}, {mod: mod}}}
+	opts := Options{CombinationType: "ties_svd"}
+	need := moduleMemory("ties_svd", &big) // about 540 MB
+	_, err := planWorkers(opts, []moduleJob{big}, need/2)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "module m.big")
+	assert.Contains(t, err.Error(), "GiB")
+	w, err := planWorkers(opts, []moduleJob{big, big, big}, need*2) // room for one at a time (3/4 of 2x)
+	require.NoError(t, err)
+	assert.Equal(t, 1, w)
+	w, err = planWorkers(Options{CombinationType: "linear", Workers: 7}, []moduleJob{big}, 1<<40)
+	require.NoError(t, err)
+	assert.Equal(t, 7, w)
+}

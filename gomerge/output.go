@@ -4,13 +4,17 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
 )
 
-// tmpPrefix starts the names of the temporary folders that WriteAdapterDir
-// creates beside the output directory.
+// tmpPrefix starts the names of the temporary folders created beside the
+// output directory: .gomerge-tmp-<pid>-<output name>-<random>.
 const tmpPrefix = ".gomerge-tmp-"
 
 // checkOutputDir refuses an existing output directory unless overwrite is
@@ -61,7 +65,8 @@ func beginAdapterDir(dir string, overwrite bool) (*pendingDir, error) {
 	if err := os.MkdirAll(parent, 0o755); err != nil {
 		return nil, ioErr(parent, err)
 	}
-	tmp, err := os.MkdirTemp(parent, tmpPrefix+filepath.Base(dir)+"-")
+	cleanStale(parent)
+	tmp, err := os.MkdirTemp(parent, fmt.Sprintf("%s%d-%s-", tmpPrefix, os.Getpid(), filepath.Base(dir)))
 	if err != nil {
 		return nil, ioErr(parent, err)
 	}
@@ -86,7 +91,7 @@ func (p *pendingDir) commit(overwrite bool) error {
 		if err := checkOutputDir(p.dir, overwrite); err != nil { // it may have appeared meanwhile
 			return err
 		}
-		old := filepath.Join(p.parent, tmpPrefix+"old-"+filepath.Base(p.dir)+"-"+randomSuffix())
+		old := filepath.Join(p.parent, fmt.Sprintf("%s%d-old-%s-%s", tmpPrefix, os.Getpid(), filepath.Base(p.dir), randomSuffix()))
 		if err := os.Rename(p.dir, old); err != nil {
 			return ioErr(p.dir, err)
 		}
@@ -100,6 +105,34 @@ func (p *pendingDir) commit(overwrite bool) error {
 	}
 	syncDir(p.parent)
 	return nil
+}
+
+// cleanStale removes temporary folders left in dir by merges whose process
+// no longer exists (killed before they could clean up). Folders of live
+// processes, this one included, are left alone.
+func cleanStale(dir string) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		name := e.Name()
+		if !e.IsDir() || !strings.HasPrefix(name, tmpPrefix) {
+			continue
+		}
+		pidText, _, ok := strings.Cut(strings.TrimPrefix(name, tmpPrefix), "-")
+		pid, err := strconv.Atoi(pidText)
+		if !ok || err != nil || pid <= 0 || processAlive(pid) {
+			continue
+		}
+		_ = os.RemoveAll(filepath.Join(dir, name))
+	}
+}
+
+// processAlive tells whether a process with this id exists.
+func processAlive(pid int) bool {
+	err := syscall.Kill(pid, 0)
+	return err == nil || errors.Is(err, syscall.EPERM)
 }
 
 func writeFileSync(path string, data []byte) error {

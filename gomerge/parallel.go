@@ -41,8 +41,35 @@ const gcHeadroom = 128 << 20
 var (
 	gcMu      sync.Mutex
 	gcUsers   int
-	gcPercent int
+	gcPercent int // the setting to restore
+	gcSet     int // the setting in force
 )
+
+func liveHeap() uint64 {
+	sample := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
+	metrics.Read(sample)
+	live := uint64(1 << 20)
+	if sample[0].Value.Kind() == metrics.KindUint64 {
+		live = max(live, sample[0].Value.Uint64())
+	}
+	return live
+}
+
+// gcTune keeps the headroom at about gcHeadroom as the live heap changes
+// (called between modules); it only touches the setting when it moves by
+// more than a quarter.
+func gcTune() {
+	gcMu.Lock()
+	defer gcMu.Unlock()
+	if gcUsers == 0 {
+		return
+	}
+	want := max(100, int(gcHeadroom*100/liveHeap()))
+	if want*4 < gcSet*3 || want*4 > gcSet*5 {
+		debug.SetGCPercent(want)
+		gcSet = want
+	}
+}
 
 // holdGCHeadroom raises GOGC for the duration of a merge so that the next
 // collection comes after about gcHeadroom bytes (never below Go's default
@@ -51,13 +78,8 @@ var (
 func holdGCHeadroom() func() {
 	gcMu.Lock()
 	if gcUsers == 0 {
-		sample := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
-		metrics.Read(sample)
-		live := uint64(1 << 20)
-		if sample[0].Value.Kind() == metrics.KindUint64 {
-			live = max(live, sample[0].Value.Uint64())
-		}
-		gcPercent = debug.SetGCPercent(max(100, int(gcHeadroom*100/live)))
+		gcSet = max(100, int(gcHeadroom*100/liveHeap()))
+		gcPercent = debug.SetGCPercent(gcSet)
 	}
 	gcUsers++
 	gcMu.Unlock()

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"sort"
 	"unsafe"
@@ -26,6 +27,8 @@ type STFile struct {
 	dataStart int64
 	Entries   map[string]STEntry
 	Metadata  map[string]string
+	// AllowNonFinite lets NaN and Inf values through; by default reading one is an error.
+	AllowNonFinite bool
 }
 
 // STEntry locates one tensor of an STFile.
@@ -184,14 +187,26 @@ func (s *STFile) ReadFloat32Into(out []float32, name string) ([]float32, error) 
 				return nil, err
 			}
 		}
-		return out, nil
+		return out, s.checkFinite(out, name)
 	}
 	raw := make([]byte, e.Length)
 	if err := s.readAt(raw, e.Offset, name); err != nil {
 		return nil, err
 	}
 	decodeInto(out, e.DType, raw)
-	return out, nil
+	return out, s.checkFinite(out, name)
+}
+
+func (s *STFile) checkFinite(x []float32, name string) error {
+	if s.AllowNonFinite {
+		return nil
+	}
+	for i, v := range x {
+		if math.Float32bits(v)&0x7f800000 == 0x7f800000 {
+			return valueErr("%s: tensor %s holds %v at index %d (pass allow_nonfinite=True to merge it anyway)", s.Path, name, v, i)
+		}
+	}
+	return nil
 }
 
 func (s *STFile) readAt(dst []byte, off int64, name string) error {

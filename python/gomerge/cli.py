@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an existing output directory (only an adapter directory or an empty one)")
     m.add_argument("--no-model-card", action="store_true", help="do not write README.md")
+    m.add_argument("--allow-nonfinite", action="store_true", help="merge adapters holding NaN / Inf values "
+                                                                  "(refused by default)")
     m.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
 
@@ -157,7 +159,7 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             options.get("svd_full_matrices", True), options.get("svd_driver"), options.get("density"),
             options.get("majority_sign_method", "total"), options["output_dir"], options.get("overwrite", False),
             options.get("seed"), not args.no_model_card, options.get("dtype"), False if args.quiet or args.json
-            else None, None,
+            else None, None, args.allow_nonfinite,
         )
     if args.json:
         print(json.dumps(res.__dict__))

@@ -49,6 +49,8 @@ class MergeResult:
             Hub revision for Hub ids without an `@revision`.
         subfolder (`str`, *optional*):
             Folder of the adapters inside their directories or Hub repositories.
+        allow_nonfinite (`bool`, defaults to `False`):
+            Merge adapters holding NaN or Inf values; by default such a value is a `ValueError` naming the tensor.
         model_card (`bool`, defaults to `True`):
             Write a `README.md` model card (sources, weights, method, options, seed, usage) with the Hub's metadata.
         seed (`int`, *optional*): the seed of the DARE masks (`None` for the other types); pass it back as `seed=`
@@ -140,6 +142,7 @@ def add_weighted_adapter(
     revision: str | None = None,
     subfolder: str | None = None,
     model_card: bool = True,
+    allow_nonfinite: bool = False,
     dtype: str | None = None,
     progress: bool | None = None,
     workers: int | None = None,
@@ -189,6 +192,8 @@ def add_weighted_adapter(
             Hub revision for Hub ids without an `@revision`.
         subfolder (`str`, *optional*):
             Folder of the adapters inside their directories or Hub repositories.
+        allow_nonfinite (`bool`, defaults to `False`):
+            Merge adapters holding NaN or Inf values; by default such a value is a `ValueError` naming the tensor.
         model_card (`bool`, defaults to `True`):
             Write a `README.md` model card (sources, weights, method, options, seed, usage) with the Hub's metadata.
         seed (`int`, *optional*):
@@ -242,12 +247,14 @@ def add_weighted_adapter(
         local = [sources.resolve(n, stack, revision, subfolder) for n in names]
         return _run(local, names, weights, adapter_name, combination_type, svd_rank, svd_clamp, svd_full_matrices,
                     svd_driver, density, majority_sign_method, output_dir, overwrite, seed, model_card, dtype,
-                    progress, workers)
+                    progress, workers, allow_nonfinite)
 
 
 def _run(local, names, weights, adapter_name, combination_type, svd_rank, svd_clamp, svd_full_matrices, svd_driver,
-         density, majority_sign_method, output_dir, overwrite, seed, model_card, dtype, progress, workers):
+         density, majority_sign_method, output_dir, overwrite, seed, model_card, dtype, progress, workers,
+         allow_nonfinite=False):
     request = {
+        "allow_nonfinite": bool(allow_nonfinite),
         "adapters": local,
         "source_names": names,
         "model_card": bool(model_card),

@@ -1,0 +1,121 @@
+package gomerge
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// seedSafetensors returns a valid two-tensor file written by the reference
+// library, and crafted broken variants of it.
+func seedSafetensors(t testing.TB) [][]byte {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "x.safetensors")
+	tensors := map[string]RawTensor{
+		"base_model.model.m.lora_A.weight": {DType: F32, Shape: []int{2, 3}, Data: Encode(F32, []float32{1, 2, 3, 4, 5, 6})},
+		"base_model.model.m.lora_B.weight": {DType: BF16, Shape: []int{4, 2}, Data: Encode(BF16, make([]float32, 8))},
+	}
+	if err := WriteSafetensors(path, tensors, map[string]string{"format": "pt"}); err != nil {
+		t.Fatal(err)
+	}
+	good, _ := os.ReadFile(path)
+	n := binary.LittleEndian.Uint64(good[:8])
+	huge := append([]byte(nil), good...)
+	binary.LittleEndian.PutUint64(huge[:8], 1<<40)
+	beyond := append([]byte(nil), good...)
+	binary.LittleEndian.PutUint64(beyond[:8], uint64(len(good)))
+	header := func(h string) []byte {
+		b := make([]byte, 8)
+		binary.LittleEndian.PutUint64(b, uint64(len(h)))
+		return append(append(b, h...), make([]byte, 16)...)
+	}
+	return [][]byte{
+		good, good[:len(good)-3], good[:8+n], huge, beyond, {}, {1, 2, 3},
+		header(`{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}`),
+		header(`{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}`),
+		header(`{"a":{"dtype":"F8_E4M3","shape":[16],"data_offsets":[0,16]}}`),
+		header(`{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,16]}}`),
+		header(`{"__metadata__":{"format":1}}`),
+	}
+}
+
+// FuzzOpenSafetensors: any file is either refused with an error or read
+// completely, never a panic or an out-of-bounds read.
+func FuzzOpenSafetensors(f *testing.F) {
+	for _, s := range seedSafetensors(f) {
+		f.Add(s)
+	}
+	dir := f.TempDir()
+	f.Fuzz(func(t *testing.T, data []byte) {
+		path := filepath.Join(dir, "fuzz.safetensors")
+		if err := os.WriteFile(path, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		st, err := OpenSafetensors(path)
+		if err != nil {
+			if KindOf(err) == KindInternal {
+				t.Fatalf("untyped error: %v", err)
+			}
+			return
+		}
+		defer st.Close()
+		st.AllowNonFinite = true
+		for name, e := range st.Entries {
+			if e.DType == "" {
+				continue
+			}
+			if _, err := st.ReadFloat32(name); err != nil {
+				t.Fatalf("a validated tensor failed to read: %v", err)
+			}
+		}
+	})
+}
+
+// FuzzParseConfig: any adapter_config.json is refused with a ValueError or
+// gives a usable config.
+func FuzzParseConfig(f *testing.F) {
+	for _, s := range []string{
+		`{"peft_type":"LORA","r":8,"lora_alpha":16,"target_modules":["q_proj"],"rank_pattern":{"q":4},"alpha_pattern":{"v":2}}`,
+		`{"peft_type":"LORA","r":8,"target_modules":".*proj","use_rslora":true}`,
+		`{"peft_type":"IA3"}`, `[]`, `{"peft_type":"LORA","r":-1}`, `{"peft_type":"LORA","r":4,"rank_pattern":{"(":1}}`,
+		`{"peft_type":"LORA","r":4,"rank_pattern":{"a":1e308}}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		c, err := ParseConfig("fuzz.json", data)
+		if err != nil {
+			if KindOf(err) != KindValue && KindOf(err) != KindFileNotFound {
+				t.Fatalf("unexpected error kind: %v", err)
+			}
+			return
+		}
+		c.MaxRank()
+		r, alpha := c.ModuleRankAlpha("model.layers.0.q_proj")
+		c.Scaling(max(r, 1), alpha)
+		if _, err := MergedConfigJSON(c, 8, c.TargetModules, c.RankPattern, c.AlphaPattern, nil); err != nil {
+			t.Fatalf("a parsed config cannot be written back: %v", err)
+		}
+	})
+}
+
+// FuzzPatternResolve: any rank_pattern key either compiles or is refused,
+// and resolving any module path never panics.
+func FuzzPatternResolve(f *testing.F) {
+	for _, s := range [][2]string{{"q_proj", "model.layers.0.q_proj"}, {"layers.1.mlp.down_proj", "a.layers.1.mlp.down_proj"},
+		{".*", ""}, {"(", "x"}, {`\`, "x"}, {"a{1000}", "aaa"}, {"(?i)Q", "q"}} {
+		f.Add(s[0], s[1])
+	}
+	f.Fuzz(func(t *testing.T, key, module string) {
+		raw, _ := json.Marshal(map[string]int{key: 4})
+		p, err := ParsePatterns(raw)
+		if err != nil {
+			return
+		}
+		if v, ok := p.Resolve(module); ok && v != 4 {
+			t.Fatalf("resolved %v", v)
+		}
+	})
+}

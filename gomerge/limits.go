@@ -1,0 +1,78 @@
+package gomerge
+
+import (
+	"bufio"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+)
+
+// moduleMemory estimates the bytes one module's merge holds at its peak.
+func moduleMemory(combinationType string, j *moduleJob) int64 {
+	n := int64(len(j.srcs))
+	factors := int64(0)
+	for _, s := range j.srcs {
+		factors += int64(s.mod.Rank) * int64(j.in+j.out) * 4
+	}
+	if isPruning(combinationType) && !isFactorFamily(combinationType) {
+		// one dense update per source (the result overwrites the first), the sketch, the factors
+		return n*int64(j.in)*int64(j.out)*4 + 3*factors
+	}
+	if combinationType == "svd" {
+		total := int64(0)
+		for _, s := range j.srcs {
+			total += int64(s.mod.Rank)
+		}
+		return 3*total*int64(j.in+j.out)*8 + 3*factors // stacked factors and thin Qs, in float64
+	}
+	return 4 * factors
+}
+
+// availableMemory reads MemAvailable from /proc/meminfo (0 when unknown).
+func availableMemory() int64 {
+	f, err := os.Open("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), "MemAvailable:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64)
+			if err == nil {
+				return kb << 10
+			}
+		}
+	}
+	return 0
+}
+
+// planWorkers picks how many modules to merge at once so that their peak
+// memory fits what the machine has available, and refuses a merge whose
+// largest module alone would not fit, before anything is allocated.
+func planWorkers(opts Options, jobs []moduleJob, avail int64) (int, error) {
+	workers := opts.Workers
+	if workers <= 0 {
+		workers = runtime.GOMAXPROCS(0)
+	}
+	var largest int64
+	var name string
+	for i := range jobs {
+		if m := moduleMemory(opts.CombinationType, &jobs[i]); m > largest {
+			largest, name = m, jobs[i].name
+		}
+	}
+	if avail <= 0 || largest == 0 {
+		return workers, nil
+	}
+	budget := avail * 3 / 4
+	if largest > budget {
+		return 0, valueErr("module %s: combination_type %s needs about %.1f GiB of memory, but only %.1f GiB is available",
+			name, opts.CombinationType, float64(largest)/(1<<30), float64(avail)/(1<<30))
+	}
+	if opts.Workers <= 0 {
+		workers = max(1, min(workers, int(budget/largest)))
+	}
+	return workers, nil
+}
