@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // tmpPrefix starts the names of the temporary folders created beside the
@@ -91,6 +93,14 @@ func (p *pendingDir) commit(overwrite bool) error {
 		if err := checkOutputDir(p.dir, overwrite); err != nil { // it may have appeared meanwhile
 			return err
 		}
+		// Swap the two directories in one step, so that output_dir always holds a complete adapter, old or new;
+		// the old one, now under the temporary name, is then removed.
+		if err := unix.Renameat2(unix.AT_FDCWD, p.tmp, unix.AT_FDCWD, p.dir, unix.RENAME_EXCHANGE); err == nil {
+			_ = os.RemoveAll(p.tmp)
+			syncDir(p.parent)
+			return nil
+		}
+		// No RENAME_EXCHANGE (an old kernel or another file system): move the old one aside first.
 		old := filepath.Join(p.parent, fmt.Sprintf("%s%d-old-%s-%s", tmpPrefix, os.Getpid(), filepath.Base(p.dir), randomSuffix()))
 		if err := os.Rename(p.dir, old); err != nil {
 			return ioErr(p.dir, err)
