@@ -15,7 +15,9 @@ Scenarios (CPU, all cores):
 - S4, half precision: S1's `ties` with BF16 and F16 adapters against F32, gomerge only.
 
 Every row states the bytes read and written and the floor: those bytes divided by the memory bandwidth measured at
-the start of the run (a large memory copy). Results go to benchmarks/results/ (JSON, Markdown table, PNG chart).
+the start of the run (a large memory copy). Times are the best of 3 runs for gomerge, of 2 for PEFT's call and the
+drop-in (both warm), a single run for PEFT end to end and for PEFT's dense SVDs. Results go to benchmarks/results/
+(JSON, Markdown table, PNG chart).
 
 Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4] [--s3-layers N]
 """
@@ -72,6 +74,16 @@ def timed(fn, *args, **kwargs) -> float:
     return time.perf_counter() - t0
 
 
+def best(n: int, fn, *args, after=None, **kwargs) -> float:
+    """The best of n timed runs (after() runs between them, untimed)."""
+    times = []
+    for _ in range(n):
+        times.append(timed(fn, *args, **kwargs))
+        if after is not None:
+            after()
+    return min(times)
+
+
 def rss_mib() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -82,9 +94,11 @@ def rss_mib() -> float:
 
 def gomerge_child(dirs: list[str], ctype: str, out: str, **kw) -> tuple[float, float]:
     """Runs one gomerge merge in a child process: (seconds, peak RSS in MiB)."""
-    code = (f"import gomerge, json, resource; r = gomerge.add_weighted_adapter({dirs!r}, {[1.0] * len(dirs)!r}, "
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent into the exec'd child
+    code = (f"import gomerge, json; r = gomerge.add_weighted_adapter({dirs!r}, {[1.0] * len(dirs)!r}, "
             f"'m', {ctype!r}, output_dir={out!r}, overwrite=True, progress=False, **{kw!r}); "
-            "print(json.dumps([r.seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))")
+            "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]; "
+            "print(json.dumps([r.seconds, hwm / 1024]))")
     env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(HERE), "python"))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -105,11 +119,11 @@ def s1(root: str, bw: float, rows: list) -> None:
     for ctype, kw in (("ties", {"density": 0.2}), ("svd", {}), ("cat", {}), ("linear", {}),
                       ("dare_ties", {"density": 0.2})):
         out = os.path.join(root, f"s1-{ctype}")
-        t_go = timed(gomerge.add_weighted_adapter, dirs, weights, "m", ctype, output_dir=out, overwrite=True,
-                     progress=False, **kw)
+        t_go = best(3, gomerge.add_weighted_adapter, dirs, weights, "m", ctype, output_dir=out, overwrite=True,
+                    progress=False, **kw)
         out_bytes = dir_bytes(out)
-        t_patched = timed(gp.add_weighted_adapter, model, names, weights, "g", ctype, progress=False, **kw)
-        model.delete_adapter("g")
+        t_patched = best(2, gp.add_weighted_adapter, model, names, weights, "g", ctype, progress=False,
+                         after=lambda: model.delete_adapter("g"), **kw)
         note = ""
         if ctype == "svd":  # PEFT's dense SVDs: one layer, scaled to 22
             if one_layer is None:
@@ -120,8 +134,8 @@ def s1(root: str, bw: float, rows: list) -> None:
             t_e2e = t_peft + 22 * 0  # the loads and the save are negligible next to the SVDs
             note = "PEFT est. (1 layer x 22)"
         else:
-            t_peft = timed(model.add_weighted_adapter, names, weights, "p", ctype, **kw)
-            model.delete_adapter("p")
+            t_peft = best(2, model.add_weighted_adapter, names, weights, "p", ctype,
+                          after=lambda: model.delete_adapter("p"), **kw)
 
             def e2e():
                 from transformers import AutoModelForCausalLM
@@ -163,8 +177,8 @@ def s2(root: str, bw: float, rows: list) -> None:
             finally:
                 torch.linalg.svd = original
             out = os.path.join(root, f"s2-{fan_in}-{ctype}")
-            t_go = timed(gomerge.add_weighted_adapter, dirs, [2.0, 1.0, 1.0], "m", ctype, output_dir=out,
-                         overwrite=True, progress=False, **kw)
+            t_go = best(2, gomerge.add_weighted_adapter, dirs, [2.0, 1.0, 1.0], "m", ctype, output_dir=out,
+                        overwrite=True, progress=False, **kw)
             from safetensors.torch import load_file
 
             t = load_file(os.path.join(out, "adapter_model.safetensors"))
