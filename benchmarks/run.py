@@ -188,7 +188,8 @@ def s2(root: str, bw: float, rows: list) -> None:
             k = ba.shape  # noqa: F841
             rank = t["base_model.model.proj.lora_A.weight"].shape[0]
             if ctype == "svd":
-                check = f"||B'A' - PEFT||/||PEFT|| = {float(torch.linalg.norm(ba - peft_ba) / torch.linalg.norm(peft_ba)):.1e}"
+                rel = float(torch.linalg.norm(ba - peft_ba) / torch.linalg.norm(peft_ba))
+                check = f"B'A' vs PEFT: rel. Frobenius diff {rel:.1e}"
             else:
                 err = float(torch.linalg.norm(captured["D"] - ba))
                 optimal = float(torch.sqrt(torch.sum(captured["S"][rank:] ** 2)))
@@ -284,8 +285,12 @@ def chart(rows: list, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bars = [(f"{r['scenario']} {r['method']}", r["peft"] / r["gomerge"], r.get("peft_e2e", 0) / r["gomerge"])
-            for r in rows if r.get("peft")]
+    def label(r):
+        extra = " " + r["shapes"].split(",")[0].removeprefix("one ").removesuffix(" module") if r["scenario"] == "S2" \
+            else ""
+        return f"{r['scenario']} {r['method']}{extra}"
+
+    bars = [(label(r), r["peft"] / r["gomerge"], r.get("peft_e2e", 0) / r["gomerge"]) for r in rows if r.get("peft")]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     x = np.arange(len(bars))
     ax.bar(x - 0.2, [b[1] for b in bars], 0.4, label="vs PEFT's add_weighted_adapter call")
@@ -294,7 +299,7 @@ def chart(rows: list, path: str) -> None:
     ax.set_xticks(x, [b[0] for b in bars], rotation=30, ha="right")
     ax.set_ylabel("speedup of gomerge (disk to disk)")
     ax.axhline(1, color="gray", lw=0.8)
-    ax.legend()
+    ax.legend(loc="upper left", fontsize=8, framealpha=0.95)
     ax.set_title("gomerge vs PEFT, same inputs, one run")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -303,10 +308,17 @@ def chart(rows: list, path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenarios", default="S1,S2,S3,S4")
+    ap.add_argument("--chart-only", action="store_true", help="redraw the chart and table from results/latest.json")
     ap.add_argument("--s3-layers", type=int, default=32)
     ap.add_argument("--s3-svd-layers", type=int, default=2,
                     help="layers for S3's svd (exact SVDs of rank-512 sums are compute-bound: ~seconds per module)")
     args = ap.parse_args()
+    if args.chart_only:
+        saved = json.load(open(os.path.join(RESULTS, "latest.json")))
+        chart(saved["rows"], os.path.join(RESULTS, "speedups.png"))
+        with open(os.path.join(RESULTS, "latest.md"), "w") as f:
+            f.write(table(saved["rows"], saved["machine"]) + "\n")
+        return
     todo = set(args.scenarios.split(","))
     bw = bandwidth()
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__} "
