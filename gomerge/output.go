@@ -151,6 +151,12 @@ func writeFileSync(path string, data []byte) error {
 		return ioErr(path, err)
 	}
 	_, err = f.Write(data)
+	return syncClose(f, path, err)
+}
+
+// syncClose syncs and closes f after a write that returned err, and returns
+// the first error as an Error naming path.
+func syncClose(f *os.File, path string, err error) error {
 	if err == nil {
 		err = f.Sync()
 	}

@@ -294,13 +294,4 @@ func (w *STWriter) WriteTensor(name string, data []byte) error {
 }
 
 // Close syncs and closes the file.
-func (w *STWriter) Close() error {
-	err := w.f.Sync()
-	if cerr := w.f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return ioErr(w.path, err)
-	}
-	return nil
-}
+func (w *STWriter) Close() error { return syncClose(w.f, w.path, nil) }

@@ -77,16 +77,7 @@ func WriteSafetensors(path string, tensors map[string]RawTensor, metadata map[st
 	if err == nil {
 		err = w.Flush()
 	}
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return ioErr(path, err)
-	}
-	return nil
+	return syncClose(f, path, err)
 }
 
 // ioErr turns an os error on path into a typed Error.

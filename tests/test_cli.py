@@ -127,7 +127,7 @@ def test_bad_recipes_name_line_and_key(body, line, text, tmp_path):
 
 
 def _big_adapters(root, n_modules=40, size=2048, rank=16):
-    """Three adapters whose ties_svd merge takes seconds: many 2048 x 2048 modules."""
+    """Three adapters whose ties_svd merge takes seconds (by default 40 modules of 2048 x 2048)."""
     rng = np.random.default_rng(0)
     dirs = []
     for i in range(3):

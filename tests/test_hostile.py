@@ -27,6 +27,7 @@ import gomerge
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 from example_adapters import write_all  # noqa: E402
+from test_cli import _big_adapters  # noqa: E402
 
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
 
@@ -183,20 +184,7 @@ def test_full_disk_leaves_nothing(tmp_path):
 
 def _kill_target(root):
     """Adapters whose ties_svd merge takes about a second: 12 modules of 1536 x 1536."""
-    rng = np.random.default_rng(1)
-    dirs = []
-    for i in range(3):
-        d = root / f"k{i}"
-        d.mkdir(parents=True)
-        t = {}
-        for m in range(12):
-            t[f"base_model.model.layers.{m}.proj.lora_A.weight"] = rng.standard_normal((8, 1536), dtype=np.float32)
-            t[f"base_model.model.layers.{m}.proj.lora_B.weight"] = rng.standard_normal((1536, 8), dtype=np.float32)
-        save_file(t, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 8,
-                                                           "target_modules": ["proj"]}))
-        dirs.append(str(d))
-    return dirs
+    return _big_adapters(root, n_modules=12, size=1536, rank=8)
 
 
 def test_sigkill_at_random_points_never_leaves_partial_output(tmp_path):

@@ -7,7 +7,7 @@ import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal, Sequence, Union
+from typing import Literal, Sequence, Union, get_args
 
 from contextlib import ExitStack
 
@@ -15,19 +15,11 @@ from . import _native, sources
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-COMBINATION_TYPES = (
-    "svd",
-    "linear",
-    "cat",
-    "ties",
-    "ties_svd",
-    "dare_ties",
-    "dare_linear",
-    "dare_ties_svd",
-    "dare_linear_svd",
-    "magnitude_prune",
-    "magnitude_prune_svd",
-)
+CombinationType = Literal[
+    "svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd",
+    "magnitude_prune", "magnitude_prune_svd",
+]
+COMBINATION_TYPES: tuple[str, ...] = get_args(CombinationType)
 
 # Below this many modules a progress bar is more noise than help.
 _PROGRESS_MIN_MODULES = 64
@@ -116,19 +108,7 @@ def add_weighted_adapter(
     adapters: Sequence[PathLike],
     weights: Sequence[float],
     adapter_name: str,
-    combination_type: Literal[
-        "svd",
-        "linear",
-        "cat",
-        "ties",
-        "ties_svd",
-        "dare_ties",
-        "dare_linear",
-        "dare_ties_svd",
-        "dare_linear_svd",
-        "magnitude_prune",
-        "magnitude_prune_svd",
-    ] = "svd",
+    combination_type: CombinationType = "svd",
     svd_rank: int | None = None,
     svd_clamp: float | None = None,
     svd_full_matrices: bool = True,

@@ -36,6 +36,7 @@ from peft.utils import _freeze_adapter
 from torch import nn
 
 from . import _native
+from .merge import CombinationType
 
 __all__ = ["add_weighted_adapter", "patch_peft", "unpatch_peft"]
 
@@ -130,10 +131,7 @@ def add_weighted_adapter(
     adapters: Sequence[str],
     weights: Sequence[float],
     adapter_name: str,
-    combination_type: Literal[
-        "svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd",
-        "magnitude_prune", "magnitude_prune_svd",
-    ] = "svd",
+    combination_type: CombinationType = "svd",
     svd_rank: int | None = None,
     svd_clamp: float | None = None,
     svd_full_matrices: bool = True,
