@@ -75,20 +75,25 @@ func (c Combination) Apply(tensors [][]float32, weights []float32, dare func(i i
 	}
 	ties := c.Method == "ties" || c.Method == "dare_ties"
 	parallelFor(len(out), combineGrain, func(lo, hi int) {
+		// scratch for one grain, reused across this range's grains (they stay in cache)
 		sub := make([][]float32, len(tensors))
-		for i, t := range tensors {
-			sub[i] = t[lo:hi]
+		res := make([]float32, combineGrain)
+		count := make([]float32, combineGrain)
+		signs := make([]float32, combineGrain)
+		for clo := lo; clo < hi; clo += combineGrain {
+			chi := min(clo+combineGrain, hi)
+			for i, t := range tensors {
+				sub[i] = t[clo:chi]
+			}
+			r := res[:chi-clo]
+			if ties {
+				electSignsInto(signs[:chi-clo], sub, c.SignMethod)
+				disjointMergeInto(r, count[:chi-clo], sub, weights, signs[:chi-clo])
+			} else {
+				taskArithmeticInto(r, sub, weights)
+			}
+			copy(out[clo:chi], r)
 		}
-		res := make([]float32, hi-lo)
-		if ties {
-			count := make([]float32, hi-lo)
-			signs := make([]float32, hi-lo)
-			electSignsInto(signs, sub, c.SignMethod)
-			disjointMergeInto(res, count, sub, weights, signs)
-		} else {
-			taskArithmeticInto(res, sub, weights)
-		}
-		copy(out[lo:hi], res)
 	})
 	return out
 }

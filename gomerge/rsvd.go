@@ -2,8 +2,9 @@ package gomerge
 
 import (
 	"math/rand/v2"
+	"runtime"
+	"sync"
 
-	"gonum.org/v1/gonum/blas"
 	"gonum.org/v1/gonum/blas/blas32"
 )
 
@@ -33,35 +34,100 @@ func RandomizedSVD(d []float32, m, n, k int, rng *rand.Rand) (bk, ak []float64) 
 		// sketch would, so take it.
 		return exactSVD(d, m, n, k)
 	}
-	D := blas32.General{Rows: m, Cols: n, Stride: n, Data: d}
-	omega := make([]float32, n*l)
-	for i := range omega {
-		omega[i] = float32(rng.NormFloat64())
+	// The sketch is kept transposed (zt is l x n) so that both products stream over the rows of D with
+	// vectorised dot products and axpys: D is read once per product, in order.
+	zt := make([]float32, l*n)
+	for i := range zt {
+		zt[i] = float32(rng.NormFloat64())
 	}
-	z := blas32.General{Rows: n, Cols: l, Stride: l, Data: omega}
-	y := blas32.General{Rows: m, Cols: l, Stride: l, Data: make([]float32, m*l)}
-	blas32.Gemm(blas.NoTrans, blas.NoTrans, 1, D, z, 0, y) // Y = D Omega
-	orthonormalize32(y)
+	y := make([]float32, m*l)
+	mulDZ(d, m, n, zt, l, y) // Y = D Omega
+	orthonormalize32(blas32.General{Rows: m, Cols: l, Stride: l, Data: y})
 	for it := 0; it < RSVDPowerIters; it++ {
-		blas32.Gemm(blas.Trans, blas.NoTrans, 1, D, y, 0, z) // Z = D^T Q
-		orthonormalize32(z)
-		blas32.Gemm(blas.NoTrans, blas.NoTrans, 1, D, z, 0, y) // Y = D Z
-		orthonormalize32(y)
+		mulDtY(d, m, n, y, l, zt) // Z = D^T Q
+		orthonormalizeRows32(zt, l, n)
+		mulDZ(d, m, n, zt, l, y) // Y = D Z
+		orthonormalize32(blas32.General{Rows: m, Cols: l, Stride: l, Data: y})
 	}
-	// B^T = D^T Q (n x l); D ~ Q B, a product of rank l
-	blas32.Gemm(blas.Trans, blas.NoTrans, 1, D, y, 0, z)
+	mulDtY(d, m, n, y, l, zt) // B = Q^T D (l x n); D ~ Q B, a product of rank l
 	q64 := make([]float64, m*l)
-	for i, v := range y.Data {
+	for i, v := range y {
 		q64[i] = float64(v)
 	}
 	b64 := make([]float64, l*n)
-	for i := 0; i < n; i++ {
-		for j := 0; j < l; j++ {
-			b64[j*n+i] = float64(z.Data[i*l+j])
-		}
+	for i, v := range zt {
+		b64[i] = float64(v)
 	}
 	bk, ak, _ = LowRankSVD(q64, b64, m, l, n, k)
 	return bk, ak
+}
+
+// mulDZ computes y (m x l) = D (m x n) @ Z, with Z given transposed as zt
+// (l x n): one dot product per entry, rows of D in parallel.
+func mulDZ(d []float32, m, n int, zt []float32, l int, y []float32) {
+	impl := blas32.Implementation()
+	parallelFor(m, max(1, (1<<18)/max(1, n*l)), func(lo, hi int) {
+		for i := lo; i < hi; i++ {
+			row := d[i*n : (i+1)*n]
+			for c := 0; c < l; c++ {
+				y[i*l+c] = impl.Sdot(n, row, 1, zt[c*n:(c+1)*n], 1)
+			}
+		}
+	})
+}
+
+// mulDtY computes zt (l x n) = (D^T @ Y)^T = Y^T D for y (m x l): each row
+// of D is added, scaled, to the l rows of zt; row ranges are summed into
+// per-goroutine partial results, then added up.
+func mulDtY(d []float32, m, n int, y []float32, l int, zt []float32) {
+	impl := blas32.Implementation()
+	workers := max(1, min(runtime.GOMAXPROCS(0), m/64))
+	parts := make([][]float32, workers)
+	var wg sync.WaitGroup
+	size := (m + workers - 1) / workers
+	for w := 0; w < workers; w++ {
+		lo, hi := w*size, min((w+1)*size, m)
+		part := zt
+		if w > 0 {
+			part = make([]float32, l*n)
+		} else {
+			clear(part)
+		}
+		parts[w] = part
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := lo; i < hi; i++ {
+				row := d[i*n : (i+1)*n]
+				for c := 0; c < l; c++ {
+					if a := y[i*l+c]; a != 0 {
+						impl.Saxpy(n, a, row, 1, part[c*n:(c+1)*n], 1)
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	for _, p := range parts[1:] {
+		impl.Saxpy(l*n, 1, p, 1, zt, 1)
+	}
+}
+
+// orthonormalizeRows32 replaces the rows of x (r x n) by an orthonormal
+// basis of their span.
+func orthonormalizeRows32(x []float32, r, n int) {
+	t := make([]float32, n*r)
+	for i := 0; i < r; i++ {
+		for j := 0; j < n; j++ {
+			t[j*r+i] = x[i*n+j]
+		}
+	}
+	orthonormalize32(blas32.General{Rows: n, Cols: r, Stride: r, Data: t})
+	for i := 0; i < r; i++ {
+		for j := 0; j < n; j++ {
+			x[i*n+j] = t[j*r+i]
+		}
+	}
 }
 
 // exactSVD is the rank-k truncated SVD of a dense matrix with a short side:
