@@ -2,8 +2,6 @@ package gomerge
 
 import (
 	"math/rand/v2"
-	"runtime"
-	"sync"
 
 	"gonum.org/v1/gonum/blas/blas32"
 )
@@ -77,27 +75,24 @@ func mulDZ(d []float32, m, n int, zt []float32, l int, y []float32) {
 }
 
 // mulDtY computes zt (l x n) = (D^T @ Y)^T = Y^T D for y (m x l): each row
-// of D is added, scaled, to the l rows of zt; row ranges are summed into
-// per-goroutine partial results, then added up.
+// of D is added, scaled, to the l rows of zt. Rows are cut into a fixed
+// number of blocks whose partial sums are added in block order, so the
+// result does not depend on how many cores ran them.
 func mulDtY(d []float32, m, n int, y []float32, l int, zt []float32) {
 	impl := blas32.Implementation()
-	workers := max(1, min(runtime.GOMAXPROCS(0), m/64))
-	parts := make([][]float32, workers)
-	var wg sync.WaitGroup
-	size := (m + workers - 1) / workers
-	for w := 0; w < workers; w++ {
-		lo, hi := w*size, min((w+1)*size, m)
-		part := zt
-		if w > 0 {
-			part = make([]float32, l*n)
-		} else {
-			clear(part)
-		}
-		parts[w] = part
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := lo; i < hi; i++ {
+	blocks := max(1, min(mulDtYBlocks, m/64))
+	parts := make([][]float32, blocks)
+	size := (m + blocks - 1) / blocks
+	parallelFor(blocks, 1, func(blo, bhi int) {
+		for b := blo; b < bhi; b++ {
+			part := zt
+			if b > 0 {
+				part = make([]float32, l*n)
+			} else {
+				clear(part)
+			}
+			parts[b] = part
+			for i := b * size; i < min((b+1)*size, m); i++ {
 				row := d[i*n : (i+1)*n]
 				for c := 0; c < l; c++ {
 					if a := y[i*l+c]; a != 0 {
@@ -105,13 +100,16 @@ func mulDtY(d []float32, m, n int, y []float32, l int, zt []float32) {
 					}
 				}
 			}
-		}()
-	}
-	wg.Wait()
+		}
+	})
 	for _, p := range parts[1:] {
 		impl.Saxpy(l*n, 1, p, 1, zt, 1)
 	}
 }
+
+// mulDtYBlocks is the number of partial sums of mulDtY (at least the number
+// of cores worth using; fixed for reproducible results).
+const mulDtYBlocks = 8
 
 // orthonormalizeRows32 replaces the rows of x (r x n) by an orthonormal
 // basis of their span.
