@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"math"
 	"strings"
+	"sync"
 	"unsafe"
 )
 
@@ -68,10 +69,28 @@ func decodeInto(out []float32, d DType, raw []byte) {
 			out[i] = math.Float32frombits(uint32(binary.LittleEndian.Uint16(raw[2*i:])) << 16)
 		}
 	case F16:
+		lut := halfTable()
 		for i := range out {
-			out[i] = halfToFloat32(binary.LittleEndian.Uint16(raw[2*i:]))
+			out[i] = lut[binary.LittleEndian.Uint16(raw[2*i:])]
 		}
 	}
+}
+
+var (
+	halfOnce sync.Once
+	halfLUT  *[1 << 16]float32
+)
+
+// halfTable maps every binary16 bit pattern to its float32 value (256 KiB,
+// built once): one load per element instead of the bit manipulation.
+func halfTable() *[1 << 16]float32 {
+	halfOnce.Do(func() {
+		halfLUT = new([1 << 16]float32)
+		for h := range halfLUT {
+			halfLUT[h] = halfToFloat32(uint16(h))
+		}
+	})
+	return halfLUT
 }
 
 // Encode converts float32 values to little-endian raw bytes of dtype d,

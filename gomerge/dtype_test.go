@@ -113,3 +113,11 @@ func BenchmarkEncodeBF16(b *testing.B) {
 		Encode(BF16, x)
 	}
 }
+
+func BenchmarkDecodeF16(b *testing.B) {
+	raw := Encode(F16, make([]float32, 1<<20))
+	b.SetBytes(int64(len(raw)))
+	for b.Loop() {
+		Decode(F16, raw)
+	}
+}
