@@ -278,18 +278,7 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 	}()
 	// Every output tensor is known before merging: write the header first, then each module as it is done,
 	// so that results never pile up in memory.
-	outs := make([]OutTensor, 0, 2*len(jobs))
-	for i := range jobs {
-		j := &jobs[i]
-		r := rank
-		if isFactorFamily(opts.CombinationType) {
-			r = j.srcs[0].mod.Rank
-		}
-		aName, bName := moduleKeys(j.name, j.kind)
-		outs = append(outs, OutTensor{aName, outDType, append([]int{r}, j.aTail...)},
-			OutTensor{bName, outDType, append([]int{j.out, r}, j.bTail...)})
-	}
-	w, err := CreateSafetensors(pending.path(WeightsFile), outs, map[string]string{"format": "pt"})
+	w, err := CreateSafetensors(pending.path(WeightsFile), outputTensors(opts, jobs, rank, outDType), map[string]string{"format": "pt"})
 	if err != nil {
 		return nil, err
 	}
@@ -305,23 +294,8 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 	if err != nil {
 		return nil, err
 	}
-	pattern := rankPattern(jobs, ranks, rank)
-	cfgJSON, err := MergedConfigJSON(adapters[0].Config, rank, targets, pattern, append(Patterns(nil), pattern...), nil)
-	if err != nil {
+	if err := writeConfigAndCard(pending, opts, res, adapters[0].Config, targets, rankPattern(jobs, ranks, rank)); err != nil {
 		return nil, err
-	}
-	if err := writeFileSync(pending.path(ConfigFile), cfgJSON); err != nil {
-		return nil, err
-	}
-	if opts.ModelCard == nil || *opts.ModelCard {
-		names := opts.SourceNames
-		if len(names) != len(opts.Adapters) {
-			names = opts.Adapters
-		}
-		card := ModelCard(opts, res, adapters[0].Config.BaseModel, names)
-		if err := writeFileSync(pending.path("README.md"), []byte(card)); err != nil {
-			return nil, err
-		}
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, ErrCancelled
@@ -332,6 +306,43 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 	committed = true
 	res.Seconds = time.Since(start).Seconds()
 	return res, nil
+}
+
+// outputTensors lists the merged adapter's tensors: every module's A and B
+// at the merged rank (the module's own rank for factor-wise merges).
+func outputTensors(opts Options, jobs []moduleJob, rank int, dt DType) []OutTensor {
+	outs := make([]OutTensor, 0, 2*len(jobs))
+	for i := range jobs {
+		j := &jobs[i]
+		r := rank
+		if isFactorFamily(opts.CombinationType) {
+			r = j.srcs[0].mod.Rank
+		}
+		aName, bName := moduleKeys(j.name, j.kind)
+		outs = append(outs, OutTensor{aName, dt, append([]int{r}, j.aTail...)},
+			OutTensor{bName, dt, append([]int{j.out, r}, j.bTail...)})
+	}
+	return outs
+}
+
+// writeConfigAndCard writes adapter_config.json (with a rank pattern for
+// modules whose rank differs) and, unless turned off, the README.md card.
+func writeConfigAndCard(pending *pendingDir, opts Options, res *Result, base *AdapterConfig, targets TargetModules, pattern Patterns) error {
+	cfgJSON, err := MergedConfigJSON(base, res.Rank, targets, pattern, append(Patterns(nil), pattern...), nil)
+	if err != nil {
+		return err
+	}
+	if err := writeFileSync(pending.path(ConfigFile), cfgJSON); err != nil {
+		return err
+	}
+	if opts.ModelCard != nil && !*opts.ModelCard {
+		return nil
+	}
+	names := opts.SourceNames
+	if len(names) != len(opts.Adapters) {
+		names = opts.Adapters
+	}
+	return writeFileSync(pending.path("README.md"), []byte(ModelCard(opts, res, base.BaseModel, names)))
 }
 
 // loadAll reads the adapter directories in parallel; the first error in
