@@ -1,0 +1,27 @@
+package gomerge
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+)
+
+func TestModelCard(t *testing.T) {
+	density, seed := 0.2, uint64(42)
+	opts := Options{Weights: []float64{2, 1}, Density: &density, MajoritySignMethod: "total", OutputDir: "merged"}
+	res := &Result{AdapterName: "merge", CombinationType: "dare_ties", Rank: 8, DType: "bfloat16", Seed: &seed}
+	card := ModelCard(opts, res, "org/base: v1", []string{"user/a", "dir/b"})
+	front := strings.SplitN(card, "---\n", 3)[1]
+	assert.Contains(t, front, `base_model: "org/base: v1"`) // quoted: it holds a colon
+	assert.Contains(t, front, "library_name: peft")
+	assert.Contains(t, front, "- dare_ties")
+	for _, want := range []string{"| `user/a` | 2 |", "| `dir/b` | 1 |", "density: 0.2", "majority_sign_method: total",
+		"seed: 42", `PeftModel.from_pretrained(base, "merged")`, `from_pretrained("org/base: v1")`} {
+		assert.Contains(t, card, want)
+	}
+	plain := ModelCard(Options{Weights: []float64{1}, OutputDir: "o"}, &Result{CombinationType: "svd"}, "", []string{"a"})
+	assert.NotContains(t, plain, "base_model:")
+	assert.NotContains(t, plain, "seed:")
+	assert.Equal(t, "meta-llama/Llama-2-7b", yamlString("meta-llama/Llama-2-7b"))
+}
