@@ -126,8 +126,8 @@ def test_bad_recipes_name_line_and_key(body, line, text, tmp_path):
     assert f"recipe.yaml:{line}" in r.stderr and text in r.stderr, r.stderr
 
 
-def _big_adapters(root, n_modules=40, size=2048, rank=16):
-    """Three adapters whose ties_svd merge takes seconds (by default 40 modules of 2048 x 2048)."""
+def _big_adapters(root, n_modules=120, size=2048, rank=16):
+    """Three adapters whose ties_svd merge takes seconds (by default 120 modules of 2048 x 2048, ~8 s here)."""
     rng = np.random.default_rng(0)
     dirs = []
     for i in range(3):
