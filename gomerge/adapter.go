@@ -127,6 +127,13 @@ func LoadAdapter(dir string) (*Adapter, error) {
 	}
 	cfg, err := ReadConfig(filepath.Join(dir, ConfigFile))
 	if err != nil {
+		if KindOf(err) == KindFileNotFound {
+			if subs := adapterSubdirs(dir); len(subs) > 0 {
+				// PEFT saves adapters not named "default" into <dir>/<name>/
+				return nil, newErr(KindFileNotFound, "%s has no %s, but these subfolders are adapters: %s "+
+					"(PEFT saves an adapter named other than \"default\" into <dir>/<name>/)", dir, ConfigFile, strings.Join(subs, ", "))
+			}
+		}
 		return nil, err
 	}
 	wpath := filepath.Join(dir, WeightsFile)
@@ -205,6 +212,23 @@ func targetsText(tm TargetModules) string {
 		return fmt.Sprintf("%q", tm.Regex)
 	}
 	return fmt.Sprintf("%q", tm.Names)
+}
+
+// adapterSubdirs lists the subfolders of dir that hold an adapter config.
+func adapterSubdirs(dir string) []string {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, e := range entries {
+		if e.IsDir() {
+			if _, err := os.Stat(filepath.Join(dir, e.Name(), ConfigFile)); err == nil {
+				out = append(out, filepath.Join(dir, e.Name()))
+			}
+		}
+	}
+	return out
 }
 
 var factorSuffixes = []struct {

@@ -124,3 +124,15 @@ def test_overwrite_replaces_an_adapter(dirs, tmp_path):
     res = gomerge.add_weighted_adapter(dirs, [1.0, 1.0, 1.0], "m", "svd", output_dir=out, overwrite=True)
     assert json.load(open(out / "adapter_config.json"))["r"] == res.rank == 8
     assert sorted(os.listdir(tmp_path)) == ["adapters", "merged"]
+
+
+def test_parent_of_named_adapters_suggests_the_subfolders(tmp_path):
+    """PEFT saves an adapter named other than "default" into <dir>/<name>/: point the user there."""
+    import shutil
+
+    dirs = write_all(str(tmp_path / "in"))
+    parent = tmp_path / "saved"
+    parent.mkdir()
+    shutil.copytree(dirs[0], parent / "norobots")
+    with pytest.raises(FileNotFoundError, match="these subfolders are adapters: .*saved/norobots"):
+        gomerge.add_weighted_adapter([str(parent), dirs[1]], [1.0, 1.0], "m", output_dir=tmp_path / "o")
