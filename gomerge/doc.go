@@ -1,17 +1,22 @@
 // Package gomerge merges LoRA adapters the way Hugging Face PEFT's
 // LoraModel.add_weighted_adapter does, working directly on PEFT adapter
-// directories (adapter_config.json + adapter_model.safetensors).
+// directories (adapter_config.json + adapter_model.safetensors) or on
+// tensors in memory.
 //
 // The package is organised one concept per file:
 //
-//   - errors.go:  typed errors that the Python layer maps to exception classes
-//   - dtype.go:   F32 / BF16 / F16 conversion loops
-//   - tensorio.go: safetensors reading and writing
+//   - errors.go: typed errors that the Python layer maps to exception classes
+//   - dtype.go: F32 / BF16 / F16 conversion loops
+//   - stfile.go, tensorio.go: validated, streaming safetensors reading and writing
 //   - config.go, pattern.go: adapter_config.json and rank/alpha patterns
 //   - adapter.go: an adapter directory as a set of LoRA modules
-//   - combine.go: element-wise combination primitives (task arithmetic)
+//   - sparsify.go, elect.go, combine.go: PEFT's merge_utils primitives
+//     (magnitude and random pruning, sign election, disjoint merge, task arithmetic)
 //   - lowrank.go: exact SVD of a sum of low-rank products (thin QRs + core SVD)
-//   - merge_linear.go, merge_cat.go, merge_svd.go: one file per merge family
-//   - merge.go:   validation, planning, parallel execution and output
-//   - output.go:  atomic writing of the merged adapter directory
+//   - rsvd.go: randomized SVD of dense updates
+//   - merge_factors.go, merge_cat.go, merge_svd.go, merge_dense_svd.go: one file per merge family
+//   - options.go, plan.go, merge.go: arguments, planning, and running a merge on all cores
+//   - memory.go: merges of tensors in a model's memory (the PEFT drop-in)
+//   - output.go, card.go: atomic output directories and the model card
+//   - limits.go, parallel.go: memory planning, parallel loops, buffer pools and GC headroom
 package gomerge

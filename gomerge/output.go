@@ -181,3 +181,23 @@ func randomSuffix() string {
 	_, _ = rand.Read(b)
 	return hex.EncodeToString(b)
 }
+
+// writeConfigAndCard writes adapter_config.json (with a rank pattern for
+// modules whose rank differs) and, unless turned off, the README.md card.
+func writeConfigAndCard(pending *pendingDir, opts Options, res *Result, base *AdapterConfig, targets TargetModules, pattern Patterns) error {
+	cfgJSON, err := MergedConfigJSON(base, res.Rank, targets, pattern, append(Patterns(nil), pattern...), nil)
+	if err != nil {
+		return err
+	}
+	if err := writeFileSync(pending.path(ConfigFile), cfgJSON); err != nil {
+		return err
+	}
+	if opts.ModelCard != nil && !*opts.ModelCard {
+		return nil
+	}
+	names := opts.SourceNames
+	if len(names) != len(opts.Adapters) {
+		names = opts.Adapters
+	}
+	return writeFileSync(pending.path("README.md"), []byte(ModelCard(opts, res, base.BaseModel, names)))
+}

@@ -1,0 +1,149 @@
+package gomerge
+
+import (
+	"regexp"
+	"sort"
+)
+
+// source is one adapter's module with its user weight and the adapter's
+// position in the merge (which labels its random streams).
+type source struct {
+	weight float64
+	mod    *Module
+	index  int
+	// Optional DARE keep-masks (one byte per element, non-zero keeps), given
+	// by the caller instead of gomerge's generator: for A, B and dW.
+	maskA, maskB, maskDW []byte
+	// roundDW rounds the dense update to this dtype, as PEFT's
+	// get_delta_weight does for half-precision factors ("" or F32: no rounding).
+	roundDW DType
+}
+
+// moduleJob is the work for one output module.
+type moduleJob struct {
+	name string
+	kind ModuleKind
+	srcs []source
+	in   int
+	out  int
+	// shapes of A and B without the rank, for the output tensors
+	aTail []int
+	bTail []int
+}
+
+// newRank is PEFT's rank of the merged adapter.
+func newRank(opts Options, adapters []*Adapter) (int, error) {
+	ranks := make([]int, len(adapters))
+	for i, a := range adapters {
+		ranks[i] = a.Config.MaxRank()
+	}
+	switch t := opts.CombinationType; {
+	case isFactorFamily(t):
+		for i, r := range ranks {
+			if r != ranks[0] {
+				return 0, valueErr("All adapters must have the same r value when using combination_type %s: "+
+					"%s has r=%d, %s has r=%d (use cat or svd for adapters of different ranks)",
+					t, opts.Adapters[0], ranks[0], opts.Adapters[i], r)
+			}
+		}
+		return ranks[0], nil
+	case t == "cat":
+		sum := 0
+		for _, r := range ranks {
+			sum += r
+		}
+		return sum, nil
+	default: // *svd
+		if opts.SVDRank != nil {
+			return *opts.SVDRank, nil
+		}
+		return maxInt(ranks), nil
+	}
+}
+
+func maxInt(x []int) int {
+	m := x[0]
+	for _, v := range x[1:] {
+		m = max(m, v)
+	}
+	return m
+}
+
+// planModules pairs every module with the adapters that have it and checks
+// that their shapes agree.
+func planModules(opts Options, adapters []*Adapter) ([]moduleJob, error) {
+	byName := map[string]*moduleJob{}
+	var names []string
+	first := map[string]int{}
+	for i, a := range adapters {
+		for _, name := range a.Order {
+			m := a.Modules[name]
+			j := byName[name]
+			if j == nil {
+				j = &moduleJob{name: name, kind: m.Kind, in: m.In(), out: m.Out(),
+					aTail: m.RawA.Shape[1:], bTail: m.RawB.Shape[2:]}
+				byName[name] = j
+				names = append(names, name)
+				first[name] = i
+			} else {
+				f := adapters[first[name]].Modules[name]
+				if m.Kind != j.kind || !equalInts(m.RawA.Shape[1:], j.aTail) || m.Out() != j.out || len(m.RawB.Shape) != len(f.RawB.Shape) {
+					return nil, valueErr("module %s: shapes differ between adapters: %s has lora_A %v / lora_B %v, %s has lora_A %v / lora_B %v",
+						name, opts.Adapters[first[name]], f.RawA.Shape, f.RawB.Shape, opts.Adapters[i], m.RawA.Shape, m.RawB.Shape)
+				}
+				if isFactorFamily(opts.CombinationType) && m.Rank != f.Rank {
+					return nil, valueErr("module %s: combination_type %s needs equal ranks, but %s has rank %d and %s has rank %d",
+						name, opts.CombinationType, opts.Adapters[first[name]], f.Rank, opts.Adapters[i], m.Rank)
+				}
+			}
+			j.srcs = append(j.srcs, source{weight: opts.Weights[i], mod: m, index: i})
+		}
+	}
+	sort.Strings(names)
+	jobs := make([]moduleJob, len(names))
+	for i, n := range names {
+		jobs[i] = *byName[n]
+	}
+	return jobs, nil
+}
+
+func equalInts(a, b []int) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// rankPattern lists, for modules whose rank differs from the adapter's, a
+// pattern matching exactly that module.
+func rankPattern(jobs []moduleJob, ranks []int, rank int) Patterns {
+	var pattern Patterns
+	for i, j := range jobs {
+		if ranks[i] != rank {
+			pattern = append(pattern, PatternEntry{Key: regexp.QuoteMeta(j.name), Value: float64(ranks[i])})
+		}
+	}
+	return pattern
+}
+
+// outputTensors lists the merged adapter's tensors: every module's A and B
+// at the merged rank (the module's own rank for factor-wise merges).
+func outputTensors(opts Options, jobs []moduleJob, rank int, dt DType) []OutTensor {
+	outs := make([]OutTensor, 0, 2*len(jobs))
+	for i := range jobs {
+		j := &jobs[i]
+		r := rank
+		if isFactorFamily(opts.CombinationType) {
+			r = j.srcs[0].mod.Rank
+		}
+		aName, bName := moduleKeys(j.name, j.kind)
+		outs = append(outs, OutTensor{aName, dt, append([]int{r}, j.aTail...)},
+			OutTensor{bName, dt, append([]int{j.out, r}, j.bTail...)})
+	}
+	return outs
+}
