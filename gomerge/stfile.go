@@ -81,7 +81,10 @@ func readHeader(path string, f *os.File) (*STFile, error) {
 	if _, err := io.ReadFull(f, header); err != nil {
 		return nil, ioErr(path, err)
 	}
-	if err := checkDuplicateKeys(header); err != nil {
+	if err := scanHeader(header); err != nil {
+		if e, ok := err.(unsupportedDType); ok {
+			return nil, valueErr("%s: tensor %s has dtype %s, which gomerge does not read (LoRA factors must be F32, BF16 or F16)", path, e.name, e.dtype)
+		}
 		return nil, bad("%v", err)
 	}
 	var md safetensors.Metadata
@@ -136,9 +139,14 @@ func readHeader(path string, f *os.File) (*STFile, error) {
 	return st, nil
 }
 
-// checkDuplicateKeys rejects a header object that names a tensor twice
-// (encoding/json would silently keep the last one).
-func checkDuplicateKeys(header []byte) error {
+type unsupportedDType struct{ name, dtype string }
+
+func (e unsupportedDType) Error() string { return "tensor " + e.name + " has dtype " + e.dtype }
+
+// scanHeader rejects a header object that names a tensor twice (encoding/json
+// would silently keep the last one) or holds a dtype that cannot be read
+// (FP8 and the like).
+func scanHeader(header []byte) error {
 	dec := json.NewDecoder(bytes.NewReader(header))
 	tok, err := dec.Token()
 	if err != nil || tok != json.Delim('{') {
@@ -155,9 +163,20 @@ func checkDuplicateKeys(header []byte) error {
 			return fmt.Errorf("tensor %s appears twice in the header", key)
 		}
 		seen[key] = true
-		var skip json.RawMessage
-		if err := dec.Decode(&skip); err != nil {
+		var value json.RawMessage
+		if err := dec.Decode(&value); err != nil {
 			return fmt.Errorf("header: %v", err)
+		}
+		if key == "__metadata__" {
+			continue
+		}
+		var info struct {
+			DType string `json:"dtype"`
+		}
+		if json.Unmarshal(value, &info) == nil && info.DType != "" {
+			if _, err := safetensors.ParseDType(info.DType); err != nil {
+				return unsupportedDType{key, info.DType}
+			}
 		}
 	}
 	return nil

@@ -99,7 +99,7 @@ HOSTILE = [
      ValueError, ["norobots", "tensor a appears twice"]),
     ("fp8", _raw({Q + ".lora_A.weight": {"dtype": "F8_E4M3", "shape": [8, 2], "data_offsets": [0, 16]},
                   Q + ".lora_B.weight": {"dtype": "F32", "shape": [2, 8], "data_offsets": [16, 80]}}, b"\0" * 80),
-     ValueError, ["norobots"]),
+     ValueError, ["norobots", "lora_A.weight", "dtype F8_E4M3"]),
     ("int-dtype-factor", _raw({Q + ".lora_A.weight": {"dtype": "I32", "shape": [8, 2], "data_offsets": [0, 64]},
                                Q + ".lora_B.weight": {"dtype": "F32", "shape": [2, 8], "data_offsets": [64, 128]}},
                               b"\0" * 128), ValueError, ["norobots", "lora_A.weight", "dtype I32"]),
