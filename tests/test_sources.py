@@ -115,3 +115,18 @@ def test_keyboard_interrupt_in_process_leaves_nothing_and_interpreter_works(tmp_
     res = gomerge.add_weighted_adapter(write_all(str(tmp_path / "small")), [1.0, 1.0, 1.0], "m", "cat",
                                        output_dir=tmp_path / "after")
     assert res.rank == 24
+
+
+def test_missing_optional_libraries_are_clear_errors(tmp_path, monkeypatch):
+    """Without huggingface_hub a Hub id, and without torch an adapter_model.bin, are ImportErrors saying what to do."""
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(ImportError, match="pip install huggingface_hub"):
+        gomerge.add_weighted_adapter(["someone/repo"], [1.0], "m", output_dir=tmp_path / "o")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    (bin_dir / "adapter_model.bin").write_bytes(b"not used")
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(ImportError, match="safe_serialization=True"):
+        gomerge.add_weighted_adapter([str(bin_dir)], [1.0], "m", output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
