@@ -1,12 +1,15 @@
 package gomerge
 
 import (
+	"bufio"
 	"encoding/json"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"testing"
 
+	"github.com/nlpodyssey/safetensors"
 	"github.com/stretchr/testify/require"
 )
 
@@ -67,4 +70,38 @@ func product(a, b []float32, out, r, in int) []float64 {
 		}
 	}
 	return p
+}
+
+// Tensor is a float32 tensor in row-major order.
+type Tensor struct {
+	Shape []int
+	Data  []float32
+}
+
+// WriteSafetensors writes tensors with the reference library (nlpodyssey/safetensors), so that the tests read
+// files gomerge did not write itself.
+func WriteSafetensors(path string, tensors map[string]RawTensor, metadata map[string]string) error {
+	views := make(map[string]safetensors.TensorView, len(tensors))
+	rev := map[DType]safetensors.DType{F32: safetensors.F32, BF16: safetensors.BF16, F16: safetensors.F16}
+	for name, t := range tensors {
+		shape := make([]uint64, len(t.Shape))
+		for i, d := range t.Shape {
+			shape[i] = uint64(d)
+		}
+		v, err := safetensors.NewTensorView(rev[t.DType], shape, t.Data)
+		if err != nil {
+			return fmt.Errorf("tensor %s: %w", name, err)
+		}
+		views[name] = v
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return ioErr(path, err)
+	}
+	w := bufio.NewWriterSize(f, 1<<20)
+	err = safetensors.SerializeToWriter(views, metadata, w)
+	if err == nil {
+		err = w.Flush()
+	}
+	return syncClose(f, path, err)
 }

@@ -90,7 +90,7 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 	if err := ctx.Err(); err != nil {
 		return nil, ErrCancelled
 	}
-	pending, err := beginAdapterDir(opts.OutputDir, opts.Overwrite)
+	pending, err := beginAdapterDir(opts.OutputDir)
 	if err != nil {
 		return nil, err
 	}

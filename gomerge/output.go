@@ -58,10 +58,10 @@ type pendingDir struct {
 	dir, parent, tmp string
 }
 
-func beginAdapterDir(dir string, overwrite bool) (*pendingDir, error) {
-	if err := checkOutputDir(dir, overwrite); err != nil {
-		return nil, err
-	}
+// beginAdapterDir creates the temporary folder for dir. Whether dir may be
+// written is checked by the caller up front and again by commit, when it
+// matters.
+func beginAdapterDir(dir string) (*pendingDir, error) {
 	dir = filepath.Clean(dir)
 	parent := filepath.Dir(dir)
 	if err := os.MkdirAll(parent, 0o755); err != nil {

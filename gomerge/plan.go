@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"regexp"
+	"slices"
 	"sort"
 )
 
@@ -57,16 +58,8 @@ func newRank(opts Options, adapters []*Adapter) (int, error) {
 		if opts.SVDRank != nil {
 			return *opts.SVDRank, nil
 		}
-		return maxInt(ranks), nil
+		return slices.Max(ranks), nil
 	}
-}
-
-func maxInt(x []int) int {
-	m := x[0]
-	for _, v := range x[1:] {
-		m = max(m, v)
-	}
-	return m
 }
 
 // planModules pairs every module with the adapters that have it and checks
@@ -87,7 +80,7 @@ func planModules(opts Options, adapters []*Adapter) ([]moduleJob, error) {
 				first[name] = i
 			} else {
 				f := adapters[first[name]].Modules[name]
-				if m.Kind != j.kind || !equalInts(m.RawA.Shape[1:], j.aTail) || m.Out() != j.out || len(m.RawB.Shape) != len(f.RawB.Shape) {
+				if m.Kind != j.kind || !slices.Equal(m.RawA.Shape[1:], j.aTail) || m.Out() != j.out || len(m.RawB.Shape) != len(f.RawB.Shape) {
 					return nil, valueErr("module %s: shapes differ between adapters: %s has lora_A %v / lora_B %v, %s has lora_A %v / lora_B %v",
 						name, opts.Adapters[first[name]], f.RawA.Shape, f.RawB.Shape, opts.Adapters[i], m.RawA.Shape, m.RawB.Shape)
 				}
@@ -105,18 +98,6 @@ func planModules(opts Options, adapters []*Adapter) ([]moduleJob, error) {
 		jobs[i] = *byName[n]
 	}
 	return jobs, nil
-}
-
-func equalInts(a, b []int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 // rankPattern lists, for modules whose rank differs from the adapter's, a

@@ -136,13 +136,10 @@ func exactSVD(d []float32, m, n, k int) (bk, ak []float64) {
 		d64[i] = float64(v)
 	}
 	if m <= n {
-		return lowRankK(identity(m), d64, m, m, n, k)
+		bk, ak, _ = LowRankSVD(identity(m), d64, m, m, n, k)
+	} else {
+		bk, ak, _ = LowRankSVD(d64, identity(n), m, n, n, k)
 	}
-	return lowRankK(d64, identity(n), m, n, n, k)
-}
-
-func lowRankK(b, a []float64, m, r, n, k int) (bk, ak []float64) {
-	bk, ak, _ = LowRankSVD(b, a, m, r, n, k)
 	return bk, ak
 }
 

@@ -9,7 +9,6 @@ import (
 	"math"
 	"os"
 	"sort"
-	"unsafe"
 
 	"github.com/nlpodyssey/safetensors"
 )
@@ -202,7 +201,7 @@ func (s *STFile) ReadFloat32Into(out []float32, name string) ([]float32, error) 
 	out = out[:n]
 	if e.DType == F32 {
 		if n > 0 {
-			if err := s.readAt(unsafe.Slice((*byte)(unsafe.Pointer(&out[0])), 4*n), e.Offset, name); err != nil {
+			if err := s.readAt(float32AsBytes(out), e.Offset, name); err != nil {
 				return nil, err
 			}
 		}
