@@ -29,7 +29,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -84,14 +83,6 @@ def best(n: int, fn, *args, after=None, **kwargs) -> float:
     return min(times)
 
 
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def gomerge_child(dirs: list[str], ctype: str, out: str, **kw) -> tuple[float, float]:
     """Runs one gomerge merge in a child process: (seconds, peak RSS in MiB)."""
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent into the exec'd child
@@ -131,7 +122,7 @@ def s1(root: str, bw: float, rows: list) -> None:
                                          [8, 8, 8], LLAMA_LINEAR)
                 one_layer = load_peft(lambda: llama(2048, 5632, 1, 32, 4), one_dirs)
             t_peft = 22 * timed(one_layer.add_weighted_adapter, names, weights, "p", ctype, **kw)
-            t_e2e = t_peft + 22 * 0  # the loads and the save are negligible next to the SVDs
+            t_e2e = t_peft  # the loads and the save are negligible next to the SVDs
             note = "PEFT est. (1 layer x 22)"
         else:
             t_peft = best(2, model.add_weighted_adapter, names, weights, "p", ctype,
@@ -152,8 +143,6 @@ def s1(root: str, bw: float, rows: list) -> None:
                          read=in_bytes, written=out_bytes, floor=(in_bytes + out_bytes) / bw, peft=t_peft,
                          peft_e2e=t_e2e, gomerge=t_go, patched=t_patched, note=note))
         print(rows[-1], flush=True)
-    del model, one_layer
-    gc.collect()
 
 
 def s2(root: str, bw: float, rows: list) -> None:
@@ -185,7 +174,6 @@ def s2(root: str, bw: float, rows: list) -> None:
             ba = t["base_model.model.proj.lora_B.weight"].double() @ t["base_model.model.proj.lora_A.weight"].double()
             layer = model.base_model.model.proj
             peft_ba = layer.lora_B["p"].weight.detach().double() @ layer.lora_A["p"].weight.detach().double()
-            k = ba.shape  # noqa: F841
             rank = t["base_model.model.proj.lora_A.weight"].shape[0]
             if ctype == "svd":
                 rel = float(torch.linalg.norm(ba - peft_ba) / torch.linalg.norm(peft_ba))

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-from peft import LoraConfig  # noqa: F401  (the test environment has PEFT)
 from safetensors import safe_open
 
 import gomerge

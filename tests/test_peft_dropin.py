@@ -4,7 +4,6 @@ method on live PeftModels, for all eleven combination types."""
 from __future__ import annotations
 
 import threading
-import warnings
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from peft.tuners.lora import LoraModel
 
 import gomerge
 import gomerge.peft as gp
-from peft_cases import MODELS, AdapterSpec, Case, build_case, delta, logits, peft_factors, rel_diff
+from peft_cases import MODELS, Case, build_case, delta, logits, peft_factors, rel_diff
 from test_peft_parity import CASES
 
 ALL_TYPES = ("svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd",

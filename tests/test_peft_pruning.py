@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -19,12 +17,9 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 import gomerge
-from peft_cases import LLAMA_ALL, AdapterSpec, Case, build_case, delta, file_factors, peft_factors, peft_merge, \
+from peft_cases import AdapterSpec, Case, build_case, delta, file_factors, peft_factors, peft_merge, \
     rel_diff
 from test_peft_parity import CASES
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-from example_adapters import write_all  # noqa: E402
 
 F32_CASES = [c for c in CASES if c.rtol == 1e-5 and len(c.adapters) > 1 and "linear" in c.types]
 # Modules of 384 x 640: gomerge's randomized SVD (the test models' smaller modules get an exact SVD).

@@ -7,7 +7,6 @@ import _thread
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 
 import gomerge
-from peft_cases import LLAMA_ALL, MODELS, AdapterSpec, file_factors
+from peft_cases import LLAMA_ALL, MODELS, file_factors
 from test_cli import _big_adapters, gomerge as run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

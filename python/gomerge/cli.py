@@ -154,12 +154,15 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         local = [sources.resolve(s["source"], stack, s.get("revision") or args.revision,
                                  s.get("subfolder") or args.subfolder) for s in srcs]
         res = merge._run(
-            local, [s["source"] for s in srcs], [s["weight"] for s in srcs], adapter_name,
-            options.get("combination_type", "svd"), options.get("svd_rank"), options.get("svd_clamp"),
-            options.get("svd_full_matrices", True), options.get("svd_driver"), options.get("density"),
-            options.get("majority_sign_method", "total"), options["output_dir"], options.get("overwrite", False),
-            options.get("seed"), not args.no_model_card, options.get("dtype"), False if args.quiet or args.json
-            else None, None, args.allow_nonfinite,
+            local=local, names=[s["source"] for s in srcs], weights=[s["weight"] for s in srcs],
+            adapter_name=adapter_name, combination_type=options.get("combination_type", "svd"),
+            svd_rank=options.get("svd_rank"), svd_clamp=options.get("svd_clamp"),
+            svd_full_matrices=options.get("svd_full_matrices", True), svd_driver=options.get("svd_driver"),
+            density=options.get("density"), majority_sign_method=options.get("majority_sign_method", "total"),
+            output_dir=options["output_dir"], overwrite=options.get("overwrite", False), seed=options.get("seed"),
+            model_card=not args.no_model_card, dtype=options.get("dtype"),
+            progress=False if args.quiet or args.json else None, workers=None,
+            allow_nonfinite=args.allow_nonfinite,
         )
     if args.json:
         print(json.dumps(res.__dict__))

@@ -37,14 +37,6 @@ class MergeResult:
         modules (`int`): number of LoRA modules merged.
         dtype (`str`): torch name of the dtype of the written tensors.
         seconds (`float`): wall time of the merge, reading and writing included.
-        revision (`str`, *optional*):
-            Hub revision for Hub ids without an `@revision`.
-        subfolder (`str`, *optional*):
-            Folder of the adapters inside their directories or Hub repositories.
-        allow_nonfinite (`bool`, defaults to `False`):
-            Merge adapters holding NaN or Inf values; by default such a value is a `ValueError` naming the tensor.
-        model_card (`bool`, defaults to `True`):
-            Write a `README.md` model card (sources, weights, method, options, seed, usage) with the Hub's metadata.
         seed (`int`, *optional*): the seed of the DARE masks (`None` for the other types); pass it back as `seed=`
             to reproduce the merge byte for byte.
         warnings (`list[str]`): what the engine wants you to know (also issued as Python warnings).

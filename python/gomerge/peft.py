@@ -23,7 +23,6 @@ Not handled (DoRA, `lora_bias`, Conv1d/Conv3d LoRA layers, other layer types): t
 from __future__ import annotations
 
 import functools
-import math
 import threading
 import warnings
 from dataclasses import replace
@@ -209,8 +208,8 @@ def _merge(self: LoraModel, adapters, weights, adapter_name, combination_type, n
         if combination_type == "cat":  # PEFT zeroes the new factors; only cat writes into them rather than replace
             t_a.data = t_a.data * 0.0
             t_b.data = t_b.data * 0.0
-        srcs = [(i, name, w) + _factors(target, name) for i, (name, w) in enumerate(zip(adapters, weights))
-                if _factors(target, name) is not None]
+        srcs = [(i, name, w) + f for i, (name, w) in enumerate(zip(adapters, weights))
+                if (f := _factors(target, name)) is not None]
         if not srcs:
             raise ValueError("No matching LoRAs found. Please raise an issue on GitHub.")
         sources = []

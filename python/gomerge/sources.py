@@ -96,11 +96,13 @@ _DTYPES = {"torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F
 
 def write_safetensors(path: str, tensors: dict) -> None:
     """Writes torch tensors as a safetensors file with PEFT's metadata (no dependency on the safetensors package)."""
+    import torch
+
     header: dict = {"__metadata__": {"format": "pt"}}
     blobs, offset = [], 0
     for name in sorted(tensors):
         t = tensors[name]
-        blob = t.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes() if t.numel() else b""
+        blob = t.view(-1).view(dtype=torch.uint8).numpy().tobytes() if t.numel() else b""
         header[name] = {"dtype": _DTYPES[str(t.dtype)], "shape": list(t.shape), "data_offsets": [offset,
                                                                                                  offset + len(blob)]}
         offset += len(blob)
