@@ -7,6 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 GO ?= go
+# Go's SIMD experiment builds the vector kernels (gomerge/kernels_simd.go); test-go also tests the portable ones.
+export GOEXPERIMENT := simd
 GO_SOURCES := $(wildcard gomerge/*.go bindings/*.go) go.mod go.sum
 ENGINE := python/gomerge/_engine/bindings.py
 FUZZTIME ?= 20s
@@ -37,11 +39,13 @@ run: build
 	PYTHONPATH=python $(PY) examples/quickstart.py
 
 lint:
-	@test -z "$$(gofmt -l gomerge bindings)" || (echo "gofmt needed:"; gofmt -l gomerge bindings; exit 1)
-	$(GO) vet ./gomerge ./bindings
+	@test -z "$$(gofmt -l gomerge bindings benchmarks)" || (echo "gofmt needed:"; gofmt -l gomerge bindings benchmarks; exit 1)
+	$(GO) vet ./gomerge ./bindings ./benchmarks/floor
+	GOEXPERIMENT= $(GO) vet ./gomerge
 
 test-go:
 	$(GO) test -count=1 ./gomerge ./bindings
+	GOEXPERIMENT= $(GO) test -count=1 ./gomerge
 
 test-python: build $(VENV)/.deps-test
 	$(PY) -m pytest -q tests

@@ -48,6 +48,9 @@ def build(dest: str, python: str = sys.executable) -> list[str]:
     env["PATH"] = tool_bin + os.pathsep + env.get("PATH", "")
     env["CGO_ENABLED"] = "1"
     env["CGO_LDFLAGS_ALLOW"] = ".*"
+    # the vector kernels (gomerge/kernels_simd.go) need Go's SIMD experiment; without it the portable ones are built
+    experiments = [e for e in env.get("GOEXPERIMENT", "").split(",") if e]
+    env["GOEXPERIMENT"] = ",".join(experiments + ([] if "simd" in experiments else ["simd"]))
     env["GOFLAGS"] = (env.get("GOFLAGS", "") + " -buildvcs=false").strip()
     os.makedirs(tool_bin, exist_ok=True)
     _run([go, "build", "-o", os.path.join(tool_bin, "goimports"), "golang.org/x/tools/cmd/goimports"], env)

@@ -1,5 +1,7 @@
 package gomerge
 
+import "sync"
+
 // Combination is one of PEFT's element-wise ways to combine task tensors
 // (merge_utils): the same function serves the factors (family 1) and the
 // dense updates (family 2).
@@ -26,73 +28,83 @@ func combinationFor(combinationType string) string {
 	return ""
 }
 
-// combineGrain is the chunk of elements combined at once: the chunks of all
-// tensors stay in cache between the election and the disjoint merge.
+// combineGrain is the least number of elements combined per goroutine.
 const combineGrain = 1 << 14
 
 // Apply combines the tensors with the weights and returns the result.
-// With owned, the tensors are the caller's scratch: they are pruned in place
-// and the result is written over tensors[0]. Otherwise they are read-only
-// (views of files or of a model's memory) and are copied before pruning.
+// With owned, the tensors are the caller's scratch: they may be pruned in
+// place and the result is written over tensors[0]. Otherwise they are
+// read-only (views of files or of a model's memory) and left untouched.
 // dare(i, t) applies DARE's random mask of tensor i to t, in place.
+//
+// Magnitude pruning does not write pruned copies: each tensor gets a
+// threshold and the combining kernel skips the entries below it. Only a
+// tensor with several entries equal to its k-th magnitude is pruned first,
+// so that exactly k of them stay.
 func (c Combination) Apply(tensors [][]float32, weights []float32, dare func(i int, t []float32), owned bool) []float32 {
-	prune := c.Density < 1 // PEFT's prune() returns the tensor untouched for density >= 1
-	if prune && c.Method != "task_arithmetic" {
-		src := tensors
-		if !owned { // prune into scratch copies, never into the caller's memory
-			tensors = make([][]float32, len(src))
-			for i, t := range src {
-				tensors[i] = getBuf(len(t))
-			}
-			defer func() {
-				for _, t := range tensors[1:] {
-					putBuf(t)
-				}
-			}()
-			owned = true
+	ts := append([][]float32(nil), tensors...)
+	thr := make([]uint32, len(ts)) // 0 keeps every entry
+	var scratch [][]float32        // pruned copies, back to the pool at the end
+	defer func() {
+		for _, t := range scratch {
+			putBuf(t)
 		}
-		each := func(i int) {
-			switch c.Method {
-			case "magnitude_prune", "ties":
-				MagnitudePruneInto(tensors[i], src[i], c.Density)
-			case "dare_linear", "dare_ties":
-				if &tensors[i][0] != &src[i][0] {
-					copy(tensors[i], src[i])
-				}
-				dare(i, tensors[i])
-			}
+	}()
+	// copyFor returns a copy of tensor i to prune in place (the tensor itself when owned)
+	var mu sync.Mutex
+	copyFor := func(i int) []float32 {
+		if owned {
+			return ts[i]
 		}
-		// one goroutine per tensor when tensors are large
-		parallelFor(len(tensors), max(1, combineGrain*4/max(1, len(tensors[0]))), func(lo, hi int) {
-			for i := lo; i < hi; i++ {
-				each(i)
-			}
-		})
+		t := getBuf(len(ts[i]))
+		copy(t, ts[i])
+		mu.Lock()
+		scratch = append(scratch, t)
+		mu.Unlock()
+		return t
 	}
-	out := tensors[0]
+	if c.Density < 1 { // PEFT's prune() returns the tensor untouched for density >= 1
+		var each func(i int)
+		switch c.Method {
+		case "magnitude_prune", "ties":
+			each = func(i int) {
+				var kept, k int
+				if thr[i], kept, k = magnitudeThreshold(ts[i], c.Density); kept > k {
+					t := copyFor(i)
+					MagnitudePruneInto(t, t, c.Density)
+					ts[i], thr[i] = t, 0
+				}
+			}
+		case "dare_linear", "dare_ties":
+			each = func(i int) {
+				t := copyFor(i)
+				dare(i, t)
+				ts[i] = t
+			}
+		}
+		if each != nil { // one goroutine per tensor when tensors are large
+			parallelFor(len(ts), max(1, combineGrain*4/max(1, len(ts[0]))), func(lo, hi int) {
+				for i := lo; i < hi; i++ {
+					each(i)
+				}
+			})
+		}
+	}
+	out := tensors[0] // each element is written after its inputs are read: in place is safe
 	if !owned {
 		out = make([]float32, len(tensors[0]))
 	}
 	ties := c.Method == "ties" || c.Method == "dare_ties"
+	frequency := c.SignMethod == SignFrequency
 	parallelFor(len(out), combineGrain, func(lo, hi int) {
-		// scratch for one grain, reused across this range's grains (they stay in cache)
-		sub := make([][]float32, len(tensors))
-		res := make([]float32, combineGrain)
-		count := make([]float32, combineGrain)
-		signs := make([]float32, combineGrain)
-		for clo := lo; clo < hi; clo += combineGrain {
-			chi := min(clo+combineGrain, hi)
-			for i, t := range tensors {
-				sub[i] = t[clo:chi]
-			}
-			r := res[:chi-clo]
-			if ties {
-				electSignsInto(signs[:chi-clo], sub, c.SignMethod)
-				disjointMergeInto(r, count[:chi-clo], sub, weights, signs[:chi-clo])
-			} else {
-				taskArithmeticInto(r, sub, weights)
-			}
-			copy(out[clo:chi], r)
+		sub := make([][]float32, len(ts))
+		for i, t := range ts {
+			sub[i] = t[lo:hi]
+		}
+		if ties {
+			tiesInto(out[lo:hi], sub, thr, weights, frequency)
+		} else {
+			prunedSumInto(out[lo:hi], sub, thr, weights)
 		}
 	})
 	return out
@@ -108,14 +120,7 @@ func TaskArithmetic(tensors [][]float32, weights []float32) []float32 {
 }
 
 func taskArithmeticInto(out []float32, tensors [][]float32, weights []float32) {
-	clear(out)
-	for i, t := range tensors {
-		w := weights[i]
-		t = t[:len(out)]
-		for j, v := range t {
-			out[j] += v * w
-		}
-	}
+	prunedSumInto(out, tensors, make([]uint32, len(tensors)), weights)
 }
 
 // ScaleInto writes x * w1 * w2 into dst, rounding after each product as

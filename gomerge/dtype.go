@@ -210,3 +210,8 @@ func float32AsBytes(x []float32) []byte {
 	}
 	return unsafe.Slice((*byte)(unsafe.Pointer(&x[0])), 4*len(x))
 }
+
+// float32AsUint32 views float32 scratch memory as uint32 values.
+func float32AsUint32(x []float32) []uint32 {
+	return unsafe.Slice((*uint32)(unsafe.Pointer(unsafe.SliceData(x))), len(x))
+}

@@ -256,6 +256,13 @@ func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt D
 	aName, bName = moduleKeys(j.name, j.kind)
 	aShape := append([]int{r}, j.aTail...)
 	bShape := append([]int{j.out, r}, j.bTail...)
-	return aName, bName, RawTensor{DType: dt, Shape: aShape, Data: Encode(dt, a)},
-		RawTensor{DType: dt, Shape: bShape, Data: Encode(dt, b)}, r, nil
+	// a and b are this merge's own memory: float32 results are written as they are, without a copy
+	encode := func(x []float32) []byte {
+		if dt == F32 {
+			return float32AsBytes(x)
+		}
+		return Encode(dt, x)
+	}
+	return aName, bName, RawTensor{DType: dt, Shape: aShape, Data: encode(a)},
+		RawTensor{DType: dt, Shape: bShape, Data: encode(b)}, r, nil
 }

@@ -1,6 +1,7 @@
 package gomerge
 
 import (
+	"math/bits"
 	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
@@ -93,23 +94,31 @@ func holdGCHeadroom() func() {
 	}
 }
 
-// bufPool recycles the large float32 buffers of dense merges, so that a
-// merge of many big modules does not allocate (and clear) them every time.
-var bufPool sync.Pool
+// bufPools recycle float32 scratch buffers (factors read from files,
+// candidates of magnitude pruning, dense updates), one pool per power-of-two
+// capacity, so that a merge of many modules neither allocates nor clears
+// them each time.
+var bufPools [40]sync.Pool
+
+// minPooled is the smallest capacity worth pooling.
+const minPooled = 1 << 10
 
 // getBuf returns a float32 buffer of length n with undefined contents.
 func getBuf(n int) []float32 {
-	if p, ok := bufPool.Get().(*[]float32); ok && cap(*p) >= n {
-		return (*p)[:n]
-	} else if ok {
-		bufPool.Put(p)
+	if n < minPooled {
+		return make([]float32, n)
 	}
-	return make([]float32, n)
+	c := bits.Len(uint(n - 1)) // capacity class: 2^c >= n
+	if p, ok := bufPools[c].Get().(*[]float32); ok {
+		return (*p)[:n]
+	}
+	return make([]float32, n, 1<<c)
 }
 
-// putBuf gives a buffer back to the pool.
+// putBuf gives a buffer from getBuf back to its pool.
 func putBuf(b []float32) {
-	if cap(b) >= 1<<16 {
-		bufPool.Put(&b)
+	c := bits.Len(uint(cap(b) - 1))
+	if cap(b) >= minPooled && cap(b) == 1<<c {
+		bufPools[c].Put(&b)
 	}
 }

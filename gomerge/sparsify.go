@@ -25,23 +25,9 @@ func MagnitudePrune(t []float32, density float64) {
 // MagnitudePruneInto writes src magnitude-pruned into dst (which may be src).
 func MagnitudePruneInto(dst, src []float32, density float64) {
 	dst = dst[:len(src)]
-	k := PruneK(density, len(src))
-	if k >= len(src) {
-		copy(dst, src)
-		return
-	}
-	if k <= 0 {
-		clear(dst)
-		return
-	}
-	thr, _ := kthLargestAbsBits(src, k)
-	// branch-free: keep |src[i]| >= thr (zero the others by masking their bits)
-	kept := 0
+	thr, kept, k := magnitudeThreshold(src, density)
 	for i, v := range src {
-		b := math.Float32bits(v) & 0x7fffffff
-		keep := uint32(int64(b)-int64(thr))>>31 ^ 1 // 1 when b >= thr
-		kept += int(keep)
-		dst[i] = math.Float32frombits(math.Float32bits(v) & -keep)
+		dst[i] = keepAbove(v, thr)
 	}
 	// entries equal to the threshold beyond the k-th are dropped, last ones first
 	for i := len(dst) - 1; i >= 0 && kept > k; i-- {
@@ -52,12 +38,120 @@ func MagnitudePruneInto(dst, src []float32, density float64) {
 	}
 }
 
+// magnitudeThreshold returns the magnitude bits thr of PEFT's magnitude
+// pruning of t: entries whose |bits| are at least thr are kept (thr 0
+// keeps all, keepNone none), how many entries that keeps, and
+// k = int(density * len(t)). kept exceeds k only when several entries
+// equal the k-th magnitude.
+func magnitudeThreshold(t []float32, density float64) (thr uint32, kept, k int) {
+	k = PruneK(density, len(t))
+	if k >= len(t) {
+		return 0, len(t), k
+	}
+	if k <= 0 {
+		return keepNone, 0, k
+	}
+	thr, above, equal := kthLargestAbsBits(t, k)
+	return thr, above + equal, k
+}
+
 // kthLargestAbsBits returns the bit pattern of the k-th largest |t[i]|
-// (1-based k) and how many entries are strictly larger. Non-negative
-// float32 values order like their bit patterns, so the selection works on
-// integers: a histogram of the top 11 bits finds the bucket of the k-th
-// value, then a quickselect among that bucket's entries finds the value.
-func kthLargestAbsBits(t []float32, k int) (thr uint32, above int) {
+// (1-based k), how many entries are strictly larger and how many equal it.
+// Non-negative float32 values order like their bit patterns, so the
+// selection works on integers, in O(n): a sample of t gives a narrow band
+// of values that holds the k-th with near certainty, one (vector) pass
+// counts the entries above the band and collects those inside it, and a
+// quickselect among those finds the value. When the band misses, a
+// histogram of the top 11 bits finds the bucket of the k-th value instead.
+func kthLargestAbsBits(t []float32, k int) (thr uint32, above, equal int) {
+	var cand []uint32
+	if len(t) >= bandMinLen {
+		lo, hi, capacity := sampleBand(t, k)
+		buf := getBuf(capacity)
+		defer putBuf(buf)
+		cand = float32AsUint32(buf)
+		var n int
+		if above, n = absBand(t, lo, hi, cand); n < 0 || above >= k || above+n < k {
+			cand = nil // the band missed the k-th value (or overflowed)
+		} else {
+			var more int
+			cand, more = rangeBucket(cand[:n], lo, hi, k-above)
+			above += more
+		}
+	}
+	if cand == nil {
+		cand, above = histogramBucket(t, k)
+	}
+	// the (k-above)-th largest candidate
+	thr = selectKthLargest(cand, k-above)
+	for _, b := range cand {
+		if b > thr {
+			above++
+		} else if b == thr {
+			equal++
+		}
+	}
+	return thr, above, equal
+}
+
+// bandMinLen is the smallest tensor whose threshold is found by sampling.
+const bandMinLen = 4096
+
+// sampleBand returns a range [lo, hi] of magnitude bits that holds the k-th
+// largest |t[i]| unless the sample misleads (about 3 in 1000 tensors), and
+// a candidate buffer size that holds the band's entries with a wide margin.
+func sampleBand(t []float32, k int) (lo, hi uint32, capacity int) {
+	n := len(t)
+	s := min(2048, max(512, n>>7))
+	sample := make([]uint32, s)
+	for i := range sample {
+		sample[i] = math.Float32bits(t[i*(n/s)]) & 0x7fffffff
+	}
+	// the k-th value's rank in the sample is about p*s, give or take 3 standard deviations
+	p := float64(k) / float64(n)
+	r := p * float64(s)
+	m := 3*math.Sqrt(r*(1-p)) + 2
+	hiRank, loRank := max(1, int(r-m)), min(s, max(int(r+m)+1, 2))
+	hi = selectKthLargest(sample, hiRank)
+	// the sample is now partitioned around index hiRank-1: the loRank-th largest is after it
+	lo = selectKthLargest(sample[hiRank:], loRank-hiRank)
+	return lo, hi, min(n, 2*n*(loRank-hiRank+1)/s+1024) + 8
+}
+
+// rangeBucket narrows the candidates, values within [lo, hi], to those of
+// the histogram bucket (2048 buckets over the range) that holds the k-th
+// largest; it returns them (in cand's memory) and how many candidates lie
+// in higher buckets.
+func rangeBucket(cand []uint32, lo, hi uint32, k int) (bucketed []uint32, above int) {
+	shift := uint(0)
+	for (hi-lo)>>shift >= 2048 {
+		shift++
+	}
+	var hist [2048]int32
+	for _, b := range cand {
+		hist[(b-lo)>>shift]++
+	}
+	bucket := len(hist) - 1
+	for ; bucket > 0; bucket-- {
+		if above+int(hist[bucket]) >= k {
+			break
+		}
+		above += int(hist[bucket])
+	}
+	n := 0
+	for _, b := range cand {
+		if (b-lo)>>shift == uint32(bucket) {
+			cand[n] = b
+			n++
+		}
+	}
+	return cand[:n], above
+}
+
+// histogramBucket finds the bucket of the k-th largest magnitude in a
+// histogram of the top 11 bits and returns the bucket's entries and the
+// number of entries in higher buckets.
+func histogramBucket(t []float32, k int) (cand []uint32, above int) {
 	const shift = 20 // 31 magnitude bits: 11 in the bucket, 20 below
 	var hist [1 << 11]int32
 	for _, v := range t {
@@ -70,20 +164,13 @@ func kthLargestAbsBits(t []float32, k int) (thr uint32, above int) {
 		}
 		above += int(hist[bucket])
 	}
-	cand := make([]uint32, 0, hist[bucket])
+	cand = make([]uint32, 0, hist[bucket])
 	for _, v := range t {
 		if b := math.Float32bits(v) & 0x7fffffff; int(b>>shift) == bucket {
 			cand = append(cand, b)
 		}
 	}
-	// the (k-above)-th largest candidate
-	thr = selectKthLargest(cand, k-above)
-	for _, b := range cand {
-		if b > thr {
-			above++
-		}
-	}
-	return thr, above
+	return cand, above
 }
 
 // selectKthLargest returns the k-th largest value of x (1-based), reordering

@@ -9,8 +9,10 @@ import (
 	"math"
 	"os"
 	"sort"
+	"sync/atomic"
 
 	"github.com/nlpodyssey/safetensors"
+	"golang.org/x/sys/unix"
 )
 
 // MaxHeaderSize caps a safetensors header, as the reference implementation
@@ -216,7 +218,7 @@ func (s *STFile) ReadFloat32Into(out []float32, name string) ([]float32, error) 
 }
 
 func (s *STFile) checkFinite(x []float32, name string) error {
-	if s.AllowNonFinite {
+	if s.AllowNonFinite || maxAbsBits(x) < nonFiniteBits {
 		return nil
 	}
 	for i, v := range x {
@@ -248,10 +250,12 @@ type OutTensor struct {
 // (names, dtypes, shapes) and arrive in any order, from any goroutine: the
 // header is written first, each tensor at its offset as it comes.
 type STWriter struct {
-	path    string
-	f       *os.File
-	start   int64
-	offsets map[string][2]int64
+	path     string
+	f        *os.File
+	start    int64
+	offsets  map[string][2]int64
+	fd       int
+	unsynced atomic.Int64 // bytes written since the write-back last started
 }
 
 var writeDTypes = map[DType]string{F32: "F32", BF16: "BF16", F16: "F16"}
@@ -284,7 +288,7 @@ func CreateSafetensors(path string, tensors []OutTensor, metadata map[string]str
 	if err != nil {
 		return nil, ioErr(path, err)
 	}
-	w.f = f
+	w.f, w.fd = f, int(f.Fd())
 	var lenBuf [8]byte
 	binary.LittleEndian.PutUint64(lenBuf[:], uint64(len(h)))
 	if _, err := f.Write(append(lenBuf[:], h...)); err != nil {
@@ -308,8 +312,17 @@ func (w *STWriter) WriteTensor(name string, data []byte) error {
 	if _, err := w.f.WriteAt(data, w.start+off[0]); err != nil {
 		return ioErr(w.path, err)
 	}
+	// start writing the file to disk every few MiB, while the merge goes on, so that the final fsync is short
+	if w.unsynced.Add(int64(len(data))) >= writebackEvery {
+		w.unsynced.Store(0)
+		_ = unix.SyncFileRange(w.fd, 0, 0, unix.SYNC_FILE_RANGE_WRITE)
+	}
 	return nil
 }
+
+// writebackEvery is how many bytes STWriter writes between two starts of
+// the write-back.
+const writebackEvery = 4 << 20
 
 // Close syncs and closes the file.
 func (w *STWriter) Close() error { return syncClose(w.f, w.path, nil) }

@@ -1,0 +1,134 @@
+package gomerge
+
+import "math"
+
+// The element-wise kernels behind magnitude pruning and Combination.Apply.
+// Each is a variable holding the portable Go version below; kernels_simd.go
+// swaps in vector versions at start-up when the engine is built with
+// GOEXPERIMENT=simd (as the Makefile and the Python build do) on a CPU with
+// AVX2 / AVX-512. Both versions give bit-identical results
+// (kernels_test.go compares them).
+//
+// Magnitude pruning is expressed by thresholds: tensor i keeps its entries
+// whose magnitude bits (float32 bits without the sign) are at least thr[i];
+// the others count as zero. thr 0 keeps every entry, keepNone none.
+var (
+	// maxAbsBits returns the largest magnitude bits of x (0 when empty);
+	// x holds a NaN or an Inf exactly when the result is >= nonFiniteBits.
+	maxAbsBits = maxAbsBitsGo
+	// absBand counts the entries of t with magnitude bits above hi and
+	// copies those within [lo, hi] into cand, returning how many. It gives
+	// up (returning n < 0) when more than len(cand)-8 fall in the band.
+	absBand = absBandGo
+	// tiesInto is TIES on one range: prune by thr, elect the majority sign
+	// (by the sum of the values, or of their signs with frequency), then
+	// average the weighted values that agree with it (PEFT's disjoint_merge).
+	tiesInto = tiesIntoGo
+	// prunedSumInto is sum_i w[i] * pruned(t_i), each product rounded to
+	// float32 and summed in order, as torch does for a stacked tensor.
+	prunedSumInto = prunedSumIntoGo
+	// KernelSet names the kernels in use: "go", or the vector extensions.
+	KernelSet = "go"
+)
+
+const (
+	nonFiniteBits = 0x7f800000 // magnitude bits of +Inf; NaNs are above
+	keepNone      = 1 << 31    // a threshold above every magnitude
+)
+
+// keepAbove returns v when its magnitude bits are at least thr, else +0
+// (without a branch).
+func keepAbove(v float32, thr uint32) float32 {
+	b := math.Float32bits(v)
+	keep := uint32(int64(b&0x7fffffff)-int64(thr))>>31 ^ 1
+	return math.Float32frombits(b & -keep)
+}
+
+func maxAbsBitsGo(x []float32) uint32 {
+	var m uint32
+	for _, v := range x {
+		m = max(m, math.Float32bits(v)&0x7fffffff)
+	}
+	return m
+}
+
+func absBandGo(t []float32, lo, hi uint32, cand []uint32) (above, n int) {
+	limit := len(cand) - 8
+	for _, v := range t {
+		b := math.Float32bits(v) & 0x7fffffff
+		switch {
+		case b > hi:
+			above++
+		case b >= lo:
+			if n >= limit {
+				return 0, -1
+			}
+			cand[n] = b
+			n++
+		}
+	}
+	return above, n
+}
+
+// kernelBlock is the number of elements the portable kernels combine at
+// once: their per-element scratch stays in the L1 cache.
+const kernelBlock = 1024
+
+func tiesIntoGo(out []float32, ts [][]float32, thr []uint32, w []float32, frequency bool) {
+	var sign, sum, count [kernelBlock]float32
+	for lo := 0; lo < len(out); lo += kernelBlock {
+		hi := min(lo+kernelBlock, len(out))
+		s, acc, cnt := sign[:hi-lo], sum[:hi-lo], count[:hi-lo]
+		clear(s)
+		for i, t := range ts {
+			t, th := t[lo:hi], thr[i]
+			for j, v := range t {
+				v = keepAbove(v, th)
+				if frequency {
+					s[j] += float32(isPositive(v)) - float32(isPositive(-v))
+				} else {
+					s[j] += v
+				}
+			}
+		}
+		for j, v := range s {
+			s[j] = 1 - 2*float32(isPositive(-v)) // +1 for v >= 0 (-0 and NaN included), else -1
+		}
+		clear(acc)
+		clear(cnt)
+		for i, t := range ts {
+			t, th, wi := t[lo:hi], thr[i], w[i]
+			for j, v := range t {
+				v = keepAbove(v, th)
+				// v agrees when it is non-zero and has the elected sign: integer ops, no branch
+				vb := math.Float32bits(v)
+				mag := vb & 0x7fffffff
+				nonzero := (mag | -mag) >> 31
+				same := (vb^math.Float32bits(s[j]))>>31 ^ 1
+				agree := float32(nonzero & same)
+				acc[j] += v * wi * agree
+				cnt[j] += agree
+			}
+		}
+		o := out[lo:hi]
+		for j := range o {
+			o[j] = acc[j] / max(cnt[j], 1)
+		}
+	}
+}
+
+func prunedSumIntoGo(out []float32, ts [][]float32, thr []uint32, w []float32) {
+	var sum [kernelBlock]float32
+	for lo := 0; lo < len(out); lo += kernelBlock {
+		hi := min(lo+kernelBlock, len(out))
+		acc := sum[:hi-lo]
+		clear(acc)
+		for i, t := range ts {
+			t, th, wi := t[lo:hi], thr[i], w[i]
+			for j, v := range t {
+				acc[j] += keepAbove(v, th) * wi
+			}
+		}
+		copy(out[lo:hi], acc)
+	}
+}

@@ -1,0 +1,204 @@
+package gomerge
+
+import (
+	"math"
+	"math/rand/v2"
+	"strconv"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// kernelInputs are tensors that exercise the kernels' edge cases: lengths
+// off the vector width, signed zeros, equal magnitudes and, unless finite,
+// NaN and Inf.
+func kernelInputs(rng *rand.Rand, tensors, n int, finite bool) [][]float32 {
+	ts := make([][]float32, tensors)
+	for i := range ts {
+		ts[i] = make([]float32, n)
+		for j := range ts[i] {
+			switch r := rng.IntN(40); {
+			case r == 0:
+				ts[i][j] = float32(math.Copysign(0, -1))
+			case r == 1:
+				ts[i][j] = 0
+			case r == 2:
+				ts[i][j] = 0.5 * float32(1-2*rng.IntN(2)) // many equal magnitudes
+			case r == 3 && !finite:
+				ts[i][j] = []float32{float32(math.NaN()), float32(math.Inf(1)), float32(math.Inf(-1))}[rng.IntN(3)]
+			default:
+				ts[i][j] = float32(rng.NormFloat64())
+			}
+		}
+	}
+	return ts
+}
+
+func sameBits(t *testing.T, want, got []float32, msg string) {
+	t.Helper()
+	require.Len(t, got, len(want), msg)
+	for j := range want {
+		if math.Float32bits(want[j]) != math.Float32bits(got[j]) && !(want[j] != want[j] && got[j] != got[j]) {
+			t.Fatalf("%s: element %d: want %v, got %v", msg, j, want[j], got[j])
+		}
+	}
+}
+
+// The kernels in use (vector ones when the engine is built with
+// GOEXPERIMENT=simd on a capable CPU) against the portable versions, and the
+// portable TIES kernel against PEFT's steps composed one by one.
+func TestKernelsAgree(t *testing.T) {
+	t.Logf("kernels: %s", KernelSet)
+	rng := rand.New(rand.NewPCG(7, 7))
+	for _, tc := range []struct {
+		name      string
+		tensors   int
+		n         int
+		finite    bool
+		density   float64
+		frequency bool
+	}{
+		{"empty", 3, 0, true, 0.2, false},
+		{"one element", 2, 1, true, 0.5, false},
+		{"below a vector", 3, 7, true, 0.5, true},
+		{"vector and tail", 3, 13, true, 0.2, false},
+		{"block and tail", 3, kernelBlock + 9, true, 0.2, true},
+		{"many tensors", 8, 3001, true, 0.3, false},
+		{"keep all", 3, 100, true, 1, false},
+		{"keep none", 3, 100, true, 0.001, true},
+		{"non-finite", 3, 517, false, 0.2, false},
+		{"non-finite frequency", 4, 517, false, 0.5, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ts := kernelInputs(rng, tc.tensors, tc.n, tc.finite)
+			w := make([]float32, tc.tensors)
+			thr := make([]uint32, tc.tensors)
+			pruned := make([][]float32, tc.tensors)
+			for i := range w {
+				w[i] = float32(rng.NormFloat64())
+				if tc.n > 0 {
+					thr[i], _, _ = magnitudeThreshold(ts[i], tc.density)
+				}
+				pruned[i] = make([]float32, tc.n)
+				for j, v := range ts[i] {
+					pruned[i][j] = keepAbove(v, thr[i])
+				}
+			}
+			for _, fn := range []struct {
+				name string
+				fn   func(out []float32, frequency bool)
+			}{
+				{"ties", func(out []float32, frequency bool) { tiesInto(out, ts, thr, w, frequency) }},
+				{"ties (go)", func(out []float32, frequency bool) { tiesIntoGo(out, ts, thr, w, frequency) }},
+			} {
+				got := make([]float32, tc.n)
+				fn.fn(got, tc.frequency)
+				method := SignTotal
+				if tc.frequency {
+					method = SignFrequency
+				}
+				want := make([]float32, tc.n)
+				if tc.n > 0 {
+					want = DisjointMerge(pruned, w, ElectSigns(pruned, method))
+				}
+				sameBits(t, want, got, fn.name)
+			}
+			want, got := make([]float32, tc.n), make([]float32, tc.n)
+			prunedSumIntoGo(want, ts, thr, w)
+			prunedSumInto(got, ts, thr, w)
+			sameBits(t, want, got, "pruned sum")
+			for i := range ts {
+				assert.Equal(t, maxAbsBitsGo(ts[i]), maxAbsBits(ts[i]), "max magnitude")
+			}
+		})
+	}
+}
+
+func TestAbsBand(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 3))
+	x := kernelInputs(rng, 1, 1001, true)[0]
+	lo, hi := math.Float32bits(0.5), math.Float32bits(1.5)
+	for _, size := range []int{1001 + 8, 20} {
+		c1, c2 := make([]uint32, size), make([]uint32, size)
+		a1, n1 := absBandGo(x, lo, hi, c1)
+		a2, n2 := absBand(x, lo, hi, c2)
+		require.Equal(t, n1 < 0, n2 < 0, "overflow agrees (buffer %d)", size)
+		if n1 >= 0 {
+			assert.Equal(t, a1, a2)
+			assert.Equal(t, c1[:n1], c2[:n2])
+		}
+	}
+}
+
+// The sampled band must find the exact threshold on the spectra it sees,
+// and fall back to the histogram when it misses (an adversarial layout: the
+// sample sees only zeros).
+func TestKthLargestAbsBits(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 5))
+	for _, tc := range []struct {
+		name string
+		gen  func(i int) float32
+	}{
+		{"normal", func(int) float32 { return float32(rng.NormFloat64()) }},
+		{"heavy tail", func(int) float32 { return float32(rng.NormFloat64() / (rng.Float64() + 1e-3)) }},
+		{"few values", func(int) float32 { return float32(rng.IntN(5)) }},
+		{"sample misses", func(i int) float32 {
+			if i%64 == 0 {
+				return 0
+			}
+			return float32(rng.NormFloat64())
+		}},
+	} {
+		for _, n := range []int{bandMinLen - 1, bandMinLen, 70001} {
+			x := make([]float32, n)
+			for i := range x {
+				x[i] = tc.gen(i)
+			}
+			for _, density := range []float64{0.01, 0.2, 0.9} {
+				k := PruneK(density, n)
+				thr, above, equal := kthLargestAbsBits(x, k)
+				var gt, eq int
+				for _, v := range x {
+					switch b := math.Float32bits(v) & 0x7fffffff; {
+					case b > thr:
+						gt++
+					case b == thr:
+						eq++
+					}
+				}
+				assert.Equal(t, gt, above, "%s n=%d density=%v", tc.name, n, density)
+				assert.Equal(t, eq, equal, "%s n=%d density=%v", tc.name, n, density)
+				assert.True(t, gt < k && gt+eq >= k, "%s n=%d density=%v: the k-th largest", tc.name, n, density)
+			}
+		}
+	}
+}
+
+func BenchmarkKthLargestAbsBits(b *testing.B) {
+	for _, n := range []int{16384, 704512} {
+		rng := rand.New(rand.NewPCG(1, 1))
+		x := make([]float32, n)
+		for i := range x {
+			x[i] = float32(rng.NormFloat64())
+		}
+		b.Run(strconv.Itoa(n), func(b *testing.B) {
+			b.SetBytes(int64(4 * n))
+			for b.Loop() {
+				kthLargestAbsBits(x, n/5)
+			}
+		})
+	}
+}
+
+func BenchmarkTiesInto(b *testing.B) {
+	rng := rand.New(rand.NewPCG(1, 1))
+	ts := kernelInputs(rng, 3, 1<<16, true)
+	out := make([]float32, 1<<16)
+	thr := []uint32{math.Float32bits(1), math.Float32bits(1), math.Float32bits(1)}
+	w := []float32{1, 1, 1}
+	b.SetBytes(int64(3 * 4 << 16))
+	for b.Loop() {
+		tiesInto(out, ts, thr, w, false)
+	}
+}
