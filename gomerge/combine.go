@@ -39,8 +39,8 @@ const combineGrain = 1 << 14
 //
 // Magnitude pruning does not write pruned copies: each tensor gets a
 // threshold and the combining kernel skips the entries below it. Only a
-// tensor with several entries equal to its k-th magnitude is pruned first,
-// so that exactly k of them stay.
+// tensor with several entries equal to its k-th magnitude is copied, with
+// the last of those zeroed, so that exactly k entries stay.
 func (c Combination) Apply(tensors [][]float32, weights []float32, dare func(i int, t []float32), owned bool) []float32 {
 	ts := append([][]float32(nil), tensors...)
 	thr := make([]uint32, len(ts)) // 0 keeps every entry
@@ -71,8 +71,8 @@ func (c Combination) Apply(tensors [][]float32, weights []float32, dare func(i i
 				var kept, k int
 				if thr[i], kept, k = magnitudeThreshold(ts[i], c.Density); kept > k {
 					t := copyFor(i)
-					MagnitudePruneInto(t, t, c.Density)
-					ts[i], thr[i] = t, 0
+					dropLastEqual(t, thr[i], kept-k)
+					ts[i] = t
 				}
 			}
 		case "dare_linear", "dare_ties":

@@ -134,38 +134,27 @@ func Float32ToBF16(f float32) uint16 {
 }
 
 // Float32ToHalf rounds f to IEEE 754 binary16 bits (round to nearest even).
+// Zeros, subnormal and normal halves take no branch (merged factors mix
+// zeros and normal values at random, which would defeat the branch
+// predictor): subnormal halves are rounded by the FPU, adding 0.5 so that
+// the float32's last place is the half's least subnormal; normal halves by
+// integer rounding of the 13 dropped bits.
 func Float32ToHalf(f float32) uint16 {
 	b := math.Float32bits(f)
 	sign := uint16(b>>16) & 0x8000
-	exp := int32(b>>23) & 0xff
-	mant := b & 0x7fffff
-	switch {
-	case exp == 0xff: // Inf or NaN
-		if mant != 0 {
+	a := b & 0x7fffffff
+	if a >= 143<<23 { // >= 2^16: Inf, or NaN (kept quiet), or a finite value that overflows to Inf
+		if a > 0x7f800000 {
 			return sign | 0x7e00
 		}
 		return sign | 0x7c00
-	case exp > 142: // >= 2^16 overflows to Inf
-		return sign | 0x7c00
-	case exp >= 113: // normal half
-		h := uint32(exp-112)<<10 | mant>>13
-		rest := mant & 0x1fff
-		if rest > 0x1000 || (rest == 0x1000 && h&1 == 1) {
-			h++ // may carry into the exponent, up to Inf: correct
-		}
-		return sign | uint16(h)
-	case exp >= 102: // subnormal half
-		m := mant | 0x800000
-		shift := uint32(126 - exp)
-		h := m >> shift
-		rest := m & (1<<shift - 1)
-		half := uint32(1) << (shift - 1)
-		if rest > half || (rest == half && h&1 == 1) {
-			h++
-		}
-		return sign | uint16(h)
 	}
-	return sign // underflows to zero
+	const half = 126 << 23 // 0.5
+	sub := math.Float32bits(math.Float32frombits(a)+math.Float32frombits(half)) - half
+	// above half, or half with the kept last bit odd, carries into the kept bits (up to Inf: correct)
+	norm := (a - 112<<23 + 0xfff + (a>>13)&1) >> 13
+	isSub := (a - 113<<23) >> 31 // 1 below 2^-14, where the half is subnormal
+	return sign | uint16(norm^(norm^sub)&-isSub)
 }
 
 func halfToFloat32(h uint16) float32 {

@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"math"
+	"math/rand/v2"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -119,5 +120,58 @@ func BenchmarkDecodeF16(b *testing.B) {
 	b.SetBytes(int64(len(raw)))
 	for b.Loop() {
 		Decode(F16, raw)
+	}
+}
+
+// halfByBranches is the straightforward float32 -> half rounding, case by
+// case, the reference for Float32ToHalf's branch-free one.
+func halfByBranches(f float32) uint16 {
+	b := math.Float32bits(f)
+	sign := uint16(b>>16) & 0x8000
+	exp := int32(b>>23) & 0xff
+	mant := b & 0x7fffff
+	switch {
+	case exp == 0xff:
+		if mant != 0 {
+			return sign | 0x7e00
+		}
+		return sign | 0x7c00
+	case exp > 142:
+		return sign | 0x7c00
+	case exp >= 113:
+		h := uint32(exp-112)<<10 | mant>>13
+		if rest := mant & 0x1fff; rest > 0x1000 || (rest == 0x1000 && h&1 == 1) {
+			h++
+		}
+		return sign | uint16(h)
+	case exp >= 102:
+		m := mant | 0x800000
+		shift := uint32(126 - exp)
+		h := m >> shift
+		rest := m & (1<<shift - 1)
+		half := uint32(1) << (shift - 1)
+		if rest > half || (rest == half && h&1 == 1) {
+			h++
+		}
+		return sign | uint16(h)
+	}
+	return sign
+}
+
+func TestFloat32ToHalfRounding(t *testing.T) {
+	rng := rand.New(rand.NewPCG(9, 9))
+	for i := 0; i < 1<<21; i++ {
+		exp := 95 + rng.Uint32N(161-95) // from below the least subnormal to NaN
+		b := rng.Uint32()&0x807fffff | exp<<23
+		switch i % 8 {
+		case 0: // exactly half way between normal halves, both parities
+			b = b&^0x1fff | 0x1000
+		case 1: // a zero
+			b &= 0x80000000
+		case 2: // Inf
+			b = b&0x80000000 | 0x7f800000
+		}
+		f := math.Float32frombits(b)
+		require.Equal(t, halfByBranches(f), Float32ToHalf(f), "bits %#08x", b)
 	}
 }

@@ -29,11 +29,17 @@ func MagnitudePruneInto(dst, src []float32, density float64) {
 	for i, v := range src {
 		dst[i] = keepAbove(v, thr)
 	}
-	// entries equal to the threshold beyond the k-th are dropped, last ones first
-	for i := len(dst) - 1; i >= 0 && kept > k; i-- {
-		if math.Float32bits(dst[i])&0x7fffffff == thr {
-			dst[i] = 0
-			kept--
+	dropLastEqual(dst, thr, kept-k)
+}
+
+// dropLastEqual zeroes the last n entries of t whose magnitude bits are thr:
+// of several entries equal to the k-th magnitude, the first ones in memory
+// order are kept.
+func dropLastEqual(t []float32, thr uint32, n int) {
+	for i := len(t) - 1; i >= 0 && n > 0; i-- {
+		if math.Float32bits(t[i])&0x7fffffff == thr {
+			t[i] = 0
+			n--
 		}
 	}
 }

@@ -209,7 +209,9 @@ func (s *STFile) ReadFloat32Into(out []float32, name string) ([]float32, error) 
 		}
 		return out, s.checkFinite(out, name)
 	}
-	raw := make([]byte, e.Length)
+	buf := getBuf(int(e.Length+3) / 4)
+	defer putBuf(buf)
+	raw := float32AsBytes(buf)[:e.Length]
 	if err := s.readAt(raw, e.Offset, name); err != nil {
 		return nil, err
 	}
