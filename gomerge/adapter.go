@@ -39,8 +39,8 @@ type Module struct {
 	Rank    int
 	Alpha   float64
 	Scaling float64
-	// factors read from a file, kept until release
-	a, b []float32
+	// factors read from a file, kept until release (joint: one buffer holding both)
+	a, b, joint []float32
 }
 
 // In is the number of columns of A in two dimensions.
@@ -55,7 +55,11 @@ func (m *Module) Out() int { return m.RawB.Shape[0] }
 // merge of the module turns back into an error.
 func (m *Module) Factors() (a, b []float32) {
 	if m.a == nil {
-		m.a, m.b = view(m.RawA), view(m.RawB)
+		if ab, na, ok := readAdjacent(m.RawA, m.RawB); ok {
+			m.a, m.b, m.joint = ab[:na:na], ab[na:], ab
+		} else {
+			m.a, m.b = view(m.RawA), view(m.RawB)
+		}
 	}
 	return m.a, m.b
 }
@@ -63,11 +67,34 @@ func (m *Module) Factors() (a, b []float32) {
 // release gives the buffers of factors read from a file back to the pool
 // (a module is merged by one goroutine, once).
 func (m *Module) release() {
-	if m.RawA.src != nil && m.a != nil {
+	switch {
+	case m.joint != nil:
+		putBuf(m.joint)
+	case m.RawA.src != nil && m.a != nil:
 		putBuf(m.a)
 		putBuf(m.b)
 	}
-	m.a, m.b = nil, nil
+	m.a, m.b, m.joint = nil, nil, nil
+}
+
+// readAdjacent reads A and B with one read when they are float32 tensors
+// stored one after the other in the same file (as PEFT writes them: sorted
+// by name), returning both in one buffer and A's length.
+func readAdjacent(a, b RawTensor) (ab []float32, na int, ok bool) {
+	if a.src == nil || a.src != b.src {
+		return nil, 0, false
+	}
+	ea, eb := a.src.Entries[a.name], a.src.Entries[b.name]
+	if ea.DType != F32 || eb.DType != F32 || ea.Offset+ea.Length != eb.Offset {
+		return nil, 0, false
+	}
+	na = int(ea.Length / 4)
+	ab = getBuf(na + int(eb.Length/4))
+	if err := a.src.readF32Run(ab, na, a.name, b.name); err != nil {
+		putBuf(ab)
+		panic(err)
+	}
+	return ab, na, true
 }
 
 func view(t RawTensor) []float32 {

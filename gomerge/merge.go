@@ -107,10 +107,7 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 		return nil, err
 	}
 	ranks, err := runJobs(ctx, opts, jobs, rank, outDType, progress, func(_ int, aName, bName string, a, b RawTensor) error {
-		if err := w.WriteTensor(aName, a.Data); err != nil {
-			return err
-		}
-		return w.WriteTensor(bName, b.Data)
+		return w.WritePair(aName, a.Data, bName, b.Data)
 	})
 	if cerr := w.Close(); err == nil {
 		err = cerr

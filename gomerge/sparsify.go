@@ -108,7 +108,7 @@ const bandMinLen = 4096
 // a candidate buffer size that holds the band's entries with a wide margin.
 func sampleBand(t []float32, k int) (lo, hi uint32, capacity int) {
 	n := len(t)
-	s := min(2048, max(512, n>>7))
+	s := min(2048, max(256, n>>6))
 	sample := make([]uint32, s)
 	for i := range sample {
 		sample[i] = math.Float32bits(t[i*(n/s)]) & 0x7fffffff

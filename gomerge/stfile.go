@@ -82,23 +82,21 @@ func readHeader(path string, f *os.File) (*STFile, error) {
 	if _, err := io.ReadFull(f, header); err != nil {
 		return nil, ioErr(path, err)
 	}
-	if err := scanHeader(header); err != nil {
+	tensors, metadata, err := parseHeader(header)
+	if err != nil {
 		if e, ok := err.(unsupportedDType); ok {
 			return nil, valueErr("%s: tensor %s has dtype %s, which gomerge does not read (LoRA factors must be F32, BF16 or F16)", path, e.name, e.dtype)
 		}
 		return nil, bad("%v", err)
 	}
-	var md safetensors.Metadata
-	if err := json.Unmarshal(header, &md); err != nil {
-		return nil, bad("header: %v", err)
-	}
-	st := &STFile{Path: path, f: f, dataStart: int64(8 + n), Entries: map[string]STEntry{}, Metadata: md.Metadata()}
+	st := &STFile{Path: path, f: f, dataStart: int64(8 + n), Entries: make(map[string]STEntry, len(tensors)), Metadata: metadata}
 	type span struct {
 		name       string
 		start, end uint64
 	}
-	var spans []span
-	for name, ti := range md.Tensors() {
+	spans := make([]span, 0, len(tensors))
+	for _, ti := range tensors {
+		name := ti.name
 		shape := make([]int, len(ti.Shape))
 		elems := uint64(1)
 		for i, d := range ti.Shape {
@@ -109,12 +107,12 @@ func readHeader(path string, f *os.File) (*STFile, error) {
 			shape[i] = int(d)
 		}
 		s, e := ti.DataOffsets[0], ti.DataOffsets[1]
-		if e < s || elems > (1<<62)/ti.DType.Size() || e-s != elems*ti.DType.Size() {
+		if e < s || elems > (1<<62)/ti.dtype.Size() || e-s != elems*ti.dtype.Size() {
 			return nil, bad("tensor %s: dtype %s and shape %v need %d bytes, its offsets [%d, %d] give %d",
-				name, ti.DType, ti.Shape, elems*ti.DType.Size(), s, e, e-s)
+				name, ti.dtype, ti.Shape, elems*ti.dtype.Size(), s, e, e-s)
 		}
 		spans = append(spans, span{name, s, e})
-		st.Entries[name] = STEntry{DType: stDTypes[ti.DType], RawDType: ti.DType.String(), Shape: shape,
+		st.Entries[name] = STEntry{DType: stDTypes[ti.dtype], RawDType: ti.dtype.String(), Shape: shape,
 			Offset: int64(s), Length: int64(e - s)}
 	}
 	sort.Slice(spans, func(i, j int) bool {
@@ -144,43 +142,61 @@ type unsupportedDType struct{ name, dtype string }
 
 func (e unsupportedDType) Error() string { return "tensor " + e.name + " has dtype " + e.dtype }
 
-// scanHeader rejects a header object that names a tensor twice (encoding/json
-// would silently keep the last one) or holds a dtype that cannot be read
-// (FP8 and the like).
-func scanHeader(header []byte) error {
+// headerTensor is one tensor's entry in a safetensors header.
+type headerTensor struct {
+	name        string
+	dtype       safetensors.DType
+	DType       *string  `json:"dtype"`
+	Shape       []uint64 `json:"shape"`
+	DataOffsets []uint64 `json:"data_offsets"`
+}
+
+// parseHeader reads a safetensors header in one pass: each tensor's dtype,
+// shape and offsets, and the string metadata. It rejects what encoding/json
+// would let through silently (a name given twice: the last would win), a
+// tensor entry without its three fields, and dtypes that cannot be read
+// (FP8 and the like; the dtype names are the safetensors library's).
+func parseHeader(header []byte) (tensors []headerTensor, metadata map[string]string, err error) {
 	dec := json.NewDecoder(bytes.NewReader(header))
-	tok, err := dec.Token()
-	if err != nil || tok != json.Delim('{') {
-		return fmt.Errorf("header is not a JSON object")
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return nil, nil, fmt.Errorf("header is not a JSON object")
 	}
 	seen := map[string]bool{}
 	for dec.More() {
 		kt, err := dec.Token()
 		if err != nil {
-			return fmt.Errorf("header: %v", err)
+			return nil, nil, fmt.Errorf("header: %v", err)
 		}
 		key, _ := kt.(string)
 		if seen[key] {
-			return fmt.Errorf("tensor %s appears twice in the header", key)
+			return nil, nil, fmt.Errorf("tensor %s appears twice in the header", key)
 		}
 		seen[key] = true
-		var value json.RawMessage
-		if err := dec.Decode(&value); err != nil {
-			return fmt.Errorf("header: %v", err)
-		}
 		if key == "__metadata__" {
+			if err := dec.Decode(&metadata); err != nil {
+				return nil, nil, fmt.Errorf("header: __metadata__: %v", err)
+			}
 			continue
 		}
-		var info struct {
-			DType string `json:"dtype"`
+		t := headerTensor{name: key}
+		if err := dec.Decode(&t); err != nil {
+			return nil, nil, fmt.Errorf("header: tensor %s: %v", key, err)
 		}
-		if json.Unmarshal(value, &info) == nil && info.DType != "" {
-			if _, err := safetensors.ParseDType(info.DType); err != nil {
-				return unsupportedDType{key, info.DType}
-			}
+		if t.DType == nil || t.Shape == nil || len(t.DataOffsets) != 2 {
+			return nil, nil, fmt.Errorf("header: tensor %s needs dtype, shape and two data_offsets", key)
 		}
+		if t.dtype, err = safetensors.ParseDType(*t.DType); err != nil {
+			return nil, nil, unsupportedDType{key, *t.DType}
+		}
+		tensors = append(tensors, t)
 	}
-	return nil
+	if _, err := dec.Token(); err != nil {
+		return nil, nil, fmt.Errorf("header: %v", err)
+	}
+	if dec.More() || dec.InputOffset() < int64(len(bytes.TrimRight(header, " \t\r\n"))) {
+		return nil, nil, fmt.Errorf("header: data after the JSON object")
+	}
+	return tensors, metadata, nil
 }
 
 // ReadFloat32 reads tensor name and converts it to float32.
@@ -217,6 +233,20 @@ func (s *STFile) ReadFloat32Into(out []float32, name string) ([]float32, error) 
 	}
 	decodeInto(out, e.DType, raw)
 	return out, s.checkFinite(out, name)
+}
+
+// readF32Run reads two float32 tensors stored one after the other, first
+// then second, into out (the first's na elements, then the second's).
+func (s *STFile) readF32Run(out []float32, na int, first, second string) error {
+	if len(out) > 0 {
+		if err := s.readAt(float32AsBytes(out), s.Entries[first].Offset, first); err != nil {
+			return err
+		}
+	}
+	if err := s.checkFinite(out[:na], first); err != nil {
+		return err
+	}
+	return s.checkFinite(out[na:], second)
 }
 
 func (s *STFile) checkFinite(x []float32, name string) error {
@@ -314,11 +344,46 @@ func (w *STWriter) WriteTensor(name string, data []byte) error {
 	if _, err := w.f.WriteAt(data, w.start+off[0]); err != nil {
 		return ioErr(w.path, err)
 	}
-	// start writing the file to disk every few MiB, while the merge goes on, so that the final fsync is short
-	if w.unsynced.Add(int64(len(data))) >= writebackEvery {
+	w.kick(len(data))
+	return nil
+}
+
+// kick starts writing the file to disk every few MiB, while the merge goes
+// on, so that the final fsync is short.
+func (w *STWriter) kick(written int) {
+	if w.unsynced.Add(int64(written)) >= writebackEvery {
 		w.unsynced.Store(0)
 		_ = unix.SyncFileRange(w.fd, 0, 0, unix.SYNC_FILE_RANGE_WRITE)
 	}
+}
+
+// WritePair writes two tensors, with one system call when they are
+// stored one after the other (as a module's A and B are: sorted by name).
+func (w *STWriter) WritePair(first string, a []byte, second string, b []byte) error {
+	oa, ok1 := w.offsets[first]
+	ob, ok2 := w.offsets[second]
+	if !ok1 || !ok2 || oa[1] != ob[0] || int64(len(a)) != oa[1]-oa[0] || int64(len(b)) != ob[1]-ob[0] || len(a) == 0 || len(b) == 0 {
+		if err := w.WriteTensor(first, a); err != nil {
+			return err
+		}
+		return w.WriteTensor(second, b)
+	}
+	off, iov := w.start+oa[0], [][]byte{a, b}
+	for len(iov) > 0 {
+		n, err := unix.Pwritev(w.fd, iov, off)
+		if err != nil {
+			return ioErr(w.path, err)
+		}
+		off += int64(n)
+		for len(iov) > 0 && n >= len(iov[0]) {
+			n -= len(iov[0])
+			iov = iov[1:]
+		}
+		if len(iov) > 0 {
+			iov[0] = iov[0][n:]
+		}
+	}
+	w.kick(len(a) + len(b))
 	return nil
 }
 
