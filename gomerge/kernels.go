@@ -55,17 +55,14 @@ func maxAbsBitsGo(x []float32) uint32 {
 func absBandGo(t []float32, lo, hi uint32, cand []uint32) (above, n int) {
 	limit := len(cand) - 8
 	for _, v := range t {
+		// without branches: every value is stored, and the count moves on only for those in the band
 		b := math.Float32bits(v) & 0x7fffffff
-		switch {
-		case b > hi:
-			above++
-		case b >= lo:
-			if n >= limit {
-				return 0, -1
-			}
-			cand[n] = b
-			n++
-		}
+		above += int((hi - b) >> 31)                  // b > hi (both are below 2^31)
+		cand[min(n, limit)] = b                       // overwritten next unless in the band
+		n += int(((b-lo)>>31 ^ 1) & ((hi-b)>>31 ^ 1)) // lo <= b <= hi
+	}
+	if n > limit {
+		return 0, -1
 	}
 	return above, n
 }
