@@ -92,7 +92,7 @@ func (c Combination) Apply(tensors [][]float32, weights []float32, dare func(i i
 	}
 	out := tensors[0] // each element is written after its inputs are read: in place is safe
 	if !owned {
-		out = make([]float32, len(tensors[0]))
+		out = getBuf(len(tensors[0]))
 	}
 	ties := c.Method == "ties" || c.Method == "dare_ties"
 	frequency := c.SignMethod == SignFrequency

@@ -184,6 +184,8 @@ func runJobs(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt D
 				aName, bName, a, b, r, err := mergeModule(ctx, opts, &jobs[i], rank, dt)
 				if err == nil {
 					err = emit(i, aName, bName, a, b)
+					putBuf(a.buf) // emit has written or copied them
+					putBuf(b.buf)
 				}
 				if err != nil {
 					errOnce.Do(func() { firstErr = err })
@@ -260,6 +262,6 @@ func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt D
 		}
 		return Encode(dt, x)
 	}
-	return aName, bName, RawTensor{DType: dt, Shape: aShape, Data: encode(a)},
-		RawTensor{DType: dt, Shape: bShape, Data: encode(b)}, r, nil
+	return aName, bName, RawTensor{DType: dt, Shape: aShape, Data: encode(a), buf: a},
+		RawTensor{DType: dt, Shape: bShape, Data: encode(b), buf: b}, r, nil
 }

@@ -117,6 +117,9 @@ func getBuf(n int) []float32 {
 
 // putBuf gives a buffer from getBuf back to its pool.
 func putBuf(b []float32) {
+	if cap(b) < minPooled {
+		return
+	}
 	c := bits.Len(uint(cap(b) - 1))
 	if cap(b) >= minPooled && cap(b) == 1<<c {
 		bufPools[c].Put(&b)

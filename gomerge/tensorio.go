@@ -24,6 +24,7 @@ type RawTensor struct {
 	src   *STFile
 	name  string
 	size  int64
+	buf   []float32 // a merge result's float32 memory, recycled once written
 }
 
 // ByteLen is the size of the stored tensor in bytes.
