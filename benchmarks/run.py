@@ -15,9 +15,13 @@ Scenarios (CPU, all cores):
 - S4, half precision: S1's `ties` with BF16 and F16 adapters against F32, gomerge only.
 
 Every row states the bytes read and written and the floor: those bytes divided by the memory bandwidth measured at
-the start of the run (a large memory copy). Times are the best of 3 runs for gomerge, of 2 for PEFT's call and the
-drop-in (both warm), a single run for PEFT end to end and for PEFT's dense SVDs. Results go to benchmarks/results/
-(JSON, Markdown table, PNG chart).
+the start of the run (a large memory copy). Rows also give this machine's measured lower bounds (benchmarks/floor):
+reading the inputs plus writing the output, and a skeleton merge that streams them through one sum. Times follow
+an untimed warm-up run and an os.sync(): the best of 5 runs for gomerge (about 25 ms each on S1), of 3 for PEFT's
+call and the drop-in (0.1-0.5 s), a single run for PEFT end to end and for PEFT's dense SVDs, and for S3 (a child
+process, for its peak RSS, after reading the inputs once so that both it and the floors find them in the page
+cache). Results go to benchmarks/results/ (JSON, Markdown table, PNG chart), with the targets of the issue
+checked against the run.
 
 Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4] [--s3-layers N]
 """
@@ -67,14 +71,21 @@ def dir_bytes(path: str) -> int:
 
 
 def timed(fn, *args, **kwargs) -> float:
+    """Seconds of one call. Before it, untimed: a garbage collection, and os.sync() so that the call does not
+    share the disk and the CPUs with the write-back of files written before it (the setup's base model and
+    adapters, PEFT's unsynced saves)."""
     gc.collect()
+    os.sync()
     t0 = time.perf_counter()
     fn(*args, **kwargs)
     return time.perf_counter() - t0
 
 
 def best(n: int, fn, *args, after=None, **kwargs) -> float:
-    """The best of n timed runs (after() runs between them, untimed)."""
+    """The best of n timed runs after an untimed warm-up run (after() runs after each, untimed)."""
+    fn(*args, **kwargs)
+    if after is not None:
+        after()
     times = []
     for _ in range(n):
         times.append(timed(fn, *args, **kwargs))
@@ -84,8 +95,10 @@ def best(n: int, fn, *args, after=None, **kwargs) -> float:
 
 
 def gomerge_best(n: int, out: str, *args, **kwargs) -> float:
-    """The best of n disk-to-disk gomerge merges, each into a new output directory (removing the last one, which
-    costs the file system more than writing it, is not timed)."""
+    """The best of n disk-to-disk gomerge merges after an untimed warm-up merge, each into a new output directory
+    (removing the last one, which costs the file system more than writing it, is not timed)."""
+    shutil.rmtree(out, ignore_errors=True)
+    gomerge.add_weighted_adapter(*args, output_dir=out, progress=False, **kwargs)
     times = []
     for _ in range(n):
         shutil.rmtree(out, ignore_errors=True)
@@ -117,6 +130,7 @@ def gomerge_child(dirs: list[str], ctype: str, out: str, **kw) -> tuple[float, f
             "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]; "
             "print(json.dumps([r.seconds, hwm / 1024]))")
     env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(HERE), "python"))
+    os.sync()  # as in timed()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr)
@@ -136,10 +150,10 @@ def s1(root: str, bw: float, rows: list) -> None:
     for ctype, kw in (("ties", {"density": 0.2}), ("svd", {}), ("cat", {}), ("linear", {}),
                       ("dare_ties", {"density": 0.2})):
         out = os.path.join(root, f"s1-{ctype}")
-        t_go = gomerge_best(3, out, dirs, weights, "m", ctype, **kw)
+        t_go = gomerge_best(5, out, dirs, weights, "m", ctype, **kw)
         out_bytes = dir_bytes(out)
         lower = floors(dirs, out_bytes)
-        t_patched = best(2, gp.add_weighted_adapter, model, names, weights, "g", ctype, progress=False,
+        t_patched = best(3, gp.add_weighted_adapter, model, names, weights, "g", ctype, progress=False,
                          after=lambda: model.delete_adapter("g"), **kw)
         note = ""
         if ctype == "svd":  # PEFT's dense SVDs: one layer, scaled to 22
@@ -151,7 +165,7 @@ def s1(root: str, bw: float, rows: list) -> None:
             t_e2e = t_peft  # the loads and the save are negligible next to the SVDs
             note = "PEFT est. (1 layer x 22)"
         else:
-            t_peft = best(2, model.add_weighted_adapter, names, weights, "p", ctype,
+            t_peft = best(3, model.add_weighted_adapter, names, weights, "p", ctype,
                           after=lambda: model.delete_adapter("p"), **kw)
 
             def e2e():
@@ -246,6 +260,10 @@ def s3(root: str, bw: float, rows: list, layers: int, svd_layers: int) -> None:
     for ctype, kw, n_layers in (("ties", {"density": 0.2}, layers), ("svd", {}, svd_layers)):
         dirs = s3_adapters(n_layers)
         in_bytes = sum(dir_bytes(d) for d in dirs)
+        for d in dirs:  # into the page cache, as for every other scenario (whose inputs were just written)
+            with open(os.path.join(d, "adapter_model.safetensors"), "rb") as f:
+                while f.read(64 << 20):
+                    pass
         out = os.path.join(root, f"s3-{ctype}")
         t_go, peak = gomerge_child(dirs, ctype, out, **kw)
         out_bytes = dir_bytes(out)
@@ -263,7 +281,7 @@ def s4(root: str, bw: float, rows: list) -> None:
         dirs = save_adapters(tinyllama, os.path.join(root, f"s4-{name}"), [8, 8, 8], LLAMA_LINEAR, dtype=dtype)
         in_bytes = sum(dir_bytes(d) for d in dirs)
         out = os.path.join(root, f"s4-{name}-out")
-        t_go = gomerge_best(3, out, dirs, [2.0, 1.0, 1.0], "m", "ties", density=0.2)
+        t_go = gomerge_best(5, out, dirs, [2.0, 1.0, 1.0], "m", "ties", density=0.2)
         out_bytes = dir_bytes(out)
         rows.append(dict(scenario="S4", method=f"ties {name}", shapes="TinyLlama-1.1B, 3 x r8",
                          read=in_bytes, written=out_bytes, floor=(in_bytes + out_bytes) / bw, gomerge=t_go))

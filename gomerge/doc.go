@@ -12,6 +12,9 @@
 //   - adapter.go: an adapter directory as a set of LoRA modules
 //   - sparsify.go, elect.go, combine.go: PEFT's merge_utils primitives
 //     (magnitude and random pruning, sign election, disjoint merge, task arithmetic)
+//   - kernels.go, kernels_simd.go: the element-wise kernels behind them, in
+//     portable Go and in AVX2/AVX-512 vectors (built with GOEXPERIMENT=simd,
+//     chosen at start-up from the CPU; bit-identical results)
 //   - lowrank.go: exact SVD of a sum of low-rank products (thin QRs + core SVD)
 //   - rsvd.go: randomized SVD of dense updates
 //   - merge_factors.go, merge_cat.go, merge_svd.go, merge_dense_svd.go: one file per merge family

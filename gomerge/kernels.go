@@ -3,11 +3,12 @@ package gomerge
 import "math"
 
 // The element-wise kernels behind magnitude pruning and Combination.Apply.
-// Each is a variable holding the portable Go version below; kernels_simd.go
-// swaps in vector versions at start-up when the engine is built with
-// GOEXPERIMENT=simd (as the Makefile and the Python build do) on a CPU with
-// AVX2 / AVX-512. Both versions give bit-identical results
-// (kernels_test.go compares them).
+// Each is a variable holding one implementation: the portable Go one below,
+// or vector ones (kernels_simd.go: 8 lanes, AVX2; kernels_avx512.go: 16
+// lanes) that start-up chooses from the CPU when the engine is built with
+// GOEXPERIMENT=simd (as the Makefile and the Python build do). Every
+// implementation gives bit-identical results (kernels_test.go compares them
+// all with the portable one).
 //
 // Magnitude pruning is expressed by thresholds: tensor i keeps its entries
 // whose magnitude bits (float32 bits without the sign) are at least thr[i];
@@ -18,7 +19,7 @@ var (
 	maxAbsBits = maxAbsBitsGo
 	// absBand counts the entries of t with magnitude bits above hi and
 	// copies those within [lo, hi] into cand, returning how many. It gives
-	// up (returning n < 0) when more than len(cand)-8 fall in the band.
+	// up (returning n < 0) when more than len(cand)-16 fall in the band.
 	absBand = absBandGo
 	// tiesInto is TIES on one range: prune by thr, elect the majority sign
 	// (by the sum of the values, or of their signs with frequency), then
@@ -27,9 +28,27 @@ var (
 	// prunedSumInto is sum_i w[i] * pruned(t_i), each product rounded to
 	// float32 and summed in order, as torch does for a stacked tensor.
 	prunedSumInto = prunedSumIntoGo
-	// KernelSet names the kernels in use: "go", or the vector extensions.
+	// KernelSet names the kernels in use: "go", "avx2" or "avx512".
 	KernelSet = "go"
 )
+
+// kernels is one implementation of the kernels.
+type kernels struct {
+	name          string
+	maxAbsBits    func(x []float32) uint32
+	absBand       func(t []float32, lo, hi uint32, cand []uint32) (above, n int)
+	tiesInto      func(out []float32, ts [][]float32, thr []uint32, w []float32, frequency bool)
+	prunedSumInto func(out []float32, ts [][]float32, thr []uint32, w []float32)
+}
+
+// kernelSets are the implementations this build can run on this CPU, the
+// portable one first; the last one is in use.
+var kernelSets = []kernels{{"go", maxAbsBitsGo, absBandGo, tiesIntoGo, prunedSumIntoGo}}
+
+// useKernels puts an implementation in use.
+func useKernels(k kernels) {
+	maxAbsBits, absBand, tiesInto, prunedSumInto, KernelSet = k.maxAbsBits, k.absBand, k.tiesInto, k.prunedSumInto, k.name
+}
 
 const (
 	nonFiniteBits = 0x7f800000 // magnitude bits of +Inf; NaNs are above
@@ -53,7 +72,7 @@ func maxAbsBitsGo(x []float32) uint32 {
 }
 
 func absBandGo(t []float32, lo, hi uint32, cand []uint32) (above, n int) {
-	limit := len(cand) - 8
+	limit := len(cand) - 16
 	for _, v := range t {
 		// without branches: every value is stored, and the count moves on only for those in the band
 		b := math.Float32bits(v) & 0x7fffffff

@@ -4,23 +4,21 @@ package gomerge
 
 import (
 	"math"
-	"math/bits"
 	"simd/archsimd"
 	"unsafe"
 )
 
-// Vector kernels (8 float32 lanes) for the kernels of kernels.go, chosen
-// at start-up from the CPU's features. Every lane does the operations of
-// the portable version in the same order, so results are bit-identical.
+// Vector kernels with 8 float32 lanes (AVX2), and the start-up choice of
+// the kernels (kernels.go). Every lane does the operations of the portable
+// version in the same order, so results are bit-identical.
 func init() {
 	if archsimd.X86.AVX2() {
-		maxAbsBits, tiesInto, prunedSumInto = maxAbsBitsAVX2, tiesIntoAVX2, prunedSumIntoAVX2
-		KernelSet = "avx2"
+		kernelSets = append(kernelSets, kernels{"avx2", maxAbsBitsAVX2, absBandGo, tiesIntoAVX2, prunedSumIntoAVX2})
 	}
 	if archsimd.X86.AVX512() {
-		absBand = absBandAVX512
-		KernelSet = "avx2+avx512"
+		kernelSets = append(kernelSets, kernels{"avx512", maxAbsBits512, absBand512, tiesInto512, prunedSumInto512})
 	}
+	useKernels(kernelSets[len(kernelSets)-1])
 }
 
 func asInt32(x []float32) []int32 {
@@ -42,31 +40,6 @@ func maxAbsBitsAVX2(x []float32) uint32 {
 		m = max(m, uint32(l))
 	}
 	return m
-}
-
-func absBandAVX512(t []float32, lo, hi uint32, cand []uint32) (above, n int) {
-	u := asInt32(t)
-	c := unsafe.Slice((*int32)(unsafe.Pointer(unsafe.SliceData(cand))), len(cand))
-	limit := len(cand) - 8
-	absMask := archsimd.BroadcastInt32x8(math.MaxInt32)
-	vhi := archsimd.BroadcastInt32x8(int32(hi))
-	vlo := archsimd.BroadcastInt32x8(int32(lo) - 1) // lo >= 0 as magnitudes are below 2^31
-	n8 := len(u) &^ 7
-	for i := 0; i < n8; i += 8 {
-		b := archsimd.LoadInt32x8Slice(u[i:]).And(absMask)
-		above += bits.OnesCount8(b.Greater(vhi).ToBits())
-		in := b.Greater(vlo).And(b.LessEqual(vhi))
-		if n > limit {
-			return 0, -1
-		}
-		b.Compress(in).StoreSlice(c[n:])
-		n += bits.OnesCount8(in.ToBits())
-	}
-	a, m := absBandGo(t[n8:], lo, hi, cand[n:])
-	if m < 0 || n+m > limit {
-		return 0, -1
-	}
-	return above + a, n + m
 }
 
 func tails(ts [][]float32, from int) [][]float32 {

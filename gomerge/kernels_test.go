@@ -49,7 +49,7 @@ func sameBits(t *testing.T, want, got []float32, msg string) {
 // GOEXPERIMENT=simd on a capable CPU) against the portable versions, and the
 // portable TIES kernel against PEFT's steps composed one by one.
 func TestKernelsAgree(t *testing.T) {
-	t.Logf("kernels: %s", KernelSet)
+	t.Logf("kernels in use: %s (of %d)", KernelSet, len(kernelSets))
 	rng := rand.New(rand.NewPCG(7, 7))
 	for _, tc := range []struct {
 		name      string
@@ -64,6 +64,7 @@ func TestKernelsAgree(t *testing.T) {
 		{"below a vector", 3, 7, true, 0.5, true},
 		{"vector and tail", 3, 13, true, 0.2, false},
 		{"block and tail", 3, kernelBlock + 9, true, 0.2, true},
+		{"blocks, 16-lane tail", 5, 2*kernelBlock + 24, true, 0.2, false},
 		{"many tensors", 8, 3001, true, 0.3, false},
 		{"keep all", 3, 100, true, 1, false},
 		{"keep none", 3, 100, true, 0.001, true},
@@ -85,31 +86,25 @@ func TestKernelsAgree(t *testing.T) {
 					pruned[i][j] = keepAbove(v, thr[i])
 				}
 			}
-			for _, fn := range []struct {
-				name string
-				fn   func(out []float32, frequency bool)
-			}{
-				{"ties", func(out []float32, frequency bool) { tiesInto(out, ts, thr, w, frequency) }},
-				{"ties (go)", func(out []float32, frequency bool) { tiesIntoGo(out, ts, thr, w, frequency) }},
-			} {
-				got := make([]float32, tc.n)
-				fn.fn(got, tc.frequency)
-				method := SignTotal
-				if tc.frequency {
-					method = SignFrequency
-				}
-				want := make([]float32, tc.n)
-				if tc.n > 0 {
-					want = DisjointMerge(pruned, w, ElectSigns(pruned, method))
-				}
-				sameBits(t, want, got, fn.name)
+			method := SignTotal
+			if tc.frequency {
+				method = SignFrequency
 			}
-			want, got := make([]float32, tc.n), make([]float32, tc.n)
-			prunedSumIntoGo(want, ts, thr, w)
-			prunedSumInto(got, ts, thr, w)
-			sameBits(t, want, got, "pruned sum")
-			for i := range ts {
-				assert.Equal(t, maxAbsBitsGo(ts[i]), maxAbsBits(ts[i]), "max magnitude")
+			wantTies := make([]float32, tc.n)
+			if tc.n > 0 {
+				wantTies = DisjointMerge(pruned, w, ElectSigns(pruned, method))
+			}
+			wantSum := make([]float32, tc.n)
+			prunedSumIntoGo(wantSum, ts, thr, w)
+			for _, k := range kernelSets {
+				got := make([]float32, tc.n)
+				k.tiesInto(got, ts, thr, w, tc.frequency)
+				sameBits(t, wantTies, got, k.name+" ties")
+				k.prunedSumInto(got, ts, thr, w)
+				sameBits(t, wantSum, got, k.name+" pruned sum")
+				for i := range ts {
+					assert.Equal(t, maxAbsBitsGo(ts[i]), k.maxAbsBits(ts[i]), "%s max magnitude", k.name)
+				}
 			}
 		})
 	}
@@ -119,14 +114,16 @@ func TestAbsBand(t *testing.T) {
 	rng := rand.New(rand.NewPCG(3, 3))
 	x := kernelInputs(rng, 1, 1001, true)[0]
 	lo, hi := math.Float32bits(0.5), math.Float32bits(1.5)
-	for _, size := range []int{1001 + 8, 20} {
-		c1, c2 := make([]uint32, size), make([]uint32, size)
-		a1, n1 := absBandGo(x, lo, hi, c1)
-		a2, n2 := absBand(x, lo, hi, c2)
-		require.Equal(t, n1 < 0, n2 < 0, "overflow agrees (buffer %d)", size)
-		if n1 >= 0 {
-			assert.Equal(t, a1, a2)
-			assert.Equal(t, c1[:n1], c2[:n2])
+	for _, k := range kernelSets {
+		for _, size := range []int{1001 + 16, 30} {
+			c1, c2 := make([]uint32, size), make([]uint32, size)
+			a1, n1 := absBandGo(x, lo, hi, c1)
+			a2, n2 := k.absBand(x, lo, hi, c2)
+			require.Equal(t, n1 < 0, n2 < 0, "%s: overflow agrees (buffer %d)", k.name, size)
+			if n1 >= 0 {
+				assert.Equal(t, a1, a2, k.name)
+				assert.Equal(t, c1[:n1], c2[:n2], k.name)
+			}
 		}
 	}
 }

@@ -121,7 +121,7 @@ func sampleBand(t []float32, k int) (lo, hi uint32, capacity int) {
 	hi = selectKthLargest(sample, hiRank)
 	// the sample is now partitioned around index hiRank-1: the loRank-th largest is after it
 	lo = selectKthLargest(sample[hiRank:], loRank-hiRank)
-	return lo, hi, min(n, 2*n*(loRank-hiRank+1)/s+1024) + 8
+	return lo, hi, min(n, 2*n*(loRank-hiRank+1)/s+1024) + 16
 }
 
 // rangeBucket narrows the candidates, values within [lo, hi], to those of
