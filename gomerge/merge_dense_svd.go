@@ -41,7 +41,7 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, k int, c
 		if mask := j.srcs[i].maskDW; mask != nil {
 			MaskPrune(t, mask, comb.Density, true)
 		} else {
-			RandomPrune(t, comb.Density, true, TensorRNG(seed, j.name, "dW/"+strconv.Itoa(j.srcs[i].index)))
+			RandomPrune(t, comb.Density, true, TensorSource(seed, j.name, "dW/"+strconv.Itoa(j.srcs[i].index)))
 		}
 	}, true)
 	if ctx.Err() != nil {

@@ -40,7 +40,7 @@ func mergeFactors(srcs []source, comb Combination, seed uint64, module string) (
 			if mask != nil {
 				MaskPrune(t, mask, comb.Density, true)
 			} else {
-				RandomPrune(t, comb.Density, true, TensorRNG(seed, module, factor+"/"+strconv.Itoa(srcs[i].index)))
+				RandomPrune(t, comb.Density, true, TensorSource(seed, module, factor+"/"+strconv.Itoa(srcs[i].index)))
 			}
 		}
 	}

@@ -216,7 +216,7 @@ func selectKthLargest(x []uint32, k int) uint32 {
 // RandomPrune is DARE's random pruning, in place: each entry is kept with
 // probability density (a Bernoulli draw from rng) and, with rescale, kept
 // entries are divided by density in float32, as PEFT's random_pruning does.
-func RandomPrune(t []float32, density float64, rescale bool, rng *rand.Rand) {
+func RandomPrune(t []float32, density float64, rescale bool, rng *rand.PCG) {
 	if density >= 1 {
 		return
 	}
@@ -259,9 +259,15 @@ func MaskPrune(t []float32, mask []byte, density float64, rescale bool) {
 // goroutine runs it, so the same seed gives the same masks on any number of
 // cores.
 func TensorRNG(seed uint64, module, label string) *rand.Rand {
+	return rand.New(TensorSource(seed, module, label))
+}
+
+// TensorSource is TensorRNG's generator itself: its Uint64 draws are
+// TensorRNG's, without the interface call per draw.
+func TensorSource(seed uint64, module, label string) *rand.PCG {
 	h := fnv.New64a()
 	h.Write([]byte(module))
 	h.Write([]byte{0})
 	h.Write([]byte(label))
-	return rand.New(rand.NewPCG(seed, h.Sum64()))
+	return rand.NewPCG(seed, h.Sum64())
 }

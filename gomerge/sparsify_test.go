@@ -108,9 +108,14 @@ func TestRandomPruneIsSeededAndRescaled(t *testing.T) {
 	}
 	a := append([]float32(nil), x...)
 	b := append([]float32(nil), x...)
-	RandomPrune(a, 0.3, true, TensorRNG(5, "m", "A/0"))
-	RandomPrune(b, 0.3, true, TensorRNG(5, "m", "A/0"))
+	RandomPrune(a, 0.3, true, TensorSource(5, "m", "A/0"))
+	RandomPrune(b, 0.3, true, TensorSource(5, "m", "A/0"))
 	assert.Equal(t, a, b)
+	// the draws are TensorRNG's: a kept entry is one whose 64-bit draw is below 0.3 * 2^64
+	rng, limit := TensorRNG(5, "m", "A/0"), 0.3*0x1p64
+	for i, v := range a {
+		require.Equal(t, rng.Uint64() < uint64(limit), v != 0, "entry %d", i)
+	}
 	kept := 0
 	for _, v := range a {
 		if v != 0 {
@@ -120,7 +125,7 @@ func TestRandomPruneIsSeededAndRescaled(t *testing.T) {
 	}
 	assert.InDelta(t, 30_000, kept, 5*math.Sqrt(100_000*0.3*0.7))
 	c := append([]float32(nil), x...)
-	RandomPrune(c, 0.3, true, TensorRNG(5, "m", "A/1"))
+	RandomPrune(c, 0.3, true, TensorSource(5, "m", "A/1"))
 	assert.NotEqual(t, a, c, "another tensor label must give another mask")
 }
 
