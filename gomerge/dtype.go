@@ -1,7 +1,6 @@
 package gomerge
 
 import (
-	"encoding/binary"
 	"math"
 	"strings"
 	"sync"
@@ -64,16 +63,50 @@ func decodeInto(out []float32, d DType, raw []byte) {
 	switch d {
 	case F32:
 		copy(out, bytesAsFloat32(raw[:4*n]))
-	case BF16:
-		for i := range out {
-			out[i] = math.Float32frombits(uint32(binary.LittleEndian.Uint16(raw[2*i:])) << 16)
-		}
-	case F16:
-		lut := halfTable()
-		for i := range out {
-			out[i] = lut[binary.LittleEndian.Uint16(raw[2*i:])]
-		}
+	case BF16, F16:
+		decodeHalf(out, bytesAsUint16(raw[:2*n]), d == BF16)
 	}
+}
+
+// decodeHalfGo converts BF16 (bf16) or F16 bit patterns to float32.
+func decodeHalfGo(out []float32, raw []uint16, bf16 bool) {
+	raw = raw[:len(out)]
+	if bf16 {
+		for i, h := range raw {
+			out[i] = math.Float32frombits(uint32(h) << 16)
+		}
+		return
+	}
+	lut := halfTable()
+	for i, h := range raw {
+		out[i] = lut[h]
+	}
+}
+
+// encodeHalfGo rounds float32 values to BF16 (bf16) or F16 bit patterns.
+func encodeHalfGo(out []uint16, x []float32, bf16 bool) {
+	out = out[:len(x)]
+	if bf16 {
+		for i, v := range x {
+			out[i] = Float32ToBF16(v)
+		}
+		return
+	}
+	for i, v := range x {
+		out[i] = Float32ToHalf(v)
+	}
+}
+
+// bytesAsUint16 views little-endian bytes as uint16 values (copying when
+// the buffer is not 2-byte aligned).
+func bytesAsUint16(b []byte) []uint16 {
+	if len(b) < 2 {
+		return nil
+	}
+	if uintptr(unsafe.Pointer(&b[0]))%2 != 0 {
+		b = append([]byte(nil), b...)
+	}
+	return unsafe.Slice((*uint16)(unsafe.Pointer(&b[0])), len(b)/2)
 }
 
 var (
@@ -100,14 +133,8 @@ func Encode(d DType, x []float32) []byte {
 	switch d {
 	case F32:
 		copy(out, float32AsBytes(x))
-	case BF16:
-		for i, v := range x {
-			binary.LittleEndian.PutUint16(out[2*i:], Float32ToBF16(v))
-		}
-	case F16:
-		for i, v := range x {
-			binary.LittleEndian.PutUint16(out[2*i:], Float32ToHalf(v))
-		}
+	case BF16, F16:
+		encodeHalf(bytesAsUint16(out), x, d == BF16)
 	}
 	return out
 }

@@ -28,6 +28,10 @@ var (
 	// prunedSumInto is sum_i w[i] * pruned(t_i), each product rounded to
 	// float32 and summed in order, as torch does for a stacked tensor.
 	prunedSumInto = prunedSumIntoGo
+	// decodeHalf converts BF16 (bf16) or F16 bit patterns to float32.
+	decodeHalf = decodeHalfGo
+	// encodeHalf rounds float32 values to BF16 or F16 (to nearest even).
+	encodeHalf = encodeHalfGo
 	// KernelSet names the kernels in use: "go", "avx2" or "avx512".
 	KernelSet = "go"
 )
@@ -39,15 +43,18 @@ type kernels struct {
 	absBand       func(t []float32, lo, hi uint32, cand []uint32) (above, n int)
 	tiesInto      func(out []float32, ts [][]float32, thr []uint32, w []float32, frequency bool)
 	prunedSumInto func(out []float32, ts [][]float32, thr []uint32, w []float32)
+	decodeHalf    func(out []float32, raw []uint16, bf16 bool)
+	encodeHalf    func(out []uint16, x []float32, bf16 bool)
 }
 
 // kernelSets are the implementations this build can run on this CPU, the
 // portable one first; the last one is in use.
-var kernelSets = []kernels{{"go", maxAbsBitsGo, absBandGo, tiesIntoGo, prunedSumIntoGo}}
+var kernelSets = []kernels{{"go", maxAbsBitsGo, absBandGo, tiesIntoGo, prunedSumIntoGo, decodeHalfGo, encodeHalfGo}}
 
 // useKernels puts an implementation in use.
 func useKernels(k kernels) {
-	maxAbsBits, absBand, tiesInto, prunedSumInto, KernelSet = k.maxAbsBits, k.absBand, k.tiesInto, k.prunedSumInto, k.name
+	maxAbsBits, absBand, tiesInto, prunedSumInto = k.maxAbsBits, k.absBand, k.tiesInto, k.prunedSumInto
+	decodeHalf, encodeHalf, KernelSet = k.decodeHalf, k.encodeHalf, k.name
 }
 
 const (

@@ -182,3 +182,73 @@ func prunedSumInto512(out []float32, ts [][]float32, thr []uint32, w []float32) 
 		prunedSumIntoGo(out[n16:], tails(ts, n16), thr, w)
 	}
 }
+
+func halfVecs16(x []uint16) [][16]uint16 {
+	return unsafe.Slice((*[16]uint16)(unsafe.Pointer(unsafe.SliceData(x))), len(x)/16)
+}
+
+func uvecs16(x []float32) [][16]uint32 {
+	return unsafe.Slice((*[16]uint32)(unsafe.Pointer(unsafe.SliceData(x))), len(x)/16)
+}
+
+func decodeHalf512(out []float32, raw []uint16, bf16 bool) {
+	raw = raw[:len(out)]
+	h, o := halfVecs16(raw), uvecs16(out)[:len(raw)/16]
+	magnitude, signBit := archsimd.BroadcastUint32x16(0x7fff), archsimd.BroadcastUint32x16(0x8000)
+	infNaN, mant := archsimd.BroadcastUint32x16(0x7c00), archsimd.BroadcastUint32x16(0x3ff)
+	expMax := archsimd.BroadcastUint32x16(0x7f800000)
+	scale := archsimd.BroadcastFloat32x16(0x1p112)
+	for i := range o {
+		w := archsimd.LoadUint16x16(&h[i]).ExtendToUint32()
+		if bf16 {
+			w.ShiftAllLeft(16).Store(&o[i])
+			continue
+		}
+		// finite halves: the bits moved into float32's places are the value times 2^-112, subnormals included
+		a := w.And(magnitude)
+		f := a.ShiftAllLeft(13).AsFloat32x16().Mul(scale).AsUint32x16()
+		special := expMax.Or(a.And(mant).ShiftAllLeft(13)) // Inf and NaN (payload kept)
+		f = special.Merge(f, a.GreaterEqual(infNaN))
+		f.Or(w.And(signBit).ShiftAllLeft(16)).Store(&o[i])
+	}
+	if n := 16 * len(o); n < len(out) {
+		decodeHalfGo(out[n:], raw[n:], bf16)
+	}
+}
+
+func encodeHalf512(out []uint16, x []float32, bf16 bool) {
+	out = out[:len(x)]
+	v, o := uvecs16(x), halfVecs16(out)[:len(x)/16]
+	abs := archsimd.BroadcastUint32x16(0x7fffffff)
+	expMax := archsimd.BroadcastUint32x16(0x7f800000)
+	one := archsimd.BroadcastUint32x16(1)
+	if bf16 {
+		round, quiet := archsimd.BroadcastUint32x16(0x7fff), archsimd.BroadcastUint32x16(0x40)
+		for i := range o {
+			b := archsimd.LoadUint32x16(&v[i])
+			r := b.Add(round).Add(b.ShiftAllRight(16).And(one)).ShiftAllRight(16)
+			nan := b.ShiftAllRight(16).Or(quiet)
+			nan.Merge(r, b.And(abs).Greater(expMax)).TruncateToUint16().Store(&o[i])
+		}
+	} else {
+		half := archsimd.BroadcastUint32x16(126 << 23)
+		bias, round := archsimd.BroadcastUint32x16(112<<23), archsimd.BroadcastUint32x16(0xfff)
+		minNormal, overflow := archsimd.BroadcastUint32x16(113<<23), archsimd.BroadcastUint32x16(143<<23)
+		signBit := archsimd.BroadcastUint32x16(0x8000)
+		inf, qnan := archsimd.BroadcastUint32x16(0x7c00), archsimd.BroadcastUint32x16(0x7e00)
+		for i := range o {
+			b := archsimd.LoadUint32x16(&v[i])
+			a := b.And(abs)
+			// as Float32ToHalf: subnormal halves rounded by a float add of 0.5, normal ones by integer rounding
+			sub := a.AsFloat32x16().Add(half.AsFloat32x16()).AsUint32x16().Sub(half)
+			norm := a.Sub(bias).Add(round).Add(a.ShiftAllRight(13).And(one)).ShiftAllRight(13)
+			r := sub.Merge(norm, a.Less(minNormal))
+			big := qnan.Merge(inf, a.Greater(expMax))
+			r = big.Merge(r, a.GreaterEqual(overflow))
+			r.Or(b.ShiftAllRight(16).And(signBit)).TruncateToUint16().Store(&o[i])
+		}
+	}
+	if n := 16 * len(o); n < len(x) {
+		encodeHalfGo(out[n:], x[n:], bf16)
+	}
+}

@@ -13,10 +13,12 @@ import (
 // version in the same order, so results are bit-identical.
 func init() {
 	if archsimd.X86.AVX2() {
-		kernelSets = append(kernelSets, kernels{"avx2", maxAbsBitsAVX2, absBandGo, tiesIntoAVX2, prunedSumIntoAVX2})
+		kernelSets = append(kernelSets, kernels{"avx2", maxAbsBitsAVX2, absBandGo, tiesIntoAVX2, prunedSumIntoAVX2,
+			decodeHalfGo, encodeHalfGo})
 	}
 	if archsimd.X86.AVX512() {
-		kernelSets = append(kernelSets, kernels{"avx512", maxAbsBits512, absBand512, tiesInto512, prunedSumInto512})
+		kernelSets = append(kernelSets, kernels{"avx512", maxAbsBits512, absBand512, tiesInto512, prunedSumInto512,
+			decodeHalf512, encodeHalf512})
 	}
 	useKernels(kernelSets[len(kernelSets)-1])
 }

@@ -199,3 +199,43 @@ func BenchmarkTiesInto(b *testing.B) {
 		tiesInto(out, ts, thr, w, false)
 	}
 }
+
+// Every half-precision pattern decodes, and float32 values of every kind
+// (zeros, subnormal and normal halves, half-way cases, overflow, Inf, NaN)
+// encode, as the portable conversions do.
+func TestHalfKernels(t *testing.T) {
+	all := make([]uint16, 1<<16+5) // a tail off the vector width
+	for i := range all {
+		all[i] = uint16(i)
+	}
+	rng := rand.New(rand.NewPCG(11, 11))
+	x := make([]float32, 1<<18+7)
+	for i := range x {
+		b := rng.Uint32()&0x807fffff | (95+rng.Uint32N(161-95))<<23
+		switch i % 8 {
+		case 0:
+			b = b&^0x1fff | 0x1000 // half way between halves
+		case 1:
+			b = b&^0xffff | 0x8000 // half way between bfloat16s
+		case 2:
+			b &= 0x80000000
+		}
+		x[i] = math.Float32frombits(b)
+	}
+	for _, k := range kernelSets {
+		for _, bf16 := range []bool{false, true} {
+			want, got := make([]float32, len(all)), make([]float32, len(all))
+			decodeHalfGo(want, all, bf16)
+			k.decodeHalf(got, all, bf16)
+			for i := range want {
+				require.Equal(t, math.Float32bits(want[i]), math.Float32bits(got[i]), "%s decode %#04x (bf16 %v)", k.name, all[i], bf16)
+			}
+			wantH, gotH := make([]uint16, len(x)), make([]uint16, len(x))
+			encodeHalfGo(wantH, x, bf16)
+			k.encodeHalf(gotH, x, bf16)
+			for i := range wantH {
+				require.Equal(t, wantH[i], gotH[i], "%s encode %#08x (bf16 %v)", k.name, math.Float32bits(x[i]), bf16)
+			}
+		}
+	}
+}
