@@ -18,9 +18,9 @@ Every row states the bytes read and written and the floor: those bytes divided b
 the start of the run (a large memory copy). Rows also give this machine's measured lower bounds (benchmarks/floor):
 reading the inputs plus writing the output, and a skeleton merge that streams them through one sum. Times follow
 an untimed warm-up run and an os.sync(): the best of 5 runs for gomerge (about 25 ms each on S1), of 3 for PEFT's
-call and the drop-in (0.1-0.5 s), a single run for PEFT end to end and for PEFT's dense SVDs, and for S3 (a child
-process, for its peak RSS, after reading the inputs once so that both it and the floors find them in the page
-cache). Results go to benchmarks/results/ (JSON, Markdown table, PNG chart), with the targets of the issue
+call and the drop-in (0.1-0.5 s), a single run for PEFT end to end and for PEFT's dense SVDs. S3 runs gomerge in
+a child process, for its peak RSS (the best of 2 runs for ties, one for svd), after reading the inputs once so
+that both it and the floors find them in the page cache. Results go to benchmarks/results/ (JSON, Markdown table, PNG chart), with the targets of the issue
 checked against the run.
 
 Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4] [--s3-layers N]
@@ -265,7 +265,8 @@ def s3(root: str, bw: float, rows: list, layers: int, svd_layers: int) -> None:
                 while f.read(64 << 20):
                     pass
         out = os.path.join(root, f"s3-{ctype}")
-        t_go, peak = gomerge_child(dirs, ctype, out, **kw)
+        runs = [gomerge_child(dirs, ctype, out, **kw) for _ in range(2 if ctype == "ties" else 1)]
+        t_go, peak = min(t for t, _ in runs), max(p for _, p in runs)
         out_bytes = dir_bytes(out)
         rows.append(dict(scenario="S3", method=ctype, shapes=f"Llama-7B, {n_layers} layers, 8 x r64",
                          read=in_bytes, written=out_bytes, floor=(in_bytes + out_bytes) / bw, gomerge=t_go,
@@ -328,8 +329,11 @@ def targets(rows: list) -> list[str]:
 
     def floor_target(name, r):
         limit = 3 * r["floor"]
-        why = (f"even the skeleton merge takes {fmt_ms(r['skeleton'])} > 3x floor {fmt_ms(limit)}: unreachable here"
-               if r.get("skeleton") and r["skeleton"] > limit else "")
+        why = ""
+        if r.get("skeleton"):
+            why = (f"even the skeleton merge takes {fmt_ms(r['skeleton'])} > 3x floor {fmt_ms(limit)}: unreachable here"
+                   if r["skeleton"] > limit else
+                   f"the skeleton merge alone takes {fmt_ms(r['skeleton'])} of the {fmt_ms(limit)} allowed")
         add(name, f"{r['gomerge'] / r['floor']:.1f}x floor", r["gomerge"] <= limit, why)
 
     if r := row("S1", "ties"):
