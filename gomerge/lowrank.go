@@ -31,7 +31,7 @@ func LowRankSVD(b []float64, a []float64, m, r, n, k int) (bk, ak, s []float64) 
 		blas64.General{Rows: pb, Cols: r, Stride: r, Data: rb},
 		blas64.General{Rows: pa, Cols: r, Stride: r, Data: ra},
 		0, blas64.General{Rows: pb, Cols: pa, Stride: pa, Data: core})
-	uc, sv, vtc := smallSVD(core, pb, pa)
+	sv, vtc := smallSVD(core, pb, pa)
 	q := len(sv)
 	kk := min(k, q)
 
@@ -40,10 +40,17 @@ func LowRankSVD(b []float64, a []float64, m, r, n, k int) (bk, ak, s []float64) 
 	if kk == 0 {
 		return bk, ak, sv
 	}
-	// left = Qb (m x pb) @ Uc[:, :kk] (pb x kk), written into bk with stride k
+	// The left vectors scaled by the singular values, Uc[:, :kk] diag(S[:kk]), are core @ V[:, :kk]: the
+	// SVD need not accumulate Uc (half its rotations).
+	cv := make([]float64, pb*kk)
+	blas64.Gemm(blas.NoTrans, blas.Trans, 1,
+		blas64.General{Rows: pb, Cols: pa, Stride: pa, Data: core},
+		blas64.General{Rows: kk, Cols: pa, Stride: pa, Data: vtc},
+		0, blas64.General{Rows: pb, Cols: kk, Stride: kk, Data: cv})
+	// left = Qb (m x pb) @ cv (pb x kk), written into bk with stride k
 	blas64.Gemm(blas.NoTrans, blas.NoTrans, 1,
 		blas64.General{Rows: m, Cols: pb, Stride: pb, Data: qb},
-		blas64.General{Rows: pb, Cols: kk, Stride: q, Data: uc},
+		blas64.General{Rows: pb, Cols: kk, Stride: kk, Data: cv},
 		0, blas64.General{Rows: m, Cols: kk, Stride: k, Data: bk})
 	// right^T = Vt[:kk, :] (kk x pa) @ Qa^T (pa x n)
 	blas64.Gemm(blas.NoTrans, blas.Trans, 1,
@@ -58,11 +65,10 @@ func LowRankSVD(b []float64, a []float64, m, r, n, k int) (bk, ak, s []float64) 
 				best, sign = v, math.Copysign(1, bk[i*k+j])
 			}
 		}
-		scale := sv[j] * sign
-		for i := 0; i < m; i++ {
-			bk[i*k+j] *= scale
-		}
 		if sign < 0 {
+			for i := 0; i < m; i++ {
+				bk[i*k+j] = -bk[i*k+j]
+			}
 			for i := j * n; i < (j+1)*n; i++ {
 				ak[i] = -ak[i]
 			}
@@ -97,23 +103,24 @@ func thinQR(x []float64, m, r int) (q, rf []float64, p int) {
 	return q, rf, p
 }
 
-// smallSVD is the thin SVD of a small m x n matrix: U (m x q), S (q), Vt (q x n).
-func smallSVD(x []float64, m, n int) (u, s, vt []float64) {
+// smallSVD is the thin SVD of a small m x n matrix without its left
+// vectors: S (q) and Vt (q x n), q = min(m, n).
+func smallSVD(x []float64, m, n int) (s, vt []float64) {
 	q := min(m, n)
 	if q == 0 {
-		return nil, nil, nil
+		return nil, nil
 	}
 	a := blas64.General{Rows: m, Cols: n, Stride: n, Data: append([]float64(nil), x...)}
 	s = make([]float64, q)
-	ug := blas64.General{Rows: m, Cols: q, Stride: q, Data: make([]float64, m*q)}
+	ug := blas64.General{Rows: 1, Cols: 1, Stride: 1, Data: make([]float64, 1)}
 	vg := blas64.General{Rows: q, Cols: n, Stride: n, Data: make([]float64, q*n)}
 	work := []float64{0}
-	lapack64.Gesvd(lapack.SVDStore, lapack.SVDStore, a, ug, vg, s, work, -1)
+	lapack64.Gesvd(lapack.SVDNone, lapack.SVDStore, a, ug, vg, s, work, -1)
 	work = make([]float64, int(work[0]))
-	if ok := lapack64.Gesvd(lapack.SVDStore, lapack.SVDStore, a, ug, vg, s, work, len(work)); !ok {
+	if ok := lapack64.Gesvd(lapack.SVDNone, lapack.SVDStore, a, ug, vg, s, work, len(work)); !ok {
 		panic("gomerge: SVD of the core matrix did not converge")
 	}
-	return ug.Data, s, vg.Data
+	return s, vg.Data
 }
 
 func transpose(x []float64, rows, cols int) []float64 {

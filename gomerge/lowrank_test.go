@@ -204,3 +204,67 @@ func orthonormal(rng *rand.Rand, rows, cols int) []float64 {
 	q, _, _ := thinQR(x, rows, cols)
 	return q
 }
+
+// A TIES-pruned update (sparse, with structured zeros) through the exact
+// path of RandomizedSVD: the right factor keeps orthonormal rows and the
+// error is the optimal rank-k error.
+func TestExactSVDOfPrunedUpdate(t *testing.T) {
+	rng := rand.New(rand.NewPCG(4, 4))
+	m, n, r, k := 64, 64, 8, 4
+	ts := make([][]float32, 3)
+	for i := range ts {
+		b, a := make([]float64, m*r), make([]float64, r*n)
+		for j := range b {
+			b[j] = rng.NormFloat64()
+		}
+		for j := range a {
+			a[j] = rng.NormFloat64()
+		}
+		ts[i] = make([]float32, m*n)
+		for x := 0; x < m; x++ {
+			for y := 0; y < n; y++ {
+				for l := 0; l < r; l++ {
+					ts[i][x*n+y] += float32(b[x*r+l] * a[l*n+y])
+				}
+			}
+		}
+	}
+	d := Combination{Method: "ties", Density: 0.2, SignMethod: SignTotal}.Apply(ts, []float32{2, 1, 1}, nil, false)
+	bk, ak := exactSVD(d, m, n, k)
+	for i := 0; i < k; i++ {
+		for j := 0; j < k; j++ {
+			dot := 0.0
+			for l := 0; l < n; l++ {
+				dot += ak[i*n+l] * ak[j*n+l]
+			}
+			want := 0.0
+			if i == j {
+				want = 1
+			}
+			require.InDelta(t, want, dot, 1e-10, "rows %d, %d of the right factor", i, j)
+		}
+	}
+	dm := mat.NewDense(m, n, nil)
+	for x := 0; x < m; x++ {
+		for y := 0; y < n; y++ {
+			dm.Set(x, y, float64(d[x*n+y]))
+		}
+	}
+	var svd mat.SVD
+	require.True(t, svd.Factorize(dm, mat.SVDNone))
+	opt := 0.0
+	for _, s := range svd.Values(nil)[k:] {
+		opt += s * s
+	}
+	err := 0.0
+	for x := 0; x < m; x++ {
+		for y := 0; y < n; y++ {
+			v := float64(d[x*n+y])
+			for l := 0; l < k; l++ {
+				v -= bk[x*k+l] * ak[l*n+y]
+			}
+			err += v * v
+		}
+	}
+	assert.InDelta(t, math.Sqrt(opt), math.Sqrt(err), 1e-9*math.Sqrt(opt))
+}
