@@ -23,6 +23,10 @@ import (
 // EngineVersion returns the engine version, kept equal to the Python package's.
 func EngineVersion() string { return gomerge.Version }
 
+// EngineKernels names the element-wise kernels in use on this CPU: "go"
+// (portable), "avx2" or "avx512".
+func EngineKernels() string { return gomerge.KernelSet }
+
 type job struct {
 	cancel   context.CancelFunc
 	progress gomerge.Progress

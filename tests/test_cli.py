@@ -87,6 +87,17 @@ def test_help_reads_like_a_manual():
         assert option in sub
 
 
+def test_version_names_the_kernels():
+    out = gomerge("--version").stdout.strip()
+    version, kernels = out.removeprefix("gomerge ").split(" (kernels: ")
+    import gomerge as package
+
+    assert version == package.__version__ == package.engine_version()
+    assert kernels.rstrip(")") in ("avx512", "avx2", "go")
+    if sys.platform == "linux" and "avx512bw" in open("/proc/cpuinfo").read():
+        assert kernels == "avx512)", "the engine is built with the vector kernels (GOEXPERIMENT=simd)"
+
+
 def test_recipe(dirs, tmp_path):
     recipe = tmp_path / "merge.yaml"
     recipe.write_text(f"""\

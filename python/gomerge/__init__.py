@@ -7,14 +7,14 @@ res = gomerge.add_weighted_adapter(["a", "b"], [1.0, 1.0], "merged", combination
 ```
 """
 
-from ._native import engine_version
+from ._native import engine_kernels, engine_version
 from .merge import COMBINATION_TYPES, MergeResult, add_weighted_adapter, inspect_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "COMBINATION_TYPES", "MergeResult", "add_weighted_adapter", "engine_version", "inspect_adapter", "patch_peft",
-    "unpatch_peft",
+    "COMBINATION_TYPES", "MergeResult", "add_weighted_adapter", "engine_kernels", "engine_version", "inspect_adapter",
+    "patch_peft", "unpatch_peft",
 ]
 
 

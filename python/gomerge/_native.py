@@ -35,6 +35,11 @@ def engine_version() -> str:
     return _b.engine_version()
 
 
+def engine_kernels() -> str:
+    """Returns the engine's element-wise kernels in use on this CPU: `"avx512"`, `"avx2"` or `"go"` (portable)."""
+    return _b.engine_kernels()
+
+
 def merge_start(request: dict[str, Any]) -> int:
     """Starts a merge of adapter directories in Go and returns its job id."""
     _check_fork()

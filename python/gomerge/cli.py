@@ -8,7 +8,7 @@ import os
 import sys
 from contextlib import ExitStack
 
-from . import __version__, merge, sources
+from . import __version__, _native, merge, sources
 from .merge import COMBINATION_TYPES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -62,7 +62,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="gomerge", description=DESCRIPTION, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"gomerge {__version__}")
+    p.add_argument("--version", action="version",
+                   version=f"gomerge {__version__} (kernels: {_native.engine_kernels()})")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     m = sub.add_parser("merge", help="merge adapters into a new adapter directory",
