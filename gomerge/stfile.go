@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"math"
@@ -328,11 +329,24 @@ func CreateSafetensors(path string, tensors []OutTensor, metadata map[string]str
 		return nil, ioErr(path, err)
 	}
 	w.start = int64(8 + len(h))
-	if err := f.Truncate(w.start + pos); err != nil {
+	if err := allocate(f, w.fd, w.start+pos); err != nil {
 		f.Close()
 		return nil, ioErr(path, err)
 	}
 	return w, nil
+}
+
+// allocate sets the file's size, reserving its blocks when the file system
+// can (a full disk fails here, before any tensor is written, and later
+// writes skip the per-page block reservation).
+func allocate(f *os.File, fd int, size int64) error {
+	if size > 0 {
+		err := unix.Fallocate(fd, 0, 0, size)
+		if err == nil || !(errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS)) {
+			return err
+		}
+	}
+	return f.Truncate(size)
 }
 
 // WriteTensor writes the encoded data of one tensor at its place.
