@@ -10,6 +10,7 @@ import (
 	"math"
 	"os"
 	"sort"
+	"strconv"
 	"sync/atomic"
 
 	"github.com/nlpodyssey/safetensors"
@@ -298,22 +299,51 @@ var writeDTypes = map[DType]string{F32: "F32", BF16: "BF16", F16: "F16"}
 func CreateSafetensors(path string, tensors []OutTensor, metadata map[string]string) (*STWriter, error) {
 	sorted := append([]OutTensor(nil), tensors...)
 	sort.Slice(sorted, func(i, j int) bool { return sorted[i].Name < sorted[j].Name })
-	header := map[string]any{}
-	if len(metadata) > 0 {
-		header["__metadata__"] = metadata
+	// The JSON header is written directly (json.Marshal of nested maps took a millisecond of a small merge),
+	// with the keys in json.Marshal's order: sorted, "__metadata__" among them.
+	w := &STWriter{path: path, offsets: make(map[string][2]int64, len(sorted))}
+	var hb bytes.Buffer
+	hb.WriteByte('{')
+	key := func(k string) {
+		if hb.Len() > 1 {
+			hb.WriteByte(',')
+		}
+		q, _ := json.Marshal(k)
+		hb.Write(q)
+		hb.WriteByte(':')
 	}
-	w := &STWriter{path: path, offsets: map[string][2]int64{}}
+	meta := func() {
+		if len(metadata) > 0 {
+			key("__metadata__")
+			m, _ := json.Marshal(metadata)
+			hb.Write(m)
+		}
+	}
 	pos := int64(0)
+	metaDone := false
 	for _, t := range sorted {
+		if !metaDone && t.Name > "__metadata__" {
+			meta()
+			metaDone = true
+		}
 		n := int64(numel(t.Shape) * t.DType.Size())
-		header[t.Name] = map[string]any{"dtype": writeDTypes[t.DType], "shape": t.Shape, "data_offsets": [2]int64{pos, pos + n}}
+		key(t.Name)
+		fmt.Fprintf(&hb, `{"data_offsets":[%d,%d],"dtype":%q,"shape":[`, pos, pos+n, writeDTypes[t.DType])
+		for i, d := range t.Shape {
+			if i > 0 {
+				hb.WriteByte(',')
+			}
+			hb.WriteString(strconv.Itoa(d))
+		}
+		hb.WriteString("]}")
 		w.offsets[t.Name] = [2]int64{pos, pos + n}
 		pos += n
 	}
-	h, err := json.Marshal(header)
-	if err != nil {
-		return nil, err
+	if !metaDone {
+		meta()
 	}
+	hb.WriteByte('}')
+	h := hb.Bytes()
 	for len(h)%8 != 0 {
 		h = append(h, ' ')
 	}

@@ -1,0 +1,54 @@
+package gomerge
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// The header STWriter writes is byte for byte json.Marshal's encoding of
+// the same maps (sorted keys, "__metadata__" in its sorted place, HTML
+// characters escaped), and the file reads back.
+func TestCreateSafetensorsHeader(t *testing.T) {
+	tensors := []OutTensor{
+		{"base.z<&>", F16, []int{2, 3}},
+		{"A.weight", F32, []int{4}},
+		{"_a", BF16, []int{}},
+		{"base.a", F32, []int{1, 2, 1}},
+	}
+	meta := map[string]string{"format": "pt", "b": "x\"y"}
+	path := filepath.Join(t.TempDir(), "t.safetensors")
+	w, err := CreateSafetensors(path, tensors, meta)
+	require.NoError(t, err)
+	want := map[string]any{"__metadata__": meta}
+	pos := 0
+	for _, name := range []string{"A.weight", "_a", "base.a", "base.z<&>"} {
+		for _, tt := range tensors {
+			if tt.Name == name {
+				n := numel(tt.Shape) * tt.DType.Size()
+				want[name] = map[string]any{"dtype": writeDTypes[tt.DType], "shape": tt.Shape, "data_offsets": [2]int{pos, pos + n}}
+				require.NoError(t, w.WriteTensor(name, make([]byte, n)))
+				pos += n
+			}
+		}
+	}
+	require.NoError(t, w.Close())
+	wantJSON, err := json.Marshal(want)
+	require.NoError(t, err)
+	raw, err := os.ReadFile(path)
+	require.NoError(t, err)
+	n := binary.LittleEndian.Uint64(raw)
+	assert.Equal(t, string(wantJSON), string(raw[8:8+len(wantJSON)]))
+	assert.Zero(t, n%8)
+	st, err := OpenSafetensors(path)
+	require.NoError(t, err)
+	defer st.Close()
+	assert.Equal(t, meta, st.Metadata)
+	assert.Len(t, st.Entries, 4)
+	assert.Equal(t, []int{1, 2, 1}, st.Entries["base.a"].Shape)
+}
