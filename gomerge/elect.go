@@ -75,12 +75,7 @@ func disjointMergeInto(sum, count []float32, tensors [][]float32, weights []floa
 		t = t[:len(signs)]
 		w := weights[i]
 		for j, v := range t {
-			// v agrees when it is non-zero and has the elected sign: integer ops, no branch
-			vb := math.Float32bits(v)
-			mag := vb & 0x7fffffff
-			nonzero := (mag | -mag) >> 31
-			same := (vb^math.Float32bits(signs[j]))>>31 ^ 1
-			agree := float32(nonzero & same)
+			agree := agrees(v, signs[j])
 			sum[j] += v * w * agree
 			count[j] += agree
 		}
@@ -88,4 +83,14 @@ func disjointMergeInto(sum, count []float32, tensors [][]float32, weights []floa
 	for j := range sum {
 		sum[j] /= max(count[j], 1)
 	}
+}
+
+// agrees is 1 when v is non-zero and has the sign of the elected sign
+// (+1 or -1), else 0: integer ops, no branch.
+func agrees(v, sign float32) float32 {
+	vb := math.Float32bits(v)
+	mag := vb & 0x7fffffff
+	nonzero := (mag | -mag) >> 31
+	same := (vb^math.Float32bits(sign))>>31 ^ 1
+	return float32(nonzero & same)
 }

@@ -123,12 +123,7 @@ func tiesIntoGo(out []float32, ts [][]float32, thr []uint32, w []float32, freque
 			t, th, wi := t[lo:hi], thr[i], w[i]
 			for j, v := range t {
 				v = keepAbove(v, th)
-				// v agrees when it is non-zero and has the elected sign: integer ops, no branch
-				vb := math.Float32bits(v)
-				mag := vb & 0x7fffffff
-				nonzero := (mag | -mag) >> 31
-				same := (vb^math.Float32bits(s[j]))>>31 ^ 1
-				agree := float32(nonzero & same)
+				agree := agrees(v, s[j])
 				acc[j] += v * wi * agree
 				cnt[j] += agree
 			}

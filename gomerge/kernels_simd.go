@@ -23,21 +23,15 @@ func init() {
 	useKernels(kernelSets[len(kernelSets)-1])
 }
 
-func asInt32(x []float32) []int32 {
-	return unsafe.Slice((*int32)(unsafe.Pointer(unsafe.SliceData(x))), len(x))
-}
-
 func maxAbsBitsAVX2(x []float32) uint32 {
-	u := asInt32(x)
-	n8 := len(u) &^ 7
-	absMask := archsimd.BroadcastInt32x8(math.MaxInt32)
+	v := vecs(x)
 	acc := archsimd.BroadcastInt32x8(0)
-	for i := 0; i < n8; i += 8 {
-		acc = acc.Max(archsimd.LoadInt32x8Slice(u[i:]).And(absMask))
+	for i := range v {
+		acc = acc.Max(archsimd.LoadFloat32x8(&v[i]).AsInt32x8().And(absMask))
 	}
 	var lanes [8]int32
 	acc.Store(&lanes)
-	m := maxAbsBitsGo(x[n8:])
+	m := maxAbsBitsGo(x[8*len(v):])
 	for _, l := range lanes {
 		m = max(m, uint32(l))
 	}
