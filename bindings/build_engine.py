@@ -19,11 +19,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNTIME_FILES = ("__init__.py", "bindings.py", "go.py")
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> None:
+def _run(cmd: list[str], env: dict[str, str], check: bool = True) -> bool:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"gomerge engine build failed: {' '.join(cmd)} exited with {proc.returncode}")
+        if check:
+            raise SystemExit(f"gomerge engine build failed: {' '.join(cmd)} exited with {proc.returncode}")
+    return proc.returncode == 0
 
 
 def build(dest: str, python: str = sys.executable) -> list[str]:
@@ -54,12 +56,16 @@ def build(dest: str, python: str = sys.executable) -> list[str]:
     env["GOFLAGS"] = (env.get("GOFLAGS", "") + " -buildvcs=false").strip()
     os.makedirs(tool_bin, exist_ok=True)
     _run([go, "build", "-o", os.path.join(tool_bin, "goimports"), "golang.org/x/tools/cmd/goimports"], env)
+    gopy = [go, "tool", "gopy", "build", f"-vm={python}", "-name=engine", f"-output={out}", "-rename=true",
+            "-dynamic-link=true", "-no-make=true", "./bindings"]
     shutil.rmtree(out, ignore_errors=True)
-    _run(
-        [go, "tool", "gopy", "build", f"-vm={python}", "-name=engine", f"-output={out}", "-rename=true",
-         "-dynamic-link=true", "-no-make=true", "./bindings"],
-        env,
-    )
+    if not _run(gopy, env, check=False):
+        # Go's SIMD package is an experiment and may change in a later Go: build the portable kernels then
+        # (same results, slower); the Go tests of `make test`, run with the experiment, still report the breakage.
+        sys.stderr.write("gomerge: the vector kernels did not build with this Go; building the portable ones\n")
+        env["GOEXPERIMENT"] = ",".join(experiments)
+        shutil.rmtree(out, ignore_errors=True)
+        _run(gopy, env)
     libs = glob.glob(os.path.join(out, "_engine*.so"))
     if len(libs) != 1:
         raise SystemExit(f"gomerge engine build: expected one _engine*.so in {out}, found {libs}")
