@@ -14,10 +14,10 @@ func PruneK(density float64, n int) int {
 
 // MagnitudePrune keeps the k = int(density * len(t)) entries of t with the
 // largest magnitude and zeroes the rest, in place (PEFT's
-// magnitude_based_pruning). It selects the threshold in O(n), by a radix
-// histogram of the float bits and a quickselect, never sorting. Among entries equal to
-// the k-th magnitude the first ones in memory order are kept (torch breaks
-// such ties arbitrarily).
+// magnitude_based_pruning). It selects the threshold in O(n), never
+// sorting (see kthLargestAbsBits). Among entries equal to the k-th
+// magnitude the first ones in memory order are kept (torch breaks such ties
+// arbitrarily).
 func MagnitudePrune(t []float32, density float64) {
 	MagnitudePruneInto(t, t, density)
 }
@@ -66,9 +66,10 @@ func magnitudeThreshold(t []float32, density float64) (thr uint32, kept, k int) 
 // Non-negative float32 values order like their bit patterns, so the
 // selection works on integers, in O(n): a sample of t gives a narrow band
 // of values that holds the k-th with near certainty, one (vector) pass
-// counts the entries above the band and collects those inside it, and a
-// quickselect among those finds the value. When the band misses, a
-// histogram of the top 11 bits finds the bucket of the k-th value instead.
+// counts the entries above the band and collects those inside it, a
+// histogram over the band narrows them to one bucket, and a quickselect
+// there finds the value. When the band misses, a histogram of the top 11
+// bits finds the bucket of the k-th value instead.
 func kthLargestAbsBits(t []float32, k int) (thr uint32, above, equal int) {
 	var cand []uint32
 	if len(t) >= bandMinLen {
