@@ -90,7 +90,7 @@ func readAdjacent(a, b RawTensor) (ab []float32, na int, ok bool) {
 	}
 	na = int(ea.Length / 4)
 	ab = getBuf(na + int(eb.Length/4))
-	if err := a.src.readF32Run(ab, na, a.name, b.name); err != nil {
+	if err := a.src.readF32Run(ab, ea.Offset, na, a.name, b.name); err != nil {
 		putBuf(ab)
 		panic(err)
 	}

@@ -115,12 +115,8 @@ func (c Combination) Apply(tensors [][]float32, weights []float32, dare func(i i
 // float32, then summed in order.
 func TaskArithmetic(tensors [][]float32, weights []float32) []float32 {
 	out := make([]float32, len(tensors[0]))
-	taskArithmeticInto(out, tensors, weights)
+	prunedSumInto(out, tensors, make([]uint32, len(tensors)), weights) // thresholds 0 keep every entry
 	return out
-}
-
-func taskArithmeticInto(out []float32, tensors [][]float32, weights []float32) {
-	prunedSumInto(out, tensors, make([]uint32, len(tensors)), weights)
 }
 
 // ScaleInto writes x * w1 * w2 into dst, rounding after each product as

@@ -98,40 +98,26 @@ func absBandGo(t []float32, lo, hi uint32, cand []uint32) (above, n int) {
 const kernelBlock = 1024
 
 func tiesIntoGo(out []float32, ts [][]float32, thr []uint32, w []float32, frequency bool) {
+	// each block is pruned into scratch, then PEFT's steps run on it as the reference primitives do
+	method := SignTotal
+	if frequency {
+		method = SignFrequency
+	}
+	scratch := make([]float32, len(ts)*kernelBlock)
+	pruned := make([][]float32, len(ts))
 	var sign, sum, count [kernelBlock]float32
 	for lo := 0; lo < len(out); lo += kernelBlock {
 		hi := min(lo+kernelBlock, len(out))
-		s, acc, cnt := sign[:hi-lo], sum[:hi-lo], count[:hi-lo]
-		clear(s)
 		for i, t := range ts {
-			t, th := t[lo:hi], thr[i]
-			for j, v := range t {
-				v = keepAbove(v, th)
-				if frequency {
-					s[j] += float32(isPositive(v)) - float32(isPositive(-v))
-				} else {
-					s[j] += v
-				}
+			p := scratch[i*kernelBlock : i*kernelBlock+hi-lo]
+			for j, v := range t[lo:hi] {
+				p[j] = keepAbove(v, thr[i])
 			}
+			pruned[i] = p
 		}
-		for j, v := range s {
-			s[j] = 1 - 2*float32(isPositive(-v)) // +1 for v >= 0 (-0 and NaN included), else -1
-		}
-		clear(acc)
-		clear(cnt)
-		for i, t := range ts {
-			t, th, wi := t[lo:hi], thr[i], w[i]
-			for j, v := range t {
-				v = keepAbove(v, th)
-				agree := agrees(v, s[j])
-				acc[j] += v * wi * agree
-				cnt[j] += agree
-			}
-		}
-		o := out[lo:hi]
-		for j := range o {
-			o[j] = acc[j] / max(cnt[j], 1)
-		}
+		electSignsInto(sign[:hi-lo], pruned, method)
+		disjointMergeInto(sum[:hi-lo], count[:hi-lo], pruned, w, sign[:hi-lo])
+		copy(out[lo:hi], sum[:hi-lo])
 	}
 }
 

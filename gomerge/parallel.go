@@ -120,8 +120,7 @@ func putBuf(b []float32) {
 	if cap(b) < minPooled {
 		return
 	}
-	c := bits.Len(uint(cap(b) - 1))
-	if cap(b) >= minPooled && cap(b) == 1<<c {
+	if c := bits.Len(uint(cap(b) - 1)); cap(b) == 1<<c {
 		bufPools[c].Put(&b)
 	}
 }

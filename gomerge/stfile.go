@@ -237,11 +237,11 @@ func (s *STFile) ReadFloat32Into(out []float32, name string) ([]float32, error) 
 	return out, s.checkFinite(out, name)
 }
 
-// readF32Run reads two float32 tensors stored one after the other, first
-// then second, into out (the first's na elements, then the second's).
-func (s *STFile) readF32Run(out []float32, na int, first, second string) error {
+// readF32Run reads two float32 tensors stored one after the other from off,
+// first then second, into out (the first's na elements, then the second's).
+func (s *STFile) readF32Run(out []float32, off int64, na int, first, second string) error {
 	if len(out) > 0 {
-		if err := s.readAt(float32AsBytes(out), s.Entries[first].Offset, first); err != nil {
+		if err := s.readAt(float32AsBytes(out), off, first); err != nil {
 			return err
 		}
 	}
@@ -415,6 +415,9 @@ func (w *STWriter) WritePair(first string, a []byte, second string, b []byte) er
 	off, iov := w.start+oa[0], [][]byte{a, b}
 	for len(iov) > 0 {
 		n, err := unix.Pwritev(w.fd, iov, off)
+		if err == nil && n == 0 {
+			err = io.ErrShortWrite // no progress: never loop on it
+		}
 		if err != nil {
 			return ioErr(w.path, err)
 		}
