@@ -81,14 +81,15 @@ def timed(fn, *args, **kwargs) -> float:
     return time.perf_counter() - t0
 
 
-def best(n: int, fn, *args, after=None, **kwargs) -> float:
-    """The best of n timed runs after an untimed warm-up run (after() runs after each, untimed)."""
-    fn(*args, **kwargs)
-    if after is not None:
-        after()
+def best(n: int, fn, *args, before=None, after=None, **kwargs) -> float:
+    """The best of n timed runs after an untimed warm-up run; before() and after() run around each, untimed."""
     times = []
-    for _ in range(n):
-        times.append(timed(fn, *args, **kwargs))
+    for i in range(n + 1):
+        if before is not None:
+            before()
+        t = timed(fn, *args, **kwargs)
+        if i > 0:
+            times.append(t)
         if after is not None:
             after()
     return min(times)
@@ -97,13 +98,8 @@ def best(n: int, fn, *args, after=None, **kwargs) -> float:
 def gomerge_best(n: int, out: str, *args, **kwargs) -> float:
     """The best of n disk-to-disk gomerge merges after an untimed warm-up merge, each into a new output directory
     (removing the last one, which costs the file system more than writing it, is not timed)."""
-    shutil.rmtree(out, ignore_errors=True)
-    gomerge.add_weighted_adapter(*args, output_dir=out, progress=False, **kwargs)
-    times = []
-    for _ in range(n):
-        shutil.rmtree(out, ignore_errors=True)
-        times.append(timed(gomerge.add_weighted_adapter, *args, output_dir=out, progress=False, **kwargs))
-    return min(times)
+    return best(n, gomerge.add_weighted_adapter, *args, before=lambda: shutil.rmtree(out, ignore_errors=True),
+                output_dir=out, progress=False, **kwargs)
 
 
 def floors(dirs: list[str], out_bytes: int, runs: int = 5) -> dict:
