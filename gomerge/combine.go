@@ -1,7 +1,5 @@
 package gomerge
 
-import "sync"
-
 // Combination is one of PEFT's element-wise ways to combine task tensors
 // (merge_utils): the same function serves the factors (family 1) and the
 // dense updates (family 2).
@@ -43,24 +41,23 @@ const combineGrain = 1 << 14
 // the last of those zeroed, so that exactly k entries stay.
 func (c Combination) Apply(tensors [][]float32, weights []float32, dare func(i int, t []float32), owned bool) []float32 {
 	ts := append([][]float32(nil), tensors...)
-	thr := make([]uint32, len(ts)) // 0 keeps every entry
-	var scratch [][]float32        // pruned copies, back to the pool at the end
+	thr := make([]uint32, len(ts))  // 0 keeps every entry
+	copied := make([]bool, len(ts)) // ts[i] is a pruned copy, back to the pool at the end
 	defer func() {
-		for _, t := range scratch {
-			putBuf(t)
+		for i, c := range copied {
+			if c {
+				putBuf(ts[i])
+			}
 		}
 	}()
 	// copyFor returns a copy of tensor i to prune in place (the tensor itself when owned)
-	var mu sync.Mutex
 	copyFor := func(i int) []float32 {
 		if owned {
 			return ts[i]
 		}
 		t := getBuf(len(ts[i]))
 		copy(t, ts[i])
-		mu.Lock()
-		scratch = append(scratch, t)
-		mu.Unlock()
+		copied[i] = true
 		return t
 	}
 	if c.Density < 1 { // PEFT's prune() returns the tensor untouched for density >= 1
