@@ -16,8 +16,15 @@ LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> nn.Module:
     """A Llama-shaped model with uninitialised weights (allocation only: merges never read base weights)."""
-    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        tie_word_embeddings=False,
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     return model.to_empty(device="cpu").eval()
@@ -36,14 +43,14 @@ class Linear(nn.Module):
         self.proj = nn.Linear(fan_in, fan_out, bias=False)
 
 
-def save_adapters(make_model, root: str, ranks: list[int], targets: list[str], std: float = 0.02,
-                  dtype: torch.dtype = torch.float32) -> list[str]:
+def save_adapters(
+    make_model, root: str, ranks: list[int], targets: list[str], std: float = 0.02, dtype: torch.dtype = torch.float32
+) -> list[str]:
     """Saves one PEFT adapter per rank (random factors, fixed seeds) and returns the directories."""
     dirs = []
     model = make_model()
     for i, r in enumerate(ranks):
-        pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
-                                              init_lora_weights=False))
+        pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False))
         g = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for name, p in pm.named_parameters():

@@ -20,8 +20,8 @@ reading the inputs plus writing the output, and a skeleton merge that streams th
 an untimed warm-up run and an os.sync(): the best of 5 runs for gomerge (about 25 ms each on S1), of 3 for PEFT's
 call and the drop-in (0.1-0.5 s), a single run for PEFT end to end and for PEFT's dense SVDs. S3 runs gomerge in
 a child process, for its peak RSS (the best of 2 runs for ties, one for svd), after reading the inputs once so
-that both it and the floors find them in the page cache. Results go to benchmarks/results/ (JSON, Markdown table, PNG chart), with the targets of the issue
-checked against the run.
+that both it and the floors find them in the page cache. Results go to benchmarks/results/ (JSON, Markdown table,
+PNG chart), with the targets of the issue checked against the run.
 
 Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4] [--s3-layers N]
 """
@@ -29,6 +29,7 @@ Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4] [--s3-layers N]
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -41,12 +42,12 @@ import time
 
 import numpy as np
 import torch
+from common import LLAMA_LINEAR, Linear, llama, load_peft, save_adapters, tinyllama
 from peft import PeftModel
 from safetensors.numpy import save_file
 
 import gomerge
 import gomerge.peft as gp
-from common import LLAMA_LINEAR, Linear, llama, load_peft, save_adapters, tinyllama
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -98,8 +99,15 @@ def best(n: int, fn, *args, before=None, after=None, **kwargs) -> float:
 def gomerge_best(n: int, out: str, *args, **kwargs) -> float:
     """The best of n disk-to-disk gomerge merges after an untimed warm-up merge, each into a new output directory
     (removing the last one, which costs the file system more than writing it, is not timed)."""
-    return best(n, gomerge.add_weighted_adapter, *args, before=lambda: shutil.rmtree(out, ignore_errors=True),
-                output_dir=out, progress=False, **kwargs)
+    return best(
+        n,
+        gomerge.add_weighted_adapter,
+        *args,
+        before=lambda: shutil.rmtree(out, ignore_errors=True),
+        output_dir=out,
+        progress=False,
+        **kwargs,
+    )
 
 
 def floors(dirs: list[str], out_bytes: int, runs: int = 5) -> dict:
@@ -111,20 +119,24 @@ def floors(dirs: list[str], out_bytes: int, runs: int = 5) -> dict:
         os.makedirs(CACHE, exist_ok=True)
         subprocess.run(["go", "build", "-o", exe, "./benchmarks/floor"], cwd=os.path.dirname(HERE), check=True)
     files = [os.path.join(d, "adapter_model.safetensors") for d in dirs]
-    proc = subprocess.run([exe, "-out", str(out_bytes), "-runs", str(runs), *files], capture_output=True, text=True,
-                          check=True)
+    proc = subprocess.run(
+        [exe, "-out", str(out_bytes), "-runs", str(runs), *files], capture_output=True, text=True, check=True
+    )
     got = json.loads(proc.stdout)
-    return dict(io_floor=got["read_s"] + got["write_s"], skeleton=got["skeleton_s"],
-                skeleton_fsync=got["skeleton_fsync_s"])
+    return dict(
+        io_floor=got["read_s"] + got["write_s"], skeleton=got["skeleton_s"], skeleton_fsync=got["skeleton_fsync_s"]
+    )
 
 
 def gomerge_child(dirs: list[str], ctype: str, out: str, **kw) -> tuple[float, float]:
     """Runs one gomerge merge in a child process: (seconds, peak RSS in MiB)."""
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent into the exec'd child
-    code = (f"import gomerge, json; r = gomerge.add_weighted_adapter({dirs!r}, {[1.0] * len(dirs)!r}, "
-            f"'m', {ctype!r}, output_dir={out!r}, overwrite=True, progress=False, **{kw!r}); "
-            "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]; "
-            "print(json.dumps([r.seconds, hwm / 1024]))")
+    code = (
+        f"import gomerge, json; r = gomerge.add_weighted_adapter({dirs!r}, {[1.0] * len(dirs)!r}, "
+        f"'m', {ctype!r}, output_dir={out!r}, overwrite=True, progress=False, **{kw!r}); "
+        "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]; "
+        "print(json.dumps([r.seconds, hwm / 1024]))"
+    )
     env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(HERE), "python"))
     os.sync()  # as in timed()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -143,59 +155,91 @@ def s1(root: str, bw: float, rows: list) -> None:
     names = ["a0", "a1", "a2"]
     weights = [2.0, 1.0, 1.0]
     one_layer = None
-    for ctype, kw in (("ties", {"density": 0.2}), ("svd", {}), ("cat", {}), ("linear", {}),
-                      ("dare_ties", {"density": 0.2})):
+    for ctype, kw in (
+        ("ties", {"density": 0.2}),
+        ("svd", {}),
+        ("cat", {}),
+        ("linear", {}),
+        ("dare_ties", {"density": 0.2}),
+    ):
         out = os.path.join(root, f"s1-{ctype}")
         t_go = gomerge_best(5, out, dirs, weights, "m", ctype, **kw)
         out_bytes = dir_bytes(out)
         lower = floors(dirs, out_bytes)
-        t_patched = best(3, gp.add_weighted_adapter, model, names, weights, "g", ctype, progress=False,
-                         after=lambda: model.delete_adapter("g"), **kw)
+        t_patched = best(
+            3,
+            gp.add_weighted_adapter,
+            model,
+            names,
+            weights,
+            "g",
+            ctype,
+            progress=False,
+            after=lambda: model.delete_adapter("g"),
+            **kw,
+        )
         note = ""
         if ctype == "svd":  # PEFT's dense SVDs: one layer, scaled to 22
             if one_layer is None:
-                one_dirs = save_adapters(lambda: llama(2048, 5632, 1, 32, 4), os.path.join(root, "s1-one"),
-                                         [8, 8, 8], LLAMA_LINEAR)
+                one_dirs = save_adapters(
+                    lambda: llama(2048, 5632, 1, 32, 4), os.path.join(root, "s1-one"), [8, 8, 8], LLAMA_LINEAR
+                )
                 one_layer = load_peft(lambda: llama(2048, 5632, 1, 32, 4), one_dirs)
             t_peft = 22 * timed(one_layer.add_weighted_adapter, names, weights, "p", ctype, **kw)
             t_e2e = t_peft  # the loads and the save are negligible next to the SVDs
             note = "PEFT est. (1 layer x 22)"
         else:
-            t_peft = best(3, model.add_weighted_adapter, names, weights, "p", ctype,
-                          after=lambda: model.delete_adapter("p"), **kw)
+            t_peft = best(
+                3, model.add_weighted_adapter, names, weights, "p", ctype, after=lambda: model.delete_adapter("p"), **kw
+            )
 
-            def e2e():
+            def e2e(ctype=ctype, kw=kw):
                 from transformers import AutoModelForCausalLM
 
-                m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), dirs[0],
-                                              adapter_name="a0")
+                m = PeftModel.from_pretrained(
+                    AutoModelForCausalLM.from_pretrained(base_dir), dirs[0], adapter_name="a0"
+                )
                 for i, d in enumerate(dirs[1:], 1):
                     m.load_adapter(d, adapter_name=f"a{i}")
                 m.add_weighted_adapter(names, weights, "merge", ctype, **kw)
                 m.save_pretrained(os.path.join(root, "s1-peft-e2e"), selected_adapters=["merge"])
 
             t_e2e = timed(e2e)
-        rows.append(dict(scenario="S1", method=ctype, shapes="TinyLlama-1.1B, 3 x r8, 154 modules",
-                         read=in_bytes, written=out_bytes, floor=(in_bytes + out_bytes) / bw, peft=t_peft,
-                         peft_e2e=t_e2e, gomerge=t_go, patched=t_patched, note=note, **lower))
+        rows.append(
+            dict(
+                scenario="S1",
+                method=ctype,
+                shapes="TinyLlama-1.1B, 3 x r8, 154 modules",
+                read=in_bytes,
+                written=out_bytes,
+                floor=(in_bytes + out_bytes) / bw,
+                peft=t_peft,
+                peft_e2e=t_e2e,
+                gomerge=t_go,
+                patched=t_patched,
+                note=note,
+                **lower,
+            )
+        )
         print(rows[-1], flush=True)
 
 
 def s2(root: str, bw: float, rows: list) -> None:
+    captured = {}
+    original = torch.linalg.svd
+
+    def svd(a, *args, **kwargs):
+        u, s, vh = original(a, *args, **kwargs)
+        captured["D"], captured["S"] = a.detach().double(), s.detach().double()
+        return u, s, vh
+
     for fan_in, fan_out in ((4096, 4096), (11008, 4096)):
-        make = lambda: Linear(fan_in, fan_out)  # noqa: E731
+        make = functools.partial(Linear, fan_in, fan_out)
         dirs = save_adapters(make, os.path.join(root, f"s2-{fan_in}"), [16, 16, 16], ["proj"])
         in_bytes = sum(dir_bytes(d) for d in dirs)
         model = load_peft(make, dirs)
         for ctype, kw in (("svd", {}), ("ties_svd", {"density": 0.2})):
-            captured = {}
-            original = torch.linalg.svd
-
-            def svd(a, *args, **kwargs):
-                u, s, vh = original(a, *args, **kwargs)
-                captured["D"], captured["S"] = a.detach().double(), s.detach().double()
-                return u, s, vh
-
+            captured.clear()
             torch.linalg.svd = svd
             try:
                 t_peft = timed(model.add_weighted_adapter, ["a0", "a1", "a2"], [2.0, 1.0, 1.0], "p", ctype, **kw)
@@ -219,9 +263,20 @@ def s2(root: str, bw: float, rows: list) -> None:
                 check, ok = f"error/optimal - 1 = {err / optimal - 1:.1e}", err / optimal - 1 <= 0.01
             model.delete_adapter("p")
             out_bytes = dir_bytes(out)
-            rows.append(dict(scenario="S2", method=ctype, shapes=f"one {fan_out}x{fan_in} module, 3 x r16",
-                             read=in_bytes, written=out_bytes, floor=(in_bytes + out_bytes) / bw, peft=t_peft,
-                             gomerge=t_go, check=check, ok=ok))
+            rows.append(
+                dict(
+                    scenario="S2",
+                    method=ctype,
+                    shapes=f"one {fan_out}x{fan_in} module, 3 x r16",
+                    read=in_bytes,
+                    written=out_bytes,
+                    floor=(in_bytes + out_bytes) / bw,
+                    peft=t_peft,
+                    gomerge=t_go,
+                    check=check,
+                    ok=ok,
+                )
+            )
             print(rows[-1], flush=True)
         del model
         gc.collect()
@@ -233,11 +288,17 @@ def s3_adapters(layers: int) -> list[str]:
     dirs = [os.path.join(root, f"adapter{i}") for i in range(8)]
     if all(os.path.exists(os.path.join(d, "adapter_model.safetensors")) for d in dirs):
         return dirs
-    shapes = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096), "self_attn.v_proj": (4096, 4096),
-              "self_attn.o_proj": (4096, 4096), "mlp.gate_proj": (4096, 11008), "mlp.up_proj": (4096, 11008),
-              "mlp.down_proj": (11008, 4096)}
+    shapes = {
+        "self_attn.q_proj": (4096, 4096),
+        "self_attn.k_proj": (4096, 4096),
+        "self_attn.v_proj": (4096, 4096),
+        "self_attn.o_proj": (4096, 4096),
+        "mlp.gate_proj": (4096, 11008),
+        "mlp.up_proj": (4096, 11008),
+        "mlp.down_proj": (11008, 4096),
+    }
     rng = np.random.default_rng(0)
-    for i, d in enumerate(dirs):
+    for d in dirs:
         os.makedirs(d, exist_ok=True)
         tensors = {}
         for layer in range(layers):
@@ -247,8 +308,17 @@ def s3_adapters(layers: int) -> list[str]:
                 tensors[key + ".lora_B.weight"] = rng.standard_normal((fan_out, 64), dtype=np.float32) * 0.02
         save_file(tensors, os.path.join(d, "adapter_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(d, "adapter_config.json"), "w") as f:
-            json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 64, "lora_alpha": 128,
-                       "target_modules": LLAMA_LINEAR, "base_model_name_or_path": "llama-7b-shaped"}, f)
+            json.dump(
+                {
+                    "peft_type": "LORA",
+                    "task_type": "CAUSAL_LM",
+                    "r": 64,
+                    "lora_alpha": 128,
+                    "target_modules": LLAMA_LINEAR,
+                    "base_model_name_or_path": "llama-7b-shaped",
+                },
+                f,
+            )
     return dirs
 
 
@@ -264,10 +334,20 @@ def s3(root: str, bw: float, rows: list, layers: int, svd_layers: int) -> None:
         runs = [gomerge_child(dirs, ctype, out, **kw) for _ in range(2 if ctype == "ties" else 1)]
         t_go, peak = min(t for t, _ in runs), max(p for _, p in runs)
         out_bytes = dir_bytes(out)
-        rows.append(dict(scenario="S3", method=ctype, shapes=f"Llama-7B, {n_layers} layers, 8 x r64",
-                         read=in_bytes, written=out_bytes, floor=(in_bytes + out_bytes) / bw, gomerge=t_go,
-                         peak_rss_mib=peak, rss_budget_mib=(in_bytes + out_bytes) / MiB + 256,
-                         **floors(dirs, out_bytes, runs=3)))
+        rows.append(
+            dict(
+                scenario="S3",
+                method=ctype,
+                shapes=f"Llama-7B, {n_layers} layers, 8 x r64",
+                read=in_bytes,
+                written=out_bytes,
+                floor=(in_bytes + out_bytes) / bw,
+                gomerge=t_go,
+                peak_rss_mib=peak,
+                rss_budget_mib=(in_bytes + out_bytes) / MiB + 256,
+                **floors(dirs, out_bytes, runs=3),
+            )
+        )
         print(rows[-1], flush=True)
         shutil.rmtree(out, ignore_errors=True)
 
@@ -280,8 +360,17 @@ def s4(root: str, bw: float, rows: list) -> None:
         out = os.path.join(root, f"s4-{name}-out")
         t_go = gomerge_best(5, out, dirs, [2.0, 1.0, 1.0], "m", "ties", density=0.2)
         out_bytes = dir_bytes(out)
-        rows.append(dict(scenario="S4", method=f"ties {name}", shapes="TinyLlama-1.1B, 3 x r8",
-                         read=in_bytes, written=out_bytes, floor=(in_bytes + out_bytes) / bw, gomerge=t_go))
+        rows.append(
+            dict(
+                scenario="S4",
+                method=f"ties {name}",
+                shapes="TinyLlama-1.1B, 3 x r8",
+                read=in_bytes,
+                written=out_bytes,
+                floor=(in_bytes + out_bytes) / bw,
+                gomerge=t_go,
+            )
+        )
         print(rows[-1], flush=True)
 
 
@@ -295,20 +384,40 @@ def fmt_ms(x: float) -> str:
 
 
 def table(rows: list, machine: str) -> str:
-    lines = [f"Machine: {machine}", "",
-             "| scenario | method | shapes | read | written | floor | I/O floor | skeleton | PEFT call | "
-             "PEFT end to end | gomerge | patched | vs PEFT call | vs PEFT e2e | x floor | peak RSS | check |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {machine}",
+        "",
+        "| scenario | method | shapes | read | written | floor | I/O floor | skeleton | PEFT call | "
+        "PEFT end to end | gomerge | patched | vs PEFT call | vs PEFT e2e | x floor | peak RSS | check |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         peft, e2e, go = r.get("peft"), r.get("peft_e2e"), r["gomerge"]
-        lines.append("| " + " | ".join([
-            r["scenario"], r["method"], r["shapes"], f"{r['read'] / MiB:.0f} MiB", f"{r['written'] / MiB:.0f} MiB",
-            fmt_s(r["floor"]), fmt_s(r.get("io_floor")), fmt_s(r.get("skeleton")), fmt_s(peft) + (" (est.)" if "est." in r.get("note", "") else ""), fmt_s(e2e),
-            fmt_s(go), fmt_s(r.get("patched")), f"{peft / go:.1f}x" if peft else "-",
-            f"{e2e / go:.0f}x" if e2e else "-", f"{go / r['floor']:.1f}",
-            f"{r['peak_rss_mib']:.0f} MiB (budget {r['rss_budget_mib']:.0f})" if "peak_rss_mib" in r else "-",
-            r.get("check", ""),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["scenario"],
+                    r["method"],
+                    r["shapes"],
+                    f"{r['read'] / MiB:.0f} MiB",
+                    f"{r['written'] / MiB:.0f} MiB",
+                    fmt_s(r["floor"]),
+                    fmt_s(r.get("io_floor")),
+                    fmt_s(r.get("skeleton")),
+                    fmt_s(peft) + (" (est.)" if "est." in r.get("note", "") else ""),
+                    fmt_s(e2e),
+                    fmt_s(go),
+                    fmt_s(r.get("patched")),
+                    f"{peft / go:.1f}x" if peft else "-",
+                    f"{e2e / go:.0f}x" if e2e else "-",
+                    f"{go / r['floor']:.1f}",
+                    f"{r['peak_rss_mib']:.0f} MiB (budget {r['rss_budget_mib']:.0f})" if "peak_rss_mib" in r else "-",
+                    r.get("check", ""),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines + ["", *targets(rows)])
 
 
@@ -327,36 +436,54 @@ def targets(rows: list) -> list[str]:
         limit = 3 * r["floor"]
         why = ""
         if r.get("skeleton"):
-            why = (f"even the skeleton merge takes {fmt_ms(r['skeleton'])} > 3x floor {fmt_ms(limit)}: unreachable here"
-                   if r["skeleton"] > limit else
-                   f"the skeleton merge alone takes {fmt_ms(r['skeleton'])} of the {fmt_ms(limit)} allowed")
+            why = (
+                f"even the skeleton merge takes {fmt_ms(r['skeleton'])} > 3x floor {fmt_ms(limit)}: unreachable here"
+                if r["skeleton"] > limit
+                else f"the skeleton merge alone takes {fmt_ms(r['skeleton'])} of the {fmt_ms(limit)} allowed"
+            )
         add(name, f"{r['gomerge'] / r['floor']:.1f}x floor", r["gomerge"] <= limit, why)
 
     if r := row("S1", "ties"):
         add("S1 ties >= 20x PEFT call", f"{r['peft'] / r['gomerge']:.1f}x", r["peft"] >= 20 * r["gomerge"])
         e2e_limit = r["peft_e2e"] / 100
-        why = (f"the skeleton merge alone takes {fmt_ms(r['skeleton_fsync'])} with the fsync that gomerge does "
-               f"before publishing its output ({fmt_ms(r['skeleton'])} without) of the {fmt_ms(e2e_limit)} allowed"
-               if r.get("skeleton") else "")
-        add("S1 ties >= 100x PEFT end to end", f"{r['peft_e2e'] / r['gomerge']:.0f}x",
-            r["peft_e2e"] >= 100 * r["gomerge"], why)
+        why = (
+            f"the skeleton merge alone takes {fmt_ms(r['skeleton_fsync'])} with the fsync that gomerge does "
+            f"before publishing its output ({fmt_ms(r['skeleton'])} without) of the {fmt_ms(e2e_limit)} allowed"
+            if r.get("skeleton")
+            else ""
+        )
+        add(
+            "S1 ties >= 100x PEFT end to end",
+            f"{r['peft_e2e'] / r['gomerge']:.0f}x",
+            r["peft_e2e"] >= 100 * r["gomerge"],
+            why,
+        )
         floor_target("S1 ties within 3x floor", r)
     for r in rows:
         if r["scenario"] == "S2":
             name = f"S2 {r['method']} {r['shapes'].split(',')[0].removeprefix('one ').removesuffix(' module')}"
             need = 100 if r["method"] == "svd" else 20
-            add(f"{name} >= {need}x PEFT, {r.get('check', '')}", f"{r['peft'] / r['gomerge']:.0f}x",
-                r["peft"] >= need * r["gomerge"] and r.get("ok", True))
+            add(
+                f"{name} >= {need}x PEFT, {r.get('check', '')}",
+                f"{r['peft'] / r['gomerge']:.0f}x",
+                r["peft"] >= need * r["gomerge"] and r.get("ok", True),
+            )
     for r in rows:
         if r["scenario"] == "S3":
             floor_target(f"S3 {r['method']} within 3x floor", r)
-            add(f"S3 {r['method']} peak RSS <= inputs + output + 256 MiB", f"{r['peak_rss_mib']:.0f} MiB",
-                r["peak_rss_mib"] <= r["rss_budget_mib"])
+            add(
+                f"S3 {r['method']} peak RSS <= inputs + output + 256 MiB",
+                f"{r['peak_rss_mib']:.0f} MiB",
+                r["peak_rss_mib"] <= r["rss_budget_mib"],
+            )
     f32 = row("S4", "ties float32")
     for half in ("bfloat16", "float16"):
         if f32 and (r := row("S4", f"ties {half}")):
-            add(f"S4 {half} <= 1.5x float32", f"{r['gomerge'] / f32['gomerge']:.2f}x",
-                r["gomerge"] <= 1.5 * f32["gomerge"])
+            add(
+                f"S4 {half} <= 1.5x float32",
+                f"{r['gomerge'] / f32['gomerge']:.2f}x",
+                r["gomerge"] <= 1.5 * f32["gomerge"],
+            )
     return out
 
 
@@ -367,8 +494,11 @@ def chart(rows: list, path: str) -> None:
     import matplotlib.pyplot as plt
 
     def label(r):
-        extra = " " + r["shapes"].split(",")[0].removeprefix("one ").removesuffix(" module") if r["scenario"] == "S2" \
+        extra = (
+            " " + r["shapes"].split(",")[0].removeprefix("one ").removesuffix(" module")
+            if r["scenario"] == "S2"
             else ""
+        )
         return f"{r['scenario']} {r['method']}{extra}"
 
     bars = [(label(r), r["peft"] / r["gomerge"], r.get("peft_e2e", 0) / r["gomerge"]) for r in rows if r.get("peft")]
@@ -391,8 +521,12 @@ def main() -> None:
     ap.add_argument("--scenarios", default="S1,S2,S3,S4")
     ap.add_argument("--chart-only", action="store_true", help="redraw the chart and table from results/latest.json")
     ap.add_argument("--s3-layers", type=int, default=32)
-    ap.add_argument("--s3-svd-layers", type=int, default=2,
-                    help="layers for S3's svd (exact SVDs of rank-512 sums are compute-bound: ~seconds per module)")
+    ap.add_argument(
+        "--s3-svd-layers",
+        type=int,
+        default=2,
+        help="layers for S3's svd (exact SVDs of rank-512 sums are compute-bound: ~seconds per module)",
+    )
     args = ap.parse_args()
     if args.chart_only:
         saved = json.load(open(os.path.join(RESULTS, "latest.json")))
@@ -402,9 +536,11 @@ def main() -> None:
         return
     todo = set(args.scenarios.split(","))
     bw = bandwidth()
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__} "
-               f"({torch.get_num_threads()} threads), PEFT {__import__('peft').__version__}, "
-               f"memory copy {bw / 1e9:.1f} GB/s")
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), PEFT {__import__('peft').__version__}, "
+        f"memory copy {bw / 1e9:.1f} GB/s"
+    )
     print(machine, flush=True)
     rows: list = []
     with tempfile.TemporaryDirectory() as root:

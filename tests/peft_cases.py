@@ -25,8 +25,14 @@ def llama(seed: int = 0) -> nn.Module:
     """A 2-layer Llama-shaped causal LM (hidden 64, 4 heads, 2 KV heads, vocabulary 128)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -177,8 +183,12 @@ def file_factors(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             tensors[k] = f.get_tensor(k).float().numpy().astype(np.float64)
     out: dict[str, list] = {}
     for k, v in tensors.items():
-        for suffix, idx in ((".lora_A.weight", 0), (".lora_B.weight", 1), (".lora_embedding_A", 0),
-                            (".lora_embedding_B", 1)):
+        for suffix, idx in (
+            (".lora_A.weight", 0),
+            (".lora_B.weight", 1),
+            (".lora_embedding_A", 0),
+            (".lora_embedding_B", 1),
+        ):
             if k.endswith(suffix):
                 mod = k.removeprefix("base_model.model.").removesuffix(suffix)
                 out.setdefault(mod, [None, None])[idx] = v

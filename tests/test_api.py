@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
+from peft_cases import LLAMA_ALL, AdapterSpec, make_adapter
 from safetensors import safe_open
 
 import gomerge
-from peft_cases import LLAMA_ALL, AdapterSpec, make_adapter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 from example_adapters import write_all  # noqa: E402
@@ -21,8 +21,14 @@ from example_adapters import write_all  # noqa: E402
 @pytest.fixture(scope="module")
 def bf16_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bf16")
-    return [make_adapter("llama", AdapterSpec(dict(r=4, lora_alpha=8, target_modules=LLAMA_ALL), s, torch.bfloat16),
-                         str(root / f"a{s}")) for s in (1, 2)]
+    return [
+        make_adapter(
+            "llama",
+            AdapterSpec(dict(r=4, lora_alpha=8, target_modules=LLAMA_ALL), s, torch.bfloat16),
+            str(root / f"a{s}"),
+        )
+        for s in (1, 2)
+    ]
 
 
 def _header(path: str) -> dict:
@@ -50,8 +56,10 @@ def test_output_dir_defaults_to_adapter_name(tmp_path, monkeypatch):
     assert res.output_dir == "my-merge" and (tmp_path / "my-merge" / "adapter_config.json").exists()
 
 
-@pytest.mark.parametrize("dtype,expected", [(None, torch.bfloat16), ("float32", torch.float32),
-                                            ("float16", torch.float16), ("bfloat16", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "dtype,expected",
+    [(None, torch.bfloat16), ("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16)],
+)
 def test_output_dtype(bf16_dirs, tmp_path, dtype, expected):
     out = tmp_path / "out"
     res = gomerge.add_weighted_adapter(bf16_dirs, [1.0, 1.0], "m", "svd", dtype=dtype, output_dir=out)
@@ -62,7 +70,7 @@ def test_output_dtype(bf16_dirs, tmp_path, dtype, expected):
 
 def test_single_adapter_forces_linear_with_warning(tmp_path):
     dirs = write_all(str(tmp_path / "in"))
-    with pytest.warns(UserWarning, match="replaced by \"linear\""):
+    with pytest.warns(UserWarning, match='replaced by "linear"'):
         res = gomerge.add_weighted_adapter(dirs[:1], [1.0], "m", "svd", output_dir=tmp_path / "out")
     assert res.combination_type == "linear"
 

@@ -22,8 +22,9 @@ from example_adapters import write_all  # noqa: E402
 def gomerge(*args: str, cwd=None, env=None, **kw) -> subprocess.CompletedProcess:
     e = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "gomerge", *args], capture_output=True, text=True, cwd=cwd, env=e,
-                          **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "gomerge", *args], capture_output=True, text=True, cwd=cwd, env=e, **kw
+    )
 
 
 @pytest.fixture
@@ -47,22 +48,39 @@ def test_merge_and_inspect(dirs, tmp_path):
 
 
 def test_merge_json_and_options(dirs, tmp_path):
-    r = gomerge("merge", *dirs, "-m", "dare_ties", "--density", "0.5", "--seed", "11", "--dtype", "bfloat16",
-                "-o", str(tmp_path / "o"), "--json", "--no-model-card")
+    r = gomerge(
+        "merge",
+        *dirs,
+        "-m",
+        "dare_ties",
+        "--density",
+        "0.5",
+        "--seed",
+        "11",
+        "--dtype",
+        "bfloat16",
+        "-o",
+        str(tmp_path / "o"),
+        "--json",
+        "--no-model-card",
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert (res["seed"], res["dtype"], res["combination_type"]) == (11, "bfloat16", "dare_ties")
     assert not (tmp_path / "o" / "README.md").exists()
 
 
-@pytest.mark.parametrize("args,code,text", [
-    (["merge"], 2, "name at least one ADAPTER"),
-    (["merge", "a", "b", "--weights", "1"], 2, "got 1 weights for 2 adapters"),
-    (["merge", "a", "--method", "avg"], 2, "invalid choice"),
-    (["merge", "missing/dir/x", "-o", "o"], 1, "missing/dir/x"),
-    (["inspect", "nowhere"], 1, "nowhere"),
-    (["frobnicate"], 2, "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args,code,text",
+    [
+        (["merge"], 2, "name at least one ADAPTER"),
+        (["merge", "a", "b", "--weights", "1"], 2, "got 1 weights for 2 adapters"),
+        (["merge", "a", "--method", "avg"], 2, "invalid choice"),
+        (["merge", "missing/dir/x", "-o", "o"], 1, "missing/dir/x"),
+        (["inspect", "nowhere"], 1, "nowhere"),
+        (["frobnicate"], 2, "invalid choice"),
+    ],
+)
 def test_errors_are_one_line_with_exit_codes(args, code, text, tmp_path):
     r = gomerge(*args, cwd=tmp_path)
     assert r.returncode == code, (r.stdout, r.stderr)
@@ -82,8 +100,18 @@ def test_help_reads_like_a_manual():
     top = gomerge("--help").stdout
     assert "exit status" in top and "gomerge merge" in top and "gomerge inspect" in top
     sub = gomerge("merge", "--help").stdout
-    for option in ("--density", "--svd-rank", "--svd-clamp", "--majority-sign-method", "--seed", "--dtype",
-                   "--overwrite", "--json", "--recipe", "recipe file (YAML)"):
+    for option in (
+        "--density",
+        "--svd-rank",
+        "--svd-clamp",
+        "--majority-sign-method",
+        "--seed",
+        "--dtype",
+        "--overwrite",
+        "--json",
+        "--recipe",
+        "recipe file (YAML)",
+    ):
         assert option in sub
 
 
@@ -118,17 +146,20 @@ output_dir: out
     assert "| 2 |" in (tmp_path / "out" / "README.md").read_text()
 
 
-@pytest.mark.parametrize("body,line,text", [
-    ("adapters:\n  - source: a\nmethd: ties\n", 3, "unknown key 'methd'"),
-    ("adapters:\n  - source: a\n    wieght: 2\n", 3, "unknown key 'wieght'"),
-    ("adapters:\n  - source: a\n    weight: heavy\n", 3, "must be a number"),
-    ("adapters: []\n", 1, "non-empty list"),
-    ("method: ties\n", 1, "'adapters' is missing"),
-    ("adapters:\n  - source: a\nmethod: average\n", 3, "unknown method 'average'"),
-    ("adapters:\n  - source: a\ndensity: [1]\n", 3, "must be a number"),
-    ("adapters:\n  - weight: 1\n", 2, "'source'"),
-    ("adapters:\n  - source: a\n  bad indent: [\n", 3, "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "body,line,text",
+    [
+        ("adapters:\n  - source: a\nmethd: ties\n", 3, "unknown key 'methd'"),
+        ("adapters:\n  - source: a\n    wieght: 2\n", 3, "unknown key 'wieght'"),
+        ("adapters:\n  - source: a\n    weight: heavy\n", 3, "must be a number"),
+        ("adapters: []\n", 1, "non-empty list"),
+        ("method: ties\n", 1, "'adapters' is missing"),
+        ("adapters:\n  - source: a\nmethod: average\n", 3, "unknown method 'average'"),
+        ("adapters:\n  - source: a\ndensity: [1]\n", 3, "must be a number"),
+        ("adapters:\n  - weight: 1\n", 2, "'source'"),
+        ("adapters:\n  - source: a\n  bad indent: [\n", 3, "not valid YAML"),
+    ],
+)
 def test_bad_recipes_name_line_and_key(body, line, text, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(body)
@@ -150,8 +181,9 @@ def _big_adapters(root, n_modules=120, size=2048, rank=16):
             t[key + ".lora_A.weight"] = rng.standard_normal((rank, size), dtype=np.float32)
             t[key + ".lora_B.weight"] = rng.standard_normal((size, rank), dtype=np.float32)
         save_file(t, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": rank,
-                                                           "target_modules": ["proj"]}))
+        (d / "adapter_config.json").write_text(
+            json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": ["proj"]})
+        )
         dirs.append(str(d))
     return dirs
 
@@ -160,8 +192,13 @@ def test_ctrl_c_stops_the_merge_and_leaves_nothing(tmp_path):
     dirs = _big_adapters(tmp_path)
     out = tmp_path / "merged"
     e = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
-    proc = subprocess.Popen([sys.executable, "-m", "gomerge", "merge", *dirs, "-m", "ties_svd", "--density", "0.2",
-                             "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gomerge", "merge", *dirs, "-m", "ties_svd", "--density", "0.2", "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=e,
+    )
     time.sleep(2.0)  # well into the merge
     assert proc.poll() is None, "the merge finished before it could be interrupted"
     t0 = time.monotonic()

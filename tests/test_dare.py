@@ -12,12 +12,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-import gomerge
-from peft_cases import delta, file_factors, peft_factors, peft_merge
+from peft_cases import build_case, delta, file_factors, peft_factors, peft_merge
 from test_peft_parity import CASES
 from test_peft_pruning import SVDCapture, check_reconstruction, merged_module_order
-from peft_cases import build_case
+
+import gomerge
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -102,8 +101,7 @@ class FeedMasks:
         monkeypatch.setattr(torch, "bernoulli", bernoulli)
 
 
-@pytest.mark.parametrize("ctype,method", [("dare_linear", "total"), ("dare_ties", "total"),
-                                          ("dare_ties", "frequency")])
+@pytest.mark.parametrize("ctype,method", [("dare_linear", "total"), ("dare_ties", "total"), ("dare_ties", "frequency")])
 def test_family1_matches_peft_fed_with_gomerge_masks(llama3, tmp_path, monkeypatch, ctype, method):
     seed, density = 1234, 0.4
     masks = _recover_masks_family1(llama3, LLAMA3.weights, tmp_path, seed, density)
@@ -145,8 +143,9 @@ def test_family2_matches_peft_fed_with_gomerge_masks(llama3, tmp_path, monkeypat
     cap = SVDCapture(monkeypatch)
     model = peft_merge(LLAMA3, llama3, ctype, density=density)
     assert not feed.masks
-    check_reconstruction(cap.inputs, order, file_factors(str(out)), peft_factors(model), res.rank,
-                         f"llama-3-{ctype}-0.5", record_parity)
+    check_reconstruction(
+        cap.inputs, order, file_factors(str(out)), peft_factors(model), res.rank, f"llama-3-{ctype}-0.5", record_parity
+    )
 
 
 @pytest.mark.parametrize("ctype", ["dare_ties", "dare_linear_svd", "ties_svd"])
@@ -154,9 +153,11 @@ def test_same_seed_same_bytes_any_core_count(example, tmp_path, ctype):
     kw = dict(density=0.3, seed=2024)
     _merge(example, [2.0, 1.0, 1.0], ctype, tmp_path / "a", **kw)
     _merge(example, [2.0, 1.0, 1.0], ctype, tmp_path / "b", workers=1, **kw)
-    script = (f"import sys; sys.path.insert(0, {os.path.join(ROOT, 'python')!r}); import gomerge; "
-              f"gomerge.add_weighted_adapter({example!r}, [2.0, 1.0, 1.0], 'm', {ctype!r}, density=0.3, "
-              f"seed=2024, output_dir={str(tmp_path / 'c')!r})")
+    script = (
+        f"import sys; sys.path.insert(0, {os.path.join(ROOT, 'python')!r}); import gomerge; "
+        f"gomerge.add_weighted_adapter({example!r}, [2.0, 1.0, 1.0], 'm', {ctype!r}, density=0.3, "
+        f"seed=2024, output_dir={str(tmp_path / 'c')!r})"
+    )
     env = dict(os.environ, GOMAXPROCS="1")
     subprocess.run([sys.executable, "-c", script], check=True, env=env)
     for other in ("b", "c"):
@@ -169,15 +170,18 @@ def test_fresh_seed_is_reported_and_reproduces(example, tmp_path):
     r2 = _merge(example, [1.0, 1.0, 1.0], "dare_ties", tmp_path / "b", density=0.5)
     assert r1.seed is not None and r2.seed is not None and r1.seed != r2.seed
     _merge(example, [1.0, 1.0, 1.0], "dare_ties", tmp_path / "c", density=0.5, seed=r1.seed)
-    assert filecmp.cmp(tmp_path / "a" / "adapter_model.safetensors", tmp_path / "c" / "adapter_model.safetensors",
-                       shallow=False)
-    assert not filecmp.cmp(tmp_path / "a" / "adapter_model.safetensors",
-                           tmp_path / "b" / "adapter_model.safetensors", shallow=False)
+    assert filecmp.cmp(
+        tmp_path / "a" / "adapter_model.safetensors", tmp_path / "c" / "adapter_model.safetensors", shallow=False
+    )
+    assert not filecmp.cmp(
+        tmp_path / "a" / "adapter_model.safetensors", tmp_path / "b" / "adapter_model.safetensors", shallow=False
+    )
 
 
 def test_density_one_warns_and_prunes_nothing(example, tmp_path):
     _merge(example, [2.0, 1.0, 1.0], "linear", tmp_path / "lin")
     with pytest.warns(UserWarning, match="no pruning will be performed"):
         _merge(example, [2.0, 1.0, 1.0], "dare_linear", tmp_path / "d", density=1.0)
-    assert filecmp.cmp(tmp_path / "lin" / "adapter_model.safetensors", tmp_path / "d" / "adapter_model.safetensors",
-                       shallow=False)
+    assert filecmp.cmp(
+        tmp_path / "lin" / "adapter_model.safetensors", tmp_path / "d" / "adapter_model.safetensors", shallow=False
+    )

@@ -62,6 +62,7 @@ def _with_values(value):
         a[3, 7] = value
         rewrite(d, **{Q + "__lora_A__weight": a, Q + "__lora_B__weight": _a((256, 8))})
         _edit(d, target_modules=["q_proj"])
+
     return f
 
 
@@ -81,44 +82,126 @@ F32_8 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 HOSTILE = [
     # id, how to break adapter 0 (norobots), exception, texts the message must contain
     ("truncated", _truncate, ValueError, ["norobots/adapter_model.safetensors", "the file holds"]),
-    ("header-beyond-file", lambda d: st_file(weights_path(d), {"x": F32_8}, b"\0" * 8, header_len=1 << 20),
-     ValueError, ["norobots", "beyond the end of the file"]),
-    ("header-above-cap", lambda d: st_file(weights_path(d), {"x": F32_8}, b"\0" * 8, header_len=1 << 40),
-     ValueError, ["norobots", "cap"]),
-    ("overlapping-offsets", _raw({Q + ".lora_A.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                                  Q + ".lora_B.weight": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
-                                 b"\0" * 12), ValueError, ["norobots", "lora_B.weight", "overlaps"]),
-    ("gapped-offsets", _raw({Q + ".lora_A.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                             Q + ".lora_B.weight": {"dtype": "F32", "shape": [2], "data_offsets": [12, 20]}},
-                            b"\0" * 20), ValueError, ["norobots", "lora_B.weight", "gap"]),
-    ("dtype-shape-vs-bytes", _raw({Q + ".lora_A.weight": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},
-                                  b"\0" * 8), ValueError, ["norobots", "lora_A.weight", "need 12 bytes"]),
-    ("duplicate-names", lambda d: open(weights_path(d), "wb").write(
-        struct.pack("<Q", 168) + (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
-                                  b'"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}').ljust(168) + b"\0" * 16),
-     ValueError, ["norobots", "tensor a appears twice"]),
-    ("fp8", _raw({Q + ".lora_A.weight": {"dtype": "F8_E4M3", "shape": [8, 2], "data_offsets": [0, 16]},
-                  Q + ".lora_B.weight": {"dtype": "F32", "shape": [2, 8], "data_offsets": [16, 80]}}, b"\0" * 80),
-     ValueError, ["norobots", "lora_A.weight", "dtype F8_E4M3"]),
-    ("int-dtype-factor", _raw({Q + ".lora_A.weight": {"dtype": "I32", "shape": [8, 2], "data_offsets": [0, 64]},
-                               Q + ".lora_B.weight": {"dtype": "F32", "shape": [2, 8], "data_offsets": [64, 128]}},
-                              b"\0" * 128), ValueError, ["norobots", "lora_A.weight", "dtype I32"]),
+    (
+        "header-beyond-file",
+        lambda d: st_file(weights_path(d), {"x": F32_8}, b"\0" * 8, header_len=1 << 20),
+        ValueError,
+        ["norobots", "beyond the end of the file"],
+    ),
+    (
+        "header-above-cap",
+        lambda d: st_file(weights_path(d), {"x": F32_8}, b"\0" * 8, header_len=1 << 40),
+        ValueError,
+        ["norobots", "cap"],
+    ),
+    (
+        "overlapping-offsets",
+        _raw(
+            {
+                Q + ".lora_A.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                Q + ".lora_B.weight": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\0" * 12,
+        ),
+        ValueError,
+        ["norobots", "lora_B.weight", "overlaps"],
+    ),
+    (
+        "gapped-offsets",
+        _raw(
+            {
+                Q + ".lora_A.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                Q + ".lora_B.weight": {"dtype": "F32", "shape": [2], "data_offsets": [12, 20]},
+            },
+            b"\0" * 20,
+        ),
+        ValueError,
+        ["norobots", "lora_B.weight", "gap"],
+    ),
+    (
+        "dtype-shape-vs-bytes",
+        _raw({Q + ".lora_A.weight": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8),
+        ValueError,
+        ["norobots", "lora_A.weight", "need 12 bytes"],
+    ),
+    (
+        "duplicate-names",
+        lambda d: open(weights_path(d), "wb").write(
+            struct.pack("<Q", 168)
+            + (
+                b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+                b'"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}'
+            ).ljust(168)
+            + b"\0" * 16
+        ),
+        ValueError,
+        ["norobots", "tensor a appears twice"],
+    ),
+    (
+        "fp8",
+        _raw(
+            {
+                Q + ".lora_A.weight": {"dtype": "F8_E4M3", "shape": [8, 2], "data_offsets": [0, 16]},
+                Q + ".lora_B.weight": {"dtype": "F32", "shape": [2, 8], "data_offsets": [16, 80]},
+            },
+            b"\0" * 80,
+        ),
+        ValueError,
+        ["norobots", "lora_A.weight", "dtype F8_E4M3"],
+    ),
+    (
+        "int-dtype-factor",
+        _raw(
+            {
+                Q + ".lora_A.weight": {"dtype": "I32", "shape": [8, 2], "data_offsets": [0, 64]},
+                Q + ".lora_B.weight": {"dtype": "F32", "shape": [2, 8], "data_offsets": [64, 128]},
+            },
+            b"\0" * 128,
+        ),
+        ValueError,
+        ["norobots", "lora_A.weight", "dtype I32"],
+    ),
     ("nan", _with_values(np.nan), ValueError, ["norobots", "lora_A.weight", "NaN", "allow_nonfinite"]),
     ("inf", _with_values(np.inf), ValueError, ["norobots", "lora_A.weight", "+Inf"]),
-    ("a-b-rank-disagree", lambda d: rewrite(d, **{Q + "__lora_A__weight": _a((8, 256)),
-                                                 Q + "__lora_B__weight": _a((256, 4))}),
-     ValueError, ["norobots", "q_proj", "disagree on the rank"]),
+    (
+        "a-b-rank-disagree",
+        lambda d: rewrite(d, **{Q + "__lora_A__weight": _a((8, 256)), Q + "__lora_B__weight": _a((256, 4))}),
+        ValueError,
+        ["norobots", "q_proj", "disagree on the rank"],
+    ),
     ("rank-vs-config", lambda d: _edit(d, r=16), ValueError, ["norobots", "rank 8", "r=16"]),
-    ("missing-lora-b", lambda d: rewrite(d, **{Q + "__lora_A__weight": _a((8, 256))}), ValueError,
-     ["norobots", "lora_B.weight is missing"]),
+    (
+        "missing-lora-b",
+        lambda d: rewrite(d, **{Q + "__lora_A__weight": _a((8, 256))}),
+        ValueError,
+        ["norobots", "lora_B.weight is missing"],
+    ),
     ("other-peft-type", lambda d: _edit(d, peft_type="PREFIX_TUNING"), ValueError, ["norobots", "PREFIX_TUNING"]),
-    ("targets-match-nothing", lambda d: _edit(d, target_modules=["c_attn"]), ValueError,
-     ["norobots", "matches none of the 16 modules"]),
-    ("dora-weights", lambda d: rewrite(d, **{Q + "__lora_A__weight": _a((8, 256)), Q + "__lora_B__weight": _a((256, 8)),
-                                             Q + "__lora_magnitude_vector": _a((256,))}),
-     ValueError, ["norobots", "DoRA"]),
-    ("not-safetensors", lambda d: open(weights_path(d), "wb").write(b"PK\x03\x04 a zip file, not safetensors"),
-     ValueError, ["norobots", "not a valid safetensors file"]),
+    (
+        "targets-match-nothing",
+        lambda d: _edit(d, target_modules=["c_attn"]),
+        ValueError,
+        ["norobots", "matches none of the 16 modules"],
+    ),
+    (
+        "dora-weights",
+        lambda d: rewrite(
+            d,
+            **{
+                Q + "__lora_A__weight": _a((8, 256)),
+                Q + "__lora_B__weight": _a((256, 8)),
+                Q + "__lora_magnitude_vector": _a((256,)),
+            },
+        ),
+        ValueError,
+        ["norobots", "DoRA"],
+    ),
+    (
+        "not-safetensors",
+        lambda d: open(weights_path(d), "wb").write(b"PK\x03\x04 a zip file, not safetensors"),
+        ValueError,
+        ["norobots", "not a valid safetensors file"],
+    ),
 ]
 
 
@@ -140,8 +223,7 @@ def test_hostile_input(tmp_path, case_id, breaker, exc, texts):
 def test_nonfinite_values_can_be_allowed(tmp_path):
     dirs = write_all(str(tmp_path / "in"))
     _with_values(np.nan)(dirs[0])
-    res = gomerge.add_weighted_adapter(dirs[:1], [1.0], "m", "linear", output_dir=tmp_path / "o",
-                                       allow_nonfinite=True)
+    res = gomerge.add_weighted_adapter(dirs[:1], [1.0], "m", "linear", output_dir=tmp_path / "o", allow_nonfinite=True)
     assert res.modules == 1
 
 
@@ -168,15 +250,22 @@ def test_full_disk_leaves_nothing(tmp_path):
     """The output disk fills up (RLIMIT_FSIZE: writes beyond 64 KiB fail with EFBIG)."""
     dirs = write_all(str(tmp_path / "in"))
     out = tmp_path / "out"
-    code = (f"import gomerge, sys\ntry:\n    gomerge.add_weighted_adapter({dirs!r}, [1.0] * 3, 'm', 'cat', "
-            f"output_dir={str(out)!r})\nexcept OSError as e:\n    print('OSError', e)\n    sys.exit(3)\n")
+    code = (
+        f"import gomerge, sys\ntry:\n    gomerge.add_weighted_adapter({dirs!r}, [1.0] * 3, 'm', 'cat', "
+        f"output_dir={str(out)!r})\nexcept OSError as e:\n    print('OSError', e)\n    sys.exit(3)\n"
+    )
 
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
 
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=limit,
-                          env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python")))
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python")),
+    )
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "adapter_model.safetensors" in proc.stdout and "too large" in proc.stdout
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".gomerge")]
@@ -191,8 +280,10 @@ def test_sigkill_at_random_points_never_leaves_partial_output(tmp_path):
     dirs = _kill_target(tmp_path)
     out = tmp_path / "merged"
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
-    code = (f"import gomerge; gomerge.add_weighted_adapter({dirs!r}, [1.0] * 3, 'm', 'ties_svd', density=0.3, "
-            f"output_dir={str(out)!r}, overwrite=True, progress=False)")
+    code = (
+        f"import gomerge; gomerge.add_weighted_adapter({dirs!r}, [1.0] * 3, 'm', 'ties_svd', density=0.3, "
+        f"output_dir={str(out)!r}, overwrite=True, progress=False)"
+    )
     t0 = time.monotonic()
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
     full = time.monotonic() - t0
@@ -256,12 +347,14 @@ def _rss_mib() -> float:
 def test_long_loop_does_not_grow_memory(tmp_path):
     dirs = write_all(str(tmp_path / "in"))
     for _ in range(20):  # warm up pools and the Go heap
-        gomerge.add_weighted_adapter(dirs, [1.0] * 3, "m", "ties", density=0.5, output_dir=tmp_path / "o",
-                                     overwrite=True)
+        gomerge.add_weighted_adapter(
+            dirs, [1.0] * 3, "m", "ties", density=0.5, output_dir=tmp_path / "o", overwrite=True
+        )
     before = _rss_mib()
     for i in range(200):
-        gomerge.add_weighted_adapter(dirs, [1.0] * 3, "m", ("ties", "svd", "cat")[i % 3], density=0.5,
-                                     output_dir=tmp_path / "o", overwrite=True)
+        gomerge.add_weighted_adapter(
+            dirs, [1.0] * 3, "m", ("ties", "svd", "cat")[i % 3], density=0.5, output_dir=tmp_path / "o", overwrite=True
+        )
     growth = _rss_mib() - before
     print(f"RSS growth over 200 merges: {growth:.1f} MiB")
     assert growth < 64

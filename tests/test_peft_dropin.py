@@ -10,14 +10,25 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraModel
-
-import gomerge
-import gomerge.peft as gp
 from peft_cases import MODELS, Case, build_case, delta, logits, peft_factors, rel_diff
 from test_peft_parity import CASES
 
-ALL_TYPES = ("svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd",
-             "dare_linear_svd", "magnitude_prune", "magnitude_prune_svd")
+import gomerge
+import gomerge.peft as gp
+
+ALL_TYPES = (
+    "svd",
+    "linear",
+    "cat",
+    "ties",
+    "ties_svd",
+    "dare_ties",
+    "dare_linear",
+    "dare_ties_svd",
+    "dare_linear_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+)
 FACTOR_TYPES = ("linear", "cat", "ties", "dare_ties", "dare_linear", "magnitude_prune")
 DROPIN_CASES = [c for c in CASES if c.rtol == 1e-5 and len(c.adapters) > 1 and "linear" in c.types]
 
@@ -50,8 +61,7 @@ def assert_same_merge(ours: PeftModel, theirs: PeftModel, case: Case, ctype: str
             np.testing.assert_allclose(oa, a, rtol=1e-5, atol=1e-5 * np.abs(a).max(), err_msg=mod)
             np.testing.assert_allclose(ob, b, rtol=1e-5, atol=1e-5 * np.abs(b).max(), err_msg=mod)
         d_theirs = delta(a, b)
-        np.testing.assert_allclose(delta(oa, ob), d_theirs, rtol=1e-5, atol=1e-5 * np.abs(d_theirs).max(),
-                                   err_msg=mod)
+        np.testing.assert_allclose(delta(oa, ob), d_theirs, rtol=1e-5, atol=1e-5 * np.abs(d_theirs).max(), err_msg=mod)
         worst = max(worst, rel_diff(delta(oa, ob), d_theirs))
     if record is not None:
         record(f"drop-in {case.name}-{ctype}", worst)
@@ -61,8 +71,12 @@ def assert_same_merge(ours: PeftModel, theirs: PeftModel, case: Case, ctype: str
     assert sorted(params_t) == sorted(params_o)
     for n, p in params_t.items():
         q = params_o[n]
-        assert (q.dtype, q.device, q.requires_grad, tuple(q.shape)) == (p.dtype, p.device, p.requires_grad,
-                                                                        tuple(p.shape)), n
+        assert (q.dtype, q.device, q.requires_grad, tuple(q.shape)) == (
+            p.dtype,
+            p.device,
+            p.requires_grad,
+            tuple(p.shape),
+        ), n
         assert not q.requires_grad
     assert ours.peft_config["merged"].to_dict() == theirs.peft_config["merged"].to_dict()
     assert ours.active_adapters == theirs.active_adapters
@@ -110,10 +124,12 @@ def test_invalid_arguments_leave_the_model_unchanged(adapters):
     case = DROPIN_CASES[0]
     model = load(case, adapters[case.name])
     n_params = len(list(model.named_parameters()))
-    for kwargs, exc in [(dict(combination_type="ties"), ValueError),
-                        (dict(combination_type="dare_linear", density=1.5), ValueError),
-                        (dict(combination_type="ties", density=0.5, majority_sign_method="avg"), ValueError),
-                        (dict(combination_type="nope"), ValueError)]:
+    for kwargs, exc in [
+        (dict(combination_type="ties"), ValueError),
+        (dict(combination_type="dare_linear", density=1.5), ValueError),
+        (dict(combination_type="ties", density=0.5, majority_sign_method="avg"), ValueError),
+        (dict(combination_type="nope"), ValueError),
+    ]:
         with pytest.raises(exc):
             gp.add_weighted_adapter(model, ["a0", "a1", "a2"], case.weights, "merged", **kwargs)
         assert "merged" not in model.peft_config
@@ -170,8 +186,9 @@ def test_two_threads_at_once(adapters):
     def work(c):
         try:
             n = len(c.adapters)
-            gp.add_weighted_adapter(models[c.name], [f"a{i}" for i in range(n)], c.weights, "merged", "ties_svd",
-                                    density=0.5)
+            gp.add_weighted_adapter(
+                models[c.name], [f"a{i}" for i in range(n)], c.weights, "merged", "ties_svd", density=0.5
+            )
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
 
@@ -183,16 +200,18 @@ def test_two_threads_at_once(adapters):
     assert not errors
     for c in cases:
         theirs = load(c, adapters[c.name])
-        theirs.add_weighted_adapter([f"a{i}" for i in range(len(c.adapters))], c.weights, "merged", "ties_svd",
-                                    density=0.5)
+        theirs.add_weighted_adapter(
+            [f"a{i}" for i in range(len(c.adapters))], c.weights, "merged", "ties_svd", density=0.5
+        )
         assert_same_merge(models[c.name], theirs, c, "ties_svd")
 
 
 def test_dora_falls_back_to_peft_with_a_warning(tmp_path):
     dirs = []
     for i in range(2):
-        pm = get_peft_model(MODELS["llama"](0), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True,
-                                                            init_lora_weights=False))
+        pm = get_peft_model(
+            MODELS["llama"](0), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, init_lora_weights=False)
+        )
         pm.save_pretrained(str(tmp_path / f"d{i}"))
         dirs.append(str(tmp_path / f"d{i}"))
     case = Case("dora", "llama", [], [1.0, 1.0])

@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import torch
-from safetensors.torch import load_file
-
 from peft_cases import LLAMA_ALL, AdapterSpec, make_adapter
+from safetensors.torch import load_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -18,8 +17,12 @@ ONE_LINE = "import gomerge; gomerge.patch_peft()\n"
 
 
 def _run(script: str, adapters: list[str], out: str, patched: bool) -> list[int]:
-    env = dict(os.environ, GUIDE_ADAPTERS=os.pathsep.join(adapters), GUIDE_OUTPUT=out,
-               PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "python"), os.path.join(HERE, "guide")]))
+    env = dict(
+        os.environ,
+        GUIDE_ADAPTERS=os.pathsep.join(adapters),
+        GUIDE_OUTPUT=out,
+        PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "python"), os.path.join(HERE, "guide")]),
+    )
     proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"gomerge-patched: {patched}" in proc.stderr  # reported by guide/sitecustomize.py
@@ -27,8 +30,14 @@ def _run(script: str, adapters: list[str], out: str, patched: bool) -> list[int]
 
 
 def test_guide_script_with_one_added_line(tmp_path):
-    adapters = [make_adapter("llama", AdapterSpec(dict(r=8, lora_alpha=16, target_modules=LLAMA_ALL), seed, std=0.2),
-                             str(tmp_path / name)) for seed, name in ((41, "norobots"), (42, "sql"), (43, "adcopy"))]
+    adapters = [
+        make_adapter(
+            "llama",
+            AdapterSpec(dict(r=8, lora_alpha=16, target_modules=LLAMA_ALL), seed, std=0.2),
+            str(tmp_path / name),
+        )
+        for seed, name in ((41, "norobots"), (42, "sql"), (43, "adcopy"))
+    ]
     original = open(os.path.join(HERE, "guide", "peft_merging_guide.py")).read()
     lines = original.splitlines(keepends=True)
     first_code = next(i for i, line in enumerate(lines) if line.startswith("import "))

@@ -14,67 +14,160 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
-
-import gomerge
 from peft_cases import (
-    LLAMA_ALL, MODELS, AdapterSpec, Case, build_case, delta, file_factors, logits, peft_factors, peft_merge,
+    LLAMA_ALL,
+    MODELS,
+    AdapterSpec,
+    Case,
+    build_case,
+    delta,
+    file_factors,
+    logits,
+    peft_factors,
+    peft_merge,
     rel_diff,
 )
 
+import gomerge
+
 CASES = [
-    Case("llama-3", "llama", [
-        AdapterSpec(dict(r=8, lora_alpha=16, target_modules=LLAMA_ALL), 1),
-        AdapterSpec(dict(r=8, lora_alpha=8, target_modules=LLAMA_ALL), 2),
-        AdapterSpec(dict(r=8, lora_alpha=32, target_modules=LLAMA_ALL), 3),
-    ], [2.0, 1.0, 1.0]),
-    Case("llama-mixed-targets-negative", "llama", [
-        AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 4),
-        AdapterSpec(dict(r=8, lora_alpha=12, target_modules=["k_proj", "v_proj", "o_proj"]), 5),
-        AdapterSpec(dict(r=8, lora_alpha=8, target_modules=["q_proj", "up_proj"]), 6),
-    ], [1.0, -0.5, 0.7]),
-    Case("llama-embedding", "llama", [
-        AdapterSpec(dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "v_proj"]), 7),
-        AdapterSpec(dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "v_proj"]), 8),
-    ], [1.0, 0.5]),
-    Case("conv2d", "conv", [
-        AdapterSpec(dict(r=4, lora_alpha=8, target_modules=["conv1", "conv2", "head"]), 9),
-        AdapterSpec(dict(r=4, lora_alpha=2, target_modules=["conv1", "conv2", "head"]), 10),
-    ], [0.7, 1.3]),
-    Case("gpt2-fan-in-fan-out", "gpt2", [
-        AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True), 11),
-        AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), 12),
-    ], [1.0, 1.0]),
-    Case("llama-rank-alpha-pattern", "llama", [
-        AdapterSpec(dict(r=8, lora_alpha=16, target_modules=LLAMA_ALL,
-                         rank_pattern={"q_proj": 4, "layers.1.mlp.down_proj": 12}, alpha_pattern={"v_proj": 32}), 13),
-        AdapterSpec(dict(r=8, lora_alpha=8, target_modules=LLAMA_ALL,
-                         rank_pattern={"q_proj": 4, "layers.1.mlp.down_proj": 12}, alpha_pattern={"o_proj": 4}), 14),
-    ], [1.0, 0.8]),
-    Case("llama-rslora", "llama", [
-        AdapterSpec(dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]), 15),
-        AdapterSpec(dict(r=8, lora_alpha=24, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]), 16),
-    ], [1.0, 1.0]),
-    Case("llama-regex-targets", "llama", [
-        AdapterSpec(dict(r=4, lora_alpha=8, target_modules=r".*\.(q_proj|v_proj)"), 17),
-        AdapterSpec(dict(r=4, lora_alpha=8, target_modules=r".*layers\.1\..*(k_proj|up_proj)"), 18),
-    ], [1.0, 1.0]),
-    Case("llama-different-ranks", "llama", [
-        AdapterSpec(dict(r=4, lora_alpha=8, target_modules=LLAMA_ALL), 19),
-        AdapterSpec(dict(r=8, lora_alpha=8, target_modules=LLAMA_ALL), 20),
-        AdapterSpec(dict(r=16, lora_alpha=8, target_modules=LLAMA_ALL), 21),
-    ], [1.0, 1.0, 1.0], types=("cat", "svd")),
-    Case("llama-single", "llama", [
-        AdapterSpec(dict(r=8, lora_alpha=16, target_modules=LLAMA_ALL), 22),
-    ], [1.5], types=("linear", "svd", "cat")),
-    Case("llama-bf16", "llama", [
-        AdapterSpec(dict(r=8, lora_alpha=16, target_modules=LLAMA_ALL), 23, torch.bfloat16),
-        AdapterSpec(dict(r=8, lora_alpha=8, target_modules=LLAMA_ALL), 24, torch.bfloat16),
-        AdapterSpec(dict(r=8, lora_alpha=16, target_modules=LLAMA_ALL), 25, torch.bfloat16),
-    ], [2.0, 1.0, 1.0], rtol=1e-2),
-    Case("llama-f16", "llama", [
-        AdapterSpec(dict(r=8, lora_alpha=16, target_modules=LLAMA_ALL), 26, torch.float16),
-        AdapterSpec(dict(r=8, lora_alpha=8, target_modules=LLAMA_ALL), 27, torch.float16),
-    ], [1.0, 1.0], rtol=2e-3),
+    Case(
+        "llama-3",
+        "llama",
+        [
+            AdapterSpec(dict(r=8, lora_alpha=16, target_modules=LLAMA_ALL), 1),
+            AdapterSpec(dict(r=8, lora_alpha=8, target_modules=LLAMA_ALL), 2),
+            AdapterSpec(dict(r=8, lora_alpha=32, target_modules=LLAMA_ALL), 3),
+        ],
+        [2.0, 1.0, 1.0],
+    ),
+    Case(
+        "llama-mixed-targets-negative",
+        "llama",
+        [
+            AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 4),
+            AdapterSpec(dict(r=8, lora_alpha=12, target_modules=["k_proj", "v_proj", "o_proj"]), 5),
+            AdapterSpec(dict(r=8, lora_alpha=8, target_modules=["q_proj", "up_proj"]), 6),
+        ],
+        [1.0, -0.5, 0.7],
+    ),
+    Case(
+        "llama-embedding",
+        "llama",
+        [
+            AdapterSpec(dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "v_proj"]), 7),
+            AdapterSpec(dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "v_proj"]), 8),
+        ],
+        [1.0, 0.5],
+    ),
+    Case(
+        "conv2d",
+        "conv",
+        [
+            AdapterSpec(dict(r=4, lora_alpha=8, target_modules=["conv1", "conv2", "head"]), 9),
+            AdapterSpec(dict(r=4, lora_alpha=2, target_modules=["conv1", "conv2", "head"]), 10),
+        ],
+        [0.7, 1.3],
+    ),
+    Case(
+        "gpt2-fan-in-fan-out",
+        "gpt2",
+        [
+            AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True), 11),
+            AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), 12),
+        ],
+        [1.0, 1.0],
+    ),
+    Case(
+        "llama-rank-alpha-pattern",
+        "llama",
+        [
+            AdapterSpec(
+                dict(
+                    r=8,
+                    lora_alpha=16,
+                    target_modules=LLAMA_ALL,
+                    rank_pattern={"q_proj": 4, "layers.1.mlp.down_proj": 12},
+                    alpha_pattern={"v_proj": 32},
+                ),
+                13,
+            ),
+            AdapterSpec(
+                dict(
+                    r=8,
+                    lora_alpha=8,
+                    target_modules=LLAMA_ALL,
+                    rank_pattern={"q_proj": 4, "layers.1.mlp.down_proj": 12},
+                    alpha_pattern={"o_proj": 4},
+                ),
+                14,
+            ),
+        ],
+        [1.0, 0.8],
+    ),
+    Case(
+        "llama-rslora",
+        "llama",
+        [
+            AdapterSpec(
+                dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]), 15
+            ),
+            AdapterSpec(
+                dict(r=8, lora_alpha=24, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]), 16
+            ),
+        ],
+        [1.0, 1.0],
+    ),
+    Case(
+        "llama-regex-targets",
+        "llama",
+        [
+            AdapterSpec(dict(r=4, lora_alpha=8, target_modules=r".*\.(q_proj|v_proj)"), 17),
+            AdapterSpec(dict(r=4, lora_alpha=8, target_modules=r".*layers\.1\..*(k_proj|up_proj)"), 18),
+        ],
+        [1.0, 1.0],
+    ),
+    Case(
+        "llama-different-ranks",
+        "llama",
+        [
+            AdapterSpec(dict(r=4, lora_alpha=8, target_modules=LLAMA_ALL), 19),
+            AdapterSpec(dict(r=8, lora_alpha=8, target_modules=LLAMA_ALL), 20),
+            AdapterSpec(dict(r=16, lora_alpha=8, target_modules=LLAMA_ALL), 21),
+        ],
+        [1.0, 1.0, 1.0],
+        types=("cat", "svd"),
+    ),
+    Case(
+        "llama-single",
+        "llama",
+        [
+            AdapterSpec(dict(r=8, lora_alpha=16, target_modules=LLAMA_ALL), 22),
+        ],
+        [1.5],
+        types=("linear", "svd", "cat"),
+    ),
+    Case(
+        "llama-bf16",
+        "llama",
+        [
+            AdapterSpec(dict(r=8, lora_alpha=16, target_modules=LLAMA_ALL), 23, torch.bfloat16),
+            AdapterSpec(dict(r=8, lora_alpha=8, target_modules=LLAMA_ALL), 24, torch.bfloat16),
+            AdapterSpec(dict(r=8, lora_alpha=16, target_modules=LLAMA_ALL), 25, torch.bfloat16),
+        ],
+        [2.0, 1.0, 1.0],
+        rtol=1e-2,
+    ),
+    Case(
+        "llama-f16",
+        "llama",
+        [
+            AdapterSpec(dict(r=8, lora_alpha=16, target_modules=LLAMA_ALL), 26, torch.float16),
+            AdapterSpec(dict(r=8, lora_alpha=8, target_modules=LLAMA_ALL), 27, torch.float16),
+        ],
+        [1.0, 1.0],
+        rtol=2e-3,
+    ),
 ]
 
 
@@ -133,8 +226,12 @@ def test_parity_with_peft(case, combination_type, adapters, tmp_path, record_par
             if isinstance(getattr(m, "scaling", None), dict) and "merged" in m.scaling:
                 m.scaling["merged"] = 1.0
     loaded = PeftModel.from_pretrained(MODELS[case.model](0), str(out)).eval()
-    np.testing.assert_allclose(logits(loaded, case.model), logits(model, case.model), rtol=max(case.rtol, 1e-4),
-                               atol=max(case.rtol, 1e-4) * np.abs(logits(model, case.model)).max())
+    np.testing.assert_allclose(
+        logits(loaded, case.model),
+        logits(model, case.model),
+        rtol=max(case.rtol, 1e-4),
+        atol=max(case.rtol, 1e-4) * np.abs(logits(model, case.model)).max(),
+    )
 
 
 class _nullcontext:
@@ -145,8 +242,10 @@ class _nullcontext:
         return False
 
 
-@pytest.mark.parametrize("case_name,svd_rank", [
-    (c, r) for c in ("llama-3", "llama-embedding", "gpt2-fan-in-fan-out") for r in (4, 8, 32)] + [("conv2d", 4)])
+@pytest.mark.parametrize(
+    "case_name,svd_rank",
+    [(c, r) for c in ("llama-3", "llama-embedding", "gpt2-fan-in-fan-out") for r in (4, 8, 32)] + [("conv2d", 4)],
+)
 def test_svd_rank_parity(case_name, svd_rank, adapters, tmp_path, record_parity):
     case = next(c for c in CASES if c.name == case_name)
     dirs = adapters[case.name]

@@ -10,24 +10,27 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
+from peft_cases import AdapterSpec, Case, build_case, delta, file_factors, peft_factors, peft_merge, rel_diff
+from test_peft_parity import CASES
 
 import gomerge
-from peft_cases import AdapterSpec, Case, build_case, delta, file_factors, peft_factors, peft_merge, \
-    rel_diff
-from test_peft_parity import CASES
 
 F32_CASES = [c for c in CASES if c.rtol == 1e-5 and len(c.adapters) > 1 and "linear" in c.types]
 # Modules of 384 x 640: gomerge's randomized SVD (the test models' smaller modules get an exact SVD).
-WIDE = Case("wide-randomized-svd", "wide", [
-    AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["up", "down"]), 31),
-    AdapterSpec(dict(r=8, lora_alpha=8, target_modules=["up", "down"]), 32),
-    AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["up", "down"]), 33),
-], [2.0, 1.0, 1.0])
+WIDE = Case(
+    "wide-randomized-svd",
+    "wide",
+    [
+        AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["up", "down"]), 31),
+        AdapterSpec(dict(r=8, lora_alpha=8, target_modules=["up", "down"]), 32),
+        AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["up", "down"]), 33),
+    ],
+    [2.0, 1.0, 1.0],
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +52,9 @@ def test_family1_parity(case, combination_type, density, method, adapters, tmp_p
     dirs = adapters[case.name]
     model = peft_merge(case, dirs, combination_type, density=density, majority_sign_method=method)
     out = tmp_path / "merged"
-    res = gomerge.add_weighted_adapter(dirs, case.weights, "m", combination_type, density=density,
-                                       majority_sign_method=method, output_dir=out)
+    res = gomerge.add_weighted_adapter(
+        dirs, case.weights, "m", combination_type, density=density, majority_sign_method=method, output_dir=out
+    )
     assert res.seed is None
     theirs, ours = peft_factors(model), file_factors(str(out))
     assert sorted(theirs) == sorted(ours)
@@ -78,8 +82,11 @@ class SVDCapture:
 
 
 def merged_module_order(model) -> list[str]:
-    return [n.removeprefix("base_model.model.") for n, m in model.named_modules()
-            if isinstance(m, LoraLayer) and ("merged" in m.lora_A or "merged" in m.lora_embedding_A)]
+    return [
+        n.removeprefix("base_model.model.")
+        for n, m in model.named_modules()
+        if isinstance(m, LoraLayer) and ("merged" in m.lora_A or "merged" in m.lora_embedding_A)
+    ]
 
 
 def check_reconstruction(d_list, order, ours, theirs, k, label, record):
@@ -121,5 +128,12 @@ def test_family2_reconstruction(case, combination_type, density, adapters, tmp_p
     monkeypatch.undo()
     out = tmp_path / "merged"
     res = gomerge.add_weighted_adapter(dirs, case.weights, "m", combination_type, density=density, output_dir=out)
-    check_reconstruction(cap.inputs, merged_module_order(model), file_factors(str(out)), peft_factors(model),
-                         res.rank, f"{case.name}-{combination_type}-{density}", record_parity)
+    check_reconstruction(
+        cap.inputs,
+        merged_module_order(model),
+        file_factors(str(out)),
+        peft_factors(model),
+        res.rank,
+        f"{case.name}-{combination_type}-{density}",
+        record_parity,
+    )

@@ -12,10 +12,11 @@ import threading
 
 import numpy as np
 import pytest
+from peft_cases import LLAMA_ALL, MODELS, file_factors
+from test_cli import _big_adapters
+from test_cli import gomerge as run_cli
 
 import gomerge
-from peft_cases import LLAMA_ALL, MODELS, file_factors
-from test_cli import _big_adapters, gomerge as run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -53,8 +54,9 @@ def offline_hub(tmp_path, monkeypatch):
 
 def test_hub_ids_from_the_cache_offline(offline_hub, tmp_path):
     cache, dirs = offline_hub
-    hub = gomerge.add_weighted_adapter(["someone/norobots", dirs[2]], [2.0, 1.0], "m", "cat",
-                                       output_dir=tmp_path / "from-hub")
+    hub = gomerge.add_weighted_adapter(
+        ["someone/norobots", dirs[2]], [2.0, 1.0], "m", "cat", output_dir=tmp_path / "from-hub"
+    )
     local = gomerge.add_weighted_adapter([dirs[0], dirs[2]], [2.0, 1.0], "m", "cat", output_dir=tmp_path / "local")
     assert hub.rank == local.rank
     a, b = file_factors(str(tmp_path / "from-hub")), file_factors(str(tmp_path / "local"))
@@ -66,8 +68,9 @@ def test_hub_ids_from_the_cache_offline(offline_hub, tmp_path):
 
 def test_hub_miss_offline_is_a_clear_error(offline_hub, tmp_path):
     with pytest.raises(OSError, match="someone/unknown.*cache does not hold it"):
-        gomerge.add_weighted_adapter(["someone/unknown", "someone/norobots"], [1.0, 1.0], "m",
-                                     output_dir=tmp_path / "o")
+        gomerge.add_weighted_adapter(
+            ["someone/unknown", "someone/norobots"], [1.0, 1.0], "m", output_dir=tmp_path / "o"
+        )
     assert not (tmp_path / "o").exists()
 
 
@@ -83,8 +86,8 @@ def test_hub_through_the_cli(offline_hub, tmp_path):
 
 
 def test_bin_adapters_are_read_through_torch(tmp_path):
-    from peft import LoraConfig, get_peft_model
     import torch
+    from peft import LoraConfig, get_peft_model
 
     def save(path, safe):
         torch.manual_seed(3)
@@ -111,8 +114,9 @@ def test_keyboard_interrupt_in_process_leaves_nothing_and_interpreter_works(tmp_
         gomerge.add_weighted_adapter(dirs, [1.0, 1.0, 1.0], "m", "ties_svd", density=0.2, output_dir=out)
     timer.cancel()
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".gomerge-tmp")]
-    res = gomerge.add_weighted_adapter(write_all(str(tmp_path / "small")), [1.0, 1.0, 1.0], "m", "cat",
-                                       output_dir=tmp_path / "after")
+    res = gomerge.add_weighted_adapter(
+        write_all(str(tmp_path / "small")), [1.0, 1.0, 1.0], "m", "cat", output_dir=tmp_path / "after"
+    )
     assert res.rank == 24
 
 

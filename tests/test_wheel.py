@@ -43,6 +43,7 @@ def test_wheel_installs_and_merges_without_go(tmp_path):
     assert proc.stdout.split() == ["8", "28"]
     assert (tmp_path / "merged" / "adapter_model.safetensors").exists()
     # the console script is installed and runs
-    cli = subprocess.run([str(venv / "bin" / "gomerge"), "inspect", str(tmp_path / "merged")], env=env,
-                         capture_output=True, text=True)
+    cli = subprocess.run(
+        [str(venv / "bin" / "gomerge"), "inspect", str(tmp_path / "merged")], env=env, capture_output=True, text=True
+    )
     assert cli.returncode == 0 and "r=8" in cli.stdout, cli.stderr

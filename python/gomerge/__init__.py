@@ -13,8 +13,14 @@ from .merge import COMBINATION_TYPES, MergeResult, add_weighted_adapter, inspect
 __version__ = "0.1.0"
 
 __all__ = [
-    "COMBINATION_TYPES", "MergeResult", "add_weighted_adapter", "engine_kernels", "engine_version", "inspect_adapter",
-    "patch_peft", "unpatch_peft",
+    "COMBINATION_TYPES",
+    "MergeResult",
+    "add_weighted_adapter",
+    "engine_kernels",
+    "engine_version",
+    "inspect_adapter",
+    "patch_peft",
+    "unpatch_peft",
 ]
 
 

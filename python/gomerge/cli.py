@@ -60,52 +60,92 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="gomerge", description=DESCRIPTION, epilog=EPILOG,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version",
-                   version=f"gomerge {__version__} (kernels: {_native.engine_kernels()})")
+    p = _Parser(
+        prog="gomerge", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--version", action="version", version=f"gomerge {__version__} (kernels: {_native.engine_kernels()})"
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    m = sub.add_parser("merge", help="merge adapters into a new adapter directory",
-                       description="Merge LoRA adapters into a new PEFT adapter directory. The options are those of "
-                                   "PEFT's add_weighted_adapter.",
-                       epilog=RECIPE_HELP + "\n\n" + EPILOG.split("examples:")[0].rstrip(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    m.add_argument("adapters", nargs="*", metavar="ADAPTER",
-                   help="adapter directories or Hub ids (user/repo, user/repo@revision)")
+    m = sub.add_parser(
+        "merge",
+        help="merge adapters into a new adapter directory",
+        description="Merge LoRA adapters into a new PEFT adapter directory. The options are those of "
+        "PEFT's add_weighted_adapter.",
+        epilog=RECIPE_HELP + "\n\n" + EPILOG.split("examples:")[0].rstrip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m.add_argument(
+        "adapters", nargs="*", metavar="ADAPTER", help="adapter directories or Hub ids (user/repo, user/repo@revision)"
+    )
     m.add_argument("--recipe", metavar="FILE", help="read sources and options from a YAML recipe (see below)")
-    m.add_argument("-w", "--weights", nargs="+", type=float, metavar="W",
-                   help="one weight per adapter (default: 1 each); negative weights subtract")
-    m.add_argument("-m", "--method", "--combination-type", dest="method", choices=COMBINATION_TYPES,
-                   metavar="METHOD", help=f"combination type, one of: {', '.join(COMBINATION_TYPES)} (default: svd)")
+    m.add_argument(
+        "-w",
+        "--weights",
+        nargs="+",
+        type=float,
+        metavar="W",
+        help="one weight per adapter (default: 1 each); negative weights subtract",
+    )
+    m.add_argument(
+        "-m",
+        "--method",
+        "--combination-type",
+        dest="method",
+        choices=COMBINATION_TYPES,
+        metavar="METHOD",
+        help=f"combination type, one of: {', '.join(COMBINATION_TYPES)} (default: svd)",
+    )
     m.add_argument("-o", "--output-dir", metavar="DIR", help="directory of the merged adapter (default: ADAPTER_NAME)")
     m.add_argument("-n", "--adapter-name", default=None, help="name of the merged adapter (default: merged)")
-    m.add_argument("--density", type=float, help="fraction of values kept by the pruning methods (ties, dare, "
-                                                 "magnitude_prune), in [0, 1]")
-    m.add_argument("--majority-sign-method", choices=("total", "frequency"), help="TIES sign election "
-                                                                                   "(default: total)")
-    m.add_argument("--svd-rank", type=int, metavar="R", help="rank of the merged adapter for the svd methods "
-                                                             "(default: the largest input rank)")
+    m.add_argument(
+        "--density",
+        type=float,
+        help="fraction of values kept by the pruning methods (ties, dare, magnitude_prune), in [0, 1]",
+    )
+    m.add_argument("--majority-sign-method", choices=("total", "frequency"), help="TIES sign election (default: total)")
+    m.add_argument(
+        "--svd-rank",
+        type=int,
+        metavar="R",
+        help="rank of the merged adapter for the svd methods (default: the largest input rank)",
+    )
     m.add_argument("--svd-clamp", type=float, metavar="Q", help="clamp the svd factors at this quantile, in [0, 1]")
-    m.add_argument("--svd-full-matrices", action=argparse.BooleanOptionalAction, default=None,
-                   help="accepted for PEFT compatibility; no effect on the result")
+    m.add_argument(
+        "--svd-full-matrices",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="accepted for PEFT compatibility; no effect on the result",
+    )
     m.add_argument("--svd-driver", choices=("gesvd", "gesvdj", "gesvda"), help="accepted for PEFT compatibility")
     m.add_argument("--seed", type=int, help="seed of DARE's random masks (default: fresh, reported)")
-    m.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the written tensors "
-                                                                               "(default: the first adapter's)")
+    m.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype of the written tensors (default: the first adapter's)",
+    )
     m.add_argument("--revision", help="Hub revision for Hub ids without @revision")
     m.add_argument("--subfolder", help="folder of the adapters inside their directories or repositories")
-    m.add_argument("--overwrite", action="store_true", default=None,
-                   help="replace an existing output directory (only an adapter directory or an empty one)")
+    m.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="replace an existing output directory (only an adapter directory or an empty one)",
+    )
     m.add_argument("--no-model-card", action="store_true", help="do not write README.md")
-    m.add_argument("--allow-nonfinite", action="store_true", help="merge adapters holding NaN / Inf values "
-                                                                  "(refused by default)")
+    m.add_argument(
+        "--allow-nonfinite", action="store_true", help="merge adapters holding NaN / Inf values (refused by default)"
+    )
     m.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
 
     p.merge_parser = m  # for errors reported after parsing
-    i = sub.add_parser("inspect", help="describe an adapter: ranks, alpha, scaling, targets, dtype, size",
-                       description="Describe a PEFT LoRA adapter (a directory or a Hub id).")
+    i = sub.add_parser(
+        "inspect",
+        help="describe an adapter: ranks, alpha, scaling, targets, dtype, size",
+        description="Describe a PEFT LoRA adapter (a directory or a Hub id).",
+    )
     i.add_argument("adapter", metavar="ADAPTER")
     i.add_argument("--revision")
     i.add_argument("--subfolder")
@@ -141,36 +181,60 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(f"--weights: got {len(weights)} weights for {len(args.adapters)} adapters")
         srcs = [{"source": a, "weight": w} for a, w in zip(args.adapters, weights)]
     # command-line options override the recipe's
-    for key, value in (("combination_type", args.method), ("density", args.density),
-                       ("majority_sign_method", args.majority_sign_method), ("svd_rank", args.svd_rank),
-                       ("svd_clamp", args.svd_clamp), ("svd_full_matrices", args.svd_full_matrices),
-                       ("svd_driver", args.svd_driver), ("seed", args.seed), ("dtype", args.dtype),
-                       ("output_dir", args.output_dir), ("adapter_name", args.adapter_name),
-                       ("overwrite", args.overwrite)):
+    for key, value in (
+        ("combination_type", args.method),
+        ("density", args.density),
+        ("majority_sign_method", args.majority_sign_method),
+        ("svd_rank", args.svd_rank),
+        ("svd_clamp", args.svd_clamp),
+        ("svd_full_matrices", args.svd_full_matrices),
+        ("svd_driver", args.svd_driver),
+        ("seed", args.seed),
+        ("dtype", args.dtype),
+        ("output_dir", args.output_dir),
+        ("adapter_name", args.adapter_name),
+        ("overwrite", args.overwrite),
+    ):
         if value is not None:
             options[key] = value
     adapter_name = options.pop("adapter_name", None) or "merged"
     options.setdefault("output_dir", adapter_name)
     with ExitStack() as stack:
-        local = [sources.resolve(s["source"], stack, s.get("revision") or args.revision,
-                                 s.get("subfolder") or args.subfolder) for s in srcs]
+        local = [
+            sources.resolve(
+                s["source"], stack, s.get("revision") or args.revision, s.get("subfolder") or args.subfolder
+            )
+            for s in srcs
+        ]
         res = merge._run(
-            local=local, names=[s["source"] for s in srcs], weights=[s["weight"] for s in srcs],
-            adapter_name=adapter_name, combination_type=options.get("combination_type", "svd"),
-            svd_rank=options.get("svd_rank"), svd_clamp=options.get("svd_clamp"),
-            svd_full_matrices=options.get("svd_full_matrices", True), svd_driver=options.get("svd_driver"),
-            density=options.get("density"), majority_sign_method=options.get("majority_sign_method", "total"),
-            output_dir=options["output_dir"], overwrite=options.get("overwrite", False), seed=options.get("seed"),
-            model_card=not args.no_model_card, dtype=options.get("dtype"),
-            progress=False if args.quiet or args.json else None, workers=None,
+            local=local,
+            names=[s["source"] for s in srcs],
+            weights=[s["weight"] for s in srcs],
+            adapter_name=adapter_name,
+            combination_type=options.get("combination_type", "svd"),
+            svd_rank=options.get("svd_rank"),
+            svd_clamp=options.get("svd_clamp"),
+            svd_full_matrices=options.get("svd_full_matrices", True),
+            svd_driver=options.get("svd_driver"),
+            density=options.get("density"),
+            majority_sign_method=options.get("majority_sign_method", "total"),
+            output_dir=options["output_dir"],
+            overwrite=options.get("overwrite", False),
+            seed=options.get("seed"),
+            model_card=not args.no_model_card,
+            dtype=options.get("dtype"),
+            progress=False if args.quiet or args.json else None,
+            workers=None,
             allow_nonfinite=args.allow_nonfinite,
         )
     if args.json:
         print(json.dumps(res.__dict__))
     elif not args.quiet:
         seed = f", seed {res.seed}" if res.seed is not None else ""
-        print(f"merged {len(srcs)} adapters ({res.combination_type}) into {res.output_dir}: rank {res.rank}, "
-              f"{res.modules} modules, {res.dtype}{seed}, {res.seconds:.2f} s")
+        print(
+            f"merged {len(srcs)} adapters ({res.combination_type}) into {res.output_dir}: rank {res.rank}, "
+            f"{res.modules} modules, {res.dtype}{seed}, {res.seconds:.2f} s"
+        )
     return EXIT_OK
 
 
@@ -178,12 +242,13 @@ def _inspect(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         path = sources.resolve(args.adapter, stack, args.revision, args.subfolder)
         info = merge.inspect_adapter(path)
-        size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
-                   if os.path.isfile(os.path.join(path, f)))
+        size = sum(
+            os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f))
+        )
     info["dir"] = args.adapter
     info["size_bytes"] = size
     r, alpha = info["r"], info["lora_alpha"]
-    info["scaling"] = alpha / (r ** 0.5) if info["use_rslora"] else alpha / r
+    info["scaling"] = alpha / (r**0.5) if info["use_rslora"] else alpha / r
     if args.json:
         print(json.dumps(info))
         return EXIT_OK

@@ -6,18 +6,27 @@ import html
 import numbers
 import os
 import warnings
-from dataclasses import dataclass, field
-from typing import Literal, Sequence, Union, get_args
-
+from collections.abc import Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Literal, Union, get_args
 
 from . import _native, sources
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 CombinationType = Literal[
-    "svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd",
-    "magnitude_prune", "magnitude_prune_svd",
+    "svd",
+    "linear",
+    "cat",
+    "ties",
+    "ties_svd",
+    "dare_ties",
+    "dare_linear",
+    "dare_ties_svd",
+    "dare_linear_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
 ]
 COMBINATION_TYPES: tuple[str, ...] = get_args(CombinationType)
 
@@ -209,22 +218,57 @@ def add_weighted_adapter(
     for name, value in (("svd_clamp", svd_clamp), ("density", density)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
             raise TypeError(f"{name}: expected a number or None, got {type(value).__name__}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or
-                             not 0 <= seed < 2**64):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64):
         raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1):
         raise ValueError(f"workers: expected a positive integer or None, got {workers!r}")
     names = _paths(adapters)
     with ExitStack() as stack:  # temporary copies of .bin adapters live until the merge is done
         local = [sources.resolve(n, stack, revision, subfolder) for n in names]
-        return _run(local, names, weights, adapter_name, combination_type, svd_rank, svd_clamp, svd_full_matrices,
-                    svd_driver, density, majority_sign_method, output_dir, overwrite, seed, model_card, dtype,
-                    progress, workers, allow_nonfinite)
+        return _run(
+            local,
+            names,
+            weights,
+            adapter_name,
+            combination_type,
+            svd_rank,
+            svd_clamp,
+            svd_full_matrices,
+            svd_driver,
+            density,
+            majority_sign_method,
+            output_dir,
+            overwrite,
+            seed,
+            model_card,
+            dtype,
+            progress,
+            workers,
+            allow_nonfinite,
+        )
 
 
-def _run(local, names, weights, adapter_name, combination_type, svd_rank, svd_clamp, svd_full_matrices, svd_driver,
-         density, majority_sign_method, output_dir, overwrite, seed, model_card, dtype, progress, workers,
-         allow_nonfinite=False):
+def _run(
+    local,
+    names,
+    weights,
+    adapter_name,
+    combination_type,
+    svd_rank,
+    svd_clamp,
+    svd_full_matrices,
+    svd_driver,
+    density,
+    majority_sign_method,
+    output_dir,
+    overwrite,
+    seed,
+    model_card,
+    dtype,
+    progress,
+    workers,
+    allow_nonfinite=False,
+):
     request = {
         "allow_nonfinite": bool(allow_nonfinite),
         "adapters": local,

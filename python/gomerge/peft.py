@@ -25,8 +25,9 @@ from __future__ import annotations
 import functools
 import threading
 import warnings
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from peft import PeftModel
@@ -40,8 +41,16 @@ from .merge import CombinationType
 __all__ = ["add_weighted_adapter", "patch_peft", "unpatch_peft"]
 
 FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-PRUNING_TYPES = ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
-                 "magnitude_prune", "magnitude_prune_svd")
+PRUNING_TYPES = (
+    "ties",
+    "ties_svd",
+    "dare_linear",
+    "dare_ties",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+)
 
 _PEFT_ADD_WEIGHTED_ADAPTER = LoraModel.add_weighted_adapter  # PEFT's own method, whatever patching happens later
 _patch_lock = threading.Lock()
@@ -83,8 +92,7 @@ def _unsupported(lora_model: LoraModel, adapters: Sequence[str]) -> str | None:
     return None
 
 
-def _validate(combination_type: str, density: float | None, majority_sign_method: str,
-              svd_clamp: float | None) -> None:
+def _validate(combination_type: str, density: float | None, majority_sign_method: str, svd_clamp: float | None) -> None:
     if combination_type in PRUNING_TYPES:
         if density is None:
             raise ValueError(f"density: combination_type {combination_type!r} needs a density in [0, 1]")
@@ -93,8 +101,9 @@ def _validate(combination_type: str, density: float | None, majority_sign_method
         if density == 0 and combination_type.startswith("dare"):
             raise ValueError(f"density: {combination_type!r} rescales by 1/density and needs density > 0")
     if majority_sign_method not in ("total", "frequency"):
-        raise ValueError(f"majority_sign_method: invalid value {majority_sign_method!r} (expected 'total' or "
-                         "'frequency')")
+        raise ValueError(
+            f"majority_sign_method: invalid value {majority_sign_method!r} (expected 'total' or 'frequency')"
+        )
     if svd_clamp is not None and not 0 <= svd_clamp <= 1:
         raise ValueError(f"svd_clamp: must be a quantile in [0, 1], got {svd_clamp}")
 
@@ -170,29 +179,67 @@ def add_weighted_adapter(
     )
     reason = _unsupported(self, adapters)
     if reason is not None:
-        warnings.warn(f"gomerge: {reason}, which gomerge does not merge; using PEFT's own add_weighted_adapter",
-                      stacklevel=2)
-        return _PEFT_ADD_WEIGHTED_ADAPTER(self, adapters, weights, adapter_name, requested_type, svd_rank, svd_clamp,
-                                          svd_full_matrices, svd_driver, density, majority_sign_method)
+        warnings.warn(
+            f"gomerge: {reason}, which gomerge does not merge; using PEFT's own add_weighted_adapter", stacklevel=2
+        )
+        return _PEFT_ADD_WEIGHTED_ADAPTER(
+            self,
+            adapters,
+            weights,
+            adapter_name,
+            requested_type,
+            svd_rank,
+            svd_clamp,
+            svd_full_matrices,
+            svd_driver,
+            density,
+            majority_sign_method,
+        )
     _validate(combination_type, density, majority_sign_method, svd_clamp)
 
     # Create the adapter exactly as PEFT does (this also draws its initial weights from torch's generator).
     self.peft_config[adapter_name] = replace(
-        self.peft_config[adapters[0]], r=new_rank, lora_alpha=new_rank, target_modules=new_target_modules,
-        alpha_pattern={}, rank_pattern={},
+        self.peft_config[adapters[0]],
+        r=new_rank,
+        lora_alpha=new_rank,
+        target_modules=new_target_modules,
+        alpha_pattern={},
+        rank_pattern={},
     )
     self.inject_adapter(self.model, adapter_name)
     _freeze_adapter(self.model, adapter_name)
     try:
-        _merge(self, adapters, weights, adapter_name, combination_type, new_rank, svd_clamp, density,
-               majority_sign_method, seed, progress)
+        _merge(
+            self,
+            adapters,
+            weights,
+            adapter_name,
+            combination_type,
+            new_rank,
+            svd_clamp,
+            density,
+            majority_sign_method,
+            seed,
+            progress,
+        )
     except BaseException:
         self.delete_adapter(adapter_name)  # leave the model as it was
         raise
 
 
-def _merge(self: LoraModel, adapters, weights, adapter_name, combination_type, new_rank, svd_clamp, density,
-           majority_sign_method, seed, progress) -> None:
+def _merge(
+    self: LoraModel,
+    adapters,
+    weights,
+    adapter_name,
+    combination_type,
+    new_rank,
+    svd_clamp,
+    density,
+    majority_sign_method,
+    seed,
+    progress,
+) -> None:
     family1 = combination_type in FACTOR_TYPES
     dare_torch = combination_type.startswith("dare") and seed is None and density < 1
     keep: list = []  # every buffer whose address goes to Go stays referenced here until the job ends
@@ -208,18 +255,28 @@ def _merge(self: LoraModel, adapters, weights, adapter_name, combination_type, n
         if combination_type == "cat":  # PEFT zeroes the new factors; only cat writes into them rather than replace
             t_a.data = t_a.data * 0.0
             t_b.data = t_b.data * 0.0
-        srcs = [(i, name, w) + f for i, (name, w) in enumerate(zip(adapters, weights))
-                if (f := _factors(target, name)) is not None]
+        srcs = [
+            (i, name, w) + f
+            for i, (name, w) in enumerate(zip(adapters, weights))
+            if (f := _factors(target, name)) is not None
+        ]
         if not srcs:
             raise ValueError("No matching LoRAs found. Please raise an issue on GitHub.")
         sources = []
         for i, name, w, a, b in srcs:
             fa, fb = _f32(a, keep), _f32(b, keep)
-            sources.append({
-                "a": fa.data_ptr(), "b": fb.data_ptr(), "a_shape": list(fa.shape), "b_shape": list(fb.shape),
-                "scaling": float(target.scaling[name]), "weight": w, "index": i,
-                "round_dw": "" if family1 or b.dtype == torch.float32 else str(b.dtype).removeprefix("torch."),
-            })
+            sources.append(
+                {
+                    "a": fa.data_ptr(),
+                    "b": fb.data_ptr(),
+                    "a_shape": list(fa.shape),
+                    "b_shape": list(fb.shape),
+                    "scaling": float(target.scaling[name]),
+                    "weight": w,
+                    "index": i,
+                    "round_dw": "" if family1 or b.dtype == torch.float32 else str(b.dtype).removeprefix("torch."),
+                }
+            )
         if dare_torch and family1:  # PEFT: every A mask in adapter order, then every B mask
             for s, (_, _, _, a, _) in zip(sources, srcs):
                 s["mask_a"] = _u8(torch.bernoulli(torch.full_like(input=a.data, fill_value=density)), keep)
@@ -236,14 +293,26 @@ def _merge(self: LoraModel, adapters, weights, adapter_name, combination_type, n
             out_a = torch.zeros(t_a.shape, dtype=torch.float32)
             out_b = torch.zeros(t_b.shape, dtype=torch.float32)
         keep += [out_a, out_b]
-        modules.append({"name": key, "sources": sources, "out_a": out_a.data_ptr(), "out_b": out_b.data_ptr(),
-                        "out_rank": out_a.shape[0]})
+        modules.append(
+            {
+                "name": key,
+                "sources": sources,
+                "out_a": out_a.data_ptr(),
+                "out_b": out_b.data_ptr(),
+                "out_rank": out_a.shape[0],
+            }
+        )
         targets.append((t_a, t_b, srcs, out_a, out_b))
     if not modules:
         return
     request = {
-        "combination_type": combination_type, "rank": new_rank, "svd_clamp": svd_clamp, "density": density,
-        "majority_sign_method": majority_sign_method, "seed": seed, "modules": modules,
+        "combination_type": combination_type,
+        "rank": new_rank,
+        "svd_clamp": svd_clamp,
+        "density": density,
+        "majority_sign_method": majority_sign_method,
+        "seed": seed,
+        "modules": modules,
     }
     result = _native.run_job(_native.merge_tensors_start(request), progress)
     for message in result.get("warnings") or []:
@@ -264,17 +333,38 @@ def _merge(self: LoraModel, adapters, weights, adapter_name, combination_type, n
 
 
 @functools.wraps(_PEFT_ADD_WEIGHTED_ADAPTER)
-def _patched_add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", svd_rank=None,
-                                  svd_clamp=None, svd_full_matrices=True, svd_driver=None, density=None,
-                                  majority_sign_method="total"):
-    return add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
-                                svd_full_matrices, svd_driver, density, majority_sign_method)
+def _patched_add_weighted_adapter(
+    self,
+    adapters,
+    weights,
+    adapter_name,
+    combination_type="svd",
+    svd_rank=None,
+    svd_clamp=None,
+    svd_full_matrices=True,
+    svd_driver=None,
+    density=None,
+    majority_sign_method="total",
+):
+    return add_weighted_adapter(
+        self,
+        adapters,
+        weights,
+        adapter_name,
+        combination_type,
+        svd_rank,
+        svd_clamp,
+        svd_full_matrices,
+        svd_driver,
+        density,
+        majority_sign_method,
+    )
 
 
 class PeftPatch:
     """Returned by `patch_peft()`; as a context manager, it undoes the patch on exit."""
 
-    def __enter__(self) -> "PeftPatch":
+    def __enter__(self) -> PeftPatch:
         return self
 
     def __exit__(self, *exc) -> None:

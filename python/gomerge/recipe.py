@@ -34,9 +34,19 @@ from typing import Any
 from .merge import COMBINATION_TYPES
 
 TOP_KEYS = {
-    "adapters": "list of sources", "method": "str", "combination_type": "str", "density": "number",
-    "majority_sign_method": "str", "svd_rank": "int", "svd_clamp": "number", "svd_full_matrices": "bool",
-    "svd_driver": "str", "seed": "int", "dtype": "str", "adapter_name": "str", "output_dir": "str",
+    "adapters": "list of sources",
+    "method": "str",
+    "combination_type": "str",
+    "density": "number",
+    "majority_sign_method": "str",
+    "svd_rank": "int",
+    "svd_clamp": "number",
+    "svd_full_matrices": "bool",
+    "svd_driver": "str",
+    "seed": "int",
+    "dtype": "str",
+    "adapter_name": "str",
+    "output_dir": "str",
     "overwrite": "bool",
 }
 SOURCE_KEYS = {"source": "str", "weight": "number", "revision": "str", "subfolder": "str"}
@@ -120,16 +130,21 @@ def load_recipe(path: str) -> Recipe:
         sub = {k.value: (k, v) for k, v in node.value} if isinstance(node, yaml.MappingNode) else {}
         for key in item:
             if key not in SOURCE_KEYS:
-                raise err(sub.get(key, (node,))[0], f"adapter: unknown key {key!r} (expected one of: "
-                                                     f"{', '.join(SOURCE_KEYS)})")
+                raise err(
+                    sub.get(key, (node,))[0],
+                    f"adapter: unknown key {key!r} (expected one of: {', '.join(SOURCE_KEYS)})",
+                )
             if not _type_ok(item[key], SOURCE_KEYS[key]):
                 raise err(sub[key][1], f"adapter: key {key!r} must be a {SOURCE_KEYS[key]}, got {item[key]!r}")
         if not item.get("source"):
             raise err(node, "adapter: key 'source' (a directory or Hub id) is missing")
         src = dict(item)
         src.setdefault("weight", 1.0)
-        if isinstance(src["source"], str) and not os.path.isabs(src["source"]) and \
-                os.path.exists(os.path.join(os.path.dirname(os.path.abspath(path)), src["source"])):
+        if (
+            isinstance(src["source"], str)
+            and not os.path.isabs(src["source"])
+            and os.path.exists(os.path.join(os.path.dirname(os.path.abspath(path)), src["source"]))
+        ):
             src["source"] = os.path.join(os.path.dirname(os.path.abspath(path)), src["source"])
         sources.append(src)
     options = {k: v for k, v in data.items() if k != "adapters"}
@@ -137,8 +152,10 @@ def load_recipe(path: str) -> Recipe:
         options["combination_type"] = options.pop("method")
     ctype = options.get("combination_type", "svd")
     if ctype not in COMBINATION_TYPES:
-        raise err(nodes.get("method", nodes.get("combination_type"))[1],
-                  f"unknown method {ctype!r} (expected one of: {', '.join(COMBINATION_TYPES)})")
+        raise err(
+            nodes.get("method", nodes.get("combination_type"))[1],
+            f"unknown method {ctype!r} (expected one of: {', '.join(COMBINATION_TYPES)})",
+        )
     out = options.get("output_dir")
     if out and not os.path.isabs(out):
         options["output_dir"] = os.path.join(os.path.dirname(os.path.abspath(path)), out)

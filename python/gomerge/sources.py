@@ -44,8 +44,11 @@ def resolve(source: str, stack: ExitStack, revision: str | None = None, subfolde
         path = os.path.join(path, subfolder)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"adapter {source}: no subfolder {subfolder!r}")
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "adapter_model.safetensors")) \
-            and os.path.exists(os.path.join(path, "adapter_model.bin")):
+    if (
+        os.path.isdir(path)
+        and not os.path.exists(os.path.join(path, "adapter_model.safetensors"))
+        and os.path.exists(os.path.join(path, "adapter_model.bin"))
+    ):
         path = _convert_bin(path, stack)
     return path
 
@@ -60,10 +63,12 @@ def _download(repo: str, revision: str | None, subfolder: str | None) -> str:
         return snapshot_download(repo, revision=revision, allow_patterns=patterns)
     except Exception as e:  # huggingface_hub raises many types: offline cache misses, HTTP, connection errors
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = ("the local cache does not hold it (HF_HUB_OFFLINE is set)" if offline
-                else "the Hub could not be reached and the cache does not hold it")
-        raise OSError(f"adapter {repo}{'@' + revision if revision else ''}: {hint}: {type(e).__name__}: {e}") \
-            from None
+        hint = (
+            "the local cache does not hold it (HF_HUB_OFFLINE is set)"
+            if offline
+            else "the Hub could not be reached and the cache does not hold it"
+        )
+        raise OSError(f"adapter {repo}{'@' + revision if revision else ''}: {hint}: {type(e).__name__}: {e}") from None
 
 
 def _convert_bin(path: str, stack: ExitStack) -> str:
@@ -71,8 +76,10 @@ def _convert_bin(path: str, stack: ExitStack) -> str:
     try:
         import torch
     except ImportError:
-        raise ImportError(f"{path}: adapter_model.bin can only be read with torch installed; or re-save the adapter "
-                          "with safe_serialization=True") from None
+        raise ImportError(
+            f"{path}: adapter_model.bin can only be read with torch installed; or re-save the adapter "
+            "with safe_serialization=True"
+        ) from None
     try:
         state = torch.load(os.path.join(path, "adapter_model.bin"), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -103,8 +110,11 @@ def write_safetensors(path: str, tensors: dict) -> None:
     for name in sorted(tensors):
         t = tensors[name]
         blob = t.view(-1).view(dtype=torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": _DTYPES[str(t.dtype)], "shape": list(t.shape), "data_offsets": [offset,
-                                                                                                 offset + len(blob)]}
+        header[name] = {
+            "dtype": _DTYPES[str(t.dtype)],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
         offset += len(blob)
         blobs.append(blob)
     h = json.dumps(header, separators=(",", ":")).encode()

@@ -14,8 +14,16 @@ torch.manual_seed(0)
 
 config = PeftConfig.from_pretrained(NOROBOTS)
 model = AutoModelForCausalLM.from_config(
-    LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
 ).eval()
 
 model = PeftModel.from_pretrained(model, NOROBOTS, adapter_name="norobots")
@@ -30,7 +38,15 @@ model.add_weighted_adapter(adapters, weights, adapter_name, combination_type="ti
 
 model.set_adapter("merge")
 inputs = {"input_ids": torch.tensor([[1, 17, 33, 5, 90, 64]])}
-outputs = model.generate(**inputs, max_new_tokens=20, do_sample=True, top_p=0.95, temperature=0.2,
-                         repetition_penalty=1.0, eos_token_id=None, pad_token_id=0)
+outputs = model.generate(
+    **inputs,
+    max_new_tokens=20,
+    do_sample=True,
+    top_p=0.95,
+    temperature=0.2,
+    repetition_penalty=1.0,
+    eos_token_id=None,
+    pad_token_id=0,
+)
 print(outputs[0].tolist())
 model.save_pretrained(os.environ["GUIDE_OUTPUT"], selected_adapters=["merge"])
