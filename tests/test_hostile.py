@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 import gomerge
 
@@ -225,6 +225,11 @@ def test_nonfinite_values_can_be_allowed(tmp_path):
     _with_values(np.nan)(dirs[0])
     res = gomerge.add_weighted_adapter(dirs[:1], [1.0], "m", "linear", output_dir=tmp_path / "o", allow_nonfinite=True)
     assert res.modules == 1
+    # the NaN reached the output, where it was in the input (A[3, 7]; linear scales A and B by numbers), and only there
+    out = load_file(weights_path(str(tmp_path / "o")))
+    assert sorted(out) == [Q + ".lora_A.weight", Q + ".lora_B.weight"]
+    assert np.argwhere(np.isnan(out[Q + ".lora_A.weight"])).tolist() == [[3, 7]]
+    assert np.isfinite(out[Q + ".lora_B.weight"]).all()
 
 
 def test_symlinks_never_write_outside_output_dir(tmp_path):

@@ -91,6 +91,10 @@ def merged_module_order(model) -> list[str]:
 
 def check_reconstruction(d_list, order, ours, theirs, k, label, record):
     """gomerge's B'A' reconstructs each captured D within 1% of the optimal rank-k error."""
+    # one captured SVD per merged module: an empty or short capture would make the zip below check nothing
+    assert order, "PEFT merged no modules"
+    assert len(d_list) == len(order), f"captured {len(d_list)} SVD inputs for {len(order)} merged modules"
+    assert sorted(order) == sorted(ours), "gomerge and PEFT merged different modules"
     worst_ratio, gap_diff = 0.0, 0.0
     for d, mod in zip(d_list, order):
         s = np.linalg.svd(d, compute_uv=False)

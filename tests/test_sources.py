@@ -23,16 +23,18 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 from example_adapters import write_all  # noqa: E402
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+MAIN = "89abcdef0123456789abcdef0123456789abcdef"  # what refs/main of someone/sql points to: not COMMIT
 
 
-def make_hub_cache(cache: str, repo: str, adapter_dir: str, subfolder: str | None = None) -> None:
-    """Lays an adapter out as huggingface_hub caches it: models--{org}--{name}/refs/main + snapshots/{commit}/..."""
+def make_hub_cache(cache: str, repo: str, adapter_dir: str, subfolder: str | None = None, commit: str = COMMIT) -> None:
+    """Lays an adapter out as huggingface_hub caches it: models--{org}--{name}/refs/main + snapshots/{commit}/...
+    (refs/main points to the last commit laid out)."""
     base = os.path.join(cache, "models--" + repo.replace("/", "--"))
-    snap = os.path.join(base, "snapshots", COMMIT, subfolder or "")
+    snap = os.path.join(base, "snapshots", commit, subfolder or "")
     os.makedirs(snap, exist_ok=True)
     os.makedirs(os.path.join(base, "refs"), exist_ok=True)
     with open(os.path.join(base, "refs", "main"), "w") as f:
-        f.write(COMMIT)
+        f.write(commit)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(os.path.join(adapter_dir, name), snap)
 
@@ -43,6 +45,8 @@ def offline_hub(tmp_path, monkeypatch):
     dirs = write_all(str(tmp_path / "adapters"))
     make_hub_cache(cache, "someone/norobots", dirs[0])
     make_hub_cache(cache, "someone/sql", dirs[1], subfolder="lora")
+    # main has moved on to another adapter: only someone/sql@COMMIT is dirs[1]
+    make_hub_cache(cache, "someone/sql", dirs[0], subfolder="lora", commit=MAIN)
     monkeypatch.setenv("HF_HUB_CACHE", cache)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as c
@@ -62,8 +66,16 @@ def test_hub_ids_from_the_cache_offline(offline_hub, tmp_path):
     a, b = file_factors(str(tmp_path / "from-hub")), file_factors(str(tmp_path / "local"))
     assert all(np.array_equal(a[k][0], b[k][0]) for k in a)
     assert "`someone/norobots`" in (tmp_path / "from-hub" / "README.md").read_text()
-    # a revision and a subfolder
-    gomerge.add_weighted_adapter([f"someone/sql@{COMMIT}"], [1.0], "m", subfolder="lora", output_dir=tmp_path / "s")
+    # a revision and a subfolder: the result is the merge of that revision's adapter, not main's
+    sub = gomerge.add_weighted_adapter(
+        [f"someone/sql@{COMMIT}"], [1.0], "m", subfolder="lora", output_dir=tmp_path / "s"
+    )
+    want = gomerge.add_weighted_adapter([dirs[1]], [1.0], "m", output_dir=tmp_path / "s-local")
+    assert (sub.modules, sub.rank) == (want.modules, want.rank) == (28, 8)  # sql: 7 projections x 4 layers
+    a, b = file_factors(str(tmp_path / "s")), file_factors(str(tmp_path / "s-local"))
+    assert sorted(a) == sorted(b) and len(a) == 28
+    for k in a:
+        assert np.array_equal(a[k][0], b[k][0]) and np.array_equal(a[k][1], b[k][1]), k
 
 
 def test_hub_miss_offline_is_a_clear_error(offline_hub, tmp_path):
