@@ -8,16 +8,6 @@ const (
 	SignFrequency = "frequency" // sign of the sum of the signs
 )
 
-func sign32(v float32) float32 {
-	switch {
-	case v > 0:
-		return 1
-	case v < 0:
-		return -1
-	}
-	return 0
-}
-
 // isPositive is 1 when v > 0 and 0 otherwise (zeros, negatives, NaN); the
 // compiler turns it into a conditional move, not a branch.
 func isPositive(v float32) uint32 {

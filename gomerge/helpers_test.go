@@ -14,10 +14,9 @@ import (
 )
 
 type testModule struct {
-	a, b   *Tensor
-	embed  bool
-	dtype  DType
-	rawKey string // overrides the key prefix when set
+	a, b  *Tensor
+	embed bool
+	dtype DType
 }
 
 func randTensor(rng *rand.Rand, shape ...int) *Tensor {
