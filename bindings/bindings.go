@@ -23,9 +23,21 @@ import (
 // EngineVersion returns the engine version, kept equal to the Python package's.
 func EngineVersion() string { return gomerge.Version }
 
-// EngineKernels names the element-wise kernels in use on this CPU: "go"
-// (portable), "avx2" or "avx512".
-func EngineKernels() string { return gomerge.KernelSet }
+// EngineKernels returns, as JSON, the element-wise kernels in use on this
+// CPU ("go" (portable), "avx2" or "avx512"), the sets this CPU runs, and
+// the error of a GOMERGE_KERNELS request that it cannot honour.
+func EngineKernels() string {
+	info := struct {
+		InUse    string     `json:"in_use"`
+		Runnable []string   `json:"runnable"`
+		Error    *errorJSON `json:"error,omitempty"`
+	}{InUse: gomerge.KernelSet, Runnable: gomerge.RunnableKernels()}
+	if err := gomerge.KernelsError(); err != nil {
+		info.Error = &errorJSON{Kind: string(gomerge.KindOf(err)), Message: err.Error()}
+	}
+	b, _ := json.Marshal(info)
+	return string(b)
+}
 
 type job struct {
 	cancel   context.CancelFunc
@@ -102,7 +114,9 @@ func startJob(run func(context.Context, *gomerge.Progress) (any, error)) int64 {
 				j.err = fmt.Errorf("internal error: %v\n%s", p, debug.Stack())
 			}
 		}()
-		j.result, j.err = run(ctx, &j.progress)
+		if j.err = gomerge.KernelsError(); j.err == nil {
+			j.result, j.err = run(ctx, &j.progress)
+		}
 	}()
 	return id
 }

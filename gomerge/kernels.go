@@ -5,10 +5,12 @@ import "math"
 // The element-wise kernels behind magnitude pruning and Combination.Apply.
 // Each is a variable holding one implementation: the portable Go one below,
 // or vector ones (kernels_simd.go: 8 lanes, AVX2; kernels_avx512.go: 16
-// lanes) that start-up chooses from the CPU when the engine is built with
-// GOEXPERIMENT=simd (as the Makefile and the Python build do). Every
-// implementation gives bit-identical results (kernels_test.go compares them
-// all with the portable one).
+// lanes) when the engine is built with GOEXPERIMENT=simd (as the Makefile
+// and the Python build do) for amd64. The set in use is chosen once, at
+// start-up, from the CPU's features (kernelselect.go); no vector instruction
+// runs before that choice, so the engine starts on every CPU. Every
+// implementation gives bit-identical results (kernels_test.go compares each
+// vector set with the portable one on a CPU that runs it).
 //
 // Magnitude pruning is expressed by thresholds: tensor i keeps its entries
 // whose magnitude bits (float32 bits without the sign) are at least thr[i];
@@ -32,13 +34,15 @@ var (
 	decodeHalf = decodeHalfGo
 	// encodeHalf rounds float32 values to BF16 or F16 (to nearest even).
 	encodeHalf = encodeHalfGo
-	// KernelSet names the kernels in use: "go", "avx2" or "avx512".
-	KernelSet = "go"
 )
 
-// kernels is one implementation of the kernels.
+// kernels is one implementation of the kernels; a vector set may reuse some
+// of the portable functions.
 type kernels struct {
-	name          string
+	name string
+	// missing returns the CPU features that the set needs and this CPU
+	// lacks; none when it runs here. It executes no vector instruction.
+	missing       func() []string
 	maxAbsBits    func(x []float32) uint32
 	absBand       func(t []float32, lo, hi uint32, cand []uint32) (above, n int)
 	tiesInto      func(out []float32, ts [][]float32, thr []uint32, w []float32, frequency bool)
@@ -47,9 +51,14 @@ type kernels struct {
 	encodeHalf    func(out []uint16, x []float32, bf16 bool)
 }
 
-// kernelSets are the implementations this build can run on this CPU, the
-// portable one first; the last one is in use.
-var kernelSets = []kernels{{"go", maxAbsBitsGo, absBandGo, tiesIntoGo, prunedSumIntoGo, decodeHalfGo, encodeHalfGo}}
+// portableKernels are the kernels in plain Go: they run on every CPU.
+var portableKernels = kernels{"go", func() []string { return nil },
+	maxAbsBitsGo, absBandGo, tiesIntoGo, prunedSumIntoGo, decodeHalfGo, encodeHalfGo}
+
+// kernelSets are the implementations in this build, whether or not this CPU
+// runs them: the portable one first, then vectorKernels (kernels_simd.go,
+// or none: kernels_novec.go) from the slowest to the fastest.
+var kernelSets = append([]kernels{portableKernels}, vectorKernels...)
 
 // useKernels puts an implementation in use.
 func useKernels(k kernels) {

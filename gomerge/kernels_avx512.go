@@ -15,16 +15,15 @@ import (
 
 // vecs16 views x[:16*(len(x)/16)] as vectors.
 func vecs16(x []float32) [][16]float32 {
+	if len(x) < 16 {
+		return nil // no whole vector (and no pointer to one past the data)
+	}
 	return unsafe.Slice((*[16]float32)(unsafe.Pointer(unsafe.SliceData(x))), len(x)/16)
 }
 
-var (
-	absMask16 = archsimd.BroadcastInt32x16(math.MaxInt32)
-	signBit16 = archsimd.BroadcastInt32x16(math.MinInt32)
-)
-
 func maxAbsBits512(x []float32) uint32 {
 	v := vecs16(x)
+	absMask16 := archsimd.BroadcastInt32x16(math.MaxInt32)
 	acc := archsimd.BroadcastInt32x16(0)
 	for i := range v {
 		acc = acc.Max(archsimd.LoadFloat32x16(&v[i]).AsInt32x16().And(absMask16))
@@ -42,6 +41,7 @@ func absBand512(t []float32, lo, hi uint32, cand []uint32) (above, n int) {
 	v := vecs16(t)
 	c := unsafe.Slice((*int32)(unsafe.Pointer(unsafe.SliceData(cand))), len(cand))
 	limit := len(cand) - 16
+	absMask16 := archsimd.BroadcastInt32x16(math.MaxInt32)
 	vhi := archsimd.BroadcastInt32x16(int32(hi))
 	vlo := archsimd.BroadcastInt32x16(int32(lo) - 1) // lo >= 0 as magnitudes are below 2^31
 	for i := range v {
@@ -83,7 +83,7 @@ func setGroups16(gs []group16, ts [][]float32, thr []uint32, w []float32, lo, hi
 	}
 }
 
-func pruned16(p *[16]float32, th archsimd.Int32x16) archsimd.Float32x16 {
+func pruned16(p *[16]float32, th, absMask16 archsimd.Int32x16) archsimd.Float32x16 {
 	v := archsimd.LoadFloat32x16(p)
 	return v.Masked(v.AsInt32x16().And(absMask16).Greater(th))
 }
@@ -92,6 +92,7 @@ func tiesInto512(out []float32, ts [][]float32, thr []uint32, w []float32, frequ
 	n16 := len(out) &^ 15
 	zero := archsimd.BroadcastFloat32x16(0)
 	one := archsimd.BroadcastFloat32x16(1)
+	absMask16, signBit16 := archsimd.BroadcastInt32x16(math.MaxInt32), archsimd.BroadcastInt32x16(math.MinInt32)
 	gs := make([]group16, (len(ts)+3)/4)
 	scratch := make([][16]float32, 4*len(gs)*kernelBlock/16)
 	var votesBuf, sumBuf, countBuf [kernelBlock / 16][16]float32
@@ -106,7 +107,7 @@ func tiesInto512(out []float32, ts [][]float32, thr []uint32, w []float32, frequ
 			a, b, c, d := g.t[0][:nv], g.t[1][:nv], g.t[2][:nv], g.t[3][:nv]
 			pa, pb, pc, pd := scratch[(4*gi)*nv:][:nv], scratch[(4*gi+1)*nv:][:nv], scratch[(4*gi+2)*nv:][:nv], scratch[(4*gi+3)*nv:][:nv]
 			for j := range votes {
-				va, vb, vc, vd := pruned16(&a[j], g.th[0]), pruned16(&b[j], g.th[1]), pruned16(&c[j], g.th[2]), pruned16(&d[j], g.th[3])
+				va, vb, vc, vd := pruned16(&a[j], g.th[0], absMask16), pruned16(&b[j], g.th[1], absMask16), pruned16(&c[j], g.th[2], absMask16), pruned16(&d[j], g.th[3], absMask16)
 				va.Store(&pa[j])
 				vb.Store(&pb[j])
 				vc.Store(&pc[j])
@@ -159,6 +160,7 @@ func agreeing16(sum, count, v, w archsimd.Float32x16, elected archsimd.Int32x16,
 func prunedSumInto512(out []float32, ts [][]float32, thr []uint32, w []float32) {
 	n16 := len(out) &^ 15
 	var sumBuf [kernelBlock]float32
+	absMask16 := archsimd.BroadcastInt32x16(math.MaxInt32)
 	gs := make([]group16, (len(ts)+3)/4)
 	for lo := 0; lo < n16; lo += kernelBlock {
 		hi := min(lo+kernelBlock, n16)
@@ -169,10 +171,10 @@ func prunedSumInto512(out []float32, ts [][]float32, thr []uint32, w []float32) 
 			a, b, c, d := g.t[0][:len(sum)], g.t[1][:len(sum)], g.t[2][:len(sum)], g.t[3][:len(sum)]
 			for j := range sum {
 				s := archsimd.LoadFloat32x16(&sum[j])
-				s = s.Add(pruned16(&a[j], g.th[0]).Mul(g.w[0]))
-				s = s.Add(pruned16(&b[j], g.th[1]).Mul(g.w[1]))
-				s = s.Add(pruned16(&c[j], g.th[2]).Mul(g.w[2]))
-				s = s.Add(pruned16(&d[j], g.th[3]).Mul(g.w[3]))
+				s = s.Add(pruned16(&a[j], g.th[0], absMask16).Mul(g.w[0]))
+				s = s.Add(pruned16(&b[j], g.th[1], absMask16).Mul(g.w[1]))
+				s = s.Add(pruned16(&c[j], g.th[2], absMask16).Mul(g.w[2]))
+				s = s.Add(pruned16(&d[j], g.th[3], absMask16).Mul(g.w[3]))
 				s.Store(&sum[j])
 			}
 		}
@@ -184,10 +186,16 @@ func prunedSumInto512(out []float32, ts [][]float32, thr []uint32, w []float32) 
 }
 
 func halfVecs16(x []uint16) [][16]uint16 {
+	if len(x) < 16 {
+		return nil // no whole vector (and no pointer to one past the data)
+	}
 	return unsafe.Slice((*[16]uint16)(unsafe.Pointer(unsafe.SliceData(x))), len(x)/16)
 }
 
 func uvecs16(x []float32) [][16]uint32 {
+	if len(x) < 16 {
+		return nil // no whole vector (and no pointer to one past the data)
+	}
 	return unsafe.Slice((*[16]uint32)(unsafe.Pointer(unsafe.SliceData(x))), len(x)/16)
 }
 

@@ -6,25 +6,52 @@ import (
 	"math"
 	"simd/archsimd"
 	"unsafe"
+
+	"golang.org/x/sys/cpu"
 )
 
-// Vector kernels with 8 float32 lanes (AVX2), and the start-up choice of
-// the kernels (kernels.go). Every lane does the operations of the portable
-// version in the same order, so results are bit-identical.
-func init() {
-	if archsimd.X86.AVX2() {
-		kernelSets = append(kernelSets, kernels{"avx2", maxAbsBitsAVX2, absBandGo, tiesIntoAVX2, prunedSumIntoAVX2,
-			decodeHalfGo, encodeHalfGo})
+// Vector kernels with 8 float32 lanes (AVX2), and the vector sets of this
+// build (kernelselect.go chooses among them). Every lane does the operations
+// of the portable version in the same order, so results are bit-identical.
+// No vector value may live in a package-level variable: its initialiser
+// would run on every CPU, before the choice (SIGILL without AVX2).
+var vectorKernels = []kernels{
+	{"avx2", missingX86("avx2", archsimd.X86.AVX2, x86Feature{"avx", cpu.X86.HasAVX}, x86Feature{"avx2", cpu.X86.HasAVX2}),
+		maxAbsBitsAVX2, absBandGo, tiesIntoAVX2, prunedSumIntoAVX2, decodeHalfGo, encodeHalfGo},
+	{"avx512", missingX86("avx512", archsimd.X86.AVX512, x86Feature{"avx512f", cpu.X86.HasAVX512F},
+		x86Feature{"avx512cd", cpu.X86.HasAVX512CD}, x86Feature{"avx512bw", cpu.X86.HasAVX512BW},
+		x86Feature{"avx512dq", cpu.X86.HasAVX512DQ}, x86Feature{"avx512vl", cpu.X86.HasAVX512VL}),
+		maxAbsBits512, absBand512, tiesInto512, prunedSumInto512, decodeHalf512, encodeHalf512},
+}
+
+// x86Feature is a CPU feature (as /proc/cpuinfo names it) and whether this
+// CPU and its operating system support it.
+type x86Feature struct {
+	name string
+	has  bool
+}
+
+// missingX86 returns a kernels.missing that lists the features this CPU
+// lacks, or the set's own name when Go's runtime, which the vector code
+// generation relies on, sees no support for it.
+func missingX86(set string, runtimeHas func() bool, features ...x86Feature) func() []string {
+	return func() []string {
+		var missing []string
+		for _, f := range features {
+			if !f.has {
+				missing = append(missing, f.name)
+			}
+		}
+		if len(missing) == 0 && !runtimeHas() {
+			missing = append(missing, set+" (as Go's runtime sees this CPU)")
+		}
+		return missing
 	}
-	if archsimd.X86.AVX512() {
-		kernelSets = append(kernelSets, kernels{"avx512", maxAbsBits512, absBand512, tiesInto512, prunedSumInto512,
-			decodeHalf512, encodeHalf512})
-	}
-	useKernels(kernelSets[len(kernelSets)-1])
 }
 
 func maxAbsBitsAVX2(x []float32) uint32 {
 	v := vecs(x)
+	absMask := archsimd.BroadcastInt32x8(math.MaxInt32)
 	acc := archsimd.BroadcastInt32x8(0)
 	for i := range v {
 		acc = acc.Max(archsimd.LoadFloat32x8(&v[i]).AsInt32x8().And(absMask))
@@ -49,6 +76,9 @@ func tails(ts [][]float32, from int) [][]float32 {
 // vecs views x[:8*(len(x)/8)] as vectors: indexing them needs no
 // per-load slicing, which costs more than the vector work itself.
 func vecs(x []float32) [][8]float32 {
+	if len(x) < 8 {
+		return nil // no whole vector (and no pointer to one past the data)
+	}
 	return unsafe.Slice((*[8]float32)(unsafe.Pointer(unsafe.SliceData(x))), len(x)/8)
 }
 
@@ -77,13 +107,9 @@ func setGroups(gs []group, ts [][]float32, thr []uint32, w []float32, lo, hi int
 	}
 }
 
-var (
-	absMask = archsimd.BroadcastInt32x8(math.MaxInt32)
-	signBit = archsimd.BroadcastInt32x8(math.MinInt32)
-)
-
-// pruned loads 8 values, zeroing those below the threshold.
-func pruned(p *[8]float32, th archsimd.Int32x8) archsimd.Float32x8 {
+// pruned loads 8 values, zeroing those whose magnitude (bits And absMask)
+// is not above the threshold.
+func pruned(p *[8]float32, th, absMask archsimd.Int32x8) archsimd.Float32x8 {
 	v := archsimd.LoadFloat32x8(p)
 	return v.Masked(v.AsInt32x8().And(absMask).Greater(th))
 }
@@ -92,6 +118,7 @@ func tiesIntoAVX2(out []float32, ts [][]float32, thr []uint32, w []float32, freq
 	n8 := len(out) &^ 7
 	zero := archsimd.BroadcastFloat32x8(0)
 	one := archsimd.BroadcastFloat32x8(1)
+	absMask, signBit := archsimd.BroadcastInt32x8(math.MaxInt32), archsimd.BroadcastInt32x8(math.MinInt32)
 	gs := make([]group, (len(ts)+3)/4)
 	// the pruned values of one block, per tensor (padding included), and the block's sums
 	scratch := make([][8]float32, 4*len(gs)*kernelBlock/8)
@@ -107,7 +134,7 @@ func tiesIntoAVX2(out []float32, ts [][]float32, thr []uint32, w []float32, freq
 			a, b, c, d := g.t[0][:nv], g.t[1][:nv], g.t[2][:nv], g.t[3][:nv]
 			pa, pb, pc, pd := scratch[(4*gi)*nv:][:nv], scratch[(4*gi+1)*nv:][:nv], scratch[(4*gi+2)*nv:][:nv], scratch[(4*gi+3)*nv:][:nv]
 			for j := range votes {
-				va, vb, vc, vd := pruned(&a[j], g.th[0]), pruned(&b[j], g.th[1]), pruned(&c[j], g.th[2]), pruned(&d[j], g.th[3])
+				va, vb, vc, vd := pruned(&a[j], g.th[0], absMask), pruned(&b[j], g.th[1], absMask), pruned(&c[j], g.th[2], absMask), pruned(&d[j], g.th[3], absMask)
 				va.Store(&pa[j])
 				vb.Store(&pb[j])
 				vc.Store(&pc[j])
@@ -163,6 +190,7 @@ func agreeing(sum, count, v, w archsimd.Float32x8, elected archsimd.Int32x8, one
 func prunedSumIntoAVX2(out []float32, ts [][]float32, thr []uint32, w []float32) {
 	n8 := len(out) &^ 7
 	var sumBuf [kernelBlock]float32
+	absMask := archsimd.BroadcastInt32x8(math.MaxInt32)
 	gs := make([]group, (len(ts)+3)/4)
 	for lo := 0; lo < n8; lo += kernelBlock {
 		hi := min(lo+kernelBlock, n8)
@@ -173,10 +201,10 @@ func prunedSumIntoAVX2(out []float32, ts [][]float32, thr []uint32, w []float32)
 			a, b, c, d := g.t[0][:len(sum)], g.t[1][:len(sum)], g.t[2][:len(sum)], g.t[3][:len(sum)]
 			for j := range sum {
 				s := archsimd.LoadFloat32x8(&sum[j])
-				s = s.Add(pruned(&a[j], g.th[0]).Mul(g.w[0]))
-				s = s.Add(pruned(&b[j], g.th[1]).Mul(g.w[1]))
-				s = s.Add(pruned(&c[j], g.th[2]).Mul(g.w[2]))
-				s = s.Add(pruned(&d[j], g.th[3]).Mul(g.w[3]))
+				s = s.Add(pruned(&a[j], g.th[0], absMask).Mul(g.w[0]))
+				s = s.Add(pruned(&b[j], g.th[1], absMask).Mul(g.w[1]))
+				s = s.Add(pruned(&c[j], g.th[2], absMask).Mul(g.w[2]))
+				s = s.Add(pruned(&d[j], g.th[3], absMask).Mul(g.w[3]))
 				s.Store(&sum[j])
 			}
 		}

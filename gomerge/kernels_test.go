@@ -1,9 +1,16 @@
 package gomerge
 
 import (
+	"fmt"
 	"math"
 	"math/rand/v2"
+	"os"
+	"reflect"
+	"runtime"
+	"slices"
 	"strconv"
+	"strings"
+	"sync"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -45,11 +52,167 @@ func sameBits(t *testing.T, want, got []float32, msg string) {
 	}
 }
 
-// The kernels in use (vector ones when the engine is built with
-// GOEXPERIMENT=simd on a capable CPU) against the portable versions, and the
-// portable TIES kernel against PEFT's steps composed one by one.
+// kernelReport collects, for the summary that TestMain prints, which vector
+// kernels the tests compared with the portable ones and which sets this CPU
+// could not run.
+var kernelReport struct {
+	sync.Mutex
+	compared map[string]bool // "set kernel"
+	notRun   map[string]string
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	kernelReport.Lock()
+	var compared, notRun []string
+	for k := range kernelReport.compared {
+		compared = append(compared, k)
+	}
+	for set, why := range kernelReport.notRun {
+		notRun = append(notRun, set+" (this CPU lacks "+why+")")
+	}
+	kernelReport.Unlock()
+	slices.Sort(compared)
+	slices.Sort(notRun)
+	fmt.Printf("kernels: %s/%s, in use %s; kernels compared with their references: %s; sets not run here: %s\n",
+		runtime.GOOS, runtime.GOARCH, KernelSet, orNone(compared), orNone(notRun))
+	os.Exit(code)
+}
+
+func orNone(s []string) string {
+	if len(s) == 0 {
+		return "none"
+	}
+	return strings.Join(s, ", ")
+}
+
+// runnableSets returns the kernel sets of this build that this CPU runs,
+// noting the others for the summary.
+func runnableSets(t *testing.T) []kernels {
+	var sets []kernels
+	for _, k := range kernelSets {
+		if m := k.missing(); len(m) > 0 {
+			t.Logf("%s kernels not run: this CPU lacks %s", k.name, strings.Join(m, ", "))
+			kernelReport.Lock()
+			if kernelReport.notRun == nil {
+				kernelReport.notRun = map[string]string{}
+			}
+			kernelReport.notRun[k.name] = strings.Join(m, ", ")
+			kernelReport.Unlock()
+			continue
+		}
+		sets = append(sets, k)
+	}
+	return sets
+}
+
+// ownKernel reports whether set k has its own version of a kernel (f, the
+// portable one being portable; nil when every set, the portable one
+// included, is compared with a reference), recording it as compared; sets
+// that reuse the portable function are not compared with themselves.
+func ownKernel(t *testing.T, k kernels, kernel string, f, portable any) bool {
+	if portable != nil && reflect.ValueOf(f).Pointer() == reflect.ValueOf(portable).Pointer() {
+		if k.name != "go" {
+			t.Logf("%s kernels use the portable %s", k.name, kernel)
+		}
+		return false
+	}
+	kernelReport.Lock()
+	if kernelReport.compared == nil {
+		kernelReport.compared = map[string]bool{}
+	}
+	kernelReport.compared[k.name+" "+kernel] = true
+	kernelReport.Unlock()
+	return true
+}
+
+// expectedKernels is the kernel set that the engine must choose here: the
+// one GOMERGE_EXPECT_KERNELS names (the Makefile sets it for each emulated
+// CPU level, where /proc/cpuinfo shows the host's CPU), else the fastest
+// one that /proc/cpuinfo's flags allow for this build.
+func expectedKernels(t *testing.T) string {
+	if want := os.Getenv("GOMERGE_EXPECT_KERNELS"); want != "" {
+		t.Logf("expected kernels from GOMERGE_EXPECT_KERNELS: %s", want)
+		return want
+	}
+	if want := os.Getenv(KernelsEnv); want != "" {
+		return want
+	}
+	if len(kernelSets) == 1 {
+		return "go"
+	}
+	info, err := os.ReadFile("/proc/cpuinfo")
+	require.NoError(t, err)
+	var flags []string
+	for _, line := range strings.Split(string(info), "\n") {
+		if name, value, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(name) == "flags" {
+			flags = strings.Fields(value)
+			break
+		}
+	}
+	has := func(names ...string) bool {
+		for _, n := range names {
+			if !slices.Contains(flags, n) {
+				return false
+			}
+		}
+		return true
+	}
+	switch {
+	case has("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"):
+		return "avx512"
+	case has("avx", "avx2"):
+		return "avx2"
+	}
+	return "go"
+}
+
+// The set in use is the one this CPU level calls for.
+func TestKernelSetForCPU(t *testing.T) {
+	want := expectedKernels(t)
+	assert.Equal(t, want, KernelSet)
+	assert.NoError(t, KernelsError())
+	assert.Equal(t, want, RunnableKernels()[len(RunnableKernels())-1], "the fastest set this CPU runs")
+}
+
+// GOMERGE_KERNELS: every set this CPU runs can be forced; one it cannot run
+// is an error naming the missing features; unknown names are refused.
+func TestChooseKernels(t *testing.T) {
+	runnable := RunnableKernels()
+	best, err := chooseKernels("")
+	require.NoError(t, err)
+	assert.Equal(t, runnable[len(runnable)-1], best.name)
+	best, err = chooseKernels("auto")
+	require.NoError(t, err)
+	assert.Equal(t, runnable[len(runnable)-1], best.name)
+	for _, name := range kernelNames {
+		k, err := chooseKernels(strings.ToUpper(name))
+		inBuild := slices.ContainsFunc(kernelSets, func(k kernels) bool { return k.name == name })
+		switch {
+		case slices.Contains(runnable, name):
+			require.NoError(t, err, name)
+			assert.Equal(t, name, k.name)
+		case inBuild:
+			require.Error(t, err, name)
+			assert.Equal(t, KindValue, KindOf(err))
+			assert.Contains(t, err.Error(), "this CPU lacks avx")
+			assert.Equal(t, "go", k.name, "the portable kernels while the request is refused")
+		default:
+			require.Error(t, err, name)
+			assert.Contains(t, err.Error(), "this engine has no "+name+" kernels")
+			assert.Equal(t, "go", k.name)
+		}
+	}
+	_, err = chooseKernels("sse4")
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), `GOMERGE_KERNELS="sse4" is not a kernel set`)
+}
+
+// Every kernel set this CPU runs (vector ones when the engine is built with
+// GOEXPERIMENT=simd) against the portable versions, and the TIES kernels
+// against PEFT's steps composed one by one.
 func TestKernelsAgree(t *testing.T) {
-	t.Logf("kernels in use: %s (of %d)", KernelSet, len(kernelSets))
+	sets := runnableSets(t)
 	rng := rand.New(rand.NewPCG(7, 7))
 	for _, tc := range []struct {
 		name      string
@@ -96,14 +259,19 @@ func TestKernelsAgree(t *testing.T) {
 			}
 			wantSum := make([]float32, tc.n)
 			prunedSumIntoGo(wantSum, ts, thr, w)
-			for _, k := range kernelSets {
+			for _, k := range sets {
 				got := make([]float32, tc.n)
+				ownKernel(t, k, "tiesInto", k.tiesInto, nil)
 				k.tiesInto(got, ts, thr, w, tc.frequency)
 				sameBits(t, wantTies, got, k.name+" ties")
-				k.prunedSumInto(got, ts, thr, w)
-				sameBits(t, wantSum, got, k.name+" pruned sum")
-				for i := range ts {
-					assert.Equal(t, maxAbsBitsGo(ts[i]), k.maxAbsBits(ts[i]), "%s max magnitude", k.name)
+				if ownKernel(t, k, "prunedSumInto", k.prunedSumInto, prunedSumIntoGo) {
+					k.prunedSumInto(got, ts, thr, w)
+					sameBits(t, wantSum, got, k.name+" pruned sum")
+				}
+				if ownKernel(t, k, "maxAbsBits", k.maxAbsBits, maxAbsBitsGo) {
+					for i := range ts {
+						assert.Equal(t, maxAbsBitsGo(ts[i]), k.maxAbsBits(ts[i]), "%s max magnitude", k.name)
+					}
 				}
 			}
 		})
@@ -114,7 +282,10 @@ func TestAbsBand(t *testing.T) {
 	rng := rand.New(rand.NewPCG(3, 3))
 	x := kernelInputs(rng, 1, 1001, true)[0]
 	lo, hi := math.Float32bits(0.5), math.Float32bits(1.5)
-	for _, k := range kernelSets {
+	for _, k := range runnableSets(t) {
+		if !ownKernel(t, k, "absBand", k.absBand, absBandGo) {
+			continue
+		}
 		for _, size := range []int{1001 + 16, 30} {
 			c1, c2 := make([]uint32, size), make([]uint32, size)
 			a1, n1 := absBandGo(x, lo, hi, c1)
@@ -154,7 +325,16 @@ func TestKthLargestAbsBits(t *testing.T) {
 			}
 			for _, density := range []float64{0.01, 0.2, 0.9} {
 				k := PruneK(density, n)
-				thr, above, equal := kthLargestAbsBits(x, k)
+				thr, above, equal, banded := kthLargestAbsBitsBanded(x, k)
+				switch {
+				case n < bandMinLen:
+					assert.False(t, banded, "%s n=%d: too small to sample", tc.name, n)
+				case tc.name == "sample misses" && n == 70001:
+					// the sample's stride (n/1093 = 64) sees only the zeros
+					assert.False(t, banded, "%s n=%d density=%v: the histogram fallback ran", tc.name, n, density)
+				case tc.name == "normal":
+					assert.True(t, banded, "%s n=%d density=%v: the sampled band held the k-th value", tc.name, n, density)
+				}
 				var gt, eq int
 				for _, v := range x {
 					switch b := math.Float32bits(v) & 0x7fffffff; {
@@ -222,19 +402,23 @@ func TestHalfKernels(t *testing.T) {
 		}
 		x[i] = math.Float32frombits(b)
 	}
-	for _, k := range kernelSets {
+	for _, k := range runnableSets(t) {
 		for _, bf16 := range []bool{false, true} {
-			want, got := make([]float32, len(all)), make([]float32, len(all))
-			decodeHalfGo(want, all, bf16)
-			k.decodeHalf(got, all, bf16)
-			for i := range want {
-				require.Equal(t, math.Float32bits(want[i]), math.Float32bits(got[i]), "%s decode %#04x (bf16 %v)", k.name, all[i], bf16)
+			if ownKernel(t, k, "decodeHalf", k.decodeHalf, decodeHalfGo) {
+				want, got := make([]float32, len(all)), make([]float32, len(all))
+				decodeHalfGo(want, all, bf16)
+				k.decodeHalf(got, all, bf16)
+				for i := range want {
+					require.Equal(t, math.Float32bits(want[i]), math.Float32bits(got[i]), "%s decode %#04x (bf16 %v)", k.name, all[i], bf16)
+				}
 			}
-			wantH, gotH := make([]uint16, len(x)), make([]uint16, len(x))
-			encodeHalfGo(wantH, x, bf16)
-			k.encodeHalf(gotH, x, bf16)
-			for i := range wantH {
-				require.Equal(t, wantH[i], gotH[i], "%s encode %#08x (bf16 %v)", k.name, math.Float32bits(x[i]), bf16)
+			if ownKernel(t, k, "encodeHalf", k.encodeHalf, encodeHalfGo) {
+				wantH, gotH := make([]uint16, len(x)), make([]uint16, len(x))
+				encodeHalfGo(wantH, x, bf16)
+				k.encodeHalf(gotH, x, bf16)
+				for i := range wantH {
+					require.Equal(t, wantH[i], gotH[i], "%s encode %#08x (bf16 %v)", k.name, math.Float32bits(x[i]), bf16)
+				}
 			}
 		}
 	}

@@ -71,6 +71,13 @@ func magnitudeThreshold(t []float32, density float64) (thr uint32, kept, k int) 
 // there finds the value. When the band misses, a histogram of the top 11
 // bits finds the bucket of the k-th value instead.
 func kthLargestAbsBits(t []float32, k int) (thr uint32, above, equal int) {
+	thr, above, equal, _ = kthLargestAbsBitsBanded(t, k)
+	return thr, above, equal
+}
+
+// kthLargestAbsBitsBanded is kthLargestAbsBits, also saying whether the
+// sampled band held the k-th value (false: the histogram found it).
+func kthLargestAbsBitsBanded(t []float32, k int) (thr uint32, above, equal int, banded bool) {
 	var cand []uint32
 	if len(t) >= bandMinLen {
 		lo, hi, capacity := sampleBand(t, k)
@@ -86,7 +93,8 @@ func kthLargestAbsBits(t []float32, k int) (thr uint32, above, equal int) {
 			above += more
 		}
 	}
-	if cand == nil {
+	banded = cand != nil
+	if !banded {
 		cand, above = histogramBucket(t, k)
 	}
 	// the (k-above)-th largest candidate
@@ -98,7 +106,7 @@ func kthLargestAbsBits(t []float32, k int) (thr uint32, above, equal int) {
 			equal++
 		}
 	}
-	return thr, above, equal
+	return thr, above, equal, banded
 }
 
 // bandMinLen is the smallest tensor whose threshold is found by sampling.

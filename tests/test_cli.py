@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -115,15 +116,75 @@ def test_help_reads_like_a_manual():
         assert option in sub
 
 
+def expected_kernels() -> str:
+    """The kernel set the engine must choose here: GOMERGE_EXPECT_KERNELS (set by `make test-cpus` for each emulated
+    CPU level) or the fastest one that /proc/cpuinfo's flags allow."""
+    if os.environ.get("GOMERGE_EXPECT_KERNELS"):
+        return os.environ["GOMERGE_EXPECT_KERNELS"]
+    flags: set[str] = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    if platform.machine() != "x86_64":
+        return "go"
+    if {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx", "avx2"} <= flags else "go"
+
+
 def test_version_names_the_kernels():
     out = gomerge("--version").stdout.strip()
     version, kernels = out.removeprefix("gomerge ").split(" (kernels: ")
     import gomerge as package
 
     assert version == package.__version__ == package.engine_version()
-    assert kernels.rstrip(")") in ("avx512", "avx2", "go")
-    if sys.platform == "linux" and "avx512bw" in open("/proc/cpuinfo").read():
-        assert kernels == "avx512)", "the engine is built with the vector kernels (GOEXPERIMENT=simd)"
+    in_use, runnable = kernels.rstrip(")").split("; this CPU runs: ")
+    assert in_use == expected_kernels() == package.engine_kernels()
+    assert runnable.split(", ")[-1] == in_use and runnable.split(", ")[0] == "go"
+
+
+def test_forced_kernels_give_identical_merges(dirs, tmp_path):
+    import gomerge as package
+
+    runnable = package._native.kernel_info()["runnable"]
+    outputs = {}
+    for name in runnable:
+        env = dict(os.environ, GOMERGE_KERNELS=name)
+        assert gomerge("--version", env=env).stdout.split("(kernels: ")[1].startswith(name + ";")
+        out = tmp_path / name
+        merged = gomerge(
+            "merge", *dirs, "--weights", "2", "1", "1", "--method", "ties", "--density", "0.3", "-o", str(out), env=env
+        )
+        assert merged.returncode == 0, merged.stderr
+        outputs[name] = (out / "adapter_model.safetensors").read_bytes()
+    assert len(outputs) >= 1
+    for name, data in outputs.items():
+        assert data == outputs["go"], f"{name} kernels give another result than the portable ones"
+
+
+def test_unknown_or_unavailable_kernels_are_clear_errors(dirs, tmp_path):
+    env = dict(os.environ, GOMERGE_KERNELS="neon")
+    version = gomerge("--version", env=env)
+    assert version.returncode == 2
+    assert 'GOMERGE_KERNELS="neon" is not a kernel set' in version.stderr
+    merged = gomerge("merge", *dirs, "--method", "linear", "-o", str(tmp_path / "out"), env=env)
+    assert merged.returncode != 0 and "GOMERGE_KERNELS" in merged.stderr
+    assert not (tmp_path / "out").exists()
+    script = (
+        "import gomerge\ntry:\n    gomerge.engine_kernels()\nexcept ValueError as e:\n    print('ValueError:', e)\n"
+    )
+    for name in ("avx2", "avx512"):
+        import gomerge as package
+
+        if name in package._native.kernel_info()["runnable"]:
+            continue
+        proc = subprocess.run(
+            [sys.executable, "-c", script], env=dict(os.environ, GOMERGE_KERNELS=name), capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("ValueError: GOMERGE_KERNELS=" + name), proc.stdout
 
 
 def test_recipe(dirs, tmp_path):

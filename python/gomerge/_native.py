@@ -35,9 +35,26 @@ def engine_version() -> str:
     return _b.engine_version()
 
 
+def kernel_info() -> dict[str, Any]:
+    """Returns the engine's kernel sets: ``{"in_use": ..., "runnable": [...]}``, plus ``"error"`` when the set that
+    ``GOMERGE_KERNELS`` asks for cannot run on this CPU."""
+    return json.loads(_b.engine_kernels())
+
+
 def engine_kernels() -> str:
-    """Returns the engine's element-wise kernels in use on this CPU: `"avx512"`, `"avx2"` or `"go"` (portable)."""
-    return _b.engine_kernels()
+    """Returns the element-wise kernels in use on this CPU: `"avx512"`, `"avx2"` or `"go"` (portable).
+
+    The fastest set the CPU runs is chosen at start-up; the environment variable ``GOMERGE_KERNELS`` (``go``,
+    ``avx2`` or ``avx512``) forces one.
+
+    Raises:
+        `ValueError`: ``GOMERGE_KERNELS`` names a set that this CPU (or this build) cannot run; the message names the
+            missing CPU features. Merges raise the same error until the variable is changed and Python restarted.
+    """
+    info = kernel_info()
+    if "error" in info:
+        raise_engine_error(info["error"])
+    return info["in_use"]
 
 
 def merge_start(request: dict[str, Any]) -> int:

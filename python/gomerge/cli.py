@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from contextlib import ExitStack
+from typing import Any
 
 from . import __version__, _native, merge, sources
 from .merge import COMBINATION_TYPES
@@ -59,13 +60,29 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+class _VersionAction(argparse.Action):
+    """`--version`: the package version and the kernel set in use (or why the one GOMERGE_KERNELS asks for cannot
+    run, with exit status 2)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: Any = None
+    ) -> None:
+        info = _native.kernel_info()
+        if "error" in info:
+            sys.stderr.write(f"gomerge: error: {info['error']['message']}\n")
+            raise SystemExit(EXIT_USAGE)
+        print(f"gomerge {__version__} (kernels: {info['in_use']}; this CPU runs: {', '.join(info['runnable'])})")
+        raise SystemExit(EXIT_OK)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="gomerge", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--version", action="version", version=f"gomerge {__version__} (kernels: {_native.engine_kernels()})"
-    )
+    p.add_argument("--version", action=_VersionAction, help="show the version and the kernels in use, then exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     m = sub.add_parser(

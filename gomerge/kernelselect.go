@@ -1,0 +1,90 @@
+package gomerge
+
+import (
+	"fmt"
+	"os"
+	"runtime"
+	"strings"
+)
+
+// KernelsEnv is the environment variable that forces a kernel set: "go"
+// (portable), "avx2" or "avx512". Unset, empty or "auto", the fastest set
+// that this CPU runs is used.
+const KernelsEnv = "GOMERGE_KERNELS"
+
+// kernelNames are the kernel sets of every build, slowest first.
+var kernelNames = []string{"go", "avx2", "avx512"}
+
+var (
+	// KernelSet names the kernels in use: "go", "avx2" or "avx512".
+	KernelSet = "go"
+	// kernelsErr is why the set that KernelsEnv asks for cannot run here.
+	kernelsErr error
+)
+
+// The set is chosen once, before any kernel runs: package initialisation
+// executes no vector instruction (the vector constants live in the
+// kernels' own frames), so a CPU without AVX2 or AVX-512 starts the engine
+// and runs the portable kernels.
+func init() {
+	k, err := chooseKernels(os.Getenv(KernelsEnv))
+	kernelsErr = err
+	useKernels(k)
+}
+
+// KernelsError returns the error of a KernelsEnv request that this build or
+// CPU cannot honour (a ValueError naming the missing CPU features), or nil.
+// While it is set the portable kernels are in use, and merges refuse to run.
+func KernelsError() error { return kernelsErr }
+
+// RunnableKernels names the kernel sets of this build that this CPU runs,
+// slowest first.
+func RunnableKernels() []string {
+	var names []string
+	for _, k := range kernelSets {
+		if len(k.missing()) == 0 {
+			names = append(names, k.name)
+		}
+	}
+	return names
+}
+
+// chooseKernels returns the set that want names ("" or "auto": the fastest
+// one this CPU runs), or the portable set and an error saying why want
+// cannot run.
+func chooseKernels(want string) (kernels, error) {
+	want = strings.ToLower(strings.TrimSpace(want))
+	if want == "" || want == "auto" {
+		best := kernelSets[0]
+		for _, k := range kernelSets {
+			if len(k.missing()) == 0 {
+				best = k
+			}
+		}
+		return best, nil
+	}
+	runnable := strings.Join(RunnableKernels(), ", ")
+	for _, k := range kernelSets {
+		if k.name != want {
+			continue
+		}
+		if m := k.missing(); len(m) > 0 {
+			return portableKernels, valueErr("%s=%s: this CPU lacks %s, which the %s kernels need; unset %s or choose one of: %s",
+				KernelsEnv, want, strings.Join(m, ", "), want, KernelsEnv, runnable)
+		}
+		return k, nil
+	}
+	for _, name := range kernelNames {
+		if name != want {
+			continue
+		}
+		why := "this engine was built without Go's SIMD experiment (GOEXPERIMENT=simd)"
+		if runtime.GOARCH != "amd64" {
+			why = fmt.Sprintf("they are x86-64 kernels and this engine runs on %s", runtime.GOARCH)
+		}
+		return portableKernels, valueErr("%s=%s: this engine has no %s kernels: %s; unset %s or choose one of: %s",
+			KernelsEnv, want, want, why, KernelsEnv, runnable)
+	}
+	return portableKernels, valueErr("%s=%q is not a kernel set: choose one of %s (or auto)",
+		KernelsEnv, want, strings.Join(kernelNames, ", "))
+}
