@@ -13,8 +13,13 @@ GO_SOURCES := $(wildcard gomerge/*.go bindings/*.go) go.mod go.sum
 ENGINE := python/gomerge/_engine/bindings.py
 FUZZTIME ?= 20s
 FUZZ_TARGETS := FuzzOpenSafetensors FuzzParseConfig FuzzPatternResolve
+# staticcheck runs once over both builds (vector kernels and portable): an unused name is one unused in both
+STATICCHECK_MATRIX := simd: GOEXPERIMENT=simd\nportable: GOEXPERIMENT=\n
+PY_SOURCES := python tests benchmarks examples
+# Debian's qemu-user (static build), unpacked into .build (nothing is installed on the host): the CPU matrix
+QEMU := .build/qemu/usr/bin/qemu-x86_64-static
 
-.PHONY: all build run test test-go test-python fuzz lint wheel bench clean
+.PHONY: all build run test test-go test-cpus test-python fuzz lint wheel bench clean
 
 all: build
 
@@ -38,14 +43,29 @@ build: $(ENGINE)
 run: build
 	PYTHONPATH=python $(PY) examples/quickstart.py
 
-lint:
+lint: $(VENV)/.deps-test
 	@test -z "$$(gofmt -l gomerge bindings benchmarks)" || (echo "gofmt needed:"; gofmt -l gomerge bindings benchmarks; exit 1)
 	$(GO) vet ./gomerge ./bindings ./benchmarks/floor
 	GOEXPERIMENT= $(GO) vet ./gomerge
+	printf '$(STATICCHECK_MATRIX)' | $(GO) tool staticcheck -matrix ./gomerge ./bindings ./benchmarks/floor
+	$(VENV)/bin/ruff check $(PY_SOURCES)
+	$(VENV)/bin/ruff format --check $(PY_SOURCES)
 
+# The Go tests with the vector kernels and with the portable ones, then both again under the race detector
+# (which also checks unsafe pointer conversions).
 test-go:
 	$(GO) test -count=1 ./gomerge ./bindings
 	GOEXPERIMENT= $(GO) test -count=1 ./gomerge
+	$(GO) test -race -count=1 ./gomerge ./bindings
+	GOEXPERIMENT= $(GO) test -race -count=1 ./gomerge
+
+$(QEMU):
+	$(PYTHON) tests/platforms/debs.py --arch amd64 --dest .build/qemu qemu-user-static
+
+# Every CPU level this machine runs or emulates: the Go tests and examples/quickstart.py natively, under
+# qemu -cpu Nehalem (portable kernels) and -cpu Haswell (AVX2), and the Go tests for arm64 under qemu-aarch64.
+test-cpus: build $(QEMU)
+	PY=$(PY) GO=$(GO) tests/platforms/cpus.sh
 
 test-python: build $(VENV)/.deps-test
 	$(PY) -m pytest -q tests
@@ -58,7 +78,7 @@ fuzz:
 		$(GO) test ./gomerge -run='^$$' -fuzz="^$$t$$" -fuzztime=$(FUZZTIME) || exit 1; \
 	done
 
-test: lint test-go fuzz test-python
+test: lint test-go test-cpus fuzz test-python
 
 wheel: $(VENV)/.deps-build
 	rm -rf dist

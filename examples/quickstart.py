@@ -15,7 +15,7 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
 def main() -> None:
     adapters = write_all(os.path.join(OUT, "adapters"))
-    print(f"gomerge {gomerge.__version__} (engine {gomerge.engine_version()})")
+    print(f"gomerge {gomerge.__version__} (engine {gomerge.engine_version()}, kernels {gomerge.engine_kernels()})")
     for path in adapters:
         info = gomerge.inspect_adapter(path)
         print(
