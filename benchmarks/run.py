@@ -7,6 +7,8 @@ Scenarios (CPU, all cores):
   `linear`, `dare_ties`. Times: PEFT's `add_weighted_adapter` call alone (model and adapters loaded), PEFT end to
   end (load the base model from disk, load the adapters, merge, save), gomerge disk to disk, and the patched drop-in
   call. PEFT's dense `svd` takes minutes per layer here: it is timed on one layer and scaled by 22 (marked "est.").
+  Then `ties` once per kernel set this CPU runs (portable, AVX2, AVX-512; each in a child process that forces the
+  set with GOMERGE_KERNELS), against the same PEFT call.
 - S2, big modules: three rank-16 adapters on Llama-7B-shaped modules (4096 x 4096 and 4096 x 11008): `svd` and
   `ties_svd` (density 0.2), per module.
 - S3, scale: eight rank-64 adapters on every linear module of a Llama-7B shape (32 layers): `ties` (density 0.2)
@@ -23,7 +25,7 @@ a child process, for its peak RSS (the best of 2 runs for ties, one for svd), af
 that both it and the floors find them in the page cache. Results go to benchmarks/results/ (JSON, Markdown table,
 PNG chart), with the targets of the issue checked against the run.
 
-Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4] [--s3-layers N]
+Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4] [--s3-layers N] [--s1-methods ties,svd,...]
 """
 
 from __future__ import annotations
@@ -146,7 +148,35 @@ def gomerge_child(dirs: list[str], ctype: str, out: str, **kw) -> tuple[float, f
     return seconds, peak
 
 
-def s1(root: str, bw: float, rows: list) -> None:
+def gomerge_kernels_child(
+    kernels: str, n: int, dirs: list[str], weights: list[float], ctype: str, out: str, **kw
+) -> float:
+    """The best of n disk-to-disk gomerge merges, after a warm-up, in a child process whose engine runs the given
+    kernel set (GOMERGE_KERNELS; the set is chosen once per process)."""
+    code = f"""
+import gc, json, os, shutil, sys, time
+sys.path.insert(0, {HERE!r})
+import gomerge
+assert gomerge.engine_kernels() == {kernels!r}, gomerge.engine_kernels()
+times = []
+for i in range({n} + 1):
+    shutil.rmtree({out!r}, ignore_errors=True)
+    gc.collect()
+    os.sync()
+    t0 = time.perf_counter()
+    gomerge.add_weighted_adapter({dirs!r}, {weights!r}, "m", {ctype!r}, output_dir={out!r}, progress=False, **{kw!r})
+    if i > 0:
+        times.append(time.perf_counter() - t0)
+print(json.dumps(min(times)))
+"""
+    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(HERE), "python"), GOMERGE_KERNELS=kernels)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def s1(root: str, bw: float, rows: list, methods: set[str]) -> None:
     dirs = save_adapters(tinyllama, os.path.join(root, "s1"), [8, 8, 8], LLAMA_LINEAR)
     base_dir = os.path.join(root, "s1-base")
     tinyllama().save_pretrained(base_dir)
@@ -162,6 +192,8 @@ def s1(root: str, bw: float, rows: list) -> None:
         ("linear", {}),
         ("dare_ties", {"density": 0.2}),
     ):
+        if ctype not in methods:
+            continue
         out = os.path.join(root, f"s1-{ctype}")
         t_go = gomerge_best(5, out, dirs, weights, "m", ctype, **kw)
         out_bytes = dir_bytes(out)
@@ -219,6 +251,23 @@ def s1(root: str, bw: float, rows: list) -> None:
                 patched=t_patched,
                 note=note,
                 **lower,
+            )
+        )
+        print(rows[-1], flush=True)
+    # S1 ties once per kernel set this CPU runs (each in a child process that forces the set), against the same
+    # PEFT call
+    ties = next((r for r in rows if r["scenario"] == "S1" and r["method"] == "ties"), None)
+    if ties is None:
+        return
+    for kernels in gomerge._native.kernel_info()["runnable"]:
+        out = os.path.join(root, f"s1-ties-{kernels}")
+        t_go = gomerge_kernels_child(kernels, 5, dirs, weights, "ties", out, density=0.2)
+        rows.append(
+            dict(
+                {k: ties[k] for k in ("scenario", "shapes", "read", "written", "floor", "peft")},
+                method=f"ties, {kernels} kernels",
+                kernels=kernels,
+                gomerge=t_go,
             )
         )
         print(rows[-1], flush=True)
@@ -460,6 +509,10 @@ def targets(rows: list) -> list[str]:
         )
         floor_target("S1 ties within 3x floor", r)
     for r in rows:
+        if r.get("kernels"):
+            ratio = r["peft"] / r["gomerge"]
+            add(f"S1 ties >= 20x PEFT call, {r['kernels']} kernels", f"{ratio:.1f}x", ratio >= 20)
+    for r in rows:
         if r["scenario"] == "S2":
             name = f"S2 {r['method']} {r['shapes'].split(',')[0].removeprefix('one ').removesuffix(' module')}"
             need = 100 if r["method"] == "svd" else 20
@@ -501,7 +554,11 @@ def chart(rows: list, path: str) -> None:
         )
         return f"{r['scenario']} {r['method']}{extra}"
 
-    bars = [(label(r), r["peft"] / r["gomerge"], r.get("peft_e2e", 0) / r["gomerge"]) for r in rows if r.get("peft")]
+    bars = [
+        (label(r), r["peft"] / r["gomerge"], r.get("peft_e2e", 0) / r["gomerge"])
+        for r in rows
+        if r.get("peft") and not r.get("kernels")
+    ]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     x = np.arange(len(bars))
     ax.bar(x - 0.2, [b[1] for b in bars], 0.4, label="vs PEFT's add_weighted_adapter call")
@@ -521,6 +578,7 @@ def main() -> None:
     ap.add_argument("--scenarios", default="S1,S2,S3,S4")
     ap.add_argument("--chart-only", action="store_true", help="redraw the chart and table from results/latest.json")
     ap.add_argument("--s3-layers", type=int, default=32)
+    ap.add_argument("--s1-methods", default="ties,svd,cat,linear,dare_ties", help="S1's methods (comma-separated)")
     ap.add_argument(
         "--s3-svd-layers",
         type=int,
@@ -549,7 +607,7 @@ def main() -> None:
         if "S3" in todo:
             s3(root, bw, rows, args.s3_layers, args.s3_svd_layers)
         if "S1" in todo:
-            s1(root, bw, rows)
+            s1(root, bw, rows, set(args.s1_methods.split(",")))
         if "S2" in todo:
             s2(root, bw, rows)
         if "S4" in todo:

@@ -4,6 +4,7 @@ package gomerge
 
 import (
 	"math"
+	"math/bits"
 	"simd/archsimd"
 	"unsafe"
 
@@ -17,7 +18,7 @@ import (
 // would run on every CPU, before the choice (SIGILL without AVX2).
 var vectorKernels = []kernels{
 	{"avx2", missingX86("avx2", archsimd.X86.AVX2, x86Feature{"avx", cpu.X86.HasAVX}, x86Feature{"avx2", cpu.X86.HasAVX2}),
-		maxAbsBitsAVX2, absBandGo, tiesIntoAVX2, prunedSumIntoAVX2, decodeHalfGo, encodeHalfGo},
+		maxAbsBitsAVX2, absBandAVX2, tiesIntoAVX2, prunedSumIntoAVX2, decodeHalfGo, encodeHalfGo},
 	{"avx512", missingX86("avx512", archsimd.X86.AVX512, x86Feature{"avx512f", cpu.X86.HasAVX512F},
 		x86Feature{"avx512cd", cpu.X86.HasAVX512CD}, x86Feature{"avx512bw", cpu.X86.HasAVX512BW},
 		x86Feature{"avx512dq", cpu.X86.HasAVX512DQ}, x86Feature{"avx512vl", cpu.X86.HasAVX512VL}),
@@ -64,6 +65,49 @@ func maxAbsBitsAVX2(x []float32) uint32 {
 	}
 	return m
 }
+
+// absBandAVX2 tests 8 magnitudes at once. AVX2 has no compress
+// instruction: the lanes inside the band are packed to the front by a
+// permutation that the comparison's bit mask looks up in leftPack, and all
+// 8 lanes are stored (those past the packed ones are overwritten next).
+func absBandAVX2(t []float32, lo, hi uint32, cand []uint32) (above, n int) {
+	v := vecs(t)
+	limit := len(cand) - 16
+	absMask := archsimd.BroadcastInt32x8(math.MaxInt32)
+	vhi := archsimd.BroadcastInt32x8(int32(hi))
+	vlo := archsimd.BroadcastInt32x8(int32(lo) - 1) // lo >= 0 as magnitudes are below 2^31
+	for i := range v {
+		if n > limit {
+			return 0, -1
+		}
+		b := archsimd.LoadFloat32x8(&v[i]).AsInt32x8().And(absMask)
+		gt := b.Greater(vhi).ToBits()
+		above += bits.OnesCount8(gt)
+		in := b.Greater(vlo).ToBits() &^ gt
+		b.AsUint32x8().Permute(archsimd.LoadUint32x8(&leftPack[in])).Store((*[8]uint32)(cand[n:]))
+		n += bits.OnesCount8(in)
+	}
+	a, m := absBandGo(t[8*len(v):], lo, hi, cand[min(n, len(cand)):])
+	if m < 0 || n+m > limit {
+		return 0, -1
+	}
+	return above + a, n + m
+}
+
+// leftPack[m] lists the lanes set in the 8-bit mask m, in order: the
+// permutation that packs them to the front (plain integers, no vectors).
+var leftPack = func() (t [256][8]uint32) {
+	for m := range t {
+		k := 0
+		for j := range 8 {
+			if m>>j&1 == 1 {
+				t[m][k] = uint32(j)
+				k++
+			}
+		}
+	}
+	return t
+}()
 
 func tails(ts [][]float32, from int) [][]float32 {
 	out := make([][]float32, len(ts))
