@@ -34,8 +34,8 @@ GO_MIN = (1, 26)
 # target architecture (as Python and wheel tags name it) -> GOARCH
 ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
 INSTALL_GO = (
-    "install Go >= {min} from https://go.dev/dl/ and put it on PATH, or install a prebuilt wheel of gomerge "
-    "(pip install gomerge on x86_64 or aarch64 Linux)"
+    "install Go >= {min} from https://go.dev/dl/ and put it on PATH, or install a prebuilt gomerge wheel "
+    "(manylinux: x86_64 or aarch64 Linux, CPython 3.9-3.13), which needs no Go"
 )
 
 
