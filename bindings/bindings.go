@@ -10,10 +10,14 @@
 package bindings
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"reflect"
 	"runtime/debug"
+	"strings"
 	"sync"
 	"time"
 
@@ -71,6 +75,84 @@ func errorStatus(err error) string {
 	return string(b)
 }
 
+// EngineMethods returns the method table as JSON: every merge method's
+// name, family, pruning, parameters and one-line doc (gomerge.Method).
+func EngineMethods() string {
+	b, _ := json.Marshal(gomerge.Methods())
+	return string(b)
+}
+
+// RequestKeys returns, as JSON, the keys each request and result carries:
+// {"merge": [...], "merge_tensors": [...], "result": [...], ...}. The
+// Python layer's tests check that it sends and reads exactly these.
+func RequestKeys() string {
+	b, _ := json.Marshal(map[string][]string{
+		"merge":         jsonKeys(reflect.TypeFor[gomerge.Options]()),
+		"merge_tensors": jsonKeys(reflect.TypeFor[gomerge.MemRequest]()),
+		"tensor_module": jsonKeys(reflect.TypeFor[gomerge.MemModule]()),
+		"tensor_source": jsonKeys(reflect.TypeFor[gomerge.MemSource]()),
+		"result":        jsonKeys(reflect.TypeFor[gomerge.Result]()),
+		"tensor_result": jsonKeys(reflect.TypeFor[gomerge.MemResult]()),
+	})
+	return string(b)
+}
+
+// jsonKeys lists the JSON keys of a struct type, embedded structs' included.
+func jsonKeys(t reflect.Type) []string {
+	var keys []string
+	for i := range t.NumField() {
+		f := t.Field(i)
+		if f.Anonymous && f.Type.Kind() == reflect.Struct {
+			keys = append(keys, jsonKeys(f.Type)...)
+			continue
+		}
+		if tag, _, _ := strings.Cut(f.Tag.Get("json"), ","); f.IsExported() && tag != "" && tag != "-" {
+			keys = append(keys, tag)
+		}
+	}
+	return keys
+}
+
+// decodeRequest decodes a JSON request strictly: an unknown key is a
+// ValueError naming it (a misspelt option is never dropped silently), a
+// value of the wrong type a TypeError.
+func decodeRequest(request string, v any) error {
+	dec := json.NewDecoder(bytes.NewReader([]byte(request)))
+	dec.DisallowUnknownFields()
+	err := dec.Decode(v)
+	if err == nil && dec.More() {
+		err = errors.New("trailing data after the request")
+	}
+	if err == nil {
+		return nil
+	}
+	if key, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
+		return &gomerge.Error{Kind: gomerge.KindValue, Msg: "invalid merge request: unknown key " + key}
+	}
+	return &gomerge.Error{Kind: gomerge.KindType, Msg: "invalid merge request: " + err.Error()}
+}
+
+// ValidateCombination checks a request's combination arguments (the
+// fields of gomerge.Combine, strictly) against the method table without
+// merging, and returns "{}" or {"error": {"kind": ..., "message": ...}}.
+// The drop-in calls it before it changes the model.
+func ValidateCombination(request string) (out string) {
+	defer func() {
+		if p := recover(); p != nil {
+			out = errorStatus(fmt.Errorf("internal error: %v", p))
+		}
+	}()
+	var c gomerge.Combine
+	err := decodeRequest(request, &c)
+	if err == nil {
+		err = c.Validate()
+	}
+	if err != nil {
+		return errorStatus(err)
+	}
+	return "{}"
+}
+
 // MergeStart starts a merge of adapter directories in the background from a
 // JSON request (the fields of gomerge.Options) and returns its job id. Every
 // outcome, a request that cannot be parsed included, is reported by
@@ -78,8 +160,8 @@ func errorStatus(err error) string {
 func MergeStart(request string) int64 {
 	return startJob(func(ctx context.Context, p *gomerge.Progress) (any, error) {
 		var opts gomerge.Options
-		if err := json.Unmarshal([]byte(request), &opts); err != nil {
-			return nil, &gomerge.Error{Kind: gomerge.KindType, Msg: "invalid merge request: " + err.Error()}
+		if err := decodeRequest(request, &opts); err != nil {
+			return nil, err
 		}
 		return gomerge.Merge(ctx, opts, p)
 	})
@@ -91,8 +173,8 @@ func MergeStart(request string) int64 {
 func MergeTensorsStart(request string) int64 {
 	return startJob(func(ctx context.Context, p *gomerge.Progress) (any, error) {
 		var req gomerge.MemRequest
-		if err := json.Unmarshal([]byte(request), &req); err != nil {
-			return nil, &gomerge.Error{Kind: gomerge.KindType, Msg: "invalid merge request: " + err.Error()}
+		if err := decodeRequest(request, &req); err != nil {
+			return nil, err
 		}
 		return gomerge.MergeTensors(ctx, req, p)
 	})

@@ -27,6 +27,9 @@ func TestMergeJobReportsErrorsAsJSON(t *testing.T) {
 		{"wrong field type", `{"adapters": "x"}`, "TypeError", "invalid merge request"},
 		{"missing adapter", `{"adapters": ["/nonexistent/a"], "weights": [1], "output_dir": "/tmp/x"}`, "FileNotFoundError", "/nonexistent/a"},
 		{"bad type", `{"adapters": ["a", "b"], "weights": [1, 1], "combination_type": "nope", "output_dir": "o"}`, "ValueError", "combination_type"},
+		{"unknown key", `{"adapters": ["a"], "weights": [1], "densty": 0.2}`, "ValueError", `unknown key "densty"`},
+		{"trailing data", `{"adapters": ["a"]} {}`, "TypeError", "trailing data"},
+		{"option of another call", `{"adapters": ["a"], "weights": [1], "rank": 8}`, "ValueError", `unknown key "rank"`},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -50,4 +53,27 @@ func TestInspectAdapterMissing(t *testing.T) {
 	var s status
 	require.NoError(t, json.Unmarshal([]byte(InspectAdapter("/nonexistent/adapter")), &s))
 	assert.Equal(t, "FileNotFoundError", s.Error.Kind)
+}
+
+func TestMergeTensorsRequestIsNarrow(t *testing.T) {
+	s := wait(t, MergeTensorsStart(`{"combination_type": "linear", "rank": 8, "modules": [], "output_dir": "o"}`))
+	require.NotNil(t, s.Error)
+	assert.Equal(t, "ValueError", s.Error.Kind)
+	assert.Contains(t, s.Error.Message, `unknown key "output_dir"`)
+}
+
+func TestRequestKeysAndMethods(t *testing.T) {
+	var keys map[string][]string
+	require.NoError(t, json.Unmarshal([]byte(RequestKeys()), &keys))
+	assert.Contains(t, keys["merge"], "combination_type") // from the embedded Combine
+	assert.Contains(t, keys["merge"], "output_dir")
+	assert.Contains(t, keys["merge_tensors"], "density")
+	assert.NotContains(t, keys["merge_tensors"], "output_dir")
+	var methods []map[string]any
+	require.NoError(t, json.Unmarshal([]byte(EngineMethods()), &methods))
+	names := []string{}
+	for _, m := range methods {
+		names = append(names, m["name"].(string))
+	}
+	assert.Subset(t, names, []string{"svd", "linear", "cat", "ties", "task_arithmetic"})
 }

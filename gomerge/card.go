@@ -32,11 +32,15 @@ func ModelCard(opts Options, res *Result, baseModel string, sources []string) st
 	}
 	b.WriteString("\n## Options\n\n")
 	fmt.Fprintf(&b, "- combination_type: `%s`\n- rank: %d\n- dtype: %s\n", res.CombinationType, res.Rank, res.DType)
-	if opts.Density != nil && isPruning(res.CombinationType) {
+	method, _ := LookupMethod(res.CombinationType)
+	if opts.Density != nil && method.NeedsDensity() {
 		fmt.Fprintf(&b, "- density: %g\n", *opts.Density)
 	}
-	if strings.Contains(res.CombinationType, "ties") {
+	if method.TIES {
 		fmt.Fprintf(&b, "- majority_sign_method: %s\n", opts.MajoritySignMethod)
+	}
+	if opts.Lambda != nil {
+		fmt.Fprintf(&b, "- lambda: %g\n", *opts.Lambda)
 	}
 	if opts.SVDRank != nil {
 		fmt.Fprintf(&b, "- svd_rank: %d\n", *opts.SVDRank)

@@ -9,23 +9,6 @@ type Combination struct {
 	SignMethod string  // "total" or "frequency", for ties and dare_ties
 }
 
-// combinationFor maps a PEFT combination_type to its element-wise method.
-func combinationFor(combinationType string) string {
-	switch combinationType {
-	case "linear", "svd", "cat":
-		return "task_arithmetic"
-	case "ties", "ties_svd":
-		return "ties"
-	case "dare_linear", "dare_linear_svd":
-		return "dare_linear"
-	case "dare_ties", "dare_ties_svd":
-		return "dare_ties"
-	case "magnitude_prune", "magnitude_prune_svd":
-		return "magnitude_prune"
-	}
-	return ""
-}
-
 // combineGrain is the least number of elements combined per goroutine.
 const combineGrain = 1 << 14
 
@@ -104,15 +87,6 @@ func (c Combination) Apply(tensors [][]float32, weights []float32, dare func(i i
 			prunedSumInto(out[lo:hi], sub, thr, weights)
 		}
 	})
-	return out
-}
-
-// TaskArithmetic returns sum_i weights[i] * tensors[i], computed in float32
-// the way torch does for a stacked float32 tensor: each product rounded to
-// float32, then summed in order.
-func TaskArithmetic(tensors [][]float32, weights []float32) []float32 {
-	out := make([]float32, len(tensors[0]))
-	prunedSumInto(out, tensors, make([]uint32, len(tensors)), weights) // thresholds 0 keep every entry
 	return out
 }
 

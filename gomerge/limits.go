@@ -9,17 +9,17 @@ import (
 )
 
 // moduleMemory estimates the bytes one module's merge holds at its peak.
-func moduleMemory(combinationType string, j *moduleJob) int64 {
+func moduleMemory(f Family, j *moduleJob) int64 {
 	n := int64(len(j.srcs))
 	factors := int64(0)
 	for _, s := range j.srcs {
 		factors += int64(s.mod.Rank) * int64(j.in+j.out) * 4
 	}
-	if isPruning(combinationType) && !isFactorFamily(combinationType) {
+	switch f {
+	case FamilyDenseSVD:
 		// one dense update per source (the result overwrites the first), the sketch, the factors
 		return n*int64(j.in)*int64(j.out)*4 + 3*factors
-	}
-	if combinationType == "svd" {
+	case FamilySVD:
 		total := int64(0)
 		for _, s := range j.srcs {
 			total += int64(s.mod.Rank)
@@ -59,7 +59,7 @@ func planWorkers(opts Options, jobs []moduleJob, avail int64) (int, error) {
 	var largest int64
 	var name string
 	for i := range jobs {
-		if m := moduleMemory(opts.CombinationType, &jobs[i]); m > largest {
+		if m := moduleMemory(opts.method.family(opts.SVDRank), &jobs[i]); m > largest {
 			largest, name = m, jobs[i].name
 		}
 	}

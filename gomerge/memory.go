@@ -34,11 +34,11 @@ type MemModule struct {
 	OutRank int         `json:"out_rank"`
 }
 
-// MemRequest is an in-memory merge: the combination arguments of Options
+// MemRequest is an in-memory merge: the combination arguments
 // (CombinationType as PEFT resolved it, Rank the merged adapter's rank) and
 // the modules.
 type MemRequest struct {
-	Options
+	Combine
 	Rank    int         `json:"rank"`
 	Modules []MemModule `json:"modules"`
 }
@@ -67,8 +67,8 @@ func viewMemory(ptr uintptr, n int) []byte {
 // MergeTensors runs a merge on tensors in memory and writes every module's
 // merged factors to the caller's output buffers.
 func MergeTensors(ctx context.Context, req MemRequest, progress *Progress) (*MemResult, error) {
-	opts := req.Options
-	if err := opts.validateCombination(); err != nil {
+	opts := Options{Combine: req.Combine}
+	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
 	if req.Rank <= 0 {
@@ -79,7 +79,7 @@ func MergeTensors(ctx context.Context, req MemRequest, progress *Progress) (*Mem
 	res.Seed = opts.Seed
 	jobs := make([]moduleJob, len(req.Modules))
 	for i, mm := range req.Modules {
-		j, err := memJob(mm, opts.CombinationType)
+		j, err := memJob(mm, opts.method)
 		if err != nil {
 			return nil, err
 		}
@@ -106,7 +106,7 @@ func MergeTensors(ctx context.Context, req MemRequest, progress *Progress) (*Mem
 }
 
 // memJob turns a module of a request into a job over views of its memory.
-func memJob(mm MemModule, combinationType string) (moduleJob, error) {
+func memJob(mm MemModule, method Method) (moduleJob, error) {
 	if len(mm.Sources) == 0 {
 		return moduleJob{}, valueErr("module %s: no source adapter", mm.Name)
 	}
@@ -123,8 +123,8 @@ func memJob(mm MemModule, combinationType string) (moduleJob, error) {
 		} else if m.In() != j.in || m.Out() != j.out {
 			return j, valueErr("module %s: factors of source %d (%v, %v) do not match the first source's", mm.Name, s.Index, s.AShape, s.BShape)
 		}
-		if isFactorFamily(combinationType) && i > 0 && m.Rank != j.srcs[0].mod.Rank {
-			return j, valueErr("module %s: combination_type %s needs equal ranks, got %d and %d", mm.Name, combinationType, j.srcs[0].mod.Rank, m.Rank)
+		if method.Family == FamilyFactors && i > 0 && m.Rank != j.srcs[0].mod.Rank {
+			return j, valueErr("module %s: combination_type %s needs equal ranks, got %d and %d", mm.Name, method.Name, j.srcs[0].mod.Rank, m.Rank)
 		}
 		src := source{weight: s.Weight, mod: m, index: s.Index,
 			maskA: viewMemory(s.MaskA, numel(s.AShape)), maskB: viewMemory(s.MaskB, numel(s.BShape)),

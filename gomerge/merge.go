@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -28,10 +29,11 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 	}
 	defer holdGCHeadroom()()
 	res := &Result{OutputDir: opts.OutputDir, AdapterName: opts.AdapterName, Warnings: []string{}}
-	if len(opts.Adapters) == 1 && opts.CombinationType != "linear" {
+	if len(opts.Adapters) == 1 && opts.method.PEFT && opts.CombinationType != "linear" {
 		res.Warnings = append(res.Warnings, fmt.Sprintf(
 			"one adapter only: combination_type %q is replaced by \"linear\", as PEFT does", opts.CombinationType))
 		opts.CombinationType = "linear"
+		opts.method, _ = LookupMethod("linear")
 	}
 	res.CombinationType = opts.CombinationType
 	res.Warnings = append(res.Warnings, opts.prepareRandomness()...)
@@ -225,7 +227,7 @@ func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt D
 		}
 	}()
 	var a, b []float32
-	comb := Combination{Method: combinationFor(opts.CombinationType), SignMethod: opts.MajoritySignMethod, Density: 1}
+	comb := Combination{Method: opts.method.combination(), SignMethod: opts.MajoritySignMethod, Density: 1}
 	if opts.Density != nil {
 		comb.Density = *opts.Density
 	}
@@ -233,19 +235,26 @@ func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt D
 	if opts.Seed != nil {
 		seed = *opts.Seed
 	}
-	switch t := opts.CombinationType; {
-	case isFactorFamily(t):
-		a, b, r = mergeFactors(j.srcs, comb, seed, j.name)
+	srcs := j.srcs
+	if l := opts.lambda(); l != 1 { // task arithmetic's lambda scales every weight
+		srcs = slices.Clone(srcs)
+		for i := range srcs {
+			srcs[i].weight *= l
+		}
+	}
+	switch opts.method.family(opts.SVDRank) {
+	case FamilyFactors:
+		a, b, r = mergeFactors(srcs, comb, seed, j.name)
 		if r > rank {
 			return "", "", RawTensor{}, RawTensor{}, 0, valueErr("module %s: rank %d is above the adapter's rank %d", j.name, r, rank)
 		}
-	case t == "cat":
+	case FamilyCat:
 		r = rank
-		a, b = mergeCat(j.srcs, r, j.in, j.out)
-	case t == "svd":
+		a, b = mergeCat(srcs, r, j.in, j.out)
+	case FamilySVD:
 		r = rank
-		a, b = mergeSVD(j.srcs, r, j.in, j.out, opts.SVDClamp)
-	default: // ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd
+		a, b = mergeSVD(srcs, r, j.in, j.out, opts.SVDClamp)
+	case FamilyDenseSVD:
 		r = rank
 		a, b, err = mergeDenseSVD(ctx, j, comb, r, opts.SVDClamp, seed)
 		if err != nil {

@@ -9,38 +9,38 @@ import (
 	"strings"
 )
 
-// Combination types, as PEFT names them.
-var combinationTypes = map[string]bool{
-	"svd": true, "linear": true, "cat": true, "ties": true, "ties_svd": true, "dare_linear": true,
-	"dare_ties": true, "dare_linear_svd": true, "dare_ties_svd": true, "magnitude_prune": true,
-	"magnitude_prune_svd": true,
+// Combine are the arguments that choose and tune the merge method, shared
+// by directory merges (Options) and in-memory merges (MemRequest). The
+// names and meanings follow PEFT's LoraModel.add_weighted_adapter; the
+// method table (methods.go) says which method reads which.
+type Combine struct {
+	CombinationType    string   `json:"combination_type"`
+	SVDRank            *int     `json:"svd_rank"`
+	SVDClamp           *float64 `json:"svd_clamp"`
+	SVDFullMatrices    *bool    `json:"svd_full_matrices"`
+	SVDDriver          *string  `json:"svd_driver"`
+	Density            *float64 `json:"density"`
+	MajoritySignMethod string   `json:"majority_sign_method"`
+	Seed               *uint64  `json:"seed"`   // DARE's random seed; nil draws a fresh one
+	Lambda             *float64 `json:"lambda"` // task_arithmetic's scale of the summed updates (default 1)
+
+	method Method // the row of CombinationType, set by Validate
 }
 
-// allPEFTTypes lists PEFT's combination types, for error messages.
-const allPEFTTypes = "svd, linear, cat, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd"
-
-// Options are the arguments of a merge. The names and meanings follow
-// PEFT's LoraModel.add_weighted_adapter; adapters are directories and the
-// result is written to OutputDir.
+// Options are the arguments of a merge of adapter directories; the result
+// is written to OutputDir.
 type Options struct {
-	Adapters           []string  `json:"adapters"`
-	Weights            []float64 `json:"weights"`
-	AdapterName        string    `json:"adapter_name"`
-	CombinationType    string    `json:"combination_type"`
-	SVDRank            *int      `json:"svd_rank"`
-	SVDClamp           *float64  `json:"svd_clamp"`
-	SVDFullMatrices    *bool     `json:"svd_full_matrices"`
-	SVDDriver          *string   `json:"svd_driver"`
-	Density            *float64  `json:"density"`
-	MajoritySignMethod string    `json:"majority_sign_method"`
-	OutputDir          string    `json:"output_dir"`
-	Overwrite          bool      `json:"overwrite"`
-	Seed               *uint64   `json:"seed"`            // DARE's random seed; nil draws a fresh one
-	SourceNames        []string  `json:"source_names"`    // how the user named the adapters (for the model card)
-	ModelCard          *bool     `json:"model_card"`      // write README.md (default true)
-	AllowNonFinite     bool      `json:"allow_nonfinite"` // merge NaN / Inf values instead of refusing them
-	DType              string    `json:"dtype"`           // "" keeps adapter 0's dtype
-	Workers            int       `json:"workers"`         // 0 uses all cores
+	Adapters    []string  `json:"adapters"`
+	Weights     []float64 `json:"weights"`
+	AdapterName string    `json:"adapter_name"`
+	Combine
+	OutputDir      string   `json:"output_dir"`
+	Overwrite      bool     `json:"overwrite"`
+	SourceNames    []string `json:"source_names"`    // how the user named the adapters (for the model card)
+	ModelCard      *bool    `json:"model_card"`      // write README.md (default true)
+	AllowNonFinite bool     `json:"allow_nonfinite"` // merge NaN / Inf values instead of refusing them
+	DType          string   `json:"dtype"`           // "" keeps adapter 0's dtype
+	Workers        int      `json:"workers"`         // 0 uses all cores
 }
 
 // Result describes a finished merge.
@@ -76,7 +76,7 @@ func (o *Options) validate() error {
 		}
 		seen[filepath.Clean(a)] = i
 	}
-	if err := o.validateCombination(); err != nil {
+	if err := o.Validate(); err != nil {
 		return err
 	}
 	if o.DType != "" {
@@ -96,16 +96,29 @@ func (o *Options) validate() error {
 	return nil
 }
 
-// validateCombination checks the combination arguments (shared by the
-// directory and the in-memory merges).
-func (o *Options) validateCombination() error {
+// Validate checks the combination arguments against the method
+// table (shared by the directory and the in-memory merges) and resolves the
+// method.
+func (o *Combine) Validate() error {
 	if o.CombinationType == "" {
 		o.CombinationType = "svd"
 	}
-	if !combinationTypes[o.CombinationType] {
-		return valueErr("combination_type: invalid value %q (expected one of %s)", o.CombinationType, allPEFTTypes)
+	m, err := LookupMethod(o.CombinationType)
+	if err != nil {
+		return err
 	}
-	if isPruning(o.CombinationType) {
+	o.method = m
+	// gomerge's own parameters are refused by the methods that do not read them (PEFT's are accepted by every
+	// PEFT type, as PEFT accepts them)
+	for _, p := range []struct {
+		name string
+		set  bool
+	}{{"lambda", o.Lambda != nil}} {
+		if p.set && !m.takes(p.name) {
+			return valueErr("%s: combination_type %q does not take %s (it takes: %s)", p.name, m.Name, p.name, strings.Join(m.Params, ", "))
+		}
+	}
+	if m.NeedsDensity() {
 		if o.Density == nil {
 			return valueErr("density: combination_type %q needs a density (the fraction of values kept, in [0, 1])", o.CombinationType)
 		}
@@ -113,9 +126,12 @@ func (o *Options) validateCombination() error {
 		if math.IsNaN(d) || d < 0 || d > 1 {
 			return valueErr("density: must be in [0, 1], got %v", d)
 		}
-		if d == 0 && isDARE(o.CombinationType) {
+		if d == 0 && m.Pruning == PruneDARE {
 			return valueErr("density: %q rescales kept values by 1/density and needs density > 0", o.CombinationType)
 		}
+	}
+	if o.Lambda != nil && (math.IsNaN(*o.Lambda) || math.IsInf(*o.Lambda, 0)) {
+		return valueErr("lambda: %v is not a finite number", *o.Lambda)
 	}
 	if o.SVDRank != nil && *o.SVDRank <= 0 {
 		return valueErr("svd_rank: must be a positive integer or None, got %d", *o.SVDRank)
@@ -139,28 +155,24 @@ func (o *Options) validateCombination() error {
 	return nil
 }
 
-// isFactorFamily tells PEFT's family 1: merges of the factors, equal ranks.
-func isFactorFamily(t string) bool {
-	switch t {
-	case "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune":
-		return true
+// lambda is the scale of the combined updates (1 unless the method takes
+// lambda and it was given).
+func (o *Combine) lambda() float64 {
+	if o.Lambda == nil {
+		return 1
 	}
-	return false
+	return *o.Lambda
 }
-
-func isPruning(t string) bool { return t != "linear" && t != "cat" && t != "svd" }
-
-func isDARE(t string) bool { return strings.HasPrefix(t, "dare_") }
 
 // prepareRandomness draws a fresh seed for DARE when none was given (and
 // clears it for the other types); it returns PEFT's density warning.
-func (o *Options) prepareRandomness() []string {
+func (o *Combine) prepareRandomness() []string {
 	var warnings []string
-	if isPruning(o.CombinationType) && *o.Density >= 1 {
+	if o.method.NeedsDensity() && *o.Density >= 1 {
 		warnings = append(warnings, fmt.Sprintf(
 			"The density %v is greater than or equal to 1, no pruning will be performed.", *o.Density))
 	}
-	if !isDARE(o.CombinationType) {
+	if !o.method.Random {
 		o.Seed = nil
 	} else if o.Seed == nil {
 		var b [8]byte

@@ -38,23 +38,28 @@ func newRank(opts Options, adapters []*Adapter) (int, error) {
 	for i, a := range adapters {
 		ranks[i] = a.Config.MaxRank()
 	}
-	switch t := opts.CombinationType; {
-	case isFactorFamily(t):
+	sum := 0
+	for _, r := range ranks {
+		sum += r
+	}
+	switch m := opts.method; m.Rank {
+	case RankInput:
 		for i, r := range ranks {
 			if r != ranks[0] {
 				return 0, valueErr("All adapters must have the same r value when using combination_type %s: "+
 					"%s has r=%d, %s has r=%d (use cat or svd for adapters of different ranks)",
-					t, opts.Adapters[0], ranks[0], opts.Adapters[i], r)
+					m.Name, opts.Adapters[0], ranks[0], opts.Adapters[i], r)
 			}
 		}
 		return ranks[0], nil
-	case t == "cat":
-		sum := 0
-		for _, r := range ranks {
-			sum += r
+	case RankSum:
+		return sum, nil
+	case RankSVDOrSumAll:
+		if opts.SVDRank != nil {
+			return *opts.SVDRank, nil
 		}
 		return sum, nil
-	default: // *svd
+	default: // RankSVDOrMax
 		if opts.SVDRank != nil {
 			return *opts.SVDRank, nil
 		}
@@ -84,7 +89,7 @@ func planModules(opts Options, adapters []*Adapter) ([]moduleJob, error) {
 					return nil, valueErr("module %s: shapes differ between adapters: %s has lora_A %v / lora_B %v, %s has lora_A %v / lora_B %v",
 						name, opts.Adapters[first[name]], f.RawA.Shape, f.RawB.Shape, opts.Adapters[i], m.RawA.Shape, m.RawB.Shape)
 				}
-				if isFactorFamily(opts.CombinationType) && m.Rank != f.Rank {
+				if opts.method.Family == FamilyFactors && m.Rank != f.Rank {
 					return nil, valueErr("module %s: combination_type %s needs equal ranks, but %s has rank %d and %s has rank %d",
 						name, opts.CombinationType, opts.Adapters[first[name]], f.Rank, opts.Adapters[i], m.Rank)
 				}
@@ -119,7 +124,7 @@ func outputTensors(opts Options, jobs []moduleJob, rank int, dt DType) []OutTens
 	for i := range jobs {
 		j := &jobs[i]
 		r := rank
-		if isFactorFamily(opts.CombinationType) {
+		if opts.method.Family == FamilyFactors {
 			r = j.srcs[0].mod.Rank
 		}
 		aName, bName := moduleKeys(j.name, j.kind)

@@ -8,7 +8,7 @@ res = gomerge.add_weighted_adapter(["a", "b"], [1.0, 1.0], "merged", combination
 """
 
 from ._native import engine_kernels, engine_version
-from .merge import COMBINATION_TYPES, MergeResult, add_weighted_adapter, inspect_adapter
+from .merge import COMBINATION_TYPES, MergeResult, add_weighted_adapter, inspect_adapter, methods
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ __all__ = [
     "engine_kernels",
     "engine_version",
     "inspect_adapter",
+    "methods",
     "patch_peft",
     "unpatch_peft",
 ]

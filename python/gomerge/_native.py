@@ -5,6 +5,7 @@ Every call into Go goes through this module: it imports the extension once and d
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -136,3 +137,24 @@ def inspect_adapter(path: str) -> dict[str, Any]:
     if info.get("state") == "error":
         raise_engine_error(info["error"])
     return info
+
+
+@functools.cache
+def methods() -> tuple[dict[str, Any], ...]:
+    """The engine's method table: one dict per merge method (``name``, ``family``, ``pruning``, ``ties``,
+    ``random``, ``rank``, ``peft``, ``params``, ``doc``), in the order of the docs."""
+    return tuple(json.loads(_b.engine_methods()))
+
+
+@functools.cache
+def request_keys() -> dict[str, list[str]]:
+    """The keys the engine accepts in each request and sends in each result (its JSON tags)."""
+    return json.loads(_b.request_keys())
+
+
+def validate_combination(request: dict[str, Any]) -> None:
+    """Checks combination arguments (``combination_type``, ``density``, ...) against the method table, as a merge
+    would, without merging; raises the engine's error (a ``ValueError`` naming the argument)."""
+    status = json.loads(_b.validate_combination(json.dumps(request)))
+    if "error" in status:
+        raise_engine_error(status["error"])

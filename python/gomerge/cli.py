@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--svd-clamp", type=float, metavar="Q", help="clamp the svd factors at this quantile, in [0, 1]")
     m.add_argument(
+        "--lambda", dest="lambda_", type=float, metavar="L", help="task_arithmetic: scale of the summed updates"
+    )
+    m.add_argument(
         "--svd-full-matrices",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -204,6 +207,7 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         ("majority_sign_method", args.majority_sign_method),
         ("svd_rank", args.svd_rank),
         ("svd_clamp", args.svd_clamp),
+        ("lambda", args.lambda_),
         ("svd_full_matrices", args.svd_full_matrices),
         ("svd_driver", args.svd_driver),
         ("seed", args.seed),
@@ -243,6 +247,7 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             progress=False if args.quiet or args.json else None,
             workers=None,
             allow_nonfinite=args.allow_nonfinite,
+            lambda_=options.get("lambda"),
         )
     if args.json:
         print(json.dumps(res.__dict__))

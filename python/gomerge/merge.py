@@ -8,27 +8,17 @@ import os
 import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
-from typing import Literal, Union, get_args
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Union
 
 from . import _native, sources
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-CombinationType = Literal[
-    "svd",
-    "linear",
-    "cat",
-    "ties",
-    "ties_svd",
-    "dare_ties",
-    "dare_linear",
-    "dare_ties_svd",
-    "dare_linear_svd",
-    "magnitude_prune",
-    "magnitude_prune_svd",
-]
-COMBINATION_TYPES: tuple[str, ...] = get_args(CombinationType)
+# A merge method's name: PEFT's eleven combination types or one of gomerge's own; the engine's method table
+# (`gomerge.methods()`) lists them with their parameters, and the engine validates every argument.
+CombinationType = str
+COMBINATION_TYPES: tuple[str, ...] = tuple(m["name"] for m in _native.methods())
 
 # Below this many modules a progress bar is more noise than help.
 _PROGRESS_MIN_MODULES = 64
@@ -60,6 +50,13 @@ class MergeResult:
     seconds: float
     seed: int | None = None
     warnings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def _from_engine(cls, result: dict[str, Any]) -> MergeResult:
+        """Builds the result from the engine's reply; keys this version does not know are left out (a test keeps
+        the two in step)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in result.items() if k in known})
 
     def _repr_html_(self) -> str:
         rows = "".join(
@@ -127,6 +124,7 @@ def add_weighted_adapter(
     dtype: str | None = None,
     progress: bool | None = None,
     workers: int | None = None,
+    lambda_: float | None = None,
 ) -> MergeResult:
     """Merges LoRA adapter directories into a new adapter directory, as PEFT's `add_weighted_adapter` does.
 
@@ -145,7 +143,9 @@ def add_weighted_adapter(
         adapter_name (`str`):
             Name of the merged adapter; also the output directory when `output_dir` is not given.
         combination_type (`str`, defaults to `"svd"`):
-            One of PEFT's eleven types. On the factors (all adapters of equal rank): `"linear"` (weighted sum, with
+            A method of `gomerge.methods()`: PEFT's eleven types with PEFT's semantics, or gomerge's own
+            (`"task_arithmetic"`: `lambda_ * sum_i w_i s_i B_i A_i` exactly, rank = sum of ranks or `svd_rank`).
+            PEFT's types: On the factors (all adapters of equal rank): `"linear"` (weighted sum, with
             PEFT's cross terms), `"ties"`, `"dare_linear"`, `"dare_ties"`, `"magnitude_prune"`. Exact: `"cat"`
             (rank = sum of ranks). On the adapters' updates, then an SVD to `svd_rank`: `"svd"` (exact SVD computed
             from the factors), `"ties_svd"`, `"dare_linear_svd"`, `"dare_ties_svd"`, `"magnitude_prune_svd"`
@@ -187,6 +187,8 @@ def add_weighted_adapter(
             Show a progress bar (tqdm, if installed). By default it is shown for merges of many modules.
         workers (`int`, *optional*):
             Number of modules merged at once; defaults to the number of cores.
+        lambda_ (`float`, *optional*):
+            `lambda` of `task_arithmetic`: the scale of the summed updates (default 1). Other methods refuse it.
 
     Returns:
         [`MergeResult`]: the output directory, rank, number of modules, dtype and time taken.
@@ -220,6 +222,8 @@ def add_weighted_adapter(
             raise TypeError(f"{name}: expected a number or None, got {type(value).__name__}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64):
         raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r}")
+    if lambda_ is not None and (isinstance(lambda_, bool) or not isinstance(lambda_, numbers.Real)):
+        raise TypeError(f"lambda_: expected a number or None, got {type(lambda_).__name__}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1):
         raise ValueError(f"workers: expected a positive integer or None, got {workers!r}")
     names = _paths(adapters)
@@ -245,6 +249,7 @@ def add_weighted_adapter(
             progress,
             workers,
             allow_nonfinite,
+            lambda_,
         )
 
 
@@ -268,8 +273,10 @@ def _run(
     progress,
     workers,
     allow_nonfinite=False,
+    lambda_=None,
 ):
     request = {
+        "lambda": None if lambda_ is None else float(lambda_),
         "allow_nonfinite": bool(allow_nonfinite),
         "adapters": local,
         "source_names": names,
@@ -289,10 +296,22 @@ def _run(
         "dtype": dtype or "",
         "workers": int(workers or 0),
     }
-    result = MergeResult(**_native.run_job(_native.merge_start(request), progress, _PROGRESS_MIN_MODULES))
+    result = MergeResult._from_engine(_native.run_job(_native.merge_start(request), progress, _PROGRESS_MIN_MODULES))
     for message in result.warnings:
         warnings.warn(message, stacklevel=3)
     return result
+
+
+def methods() -> list[dict[str, Any]]:
+    """Lists the merge methods, from the engine's method table.
+
+    Returns:
+        `list[dict]`: one dict per method: `name`, `family` (`"factors"`, `"cat"`, `"svd"` or `"dense_svd"`),
+        `pruning` (`""`, `"magnitude"` or `"dare"`), `ties` (sign election), `random` (takes `seed`), `rank` (the
+        output-rank rule), `peft` (one of PEFT's eleven types, with PEFT's semantics), `params` (the arguments it
+        reads) and `doc` (its definition in one line).
+    """
+    return [dict(m) for m in _native.methods()]
 
 
 def inspect_adapter(path: PathLike) -> dict:

@@ -40,17 +40,11 @@ from .merge import CombinationType
 
 __all__ = ["add_weighted_adapter", "patch_peft", "unpatch_peft"]
 
-FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-PRUNING_TYPES = (
-    "ties",
-    "ties_svd",
-    "dare_linear",
-    "dare_ties",
-    "dare_linear_svd",
-    "dare_ties_svd",
-    "magnitude_prune",
-    "magnitude_prune_svd",
-)
+
+def _method(combination_type: str) -> dict[str, Any]:
+    """The engine's method-table row of a combination type (validated first)."""
+    return next(m for m in _native.methods() if m["name"] == combination_type)
+
 
 _PEFT_ADD_WEIGHTED_ADAPTER = LoraModel.add_weighted_adapter  # PEFT's own method, whatever patching happens later
 _patch_lock = threading.Lock()
@@ -93,19 +87,15 @@ def _unsupported(lora_model: LoraModel, adapters: Sequence[str]) -> str | None:
 
 
 def _validate(combination_type: str, density: float | None, majority_sign_method: str, svd_clamp: float | None) -> None:
-    if combination_type in PRUNING_TYPES:
-        if density is None:
-            raise ValueError(f"density: combination_type {combination_type!r} needs a density in [0, 1]")
-        if not 0 <= density <= 1:
-            raise ValueError(f"density: must be in [0, 1], got {density}")
-        if density == 0 and combination_type.startswith("dare"):
-            raise ValueError(f"density: {combination_type!r} rescales by 1/density and needs density > 0")
-    if majority_sign_method not in ("total", "frequency"):
-        raise ValueError(
-            f"majority_sign_method: invalid value {majority_sign_method!r} (expected 'total' or 'frequency')"
-        )
-    if svd_clamp is not None and not 0 <= svd_clamp <= 1:
-        raise ValueError(f"svd_clamp: must be a quantile in [0, 1], got {svd_clamp}")
+    """The engine's checks of the combination arguments, before the model is changed."""
+    _native.validate_combination(
+        {
+            "combination_type": combination_type,
+            "density": density,
+            "majority_sign_method": majority_sign_method,
+            "svd_clamp": svd_clamp,
+        }
+    )
 
 
 def _f32(t: torch.Tensor, keep: list) -> torch.Tensor:
@@ -240,8 +230,9 @@ def _merge(
     seed,
     progress,
 ) -> None:
-    family1 = combination_type in FACTOR_TYPES
-    dare_torch = combination_type.startswith("dare") and seed is None and density < 1
+    method = _method(combination_type)
+    family1 = method["family"] == "factors"
+    dare_torch = method["pruning"] == "dare" and seed is None and density < 1
     keep: list = []  # every buffer whose address goes to Go stays referenced here until the job ends
     targets, modules = [], []
     # the modules in PEFT's order (it walks named_modules and looks each key up again: the same modules)
@@ -308,10 +299,14 @@ def _merge(
     request = {
         "combination_type": combination_type,
         "rank": new_rank,
+        "svd_rank": None,  # new_rank is PEFT's resolved svd_rank
         "svd_clamp": svd_clamp,
+        "svd_full_matrices": None,
+        "svd_driver": None,
         "density": density,
         "majority_sign_method": majority_sign_method,
         "seed": seed,
+        "lambda": None,
         "modules": modules,
     }
     result = _native.run_job(_native.merge_tensors_start(request), progress)

@@ -41,6 +41,7 @@ TOP_KEYS = {
     "majority_sign_method": "str",
     "svd_rank": "int",
     "svd_clamp": "number",
+    "lambda": "number",
     "svd_full_matrices": "bool",
     "svd_driver": "str",
     "seed": "int",

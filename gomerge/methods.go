@@ -1,0 +1,162 @@
+package gomerge
+
+import (
+	"slices"
+	"strings"
+)
+
+// Family is how a method turns the adapters of a module into one adapter.
+type Family string
+
+// The families of merge methods.
+const (
+	// FamilyFactors combines the A and the B factors element-wise (PEFT's
+	// family 1): all adapters need equal ranks, and B'A' holds the cross
+	// terms B_i A_j.
+	FamilyFactors Family = "factors"
+	// FamilyCat stacks the scaled factors along the rank: B'A' is the
+	// weighted sum of the updates exactly.
+	FamilyCat Family = "cat"
+	// FamilySVD factorises the weighted sum of the updates exactly, from the
+	// factors, and truncates it to the output rank.
+	FamilySVD Family = "svd"
+	// FamilyDenseSVD prunes each adapter's dense update, combines them and
+	// factorises the result by a seeded randomized SVD.
+	FamilyDenseSVD Family = "dense_svd"
+)
+
+// Pruning is how a method sparsifies each task tensor before combining.
+type Pruning string
+
+// The pruning kinds.
+const (
+	PruneNone      Pruning = ""
+	PruneMagnitude Pruning = "magnitude" // keep the density fraction of largest magnitudes
+	PruneDARE      Pruning = "dare"      // DARE: Bernoulli(density) masks, kept values divided by density
+)
+
+// RankRule gives the rank of a method's output.
+type RankRule string
+
+// The rank rules.
+const (
+	RankInput       RankRule = "input"        // the adapters' common rank
+	RankSum         RankRule = "sum"          // the sum of the adapters' ranks
+	RankSVDOrMax    RankRule = "svd_rank|max" // svd_rank, by default the largest input rank
+	RankSVDOrSumAll RankRule = "svd_rank|sum" // svd_rank, by default the sum of ranks (no truncation)
+)
+
+// Method is one row of the method table: everything the engine, the Python
+// layer and the docs know about a merge method.
+type Method struct {
+	Name    string   `json:"name"`
+	Family  Family   `json:"family"`
+	Pruning Pruning  `json:"pruning"`
+	TIES    bool     `json:"ties"`   // TIES's sign election and disjoint mean after pruning
+	Random  bool     `json:"random"` // draws masks: seed= reproduces it
+	Rank    RankRule `json:"rank"`
+	PEFT    bool     `json:"peft"` // one of PEFT's eleven combination types, with PEFT's semantics
+	// Params are the arguments the method reads beyond adapters and weights.
+	Params []string `json:"params"`
+	Doc    string   `json:"doc"`
+}
+
+// NeedsDensity reports whether the method prunes and so needs a density.
+func (m Method) NeedsDensity() bool { return m.Pruning != PruneNone }
+
+// combination is the element-wise method applied to the task tensors.
+func (m Method) combination() string {
+	switch {
+	case m.Pruning == PruneDARE && m.TIES:
+		return "dare_ties"
+	case m.Pruning == PruneDARE:
+		return "dare_linear"
+	case m.TIES:
+		return "ties"
+	case m.Pruning == PruneMagnitude:
+		return "magnitude_prune"
+	}
+	return "task_arithmetic"
+}
+
+var (
+	peftSVDParams     = []string{"svd_rank", "svd_clamp", "svd_full_matrices", "svd_driver"}
+	peftPruneParams   = []string{"density"}
+	peftTIESParams    = []string{"density", "majority_sign_method"}
+	peftDenseSVDPrune = append(slices.Clone(peftSVDParams), "density")
+	peftDenseSVDTIES  = append(slices.Clone(peftSVDParams), "density", "majority_sign_method")
+)
+
+// methods is the method table. PEFT's eleven names keep PEFT's semantics;
+// the others are gomerge's own. A new method is one row here and, for a new
+// family, one merge_*.go file.
+var methods = []Method{
+	{Name: "svd", Family: FamilySVD, Rank: RankSVDOrMax, PEFT: true, Params: peftSVDParams,
+		Doc: "rank-svd_rank truncated SVD of sum_i w_i s_i B_i A_i, computed exactly from the factors"},
+	{Name: "linear", Family: FamilyFactors, Rank: RankInput, PEFT: true,
+		Doc: "weighted sum of the factors (A with sign(c) sqrt|c|, B with sqrt|c|): B'A' holds the cross terms B_i A_j"},
+	{Name: "cat", Family: FamilyCat, Rank: RankSum, PEFT: true,
+		Doc: "the scaled factors stacked along the rank: B'A' = sum_i w_i s_i B_i A_i exactly"},
+	{Name: "ties", Family: FamilyFactors, Pruning: PruneMagnitude, TIES: true, Rank: RankInput, PEFT: true,
+		Params: peftTIESParams, Doc: "TIES on the factors: magnitude pruning, sign election, disjoint mean"},
+	{Name: "ties_svd", Family: FamilyDenseSVD, Pruning: PruneMagnitude, TIES: true, Rank: RankSVDOrMax, PEFT: true,
+		Params: peftDenseSVDTIES, Doc: "TIES on the dense updates, then a rank-svd_rank SVD"},
+	{Name: "dare_linear", Family: FamilyFactors, Pruning: PruneDARE, Random: true, Rank: RankInput, PEFT: true,
+		Params: peftPruneParams, Doc: "DARE's random masks on the factors, then a weighted sum"},
+	{Name: "dare_ties", Family: FamilyFactors, Pruning: PruneDARE, TIES: true, Random: true, Rank: RankInput,
+		PEFT: true, Params: peftTIESParams, Doc: "DARE's random masks on the factors, then sign election and disjoint mean"},
+	{Name: "dare_linear_svd", Family: FamilyDenseSVD, Pruning: PruneDARE, Random: true, Rank: RankSVDOrMax,
+		PEFT: true, Params: peftDenseSVDPrune, Doc: "DARE on the dense updates, weighted sum, then a rank-svd_rank SVD"},
+	{Name: "dare_ties_svd", Family: FamilyDenseSVD, Pruning: PruneDARE, TIES: true, Random: true,
+		Rank: RankSVDOrMax, PEFT: true, Params: peftDenseSVDTIES, Doc: "DARE and TIES on the dense updates, then a rank-svd_rank SVD"},
+	{Name: "magnitude_prune", Family: FamilyFactors, Pruning: PruneMagnitude, Rank: RankInput, PEFT: true,
+		Params: peftPruneParams, Doc: "magnitude pruning of the factors, then a weighted sum"},
+	{Name: "magnitude_prune_svd", Family: FamilyDenseSVD, Pruning: PruneMagnitude, Rank: RankSVDOrMax, PEFT: true,
+		Params: peftDenseSVDPrune, Doc: "magnitude pruning of the dense updates, weighted sum, then a rank-svd_rank SVD"},
+	{Name: "task_arithmetic", Family: FamilyCat, Rank: RankSVDOrSumAll, Params: []string{"lambda", "svd_rank"},
+		Doc: "lambda * sum_i w_i s_i B_i A_i, the exact weighted sum of the updates (no cross terms): rank = sum of " +
+			"ranks, or truncated to svd_rank by the exact SVD"},
+}
+
+// Methods returns the method table, in the order of the docs.
+func Methods() []Method {
+	out := slices.Clone(methods)
+	for i := range out {
+		if out[i].Params == nil {
+			out[i].Params = []string{} // JSON: [], not null
+		}
+	}
+	return out
+}
+
+// LookupMethod returns the row of a method name, or a ValueError listing
+// every name.
+func LookupMethod(name string) (Method, error) {
+	for _, m := range methods {
+		if m.Name == name {
+			return m, nil
+		}
+	}
+	return Method{}, valueErr("combination_type: invalid value %q (expected one of %s)", name, methodNames())
+}
+
+// methodNames lists the method names for error messages.
+func methodNames() string {
+	names := make([]string, len(methods))
+	for i, m := range methods {
+		names[i] = m.Name
+	}
+	return strings.Join(names, ", ")
+}
+
+// takes reports whether the method reads the parameter.
+func (m Method) takes(param string) bool { return slices.Contains(m.Params, param) }
+
+// family is the family a merge runs with these options: a task arithmetic
+// truncated by svd_rank runs as an exact SVD.
+func (m Method) family(svdRank *int) Family {
+	if m.Rank == RankSVDOrSumAll && svdRank != nil {
+		return FamilySVD
+	}
+	return m.Family
+}
