@@ -126,6 +126,10 @@ func decodeRequest(request string, v any) error {
 	if err == nil {
 		return nil
 	}
+	var typed *gomerge.Error
+	if errors.As(err, &typed) { // a field's own decoder (gomerge.Weights) names the value at fault
+		return typed
+	}
 	if key, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
 		return &gomerge.Error{Kind: gomerge.KindValue, Msg: "invalid merge request: unknown key " + key}
 	}

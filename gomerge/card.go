@@ -27,8 +27,29 @@ func ModelCard(opts Options, res *Result, baseModel string, sources []string) st
 	fmt.Fprintf(&b, "# %s\n\nA LoRA adapter merged by [gomerge](https://pypi.org/project/gomerge/) %s with PEFT's "+
 		"`add_weighted_adapter` semantics (`combination_type=%q`).\n\n", name, Version, res.CombinationType)
 	b.WriteString("## Sources\n\n| adapter | weight |\n|---|---|\n")
+	perModule := false
 	for i, s := range sources {
-		fmt.Fprintf(&b, "| `%s` | %g |\n", s, opts.Weights[i])
+		if w := opts.Weights[i]; w.PerModule() {
+			perModule = true
+			fmt.Fprintf(&b, "| `%s` | per module (below) |\n", s)
+		} else {
+			fmt.Fprintf(&b, "| `%s` | %g |\n", s, w.Value)
+		}
+	}
+	if perModule {
+		b.WriteString("\n## Per-module weights\n\nEach module takes the weight of the first pattern that matches the end " +
+			"of its name (PEFT's `rank_pattern` rule); a gradient is interpolated linearly over the layer index, from " +
+			"layer 0 to the last layer.\n")
+		for i, s := range sources {
+			w := opts.Weights[i]
+			if !w.PerModule() {
+				continue
+			}
+			fmt.Fprintf(&b, "\n`%s`:\n\n| pattern | weight |\n|---|---|\n", s)
+			for _, p := range w.Patterns {
+				fmt.Fprintf(&b, "| %s | %s |\n", mdCode(p.Pattern), weightText(p))
+			}
+		}
 	}
 	b.WriteString("\n## Options\n\n")
 	fmt.Fprintf(&b, "- combination_type: `%s`\n- rank: %d\n- dtype: %s\n", res.CombinationType, res.Rank, res.DType)
@@ -58,6 +79,38 @@ func ModelCard(opts Options, res *Result, baseModel string, sources []string) st
 	fmt.Fprintf(&b, "\n## Usage\n\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"+
 		"base = AutoModelForCausalLM.from_pretrained(%q)\nmodel = PeftModel.from_pretrained(base, %q)\n```\n", base, opts.OutputDir)
 	return b.String()
+}
+
+// weightText shows a pattern's weight: a number or a gradient.
+func weightText(p WeightPattern) string {
+	if p.Gradient == nil {
+		return fmt.Sprintf("%g", p.Weight)
+	}
+	vals := make([]string, len(p.Gradient))
+	for i, v := range p.Gradient {
+		vals[i] = fmt.Sprintf("%g", v)
+	}
+	return "gradient [" + strings.Join(vals, ", ") + "]"
+}
+
+// mdCode shows s as inline code inside a Markdown table cell: a fence longer
+// than any run of backticks in s, and pipes escaped (GitHub's tables split
+// cells at them, code spans included).
+func mdCode(s string) string {
+	run, longest := 0, 0
+	for _, c := range s {
+		if c == '`' {
+			run++
+			longest = max(longest, run)
+		} else {
+			run = 0
+		}
+	}
+	fence := strings.Repeat("`", longest+1)
+	if longest > 0 {
+		s = " " + s + " "
+	}
+	return fence + strings.ReplaceAll(s, "|", `\|`) + fence
 }
 
 // yamlString quotes s for YAML when it is not a plain scalar.

@@ -9,7 +9,7 @@ import (
 
 func TestModelCard(t *testing.T) {
 	density, seed := 0.2, uint64(42)
-	opts := Options{Weights: []float64{2, 1}, OutputDir: "merged", Combine: Combine{Density: &density, MajoritySignMethod: "total"}}
+	opts := Options{Weights: ScalarWeights(2, 1), OutputDir: "merged", Combine: Combine{Density: &density, MajoritySignMethod: "total"}}
 	res := &Result{AdapterName: "merge", CombinationType: "dare_ties", Rank: 8, DType: "bfloat16", Seed: &seed}
 	card := ModelCard(opts, res, "org/base: v1", []string{"user/a", "dir/b"})
 	front := strings.SplitN(card, "---\n", 3)[1]
@@ -20,8 +20,26 @@ func TestModelCard(t *testing.T) {
 		"seed: 42", `PeftModel.from_pretrained(base, "merged")`, `from_pretrained("org/base: v1")`} {
 		assert.Contains(t, card, want)
 	}
-	plain := ModelCard(Options{Weights: []float64{1}, OutputDir: "o"}, &Result{CombinationType: "svd"}, "", []string{"a"})
+	plain := ModelCard(Options{Weights: ScalarWeights(1), OutputDir: "o"}, &Result{CombinationType: "svd"}, "", []string{"a"})
 	assert.NotContains(t, plain, "base_model:")
 	assert.NotContains(t, plain, "seed:")
 	assert.Equal(t, "meta-llama/Llama-2-7b", yamlString("meta-llama/Llama-2-7b"))
+}
+
+func TestModelCardPerModuleWeights(t *testing.T) {
+	opts := Options{OutputDir: "merged", Weights: Weights{
+		perModule(`self_attn\..*`, 1.0, `mlp\..*|lm_head`, 0.0),
+		{Value: 0.5},
+		perModule("a`b", []float64{0, 0.25, 1}),
+	}}
+	card := ModelCard(opts, &Result{CombinationType: "cat"}, "", []string{"attn", "plain", "odd"})
+	for _, want := range []string{
+		"| `attn` | per module (below) |", "| `plain` | 0.5 |", "## Per-module weights", "first pattern that matches",
+		"`attn`:\n\n| pattern | weight |\n|---|---|\n| `self_attn\\..*` | 1 |\n| `mlp\\..*\\|lm_head` | 0 |\n",
+		"| `` a`b `` | gradient [0, 0.25, 1] |",
+	} {
+		assert.Contains(t, card, want)
+	}
+	assert.NotContains(t, card, "`plain`:")
+	assert.NotContains(t, ModelCard(Options{Weights: ScalarWeights(1), OutputDir: "o"}, &Result{CombinationType: "svd"}, "", []string{"a"}), "Per-module")
 }

@@ -19,6 +19,7 @@
 //   - rsvd.go: randomized SVD of dense updates
 //   - merge_factors.go, merge_cat.go, merge_svd.go, merge_dense_svd.go: one file per merge family
 //   - options.go, plan.go, merge.go: arguments, planning, and running a merge on all cores
+//   - weights.go: per-adapter weights, a number or module-name patterns (PEFT's first-match rule) and gradients over the layers
 //   - memory.go: merges of tensors in a model's memory (the PEFT drop-in)
 //   - output.go, card.go: atomic output directories and the model card
 //   - limits.go, parallel.go: memory planning, parallel loops, buffer pools and GC headroom

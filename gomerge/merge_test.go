@@ -96,7 +96,7 @@ func TestMergeEndToEnd(t *testing.T) {
 		t.Run(ct, func(t *testing.T) {
 			out := filepath.Join(root, "out-"+ct)
 			var p Progress
-			res, err := Merge(context.Background(), Options{Adapters: dirs, Weights: []float64{1, 2, -1}, OutputDir: out, Combine: Combine{CombinationType: ct}}, &p)
+			res, err := Merge(context.Background(), Options{Adapters: dirs, Weights: ScalarWeights(1, 2, -1), OutputDir: out, Combine: Combine{CombinationType: ct}}, &p)
 			require.NoError(t, err)
 			assert.Equal(t, 3, res.Modules)
 			assert.Equal(t, int64(3), p.Done.Load())
@@ -138,7 +138,7 @@ func TestMergeLinearWritesRankPatternForSmallerModules(t *testing.T) {
 	}
 	dirs := []string{writeTestAdapter(t, filepath.Join(root, "a"), cfg, mods()), writeTestAdapter(t, filepath.Join(root, "b"), cfg, mods())}
 	out := filepath.Join(root, "out")
-	_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: []float64{1, 1}, OutputDir: out, Combine: Combine{CombinationType: "linear"}}, nil)
+	_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: ScalarWeights(1, 1), OutputDir: out, Combine: Combine{CombinationType: "linear"}}, nil)
 	require.NoError(t, err)
 	raw, err := os.ReadFile(filepath.Join(out, ConfigFile))
 	require.NoError(t, err)
@@ -169,16 +169,16 @@ func TestMergeErrors(t *testing.T) {
 		kind Kind
 		want string
 	}{
-		{"weights length", Options{Adapters: dirs, Weights: []float64{1}}, KindValue, "got 1 weights for 3 adapters"},
-		{"unknown type", Options{Adapters: dirs, Weights: []float64{1, 1, 1}, Combine: Combine{CombinationType: "avg"}}, KindValue, `invalid value "avg"`},
-		{"missing dir", Options{Adapters: []string{dirs[0], filepath.Join(root, "nope")}, Weights: []float64{1, 1}}, KindFileNotFound, "nope"},
-		{"shape mismatch", Options{Adapters: []string{dirs[0], bad}, Weights: []float64{1, 1}}, KindValue, "module m.q: shapes differ"},
-		{"unequal ranks for linear", Options{Adapters: []string{dirs[0], r8}, Weights: []float64{1, 1}, Combine: Combine{CombinationType: "linear"}}, KindValue, "same r value"},
-		{"existing output", Options{Adapters: dirs, Weights: []float64{1, 1, 1}, OutputDir: existing}, KindFileExists, "already exists"},
-		{"overwrite non-adapter", Options{Adapters: dirs, Weights: []float64{1, 1, 1}, OutputDir: existing, Overwrite: true}, KindFileExists, "not an adapter"},
-		{"output is input", Options{Adapters: dirs, Weights: []float64{1, 1, 1}, OutputDir: dirs[1]}, KindValue, "also an input"},
-		{"svd rank", Options{Adapters: dirs, Weights: []float64{1, 1, 1}, Combine: Combine{SVDRank: &neg}}, KindValue, "svd_rank"},
-		{"duplicate", Options{Adapters: []string{dirs[0], dirs[0]}, Weights: []float64{1, 1}, Combine: Combine{SVDRank: &one}}, KindValue, "listed twice"},
+		{"weights length", Options{Adapters: dirs, Weights: ScalarWeights(1)}, KindValue, "got 1 weights for 3 adapters"},
+		{"unknown type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "avg"}}, KindValue, `invalid value "avg"`},
+		{"missing dir", Options{Adapters: []string{dirs[0], filepath.Join(root, "nope")}, Weights: ScalarWeights(1, 1)}, KindFileNotFound, "nope"},
+		{"shape mismatch", Options{Adapters: []string{dirs[0], bad}, Weights: ScalarWeights(1, 1)}, KindValue, "module m.q: shapes differ"},
+		{"unequal ranks for linear", Options{Adapters: []string{dirs[0], r8}, Weights: ScalarWeights(1, 1), Combine: Combine{CombinationType: "linear"}}, KindValue, "same r value"},
+		{"existing output", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: existing}, KindFileExists, "already exists"},
+		{"overwrite non-adapter", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: existing, Overwrite: true}, KindFileExists, "not an adapter"},
+		{"output is input", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: dirs[1]}, KindValue, "also an input"},
+		{"svd rank", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{SVDRank: &neg}}, KindValue, "svd_rank"},
+		{"duplicate", Options{Adapters: []string{dirs[0], dirs[0]}, Weights: ScalarWeights(1, 1), Combine: Combine{SVDRank: &one}}, KindValue, "listed twice"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -205,7 +205,7 @@ func TestMergeCancelled(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	out := filepath.Join(root, "out")
-	_, err := Merge(ctx, Options{Adapters: dirs, Weights: []float64{1, 1, 1}, OutputDir: out}, nil)
+	_, err := Merge(ctx, Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: out}, nil)
 	require.ErrorIs(t, err, ErrCancelled)
 	assert.NoDirExists(t, out)
 }
@@ -215,7 +215,7 @@ func TestMergeOverwriteReplacesAdapter(t *testing.T) {
 	dirs := writeThree(t, root)
 	out := filepath.Join(root, "out")
 	for _, ct := range []string{"cat", "svd"} {
-		_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: []float64{1, 1, 1}, OutputDir: out, Overwrite: true, Combine: Combine{CombinationType: ct}}, nil)
+		_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: out, Overwrite: true, Combine: Combine{CombinationType: ct}}, nil)
 		require.NoError(t, err)
 	}
 	merged, err := LoadAdapter(out)

@@ -30,9 +30,11 @@ type Combine struct {
 // Options are the arguments of a merge of adapter directories; the result
 // is written to OutputDir.
 type Options struct {
-	Adapters    []string  `json:"adapters"`
-	Weights     []float64 `json:"weights"`
-	AdapterName string    `json:"adapter_name"`
+	Adapters []string `json:"adapters"`
+	// Weights has one weight per adapter: a number, or module-name patterns
+	// with their weights (Weight).
+	Weights     Weights `json:"weights"`
+	AdapterName string  `json:"adapter_name"`
 	Combine
 	OutputDir      string   `json:"output_dir"`
 	Overwrite      bool     `json:"overwrite"`
@@ -64,11 +66,15 @@ func (o *Options) validate() error {
 	if len(o.Weights) != len(o.Adapters) {
 		return valueErr("weights: got %d weights for %d adapters; pass one weight per adapter", len(o.Weights), len(o.Adapters))
 	}
+	// compiled into a copy: the caller's Options may be shared by merges running at once
+	weights := make(Weights, len(o.Weights))
 	for i, w := range o.Weights {
-		if math.IsNaN(w) || math.IsInf(w, 0) {
-			return valueErr("weights[%d]: %v is not a finite number", i, w)
+		var err error
+		if weights[i], err = w.compile(i); err != nil {
+			return err
 		}
 	}
+	o.Weights = weights
 	seen := map[string]int{}
 	for i, a := range o.Adapters {
 		if j, ok := seen[filepath.Clean(a)]; ok {

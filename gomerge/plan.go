@@ -67,12 +67,17 @@ func newRank(opts Options, adapters []*Adapter) (int, error) {
 	}
 }
 
-// planModules pairs every module with the adapters that have it and checks
-// that their shapes agree.
+// planModules pairs every module with the adapters that have it, each with
+// its weight for the module, and checks that their shapes agree.
 func planModules(opts Options, adapters []*Adapter) ([]moduleJob, error) {
 	byName := map[string]*moduleJob{}
 	var names []string
 	first := map[string]int{}
+	var all []string
+	for _, a := range adapters {
+		all = append(all, a.Order...)
+	}
+	layers := layerCount(all) // what gradient weights spread over
 	for i, a := range adapters {
 		for _, name := range a.Order {
 			m := a.Modules[name]
@@ -94,7 +99,11 @@ func planModules(opts Options, adapters []*Adapter) ([]moduleJob, error) {
 						name, opts.CombinationType, opts.Adapters[first[name]], f.Rank, opts.Adapters[i], m.Rank)
 				}
 			}
-			j.srcs = append(j.srcs, source{weight: opts.Weights[i], mod: m, index: i})
+			w, err := opts.Weights[i].resolve(i, name, layers)
+			if err != nil {
+				return nil, err
+			}
+			j.srcs = append(j.srcs, source{weight: w, mod: m, index: i})
 		}
 	}
 	sort.Strings(names)

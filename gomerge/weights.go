@@ -1,0 +1,314 @@
+package gomerge
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"math"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// Weight is one adapter's weight in a merge of adapter directories: one
+// number for every module, or module-name patterns with their weights,
+// resolved per module with PEFT's rank_pattern rule (CompilePattern: a
+// pattern matches the end of the module name, after a dot; the first
+// pattern that matches wins).
+//
+// In JSON it is a number, or a list of {"pattern": P, "weight": W} entries in
+// first-match order (a list, since a JSON object's order is lost in Go
+// maps). W is a number, or a list of numbers: a gradient, interpolated
+// linearly over the module's layer index as mergekit's gradients are
+// (Gradient).
+type Weight struct {
+	Value    float64
+	Patterns []WeightPattern // nil: Value for every module; otherwise at least one entry
+}
+
+// WeightPattern is one pattern of a per-module weight.
+type WeightPattern struct {
+	Pattern string
+	Weight  float64
+	// Gradient, when not nil, replaces Weight: the values are spread evenly
+	// over the layers, the first at layer 0 and the last at the merge's last
+	// layer, and a module between two of them gets the linear interpolation.
+	Gradient []float64
+	re       *regexp.Regexp
+}
+
+// Weights are the adapters' weights, one per adapter.
+type Weights []Weight
+
+// ScalarWeights returns one number per adapter as Weights.
+func ScalarWeights(ws ...float64) Weights {
+	out := make(Weights, len(ws))
+	for i, w := range ws {
+		out[i] = Weight{Value: w}
+	}
+	return out
+}
+
+// PerModule reports whether the weight depends on the module.
+func (w Weight) PerModule() bool { return w.Patterns != nil }
+
+// UnmarshalJSON decodes the weights array, naming the position of a weight
+// that is neither a number nor a list of {"pattern", "weight"} entries.
+func (ws *Weights) UnmarshalJSON(b []byte) error {
+	if string(bytes.TrimSpace(b)) == "null" {
+		*ws = nil
+		return nil
+	}
+	var raw []json.RawMessage
+	if err := json.Unmarshal(b, &raw); err != nil {
+		return newErr(KindType, "weights: expected a list with one weight per adapter, got %s", clip(b))
+	}
+	out := make(Weights, len(raw))
+	for i, r := range raw {
+		if err := out[i].decode(r); err != nil {
+			return newErr(KindType, "weights[%d]: %v", i, err)
+		}
+	}
+	*ws = out
+	return nil
+}
+
+// UnmarshalJSON decodes one weight.
+func (w *Weight) UnmarshalJSON(b []byte) error {
+	if err := w.decode(b); err != nil {
+		return newErr(KindType, "weight: %v", err)
+	}
+	return nil
+}
+
+func (w *Weight) decode(b []byte) error {
+	b = bytes.TrimSpace(b)
+	if len(b) == 0 || b[0] != '[' {
+		v, err := decodeNumber(b)
+		if err != nil {
+			return fmt.Errorf(`expected a number or a list of {"pattern": ..., "weight": ...} entries, got %s`, clip(b))
+		}
+		*w = Weight{Value: v}
+		return nil
+	}
+	var entries []json.RawMessage
+	if err := json.Unmarshal(b, &entries); err != nil {
+		return err
+	}
+	pats := make([]WeightPattern, 0, len(entries)) // non-nil even when empty: validate refuses it by name
+	for k, e := range entries {
+		var entry struct {
+			Pattern *string         `json:"pattern"`
+			Weight  json.RawMessage `json:"weight"`
+		}
+		dec := json.NewDecoder(bytes.NewReader(e))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&entry); err != nil || entry.Pattern == nil || entry.Weight == nil {
+			return fmt.Errorf(`entry %d: expected {"pattern": <string>, "weight": <number or list of numbers>}, got %s`, k, clip(e))
+		}
+		p := WeightPattern{Pattern: *entry.Pattern}
+		var err error
+		if raw := bytes.TrimSpace(entry.Weight); len(raw) > 0 && raw[0] == '[' {
+			var g []json.RawMessage
+			if err := json.Unmarshal(raw, &g); err != nil {
+				return fmt.Errorf("pattern %q: %v", p.Pattern, err)
+			}
+			p.Gradient = make([]float64, len(g))
+			for n, x := range g {
+				if p.Gradient[n], err = decodeNumber(x); err != nil {
+					return fmt.Errorf("pattern %q: gradient value %d is not a number: %s", p.Pattern, n, clip(x))
+				}
+			}
+		} else if p.Weight, err = decodeNumber(raw); err != nil {
+			return fmt.Errorf("pattern %q: the weight is not a number or a list of numbers: %s", p.Pattern, clip(raw))
+		}
+		pats = append(pats, p)
+	}
+	*w = Weight{Patterns: pats}
+	return nil
+}
+
+// decodeNumber decodes a JSON number (and nothing else: not a string, not null).
+func decodeNumber(b []byte) (float64, error) {
+	b = bytes.TrimSpace(b)
+	if len(b) == 0 || !(b[0] == '-' || (b[0] >= '0' && b[0] <= '9')) {
+		return 0, fmt.Errorf("not a number")
+	}
+	var v float64
+	if err := json.Unmarshal(b, &v); err != nil {
+		return 0, err
+	}
+	return v, nil
+}
+
+// clip shortens a JSON value for an error message.
+func clip(b []byte) string {
+	s := string(bytes.TrimSpace(b))
+	if len(s) > 80 {
+		return s[:77] + "..."
+	}
+	return s
+}
+
+// MarshalJSON writes the weight in the form UnmarshalJSON reads.
+func (w Weight) MarshalJSON() ([]byte, error) {
+	if !w.PerModule() {
+		return json.Marshal(w.Value)
+	}
+	type entry struct {
+		Pattern string `json:"pattern"`
+		Weight  any    `json:"weight"`
+	}
+	entries := make([]entry, len(w.Patterns))
+	for i, p := range w.Patterns {
+		entries[i] = entry{p.Pattern, p.Weight}
+		if p.Gradient != nil {
+			entries[i].Weight = p.Gradient
+		}
+	}
+	return json.Marshal(entries)
+}
+
+// compile checks the weight of adapter i (finite numbers, at least one
+// pattern, valid patterns) and returns a copy with its patterns compiled.
+func (w Weight) compile(i int) (Weight, error) {
+	finite := func(v float64) bool { return !math.IsNaN(v) && !math.IsInf(v, 0) }
+	if !w.PerModule() {
+		if !finite(w.Value) {
+			return w, valueErr("weights[%d]: %v is not a finite number", i, w.Value)
+		}
+		return w, nil
+	}
+	if len(w.Patterns) == 0 {
+		return w, valueErr("weights[%d]: an empty list of patterns; give a number, or at least one pattern with its weight", i)
+	}
+	out := Weight{Patterns: make([]WeightPattern, len(w.Patterns))}
+	for k, p := range w.Patterns {
+		re, err := CompilePattern(p.Pattern)
+		if err != nil {
+			return w, valueErr("weights[%d]: %v", i, err)
+		}
+		if p.Gradient != nil {
+			if len(p.Gradient) == 0 {
+				return w, valueErr("weights[%d]: pattern %q: a gradient needs at least one value", i, p.Pattern)
+			}
+			for _, v := range p.Gradient {
+				if !finite(v) {
+					return w, valueErr("weights[%d]: pattern %q: gradient value %v is not a finite number", i, p.Pattern, v)
+				}
+			}
+		} else if !finite(p.Weight) {
+			return w, valueErr("weights[%d]: pattern %q: %v is not a finite number", i, p.Pattern, p.Weight)
+		}
+		p.Gradient = slices.Clone(p.Gradient)
+		p.re = re
+		out.Patterns[k] = p
+	}
+	return out, nil
+}
+
+// resolve returns the weight of adapter i for a module: the number, or the
+// weight of the first pattern that matches the module name. layers is the
+// number of layers of the merge (for gradients). A module that no pattern
+// matches is a ValueError naming the adapter, the module and the patterns.
+func (w Weight) resolve(i int, module string, layers int) (float64, error) {
+	if !w.PerModule() {
+		return w.Value, nil
+	}
+	for _, p := range w.Patterns {
+		re := p.re
+		if re == nil { // not compiled by validate (a caller inside the package)
+			var err error
+			if re, err = CompilePattern(p.Pattern); err != nil {
+				return 0, valueErr("weights[%d]: %v", i, err)
+			}
+		}
+		if !re.MatchString(module) {
+			continue
+		}
+		if p.Gradient == nil {
+			return p.Weight, nil
+		}
+		layer, ok := layerIndex(module)
+		if !ok {
+			return 0, valueErr("weights[%d]: pattern %q gives module %s a gradient over the layers, but its name holds no "+
+				"layer index (no number between dots); put a pattern with a number for it before %q", i, p.Pattern, module, p.Pattern)
+		}
+		return gradientAt(p.Gradient, layer, layers), nil
+	}
+	return 0, valueErr("weights[%d]: module %s matches none of the patterns of adapter %d (%s); add a catch-all such as "+
+		"'.*' as the last pattern%s", i, module, i, quotePatterns(w.Patterns), substringHint(w.Patterns, module))
+}
+
+// quotePatterns lists the patterns for an error message.
+func quotePatterns(ps []WeightPattern) string {
+	q := make([]string, len(ps))
+	for i, p := range ps {
+		q[i] = strconv.Quote(p.Pattern)
+	}
+	return strings.Join(q, ", ")
+}
+
+// substringHint explains PEFT's anchoring when a pattern occurs inside the
+// module name without matching its end (the usual surprise: "self_attn"
+// does not match model.layers.0.self_attn.q_proj).
+func substringHint(ps []WeightPattern, module string) string {
+	for _, p := range ps {
+		if re, err := regexp.Compile(p.Pattern); err == nil && re.MatchString(module) {
+			return fmt.Sprintf(" (patterns match the end of the module name, as PEFT's rank_pattern keys do: %q occurs "+
+				"inside %s but does not end it; write %q to match it anywhere)", p.Pattern, module, ".*"+wrapAlternation(p.Pattern)+".*")
+		}
+	}
+	return ""
+}
+
+// wrapAlternation groups a pattern that holds a top-level alternation, so
+// that it can be concatenated.
+func wrapAlternation(p string) string {
+	if strings.Contains(p, "|") {
+		return "(?:" + p + ")"
+	}
+	return p
+}
+
+// layerIndex returns the layer index of a module: its first dotted name
+// component that is a decimal number (model.layers.7.mlp.up_proj: 7).
+func layerIndex(module string) (int, bool) {
+	for part := range strings.SplitSeq(module, ".") {
+		if part == "" || strings.TrimLeft(part, "0123456789") != "" {
+			continue
+		}
+		if n, err := strconv.Atoi(part); err == nil {
+			return n, true
+		}
+	}
+	return 0, false
+}
+
+// layerCount is the number of layers gradients spread over: one more than
+// the largest layer index of the modules (1 when none has one).
+func layerCount(names []string) int {
+	n := 0
+	for _, name := range names {
+		if l, ok := layerIndex(name); ok && l+1 > n {
+			n = l + 1
+		}
+	}
+	return max(n, 1)
+}
+
+// gradientAt interpolates a gradient at a layer, as mergekit does: the
+// layer's position t = layer / (layers - 1) in [0, 1] is scaled to the
+// values' positions and the two nearest values are mixed linearly.
+func gradientAt(g []float64, layer, layers int) float64 {
+	t := 0.0
+	if layers > 1 {
+		t = min(float64(layer)/float64(layers-1), 1)
+	}
+	scaled := t * float64(len(g)-1)
+	i0 := int(scaled)
+	i1 := min(len(g)-1, i0+1)
+	frac := scaled - float64(i0)
+	return (1-frac)*g[i0] + frac*g[i1]
+}
