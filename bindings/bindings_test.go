@@ -32,7 +32,7 @@ func TestMergeJobReportsErrorsAsJSON(t *testing.T) {
 		{"option of another call", `{"adapters": ["a"], "weights": [1], "rank": 8}`, "ValueError", `unknown key "rank"`},
 		{"weight not a number", `{"adapters": ["a", "b"], "weights": [1, "x"]}`, "TypeError", `weights[1]: expected a number`},
 		{"weight entry key", `{"adapters": ["a"], "weights": [[{"pattern": ".*", "wieght": 1}]]}`, "TypeError", `weights[0]: entry 0`},
-		{"weight entry value", `{"adapters": ["a"], "weights": [[{"pattern": "mlp", "weight": "1"}]]}`, "TypeError", `pattern "mlp"`},
+		{"weight entry value", `{"adapters": ["a"], "weights": [[{"pattern": "mlp", "weight": "1"}]]}`, "TypeError", `pattern 'mlp'`},
 		{"weight pattern regex", `{"adapters": ["a"], "weights": [[{"pattern": "(", "weight": 1}]], "output_dir": "o"}`, "ValueError", `weights[0]: pattern "("`},
 	}
 	for _, tc := range tests {

@@ -99,7 +99,7 @@ func planModules(opts Options, adapters []*Adapter) ([]moduleJob, error) {
 						name, opts.CombinationType, opts.Adapters[first[name]], f.Rank, opts.Adapters[i], m.Rank)
 				}
 			}
-			w, err := opts.Weights[i].resolve(i, name, layers)
+			w, err := opts.Weights[i].resolve(i, opts.Adapters[i], name, layers)
 			if err != nil {
 				return nil, err
 			}

@@ -112,16 +112,16 @@ func (w *Weight) decode(b []byte) error {
 		if raw := bytes.TrimSpace(entry.Weight); len(raw) > 0 && raw[0] == '[' {
 			var g []json.RawMessage
 			if err := json.Unmarshal(raw, &g); err != nil {
-				return fmt.Errorf("pattern %q: %v", p.Pattern, err)
+				return fmt.Errorf("pattern '%s': %v", p.Pattern, err)
 			}
 			p.Gradient = make([]float64, len(g))
 			for n, x := range g {
 				if p.Gradient[n], err = decodeNumber(x); err != nil {
-					return fmt.Errorf("pattern %q: gradient value %d is not a number: %s", p.Pattern, n, clip(x))
+					return fmt.Errorf("pattern '%s': gradient value %d is not a number: %s", p.Pattern, n, clip(x))
 				}
 			}
 		} else if p.Weight, err = decodeNumber(raw); err != nil {
-			return fmt.Errorf("pattern %q: the weight is not a number or a list of numbers: %s", p.Pattern, clip(raw))
+			return fmt.Errorf("pattern '%s': the weight is not a number or a list of numbers: %s", p.Pattern, clip(raw))
 		}
 		pats = append(pats, p)
 	}
@@ -191,15 +191,15 @@ func (w Weight) compile(i int) (Weight, error) {
 		}
 		if p.Gradient != nil {
 			if len(p.Gradient) == 0 {
-				return w, valueErr("weights[%d]: pattern %q: a gradient needs at least one value", i, p.Pattern)
+				return w, valueErr("weights[%d]: pattern '%s': a gradient needs at least one value", i, p.Pattern)
 			}
 			for _, v := range p.Gradient {
 				if !finite(v) {
-					return w, valueErr("weights[%d]: pattern %q: gradient value %v is not a finite number", i, p.Pattern, v)
+					return w, valueErr("weights[%d]: pattern '%s': gradient value %v is not a finite number", i, p.Pattern, v)
 				}
 			}
 		} else if !finite(p.Weight) {
-			return w, valueErr("weights[%d]: pattern %q: %v is not a finite number", i, p.Pattern, p.Weight)
+			return w, valueErr("weights[%d]: pattern '%s': %v is not a finite number", i, p.Pattern, p.Weight)
 		}
 		p.Gradient = slices.Clone(p.Gradient)
 		p.re = re
@@ -208,11 +208,12 @@ func (w Weight) compile(i int) (Weight, error) {
 	return out, nil
 }
 
-// resolve returns the weight of adapter i for a module: the number, or the
-// weight of the first pattern that matches the module name. layers is the
-// number of layers of the merge (for gradients). A module that no pattern
-// matches is a ValueError naming the adapter, the module and the patterns.
-func (w Weight) resolve(i int, module string, layers int) (float64, error) {
+// resolve returns the weight of adapter i (directory dir) for a module: the
+// number, or the weight of the first pattern that matches the module name.
+// layers is the number of layers of the merge (for gradients). A module
+// that no pattern matches is a ValueError naming the adapter, the module
+// and the patterns.
+func (w Weight) resolve(i int, dir, module string, layers int) (float64, error) {
 	if !w.PerModule() {
 		return w.Value, nil
 	}
@@ -232,20 +233,21 @@ func (w Weight) resolve(i int, module string, layers int) (float64, error) {
 		}
 		layer, ok := layerIndex(module)
 		if !ok {
-			return 0, valueErr("weights[%d]: pattern %q gives module %s a gradient over the layers, but its name holds no "+
-				"layer index (no number between dots); put a pattern with a number for it before %q", i, p.Pattern, module, p.Pattern)
+			return 0, valueErr("weights[%d]: pattern '%s' gives module %s a gradient over the layers, but its name holds no "+
+				"layer index (no number between dots); put a pattern with a number for it before '%s'", i, p.Pattern, module, p.Pattern)
 		}
 		return gradientAt(p.Gradient, layer, layers), nil
 	}
-	return 0, valueErr("weights[%d]: module %s matches none of the patterns of adapter %d (%s); add a catch-all such as "+
-		"'.*' as the last pattern%s", i, module, i, quotePatterns(w.Patterns), substringHint(w.Patterns, module))
+	return 0, valueErr("weights[%d]: module %s of adapter %d (%s) matches none of its patterns (%s); add a catch-all "+
+		"such as '.*' as the last pattern%s", i, module, i, dir, quotePatterns(w.Patterns), substringHint(w.Patterns, module))
 }
 
-// quotePatterns lists the patterns for an error message.
+// quotePatterns lists the patterns for an error message, as written (no
+// escapes doubled: 'self_attn\..*').
 func quotePatterns(ps []WeightPattern) string {
 	q := make([]string, len(ps))
 	for i, p := range ps {
-		q[i] = strconv.Quote(p.Pattern)
+		q[i] = "'" + p.Pattern + "'"
 	}
 	return strings.Join(q, ", ")
 }
@@ -256,8 +258,8 @@ func quotePatterns(ps []WeightPattern) string {
 func substringHint(ps []WeightPattern, module string) string {
 	for _, p := range ps {
 		if re, err := regexp.Compile(p.Pattern); err == nil && re.MatchString(module) {
-			return fmt.Sprintf(" (patterns match the end of the module name, as PEFT's rank_pattern keys do: %q occurs "+
-				"inside %s but does not end it; write %q to match it anywhere)", p.Pattern, module, ".*"+wrapAlternation(p.Pattern)+".*")
+			return fmt.Sprintf(" (patterns match the end of the module name, as PEFT's rank_pattern keys do: '%s' occurs "+
+				"inside %s but does not end it; write '%s' to match it anywhere)", p.Pattern, module, ".*"+wrapAlternation(p.Pattern)+".*")
 		}
 	}
 	return ""

@@ -71,9 +71,9 @@ func TestWeightsJSONErrors(t *testing.T) {
 		{"missing weight", `[[{"pattern": ".*"}]]`, `weights[0]: entry 0`},
 		{"missing pattern", `[[{"weight": 1}]]`, `weights[0]: entry 0`},
 		{"pattern not a string", `[[{"pattern": 1, "weight": 1}]]`, `weights[0]: entry 0`},
-		{"weight a string", `[1, [{"pattern": "mlp", "weight": "1"}]]`, `weights[1]: pattern "mlp": the weight is not a number`},
-		{"weight null", `[[{"pattern": "mlp", "weight": null}]]`, `pattern "mlp": the weight is not a number`},
-		{"gradient of strings", `[[{"pattern": ".*", "weight": [0, "1"]}]]`, `pattern ".*": gradient value 1 is not a number`},
+		{"weight a string", `[1, [{"pattern": "mlp", "weight": "1"}]]`, `weights[1]: pattern 'mlp': the weight is not a number`},
+		{"weight null", `[[{"pattern": "mlp", "weight": null}]]`, `pattern 'mlp': the weight is not a number`},
+		{"gradient of strings", `[[{"pattern": ".*", "weight": [0, "1"]}]]`, `pattern '.*': gradient value 1 is not a number`},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -93,8 +93,8 @@ func TestWeightCompileErrors(t *testing.T) {
 		want string
 	}{
 		{"nan", Weight{Value: math.NaN()}, "weights[2]: NaN is not a finite number"},
-		{"inf pattern", perModule(".*", math.Inf(1)), `weights[2]: pattern ".*": +Inf is not a finite number`},
-		{"nan gradient", perModule(".*", []float64{0, math.NaN()}), `pattern ".*": gradient value NaN`},
+		{"inf pattern", perModule(".*", math.Inf(1)), `weights[2]: pattern '.*': +Inf is not a finite number`},
+		{"nan gradient", perModule(".*", []float64{0, math.NaN()}), `pattern '.*': gradient value NaN`},
 		{"empty gradient", perModule(".*", []float64{}), "a gradient needs at least one value"},
 		{"no patterns", Weight{Patterns: []WeightPattern{}}, "weights[2]: an empty list of patterns"},
 		{"bad regex", perModule("mlp", 1.0, "self_attn(", 0.0), `weights[2]: pattern "self_attn(" is not a regular expression`},
@@ -130,12 +130,12 @@ func TestWeightResolve(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.module, func(t *testing.T) {
-			got, err := w.resolve(0, tc.module, 5)
+			got, err := w.resolve(0, "a", tc.module, 5)
 			require.NoError(t, err)
 			assert.InDelta(t, tc.want, got, 1e-12)
 		})
 	}
-	scalar, err := Weight{Value: 2}.resolve(0, "anything", 1)
+	scalar, err := Weight{Value: 2}.resolve(0, "a", "anything", 1)
 	require.NoError(t, err)
 	assert.Equal(t, 2.0, scalar)
 }
@@ -148,20 +148,20 @@ func TestWeightResolveErrors(t *testing.T) {
 		want   []string
 	}{
 		{"unmatched", perModule(`self_attn\..*`, 1.0, `layers\.0\..*`, 0.5), "model.layers.3.mlp.up_proj",
-			[]string{"weights[1]: module model.layers.3.mlp.up_proj matches none of the patterns of adapter 1",
-				`"self_attn\\..*", "layers\\.0\\..*"`, "add a catch-all such as '.*'"}},
+			[]string{"weights[1]: module model.layers.3.mlp.up_proj of adapter 1 (dir/b) matches none of its patterns",
+				`'self_attn\..*', 'layers\.0\..*'`, "add a catch-all such as '.*'"}},
 		{"a pattern inside the name", perModule("self_attn", 1.0, "mlp", 0.0), "model.layers.0.mlp.up_proj",
-			[]string{"matches none", `"mlp" occurs inside model.layers.0.mlp.up_proj but does not end it; write ".*mlp.*"`}},
+			[]string{"matches none", `'mlp' occurs inside model.layers.0.mlp.up_proj but does not end it; write '.*mlp.*'`}},
 		{"alternation inside the name", perModule("mlp|attn", 1.0), "model.layers.0.mlp.up_proj",
-			[]string{`write ".*(?:mlp|attn).*"`}},
+			[]string{`write '.*(?:mlp|attn).*'`}},
 		{"gradient without a layer", perModule(".*", []float64{0, 1}), "lm_head",
-			[]string{`weights[1]: pattern ".*" gives module lm_head a gradient`, "no layer index"}},
+			[]string{`weights[1]: pattern '.*' gives module lm_head a gradient`, "no layer index"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			w, err := tc.w.compile(1)
 			require.NoError(t, err)
-			_, err = w.resolve(1, tc.module, 4)
+			_, err = w.resolve(1, "dir/b", tc.module, 4)
 			require.Error(t, err)
 			assert.Equal(t, KindValue, KindOf(err))
 			for _, s := range tc.want {
@@ -291,7 +291,7 @@ func TestMergePerModuleWeightErrorsWriteNothing(t *testing.T) {
 		want    string
 	}{
 		{"unmatched", Weights{{Value: 1}, perModule(`self_attn\..*`, 1.0)},
-			"weights[1]: module model.layers.0.mlp.up_proj matches none of the patterns of adapter 1"},
+			"weights[1]: module model.layers.0.mlp.up_proj of adapter 1 (" + dirs[1] + ") matches none of its patterns"},
 		{"bad regex", Weights{perModule("[", 1.0), {Value: 1}}, `weights[0]: pattern "["`},
 		{"nan", Weights{{Value: 1}, perModule(".*", math.NaN())}, "weights[1]"},
 	}
