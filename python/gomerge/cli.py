@@ -39,6 +39,10 @@ recipe file (YAML):
   adapters:                       # required
     - source: adapters/norobots   # a directory or a Hub id; relative to the recipe file
       weight: 2.0                 # default 1.0
+    - source: adapters/sql
+      weight:                     # per module: first matching pattern wins
+        'self_attn\\..*': 0.5
+        '.*': [0.0, 1.0]          # a gradient from the first layer to the last
     - source: user/repo
       revision: main              # optional
       subfolder: lora             # optional
@@ -52,6 +56,39 @@ recipe file (YAML):
   adapter_name: merge
   output_dir: merged              # relative to the recipe file
   overwrite: false"""
+
+
+def _weight_value(text: str) -> float | list[float]:
+    """A number, or a gradient A:B[:C...]."""
+    parts = text.split(":")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a gradient A:B[:C...] of numbers") from None
+    return values if len(parts) > 1 else values[0]
+
+
+def _weight_arg(text: str) -> float | list[float] | dict[str, float | list[float]]:
+    """One adapter's --weights value: a number, a gradient A:B[:C...], or PATTERN=W[,PATTERN=W...] (the patterns in
+    their order, which is the first-match order)."""
+    if "=" not in text:
+        return _weight_value(text)
+    # split at commas, gluing a piece without "=" to the next one: a pattern may hold commas ("q{1,2}=1")
+    entries: list[str] = []
+    for piece in text.split(","):
+        if entries and "=" not in entries[-1]:
+            entries[-1] += "," + piece
+        else:
+            entries.append(piece)
+    weights: dict[str, float | list[float]] = {}
+    for entry in entries:
+        pattern, eq, value = entry.rpartition("=")
+        if not eq or not pattern:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected PATTERN=W[,PATTERN=W...], got {entry!r}")
+        if pattern in weights:
+            raise argparse.ArgumentTypeError(f"{text!r}: pattern {pattern!r} is given twice")
+        weights[pattern] = _weight_value(value)
+    return weights
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,9 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
         "-w",
         "--weights",
         nargs="+",
-        type=float,
+        type=_weight_arg,
         metavar="W",
-        help="one weight per adapter (default: 1 each); negative weights subtract",
+        help="one weight per adapter (default: 1 each); negative weights subtract. A weight is a number, or "
+        "PATTERN=W[,PATTERN=W...] for per-module weights: a module takes the W of the first PATTERN (a regular "
+        "expression) that matches its whole name or its end after a dot, as PEFT's rank_pattern keys do, e.g. "
+        "'self_attn\\..*=1,mlp\\..*=0'; every module must match one (end with '.*=W'). A W may be a gradient "
+        "over the layers, A:B[:C...], interpolated linearly from layer 0 to the last ('.*=0:1', or just '0:1'; "
+        "write '.*=-1:1' for one that starts negative)",
     )
     m.add_argument(
         "-m",

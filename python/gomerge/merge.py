@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import html
+import math
 import numbers
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Union
@@ -14,6 +15,9 @@ from typing import Any, Literal, Union
 from . import _native, sources
 
 PathLike = Union[str, "os.PathLike[str]"]
+# One adapter's weight: a number, a dict of module-name pattern -> number (or a list of numbers: a gradient over the
+# layers), first match wins, or a list of numbers (a gradient for every module).
+Weight = Union[float, Mapping[str, Union[float, Sequence[float]]], Sequence[float]]
 
 # A merge method's name: PEFT's eleven combination types or one of gomerge's own; the engine's method table
 # (`gomerge.methods()`) lists them with their parameters, and the engine validates every argument.
@@ -89,22 +93,56 @@ def _paths(adapters: Sequence[PathLike]) -> list[str]:
     return out
 
 
-def _floats(weights: Sequence[float]) -> list[float]:
+def _number(value: Any, where: str, what: str) -> float:
+    """A finite float from a real number; a TypeError or ValueError naming `where` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: expected {what}, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):  # JSON has no NaN / Inf: refused here, by name
+        raise ValueError(f"{where}: {value} is not a finite number")
+    return value
+
+
+def _pattern_weight(value: Any, where: str) -> float | list[float]:
+    """A pattern's weight: a number, or a list of numbers (a gradient over the layers)."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{where}: a gradient needs at least one value")
+        return [_number(v, f"{where}[{k}]", "a number") for k, v in enumerate(value)]
+    return _number(value, where, "a number or a list of numbers (a gradient over the layers)")
+
+
+def _weights(weights: Sequence[Weight]) -> list[float | list[dict[str, Any]]]:
+    """The engine's form of the weights: numbers, and per-module weights as lists of {pattern, weight} in the dict's
+    order, which is the first-match order (a JSON object's order would be lost in Go)."""
+    if isinstance(weights, (str, bytes, Mapping)):
+        raise TypeError(f"weights: expected a list with one weight per adapter, got {type(weights).__name__}")
     try:
         items = list(weights)
     except TypeError:
-        raise TypeError(f"weights: expected a list of numbers, got {type(weights).__name__}") from None
-    out = []
+        raise TypeError(f"weights: expected a list with one weight per adapter, got {type(weights).__name__}") from None
+    out: list[float | list[dict[str, Any]]] = []
     for i, w in enumerate(items):
-        if isinstance(w, bool) or not isinstance(w, numbers.Real):
-            raise TypeError(f"weights[{i}]: expected a number, got {type(w).__name__}")
-        out.append(float(w))
+        if isinstance(w, Mapping):
+            entries = []
+            for pattern, value in w.items():
+                if not isinstance(pattern, str):
+                    raise TypeError(f"weights[{i}]: patterns are strings, got {type(pattern).__name__} {pattern!r}")
+                entries.append({"pattern": pattern, "weight": _pattern_weight(value, f"weights[{i}][{pattern!r}]")})
+            if not entries:
+                raise ValueError(f"weights[{i}]: an empty dict of patterns; give a number, or at least one pattern")
+            out.append(entries)
+        elif isinstance(w, (list, tuple)):  # a gradient for every module
+            out.append([{"pattern": ".*", "weight": _pattern_weight(w, f"weights[{i}]")}])
+        else:
+            what = "a number, a dict of module-name pattern -> weight, or a list of numbers (a gradient)"
+            out.append(_number(w, f"weights[{i}]", what))
     return out
 
 
 def add_weighted_adapter(
     adapters: Sequence[PathLike],
-    weights: Sequence[float],
+    weights: Sequence[Weight],
     adapter_name: str,
     combination_type: CombinationType = "svd",
     svd_rank: int | None = None,
@@ -138,8 +176,20 @@ def add_weighted_adapter(
             PEFT adapters to merge: directories (with `adapter_model.safetensors`, or an older `adapter_model.bin`,
             read through torch with `weights_only=True`) or Hugging Face Hub ids (`user/repo`, `user/repo@revision`,
             resolved through `huggingface_hub` and its cache; `HF_HUB_OFFLINE=1` is honoured).
-        weights (`list[float]`):
-            One weight per adapter. Weights can be negative, to subtract an adapter's effect.
+        weights (`list[float | dict[str, float | list[float]] | list[float]]`):
+            One weight per adapter. Weights can be negative, to subtract an adapter's effect. A weight is a number
+            (for every module), or a dict of module-name patterns to numbers, for per-module weights: a module takes
+            the weight of the first pattern, in the dict's order, that matches it by PEFT's `rank_pattern` rule (the
+            pattern, a regular expression, matches the whole module name or its end after a dot: `r"mlp\\..*"`
+            matches `model.layers.0.mlp.up_proj`, `"mlp"` alone does not). Every module of the adapter must match
+            a pattern (end with `".*"` as a catch-all), or the merge is a `ValueError` naming the module, raised
+            before anything is written. A pattern's value may be a list of numbers: a gradient over the layers, as
+            in mergekit, spread evenly from layer 0 to the merge's last layer (a module's layer is the first number
+            between dots in its name) and interpolated linearly in between; a list of numbers in place of the dict
+            is a gradient for every module. For example `[{r"self_attn\\..*": 1.0, r"mlp\\..*": 0.0},
+            {r"self_attn\\..*": 0.0, r"mlp\\..*": 1.0}]` takes attention from the first adapter and the MLP from
+            the second, and `[[1.0, 0.0], [0.0, 1.0]]` fades from the first adapter at the first layer to the
+            second at the last. The model card lists the patterns.
         adapter_name (`str`):
             Name of the merged adapter; also the output directory when `output_dir` is not given.
         combination_type (`str`, defaults to `"svd"`):
@@ -198,6 +248,8 @@ def add_weighted_adapter(
         `FileExistsError`: `output_dir` exists and `overwrite` is not set.
         `ValueError`: invalid arguments, or adapters that cannot be merged (the message names the file, module or
             argument at fault).
+        `TypeError`: an argument of the wrong type (for example a weight that is neither a number, a dict nor a
+            list of numbers).
         `KeyboardInterrupt`: the merge was interrupted; no output was written.
 
     Example:
@@ -281,7 +333,7 @@ def _run(
         "adapters": local,
         "source_names": names,
         "model_card": bool(model_card),
-        "weights": _floats(weights),
+        "weights": _weights(weights),
         "adapter_name": adapter_name,
         "combination_type": combination_type,
         "svd_rank": None if svd_rank is None else int(svd_rank),

@@ -10,6 +10,11 @@ adapters:
     revision: main                   # optional, Hub ids only
     subfolder: null                  # optional
   - source: adapters/adcopy          # weight defaults to 1.0
+  - source: adapters/chat
+    weight:                          # per-module weights: the first pattern that matches wins (PEFT's rank_pattern
+      'self_attn\\..*': 1.0          # rule: a pattern matches the module name's end after a dot)
+      'mlp\\..*': [0.0, 1.0]         # a gradient from the first layer to the last
+      '.*': 0.5                      # a catch-all: every module must match a pattern
 method: ties                         # combination_type: any of PEFT's eleven (default: svd)
 density: 0.2
 majority_sign_method: total
@@ -50,7 +55,12 @@ TOP_KEYS = {
     "output_dir": "str",
     "overwrite": "bool",
 }
-SOURCE_KEYS = {"source": "str", "weight": "number", "revision": "str", "subfolder": "str"}
+SOURCE_KEYS = {
+    "source": "str",
+    "weight": "number, mapping of pattern -> number, or list of numbers",
+    "revision": "str",
+    "subfolder": "str",
+}
 
 
 class RecipeError(ValueError):
@@ -74,6 +84,53 @@ def _type_ok(value: Any, kind: str) -> bool:
         "number": isinstance(value, (int, float)) and not isinstance(value, bool),
         "bool": isinstance(value, bool),
     }.get(kind, True)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _weight_problem(value: Any, node: Any) -> tuple[Any, str] | None:
+    """What is wrong with a source's `weight`, and the node to point at: it is a number, a mapping of module-name
+    pattern -> number or list of numbers (a gradient), or a list of numbers (a gradient for every module)."""
+    import yaml
+
+    def gradient_problem(v: Any, n: Any, what: str) -> tuple[Any, str] | None:
+        if not v:
+            return n, f"{what}: a gradient needs at least one value"
+        for x, xn in zip(v, n.value):
+            if not _is_number(x):
+                return xn, f"{what}: a gradient is a list of numbers, got {x!r}"
+        return None
+
+    if _is_number(value):
+        return None
+    if isinstance(value, list) and isinstance(node, yaml.SequenceNode):
+        return gradient_problem(value, node, "adapter: key 'weight'")
+    if not isinstance(value, dict) or not isinstance(node, yaml.MappingNode):
+        return node, (
+            "adapter: key 'weight' must be a number, a mapping of module-name pattern -> number (per-module "
+            f"weights), or a list of numbers (a gradient), got {value!r}"
+        )
+    if not value:
+        return node, "adapter: key 'weight' is an empty mapping; give a number, or at least one pattern"
+    seen = set()
+    for knode, vnode in node.value:
+        key = yaml.safe_load(yaml.serialize(knode))
+        if not isinstance(key, str):
+            return knode, f"adapter: key 'weight': patterns are strings, got {key!r} (quote it)"
+        if key in seen:
+            return knode, f"adapter: key 'weight': pattern {key!r} is given twice"
+        seen.add(key)
+        v = value[key]
+        what = f"adapter: key 'weight', pattern {key!r}"
+        if isinstance(v, list) and isinstance(vnode, yaml.SequenceNode):
+            problem = gradient_problem(v, vnode, what)
+            if problem:
+                return problem
+        elif not _is_number(v):
+            return vnode, f"{what}: the weight must be a number or a list of numbers (a gradient), got {v!r}"
+    return None
 
 
 def load_recipe(path: str) -> Recipe:
@@ -135,7 +192,11 @@ def load_recipe(path: str) -> Recipe:
                     sub.get(key, (node,))[0],
                     f"adapter: unknown key {key!r} (expected one of: {', '.join(SOURCE_KEYS)})",
                 )
-            if not _type_ok(item[key], SOURCE_KEYS[key]):
+            if key == "weight":
+                problem = _weight_problem(item[key], sub[key][1])
+                if problem:
+                    raise err(*problem)
+            elif not _type_ok(item[key], SOURCE_KEYS[key]):
                 raise err(sub[key][1], f"adapter: key {key!r} must be a {SOURCE_KEYS[key]}, got {item[key]!r}")
         if not item.get("source"):
             raise err(node, "adapter: key 'source' (a directory or Hub id) is missing")
