@@ -3,6 +3,7 @@ package gomerge
 import (
 	"encoding/binary"
 	"encoding/json"
+	"math"
 	"os"
 	"path/filepath"
 	"testing"
@@ -116,6 +117,42 @@ func FuzzPatternResolve(f *testing.F) {
 		}
 		if v, ok := p.Resolve(module); ok && v != 4 {
 			t.Fatalf("resolved %v", v)
+		}
+	})
+}
+
+func FuzzWeightsJSON(f *testing.F) {
+	for _, s := range [][2]string{
+		{`[1, -2.5]`, "model.layers.0.q_proj"},
+		{`[[{"pattern": "q_proj", "weight": 2}, {"pattern": ".*", "weight": [0, 1]}]]`, "model.layers.3.mlp.up_proj"},
+		{`[[{"pattern": "(", "weight": 1}]]`, "x"},
+		{`[[{"pattern": ".*", "weight": []}]]`, "a.1.b"},
+		{`[[{"pattern": ".*", "weight": [1e308, -1e308]}]]`, "a.99999999999999999999.b"},
+		{`[[]]`, ""}, {`[null]`, ""}, {`[[{"pattern": ".*"}]]`, ""},
+	} {
+		f.Add(s[0], s[1])
+	}
+	f.Fuzz(func(t *testing.T, raw, module string) {
+		var ws Weights
+		if err := json.Unmarshal([]byte(raw), &ws); err != nil {
+			return
+		}
+		back, err := json.Marshal(ws)
+		if err != nil {
+			t.Fatalf("marshal: %v", err)
+		}
+		var again Weights
+		if err := json.Unmarshal(back, &again); err != nil || len(again) != len(ws) {
+			t.Fatalf("round trip of %s: %v", back, err)
+		}
+		for i, w := range ws {
+			c, err := w.compile(i)
+			if err != nil {
+				continue
+			}
+			if v, err := c.resolve(i, "dir", module, layerCount([]string{module, "m.7.x"})); err == nil && (math.IsNaN(v) || math.IsInf(v, 0)) {
+				t.Fatalf("weight %v for %q", v, module)
+			}
 		}
 	})
 }
