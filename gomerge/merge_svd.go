@@ -8,8 +8,10 @@ import (
 // mergeSVD is PEFT's "svd" combination: the rank-k truncated SVD of
 // D = sum_i w_i s_i B_i A_i. D has rank at most R = sum r_i, so its SVD is
 // computed exactly from the stacked factors (see LowRankSVD) instead of a
-// dense SVD of the out x in matrix. B' = U_k S_k, A' = V_k^T.
-func mergeSVD(srcs []source, k, in, out int, clamp *float64) (a, b []float32) {
+// dense SVD of the out x in matrix. B' = U_k S_k, A' = V_k^T. The rule
+// gives k (fixed, or from the spectrum); relErr is the exact relative
+// Frobenius error of the truncation, before any clamp.
+func mergeSVD(srcs []source, rule rankRule, in, out int, clamp *float64) (a, b []float32, k int, relErr float64) {
 	total := 0
 	for _, s := range srcs {
 		total += s.mod.Rank
@@ -32,12 +34,12 @@ func mergeSVD(srcs []source, k, in, out int, clamp *float64) (a, b []float32) {
 		}
 		off += r
 	}
-	bk, ak, _ := LowRankSVD(bc, ac, out, total, in, k)
+	bk, ak, sv, k := lowRankSVD(bc, ac, out, total, in, rule.choose)
 	b, a = toFloat32(bk), toFloat32(ak)
 	if clamp != nil {
 		ClampQuantile(a, b, *clamp)
 	}
-	return a, b
+	return a, b, k, truncationError(sv, k)
 }
 
 // ClampQuantile is PEFT's svd_clamp: hi = quantile(concat(B, A), q) with

@@ -66,7 +66,9 @@ func TestMergeSVDIsExactAtFullRank(t *testing.T) {
 			want[j] += w * s * v
 		}
 	}
-	a, b := mergeSVD(srcs, 6, in, out, nil)
+	a, b, k, relErr := mergeSVD(srcs, rankRule{fixed: 6}, in, out, nil)
+	assert.Equal(t, 6, k)
+	assert.InDelta(t, 0, relErr, 1e-12, "rank 6 holds the whole sum of three rank-2 updates")
 	got := product(a, b, out, 6, in)
 	for i := range want {
 		assert.InDelta(t, want[i], got[i], 1e-5)
@@ -177,8 +179,12 @@ func TestMergeErrors(t *testing.T) {
 		{"existing output", Options{Adapters: dirs, Weights: []float64{1, 1, 1}, OutputDir: existing}, KindFileExists, "already exists"},
 		{"overwrite non-adapter", Options{Adapters: dirs, Weights: []float64{1, 1, 1}, OutputDir: existing, Overwrite: true}, KindFileExists, "not an adapter"},
 		{"output is input", Options{Adapters: dirs, Weights: []float64{1, 1, 1}, OutputDir: dirs[1]}, KindValue, "also an input"},
-		{"svd rank", Options{Adapters: dirs, Weights: []float64{1, 1, 1}, Combine: Combine{SVDRank: &neg}}, KindValue, "svd_rank"},
-		{"duplicate", Options{Adapters: []string{dirs[0], dirs[0]}, Weights: []float64{1, 1}, Combine: Combine{SVDRank: &one}}, KindValue, "listed twice"},
+		{"svd rank", Options{Adapters: dirs, Weights: []float64{1, 1, 1}, Combine: Combine{SVDRank: &RankSpec{Fixed: neg}}}, KindValue, "svd_rank"},
+		{"energy for a factor-wise type", Options{Adapters: dirs, Weights: []float64{1, 1, 1}, Combine: Combine{CombinationType: "linear", SVDRank: &RankSpec{Energy: 0.9}}}, KindValue, "does not factorise"},
+		{"energy for a pruned svd type", Options{Adapters: dirs, Weights: []float64{1, 1, 1}, Combine: Combine{CombinationType: "ties_svd", Density: new(0.5), SVDRank: &RankSpec{Energy: 0.9}}}, KindValue, "randomized SVD"},
+		{"max rank for cat", Options{Adapters: dirs, Weights: []float64{1, 1, 1}, Combine: Combine{CombinationType: "cat", MaxRank: &one}}, KindValue, "does not take max_rank"},
+		{"max rank zero", Options{Adapters: dirs, Weights: []float64{1, 1, 1}, Combine: Combine{MaxRank: new(0)}}, KindValue, "max_rank"},
+		{"duplicate", Options{Adapters: []string{dirs[0], dirs[0]}, Weights: []float64{1, 1}, Combine: Combine{SVDRank: &RankSpec{Fixed: one}}}, KindValue, "listed twice"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
