@@ -275,11 +275,7 @@ func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt D
 		}
 	}()
 	defer func() {
-		if p := recover(); p != nil {
-			if e, ok := p.(*Error); ok { // a read error raised inside a kernel
-				err = e
-				return
-			}
+		if p := recover(); p != nil { // a bug: read errors are returned, never raised
 			err = newErr(KindInternal, "module %s: internal error: %v", j.name, p)
 		}
 	}()
@@ -303,15 +299,21 @@ func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt D
 	}
 	switch opts.method.family(opts.SVDRank) {
 	case FamilyFactors:
-		a, b, r = mergeFactors(srcs, comb, seed, j.name)
+		if a, b, r, err = mergeFactors(srcs, comb, seed, j.name); err != nil {
+			return "", "", RawTensor{}, RawTensor{}, out, err
+		}
 		if r > rank {
 			return "", "", RawTensor{}, RawTensor{}, out, valueErr("module %s: rank %d is above the adapter's rank %d", j.name, r, rank)
 		}
 	case FamilyCat:
 		r, relErr = rank, 0 // exact
-		a, b = mergeCat(srcs, r, j.in, j.out)
+		if a, b, err = mergeCat(srcs, r, j.in, j.out); err != nil {
+			return "", "", RawTensor{}, RawTensor{}, out, err
+		}
 	case FamilySVD:
-		a, b, r, relErr = mergeSVD(srcs, opts.rankRule(rank), j.in, j.out, opts.SVDClamp)
+		if a, b, r, relErr, err = mergeSVD(srcs, opts.rankRule(rank), j.in, j.out, opts.SVDClamp); err != nil {
+			return "", "", RawTensor{}, RawTensor{}, out, err
+		}
 	case FamilyDenseSVD:
 		r = rank
 		a, b, relErr, err = mergeDenseSVD(ctx, j, comb, r, opts.SVDClamp, seed)

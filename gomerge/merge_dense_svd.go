@@ -29,7 +29,10 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, k int, c
 	}()
 	weights := make([]float32, len(j.srcs))
 	for i, s := range j.srcs {
-		fa, fb := s.mod.Factors()
+		fa, fb, err := s.mod.Factors()
+		if err != nil {
+			return nil, nil, 0, err
+		}
 		dws[i] = denseDelta(fa, fb, j.out, s.mod.Rank, j.in, s.mod.Scaling)
 		if s.roundDW != "" && s.roundDW != F32 {
 			for e, v := range dws[i] {

@@ -11,7 +11,7 @@ import (
 // dense SVD of the out x in matrix. B' = U_k S_k, A' = V_k^T. The rule
 // gives k (fixed, or from the spectrum); relErr is the exact relative
 // Frobenius error of the truncation, before any clamp.
-func mergeSVD(srcs []source, rule rankRule, in, out int, clamp *float64) (a, b []float32, k int, relErr float64) {
+func mergeSVD(srcs []source, rule rankRule, in, out int, clamp *float64) (a, b []float32, k int, relErr float64, err error) {
 	total := 0
 	for _, s := range srcs {
 		total += s.mod.Rank
@@ -20,7 +20,10 @@ func mergeSVD(srcs []source, rule rankRule, in, out int, clamp *float64) (a, b [
 	ac := make([]float64, total*in)  // [A_1; A_2; ...]
 	off := 0
 	for _, s := range srcs {
-		fa, fb := s.mod.Factors()
+		fa, fb, err := s.mod.Factors()
+		if err != nil {
+			return nil, nil, 0, 0, err
+		}
 		r := s.mod.Rank
 		c := s.weight * s.mod.Scaling
 		for i := 0; i < out; i++ {
@@ -39,7 +42,7 @@ func mergeSVD(srcs []source, rule rankRule, in, out int, clamp *float64) (a, b [
 	if clamp != nil {
 		ClampQuantile(a, b, *clamp)
 	}
-	return a, b, k, truncationError(sv, k)
+	return a, b, k, truncationError(sv, k), nil
 }
 
 // ClampQuantile is PEFT's svd_clamp: hi = quantile(concat(B, A), q) with
