@@ -67,8 +67,9 @@ $(QEMU):
 test-cpus: build $(QEMU)
 	PY=$(PY) GO=$(GO) tests/platforms/cpus.sh
 
+# The wheel tests (tests/test_wheel.py) run in test-wheels, once the wheels are built.
 test-python: build $(VENV)/.deps-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/test_wheel.py
 
 # Each fuzz target runs for FUZZTIME; a crasher is saved under gomerge/testdata/fuzz/ and fails the run
 # (commit it: it then runs as a regression test in test-go).
@@ -78,11 +79,10 @@ fuzz:
 		$(GO) test ./gomerge -run='^$$' -fuzz="^$$t$$" -fuzztime=$(FUZZTIME) || exit 1; \
 	done
 
-test: lint test-go test-cpus fuzz test-python
+test: lint test-go test-cpus fuzz test-python test-wheels
 
-wheel: $(VENV)/.deps-build
-	rm -rf dist
-	$(PIP) wheel --no-deps -w dist .
+# `make wheel` is `make wheels` (below): the ten manylinux wheels and the sdist in dist/.
+wheel: wheels
 
 $(VENV)/.deps-bench: benchmarks/requirements.txt $(VENV)/.deps-test
 	$(PIP) install -q --disable-pip-version-check -r benchmarks/requirements.txt

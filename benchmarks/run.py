@@ -15,6 +15,8 @@ Scenarios (CPU, all cores):
   and `svd` (on 2 layers by default: its exact SVDs of rank-512 sums are compute-bound), gomerge only (in a child
   process, for its peak RSS), against the floor.
 - S4, half precision: S1's `ties` with BF16 and F16 adapters against F32, gomerge only.
+- R1, rank control: `gomerge.resize` of one of S3's rank-64 adapters (32 layers x 7 modules) to rank 16, against
+  torch's dense truncation (B A formed, `torch.linalg.svd`, truncated), timed on one layer and scaled by 32.
 
 Every row states the bytes read and written and the floor: those bytes divided by the memory bandwidth measured at
 the start of the run (a large memory copy). Rows also give this machine's measured lower bounds (benchmarks/floor):
@@ -25,7 +27,7 @@ a child process, for its peak RSS (the best of 2 runs for ties, one for svd), af
 that both it and the floors find them in the page cache. Results go to benchmarks/results/ (JSON, Markdown table,
 PNG chart), with the targets of the issue checked against the run.
 
-Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4] [--s3-layers N] [--s1-methods ties,svd,...]
+Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1] [--s3-layers N] [--s1-methods ties,svd,...]
 """
 
 from __future__ import annotations
@@ -331,10 +333,11 @@ def s2(root: str, bw: float, rows: list) -> None:
         gc.collect()
 
 
-def s3_adapters(layers: int) -> list[str]:
-    """Eight rank-64 adapters on every linear module of a Llama-7B shape, written in PEFT's format (cached)."""
-    root = os.path.join(CACHE, f"s3-{layers}")
-    dirs = [os.path.join(root, f"adapter{i}") for i in range(8)]
+def s3_adapters(layers: int, count: int = 8) -> list[str]:
+    """count (eight) rank-64 adapters on every linear module of a Llama-7B shape, written in PEFT's format
+    (cached)."""
+    root = os.path.join(CACHE, f"s3-{layers}" if count == 8 else f"s3-{layers}-{count}")
+    dirs = [os.path.join(root, f"adapter{i}") for i in range(count)]
     if all(os.path.exists(os.path.join(d, "adapter_model.safetensors")) for d in dirs):
         return dirs
     shapes = {
@@ -399,6 +402,67 @@ def s3(root: str, bw: float, rows: list, layers: int, svd_layers: int) -> None:
         )
         print(rows[-1], flush=True)
         shutil.rmtree(out, ignore_errors=True)
+
+
+def r1(root: str, bw: float, rows: list, layers: int) -> None:
+    """R1: resize one rank-64 all-linear Llama-7B-shaped adapter (32 layers x 7 modules) to rank 16: gomerge's exact
+    factored SVD against torch's dense truncation (B A formed, torch.linalg.svd, truncated), which is timed on one
+    layer and scaled by the number of layers. The check: each module's truncation error ||D - B'A'|| against the
+    optimal one, sqrt(sum_{i>16} s_i^2) from torch's SVD (B'A' itself is ill-conditioned where s_16 ~ s_17, as for
+    these random factors)."""
+    src = s3_adapters(layers, count=1)[0]
+    in_bytes = dir_bytes(src)
+    out = os.path.join(root, "r1")
+    t_go = best(
+        2,
+        gomerge.resize,
+        src,
+        rank=16,
+        output_dir=out,
+        progress=False,
+        before=lambda: shutil.rmtree(out, ignore_errors=True),
+    )
+    from safetensors import safe_open
+
+    worst = 0.0
+
+    def torch_layer(check: bool) -> None:
+        nonlocal worst
+        with safe_open(os.path.join(src, "adapter_model.safetensors"), "pt") as f:
+            keys = sorted(k for k in f.keys() if ".layers.0." in k and k.endswith("lora_A.weight"))
+            with safe_open(os.path.join(out, "adapter_model.safetensors"), "pt") as g:
+                for ka in keys:
+                    a, b = f.get_tensor(ka), f.get_tensor(ka.replace("lora_A", "lora_B"))
+                    d = (b @ a) * 2.0  # scaling 128 / 64
+                    u, sv, vh = torch.linalg.svd(d, full_matrices=False)
+                    best16 = (u[:, :16] * sv[:16]) @ vh[:16]
+                    if check:  # the truncation error against the optimal one (s_17.. of torch's SVD)
+                        ours = g.get_tensor(ka.replace("lora_A", "lora_B")) @ g.get_tensor(ka)
+                        optimal = float(sv[16:].double().square().sum().sqrt())
+                        err = float(torch.linalg.norm((d - ours).double()))
+                        worst = max(
+                            worst, abs(err / optimal - 1), float(torch.linalg.norm((best16 - d).double())) / optimal - 1
+                        )
+
+    t_torch = layers * timed(torch_layer, True)
+    out_bytes = dir_bytes(out)
+    rows.append(
+        dict(
+            scenario="R1",
+            method="resize r64 -> r16",
+            shapes=f"Llama-7B, {layers} layers x 7 modules, 1 x r64",
+            read=in_bytes,
+            written=out_bytes,
+            floor=(in_bytes + out_bytes) / bw,
+            peft=t_torch,
+            gomerge=t_go,
+            note=f"torch est. (1 layer x {layers})",
+            check=f"error/optimal - 1 (layer 0): {worst:.1e}",
+            ok=worst < 1e-4,
+        )
+    )
+    print(rows[-1], flush=True)
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def s4(root: str, bw: float, rows: list) -> None:
@@ -529,6 +593,12 @@ def targets(rows: list) -> list[str]:
                 f"{r['peak_rss_mib']:.0f} MiB",
                 r["peak_rss_mib"] <= r["rss_budget_mib"],
             )
+    if r := row("R1", "resize r64 -> r16"):
+        add(
+            f"R1 resize vs torch dense truncation, {r['check']}",
+            f"{r['peft'] / r['gomerge']:.0f}x",
+            r["peft"] > r["gomerge"] and r["ok"],
+        )
     f32 = row("S4", "ties float32")
     for half in ("bfloat16", "float16"):
         if f32 and (r := row("S4", f"ties {half}")):
@@ -557,7 +627,7 @@ def chart(rows: list, path: str) -> None:
     bars = [
         (label(r), r["peft"] / r["gomerge"], r.get("peft_e2e", 0) / r["gomerge"])
         for r in rows
-        if r.get("peft") and not r.get("kernels")
+        if r.get("peft") and not r.get("kernels") and r["scenario"] != "R1"
     ]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     x = np.arange(len(bars))
@@ -575,7 +645,7 @@ def chart(rows: list, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scenarios", default="S1,S2,S3,S4")
+    ap.add_argument("--scenarios", default="S1,S2,S3,S4,R1")
     ap.add_argument("--chart-only", action="store_true", help="redraw the chart and table from results/latest.json")
     ap.add_argument("--s3-layers", type=int, default=32)
     ap.add_argument("--s1-methods", default="ties,svd,cat,linear,dare_ties", help="S1's methods (comma-separated)")
@@ -612,7 +682,9 @@ def main() -> None:
             s2(root, bw, rows)
         if "S4" in todo:
             s4(root, bw, rows)
-        order = {"S1": 0, "S2": 1, "S3": 2, "S4": 3}
+        if "R1" in todo:
+            r1(root, bw, rows, args.s3_layers)
+        order = {"S1": 0, "S2": 1, "S3": 2, "S4": 3, "R1": 4}
         rows.sort(key=lambda r: order[r["scenario"]])  # stable: each scenario's rows keep their order
     os.makedirs(RESULTS, exist_ok=True)
     md = table(rows, machine)

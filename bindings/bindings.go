@@ -126,9 +126,9 @@ func decodeRequest(request string, v any) error {
 	if err == nil {
 		return nil
 	}
-	var typed *gomerge.Error
-	if errors.As(err, &typed) { // a field's own decoder (gomerge.Weights) names the value at fault
-		return typed
+	var ge *gomerge.Error
+	if errors.As(err, &ge) { // a value's own check, such as svd_rank's energy rule
+		return ge
 	}
 	if key, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
 		return &gomerge.Error{Kind: gomerge.KindValue, Msg: "invalid merge request: unknown key " + key}

@@ -51,17 +51,31 @@ func (m *Module) Out() int { return m.RawB.Shape[0] }
 
 // Factors returns A (r x In) and B (Out x r) as float32, to be treated as
 // read-only: views of memory for F32 tensors in memory, otherwise read from
-// the file and converted. A read error panics with an *Error, which the
-// merge of the module turns back into an error.
-func (m *Module) Factors() (a, b []float32) {
+// the file (once) and converted. A read error names the file and tensor.
+func (m *Module) Factors() (a, b []float32, err error) {
 	if m.a == nil {
-		if ab, na, ok := readAdjacent(m.RawA, m.RawB); ok {
+		ab, na, ok, err := readAdjacent(m.RawA, m.RawB)
+		switch {
+		case err != nil:
+			return nil, nil, err
+		case ok:
 			m.a, m.b, m.joint = ab[:na:na], ab[na:], ab
-		} else {
-			m.a, m.b = view(m.RawA), view(m.RawB)
+		default:
+			fa, err := view(m.RawA)
+			if err != nil {
+				return nil, nil, err
+			}
+			fb, err := view(m.RawB)
+			if err != nil {
+				if m.RawA.src != nil {
+					putBuf(fa)
+				}
+				return nil, nil, err
+			}
+			m.a, m.b = fa, fb
 		}
 	}
-	return m.a, m.b
+	return m.a, m.b, nil
 }
 
 // release gives the buffers of factors read from a file back to the pool
@@ -80,35 +94,33 @@ func (m *Module) release() {
 // readAdjacent reads A and B with one read when they are float32 tensors
 // stored one after the other in the same file (as PEFT writes them: sorted
 // by name), returning both in one buffer and A's length.
-func readAdjacent(a, b RawTensor) (ab []float32, na int, ok bool) {
+func readAdjacent(a, b RawTensor) (ab []float32, na int, ok bool, err error) {
 	if a.src == nil || a.src != b.src {
-		return nil, 0, false
+		return nil, 0, false, nil
 	}
 	ea, eb := a.src.Entries[a.name], a.src.Entries[b.name]
 	if ea.DType != F32 || eb.DType != F32 || ea.Offset+ea.Length != eb.Offset {
-		return nil, 0, false
+		return nil, 0, false, nil
 	}
 	na = int(ea.Length / 4)
 	ab = getBuf(na + int(eb.Length/4))
 	if err := a.src.readF32Run(ab, ea.Offset, na, a.name, b.name); err != nil {
 		putBuf(ab)
-		panic(err)
+		return nil, 0, false, err
 	}
-	return ab, na, true
+	return ab, na, true, nil
 }
 
-func view(t RawTensor) []float32 {
+// view returns a tensor as float32: read from its file into a pooled
+// buffer, or a view (F32) or conversion of memory.
+func view(t RawTensor) ([]float32, error) {
 	if t.src != nil {
-		x, err := t.src.ReadFloat32Into(getBuf(numel(t.Shape)), t.name)
-		if err != nil {
-			panic(err)
-		}
-		return x
+		return t.src.ReadFloat32Into(getBuf(numel(t.Shape)), t.name)
 	}
 	if t.DType == F32 {
-		return bytesAsFloat32(t.Data)
+		return bytesAsFloat32(t.Data), nil
 	}
-	return Decode(t.DType, t.Data)
+	return Decode(t.DType, t.Data), nil
 }
 
 // Keys returns the safetensors names of A and B for this module.

@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"fmt"
+	"sort"
 	"strings"
 )
 
@@ -64,7 +65,10 @@ func ModelCard(opts Options, res *Result, baseModel string, sources []string) st
 		fmt.Fprintf(&b, "- lambda: %g\n", *opts.Lambda)
 	}
 	if opts.SVDRank != nil {
-		fmt.Fprintf(&b, "- svd_rank: %d\n", *opts.SVDRank)
+		fmt.Fprintf(&b, "- svd_rank: %s\n", opts.SVDRank)
+	}
+	if opts.MaxRank != nil {
+		fmt.Fprintf(&b, "- max_rank: %d\n", *opts.MaxRank)
 	}
 	if opts.SVDClamp != nil {
 		fmt.Fprintf(&b, "- svd_clamp: %g\n", *opts.SVDClamp)
@@ -72,6 +76,7 @@ func ModelCard(opts Options, res *Result, baseModel string, sources []string) st
 	if res.Seed != nil {
 		fmt.Fprintf(&b, "- seed: %d (pass it back as `seed=` to reproduce this merge byte for byte)\n", *res.Seed)
 	}
+	writeRankTable(&b, res)
 	base := baseModel
 	if base == "" {
 		base = "<base model>"
@@ -119,4 +124,42 @@ func yamlString(s string) string {
 		return fmt.Sprintf("%q", s)
 	}
 	return s
+}
+
+// writeRankTable lists each module's rank and the relative error of its
+// factorisation, when the merge chose ranks per module or factorised the
+// combined updates.
+func writeRankTable(b *strings.Builder, res *Result) {
+	if len(res.ModuleErrors) == 0 && !mixedRanks(res.ModuleRanks) {
+		return
+	}
+	names := make([]string, 0, len(res.ModuleRanks))
+	for name := range res.ModuleRanks {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	worst := 0.0
+	for _, e := range res.ModuleErrors {
+		worst = max(worst, e)
+	}
+	fmt.Fprintf(b, "\n## Ranks\n\nr = %d; largest relative error ||D - B'A'|| / ||D|| of a module: %.3g.\n\n"+
+		"| module | rank | relative error |\n|---|---|---|\n", res.Rank, worst)
+	for _, name := range names {
+		e := "-"
+		if v, ok := res.ModuleErrors[name]; ok {
+			e = fmt.Sprintf("%.3g", v)
+		}
+		fmt.Fprintf(b, "| `%s` | %d | %s |\n", name, res.ModuleRanks[name], e)
+	}
+}
+
+func mixedRanks(ranks map[string]int) bool {
+	first := -1
+	for _, r := range ranks {
+		if first >= 0 && r != first {
+			return true
+		}
+		first = r
+	}
+	return false
 }

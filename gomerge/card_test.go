@@ -20,6 +20,12 @@ func TestModelCard(t *testing.T) {
 		"seed: 42", `PeftModel.from_pretrained(base, "merged")`, `from_pretrained("org/base: v1")`} {
 		assert.Contains(t, card, want)
 	}
+	assert.NotContains(t, card, "## Ranks")
+	res.ModuleRanks = map[string]int{"m.q": 8, "m.v": 3}
+	res.ModuleErrors = map[string]float64{"m.q": 0, "m.v": 0.125}
+	ranked := ModelCard(opts, res, "", []string{"a", "b"})
+	assert.Contains(t, ranked, "largest relative error ||D - B'A'|| / ||D|| of a module: 0.125")
+	assert.Contains(t, ranked, "| `m.v` | 3 | 0.125 |")
 	plain := ModelCard(Options{Weights: ScalarWeights(1), OutputDir: "o"}, &Result{CombinationType: "svd"}, "", []string{"a"})
 	assert.NotContains(t, plain, "base_model:")
 	assert.NotContains(t, plain, "seed:")

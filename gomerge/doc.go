@@ -5,18 +5,21 @@
 //
 // The package is organised one concept per file:
 //
-//   - errors.go: typed errors that the Python layer maps to exception classes
+//   - errors.go: typed errors (ErrKind) that the Python layer maps to exception classes
 //   - dtype.go: F32 / BF16 / F16 conversion loops
 //   - stfile.go, tensorio.go: validated, streaming safetensors reading and writing
 //   - config.go, pattern.go: adapter_config.json and rank/alpha patterns
-//   - adapter.go: an adapter directory as a set of LoRA modules
+//   - adapter.go, inspect.go: an adapter directory as a set of LoRA modules, and its summary
 //   - sparsify.go, elect.go, combine.go: PEFT's merge_utils primitives
 //     (magnitude and random pruning, sign election, disjoint merge, task arithmetic)
-//   - kernels.go, kernels_simd.go: the element-wise kernels behind them, in
-//     portable Go and in AVX2/AVX-512 vectors (built with GOEXPERIMENT=simd,
-//     chosen at start-up from the CPU; bit-identical results)
+//   - kernels.go, kernels_simd.go, kernels_avx512.go, kernels_novec.go: the element-wise
+//     kernels behind them, in portable Go and in AVX2 / AVX-512 vectors (built with
+//     GOEXPERIMENT=simd; bit-identical results)
+//   - kernelselect.go: the kernel set, chosen once from the CPU (GOMERGE_KERNELS forces one)
 //   - lowrank.go: exact SVD of a sum of low-rank products (thin QRs + core SVD)
 //   - rsvd.go: randomized SVD of dense updates
+//   - methods.go: the method table (every merge method's family, pruning, parameters, rank rule)
+//   - rank.go: svd_rank as a rank or the energy rule, and the truncation error
 //   - merge_factors.go, merge_cat.go, merge_svd.go, merge_dense_svd.go: one file per merge family
 //   - options.go, plan.go, merge.go: arguments, planning, and running a merge on all cores
 //   - weights.go: per-adapter weights, a number or module-name patterns (PEFT's first-match rule) and gradients over the layers

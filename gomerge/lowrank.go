@@ -21,6 +21,13 @@ import (
 // are zero. Signs are canonical: the largest-magnitude entry of each left
 // singular vector is positive.
 func LowRankSVD(b []float64, a []float64, m, r, n, k int) (bk, ak, s []float64) {
+	bk, ak, s, _ = lowRankSVD(b, a, m, r, n, func([]float64) int { return k })
+	return bk, ak, s
+}
+
+// lowRankSVD is LowRankSVD with the rank chosen from the singular values
+// (all min(m, n, R) of them, decreasing) by rank; it returns that rank too.
+func lowRankSVD(b []float64, a []float64, m, r, n int, rank func(s []float64) int) (bk, ak, s []float64, k int) {
 	qb, rb, pb := thinQR(b, m, r)
 	at := transpose(a, r, n)
 	qa, ra, pa := thinQR(at, n, r)
@@ -33,12 +40,13 @@ func LowRankSVD(b []float64, a []float64, m, r, n, k int) (bk, ak, s []float64) 
 		0, blas64.General{Rows: pb, Cols: pa, Stride: pa, Data: core})
 	sv, vtc := smallSVD(core, pb, pa)
 	q := len(sv)
+	k = rank(sv)
 	kk := min(k, q)
 
 	bk = make([]float64, m*k)
 	ak = make([]float64, k*n)
 	if kk == 0 {
-		return bk, ak, sv
+		return bk, ak, sv, k
 	}
 	// The left vectors scaled by the singular values, Uc[:, :kk] diag(S[:kk]), are core @ V[:, :kk]: the
 	// SVD need not accumulate Uc (half its rotations).
@@ -74,7 +82,7 @@ func LowRankSVD(b []float64, a []float64, m, r, n, k int) (bk, ak, s []float64) 
 			}
 		}
 	}
-	return bk, ak, sv
+	return bk, ak, sv, k
 }
 
 // thinQR factors the m x r row-major matrix x (overwritten) as Q R with Q

@@ -85,7 +85,7 @@ func MergeTensors(ctx context.Context, req MemRequest, progress *Progress) (*Mem
 		}
 		jobs[i] = j
 	}
-	ranks, err := runJobs(ctx, opts, jobs, req.Rank, F32, progress, func(i int, _, _ string, a, b RawTensor) error {
+	outcomes, err := runJobs(ctx, opts, jobs, req.Rank, F32, progress, func(i int, _, _ string, a, b RawTensor) error {
 		mm := req.Modules[i]
 		if a.Shape[0] > mm.OutRank {
 			return valueErr("module %s: merged rank %d does not fit the output rank %d", mm.Name, a.Shape[0], mm.OutRank)
@@ -101,7 +101,10 @@ func MergeTensors(ctx context.Context, req MemRequest, progress *Progress) (*Mem
 	if err != nil {
 		return nil, err
 	}
-	res.Ranks = ranks
+	res.Ranks = make([]int, len(outcomes))
+	for i, o := range outcomes {
+		res.Ranks[i] = o.rank
+	}
 	return res, nil
 }
 

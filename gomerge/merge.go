@@ -3,6 +3,7 @@ package gomerge
 import (
 	"context"
 	"fmt"
+	"math"
 	"runtime"
 	"slices"
 	"sync"
@@ -102,22 +103,23 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 			pending.abort()
 		}
 	}()
-	// Every output tensor is known before merging: write the header first, then each module as it is done,
-	// so that results never pile up in memory.
-	w, err := CreateSafetensors(pending.path(WeightsFile), outputTensors(opts, jobs, rank, outDType), map[string]string{"format": "pt"})
+	outcomes, err := writeModules(ctx, opts, jobs, rank, outDType, progress, pending.path(WeightsFile))
 	if err != nil {
 		return nil, err
 	}
-	ranks, err := runJobs(ctx, opts, jobs, rank, outDType, progress, func(_ int, aName, bName string, a, b RawTensor) error {
-		return w.WritePair(aName, a.Data, bName, b.Data)
-	})
-	if cerr := w.Close(); err == nil {
-		err = cerr
+	ranks := make([]int, len(jobs))
+	res.ModuleRanks, res.ModuleErrors = map[string]int{}, map[string]float64{}
+	for i, o := range outcomes {
+		ranks[i] = o.rank
+		res.ModuleRanks[jobs[i].name] = o.rank
+		if !math.IsNaN(o.relErr) {
+			res.ModuleErrors[jobs[i].name] = o.relErr
+		}
 	}
-	if err != nil {
-		return nil, err
+	if opts.energyRanks() { // the adapter's r is the largest module rank; the others go into rank_pattern
+		res.Rank = slices.Max(ranks)
 	}
-	if err := writeConfigAndCard(pending, opts, res, adapters[0].Config, targets, rankPattern(jobs, ranks, rank)); err != nil {
+	if err := writeConfigAndCard(pending, opts, res, adapters[0].Config, targets, rankPattern(jobs, ranks, res.Rank)); err != nil {
 		return nil, err
 	}
 	if err := ctx.Err(); err != nil {
@@ -129,6 +131,61 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 	committed = true
 	res.Seconds = time.Since(start).Seconds()
 	return res, nil
+}
+
+// writeModules merges the modules into the safetensors file at path. When
+// every output shape is known before merging, the header is written first
+// and then each module as it is done, so that results never pile up in
+// memory; with ranks chosen from each module's spectrum (the energy rule)
+// the results, the size of the output, are held until the last one.
+func writeModules(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt DType, progress *Progress, path string) ([]moduleOutcome, error) {
+	meta := map[string]string{"format": "pt"}
+	if !opts.energyRanks() {
+		w, err := CreateSafetensors(path, outputTensors(opts, jobs, rank, dt), meta)
+		if err != nil {
+			return nil, err
+		}
+		outcomes, err := runJobs(ctx, opts, jobs, rank, dt, progress, func(_ int, aName, bName string, a, b RawTensor) error {
+			return w.WritePair(aName, a.Data, bName, b.Data)
+		})
+		if cerr := w.Close(); err == nil {
+			err = cerr
+		}
+		return outcomes, err
+	}
+	type pair struct {
+		aName, bName string
+		a, b         RawTensor
+	}
+	held := make([]pair, len(jobs))
+	outcomes, err := runJobs(ctx, opts, jobs, rank, dt, progress, func(i int, aName, bName string, a, b RawTensor) error {
+		// runJobs hands its buffers back to the pool after emit: keep copies
+		ca, cb := a, b
+		ca.Data, cb.Data = append([]byte(nil), a.Data...), append([]byte(nil), b.Data...)
+		ca.buf, cb.buf = nil, nil
+		held[i] = pair{aName, bName, ca, cb}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	outs := make([]OutTensor, 0, 2*len(held))
+	for _, p := range held {
+		outs = append(outs, OutTensor{p.aName, dt, p.a.Shape}, OutTensor{p.bName, dt, p.b.Shape})
+	}
+	w, err := CreateSafetensors(path, outs, meta)
+	if err != nil {
+		return nil, err
+	}
+	for _, p := range held {
+		if err = w.WritePair(p.aName, p.a.Data, p.bName, p.b.Data); err != nil {
+			break
+		}
+	}
+	if cerr := w.Close(); err == nil {
+		err = cerr
+	}
+	return outcomes, err
 }
 
 // loadAll reads the adapter directories in parallel; the first error in
@@ -160,7 +217,7 @@ type emitFunc func(i int, aName, bName string, a, b RawTensor) error
 
 // runJobs merges the modules on all cores, hands each result to emit and
 // returns each module's merged rank.
-func runJobs(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt DType, progress *Progress, emit emitFunc) ([]int, error) {
+func runJobs(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt DType, progress *Progress, emit emitFunc) ([]moduleOutcome, error) {
 	if progress != nil {
 		progress.Total.Store(int64(len(jobs)))
 	}
@@ -168,7 +225,7 @@ func runJobs(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt D
 	if workers <= 0 {
 		workers = runtime.GOMAXPROCS(0)
 	}
-	ranks := make([]int, len(jobs))
+	outcomes := make([]moduleOutcome, len(jobs))
 	var next atomic.Int64
 	var errOnce sync.Once
 	var firstErr error
@@ -183,7 +240,7 @@ func runJobs(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt D
 				if i >= len(jobs) || ctx.Err() != nil || failed.Load() {
 					return
 				}
-				aName, bName, a, b, r, err := mergeModule(ctx, opts, &jobs[i], rank, dt)
+				aName, bName, a, b, o, err := mergeModule(ctx, opts, &jobs[i], rank, dt)
 				if err == nil {
 					err = emit(i, aName, bName, a, b)
 					putBuf(a.buf) // emit has written or copied them
@@ -194,7 +251,7 @@ func runJobs(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt D
 					failed.Store(true)
 					return
 				}
-				ranks[i] = r
+				outcomes[i] = o
 				if progress != nil {
 					progress.Done.Add(1)
 				}
@@ -206,27 +263,25 @@ func runJobs(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt D
 	if ctx.Err() != nil {
 		return nil, ErrCancelled
 	}
-	return ranks, firstErr
+	return outcomes, firstErr
 }
 
 // mergeModule merges one module, recovering from panics so that a bug in a
 // kernel becomes an error naming the module.
-func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt DType) (aName, bName string, ra, rb RawTensor, r int, err error) {
+func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt DType) (aName, bName string, ra, rb RawTensor, out moduleOutcome, err error) {
 	defer func() {
 		for _, s := range j.srcs {
 			s.mod.release()
 		}
 	}()
 	defer func() {
-		if p := recover(); p != nil {
-			if e, ok := p.(*Error); ok { // a read error raised inside a kernel
-				err = e
-				return
-			}
+		if p := recover(); p != nil { // a bug: read errors are returned, never raised
 			err = newErr(KindInternal, "module %s: internal error: %v", j.name, p)
 		}
 	}()
 	var a, b []float32
+	var r int
+	relErr := math.NaN() // no factorisation of the summed update (factor-wise merges)
 	comb := Combination{Method: opts.method.combination(), SignMethod: opts.MajoritySignMethod, Density: 1}
 	if opts.Density != nil {
 		comb.Density = *opts.Density
@@ -244,21 +299,26 @@ func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt D
 	}
 	switch opts.method.family(opts.SVDRank) {
 	case FamilyFactors:
-		a, b, r = mergeFactors(srcs, comb, seed, j.name)
+		if a, b, r, err = mergeFactors(srcs, comb, seed, j.name); err != nil {
+			return "", "", RawTensor{}, RawTensor{}, out, err
+		}
 		if r > rank {
-			return "", "", RawTensor{}, RawTensor{}, 0, valueErr("module %s: rank %d is above the adapter's rank %d", j.name, r, rank)
+			return "", "", RawTensor{}, RawTensor{}, out, valueErr("module %s: rank %d is above the adapter's rank %d", j.name, r, rank)
 		}
 	case FamilyCat:
-		r = rank
-		a, b = mergeCat(srcs, r, j.in, j.out)
+		r, relErr = rank, 0 // exact
+		if a, b, err = mergeCat(srcs, r, j.in, j.out); err != nil {
+			return "", "", RawTensor{}, RawTensor{}, out, err
+		}
 	case FamilySVD:
-		r = rank
-		a, b = mergeSVD(srcs, r, j.in, j.out, opts.SVDClamp)
+		if a, b, r, relErr, err = mergeSVD(srcs, opts.rankRule(rank), j.in, j.out, opts.SVDClamp); err != nil {
+			return "", "", RawTensor{}, RawTensor{}, out, err
+		}
 	case FamilyDenseSVD:
 		r = rank
-		a, b, err = mergeDenseSVD(ctx, j, comb, r, opts.SVDClamp, seed)
+		a, b, relErr, err = mergeDenseSVD(ctx, j, comb, r, opts.SVDClamp, seed)
 		if err != nil {
-			return "", "", RawTensor{}, RawTensor{}, 0, err
+			return "", "", RawTensor{}, RawTensor{}, out, err
 		}
 	}
 	aName, bName = moduleKeys(j.name, j.kind)
@@ -272,5 +332,12 @@ func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt D
 		return Encode(dt, x)
 	}
 	return aName, bName, RawTensor{DType: dt, Shape: aShape, Data: encode(a), buf: a},
-		RawTensor{DType: dt, Shape: bShape, Data: encode(b), buf: b}, r, nil
+		RawTensor{DType: dt, Shape: bShape, Data: encode(b), buf: b}, moduleOutcome{rank: r, relErr: relErr}, nil
+}
+
+// moduleOutcome is what a module's merge chose: its rank, and the relative
+// Frobenius error of its factorisation (NaN where there is none).
+type moduleOutcome struct {
+	rank   int
+	relErr float64
 }

@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"context"
+	"math"
 	"strconv"
 )
 
@@ -14,7 +15,10 @@ const rsvdSeed = 0x9e3779b97f4a7c15
 // dW_i = s_i B_i A_i, combined element-wise with the user weights w_i (the
 // scaling is already inside dW_i), then a rank-k truncated SVD of the
 // result. Pruning makes D full rank, so the SVD is randomized (RandomizedSVD).
-func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, k int, clamp *float64, seed uint64) (a, b []float32, err error) {
+// relErr is the relative Frobenius error of the factorisation, before any
+// clamp: B'A' is an orthogonal projection of D, so ||D - B'A'||^2 =
+// ||D||^2 - ||B'||^2 (A' has orthonormal rows).
+func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, k int, clamp *float64, seed uint64) (a, b []float32, relErr float64, err error) {
 	dws := make([][]float32, len(j.srcs))
 	defer func() {
 		for _, dw := range dws { // the result d is dws[0]
@@ -25,7 +29,10 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, k int, c
 	}()
 	weights := make([]float32, len(j.srcs))
 	for i, s := range j.srcs {
-		fa, fb := s.mod.Factors()
+		fa, fb, err := s.mod.Factors()
+		if err != nil {
+			return nil, nil, 0, err
+		}
 		dws[i] = denseDelta(fa, fb, j.out, s.mod.Rank, j.in, s.mod.Scaling)
 		if s.roundDW != "" && s.roundDW != F32 {
 			for e, v := range dws[i] {
@@ -34,7 +41,7 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, k int, c
 		}
 		weights[i] = float32(s.weight)
 		if ctx.Err() != nil {
-			return nil, nil, ErrCancelled
+			return nil, nil, 0, ErrCancelled
 		}
 	}
 	d := comb.Apply(dws, weights, func(i int, t []float32) {
@@ -45,12 +52,22 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, k int, c
 		}
 	}, true)
 	if ctx.Err() != nil {
-		return nil, nil, ErrCancelled
+		return nil, nil, 0, ErrCancelled
 	}
 	bk, ak := RandomizedSVD(d, j.out, j.in, k, TensorRNG(rsvdSeed, j.name, "rsvd"))
+	var total, kept float64
+	for _, v := range d {
+		total += float64(v) * float64(v)
+	}
+	for _, v := range bk {
+		kept += v * v
+	}
+	if total > 0 {
+		relErr = math.Sqrt(max(0, total-kept) / total)
+	}
 	b, a = toFloat32(bk), toFloat32(ak)
 	if clamp != nil {
 		ClampQuantile(a, b, *clamp)
 	}
-	return a, b, nil
+	return a, b, relErr, nil
 }

@@ -22,13 +22,15 @@ func factorWeights(w, scaling float64) (wa, wb float32) {
 // sign(c_i) sqrt|c_i|, the B factors with sqrt|c_i|, by the same function.
 // B'A' therefore contains the cross terms B_i A_j, exactly as in PEFT. DARE
 // draws one mask per factor, labelled by factor and adapter position.
-func mergeFactors(srcs []source, comb Combination, seed uint64, module string) (a, b []float32, rank int) {
+func mergeFactors(srcs []source, comb Combination, seed uint64, module string) (a, b []float32, rank int, err error) {
 	as := make([][]float32, len(srcs))
 	bs := make([][]float32, len(srcs))
 	was := make([]float32, len(srcs))
 	wbs := make([]float32, len(srcs))
 	for i, s := range srcs {
-		as[i], bs[i] = s.mod.Factors()
+		if as[i], bs[i], err = s.mod.Factors(); err != nil {
+			return nil, nil, 0, err
+		}
 		was[i], wbs[i] = factorWeights(s.weight, s.mod.Scaling)
 	}
 	dare := func(factor string) func(int, []float32) {
@@ -44,5 +46,5 @@ func mergeFactors(srcs []source, comb Combination, seed uint64, module string) (
 			}
 		}
 	}
-	return comb.Apply(as, was, dare("A"), false), comb.Apply(bs, wbs, dare("B"), false), srcs[0].mod.Rank
+	return comb.Apply(as, was, dare("A"), false), comb.Apply(bs, wbs, dare("B"), false), srcs[0].mod.Rank, nil
 }

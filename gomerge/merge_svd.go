@@ -8,8 +8,10 @@ import (
 // mergeSVD is PEFT's "svd" combination: the rank-k truncated SVD of
 // D = sum_i w_i s_i B_i A_i. D has rank at most R = sum r_i, so its SVD is
 // computed exactly from the stacked factors (see LowRankSVD) instead of a
-// dense SVD of the out x in matrix. B' = U_k S_k, A' = V_k^T.
-func mergeSVD(srcs []source, k, in, out int, clamp *float64) (a, b []float32) {
+// dense SVD of the out x in matrix. B' = U_k S_k, A' = V_k^T. The rule
+// gives k (fixed, or from the spectrum); relErr is the exact relative
+// Frobenius error of the truncation, before any clamp.
+func mergeSVD(srcs []source, rule rankRule, in, out int, clamp *float64) (a, b []float32, k int, relErr float64, err error) {
 	total := 0
 	for _, s := range srcs {
 		total += s.mod.Rank
@@ -18,7 +20,10 @@ func mergeSVD(srcs []source, k, in, out int, clamp *float64) (a, b []float32) {
 	ac := make([]float64, total*in)  // [A_1; A_2; ...]
 	off := 0
 	for _, s := range srcs {
-		fa, fb := s.mod.Factors()
+		fa, fb, err := s.mod.Factors()
+		if err != nil {
+			return nil, nil, 0, 0, err
+		}
 		r := s.mod.Rank
 		c := s.weight * s.mod.Scaling
 		for i := 0; i < out; i++ {
@@ -32,12 +37,12 @@ func mergeSVD(srcs []source, k, in, out int, clamp *float64) (a, b []float32) {
 		}
 		off += r
 	}
-	bk, ak, _ := LowRankSVD(bc, ac, out, total, in, k)
+	bk, ak, sv, k := lowRankSVD(bc, ac, out, total, in, rule.choose)
 	b, a = toFloat32(bk), toFloat32(ak)
 	if clamp != nil {
 		ClampQuantile(a, b, *clamp)
 	}
-	return a, b
+	return a, b, k, truncationError(sv, k), nil
 }
 
 // ClampQuantile is PEFT's svd_clamp: hi = quantile(concat(B, A), q) with

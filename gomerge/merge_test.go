@@ -39,7 +39,8 @@ func TestMergeLinearByHand(t *testing.T) {
 	// rank 1, In 2, Out 2; weights w*s: 4 and -1
 	s1 := source{weight: 2, mod: mod(1, 2, []float32{1, 2}, []float32{3, 4})}
 	s2 := source{weight: -1, mod: mod(1, 1, []float32{5, 6}, []float32{7, 8})}
-	a, b, r := mergeFactors([]source{s1, s2}, Combination{Method: "task_arithmetic", Density: 1}, 0, "m")
+	a, b, r, err := mergeFactors([]source{s1, s2}, Combination{Method: "task_arithmetic", Density: 1}, 0, "m")
+	require.NoError(t, err)
 	assert.Equal(t, 1, r)
 	assert.Equal(t, []float32{2*1 - 1*5, 2*2 - 1*6}, a) // sign(c) sqrt|c|: 2 and -1
 	assert.Equal(t, []float32{2*3 + 1*7, 2*4 + 1*8}, b) // sqrt|c|: 2 and 1
@@ -48,7 +49,8 @@ func TestMergeLinearByHand(t *testing.T) {
 func TestMergeCatByHand(t *testing.T) {
 	s1 := source{weight: 2, mod: mod(1, 0.5, []float32{1, 2}, []float32{3, 4})}
 	s2 := source{weight: 3, mod: mod(1, 1, []float32{5, 6}, []float32{7, 8})}
-	a, b := mergeCat([]source{s1, s2}, 3, 2, 2) // rank 3: one zero row/column of padding
+	a, b, err := mergeCat([]source{s1, s2}, 3, 2, 2) // rank 3: one zero row/column of padding
+	require.NoError(t, err)
 	assert.Equal(t, []float32{1, 2, 15, 18, 0, 0}, a)
 	assert.Equal(t, []float32{3, 7, 0, 4, 8, 0}, b)
 }
@@ -66,7 +68,10 @@ func TestMergeSVDIsExactAtFullRank(t *testing.T) {
 			want[j] += w * s * v
 		}
 	}
-	a, b := mergeSVD(srcs, 6, in, out, nil)
+	a, b, k, relErr, err := mergeSVD(srcs, rankRule{fixed: 6}, in, out, nil)
+	require.NoError(t, err)
+	assert.Equal(t, 6, k)
+	assert.InDelta(t, 0, relErr, 1e-12, "rank 6 holds the whole sum of three rank-2 updates")
 	got := product(a, b, out, 6, in)
 	for i := range want {
 		assert.InDelta(t, want[i], got[i], 1e-5)
@@ -109,8 +114,10 @@ func TestMergeEndToEnd(t *testing.T) {
 			if ct == "cat" {
 				// cat is exact: B'A' of m.k is 2 * s_b * B_b A_b (only adapter b has it)
 				src, _ := LoadAdapter(dirs[1])
-				sa, sb := src.Modules["m.k"].Factors()
-				ma, mb := merged.Modules["m.k"].Factors()
+				sa, sb, err := src.Modules["m.k"].Factors()
+				require.NoError(t, err)
+				ma, mb, err := merged.Modules["m.k"].Factors()
+				require.NoError(t, err)
 				want := product(sa, sb, 5, 4, 6)
 				got := product(ma, mb, 5, 12, 6)
 				for i := range want {
@@ -166,7 +173,7 @@ func TestMergeErrors(t *testing.T) {
 	tests := []struct {
 		name string
 		opts Options
-		kind Kind
+		kind ErrKind
 		want string
 	}{
 		{"weights length", Options{Adapters: dirs, Weights: ScalarWeights(1)}, KindValue, "got 1 weights for 3 adapters"},
@@ -177,8 +184,12 @@ func TestMergeErrors(t *testing.T) {
 		{"existing output", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: existing}, KindFileExists, "already exists"},
 		{"overwrite non-adapter", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: existing, Overwrite: true}, KindFileExists, "not an adapter"},
 		{"output is input", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: dirs[1]}, KindValue, "also an input"},
-		{"svd rank", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{SVDRank: &neg}}, KindValue, "svd_rank"},
-		{"duplicate", Options{Adapters: []string{dirs[0], dirs[0]}, Weights: ScalarWeights(1, 1), Combine: Combine{SVDRank: &one}}, KindValue, "listed twice"},
+		{"svd rank", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{SVDRank: &RankSpec{Fixed: neg}}}, KindValue, "svd_rank"},
+		{"energy for a factor-wise type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "linear", SVDRank: &RankSpec{Energy: 0.9}}}, KindValue, "does not factorise"},
+		{"energy for a pruned svd type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "ties_svd", Density: new(0.5), SVDRank: &RankSpec{Energy: 0.9}}}, KindValue, "randomized SVD"},
+		{"max rank for cat", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "cat", MaxRank: &one}}, KindValue, "does not take max_rank"},
+		{"max rank zero", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{MaxRank: new(0)}}, KindValue, "max_rank"},
+		{"duplicate", Options{Adapters: []string{dirs[0], dirs[0]}, Weights: ScalarWeights(1, 1), Combine: Combine{SVDRank: &RankSpec{Fixed: one}}}, KindValue, "listed twice"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -80,7 +80,7 @@ func (m Method) combination() string {
 }
 
 var (
-	peftSVDParams     = []string{"svd_rank", "svd_clamp", "svd_full_matrices", "svd_driver"}
+	peftSVDParams     = []string{"svd_rank", "max_rank", "svd_clamp", "svd_full_matrices", "svd_driver"}
 	peftPruneParams   = []string{"density"}
 	peftTIESParams    = []string{"density", "majority_sign_method"}
 	peftDenseSVDPrune = append(slices.Clone(peftSVDParams), "density")
@@ -113,7 +113,7 @@ var methods = []Method{
 		Params: peftPruneParams, Doc: "magnitude pruning of the factors, then a weighted sum"},
 	{Name: "magnitude_prune_svd", Family: FamilyDenseSVD, Pruning: PruneMagnitude, Rank: RankSVDOrMax, PEFT: true,
 		Params: peftDenseSVDPrune, Doc: "magnitude pruning of the dense updates, weighted sum, then a rank-svd_rank SVD"},
-	{Name: "task_arithmetic", Family: FamilyCat, Rank: RankSVDOrSumAll, Params: []string{"lambda", "svd_rank"},
+	{Name: "task_arithmetic", Family: FamilyCat, Rank: RankSVDOrSumAll, Params: []string{"lambda", "svd_rank", "max_rank"},
 		Doc: "lambda * sum_i w_i s_i B_i A_i, the exact weighted sum of the updates (no cross terms): rank = sum of " +
 			"ranks, or truncated to svd_rank by the exact SVD"},
 }
@@ -154,7 +154,7 @@ func (m Method) takes(param string) bool { return slices.Contains(m.Params, para
 
 // family is the family a merge runs with these options: a task arithmetic
 // truncated by svd_rank runs as an exact SVD.
-func (m Method) family(svdRank *int) Family {
+func (m Method) family(svdRank *RankSpec) Family {
 	if m.Rank == RankSVDOrSumAll && svdRank != nil {
 		return FamilySVD
 	}

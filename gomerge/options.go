@@ -14,15 +14,16 @@ import (
 // names and meanings follow PEFT's LoraModel.add_weighted_adapter; the
 // method table (methods.go) says which method reads which.
 type Combine struct {
-	CombinationType    string   `json:"combination_type"`
-	SVDRank            *int     `json:"svd_rank"`
-	SVDClamp           *float64 `json:"svd_clamp"`
-	SVDFullMatrices    *bool    `json:"svd_full_matrices"`
-	SVDDriver          *string  `json:"svd_driver"`
-	Density            *float64 `json:"density"`
-	MajoritySignMethod string   `json:"majority_sign_method"`
-	Seed               *uint64  `json:"seed"`   // DARE's random seed; nil draws a fresh one
-	Lambda             *float64 `json:"lambda"` // task_arithmetic's scale of the summed updates (default 1)
+	CombinationType    string    `json:"combination_type"`
+	SVDRank            *RankSpec `json:"svd_rank"` // a rank, or the energy rule "energy:F"
+	MaxRank            *int      `json:"max_rank"` // cap of each module's rank
+	SVDClamp           *float64  `json:"svd_clamp"`
+	SVDFullMatrices    *bool     `json:"svd_full_matrices"`
+	SVDDriver          *string   `json:"svd_driver"`
+	Density            *float64  `json:"density"`
+	MajoritySignMethod string    `json:"majority_sign_method"`
+	Seed               *uint64   `json:"seed"`   // DARE's random seed; nil draws a fresh one
+	Lambda             *float64  `json:"lambda"` // task_arithmetic's scale of the summed updates (default 1)
 
 	method Method // the row of CombinationType, set by Validate
 }
@@ -56,6 +57,13 @@ type Result struct {
 	Seconds         float64  `json:"seconds"`
 	Seed            *uint64  `json:"seed"` // the seed of DARE's masks; nil for other types
 	Warnings        []string `json:"warnings"`
+	// ModuleRanks is each module's rank; with mixed ranks the adapter's r
+	// is the largest, the others are in its rank_pattern.
+	ModuleRanks map[string]int `json:"module_ranks"`
+	// ModuleErrors is, for merges that factorise each module's combined
+	// update (svd, the *_svd types, cat and task_arithmetic), the relative
+	// Frobenius error ||D - B'A'|| / ||D|| of that factorisation (0: exact).
+	ModuleErrors map[string]float64 `json:"module_errors"`
 }
 
 // validate checks the options before any file is read.
@@ -119,7 +127,7 @@ func (o *Combine) Validate() error {
 	for _, p := range []struct {
 		name string
 		set  bool
-	}{{"lambda", o.Lambda != nil}} {
+	}{{"lambda", o.Lambda != nil}, {"max_rank", o.MaxRank != nil}} {
 		if p.set && !m.takes(p.name) {
 			return valueErr("%s: combination_type %q does not take %s (it takes: %s)", p.name, m.Name, p.name, strings.Join(m.Params, ", "))
 		}
@@ -139,8 +147,8 @@ func (o *Combine) Validate() error {
 	if o.Lambda != nil && (math.IsNaN(*o.Lambda) || math.IsInf(*o.Lambda, 0)) {
 		return valueErr("lambda: %v is not a finite number", *o.Lambda)
 	}
-	if o.SVDRank != nil && *o.SVDRank <= 0 {
-		return valueErr("svd_rank: must be a positive integer or None, got %d", *o.SVDRank)
+	if err := o.validateRank(); err != nil {
+		return err
 	}
 	if o.SVDClamp != nil && (*o.SVDClamp < 0 || *o.SVDClamp > 1 || math.IsNaN(*o.SVDClamp)) {
 		return valueErr("svd_clamp: must be a quantile in [0, 1] or None, got %v", *o.SVDClamp)
@@ -160,6 +168,49 @@ func (o *Combine) Validate() error {
 	}
 	return nil
 }
+
+// validateRank checks svd_rank and max_rank against the method.
+func (o *Combine) validateRank() error {
+	if o.MaxRank != nil && *o.MaxRank <= 0 {
+		return valueErr("max_rank: must be a positive integer or None, got %d", *o.MaxRank)
+	}
+	r := o.SVDRank
+	if r == nil {
+		return nil
+	}
+	if r.Energy == 0 && r.Fixed <= 0 {
+		return valueErr("svd_rank: must be a positive integer, an energy rule such as \"energy:0.99\", or None, got %d", r.Fixed)
+	}
+	if r.Energy > 0 {
+		switch o.method.family(o.SVDRank) {
+		case FamilySVD:
+		case FamilyDenseSVD:
+			return valueErr("svd_rank: the energy rule needs the exact spectrum, and combination_type %q factorises a pruned "+
+				"dense update by a randomized SVD: give an integer svd_rank", o.CombinationType)
+		default:
+			return valueErr("svd_rank: combination_type %q does not factorise its result; the energy rule applies to "+
+				"svd and task_arithmetic", o.CombinationType)
+		}
+	}
+	return nil
+}
+
+// rankRule is the rule that gives each module's rank for the merged
+// adapter's rank (a fixed rank when svd_rank is not an energy rule).
+func (o *Combine) rankRule(rank int) rankRule {
+	if o.SVDRank != nil && o.SVDRank.Energy > 0 {
+		r := rankRule{energy: o.SVDRank.Energy}
+		if o.MaxRank != nil {
+			r.max = *o.MaxRank
+		}
+		return r
+	}
+	return rankRule{fixed: rank}
+}
+
+// energyRanks reports whether each module's rank is chosen from its
+// spectrum, so that the output's shapes are known only after the merge.
+func (o *Combine) energyRanks() bool { return o.SVDRank != nil && o.SVDRank.Energy > 0 }
 
 // lambda is the scale of the combined updates (1 unless the method takes
 // lambda and it was given).

@@ -42,7 +42,8 @@ func newRank(opts Options, adapters []*Adapter) (int, error) {
 	for _, r := range ranks {
 		sum += r
 	}
-	switch m := opts.method; m.Rank {
+	m := opts.method
+	switch m.Rank {
 	case RankInput:
 		for i, r := range ranks {
 			if r != ranks[0] {
@@ -54,17 +55,23 @@ func newRank(opts Options, adapters []*Adapter) (int, error) {
 		return ranks[0], nil
 	case RankSum:
 		return sum, nil
-	case RankSVDOrSumAll:
-		if opts.SVDRank != nil {
-			return *opts.SVDRank, nil
-		}
-		return sum, nil
-	default: // RankSVDOrMax
-		if opts.SVDRank != nil {
-			return *opts.SVDRank, nil
-		}
-		return slices.Max(ranks), nil
 	}
+	// the svd_rank rules: a fixed rank (capped by max_rank); with the energy rule each module's rank comes from
+	// its spectrum, at most max_rank or the sum of the ranks
+	r := slices.Max(ranks)
+	if m.Rank == RankSVDOrSumAll {
+		r = sum
+	}
+	switch s := opts.SVDRank; {
+	case s != nil && s.Energy > 0:
+		r = sum
+	case s != nil:
+		r = s.Fixed
+	}
+	if opts.MaxRank != nil {
+		r = min(r, *opts.MaxRank)
+	}
+	return r, nil
 }
 
 // planModules pairs every module with the adapters that have it, each with

@@ -248,7 +248,7 @@ func TestMergePerModuleWeights(t *testing.T) {
 	for _, ct := range []string{"cat", "task_arithmetic", "svd"} {
 		t.Run(ct, func(t *testing.T) {
 			out := filepath.Join(root, "out-"+ct)
-			_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: weights, OutputDir: out, Combine: Combine{CombinationType: ct, SVDRank: new(8)}}, nil)
+			_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: weights, OutputDir: out, Combine: Combine{CombinationType: ct, SVDRank: &RankSpec{Fixed: 8}}}, nil)
 			require.NoError(t, err) // svd_rank 8 = the sum of the ranks: task_arithmetic and svd stay exact
 			merged, err := LoadAdapter(out)
 			require.NoError(t, err)
@@ -261,13 +261,15 @@ func TestMergePerModuleWeights(t *testing.T) {
 				expect := make([]float64, 5*6)
 				for i, src := range srcs {
 					m := src.Modules[name]
-					a, b := m.Factors()
+					a, b, err := m.Factors()
+					require.NoError(t, err)
 					for k, v := range product(a, b, 5, 4, 6) {
 						expect[k] += want(i, name) * m.Scaling * v
 					}
 				}
 				mm := merged.Modules[name]
-				a, b := mm.Factors()
+				a, b, err := mm.Factors()
+				require.NoError(t, err)
 				got := product(a, b, 5, mm.Rank, 6)
 				for k := range expect {
 					assert.InDelta(t, expect[k], got[k], 1e-4, "%s [%d]", name, k)

@@ -204,3 +204,33 @@ def delta(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def rel_diff(ours: np.ndarray, theirs: np.ndarray) -> float:
     """max |ours - theirs| / max |theirs|."""
     return float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-30))
+
+
+def config_scaling(path: str) -> float:
+    """The LoRA scaling of an adapter directory's config: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    import json
+
+    cfg = json.load(open(os.path.join(path, "adapter_config.json")))
+    return cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg.get("use_rslora") else cfg["r"])
+
+
+def dense_updates(dirs: list[str], weights: list[float], scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """torch, in float64: scale * sum_i w_i s_i B_i A_i per module (the modules of every adapter)."""
+    out: dict[str, torch.Tensor] = {}
+    for d, w in zip(dirs, weights):
+        s = config_scaling(d)
+        for mod, (a, b) in file_factors(d).items():
+            out[mod] = out.get(mod, 0) + torch.from_numpy(b) @ torch.from_numpy(a) * (w * s)
+    return {k: scale * v for k, v in out.items()}
+
+
+def assert_reloads_as(adapter_dir: str, updates: dict[str, np.ndarray], kind: str = "llama") -> None:
+    """PEFT reloads the adapter onto the base model, and its logits are those of the base model with the dense
+    updates added to the modules' weights."""
+    merged = PeftModel.from_pretrained(MODELS[kind](0), adapter_dir).eval()
+    reference = MODELS[kind](0)
+    with torch.no_grad():
+        for name, mod in reference.named_modules():
+            if name in updates:
+                mod.weight += torch.from_numpy(np.asarray(updates[name])).to(mod.weight.dtype)
+    np.testing.assert_allclose(logits(merged, kind), logits(reference, kind), rtol=1e-4, atol=1e-5)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -12,7 +11,16 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
-from peft_cases import LLAMA_ALL, AdapterSpec, delta, file_factors, llama, logits, make_adapter
+from peft_cases import (
+    LLAMA_ALL,
+    AdapterSpec,
+    assert_reloads_as,
+    delta,
+    dense_updates,
+    file_factors,
+    llama,
+    make_adapter,
+)
 
 import gomerge
 from gomerge import _native, recipe
@@ -32,21 +40,9 @@ def mixed(tmp_path_factory):
     return [make_adapter("llama", s, str(root / f"a{i}")) for i, s in enumerate(specs)]
 
 
-def _scaling(path: str) -> float:
-    cfg = json.load(open(os.path.join(path, "adapter_config.json")))
-    r, alpha = cfg["r"], cfg["lora_alpha"]
-    return alpha / (r**0.5) if cfg.get("use_rslora") else alpha / r
-
-
 def dense_sum(dirs: list[str], weights: list[float], lam: float) -> dict[str, np.ndarray]:
     """torch, in float64: lambda * sum_i w_i s_i B_i A_i per module."""
-    out: dict[str, torch.Tensor] = {}
-    for d, w in zip(dirs, weights):
-        s = _scaling(d)
-        for mod, (a, b) in file_factors(d).items():
-            upd = torch.from_numpy(b) @ torch.from_numpy(a) * (w * s)
-            out[mod] = out.get(mod, 0) + upd
-    return {k: (lam * v).numpy() for k, v in out.items()}
+    return {k: v.numpy() for k, v in dense_updates(dirs, weights, lam).items()}
 
 
 def test_every_method_is_reachable_from_the_api_the_cli_and_recipes(mixed, tmp_path):
@@ -162,14 +158,7 @@ def test_task_arithmetic_is_the_exact_weighted_sum(mixed, tmp_path, lam, record_
         np.testing.assert_allclose(got[k], w, rtol=1e-5, atol=1e-6 * np.abs(w).max())
         worst = max(worst, float(np.abs(got[k] - w).max() / np.abs(w).max()))
     record_parity(f"task_arithmetic lambda={lam} vs torch dense sum", worst)
-    # PEFT reloads it, and its logits are the base model's with the dense sum added to every weight
-    merged = PeftModel.from_pretrained(llama(0), str(out)).eval()
-    reference = llama(0)
-    with torch.no_grad():
-        for name, mod in reference.named_modules():
-            if name in want:
-                mod.weight += torch.from_numpy(want[name]).to(mod.weight.dtype)
-    np.testing.assert_allclose(logits(merged, "llama"), logits(reference, "llama"), rtol=1e-4, atol=1e-5)
+    assert_reloads_as(str(out), want)  # PEFT reloads it: the base model's logits with the dense sum added
 
 
 def test_task_arithmetic_truncated_by_svd_rank_is_torchs_truncated_svd(mixed, tmp_path, record_parity):

@@ -186,7 +186,7 @@ def test_sdist_builds_with_go_and_stops_at_once_without(tmp_path):
     no_go = subprocess.run(pip, capture_output=True, text=True, cwd=tmp_path, env=_env_without_go(str(tmp_path)))
     assert no_go.returncode != 0
     message = no_go.stdout + no_go.stderr
-    assert "needs the Go toolchain on PATH" in message and "prebuilt wheel" in message, message
+    assert "needs the Go toolchain on PATH" in message and "prebuilt gomerge wheel" in message, message
     assert "gopy" not in message, message  # it stopped before running gopy
     # with an old Go (a stand-in answering `go env GOVERSION`): the version is checked too
     old = tmp_path / "oldgo"

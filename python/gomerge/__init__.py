@@ -8,7 +8,7 @@ res = gomerge.add_weighted_adapter(["a", "b"], [1.0, 1.0], "merged", combination
 """
 
 from ._native import engine_kernels, engine_version
-from .merge import COMBINATION_TYPES, MergeResult, add_weighted_adapter, inspect_adapter, methods
+from .merge import COMBINATION_TYPES, MergeResult, add_weighted_adapter, inspect_adapter, methods, resize
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ __all__ = [
     "engine_version",
     "inspect_adapter",
     "methods",
+    "resize",
     "patch_peft",
     "unpatch_peft",
 ]

@@ -166,10 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--majority-sign-method", choices=("total", "frequency"), help="TIES sign election (default: total)")
     m.add_argument(
         "--svd-rank",
-        type=int,
+        type=_rank_arg,
         metavar="R",
-        help="rank of the merged adapter for the svd methods (default: the largest input rank)",
+        help="rank of the merged adapter for the methods that end in a factorisation (default: the largest input "
+        "rank), or the energy rule energy:F (svd, task_arithmetic): per module, the smallest rank keeping the "
+        "fraction F of the update's squared norm",
     )
+    m.add_argument("--max-rank", type=int, metavar="M", help="cap of every module's rank")
     m.add_argument("--svd-clamp", type=float, metavar="Q", help="clamp the svd factors at this quantile, in [0, 1]")
     m.add_argument(
         "--lambda", dest="lambda_", type=float, metavar="L", help="task_arithmetic: scale of the summed updates"
@@ -203,6 +206,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
 
     p.merge_parser = m  # for errors reported after parsing
+    r = sub.add_parser(
+        "resize",
+        help="re-factorise one adapter to a new rank, exactly (truncated SVD of each module's update)",
+        description="Re-factorise one LoRA adapter: each module's update s B A is replaced by its best rank-R "
+        "approximation (--rank), or by the smallest rank that keeps the fraction E of its squared norm (--energy), "
+        "computed exactly from the factors. Mixed ranks go into rank_pattern / alpha_pattern.",
+    )
+    r.add_argument("adapter", metavar="ADAPTER")
+    how = r.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=int, metavar="R", help="the new rank of every module")
+    how.add_argument("--energy", type=float, metavar="E", help="the fraction of each update's energy to keep")
+    r.add_argument("--max-rank", type=int, metavar="M", help="cap of every module's rank")
+    r.add_argument("-o", "--output-dir", metavar="DIR", required=True, help="directory of the resized adapter")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing adapter directory")
+    r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the written tensors")
+    r.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     i = sub.add_parser(
         "inspect",
         help="describe an adapter: ranks, alpha, scaling, targets, dtype, size",
@@ -248,6 +268,7 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         ("density", args.density),
         ("majority_sign_method", args.majority_sign_method),
         ("svd_rank", args.svd_rank),
+        ("max_rank", args.max_rank),
         ("svd_clamp", args.svd_clamp),
         ("lambda", args.lambda_),
         ("svd_full_matrices", args.svd_full_matrices),
@@ -290,6 +311,7 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             workers=None,
             allow_nonfinite=args.allow_nonfinite,
             lambda_=options.get("lambda"),
+            max_rank=options.get("max_rank"),
         )
     if args.json:
         print(json.dumps(res.__dict__))
@@ -298,6 +320,34 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(
             f"merged {len(srcs)} adapters ({res.combination_type}) into {res.output_dir}: rank {res.rank}, "
             f"{res.modules} modules, {res.dtype}{seed}, {res.seconds:.2f} s"
+        )
+    return EXIT_OK
+
+
+def _rank_arg(value: str) -> int | str:
+    """--svd-rank: an integer, or a rule such as energy:0.99 (checked by the engine)."""
+    return int(value) if value.strip().lstrip("-").isdigit() else value
+
+
+def _resize(args: argparse.Namespace) -> int:
+    res = merge.resize(
+        args.adapter,
+        rank=args.rank,
+        energy=args.energy,
+        max_rank=args.max_rank,
+        output_dir=args.output_dir,
+        overwrite=args.overwrite,
+        dtype=args.dtype,
+        progress=False if args.quiet or args.json else None,
+    )
+    if args.json:
+        print(json.dumps(res.__dict__))
+    elif not args.quiet:
+        ranks = sorted(res.module_ranks.values())
+        worst = max(res.module_errors.values(), default=0.0)
+        print(
+            f"resized {args.adapter} into {res.output_dir}: {res.modules} modules, ranks {ranks[0]}-{ranks[-1]} "
+            f"(r={res.rank}), largest relative error {worst:.3g}, {res.seconds:.2f} s"
         )
     return EXIT_OK
 
@@ -346,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "merge":
             return _merge(args, parser.merge_parser)
+        if args.command == "resize":
+            return _resize(args)
         return _inspect(args)
     except KeyboardInterrupt:
         sys.stderr.write("gomerge: interrupted; nothing was written\n")

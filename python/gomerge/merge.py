@@ -43,6 +43,11 @@ class MergeResult:
         seed (`int`, *optional*): the seed of the DARE masks (`None` for the other types); pass it back as `seed=`
             to reproduce the merge byte for byte.
         warnings (`list[str]`): what the engine wants you to know (also issued as Python warnings).
+        module_ranks (`dict[str, int]`): each module's rank. With mixed ranks (the energy rule) `rank` is the
+            largest and the others are written to the config's `rank_pattern` / `alpha_pattern`.
+        module_errors (`dict[str, float]`): for the methods that factorise each module's combined update (`svd`,
+            the `*_svd` types, `cat`, `task_arithmetic`), the relative Frobenius error `||D - B'A'|| / ||D||` of
+            that factorisation (0 when exact; before `svd_clamp`).
     """
 
     output_dir: str
@@ -54,6 +59,8 @@ class MergeResult:
     seconds: float
     seed: int | None = None
     warnings: list[str] = field(default_factory=list)
+    module_ranks: dict[str, int] = field(default_factory=dict)
+    module_errors: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def _from_engine(cls, result: dict[str, Any]) -> MergeResult:
@@ -145,7 +152,7 @@ def add_weighted_adapter(
     weights: Sequence[Weight],
     adapter_name: str,
     combination_type: CombinationType = "svd",
-    svd_rank: int | None = None,
+    svd_rank: int | str | None = None,
     svd_clamp: float | None = None,
     svd_full_matrices: bool = True,
     svd_driver: str | None = None,
@@ -163,6 +170,7 @@ def add_weighted_adapter(
     progress: bool | None = None,
     workers: int | None = None,
     lambda_: float | None = None,
+    max_rank: int | None = None,
 ) -> MergeResult:
     """Merges LoRA adapter directories into a new adapter directory, as PEFT's `add_weighted_adapter` does.
 
@@ -201,8 +209,12 @@ def add_weighted_adapter(
             from the factors), `"ties_svd"`, `"dare_linear_svd"`, `"dare_ties_svd"`, `"magnitude_prune_svd"`
             (randomized SVD of the pruned update). With one adapter PEFT always uses `"linear"`, and so does gomerge
             (with a warning).
-        svd_rank (`int`, *optional*):
-            Rank of the merged adapter for `svd`; defaults to the largest rank of the inputs.
+        svd_rank (`int` or `str`, *optional*):
+            Rank of the merged adapter for the methods that end in a factorisation (`svd`, the `*_svd` types,
+            `task_arithmetic`); defaults to the largest input rank (the sum of ranks for `task_arithmetic`). Or the
+            energy rule `"energy:0.99"` (`svd` and `task_arithmetic`): each module gets the smallest rank that keeps
+            that fraction of the squared Frobenius norm of its update, exactly; the ranks are written to
+            `rank_pattern` / `alpha_pattern` and reported in `module_ranks`.
         svd_clamp (`float`, *optional*):
             A quantile in [0, 1]: the factors are clamped to the range of that quantile of their values.
         svd_full_matrices (`bool`, defaults to `True`):
@@ -237,6 +249,9 @@ def add_weighted_adapter(
             Show a progress bar (tqdm, if installed). By default it is shown for merges of many modules.
         workers (`int`, *optional*):
             Number of modules merged at once; defaults to the number of cores.
+        max_rank (`int`, *optional*):
+            Cap of every module's rank (for the energy rule, or below a fixed `svd_rank`), for servers with a
+            `max_lora_rank`.
         lambda_ (`float`, *optional*):
             `lambda` of `task_arithmetic`: the scale of the summed updates (default 1). Other methods refuse it.
 
@@ -267,8 +282,12 @@ def add_weighted_adapter(
         raise TypeError("adapter_name: expected a non-empty string")
     if not isinstance(combination_type, str):
         raise TypeError(f"combination_type: expected a string, got {type(combination_type).__name__}")
-    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, numbers.Integral)):
-        raise TypeError(f"svd_rank: expected an int or None, got {type(svd_rank).__name__}")
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, (numbers.Integral, str))):
+        raise TypeError(
+            f"svd_rank: expected an int, a rule such as 'energy:0.99', or None, got {type(svd_rank).__name__}"
+        )
+    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, numbers.Integral)):
+        raise TypeError(f"max_rank: expected an int or None, got {type(max_rank).__name__}")
     for name, value in (("svd_clamp", svd_clamp), ("density", density)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
             raise TypeError(f"{name}: expected a number or None, got {type(value).__name__}")
@@ -302,6 +321,7 @@ def add_weighted_adapter(
             workers,
             allow_nonfinite,
             lambda_,
+            max_rank,
         )
 
 
@@ -326,8 +346,10 @@ def _run(
     workers,
     allow_nonfinite=False,
     lambda_=None,
+    max_rank=None,
 ):
     request = {
+        "max_rank": None if max_rank is None else int(max_rank),
         "lambda": None if lambda_ is None else float(lambda_),
         "allow_nonfinite": bool(allow_nonfinite),
         "adapters": local,
@@ -336,7 +358,7 @@ def _run(
         "weights": _weights(weights),
         "adapter_name": adapter_name,
         "combination_type": combination_type,
-        "svd_rank": None if svd_rank is None else int(svd_rank),
+        "svd_rank": svd_rank if svd_rank is None or isinstance(svd_rank, str) else int(svd_rank),
         "svd_clamp": None if svd_clamp is None else float(svd_clamp),
         "svd_full_matrices": bool(svd_full_matrices),
         "svd_driver": svd_driver,
@@ -352,6 +374,59 @@ def _run(
     for message in result.warnings:
         warnings.warn(message, stacklevel=3)
     return result
+
+
+def resize(
+    adapter: PathLike,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_rank: int | None = None,
+    *,
+    output_dir: PathLike,
+    overwrite: bool = False,
+    dtype: str | None = None,
+    progress: bool | None = None,
+) -> MergeResult:
+    """Re-factorises one adapter to a new rank, exactly.
+
+    Each module's update `s B A` gets its rank-`rank` truncated SVD (the best rank-`rank` approximation), computed
+    from the factors without forming `B A`; with `energy`, each module gets the smallest rank that keeps that
+    fraction of the squared Frobenius norm of its update, capped by `max_rank`. It is `task_arithmetic` of one
+    adapter with weight 1 and `svd_rank=rank` (or `"energy:E"`); the result reports each module's rank and relative
+    error, and mixed ranks are written to `rank_pattern` / `alpha_pattern` (PEFT reloads them).
+
+    Args:
+        adapter (`str | os.PathLike`): the adapter directory (or Hub id).
+        rank (`int`, *optional*): the new rank of every module (modules of lower rank are zero-padded).
+        energy (`float`, *optional*): instead of `rank`: the fraction of each update's energy to keep, in (0, 1].
+        max_rank (`int`, *optional*): cap of every module's rank.
+        output_dir (`str | os.PathLike`): where to write the resized adapter.
+        overwrite (`bool`, defaults to `False`): replace an existing adapter directory at `output_dir`.
+        dtype (`str`, *optional*): dtype of the written tensors; defaults to the adapter's.
+        progress (`bool`, *optional*): show a progress bar (tqdm).
+
+    Returns:
+        [`MergeResult`]: with `module_ranks` and `module_errors`.
+
+    Raises:
+        `ValueError`: neither or both of `rank` and `energy`, or values out of range.
+    """
+    if (rank is None) == (energy is None):
+        raise ValueError("resize: give exactly one of rank= and energy=")
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, numbers.Real)):
+        raise TypeError(f"energy: expected a number, got {type(energy).__name__}")
+    return add_weighted_adapter(
+        [adapter],
+        [1.0],
+        os.path.basename(os.path.normpath(os.fspath(output_dir))) or "resized",
+        "task_arithmetic",
+        svd_rank=rank if energy is None else f"energy:{float(energy)!r}",
+        max_rank=max_rank,
+        output_dir=output_dir,
+        overwrite=overwrite,
+        dtype=dtype,
+        progress=progress,
+    )
 
 
 def methods() -> list[dict[str, Any]]:

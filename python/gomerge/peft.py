@@ -307,6 +307,7 @@ def _merge(
         "majority_sign_method": majority_sign_method,
         "seed": seed,
         "lambda": None,
+        "max_rank": None,
         "modules": modules,
     }
     result = _native.run_job(_native.merge_tensors_start(request), progress)

