@@ -12,7 +12,7 @@ export GOEXPERIMENT := simd
 GO_SOURCES := $(wildcard gomerge/*.go bindings/*.go) go.mod go.sum
 ENGINE := python/gomerge/_engine/bindings.py
 FUZZTIME ?= 20s
-FUZZ_TARGETS := FuzzOpenSafetensors FuzzParseConfig FuzzPatternResolve
+FUZZ_TARGETS := FuzzOpenSafetensors FuzzParseConfig FuzzPatternResolve FuzzWeightsJSON
 # staticcheck runs once over both builds (vector kernels and portable): an unused name is one unused in both
 STATICCHECK_MATRIX := simd: GOEXPERIMENT=simd\nportable: GOEXPERIMENT=\n
 PY_SOURCES := python tests benchmarks examples
