@@ -67,6 +67,9 @@ func ModelCard(opts Options, res *Result, baseModel string, sources []string) st
 	if g := opts.generalized(0); g != nil && method.takes("epsilon") {
 		fmt.Fprintf(&b, "- epsilon: %g\n", g.epsilon)
 	}
+	if method.takes("scaling") {
+		fmt.Fprintf(&b, "- scaling: %g\n", opts.spanOptions().scaling)
+	}
 	if opts.Lambda != nil {
 		fmt.Fprintf(&b, "- lambda: %g\n", *opts.Lambda)
 	}

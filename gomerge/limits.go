@@ -19,7 +19,7 @@ func moduleMemory(f Family, j *moduleJob) int64 {
 	case FamilyDenseSVD:
 		// one dense update per source (the result overwrites the first), the sketch, the factors
 		return n*int64(j.in)*int64(j.out)*4 + 3*factors
-	case FamilySVD:
+	case FamilySVD, FamilySpan:
 		total := int64(0)
 		for _, s := range j.srcs {
 			total += int64(s.mod.Rank)

@@ -314,6 +314,10 @@ func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt D
 		if a, b, r, relErr, err = mergeSVD(srcs, opts.rankRule(rank), j.in, j.out, opts.SVDClamp); err != nil {
 			return "", "", RawTensor{}, RawTensor{}, out, err
 		}
+	case FamilySpan:
+		if a, b, r, relErr, err = mergeSpan(srcs, &opts.Combine, rank, j.in, j.out); err != nil {
+			return "", "", RawTensor{}, RawTensor{}, out, err
+		}
 	case FamilyDenseSVD:
 		r = rank
 		a, b, relErr, err = mergeDenseSVD(ctx, j, comb, opts.generalized(seed), r, opts.SVDClamp, seed)

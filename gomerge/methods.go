@@ -95,6 +95,7 @@ var (
 	peftDenseSVDTIES  = append(slices.Clone(peftSVDParams), "density", "majority_sign_method")
 	breadcrumbsParams = []string{"density", "gamma", "lambda", "svd_rank", "max_rank", "svd_clamp"}
 	dellaParams       = []string{"density", "epsilon", "lambda", "svd_rank", "max_rank", "svd_clamp"}
+	spanParams        = []string{"scaling", "svd_rank", "max_rank"}
 )
 
 // methods is the method table. PEFT's eleven names keep PEFT's semantics;
@@ -137,6 +138,12 @@ var methods = []Method{
 			"l1 rescale, TIES sign consensus, divided by the agreeing weights, then a rank-svd_rank SVD"},
 	{Name: "della_linear", Family: FamilyDenseSVD, Pruning: PruneDELLA, Random: true, Rank: RankSVDOrMax,
 		Params: dellaParams, Doc: "DELLA's masks and l1 rescale, lambda * sum_i w_i dW_i, then a rank-svd_rank SVD"},
+	{Name: "iso_c", Family: FamilySpan, Rank: RankSpan, Params: spanParams,
+		Doc: "Iso-C: the SVD of sum_i w_i s_i B_i A_i = U S V^T with its nonzero singular values replaced by their " +
+			"mean times scaling; rank = the sum's rank (or svd_rank), exact in the span of the factors"},
+	{Name: "tsv", Family: FamilySpan, Rank: RankSpan, Params: spanParams,
+		Doc: "TSV-M: each update's top min(r_i, min(m, n) / T) singular triplets, the stacked U's and V's " +
+			"orthogonalised (polar factors), scaling * U_perp S V_perp^T; exact in the span of the factors"},
 }
 
 // Methods returns the method table, in the order of the docs.

@@ -26,6 +26,7 @@ type Combine struct {
 	Lambda             *float64  `json:"lambda"`  // task_arithmetic's scale of the summed updates (default 1)
 	Gamma              *float64  `json:"gamma"`   // breadcrumbs: fraction of largest magnitudes dropped (0.01)
 	Epsilon            *float64  `json:"epsilon"` // della: spread of the keep-probabilities around density (0.15)
+	Scaling            *float64  `json:"scaling"` // span methods (iso_c, tsv): scale of the merged update (1)
 
 	method Method // the row of CombinationType, set by Validate
 }
@@ -129,7 +130,8 @@ func (o *Combine) Validate() error {
 	for _, p := range []struct {
 		name string
 		set  bool
-	}{{"lambda", o.Lambda != nil}, {"max_rank", o.MaxRank != nil}, {"gamma", o.Gamma != nil}, {"epsilon", o.Epsilon != nil}} {
+	}{{"lambda", o.Lambda != nil}, {"max_rank", o.MaxRank != nil}, {"gamma", o.Gamma != nil}, {"epsilon", o.Epsilon != nil},
+		{"scaling", o.Scaling != nil}} {
 		if p.set && !m.takes(p.name) {
 			return valueErr("%s: combination_type %q does not take %s (it takes: %s)", p.name, m.Name, p.name, strings.Join(m.Params, ", "))
 		}
@@ -168,6 +170,9 @@ func (o *Combine) Validate() error {
 	if o.MajoritySignMethod != "total" && o.MajoritySignMethod != "frequency" {
 		return valueErr("majority_sign_method: invalid value %q (expected 'total' or 'frequency')", o.MajoritySignMethod)
 	}
+	if err := o.validateSpan(); err != nil {
+		return err
+	}
 	return o.validateGeneralized()
 }
 
@@ -185,7 +190,7 @@ func (o *Combine) validateRank() error {
 	}
 	if r.Energy > 0 {
 		switch o.method.family(o.SVDRank) {
-		case FamilySVD:
+		case FamilySVD, FamilySpan:
 		case FamilyDenseSVD:
 			return valueErr("svd_rank: the energy rule needs the exact spectrum, and combination_type %q factorises a pruned "+
 				"dense update by a randomized SVD: give an integer svd_rank", o.CombinationType)
@@ -212,7 +217,9 @@ func (o *Combine) rankRule(rank int) rankRule {
 
 // energyRanks reports whether each module's rank is chosen from its
 // spectrum, so that the output's shapes are known only after the merge.
-func (o *Combine) energyRanks() bool { return o.SVDRank != nil && o.SVDRank.Energy > 0 }
+func (o *Combine) energyRanks() bool {
+	return o.SVDRank != nil && o.SVDRank.Energy > 0 || o.spanRanks()
+}
 
 // lambda is the scale of the combined updates (1 unless the method takes
 // lambda and it was given).

@@ -59,7 +59,7 @@ func newRank(opts Options, adapters []*Adapter) (int, error) {
 	// the svd_rank rules: a fixed rank (capped by max_rank); with the energy rule each module's rank comes from
 	// its spectrum, at most max_rank or the sum of the ranks
 	r := slices.Max(ranks)
-	if m.Rank == RankSVDOrSumAll {
+	if m.Rank == RankSVDOrSumAll || m.Rank == RankSpan {
 		r = sum
 	}
 	switch s := opts.SVDRank; {

@@ -195,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="della, della_linear: keep-probabilities from density - E to density + E by magnitude rank (default 0.15)",
     )
     m.add_argument(
+        "--scaling",
+        type=float,
+        metavar="S",
+        help="iso_c, tsv: scale of the merged update (default 1)",
+    )
+    m.add_argument(
         "--svd-full-matrices",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -290,6 +296,7 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         ("lambda", args.lambda_),
         ("gamma", args.gamma),
         ("epsilon", args.epsilon),
+        ("scaling", args.scaling),
         ("svd_full_matrices", args.svd_full_matrices),
         ("svd_driver", args.svd_driver),
         ("seed", args.seed),
@@ -333,6 +340,7 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             max_rank=options.get("max_rank"),
             gamma=options.get("gamma"),
             epsilon=options.get("epsilon"),
+            scaling=options.get("scaling"),
         )
     if args.json:
         print(json.dumps(res.__dict__))

@@ -310,6 +310,7 @@ def _merge(
         "max_rank": None,
         "gamma": None,
         "epsilon": None,
+        "scaling": None,
         "modules": modules,
     }
     result = _native.run_job(_native.merge_tensors_start(request), progress)

@@ -50,6 +50,7 @@ TOP_KEYS = {
     "lambda": "number",
     "gamma": "number",
     "epsilon": "number",
+    "scaling": "number",
     "svd_full_matrices": "bool",
     "svd_driver": "str",
     "seed": "int",

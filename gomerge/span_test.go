@@ -1,0 +1,274 @@
+package gomerge
+
+import (
+	"math"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"gonum.org/v1/gonum/mat"
+)
+
+// spanSources draws adapters of the given ranks on an out x in module, each
+// with a weight and a scaling.
+func spanSources(rng *rand.Rand, out, in int, ranks ...int) []source {
+	srcs := make([]source, len(ranks))
+	for i, r := range ranks {
+		a := make([]float32, r*in)
+		b := make([]float32, out*r)
+		for j := range a {
+			a[j] = float32(rng.NormFloat64())
+		}
+		for j := range b {
+			b[j] = float32(rng.NormFloat64())
+		}
+		srcs[i] = source{weight: 0.5 + rng.Float64(), mod: mod(r, 0.25+rng.Float64(), a, b), index: i}
+	}
+	return srcs
+}
+
+// denseUpdate is w s B A as a gonum matrix.
+func denseUpdate(t *testing.T, s source) *mat.Dense {
+	fa, fb, err := s.mod.Factors()
+	require.NoError(t, err)
+	r := s.mod.Rank
+	a := mat.NewDense(r, len(fa)/r, toFloat64(fa))
+	b := mat.NewDense(len(fb)/r, r, toFloat64(fb))
+	var d mat.Dense
+	d.Mul(b, a)
+	d.Scale(s.weight*s.mod.Scaling, &d)
+	return &d
+}
+
+// thinSVD returns U, S, V of a dense matrix, restricted to its nonzero
+// singular values (numpy's matrix_rank tolerance).
+func thinSVD(d *mat.Dense) (u *mat.Dense, s []float64, v *mat.Dense) {
+	m, n := d.Dims()
+	var svd mat.SVD
+	if !svd.Factorize(d, mat.SVDThin) {
+		panic("svd failed")
+	}
+	var uf, vf mat.Dense
+	svd.UTo(&uf)
+	svd.VTo(&vf)
+	s = svd.Values(nil)
+	q := numericalRank(s, m, n)
+	return mat.DenseCopyOf(uf.Slice(0, m, 0, q)), s[:q], mat.DenseCopyOf(vf.Slice(0, n, 0, q))
+}
+
+// polarDense is P Q^T of x = P S Q^T.
+func polarDense(x *mat.Dense) *mat.Dense {
+	var svd mat.SVD
+	if !svd.Factorize(x, mat.SVDThin) {
+		panic("svd failed")
+	}
+	var u, v, p mat.Dense
+	svd.UTo(&u)
+	svd.VTo(&v)
+	p.Mul(&u, v.T())
+	return &p
+}
+
+// assertClose checks a dense m x n result against a reference, relative to
+// the reference's largest entry (the C_t are float64, merged factors float32).
+func assertClose(t *testing.T, want *mat.Dense, got []float64, tol float64, msg string) {
+	t.Helper()
+	m, n := want.Dims()
+	require.Len(t, got, m*n)
+	scale := mat.Norm(want, math.Inf(1)) + 1e-300
+	worst := 0.0
+	for i := 0; i < m; i++ {
+		for j := 0; j < n; j++ {
+			worst = max(worst, math.Abs(got[i*n+j]-want.At(i, j)))
+		}
+	}
+	assert.Less(t, worst/scale, tol, msg)
+}
+
+// product is B' A' of the merged factors.
+func productOf(a, b []float32, m, k, n int) []float64 {
+	d := mat.NewDense(m, n, nil)
+	if k > 0 {
+		d.Mul(mat.NewDense(m, k, toFloat64(b)), mat.NewDense(k, n, toFloat64(a)))
+	}
+	return d.RawMatrix().Data
+}
+
+var spanShapes = []struct {
+	name    string
+	out, in int
+	ranks   []int
+}{
+	{"square", 24, 24, []int{4, 8, 6}},
+	{"wide", 10, 40, []int{2, 3}},
+	{"tall", 50, 12, []int{5, 1, 4, 2}},
+	{"rank above a side", 6, 30, []int{4, 5}}, // R = 9 > out
+	{"one adapter", 16, 9, []int{3}},
+}
+
+func TestSpanCoresReproduceEachUpdate(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for _, tc := range spanShapes {
+		t.Run(tc.name, func(t *testing.T) {
+			srcs := spanSources(rng, tc.out, tc.in, tc.ranks...)
+			sp, err := newSpan(srcs, tc.in, tc.out)
+			require.NoError(t, err)
+			require.Len(t, sp.cores, len(srcs))
+			sum := mat.NewDense(tc.out, tc.in, nil)
+			for i, s := range srcs {
+				want := denseUpdate(t, s)
+				sum.Add(sum, want)
+				assertClose(t, want, sp.dense(sp.cores[i]), 1e-12, "C_t reproduces dW_t")
+			}
+			assertClose(t, sum, sp.dense(sp.sum()), 1e-12, "the summed core reproduces the sum")
+		})
+	}
+}
+
+// isoCDense is the reference Iso-C restricted to the span: U mean(S) V^T
+// over the nonzero singular values of the dense sum.
+func isoCDense(t *testing.T, srcs []source, out, in int, scaling float64) *mat.Dense {
+	sum := mat.NewDense(out, in, nil)
+	for _, s := range srcs {
+		sum.Add(sum, denseUpdate(t, s))
+	}
+	u, s, v := thinSVD(sum)
+	mean := 0.0
+	for _, x := range s {
+		mean += x / float64(len(s))
+	}
+	var d mat.Dense
+	d.Mul(u, v.T())
+	d.Scale(mean*scaling, &d)
+	return &d
+}
+
+// tsvDense is the reference TSV-M on the dense updates, keeping each task's
+// min(rank_t, min(m, n) / T) nonzero triplets.
+func tsvDense(t *testing.T, srcs []source, out, in int, scaling float64) *mat.Dense {
+	per := min(out, in) / len(srcs)
+	var us, vs []*mat.Dense
+	var ss []float64
+	for _, s := range srcs {
+		u, sv, v := thinSVD(denseUpdate(t, s))
+		k := min(len(sv), per)
+		us = append(us, mat.DenseCopyOf(u.Slice(0, out, 0, k)))
+		vs = append(vs, mat.DenseCopyOf(v.Slice(0, in, 0, k)))
+		ss = append(ss, sv[:k]...)
+	}
+	ucat := mat.NewDense(out, len(ss), nil)
+	vcat := mat.NewDense(in, len(ss), nil)
+	off := 0
+	for i := range us {
+		_, k := us[i].Dims()
+		ucat.Slice(0, out, off, off+k).(*mat.Dense).Copy(us[i])
+		vcat.Slice(0, in, off, off+k).(*mat.Dense).Copy(vs[i])
+		off += k
+	}
+	pu, pv := polarDense(ucat), polarDense(vcat)
+	for j, s := range ss {
+		for i := 0; i < out; i++ {
+			pu.Set(i, j, pu.At(i, j)*s*scaling)
+		}
+	}
+	var d mat.Dense
+	d.Mul(pu, pv.T())
+	return &d
+}
+
+func TestSpanMethodsMatchDenseReferences(t *testing.T) {
+	refs := map[string]func(*testing.T, []source, int, int, float64) *mat.Dense{"iso_c": isoCDense, "tsv": tsvDense}
+	rng := rand.New(rand.NewPCG(3, 4))
+	for name, ref := range refs {
+		for _, tc := range spanShapes {
+			for _, scaling := range []float64{1, 0.5} {
+				t.Run(name+"/"+tc.name, func(t *testing.T) {
+					srcs := spanSources(rng, tc.out, tc.in, tc.ranks...)
+					o := Combine{CombinationType: name}
+					if scaling != 1 {
+						o.Scaling = &scaling
+					}
+					require.NoError(t, o.Validate())
+					total := 0
+					for _, r := range tc.ranks {
+						total += r
+					}
+					a, b, k, relErr, err := mergeSpan(srcs, &o, total, tc.in, tc.out)
+					require.NoError(t, err)
+					want := ref(t, srcs, tc.out, tc.in, scaling)
+					var svd mat.SVD
+					require.True(t, svd.Factorize(want, mat.SVDNone))
+					assert.Equal(t, numericalRank(svd.Values(nil), tc.out, tc.in), k, "rank = the merged update's")
+					assert.Equal(t, 0.0, relErr)
+					assertClose(t, want, productOf(a, b, tc.out, k, tc.in), 1e-6, name) // float32 factors
+				})
+			}
+		}
+	}
+}
+
+func TestSpanRankRules(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	srcs := spanSources(rng, 20, 16, 4, 6)
+	three, one := 3, 1
+	for _, tc := range []struct {
+		name string
+		o    Combine
+		rank int
+		want int
+	}{
+		{"default: the span", Combine{CombinationType: "iso_c"}, 10, 10},
+		{"max_rank caps it", Combine{CombinationType: "iso_c", MaxRank: &three}, 3, 3},
+		{"svd_rank", Combine{CombinationType: "tsv", SVDRank: &RankSpec{Fixed: 5}}, 5, 5},
+		{"svd_rank above the span pads with zeros", Combine{CombinationType: "tsv", SVDRank: &RankSpec{Fixed: 12}}, 12, 12},
+		{"energy on an isotropic spectrum", Combine{CombinationType: "iso_c", SVDRank: &RankSpec{Energy: 0.5}}, 10, 5},
+		{"energy capped", Combine{CombinationType: "iso_c", SVDRank: &RankSpec{Energy: 0.5}, MaxRank: &one}, 10, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			require.NoError(t, tc.o.Validate())
+			a, b, k, relErr, err := mergeSpan(srcs, &tc.o, tc.rank, 16, 20)
+			require.NoError(t, err)
+			assert.Equal(t, tc.want, k)
+			assert.Len(t, a, k*16)
+			assert.Len(t, b, 20*k)
+			if tc.o.CombinationType == "iso_c" {
+				assert.InDelta(t, math.Sqrt(float64(10-min(k, 10))/10), relErr, 1e-12)
+			}
+		})
+	}
+}
+
+func TestSpanParamsAreValidated(t *testing.T) {
+	nan, half := math.NaN(), 0.5
+	err := (&Combine{CombinationType: "iso_c", Scaling: &nan}).Validate()
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "scaling")
+	for _, name := range []string{"svd", "cat", "task_arithmetic", "breadcrumbs"} {
+		err := (&Combine{CombinationType: name, Scaling: &half, Density: &half}).Validate()
+		require.Error(t, err, name)
+		assert.Contains(t, err.Error(), "does not take scaling")
+	}
+	for _, bad := range []Combine{
+		{CombinationType: "iso_c", Lambda: &half},
+		{CombinationType: "tsv", Gamma: &half},
+	} {
+		require.Error(t, bad.Validate())
+	}
+}
+
+func TestSpanZeroUpdate(t *testing.T) {
+	srcs := spanSources(rand.New(rand.NewPCG(7, 8)), 8, 8, 2, 2)
+	srcs[0].weight, srcs[1].weight = 0, 0
+	for _, name := range []string{"iso_c", "tsv"} {
+		o := Combine{CombinationType: name}
+		require.NoError(t, o.Validate())
+		a, b, k, relErr, err := mergeSpan(srcs, &o, 4, 8, 8)
+		require.NoError(t, err)
+		assert.Equal(t, 1, k)
+		assert.Equal(t, 0.0, relErr)
+		for _, v := range append(a, b...) {
+			assert.Zero(t, v)
+		}
+	}
+}

@@ -1,0 +1,212 @@
+"""The span methods (`iso_c`, `tsv`) against dense torch references written from fusion-bench 0.2.33.
+
+The references follow `fusion_bench/method/isotropic_merging/iso_utils.py` (`iso_c`) and
+`fusion_bench/method/task_singular_vector/utils/TSVM_utils.py` (`compute_and_sum_svd_mem_reduction`), read from
+the wheel (`pip download --no-deps fusion-bench==0.2.33`); fusion-bench itself is not installed (its dependencies
+would move the pinned torch / transformers / peft). As the spec says for adapters, they are restricted to the
+nonzero singular values (numpy.linalg.matrix_rank's tolerance): fusion-bench's literal reading averages the
+min(m, n) singular values, zeros included, and rebuilds the update over the whole thin basis, which for a low-rank
+sum is a full-rank update in null-space directions no adapter has (test_the_literal_reading_is_full_rank).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from peft_cases import LLAMA_ALL, AdapterSpec, assert_reloads_as, delta, dense_updates, file_factors, make_adapter
+
+import gomerge
+from gomerge import recipe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """Three Llama adapters of ranks 4, 8 and 6 (one with rsLoRA, one on q_proj / v_proj only)."""
+    root = tmp_path_factory.mktemp("span-mixed")
+    specs = [
+        AdapterSpec(dict(r=4, lora_alpha=8, target_modules=LLAMA_ALL), seed=11),
+        AdapterSpec(dict(r=8, lora_alpha=16, target_modules=LLAMA_ALL, use_rslora=True), seed=12),
+        AdapterSpec(dict(r=6, lora_alpha=6, target_modules=["q_proj", "v_proj"]), seed=13),
+    ]
+    return [make_adapter("llama", s, str(root / f"a{i}")) for i, s in enumerate(specs)]
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory):
+    """Four adapters of ranks 12, 16, 20 and 2: on k_proj / v_proj (32 x 64) the sum of ranks (50) is above
+    min(m, n) = 32, and TSV-M's share min(m, n) / T = 8 is below the ranks."""
+    root = tmp_path_factory.mktemp("span-large")
+    specs = [
+        AdapterSpec(dict(r=12, lora_alpha=12, target_modules=LLAMA_ALL), seed=21),
+        AdapterSpec(dict(r=16, lora_alpha=8, target_modules=LLAMA_ALL), seed=22),
+        AdapterSpec(dict(r=20, lora_alpha=40, target_modules=["k_proj", "v_proj", "down_proj"]), seed=23),
+        AdapterSpec(dict(r=2, lora_alpha=4, target_modules=["v_proj", "o_proj"]), seed=24),
+    ]
+    return [make_adapter("llama", s, str(root / f"a{i}")) for i, s in enumerate(specs)]
+
+
+def per_task(dirs: list[str], weights: list[float]) -> dict[str, list[torch.Tensor]]:
+    """Per module, the weighted dense updates w_t s_t B_t A_t (float64) of the adapters that have it."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for d, w in zip(dirs, weights):
+        for mod, dw in dense_updates([d], [w]).items():
+            out.setdefault(mod, []).append(dw)
+    return out
+
+
+def nonzero_svd(x: torch.Tensor):
+    """torch's thin SVD restricted to the singular values above numpy.linalg.matrix_rank's tolerance."""
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    q = int((s > s[0] * max(x.shape) * torch.finfo(torch.float64).eps).sum()) if s[0] > 0 else 0
+    return u[:, :q], s[:q], vh[:q]
+
+
+def iso_c_reference(tvs: list[torch.Tensor], scaling: float = 1.0, k: int | None = None) -> torch.Tensor:
+    """fusion-bench's iso_c (sum, SVD, S -> mean(S)) in the span: the mean of the nonzero singular values; with k,
+    the top k of the sum's directions."""
+    u, s, vh = nonzero_svd(sum(tvs))
+    k = len(s) if k is None else min(k, len(s))
+    return u[:, :k] @ torch.diag(torch.full((k,), float(s.mean()), dtype=s.dtype)) @ vh[:k] * scaling
+
+
+def tsv_reference(tvs: list[torch.Tensor], scaling: float = 1.0) -> torch.Tensor:
+    """fusion-bench's compute_and_sum_svd_mem_reduction: each task's top int(min(m, n) / T) triplets, stacked,
+    U and V orthogonalised by u_u @ vh_u, multi_dot(U_perp, diag(S), V_perp); on adapters a task keeps at most
+    its nonzero triplets."""
+    per = int(min(tvs[0].shape) * (1 / len(tvs)))
+    us, ss, vhs = [], [], []
+    for tv in tvs:
+        u, s, vh = nonzero_svd(tv)
+        us.append(u[:, :per])
+        ss.append(s[:per])
+        vhs.append(vh[:per])
+    sum_u, sum_s, sum_vh = torch.cat(us, 1), torch.cat(ss), torch.cat(vhs, 0)
+    u_u, _, vh_u = torch.linalg.svd(sum_u, full_matrices=False)
+    u_vh, _, vh_vh = torch.linalg.svd(sum_vh, full_matrices=False)
+    return torch.linalg.multi_dot((u_u, vh_u, torch.diag(sum_s), u_vh, vh_vh)) * scaling
+
+
+REFERENCES = {"iso_c": iso_c_reference, "tsv": tsv_reference}
+
+
+def numerical_rank(x: torch.Tensor) -> int:
+    return nonzero_svd(x)[1].numel()
+
+
+def max_rel(ours: np.ndarray, theirs: np.ndarray) -> float:
+    return float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-30))
+
+
+@pytest.mark.parametrize("method", ["iso_c", "tsv"])
+@pytest.mark.parametrize("case", ["mixed", "large"])
+@pytest.mark.parametrize("scaling", [None, 0.6])
+def test_span_methods_match_their_dense_references(method, case, scaling, request, tmp_path, record_parity):
+    dirs = request.getfixturevalue(case)
+    weights = [1.0, 0.7, 1.3, 0.9][: len(dirs)]
+    out = tmp_path / method
+    res = gomerge.add_weighted_adapter(dirs, weights, "m", method, output_dir=str(out), scaling=scaling)
+    tasks = per_task(dirs, weights)
+    factors = file_factors(str(out))
+    assert set(factors) == set(tasks) and res.modules == len(tasks)
+    worst = 0.0
+    for mod, tvs in tasks.items():
+        want = REFERENCES[method](tvs, 1.0 if scaling is None else scaling)
+        a, b = factors[mod]
+        assert res.module_ranks[mod] == a.shape[0] == numerical_rank(want), mod
+        assert res.module_errors[mod] == 0.0
+        worst = max(worst, max_rel(delta(a, b), want.numpy()))
+    record_parity(f"{method} {case} scaling={scaling} vs dense torch reference", worst)
+    assert worst < RTOL, worst
+    assert res.rank == max(res.module_ranks.values())
+    cfg = json.load(open(out / "adapter_config.json"))
+    assert cfg["r"] == res.rank
+    assert f"- scaling: {1.0 if scaling is None else scaling:g}" in (out / "README.md").read_text()
+
+
+def test_peft_reloads_a_span_merge(mixed, tmp_path):
+    weights = [1.0, 0.5, 2.0]
+    for method in ("iso_c", "tsv"):
+        out = tmp_path / method
+        gomerge.add_weighted_adapter(mixed, weights, "m", method, output_dir=str(out))
+        want = {m: REFERENCES[method](tvs).numpy() for m, tvs in per_task(mixed, weights).items()}
+        assert_reloads_as(str(out), want)
+
+
+def test_iso_c_rank_rules(mixed, tmp_path):
+    weights = [1.0, 1.0, 1.0]
+    tasks = per_task(mixed, weights)
+    res = gomerge.add_weighted_adapter(mixed, weights, "m", "iso_c", output_dir=str(tmp_path / "k"), svd_rank=5)
+    factors = file_factors(str(tmp_path / "k"))
+    for mod, tvs in tasks.items():
+        q = numerical_rank(sum(tvs))
+        a, b = factors[mod]
+        assert a.shape[0] == 5 and res.module_ranks[mod] == 5
+        assert max_rel(delta(a, b), iso_c_reference(tvs, k=5).numpy()) < RTOL
+        assert res.module_errors[mod] == pytest.approx(np.sqrt((q - 5) / q), rel=1e-9)
+    res = gomerge.add_weighted_adapter(
+        mixed, weights, "m", "iso_c", output_dir=str(tmp_path / "e"), svd_rank="energy:0.5", max_rank=6
+    )
+    for mod, tvs in tasks.items():
+        q = numerical_rank(sum(tvs))  # an isotropic spectrum: half the energy is half the directions
+        assert res.module_ranks[mod] == min(int(np.ceil(0.5 * q - 1e-9)), 6), mod
+    res = gomerge.add_weighted_adapter(mixed, weights, "m", "tsv", output_dir=str(tmp_path / "c"), max_rank=7)
+    assert set(res.module_ranks.values()) == {7}
+
+
+def test_the_literal_reading_is_full_rank(mixed):
+    """fusion-bench's iso_c read literally on adapters: S.mean() over min(m, n) values, zeros included, and
+    U diag(mean) V over the whole thin basis: a full-rank update, not the span's."""
+    tvs = per_task(mixed, [1.0, 1.0, 1.0])["model.layers.0.self_attn.q_proj"]
+    u, s, vh = torch.linalg.svd(sum(tvs), full_matrices=False)
+    literal = u @ torch.diag(torch.ones_like(s) * s.mean()) @ vh
+    assert numerical_rank(literal) == min(literal.shape) > numerical_rank(sum(tvs)) == 18
+
+
+def test_scaling_is_validated_and_refused_by_other_methods(mixed, tmp_path):
+    with pytest.raises(ValueError, match='scaling: combination_type "svd" does not take scaling'):
+        gomerge.add_weighted_adapter(mixed, [1, 1, 1], "m", "svd", output_dir=str(tmp_path / "o"), scaling=2.0)
+    with pytest.raises(TypeError, match="scaling"):
+        gomerge.add_weighted_adapter(mixed, [1, 1, 1], "m", "iso_c", output_dir=str(tmp_path / "o"), scaling="2")
+    with pytest.raises(ValueError, match='lambda: combination_type "iso_c" does not take lambda'):
+        gomerge.add_weighted_adapter(mixed, [1, 1, 1], "m", "iso_c", output_dir=str(tmp_path / "o"), lambda_=2.0)
+    assert not (tmp_path / "o").exists()
+
+
+def test_scaling_on_the_command_line_and_in_recipes(mixed, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    cli = subprocess.run(
+        [sys.executable, "-m", "gomerge", "merge", *mixed, "--method", "tsv", "--scaling", "0.5", "--json"]
+        + ["-o", str(tmp_path / "cli")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert cli.returncode == 0, cli.stderr
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "".join(f"  - source: {d}\n" for d in mixed).join(["adapters:\n", "method: tsv\nscaling: 0.5\n"])
+        + f"output_dir: {tmp_path / 'recipe'}\n"
+    )
+    assert recipe.load_recipe(str(path)).options["scaling"] == 0.5
+    rec = subprocess.run(
+        [sys.executable, "-m", "gomerge", "merge", "--recipe", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert rec.returncode == 0, rec.stderr
+    api = gomerge.add_weighted_adapter(mixed, [1, 1, 1], "m", "tsv", output_dir=str(tmp_path / "api"), scaling=0.5)
+    a, b, c = (file_factors(str(tmp_path / d)) for d in ("cli", "recipe", "api"))
+    for mod in c:
+        np.testing.assert_array_equal(a[mod][0], c[mod][0])
+        np.testing.assert_array_equal(b[mod][1], c[mod][1])
+    assert json.loads(cli.stdout)["module_ranks"] == api.module_ranks
