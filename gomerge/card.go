@@ -70,6 +70,9 @@ func ModelCard(opts Options, res *Result, baseModel string, sources []string) st
 	if method.takes("scaling") {
 		fmt.Fprintf(&b, "- scaling: %g\n", opts.spanOptions().scaling)
 	}
+	if method.takes("common_fraction") {
+		fmt.Fprintf(&b, "- common_fraction: %g\n", opts.spanOptions().commonFraction)
+	}
 	if opts.Lambda != nil {
 		fmt.Fprintf(&b, "- lambda: %g\n", *opts.Lambda)
 	}

@@ -144,6 +144,9 @@ var methods = []Method{
 	{Name: "tsv", Family: FamilySpan, Rank: RankSpan, Params: spanParams,
 		Doc: "TSV-M: each update's top min(r_i, min(m, n) / T) singular triplets, the stacked U's and V's " +
 			"orthogonalised (polar factors), scaling * U_perp S V_perp^T; exact in the span of the factors"},
+	{Name: "iso_cts", Family: FamilySpan, Rank: RankSpan, Params: append(slices.Clone(spanParams), "common_fraction"),
+		Doc: "Iso-CTS: the top common_fraction of the summed update's directions, each task's top directions with " +
+			"them projected out, orthogonalised (polar factors), all at the mean singular value times scaling"},
 }
 
 // Methods returns the method table, in the order of the docs.

@@ -22,11 +22,12 @@ type Combine struct {
 	SVDDriver          *string   `json:"svd_driver"`
 	Density            *float64  `json:"density"`
 	MajoritySignMethod string    `json:"majority_sign_method"`
-	Seed               *uint64   `json:"seed"`    // DARE's random seed; nil draws a fresh one
-	Lambda             *float64  `json:"lambda"`  // task_arithmetic's scale of the summed updates (default 1)
-	Gamma              *float64  `json:"gamma"`   // breadcrumbs: fraction of largest magnitudes dropped (0.01)
-	Epsilon            *float64  `json:"epsilon"` // della: spread of the keep-probabilities around density (0.15)
-	Scaling            *float64  `json:"scaling"` // span methods (iso_c, tsv): scale of the merged update (1)
+	Seed               *uint64   `json:"seed"`            // DARE's random seed; nil draws a fresh one
+	Lambda             *float64  `json:"lambda"`          // task_arithmetic's scale of the summed updates (default 1)
+	Gamma              *float64  `json:"gamma"`           // breadcrumbs: fraction of largest magnitudes dropped (0.01)
+	Epsilon            *float64  `json:"epsilon"`         // della: spread of the keep-probabilities around density (0.15)
+	Scaling            *float64  `json:"scaling"`         // span methods (iso_c, tsv): scale of the merged update (1)
+	CommonFraction     *float64  `json:"common_fraction"` // iso_cts: share of the common subspace (0.8)
 
 	method Method // the row of CombinationType, set by Validate
 }
@@ -131,7 +132,7 @@ func (o *Combine) Validate() error {
 		name string
 		set  bool
 	}{{"lambda", o.Lambda != nil}, {"max_rank", o.MaxRank != nil}, {"gamma", o.Gamma != nil}, {"epsilon", o.Epsilon != nil},
-		{"scaling", o.Scaling != nil}} {
+		{"scaling", o.Scaling != nil}, {"common_fraction", o.CommonFraction != nil}} {
 		if p.set && !m.takes(p.name) {
 			return valueErr("%s: combination_type %q does not take %s (it takes: %s)", p.name, m.Name, p.name, strings.Join(m.Params, ", "))
 		}
@@ -196,7 +197,7 @@ func (o *Combine) validateRank() error {
 				"dense update by a randomized SVD: give an integer svd_rank", o.CombinationType)
 		default:
 			return valueErr("svd_rank: combination_type %q does not factorise its result; the energy rule applies to "+
-				"svd and task_arithmetic", o.CombinationType)
+				"svd, task_arithmetic and the span methods (iso_c, iso_cts, tsv)", o.CombinationType)
 		}
 	}
 	return nil

@@ -211,24 +211,28 @@ func (sp *span) factors(l, s, rt []float64, k int) (bk, ak []float64) {
 
 // spanMethod combines a module's span into the core SVD of its merged
 // update, D = qb L diag(s) Rt qa^T, keeping only D's nonzero directions.
-type spanMethod func(sp *span, scaling float64) (l, s, rt []float64)
+type spanMethod func(sp *span, o spanOptions) (l, s, rt []float64)
 
 // spanMethods are the methods of FamilySpan.
 var spanMethods = map[string]spanMethod{
-	"iso_c": isoC,
-	"tsv":   tsvM,
+	"iso_c":   func(sp *span, o spanOptions) (l, s, rt []float64) { return isoC(sp, o.scaling) },
+	"tsv":     func(sp *span, o spanOptions) (l, s, rt []float64) { return tsvM(sp, o.scaling) },
+	"iso_cts": func(sp *span, o spanOptions) (l, s, rt []float64) { return isoCTS(sp, o.scaling, o.commonFraction) },
 }
 
 // spanOptions are the span methods' resolved parameters.
 type spanOptions struct {
-	scaling float64
+	scaling, commonFraction float64
 }
 
 // spanOptions resolves the options of a span method.
 func (o *Combine) spanOptions() spanOptions {
-	so := spanOptions{scaling: DefaultScaling}
+	so := spanOptions{scaling: DefaultScaling, commonFraction: DefaultCommonFraction}
 	if o.Scaling != nil {
 		so.scaling = *o.Scaling
+	}
+	if o.CommonFraction != nil {
+		so.commonFraction = *o.CommonFraction
 	}
 	return so
 }
@@ -238,6 +242,9 @@ func (o *Combine) spanOptions() spanOptions {
 func (o *Combine) validateSpan() error {
 	if o.Scaling != nil && (math.IsNaN(*o.Scaling) || math.IsInf(*o.Scaling, 0)) {
 		return valueErr("scaling: %v is not a finite number", *o.Scaling)
+	}
+	if f := o.CommonFraction; f != nil && (math.IsNaN(*f) || *f < 0 || *f > 1) {
+		return valueErr("common_fraction: the share of the common subspace must be in [0, 1], got %v", *f)
 	}
 	return nil
 }
@@ -262,7 +269,7 @@ func mergeSpan(srcs []source, o *Combine, rank int, in, out int) (a, b []float32
 	if err != nil {
 		return nil, nil, 0, 0, err
 	}
-	l, s, rt := fn(sp, o.spanOptions().scaling)
+	l, s, rt := fn(sp, o.spanOptions())
 	switch {
 	case o.SVDRank != nil && o.SVDRank.Energy > 0:
 		k = o.rankRule(rank).choose(s)

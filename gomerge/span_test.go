@@ -177,8 +177,71 @@ func tsvDense(t *testing.T, srcs []source, out, in int, scaling float64) *mat.De
 	return &d
 }
 
+// isoCTSDense is the reference Iso-CTS on the dense updates (common_fraction
+// 0.8), with q, the rank of the sum, in place of min(m, n).
+func isoCTSDense(t *testing.T, srcs []source, out, in int, scaling float64) *mat.Dense {
+	sum := mat.NewDense(out, in, nil)
+	var tvs []*mat.Dense
+	for _, s := range srcs {
+		tvs = append(tvs, denseUpdate(t, s))
+		sum.Add(sum, tvs[len(tvs)-1])
+	}
+	u, s, v := thinSVD(sum)
+	q, nt := len(s), len(srcs)
+	kc := int(math.Floor(float64(q) * 0.8))
+	kc = max(0, q-int(math.RoundToEven(float64(q-kc)/float64(nt)))*nt)
+	per := (q - kc) / nt
+	uc := mat.DenseCopyOf(u.Slice(0, out, 0, kc))
+	cols := []*mat.Dense{uc}
+	rows := []*mat.Dense{mat.DenseCopyOf(v.Slice(0, in, 0, kc))}
+	ss := append([]float64(nil), s[:kc]...)
+	for _, tv := range tvs {
+		var proj, res mat.Dense
+		proj.Mul(uc.T(), tv)
+		res.Mul(uc, &proj)
+		res.Sub(tv, &res)
+		var full mat.SVD
+		require.True(t, full.Factorize(tv, mat.SVDNone))
+		s0 := full.Values(nil)[0]
+		var svd mat.SVD
+		require.True(t, svd.Factorize(&res, mat.SVDThin))
+		var ut, vt mat.Dense
+		svd.UTo(&ut)
+		svd.VTo(&vt)
+		st := svd.Values(nil)
+		k := 0
+		for k < min(per, len(st)) && st[k] > s0*float64(max(out, in))*0x1p-52 {
+			k++
+		}
+		cols = append(cols, mat.DenseCopyOf(ut.Slice(0, out, 0, k)))
+		rows = append(rows, mat.DenseCopyOf(vt.Slice(0, in, 0, k)))
+		ss = append(ss, st[:k]...)
+	}
+	ucat := mat.NewDense(out, len(ss), nil)
+	vcat := mat.NewDense(in, len(ss), nil)
+	off := 0
+	for i := range cols {
+		_, k := cols[i].Dims()
+		if k == 0 {
+			continue
+		}
+		ucat.Slice(0, out, off, off+k).(*mat.Dense).Copy(cols[i])
+		vcat.Slice(0, in, off, off+k).(*mat.Dense).Copy(rows[i])
+		off += k
+	}
+	mean := 0.0
+	for _, x := range ss {
+		mean += x / float64(len(ss))
+	}
+	var d mat.Dense
+	d.Mul(polarDense(ucat), polarDense(vcat).T())
+	d.Scale(mean*scaling, &d)
+	return &d
+}
+
 func TestSpanMethodsMatchDenseReferences(t *testing.T) {
-	refs := map[string]func(*testing.T, []source, int, int, float64) *mat.Dense{"iso_c": isoCDense, "tsv": tsvDense}
+	refs := map[string]func(*testing.T, []source, int, int, float64) *mat.Dense{
+		"iso_c": isoCDense, "tsv": tsvDense, "iso_cts": isoCTSDense}
 	rng := rand.New(rand.NewPCG(3, 4))
 	for name, ref := range refs {
 		for _, tc := range spanShapes {
@@ -252,6 +315,8 @@ func TestSpanParamsAreValidated(t *testing.T) {
 	for _, bad := range []Combine{
 		{CombinationType: "iso_c", Lambda: &half},
 		{CombinationType: "tsv", Gamma: &half},
+		{CombinationType: "tsv", CommonFraction: &half},
+		{CombinationType: "iso_cts", CommonFraction: &nan},
 	} {
 		require.Error(t, bad.Validate())
 	}
@@ -260,7 +325,7 @@ func TestSpanParamsAreValidated(t *testing.T) {
 func TestSpanZeroUpdate(t *testing.T) {
 	srcs := spanSources(rand.New(rand.NewPCG(7, 8)), 8, 8, 2, 2)
 	srcs[0].weight, srcs[1].weight = 0, 0
-	for _, name := range []string{"iso_c", "tsv"} {
+	for _, name := range []string{"iso_c", "tsv", "iso_cts"} {
 		o := Combine{CombinationType: name}
 		require.NoError(t, o.Validate())
 		a, b, k, relErr, err := mergeSpan(srcs, &o, 4, 8, 8)

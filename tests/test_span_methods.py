@@ -95,7 +95,34 @@ def tsv_reference(tvs: list[torch.Tensor], scaling: float = 1.0) -> torch.Tensor
     return torch.linalg.multi_dot((u_u, vh_u, torch.diag(sum_s), u_vh, vh_vh)) * scaling
 
 
-REFERENCES = {"iso_c": iso_c_reference, "tsv": tsv_reference}
+def iso_cts_reference(tvs: list[torch.Tensor], scaling: float = 1.0, common_fraction: float = 0.8) -> torch.Tensor:
+    """fusion-bench's iso_cts with q, the rank of the sum, in place of min(shape_): the common space's size made
+    so that the task-specific space divides by T (Python's round), the tasks' directions from their updates with
+    the common space projected out (at most their nonzero ones, against the task update's own tolerance), the
+    stacked U and V orthogonalised, and every direction at the mean kept singular value."""
+    u, s, vh = nonzero_svd(sum(tvs))
+    q, t = s.numel(), len(tvs)
+    common = int(q * common_fraction)
+    common = max(0, q - round((q - common) / t) * t)
+    per = int((q - common) / t)
+    cu, cs, cv = u[:, :common], s[:common], vh[:common]
+    us, ss, vhs = [cu], [cs], [cv]
+    for w in tvs:
+        w_ts = w - cu @ cu.T @ w
+        u_ts, s_ts, v_ts = torch.linalg.svd(w_ts, full_matrices=False)
+        tol = torch.linalg.svdvals(w)[0] * max(w.shape) * torch.finfo(torch.float64).eps
+        k = int((s_ts[:per] > tol).sum())
+        us.append(u_ts[:, :k])
+        ss.append(s_ts[:k])
+        vhs.append(v_ts[:k])
+    cu, cs, cv = torch.cat(us, 1), torch.cat(ss), torch.cat(vhs, 0)
+    u_u, _, v_u = torch.linalg.svd(cu, full_matrices=False)
+    u_v, _, v_v = torch.linalg.svd(cv, full_matrices=False)
+    cs = torch.ones_like(cs) * cs.mean()
+    return torch.linalg.multi_dot((u_u @ v_u, torch.diag(cs), u_v @ v_v)) * scaling
+
+
+REFERENCES = {"iso_c": iso_c_reference, "tsv": tsv_reference, "iso_cts": iso_cts_reference}
 
 
 def numerical_rank(x: torch.Tensor) -> int:
@@ -106,7 +133,7 @@ def max_rel(ours: np.ndarray, theirs: np.ndarray) -> float:
     return float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-30))
 
 
-@pytest.mark.parametrize("method", ["iso_c", "tsv"])
+@pytest.mark.parametrize("method", ["iso_c", "tsv", "iso_cts"])
 @pytest.mark.parametrize("case", ["mixed", "large"])
 @pytest.mark.parametrize("scaling", [None, 0.6])
 def test_span_methods_match_their_dense_references(method, case, scaling, request, tmp_path, record_parity):
@@ -134,7 +161,7 @@ def test_span_methods_match_their_dense_references(method, case, scaling, reques
 
 def test_peft_reloads_a_span_merge(mixed, tmp_path):
     weights = [1.0, 0.5, 2.0]
-    for method in ("iso_c", "tsv"):
+    for method in ("iso_c", "tsv", "iso_cts"):
         out = tmp_path / method
         gomerge.add_weighted_adapter(mixed, weights, "m", method, output_dir=str(out))
         want = {m: REFERENCES[method](tvs).numpy() for m, tvs in per_task(mixed, weights).items()}
@@ -210,3 +237,37 @@ def test_scaling_on_the_command_line_and_in_recipes(mixed, tmp_path):
         np.testing.assert_array_equal(a[mod][0], c[mod][0])
         np.testing.assert_array_equal(b[mod][1], c[mod][1])
     assert json.loads(cli.stdout)["module_ranks"] == api.module_ranks
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_iso_cts_common_fraction(mixed, tmp_path, fraction, record_parity):
+    weights = [1.0, 0.8, 1.2]
+    out = tmp_path / "o"
+    res = gomerge.add_weighted_adapter(mixed, weights, "m", "iso_cts", output_dir=str(out), common_fraction=fraction)
+    factors = file_factors(str(out))
+    worst = 0.0
+    for mod, tvs in per_task(mixed, weights).items():
+        want = iso_cts_reference(tvs, common_fraction=fraction)
+        a, b = factors[mod]
+        assert res.module_ranks[mod] == a.shape[0] == numerical_rank(want), mod
+        worst = max(worst, max_rel(delta(a, b), want.numpy()))
+    record_parity(f"iso_cts common_fraction={fraction} vs dense torch reference", worst)
+    assert worst < RTOL, worst
+    assert f"- common_fraction: {fraction:g}" in (out / "README.md").read_text()
+    with pytest.raises(ValueError, match="common_fraction: the share of the common subspace must be in"):
+        gomerge.add_weighted_adapter(mixed, weights, "m", "iso_cts", output_dir=str(tmp_path / "x"), common_fraction=2)
+    with pytest.raises(ValueError, match='common_fraction: combination_type "iso_c" does not take common_fraction'):
+        gomerge.add_weighted_adapter(mixed, weights, "m", "iso_c", output_dir=str(tmp_path / "x"), common_fraction=0.5)
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    cli = subprocess.run(
+        [sys.executable, "-m", "gomerge", "merge", *mixed, "--weights", "1", "0.8", "1.2", "--method", "iso_cts"]
+        + ["--common-fraction", str(fraction), "-q", "-o", str(tmp_path / "cli")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert cli.returncode == 0, cli.stderr
+    theirs = file_factors(str(tmp_path / "cli"))
+    for mod, (a, b) in factors.items():
+        np.testing.assert_array_equal(theirs[mod][0], a)
+        np.testing.assert_array_equal(theirs[mod][1], b)

@@ -198,7 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--scaling",
         type=float,
         metavar="S",
-        help="iso_c, tsv: scale of the merged update (default 1)",
+        help="iso_c, iso_cts, tsv: scale of the merged update (default 1)",
+    )
+    m.add_argument(
+        "--common-fraction",
+        type=float,
+        metavar="F",
+        help="iso_cts: share of the common subspace, in [0, 1] (default 0.8)",
     )
     m.add_argument(
         "--svd-full-matrices",
@@ -297,6 +303,7 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         ("gamma", args.gamma),
         ("epsilon", args.epsilon),
         ("scaling", args.scaling),
+        ("common_fraction", args.common_fraction),
         ("svd_full_matrices", args.svd_full_matrices),
         ("svd_driver", args.svd_driver),
         ("seed", args.seed),
@@ -341,6 +348,7 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             gamma=options.get("gamma"),
             epsilon=options.get("epsilon"),
             scaling=options.get("scaling"),
+            common_fraction=options.get("common_fraction"),
         )
     if args.json:
         print(json.dumps(res.__dict__))

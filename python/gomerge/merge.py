@@ -174,6 +174,7 @@ def add_weighted_adapter(
     gamma: float | None = None,
     epsilon: float | None = None,
     scaling: float | None = None,
+    common_fraction: float | None = None,
 ) -> MergeResult:
     """Merges LoRA adapter directories into a new adapter directory, as PEFT's `add_weighted_adapter` does.
 
@@ -208,7 +209,8 @@ def add_weighted_adapter(
             (`"task_arithmetic"`: `lambda_ * sum_i w_i s_i B_i A_i` exactly, rank = sum of ranks or `svd_rank`;
             mergekit's `"breadcrumbs"`, `"breadcrumbs_ties"`, `"della"`, `"della_linear"` on the dense updates
             `s_i B_i A_i`, then a randomized SVD to `svd_rank`; in the span of the stacked factors, exactly:
-            `"iso_c"` (Iso-C) and `"tsv"` (TSV-M), rank = that of the merged update or `svd_rank`).
+            `"iso_c"` (Iso-C), `"iso_cts"` (Iso-CTS) and `"tsv"` (TSV-M), rank = that of the merged update or
+            `svd_rank`).
             PEFT's types: On the factors (all adapters of equal rank): `"linear"` (weighted sum, with
             PEFT's cross terms), `"ties"`, `"dare_linear"`, `"dare_ties"`, `"magnitude_prune"`. Exact: `"cat"`
             (rank = sum of ranks). On the adapters' updates, then an SVD to `svd_rank`: `"svd"` (exact SVD computed
@@ -220,7 +222,7 @@ def add_weighted_adapter(
             `task_arithmetic`); defaults to the largest input rank (the sum of ranks for `task_arithmetic`). Or the
             energy rule `"energy:0.99"` (`svd` and `task_arithmetic`): each module gets the smallest rank that keeps
             that fraction of the squared Frobenius norm of its update, exactly; the ranks are written to
-            `rank_pattern` / `alpha_pattern` and reported in `module_ranks`. `iso_c` and `tsv` take both; by
+            `rank_pattern` / `alpha_pattern` and reported in `module_ranks`. `iso_c`, `iso_cts` and `tsv` take both; by
             default each of their modules gets the rank of its merged update (at most `max_rank`).
         svd_clamp (`float`, *optional*):
             A quantile in [0, 1]: the factors are clamped to the range of that quantile of their values.
@@ -271,8 +273,11 @@ def add_weighted_adapter(
             `density - epsilon` (smallest magnitude) to `density + epsilon` (largest), which must lie in (0, 1)
             (default 0.15). Other methods refuse it.
         scaling (`float`, *optional*):
-            `iso_c` and `tsv`: the scale of the merged update (default 1; fusion-bench's `scaling_factor` /
-            `alpha`). Other methods refuse it.
+            `iso_c`, `iso_cts` and `tsv`: the scale of the merged update (default 1; fusion-bench's
+            `scaling_factor` / `alpha`). Other methods refuse it.
+        common_fraction (`float`, *optional*):
+            `iso_cts`: the share of the common subspace, in [0, 1] (default 0.8), as a fraction of each module's
+            summed-update rank (not of min(m, n)). Other methods refuse it.
 
     Returns:
         [`MergeResult`]: the output directory, rank, number of modules, dtype and time taken.
@@ -312,7 +317,13 @@ def add_weighted_adapter(
             raise TypeError(f"{name}: expected a number or None, got {type(value).__name__}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64):
         raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r}")
-    for name, value in (("lambda_", lambda_), ("gamma", gamma), ("epsilon", epsilon), ("scaling", scaling)):
+    for name, value in (
+        ("lambda_", lambda_),
+        ("gamma", gamma),
+        ("epsilon", epsilon),
+        ("scaling", scaling),
+        ("common_fraction", common_fraction),
+    ):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
             raise TypeError(f"{name}: expected a number or None, got {type(value).__name__}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1):
@@ -345,6 +356,7 @@ def add_weighted_adapter(
             gamma,
             epsilon,
             scaling,
+            common_fraction,
         )
 
 
@@ -373,12 +385,14 @@ def _run(
     gamma=None,
     epsilon=None,
     scaling=None,
+    common_fraction=None,
 ):
     request = {
         "max_rank": None if max_rank is None else int(max_rank),
         "gamma": None if gamma is None else float(gamma),
         "epsilon": None if epsilon is None else float(epsilon),
         "scaling": None if scaling is None else float(scaling),
+        "common_fraction": None if common_fraction is None else float(common_fraction),
         "lambda": None if lambda_ is None else float(lambda_),
         "allow_nonfinite": bool(allow_nonfinite),
         "adapters": local,

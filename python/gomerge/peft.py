@@ -311,6 +311,7 @@ def _merge(
         "gamma": None,
         "epsilon": None,
         "scaling": None,
+        "common_fraction": None,
         "modules": modules,
     }
     result = _native.run_job(_native.merge_tensors_start(request), progress)

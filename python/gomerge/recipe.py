@@ -51,6 +51,7 @@ TOP_KEYS = {
     "gamma": "number",
     "epsilon": "number",
     "scaling": "number",
+    "common_fraction": "number",
     "svd_full_matrices": "bool",
     "svd_driver": "str",
     "seed": "int",
