@@ -16,47 +16,58 @@ import (
 // basis of the null space with zero singular values: they add nothing to D
 // but rotate the polar factors, so on adapters they are left out.
 func tsvM(sp *span, scaling float64) (l, s, rt []float64) {
-	per := min(sp.m, sp.n) / len(sp.cores)
+	d := tsvCombine(sp.cores, sp.pb, sp.pa, min(sp.m, sp.n)/len(sp.cores), sp.m, sp.n, scaling)
+	if d == nil {
+		return nil, nil, nil
+	}
+	return nonzeroSVD(d, sp)
+}
+
+// tsvCombine is TSV-M on task matrices given as rows x cols cores of m x n
+// updates: each core's top min(its nonzero, per) triplets, stacked, the
+// polar factors of the stacks, scaling * U_perp diag(S) V_perp^T (rows x
+// cols; nil when no task has a nonzero direction).
+func tsvCombine(cores [][]float64, rows, cols, per, m, n int, scaling float64) []float64 {
 	var us, vts [][]float64
 	var ss []float64
-	for _, c := range sp.cores {
-		u, sv, vt := coreSVD(c, sp.pb, sp.pa)
+	for _, c := range cores {
+		u, sv, vt := coreSVD(c, rows, cols)
 		q := len(sv)
-		k := min(numericalRank(sv, sp.m, sp.n), per)
+		k := min(numericalRank(sv, m, n), per)
 		for j := 0; j < k; j++ {
-			col := make([]float64, sp.pb)
+			col := make([]float64, rows)
 			for i := range col {
 				col[i] = u[i*q+j]
 			}
 			us = append(us, col)
-			vts = append(vts, vt[j*sp.pa:(j+1)*sp.pa])
+			vts = append(vts, vt[j*cols:(j+1)*cols])
 			ss = append(ss, sv[j])
 		}
 	}
 	kt := len(ss)
 	if kt == 0 {
-		return nil, nil, nil
+		return nil
 	}
-	ucat := make([]float64, sp.pb*kt) // pb x K
-	vcat := make([]float64, kt*sp.pa) // K x pa
+	ucat := make([]float64, rows*kt) // rows x K
+	vcat := make([]float64, kt*cols) // K x cols
 	for j := range ss {
-		for i := 0; i < sp.pb; i++ {
+		for i := 0; i < rows; i++ {
 			ucat[i*kt+j] = us[j][i]
 		}
-		copy(vcat[j*sp.pa:(j+1)*sp.pa], vts[j])
+		copy(vcat[j*cols:(j+1)*cols], vts[j])
 	}
-	pu, pv := polar(ucat, sp.pb, kt), polar(vcat, kt, sp.pa)
-	for i := 0; i < sp.pb; i++ {
+	pu, pv := polar(ucat, rows, kt), polar(vcat, kt, cols)
+	for i := 0; i < rows; i++ {
 		for j := range ss {
 			pu[i*kt+j] *= ss[j] * scaling
 		}
 	}
-	d := make([]float64, sp.pb*sp.pa)
+	d := make([]float64, rows*cols)
 	blas64.Gemm(blas.NoTrans, blas.NoTrans, 1,
-		blas64.General{Rows: sp.pb, Cols: kt, Stride: kt, Data: pu},
-		blas64.General{Rows: kt, Cols: sp.pa, Stride: sp.pa, Data: pv},
-		0, blas64.General{Rows: sp.pb, Cols: sp.pa, Stride: sp.pa, Data: d})
-	return nonzeroSVD(d, sp)
+		blas64.General{Rows: rows, Cols: kt, Stride: kt, Data: pu},
+		blas64.General{Rows: kt, Cols: cols, Stride: cols, Data: pv},
+		0, blas64.General{Rows: rows, Cols: cols, Stride: cols, Data: d})
+	return d
 }
 
 // nonzeroSVD is the core SVD of a merged core d (pb x pa), restricted to its

@@ -96,6 +96,7 @@ var (
 	breadcrumbsParams = []string{"density", "gamma", "lambda", "svd_rank", "max_rank", "svd_clamp"}
 	dellaParams       = []string{"density", "epsilon", "lambda", "svd_rank", "max_rank", "svd_clamp"}
 	spanParams        = []string{"scaling", "svd_rank", "max_rank"}
+	coreTIESParams    = []string{"density", "majority_sign_method", "scaling", "svd_rank", "max_rank"}
 )
 
 // methods is the method table. PEFT's eleven names keep PEFT's semantics;
@@ -147,6 +148,12 @@ var methods = []Method{
 	{Name: "iso_cts", Family: FamilySpan, Rank: RankSpan, Params: append(slices.Clone(spanParams), "common_fraction"),
 		Doc: "Iso-CTS: the top common_fraction of the summed update's directions, each task's top directions with " +
 			"them projected out, orthogonalised (polar factors), all at the mean singular value times scaling"},
+	{Name: "core_ties", Family: FamilySpan, Pruning: PruneMagnitude, TIES: true, Rank: RankSpan, Params: coreTIESParams,
+		Doc: "Core Space TIES: PEFT's TIES (density, sign election, disjoint mean) on the R x R core matrices " +
+			"U_B^T s_i B_i A_i V_A (U_B, V_A: singular bases of the stacked B's and A's), D = scaling * U_B M V_A^T"},
+	{Name: "core_tsv", Family: FamilySpan, Rank: RankSpan, Params: spanParams,
+		Doc: "Core Space TSV-M: TSV-M on the core matrices U_B^T w_i s_i B_i A_i V_A, each task keeping " +
+			"floor(R / T) triplets, D = scaling * U_B M V_A^T"},
 }
 
 // Methods returns the method table, in the order of the docs.

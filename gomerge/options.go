@@ -26,7 +26,7 @@ type Combine struct {
 	Lambda             *float64  `json:"lambda"`          // task_arithmetic's scale of the summed updates (default 1)
 	Gamma              *float64  `json:"gamma"`           // breadcrumbs: fraction of largest magnitudes dropped (0.01)
 	Epsilon            *float64  `json:"epsilon"`         // della: spread of the keep-probabilities around density (0.15)
-	Scaling            *float64  `json:"scaling"`         // span methods (iso_c, tsv): scale of the merged update (1)
+	Scaling            *float64  `json:"scaling"`         // span methods (iso_c, tsv, ...): scale of the merged update (1)
 	CommonFraction     *float64  `json:"common_fraction"` // iso_cts: share of the common subspace (0.8)
 
 	method Method // the row of CombinationType, set by Validate

@@ -12,7 +12,7 @@ import (
 // FamilySpan merges in the span of the stacked factors (span.go): every
 // update dW_t = c_t B_t A_t (c_t = w_t s_t) of a module is Qb C_t Qa^T
 // exactly, with Qb (m x pb) and Qa (n x pa) the thin Q factors of the
-// stacked [c_1 B_1 | ... | c_T B_T] and [A_1; ...; A_T]^T and C_t a small
+// stacked [B_1 | ... | B_T] and [A_1; ...; A_T]^T and C_t a small
 // pb x pa core; a method combines the cores, and its result Qb D Qa^T is
 // factorised from an SVD of D. Cost O((m + n) R^2 + R^3), R = sum r_t.
 const FamilySpan Family = "span"
@@ -33,17 +33,22 @@ type span struct {
 	qa     []float64 // n x pa, orthonormal columns
 	cores  [][]float64
 	ranks  []int // r_t
+	// the R factors of the two QRs (pb x R, pa x R) and each source's
+	// weight w_t and scaling s_t, for the core space's bases and weights
+	rb, ra            []float64
+	total             int // R
+	weights, scalings []float64
 }
 
-// newSpan builds the span of the sources' factors: cores[t] = Rb_t Ra_t^T,
+// newSpan builds the span of the sources' factors: cores[t] = c_t Rb_t Ra_t^T,
 // where Rb_t and Ra_t are the columns of source t in the R factors of the
-// two thin QRs, so that c_t B_t A_t = qb cores[t] qa^T exactly.
+// two thin QRs, so that c_t B_t A_t = qb cores[t] qa^T exactly (c_t = w_t s_t).
 func newSpan(srcs []source, in, out int) (*span, error) {
 	total := 0
 	for _, s := range srcs {
 		total += s.mod.Rank
 	}
-	bc := make([]float64, out*total) // [c_1 B_1 | c_2 B_2 | ...]
+	bc := make([]float64, out*total) // [B_1 | B_2 | ...]
 	at := make([]float64, in*total)  // [A_1; A_2; ...]^T
 	sp := &span{m: out, n: in, ranks: make([]int, len(srcs))}
 	off := 0
@@ -53,10 +58,9 @@ func newSpan(srcs []source, in, out int) (*span, error) {
 			return nil, err
 		}
 		r := s.mod.Rank
-		c := s.weight * s.mod.Scaling
 		for i := 0; i < out; i++ {
 			for j, v := range fb[i*r : (i+1)*r] {
-				bc[i*total+off+j] = c * float64(v)
+				bc[i*total+off+j] = float64(v)
 			}
 		}
 		for k := 0; k < r; k++ {
@@ -65,24 +69,35 @@ func newSpan(srcs []source, in, out int) (*span, error) {
 			}
 		}
 		sp.ranks[t] = r
+		sp.weights = append(sp.weights, s.weight)
+		sp.scalings = append(sp.scalings, s.mod.Scaling)
 		off += r
 	}
 	var rb, ra []float64
 	sp.qb, rb, sp.pb = thinQR(bc, out, total)
 	sp.qa, ra, sp.pa = thinQR(at, in, total)
-	off = 0
-	for _, r := range sp.ranks {
-		core := make([]float64, sp.pb*sp.pa)
-		if r > 0 {
-			blas64.Gemm(blas.NoTrans, blas.Trans, 1,
-				blas64.General{Rows: sp.pb, Cols: r, Stride: total, Data: rb[off:]},
-				blas64.General{Rows: sp.pa, Cols: r, Stride: total, Data: ra[off:]},
-				0, blas64.General{Rows: sp.pb, Cols: sp.pa, Stride: sp.pa, Data: core})
-		}
-		sp.cores = append(sp.cores, core)
-		off += r
+	sp.rb, sp.ra, sp.total = rb, ra, total
+	for t := range sp.ranks {
+		sp.cores = append(sp.cores, sp.core(t, sp.weights[t]*sp.scalings[t]))
 	}
 	return sp, nil
+}
+
+// core is c Rb_t Ra_t^T, the core of c B_t A_t.
+func (sp *span) core(t int, c float64) []float64 {
+	off, total := 0, sp.total
+	for _, r := range sp.ranks[:t] {
+		off += r
+	}
+	r := sp.ranks[t]
+	core := make([]float64, sp.pb*sp.pa)
+	if r > 0 && sp.pb > 0 && sp.pa > 0 {
+		blas64.Gemm(blas.NoTrans, blas.Trans, c,
+			blas64.General{Rows: sp.pb, Cols: r, Stride: total, Data: sp.rb[off:]},
+			blas64.General{Rows: sp.pa, Cols: r, Stride: total, Data: sp.ra[off:]},
+			0, blas64.General{Rows: sp.pb, Cols: sp.pa, Stride: sp.pa, Data: core})
+	}
+	return core
 }
 
 // sum is sum_t cores[t]: the core of sum_t c_t B_t A_t.
@@ -215,14 +230,17 @@ type spanMethod func(sp *span, o spanOptions) (l, s, rt []float64)
 
 // spanMethods are the methods of FamilySpan.
 var spanMethods = map[string]spanMethod{
-	"iso_c":   func(sp *span, o spanOptions) (l, s, rt []float64) { return isoC(sp, o.scaling) },
-	"tsv":     func(sp *span, o spanOptions) (l, s, rt []float64) { return tsvM(sp, o.scaling) },
-	"iso_cts": func(sp *span, o spanOptions) (l, s, rt []float64) { return isoCTS(sp, o.scaling, o.commonFraction) },
+	"iso_c":     func(sp *span, o spanOptions) (l, s, rt []float64) { return isoC(sp, o.scaling) },
+	"tsv":       func(sp *span, o spanOptions) (l, s, rt []float64) { return tsvM(sp, o.scaling) },
+	"iso_cts":   func(sp *span, o spanOptions) (l, s, rt []float64) { return isoCTS(sp, o.scaling, o.commonFraction) },
+	"core_ties": coreTIES,
+	"core_tsv":  coreTSV,
 }
 
 // spanOptions are the span methods' resolved parameters.
 type spanOptions struct {
 	scaling, commonFraction float64
+	comb                    *Combination // core_ties: PEFT's TIES on the core matrices
 }
 
 // spanOptions resolves the options of a span method.
@@ -233,6 +251,9 @@ func (o *Combine) spanOptions() spanOptions {
 	}
 	if o.CommonFraction != nil {
 		so.commonFraction = *o.CommonFraction
+	}
+	if o.method.TIES && o.Density != nil {
+		so.comb = &Combination{Method: "ties", Density: *o.Density, SignMethod: o.MajoritySignMethod}
 	}
 	return so
 }

@@ -337,3 +337,103 @@ func TestSpanZeroUpdate(t *testing.T) {
 		}
 	}
 }
+
+// coreMatrices is the dense reference of Core Space: U_B, V_A from dense
+// SVDs of the stacked raw factors and M_t = U_B^T dW_t V_A, with dW_t =
+// scale(t) B_t A_t.
+func coreMatrices(t *testing.T, srcs []source, out, in int, scale func(source) float64) (ub, va *mat.Dense, ms []*mat.Dense) {
+	total := 0
+	for _, s := range srcs {
+		total += s.mod.Rank
+	}
+	bs := mat.NewDense(out, total, nil)
+	as := mat.NewDense(total, in, nil)
+	off := 0
+	for _, s := range srcs {
+		fa, fb, err := s.mod.Factors()
+		require.NoError(t, err)
+		r := s.mod.Rank
+		bs.Slice(0, out, off, off+r).(*mat.Dense).Copy(mat.NewDense(out, r, toFloat64(fb)))
+		as.Slice(off, off+r, 0, in).(*mat.Dense).Copy(mat.NewDense(r, in, toFloat64(fa)))
+		off += r
+	}
+	ub, _, _ = thinSVD(bs)
+	_, _, va = thinSVD(as)
+	for _, s := range srcs {
+		d := denseUpdate(t, s)
+		d.Scale(scale(s)/(s.weight*s.mod.Scaling), d)
+		var m, tmp mat.Dense
+		tmp.Mul(ub.T(), d)
+		m.Mul(&tmp, va)
+		ms = append(ms, &m)
+	}
+	return ub, va, ms
+}
+
+func TestCoreSpaceMethodsMatchDenseReferences(t *testing.T) {
+	rng := rand.New(rand.NewPCG(9, 10))
+	half := 0.5
+	for _, tc := range spanShapes {
+		srcs := spanSources(rng, tc.out, tc.in, tc.ranks...)
+		t.Run("core_tsv/"+tc.name, func(t *testing.T) {
+			ub, va, ms := coreMatrices(t, srcs, tc.out, tc.in, func(s source) float64 { return s.weight * s.mod.Scaling })
+			qb, qa := ub.RawMatrix().Cols, va.RawMatrix().Cols
+			mt := ms
+			// TSV-M on the cores, each task keeping floor(min(qB, qA) / T) triplets
+			per := min(qb, qa) / len(ms)
+			var us, vs []*mat.Dense
+			var ss []float64
+			for _, m := range mt {
+				u, sv, v := thinSVD(mat.DenseCopyOf(m))
+				k := min(len(sv), per)
+				us = append(us, mat.DenseCopyOf(u.Slice(0, qb, 0, k)))
+				vs = append(vs, mat.DenseCopyOf(v.Slice(0, qa, 0, k)))
+				ss = append(ss, sv[:k]...)
+			}
+			ucat, vcat := mat.NewDense(qb, len(ss), nil), mat.NewDense(qa, len(ss), nil)
+			off := 0
+			for i := range us {
+				_, k := us[i].Dims()
+				if k > 0 {
+					ucat.Slice(0, qb, off, off+k).(*mat.Dense).Copy(us[i])
+					vcat.Slice(0, qa, off, off+k).(*mat.Dense).Copy(vs[i])
+				}
+				off += k
+			}
+			pu, pv := polarDense(ucat), polarDense(vcat)
+			for j, s := range ss {
+				for i := 0; i < qb; i++ {
+					pu.Set(i, j, pu.At(i, j)*s)
+				}
+			}
+			var m, tmp, want mat.Dense
+			m.Mul(pu, pv.T())
+			tmp.Mul(ub, &m)
+			want.Mul(&tmp, va.T())
+			o := Combine{CombinationType: "core_tsv"}
+			require.NoError(t, o.Validate())
+			a, b, k, _, err := mergeSpan(srcs, &o, 1, tc.in, tc.out)
+			require.NoError(t, err)
+			assertClose(t, &want, productOf(a, b, tc.out, k, tc.in), 1e-6, "core_tsv")
+		})
+		t.Run("core_ties/"+tc.name, func(t *testing.T) {
+			ub, va, ms := coreMatrices(t, srcs, tc.out, tc.in, func(s source) float64 { return s.mod.Scaling })
+			qb, qa := ub.RawMatrix().Cols, va.RawMatrix().Cols
+			tensors := make([][]float32, len(ms))
+			weights := make([]float32, len(ms))
+			for i, m := range ms {
+				tensors[i] = toFloat32(mat.DenseCopyOf(m).RawMatrix().Data)
+				weights[i] = float32(srcs[i].weight)
+			}
+			merged := Combination{Method: "ties", Density: half, SignMethod: "total"}.Apply(tensors, weights, nil, false)
+			var tmp, want mat.Dense
+			tmp.Mul(ub, mat.NewDense(qb, qa, toFloat64(merged)))
+			want.Mul(&tmp, va.T())
+			o := Combine{CombinationType: "core_ties", Density: &half}
+			require.NoError(t, o.Validate())
+			a, b, k, _, err := mergeSpan(srcs, &o, 1, tc.in, tc.out)
+			require.NoError(t, err)
+			assertClose(t, &want, productOf(a, b, tc.out, k, tc.in), 1e-5, "core_ties")
+		})
+	}
+}

@@ -19,7 +19,17 @@ import sys
 import numpy as np
 import pytest
 import torch
-from peft_cases import LLAMA_ALL, AdapterSpec, assert_reloads_as, delta, dense_updates, file_factors, make_adapter
+from peft.utils.merge_utils import ties
+from peft_cases import (
+    LLAMA_ALL,
+    AdapterSpec,
+    assert_reloads_as,
+    config_scaling,
+    delta,
+    dense_updates,
+    file_factors,
+    make_adapter,
+)
 
 import gomerge
 from gomerge import recipe
@@ -271,3 +281,61 @@ def test_iso_cts_common_fraction(mixed, tmp_path, fraction, record_parity):
     for mod, (a, b) in factors.items():
         np.testing.assert_array_equal(theirs[mod][0], a)
         np.testing.assert_array_equal(theirs[mod][1], b)
+
+
+def per_task_factors(dirs: list[str], weights: list[float]) -> dict[str, list[tuple]]:
+    """Per module, (A_t, B_t, w_t, s_t) of the adapters that have it (float64 factors)."""
+    out: dict[str, list[tuple]] = {}
+    for d, w in zip(dirs, weights):
+        for mod, (a, b) in file_factors(d).items():
+            out.setdefault(mod, []).append((torch.from_numpy(a), torch.from_numpy(b), w, config_scaling(d)))
+    return out
+
+
+def core_space(tasks):
+    """apanariello4/core-space-merging's get_core_matrices: U_B_ref from the SVD of the stacked B's, Vh_A_ref from
+    the stacked A's (restricted to their nonzero singular values)."""
+    u_b = nonzero_svd(torch.cat([b for _, b, _, _ in tasks], 1))[0]
+    vh_a = nonzero_svd(torch.cat([a for a, _, _, _ in tasks], 0))[2]
+    return u_b, vh_a
+
+
+def core_ties_reference(tasks, density: float, majority_sign_method: str = "total") -> torch.Tensor:
+    """PEFT's ties (peft.utils.merge_utils.ties, as ties_svd uses it: weights w_t, tensors s_t B_t A_t) on the
+    core matrices M_t = U_B^T s_t B_t A_t Vh_A^T (float32, as gomerge combines them), back as U_B M Vh_A."""
+    u_b, vh_a = core_space(tasks)
+    ms = [(u_b.T @ (b @ a * s) @ vh_a.T).float() for a, b, _, s in tasks]
+    weights = torch.tensor([w for _, _, w, _ in tasks], dtype=torch.float32)
+    merged = ties(ms, weights, density, majority_sign_method).double()
+    return u_b @ merged @ vh_a
+
+
+def core_tsv_reference(tasks) -> torch.Tensor:
+    """core-space-merging's get_tsv_delta_w on the core matrices of w_t s_t B_t A_t: each task keeps
+    int(min(qB, qA) / T) triplets (at most its nonzero ones)."""
+    u_b, vh_a = core_space(tasks)
+    ms = [u_b.T @ (b @ a * (w * s)) @ vh_a.T for a, b, w, s in tasks]
+    return u_b @ tsv_reference(ms) @ vh_a
+
+
+@pytest.mark.parametrize("case", ["mixed", "large"])
+@pytest.mark.parametrize("method", ["core_ties", "core_tsv"])
+def test_core_space_methods_match_their_dense_references(case, method, request, tmp_path, record_parity):
+    dirs = request.getfixturevalue(case)
+    weights = [1.0, 0.7, 1.3, 0.9][: len(dirs)]
+    out = tmp_path / method
+    kw = {"density": 0.4} if method == "core_ties" else {}
+    res = gomerge.add_weighted_adapter(dirs, weights, "m", method, output_dir=str(out), **kw)
+    factors = file_factors(str(out))
+    worst = 0.0
+    for mod, tasks in per_task_factors(dirs, weights).items():
+        want = core_ties_reference(tasks, 0.4) if method == "core_ties" else core_tsv_reference(tasks)
+        a, b = factors[mod]
+        assert res.module_ranks[mod] == a.shape[0] == numerical_rank(want), mod
+        worst = max(worst, max_rel(delta(a, b), want.numpy()))
+    record_parity(f"{method} {case} vs dense torch reference", worst)
+    assert worst < RTOL, worst
+    if method == "core_ties":
+        assert_reloads_as(str(out), {m: delta(a, b) for m, (a, b) in factors.items()})
+        with pytest.raises(ValueError, match="density"):
+            gomerge.add_weighted_adapter(dirs, weights, "m", method, output_dir=str(tmp_path / "x"))

@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scaling",
         type=float,
         metavar="S",
-        help="iso_c, iso_cts, tsv: scale of the merged update (default 1)",
+        help="iso_c, iso_cts, tsv, core_ties, core_tsv: scale of the merged update (default 1)",
     )
     m.add_argument(
         "--common-fraction",

@@ -209,8 +209,8 @@ def add_weighted_adapter(
             (`"task_arithmetic"`: `lambda_ * sum_i w_i s_i B_i A_i` exactly, rank = sum of ranks or `svd_rank`;
             mergekit's `"breadcrumbs"`, `"breadcrumbs_ties"`, `"della"`, `"della_linear"` on the dense updates
             `s_i B_i A_i`, then a randomized SVD to `svd_rank`; in the span of the stacked factors, exactly:
-            `"iso_c"` (Iso-C), `"iso_cts"` (Iso-CTS) and `"tsv"` (TSV-M), rank = that of the merged update or
-            `svd_rank`).
+            `"iso_c"` (Iso-C), `"iso_cts"` (Iso-CTS), `"tsv"` (TSV-M), `"core_ties"` and `"core_tsv"` (Core Space),
+            rank = that of the merged update or `svd_rank`).
             PEFT's types: On the factors (all adapters of equal rank): `"linear"` (weighted sum, with
             PEFT's cross terms), `"ties"`, `"dare_linear"`, `"dare_ties"`, `"magnitude_prune"`. Exact: `"cat"`
             (rank = sum of ranks). On the adapters' updates, then an SVD to `svd_rank`: `"svd"` (exact SVD computed
@@ -222,8 +222,9 @@ def add_weighted_adapter(
             `task_arithmetic`); defaults to the largest input rank (the sum of ranks for `task_arithmetic`). Or the
             energy rule `"energy:0.99"` (`svd` and `task_arithmetic`): each module gets the smallest rank that keeps
             that fraction of the squared Frobenius norm of its update, exactly; the ranks are written to
-            `rank_pattern` / `alpha_pattern` and reported in `module_ranks`. `iso_c`, `iso_cts` and `tsv` take both; by
-            default each of their modules gets the rank of its merged update (at most `max_rank`).
+            `rank_pattern` / `alpha_pattern` and reported in `module_ranks`. The span methods (`iso_c`,
+            `iso_cts`, `tsv`, `core_*`) take both; by default each of their modules gets the rank of its merged
+            update (at most `max_rank`).
         svd_clamp (`float`, *optional*):
             A quantile in [0, 1]: the factors are clamped to the range of that quantile of their values.
         svd_full_matrices (`bool`, defaults to `True`):
@@ -273,8 +274,8 @@ def add_weighted_adapter(
             `density - epsilon` (smallest magnitude) to `density + epsilon` (largest), which must lie in (0, 1)
             (default 0.15). Other methods refuse it.
         scaling (`float`, *optional*):
-            `iso_c`, `iso_cts` and `tsv`: the scale of the merged update (default 1; fusion-bench's
-            `scaling_factor` / `alpha`). Other methods refuse it.
+            `iso_c`, `iso_cts`, `tsv`, `core_ties`, `core_tsv`: the scale of the merged update (default 1;
+            fusion-bench's `scaling_factor` / `alpha`). Other methods refuse it.
         common_fraction (`float`, *optional*):
             `iso_cts`: the share of the common subspace, in [0, 1] (default 0.8), as a fraction of each module's
             summed-update rank (not of min(m, n)). Other methods refuse it.
