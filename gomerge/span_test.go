@@ -437,3 +437,22 @@ func TestCoreSpaceMethodsMatchDenseReferences(t *testing.T) {
 		})
 	}
 }
+
+func BenchmarkSpanMethods4096x4096ThreeRank16(b *testing.B) {
+	srcs := spanSources(rand.New(rand.NewPCG(11, 12)), 4096, 4096, 16, 16, 16)
+	half := 0.5
+	for _, name := range []string{"iso_c", "tsv", "iso_cts", "core_ties", "core_tsv"} {
+		b.Run(name, func(b *testing.B) {
+			o := Combine{CombinationType: name}
+			if name == "core_ties" {
+				o.Density = &half
+			}
+			require.NoError(b, o.Validate())
+			for b.Loop() {
+				if _, _, _, _, err := mergeSpan(srcs, &o, 48, 4096, 4096); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
