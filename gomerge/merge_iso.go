@@ -90,6 +90,22 @@ func isoCTS(sp *span, scaling, fraction float64) (l, s, rt []float64) {
 	for i := range s {
 		s[i] = mean
 	}
-	// kt <= q <= min(pb, pa): the polar factors have orthonormal columns / rows, so this is an SVD of D
-	return polar(ucat, sp.pb, kt), s, polar(vcat, kt, sp.pa)
+	// kt <= q <= min(pb, pa): with stacks of full rank the polar factors have orthonormal columns / rows and
+	// this is an SVD of D, in the stacking order; otherwise D is factorised again
+	pu, fu := polar(ucat, sp.pb, kt, sp.m, sp.n)
+	pv, fv := polar(vcat, kt, sp.pa, sp.m, sp.n)
+	if fu && fv {
+		return pu, s, pv
+	}
+	for i := 0; i < sp.pb; i++ {
+		for j := 0; j < kt; j++ {
+			pu[i*kt+j] *= mean
+		}
+	}
+	d := make([]float64, sp.pb*sp.pa)
+	blas64.Gemm(blas.NoTrans, blas.NoTrans, 1,
+		blas64.General{Rows: sp.pb, Cols: kt, Stride: kt, Data: pu},
+		blas64.General{Rows: kt, Cols: sp.pa, Stride: sp.pa, Data: pv},
+		0, blas64.General{Rows: sp.pb, Cols: sp.pa, Stride: sp.pa, Data: d})
+	return nonzeroSVD(d, sp)
 }

@@ -56,7 +56,8 @@ func tsvCombine(cores [][]float64, rows, cols, per, m, n int, scaling float64) [
 		}
 		copy(vcat[j*cols:(j+1)*cols], vts[j])
 	}
-	pu, pv := polar(ucat, rows, kt), polar(vcat, kt, cols)
+	pu, _ := polar(ucat, rows, kt, m, n)
+	pv, _ := polar(vcat, kt, cols, m, n)
 	for i := 0; i < rows; i++ {
 		for j := range ss {
 			pu[i*kt+j] *= ss[j] * scaling

@@ -164,18 +164,24 @@ func numericalRank(s []float64, m, n int) int {
 // polar is the orthogonal polar factor P Q^T of the rows x cols matrix x =
 // P diag(S) Q^T (thin SVD): the nearest matrix with orthonormal columns (or
 // rows, when rows < cols), as TSV-M orthogonalises its stacked vectors.
-func polar(x []float64, rows, cols int) []float64 {
-	u, _, vt := coreSVD(x, rows, cols)
-	q := min(rows, cols)
+// Only the pairs of nonzero singular values are kept (numerical rank, as
+// numericalRank for an m x n update): for a rank-deficient stack (two tasks
+// sharing a direction) the full polar factor would add arbitrary
+// directions, this partial isometry adds none. full reports whether x had
+// full rank min(rows, cols).
+func polar(x []float64, rows, cols, m, n int) (p []float64, full bool) {
+	u, s, vt := coreSVD(x, rows, cols)
+	q := len(s)
 	out := make([]float64, rows*cols)
 	if q == 0 {
-		return out
+		return out, true
 	}
+	k := numericalRank(s, m, n)
 	blas64.Gemm(blas.NoTrans, blas.NoTrans, 1,
-		blas64.General{Rows: rows, Cols: q, Stride: q, Data: u},
-		blas64.General{Rows: q, Cols: cols, Stride: cols, Data: vt},
+		blas64.General{Rows: rows, Cols: k, Stride: q, Data: u},
+		blas64.General{Rows: k, Cols: cols, Stride: cols, Data: vt},
 		0, blas64.General{Rows: rows, Cols: cols, Stride: cols, Data: out})
-	return out
+	return out, k == q
 }
 
 // factors writes the update qb L diag(s) Rt qa^T, given by its core SVD

@@ -456,3 +456,36 @@ func BenchmarkSpanMethods4096x4096ThreeRank16(b *testing.B) {
 		})
 	}
 }
+
+func TestSpanMethodsOnDuplicateAdapters(t *testing.T) {
+	// the same adapter twice: the stacks are rank-deficient; every direction and value comes from the adapter
+	srcs := spanSources(rand.New(rand.NewPCG(13, 14)), 20, 12, 3)
+	srcs = append(srcs, srcs[0])
+	srcs[1].index = 1
+	dw := denseUpdate(t, srcs[0])
+	_, s, _ := thinSVD(mat.DenseCopyOf(dw))
+	mean := (s[0] + s[1] + s[2]) / 3
+	for _, tc := range []struct {
+		name string
+		want func() *mat.Dense
+	}{
+		{"tsv", func() *mat.Dense { return dw }}, // polar([U U]) diag(S, S) polar([V V])^T = U S V^T
+		{"iso_c", func() *mat.Dense { return isoCDense(t, srcs[:1], 20, 12, 2) }},
+		{"iso_cts", func() *mat.Dense {
+			u, _, v := thinSVD(mat.DenseCopyOf(dw))
+			var d mat.Dense
+			d.Mul(u, v.T())
+			d.Scale(2*mean, &d) // all three directions are common; their values are those of the sum, 2 S
+			return &d
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o := Combine{CombinationType: tc.name}
+			require.NoError(t, o.Validate())
+			a, b, k, _, err := mergeSpan(srcs, &o, 6, 12, 20)
+			require.NoError(t, err)
+			assert.Equal(t, 3, k)
+			assertClose(t, tc.want(), productOf(a, b, 20, k, 12), 1e-6, tc.name)
+		})
+	}
+}
