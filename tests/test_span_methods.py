@@ -26,7 +26,6 @@ from peft_cases import (
     assert_reloads_as,
     config_scaling,
     delta,
-    dense_updates,
     file_factors,
     make_adapter,
 )
@@ -68,8 +67,9 @@ def per_task(dirs: list[str], weights: list[float]) -> dict[str, list[torch.Tens
     """Per module, the weighted dense updates w_t s_t B_t A_t (float64) of the adapters that have it."""
     out: dict[str, list[torch.Tensor]] = {}
     for d, w in zip(dirs, weights):
-        for mod, dw in dense_updates([d], [w]).items():
-            out.setdefault(mod, []).append(dw)
+        s = config_scaling(d)
+        for mod, (a, b) in file_factors(d).items():  # delta: Conv2d factors flattened
+            out.setdefault(mod, []).append(torch.from_numpy(delta(a, b)) * (w * s))
     return out
 
 
@@ -339,3 +339,23 @@ def test_core_space_methods_match_their_dense_references(case, method, request, 
         assert_reloads_as(str(out), {m: delta(a, b) for m, (a, b) in factors.items()})
         with pytest.raises(ValueError, match="density"):
             gomerge.add_weighted_adapter(dirs, weights, "m", method, output_dir=str(tmp_path / "x"))
+
+
+def test_span_methods_on_conv2d_modules(tmp_path):
+    """Conv2d adapters (A: r x in x kh x kw, B: out x r x 1 x 1): the updates are merged flattened and written back
+    in PEFT's shapes; PEFT reloads them."""
+    dirs = [
+        make_adapter("conv", AdapterSpec(dict(r=r, lora_alpha=2 * r, target_modules=["conv1", "conv2"]), seed=s), p)
+        for r, s, p in ((2, 31, str(tmp_path / "c0")), (3, 32, str(tmp_path / "c1")))
+    ]
+    for method in ("iso_c", "tsv", "iso_cts", "core_tsv"):
+        out = tmp_path / method
+        gomerge.add_weighted_adapter(dirs, [1.0, 0.5], "m", method, output_dir=str(out))
+        tasks = per_task(dirs, [1.0, 0.5])
+        want = {mod: (REFERENCES[method](tvs) if method in REFERENCES else None) for mod, tvs in tasks.items()}
+        factors = file_factors(str(out))
+        for mod, (a, b) in factors.items():
+            if want[mod] is not None:
+                assert max_rel(delta(a, b), want[mod].numpy()) < RTOL, (method, mod)
+        updates = {m: delta(a, b).reshape(b.shape[0], *a.shape[1:]) for m, (a, b) in factors.items()}
+        assert_reloads_as(str(out), updates, kind="conv")
