@@ -197,7 +197,7 @@ func (o *Combine) validateRank() error {
 				"dense update by a randomized SVD: give an integer svd_rank", o.CombinationType)
 		default:
 			return valueErr("svd_rank: combination_type %q does not factorise its result; the energy rule applies to "+
-				"svd, task_arithmetic and the span methods (iso_c, iso_cts, tsv)", o.CombinationType)
+				"svd, task_arithmetic and the span methods (iso_c, iso_cts, tsv, core_ties, core_tsv)", o.CombinationType)
 		}
 	}
 	return nil
@@ -217,7 +217,8 @@ func (o *Combine) rankRule(rank int) rankRule {
 }
 
 // energyRanks reports whether each module's rank is chosen from its
-// spectrum, so that the output's shapes are known only after the merge.
+// spectrum (the energy rule, or a span method's rank of its merged update),
+// so that the output's shapes are known only after the merge.
 func (o *Combine) energyRanks() bool {
 	return o.SVDRank != nil && o.SVDRank.Energy > 0 || o.spanRanks()
 }
