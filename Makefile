@@ -7,9 +7,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 GO ?= go
-# Go's SIMD experiment builds the vector kernels (gomerge/kernels_simd.go); test-go also tests the portable ones.
+# Go's SIMD experiment builds the vector kernels (gomerge/kernels/kernels_simd.go); test-go also tests the portable ones.
 export GOEXPERIMENT := simd
-GO_SOURCES := $(wildcard gomerge/*.go bindings/*.go) go.mod go.sum
+GO_SOURCES := $(wildcard gomerge/*.go gomerge/*/*.go gomerge/internal/*/*.go bindings/*.go) go.mod go.sum
 ENGINE := python/gomerge/_engine/bindings.py
 FUZZTIME ?= 20s
 FUZZ_TARGETS := FuzzOpenSafetensors FuzzParseConfig FuzzPatternResolve FuzzWeightsJSON
@@ -45,19 +45,19 @@ run: build
 
 lint: $(VENV)/.deps-test
 	@test -z "$$(gofmt -l gomerge bindings benchmarks)" || (echo "gofmt needed:"; gofmt -l gomerge bindings benchmarks; exit 1)
-	$(GO) vet ./gomerge ./bindings ./benchmarks/floor
-	GOEXPERIMENT= $(GO) vet ./gomerge
-	printf '$(STATICCHECK_MATRIX)' | $(GO) tool staticcheck -matrix ./gomerge ./bindings ./benchmarks/floor
+	$(GO) vet ./gomerge/... ./bindings ./benchmarks/floor
+	GOEXPERIMENT= $(GO) vet ./gomerge/...
+	printf '$(STATICCHECK_MATRIX)' | $(GO) tool staticcheck -matrix ./gomerge/... ./bindings ./benchmarks/floor
 	$(VENV)/bin/ruff check $(PY_SOURCES)
 	$(VENV)/bin/ruff format --check $(PY_SOURCES)
 
 # The Go tests with the vector kernels and with the portable ones, then both again under the race detector
 # (which also checks unsafe pointer conversions).
 test-go:
-	$(GO) test -count=1 ./gomerge ./bindings
-	GOEXPERIMENT= $(GO) test -count=1 ./gomerge
-	$(GO) test -race -count=1 ./gomerge ./bindings
-	GOEXPERIMENT= $(GO) test -race -count=1 ./gomerge
+	$(GO) test -count=1 ./gomerge/... ./bindings
+	GOEXPERIMENT= $(GO) test -count=1 ./gomerge/...
+	$(GO) test -race -count=1 ./gomerge/... ./bindings
+	GOEXPERIMENT= $(GO) test -race -count=1 ./gomerge/...
 
 $(QEMU):
 	$(PYTHON) tests/platforms/debs.py --arch amd64 --dest .build/qemu qemu-user-static

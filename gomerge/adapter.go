@@ -9,6 +9,8 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+
+	"gomerge/gomerge/internal/pool"
 )
 
 // ModuleKind is the kind of layer a LoRA module adapts.
@@ -68,7 +70,7 @@ func (m *Module) Factors() (a, b []float32, err error) {
 			fb, err := view(m.RawB)
 			if err != nil {
 				if m.RawA.src != nil {
-					putBuf(fa)
+					pool.Put(fa)
 				}
 				return nil, nil, err
 			}
@@ -83,10 +85,10 @@ func (m *Module) Factors() (a, b []float32, err error) {
 func (m *Module) release() {
 	switch {
 	case m.joint != nil:
-		putBuf(m.joint)
+		pool.Put(m.joint)
 	case m.RawA.src != nil && m.a != nil:
-		putBuf(m.a)
-		putBuf(m.b)
+		pool.Put(m.a)
+		pool.Put(m.b)
 	}
 	m.a, m.b, m.joint = nil, nil, nil
 }
@@ -103,9 +105,9 @@ func readAdjacent(a, b RawTensor) (ab []float32, na int, ok bool, err error) {
 		return nil, 0, false, nil
 	}
 	na = int(ea.Length / 4)
-	ab = getBuf(na + int(eb.Length/4))
+	ab = pool.Get(na + int(eb.Length/4))
 	if err := a.src.readF32Run(ab, ea.Offset, na, a.name, b.name); err != nil {
-		putBuf(ab)
+		pool.Put(ab)
 		return nil, 0, false, err
 	}
 	return ab, na, true, nil
@@ -115,7 +117,7 @@ func readAdjacent(a, b RawTensor) (ab []float32, na int, ok bool, err error) {
 // buffer, or a view (F32) or conversion of memory.
 func view(t RawTensor) ([]float32, error) {
 	if t.src != nil {
-		return t.src.ReadFloat32Into(getBuf(numel(t.Shape)), t.name)
+		return t.src.ReadFloat32Into(pool.Get(numel(t.Shape)), t.name)
 	}
 	if t.DType == F32 {
 		return bytesAsFloat32(t.Data), nil

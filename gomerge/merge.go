@@ -9,6 +9,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"gomerge/gomerge/internal/pool"
 )
 
 // Progress counts merged modules; it is safe to read while a merge runs.
@@ -243,8 +245,8 @@ func runJobs(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt D
 				aName, bName, a, b, o, err := mergeModule(ctx, opts, &jobs[i], rank, dt)
 				if err == nil {
 					err = emit(i, aName, bName, a, b)
-					putBuf(a.buf) // emit has written or copied them
-					putBuf(b.buf)
+					pool.Put(a.buf) // emit has written or copied them
+					pool.Put(b.buf)
 				}
 				if err != nil {
 					errOnce.Do(func() { firstErr = err })

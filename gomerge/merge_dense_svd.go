@@ -4,6 +4,8 @@ import (
 	"context"
 	"math"
 	"strconv"
+
+	"gomerge/gomerge/internal/pool"
 )
 
 // rsvdSeed seeds the range finder's test matrix: fixed, so that the pruned
@@ -23,7 +25,7 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, k int, c
 	defer func() {
 		for _, dw := range dws { // the result d is dws[0]
 			if dw != nil {
-				putBuf(dw)
+				pool.Put(dw)
 			}
 		}
 	}()

@@ -15,6 +15,9 @@ import (
 
 	"github.com/nlpodyssey/safetensors"
 	"golang.org/x/sys/unix"
+
+	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/kernels"
 )
 
 // MaxHeaderSize caps a safetensors header, as the reference implementation
@@ -227,8 +230,8 @@ func (s *STFile) ReadFloat32Into(out []float32, name string) ([]float32, error) 
 		}
 		return out, s.checkFinite(out, name)
 	}
-	buf := getBuf(int(e.Length+3) / 4)
-	defer putBuf(buf)
+	buf := pool.Get(int(e.Length+3) / 4)
+	defer pool.Put(buf)
 	raw := float32AsBytes(buf)[:e.Length]
 	if err := s.readAt(raw, e.Offset, name); err != nil {
 		return nil, err
@@ -252,7 +255,7 @@ func (s *STFile) readF32Run(out []float32, off int64, na int, first, second stri
 }
 
 func (s *STFile) checkFinite(x []float32, name string) error {
-	if s.AllowNonFinite || maxAbsBits(x) < nonFiniteBits {
+	if s.AllowNonFinite || kernels.MaxAbsBits(x) < kernels.NonFiniteBits {
 		return nil
 	}
 	for i, v := range x {

@@ -1,4 +1,4 @@
-package gomerge
+package kernels
 
 import "math"
 
