@@ -12,7 +12,8 @@ export GOEXPERIMENT := simd
 GO_SOURCES := $(wildcard gomerge/*.go gomerge/*/*.go gomerge/internal/*/*.go bindings/*.go) go.mod go.sum
 ENGINE := python/gomerge/_engine/bindings.py
 FUZZTIME ?= 20s
-FUZZ_TARGETS := FuzzOpenSafetensors FuzzParseConfig FuzzPatternResolve FuzzWeightsJSON
+# the fuzz targets, each as its package's folder:target
+FUZZ_TARGETS := gomerge/safetensors:FuzzOpenSafetensors gomerge:FuzzParseConfig gomerge:FuzzPatternResolve gomerge:FuzzWeightsJSON
 # staticcheck runs once over both builds (vector kernels and portable): an unused name is one unused in both
 STATICCHECK_MATRIX := simd: GOEXPERIMENT=simd\nportable: GOEXPERIMENT=\n
 PY_SOURCES := python tests benchmarks examples
@@ -71,12 +72,13 @@ test-cpus: build $(QEMU)
 test-python: build $(VENV)/.deps-test
 	$(PY) -m pytest -q tests --ignore=tests/test_wheel.py
 
-# Each fuzz target runs for FUZZTIME; a crasher is saved under gomerge/testdata/fuzz/ and fails the run
+# Each fuzz target runs for FUZZTIME; a crasher is saved under its package's testdata/fuzz/ and fails the run
 # (commit it: it then runs as a regression test in test-go).
 fuzz:
 	@for t in $(FUZZ_TARGETS); do \
-		echo "fuzz $$t ($(FUZZTIME))"; \
-		$(GO) test ./gomerge -run='^$$' -fuzz="^$$t$$" -fuzztime=$(FUZZTIME) || exit 1; \
+		pkg=$${t%%:*}; name=$${t#*:}; \
+		echo "fuzz $$name in ./$$pkg ($(FUZZTIME))"; \
+		$(GO) test ./$$pkg -run='^$$' -fuzz="^$$name$$" -fuzztime=$(FUZZTIME) || exit 1; \
 	done
 
 test: lint test-go test-cpus fuzz test-python test-wheels

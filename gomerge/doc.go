@@ -5,9 +5,7 @@
 //
 // The package is organised one concept per file:
 //
-//   - errors.go: typed errors (ErrKind) that the Python layer maps to exception classes
-//   - dtype.go: F32 / BF16 / F16 storage types and their conversion (the loops are in package kernels)
-//   - stfile.go, tensorio.go: validated, streaming safetensors reading and writing
+//   - errors.go, storage.go: the names of packages errs (typed errors) and safetensors (DType, RawTensor) here
 //   - config.go, pattern.go: adapter_config.json and rank/alpha patterns
 //   - adapter.go, inspect.go: an adapter directory as a set of LoRA modules, and its summary
 //   - sparsify.go, combine.go: PEFT's merge_utils primitives
@@ -26,9 +24,12 @@
 //
 // Packages below it, which import nothing from it:
 //
+//   - safetensors (gomerge/gomerge/safetensors): validated, streaming safetensors reading and
+//     writing, and the F32 / BF16 / F16 storage types and their conversion
 //   - kernels (gomerge/gomerge/kernels): the element-wise kernels in portable Go and in
 //     AVX2 / AVX-512 vectors (built with GOEXPERIMENT=simd; bit-identical results), the
 //     kernel set chosen once from the CPU (GOMERGE_KERNELS forces one), the magnitude
 //     threshold selection, sign election and disjoint merge, the half conversions
-//   - internal/pool: the float32 scratch buffer pools that both share
+//   - errs: typed errors (ErrKind) that the Python layer maps to exception classes
+//   - internal/pool: the float32 scratch buffer pools that they share
 package gomerge

@@ -6,6 +6,7 @@ import (
 	"strconv"
 
 	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/safetensors"
 )
 
 // rsvdSeed seeds the range finder's test matrix: fixed, so that the pruned
@@ -38,7 +39,7 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, k int, c
 		dws[i] = denseDelta(fa, fb, j.out, s.mod.Rank, j.in, s.mod.Scaling)
 		if s.roundDW != "" && s.roundDW != F32 {
 			for e, v := range dws[i] {
-				dws[i][e] = Round(s.roundDW, v)
+				dws[i][e] = safetensors.Round(s.roundDW, v)
 			}
 		}
 		weights[i] = float32(s.weight)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The CPU matrix of `make test` (target test-cpus): the Go tests (packages gomerge and gomerge/kernels) and the
-# built-in example through the Python extension, on every CPU level this machine runs or emulates with Debian's qemu-user:
+# The CPU matrix of `make test` (target test-cpus): the Go tests (packages gomerge, gomerge/safetensors and
+# gomerge/kernels) and the built-in example through the Python extension, on every CPU level this machine runs or
+# emulates with Debian's qemu-user:
 #   native           this machine's CPU (its kernel set read from /proc/cpuinfo's flags)
 #   -cpu Nehalem     x86-64 without AVX: the portable kernels ("go")
 #   -cpu Haswell     AVX2 without AVX-512: the "avx2" kernels
@@ -24,23 +25,22 @@ if [[ $(uname -m) == x86_64 ]]; then
 	if has avx512f avx512cd avx512bw avx512dq avx512vl; then native=avx512; elif has avx avx2; then native=avx2; fi
 fi
 
-# the test binaries of package gomerge and of its kernels (gomerge/kernels), for amd64 and arm64
-for pkg in gomerge kernels; do
-	dir=./gomerge
-	[[ $pkg == kernels ]] && dir=./gomerge/kernels
-	GOEXPERIMENT=simd "$GO" test -c -o "$BIN/$pkg-amd64.test" "$dir"
-	CGO_ENABLED=0 GOARCH=arm64 GOEXPERIMENT=simd "$GO" test -c -o "$BIN/$pkg-arm64.test" "$dir"
+# the test binaries of the packages whose results depend on the kernels, for amd64 and arm64; the kernels' own last
+GO_PACKAGES=(gomerge gomerge/safetensors gomerge/kernels)
+for dir in "${GO_PACKAGES[@]}"; do
+	GOEXPERIMENT=simd "$GO" test -c -o "$BIN/${dir##*/}-amd64.test" "./$dir"
+	CGO_ENABLED=0 GOARCH=arm64 GOEXPERIMENT=simd "$GO" test -c -o "$BIN/${dir##*/}-arm64.test" "./$dir"
 done
 
 quiet() { grep -v "TCG doesn't support requested feature" || true; }
 
-# go_tests LABEL EXPECTED ARCH RUNNER...: the Go test binaries of packages gomerge and kernels for ARCH under RUNNER,
-# each from its package folder (its testdata); the kernels' summary line names the set in use
+# go_tests LABEL EXPECTED ARCH RUNNER...: the Go test binaries of GO_PACKAGES for ARCH under RUNNER, each from its
+# package folder (its testdata); the kernels' summary line (their binary runs last) names the set in use
 go_tests() {
 	local label=$1 expect=$2 arch=$3 dir pkg
 	shift 3
 	echo "== Go tests, $label (expecting the $expect kernels)"
-	for dir in gomerge gomerge/kernels; do
+	for dir in "${GO_PACKAGES[@]}"; do
 		pkg=${dir##*/}
 		(cd "$dir" && GOMERGE_EXPECT_KERNELS=$expect "$@" "$BIN/$pkg-$arch.test" -test.count=1 2>&1) | quiet | tail -n 2 |
 			tee "$BIN/last.log"

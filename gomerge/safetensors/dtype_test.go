@@ -1,10 +1,12 @@
-package gomerge
+package safetensors
 
 import (
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"gomerge/gomerge/errs"
 )
 
 func TestEncodeDecodeRoundTrip(t *testing.T) {
@@ -28,7 +30,7 @@ func TestParseDType(t *testing.T) {
 	}
 	_, err := ParseDType("int8")
 	require.Error(t, err)
-	assert.Equal(t, KindValue, KindOf(err))
+	assert.Equal(t, errs.KindValue, errs.KindOf(err))
 }
 
 func BenchmarkDecodeBF16(b *testing.B) {

@@ -1,10 +1,11 @@
-package gomerge
+package safetensors
 
 import (
 	"math"
 	"strings"
 	"unsafe"
 
+	"gomerge/gomerge/errs"
 	"gomerge/gomerge/kernels"
 )
 
@@ -29,7 +30,7 @@ func ParseDType(s string) (DType, error) {
 	case "f16", "float16", "half":
 		return F16, nil
 	}
-	return "", valueErr("dtype: unsupported dtype %q (expected float32, bfloat16 or float16)", s)
+	return "", errs.Value("dtype: unsupported dtype %q (expected float32, bfloat16 or float16)", s)
 }
 
 // Size is the number of bytes of one element.
@@ -63,7 +64,7 @@ func decodeInto(out []float32, d DType, raw []byte) {
 	n := len(out)
 	switch d {
 	case F32:
-		copy(out, bytesAsFloat32(raw[:4*n]))
+		copy(out, BytesAsFloat32(raw[:4*n]))
 	case BF16, F16:
 		kernels.DecodeHalf(out, bytesAsUint16(raw[:2*n]), d == BF16)
 	}
@@ -87,7 +88,7 @@ func Encode(d DType, x []float32) []byte {
 	out := make([]byte, len(x)*d.Size())
 	switch d {
 	case F32:
-		copy(out, float32AsBytes(x))
+		copy(out, Float32AsBytes(x))
 	case BF16, F16:
 		kernels.EncodeHalf(bytesAsUint16(out), x, d == BF16)
 	}
@@ -105,10 +106,10 @@ func Round(d DType, x float32) float32 {
 	return x
 }
 
-// bytesAsFloat32 views little-endian bytes as float32 values (copying when
+// BytesAsFloat32 views little-endian bytes as float32 values (copying when
 // the buffer is not 4-byte aligned). The machine must be little-endian,
 // which every platform gomerge is built for is.
-func bytesAsFloat32(b []byte) []float32 {
+func BytesAsFloat32(b []byte) []float32 {
 	if len(b) == 0 {
 		return nil
 	}
@@ -120,7 +121,9 @@ func bytesAsFloat32(b []byte) []float32 {
 	return unsafe.Slice((*float32)(unsafe.Pointer(&b[0])), len(b)/4)
 }
 
-func float32AsBytes(x []float32) []byte {
+// Float32AsBytes views float32 values as their little-endian bytes (no
+// copy).
+func Float32AsBytes(x []float32) []byte {
 	if len(x) == 0 {
 		return nil
 	}
