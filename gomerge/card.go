@@ -58,8 +58,14 @@ func ModelCard(opts Options, res *Result, baseModel string, sources []string) st
 	if opts.Density != nil && method.NeedsDensity() {
 		fmt.Fprintf(&b, "- density: %g\n", *opts.Density)
 	}
-	if method.TIES {
+	if method.takes("majority_sign_method") {
 		fmt.Fprintf(&b, "- majority_sign_method: %s\n", opts.MajoritySignMethod)
+	}
+	if g := opts.generalized(0); g != nil && method.takes("gamma") {
+		fmt.Fprintf(&b, "- gamma: %g\n", g.gamma)
+	}
+	if g := opts.generalized(0); g != nil && method.takes("epsilon") {
+		fmt.Fprintf(&b, "- epsilon: %g\n", g.epsilon)
 	}
 	if opts.Lambda != nil {
 		fmt.Fprintf(&b, "- lambda: %g\n", *opts.Lambda)

@@ -326,7 +326,7 @@ func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt D
 		}
 	case FamilyDenseSVD:
 		r = rank
-		a, b, relErr, err = mergeDenseSVD(ctx, j, comb, r, opts.SVDClamp, seed)
+		a, b, relErr, err = mergeDenseSVD(ctx, j, comb, opts.generalized(seed), r, opts.SVDClamp, seed)
 		if err != nil {
 			return "", "", resultTensor{}, resultTensor{}, out, err
 		}

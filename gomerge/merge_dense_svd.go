@@ -14,14 +14,15 @@ import (
 const rsvdSeed = 0x9e3779b97f4a7c15
 
 // mergeDenseSVD is PEFT's family 2 with pruning (ties_svd, dare_linear_svd,
-// dare_ties_svd, magnitude_prune_svd): each source's dense update
+// dare_ties_svd, magnitude_prune_svd) and mergekit's methods (g non-nil:
+// breadcrumbs, della; merge_generalized.go): each source's dense update
 // dW_i = s_i B_i A_i, combined element-wise with the user weights w_i (the
 // scaling is already inside dW_i), then a rank-k truncated SVD of the
 // result. Pruning makes D full rank, so the SVD is randomized (RandomizedSVD).
 // relErr is the relative Frobenius error of the factorisation, before any
 // clamp: B'A' is an orthogonal projection of D, so ||D - B'A'||^2 =
 // ||D||^2 - ||B'||^2 (A' has orthonormal rows).
-func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, k int, clamp *float64, seed uint64) (a, b []float32, relErr float64, err error) {
+func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, g *generalized, k int, clamp *float64, seed uint64) (a, b []float32, relErr float64, err error) {
 	dws := make([][]float32, len(j.srcs))
 	defer func() {
 		for _, dw := range dws { // the result d is dws[0]
@@ -47,13 +48,18 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, k int, c
 			return nil, nil, 0, ErrCancelled
 		}
 	}
-	d := comb.Apply(dws, weights, func(i int, t []float32) {
-		if mask := j.srcs[i].maskDW; mask != nil {
-			MaskPrune(t, mask, comb.Density, true)
-		} else {
-			RandomPrune(t, comb.Density, true, TensorSource(seed, j.name, "dW/"+strconv.Itoa(j.srcs[i].index)))
-		}
-	}, true)
+	var d []float32
+	if g != nil { // mergekit's methods (merge_generalized.go)
+		d = g.mergeModule(j, dws, weights)
+	} else {
+		d = comb.Apply(dws, weights, func(i int, t []float32) {
+			if mask := j.srcs[i].maskDW; mask != nil {
+				MaskPrune(t, mask, comb.Density, true)
+			} else {
+				RandomPrune(t, comb.Density, true, TensorSource(seed, j.name, "dW/"+strconv.Itoa(j.srcs[i].index)))
+			}
+		}, true)
+	}
 	if ctx.Err() != nil {
 		return nil, nil, 0, ErrCancelled
 	}

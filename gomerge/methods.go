@@ -33,6 +33,12 @@ const (
 	PruneNone      Pruning = ""
 	PruneMagnitude Pruning = "magnitude" // keep the density fraction of largest magnitudes
 	PruneDARE      Pruning = "dare"      // DARE: Bernoulli(density) masks, kept values divided by density
+	// PruneOutliers is mergekit's magnitude_outliers (Model Breadcrumbs): drop the gamma fraction of largest
+	// and the smallest magnitudes, keep the density fraction in between
+	PruneOutliers Pruning = "magnitude_outliers"
+	// PruneDELLA is mergekit's della_magprune: per row, keep-probabilities from density - epsilon to
+	// density + epsilon by magnitude rank, a Bernoulli mask, the l1 norm restored
+	PruneDELLA Pruning = "della_magprune"
 )
 
 // RankRule gives the rank of a method's output.
@@ -67,6 +73,8 @@ func (m Method) NeedsDensity() bool { return m.Pruning != PruneNone }
 // combination is the element-wise method applied to the task tensors.
 func (m Method) combination() string {
 	switch {
+	case m.Pruning == PruneOutliers || m.Pruning == PruneDELLA:
+		return m.Name // mergekit's own combination (merge_generalized.go)
 	case m.Pruning == PruneDARE && m.TIES:
 		return "dare_ties"
 	case m.Pruning == PruneDARE:
@@ -85,6 +93,8 @@ var (
 	peftTIESParams    = []string{"density", "majority_sign_method"}
 	peftDenseSVDPrune = append(slices.Clone(peftSVDParams), "density")
 	peftDenseSVDTIES  = append(slices.Clone(peftSVDParams), "density", "majority_sign_method")
+	breadcrumbsParams = []string{"density", "gamma", "lambda", "svd_rank", "max_rank", "svd_clamp"}
+	dellaParams       = []string{"density", "epsilon", "lambda", "svd_rank", "max_rank", "svd_clamp"}
 )
 
 // methods is the method table. PEFT's eleven names keep PEFT's semantics;
@@ -116,6 +126,17 @@ var methods = []Method{
 	{Name: "task_arithmetic", Family: FamilyCat, Rank: RankSVDOrSumAll, Params: []string{"lambda", "svd_rank", "max_rank"},
 		Doc: "lambda * sum_i w_i s_i B_i A_i, the exact weighted sum of the updates (no cross terms): rank = sum of " +
 			"ranks, or truncated to svd_rank by the exact SVD"},
+	{Name: "breadcrumbs", Family: FamilyDenseSVD, Pruning: PruneOutliers, Rank: RankSVDOrMax, Params: breadcrumbsParams,
+		Doc: "mergekit's Model Breadcrumbs: per dense update, drop the gamma fraction of largest and the smallest " +
+			"magnitudes (density kept), lambda * sum_i w_i dW_i, then a rank-svd_rank SVD"},
+	{Name: "breadcrumbs_ties", Family: FamilyDenseSVD, Pruning: PruneOutliers, TIES: true, Rank: RankSVDOrMax,
+		Params: breadcrumbsParams, Doc: "breadcrumbs with mergekit's TIES sign consensus (the sign of the weighted sum), " +
+			"not normalised, then a rank-svd_rank SVD"},
+	{Name: "della", Family: FamilyDenseSVD, Pruning: PruneDELLA, TIES: true, Random: true, Rank: RankSVDOrMax,
+		Params: dellaParams, Doc: "mergekit's DELLA: per row, keep-probabilities density +/- epsilon by magnitude rank, " +
+			"l1 rescale, TIES sign consensus, divided by the agreeing weights, then a rank-svd_rank SVD"},
+	{Name: "della_linear", Family: FamilyDenseSVD, Pruning: PruneDELLA, Random: true, Rank: RankSVDOrMax,
+		Params: dellaParams, Doc: "DELLA's masks and l1 rescale, lambda * sum_i w_i dW_i, then a rank-svd_rank SVD"},
 }
 
 // Methods returns the method table, in the order of the docs.

@@ -24,8 +24,10 @@ type Combine struct {
 	SVDDriver          *string   `json:"svd_driver"`
 	Density            *float64  `json:"density"`
 	MajoritySignMethod string    `json:"majority_sign_method"`
-	Seed               *uint64   `json:"seed"`   // DARE's random seed; nil draws a fresh one
-	Lambda             *float64  `json:"lambda"` // task_arithmetic's scale of the summed updates (default 1)
+	Seed               *uint64   `json:"seed"`    // DARE's random seed; nil draws a fresh one
+	Lambda             *float64  `json:"lambda"`  // task_arithmetic's scale of the summed updates (default 1)
+	Gamma              *float64  `json:"gamma"`   // breadcrumbs: fraction of largest magnitudes dropped (0.01)
+	Epsilon            *float64  `json:"epsilon"` // della: spread of the keep-probabilities around density (0.15)
 
 	method Method // the row of CombinationType, set by Validate
 }
@@ -129,7 +131,7 @@ func (o *Combine) Validate() error {
 	for _, p := range []struct {
 		name string
 		set  bool
-	}{{"lambda", o.Lambda != nil}, {"max_rank", o.MaxRank != nil}} {
+	}{{"lambda", o.Lambda != nil}, {"max_rank", o.MaxRank != nil}, {"gamma", o.Gamma != nil}, {"epsilon", o.Epsilon != nil}} {
 		if p.set && !m.takes(p.name) {
 			return valueErr("%s: combination_type %q does not take %s (it takes: %s)", p.name, m.Name, p.name, strings.Join(m.Params, ", "))
 		}
@@ -168,7 +170,7 @@ func (o *Combine) Validate() error {
 	if o.MajoritySignMethod != "total" && o.MajoritySignMethod != "frequency" {
 		return valueErr("majority_sign_method: invalid value %q (expected 'total' or 'frequency')", o.MajoritySignMethod)
 	}
-	return nil
+	return o.validateGeneralized()
 }
 
 // validateRank checks svd_rank and max_rank against the method.

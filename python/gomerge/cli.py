@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--density",
         type=float,
-        help="fraction of values kept by the pruning methods (ties, dare, magnitude_prune), in [0, 1]",
+        help="fraction of values kept by the pruning methods (ties, dare, magnitude_prune, breadcrumbs, della), in "
+        "[0, 1]",
     )
     m.add_argument("--majority-sign-method", choices=("total", "frequency"), help="TIES sign election (default: total)")
     m.add_argument(
@@ -175,7 +176,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-rank", type=int, metavar="M", help="cap of every module's rank")
     m.add_argument("--svd-clamp", type=float, metavar="Q", help="clamp the svd factors at this quantile, in [0, 1]")
     m.add_argument(
-        "--lambda", dest="lambda_", type=float, metavar="L", help="task_arithmetic: scale of the summed updates"
+        "--lambda",
+        dest="lambda_",
+        type=float,
+        metavar="L",
+        help="task_arithmetic, breadcrumbs*, della*: scale of the merged update",
+    )
+    m.add_argument(
+        "--gamma",
+        type=float,
+        metavar="G",
+        help="breadcrumbs, breadcrumbs_ties: fraction of the largest magnitudes dropped, in [0, 1] (default 0.01)",
+    )
+    m.add_argument(
+        "--epsilon",
+        type=float,
+        metavar="E",
+        help="della, della_linear: keep-probabilities from density - E to density + E by magnitude rank (default 0.15)",
     )
     m.add_argument(
         "--svd-full-matrices",
@@ -184,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="accepted for PEFT compatibility; no effect on the result",
     )
     m.add_argument("--svd-driver", choices=("gesvd", "gesvdj", "gesvda"), help="accepted for PEFT compatibility")
-    m.add_argument("--seed", type=int, help="seed of DARE's random masks (default: fresh, reported)")
+    m.add_argument("--seed", type=int, help="seed of DARE's and DELLA's random masks (default: fresh, reported)")
     m.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
@@ -271,6 +288,8 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         ("max_rank", args.max_rank),
         ("svd_clamp", args.svd_clamp),
         ("lambda", args.lambda_),
+        ("gamma", args.gamma),
+        ("epsilon", args.epsilon),
         ("svd_full_matrices", args.svd_full_matrices),
         ("svd_driver", args.svd_driver),
         ("seed", args.seed),
@@ -312,6 +331,8 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             allow_nonfinite=args.allow_nonfinite,
             lambda_=options.get("lambda"),
             max_rank=options.get("max_rank"),
+            gamma=options.get("gamma"),
+            epsilon=options.get("epsilon"),
         )
     if args.json:
         print(json.dumps(res.__dict__))

@@ -171,6 +171,8 @@ def add_weighted_adapter(
     workers: int | None = None,
     lambda_: float | None = None,
     max_rank: int | None = None,
+    gamma: float | None = None,
+    epsilon: float | None = None,
 ) -> MergeResult:
     """Merges LoRA adapter directories into a new adapter directory, as PEFT's `add_weighted_adapter` does.
 
@@ -202,7 +204,9 @@ def add_weighted_adapter(
             Name of the merged adapter; also the output directory when `output_dir` is not given.
         combination_type (`str`, defaults to `"svd"`):
             A method of `gomerge.methods()`: PEFT's eleven types with PEFT's semantics, or gomerge's own
-            (`"task_arithmetic"`: `lambda_ * sum_i w_i s_i B_i A_i` exactly, rank = sum of ranks or `svd_rank`).
+            (`"task_arithmetic"`: `lambda_ * sum_i w_i s_i B_i A_i` exactly, rank = sum of ranks or `svd_rank`;
+            mergekit's `"breadcrumbs"`, `"breadcrumbs_ties"`, `"della"`, `"della_linear"` on the dense updates
+            `s_i B_i A_i`, then a randomized SVD to `svd_rank`).
             PEFT's types: On the factors (all adapters of equal rank): `"linear"` (weighted sum, with
             PEFT's cross terms), `"ties"`, `"dare_linear"`, `"dare_ties"`, `"magnitude_prune"`. Exact: `"cat"`
             (rank = sum of ranks). On the adapters' updates, then an SVD to `svd_rank`: `"svd"` (exact SVD computed
@@ -222,8 +226,8 @@ def add_weighted_adapter(
         svd_driver (`str`, *optional*):
             Accepted for compatibility with PEFT (a CUDA option there): `None`, `"gesvd"`, `"gesvdj"` or `"gesvda"`.
         density (`float`, *optional*):
-            Fraction of values kept by the pruning types (ties, dare, magnitude_prune), in [0, 1]; required for them.
-            1 prunes nothing (with a warning, as in PEFT).
+            Fraction of values kept by the pruning types (ties, dare, magnitude_prune, breadcrumbs, della), in
+            [0, 1]; required for them. 1 prunes nothing (with a warning, as in PEFT).
         majority_sign_method (`str`, defaults to `"total"`):
             `"total"` or `"frequency"`, for the TIES combination types.
         output_dir (`str | os.PathLike`, *optional*):
@@ -240,8 +244,8 @@ def add_weighted_adapter(
         model_card (`bool`, defaults to `True`):
             Write a `README.md` model card (sources, weights, method, options, seed, usage) with the Hub's metadata.
         seed (`int`, *optional*):
-            Seed of DARE's random masks. By default a fresh seed is drawn and reported in the result; the same seed
-            gives a byte-identical output on any number of cores.
+            Seed of DARE's and DELLA's random masks. By default a fresh seed is drawn and reported in the result;
+            the same seed gives a byte-identical output on any number of cores.
         dtype (`str`, *optional*):
             dtype of the written tensors (`"float32"`, `"bfloat16"` or `"float16"`); defaults to that of the first
             adapter.
@@ -253,7 +257,16 @@ def add_weighted_adapter(
             Cap of every module's rank (for the energy rule, or below a fixed `svd_rank`), for servers with a
             `max_lora_rank`.
         lambda_ (`float`, *optional*):
-            `lambda` of `task_arithmetic`: the scale of the summed updates (default 1). Other methods refuse it.
+            `lambda` of `task_arithmetic`, `breadcrumbs*` and `della*`: the scale of the merged update (default 1).
+            Other methods refuse it.
+        gamma (`float`, *optional*):
+            `breadcrumbs` and `breadcrumbs_ties` (mergekit's `gamma`): the fraction of each update's largest
+            magnitudes dropped as outliers, in [0, 1] (default 0.01); `density` is the fraction kept below them.
+            Other methods refuse it.
+        epsilon (`float`, *optional*):
+            `della` and `della_linear` (mergekit's `epsilon`): the keep-probabilities of each row run from
+            `density - epsilon` (smallest magnitude) to `density + epsilon` (largest), which must lie in (0, 1)
+            (default 0.15). Other methods refuse it.
 
     Returns:
         [`MergeResult`]: the output directory, rank, number of modules, dtype and time taken.
@@ -293,8 +306,9 @@ def add_weighted_adapter(
             raise TypeError(f"{name}: expected a number or None, got {type(value).__name__}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64):
         raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r}")
-    if lambda_ is not None and (isinstance(lambda_, bool) or not isinstance(lambda_, numbers.Real)):
-        raise TypeError(f"lambda_: expected a number or None, got {type(lambda_).__name__}")
+    for name, value in (("lambda_", lambda_), ("gamma", gamma), ("epsilon", epsilon)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise TypeError(f"{name}: expected a number or None, got {type(value).__name__}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1):
         raise ValueError(f"workers: expected a positive integer or None, got {workers!r}")
     names = _paths(adapters)
@@ -322,6 +336,8 @@ def add_weighted_adapter(
             allow_nonfinite,
             lambda_,
             max_rank,
+            gamma,
+            epsilon,
         )
 
 
@@ -347,9 +363,13 @@ def _run(
     allow_nonfinite=False,
     lambda_=None,
     max_rank=None,
+    gamma=None,
+    epsilon=None,
 ):
     request = {
         "max_rank": None if max_rank is None else int(max_rank),
+        "gamma": None if gamma is None else float(gamma),
+        "epsilon": None if epsilon is None else float(epsilon),
         "lambda": None if lambda_ is None else float(lambda_),
         "allow_nonfinite": bool(allow_nonfinite),
         "adapters": local,

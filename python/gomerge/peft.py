@@ -308,6 +308,8 @@ def _merge(
         "seed": seed,
         "lambda": None,
         "max_rank": None,
+        "gamma": None,
+        "epsilon": None,
         "modules": modules,
     }
     result = _native.run_job(_native.merge_tensors_start(request), progress)

@@ -48,6 +48,8 @@ TOP_KEYS = {
     "max_rank": "int",
     "svd_clamp": "number",
     "lambda": "number",
+    "gamma": "number",
+    "epsilon": "number",
     "svd_full_matrices": "bool",
     "svd_driver": "str",
     "seed": "int",

@@ -1,0 +1,186 @@
+package gomerge
+
+import "math"
+
+// mergekitMethod is one of mergekit's GeneralizedTaskArithmeticMerge rows
+// (merge_methods/registry.py, mergekit 0.1.5) that gomerge runs on the
+// adapters' dense updates: the sparsification comes from the method table's
+// Pruning, the sign consensus ("sum") from its TIES; normalize divides by
+// the summed weights of the agreeing tasks, rescale restores each pruned
+// task tensor's l1 norm.
+type mergekitMethod struct {
+	normalize, rescale bool
+}
+
+// mergekitMethods are mergekit's defaults of normalize and rescale.
+var mergekitMethods = map[string]mergekitMethod{
+	"breadcrumbs":      {normalize: false, rescale: false},
+	"breadcrumbs_ties": {normalize: false, rescale: false},
+	"della":            {normalize: true, rescale: true},
+	"della_linear":     {normalize: false, rescale: true},
+}
+
+// Defaults of mergekit's per-model parameters.
+const (
+	DefaultGamma   = 0.01 // breadcrumbs: the fraction of largest magnitudes dropped
+	DefaultEpsilon = 0.15 // della: half the spread of the keep-probabilities around density
+)
+
+// generalized is a merge by one of the mergekit methods, with its
+// arguments resolved.
+type generalized struct {
+	mergekitMethod
+	pruning                         Pruning
+	consensus                       bool
+	density, gamma, epsilon, lambda float64
+	seed                            uint64
+}
+
+// generalized returns the resolved mergekit-style merge of the options, or
+// nil for the other methods.
+func (o *Combine) generalized(seed uint64) *generalized {
+	mk, ok := mergekitMethods[o.method.Name]
+	if !ok {
+		return nil
+	}
+	g := &generalized{mergekitMethod: mk, pruning: o.method.Pruning, consensus: o.method.TIES, density: 1,
+		gamma: DefaultGamma, epsilon: DefaultEpsilon, lambda: o.lambda(), seed: seed}
+	if o.Density != nil {
+		g.density = *o.Density
+	}
+	if o.Gamma != nil {
+		g.gamma = *o.Gamma
+	}
+	if o.Epsilon != nil {
+		g.epsilon = *o.Epsilon
+	}
+	return g
+}
+
+// validateGeneralized checks gamma, epsilon and majority_sign_method for
+// the mergekit methods (Validate has refused gamma and epsilon for the
+// methods that do not take them).
+func (o *Combine) validateGeneralized() error {
+	if o.Gamma != nil {
+		if g := *o.Gamma; math.IsNaN(g) || g < 0 || g > 1 {
+			return valueErr("gamma: the fraction of largest magnitudes dropped must be in [0, 1], got %v", g)
+		}
+	}
+	if o.Epsilon != nil {
+		if e := *o.Epsilon; math.IsNaN(e) || math.IsInf(e, 0) || e < 0 {
+			return valueErr("epsilon: must be a number >= 0, got %v", e)
+		}
+	}
+	if _, ok := mergekitMethods[o.method.Name]; !ok {
+		return nil
+	}
+	if o.MajoritySignMethod != SignTotal {
+		return valueErr("majority_sign_method: combination_type %q elects signs as mergekit does (the sign of the "+
+			"weighted sum) and does not take majority_sign_method %q", o.method.Name, o.MajoritySignMethod)
+	}
+	if o.method.Pruning == PruneDELLA && o.Density != nil {
+		d, e := *o.Density, DefaultEpsilon
+		if o.Epsilon != nil {
+			e = *o.Epsilon
+		}
+		if d > 0 && d < 1 && (d-e <= 0 || d+e >= 1) {
+			return valueErr("epsilon: must be chosen such that density +/- epsilon is in (0, 1), got density %v "+
+				"and epsilon %v", d, e)
+		}
+	}
+	return nil
+}
+
+// prune sparsifies one task tensor in place (the dense update of source
+// index, laid out rows x cols x inner).
+func (g *generalized) prune(t []float32, module string, index, rows, cols, inner int) {
+	switch g.pruning {
+	case PruneOutliers:
+		MagnitudeOutliers(t, g.density, g.gamma) // breadcrumbs do not rescale (mergekit's default)
+	case PruneDELLA:
+		DellaPrune(t, rows, cols, inner, g.density, g.epsilon, g.rescale, dellaSource(g.seed, module, index))
+	}
+}
+
+// combine is mergekit's generalized task arithmetic on the dense updates
+// dws (scratch; the result is written over dws[0]): each is pruned, then
+// multiplied by its weight (float32); with consensus each element keeps the
+// tasks whose sign is the sign of the weighted sum (a sum >= 0 elects +1;
+// zeros never agree); normalize divides by the summed weights of the kept
+// tasks (the sum of all weights without consensus; a divisor of 0, or below
+// 1e-8 without consensus, is 1); lambda scales the result.
+func (g *generalized) combine(dws [][]float32, weights []float32, indices []int, module string, rows, cols, inner int) []float32 {
+	parallelFor(len(dws), max(1, combineGrain*4/max(1, len(dws[0]))), func(lo, hi int) {
+		for i := lo; i < hi; i++ {
+			g.prune(dws[i], module, indices[i], rows, cols, inner)
+		}
+	})
+	out := dws[0]
+	lambda := float32(g.lambda)
+	var divisor float32 // without consensus: the sum of the weights
+	for _, w := range weights {
+		divisor += w
+	}
+	if float32(math.Abs(float64(divisor))) < 1e-8 {
+		divisor = 1
+	}
+	parallelFor(len(out), combineGrain, func(lo, hi int) {
+		for e := lo; e < hi; e++ {
+			var mixed, div float32
+			if g.consensus {
+				var sum float32
+				for i, t := range dws {
+					sum += t[e] * weights[i]
+				}
+				elected := float32(1)
+				if !(sum >= 0) {
+					elected = -1
+				}
+				for i, t := range dws {
+					d := t[e] * weights[i]
+					if agrees(d, elected) != 0 {
+						mixed += d
+						div += weights[i]
+					}
+				}
+				if div == 0 {
+					div = 1
+				}
+			} else {
+				for i, t := range dws {
+					mixed += t[e] * weights[i]
+				}
+				div = divisor
+			}
+			if g.normalize {
+				mixed /= div
+			}
+			if lambda != 1 {
+				mixed *= lambda
+			}
+			out[e] = mixed
+		}
+	})
+	return out
+}
+
+// layout is the update's shape for DELLA's rows: out x in x (kh * kw) for
+// a Conv2d (A is r x in x kh x kw), out x in x 1 otherwise.
+func (j *moduleJob) layout() (rows, cols, inner int) {
+	cols, inner = j.in, 1
+	if len(j.aTail) > 1 {
+		cols, inner = j.aTail[0], j.in/j.aTail[0]
+	}
+	return j.out, cols, inner
+}
+
+// mergeGeneralized combines the module's dense updates by the mergekit
+// method g (mergeDenseSVD's combination for those methods).
+func (g *generalized) mergeModule(j *moduleJob, dws [][]float32, weights []float32) []float32 {
+	indices := make([]int, len(j.srcs))
+	for i, s := range j.srcs {
+		indices[i] = s.index
+	}
+	rows, cols, inner := j.layout()
+	return g.combine(dws, weights, indices, j.name, rows, cols, inner)
+}

@@ -1,0 +1,184 @@
+package gomerge
+
+import (
+	"math"
+	"math/rand/v2"
+	"runtime"
+	"sort"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// dellaBySort is the reference della_magprune, written as mergekit's code
+// reads: per (row, inner) slice, ranks from a stable argsort of the
+// magnitudes, rank_norm = (rank - min) / (max - min), probabilities
+// (density - epsilon) + rank_norm * 2 * epsilon, one draw per entry in
+// column order from the slice's stream, then the l1 rescale of the whole
+// tensor.
+func dellaBySort(t []float32, rows, cols, inner int, density, epsilon float64, rescale bool, source func(int) *rand.PCG) []float32 {
+	out := append([]float32(nil), t...)
+	if density >= 1 {
+		return out
+	}
+	for s := 0; s < rows*inner; s++ {
+		r, in := s/inner, s%inner
+		at := func(c int) int { return r*cols*inner + c*inner + in }
+		idx := make([]int, cols)
+		for c := range idx {
+			idx[c] = c
+		}
+		sort.SliceStable(idx, func(a, b int) bool { return abs32(t[at(idx[a])]) < abs32(t[at(idx[b])]) })
+		ranks := make([]float64, cols)
+		for pos, c := range idx {
+			ranks[c] = float64(pos + 1)
+		}
+		rng := source(s)
+		for c := 0; c < cols; c++ {
+			p := density
+			if cols > 1 {
+				p = (density - epsilon) + (ranks[c]-1)/float64(cols-1)*2*epsilon
+			}
+			if rng.Uint64() >= uint64(p*0x1p64) {
+				out[at(c)] = 0
+			}
+		}
+	}
+	if rescale {
+		var before, after float64
+		for i := range t {
+			before += math.Abs(float64(t[i]))
+			after += math.Abs(float64(out[i]))
+		}
+		if float32(before) >= 1e-7 && float32(after) >= 1e-7 {
+			scale := float32(before) / float32(after)
+			for i := range out {
+				out[i] *= scale
+			}
+		}
+	}
+	return out
+}
+
+func testSource(seed uint64) func(int) *rand.PCG { return dellaSource(seed, "m", 0) }
+
+func TestDellaProbs(t *testing.T) {
+	row := []float32{0.5, -3, 1, 0.5, -0.1}
+	p := make([]float64, len(row))
+	DellaProbs(p, row, 1, 0.4, 0.2, make([]uint64, len(row)))
+	// ascending: -0.1 (4), 0.5 (0), 0.5 (3), 1 (2), -3 (1): ranks 0..4 of 4
+	want := []float64{0.2 + 0.25*0.4, 0.2 + 1*0.4, 0.2 + 0.75*0.4, 0.2 + 0.5*0.4, 0.2}
+	assert.InDeltaSlice(t, want, p, 1e-15)
+	one := make([]float64, 1)
+	DellaProbs(one, []float32{7}, 1, 0.4, 0.2, make([]uint64, 1))
+	assert.Equal(t, []float64{0.4}, one) // mergekit's 0/0: density
+}
+
+func TestDellaPruneIsTheReference(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	for _, c := range []struct {
+		rows, cols, inner int
+		density, epsilon  float64
+		rescale           bool
+	}{
+		{8, 16, 1, 0.5, 0.1, true},
+		{8, 16, 1, 0.3, 0.25, false},
+		{5, 1, 1, 0.5, 0.1, true}, // one column
+		{4, 6, 9, 0.4, 0.3, true}, // a Conv2d's out x in x (3 x 3)
+		{64, 112, 1, 0.2, 0.15, true},
+		{3, 10, 1, 1, 0.1, true}, // density 1: untouched
+		{3, 10, 1, 0, 0.1, true}, // density 0: zeros
+		{3, 10, 1, 0.5, 0, true}, // epsilon 0
+		{3, 10, 1, 0.5, 0.49, true},
+	} {
+		x := make([]float32, c.rows*c.cols*c.inner)
+		for i := range x {
+			x[i] = float32(rng.NormFloat64())
+			if i%7 == 0 {
+				x[i] = float32(i % 3) // ties of equal magnitude, zeros
+			}
+		}
+		want := dellaBySort(x, c.rows, c.cols, c.inner, c.density, c.epsilon, c.rescale, testSource(9))
+		if c.density <= 0 {
+			want = make([]float32, len(x))
+		}
+		DellaPrune(x, c.rows, c.cols, c.inner, c.density, c.epsilon, c.rescale, testSource(9))
+		require.Equal(t, want, x, "%+v", c)
+	}
+}
+
+// With epsilon 0 every probability is density: DELLA is a Bernoulli(density) mask (the draws u < density * 2^64
+// of each row's stream) followed by the l1 rescale.
+func TestDellaWithoutEpsilonIsBernoulliWithL1Rescale(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 8))
+	rows, cols, density := 32, 50, 0.3
+	x := make([]float32, rows*cols)
+	for i := range x {
+		x[i] = float32(rng.NormFloat64())
+	}
+	want := append([]float32(nil), x...)
+	var before, after float64
+	for r := 0; r < rows; r++ {
+		src := testSource(11)(r)
+		for c := 0; c < cols; c++ {
+			i := r*cols + c
+			before += math.Abs(float64(want[i]))
+			if src.Uint64() < uint64(density*0x1p64) {
+				after += math.Abs(float64(want[i]))
+			} else {
+				want[i] = 0
+			}
+		}
+	}
+	for i := range want {
+		want[i] *= float32(before) / float32(after)
+	}
+	DellaPrune(x, rows, cols, 1, density, 0, true, testSource(11))
+	require.Equal(t, want, x)
+	var l1 float64
+	for _, v := range x {
+		l1 += math.Abs(float64(v))
+	}
+	assert.InDelta(t, before, l1, 1e-4*before) // the l1 norm is restored
+}
+
+func TestDellaKeepsDensityPerRowAndIsDeterministic(t *testing.T) {
+	rng := rand.New(rand.NewPCG(9, 10))
+	rows, cols, density, epsilon := 200, 400, 0.3, 0.2
+	x := make([]float32, rows*cols)
+	for i := range x {
+		x[i] = float32(rng.NormFloat64())
+	}
+	a := append([]float32(nil), x...)
+	DellaPrune(a, rows, cols, 1, density, epsilon, false, testSource(1))
+	// the large magnitudes are kept more often: the top decile of each row at about density + 0.9 epsilon
+	kept, topKept, top := 0, 0, 0
+	for r := 0; r < rows; r++ {
+		p := make([]float64, cols)
+		DellaProbs(p, x[r*cols:(r+1)*cols], 1, density, epsilon, make([]uint64, cols))
+		for c := 0; c < cols; c++ {
+			if a[r*cols+c] != 0 {
+				kept++
+			}
+			if p[c] >= density+0.8*epsilon {
+				top++
+				if a[r*cols+c] != 0 {
+					topKept++
+				}
+			}
+		}
+	}
+	n := float64(rows * cols)
+	assert.InDelta(t, density, float64(kept)/n, 4*math.Sqrt(density*(1-density)/n))
+	assert.InDelta(t, density+0.9*epsilon, float64(topKept)/float64(top), 0.03)
+	// the same seed on one core: the same mask; another seed: another
+	prev := runtime.GOMAXPROCS(1)
+	b := append([]float32(nil), x...)
+	DellaPrune(b, rows, cols, 1, density, epsilon, false, testSource(1))
+	runtime.GOMAXPROCS(prev)
+	require.Equal(t, a, b)
+	c := append([]float32(nil), x...)
+	DellaPrune(c, rows, cols, 1, density, epsilon, false, testSource(2))
+	require.NotEqual(t, a, c)
+}
