@@ -10,6 +10,8 @@
 //   - adapter.go, inspect.go: an adapter directory as a set of LoRA modules, and its summary
 //   - sparsify.go, combine.go: PEFT's merge_utils primitives
 //     (magnitude and random pruning, TIES, task arithmetic) on top of package kernels
+//   - prune_outliers.go, prune_della.go, merge_generalized.go: mergekit's Model Breadcrumbs
+//     and DELLA pruning and its generalized task arithmetic (breadcrumbs, della and their variants)
 //   - kernelset.go: the kernel set in use and a GOMERGE_KERNELS request's error, as the bindings see them
 //   - lowrank.go: exact SVD of a sum of low-rank products (thin QRs + core SVD)
 //   - rsvd.go: randomized SVD of dense updates

@@ -361,7 +361,7 @@ func BenchmarkKthLargestAbsBits(b *testing.B) {
 		b.Run(strconv.Itoa(n), func(b *testing.B) {
 			b.SetBytes(int64(4 * n))
 			for b.Loop() {
-				kthLargestAbsBits(x, n/5)
+				KthLargestAbsBits(x, n/5)
 			}
 		})
 	}

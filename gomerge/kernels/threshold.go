@@ -28,11 +28,11 @@ func MagnitudeThreshold(t []float32, density float64) (thr uint32, kept, k int) 
 	if k <= 0 {
 		return KeepNone, 0, k
 	}
-	thr, above, equal := kthLargestAbsBits(t, k)
+	thr, above, equal := KthLargestAbsBits(t, k)
 	return thr, above + equal, k
 }
 
-// kthLargestAbsBits returns the bit pattern of the k-th largest |t[i]|
+// KthLargestAbsBits returns the bit pattern of the k-th largest |t[i]|
 // (1-based k), how many entries are strictly larger and how many equal it.
 // Non-negative float32 values order like their bit patterns, so the
 // selection works on integers, in O(n): a sample of t gives a narrow band
@@ -41,12 +41,12 @@ func MagnitudeThreshold(t []float32, density float64) (thr uint32, kept, k int) 
 // histogram over the band narrows them to one bucket, and a quickselect
 // there finds the value. When the band misses, a histogram of the top 11
 // bits finds the bucket of the k-th value instead.
-func kthLargestAbsBits(t []float32, k int) (thr uint32, above, equal int) {
+func KthLargestAbsBits(t []float32, k int) (thr uint32, above, equal int) {
 	thr, above, equal, _ = kthLargestAbsBitsBanded(t, k)
 	return thr, above, equal
 }
 
-// kthLargestAbsBitsBanded is kthLargestAbsBits, also saying whether the
+// kthLargestAbsBitsBanded is KthLargestAbsBits, also saying whether the
 // sampled band held the k-th value (false: the histogram found it).
 func kthLargestAbsBitsBanded(t []float32, k int) (thr uint32, above, equal int, banded bool) {
 	var cand []uint32
