@@ -7,12 +7,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 GO ?= go
-# Go's SIMD experiment builds the vector kernels (gomerge/kernels_simd.go); test-go also tests the portable ones.
+# Go's SIMD experiment builds the vector kernels (gomerge/kernels/kernels_simd.go); test-go also tests the portable ones.
 export GOEXPERIMENT := simd
-GO_SOURCES := $(wildcard gomerge/*.go bindings/*.go) go.mod go.sum
+GO_SOURCES := $(wildcard gomerge/*.go gomerge/*/*.go gomerge/internal/*/*.go bindings/*.go) go.mod go.sum
 ENGINE := python/gomerge/_engine/bindings.py
 FUZZTIME ?= 20s
-FUZZ_TARGETS := FuzzOpenSafetensors FuzzParseConfig FuzzPatternResolve FuzzWeightsJSON
+# the fuzz targets, each as its package's folder:target
+FUZZ_TARGETS := gomerge/safetensors:FuzzOpenSafetensors gomerge:FuzzParseConfig gomerge:FuzzPatternResolve gomerge:FuzzWeightsJSON
 # staticcheck runs once over both builds (vector kernels and portable): an unused name is one unused in both
 STATICCHECK_MATRIX := simd: GOEXPERIMENT=simd\nportable: GOEXPERIMENT=\n
 PY_SOURCES := python tests benchmarks examples
@@ -45,19 +46,19 @@ run: build
 
 lint: $(VENV)/.deps-test
 	@test -z "$$(gofmt -l gomerge bindings benchmarks)" || (echo "gofmt needed:"; gofmt -l gomerge bindings benchmarks; exit 1)
-	$(GO) vet ./gomerge ./bindings ./benchmarks/floor
-	GOEXPERIMENT= $(GO) vet ./gomerge
-	printf '$(STATICCHECK_MATRIX)' | $(GO) tool staticcheck -matrix ./gomerge ./bindings ./benchmarks/floor
+	$(GO) vet ./gomerge/... ./bindings ./benchmarks/floor
+	GOEXPERIMENT= $(GO) vet ./gomerge/...
+	printf '$(STATICCHECK_MATRIX)' | $(GO) tool staticcheck -matrix ./gomerge/... ./bindings ./benchmarks/floor
 	$(VENV)/bin/ruff check $(PY_SOURCES)
 	$(VENV)/bin/ruff format --check $(PY_SOURCES)
 
 # The Go tests with the vector kernels and with the portable ones, then both again under the race detector
 # (which also checks unsafe pointer conversions).
 test-go:
-	$(GO) test -count=1 ./gomerge ./bindings
-	GOEXPERIMENT= $(GO) test -count=1 ./gomerge
-	$(GO) test -race -count=1 ./gomerge ./bindings
-	GOEXPERIMENT= $(GO) test -race -count=1 ./gomerge
+	$(GO) test -count=1 ./gomerge/... ./bindings
+	GOEXPERIMENT= $(GO) test -count=1 ./gomerge/...
+	$(GO) test -race -count=1 ./gomerge/... ./bindings
+	GOEXPERIMENT= $(GO) test -race -count=1 ./gomerge/...
 
 $(QEMU):
 	$(PYTHON) tests/platforms/debs.py --arch amd64 --dest .build/qemu qemu-user-static
@@ -71,12 +72,13 @@ test-cpus: build $(QEMU)
 test-python: build $(VENV)/.deps-test
 	$(PY) -m pytest -q tests --ignore=tests/test_wheel.py
 
-# Each fuzz target runs for FUZZTIME; a crasher is saved under gomerge/testdata/fuzz/ and fails the run
+# Each fuzz target runs for FUZZTIME; a crasher is saved under its package's testdata/fuzz/ and fails the run
 # (commit it: it then runs as a regression test in test-go).
 fuzz:
 	@for t in $(FUZZ_TARGETS); do \
-		echo "fuzz $$t ($(FUZZTIME))"; \
-		$(GO) test ./gomerge -run='^$$' -fuzz="^$$t$$" -fuzztime=$(FUZZTIME) || exit 1; \
+		pkg=$${t%%:*}; name=$${t#*:}; \
+		echo "fuzz $$name in ./$$pkg ($(FUZZTIME))"; \
+		$(GO) test ./$$pkg -run='^$$' -fuzz="^$$name$$" -fuzztime=$(FUZZTIME) || exit 1; \
 	done
 
 test: lint test-go test-cpus fuzz test-python test-wheels

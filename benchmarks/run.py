@@ -17,6 +17,9 @@ Scenarios (CPU, all cores):
 - S4, half precision: S1's `ties` with BF16 and F16 adapters against F32, gomerge only.
 - R1, rank control: `gomerge.resize` of one of S3's rank-64 adapters (32 layers x 7 modules) to rank 16, against
   torch's dense truncation (B A formed, `torch.linalg.svd`, truncated), timed on one layer and scaled by 32.
+- M1, methods beyond PEFT: breadcrumbs, breadcrumbs_ties, della and della_linear on S2's shapes, gomerge (disk to
+  disk, in a child process for its peak RSS, best of 2) next to mergekit's `merge_tensors` on the same dense
+  updates (the "PEFT call" column holds the peer's time).
 
 Every row states the bytes read and written and the floor: those bytes divided by the memory bandwidth measured at
 the start of the run (a large memory copy). Rows also give this machine's measured lower bounds (benchmarks/floor):
@@ -27,7 +30,7 @@ a child process, for its peak RSS (the best of 2 runs for ties, one for svd), af
 that both it and the floors find them in the page cache. Results go to benchmarks/results/ (JSON, Markdown table,
 PNG chart), with the targets of the issue checked against the run.
 
-Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1] [--s3-layers N] [--s1-methods ties,svd,...]
+Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1,M1] [--s3-layers N] [--s1-methods ties,svd,...]
 """
 
 from __future__ import annotations
@@ -132,11 +135,14 @@ def floors(dirs: list[str], out_bytes: int, runs: int = 5) -> dict:
     )
 
 
-def gomerge_child(dirs: list[str], ctype: str, out: str, **kw) -> tuple[float, float]:
-    """Runs one gomerge merge in a child process: (seconds, peak RSS in MiB)."""
+def gomerge_child(
+    dirs: list[str], ctype: str, out: str, weights: list[float] | None = None, **kw
+) -> tuple[float, float]:
+    """Runs one gomerge merge in a child process (weights 1 unless given): (seconds, peak RSS in MiB)."""
+    weights = weights or [1.0] * len(dirs)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent into the exec'd child
     code = (
-        f"import gomerge, json; r = gomerge.add_weighted_adapter({dirs!r}, {[1.0] * len(dirs)!r}, "
+        f"import gomerge, json; r = gomerge.add_weighted_adapter({dirs!r}, {weights!r}, "
         f"'m', {ctype!r}, output_dir={out!r}, overwrite=True, progress=False, **{kw!r}); "
         "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]; "
         "print(json.dumps([r.seconds, hwm / 1024]))"
@@ -330,6 +336,78 @@ def s2(root: str, bw: float, rows: list) -> None:
             )
             print(rows[-1], flush=True)
         del model
+        gc.collect()
+
+
+# M1's peers: for each of gomerge's methods beyond PEFT, the reference implementation on the same dense updates
+# (s_t B_t A_t), with its parameters. mergekit's are its own merge_tensors (a zero base: the deltas are the task
+# vectors); it merges dense tensors and does not factorise, so gomerge, which also factorises the result to rank
+# 16, does more work than its peer.
+M1_METHODS = {
+    "breadcrumbs": ("mergekit", {"density": 0.2, "gamma": 0.01}),
+    "breadcrumbs_ties": ("mergekit", {"density": 0.2, "gamma": 0.01}),
+    "della": ("mergekit", {"density": 0.4, "epsilon": 0.15}),
+    "della_linear": ("mergekit", {"density": 0.4, "epsilon": 0.15}),
+}
+
+
+def m1_reference(peer: str, method: str, dws: list, weights: list[float], params: dict):
+    if peer == "mergekit":
+        from mergekit.merge_methods.api import merge_tensors
+
+        return merge_tensors(
+            [torch.zeros_like(dws[0]), *dws], method, parameters={"weight": weights, **params}, base_index=0
+        )
+    raise ValueError(peer)
+
+
+def m1(root: str, bw: float, rows: list) -> None:
+    """M1: gomerge's methods beyond PEFT on S2's shapes (three rank-16 adapters on one 4096 x 4096 and one
+    4096 x 11008 module), next to their reference implementations on the same inputs."""
+    from safetensors.torch import load_file
+
+    weights = [2.0, 1.0, 1.0]
+    available = {m["name"] for m in gomerge.methods()}
+    for fan_in, fan_out in ((4096, 4096), (11008, 4096)):
+        make = functools.partial(Linear, fan_in, fan_out)
+        dirs = save_adapters(make, os.path.join(root, f"m1-{fan_in}"), [16, 16, 16], ["proj"])
+        in_bytes = sum(dir_bytes(d) for d in dirs)
+        dws = []
+        for d in dirs:
+            t = load_file(os.path.join(d, "adapter_model.safetensors"))
+            cfg = json.load(open(os.path.join(d, "adapter_config.json")))
+            dws.append(
+                t["base_model.model.proj.lora_B.weight"]
+                @ t["base_model.model.proj.lora_A.weight"]
+                * (cfg["lora_alpha"] / cfg["r"])
+            )
+        for method, (peer, params) in M1_METHODS.items():
+            if method not in available:
+                continue
+            t_ref = timed(m1_reference, peer, method, dws, weights, params)
+            out = os.path.join(root, f"m1-{fan_in}-{method}")
+            runs = [gomerge_child(dirs, method, out, weights, seed=1, **params) for _ in range(2)]
+            t_go, peak = min(t for t, _ in runs), max(p for _, p in runs)
+            out_bytes = dir_bytes(out)
+            rows.append(
+                dict(
+                    scenario="M1",
+                    method=method,
+                    shapes=f"one {fan_out}x{fan_in} module, 3 x r16",
+                    read=in_bytes,
+                    written=out_bytes,
+                    floor=(in_bytes + out_bytes) / bw,
+                    peft=t_ref,
+                    gomerge=t_go,
+                    peak_rss_mib=peak,
+                    rss_budget_mib=(in_bytes + out_bytes) / MiB + 256,
+                    peer=peer,
+                    check=f"vs {peer} (dense, no factorisation); gomerge factorises to rank 16",
+                )
+            )
+            print(rows[-1], flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+        del dws
         gc.collect()
 
 
@@ -599,6 +677,13 @@ def targets(rows: list) -> list[str]:
             f"{r['peft'] / r['gomerge']:.0f}x",
             r["peft"] > r["gomerge"] and r["ok"],
         )
+    for r in rows:
+        if r["scenario"] == "M1":
+            name = f"M1 {r['method']} {r['shapes'].split(',')[0].removeprefix('one ').removesuffix(' module')}"
+            need = 10 if r["peer"] == "mergekit" else 100
+            ratio = r["peft"] / r["gomerge"]
+            add(f"{name} >= {need}x {r['peer']}", f"{ratio:.1f}x", ratio >= need)
+            add(f"{name} peak RSS reported", f"{r['peak_rss_mib']:.0f} MiB", True)
     f32 = row("S4", "ties float32")
     for half in ("bfloat16", "float16"):
         if f32 and (r := row("S4", f"ties {half}")):
@@ -627,7 +712,7 @@ def chart(rows: list, path: str) -> None:
     bars = [
         (label(r), r["peft"] / r["gomerge"], r.get("peft_e2e", 0) / r["gomerge"])
         for r in rows
-        if r.get("peft") and not r.get("kernels") and r["scenario"] != "R1"
+        if r.get("peft") and not r.get("kernels") and r["scenario"] not in ("R1", "M1")
     ]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     x = np.arange(len(bars))
@@ -645,7 +730,7 @@ def chart(rows: list, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scenarios", default="S1,S2,S3,S4,R1")
+    ap.add_argument("--scenarios", default="S1,S2,S3,S4,R1,M1")
     ap.add_argument("--chart-only", action="store_true", help="redraw the chart and table from results/latest.json")
     ap.add_argument("--s3-layers", type=int, default=32)
     ap.add_argument("--s1-methods", default="ties,svd,cat,linear,dare_ties", help="S1's methods (comma-separated)")
@@ -684,7 +769,9 @@ def main() -> None:
             s4(root, bw, rows)
         if "R1" in todo:
             r1(root, bw, rows, args.s3_layers)
-        order = {"S1": 0, "S2": 1, "S3": 2, "S4": 3, "R1": 4}
+        if "M1" in todo:
+            m1(root, bw, rows)
+        order = {"S1": 0, "S2": 1, "S3": 2, "S4": 3, "R1": 4, "M1": 5}
         rows.sort(key=lambda r: order[r["scenario"]])  # stable: each scenario's rows keep their order
     os.makedirs(RESULTS, exist_ok=True)
     md = table(rows, machine)

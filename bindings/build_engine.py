@@ -160,7 +160,7 @@ def build(dest: str, python: str = sys.executable, arch: str | None = None, cc: 
         env.pop("CC", None)  # gopy builds (and loads) a native library first
     elif cc:
         env["CC"] = cc
-    # the vector kernels (gomerge/kernels_simd.go) need Go's SIMD experiment; without it the portable ones are built
+    # the vector kernels (gomerge/kernels/) need Go's SIMD experiment; without it the portable ones are built
     experiments = [e for e in env.get("GOEXPERIMENT", "").split(",") if e]
     env["GOEXPERIMENT"] = ",".join(experiments + ([] if "simd" in experiments else ["simd"]))
     env["GOFLAGS"] = (env.get("GOFLAGS", "") + " -buildvcs=false").strip()

@@ -9,6 +9,9 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+
+	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/safetensors"
 )
 
 // ModuleKind is the kind of layer a LoRA module adapts.
@@ -44,7 +47,7 @@ type Module struct {
 }
 
 // In is the number of columns of A in two dimensions.
-func (m *Module) In() int { return numel(m.RawA.Shape[1:]) }
+func (m *Module) In() int { return safetensors.Numel(m.RawA.Shape[1:]) }
 
 // Out is the number of rows of B.
 func (m *Module) Out() int { return m.RawB.Shape[0] }
@@ -67,8 +70,8 @@ func (m *Module) Factors() (a, b []float32, err error) {
 			}
 			fb, err := view(m.RawB)
 			if err != nil {
-				if m.RawA.src != nil {
-					putBuf(fa)
+				if m.RawA.File() != nil {
+					pool.Put(fa)
 				}
 				return nil, nil, err
 			}
@@ -83,10 +86,10 @@ func (m *Module) Factors() (a, b []float32, err error) {
 func (m *Module) release() {
 	switch {
 	case m.joint != nil:
-		putBuf(m.joint)
-	case m.RawA.src != nil && m.a != nil:
-		putBuf(m.a)
-		putBuf(m.b)
+		pool.Put(m.joint)
+	case m.RawA.File() != nil && m.a != nil:
+		pool.Put(m.a)
+		pool.Put(m.b)
 	}
 	m.a, m.b, m.joint = nil, nil, nil
 }
@@ -95,17 +98,18 @@ func (m *Module) release() {
 // stored one after the other in the same file (as PEFT writes them: sorted
 // by name), returning both in one buffer and A's length.
 func readAdjacent(a, b RawTensor) (ab []float32, na int, ok bool, err error) {
-	if a.src == nil || a.src != b.src {
+	f := a.File()
+	if f == nil || f != b.File() {
 		return nil, 0, false, nil
 	}
-	ea, eb := a.src.Entries[a.name], a.src.Entries[b.name]
+	ea, eb := f.Entries[a.Name()], f.Entries[b.Name()]
 	if ea.DType != F32 || eb.DType != F32 || ea.Offset+ea.Length != eb.Offset {
 		return nil, 0, false, nil
 	}
 	na = int(ea.Length / 4)
-	ab = getBuf(na + int(eb.Length/4))
-	if err := a.src.readF32Run(ab, ea.Offset, na, a.name, b.name); err != nil {
-		putBuf(ab)
+	ab = pool.Get(na + int(eb.Length/4))
+	if err := f.ReadFloat32Run(ab, ea.Offset, na, a.Name(), b.Name()); err != nil {
+		pool.Put(ab)
 		return nil, 0, false, err
 	}
 	return ab, na, true, nil
@@ -114,13 +118,13 @@ func readAdjacent(a, b RawTensor) (ab []float32, na int, ok bool, err error) {
 // view returns a tensor as float32: read from its file into a pooled
 // buffer, or a view (F32) or conversion of memory.
 func view(t RawTensor) ([]float32, error) {
-	if t.src != nil {
-		return t.src.ReadFloat32Into(getBuf(numel(t.Shape)), t.name)
+	if f := t.File(); f != nil {
+		return f.ReadFloat32Into(pool.Get(safetensors.Numel(t.Shape)), t.Name())
 	}
 	if t.DType == F32 {
-		return bytesAsFloat32(t.Data), nil
+		return safetensors.BytesAsFloat32(t.Data), nil
 	}
-	return Decode(t.DType, t.Data), nil
+	return safetensors.Decode(t.DType, t.Data), nil
 }
 
 // Keys returns the safetensors names of A and B for this module.
@@ -141,7 +145,7 @@ type Adapter struct {
 	Order   []string // module names, sorted
 	Extra   []string // tensors that are not LoRA factors (kept out of merges)
 	DType   DType    // dtype of the first module's lora_A
-	file    *STFile
+	file    *safetensors.File
 }
 
 // Close releases the adapter's weights file.
@@ -182,7 +186,7 @@ func LoadAdapter(dir string) (*Adapter, error) {
 		}
 		return nil, newErr(KindFileNotFound, "%s: no such file", wpath)
 	}
-	file, err := OpenSafetensors(wpath)
+	file, err := safetensors.Open(wpath)
 	if err != nil {
 		return nil, err
 	}
@@ -197,9 +201,9 @@ func LoadAdapter(dir string) (*Adapter, error) {
 	return a, nil
 }
 
-func (a *Adapter) index(wpath string, st *STFile) error {
+func (a *Adapter) index(wpath string, st *safetensors.File) error {
 	for key, e := range st.Entries {
-		t := RawTensor{DType: e.DType, Shape: e.Shape, src: st, name: key, size: e.Length}
+		t := st.Tensor(key)
 		if err := a.addTensor(wpath, key, t, e.RawDType); err != nil {
 			return err
 		}
@@ -345,7 +349,7 @@ func (a *Adapter) finishModule(path, name string, m *Module) error {
 		key string
 		raw RawTensor
 	}{{aKey, m.RawA}, {bKey, m.RawB}} {
-		if int64(numel(t.raw.Shape)*t.raw.DType.Size()) != t.raw.ByteLen() {
+		if int64(safetensors.Numel(t.raw.Shape)*t.raw.DType.Size()) != t.raw.ByteLen() {
 			return valueErr("%s: tensor %s: shape %v does not match its %d bytes", path, t.key, t.raw.Shape, t.raw.ByteLen())
 		}
 	}

@@ -1,5 +1,10 @@
 package gomerge
 
+import (
+	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/kernels"
+)
+
 // Combination is one of PEFT's element-wise ways to combine task tensors
 // (merge_utils): the same function serves the factors (family 1) and the
 // dense updates (family 2).
@@ -29,7 +34,7 @@ func (c Combination) Apply(tensors [][]float32, weights []float32, dare func(i i
 	defer func() {
 		for i, c := range copied {
 			if c {
-				putBuf(ts[i])
+				pool.Put(ts[i])
 			}
 		}
 	}()
@@ -38,7 +43,7 @@ func (c Combination) Apply(tensors [][]float32, weights []float32, dare func(i i
 		if owned {
 			return ts[i]
 		}
-		t := getBuf(len(ts[i]))
+		t := pool.Get(len(ts[i]))
 		copy(t, ts[i])
 		copied[i] = true
 		return t
@@ -49,7 +54,7 @@ func (c Combination) Apply(tensors [][]float32, weights []float32, dare func(i i
 		case "magnitude_prune", "ties":
 			each = func(i int) {
 				var kept, k int
-				if thr[i], kept, k = magnitudeThreshold(ts[i], c.Density); kept > k {
+				if thr[i], kept, k = kernels.MagnitudeThreshold(ts[i], c.Density); kept > k {
 					t := copyFor(i)
 					dropLastEqual(t, thr[i], kept-k)
 					ts[i] = t
@@ -72,19 +77,19 @@ func (c Combination) Apply(tensors [][]float32, weights []float32, dare func(i i
 	}
 	out := tensors[0] // each element is written after its inputs are read: in place is safe
 	if !owned {
-		out = getBuf(len(tensors[0]))
+		out = pool.Get(len(tensors[0]))
 	}
 	ties := c.Method == "ties" || c.Method == "dare_ties"
-	frequency := c.SignMethod == SignFrequency
+	frequency := c.SignMethod == kernels.SignFrequency
 	parallelFor(len(out), combineGrain, func(lo, hi int) {
 		sub := make([][]float32, len(ts))
 		for i, t := range ts {
 			sub[i] = t[lo:hi]
 		}
 		if ties {
-			tiesInto(out[lo:hi], sub, thr, weights, frequency)
+			kernels.TiesInto(out[lo:hi], sub, thr, weights, frequency)
 		} else {
-			prunedSumInto(out[lo:hi], sub, thr, weights)
+			kernels.PrunedSumInto(out[lo:hi], sub, thr, weights)
 		}
 	})
 	return out

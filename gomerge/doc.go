@@ -5,17 +5,14 @@
 //
 // The package is organised one concept per file:
 //
-//   - errors.go: typed errors (ErrKind) that the Python layer maps to exception classes
-//   - dtype.go: F32 / BF16 / F16 conversion loops
-//   - stfile.go, tensorio.go: validated, streaming safetensors reading and writing
+//   - errors.go, storage.go: the names of packages errs (typed errors) and safetensors (DType, RawTensor) here
 //   - config.go, pattern.go: adapter_config.json and rank/alpha patterns
 //   - adapter.go, inspect.go: an adapter directory as a set of LoRA modules, and its summary
-//   - sparsify.go, elect.go, combine.go: PEFT's merge_utils primitives
-//     (magnitude and random pruning, sign election, disjoint merge, task arithmetic)
-//   - kernels.go, kernels_simd.go, kernels_avx512.go, kernels_novec.go: the element-wise
-//     kernels behind them, in portable Go and in AVX2 / AVX-512 vectors (built with
-//     GOEXPERIMENT=simd; bit-identical results)
-//   - kernelselect.go: the kernel set, chosen once from the CPU (GOMERGE_KERNELS forces one)
+//   - sparsify.go, combine.go: PEFT's merge_utils primitives
+//     (magnitude and random pruning, TIES, task arithmetic) on top of package kernels
+//   - prune_outliers.go, prune_della.go, merge_generalized.go: mergekit's Model Breadcrumbs
+//     and DELLA pruning and its generalized task arithmetic (breadcrumbs, della and their variants)
+//   - kernelset.go: the kernel set in use and a GOMERGE_KERNELS request's error, as the bindings see them
 //   - lowrank.go: exact SVD of a sum of low-rank products (thin QRs + core SVD)
 //   - rsvd.go: randomized SVD of dense updates
 //   - methods.go: the method table (every merge method's family, pruning, parameters, rank rule)
@@ -25,5 +22,16 @@
 //   - weights.go: per-adapter weights, a number or module-name patterns (PEFT's first-match rule) and gradients over the layers
 //   - memory.go: merges of tensors in a model's memory (the PEFT drop-in)
 //   - output.go, card.go: atomic output directories and the model card
-//   - limits.go, parallel.go: memory planning, parallel loops, buffer pools and GC headroom
+//   - limits.go, parallel.go: memory planning, parallel loops and GC headroom
+//
+// Packages below it, which import nothing from it:
+//
+//   - safetensors (gomerge/gomerge/safetensors): validated, streaming safetensors reading and
+//     writing, and the F32 / BF16 / F16 storage types and their conversion
+//   - kernels (gomerge/gomerge/kernels): the element-wise kernels in portable Go and in
+//     AVX2 / AVX-512 vectors (built with GOEXPERIMENT=simd; bit-identical results), the
+//     kernel set chosen once from the CPU (GOMERGE_KERNELS forces one), the magnitude
+//     threshold selection, sign election and disjoint merge, the half conversions
+//   - errs: typed errors (ErrKind) that the Python layer maps to exception classes
+//   - internal/pool: the float32 scratch buffer pools that they share
 package gomerge

@@ -1,78 +1,10 @@
 package gomerge
 
 import (
-	"encoding/binary"
 	"encoding/json"
 	"math"
-	"os"
-	"path/filepath"
 	"testing"
 )
-
-// seedSafetensors returns a valid two-tensor file written by the reference
-// library, and crafted broken variants of it.
-func seedSafetensors(t testing.TB) [][]byte {
-	dir := t.TempDir()
-	path := filepath.Join(dir, "x.safetensors")
-	tensors := map[string]RawTensor{
-		"base_model.model.m.lora_A.weight": {DType: F32, Shape: []int{2, 3}, Data: Encode(F32, []float32{1, 2, 3, 4, 5, 6})},
-		"base_model.model.m.lora_B.weight": {DType: BF16, Shape: []int{4, 2}, Data: Encode(BF16, make([]float32, 8))},
-	}
-	if err := WriteSafetensors(path, tensors, map[string]string{"format": "pt"}); err != nil {
-		t.Fatal(err)
-	}
-	good, _ := os.ReadFile(path)
-	n := binary.LittleEndian.Uint64(good[:8])
-	huge := append([]byte(nil), good...)
-	binary.LittleEndian.PutUint64(huge[:8], 1<<40)
-	beyond := append([]byte(nil), good...)
-	binary.LittleEndian.PutUint64(beyond[:8], uint64(len(good)))
-	header := func(h string) []byte {
-		b := make([]byte, 8)
-		binary.LittleEndian.PutUint64(b, uint64(len(h)))
-		return append(append(b, h...), make([]byte, 16)...)
-	}
-	return [][]byte{
-		good, good[:len(good)-3], good[:8+n], huge, beyond, {}, {1, 2, 3},
-		header(`{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}`),
-		header(`{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}`),
-		header(`{"a":{"dtype":"F8_E4M3","shape":[16],"data_offsets":[0,16]}}`),
-		header(`{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,16]}}`),
-		header(`{"__metadata__":{"format":1}}`),
-	}
-}
-
-// FuzzOpenSafetensors: any file is either refused with an error or read
-// completely, never a panic or an out-of-bounds read.
-func FuzzOpenSafetensors(f *testing.F) {
-	for _, s := range seedSafetensors(f) {
-		f.Add(s)
-	}
-	dir := f.TempDir()
-	f.Fuzz(func(t *testing.T, data []byte) {
-		path := filepath.Join(dir, "fuzz.safetensors")
-		if err := os.WriteFile(path, data, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		st, err := OpenSafetensors(path)
-		if err != nil {
-			if KindOf(err) == KindInternal {
-				t.Fatalf("untyped error: %v", err)
-			}
-			return
-		}
-		defer st.Close()
-		st.AllowNonFinite = true
-		for name, e := range st.Entries {
-			if e.DType == "" {
-				continue
-			}
-			if _, err := st.ReadFloat32(name); err != nil {
-				t.Fatalf("a validated tensor failed to read: %v", err)
-			}
-		}
-	})
-}
 
 // FuzzParseConfig: any adapter_config.json is refused with a ValueError or
 // gives a usable config.

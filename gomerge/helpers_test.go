@@ -9,8 +9,10 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/nlpodyssey/safetensors"
+	stlib "github.com/nlpodyssey/safetensors"
 	"github.com/stretchr/testify/require"
+
+	"gomerge/gomerge/safetensors"
 )
 
 type testModule struct {
@@ -20,7 +22,7 @@ type testModule struct {
 }
 
 func randTensor(rng *rand.Rand, shape ...int) *Tensor {
-	t := &Tensor{Shape: shape, Data: make([]float32, numel(shape))}
+	t := &Tensor{Shape: shape, Data: make([]float32, safetensors.Numel(shape))}
 	for i := range t.Data {
 		t.Data[i] = float32(rng.NormFloat64())
 	}
@@ -50,8 +52,8 @@ func writeTestAdapter(t testing.TB, dir string, cfg map[string]any, mods map[str
 		if dt == "" {
 			dt = F32
 		}
-		tensors[ak] = RawTensor{DType: dt, Shape: m.a.Shape, Data: Encode(dt, m.a.Data)}
-		tensors[bk] = RawTensor{DType: dt, Shape: m.b.Shape, Data: Encode(dt, m.b.Data)}
+		tensors[ak] = RawTensor{DType: dt, Shape: m.a.Shape, Data: safetensors.Encode(dt, m.a.Data)}
+		tensors[bk] = RawTensor{DType: dt, Shape: m.b.Shape, Data: safetensors.Encode(dt, m.b.Data)}
 	}
 	require.NoError(t, WriteSafetensors(filepath.Join(dir, WeightsFile), tensors, map[string]string{"format": "pt"}))
 	return dir
@@ -80,14 +82,14 @@ type Tensor struct {
 // WriteSafetensors writes tensors with the reference library (nlpodyssey/safetensors), so that the tests read
 // files gomerge did not write itself.
 func WriteSafetensors(path string, tensors map[string]RawTensor, metadata map[string]string) error {
-	views := make(map[string]safetensors.TensorView, len(tensors))
-	rev := map[DType]safetensors.DType{F32: safetensors.F32, BF16: safetensors.BF16, F16: safetensors.F16}
+	views := make(map[string]stlib.TensorView, len(tensors))
+	rev := map[DType]stlib.DType{F32: stlib.F32, BF16: stlib.BF16, F16: stlib.F16}
 	for name, t := range tensors {
 		shape := make([]uint64, len(t.Shape))
 		for i, d := range t.Shape {
 			shape[i] = uint64(d)
 		}
-		v, err := safetensors.NewTensorView(rev[t.DType], shape, t.Data)
+		v, err := stlib.NewTensorView(rev[t.DType], shape, t.Data)
 		if err != nil {
 			return fmt.Errorf("tensor %s: %w", name, err)
 		}
@@ -98,7 +100,7 @@ func WriteSafetensors(path string, tensors map[string]RawTensor, metadata map[st
 		return ioErr(path, err)
 	}
 	w := bufio.NewWriterSize(f, 1<<20)
-	err = safetensors.SerializeToWriter(views, metadata, w)
+	err = stlib.SerializeToWriter(views, metadata, w)
 	if err == nil {
 		err = w.Flush()
 	}

@@ -3,6 +3,8 @@ package gomerge
 import (
 	"sort"
 	"strconv"
+
+	"gomerge/gomerge/safetensors"
 )
 
 // AdapterInfo summarises an adapter directory.
@@ -35,7 +37,7 @@ func Inspect(dir string) (*AdapterInfo, error) {
 	}
 	for _, m := range a.Modules {
 		info.Ranks[strconv.Itoa(m.Rank)]++
-		info.Parameters += int64(numel(m.RawA.Shape) + numel(m.RawB.Shape))
+		info.Parameters += int64(safetensors.Numel(m.RawA.Shape) + safetensors.Numel(m.RawB.Shape))
 	}
 	sort.Strings(info.Extra)
 	return info, nil

@@ -8,6 +8,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"gonum.org/v1/gonum/mat"
+
+	"gomerge/gomerge/kernels"
 )
 
 // denseTruncated is the reference: a dense SVD of B @ A truncated to rank k.
@@ -229,7 +231,7 @@ func TestExactSVDOfPrunedUpdate(t *testing.T) {
 			}
 		}
 	}
-	d := Combination{Method: "ties", Density: 0.2, SignMethod: SignTotal}.Apply(ts, []float32{2, 1, 1}, nil, false)
+	d := Combination{Method: "ties", Density: 0.2, SignMethod: kernels.SignTotal}.Apply(ts, []float32{2, 1, 1}, nil, false)
 	bk, ak := exactSVD(d, m, n, k)
 	for i := 0; i < k; i++ {
 		for j := 0; j < k; j++ {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"unsafe"
+
+	"gomerge/gomerge/safetensors"
 )
 
 // MemSource is one source adapter's factors of a module, in memory owned by
@@ -119,8 +121,8 @@ func memJob(mm MemModule, method Method) (moduleJob, error) {
 			return j, valueErr("module %s: source %d has factors of shapes %v and %v that are not LoRA factors", mm.Name, s.Index, s.AShape, s.BShape)
 		}
 		m := &Module{Name: mm.Name, Kind: KindLinear, Rank: s.AShape[0], Scaling: s.Scaling,
-			RawA: RawTensor{DType: F32, Shape: s.AShape, Data: viewMemory(s.A, 4*numel(s.AShape))},
-			RawB: RawTensor{DType: F32, Shape: s.BShape, Data: viewMemory(s.B, 4*numel(s.BShape))}}
+			RawA: RawTensor{DType: F32, Shape: s.AShape, Data: viewMemory(s.A, 4*safetensors.Numel(s.AShape))},
+			RawB: RawTensor{DType: F32, Shape: s.BShape, Data: viewMemory(s.B, 4*safetensors.Numel(s.BShape))}}
 		if i == 0 {
 			j = moduleJob{name: mm.Name, in: m.In(), out: m.Out(), aTail: s.AShape[1:], bTail: s.BShape[2:]}
 		} else if m.In() != j.in || m.Out() != j.out {
@@ -130,10 +132,10 @@ func memJob(mm MemModule, method Method) (moduleJob, error) {
 			return j, valueErr("module %s: combination_type %s needs equal ranks, got %d and %d", mm.Name, method.Name, j.srcs[0].mod.Rank, m.Rank)
 		}
 		src := source{weight: s.Weight, mod: m, index: s.Index,
-			maskA: viewMemory(s.MaskA, numel(s.AShape)), maskB: viewMemory(s.MaskB, numel(s.BShape)),
+			maskA: viewMemory(s.MaskA, safetensors.Numel(s.AShape)), maskB: viewMemory(s.MaskB, safetensors.Numel(s.BShape)),
 			maskDW: viewMemory(s.MaskDW, m.In()*m.Out())}
 		if s.RoundDW != "" {
-			dt, err := ParseDType(s.RoundDW)
+			dt, err := safetensors.ParseDType(s.RoundDW)
 			if err != nil {
 				return j, fmt.Errorf("module %s: %w", mm.Name, err)
 			}

@@ -9,6 +9,9 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/safetensors"
 )
 
 // Progress counts merged modules; it is safe to read while a merge runs.
@@ -64,7 +67,7 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 	}
 	outDType := adapters[0].DType
 	if opts.DType != "" {
-		outDType, _ = ParseDType(opts.DType)
+		outDType, _ = safetensors.ParseDType(opts.DType)
 	}
 	res.DType = outDType.TorchName()
 
@@ -141,7 +144,7 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 func writeModules(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt DType, progress *Progress, path string) ([]moduleOutcome, error) {
 	meta := map[string]string{"format": "pt"}
 	if !opts.energyRanks() {
-		w, err := CreateSafetensors(path, outputTensors(opts, jobs, rank, dt), meta)
+		w, err := safetensors.Create(path, outputTensors(opts, jobs, rank, dt), meta)
 		if err != nil {
 			return nil, err
 		}
@@ -162,18 +165,18 @@ func writeModules(ctx context.Context, opts Options, jobs []moduleJob, rank int,
 		// runJobs hands its buffers back to the pool after emit: keep copies
 		ca, cb := a, b
 		ca.Data, cb.Data = append([]byte(nil), a.Data...), append([]byte(nil), b.Data...)
-		ca.buf, cb.buf = nil, nil
 		held[i] = pair{aName, bName, ca, cb}
 		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
-	outs := make([]OutTensor, 0, 2*len(held))
+	outs := make([]safetensors.OutTensor, 0, 2*len(held))
 	for _, p := range held {
-		outs = append(outs, OutTensor{p.aName, dt, p.a.Shape}, OutTensor{p.bName, dt, p.b.Shape})
+		outs = append(outs, safetensors.OutTensor{Name: p.aName, DType: dt, Shape: p.a.Shape},
+			safetensors.OutTensor{Name: p.bName, DType: dt, Shape: p.b.Shape})
 	}
-	w, err := CreateSafetensors(path, outs, meta)
+	w, err := safetensors.Create(path, outs, meta)
 	if err != nil {
 		return nil, err
 	}
@@ -211,6 +214,13 @@ func loadAll(dirs []string) ([]*Adapter, error) {
 	return adapters, nil
 }
 
+// resultTensor is a merged tensor, encoded (Data) from its float32 memory
+// (buf), which runJobs gives back to the pool once emit has written it.
+type resultTensor struct {
+	RawTensor
+	buf []float32
+}
+
 // emitFunc receives the merged tensors of job i; it may be called from
 // several goroutines at once.
 type emitFunc func(i int, aName, bName string, a, b RawTensor) error
@@ -242,9 +252,9 @@ func runJobs(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt D
 				}
 				aName, bName, a, b, o, err := mergeModule(ctx, opts, &jobs[i], rank, dt)
 				if err == nil {
-					err = emit(i, aName, bName, a, b)
-					putBuf(a.buf) // emit has written or copied them
-					putBuf(b.buf)
+					err = emit(i, aName, bName, a.RawTensor, b.RawTensor)
+					pool.Put(a.buf) // emit has written or copied them
+					pool.Put(b.buf)
 				}
 				if err != nil {
 					errOnce.Do(func() { firstErr = err })
@@ -268,7 +278,7 @@ func runJobs(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt D
 
 // mergeModule merges one module, recovering from panics so that a bug in a
 // kernel becomes an error naming the module.
-func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt DType) (aName, bName string, ra, rb RawTensor, out moduleOutcome, err error) {
+func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt DType) (aName, bName string, ra, rb resultTensor, out moduleOutcome, err error) {
 	defer func() {
 		for _, s := range j.srcs {
 			s.mod.release()
@@ -300,19 +310,19 @@ func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt D
 	switch opts.method.family(opts.SVDRank) {
 	case FamilyFactors:
 		if a, b, r, err = mergeFactors(srcs, comb, seed, j.name); err != nil {
-			return "", "", RawTensor{}, RawTensor{}, out, err
+			return "", "", resultTensor{}, resultTensor{}, out, err
 		}
 		if r > rank {
-			return "", "", RawTensor{}, RawTensor{}, out, valueErr("module %s: rank %d is above the adapter's rank %d", j.name, r, rank)
+			return "", "", resultTensor{}, resultTensor{}, out, valueErr("module %s: rank %d is above the adapter's rank %d", j.name, r, rank)
 		}
 	case FamilyCat:
 		r, relErr = rank, 0 // exact
 		if a, b, err = mergeCat(srcs, r, j.in, j.out); err != nil {
-			return "", "", RawTensor{}, RawTensor{}, out, err
+			return "", "", resultTensor{}, resultTensor{}, out, err
 		}
 	case FamilySVD:
 		if a, b, r, relErr, err = mergeSVD(srcs, opts.rankRule(rank), j.in, j.out, opts.SVDClamp); err != nil {
-			return "", "", RawTensor{}, RawTensor{}, out, err
+			return "", "", resultTensor{}, resultTensor{}, out, err
 		}
 	case FamilySpan:
 		if a, b, r, relErr, err = mergeSpan(srcs, &opts.Combine, rank, j.in, j.out); err != nil {
@@ -322,7 +332,7 @@ func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt D
 		r = rank
 		a, b, relErr, err = mergeDenseSVD(ctx, j, comb, opts.generalized(seed), r, opts.SVDClamp, seed)
 		if err != nil {
-			return "", "", RawTensor{}, RawTensor{}, out, err
+			return "", "", resultTensor{}, resultTensor{}, out, err
 		}
 	}
 	aName, bName = moduleKeys(j.name, j.kind)
@@ -331,12 +341,12 @@ func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt D
 	// a and b are this merge's own memory: float32 results are written as they are, without a copy
 	encode := func(x []float32) []byte {
 		if dt == F32 {
-			return float32AsBytes(x)
+			return safetensors.Float32AsBytes(x)
 		}
-		return Encode(dt, x)
+		return safetensors.Encode(dt, x)
 	}
-	return aName, bName, RawTensor{DType: dt, Shape: aShape, Data: encode(a), buf: a},
-		RawTensor{DType: dt, Shape: bShape, Data: encode(b), buf: b}, moduleOutcome{rank: r, relErr: relErr}, nil
+	return aName, bName, resultTensor{RawTensor{DType: dt, Shape: aShape, Data: encode(a)}, a},
+		resultTensor{RawTensor{DType: dt, Shape: bShape, Data: encode(b)}, b}, moduleOutcome{rank: r, relErr: relErr}, nil
 }
 
 // moduleOutcome is what a module's merge chose: its rank, and the relative

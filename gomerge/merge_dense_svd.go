@@ -4,6 +4,9 @@ import (
 	"context"
 	"math"
 	"strconv"
+
+	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/safetensors"
 )
 
 // rsvdSeed seeds the range finder's test matrix: fixed, so that the pruned
@@ -24,7 +27,7 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, g *gener
 	defer func() {
 		for _, dw := range dws { // the result d is dws[0]
 			if dw != nil {
-				putBuf(dw)
+				pool.Put(dw)
 			}
 		}
 	}()
@@ -37,7 +40,7 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, g *gener
 		dws[i] = denseDelta(fa, fb, j.out, s.mod.Rank, j.in, s.mod.Scaling)
 		if s.roundDW != "" && s.roundDW != F32 {
 			for e, v := range dws[i] {
-				dws[i][e] = Round(s.roundDW, v)
+				dws[i][e] = safetensors.Round(s.roundDW, v)
 			}
 		}
 		weights[i] = float32(s.weight)

@@ -1,6 +1,10 @@
 package gomerge
 
-import "math"
+import (
+	"math"
+
+	"gomerge/gomerge/kernels"
+)
 
 // mergekitMethod is one of mergekit's GeneralizedTaskArithmeticMerge rows
 // (merge_methods/registry.py, mergekit 0.1.5) that gomerge runs on the
@@ -74,7 +78,7 @@ func (o *Combine) validateGeneralized() error {
 	if _, ok := mergekitMethods[o.method.Name]; !ok {
 		return nil
 	}
-	if o.MajoritySignMethod != SignTotal {
+	if o.MajoritySignMethod != kernels.SignTotal {
 		return valueErr("majority_sign_method: combination_type %q elects signs as mergekit does (the sign of the "+
 			"weighted sum) and does not take majority_sign_method %q", o.method.Name, o.MajoritySignMethod)
 	}
@@ -138,7 +142,7 @@ func (g *generalized) combine(dws [][]float32, weights []float32, indices []int,
 				}
 				for i, t := range dws {
 					d := t[e] * weights[i]
-					if agrees(d, elected) != 0 {
+					if kernels.Agrees(d, elected) != 0 {
 						mixed += d
 						div += weights[i]
 					}

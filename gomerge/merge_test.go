@@ -10,6 +10,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"gomerge/gomerge/safetensors"
 )
 
 func TestFactorWeights(t *testing.T) {
@@ -31,8 +33,8 @@ func TestFactorWeights(t *testing.T) {
 }
 
 func mod(rank int, scaling float64, a, b []float32) *Module {
-	return &Module{Rank: rank, Scaling: scaling, RawA: RawTensor{DType: F32, Shape: []int{rank, len(a) / rank}, Data: Encode(F32, a)},
-		RawB: RawTensor{DType: F32, Shape: []int{len(b) / rank, rank}, Data: Encode(F32, b)}}
+	return &Module{Rank: rank, Scaling: scaling, RawA: RawTensor{DType: F32, Shape: []int{rank, len(a) / rank}, Data: safetensors.Encode(F32, a)},
+		RawB: RawTensor{DType: F32, Shape: []int{len(b) / rank, rank}, Data: safetensors.Encode(F32, b)}}
 }
 
 func TestMergeLinearByHand(t *testing.T) {

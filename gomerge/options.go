@@ -7,6 +7,8 @@ import (
 	"math"
 	"path/filepath"
 	"strings"
+
+	"gomerge/gomerge/safetensors"
 )
 
 // Combine are the arguments that choose and tune the merge method, shared
@@ -98,7 +100,7 @@ func (o *Options) validate() error {
 		return err
 	}
 	if o.DType != "" {
-		if _, err := ParseDType(o.DType); err != nil {
+		if _, err := safetensors.ParseDType(o.DType); err != nil {
 			return err
 		}
 	}

@@ -154,21 +154,6 @@ func writeFileSync(path string, data []byte) error {
 	return syncClose(f, path, err)
 }
 
-// syncClose syncs and closes f after a write that returned err, and returns
-// the first error as an Error naming path.
-func syncClose(f *os.File, path string, err error) error {
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return ioErr(path, err)
-	}
-	return nil
-}
-
 func syncDir(dir string) {
 	if f, err := os.Open(dir); err == nil {
 		_ = f.Sync()

@@ -1,7 +1,6 @@
 package gomerge
 
 import (
-	"math/bits"
 	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
@@ -91,36 +90,5 @@ func holdGCHeadroom() func() {
 			debug.SetGCPercent(gcPercent)
 		}
 		gcMu.Unlock()
-	}
-}
-
-// bufPools recycle float32 scratch buffers (factors read from files,
-// candidates of magnitude pruning, dense updates), one pool per power-of-two
-// capacity, so that a merge of many modules neither allocates nor clears
-// them each time.
-var bufPools [40]sync.Pool
-
-// minPooled is the smallest capacity worth pooling.
-const minPooled = 1 << 10
-
-// getBuf returns a float32 buffer of length n with undefined contents.
-func getBuf(n int) []float32 {
-	if n < minPooled {
-		return make([]float32, n)
-	}
-	c := bits.Len(uint(n - 1)) // capacity class: 2^c >= n
-	if p, ok := bufPools[c].Get().(*[]float32); ok {
-		return (*p)[:n]
-	}
-	return make([]float32, n, 1<<c)
-}
-
-// putBuf gives a buffer from getBuf back to its pool.
-func putBuf(b []float32) {
-	if cap(b) < minPooled {
-		return
-	}
-	if c := bits.Len(uint(cap(b) - 1)); cap(b) == 1<<c {
-		bufPools[c].Put(&b)
 	}
 }

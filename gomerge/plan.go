@@ -4,6 +4,8 @@ import (
 	"regexp"
 	"slices"
 	"sort"
+
+	"gomerge/gomerge/safetensors"
 )
 
 // source is one adapter's module with its user weight and the adapter's
@@ -135,8 +137,8 @@ func rankPattern(jobs []moduleJob, ranks []int, rank int) Patterns {
 
 // outputTensors lists the merged adapter's tensors: every module's A and B
 // at the merged rank (the module's own rank for factor-wise merges).
-func outputTensors(opts Options, jobs []moduleJob, rank int, dt DType) []OutTensor {
-	outs := make([]OutTensor, 0, 2*len(jobs))
+func outputTensors(opts Options, jobs []moduleJob, rank int, dt DType) []safetensors.OutTensor {
+	outs := make([]safetensors.OutTensor, 0, 2*len(jobs))
 	for i := range jobs {
 		j := &jobs[i]
 		r := rank
@@ -144,8 +146,8 @@ func outputTensors(opts Options, jobs []moduleJob, rank int, dt DType) []OutTens
 			r = j.srcs[0].mod.Rank
 		}
 		aName, bName := moduleKeys(j.name, j.kind)
-		outs = append(outs, OutTensor{aName, dt, append([]int{r}, j.aTail...)},
-			OutTensor{bName, dt, append([]int{j.out, r}, j.bTail...)})
+		outs = append(outs, safetensors.OutTensor{Name: aName, DType: dt, Shape: append([]int{r}, j.aTail...)},
+			safetensors.OutTensor{Name: bName, DType: dt, Shape: append([]int{j.out, r}, j.bTail...)})
 	}
 	return outs
 }

@@ -13,7 +13,7 @@ import (
 // p = (density - epsilon) + (rank - 1) / (cols - 1) * 2 * epsilon, so from
 // density - epsilon for the smallest to density + epsilon for the largest.
 // A row of one entry gets density (mergekit's 0 / 0 would be NaN). key is
-// scratch of len(row).
+// scratch of 2 * len(p).
 func DellaProbs(p []float64, row []float32, stride int, density, epsilon float64, key []uint64) {
 	cols := len(p)
 	if cols == 1 {
@@ -23,11 +23,41 @@ func DellaProbs(p []float64, row []float32, stride int, density, epsilon float64
 	for c := range cols {
 		key[c] = uint64(math.Float32bits(row[c*stride])&0x7fffffff)<<32 | uint64(c)
 	}
-	slices.Sort(key[:cols])
+	sortByMagnitude(key[:cols], key[cols:2*cols])
 	for rank, k := range key[:cols] {
 		rn := float64(rank) / float64(cols-1)
 		p[uint32(k)] = (density - epsilon) + rn*2*epsilon
 	}
+}
+
+// sortByMagnitude sorts keys (magnitude bits << 32 | index, in index order)
+// by magnitude, stably, so that equal magnitudes stay in index order: an
+// LSD radix sort on the 31 magnitude bits in three passes of 11 bits
+// (linear in the row, where a comparison sort is n log n). tmp has the
+// length of key.
+func sortByMagnitude(key, tmp []uint64) {
+	if len(key) < 64 {
+		slices.Sort(key) // the index bits break ties as the stable order does
+		return
+	}
+	src, dst := key, tmp
+	for shift := uint(32); shift < 32+33; shift += 11 {
+		var count [1 << 11]int
+		for _, k := range src {
+			count[(k>>shift)&(1<<11-1)]++
+		}
+		sum := 0
+		for i, c := range count {
+			count[i], sum = sum, sum+c
+		}
+		for _, k := range src {
+			d := (k >> shift) & (1<<11 - 1)
+			dst[count[d]] = k
+			count[d]++
+		}
+		src, dst = dst, src
+	}
+	copy(key, src) // three passes: the result is in tmp
 }
 
 // DellaPrune is mergekit's della_magprune, in place, on a tensor laid out
@@ -52,7 +82,7 @@ func DellaPrune(t []float32, rows, cols, inner int, density, epsilon float64, re
 	after := make([]float64, nSlices)
 	parallelFor(nSlices, max(1, combineGrain/max(1, cols)), func(lo, hi int) {
 		p := make([]float64, cols)
-		key := make([]uint64, cols)
+		key := make([]uint64, 2*cols)
 		for s := lo; s < hi; s++ {
 			r, in := s/inner, s%inner
 			row := t[r*cols*inner+in:]

@@ -1,9 +1,11 @@
 package gomerge
 
 import (
+	"cmp"
 	"math"
 	"math/rand/v2"
 	"runtime"
+	"slices"
 	"sort"
 	"testing"
 
@@ -66,12 +68,12 @@ func testSource(seed uint64) func(int) *rand.PCG { return dellaSource(seed, "m",
 func TestDellaProbs(t *testing.T) {
 	row := []float32{0.5, -3, 1, 0.5, -0.1}
 	p := make([]float64, len(row))
-	DellaProbs(p, row, 1, 0.4, 0.2, make([]uint64, len(row)))
+	DellaProbs(p, row, 1, 0.4, 0.2, make([]uint64, 2*len(row)))
 	// ascending: -0.1 (4), 0.5 (0), 0.5 (3), 1 (2), -3 (1): ranks 0..4 of 4
 	want := []float64{0.2 + 0.25*0.4, 0.2 + 1*0.4, 0.2 + 0.75*0.4, 0.2 + 0.5*0.4, 0.2}
 	assert.InDeltaSlice(t, want, p, 1e-15)
 	one := make([]float64, 1)
-	DellaProbs(one, []float32{7}, 1, 0.4, 0.2, make([]uint64, 1))
+	DellaProbs(one, []float32{7}, 1, 0.4, 0.2, make([]uint64, 2))
 	assert.Equal(t, []float64{0.4}, one) // mergekit's 0/0: density
 }
 
@@ -156,7 +158,7 @@ func TestDellaKeepsDensityPerRowAndIsDeterministic(t *testing.T) {
 	kept, topKept, top := 0, 0, 0
 	for r := 0; r < rows; r++ {
 		p := make([]float64, cols)
-		DellaProbs(p, x[r*cols:(r+1)*cols], 1, density, epsilon, make([]uint64, cols))
+		DellaProbs(p, x[r*cols:(r+1)*cols], 1, density, epsilon, make([]uint64, 2*cols))
 		for c := 0; c < cols; c++ {
 			if a[r*cols+c] != 0 {
 				kept++
@@ -181,4 +183,30 @@ func TestDellaKeepsDensityPerRowAndIsDeterministic(t *testing.T) {
 	c := append([]float32(nil), x...)
 	DellaPrune(c, rows, cols, 1, density, epsilon, false, testSource(2))
 	require.NotEqual(t, a, c)
+}
+
+// The radix sort of DellaProbs orders by magnitude and keeps equal
+// magnitudes in index order, like a stable sort (rows below and above the
+// radix threshold, with many ties and the extreme magnitudes).
+func TestSortByMagnitude(t *testing.T) {
+	rng := rand.New(rand.NewPCG(9, 9))
+	for _, n := range []int{1, 63, 64, 1000, 11008} {
+		key := make([]uint64, n)
+		for c := range key {
+			var mag uint32
+			switch rng.IntN(4) {
+			case 0:
+				mag = uint32(rng.IntN(3)) // ties
+			case 1:
+				mag = 0x7fffffff
+			default:
+				mag = rng.Uint32() & 0x7fffffff
+			}
+			key[c] = uint64(mag)<<32 | uint64(c)
+		}
+		want := slices.Clone(key)
+		slices.SortStableFunc(want, func(a, b uint64) int { return cmp.Compare(a>>32, b>>32) })
+		sortByMagnitude(key, make([]uint64, n))
+		assert.Equal(t, want, key, "n=%d", n)
+	}
 }

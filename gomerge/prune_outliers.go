@@ -1,6 +1,10 @@
 package gomerge
 
-import "math"
+import (
+	"math"
+
+	"gomerge/gomerge/kernels"
+)
 
 // OutlierCounts are mergekit's counts for magnitude_outliers (Model
 // Breadcrumbs) over n entries: target_n = int(density * n) entries are
@@ -68,8 +72,8 @@ func MagnitudeOutliers(t []float32, density, gamma float64) {
 // ascendingAt returns the magnitude bits of the entry at ascending
 // position pos (0-based) of t sorted by magnitude, and how many entries
 // have a smaller magnitude. It is the threshold selection of magnitude
-// pruning (kthLargestAbsBits), counted from the top.
+// pruning (kernels.KthLargestAbsBits), counted from the top.
 func ascendingAt(t []float32, pos int) (thr uint32, below int) {
-	thr, above, equal := kthLargestAbsBits(t, len(t)-pos)
+	thr, above, equal := kernels.KthLargestAbsBits(t, len(t)-pos)
 	return thr, len(t) - above - equal
 }

@@ -4,6 +4,8 @@ import (
 	"math/rand/v2"
 
 	"gonum.org/v1/gonum/blas/blas32"
+
+	"gomerge/gomerge/internal/pool"
 )
 
 // Settings of the randomized SVD used for dense updates (the pruned *_svd
@@ -171,7 +173,7 @@ func orthonormalize32(g blas32.General) {
 // get_delta_weight computes it (the product, then the scaling), in a buffer
 // from the pool. Rows are computed in parallel as sums of scaled rows of A.
 func denseDelta(a, b []float32, out, r, in int, scaling float64) []float32 {
-	dw := getBuf(out * in)
+	dw := pool.Get(out * in)
 	s := float32(scaling)
 	impl := blas32.Implementation()
 	parallelFor(out, max(1, (1<<16)/max(1, in*r)), func(lo, hi int) {

@@ -8,12 +8,14 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"gomerge/gomerge/kernels"
 )
 
 // pruneBySort is the reference: keep the k largest magnitudes (stable order
 // among equal magnitudes: the first ones in memory are kept).
 func pruneBySort(t []float32, density float64) []float32 {
-	k := PruneK(density, len(t))
+	k := kernels.PruneK(density, len(t))
 	idx := make([]int, len(t))
 	for i := range idx {
 		idx[i] = i
@@ -80,27 +82,6 @@ func TestMagnitudePrune(t *testing.T) {
 	}
 }
 
-func TestPruneKTruncatesLikePython(t *testing.T) {
-	assert.Equal(t, 2, PruneK(0.3, 7))     // 2.1
-	assert.Equal(t, 0, PruneK(0.1, 9))     // 0.9
-	assert.Equal(t, 28, PruneK(0.29, 100)) // 0.29 * 100 = 28.999999999999996: Python int() gives 28
-}
-
-func TestSelectKthLargest(t *testing.T) {
-	rng := rand.New(rand.NewPCG(2, 2))
-	for n := 1; n < 200; n += 7 {
-		x := make([]uint32, n)
-		for i := range x {
-			x[i] = uint32(rng.IntN(50))
-		}
-		sorted := append([]uint32(nil), x...)
-		sort.Slice(sorted, func(a, b int) bool { return sorted[a] > sorted[b] })
-		for k := 1; k <= n; k++ {
-			assert.Equal(t, sorted[k-1], selectKthLargest(append([]uint32(nil), x...), k))
-		}
-	}
-}
-
 func TestRandomPruneIsSeededAndRescaled(t *testing.T) {
 	x := make([]float32, 100_000)
 	for i := range x {
@@ -127,19 +108,6 @@ func TestRandomPruneIsSeededAndRescaled(t *testing.T) {
 	c := append([]float32(nil), x...)
 	RandomPrune(c, 0.3, true, TensorSource(5, "m", "A/1"))
 	assert.NotEqual(t, a, c, "another tensor label must give another mask")
-}
-
-func TestElectAndDisjointMerge(t *testing.T) {
-	tensors := [][]float32{{1, -2, 0, 3, 0}, {2, 1, 0, -3, -1}, {-4, 1, 0, 0, 0}}
-	// total: sums -1, 0, 0, 0, -1 -> -1, +1, +1, +1, -1
-	assert.Equal(t, []float32{-1, 1, 1, 1, -1}, ElectSigns(tensors, SignTotal))
-	// frequency: sign sums 1, 1, 0, 0, -1
-	assert.Equal(t, []float32{1, 1, 1, 1, -1}, ElectSigns(tensors, SignFrequency))
-	w := []float32{1, 2, 3}
-	got := DisjointMerge(tensors, w, ElectSigns(tensors, SignTotal))
-	// element 0: only -4 agrees: -12/1; element 1: 1*2 and 1*3 agree: 5/2; element 2: no one agrees: 0;
-	// element 3: 3 agrees (zero never agrees): 3/1; element 4: -1*2: -2/1
-	assert.Equal(t, []float32{-12, 2.5, 0, 3, -2}, got)
 }
 
 func BenchmarkMagnitudePrune16M(b *testing.B) {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The CPU matrix of `make test` (target test-cpus): the Go tests, kernels included, and the built-in example through
-# the Python extension, on every CPU level this machine runs or emulates with Debian's qemu-user:
+# The CPU matrix of `make test` (target test-cpus): the Go tests (packages gomerge, gomerge/safetensors and
+# gomerge/kernels) and the built-in example through the Python extension, on every CPU level this machine runs or
+# emulates with Debian's qemu-user:
 #   native           this machine's CPU (its kernel set read from /proc/cpuinfo's flags)
 #   -cpu Nehalem     x86-64 without AVX: the portable kernels ("go")
 #   -cpu Haswell     AVX2 without AVX-512: the "avx2" kernels
@@ -24,18 +25,28 @@ if [[ $(uname -m) == x86_64 ]]; then
 	if has avx512f avx512cd avx512bw avx512dq avx512vl; then native=avx512; elif has avx avx2; then native=avx2; fi
 fi
 
-GOEXPERIMENT=simd "$GO" test -c -o "$BIN/gomerge-amd64.test" ./gomerge
-CGO_ENABLED=0 GOARCH=arm64 GOEXPERIMENT=simd "$GO" test -c -o "$BIN/gomerge-arm64.test" ./gomerge
+# the test binaries of the packages whose results depend on the kernels, for amd64 and arm64; the kernels' own last
+GO_PACKAGES=(gomerge gomerge/safetensors gomerge/kernels)
+for dir in "${GO_PACKAGES[@]}"; do
+	GOEXPERIMENT=simd "$GO" test -c -o "$BIN/${dir##*/}-amd64.test" "./$dir"
+	CGO_ENABLED=0 GOARCH=arm64 GOEXPERIMENT=simd "$GO" test -c -o "$BIN/${dir##*/}-arm64.test" "./$dir"
+done
 
 quiet() { grep -v "TCG doesn't support requested feature" || true; }
 
-# go_tests LABEL EXPECTED RUNNER...: the Go test binary under RUNNER, from the package folder (its testdata)
+# go_tests LABEL EXPECTED ARCH RUNNER...: the Go test binaries of GO_PACKAGES for ARCH under RUNNER, each from its
+# package folder (its testdata); the kernels' summary line (their binary runs last) names the set in use
 go_tests() {
-	local label=$1 expect=$2 bin=$3
+	local label=$1 expect=$2 arch=$3 dir pkg
 	shift 3
 	echo "== Go tests, $label (expecting the $expect kernels)"
-	(cd gomerge && GOMERGE_EXPECT_KERNELS=$expect "$@" "$bin" -test.count=1 2>&1) | quiet | tail -n 2 | tee "$BIN/last.log"
-	grep -q '^PASS$' "$BIN/last.log" || { echo "cpus.sh: Go tests failed ($label)"; exit 1; }
+	for dir in "${GO_PACKAGES[@]}"; do
+		pkg=${dir##*/}
+		(cd "$dir" && GOMERGE_EXPECT_KERNELS=$expect "$@" "$BIN/$pkg-$arch.test" -test.count=1 2>&1) | quiet | tail -n 2 |
+			tee "$BIN/last.log"
+		grep -q '^PASS$' "$BIN/last.log" || { echo "cpus.sh: Go tests of package $pkg failed ($label)"; exit 1; }
+	done
+	grep -q '^kernels: ' "$BIN/last.log" || { echo "cpus.sh: no kernel summary from the kernels' tests ($label)"; exit 1; }
 	grep -q "in use $expect;" "$BIN/last.log" || { echo "cpus.sh: kernels other than $expect in use ($label)"; exit 1; }
 }
 
@@ -61,10 +72,10 @@ refused() {
 		{ echo "cpus.sh: expected a ValueError naming the missing features, got exit status $rc ($label)"; exit 1; }
 }
 
-go_tests "native ($(uname -m))" "$native" "$BIN/gomerge-amd64.test" env
-go_tests "qemu -cpu Nehalem" go "$BIN/gomerge-amd64.test" "$QEMU/qemu-x86_64-static" -cpu Nehalem
-go_tests "qemu -cpu Haswell" avx2 "$BIN/gomerge-amd64.test" "$QEMU/qemu-x86_64-static" -cpu Haswell
-go_tests "qemu-aarch64 (GOARCH=arm64)" go "$BIN/gomerge-arm64.test" "$QEMU/qemu-aarch64-static"
+go_tests "native ($(uname -m))" "$native" amd64 env
+go_tests "qemu -cpu Nehalem" go amd64 "$QEMU/qemu-x86_64-static" -cpu Nehalem
+go_tests "qemu -cpu Haswell" avx2 amd64 "$QEMU/qemu-x86_64-static" -cpu Haswell
+go_tests "qemu-aarch64 (GOARCH=arm64)" go arm64 "$QEMU/qemu-aarch64-static"
 
 quickstart "native ($(uname -m))" "$native" env
 quickstart "qemu -cpu Nehalem" go "$QEMU/qemu-x86_64-static" -cpu Nehalem

@@ -1,4 +1,4 @@
-package gomerge
+package kernels
 
 import "math"
 
@@ -10,14 +10,15 @@ import "math"
 // start-up, from the CPU's features (kernelselect.go); no vector instruction
 // runs before that choice, so the engine starts on every CPU. Every
 // implementation gives bit-identical results (kernels_test.go compares each
-// vector set with the portable one on a CPU that runs it).
+// vector set with the portable one on a CPU that runs it). The exported
+// functions below call the set in use.
 //
 // Magnitude pruning is expressed by thresholds: tensor i keeps its entries
 // whose magnitude bits (float32 bits without the sign) are at least thr[i];
-// the others count as zero. thr 0 keeps every entry, keepNone none.
+// the others count as zero. thr 0 keeps every entry, KeepNone none.
 var (
 	// maxAbsBits returns the largest magnitude bits of x (0 when empty);
-	// x holds a NaN or an Inf exactly when the result is >= nonFiniteBits.
+	// x holds a NaN or an Inf exactly when the result is >= NonFiniteBits.
 	maxAbsBits = maxAbsBitsGo
 	// absBand counts the entries of t with magnitude bits above hi and
 	// copies those within [lo, hi] into cand, returning how many. It gives
@@ -63,17 +64,49 @@ var kernelSets = append([]kernels{portableKernels}, vectorKernels...)
 // useKernels puts an implementation in use.
 func useKernels(k kernels) {
 	maxAbsBits, absBand, tiesInto, prunedSumInto = k.maxAbsBits, k.absBand, k.tiesInto, k.prunedSumInto
-	decodeHalf, encodeHalf, KernelSet = k.decodeHalf, k.encodeHalf, k.name
+	decodeHalf, encodeHalf, inUse = k.decodeHalf, k.encodeHalf, k.name
 }
 
 const (
-	nonFiniteBits = 0x7f800000 // magnitude bits of +Inf; NaNs are above
-	keepNone      = 1 << 31    // a threshold above every magnitude
+	// NonFiniteBits are the magnitude bits of +Inf: a value is a NaN or an
+	// Inf exactly when its magnitude bits are at least NonFiniteBits.
+	NonFiniteBits = 0x7f800000
+	// KeepNone is a threshold above every magnitude: it keeps no entry.
+	KeepNone = 1 << 31
 )
 
-// keepAbove returns v when its magnitude bits are at least thr, else +0
-// (without a branch).
-func keepAbove(v float32, thr uint32) float32 {
+// MaxAbsBits returns the largest magnitude bits of x (0 when empty); x
+// holds a NaN or an Inf exactly when the result is >= NonFiniteBits.
+func MaxAbsBits(x []float32) uint32 { return maxAbsBits(x) }
+
+// TiesInto is TIES on one range, into out: tensor i (of len(out) elements
+// at least) is pruned by the threshold thr[i], the majority sign is elected
+// by the sum of the values (or, with frequency, of their signs), and the
+// values weighted by w that agree with it are averaged (PEFT's
+// disjoint_merge over its calculate_majority_sign_mask).
+func TiesInto(out []float32, ts [][]float32, thr []uint32, w []float32, frequency bool) {
+	tiesInto(out, ts, thr, w, frequency)
+}
+
+// PrunedSumInto writes sum_i w[i] * pruned(ts[i]) into out, pruning tensor
+// i by the threshold thr[i]; each product is rounded to float32 and the
+// products are summed in order, as torch does for a stacked tensor.
+func PrunedSumInto(out []float32, ts [][]float32, thr []uint32, w []float32) {
+	prunedSumInto(out, ts, thr, w)
+}
+
+// DecodeHalf converts BF16 (bf16) or F16 bit patterns to float32 values,
+// into out (raw holds len(out) values at least).
+func DecodeHalf(out []float32, raw []uint16, bf16 bool) { decodeHalf(out, raw, bf16) }
+
+// EncodeHalf rounds float32 values to BF16 (bf16) or F16 bit patterns (to
+// nearest, ties to even, as torch does), into out (of len(x) values at
+// least).
+func EncodeHalf(out []uint16, x []float32, bf16 bool) { encodeHalf(out, x, bf16) }
+
+// KeepAbove returns v when its magnitude bits are at least thr, else +0
+// (without a branch): v pruned by the threshold thr.
+func KeepAbove(v float32, thr uint32) float32 {
 	b := math.Float32bits(v)
 	keep := uint32(int64(b&0x7fffffff)-int64(thr))>>31 ^ 1
 	return math.Float32frombits(b & -keep)
@@ -120,7 +153,7 @@ func tiesIntoGo(out []float32, ts [][]float32, thr []uint32, w []float32, freque
 		for i, t := range ts {
 			p := scratch[i*kernelBlock : i*kernelBlock+hi-lo]
 			for j, v := range t[lo:hi] {
-				p[j] = keepAbove(v, thr[i])
+				p[j] = KeepAbove(v, thr[i])
 			}
 			pruned[i] = p
 		}
@@ -139,7 +172,7 @@ func prunedSumIntoGo(out []float32, ts [][]float32, thr []uint32, w []float32) {
 		for i, t := range ts {
 			t, th, wi := t[lo:hi], thr[i], w[i]
 			for j, v := range t {
-				acc[j] += keepAbove(v, th) * wi
+				acc[j] += KeepAbove(v, th) * wi
 			}
 		}
 		copy(out[lo:hi], acc)

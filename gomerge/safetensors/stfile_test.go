@@ -1,4 +1,4 @@
-package gomerge
+package safetensors
 
 import (
 	"encoding/binary"
@@ -11,7 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// The header STWriter writes is byte for byte json.Marshal's encoding of
+// The header Writer writes is byte for byte json.Marshal's encoding of
 // the same maps (sorted keys, "__metadata__" in its sorted place, HTML
 // characters escaped), and the file reads back.
 func TestCreateSafetensorsHeader(t *testing.T) {
@@ -23,14 +23,14 @@ func TestCreateSafetensorsHeader(t *testing.T) {
 	}
 	meta := map[string]string{"format": "pt", "b": "x\"y"}
 	path := filepath.Join(t.TempDir(), "t.safetensors")
-	w, err := CreateSafetensors(path, tensors, meta)
+	w, err := Create(path, tensors, meta)
 	require.NoError(t, err)
 	want := map[string]any{"__metadata__": meta}
 	pos := 0
 	for _, name := range []string{"A.weight", "_a", "base.a", "base.z<&>"} {
 		for _, tt := range tensors {
 			if tt.Name == name {
-				n := numel(tt.Shape) * tt.DType.Size()
+				n := Numel(tt.Shape) * tt.DType.Size()
 				want[name] = map[string]any{"dtype": writeDTypes[tt.DType], "shape": tt.Shape, "data_offsets": [2]int{pos, pos + n}}
 				require.NoError(t, w.WriteTensor(name, make([]byte, n)))
 				pos += n
@@ -45,7 +45,7 @@ func TestCreateSafetensorsHeader(t *testing.T) {
 	n := binary.LittleEndian.Uint64(raw)
 	assert.Equal(t, string(wantJSON), string(raw[8:8+len(wantJSON)]))
 	assert.Zero(t, n%8)
-	st, err := OpenSafetensors(path)
+	st, err := Open(path)
 	require.NoError(t, err)
 	defer st.Close()
 	assert.Equal(t, meta, st.Metadata)

@@ -1,4 +1,4 @@
-package gomerge
+package kernels
 
 import (
 	"fmt"
@@ -7,19 +7,19 @@ import (
 	"strings"
 )
 
-// KernelsEnv is the environment variable that forces a kernel set: "go"
+// Env is the environment variable that forces a kernel set: "go"
 // (portable), "avx2" or "avx512". Unset, empty or "auto", the fastest set
 // that this CPU runs is used.
-const KernelsEnv = "GOMERGE_KERNELS"
+const Env = "GOMERGE_KERNELS"
 
 // kernelNames are the kernel sets of every build, slowest first.
 var kernelNames = []string{"go", "avx2", "avx512"}
 
 var (
-	// KernelSet names the kernels in use: "go", "avx2" or "avx512".
-	KernelSet = "go"
-	// kernelsErr is why the set that KernelsEnv asks for cannot run here.
-	kernelsErr error
+	// inUse names the kernels in use: "go", "avx2" or "avx512".
+	inUse = "go"
+	// envErr is why the set that Env asks for cannot run here.
+	envErr error
 )
 
 // The set is chosen once, before any kernel runs: package initialisation
@@ -27,19 +27,23 @@ var (
 // kernels' own frames), so a CPU without AVX2 or AVX-512 starts the engine
 // and runs the portable kernels.
 func init() {
-	k, err := chooseKernels(os.Getenv(KernelsEnv))
-	kernelsErr = err
+	k, err := chooseKernels(os.Getenv(Env))
+	envErr = err
 	useKernels(k)
 }
 
-// KernelsError returns the error of a KernelsEnv request that this build or
-// CPU cannot honour (a ValueError naming the missing CPU features), or nil.
-// While it is set the portable kernels are in use, and merges refuse to run.
-func KernelsError() error { return kernelsErr }
+// InUse names the kernel set in use: "go", "avx2" or "avx512".
+func InUse() string { return inUse }
 
-// RunnableKernels names the kernel sets of this build that this CPU runs,
-// slowest first.
-func RunnableKernels() []string {
+// Err returns the error of an Env request that this build or CPU cannot
+// honour (naming the missing CPU features), or nil. While it is set the
+// portable kernels are in use (package gomerge refuses to merge, raising it
+// as a ValueError).
+func Err() error { return envErr }
+
+// Runnable names the kernel sets of this build that this CPU runs, slowest
+// first.
+func Runnable() []string {
 	var names []string
 	for _, k := range kernelSets {
 		if len(k.missing()) == 0 {
@@ -63,14 +67,14 @@ func chooseKernels(want string) (kernels, error) {
 		}
 		return best, nil
 	}
-	runnable := strings.Join(RunnableKernels(), ", ")
+	runnable := strings.Join(Runnable(), ", ")
 	for _, k := range kernelSets {
 		if k.name != want {
 			continue
 		}
 		if m := k.missing(); len(m) > 0 {
-			return portableKernels, valueErr("%s=%s: this CPU lacks %s, which the %s kernels need; unset %s or choose one of: %s",
-				KernelsEnv, want, strings.Join(m, ", "), want, KernelsEnv, runnable)
+			return portableKernels, fmt.Errorf("%s=%s: this CPU lacks %s, which the %s kernels need; unset %s or choose one of: %s",
+				Env, want, strings.Join(m, ", "), want, Env, runnable)
 		}
 		return k, nil
 	}
@@ -82,9 +86,9 @@ func chooseKernels(want string) (kernels, error) {
 		if runtime.GOARCH != "amd64" {
 			why = fmt.Sprintf("they are x86-64 kernels and this engine runs on %s", runtime.GOARCH)
 		}
-		return portableKernels, valueErr("%s=%s: this engine has no %s kernels: %s; unset %s or choose one of: %s",
-			KernelsEnv, want, want, why, KernelsEnv, runnable)
+		return portableKernels, fmt.Errorf("%s=%s: this engine has no %s kernels: %s; unset %s or choose one of: %s",
+			Env, want, want, why, Env, runnable)
 	}
-	return portableKernels, valueErr("%s=%q is not a kernel set: choose one of %s (or auto)",
-		KernelsEnv, want, strings.Join(kernelNames, ", "))
+	return portableKernels, fmt.Errorf("%s=%q is not a kernel set: choose one of %s (or auto)",
+		Env, want, strings.Join(kernelNames, ", "))
 }

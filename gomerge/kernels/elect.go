@@ -1,4 +1,4 @@
-package gomerge
+package kernels
 
 import "math"
 
@@ -65,7 +65,7 @@ func disjointMergeInto(sum, count []float32, tensors [][]float32, weights []floa
 		t = t[:len(signs)]
 		w := weights[i]
 		for j, v := range t {
-			agree := agrees(v, signs[j])
+			agree := Agrees(v, signs[j])
 			sum[j] += v * w * agree
 			count[j] += agree
 		}
@@ -75,9 +75,9 @@ func disjointMergeInto(sum, count []float32, tensors [][]float32, weights []floa
 	}
 }
 
-// agrees is 1 when v is non-zero and has the sign of the elected sign
+// Agrees is 1 when v is non-zero and has the sign of the elected sign
 // (+1 or -1), else 0: integer ops, no branch.
-func agrees(v, sign float32) float32 {
+func Agrees(v, sign float32) float32 {
 	vb := math.Float32bits(v)
 	mag := vb & 0x7fffffff
 	nonzero := (mag | -mag) >> 31

@@ -1,4 +1,4 @@
-package gomerge
+package safetensors
 
 import (
 	"bytes"
@@ -13,29 +13,33 @@ import (
 	"strconv"
 	"sync/atomic"
 
-	"github.com/nlpodyssey/safetensors"
+	stlib "github.com/nlpodyssey/safetensors"
 	"golang.org/x/sys/unix"
+
+	"gomerge/gomerge/errs"
+	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/kernels"
 )
 
 // MaxHeaderSize caps a safetensors header, as the reference implementation
 // does (100 MB): a larger claim is refused before anything is allocated.
 const MaxHeaderSize = 100_000_000
 
-// STFile is an open safetensors file whose header has been read and
+// File is an open safetensors file whose header has been read and
 // validated; tensor data is read on demand, so that a merge holds only the
 // modules it is working on, never whole files.
-type STFile struct {
+type File struct {
 	Path      string
 	f         *os.File
 	dataStart int64
-	Entries   map[string]STEntry
+	Entries   map[string]Entry
 	Metadata  map[string]string
 	// AllowNonFinite lets NaN and Inf values through; by default reading one is an error.
 	AllowNonFinite bool
 }
 
-// STEntry locates one tensor of an STFile.
-type STEntry struct {
+// Entry locates one tensor of a File.
+type Entry struct {
 	DType    DType  // "" for dtypes gomerge does not merge
 	RawDType string // as written in the file
 	Shape    []int
@@ -43,14 +47,14 @@ type STEntry struct {
 	Length   int64
 }
 
-// OpenSafetensors opens and validates a safetensors file: header length
+// Open opens and validates a safetensors file: header length
 // within the cap and the file, a JSON header without duplicate names,
 // offsets that tile the data section exactly, and byte counts that match
 // every dtype and shape. The data itself is not read.
-func OpenSafetensors(path string) (*STFile, error) {
+func Open(path string) (*File, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, ioErr(path, err)
+		return nil, errs.IO(path, err)
 	}
 	st, err := readHeader(path, f)
 	if err != nil {
@@ -60,14 +64,14 @@ func OpenSafetensors(path string) (*STFile, error) {
 	return st, nil
 }
 
-func readHeader(path string, f *os.File) (*STFile, error) {
+func readHeader(path string, f *os.File) (*File, error) {
 	info, err := f.Stat()
 	if err != nil {
-		return nil, ioErr(path, err)
+		return nil, errs.IO(path, err)
 	}
 	size := info.Size()
 	bad := func(format string, args ...any) error {
-		return valueErr("%s: not a valid safetensors file: %s", path, fmt.Sprintf(format, args...))
+		return errs.Value("%s: not a valid safetensors file: %s", path, fmt.Sprintf(format, args...))
 	}
 	var lenBuf [8]byte
 	if _, err := io.ReadFull(f, lenBuf[:]); err != nil {
@@ -82,16 +86,16 @@ func readHeader(path string, f *os.File) (*STFile, error) {
 	}
 	header := make([]byte, n)
 	if _, err := io.ReadFull(f, header); err != nil {
-		return nil, ioErr(path, err)
+		return nil, errs.IO(path, err)
 	}
 	tensors, metadata, err := parseHeader(header)
 	if err != nil {
 		if e, ok := err.(unsupportedDType); ok {
-			return nil, valueErr("%s: tensor %s has dtype %s, which gomerge does not read (LoRA factors must be F32, BF16 or F16)", path, e.name, e.dtype)
+			return nil, errs.Value("%s: tensor %s has dtype %s, which gomerge does not read (LoRA factors must be F32, BF16 or F16)", path, e.name, e.dtype)
 		}
 		return nil, bad("%v", err)
 	}
-	st := &STFile{Path: path, f: f, dataStart: int64(8 + n), Entries: make(map[string]STEntry, len(tensors)), Metadata: metadata}
+	st := &File{Path: path, f: f, dataStart: int64(8 + n), Entries: make(map[string]Entry, len(tensors)), Metadata: metadata}
 	type span struct {
 		name       string
 		start, end uint64
@@ -114,7 +118,7 @@ func readHeader(path string, f *os.File) (*STFile, error) {
 				name, ti.dtype, ti.Shape, elems*ti.dtype.Size(), s, e, e-s)
 		}
 		spans = append(spans, span{name, s, e})
-		st.Entries[name] = STEntry{DType: stDTypes[ti.dtype], RawDType: ti.dtype.String(), Shape: shape,
+		st.Entries[name] = Entry{DType: stDTypes[ti.dtype], RawDType: ti.dtype.String(), Shape: shape,
 			Offset: int64(s), Length: int64(e - s)}
 	}
 	sort.Slice(spans, func(i, j int) bool {
@@ -147,7 +151,7 @@ func (e unsupportedDType) Error() string { return "tensor " + e.name + " has dty
 // headerTensor is one tensor's entry in a safetensors header.
 type headerTensor struct {
 	name        string
-	dtype       safetensors.DType
+	dtype       stlib.DType
 	DType       *string  `json:"dtype"`
 	Shape       []uint64 `json:"shape"`
 	DataOffsets []uint64 `json:"data_offsets"`
@@ -187,7 +191,7 @@ func parseHeader(header []byte) (tensors []headerTensor, metadata map[string]str
 		if t.DType == nil || t.Shape == nil || len(t.DataOffsets) != 2 {
 			return nil, nil, fmt.Errorf("header: tensor %s needs dtype, shape and two data_offsets", key)
 		}
-		if t.dtype, err = safetensors.ParseDType(*t.DType); err != nil {
+		if t.dtype, err = stlib.ParseDType(*t.DType); err != nil {
 			return nil, nil, unsupportedDType{key, *t.DType}
 		}
 		tensors = append(tensors, t)
@@ -202,34 +206,34 @@ func parseHeader(header []byte) (tensors []headerTensor, metadata map[string]str
 }
 
 // ReadFloat32 reads tensor name and converts it to float32.
-func (s *STFile) ReadFloat32(name string) ([]float32, error) {
+func (s *File) ReadFloat32(name string) ([]float32, error) {
 	e, ok := s.Entries[name]
 	if !ok {
-		return nil, valueErr("%s: no tensor %s", s.Path, name)
+		return nil, errs.Value("%s: no tensor %s", s.Path, name)
 	}
 	return s.ReadFloat32Into(make([]float32, int(e.Length)/max(1, e.DType.Size())), name)
 }
 
 // ReadFloat32Into reads tensor name into out (of its number of elements),
 // converting it to float32.
-func (s *STFile) ReadFloat32Into(out []float32, name string) ([]float32, error) {
+func (s *File) ReadFloat32Into(out []float32, name string) ([]float32, error) {
 	e, ok := s.Entries[name]
 	if !ok {
-		return nil, valueErr("%s: no tensor %s", s.Path, name)
+		return nil, errs.Value("%s: no tensor %s", s.Path, name)
 	}
 	n := int(e.Length) / e.DType.Size()
 	out = out[:n]
 	if e.DType == F32 {
 		if n > 0 {
-			if err := s.readAt(float32AsBytes(out), e.Offset, name); err != nil {
+			if err := s.readAt(Float32AsBytes(out), e.Offset, name); err != nil {
 				return nil, err
 			}
 		}
 		return out, s.checkFinite(out, name)
 	}
-	buf := getBuf(int(e.Length+3) / 4)
-	defer putBuf(buf)
-	raw := float32AsBytes(buf)[:e.Length]
+	buf := pool.Get(int(e.Length+3) / 4)
+	defer pool.Put(buf)
+	raw := Float32AsBytes(buf)[:e.Length]
 	if err := s.readAt(raw, e.Offset, name); err != nil {
 		return nil, err
 	}
@@ -237,11 +241,11 @@ func (s *STFile) ReadFloat32Into(out []float32, name string) ([]float32, error) 
 	return out, s.checkFinite(out, name)
 }
 
-// readF32Run reads two float32 tensors stored one after the other from off,
+// ReadFloat32Run reads two float32 tensors stored one after the other from off,
 // first then second, into out (the first's na elements, then the second's).
-func (s *STFile) readF32Run(out []float32, off int64, na int, first, second string) error {
+func (s *File) ReadFloat32Run(out []float32, off int64, na int, first, second string) error {
 	if len(out) > 0 {
-		if err := s.readAt(float32AsBytes(out), off, first); err != nil {
+		if err := s.readAt(Float32AsBytes(out), off, first); err != nil {
 			return err
 		}
 	}
@@ -251,39 +255,39 @@ func (s *STFile) readF32Run(out []float32, off int64, na int, first, second stri
 	return s.checkFinite(out[na:], second)
 }
 
-func (s *STFile) checkFinite(x []float32, name string) error {
-	if s.AllowNonFinite || maxAbsBits(x) < nonFiniteBits {
+func (s *File) checkFinite(x []float32, name string) error {
+	if s.AllowNonFinite || kernels.MaxAbsBits(x) < kernels.NonFiniteBits {
 		return nil
 	}
 	for i, v := range x {
 		if math.Float32bits(v)&0x7f800000 == 0x7f800000 {
-			return valueErr("%s: tensor %s holds %v at index %d (pass allow_nonfinite=True to merge it anyway)", s.Path, name, v, i)
+			return errs.Value("%s: tensor %s holds %v at index %d (pass allow_nonfinite=True to merge it anyway)", s.Path, name, v, i)
 		}
 	}
 	return nil
 }
 
-func (s *STFile) readAt(dst []byte, off int64, name string) error {
+func (s *File) readAt(dst []byte, off int64, name string) error {
 	if _, err := s.f.ReadAt(dst, s.dataStart+off); err != nil {
-		return newErr(KindOS, "%s: reading tensor %s: %v (was the file changed during the merge?)", s.Path, name, err)
+		return errs.New(errs.KindOS, "%s: reading tensor %s: %v (was the file changed during the merge?)", s.Path, name, err)
 	}
 	return nil
 }
 
 // Close closes the file.
-func (s *STFile) Close() error { return s.f.Close() }
+func (s *File) Close() error { return s.f.Close() }
 
-// OutTensor is a tensor of a file written by STWriter.
+// OutTensor is a tensor of a file written by Writer.
 type OutTensor struct {
 	Name  string
 	DType DType
 	Shape []int
 }
 
-// STWriter writes a safetensors file whose tensors are all known in advance
+// Writer writes a safetensors file whose tensors are all known in advance
 // (names, dtypes, shapes) and arrive in any order, from any goroutine: the
 // header is written first, each tensor at its offset as it comes.
-type STWriter struct {
+type Writer struct {
 	path     string
 	f        *os.File
 	start    int64
@@ -294,14 +298,14 @@ type STWriter struct {
 
 var writeDTypes = map[DType]string{F32: "F32", BF16: "BF16", F16: "F16"}
 
-// CreateSafetensors creates path with a header for the given tensors and
+// Create creates path with a header for the given tensors and
 // metadata (data sorted by name, the header padded to 8 bytes).
-func CreateSafetensors(path string, tensors []OutTensor, metadata map[string]string) (*STWriter, error) {
+func Create(path string, tensors []OutTensor, metadata map[string]string) (*Writer, error) {
 	sorted := append([]OutTensor(nil), tensors...)
 	sort.Slice(sorted, func(i, j int) bool { return sorted[i].Name < sorted[j].Name })
 	// The JSON header is written directly (json.Marshal of nested maps took a millisecond of a small merge),
 	// with the keys in json.Marshal's order: sorted, "__metadata__" among them.
-	w := &STWriter{path: path, offsets: make(map[string][2]int64, len(sorted))}
+	w := &Writer{path: path, offsets: make(map[string][2]int64, len(sorted))}
 	var hb bytes.Buffer
 	hb.WriteByte('{')
 	key := func(k string) {
@@ -326,7 +330,7 @@ func CreateSafetensors(path string, tensors []OutTensor, metadata map[string]str
 			meta()
 			metaDone = true
 		}
-		n := int64(numel(t.Shape) * t.DType.Size())
+		n := int64(Numel(t.Shape) * t.DType.Size())
 		key(t.Name)
 		fmt.Fprintf(&hb, `{"data_offsets":[%d,%d],"dtype":%q,"shape":[`, pos, pos+n, writeDTypes[t.DType])
 		for i, d := range t.Shape {
@@ -349,19 +353,19 @@ func CreateSafetensors(path string, tensors []OutTensor, metadata map[string]str
 	}
 	f, err := os.Create(path)
 	if err != nil {
-		return nil, ioErr(path, err)
+		return nil, errs.IO(path, err)
 	}
 	w.f, w.fd = f, int(f.Fd())
 	var lenBuf [8]byte
 	binary.LittleEndian.PutUint64(lenBuf[:], uint64(len(h)))
 	if _, err := f.Write(append(lenBuf[:], h...)); err != nil {
 		f.Close()
-		return nil, ioErr(path, err)
+		return nil, errs.IO(path, err)
 	}
 	w.start = int64(8 + len(h))
 	if err := allocate(f, w.fd, w.start+pos); err != nil {
 		f.Close()
-		return nil, ioErr(path, err)
+		return nil, errs.IO(path, err)
 	}
 	return w, nil
 }
@@ -380,13 +384,13 @@ func allocate(f *os.File, fd int, size int64) error {
 }
 
 // WriteTensor writes the encoded data of one tensor at its place.
-func (w *STWriter) WriteTensor(name string, data []byte) error {
+func (w *Writer) WriteTensor(name string, data []byte) error {
 	off, ok := w.offsets[name]
 	if !ok || int64(len(data)) != off[1]-off[0] {
-		return newErr(KindInternal, "%s: tensor %s: unexpected name or size (%d bytes)", w.path, name, len(data))
+		return errs.New(errs.KindInternal, "%s: tensor %s: unexpected name or size (%d bytes)", w.path, name, len(data))
 	}
 	if _, err := w.f.WriteAt(data, w.start+off[0]); err != nil {
-		return ioErr(w.path, err)
+		return errs.IO(w.path, err)
 	}
 	w.kick(len(data))
 	return nil
@@ -394,7 +398,7 @@ func (w *STWriter) WriteTensor(name string, data []byte) error {
 
 // kick starts writing the file to disk every few MiB, while the merge goes
 // on, so that the final fsync is short.
-func (w *STWriter) kick(written int) {
+func (w *Writer) kick(written int) {
 	if w.unsynced.Add(int64(written)) >= writebackEvery {
 		w.unsynced.Store(0)
 		_ = unix.SyncFileRange(w.fd, 0, 0, unix.SYNC_FILE_RANGE_WRITE)
@@ -403,7 +407,7 @@ func (w *STWriter) kick(written int) {
 
 // WritePair writes two tensors, with one system call when they are
 // stored one after the other (as a module's A and B are: sorted by name).
-func (w *STWriter) WritePair(first string, a []byte, second string, b []byte) error {
+func (w *Writer) WritePair(first string, a []byte, second string, b []byte) error {
 	oa, ok1 := w.offsets[first]
 	ob, ok2 := w.offsets[second]
 	if !ok1 || !ok2 || oa[1] != ob[0] || int64(len(a)) != oa[1]-oa[0] || int64(len(b)) != ob[1]-ob[0] || len(a) == 0 || len(b) == 0 {
@@ -419,7 +423,7 @@ func (w *STWriter) WritePair(first string, a []byte, second string, b []byte) er
 			err = io.ErrShortWrite // no progress: never loop on it
 		}
 		if err != nil {
-			return ioErr(w.path, err)
+			return errs.IO(w.path, err)
 		}
 		off += int64(n)
 		for len(iov) > 0 && n >= len(iov[0]) {
@@ -434,9 +438,9 @@ func (w *STWriter) WritePair(first string, a []byte, second string, b []byte) er
 	return nil
 }
 
-// writebackEvery is how many bytes STWriter writes between two starts of
+// writebackEvery is how many bytes Writer writes between two starts of
 // the write-back.
 const writebackEvery = 4 << 20
 
 // Close syncs and closes the file.
-func (w *STWriter) Close() error { return syncClose(w.f, w.path, nil) }
+func (w *Writer) Close() error { return errs.SyncClose(w.f, w.path, nil) }

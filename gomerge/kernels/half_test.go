@@ -1,4 +1,4 @@
-package gomerge
+package kernels
 
 import (
 	"math"
@@ -70,56 +70,8 @@ func TestHalfRoundTripAllValues(t *testing.T) {
 		if h&0x7c00 == 0x7c00 && h&0x3ff != 0 {
 			continue // NaN payloads are canonicalised
 		}
-		f := halfToFloat32(uint16(h))
+		f := HalfToFloat32(uint16(h))
 		require.Equal(t, uint16(h), Float32ToHalf(f), "half %#04x -> %v", h, f)
-	}
-}
-
-func TestEncodeDecodeRoundTrip(t *testing.T) {
-	x := []float32{0, 1, -1.5, 3.1415927, 1e-3, -65504, 1e-7}
-	for _, dt := range []DType{F32, BF16, F16} {
-		t.Run(string(dt), func(t *testing.T) {
-			got := Decode(dt, Encode(dt, x))
-			require.Len(t, got, len(x))
-			for i := range x {
-				assert.Equal(t, Round(dt, x[i]), got[i])
-			}
-		})
-	}
-}
-
-func TestParseDType(t *testing.T) {
-	for in, want := range map[string]DType{"float32": F32, "torch.bfloat16": BF16, "F16": F16, "half": F16} {
-		got, err := ParseDType(in)
-		require.NoError(t, err)
-		assert.Equal(t, want, got)
-	}
-	_, err := ParseDType("int8")
-	require.Error(t, err)
-	assert.Equal(t, KindValue, KindOf(err))
-}
-
-func BenchmarkDecodeBF16(b *testing.B) {
-	raw := Encode(BF16, make([]float32, 1<<20))
-	b.SetBytes(int64(len(raw)))
-	for b.Loop() {
-		Decode(BF16, raw)
-	}
-}
-
-func BenchmarkEncodeBF16(b *testing.B) {
-	x := make([]float32, 1<<20)
-	b.SetBytes(int64(4 * len(x)))
-	for b.Loop() {
-		Encode(BF16, x)
-	}
-}
-
-func BenchmarkDecodeF16(b *testing.B) {
-	raw := Encode(F16, make([]float32, 1<<20))
-	b.SetBytes(int64(len(raw)))
-	for b.Loop() {
-		Decode(F16, raw)
 	}
 }
 

@@ -1,0 +1,37 @@
+// Package pool recycles float32 scratch buffers (factors read from files,
+// candidates of magnitude pruning, dense updates), one pool per power-of-two
+// capacity, so that a merge of many modules neither allocates nor clears
+// them each time. Package gomerge and its kernels share it.
+package pool
+
+import (
+	"math/bits"
+	"sync"
+)
+
+var pools [40]sync.Pool
+
+// minPooled is the smallest capacity worth pooling.
+const minPooled = 1 << 10
+
+// Get returns a float32 buffer of length n with undefined contents.
+func Get(n int) []float32 {
+	if n < minPooled {
+		return make([]float32, n)
+	}
+	c := bits.Len(uint(n - 1)) // capacity class: 2^c >= n
+	if p, ok := pools[c].Get().(*[]float32); ok {
+		return (*p)[:n]
+	}
+	return make([]float32, n, 1<<c)
+}
+
+// Put gives a buffer from Get back to its pool.
+func Put(b []float32) {
+	if cap(b) < minPooled {
+		return
+	}
+	if c := bits.Len(uint(cap(b) - 1)); cap(b) == 1<<c {
+		pools[c].Put(&b)
+	}
+}
