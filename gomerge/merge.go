@@ -326,7 +326,7 @@ func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt D
 		}
 	case FamilySpan:
 		if a, b, r, relErr, err = mergeSpan(srcs, &opts.Combine, rank, j.in, j.out); err != nil {
-			return "", "", RawTensor{}, RawTensor{}, out, err
+			return "", "", resultTensor{}, resultTensor{}, out, err
 		}
 	case FamilyDenseSVD:
 		r = rank
