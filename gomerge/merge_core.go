@@ -1,10 +1,5 @@
 package gomerge
 
-import (
-	"gonum.org/v1/gonum/blas"
-	"gonum.org/v1/gonum/blas/blas64"
-)
-
 // coreSpace is Core Space (Panariello et al., NeurIPS 2025): U_B, the left
 // singular basis of the stacked [B_1 | ... | B_T] (m x qB), and V_A, the
 // right singular basis of the stacked [A_1; ...; A_T] (n x qA), both
@@ -32,34 +27,13 @@ func newCoreSpace(sp *span) *coreSpace {
 
 // matrix is M = P^T x P' (qb x qa) of a span core x (pb x pa).
 func (cs *coreSpace) matrix(x []float64) []float64 {
-	sp := cs.sp
-	t := make([]float64, cs.qb*sp.pa)
-	blas64.Gemm(blas.Trans, blas.NoTrans, 1,
-		blas64.General{Rows: sp.pb, Cols: cs.qb, Stride: cs.qb, Data: cs.p},
-		blas64.General{Rows: sp.pb, Cols: sp.pa, Stride: sp.pa, Data: x},
-		0, blas64.General{Rows: cs.qb, Cols: sp.pa, Stride: sp.pa, Data: t})
-	m := make([]float64, cs.qb*cs.qa)
-	blas64.Gemm(blas.NoTrans, blas.NoTrans, 1,
-		blas64.General{Rows: cs.qb, Cols: sp.pa, Stride: sp.pa, Data: t},
-		blas64.General{Rows: sp.pa, Cols: cs.qa, Stride: cs.qa, Data: cs.pp},
-		0, blas64.General{Rows: cs.qb, Cols: cs.qa, Stride: cs.qa, Data: m})
-	return m
+	// P is stored pb x qb and P' pa x qa: both enter transposed
+	return sandwich(cs.p, true, cs.qb, cs.sp.pb, x, cs.sp.pa, cs.pp, true, cs.qa)
 }
 
 // back is the span core P M P'^T (pb x pa) of a merged core matrix M.
 func (cs *coreSpace) back(m []float64) []float64 {
-	sp := cs.sp
-	t := make([]float64, sp.pb*cs.qa)
-	blas64.Gemm(blas.NoTrans, blas.NoTrans, 1,
-		blas64.General{Rows: sp.pb, Cols: cs.qb, Stride: cs.qb, Data: cs.p},
-		blas64.General{Rows: cs.qb, Cols: cs.qa, Stride: cs.qa, Data: m},
-		0, blas64.General{Rows: sp.pb, Cols: cs.qa, Stride: cs.qa, Data: t})
-	d := make([]float64, sp.pb*sp.pa)
-	blas64.Gemm(blas.NoTrans, blas.Trans, 1,
-		blas64.General{Rows: sp.pb, Cols: cs.qa, Stride: cs.qa, Data: t},
-		blas64.General{Rows: sp.pa, Cols: cs.qa, Stride: cs.qa, Data: cs.pp},
-		0, blas64.General{Rows: sp.pb, Cols: sp.pa, Stride: sp.pa, Data: d})
-	return d
+	return sandwich(cs.p, false, cs.sp.pb, cs.qb, m, cs.qa, cs.pp, false, cs.sp.pa)
 }
 
 // coreTIES is core_ties: PEFT's TIES (magnitude pruning to density, sign

@@ -113,17 +113,30 @@ func (sp *span) sum() []float64 {
 
 // dense is qb x qa^T, the m x n update of a core (for tests).
 func (sp *span) dense(x []float64) []float64 {
-	t := make([]float64, sp.m*sp.pa)
-	blas64.Gemm(blas.NoTrans, blas.NoTrans, 1,
-		blas64.General{Rows: sp.m, Cols: sp.pb, Stride: sp.pb, Data: sp.qb},
-		blas64.General{Rows: sp.pb, Cols: sp.pa, Stride: sp.pa, Data: x},
-		0, blas64.General{Rows: sp.m, Cols: sp.pa, Stride: sp.pa, Data: t})
-	d := make([]float64, sp.m*sp.n)
-	blas64.Gemm(blas.NoTrans, blas.Trans, 1,
-		blas64.General{Rows: sp.m, Cols: sp.pa, Stride: sp.pa, Data: t},
-		blas64.General{Rows: sp.n, Cols: sp.pa, Stride: sp.pa, Data: sp.qa},
-		0, blas64.General{Rows: sp.m, Cols: sp.n, Stride: sp.n, Data: d})
-	return d
+	return sandwich(sp.qb, false, sp.m, sp.pb, x, sp.pa, sp.qa, false, sp.n)
+}
+
+// sandwich returns L X R^T for a rows x k matrix L (or L^T when transL:
+// then l is stored k x rows), a k x j matrix X and a cols x j matrix R (or
+// R^T when transR: r stored j x cols), all row-major: the change of basis
+// that every span and core-space method applies to a small core.
+func sandwich(l []float64, transL bool, rows, k int, x []float64, j int, r []float64, transR bool, cols int) []float64 {
+	lg := blas64.General{Rows: rows, Cols: k, Stride: k, Data: l}
+	lt := blas.NoTrans
+	if transL {
+		lg, lt = blas64.General{Rows: k, Cols: rows, Stride: rows, Data: l}, blas.Trans
+	}
+	t := make([]float64, rows*j)
+	blas64.Gemm(lt, blas.NoTrans, 1, lg, blas64.General{Rows: k, Cols: j, Stride: j, Data: x},
+		0, blas64.General{Rows: rows, Cols: j, Stride: j, Data: t})
+	rg, rt := blas64.General{Rows: cols, Cols: j, Stride: j, Data: r}, blas.Trans
+	if transR {
+		rg, rt = blas64.General{Rows: j, Cols: cols, Stride: cols, Data: r}, blas.NoTrans
+	}
+	out := make([]float64, rows*cols)
+	blas64.Gemm(blas.NoTrans, rt, 1, blas64.General{Rows: rows, Cols: j, Stride: j, Data: t}, rg,
+		0, blas64.General{Rows: rows, Cols: cols, Stride: cols, Data: out})
+	return out
 }
 
 // coreSVD is the thin SVD x = U diag(S) Vt of a small rows x cols matrix:
