@@ -296,24 +296,18 @@ def _merge(
         targets.append((t_a, t_b, srcs, out_a, out_b))
     if not modules:
         return
-    request = {
-        "combination_type": combination_type,
-        "rank": new_rank,
-        "svd_rank": None,  # new_rank is PEFT's resolved svd_rank
-        "svd_clamp": svd_clamp,
-        "svd_full_matrices": None,
-        "svd_driver": None,
-        "density": density,
-        "majority_sign_method": majority_sign_method,
-        "seed": seed,
-        "lambda": None,
-        "max_rank": None,
-        "gamma": None,
-        "epsilon": None,
-        "scaling": None,
-        "common_fraction": None,
-        "modules": modules,
-    }
+    # every key the engine takes, None (its default) unless PEFT's call sets it; new_rank is PEFT's resolved
+    # svd_rank, and the engine refuses a key it does not know
+    request = dict.fromkeys(_native.request_keys()["merge_tensors"])
+    request.update(
+        combination_type=combination_type,
+        rank=new_rank,
+        svd_clamp=svd_clamp,
+        density=density,
+        majority_sign_method=majority_sign_method,
+        seed=seed,
+        modules=modules,
+    )
     result = _native.run_job(_native.merge_tensors_start(request), progress)
     for message in result.get("warnings") or []:
         warnings.warn(message, stacklevel=3)
