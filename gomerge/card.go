@@ -68,10 +68,10 @@ func ModelCard(opts Options, res *Result, baseModel string, sources []string) st
 		fmt.Fprintf(&b, "- epsilon: %g\n", g.epsilon)
 	}
 	if method.takes("scaling") {
-		fmt.Fprintf(&b, "- scaling: %g\n", opts.spanOptions().scaling)
+		fmt.Fprintf(&b, "- scaling: %g\n", opts.spanOptions(0, "").scaling)
 	}
 	if method.takes("common_fraction") {
-		fmt.Fprintf(&b, "- common_fraction: %g\n", opts.spanOptions().commonFraction)
+		fmt.Fprintf(&b, "- common_fraction: %g\n", opts.spanOptions(0, "").commonFraction)
 	}
 	if opts.Lambda != nil {
 		fmt.Fprintf(&b, "- lambda: %g\n", *opts.Lambda)

@@ -325,7 +325,7 @@ func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt D
 			return "", "", resultTensor{}, resultTensor{}, out, err
 		}
 	case FamilySpan:
-		if a, b, r, relErr, err = mergeSpan(srcs, &opts.Combine, rank, j.in, j.out); err != nil {
+		if a, b, r, relErr, err = mergeSpan(srcs, &opts.Combine, rank, j.in, j.out, seed, j.name); err != nil {
 			return "", "", resultTensor{}, resultTensor{}, out, err
 		}
 	case FamilyDenseSVD:

@@ -97,6 +97,7 @@ var (
 	dellaParams       = []string{"density", "epsilon", "lambda", "svd_rank", "max_rank", "svd_clamp"}
 	spanParams        = []string{"scaling", "svd_rank", "max_rank"}
 	coreTIESParams    = []string{"density", "majority_sign_method", "scaling", "svd_rank", "max_rank"}
+	knotsLinearParams = []string{"density", "scaling", "svd_rank", "max_rank"}
 )
 
 // methods is the method table. PEFT's eleven names keep PEFT's semantics;
@@ -154,6 +155,21 @@ var methods = []Method{
 	{Name: "core_tsv", Family: FamilySpan, Rank: RankSpan, Params: spanParams,
 		Doc: "Core Space TSV-M: TSV-M on the core matrices U_B^T w_i s_i B_i A_i V_A, each task keeping " +
 			"floor(R / T) triplets, D = scaling * U_B M V_A^T"},
+	{Name: "core_dare_ties", Family: FamilySpan, Pruning: PruneDARE, TIES: true, Random: true, Rank: RankSpan,
+		Params: coreTIESParams, Doc: "Core Space DARE-TIES: PEFT's dare_ties (DARE's masks, kept values divided by " +
+			"density, sign election, disjoint mean) on the core matrices, D = scaling * U_B M V_A^T"},
+	{Name: "core_iso_c", Family: FamilySpan, Rank: RankSpan, Params: spanParams,
+		Doc: "Core Space Iso-C: the summed core matrix sum_i M_i, its nonzero singular values replaced by the mean " +
+			"of all min(qB, qA) of them (zeros included) times scaling, D = U_B M V_A^T; iso_c where the sum has full rank"},
+	{Name: "knots_ties", Family: FamilySpan, Pruning: PruneMagnitude, TIES: true, Rank: RankSpan, Params: coreTIESParams,
+		Doc: "KnOTS TIES: the SVD of the concatenated updates [dW_1 ... dW_T] = U S [V_1^T ... V_T^T] aligns the " +
+			"tasks; PEFT's TIES of the S V_i^T with weights w_i, D = scaling * U X"},
+	{Name: "knots_dare_ties", Family: FamilySpan, Pruning: PruneDARE, TIES: true, Random: true, Rank: RankSpan,
+		Params: coreTIESParams, Doc: "KnOTS DARE-TIES: KnOTS's alignment, then PEFT's dare_ties of the S V_i^T " +
+			"(DARE's masks, sign election, disjoint mean), D = scaling * U X"},
+	{Name: "knots_linear", Family: FamilySpan, Pruning: PruneMagnitude, Rank: RankSpan, Params: knotsLinearParams,
+		Doc: "KnOTS linear: KnOTS's alignment, each S V_i^T pruned to density by magnitude, the weighted sum " +
+			"sum_i w_i S V_i^T, D = scaling * U X (density 1: task arithmetic)"},
 }
 
 // Methods returns the method table, in the order of the docs.

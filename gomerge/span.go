@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"math"
+	"strconv"
 
 	"gonum.org/v1/gonum/blas"
 	"gonum.org/v1/gonum/blas/blas64"
@@ -244,37 +245,72 @@ func (sp *span) factors(l, s, rt []float64, k int) (bk, ak []float64) {
 }
 
 // spanMethod combines a module's span into the core SVD of its merged
-// update, D = qb L diag(s) Rt qa^T, keeping only D's nonzero directions.
-type spanMethod func(sp *span, o spanOptions) (l, s, rt []float64)
+// update, D = basis.qb L diag(s) Rt basis.qa^T, keeping only D's nonzero
+// directions. basis is sp itself for the methods whose result stays in the
+// span of the A's; KnOTS, whose pruning works on the rows of V^T, gives the
+// span with a new right basis (withRight).
+type spanMethod func(sp *span, o spanOptions) (basis *span, l, s, rt []float64)
+
+// inSpan is a spanMethod whose result is in the span of the factors.
+func inSpan(f func(sp *span, o spanOptions) (l, s, rt []float64)) spanMethod {
+	return func(sp *span, o spanOptions) (*span, []float64, []float64, []float64) {
+		l, s, rt := f(sp, o)
+		return sp, l, s, rt
+	}
+}
 
 // spanMethods are the methods of FamilySpan.
 var spanMethods = map[string]spanMethod{
-	"iso_c":     func(sp *span, o spanOptions) (l, s, rt []float64) { return isoC(sp, o.scaling) },
-	"tsv":       func(sp *span, o spanOptions) (l, s, rt []float64) { return tsvM(sp, o.scaling) },
-	"iso_cts":   func(sp *span, o spanOptions) (l, s, rt []float64) { return isoCTS(sp, o.scaling, o.commonFraction) },
-	"core_ties": coreTIES,
-	"core_tsv":  coreTSV,
+	"iso_c":           inSpan(func(sp *span, o spanOptions) (l, s, rt []float64) { return isoC(sp, o.scaling) }),
+	"tsv":             inSpan(func(sp *span, o spanOptions) (l, s, rt []float64) { return tsvM(sp, o.scaling) }),
+	"iso_cts":         inSpan(func(sp *span, o spanOptions) (l, s, rt []float64) { return isoCTS(sp, o.scaling, o.commonFraction) }),
+	"core_ties":       inSpan(coreCombine),
+	"core_dare_ties":  inSpan(coreCombine),
+	"core_tsv":        inSpan(coreTSV),
+	"core_iso_c":      inSpan(coreIsoC),
+	"knots_ties":      knots,
+	"knots_dare_ties": knots,
+	"knots_linear":    knots,
 }
 
 // spanOptions are the span methods' resolved parameters.
 type spanOptions struct {
 	scaling, commonFraction float64
-	comb                    *Combination // core_ties: PEFT's TIES on the core matrices
+	// comb is the element-wise merge of the Core Space and KnOTS methods
+	// (PEFT's ties, dare_ties or magnitude_prune); nil for the others
+	comb *Combination
+	// seed and module seed the DARE masks of core_dare_ties and
+	// knots_dare_ties, as DARE's are seeded (TensorSource)
+	seed   uint64
+	module string
 }
 
-// spanOptions resolves the options of a span method.
-func (o *Combine) spanOptions() spanOptions {
-	so := spanOptions{scaling: DefaultScaling, commonFraction: DefaultCommonFraction}
+// spanOptions resolves the options of a span method for one module.
+func (o *Combine) spanOptions(seed uint64, module string) spanOptions {
+	so := spanOptions{scaling: DefaultScaling, commonFraction: DefaultCommonFraction, seed: seed, module: module}
 	if o.Scaling != nil {
 		so.scaling = *o.Scaling
 	}
 	if o.CommonFraction != nil {
 		so.commonFraction = *o.CommonFraction
 	}
-	if o.method.TIES && o.Density != nil {
-		so.comb = &Combination{Method: "ties", Density: *o.Density, SignMethod: o.MajoritySignMethod}
+	if o.method.NeedsDensity() && o.Density != nil {
+		so.comb = &Combination{Method: o.method.combination(), Density: *o.Density, SignMethod: o.MajoritySignMethod}
 	}
 	return so
+}
+
+// dare returns Combination.Apply's DARE hook for the element-wise merge of
+// a span method: a Bernoulli(density) mask on task t's matrix, kept values
+// divided by density, drawn from the module's seeded stream (nil when the
+// method draws no masks).
+func (o spanOptions) dare(label string) func(t int, x []float32) {
+	if o.comb == nil || o.comb.Method != "dare_ties" && o.comb.Method != "dare_linear" {
+		return nil
+	}
+	return func(t int, x []float32) {
+		RandomPrune(x, o.comb.Density, true, TensorSource(o.seed, o.module, label+"/"+strconv.Itoa(t)))
+	}
 }
 
 // validateSpan checks the span methods' parameters (Validate has refused
@@ -300,7 +336,7 @@ func (o *Combine) spanRanks() bool {
 // default the number of nonzero singular values of the merged update, at
 // most max_rank). relErr is the relative Frobenius error of that
 // truncation against the method's merged update.
-func mergeSpan(srcs []source, o *Combine, rank int, in, out int) (a, b []float32, k int, relErr float64, err error) {
+func mergeSpan(srcs []source, o *Combine, rank int, in, out int, seed uint64, module string) (a, b []float32, k int, relErr float64, err error) {
 	fn, ok := spanMethods[o.method.Name]
 	if !ok {
 		return nil, nil, 0, 0, newErr(KindInternal, "combination_type %q has no span merge", o.method.Name)
@@ -309,7 +345,7 @@ func mergeSpan(srcs []source, o *Combine, rank int, in, out int) (a, b []float32
 	if err != nil {
 		return nil, nil, 0, 0, err
 	}
-	l, s, rt := fn(sp, o.spanOptions())
+	basis, l, s, rt := fn(sp, o.spanOptions(seed, module))
 	switch {
 	case o.SVDRank != nil && o.SVDRank.Energy > 0:
 		k = o.rankRule(rank).choose(s)
@@ -323,7 +359,7 @@ func mergeSpan(srcs []source, o *Combine, rank int, in, out int) (a, b []float32
 		}
 	}
 	k = max(k, 1) // PEFT cannot load a rank-0 module: a zero update is written as rank 1, zeros
-	bk, ak := sp.factors(l, s, rt, k)
+	bk, ak := basis.factors(l, s, rt, k)
 	return toFloat32(ak), toFloat32(bk), k, truncationError(s, k), nil
 }
 

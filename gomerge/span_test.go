@@ -257,7 +257,7 @@ func TestSpanMethodsMatchDenseReferences(t *testing.T) {
 					for _, r := range tc.ranks {
 						total += r
 					}
-					a, b, k, relErr, err := mergeSpan(srcs, &o, total, tc.in, tc.out)
+					a, b, k, relErr, err := mergeSpan(srcs, &o, total, tc.in, tc.out, 1, "m")
 					require.NoError(t, err)
 					want := ref(t, srcs, tc.out, tc.in, scaling)
 					var svd mat.SVD
@@ -290,7 +290,7 @@ func TestSpanRankRules(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			require.NoError(t, tc.o.Validate())
-			a, b, k, relErr, err := mergeSpan(srcs, &tc.o, tc.rank, 16, 20)
+			a, b, k, relErr, err := mergeSpan(srcs, &tc.o, tc.rank, 16, 20, 1, "m")
 			require.NoError(t, err)
 			assert.Equal(t, tc.want, k)
 			assert.Len(t, a, k*16)
@@ -328,7 +328,7 @@ func TestSpanZeroUpdate(t *testing.T) {
 	for _, name := range []string{"iso_c", "tsv", "iso_cts"} {
 		o := Combine{CombinationType: name}
 		require.NoError(t, o.Validate())
-		a, b, k, relErr, err := mergeSpan(srcs, &o, 4, 8, 8)
+		a, b, k, relErr, err := mergeSpan(srcs, &o, 4, 8, 8, 1, "m")
 		require.NoError(t, err)
 		assert.Equal(t, 1, k)
 		assert.Equal(t, 0.0, relErr)
@@ -412,7 +412,7 @@ func TestCoreSpaceMethodsMatchDenseReferences(t *testing.T) {
 			want.Mul(&tmp, va.T())
 			o := Combine{CombinationType: "core_tsv"}
 			require.NoError(t, o.Validate())
-			a, b, k, _, err := mergeSpan(srcs, &o, 1, tc.in, tc.out)
+			a, b, k, _, err := mergeSpan(srcs, &o, 1, tc.in, tc.out, 1, "m")
 			require.NoError(t, err)
 			assertClose(t, &want, productOf(a, b, tc.out, k, tc.in), 1e-6, "core_tsv")
 		})
@@ -431,7 +431,7 @@ func TestCoreSpaceMethodsMatchDenseReferences(t *testing.T) {
 			want.Mul(&tmp, va.T())
 			o := Combine{CombinationType: "core_ties", Density: &half}
 			require.NoError(t, o.Validate())
-			a, b, k, _, err := mergeSpan(srcs, &o, 1, tc.in, tc.out)
+			a, b, k, _, err := mergeSpan(srcs, &o, 1, tc.in, tc.out, 1, "m")
 			require.NoError(t, err)
 			assertClose(t, &want, productOf(a, b, tc.out, k, tc.in), 1e-5, "core_ties")
 		})
@@ -449,7 +449,7 @@ func BenchmarkSpanMethods4096x4096ThreeRank16(b *testing.B) {
 			}
 			require.NoError(b, o.Validate())
 			for b.Loop() {
-				if _, _, _, _, err := mergeSpan(srcs, &o, 48, 4096, 4096); err != nil {
+				if _, _, _, _, err := mergeSpan(srcs, &o, 48, 4096, 4096, 1, "m"); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -482,7 +482,7 @@ func TestSpanMethodsOnDuplicateAdapters(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			o := Combine{CombinationType: tc.name}
 			require.NoError(t, o.Validate())
-			a, b, k, _, err := mergeSpan(srcs, &o, 6, 12, 20)
+			a, b, k, _, err := mergeSpan(srcs, &o, 6, 12, 20, 1, "m")
 			require.NoError(t, err)
 			assert.Equal(t, 3, k)
 			assertClose(t, tc.want(), productOf(a, b, 20, k, 12), 1e-6, tc.name)

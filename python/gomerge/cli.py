@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scaling",
         type=float,
         metavar="S",
-        help="iso_c, iso_cts, tsv, core_ties, core_tsv: scale of the merged update (default 1)",
+        help="iso_c, iso_cts, tsv, core_*, knots_*: scale of the merged update (default 1)",
     )
     m.add_argument(
         "--common-fraction",
@@ -213,7 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="accepted for PEFT compatibility; no effect on the result",
     )
     m.add_argument("--svd-driver", choices=("gesvd", "gesvdj", "gesvda"), help="accepted for PEFT compatibility")
-    m.add_argument("--seed", type=int, help="seed of DARE's and DELLA's random masks (default: fresh, reported)")
+    m.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the random masks of DARE, DELLA, core_dare_ties and knots_dare_ties (default: fresh, reported)",
+    )
     m.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),

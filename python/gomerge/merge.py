@@ -209,8 +209,9 @@ def add_weighted_adapter(
             (`"task_arithmetic"`: `lambda_ * sum_i w_i s_i B_i A_i` exactly, rank = sum of ranks or `svd_rank`;
             mergekit's `"breadcrumbs"`, `"breadcrumbs_ties"`, `"della"`, `"della_linear"` on the dense updates
             `s_i B_i A_i`, then a randomized SVD to `svd_rank`; in the span of the stacked factors, exactly:
-            `"iso_c"` (Iso-C), `"iso_cts"` (Iso-CTS), `"tsv"` (TSV-M), `"core_ties"` and `"core_tsv"` (Core Space),
-            rank = that of the merged update or `svd_rank`).
+            `"iso_c"` (Iso-C), `"iso_cts"` (Iso-CTS), `"tsv"` (TSV-M), `"core_ties"`, `"core_dare_ties"`,
+            `"core_tsv"` and `"core_iso_c"` (Core Space), `"knots_ties"`, `"knots_dare_ties"` and `"knots_linear"`
+            (KnOTS), rank = that of the merged update or `svd_rank`).
             PEFT's types: On the factors (all adapters of equal rank): `"linear"` (weighted sum, with
             PEFT's cross terms), `"ties"`, `"dare_linear"`, `"dare_ties"`, `"magnitude_prune"`. Exact: `"cat"`
             (rank = sum of ranks). On the adapters' updates, then an SVD to `svd_rank`: `"svd"` (exact SVD computed
@@ -232,8 +233,9 @@ def add_weighted_adapter(
         svd_driver (`str`, *optional*):
             Accepted for compatibility with PEFT (a CUDA option there): `None`, `"gesvd"`, `"gesvdj"` or `"gesvda"`.
         density (`float`, *optional*):
-            Fraction of values kept by the pruning types (ties, dare, magnitude_prune, breadcrumbs, della), in
-            [0, 1]; required for them. 1 prunes nothing (with a warning, as in PEFT).
+            Fraction of values kept by the pruning types (ties, dare, magnitude_prune, breadcrumbs, della,
+            core_ties, core_dare_ties, knots_*), in [0, 1]; required for them. 1 prunes nothing (with a warning, as
+            in PEFT).
         majority_sign_method (`str`, defaults to `"total"`):
             `"total"` or `"frequency"`, for the TIES combination types.
         output_dir (`str | os.PathLike`, *optional*):
@@ -250,7 +252,8 @@ def add_weighted_adapter(
         model_card (`bool`, defaults to `True`):
             Write a `README.md` model card (sources, weights, method, options, seed, usage) with the Hub's metadata.
         seed (`int`, *optional*):
-            Seed of DARE's and DELLA's random masks. By default a fresh seed is drawn and reported in the result;
+            Seed of the random masks of DARE, DELLA, `core_dare_ties` and `knots_dare_ties`. By default a fresh
+            seed is drawn and reported in the result;
             the same seed gives a byte-identical output on any number of cores.
         dtype (`str`, *optional*):
             dtype of the written tensors (`"float32"`, `"bfloat16"` or `"float16"`); defaults to that of the first
@@ -274,8 +277,9 @@ def add_weighted_adapter(
             `density - epsilon` (smallest magnitude) to `density + epsilon` (largest), which must lie in (0, 1)
             (default 0.15). Other methods refuse it.
         scaling (`float`, *optional*):
-            `iso_c`, `iso_cts`, `tsv`, `core_ties`, `core_tsv`: the scale of the merged update (default 1;
-            fusion-bench's `scaling_factor` / `alpha`). Other methods refuse it.
+            The span methods (`iso_c`, `iso_cts`, `tsv`, `core_*`, `knots_*`): the scale of the merged update
+            (default 1; fusion-bench's `scaling_factor` / `alpha`, KnOTS's `scaling_coeffs`). Other methods refuse
+            it.
         common_fraction (`float`, *optional*):
             `iso_cts`: the share of the common subspace, in [0, 1] (default 0.8), as a fraction of each module's
             summed-update rank (not of min(m, n)). Other methods refuse it.
