@@ -20,7 +20,8 @@ Scenarios (CPU, all cores):
 - M1, methods beyond PEFT: breadcrumbs, breadcrumbs_ties, della and della_linear on S2's shapes, gomerge (disk to
   disk, in a child process for its peak RSS, best of 2) next to mergekit's `merge_tensors` on the same dense
   updates; iso_c, tsv and iso_cts next to fusion-bench's definitions on dense updates (full SVDs, restated in
-  tests/test_span_methods.py). The "PEFT call" column holds the peer's time.
+  tests/test_span_methods.py); knots_* and core_* next to KnOTS's and core-space-merging's code restated in torch
+  (tests/test_knots_core_methods.py). The "PEFT call" column holds the peer's time.
 
 Every row states the bytes read and written and the floor: those bytes divided by the memory bandwidth measured at
 the start of the run (a large memory copy). Rows also give this machine's measured lower bounds (benchmarks/floor):
@@ -32,6 +33,7 @@ that both it and the floors find them in the page cache. Results go to benchmark
 PNG chart), with the targets of the issue checked against the run.
 
 Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1,M1] [--s3-layers N] [--s1-methods ties,svd,...]
+                                [--m1-methods knots_ties,core_tsv,...]
 """
 
 from __future__ import annotations
@@ -354,10 +356,21 @@ M1_METHODS = {
     "iso_c": ("fusion-bench (dense torch)", {}),
     "tsv": ("fusion-bench (dense torch)", {}),
     "iso_cts": ("fusion-bench (dense torch)", {}),
+    # KnOTS and Core Space from their authors' code, restated in torch (tests/test_knots_core_methods.py): KnOTS
+    # runs a dense SVD of the concatenated updates (m x T n), Core Space SVDs of the stacked factors and dense
+    # m x n products
+    "knots_ties": ("KnOTS (dense torch)", {"density": 0.2}),
+    "knots_dare_ties": ("KnOTS (dense torch)", {"density": 0.2}),
+    "knots_linear": ("KnOTS (dense torch)", {"density": 0.2}),
+    "core_ties": ("core-space-merging (torch)", {"density": 0.2}),
+    "core_dare_ties": ("core-space-merging (torch)", {"density": 0.2}),
+    "core_tsv": ("core-space-merging (torch)", {}),
+    "core_iso_c": ("core-space-merging (torch)", {}),
 }
 
 
-def m1_reference(peer: str, method: str, dws: list, weights: list[float], params: dict):
+def m1_reference(peer: str, method: str, dws: list, factors: list, weights: list[float], params: dict):
+    """The peer's merge of the dense updates dws (or, for KnOTS and Core Space, of the factors (A, B, scaling))."""
     if peer == "mergekit":
         from mergekit.merge_methods.api import merge_tensors
 
@@ -369,10 +382,21 @@ def m1_reference(peer: str, method: str, dws: list, weights: list[float], params
         from test_span_methods import REFERENCES
 
         return REFERENCES[method]([w * dw for w, dw in zip(weights, dws)], **params)
+    if peer.startswith(("KnOTS", "core-space")):
+        sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+        from test_knots_core_methods import FACTOR_REFERENCES
+
+        tasks = [(a.double(), b.double(), w, s) for (a, b, s), w in zip(factors, weights)]
+        return FACTOR_REFERENCES[method](tasks, **params)
     raise ValueError(peer)
 
 
-def m1(root: str, bw: float, rows: list) -> None:
+def m1_method(name: str) -> dict:
+    """The engine's method table row of a method."""
+    return next(m for m in gomerge.methods() if m["name"] == name)
+
+
+def m1(root: str, bw: float, rows: list, methods: set | None = None) -> None:
     """M1: gomerge's methods beyond PEFT on S2's shapes (three rank-16 adapters on one 4096 x 4096 and one
     4096 x 11008 module), next to their reference implementations on the same inputs."""
     from safetensors.torch import load_file
@@ -383,21 +407,19 @@ def m1(root: str, bw: float, rows: list) -> None:
         make = functools.partial(Linear, fan_in, fan_out)
         dirs = save_adapters(make, os.path.join(root, f"m1-{fan_in}"), [16, 16, 16], ["proj"])
         in_bytes = sum(dir_bytes(d) for d in dirs)
-        dws = []
+        dws, factors = [], []
         for d in dirs:
             t = load_file(os.path.join(d, "adapter_model.safetensors"))
             cfg = json.load(open(os.path.join(d, "adapter_config.json")))
-            dws.append(
-                t["base_model.model.proj.lora_B.weight"]
-                @ t["base_model.model.proj.lora_A.weight"]
-                * (cfg["lora_alpha"] / cfg["r"])
-            )
+            a, b = t["base_model.model.proj.lora_A.weight"], t["base_model.model.proj.lora_B.weight"]
+            factors.append((a, b, cfg["lora_alpha"] / cfg["r"]))
+            dws.append(b @ a * (cfg["lora_alpha"] / cfg["r"]))
         for method, (peer, params) in M1_METHODS.items():
-            if method not in available:
+            if method not in available or (methods is not None and method not in methods):
                 continue
-            t_ref = timed(m1_reference, peer, method, dws, weights, params)
+            t_ref = timed(m1_reference, peer, method, dws, factors, weights, params)
             out = os.path.join(root, f"m1-{fan_in}-{method}")
-            seed = {"seed": 1} if method.startswith("della") else {}
+            seed = {"seed": 1} if m1_method(method)["random"] else {}
             runs = [gomerge_child(dirs, method, out, weights, **seed, **params) for _ in range(2)]
             t_go, peak = min(t for t, _ in runs), max(p for _, p in runs)
             out_bytes = dir_bytes(out)
@@ -751,6 +773,7 @@ def main() -> None:
     ap.add_argument("--chart-only", action="store_true", help="redraw the chart and table from results/latest.json")
     ap.add_argument("--s3-layers", type=int, default=32)
     ap.add_argument("--s1-methods", default="ties,svd,cat,linear,dare_ties", help="S1's methods (comma-separated)")
+    ap.add_argument("--m1-methods", default="", help="M1's methods (comma-separated; default: all)")
     ap.add_argument(
         "--s3-svd-layers",
         type=int,
@@ -787,7 +810,7 @@ def main() -> None:
         if "R1" in todo:
             r1(root, bw, rows, args.s3_layers)
         if "M1" in todo:
-            m1(root, bw, rows)
+            m1(root, bw, rows, set(args.m1_methods.split(",")) if args.m1_methods else None)
         order = {"S1": 0, "S2": 1, "S3": 2, "S4": 3, "R1": 4, "M1": 5}
         rows.sort(key=lambda r: order[r["scenario"]])  # stable: each scenario's rows keep their order
     os.makedirs(RESULTS, exist_ok=True)

@@ -7,7 +7,8 @@ flattens the whole model into one vector and prunes by one global top-K, gomerge
 mergekit's TIES do), and keeps exactly int(d K) values per task where the reference keeps one more (see
 test_the_literal_top_k_keeps_one_more_value). Its `masked_merge` multiplies every task by `weights[0]`, so the
 parity tests use equal weights; with unequal weights gomerge applies PEFT's TIES weighting (weights after pruning,
-before the sign election), checked against `peft.utils.merge_utils` on the aligned representations.
+before the sign election), checked against `peft.utils.merge_utils` on the aligned representations
+(test_factor_references_with_unequal_weights).
 
 Core Space: apanariello4/core-space-merging `task_merger.py` (get_core_matrices, `merge_method="tv"` with
 `isotropize=True`, isotropize_matrix). Its bases are restricted to their nonzero singular values, as in
@@ -21,9 +22,17 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from peft.utils.merge_utils import dare_ties, ties
+from peft.utils.merge_utils import dare_ties, magnitude_prune, ties
 from peft_cases import LLAMA_ALL, AdapterSpec, assert_reloads_as, delta, file_factors, make_adapter
-from test_span_methods import core_space, max_rel, nonzero_svd, numerical_rank, per_task_factors
+from test_span_methods import (
+    core_space,
+    core_ties_reference,
+    core_tsv_reference,
+    max_rel,
+    nonzero_svd,
+    numerical_rank,
+    per_task_factors,
+)
 
 import gomerge
 
@@ -128,23 +137,6 @@ def test_the_literal_top_k_keeps_one_more_value():
     assert topk_values_mask(m, 0.3).sum(1).tolist() == [300] * 3
 
 
-def test_knots_ties_with_unequal_weights_is_peft_ties_on_the_aligned_tasks(adapters, tmp_path, record_parity):
-    weights = [1.0, 0.6, 1.4]
-    out = tmp_path / "w"
-    gomerge.add_weighted_adapter(adapters, weights, "m", "knots_ties", density=0.4, scaling=0.5, output_dir=str(out))
-    factors = file_factors(str(out))
-    worst = 0.0
-    for mod, tasks in per_task_factors(adapters, weights).items():
-        u, svs = knots_align(tasks)
-        wt = torch.tensor([w for _, _, w, _ in tasks], dtype=torch.float32)
-        merged = ties(list(svs.float()), wt, 0.4, "total").double()
-        want = 0.5 * (u @ merged)
-        a, b = factors[mod]
-        worst = max(worst, max_rel(delta(a, b), want.numpy()))
-    record_parity("knots_ties unequal weights vs PEFT's ties on KnOTS's aligned tasks", worst)
-    assert worst < RTOL, worst
-
-
 @pytest.mark.parametrize("method", ["knots_dare_ties", "core_dare_ties"])
 def test_dare_variants_at_density_one_match_the_references(adapters, method, tmp_path, record_parity):
     """DARE at density 1 keeps every value (the references' dare_pruning_coeffs = 0): what is left is the sign
@@ -238,4 +230,54 @@ def test_core_iso_c_matches_the_reference(adapters, duplicate, tmp_path, record_
         same = max_rel(delta(a, b), delta(*iso_factors[mod])) < RTOL
         assert same != duplicate, mod
     record_parity(f"core_iso_c {'duplicate adapter' if duplicate else 'generic'} vs core-space-merging", worst)
+    assert worst < RTOL, worst
+
+
+def knots_weighted_reference(tasks, method: str, density: float) -> torch.Tensor:
+    """KnOTS's alignment, then PEFT's ties / dare_ties / magnitude_prune of the aligned tasks with the weights w_t
+    (gomerge's definition for unequal weights; make bench's M1 peer)."""
+    u, svs = knots_align(tasks)
+    wt = torch.tensor([w for _, _, w, _ in tasks], dtype=torch.float32)
+    xs = list(svs.float())
+    if method == "knots_ties":
+        merged = ties(xs, wt, density, "total")
+    elif method == "knots_dare_ties":
+        merged = dare_ties(xs, wt, density, "total")
+    else:
+        merged = magnitude_prune(xs, wt, density)
+    return u @ merged.double()
+
+
+def core_dare_ties_reference(tasks, density: float) -> torch.Tensor:
+    """PEFT's dare_ties on the core matrices M_t = U_B^T s_t B_t A_t Vh_A^T (torch's masks), back as U_B M Vh_A."""
+    u_b, vh_a = core_space(tasks)
+    ms = [(u_b.T @ (b @ a * s) @ vh_a.T).float() for a, b, _, s in tasks]
+    weights = torch.tensor([w for _, _, w, _ in tasks], dtype=torch.float32)
+    return u_b @ dare_ties(ms, weights, density, "total").double() @ vh_a
+
+
+# the references of the methods computed from the factors, by name: tasks (A_t, B_t, w_t, s_t) -> dense update
+FACTOR_REFERENCES = {
+    "knots_ties": lambda tasks, density: knots_weighted_reference(tasks, "knots_ties", density),
+    "knots_dare_ties": lambda tasks, density: knots_weighted_reference(tasks, "knots_dare_ties", density),
+    "knots_linear": lambda tasks, density: knots_weighted_reference(tasks, "knots_linear", density),
+    "core_ties": lambda tasks, density: core_ties_reference(tasks, density),
+    "core_dare_ties": core_dare_ties_reference,
+    "core_tsv": lambda tasks: core_tsv_reference(tasks),
+    "core_iso_c": lambda tasks: core_iso_c_reference(tasks, 1.0),
+}
+
+
+@pytest.mark.parametrize("method", ["knots_ties", "knots_linear", "core_ties", "core_tsv", "core_iso_c"])
+def test_factor_references_with_unequal_weights(adapters, method, tmp_path, record_parity):
+    """The references make bench's M1 times, on unequal weights: gomerge gives their numbers."""
+    weights = [2.0, 1.0, 1.0]
+    kw = {"density": 0.3} if method in ("knots_ties", "knots_linear", "core_ties") else {}
+    out = tmp_path / method
+    gomerge.add_weighted_adapter(adapters, weights, "m", method, output_dir=str(out), **kw)
+    factors = file_factors(str(out))
+    worst = 0.0
+    for mod, tasks in per_task_factors(adapters, weights).items():
+        worst = max(worst, max_rel(delta(*factors[mod]), FACTOR_REFERENCES[method](tasks, **kw).numpy()))
+    record_parity(f"{method} weights 2, 1, 1 vs its M1 reference", worst)
     assert worst < RTOL, worst
