@@ -25,6 +25,7 @@ import torch
 from peft.utils.merge_utils import dare_ties, magnitude_prune, ties
 from peft_cases import LLAMA_ALL, AdapterSpec, assert_reloads_as, delta, file_factors, make_adapter
 from test_span_methods import (
+    core_matrices,
     core_space,
     core_ties_reference,
     core_tsv_reference,
@@ -151,7 +152,7 @@ def test_dare_variants_at_density_one_match_the_references(adapters, method, tmp
             want = knots_reference(tasks, "knots_ties", 1.0, w)
         else:
             u_b, vh_a = core_space(tasks)
-            ms = [(u_b.T @ (b @ a * s) @ vh_a.T).float() for a, b, _, s in tasks]
+            ms = [m.float() for m in core_matrices(tasks, u_b, vh_a, weighted=False)]
             merged = dare_ties(ms, torch.full((len(ms),), w), 1.0, "total").double()
             want = u_b @ merged @ vh_a
         a, b = factors[mod]
@@ -200,7 +201,7 @@ def core_iso_c_reference(tasks, scaling: float) -> torch.Tensor:
     values of M replaced by their mean (over all of them, zeros included), U_B M_iso Vh_A. Restricted to M's
     nonzero directions: on its null space the reference's U V^T is any rotation (not defined)."""
     u_b, vh_a = core_space(tasks)
-    m = sum(u_b.T @ (b @ a * (w * s)) @ vh_a.T for a, b, w, s in tasks)
+    m = sum(core_matrices(tasks, u_b, vh_a, weighted=True))
     mean = torch.linalg.svdvals(m).mean()
     u, s, vh = nonzero_svd(m)
     return scaling * mean * (u_b @ (u @ vh) @ vh_a)
@@ -251,7 +252,7 @@ def knots_weighted_reference(tasks, method: str, density: float) -> torch.Tensor
 def core_dare_ties_reference(tasks, density: float) -> torch.Tensor:
     """PEFT's dare_ties on the core matrices M_t = U_B^T s_t B_t A_t Vh_A^T (torch's masks), back as U_B M Vh_A."""
     u_b, vh_a = core_space(tasks)
-    ms = [(u_b.T @ (b @ a * s) @ vh_a.T).float() for a, b, _, s in tasks]
+    ms = [m.float() for m in core_matrices(tasks, u_b, vh_a, weighted=False)]
     weights = torch.tensor([w for _, _, w, _ in tasks], dtype=torch.float32)
     return u_b @ dare_ties(ms, weights, density, "total").double() @ vh_a
 

@@ -300,11 +300,24 @@ def core_space(tasks):
     return u_b, vh_a
 
 
+def core_matrices(tasks, u_b: torch.Tensor, vh_a: torch.Tensor, weighted: bool) -> list[torch.Tensor]:
+    """get_core_matrices's M_t = R_B diag(S_B) Vh_B U_A diag(S_A) Q_A, from each task's own SVDs of B_t and A_t
+    (R_B = U_B_ref^T U_B, Q_A = Vh_A Vh_A_ref^T): U_B^T c_t B_t A_t Vh_A^T without forming B_t A_t; c_t = w_t s_t
+    when weighted, else s_t."""
+    out = []
+    for a, b, w, s in tasks:
+        u_a, s_a, v_a = torch.linalg.svd(a, full_matrices=False)
+        u_bt, s_bt, v_bt = torch.linalg.svd(b, full_matrices=False)
+        m = torch.diag(s_bt) @ (v_bt @ u_a) @ torch.diag(s_a)
+        out.append((u_b.T @ u_bt) @ m @ (v_a @ vh_a.T) * (w * s if weighted else s))
+    return out
+
+
 def core_ties_reference(tasks, density: float, majority_sign_method: str = "total") -> torch.Tensor:
     """PEFT's ties (peft.utils.merge_utils.ties, as ties_svd uses it: weights w_t, tensors s_t B_t A_t) on the
     core matrices M_t = U_B^T s_t B_t A_t Vh_A^T (float32, as gomerge combines them), back as U_B M Vh_A."""
     u_b, vh_a = core_space(tasks)
-    ms = [(u_b.T @ (b @ a * s) @ vh_a.T).float() for a, b, _, s in tasks]
+    ms = [m.float() for m in core_matrices(tasks, u_b, vh_a, weighted=False)]
     weights = torch.tensor([w for _, _, w, _ in tasks], dtype=torch.float32)
     merged = ties(ms, weights, density, majority_sign_method).double()
     return u_b @ merged @ vh_a
@@ -314,8 +327,7 @@ def core_tsv_reference(tasks) -> torch.Tensor:
     """core-space-merging's get_tsv_delta_w on the core matrices of w_t s_t B_t A_t: each task keeps
     int(min(qB, qA) / T) triplets (at most its nonzero ones)."""
     u_b, vh_a = core_space(tasks)
-    ms = [u_b.T @ (b @ a * (w * s)) @ vh_a.T for a, b, w, s in tasks]
-    return u_b @ tsv_reference(ms) @ vh_a
+    return u_b @ tsv_reference(core_matrices(tasks, u_b, vh_a, weighted=True)) @ vh_a
 
 
 @pytest.mark.parametrize("case", ["mixed", "large"])
