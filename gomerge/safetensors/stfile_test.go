@@ -16,10 +16,10 @@ import (
 // characters escaped), and the file reads back.
 func TestCreateSafetensorsHeader(t *testing.T) {
 	tensors := []OutTensor{
-		{"base.z<&>", F16, []int{2, 3}},
-		{"A.weight", F32, []int{4}},
-		{"_a", BF16, []int{}},
-		{"base.a", F32, []int{1, 2, 1}},
+		{Name: "base.z<&>", DType: F16, Shape: []int{2, 3}},
+		{Name: "A.weight", DType: F32, Shape: []int{4}},
+		{Name: "_a", DType: BF16, Shape: []int{}},
+		{Name: "base.a", DType: F32, Shape: []int{1, 2, 1}},
 	}
 	meta := map[string]string{"format": "pt", "b": "x\"y"}
 	path := filepath.Join(t.TempDir(), "t.safetensors")
