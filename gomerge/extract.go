@@ -278,6 +278,15 @@ func tensorFile(f *modelfolder.Folder, name string) string {
 	return filepath.Join(f.Dir, t.Shard)
 }
 
+// shapeText writes a shape as torch prints it: [256, 128].
+func shapeText(shape []int) string {
+	parts := make([]string, len(shape))
+	for i, d := range shape {
+		parts[i] = fmt.Sprint(d)
+	}
+	return "[" + strings.Join(parts, ", ") + "]"
+}
+
 // writeTensors writes a safetensors file of the given tensors.
 func writeTensors(path string, outs []safetensors.OutTensor, data [][]byte) error {
 	w, err := safetensors.Create(path, outs, map[string]string{"format": "pt"})
@@ -336,8 +345,8 @@ func planExtraction(opts ExtractOptions, base, ft *modelfolder.Folder) ([]extrac
 			}
 		}
 		if !slices.Equal(be.Shape, fe.Shape) {
-			return nil, valueErr("tensor %s has shape %v in the base model (%s) but %v in the fine-tuned model (%s)",
-				name, be.Shape, tensorFile(base, name), fe.Shape, tensorFile(ft, name))
+			return nil, valueErr("tensor %s has shape %s in the base model (%s) but %s in the fine-tuned model (%s)",
+				name, shapeText(be.Shape), tensorFile(base, name), shapeText(fe.Shape), tensorFile(ft, name))
 		}
 		module, param := name, ""
 		if i := strings.LastIndex(name, "."); i >= 0 {

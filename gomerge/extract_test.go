@@ -294,7 +294,7 @@ func TestExtractErrors(t *testing.T) {
 		msg  string
 	}{
 		{name: "shapes disagree", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": randTensor(rng, 6, 8)},
-			kind: KindValue, msg: "tensor l.q_proj.weight has shape [8 6] in the base model"},
+			kind: KindValue, msg: "tensor l.q_proj.weight has shape [8, 6] in the base model"},
 		{name: "missing in the fine-tune", base: map[string]*Tensor{"l.q_proj.weight": w, "l.k_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
 			kind: KindValue, msg: "tensor l.k_proj.weight is in the base model"},
 		{name: "missing in the base", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2, "l.k_proj.weight": w},

@@ -70,6 +70,12 @@ def merge_tensors_start(request: dict[str, Any]) -> int:
     return int(_b.merge_tensors_start(json.dumps(request)))
 
 
+def extract_start(request: dict[str, Any]) -> int:
+    """Starts the extraction of a LoRA adapter from a fine-tuned model folder and its base; returns its job id."""
+    _check_fork()
+    return int(_b.extract_start(json.dumps(request)))
+
+
 def run_job(job: int, progress: bool | None, min_modules: int = 64) -> dict[str, Any]:
     """Waits for a job, showing a progress bar, and returns its result.
 

@@ -10,6 +10,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from . import __version__, _native, merge, sources
+from .extraction import extract as extract_adapter
 from .merge import COMBINATION_TYPES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -31,6 +32,7 @@ examples:
   gomerge merge --recipe merge.yaml
   gomerge merge user/lora-a user/lora-b@v2 --method svd --svd-rank 16 -o merged --json
   gomerge inspect merged
+  gomerge extract BASE FINETUNED -o extracted --rank 64
 
 Run `gomerge merge --help` for every option and the recipe format."""
 
@@ -252,6 +254,44 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the written tensors")
     r.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    e = sub.add_parser(
+        "extract",
+        help="extract a LoRA adapter from a fine-tuned model and its base (randomized SVD of each dW)",
+        description="Extract a LoRA adapter from a fine-tuned model: each linear module's dW = W_ft - W_base is "
+        "factorised by a seeded randomized SVD, at a fixed rank (--rank) or by the energy rule (--energy). The "
+        "adapter loads with PeftModel.from_pretrained(base_model, OUT); the model card gives each module's rank and "
+        "relative error.",
+    )
+    e.add_argument("base", metavar="BASE", help="the base model folder (or Hub id)")
+    e.add_argument("finetuned", metavar="FINETUNED", help="the fine-tuned model folder (or Hub id)")
+    e.add_argument("-o", "--output-dir", metavar="DIR", required=True, help="directory of the extracted adapter")
+    how = e.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=int, metavar="R", help="the rank of every module")
+    how.add_argument(
+        "--energy", type=float, metavar="E", help="per module, the smallest rank keeping this fraction of ||dW||^2"
+    )
+    e.add_argument("--max-rank", type=int, metavar="M", help="cap of every module's rank")
+    e.add_argument(
+        "--save-module",
+        action="append",
+        metavar="NAME",
+        help="save this module whole (modules_to_save): a module path or its last part (lm_head, embed_tokens, "
+        "norm); repeat for several",
+    )
+    e.add_argument(
+        "--save-changed",
+        action="store_true",
+        help="save every changed module that is not factorised (norms, embeddings, lm_head) whole",
+    )
+    e.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default 0)")
+    e.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the LoRA factors (default float32)"
+    )
+    e.add_argument("--revision", help="Hub revision for Hub ids")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing adapter directory")
+    e.add_argument("--no-model-card", action="store_true", help="do not write README.md")
+    e.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     i = sub.add_parser(
         "inspect",
         help="describe an adapter: ranks, alpha, scaling, targets, dtype, size",
@@ -389,6 +429,39 @@ def _resize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _extract(args: argparse.Namespace) -> int:
+    if args.save_module and args.save_changed:
+        sys.stderr.write("gomerge: error: give --save-module or --save-changed, not both\n")
+        return EXIT_USAGE
+    res = extract_adapter(
+        args.base,
+        args.finetuned,
+        args.output_dir,
+        rank=args.rank,
+        energy=args.energy,
+        max_rank=args.max_rank,
+        modules_to_save=args.save_module or args.save_changed,
+        seed=args.seed,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        model_card=not args.no_model_card,
+        revision=args.revision,
+        progress=False if args.quiet or args.json else None,
+    )
+    if args.json:
+        print(json.dumps(res.__dict__))
+    elif not args.quiet:
+        ranks = sorted(res.module_ranks.values())
+        worst = max(res.module_errors.values(), default=0.0)
+        saved = f", {len(res.modules_to_save)} saved whole" if res.modules_to_save else ""
+        print(
+            f"extracted {res.modules} modules from {args.finetuned} into {res.output_dir}: rank {res.rank} "
+            f"(ranks {ranks[0]}-{ranks[-1]}), largest relative error {worst:.3g}, {len(res.unchanged)} unchanged "
+            f"skipped{saved}, {res.seconds:.2f} s"
+        )
+    return EXIT_OK
+
+
 def _inspect(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         path = sources.resolve(args.adapter, stack, args.revision, args.subfolder)
@@ -435,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
             return _merge(args, parser.merge_parser)
         if args.command == "resize":
             return _resize(args)
+        if args.command == "extract":
+            return _extract(args)
         return _inspect(args)
     except KeyboardInterrupt:
         sys.stderr.write("gomerge: interrupted; nothing was written\n")
