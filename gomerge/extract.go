@@ -1,6 +1,7 @@
 package gomerge
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -483,18 +484,30 @@ func compareModule(j *extractJob, base, ft *modelfolder.Folder) (extractOutcome,
 	}
 	var keep []saved
 	for _, name := range j.tensors {
-		wb, wf, err := readPair(name, base, ft)
+		be, _ := base.Info(name)
+		fe, _ := ft.Info(name)
+		raw, err := ft.ReadRaw(name, nil)
 		if err != nil {
 			return o, err
 		}
-		o.changed = o.changed || !slices.Equal(wb, wf)
-		if j.save {
-			fe, _ := ft.Info(name)
-			keep = append(keep, saved{safetensors.OutTensor{Name: keyPrefix + name, DType: fe.DType, Shape: fe.Shape},
-				safetensors.Encode(fe.DType, wf)})
+		if be.DType == fe.DType { // the stored bytes decide: no conversion, half the memory for bf16
+			rb, err := base.ReadRaw(name, nil)
+			if err != nil {
+				return o, err
+			}
+			o.changed = o.changed || !bytes.Equal(rb, raw)
+		} else {
+			wb, wf, err := readPair(name, base, ft)
+			if err != nil {
+				return o, err
+			}
+			o.changed = o.changed || !slices.Equal(wb, wf)
+			pool.Put(wb)
+			pool.Put(wf)
 		}
-		pool.Put(wb)
-		pool.Put(wf)
+		if j.save { // as the fine-tune stores it
+			keep = append(keep, saved{safetensors.OutTensor{Name: keyPrefix + name, DType: fe.DType, Shape: fe.Shape}, raw})
+		}
 	}
 	if j.save && (o.changed || j.named) {
 		for _, s := range keep {
@@ -550,6 +563,13 @@ func extractLinear(j *extractJob, base, ft *modelfolder.Folder, rule rankRule, d
 	return o, nil
 }
 
+// ExtractPowerIters is the number of power iterations of extraction's
+// randomized SVD: one more than the merges' RSVDPowerIters, since a
+// fine-tune's dW has a slowly decaying spectrum (on E1's: the error of rank
+// 64 is within 0.13% of the optimal one, against 0.4% with 2, for a third
+// more work).
+const ExtractPowerIters = 3
+
 // extractSketch is the first sketch size of the energy rule; it doubles
 // until the kept energy is reached (or the cap).
 const extractSketch = 64
@@ -568,11 +588,11 @@ func factorizeDense(d []float32, m, n int, total float64, rule rankRule, rng fun
 	}
 	if rule.fixed > 0 {
 		k := min(rule.fixed, capRank)
-		bk, ak, _, r = randomizedSVD(d, m, n, k, rng(), func([]float64) int { return k })
+		bk, ak, _, r = randomizedSVD(d, m, n, k, ExtractPowerIters, rng(), func([]float64) int { return k })
 	} else {
 		for k := min(extractSketch, capRank); ; k = min(2*k, capRank) {
 			reached := false
-			bk, ak, _, r = randomizedSVD(d, m, n, k, rng(), func(s []float64) int {
+			bk, ak, _, r = randomizedSVD(d, m, n, k, ExtractPowerIters, rng(), func(s []float64) int {
 				kept := 0.0
 				for i, v := range s[:min(k, len(s))] {
 					kept += v * v

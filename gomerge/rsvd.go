@@ -25,21 +25,21 @@ const (
 // which is then as cheap. Results are returned like LowRankSVD's:
 // Bk = U_k S_k (m x k) and Ak = V_k^T (k x n), with canonical signs.
 func RandomizedSVD(d []float32, m, n, k int, rng *rand.Rand) (bk, ak []float64) {
-	bk, ak, _, _ = randomizedSVD(d, m, n, k, rng, func([]float64) int { return k })
+	bk, ak, _, _ = randomizedSVD(d, m, n, k, RSVDPowerIters, rng, func([]float64) int { return k })
 	return bk, ak
 }
 
-// randomizedSVD is RandomizedSVD with a sketch for k components whose output
-// rank is chosen by rank from the singular values of the sketch's
-// factorisation (decreasing; the first k are accurate): it returns the
-// factors at that rank, those singular values and the rank.
-func randomizedSVD(d []float32, m, n, k int, rng *rand.Rand, rank func(s []float64) int) (bk, ak, s []float64, r int) {
+// randomizedSVD is RandomizedSVD with power iterations and a sketch for k
+// components whose output rank is chosen by rank from the singular values of
+// the sketch's factorisation (decreasing; the first k are accurate): it
+// returns the factors at that rank, those singular values and the rank.
+func randomizedSVD(d []float32, m, n, k, power int, rng *rand.Rand, rank func(s []float64) int) (bk, ak, s []float64, r int) {
 	l := min(k+RSVDOversample, m, n)
 	if l <= 0 {
 		r = rank(nil)
 		return make([]float64, m*r), make([]float64, r*n), nil, r
 	}
-	if q := min(m, n); q <= (2*RSVDPowerIters+2)*l {
+	if q := min(m, n); q <= (2*power+2)*l {
 		// A thin matrix: its exact SVD (one QR of the long side, ~2 max(m,n) q^2 flops) costs no more than the
 		// sketch would, so take it.
 		return exactSVD(d, m, n, rank)
@@ -53,7 +53,7 @@ func randomizedSVD(d []float32, m, n, k int, rng *rand.Rand, rank func(s []float
 	y := make([]float32, m*l)
 	mulDZ(d, m, n, zt, l, y) // Y = D Omega
 	orthonormalize32(blas32.General{Rows: m, Cols: l, Stride: l, Data: y})
-	for it := 0; it < RSVDPowerIters; it++ {
+	for it := 0; it < power; it++ {
 		mulDtY(d, m, n, y, l, zt) // Z = D^T Q
 		orthonormalizeRows32(zt, l, n)
 		mulDZ(d, m, n, zt, l, y) // Y = D Z
