@@ -31,7 +31,11 @@ a child process, for its peak RSS (the best of 2 runs for ties, one for svd), af
 that both it and the floors find them in the page cache. Results go to benchmarks/results/ (JSON, Markdown table,
 PNG chart), with the targets of the issue checked against the run.
 
-Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1,M1] [--s3-layers N] [--s1-methods ties,svd,...]
+- E1, extraction: `gomerge.extract` at rank 64 from a TinyLlama-shaped bf16 fine-tune (synthetic, cached), next to
+  mergekit-extract-lora on the same folders, with each module's error from both outputs (`--e1-layers`).
+
+Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1,M1,E1] [--s3-layers N] [--s1-methods ties,svd,...]
+    [--e1-layers N]
 """
 
 from __future__ import annotations
@@ -556,6 +560,160 @@ def r1(root: str, bw: float, rows: list, layers: int) -> None:
     shutil.rmtree(out, ignore_errors=True)
 
 
+E1_RANK = 64
+
+
+def e1_models(layers: int) -> tuple[str, str]:
+    """A TinyLlama-shaped base (bf16, random N(0, 0.02) weights, unit norms) and a synthetic fine-tune of it: every
+    linear module changed by dW = a rank-128 part with decaying singular values (70% of its energy) plus full-rank
+    noise (30%), ||dW|| = 3% of ||W||; embeddings, lm_head and norms unchanged. Made once and cached."""
+    root = os.path.join(CACHE, f"e1-{layers}")
+    base, ft = os.path.join(root, "base"), os.path.join(root, "finetuned")
+    if os.path.exists(os.path.join(ft, "model.safetensors")):
+        return base, ft
+    from safetensors.torch import save_file as save_torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],
+    )
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    base_sd, ft_sd = {}, {}
+    for name, shape in sorted(shapes.items()):
+        if len(shape) == 1:
+            base_sd[name] = ft_sd[name] = torch.ones(shape, dtype=torch.bfloat16)
+            continue
+        w = torch.randn(shape, generator=g) * 0.02
+        base_sd[name] = w.bfloat16()
+        if "embed_tokens" in name or "lm_head" in name:
+            ft_sd[name] = base_sd[name]
+            continue
+        m, n = shape
+        energy = (0.03 * float(w.norm())) ** 2
+        s = 1.0 / (1.0 + torch.arange(128, dtype=torch.float32) / 8)
+        s *= (0.7 * energy / float(s.square().sum())) ** 0.5
+        u, _ = torch.linalg.qr(torch.randn(m, 128, generator=g))
+        v, _ = torch.linalg.qr(torch.randn(n, 128, generator=g))
+        dw = (u * s) @ v.T + torch.randn(shape, generator=g) * (0.3 * energy / (m * n)) ** 0.5
+        ft_sd[name] = (base_sd[name].float() + dw).bfloat16()
+    for folder, sd in ((base, base_sd), (ft, ft_sd)):
+        os.makedirs(folder, exist_ok=True)
+        cfg.save_pretrained(folder)
+        save_torch(sd, os.path.join(folder, "model.safetensors.tmp"), metadata={"format": "pt"})
+    os.rename(os.path.join(base, "model.safetensors.tmp"), os.path.join(base, "model.safetensors"))
+    os.rename(os.path.join(ft, "model.safetensors.tmp"), os.path.join(ft, "model.safetensors"))
+    return base, ft
+
+
+def child_peak(code: str) -> tuple[float, float]:
+    """Runs Python code that prints its timed seconds as the last line's JSON, in a child process: (seconds, peak
+    RSS in MiB, from VmHWM)."""
+    code += (
+        "\nhwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]"
+        "\nprint(json.dumps([seconds, hwm / 1024]))"
+    )
+    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(HERE), "python"))
+    os.sync()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-4000:])
+    seconds, peak = json.loads(proc.stdout.strip().splitlines()[-1])
+    return seconds, peak
+
+
+def e1_errors(base: str, ft: str, adapter: str) -> dict[str, float]:
+    """Each LoRA module's relative error ||dW - B A|| / ||dW|| (float64 from the stored tensors)."""
+    from safetensors import safe_open
+
+    errs = {}
+    with (
+        safe_open(os.path.join(base, "model.safetensors"), "pt") as fb,
+        safe_open(os.path.join(ft, "model.safetensors"), "pt") as ff,
+        safe_open(os.path.join(adapter, "adapter_model.safetensors"), "pt") as fa,
+    ):
+        for k in fa.keys():
+            if not k.endswith(".lora_A.weight"):
+                continue
+            module = k.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            dw = ff.get_tensor(module + ".weight").double() - fb.get_tensor(module + ".weight").double()
+            ba = fa.get_tensor(k.replace("lora_A", "lora_B")).double() @ fa.get_tensor(k).double()
+            errs[module] = float(torch.linalg.norm(dw - ba) / torch.linalg.norm(dw))
+    return errs
+
+
+def e1(root: str, bw: float, rows: list, layers: int) -> None:
+    """E1: extract a rank-64 adapter from a TinyLlama-shaped bf16 fine-tune (e1_models), gomerge next to
+    mergekit-extract-lora (CPU, torch.linalg.svd of each dW) on the same folders, each in a child process for its
+    peak RSS, each timed around its call with a final os.sync(). mergekit runs with --skip-undecomposable and
+    without the embeddings (-e embed_tokens -e lm_head) so that both write only the LoRA factors (bf16, as mergekit
+    writes the model's dtype); each module's error ||dW - B A|| / ||dW|| is computed from both outputs."""
+    base, ft = e1_models(layers)
+    ours, theirs = os.path.join(root, "e1-gomerge"), os.path.join(root, "e1-mergekit")
+    t_go, peak_go = child_peak(
+        "import gomerge, json, os, time\nt0 = time.perf_counter()\n"
+        f"r = gomerge.extract({base!r}, {ft!r}, {ours!r}, rank={E1_RANK}, dtype='bfloat16', progress=False)\n"
+        "os.sync()\nseconds = time.perf_counter() - t0"
+    )
+    argv = ["mergekit-extract-lora", "--model", ft, "--base-model", base, "--out-path", theirs]
+    argv += ["--max-rank", str(E1_RANK), "--device", "cpu", "--skip-undecomposable", "-e", "embed_tokens", "-e"]
+    argv += ["lm_head"]
+    t_mk, peak_mk = child_peak(
+        "import json, os, sys, time\nfrom mergekit.scripts.extract_lora import main\n"
+        f"sys.argv = {argv!r}\nt0 = time.perf_counter()\nmain(standalone_mode=False)\n"
+        "os.sync()\nseconds = time.perf_counter() - t0"
+    )
+    e_go, e_mk = e1_errors(base, ft, ours), e1_errors(base, ft, theirs)
+    common = sorted(set(e_go) & set(e_mk))
+    ratio = max(e_go[m] / e_mk[m] for m in common)
+    mean_go, mean_mk = (sum(e[m] for m in common) / len(common) for e in (e_go, e_mk))
+    # the randomized SVD's work: (2q + 2) * 2mnl flops per sketched module (l = k + 10, q = 2 power iterations)
+    from safetensors import safe_open
+
+    flops = 0.0
+    with safe_open(os.path.join(base, "model.safetensors"), "pt") as f:
+        for m in common:
+            rows_, cols = f.get_slice(m + ".weight").get_shape()
+            flops += (2 * 2 + 2) * 2 * rows_ * cols * (E1_RANK + 10)
+    in_bytes = dir_bytes(base) + dir_bytes(ft)
+    out_bytes = dir_bytes(ours)
+    rows.append(
+        dict(
+            scenario="E1",
+            method=f"extract r{E1_RANK}",
+            shapes=f"TinyLlama, {layers} layers x 7 modules, bf16",
+            read=in_bytes,
+            written=out_bytes,
+            floor=(in_bytes + out_bytes) / bw,
+            peft=t_mk,
+            gomerge=t_go,
+            peak_rss_mib=peak_go,
+            peer="mergekit-extract-lora",
+            mergekit_peak_rss_mib=peak_mk,
+            error_mean_gomerge=mean_go,
+            error_mean_mergekit=mean_mk,
+            error_ratio_max=ratio,
+            gflop=flops / 1e9,
+            gflops_per_s=flops / 1e9 / t_go,
+            check=f"vs mergekit-extract-lora (peak RSS {peak_mk:.0f} MiB): mean error {mean_go:.5f} vs "
+            f"{mean_mk:.5f}, worst module ratio {ratio:.5f}; {flops / 1e9:.0f} GFLOP at {flops / 1e9 / t_go:.1f} "
+            "GFLOP/s",
+        )
+    )
+    print(rows[-1], flush=True)
+    shutil.rmtree(ours, ignore_errors=True)
+    shutil.rmtree(theirs, ignore_errors=True)
+
+
 def s4(root: str, bw: float, rows: list) -> None:
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         name = str(dtype).removeprefix("torch.")
@@ -701,6 +859,14 @@ def targets(rows: list) -> list[str]:
             need = 10 if r["peer"] == "mergekit" else 100
             ratio = r["peft"] / r["gomerge"]
             add(f"{name} >= {need}x {r['peer']}", f"{ratio:.1f}x", ratio >= need)
+    if r := row("E1", f"extract r{E1_RANK}"):
+        ratio = r["peft"] / r["gomerge"]
+        add(
+            f"E1 extract >= 10x mergekit-extract-lora, error within 1% (worst module {r['error_ratio_max']:.4f}x)",
+            f"{ratio:.1f}x",
+            ratio >= 10 and r["error_ratio_max"] <= 1.01,
+            f"{r['gflop']:.0f} GFLOP of sketch products at {r['gflops_per_s']:.1f} GFLOP/s",
+        )
     f32 = row("S4", "ties float32")
     for half in ("bfloat16", "float16"):
         if f32 and (r := row("S4", f"ties {half}")):
@@ -729,7 +895,7 @@ def chart(rows: list, path: str) -> None:
     bars = [
         (label(r), r["peft"] / r["gomerge"], r.get("peft_e2e", 0) / r["gomerge"])
         for r in rows
-        if r.get("peft") and not r.get("kernels") and r["scenario"] not in ("R1", "M1")
+        if r.get("peft") and not r.get("kernels") and r["scenario"] not in ("R1", "M1", "E1")
     ]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     x = np.arange(len(bars))
@@ -747,7 +913,7 @@ def chart(rows: list, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scenarios", default="S1,S2,S3,S4,R1,M1")
+    ap.add_argument("--scenarios", default="S1,S2,S3,S4,R1,M1,E1")
     ap.add_argument("--chart-only", action="store_true", help="redraw the chart and table from results/latest.json")
     ap.add_argument("--s3-layers", type=int, default=32)
     ap.add_argument("--s1-methods", default="ties,svd,cat,linear,dare_ties", help="S1's methods (comma-separated)")
@@ -756,6 +922,9 @@ def main() -> None:
         type=int,
         default=2,
         help="layers for S3's svd (exact SVDs of rank-512 sums are compute-bound: ~seconds per module)",
+    )
+    ap.add_argument(
+        "--e1-layers", type=int, default=22, help="E1's layers (TinyLlama has 22; mergekit takes ~1 min per layer here)"
     )
     args = ap.parse_args()
     if args.chart_only:
@@ -788,7 +957,9 @@ def main() -> None:
             r1(root, bw, rows, args.s3_layers)
         if "M1" in todo:
             m1(root, bw, rows)
-        order = {"S1": 0, "S2": 1, "S3": 2, "S4": 3, "R1": 4, "M1": 5}
+        if "E1" in todo:
+            e1(root, bw, rows, args.e1_layers)
+        order = {"S1": 0, "S2": 1, "S3": 2, "S4": 3, "R1": 4, "M1": 5, "E1": 6}
         rows.sort(key=lambda r: order[r["scenario"]])  # stable: each scenario's rows keep their order
     os.makedirs(RESULTS, exist_ok=True)
     md = table(rows, machine)
