@@ -437,3 +437,22 @@ func TestFactorizeDenseSketched(t *testing.T) {
 		})
 	}
 }
+
+// A changed bias of a factorised linear module is not carried (LoRA holds no
+// bias): it is named in the warnings, never saved into modules_to_save
+// beside the module's LoRA factors.
+func TestExtractChangedBiasOfALinearModule(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	dir := t.TempDir()
+	w, b := randTensor(rng, 8, 6), randTensor(rng, 8)
+	w2, b2 := randTensor(rng, 8, 6), randTensor(rng, 8)
+	base := writeModel(t, filepath.Join(dir, "base"), map[string]*Tensor{"l.q_proj.weight": w, "l.q_proj.bias": b})
+	ft := writeModel(t, filepath.Join(dir, "ft"), map[string]*Tensor{"l.q_proj.weight": w2, "l.q_proj.bias": b2})
+	res, err := Extract(context.Background(), ExtractOptions{Base: base, Finetuned: ft, OutputDir: filepath.Join(dir, "out"),
+		Rank: &RankSpec{Fixed: 2}, SaveChanged: true}, nil)
+	require.NoError(t, err)
+	assert.Empty(t, res.ModulesToSave)
+	require.Len(t, res.Warnings, 1)
+	assert.Contains(t, res.Warnings[0], "l.q_proj")
+	assert.Equal(t, map[string]int{"l.q_proj": 2}, res.ModuleRanks)
+}

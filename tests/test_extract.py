@@ -335,3 +335,33 @@ def test_cli(models, tmp_path, capsys):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "extracted 6 modules" in proc.stdout and "rank 3" in proc.stdout
+
+
+def test_gpt2_conv1d_weights_reload_with_fan_in_fan_out(tmp_path):
+    """GPT-2's Conv1D layers store W as in x out: the adapter factorises dW^T and says fan_in_fan_out."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32)
+    base = GPT2LMHeadModel(cfg).eval()
+    base.save_pretrained(str(tmp_path / "base"))
+    ft = GPT2LMHeadModel(cfg).eval()
+    ft.load_state_dict(base.state_dict())
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for block in ft.transformer.h:
+            for w in (block.attn.c_attn.weight, block.mlp.c_fc.weight):
+                w += low_rank(gen, *w.shape, 3, float(w.norm()) * 0.5)
+    ft.save_pretrained(str(tmp_path / "ft"))
+    out = str(tmp_path / "lora")
+    res = gomerge.extract(str(tmp_path / "base"), str(tmp_path / "ft"), out, rank=3)
+    assert sorted(res.module_ranks) == sorted(
+        f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc")
+    )
+    assert max(res.module_errors.values()) < 1e-4
+    a, b = factors(out)["transformer.h.0.attn.c_attn"]
+    assert a.shape == (3, 64) and b.shape == (192, 3)  # A is r x in, B is out x r, as PEFT's Conv1D LoRA holds them
+    assert json.load(open(os.path.join(out, "adapter_config.json")))["fan_in_fan_out"] is True
+    peft = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(tmp_path / "base")), out).eval()
+    tokens = torch.arange(20).reshape(2, 10)
+    torch.testing.assert_close(logits(peft, tokens), logits(ft, tokens), rtol=1e-4, atol=1e-4)
