@@ -365,3 +365,20 @@ def test_gpt2_conv1d_weights_reload_with_fan_in_fan_out(tmp_path):
     peft = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(tmp_path / "base")), out).eval()
     tokens = torch.arange(20).reshape(2, 10)
     torch.testing.assert_close(logits(peft, tokens), logits(ft, tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_request_and_result_keys_are_the_engines(models, tmp_path, monkeypatch):
+    from gomerge import _native
+
+    seen = {}
+    real = _native.extract_start
+
+    def spy(request):
+        seen["request"] = request
+        return real(request)
+
+    monkeypatch.setattr(_native, "extract_start", spy)
+    res = gomerge.extract(models["base"], models["noisy"], str(tmp_path / "lora"), rank=2)
+    keys = _native.request_keys()
+    assert sorted(seen["request"]) == sorted(keys["extract"])
+    assert sorted(res.__dict__) == sorted(keys["extract_result"])
