@@ -382,3 +382,10 @@ def test_request_and_result_keys_are_the_engines(models, tmp_path, monkeypatch):
     keys = _native.request_keys()
     assert sorted(seen["request"]) == sorted(keys["extract"])
     assert sorted(res.__dict__) == sorted(keys["extract_result"])
+
+
+def test_relative_paths(models, tmp_path, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(models["base"]))
+    res = gomerge.extract("base", "noisy", "lora-relative", rank=2)
+    assert res.output_dir == "lora-relative" and os.path.exists("lora-relative/adapter_model.safetensors")
+    assert json.load(open("lora-relative/adapter_config.json"))["base_model_name_or_path"] == "base"
