@@ -456,3 +456,15 @@ func TestExtractChangedBiasOfALinearModule(t *testing.T) {
 	assert.Contains(t, res.Warnings[0], "l.q_proj")
 	assert.Equal(t, map[string]int{"l.q_proj": 2}, res.ModuleRanks)
 }
+
+// A cancelled extraction returns ErrCancelled and writes nothing.
+func TestExtractCancelled(t *testing.T) {
+	p := makeExtractPair(t, 1e-3)
+	out := filepath.Join(t.TempDir(), "adapter")
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_, err := Extract(ctx, ExtractOptions{Base: p.base, Finetuned: p.ft, OutputDir: out, Rank: &RankSpec{Fixed: 4}}, nil)
+	assert.Equal(t, KindCancelled, KindOf(err))
+	entries, _ := os.ReadDir(filepath.Dir(out))
+	assert.Empty(t, entries)
+}

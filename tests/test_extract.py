@@ -389,3 +389,17 @@ def test_relative_paths(models, tmp_path, monkeypatch):
     res = gomerge.extract("base", "noisy", "lora-relative", rank=2)
     assert res.output_dir == "lora-relative" and os.path.exists("lora-relative/adapter_model.safetensors")
     assert json.load(open("lora-relative/adapter_config.json"))["base_model_name_or_path"] == "base"
+
+
+def test_sharded_folders(models, tmp_path):
+    """Both models in several shards (model.safetensors.index.json): the same adapter as from single files."""
+    for name in ("base", "noisy"):
+        LlamaForCausalLM.from_pretrained(models[name]).save_pretrained(str(tmp_path / name), max_shard_size="300KB")
+    assert os.path.exists(tmp_path / "base" / "model.safetensors.index.json")
+    assert len([f for f in os.listdir(tmp_path / "noisy") if f.endswith(".safetensors")]) > 2
+    gomerge.extract(str(tmp_path / "base"), str(tmp_path / "noisy"), str(tmp_path / "sharded"), rank=4)
+    gomerge.extract(models["base"], models["noisy"], str(tmp_path / "single"), rank=4)
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        assert open(tmp_path / "sharded" / f, "rb").read() == open(tmp_path / "single" / f, "rb").read().replace(
+            models["base"].encode(), str(tmp_path / "base").encode()
+        )
