@@ -221,8 +221,9 @@ func Extract(ctx context.Context, opts ExtractOptions, progress *Progress) (*Ext
 		data = append(data, o.data...)
 	}
 	if len(notCarried) > 0 {
-		res.Warnings = append(res.Warnings, fmt.Sprintf("%d changed module(s) that are not linear layers are not in the "+
-			"adapter (pass modules_to_save to save them whole): %s", len(notCarried), strings.Join(notCarried, ", ")))
+		res.Warnings = append(res.Warnings, fmt.Sprintf("%d changed module(s) are not in the adapter, whose LoRA factors "+
+			"carry linear weights only (modules_to_save saves norms, embeddings or lm_head whole; biases of factorised "+
+			"layers cannot be carried): %s", len(notCarried), strings.Join(notCarried, ", ")))
 	}
 	if len(targets) == 0 {
 		return nil, valueErr("extract: no linear module of %s differs from %s; there is nothing to factorise", opts.Finetuned, opts.Base)
