@@ -10,6 +10,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from . import __version__, _native, merge, sources
+from .fuse import fuse as fuse_models
 from .merge import COMBINATION_TYPES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -31,6 +32,7 @@ examples:
   gomerge merge --recipe merge.yaml
   gomerge merge user/lora-a user/lora-b@v2 --method svd --svd-rank 16 -o merged --json
   gomerge inspect merged
+  gomerge fuse models/llama adapters/sql -o llama-sql
 
 Run `gomerge merge --help` for every option and the recipe format."""
 
@@ -252,6 +254,41 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the written tensors")
     r.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    f = sub.add_parser(
+        "fuse",
+        help="fuse LoRA adapters into their base model's weights (a model folder transformers loads)",
+        description="Fuse LoRA adapters into the weights of their base model, W' = W + s B A as PEFT's "
+        "merge_and_unload() computes it (fan_in_fan_out, embeddings, Conv2d, DoRA, lora_bias, modules_to_save), "
+        "in float32 with one rounding, streaming one tensor per core. Several adapters are merged first (--method, "
+        "default cat: the exact weighted sum) or applied one after another (--stack). The output folder appears "
+        "complete or not at all.",
+    )
+    f.add_argument("base", metavar="BASE", help="base model folder or Hub id")
+    f.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT adapter directories or Hub ids")
+    f.add_argument("-o", "--output-dir", metavar="DIR", help="folder of the fused model (required unless --dry-run)")
+    f.add_argument("-w", "--weights", nargs="+", type=_weight_arg, metavar="W", help="one weight per adapter")
+    f.add_argument(
+        "-m",
+        "--method",
+        "--combination-type",
+        dest="method",
+        choices=COMBINATION_TYPES,
+        metavar="METHOD",
+        help="how several adapters are merged before fusing (default: cat, the exact weighted sum)",
+    )
+    f.add_argument("--stack", action="store_true", help="apply several adapters one after another")
+    f.add_argument("--max-shard-size", metavar="SIZE", help="split the output into shards of at most SIZE (5GB)")
+    f.add_argument("--dry-run", action="store_true", help="list what would change; write nothing")
+    f.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of every float tensor (default: the base's)"
+    )
+    f.add_argument("--density", type=float, help="density of the pruning methods (merge before fusing)")
+    f.add_argument("--svd-rank", type=_rank_arg, metavar="R", help="rank of the svd methods (merge before fusing)")
+    f.add_argument("--seed", type=int, help="seed of the random methods (merge before fusing)")
+    f.add_argument("--revision", help="Hub revision for Hub ids without @revision")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    f.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    f.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     i = sub.add_parser(
         "inspect",
         help="describe an adapter: ranks, alpha, scaling, targets, dtype, size",
@@ -389,6 +426,40 @@ def _resize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _fuse(args: argparse.Namespace) -> int:
+    options = {
+        k: v for k, v in (("density", args.density), ("svd_rank", args.svd_rank), ("seed", args.seed)) if v is not None
+    }
+    res = fuse_models(
+        args.base,
+        args.adapters,
+        weights=args.weights,
+        combination_type=args.method,
+        output_dir=args.output_dir,
+        dtype=args.dtype,
+        stack=args.stack,
+        max_shard_size=args.max_shard_size,
+        dry_run=args.dry_run,
+        overwrite=args.overwrite,
+        progress=False if args.quiet or args.json else None,
+        revision=args.revision,
+        **options,
+    )
+    if args.json:
+        print(json.dumps(res.__dict__))
+    elif not args.quiet:
+        if res.dry_run:
+            for c in res.changed:
+                print(f"{c['tensor']} {c['shape']} {c['dtype']}: {', '.join(c['ops'])} ({', '.join(c['adapters'])})")
+            print(f"dry run: {len(res.changed)} of {res.tensors} tensors would change; nothing was written")
+        else:
+            print(
+                f"fused {len(res.adapters)} adapter(s) into {res.output_dir}: {len(res.changed)} of {res.tensors} "
+                f"tensors changed, {len(res.shards)} shard(s), {res.total_size / 2**20:.1f} MiB, {res.seconds:.2f} s"
+            )
+    return EXIT_OK
+
+
 def _inspect(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         path = sources.resolve(args.adapter, stack, args.revision, args.subfolder)
@@ -435,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
             return _merge(args, parser.merge_parser)
         if args.command == "resize":
             return _resize(args)
+        if args.command == "fuse":
+            return _fuse(args)
         return _inspect(args)
     except KeyboardInterrupt:
         sys.stderr.write("gomerge: interrupted; nothing was written\n")
