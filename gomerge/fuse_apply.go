@@ -4,7 +4,7 @@ import (
 	"context"
 	"math"
 
-	"gonum.org/v1/gonum/blas/blas32"
+	"gonum.org/v1/gonum/blas/blas64"
 
 	"gomerge/gomerge/internal/pool"
 	"gomerge/gomerge/safetensors"
@@ -121,37 +121,49 @@ func applyLoRA(op *fuseOp, w, w0 []float32, rows, cols int) error {
 // layout. A is r x in and B is out x r, as PEFT stores them: normally w is
 // out x in and row i gains sum_k s B[i,k] A[k,:]; transposed (GPT-2's
 // Conv1D with fan_in_fan_out, and embeddings, whose update is (B A)^T) w is
-// in x out and row i gains sum_k A[k,i] s B[:,k].
+// in x out and row i gains sum_k A[k,i] s B[:,k]. Each row is summed in
+// float64 (products of float32 values are exact there) and rounded once to
+// float32: where W and the update nearly cancel, a float32 sum would be off
+// by many units of the result's last place in bf16.
 func addLowRank(w, a, b []float32, rows, cols, r int, s float32, transposed bool) {
-	impl := blas32.Implementation()
+	impl := blas64.Implementation()
 	grain := max(1, (1<<16)/max(1, cols*r))
+	// the row vectors (A's rows, or s B^T's rows: r x cols) and the coefficients, in float64
+	vecs := make([]float64, r*cols)
+	coef := make([]float64, rows*r) // coef[i*r+k] multiplies vecs row k for output row i
 	if !transposed {
-		parallelFor(rows, grain, func(lo, hi int) {
-			for i := lo; i < hi; i++ {
-				row := w[i*cols : (i+1)*cols]
-				for k := 0; k < r; k++ {
-					if c := s * b[i*r+k]; c != 0 {
-						impl.Saxpy(cols, c, a[k*cols:(k+1)*cols], 1, row, 1)
-					}
-				}
+		for i, v := range a[:r*cols] {
+			vecs[i] = float64(v)
+		}
+		for i, v := range b[:rows*r] {
+			coef[i] = float64(s) * float64(v)
+		}
+	} else {
+		for j := 0; j < cols; j++ {
+			for k := 0; k < r; k++ {
+				vecs[k*cols+j] = float64(s) * float64(b[j*r+k])
 			}
-		})
-		return
-	}
-	bt := pool.Get(r * cols) // s B^T: r x cols
-	defer pool.Put(bt)
-	for j := 0; j < cols; j++ {
+		}
 		for k := 0; k < r; k++ {
-			bt[k*cols+j] = s * b[j*r+k]
+			for i := 0; i < rows; i++ {
+				coef[i*r+k] = float64(a[k*rows+i])
+			}
 		}
 	}
 	parallelFor(rows, grain, func(lo, hi int) {
+		acc := make([]float64, cols)
 		for i := lo; i < hi; i++ {
 			row := w[i*cols : (i+1)*cols]
+			for j, v := range row {
+				acc[j] = float64(v)
+			}
 			for k := 0; k < r; k++ {
-				if c := a[k*rows+i]; c != 0 {
-					impl.Saxpy(cols, c, bt[k*cols:(k+1)*cols], 1, row, 1)
+				if c := coef[i*r+k]; c != 0 {
+					impl.Daxpy(cols, c, vecs[k*cols:(k+1)*cols], 1, acc, 1)
 				}
+			}
+			for j, v := range acc {
+				row[j] = float32(v)
 			}
 		}
 	})

@@ -209,6 +209,12 @@ func planFuse(opts *FuseOptions, base *modelfolder.Folder, adapters []*Adapter) 
 			}
 		}
 	}
+	if _, stored := base.Info(lmHead); !stored && p.byName[lmHead] == nil {
+		// an adapter that changes the embedding of a tied model: lm_head keeps the base matrix
+		if emb, err := tiedEmbedding(base); err == nil && emb != "" && len(p.byName[emb].ops) > 0 {
+			p.untieLMHead(emb)
+		}
+	}
 	if err := p.layout(opts, base); err != nil {
 		return nil, err
 	}
