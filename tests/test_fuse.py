@@ -557,3 +557,39 @@ def test_sigkill_leaves_the_old_output_or_the_whole_new_one(tmp_path):
     assert no_temp(tmp_path)
     got = tensors(str(out))
     assert sorted(got) == sorted(new) and all(torch.equal(got[k], new[k]) for k in new)
+
+
+def test_fuse_recipe(tmp_path):
+    base = save_base("llama", str(tmp_path / "base"))
+    make_adapter("llama", str(tmp_path / "a"), seed=1, r=4, lora_alpha=8, target_modules=["q_proj"])
+    make_adapter("llama", str(tmp_path / "b"), seed=2, r=4, lora_alpha=8, target_modules=["v_proj"])
+    recipe = tmp_path / "fuse.yaml"
+    recipe.write_text(
+        "base: base\nadapters:\n  - source: a\n  - source: b\n    weight: 0.5\nstack: true\n"
+        "max_shard_size: 200KB\noutput_dir: fused\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    res = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "gomerge", "fuse", "--recipe", str(recipe), "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    assert res["stack"] and len(res["shards"]) > 1 and len(res["changed"]) == 4
+    direct = gomerge.fuse(base, [str(tmp_path / "a"), str(tmp_path / "b")], [1, 0.5], output_dir=str(tmp_path / "d"))
+    got, want = tensors(str(tmp_path / "fused")), tensors(str(tmp_path / "d"))
+    assert sorted(got) == sorted(want) and all(rel(got[k], want[k]) <= 1e-6 for k in want)
+    assert direct.combination_type == "cat"
+    # a merge recipe refuses the fuse keys, and a fuse recipe needs its base
+    bad = subprocess.run(
+        [sys.executable, "-m", "gomerge", "merge", "--recipe", str(recipe)], env=env, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "gomerge fuse --recipe" in bad.stderr
+    recipe.write_text("adapters: [a]\noutput_dir: x\n")
+    bad = subprocess.run(
+        [sys.executable, "-m", "gomerge", "fuse", "--recipe", str(recipe)], env=env, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "'base' is missing" in bad.stderr

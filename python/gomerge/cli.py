@@ -263,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
         "default cat: the exact weighted sum) or applied one after another (--stack). The output folder appears "
         "complete or not at all.",
     )
-    f.add_argument("base", metavar="BASE", help="base model folder or Hub id")
-    f.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT adapter directories or Hub ids")
+    f.add_argument("base", nargs="?", metavar="BASE", help="base model folder or Hub id")
+    f.add_argument("adapters", nargs="*", metavar="ADAPTER", help="PEFT adapter directories or Hub ids")
+    f.add_argument("--recipe", metavar="FILE", help="read the base, sources and options from a YAML recipe")
     f.add_argument("-o", "--output-dir", metavar="DIR", help="folder of the fused model (required unless --dry-run)")
     f.add_argument("-w", "--weights", nargs="+", type=_weight_arg, metavar="W", help="one weight per adapter")
     f.add_argument(
@@ -289,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     f.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    p.fuse_parser = f
     i = sub.add_parser(
         "inspect",
         help="describe an adapter: ranks, alpha, scaling, targets, dtype, size",
@@ -426,25 +428,63 @@ def _resize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _fuse(args: argparse.Namespace) -> int:
-    options = {
-        k: v for k, v in (("density", args.density), ("svd_rank", args.svd_rank), ("seed", args.seed)) if v is not None
-    }
-    res = fuse_models(
-        args.base,
-        args.adapters,
-        weights=args.weights,
-        combination_type=args.method,
-        output_dir=args.output_dir,
-        dtype=args.dtype,
-        stack=args.stack,
-        max_shard_size=args.max_shard_size,
-        dry_run=args.dry_run,
-        overwrite=args.overwrite,
-        progress=False if args.quiet or args.json else None,
-        revision=args.revision,
-        **options,
-    )
+def _fuse(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    options: dict[str, Any] = {}
+    if args.recipe:
+        from .recipe import RecipeError, load_recipe
+
+        if args.base or args.adapters or args.weights:
+            parser.error("give the base and adapters either on the command line or in --recipe, not both")
+        try:
+            recipe = load_recipe(args.recipe, "fuse")
+        except FileNotFoundError:
+            return _fail(f"recipe {args.recipe}: no such file")
+        except RecipeError as e:
+            sys.stderr.write(f"gomerge: error: {e}\n")
+            return EXIT_USAGE
+        options = dict(recipe.options)
+        srcs = recipe.sources
+    else:
+        if not args.base or not args.adapters:
+            parser.error("name the BASE model and at least one ADAPTER, or give --recipe")
+        srcs = [{"source": a} for a in args.adapters]
+        if args.weights is not None:
+            if len(args.weights) != len(args.adapters):
+                parser.error(f"--weights: got {len(args.weights)} weights for {len(args.adapters)} adapters")
+            for s, w in zip(srcs, args.weights):
+                s["weight"] = w
+        options["base"] = args.base
+    # command-line options override the recipe's
+    for key, value in (
+        ("combination_type", args.method),
+        ("density", args.density),
+        ("svd_rank", args.svd_rank),
+        ("seed", args.seed),
+        ("output_dir", args.output_dir),
+        ("dtype", args.dtype),
+        ("max_shard_size", args.max_shard_size),
+    ):
+        if value is not None:
+            options[key] = value
+    for key in ("stack", "dry_run", "overwrite"):
+        if getattr(args, key):
+            options[key] = True
+    weights = [s.get("weight", 1.0) for s in srcs] if any("weight" in s for s in srcs) else None
+    base = options.pop("base")
+    if "lambda" in options:
+        options["lambda_"] = options.pop("lambda")
+    with ExitStack() as stack:
+        local = [
+            sources.resolve(s["source"], stack, s.get("revision") or args.revision, s.get("subfolder")) for s in srcs
+        ]
+        res = fuse_models(
+            base,
+            local,
+            weights=weights,
+            progress=False if args.quiet or args.json else None,
+            revision=args.revision,
+            **options,
+        )
     if args.json:
         print(json.dumps(res.__dict__))
     elif not args.quiet:
@@ -507,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "resize":
             return _resize(args)
         if args.command == "fuse":
-            return _fuse(args)
+            return _fuse(args, parser.fuse_parser)
         return _inspect(args)
     except KeyboardInterrupt:
         sys.stderr.write("gomerge: interrupted; nothing was written\n")
