@@ -121,6 +121,7 @@ func fuseTensors(ctx context.Context, opts *FuseOptions, p *fusePlan, base *mode
 	if ms, err := strconv.Atoi(os.Getenv(fuseDelayEnv)); err == nil && ms > 0 {
 		delay = time.Duration(ms) * time.Millisecond
 	}
+	budget := newMemBudget(p.tensors)
 	var next atomic.Int64
 	var failed atomic.Bool
 	var once sync.Once
@@ -142,7 +143,10 @@ func fuseTensors(ctx context.Context, opts *FuseOptions, p *fusePlan, base *mode
 					return
 				}
 				var err error
+				cost := p.tensors[i].memCost()
+				budget.acquire(cost)
 				raw, err = fuseOne(ctx, p, p.tensors[i], base, writerOf[p.tensors[i].name], raw)
+				budget.release(cost)
 				if err != nil {
 					once.Do(func() { firstErr = err })
 					failed.Store(true)
@@ -176,10 +180,7 @@ func fuseOne(ctx context.Context, p *fusePlan, t *fuseTensor, base *modelfolder.
 	}()
 	info, _ := base.Info(t.src)
 	if len(t.ops) == 0 && (t.dtype == "" || t.dtype == info.DType) {
-		if raw, err = base.ReadRaw(t.src, raw); err != nil {
-			return raw, err
-		}
-		return raw, w.WriteTensor(t.name, raw)
+		return base.CopyTensor(w, t.name, t.src, raw)
 	}
 	x := pool.Get(safetensors.Numel(t.shape))
 	defer pool.Put(x)
@@ -190,4 +191,53 @@ func fuseOne(ctx context.Context, p *fusePlan, t *fuseTensor, base *modelfolder.
 		return raw, err
 	}
 	return raw, w.WriteTensor(t.name, encodeOutput(t.dtype, x))
+}
+
+// memCost is the memory a worker holds while it computes tensor t: the
+// float32 tensor, its encoded copy and the factors' float64 work space (0
+// for a tensor copied as it is, which moves inside the kernel).
+func (t *fuseTensor) memCost() int64 {
+	if len(t.ops) == 0 {
+		return 0
+	}
+	n := int64(safetensors.Numel(t.shape))
+	return 4*n + t.bytes() + n/2 // the factors' work space is well below n/2 bytes for any LoRA rank < 1/16 of a side
+}
+
+// memBudget bounds the memory of the tensors being computed at once: two
+// of the largest, so that peak memory is a small multiple of the largest
+// tensor whatever the number of cores (a tensor's own work is spread over
+// all cores, so fewer tensors at once cost little speed).
+type memBudget struct {
+	mu    sync.Mutex
+	cond  *sync.Cond
+	free  int64
+	limit int64
+}
+
+func newMemBudget(ts []*fuseTensor) *memBudget {
+	largest := int64(0)
+	for _, t := range ts {
+		largest = max(largest, t.memCost())
+	}
+	b := &memBudget{limit: 2 * largest, free: 2 * largest}
+	b.cond = sync.NewCond(&b.mu)
+	return b
+}
+
+// acquire waits until cost fits (a cost above the limit waits for all others).
+func (b *memBudget) acquire(cost int64) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for b.free < min(cost, b.limit) {
+		b.cond.Wait()
+	}
+	b.free -= cost
+}
+
+func (b *memBudget) release(cost int64) {
+	b.mu.Lock()
+	b.free += cost
+	b.mu.Unlock()
+	b.cond.Broadcast()
 }
