@@ -936,6 +936,11 @@ def main() -> None:
             if scenario in todo:
                 fuse_scenario(scenario, root, bw, rows)
         order = {"S1": 0, "S2": 1, "S3": 2, "S4": 3, "R1": 4, "M1": 5, "F1": 6, "F2": 7}
+        # a run of some scenarios replaces their rows in the saved results and keeps the others'
+        saved_path = os.path.join(RESULTS, "latest.json")
+        if os.path.exists(saved_path):
+            kept = [r for r in json.load(open(saved_path))["rows"] if r["scenario"] not in todo]
+            rows = kept + rows
         rows.sort(key=lambda r: order[r["scenario"]])  # stable: each scenario's rows keep their order
     os.makedirs(RESULTS, exist_ok=True)
     md = table(rows, machine)

@@ -31,6 +31,8 @@ type FuseOptions struct {
 	BaseName     string   `json:"base_name"`      // how the user named the base (for the model card)
 	SourceNames  []string `json:"source_names"`   // how the user named the adapters (for the model card)
 	Workers      int      `json:"workers"`        // tensors fused at once; 0 uses all cores
+
+	oneAdapterMethod string // a combination_type given for one adapter, which nothing merges
 }
 
 // FuseChange is one tensor of the output that differs from the base.
@@ -78,6 +80,8 @@ func (o *FuseOptions) validate() error {
 	}
 	if o.CombinationType == "" {
 		o.CombinationType = "cat"
+	} else if len(o.Adapters) == 1 && o.CombinationType != "cat" {
+		o.oneAdapterMethod = o.CombinationType
 	}
 	if o.Stack && len(o.Adapters) > 1 && o.CombinationType != "cat" {
 		return valueErr("combination_type: %q merges adapters before fusing; stack=True applies them one after another instead (pass one or the other)", o.CombinationType)
@@ -93,15 +97,31 @@ func (o *FuseOptions) validate() error {
 	if o.OutputDir == "" && !o.DryRun {
 		return valueErr("output_dir: a directory to write the fused model to is required")
 	}
-	out := filepath.Clean(o.OutputDir)
 	if o.OutputDir != "" {
+		out, err := filepath.Abs(o.OutputDir)
+		if err != nil {
+			return ioErr(o.OutputDir, err)
+		}
 		for _, in := range append([]string{o.Base}, o.Adapters...) {
-			if filepath.Clean(in) == out {
+			abs, err := filepath.Abs(in)
+			if err != nil {
+				return ioErr(in, err)
+			}
+			if abs == out {
 				return valueErr("output_dir: %s is also an input; choose another directory", o.OutputDir)
+			}
+			if inside(out, abs) || inside(abs, out) {
+				return valueErr("output_dir: %s and the input %s lie one inside the other; choose a directory apart from the inputs", o.OutputDir, in)
 			}
 		}
 	}
 	return nil
+}
+
+// inside tells whether path lies strictly inside dir (both absolute and clean).
+func inside(dir, path string) bool {
+	rel, err := filepath.Rel(dir, path)
+	return err == nil && rel != "." && filepath.IsLocal(rel)
 }
 
 // Fuse folds the adapters into the base model's weights, W' = W + s B A
@@ -140,6 +160,9 @@ func Fuse(ctx context.Context, opts FuseOptions, progress *Progress) (*FuseResul
 		return nil, err
 	}
 	res := plan.result(&opts)
+	if opts.oneAdapterMethod != "" {
+		res.Warnings = append(res.Warnings, fmt.Sprintf("one adapter only: combination_type %q is not used (nothing to merge); the adapter is fused as it is", opts.oneAdapterMethod))
+	}
 	if opts.DryRun || ctx.Err() != nil {
 		if ctx.Err() != nil {
 			return nil, ErrCancelled

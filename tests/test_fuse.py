@@ -593,3 +593,14 @@ def test_fuse_recipe(tmp_path):
         [sys.executable, "-m", "gomerge", "fuse", "--recipe", str(recipe)], env=env, capture_output=True, text=True
     )
     assert bad.returncode == 2 and "'base' is missing" in bad.stderr
+
+
+def test_output_inside_an_input_is_refused(tmp_path):
+    base = save_base("llama", str(tmp_path / "base"))
+    ad = make_adapter("llama", str(tmp_path / "a"), r=4, lora_alpha=8, target_modules=["q_proj"])
+    for out in (os.path.join(base, "fused"), str(tmp_path)):
+        with pytest.raises(ValueError, match="one inside the other"):
+            gomerge.fuse(base, [ad], output_dir=out, overwrite=True)
+    assert sorted(os.listdir(base)) == ["config.json", "generation_config.json", "model.safetensors"]
+    with pytest.warns(UserWarning, match="not used"):
+        gomerge.fuse(base, [ad], combination_type="ties", density=0.5, output_dir=str(tmp_path / "o"))
