@@ -939,7 +939,11 @@ def main() -> None:
         # a run of some scenarios replaces their rows in the saved results and keeps the others'
         saved_path = os.path.join(RESULTS, "latest.json")
         if os.path.exists(saved_path):
-            kept = [r for r in json.load(open(saved_path))["rows"] if r["scenario"] not in todo]
+            saved = json.load(open(saved_path))
+            kept = [r for r in saved["rows"] if r["scenario"] not in todo]
+            if kept:
+                ran = ", ".join(sorted({r["scenario"] for r in rows}))
+                machine = f"{saved['machine']}; {ran} from a later run on: {machine}"
             rows = kept + rows
         rows.sort(key=lambda r: order[r["scenario"]])  # stable: each scenario's rows keep their order
     os.makedirs(RESULTS, exist_ok=True)
