@@ -137,14 +137,11 @@ func planFuse(opts *FuseOptions, base *modelfolder.Folder, adapters []*Adapter) 
 			return nil, err
 		}
 	}
-	layers := 0
-	{
-		var all []string
-		for _, a := range adapters {
-			all = append(all, a.Order...)
-		}
-		layers = layerCount(all)
+	var all []string
+	for _, a := range adapters {
+		all = append(all, a.Order...)
 	}
+	layers := layerCount(all) // what gradient weights spread over
 	// full tensors (modules_to_save) first: an adapter's saved weights replace the base's before its LoRA applies
 	replacedBy := map[string]int{}
 	for i, a := range adapters {
@@ -159,6 +156,10 @@ func planFuse(opts *FuseOptions, base *modelfolder.Folder, adapters []*Adapter) 
 					opts.Adapters[i], key, base.Dir, adapterFile(a))
 			}
 			raw := a.file.Tensor(key)
+			if raw.DType == "" {
+				return nil, valueErr("adapter %s: tensor %s has dtype %s, which fuse does not read (F32, BF16, F16) (adapter file %s)",
+					opts.Adapters[i], key, a.file.Entries[key].RawDType, adapterFile(a))
+			}
 			if !slices.Equal(raw.Shape, t.shape) {
 				return nil, valueErr("adapter %s: tensor %s has shape %v, but the base's %s has shape %v (adapter file %s)",
 					opts.Adapters[i], key, raw.Shape, t.name, t.shape, adapterFile(a))
