@@ -17,10 +17,18 @@ Scenarios (CPU, all cores):
 - S4, half precision: S1's `ties` with BF16 and F16 adapters against F32, gomerge only.
 - R1, rank control: `gomerge.resize` of one of S3's rank-64 adapters (32 layers x 7 modules) to rank 16, against
   torch's dense truncation (B A formed, `torch.linalg.svd`, truncated), timed on one layer and scaled by 32.
+- F1, fuse: one rank-16 all-linear adapter into a TinyLlama-shaped bf16 base (vocabulary 32000, 2.2 GB, one
+  shard), gomerge's `fuse` next to PEFT end to end (load the base, load the adapter, `merge_and_unload`,
+  `save_pretrained`) and `cp -r` of the base folder, each in a child process and each followed by `sync` (the
+  writes are what the disk pays for), with its peak RSS. F2: the same on a Llama-7B-shaped base (13.5 GB, 3
+  shards; `--scenarios F2`, not in the default set). The synthetic bases are made once and cached.
 - M1, methods beyond PEFT: breadcrumbs, breadcrumbs_ties, della and della_linear on S2's shapes, gomerge (disk to
   disk, in a child process for its peak RSS, best of 2) next to mergekit's `merge_tensors` on the same dense
   updates; iso_c, tsv and iso_cts next to fusion-bench's definitions on dense updates (full SVDs, restated in
   tests/test_span_methods.py). The "PEFT call" column holds the peer's time.
+- E1, extraction: `gomerge.extract` at rank 64 from a TinyLlama-shaped bf16 fine-tune (synthetic, cached), next to
+  mergekit-extract-lora on the same folders, with each module's error from both outputs (`--e1-layers`, 2 by default:
+  mergekit's dense SVDs take about 3 minutes per TinyLlama layer here).
 
 Every row states the bytes read and written and the floor: those bytes divided by the memory bandwidth measured at
 the start of the run (a large memory copy). Rows also give this machine's measured lower bounds (benchmarks/floor):
@@ -31,10 +39,7 @@ a child process, for its peak RSS (the best of 2 runs for ties, one for svd), af
 that both it and the floors find them in the page cache. Results go to benchmarks/results/ (JSON, Markdown table,
 PNG chart), with the targets of the issue checked against the run.
 
-- E1, extraction: `gomerge.extract` at rank 64 from a TinyLlama-shaped bf16 fine-tune (synthetic, cached), next to
-  mergekit-extract-lora on the same folders, with each module's error from both outputs (`--e1-layers`).
-
-Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1,M1,E1] [--s3-layers N] [--s1-methods ties,svd,...]
+Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1,M1,F1,F2,E1] [--s3-layers N] [--s1-methods ties,svd,...]
     [--e1-layers N]
 """
 
@@ -738,6 +743,138 @@ def s4(root: str, bw: float, rows: list) -> None:
         print(rows[-1], flush=True)
 
 
+FUSE_SHAPES = {
+    "F1": dict(vocab=32000, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, shards="5GB"),
+    "F2": dict(vocab=32000, hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, shards="5GB"),
+}
+
+
+def fuse_inputs(scenario: str) -> tuple[str, str]:
+    """The synthetic bf16 base model folder (random weights, saved by transformers) and a rank-16 all-linear PEFT
+    adapter for it, made once and cached under benchmarks/.cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = FUSE_SHAPES[scenario]
+    root = os.path.join(CACHE, scenario.lower())
+    base, adapter = os.path.join(root, "base"), os.path.join(root, "adapter")
+    if os.path.exists(os.path.join(base, "config.json")) and os.path.exists(
+        os.path.join(adapter, "adapter_config.json")
+    ):
+        return base, adapter
+    cfg = LlamaConfig(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu").to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.bfloat16) * 0.02)
+    model.save_pretrained(base, max_shard_size=shape["shards"])
+    # the adapter: on a model of the same linear shapes with a small vocabulary (its embeddings are not adapted)
+    small = llama(shape["hidden"], shape["intermediate"], shape["layers"], shape["heads"], shape["kv_heads"])
+    del model
+    gc.collect()
+    tmp = save_adapters(lambda: small, root, [16], LLAMA_LINEAR)[0]
+    os.replace(tmp, adapter)
+    return base, adapter
+
+
+_RSS = "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0] / 1024"
+
+
+def child(code: str) -> dict:
+    """Runs Python code in a child process that prints a JSON dict last; adds its peak RSS (VmHWM, MiB)."""
+    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(HERE), "python") + os.pathsep + HERE)
+    gc.collect()
+    os.sync()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import json, os, time\n{code}\n{_RSS}\nout['peak_rss_mib'] = hwm\nprint(json.dumps(out))",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-4000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fuse_scenario(scenario: str, root: str, bw: float, rows: list) -> None:
+    base, adapter = fuse_inputs(scenario)
+    size = dir_bytes(base)
+    for name in os.listdir(base):  # into the page cache, for every contender alike
+        with open(os.path.join(base, name), "rb") as f:
+            while f.read(64 << 20):
+                pass
+    out = os.path.join(root, f"{scenario}-out")
+
+    def fresh():
+        shutil.rmtree(out, ignore_errors=True)
+        os.sync()
+
+    fresh()
+    t0 = time.perf_counter()
+    subprocess.run(["cp", "-r", base, out], check=True)
+    os.sync()
+    t_copy = time.perf_counter() - t0
+    fresh()
+    go_runs = []
+    for _ in range(2):
+        go_runs.append(
+            child(
+                "import gomerge\nt0 = time.perf_counter()\n"
+                f"r = gomerge.fuse({base!r}, [{adapter!r}], output_dir={out!r}, overwrite=True, progress=False)\n"
+                "os.sync()\nout = dict(seconds=time.perf_counter() - t0, changed=len(r.changed), shards=len(r.shards))"
+            )
+        )
+    go = min(go_runs, key=lambda r: r["seconds"])
+    written = dir_bytes(out)
+    fresh()
+    peft = child(
+        "import torch\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\nout = {}\n"
+        "t0 = time.perf_counter()\n"
+        f"m = AutoModelForCausalLM.from_pretrained({base!r}, dtype=torch.bfloat16)\n"
+        "t1 = time.perf_counter()\n"
+        f"m = PeftModel.from_pretrained(m, {adapter!r})\n"
+        "t2 = time.perf_counter()\nm = m.merge_and_unload()\nt3 = time.perf_counter()\n"
+        f"m.save_pretrained({out!r})\nt4 = time.perf_counter()\nos.sync()\nt5 = time.perf_counter()\n"
+        "out = dict(seconds=t5 - t0, load=t1 - t0, adapter=t2 - t1, merge=t3 - t2, save=t4 - t3, sync=t5 - t4)"
+    )
+    fresh()
+    s = FUSE_SHAPES[scenario]
+    rows.append(
+        dict(
+            scenario=scenario,
+            method="fuse r16 all-linear",
+            shapes=f"Llama {s['hidden']}/{s['intermediate']} x {s['layers']}, bf16, {go['shards']} shard(s)",
+            read=size + dir_bytes(adapter),
+            written=written,
+            floor=(size + written) / bw,
+            gomerge=go["seconds"],
+            gomerge_runs=[r["seconds"] for r in go_runs],
+            peft_e2e=peft["seconds"],
+            peft_phases={k: peft[k] for k in ("load", "adapter", "merge", "save", "sync")},
+            copy=t_copy,
+            peak_rss_mib=go["peak_rss_mib"],
+            peft_peak_rss_mib=peft["peak_rss_mib"],
+            check=f"cp -r + sync {fmt_s(t_copy)}; PEFT peak RSS {peft['peak_rss_mib']:.0f} MiB",
+        )
+    )
+    print(rows[-1], flush=True)
+
+
 def fmt_s(x) -> str:
     return "-" if x is None else (f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s")
 
@@ -869,6 +1006,13 @@ def targets(rows: list) -> list[str]:
             ratio >= 10 and r["error_ratio_max"] <= 1.01,
             f"{r['gflop']:.0f} GFLOP of sketch products at {r['gflops_per_s']:.1f} GFLOP/s",
         )
+    for r in rows:
+        if r["scenario"] in ("F1", "F2"):
+            n = r["scenario"]
+            add(f"{n} >= 2x PEFT end to end", f"{r['peft_e2e'] / r['gomerge']:.1f}x", r["peft_e2e"] >= 2 * r["gomerge"])
+            add(f"{n} within 1.5x of cp -r", f"{r['gomerge'] / r['copy']:.2f}x", r["gomerge"] <= 1.5 * r["copy"])
+            if n == "F2":
+                add("F2 peak RSS <= 1 GiB", f"{r['peak_rss_mib']:.0f} MiB", r["peak_rss_mib"] <= 1024)
     f32 = row("S4", "ties float32")
     for half in ("bfloat16", "float16"):
         if f32 and (r := row("S4", f"ties {half}")):
@@ -897,7 +1041,7 @@ def chart(rows: list, path: str) -> None:
     bars = [
         (label(r), r["peft"] / r["gomerge"], r.get("peft_e2e", 0) / r["gomerge"])
         for r in rows
-        if r.get("peft") and not r.get("kernels") and r["scenario"] not in ("R1", "M1", "E1")
+        if r.get("peft") and not r.get("kernels") and r["scenario"] not in ("R1", "M1", "F1", "F2", "E1")
     ]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     x = np.arange(len(bars))
@@ -915,7 +1059,7 @@ def chart(rows: list, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scenarios", default="S1,S2,S3,S4,R1,M1,E1")
+    ap.add_argument("--scenarios", default="S1,S2,S3,S4,R1,M1,F1,E1", help="comma-separated; F2 (13.5 GB) on request")
     ap.add_argument("--chart-only", action="store_true", help="redraw the chart and table from results/latest.json")
     ap.add_argument("--s3-layers", type=int, default=32)
     ap.add_argument("--s1-methods", default="ties,svd,cat,linear,dare_ties", help="S1's methods (comma-separated)")
@@ -926,7 +1070,10 @@ def main() -> None:
         help="layers for S3's svd (exact SVDs of rank-512 sums are compute-bound: ~seconds per module)",
     )
     ap.add_argument(
-        "--e1-layers", type=int, default=22, help="E1's layers (TinyLlama has 22; mergekit takes ~1 min per layer here)"
+        "--e1-layers",
+        type=int,
+        default=2,
+        help="E1's layers, of TinyLlama's shapes (it has 22; mergekit-extract-lora takes ~3 min per layer here)",
     )
     args = ap.parse_args()
     if args.chart_only:
@@ -961,7 +1108,19 @@ def main() -> None:
             m1(root, bw, rows)
         if "E1" in todo:
             e1(root, bw, rows, args.e1_layers)
-        order = {"S1": 0, "S2": 1, "S3": 2, "S4": 3, "R1": 4, "M1": 5, "E1": 6}
+        for scenario in ("F1", "F2"):
+            if scenario in todo:
+                fuse_scenario(scenario, root, bw, rows)
+        order = {"S1": 0, "S2": 1, "S3": 2, "S4": 3, "R1": 4, "M1": 5, "F1": 6, "F2": 7, "E1": 8}
+        # a run of some scenarios replaces their rows in the saved results and keeps the others'
+        saved_path = os.path.join(RESULTS, "latest.json")
+        if os.path.exists(saved_path):
+            saved = json.load(open(saved_path))
+            kept = [r for r in saved["rows"] if r["scenario"] not in todo]
+            if kept:
+                ran = ", ".join(sorted({r["scenario"] for r in rows}))
+                machine = f"{saved['machine']}; {ran} from a later run on: {machine}"
+            rows = kept + rows
         rows.sort(key=lambda r: order[r["scenario"]])  # stable: each scenario's rows keep their order
     os.makedirs(RESULTS, exist_ok=True)
     md = table(rows, machine)

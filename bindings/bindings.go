@@ -95,6 +95,8 @@ func RequestKeys() string {
 		"tensor_result":  jsonKeys(reflect.TypeFor[gomerge.MemResult]()),
 		"extract":        jsonKeys(reflect.TypeFor[gomerge.ExtractOptions]()),
 		"extract_result": jsonKeys(reflect.TypeFor[gomerge.ExtractResult]()),
+		"fuse":           jsonKeys(reflect.TypeFor[gomerge.FuseOptions]()),
+		"fuse_result":    jsonKeys(reflect.TypeFor[gomerge.FuseResult]()),
 	})
 	return string(b)
 }
@@ -196,6 +198,19 @@ func ExtractStart(request string) int64 {
 			return nil, err
 		}
 		return gomerge.Extract(ctx, opts, p)
+	})
+}
+
+// FuseStart starts a fuse of adapters into their base model (the fields of
+// gomerge.FuseOptions, in JSON) and returns its job id; MergeWait reports
+// its progress (output tensors) and outcome, MergeCancel stops it.
+func FuseStart(request string) int64 {
+	return startJob(func(ctx context.Context, p *gomerge.Progress) (any, error) {
+		var opts gomerge.FuseOptions
+		if err := decodeRequest(request, &opts); err != nil {
+			return nil, err
+		}
+		return gomerge.Fuse(ctx, opts, p)
 	})
 }
 

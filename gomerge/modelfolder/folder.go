@@ -372,3 +372,15 @@ func (f *Folder) OtherFiles() ([]string, error) {
 	sort.Strings(out)
 	return out, err
 }
+
+// CopyTensor writes tensor src of the folder, as stored, as tensor name of
+// w (a shard of an output folder), inside the kernel where it can (see
+// safetensors.Writer.CopyTensor); buf is a reusable buffer for the
+// fallback, returned grown.
+func (f *Folder) CopyTensor(w *safetensors.Writer, name, src string, buf []byte) ([]byte, error) {
+	t, ok := f.info[src]
+	if !ok {
+		return buf, errs.Value("%s: the model has no tensor %s", f.Dir, src)
+	}
+	return w.CopyTensor(name, f.files[t.Shard], src, buf)
+}

@@ -248,9 +248,14 @@ func TestOutput(t *testing.T) {
 	dir := filepath.Join(parent, "out")
 	o, err := Create(dir, false)
 	require.NoError(t, err)
-	w, err := o.CreateShard(SingleFile, []safetensors.OutTensor{{Name: "w", DType: safetensors.F32, Shape: []int{1}}})
+	w, err := o.CreateShard(SingleFile, []safetensors.OutTensor{{Name: "w", DType: safetensors.F32, Shape: []int{1}},
+		{Name: "copied", DType: safetensors.BF16, Shape: []int{2, 3}}})
 	require.NoError(t, err)
 	require.NoError(t, w.WriteTensor("w", safetensors.Encode(safetensors.F32, []float32{3})))
+	_, err = src.CopyTensor(w, "copied", "a.weight", nil)
+	require.NoError(t, err)
+	_, err = src.CopyTensor(w, "copied", "c.weight", nil)
+	require.Error(t, err, "sizes differ")
 	require.NoError(t, w.Close())
 	require.NoError(t, o.CopyFiles(src))
 	_, err = o.Path("../escape")
@@ -260,6 +265,12 @@ func TestOutput(t *testing.T) {
 	for _, name := range []string{SingleFile, ConfigFile, "tokenizer.json"} {
 		assert.FileExists(t, filepath.Join(dir, name))
 	}
+	st, err := safetensors.Open(filepath.Join(dir, SingleFile))
+	require.NoError(t, err)
+	copied, err := st.ReadFloat32("copied")
+	require.NoError(t, err)
+	assert.Equal(t, []float32{1, 2, 3, 4, 5, 6}, copied)
+	st.Close()
 	entries, _ := os.ReadDir(parent)
 	assert.Len(t, entries, 1, "no temporary folder left")
 

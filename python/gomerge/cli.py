@@ -11,6 +11,7 @@ from typing import Any
 
 from . import __version__, _native, merge, sources
 from .extraction import extract as extract_adapter
+from .fuse import fuse as fuse_models
 from .merge import COMBINATION_TYPES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -33,6 +34,7 @@ examples:
   gomerge merge user/lora-a user/lora-b@v2 --method svd --svd-rank 16 -o merged --json
   gomerge inspect merged
   gomerge extract BASE FINETUNED -o extracted --rank 64
+  gomerge fuse models/llama adapters/sql -o llama-sql
 
 Run `gomerge merge --help` for every option and the recipe format."""
 
@@ -292,6 +294,43 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-model-card", action="store_true", help="do not write README.md")
     e.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    f = sub.add_parser(
+        "fuse",
+        help="fuse LoRA adapters into their base model's weights (a model folder transformers loads)",
+        description="Fuse LoRA adapters into the weights of their base model, W' = W + s B A as PEFT's "
+        "merge_and_unload() computes it (fan_in_fan_out, embeddings, Conv2d, DoRA, lora_bias, modules_to_save), "
+        "in float32 with one rounding, streaming one tensor per core. Several adapters are merged first (--method, "
+        "default cat: the exact weighted sum) or applied one after another (--stack). The output folder appears "
+        "complete or not at all.",
+    )
+    f.add_argument("base", nargs="?", metavar="BASE", help="base model folder or Hub id")
+    f.add_argument("adapters", nargs="*", metavar="ADAPTER", help="PEFT adapter directories or Hub ids")
+    f.add_argument("--recipe", metavar="FILE", help="read the base, sources and options from a YAML recipe")
+    f.add_argument("-o", "--output-dir", metavar="DIR", help="folder of the fused model (required unless --dry-run)")
+    f.add_argument("-w", "--weights", nargs="+", type=_weight_arg, metavar="W", help="one weight per adapter")
+    f.add_argument(
+        "-m",
+        "--method",
+        "--combination-type",
+        dest="method",
+        choices=COMBINATION_TYPES,
+        metavar="METHOD",
+        help="how several adapters are merged before fusing (default: cat, the exact weighted sum)",
+    )
+    f.add_argument("--stack", action="store_true", help="apply several adapters one after another")
+    f.add_argument("--max-shard-size", metavar="SIZE", help="split the output into shards of at most SIZE (5GB)")
+    f.add_argument("--dry-run", action="store_true", help="list what would change; write nothing")
+    f.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of every float tensor (default: the base's)"
+    )
+    f.add_argument("--density", type=float, help="density of the pruning methods (merge before fusing)")
+    f.add_argument("--svd-rank", type=_rank_arg, metavar="R", help="rank of the svd methods (merge before fusing)")
+    f.add_argument("--seed", type=int, help="seed of the random methods (merge before fusing)")
+    f.add_argument("--revision", help="Hub revision for Hub ids without @revision")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    f.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    f.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    p.fuse_parser = f
     i = sub.add_parser(
         "inspect",
         help="describe an adapter: ranks, alpha, scaling, targets, dtype, size",
@@ -462,6 +501,78 @@ def _extract(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _fuse(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    options: dict[str, Any] = {}
+    if args.recipe:
+        from .recipe import RecipeError, load_recipe
+
+        if args.base or args.adapters or args.weights:
+            parser.error("give the base and adapters either on the command line or in --recipe, not both")
+        try:
+            recipe = load_recipe(args.recipe, "fuse")
+        except FileNotFoundError:
+            return _fail(f"recipe {args.recipe}: no such file")
+        except RecipeError as e:
+            sys.stderr.write(f"gomerge: error: {e}\n")
+            return EXIT_USAGE
+        options = dict(recipe.options)
+        srcs = recipe.sources
+    else:
+        if not args.base or not args.adapters:
+            parser.error("name the BASE model and at least one ADAPTER, or give --recipe")
+        srcs = [{"source": a} for a in args.adapters]
+        if args.weights is not None:
+            if len(args.weights) != len(args.adapters):
+                parser.error(f"--weights: got {len(args.weights)} weights for {len(args.adapters)} adapters")
+            for s, w in zip(srcs, args.weights):
+                s["weight"] = w
+        options["base"] = args.base
+    # command-line options override the recipe's
+    for key, value in (
+        ("combination_type", args.method),
+        ("density", args.density),
+        ("svd_rank", args.svd_rank),
+        ("seed", args.seed),
+        ("output_dir", args.output_dir),
+        ("dtype", args.dtype),
+        ("max_shard_size", args.max_shard_size),
+    ):
+        if value is not None:
+            options[key] = value
+    for key in ("stack", "dry_run", "overwrite"):
+        if getattr(args, key):
+            options[key] = True
+    weights = [s.get("weight", 1.0) for s in srcs] if any("weight" in s for s in srcs) else None
+    base = options.pop("base")
+    if "lambda" in options:
+        options["lambda_"] = options.pop("lambda")
+    with ExitStack() as stack:
+        local = [
+            sources.resolve(s["source"], stack, s.get("revision") or args.revision, s.get("subfolder")) for s in srcs
+        ]
+        res = fuse_models(
+            base,
+            local,
+            weights=weights,
+            progress=False if args.quiet or args.json else None,
+            revision=args.revision,
+            **options,
+        )
+    if args.json:
+        print(json.dumps(res.__dict__))
+    elif not args.quiet:
+        if res.dry_run:
+            for c in res.changed:
+                print(f"{c['tensor']} {c['shape']} {c['dtype']}: {', '.join(c['ops'])} ({', '.join(c['adapters'])})")
+            print(f"dry run: {len(res.changed)} of {res.tensors} tensors would change; nothing was written")
+        else:
+            print(
+                f"fused {len(res.adapters)} adapter(s) into {res.output_dir}: {len(res.changed)} of {res.tensors} "
+                f"tensors changed, {len(res.shards)} shard(s), {res.total_size / 2**20:.1f} MiB, {res.seconds:.2f} s"
+            )
+    return EXIT_OK
+
+
 def _inspect(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         path = sources.resolve(args.adapter, stack, args.revision, args.subfolder)
@@ -510,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
             return _resize(args)
         if args.command == "extract":
             return _extract(args)
+        if args.command == "fuse":
+            return _fuse(args, parser.fuse_parser)
         return _inspect(args)
     except KeyboardInterrupt:
         sys.stderr.write("gomerge: interrupted; nothing was written\n")

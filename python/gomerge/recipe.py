@@ -27,6 +27,20 @@ output_dir: merged                   # relative paths are relative to the recipe
 overwrite: false
 ```
 
+A fuse recipe (`gomerge fuse --recipe fuse.yaml`) names the base model too, and takes the fuse's own keys:
+
+```yaml
+base: models/llama                   # a model folder or a Hub id; relative to the recipe file
+adapters:
+  - source: adapters/sql
+  - source: adapters/adcopy
+    weight: 0.5
+method: cat                          # how several adapters are merged first (default: cat); or stack: true
+max_shard_size: 5GB                  # optional; default: the base's shard layout
+dtype: bfloat16                      # optional; default: the base's
+output_dir: llama-fused
+```
+
 Errors name the file, the line and the key at fault.
 """
 
@@ -60,6 +74,9 @@ TOP_KEYS = {
     "output_dir": "str",
     "overwrite": "bool",
 }
+# keys of fuse recipes only (gomerge fuse --recipe), and keys fuse recipes do not take
+FUSE_KEYS = {"base": "str", "stack": "bool", "max_shard_size": "int or str", "dry_run": "bool"}
+MERGE_ONLY_KEYS = {"adapter_name", "svd_full_matrices", "svd_driver"}
 SOURCE_KEYS = {
     "source": "str",
     "weight": "number, mapping of pattern -> number, or list of numbers",
@@ -139,11 +156,12 @@ def _weight_problem(value: Any, node: Any) -> tuple[Any, str] | None:
     return None
 
 
-def load_recipe(path: str) -> Recipe:
+def load_recipe(path: str, command: str = "merge") -> Recipe:
     """Reads and validates a recipe file.
 
     Args:
         path (`str`): the YAML file.
+        command (`str`, defaults to `"merge"`): `"merge"`, or `"fuse"` for a recipe with a `base` model.
 
     Returns:
         [`Recipe`]: sources (dicts with `source`, `weight`, `revision`, `subfolder`) and options.
@@ -173,11 +191,18 @@ def load_recipe(path: str) -> Recipe:
         raise err(root, "a recipe is a mapping of keys (adapters, method, ...)")
     data = yaml.safe_load(text)
     nodes = {k.value: (k, v) for k, v in root.value}
+    top = dict(TOP_KEYS)
+    if command == "fuse":
+        top = {k: v for k, v in top.items() if k not in MERGE_ONLY_KEYS} | FUSE_KEYS
     for key, (knode, vnode) in nodes.items():
-        if key not in TOP_KEYS:
-            raise err(knode, f"unknown key {key!r} (expected one of: {', '.join(TOP_KEYS)})")
-        if key != "adapters" and not _type_ok(data[key], TOP_KEYS[key]):
-            raise err(vnode, f"key {key!r} must be a {TOP_KEYS[key]}, got {data[key]!r}")
+        if key not in top:
+            if key in FUSE_KEYS:
+                raise err(knode, f"key {key!r} belongs to fuse recipes: run `gomerge fuse --recipe {path}`")
+            raise err(knode, f"unknown key {key!r} for a {command} recipe (expected one of: {', '.join(top)})")
+        if key != "adapters" and not _type_ok(data[key], top[key]):
+            raise err(vnode, f"key {key!r} must be a {top[key]}, got {data[key]!r}")
+    if command == "fuse" and "base" not in nodes:
+        raise err(root, "key 'base' is missing: name the base model folder (or Hub id) to fuse into")
     if "adapters" not in nodes:
         raise err(root, "key 'adapters' is missing: list the adapters to merge")
     if "method" in nodes and "combination_type" in nodes:
@@ -218,13 +243,17 @@ def load_recipe(path: str) -> Recipe:
     options = {k: v for k, v in data.items() if k != "adapters"}
     if "method" in options:
         options["combination_type"] = options.pop("method")
-    ctype = options.get("combination_type", "svd")
+    ctype = options.get("combination_type", "cat" if command == "fuse" else "svd")
     if ctype not in COMBINATION_TYPES:
         raise err(
             nodes.get("method", nodes.get("combination_type"))[1],
             f"unknown method {ctype!r} (expected one of: {', '.join(COMBINATION_TYPES)})",
         )
+    here = os.path.dirname(os.path.abspath(path))
     out = options.get("output_dir")
     if out and not os.path.isabs(out):
-        options["output_dir"] = os.path.join(os.path.dirname(os.path.abspath(path)), out)
+        options["output_dir"] = os.path.join(here, out)
+    base = options.get("base")
+    if base and not os.path.isabs(base) and os.path.exists(os.path.join(here, base)):
+        options["base"] = os.path.join(here, base)
     return Recipe(sources=sources, options=options)
