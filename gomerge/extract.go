@@ -506,16 +506,12 @@ func compareModule(j *extractJob, base, ft *modelfolder.Folder) (extractOutcome,
 	for _, name := range j.tensors {
 		be, _ := base.Info(name)
 		fe, _ := ft.Info(name)
-		raw, err := ft.ReadRaw(name, nil)
-		if err != nil {
-			return o, err
-		}
-		if be.DType == fe.DType { // the stored bytes decide: no conversion, half the memory for bf16
-			rb, err := base.ReadRaw(name, nil)
+		if be.DType == fe.DType { // the stored bytes decide, read in pieces: no conversion, no whole copies
+			same, err := sameStored(name, fe.Bytes, base, ft)
 			if err != nil {
 				return o, err
 			}
-			o.changed = o.changed || !bytes.Equal(rb, raw)
+			o.changed = o.changed || !same
 		} else {
 			wb, wf, err := readPair(name, base, ft)
 			if err != nil {
@@ -526,6 +522,10 @@ func compareModule(j *extractJob, base, ft *modelfolder.Folder) (extractOutcome,
 			pool.Put(wf)
 		}
 		if j.save { // as the fine-tune stores it
+			raw, err := ft.ReadRaw(name, nil)
+			if err != nil {
+				return o, err
+			}
 			keep = append(keep, saved{safetensors.OutTensor{Name: keyPrefix + name, DType: fe.DType, Shape: fe.Shape}, raw})
 		}
 	}
@@ -536,6 +536,29 @@ func compareModule(j *extractJob, base, ft *modelfolder.Folder) (extractOutcome,
 		}
 	}
 	return o, nil
+}
+
+// compareChunk is the piece of stored bytes that sameStored compares at a
+// time.
+const compareChunk = 4 << 20
+
+// sameStored tells whether tensor name (size bytes in both folders) is
+// stored with the same bytes in both.
+func sameStored(name string, size int64, base, ft *modelfolder.Folder) (bool, error) {
+	bb, fb := make([]byte, min(size, compareChunk)), make([]byte, min(size, compareChunk))
+	for off := int64(0); off < size; off += compareChunk {
+		n := min(size-off, compareChunk)
+		if err := base.ReadRawAt(name, off, bb[:n]); err != nil {
+			return false, err
+		}
+		if err := ft.ReadRawAt(name, off, fb[:n]); err != nil {
+			return false, err
+		}
+		if !bytes.Equal(bb[:n], fb[:n]) {
+			return false, nil
+		}
+	}
+	return true, nil
 }
 
 // extractLinear factorises one module's dW = W_ft - W_base.
