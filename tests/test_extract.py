@@ -403,3 +403,31 @@ def test_sharded_folders(models, tmp_path):
         assert open(tmp_path / "sharded" / f, "rb").read() == open(tmp_path / "single" / f, "rb").read().replace(
             models["base"].encode(), str(tmp_path / "base").encode()
         )
+
+
+def test_cli_recipe(models, tmp_path, capsys):
+    """`gomerge extract --recipe`: paths relative to the recipe file, the command line overriding its options."""
+    root = os.path.dirname(models["base"])
+    recipe = os.path.join(root, "extract.yaml")
+    with open(recipe, "w") as f:
+        f.write("base: base\nfinetuned: exact\noutput_dir: from-recipe\nenergy: 0.999999\nmodules_to_save: [norm]\n")
+    assert cli.main(["extract", "--recipe", recipe, "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["output_dir"] == os.path.join(root, "from-recipe") and res["modules_to_save"] == ["model.norm"]
+    assert res["module_ranks"]["model.layers.0.self_attn.q_proj"] == 2
+    out = str(tmp_path / "overridden")
+    assert cli.main(["extract", "--recipe", recipe, "--rank", "1", "-o", out, "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["output_dir"] == out and set(res["module_ranks"].values()) == {1}
+    bad = str(tmp_path / "bad.yaml")
+    with open(bad, "w") as f:
+        f.write("base: base\nfinetuned: exact\nrank: 4\nranks: 5\n")
+    assert cli.main(["extract", "--recipe", bad]) == 2
+    assert f"{bad}:4: unknown key 'ranks'" in capsys.readouterr().err
+    with open(bad, "w") as f:
+        f.write("base: base\nrank: 4\n")
+    assert cli.main(["extract", "--recipe", bad, "-o", out]) == 2
+    assert "key 'finetuned' is missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # neither models nor a recipe
+        cli.main(["extract", "--rank", "4", "-o", out])
+    assert e.value.code == 2

@@ -264,10 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
         "adapter loads with PeftModel.from_pretrained(base_model, OUT); the model card gives each module's rank and "
         "relative error.",
     )
-    e.add_argument("base", metavar="BASE", help="the base model folder (or Hub id)")
-    e.add_argument("finetuned", metavar="FINETUNED", help="the fine-tuned model folder (or Hub id)")
-    e.add_argument("-o", "--output-dir", metavar="DIR", required=True, help="directory of the extracted adapter")
-    how = e.add_mutually_exclusive_group(required=True)
+    e.add_argument("base", nargs="?", metavar="BASE", help="the base model folder (or Hub id)")
+    e.add_argument("finetuned", nargs="?", metavar="FINETUNED", help="the fine-tuned model folder (or Hub id)")
+    e.add_argument(
+        "--recipe",
+        metavar="FILE",
+        help="read the models and options from a YAML recipe (keys: base, finetuned, output_dir, rank or energy, "
+        "max_rank, modules_to_save, seed, dtype, overwrite, model_card, revision); the command line overrides it",
+    )
+    e.add_argument("-o", "--output-dir", metavar="DIR", help="directory of the extracted adapter")
+    how = e.add_mutually_exclusive_group()
     how.add_argument("--rank", type=int, metavar="R", help="the rank of every module")
     how.add_argument(
         "--energy", type=float, metavar="E", help="per module, the smallest rank keeping this fraction of ||dW||^2"
@@ -285,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="save every changed module that is not factorised (norms, embeddings, lm_head) whole",
     )
-    e.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default 0)")
+    e.add_argument("--seed", type=int, help="seed of the randomized SVD (default 0)")
     e.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the LoRA factors (default float32)"
     )
@@ -294,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-model-card", action="store_true", help="do not write README.md")
     e.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    p.extract_parser = e  # for errors reported after parsing
     f = sub.add_parser(
         "fuse",
         help="fuse LoRA adapters into their base model's weights (a model folder transformers loads)",
@@ -468,23 +475,64 @@ def _resize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _extract(args: argparse.Namespace) -> int:
+def _extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.save_module and args.save_changed:
-        sys.stderr.write("gomerge: error: give --save-module or --save-changed, not both\n")
-        return EXIT_USAGE
+        parser.error("give --save-module or --save-changed, not both")
+    options: dict[str, Any] = {}
+    if args.recipe:
+        from .recipe import RecipeError, load_extract_recipe
+
+        if args.base or args.finetuned:
+            parser.error("give the models either on the command line or in --recipe, not both")
+        try:
+            options = load_extract_recipe(args.recipe)
+        except FileNotFoundError:
+            return _fail(f"recipe {args.recipe}: no such file")
+        except RecipeError as e:
+            sys.stderr.write(f"gomerge: error: {e}\n")
+            return EXIT_USAGE
+    elif not (args.base and args.finetuned):
+        parser.error("name the BASE and FINETUNED model folders, or give --recipe")
+    else:
+        options = {"base": args.base, "finetuned": args.finetuned}
+    # command-line options override the recipe's
+    if args.rank is not None or args.energy is not None:
+        options.pop("rank", None)
+        options.pop("energy", None)
+    for key, value in (
+        ("output_dir", args.output_dir),
+        ("rank", args.rank),
+        ("energy", args.energy),
+        ("max_rank", args.max_rank),
+        ("seed", args.seed),
+        ("dtype", args.dtype),
+        ("revision", args.revision),
+    ):
+        if value is not None:
+            options[key] = value
+    if args.save_module or args.save_changed:
+        options["modules_to_save"] = args.save_module or True
+    if args.overwrite:
+        options["overwrite"] = True
+    if args.no_model_card:
+        options["model_card"] = False
+    if not options.get("output_dir"):
+        parser.error("give -o/--output-dir (or output_dir in the recipe)")
+    if options.get("rank") is None and options.get("energy") is None:
+        parser.error("give --rank or --energy (or rank / energy in the recipe)")
     res = extract_adapter(
-        args.base,
-        args.finetuned,
-        args.output_dir,
-        rank=args.rank,
-        energy=args.energy,
-        max_rank=args.max_rank,
-        modules_to_save=args.save_module or args.save_changed,
-        seed=args.seed,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        model_card=not args.no_model_card,
-        revision=args.revision,
+        options["base"],
+        options["finetuned"],
+        options["output_dir"],
+        rank=options.get("rank"),
+        energy=options.get("energy"),
+        max_rank=options.get("max_rank"),
+        modules_to_save=options.get("modules_to_save", False),
+        seed=options.get("seed", 0),
+        dtype=options.get("dtype"),
+        overwrite=options.get("overwrite", False),
+        model_card=options.get("model_card", True),
+        revision=options.get("revision"),
         progress=False if args.quiet or args.json else None,
     )
     if args.json:
@@ -494,7 +542,7 @@ def _extract(args: argparse.Namespace) -> int:
         worst = max(res.module_errors.values(), default=0.0)
         saved = f", {len(res.modules_to_save)} saved whole" if res.modules_to_save else ""
         print(
-            f"extracted {res.modules} modules from {args.finetuned} into {res.output_dir}: rank {res.rank} "
+            f"extracted {res.modules} modules from {options['finetuned']} into {res.output_dir}: rank {res.rank} "
             f"(ranks {ranks[0]}-{ranks[-1]}), largest relative error {worst:.3g}, {len(res.unchanged)} unchanged "
             f"skipped{saved}, {res.seconds:.2f} s"
         )
@@ -620,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "resize":
             return _resize(args)
         if args.command == "extract":
-            return _extract(args)
+            return _extract(args, parser.extract_parser)
         if args.command == "fuse":
             return _fuse(args, parser.fuse_parser)
         return _inspect(args)

@@ -257,3 +257,89 @@ def load_recipe(path: str, command: str = "merge") -> Recipe:
     if base and not os.path.isabs(base) and os.path.exists(os.path.join(here, base)):
         options["base"] = os.path.join(here, base)
     return Recipe(sources=sources, options=options)
+
+
+# keys of extraction recipes (gomerge extract --recipe)
+EXTRACT_KEYS = {
+    "base": "str",
+    "finetuned": "str",
+    "output_dir": "str",
+    "rank": "int",
+    "energy": "number",
+    "max_rank": "int",
+    "modules_to_save": "bool or list of str",
+    "seed": "int",
+    "dtype": "str",
+    "overwrite": "bool",
+    "model_card": "bool",
+    "revision": "str",
+}
+
+
+def load_extract_recipe(path: str) -> dict[str, Any]:
+    """Reads and validates an extraction recipe (`gomerge extract --recipe extract.yaml`): the keyword arguments of
+    `gomerge.extract`, with the model folders and the output directory relative to the recipe file.
+
+    ```yaml
+    base: models/base                # a model folder or a Hub id
+    finetuned: models/finetuned
+    output_dir: extracted
+    rank: 64                         # or energy: 0.9
+    max_rank: 128                    # optional
+    modules_to_save: [norm]          # optional: true (every changed module that is not factorised) or names
+    seed: 0
+    dtype: float32
+    ```
+
+    Args:
+        path (`str`): the YAML file.
+
+    Returns:
+        `dict`: the options, by `gomerge.extract`'s argument names.
+
+    Raises:
+        `FileNotFoundError`: the file does not exist.
+        `RecipeError` (a `ValueError`): invalid YAML, unknown or missing keys, wrong types.
+    """
+    import yaml
+
+    with open(path) as f:
+        text = f.read()
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise RecipeError(
+            f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML: {getattr(e, 'problem', e)}"
+        ) from None
+
+    def err(node, msg: str) -> RecipeError:
+        return RecipeError(f"{path}{f':{node.start_mark.line + 1}' if node is not None else ''}: {msg}")
+
+    if root is None or not isinstance(root, yaml.MappingNode):
+        raise err(root, "an extraction recipe is a mapping of keys (base, finetuned, rank, ...)")
+    data = yaml.safe_load(text)
+    nodes = {k.value: (k, v) for k, v in root.value}
+    for key, (knode, vnode) in nodes.items():
+        if key not in EXTRACT_KEYS:
+            raise err(knode, f"unknown key {key!r} for an extract recipe (expected one of: {', '.join(EXTRACT_KEYS)})")
+        value, kind = data[key], EXTRACT_KEYS[key]
+        ok = (
+            isinstance(value, bool) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+            if kind == "bool or list of str"
+            else _type_ok(value, kind)
+        )
+        if not ok:
+            raise err(vnode, f"key {key!r} must be a {kind}, got {value!r}")
+    for key in ("base", "finetuned"):
+        if not data.get(key):
+            raise err(root, f"key {key!r} is missing: name the {key} model folder (or Hub id)")
+    if "rank" in data and "energy" in data:
+        raise err(nodes["energy"][0], "give either 'rank' or 'energy', not both")
+    here = os.path.dirname(os.path.abspath(path))
+    options = dict(data)
+    for key in ("base", "finetuned", "output_dir"):
+        value = options.get(key)
+        if value and not os.path.isabs(value) and (key == "output_dir" or os.path.exists(os.path.join(here, value))):
+            options[key] = os.path.join(here, value)
+    return options
