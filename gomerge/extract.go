@@ -394,25 +394,15 @@ func planExtraction(opts ExtractOptions, base, ft *modelfolder.Folder) ([]extrac
 			return nil, valueErr("save_modules: %q names no module of %s", s, opts.Finetuned)
 		}
 	}
+	// a linear module whose bias were saved whole would be both a LoRA target and a module to save: a changed
+	// bias of a factorised module is reported, not saved (a module named in SaveModules is never factorised)
+	for _, j := range jobs {
+		if other, ok := modules[j.module]; ok {
+			other.save = false
+		}
+	}
 	for _, module := range order {
 		jobs = append(jobs, *modules[module])
-	}
-	// a linear module whose bias is saved whole would be both a LoRA target and a module to save: a changed bias
-	// of a factorised module is reported, not saved
-	for _, j := range jobs {
-		if j.lora {
-			if other, ok := modules[j.module]; ok {
-				if other.named {
-					return nil, valueErr("save_modules: module %s is a linear layer factorised into LoRA; its bias cannot be saved alone", j.module)
-				}
-				other.save = false
-			}
-		}
-	}
-	for i := range jobs {
-		if m, ok := modules[jobs[i].module]; ok && !jobs[i].lora {
-			jobs[i] = *m
-		}
 	}
 	return jobs, nil
 }
