@@ -57,7 +57,7 @@ func TestAddLowRankLayouts(t *testing.T) {
 					want[idx] = float64(w[idx]) + float64(c.s)*d
 				}
 			}
-			addLowRank(w, a, b, c.rowsOfW, c.colsOf, c.r, c.s, c.transposed)
+			addLowRank(w, a, b, c.rowsOfW, c.colsOf, c.r, c.s, c.transposed, F32)
 			for i := range w {
 				assert.Equal(t, float32(want[i]), w[i], "element %d", i)
 			}
@@ -95,6 +95,35 @@ func TestBF16RoundingToNearestEven(t *testing.T) {
 	}
 	x := []float32{1.5, -2.25}
 	assert.Equal(t, safetensors.Float32AsBytes(x), encodeOutput(F32, x), "float32 is written as it is")
+}
+
+// The float32 value of a float64 sum is kept off the output dtype's
+// midpoints, so that the final rounding is that of the exact sum.
+func TestToFloat32ForRoundsOnce(t *testing.T) {
+	cases := []struct {
+		name string
+		v    float64
+		dt   DType
+		want float32 // v rounded to dt directly
+	}{
+		{"bf16 just above a midpoint", 1 + 0x1p-8 + 0x1p-30, BF16, 1 + 0x1p-7},
+		{"bf16 just below a midpoint", 1 + 3*0x1p-8 - 0x1p-30, BF16, 1 + 0x1p-7},
+		{"bf16 exact midpoint ties to even", 1 + 0x1p-8, BF16, 1},
+		{"negative bf16", -(1 + 0x1p-8 + 0x1p-30), BF16, -(1 + 0x1p-7)},
+		{"f16 just above a midpoint", 1 + 0x1p-11 + 0x1p-30, F16, 1 + 0x1p-10},
+		{"f16 exact midpoint", 1 + 0x1p-11, F16, 1},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			naive := safetensors.Round(c.dt, float32(c.v))
+			got := safetensors.Round(c.dt, toFloat32For(c.v, c.dt))
+			assert.Equal(t, c.want, got)
+			if c.v != float64(float32(c.v)) && c.name != "bf16 exact midpoint ties to even" {
+				assert.NotEqual(t, c.want, naive, "the case must catch double rounding")
+			}
+		})
+	}
+	assert.Equal(t, float32(1.5), toFloat32For(1.5, F32))
 }
 
 // DoRA rescales each output (a row, or a column when transposed) to its
