@@ -58,7 +58,7 @@ func applyOps(ctx context.Context, p *fusePlan, t *fuseTensor, w []float32) erro
 				pool.Put(b)
 			}
 		case opLoRA:
-			if err := applyLoRA(op, w, w0, rows, cols); err != nil {
+			if err := applyLoRA(op, w, w0, rows, cols, t.dtype); err != nil {
 				return err
 			}
 		case opMerged:
@@ -66,7 +66,7 @@ func applyOps(ctx context.Context, p *fusePlan, t *fuseTensor, w []float32) erro
 			if err != nil {
 				return err
 			}
-			addLowRank(w, ra.buf, rb.buf, rows, cols, ra.Shape[0], 1, op.transposed)
+			addLowRank(w, ra.buf, rb.buf, rows, cols, ra.Shape[0], 1, op.transposed, t.dtype)
 			pool.Put(ra.buf)
 			pool.Put(rb.buf)
 		}
@@ -86,7 +86,7 @@ func (t *fuseTensor) hasDoRA() bool {
 // applyLoRA adds w s B A to w; with DoRA it then rescales each output by
 // m / ||W0 + s B A|| (W0 = w0, or w itself when w0 is nil), as PEFT's
 // DoRA merge does.
-func applyLoRA(op *fuseOp, w, w0 []float32, rows, cols int) error {
+func applyLoRA(op *fuseOp, w, w0 []float32, rows, cols int, dt DType) error {
 	m := op.mod
 	defer m.release()
 	a, b, err := m.Factors()
@@ -94,7 +94,7 @@ func applyLoRA(op *fuseOp, w, w0 []float32, rows, cols int) error {
 		return err
 	}
 	s := float32(op.weight * m.Scaling)
-	addLowRank(w, a, b, rows, cols, m.Rank, s, op.transposed)
+	addLowRank(w, a, b, rows, cols, m.Rank, s, op.transposed, dt)
 	if m.Magnitude.Shape == nil {
 		return nil
 	}
@@ -110,7 +110,7 @@ func applyLoRA(op *fuseOp, w, w0 []float32, rows, cols int) error {
 		tmp := pool.Get(len(w0))
 		defer pool.Put(tmp)
 		copy(tmp, w0)
-		addLowRank(tmp, a, b, rows, cols, m.Rank, s, op.transposed)
+		addLowRank(tmp, a, b, rows, cols, m.Rank, s, op.transposed, F32)
 		normOf = tmp
 	}
 	scaleByNorm(w, normOf, mag, rows, cols, op.transposed)
@@ -124,8 +124,11 @@ func applyLoRA(op *fuseOp, w, w0 []float32, rows, cols int) error {
 // in x out and row i gains sum_k A[k,i] s B[:,k]. Each row is summed in
 // float64 (products of float32 values are exact there) and rounded once to
 // float32: where W and the update nearly cancel, a float32 sum would be off
-// by many units of the result's last place in bf16.
-func addLowRank(w, a, b []float32, rows, cols, r int, s float32, transposed bool) {
+// by many units of the result's last place in bf16. For an output of
+// dtype dt (BF16, F16) the float32 value is kept off dt's rounding
+// midpoints (toFloat32For), so that its final rounding to dt is the one
+// rounding of the exact sum.
+func addLowRank(w, a, b []float32, rows, cols, r int, s float32, transposed bool, dt DType) {
 	impl := blas64.Implementation()
 	grain := max(1, (1<<16)/max(1, cols*r))
 	// the row vectors (A's rows, or s B^T's rows: r x cols) and the coefficients, in float64
@@ -163,10 +166,42 @@ func addLowRank(w, a, b []float32, rows, cols, r int, s float32, transposed bool
 				}
 			}
 			for j, v := range acc {
-				row[j] = float32(v)
+				row[j] = toFloat32For(v, dt)
 			}
 		}
 	})
+}
+
+// toFloat32For rounds v to float32 such that rounding the result to dt
+// (to nearest, ties to even) gives v rounded to dt directly: where the
+// float32 value falls exactly on a midpoint of dt's grid but v does not,
+// it steps one float32 unit toward v (float32 itself, and F16 below its
+// normal range, are left as they are).
+func toFloat32For(v float64, dt DType) float32 {
+	r := float32(v)
+	if dt == F32 || float64(r) == v {
+		return r
+	}
+	bits := math.Float32bits(r)
+	var mask, half uint32
+	switch dt {
+	case BF16:
+		mask, half = 0xffff, 0x8000
+	case F16:
+		if e := bits >> 23 & 0xff; e < 127-14 || e > 127+15 {
+			return r // subnormal or out of F16's range
+		}
+		mask, half = 0x1fff, 0x1000
+	default:
+		return r
+	}
+	if bits&mask != half {
+		return r
+	}
+	if float64(r) < v {
+		return math.Nextafter32(r, float32(math.Inf(1)))
+	}
+	return math.Nextafter32(r, float32(math.Inf(-1)))
 }
 
 // scaleByNorm multiplies each output of w by mag / ||output of normOf||:

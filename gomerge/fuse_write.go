@@ -2,8 +2,10 @@ package gomerge
 
 import (
 	"context"
+	"math"
 	"os"
 	"runtime"
+	"runtime/debug"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -64,6 +66,7 @@ func writeFused(ctx context.Context, opts *FuseOptions, p *fusePlan, base *model
 	if progress != nil {
 		progress.Total.Store(int64(len(p.tensors)))
 	}
+	defer holdMemoryLimit(2*p.largestCost() + 256<<20)()
 	if err := fuseTensors(ctx, opts, p, base, writerOf, progress); err != nil {
 		return err
 	}
@@ -121,7 +124,7 @@ func fuseTensors(ctx context.Context, opts *FuseOptions, p *fusePlan, base *mode
 	if ms, err := strconv.Atoi(os.Getenv(fuseDelayEnv)); err == nil && ms > 0 {
 		delay = time.Duration(ms) * time.Millisecond
 	}
-	budget := newMemBudget(p.tensors)
+	budget := newMemBudget(p.largestCost())
 	var next atomic.Int64
 	var failed atomic.Bool
 	var once sync.Once
@@ -182,15 +185,41 @@ func fuseOne(ctx context.Context, p *fusePlan, t *fuseTensor, base *modelfolder.
 	if len(t.ops) == 0 && (t.dtype == "" || t.dtype == info.DType) {
 		return base.CopyTensor(w, t.name, t.src, raw)
 	}
-	x := pool.Get(safetensors.Numel(t.shape))
-	defer pool.Put(x)
+	// the tensor's own exact-size buffer, not the pool's power-of-two classes (up to twice the size), freed once
+	// written: the memory limit set by Fuse keeps the collector returning it
+	x := make([]float32, safetensors.Numel(t.shape))
 	if x, err = base.ReadFloat32Into(x, t.src); err != nil {
 		return raw, err
 	}
 	if err := applyOps(ctx, p, t, x); err != nil {
 		return raw, err
 	}
-	return raw, w.WriteTensor(t.name, encodeOutput(t.dtype, x))
+	return raw, writeEncoded(w, t.name, t.dtype, x)
+}
+
+// encodeChunk is how many values are rounded and written at a time.
+const encodeChunk = 1 << 20
+
+// writeEncoded rounds x once to dtype d and writes it as tensor name, a
+// chunk at a time (no second copy of the tensor in memory).
+func writeEncoded(w *safetensors.Writer, name string, d DType, x []float32) error {
+	if d == F32 {
+		return w.WriteTensor(name, safetensors.Float32AsBytes(x))
+	}
+	buf := pool.Get(encodeChunk / 2)
+	defer pool.Put(buf)
+	out := safetensors.Float32AsBytes(buf)[:0]
+	for lo := 0; lo < len(x); lo += encodeChunk {
+		hi := min(lo+encodeChunk, len(x))
+		out = safetensors.EncodeInto(out[:0], d, x[lo:hi])
+		if err := w.WriteTensorPart(name, int64(lo*d.Size()), out); err != nil {
+			return err
+		}
+	}
+	if len(x) == 0 {
+		return w.WriteTensor(name, nil)
+	}
+	return nil
 }
 
 // memCost is the memory a worker holds while it computes tensor t: the
@@ -201,7 +230,7 @@ func (t *fuseTensor) memCost() int64 {
 		return 0
 	}
 	n := int64(safetensors.Numel(t.shape))
-	return 4*n + t.bytes() + n/2 // the factors' work space is well below n/2 bytes for any LoRA rank < 1/16 of a side
+	return 4*n + n/2 // the float32 tensor; the factors' work space is well below n/2 bytes for ranks under 1/16 of a side
 }
 
 // memBudget bounds the memory of the tensors being computed at once: two
@@ -215,11 +244,16 @@ type memBudget struct {
 	limit int64
 }
 
-func newMemBudget(ts []*fuseTensor) *memBudget {
+// largestCost is the largest memCost of the plan's tensors.
+func (p *fusePlan) largestCost() int64 {
 	largest := int64(0)
-	for _, t := range ts {
+	for _, t := range p.tensors {
 		largest = max(largest, t.memCost())
 	}
+	return largest
+}
+
+func newMemBudget(largest int64) *memBudget {
 	b := &memBudget{limit: 2 * largest, free: 2 * largest}
 	b.cond = sync.NewCond(&b.mu)
 	return b
@@ -240,4 +274,34 @@ func (b *memBudget) release(cost int64) {
 	b.free += cost
 	b.mu.Unlock()
 	b.cond.Broadcast()
+}
+
+var (
+	memLimitMu    sync.Mutex
+	memLimitUsers int
+	memLimitPrev  int64
+)
+
+// holdMemoryLimit sets Go's soft memory limit for the duration of a fuse
+// (unless one is set already, by GOMEMLIMIT or the caller), so that the
+// collector hands the freed tensors back instead of letting the heap grow
+// to twice its live size; the returned function restores it when the last
+// concurrent fuse ends.
+func holdMemoryLimit(limit int64) func() {
+	memLimitMu.Lock()
+	defer memLimitMu.Unlock()
+	if memLimitUsers == 0 {
+		memLimitPrev = debug.SetMemoryLimit(-1)
+		if memLimitPrev == math.MaxInt64 {
+			debug.SetMemoryLimit(limit)
+		}
+	}
+	memLimitUsers++
+	return func() {
+		memLimitMu.Lock()
+		defer memLimitMu.Unlock()
+		if memLimitUsers--; memLimitUsers == 0 {
+			debug.SetMemoryLimit(memLimitPrev)
+		}
+	}
 }

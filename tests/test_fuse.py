@@ -604,3 +604,23 @@ def test_output_inside_an_input_is_refused(tmp_path):
     assert sorted(os.listdir(base)) == ["config.json", "generation_config.json", "model.safetensors"]
     with pytest.warns(UserWarning, match="not used"):
         gomerge.fuse(base, [ad], combination_type="ties", density=0.5, output_dir=str(tmp_path / "o"))
+
+
+def test_ctrl_c_cancels_and_writes_nothing(tmp_path):
+    base = _sharded(tmp_path)
+    ad = make_adapter("llama", str(tmp_path / "a"), r=4, lora_alpha=8, target_modules=LLAMA_ALL)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"), GOMERGE_TEST_FUSE_DELAY_MS="200")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gomerge", "fuse", base, ad, "-o", str(out), "-q"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while no_temp(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert not out.exists() and no_temp(tmp_path)

@@ -445,6 +445,21 @@ func (w *Writer) WriteTensor(name string, data []byte) error {
 	return nil
 }
 
+// WriteTensorPart writes encoded bytes of tensor name from byte off of the
+// tensor, so that a large tensor can be encoded and written a chunk at a
+// time; the parts must cover the tensor.
+func (w *Writer) WriteTensorPart(name string, off int64, data []byte) error {
+	o, ok := w.offsets[name]
+	if !ok || off < 0 || off+int64(len(data)) > o[1]-o[0] {
+		return errs.New(errs.KindInternal, "%s: tensor %s: part [%d, %d) outside the tensor", w.path, name, off, off+int64(len(data)))
+	}
+	if _, err := w.f.WriteAt(data, w.start+o[0]+off); err != nil {
+		return errs.IO(w.path, err)
+	}
+	w.kick(len(data))
+	return nil
+}
+
 // kick starts writing the file to disk every few MiB, while the merge goes
 // on, so that the final fsync is short.
 func (w *Writer) kick(written int) {

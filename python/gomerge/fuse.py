@@ -8,6 +8,7 @@ import os
 import re
 import warnings
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -232,10 +233,8 @@ def fuse(
     }
     for key, value in merge_options.items():
         request["lambda" if key == "lambda_" else key] = value
-    from contextlib import ExitStack
-
-    with ExitStack() as stack_:  # temporary copies of .bin adapters live until the fuse is done
-        request["adapters"] = [sources.resolve(n, stack_, revision) for n in names]
+    with ExitStack() as temporary:  # temporary copies of .bin adapters live until the fuse is done
+        request["adapters"] = [sources.resolve(n, temporary, revision) for n in names]
         job = _native.fuse_start(request)
         result = FuseResult._from_engine(_native.run_job(job, progress, _PROGRESS_MIN_TENSORS, unit="tensor"))
     for message in result.warnings:
