@@ -1,8 +1,9 @@
 // Package gomerge merges LoRA adapters the way Hugging Face PEFT's
 // LoraModel.add_weighted_adapter does, working directly on PEFT adapter
 // directories (adapter_config.json + adapter_model.safetensors) or on
-// tensors in memory, and fuses adapters into the weights of their base
-// model (PEFT's merge_and_unload, streaming over a model folder).
+// tensors in memory, fuses adapters into the weights of their base
+// model (PEFT's merge_and_unload, streaming over a model folder), and
+// extracts adapters from fine-tuned models.
 //
 // The package is organised one concept per file:
 //
@@ -27,6 +28,8 @@
 //   - fuse.go, fuse_plan.go, fuse_apply.go, fuse_write.go, fuse_card.go: the fuse into a base model
 //     (options and result; mapping adapter tensors to base tensors; W + s B A, DoRA, biases and
 //     replacements; writing the model folder on all cores within a memory budget; its model card)
+//   - extract.go: a LoRA adapter extracted from a fine-tuned model folder and its base (dW = W_ft -
+//     W_base per linear module by the randomized SVD, modules_to_save, the config and the card)
 //
 // Packages below it, which import nothing from it:
 //
