@@ -17,11 +17,19 @@ Scenarios (CPU, all cores):
 - S4, half precision: S1's `ties` with BF16 and F16 adapters against F32, gomerge only.
 - R1, rank control: `gomerge.resize` of one of S3's rank-64 adapters (32 layers x 7 modules) to rank 16, against
   torch's dense truncation (B A formed, `torch.linalg.svd`, truncated), timed on one layer and scaled by 32.
+- F1, fuse: one rank-16 all-linear adapter into a TinyLlama-shaped bf16 base (vocabulary 32000, 2.2 GB, one
+  shard), gomerge's `fuse` next to PEFT end to end (load the base, load the adapter, `merge_and_unload`,
+  `save_pretrained`) and `cp -r` of the base folder, each in a child process and each followed by `sync` (the
+  writes are what the disk pays for), with its peak RSS. F2: the same on a Llama-7B-shaped base (13.5 GB, 3
+  shards; `--scenarios F2`, not in the default set). The synthetic bases are made once and cached.
 - M1, methods beyond PEFT: breadcrumbs, breadcrumbs_ties, della and della_linear on S2's shapes, gomerge (disk to
   disk, in a child process for its peak RSS, best of 2) next to mergekit's `merge_tensors` on the same dense
   updates; iso_c, tsv and iso_cts next to fusion-bench's definitions on dense updates (full SVDs, restated in
   tests/test_span_methods.py); knots_* and core_* next to KnOTS's and core-space-merging's code restated in torch
   (tests/test_knots_core_methods.py). The "PEFT call" column holds the peer's time.
+- E1, extraction: `gomerge.extract` at rank 64 from a TinyLlama-shaped bf16 fine-tune (synthetic, cached), next to
+  mergekit-extract-lora on the same folders, with each module's error from both outputs (`--e1-layers`, 2 by default:
+  mergekit's dense SVDs take about 3 minutes per TinyLlama layer here).
 
 Every row states the bytes read and written and the floor: those bytes divided by the memory bandwidth measured at
 the start of the run (a large memory copy). Rows also give this machine's measured lower bounds (benchmarks/floor):
@@ -32,8 +40,8 @@ a child process, for its peak RSS (the best of 2 runs for ties, one for svd), af
 that both it and the floors find them in the page cache. Results go to benchmarks/results/ (JSON, Markdown table,
 PNG chart), with the targets of the issue checked against the run.
 
-Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1,M1] [--s3-layers N] [--s1-methods ties,svd,...]
-                                [--m1-methods knots_ties,core_tsv,...]
+Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1,M1,F1,F2,E1] [--s3-layers N] [--s1-methods ties,svd,...]
+    [--m1-methods knots_ties,core_tsv,...] [--e1-layers N]
 """
 
 from __future__ import annotations
@@ -578,6 +586,162 @@ def r1(root: str, bw: float, rows: list, layers: int) -> None:
     shutil.rmtree(out, ignore_errors=True)
 
 
+E1_RANK = 64
+
+
+def e1_models(layers: int) -> tuple[str, str]:
+    """A TinyLlama-shaped base (bf16, random N(0, 0.02) weights, unit norms) and a synthetic fine-tune of it: every
+    linear module changed by dW = a rank-128 part with decaying singular values (70% of its energy) plus full-rank
+    noise (30%), ||dW|| = 3% of ||W||; embeddings, lm_head and norms unchanged. Made once and cached."""
+    root = os.path.join(CACHE, f"e1-{layers}")
+    base, ft = os.path.join(root, "base"), os.path.join(root, "finetuned")
+    if os.path.exists(os.path.join(ft, "model.safetensors")):
+        return base, ft
+    from safetensors.torch import save_file as save_torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],
+    )
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    base_sd, ft_sd = {}, {}
+    for name, shape in sorted(shapes.items()):
+        if len(shape) == 1:
+            base_sd[name] = ft_sd[name] = torch.ones(shape, dtype=torch.bfloat16)
+            continue
+        w = torch.randn(shape, generator=g) * 0.02
+        base_sd[name] = w.bfloat16()
+        if "embed_tokens" in name or "lm_head" in name:
+            ft_sd[name] = base_sd[name]
+            continue
+        m, n = shape
+        energy = (0.03 * float(w.norm())) ** 2
+        s = 1.0 / (1.0 + torch.arange(128, dtype=torch.float32) / 8)
+        s *= (0.7 * energy / float(s.square().sum())) ** 0.5
+        u, _ = torch.linalg.qr(torch.randn(m, 128, generator=g))
+        v, _ = torch.linalg.qr(torch.randn(n, 128, generator=g))
+        dw = (u * s) @ v.T + torch.randn(shape, generator=g) * (0.3 * energy / (m * n)) ** 0.5
+        ft_sd[name] = (base_sd[name].float() + dw).bfloat16()
+    for folder, sd in ((base, base_sd), (ft, ft_sd)):
+        os.makedirs(folder, exist_ok=True)
+        cfg.save_pretrained(folder)
+        save_torch(sd, os.path.join(folder, "model.safetensors.tmp"), metadata={"format": "pt"})
+    os.rename(os.path.join(base, "model.safetensors.tmp"), os.path.join(base, "model.safetensors"))
+    os.rename(os.path.join(ft, "model.safetensors.tmp"), os.path.join(ft, "model.safetensors"))
+    return base, ft
+
+
+def child_peak(code: str) -> tuple[float, float]:
+    """Runs Python code that prints its timed seconds as the last line's JSON, in a child process: (seconds, peak
+    RSS in MiB, from VmHWM)."""
+    code += (
+        "\nhwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]"
+        "\nprint(json.dumps([seconds, hwm / 1024]))"
+    )
+    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(HERE), "python"))
+    os.sync()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-4000:])
+    seconds, peak = json.loads(proc.stdout.strip().splitlines()[-1])
+    return seconds, peak
+
+
+def e1_errors(base: str, ft: str, adapter: str) -> dict[str, float]:
+    """Each LoRA module's relative error ||dW - B A|| / ||dW|| (float64 from the stored tensors)."""
+    from safetensors import safe_open
+
+    errs = {}
+    with (
+        safe_open(os.path.join(base, "model.safetensors"), "pt") as fb,
+        safe_open(os.path.join(ft, "model.safetensors"), "pt") as ff,
+        safe_open(os.path.join(adapter, "adapter_model.safetensors"), "pt") as fa,
+    ):
+        for k in fa.keys():
+            if not k.endswith(".lora_A.weight"):
+                continue
+            module = k.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            dw = ff.get_tensor(module + ".weight").double() - fb.get_tensor(module + ".weight").double()
+            ba = fa.get_tensor(k.replace("lora_A", "lora_B")).double() @ fa.get_tensor(k).double()
+            errs[module] = float(torch.linalg.norm(dw - ba) / torch.linalg.norm(dw))
+    return errs
+
+
+def e1(root: str, bw: float, rows: list, layers: int) -> None:
+    """E1: extract a rank-64 adapter from a TinyLlama-shaped bf16 fine-tune (e1_models), gomerge next to
+    mergekit-extract-lora (CPU, torch.linalg.svd of each dW) on the same folders, each in a child process for its
+    peak RSS, each timed around its call with a final os.sync(). mergekit runs with --skip-undecomposable and
+    without the embeddings (-e embed_tokens -e lm_head) so that both write only the LoRA factors (bf16, as mergekit
+    writes the model's dtype); each module's error ||dW - B A|| / ||dW|| is computed from both outputs."""
+    base, ft = e1_models(layers)
+    ours, theirs = os.path.join(root, "e1-gomerge"), os.path.join(root, "e1-mergekit")
+    t_go, peak_go = child_peak(
+        "import gomerge, json, os, time\nt0 = time.perf_counter()\n"
+        f"r = gomerge.extract({base!r}, {ft!r}, {ours!r}, rank={E1_RANK}, dtype='bfloat16', progress=False)\n"
+        "os.sync()\nseconds = time.perf_counter() - t0"
+    )
+    argv = ["mergekit-extract-lora", "--model", ft, "--base-model", base, "--out-path", theirs]
+    argv += ["--max-rank", str(E1_RANK), "--device", "cpu", "--skip-undecomposable", "-e", "embed_tokens", "-e"]
+    argv += ["lm_head"]
+    t_mk, peak_mk = child_peak(
+        "import json, os, sys, time\nfrom mergekit.scripts.extract_lora import main\n"
+        f"sys.argv = {argv!r}\nt0 = time.perf_counter()\nmain(standalone_mode=False)\n"
+        "os.sync()\nseconds = time.perf_counter() - t0"
+    )
+    e_go, e_mk = e1_errors(base, ft, ours), e1_errors(base, ft, theirs)
+    common = sorted(set(e_go) & set(e_mk))
+    ratio = max(e_go[m] / e_mk[m] for m in common)
+    mean_go, mean_mk = (sum(e[m] for m in common) / len(common) for e in (e_go, e_mk))
+    # the randomized SVD's work: (2q + 2) * 2mnl flops per sketched module (l = k + 10, q = 3 power iterations);
+    # modules with a short side (k_proj, v_proj: 256 x 2048) get an exact SVD instead, ~4 max(m, n) min(m, n)^2
+    from safetensors import safe_open
+
+    flops, sketch, q = 0.0, E1_RANK + 10, 3
+    with safe_open(os.path.join(base, "model.safetensors"), "pt") as f:
+        for m in common:
+            rows_, cols = f.get_slice(m + ".weight").get_shape()
+            short, long_ = min(rows_, cols), max(rows_, cols)
+            flops += (2 * q + 2) * 2 * rows_ * cols * sketch if short > (2 * q + 2) * sketch else 4 * long_ * short**2
+    in_bytes = dir_bytes(base) + dir_bytes(ft)
+    out_bytes = dir_bytes(ours)
+    rows.append(
+        dict(
+            scenario="E1",
+            method=f"extract r{E1_RANK}",
+            shapes=f"TinyLlama, {layers} layers x 7 modules, bf16",
+            read=in_bytes,
+            written=out_bytes,
+            floor=(in_bytes + out_bytes) / bw,
+            peft=t_mk,
+            gomerge=t_go,
+            peak_rss_mib=peak_go,
+            peer="mergekit-extract-lora",
+            mergekit_peak_rss_mib=peak_mk,
+            error_mean_gomerge=mean_go,
+            error_mean_mergekit=mean_mk,
+            error_ratio_max=ratio,
+            gflop=flops / 1e9,
+            gflops_per_s=flops / 1e9 / t_go,
+            check=f"vs mergekit-extract-lora (peak RSS {peak_mk:.0f} MiB): mean error {mean_go:.5f} vs "
+            f"{mean_mk:.5f}, worst module ratio {ratio:.5f}; {flops / 1e9:.0f} GFLOP at {flops / 1e9 / t_go:.1f} "
+            "GFLOP/s",
+        )
+    )
+    print(rows[-1], flush=True)
+    shutil.rmtree(ours, ignore_errors=True)
+    shutil.rmtree(theirs, ignore_errors=True)
+
+
 def s4(root: str, bw: float, rows: list) -> None:
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         name = str(dtype).removeprefix("torch.")
@@ -598,6 +762,138 @@ def s4(root: str, bw: float, rows: list) -> None:
             )
         )
         print(rows[-1], flush=True)
+
+
+FUSE_SHAPES = {
+    "F1": dict(vocab=32000, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, shards="5GB"),
+    "F2": dict(vocab=32000, hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, shards="5GB"),
+}
+
+
+def fuse_inputs(scenario: str) -> tuple[str, str]:
+    """The synthetic bf16 base model folder (random weights, saved by transformers) and a rank-16 all-linear PEFT
+    adapter for it, made once and cached under benchmarks/.cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = FUSE_SHAPES[scenario]
+    root = os.path.join(CACHE, scenario.lower())
+    base, adapter = os.path.join(root, "base"), os.path.join(root, "adapter")
+    if os.path.exists(os.path.join(base, "config.json")) and os.path.exists(
+        os.path.join(adapter, "adapter_config.json")
+    ):
+        return base, adapter
+    cfg = LlamaConfig(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu").to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.bfloat16) * 0.02)
+    model.save_pretrained(base, max_shard_size=shape["shards"])
+    # the adapter: on a model of the same linear shapes with a small vocabulary (its embeddings are not adapted)
+    small = llama(shape["hidden"], shape["intermediate"], shape["layers"], shape["heads"], shape["kv_heads"])
+    del model
+    gc.collect()
+    tmp = save_adapters(lambda: small, root, [16], LLAMA_LINEAR)[0]
+    os.replace(tmp, adapter)
+    return base, adapter
+
+
+_RSS = "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0] / 1024"
+
+
+def child(code: str) -> dict:
+    """Runs Python code in a child process that prints a JSON dict last; adds its peak RSS (VmHWM, MiB)."""
+    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(HERE), "python") + os.pathsep + HERE)
+    gc.collect()
+    os.sync()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import json, os, time\n{code}\n{_RSS}\nout['peak_rss_mib'] = hwm\nprint(json.dumps(out))",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-4000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fuse_scenario(scenario: str, root: str, bw: float, rows: list) -> None:
+    base, adapter = fuse_inputs(scenario)
+    size = dir_bytes(base)
+    for name in os.listdir(base):  # into the page cache, for every contender alike
+        with open(os.path.join(base, name), "rb") as f:
+            while f.read(64 << 20):
+                pass
+    out = os.path.join(root, f"{scenario}-out")
+
+    def fresh():
+        shutil.rmtree(out, ignore_errors=True)
+        os.sync()
+
+    fresh()
+    t0 = time.perf_counter()
+    subprocess.run(["cp", "-r", base, out], check=True)
+    os.sync()
+    t_copy = time.perf_counter() - t0
+    fresh()
+    go_runs = []
+    for _ in range(2):
+        go_runs.append(
+            child(
+                "import gomerge\nt0 = time.perf_counter()\n"
+                f"r = gomerge.fuse({base!r}, [{adapter!r}], output_dir={out!r}, overwrite=True, progress=False)\n"
+                "os.sync()\nout = dict(seconds=time.perf_counter() - t0, changed=len(r.changed), shards=len(r.shards))"
+            )
+        )
+    go = min(go_runs, key=lambda r: r["seconds"])
+    written = dir_bytes(out)
+    fresh()
+    peft = child(
+        "import torch\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\nout = {}\n"
+        "t0 = time.perf_counter()\n"
+        f"m = AutoModelForCausalLM.from_pretrained({base!r}, dtype=torch.bfloat16)\n"
+        "t1 = time.perf_counter()\n"
+        f"m = PeftModel.from_pretrained(m, {adapter!r})\n"
+        "t2 = time.perf_counter()\nm = m.merge_and_unload()\nt3 = time.perf_counter()\n"
+        f"m.save_pretrained({out!r})\nt4 = time.perf_counter()\nos.sync()\nt5 = time.perf_counter()\n"
+        "out = dict(seconds=t5 - t0, load=t1 - t0, adapter=t2 - t1, merge=t3 - t2, save=t4 - t3, sync=t5 - t4)"
+    )
+    fresh()
+    s = FUSE_SHAPES[scenario]
+    rows.append(
+        dict(
+            scenario=scenario,
+            method="fuse r16 all-linear",
+            shapes=f"Llama {s['hidden']}/{s['intermediate']} x {s['layers']}, bf16, {go['shards']} shard(s)",
+            read=size + dir_bytes(adapter),
+            written=written,
+            floor=(size + written) / bw,
+            gomerge=go["seconds"],
+            gomerge_runs=[r["seconds"] for r in go_runs],
+            peft_e2e=peft["seconds"],
+            peft_phases={k: peft[k] for k in ("load", "adapter", "merge", "save", "sync")},
+            copy=t_copy,
+            peak_rss_mib=go["peak_rss_mib"],
+            peft_peak_rss_mib=peft["peak_rss_mib"],
+            check=f"cp -r + sync {fmt_s(t_copy)}; PEFT peak RSS {peft['peak_rss_mib']:.0f} MiB",
+        )
+    )
+    print(rows[-1], flush=True)
 
 
 def fmt_s(x) -> str:
@@ -723,6 +1019,21 @@ def targets(rows: list) -> list[str]:
             need = 10 if r["peer"] == "mergekit" else 100
             ratio = r["peft"] / r["gomerge"]
             add(f"{name} >= {need}x {r['peer']}", f"{ratio:.1f}x", ratio >= need)
+    if r := row("E1", f"extract r{E1_RANK}"):
+        ratio = r["peft"] / r["gomerge"]
+        add(
+            f"E1 extract >= 10x mergekit-extract-lora, error within 1% (worst module {r['error_ratio_max']:.4f}x)",
+            f"{ratio:.1f}x",
+            ratio >= 10 and r["error_ratio_max"] <= 1.01,
+            f"{r['gflop']:.0f} GFLOP of sketch products at {r['gflops_per_s']:.1f} GFLOP/s",
+        )
+    for r in rows:
+        if r["scenario"] in ("F1", "F2"):
+            n = r["scenario"]
+            add(f"{n} >= 2x PEFT end to end", f"{r['peft_e2e'] / r['gomerge']:.1f}x", r["peft_e2e"] >= 2 * r["gomerge"])
+            add(f"{n} within 1.5x of cp -r", f"{r['gomerge'] / r['copy']:.2f}x", r["gomerge"] <= 1.5 * r["copy"])
+            if n == "F2":
+                add("F2 peak RSS <= 1 GiB", f"{r['peak_rss_mib']:.0f} MiB", r["peak_rss_mib"] <= 1024)
     f32 = row("S4", "ties float32")
     for half in ("bfloat16", "float16"):
         if f32 and (r := row("S4", f"ties {half}")):
@@ -751,7 +1062,7 @@ def chart(rows: list, path: str) -> None:
     bars = [
         (label(r), r["peft"] / r["gomerge"], r.get("peft_e2e", 0) / r["gomerge"])
         for r in rows
-        if r.get("peft") and not r.get("kernels") and r["scenario"] not in ("R1", "M1")
+        if r.get("peft") and not r.get("kernels") and r["scenario"] not in ("R1", "M1", "F1", "F2", "E1")
     ]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     x = np.arange(len(bars))
@@ -769,7 +1080,7 @@ def chart(rows: list, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scenarios", default="S1,S2,S3,S4,R1,M1")
+    ap.add_argument("--scenarios", default="S1,S2,S3,S4,R1,M1,F1,E1", help="comma-separated; F2 (13.5 GB) on request")
     ap.add_argument("--chart-only", action="store_true", help="redraw the chart and table from results/latest.json")
     ap.add_argument("--s3-layers", type=int, default=32)
     ap.add_argument("--s1-methods", default="ties,svd,cat,linear,dare_ties", help="S1's methods (comma-separated)")
@@ -780,6 +1091,12 @@ def main() -> None:
         default=2,
         help="layers for S3's svd (exact SVDs of rank-512 sums are compute-bound: ~seconds per module)",
     )
+    ap.add_argument(
+        "--e1-layers",
+        type=int,
+        default=2,
+        help="E1's layers, of TinyLlama's shapes (it has 22; mergekit-extract-lora takes ~3 min per layer here)",
+    )
     args = ap.parse_args()
     if args.chart_only:
         saved = json.load(open(os.path.join(RESULTS, "latest.json")))
@@ -788,6 +1105,7 @@ def main() -> None:
             f.write(table(saved["rows"], saved["machine"]) + "\n")
         return
     todo = set(args.scenarios.split(","))
+    m1_methods = set(args.m1_methods.split(",")) if args.m1_methods else None
     bw = bandwidth()
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__} "
@@ -810,8 +1128,27 @@ def main() -> None:
         if "R1" in todo:
             r1(root, bw, rows, args.s3_layers)
         if "M1" in todo:
-            m1(root, bw, rows, set(args.m1_methods.split(",")) if args.m1_methods else None)
-        order = {"S1": 0, "S2": 1, "S3": 2, "S4": 3, "R1": 4, "M1": 5}
+            m1(root, bw, rows, m1_methods)
+        if "E1" in todo:
+            e1(root, bw, rows, args.e1_layers)
+        for scenario in ("F1", "F2"):
+            if scenario in todo:
+                fuse_scenario(scenario, root, bw, rows)
+        order = {"S1": 0, "S2": 1, "S3": 2, "S4": 3, "R1": 4, "M1": 5, "F1": 6, "F2": 7, "E1": 8}
+        # a run of some scenarios replaces their rows in the saved results and keeps the others'
+        saved_path = os.path.join(RESULTS, "latest.json")
+        if os.path.exists(saved_path):
+            saved = json.load(open(saved_path))
+            kept = [
+                r
+                for r in saved["rows"]
+                if r["scenario"] not in todo
+                or (r["scenario"] == "M1" and m1_methods is not None and r["method"] not in m1_methods)
+            ]
+            if kept:
+                ran = ", ".join(sorted({r["scenario"] for r in rows}))
+                machine = f"{saved['machine']}; {ran} from a later run on: {machine}"
+            rows = kept + rows
         rows.sort(key=lambda r: order[r["scenario"]])  # stable: each scenario's rows keep their order
     os.makedirs(RESULTS, exist_ok=True)
     md = table(rows, machine)

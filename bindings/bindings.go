@@ -87,12 +87,16 @@ func EngineMethods() string {
 // Python layer's tests check that it sends and reads exactly these.
 func RequestKeys() string {
 	b, _ := json.Marshal(map[string][]string{
-		"merge":         jsonKeys(reflect.TypeFor[gomerge.Options]()),
-		"merge_tensors": jsonKeys(reflect.TypeFor[gomerge.MemRequest]()),
-		"tensor_module": jsonKeys(reflect.TypeFor[gomerge.MemModule]()),
-		"tensor_source": jsonKeys(reflect.TypeFor[gomerge.MemSource]()),
-		"result":        jsonKeys(reflect.TypeFor[gomerge.Result]()),
-		"tensor_result": jsonKeys(reflect.TypeFor[gomerge.MemResult]()),
+		"merge":          jsonKeys(reflect.TypeFor[gomerge.Options]()),
+		"merge_tensors":  jsonKeys(reflect.TypeFor[gomerge.MemRequest]()),
+		"tensor_module":  jsonKeys(reflect.TypeFor[gomerge.MemModule]()),
+		"tensor_source":  jsonKeys(reflect.TypeFor[gomerge.MemSource]()),
+		"result":         jsonKeys(reflect.TypeFor[gomerge.Result]()),
+		"tensor_result":  jsonKeys(reflect.TypeFor[gomerge.MemResult]()),
+		"extract":        jsonKeys(reflect.TypeFor[gomerge.ExtractOptions]()),
+		"extract_result": jsonKeys(reflect.TypeFor[gomerge.ExtractResult]()),
+		"fuse":           jsonKeys(reflect.TypeFor[gomerge.FuseOptions]()),
+		"fuse_result":    jsonKeys(reflect.TypeFor[gomerge.FuseResult]()),
 	})
 	return string(b)
 }
@@ -181,6 +185,32 @@ func MergeTensorsStart(request string) int64 {
 			return nil, err
 		}
 		return gomerge.MergeTensors(ctx, req, p)
+	})
+}
+
+// ExtractStart starts the extraction of a LoRA adapter from a fine-tuned
+// model folder and its base (a gomerge.ExtractOptions in JSON) and returns
+// its job id; MergeWait reports it like a merge.
+func ExtractStart(request string) int64 {
+	return startJob(func(ctx context.Context, p *gomerge.Progress) (any, error) {
+		var opts gomerge.ExtractOptions
+		if err := decodeRequest(request, &opts); err != nil {
+			return nil, err
+		}
+		return gomerge.Extract(ctx, opts, p)
+	})
+}
+
+// FuseStart starts a fuse of adapters into their base model (the fields of
+// gomerge.FuseOptions, in JSON) and returns its job id; MergeWait reports
+// its progress (output tensors) and outcome, MergeCancel stops it.
+func FuseStart(request string) int64 {
+	return startJob(func(ctx context.Context, p *gomerge.Progress) (any, error) {
+		var opts gomerge.FuseOptions
+		if err := decodeRequest(request, &opts); err != nil {
+			return nil, err
+		}
+		return gomerge.Fuse(ctx, opts, p)
 	})
 }
 

@@ -81,3 +81,24 @@ func TestRequestKeysAndMethods(t *testing.T) {
 	}
 	assert.Subset(t, names, []string{"svd", "linear", "cat", "ties", "task_arithmetic"})
 }
+
+func TestFuseJobReportsErrorsAsJSON(t *testing.T) {
+	tests := []struct {
+		name, request, kind, want string
+	}{
+		{"unknown key", `{"base": "b", "adapters": ["a"], "output_dir": "o", "stak": true}`, "ValueError", `unknown key "stak"`},
+		{"wrong field type", `{"base": 1}`, "TypeError", "invalid merge request"},
+		{"no base", `{"adapters": ["a"], "output_dir": "o"}`, "ValueError", "base"},
+		{"missing base", `{"base": "/nonexistent/b", "adapters": ["a"], "output_dir": "/tmp/gomerge-fuse-test-none"}`, "FileNotFoundError", "/nonexistent/b"},
+		{"method with stack", `{"base": "b", "adapters": ["a", "c"], "combination_type": "ties", "stack": true, "output_dir": "o"}`, "ValueError", "stack"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			s := wait(t, FuseStart(tc.request))
+			require.Equal(t, "error", s.State)
+			require.NotNil(t, s.Error)
+			assert.Equal(t, tc.kind, s.Error.Kind)
+			assert.Contains(t, s.Error.Message, tc.want)
+		})
+	}
+}

@@ -42,6 +42,10 @@ type Module struct {
 	Rank    int
 	Alpha   float64
 	Scaling float64
+	// Magnitude (DoRA's lora_magnitude_vector) and Bias (lora_B.bias) are
+	// only read when fusing into a base model; their Shape is nil when absent.
+	Magnitude RawTensor
+	Bias      RawTensor
 	// factors read from a file, kept until release (joint: one buffer holding both)
 	a, b, joint []float32
 }
@@ -146,6 +150,7 @@ type Adapter struct {
 	Extra   []string // tensors that are not LoRA factors (kept out of merges)
 	DType   DType    // dtype of the first module's lora_A
 	file    *safetensors.File
+	forFuse bool // DoRA magnitudes and LoRA biases are kept (see loadAdapter)
 }
 
 // Close releases the adapter's weights file.
@@ -157,7 +162,12 @@ func (a *Adapter) Close() error {
 }
 
 // LoadAdapter reads and validates a PEFT LoRA adapter directory.
-func LoadAdapter(dir string) (*Adapter, error) {
+func LoadAdapter(dir string) (*Adapter, error) { return loadAdapter(dir, false) }
+
+// loadAdapter reads an adapter directory; forFuse accepts DoRA magnitude
+// vectors and LoRA biases, which a fuse into the base applies and a merge
+// cannot.
+func loadAdapter(dir string, forFuse bool) (*Adapter, error) {
 	st, err := os.Stat(dir)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
@@ -168,7 +178,12 @@ func LoadAdapter(dir string) (*Adapter, error) {
 	if !st.IsDir() {
 		return nil, valueErr("%s is not a directory; pass a PEFT adapter directory (with %s and %s)", dir, ConfigFile, WeightsFile)
 	}
-	cfg, err := ReadConfig(filepath.Join(dir, ConfigFile))
+	var cfg *AdapterConfig
+	if forFuse {
+		cfg, err = readConfigForFuse(filepath.Join(dir, ConfigFile))
+	} else {
+		cfg, err = ReadConfig(filepath.Join(dir, ConfigFile))
+	}
 	if err != nil {
 		if KindOf(err) == KindFileNotFound {
 			if subs := adapterSubdirs(dir); len(subs) > 0 {
@@ -190,7 +205,7 @@ func LoadAdapter(dir string) (*Adapter, error) {
 	if err != nil {
 		return nil, err
 	}
-	a := &Adapter{Dir: dir, Config: cfg, Modules: map[string]*Module{}, file: file}
+	a := &Adapter{Dir: dir, Config: cfg, Modules: map[string]*Module{}, file: file, forFuse: forFuse}
 	if err := a.index(wpath, file); err != nil {
 		file.Close()
 		return nil, err
@@ -287,6 +302,29 @@ var factorSuffixes = []struct {
 
 func (a *Adapter) addTensor(path, key string, t RawTensor, rawDType string) error {
 	name := strings.TrimPrefix(key, keyPrefix)
+	if a.forFuse {
+		for _, s := range []struct {
+			suffix    string
+			magnitude bool
+		}{{".lora_magnitude_vector", true}, {".lora_B.bias", false}} {
+			if mod, ok := strings.CutSuffix(name, s.suffix); ok {
+				if t.DType == "" {
+					return valueErr("%s: tensor %s has dtype %s, which gomerge does not read (supported: F32, BF16, F16)", path, key, rawDType)
+				}
+				m := a.Modules[mod]
+				if m == nil {
+					m = &Module{Name: mod, Kind: KindLinear}
+					a.Modules[mod] = m
+				}
+				if s.magnitude {
+					m.Magnitude = t
+				} else {
+					m.Bias = t
+				}
+				return nil
+			}
+		}
+	}
 	switch {
 	case strings.HasSuffix(key, ".lora_magnitude_vector") || strings.Contains(key, ".lora_magnitude_vector."):
 		return valueErr("%s: tensor %s is a DoRA magnitude vector; DoRA adapters are not supported", path, key)
@@ -305,6 +343,8 @@ func (a *Adapter) addTensor(path, key string, t RawTensor, rawDType string) erro
 		if m == nil {
 			m = &Module{Name: mod, Kind: s.kind}
 			a.Modules[mod] = m
+		} else if m.RawA.Shape == nil && m.RawB.Shape == nil {
+			m.Kind = s.kind // created by its magnitude or bias
 		} else if (m.Kind == KindEmbedding) != (s.kind == KindEmbedding) {
 			return valueErr("%s: module %s has both lora_A/lora_B and lora_embedding tensors", path, mod)
 		}

@@ -31,10 +31,31 @@ type AdapterConfig struct {
 	RankPattern   Patterns
 	AlphaPattern  Patterns
 	BaseModel     string
+	// UseDora and LoraBias are only accepted when fusing into a base model
+	// (merges refuse them).
+	UseDora  bool
+	LoraBias bool
 }
 
 // ReadConfig reads and validates an adapter_config.json.
 func ReadConfig(path string) (*AdapterConfig, error) {
+	data, err := readConfigFile(path)
+	if err != nil {
+		return nil, err
+	}
+	return ParseConfig(path, data)
+}
+
+// readConfigForFuse is ReadConfig accepting DoRA and LoRA biases.
+func readConfigForFuse(path string) (*AdapterConfig, error) {
+	data, err := readConfigFile(path)
+	if err != nil {
+		return nil, err
+	}
+	return parseConfig(path, data)
+}
+
+func readConfigFile(path string) ([]byte, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
@@ -42,11 +63,26 @@ func ReadConfig(path string) (*AdapterConfig, error) {
 		}
 		return nil, ioErr(path, err)
 	}
-	return ParseConfig(path, data)
+	return data, nil
 }
 
 // ParseConfig parses the JSON of an adapter config; path only names it in errors.
 func ParseConfig(path string, data []byte) (*AdapterConfig, error) {
+	c, err := parseConfig(path, data)
+	if err != nil {
+		return nil, err
+	}
+	if c.UseDora {
+		return nil, valueErr("%s: use_dora is true; DoRA adapters are not supported (their magnitude vectors cannot be merged this way)", path)
+	}
+	if c.LoraBias {
+		return nil, valueErr("%s: lora_bias is true; adapters with LoRA biases are not supported", path)
+	}
+	return c, nil
+}
+
+// parseConfig parses an adapter config, DoRA and LoRA biases included.
+func parseConfig(path string, data []byte) (*AdapterConfig, error) {
 	c := &AdapterConfig{}
 	if err := json.Unmarshal(data, &c.Raw); err != nil || c.Raw == nil {
 		return nil, valueErr("%s: not a JSON object: %v", path, err)
@@ -61,14 +97,13 @@ func ParseConfig(path string, data []byte) (*AdapterConfig, error) {
 		}
 		return nil
 	}
-	var useDora, loraBias bool
 	var alpha float64
 	for _, f := range []struct {
 		key string
 		dst any
 	}{
 		{"peft_type", &c.PeftType}, {"r", &c.R}, {"lora_alpha", &alpha}, {"use_rslora", &c.UseRslora},
-		{"fan_in_fan_out", &c.FanInFanOut}, {"use_dora", &useDora}, {"lora_bias", &loraBias},
+		{"fan_in_fan_out", &c.FanInFanOut}, {"use_dora", &c.UseDora}, {"lora_bias", &c.LoraBias},
 		{"base_model_name_or_path", &c.BaseModel},
 	} {
 		if err := field(f.key, f.dst); err != nil {
@@ -84,12 +119,6 @@ func ParseConfig(path string, data []byte) (*AdapterConfig, error) {
 	}
 	if _, ok := c.Raw["lora_alpha"]; !ok {
 		c.LoraAlpha = 8 // PEFT's default
-	}
-	if useDora {
-		return nil, valueErr("%s: use_dora is true; DoRA adapters are not supported (their magnitude vectors cannot be merged this way)", path)
-	}
-	if loraBias {
-		return nil, valueErr("%s: lora_bias is true; adapters with LoRA biases are not supported", path)
 	}
 	if raw, ok := c.Raw["target_modules"]; ok && string(raw) != "null" {
 		if err := json.Unmarshal(raw, &c.TargetModules.Regex); err == nil {

@@ -1,7 +1,9 @@
 // Package gomerge merges LoRA adapters the way Hugging Face PEFT's
 // LoraModel.add_weighted_adapter does, working directly on PEFT adapter
 // directories (adapter_config.json + adapter_model.safetensors) or on
-// tensors in memory.
+// tensors in memory, fuses adapters into the weights of their base
+// model (PEFT's merge_and_unload, streaming over a model folder), and
+// extracts adapters from fine-tuned models.
 //
 // The package is organised one concept per file:
 //
@@ -23,6 +25,11 @@
 //   - memory.go: merges of tensors in a model's memory (the PEFT drop-in)
 //   - output.go, card.go: atomic output directories and the model card
 //   - limits.go, parallel.go: memory planning, parallel loops and GC headroom
+//   - fuse.go, fuse_plan.go, fuse_apply.go, fuse_write.go, fuse_card.go: the fuse into a base model
+//     (options and result; mapping adapter tensors to base tensors; W + s B A, DoRA, biases and
+//     replacements; writing the model folder on all cores within a memory budget; its model card)
+//   - extract.go: a LoRA adapter extracted from a fine-tuned model folder and its base (dW = W_ft -
+//     W_base per linear module by the randomized SVD, modules_to_save, the config and the card)
 //
 // Packages below it, which import nothing from it:
 //
@@ -34,4 +41,7 @@
 //     threshold selection, sign election and disjoint merge, the half conversions
 //   - errs: typed errors (ErrKind) that the Python layer maps to exception classes
 //   - internal/pool: the float32 scratch buffer pools that they share
+//   - modelfolder: Hugging Face model folders (config, shards and index, validated against
+//     hostile names and contents) and atomic output folders
+//   - internal/atomicdir: output directories written beside their place and renamed into it
 package gomerge

@@ -232,7 +232,7 @@ func TestExactSVDOfPrunedUpdate(t *testing.T) {
 		}
 	}
 	d := Combination{Method: "ties", Density: 0.2, SignMethod: kernels.SignTotal}.Apply(ts, []float32{2, 1, 1}, nil, false)
-	bk, ak := exactSVD(d, m, n, k)
+	bk, ak, _, _ := exactSVD(d, m, n, func([]float64) int { return k })
 	for i := 0; i < k; i++ {
 		for j := 0; j < k; j++ {
 			dot := 0.0

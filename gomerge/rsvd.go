@@ -25,14 +25,24 @@ const (
 // which is then as cheap. Results are returned like LowRankSVD's:
 // Bk = U_k S_k (m x k) and Ak = V_k^T (k x n), with canonical signs.
 func RandomizedSVD(d []float32, m, n, k int, rng *rand.Rand) (bk, ak []float64) {
+	bk, ak, _, _ = randomizedSVD(d, m, n, k, RSVDPowerIters, rng, func([]float64) int { return k })
+	return bk, ak
+}
+
+// randomizedSVD is RandomizedSVD with power iterations and a sketch for k
+// components whose output rank is chosen by rank from the singular values of
+// the sketch's factorisation (decreasing; the first k are accurate): it
+// returns the factors at that rank, those singular values and the rank.
+func randomizedSVD(d []float32, m, n, k, power int, rng *rand.Rand, rank func(s []float64) int) (bk, ak, s []float64, r int) {
 	l := min(k+RSVDOversample, m, n)
 	if l <= 0 {
-		return make([]float64, m*k), make([]float64, k*n)
+		r = rank(nil)
+		return make([]float64, m*r), make([]float64, r*n), nil, r
 	}
-	if q := min(m, n); q <= (2*RSVDPowerIters+2)*l {
+	if q := min(m, n); q <= (2*power+2)*l {
 		// A thin matrix: its exact SVD (one QR of the long side, ~2 max(m,n) q^2 flops) costs no more than the
 		// sketch would, so take it.
-		return exactSVD(d, m, n, k)
+		return exactSVD(d, m, n, rank)
 	}
 	// The sketch is kept transposed (zt is l x n) so that both products stream over the rows of D with
 	// vectorised dot products and axpys: D is read once per product, in order.
@@ -43,7 +53,7 @@ func RandomizedSVD(d []float32, m, n, k int, rng *rand.Rand) (bk, ak []float64) 
 	y := make([]float32, m*l)
 	mulDZ(d, m, n, zt, l, y) // Y = D Omega
 	orthonormalize32(blas32.General{Rows: m, Cols: l, Stride: l, Data: y})
-	for it := 0; it < RSVDPowerIters; it++ {
+	for it := 0; it < power; it++ {
 		mulDtY(d, m, n, y, l, zt) // Z = D^T Q
 		orthonormalizeRows32(zt, l, n)
 		mulDZ(d, m, n, zt, l, y) // Y = D Z
@@ -58,8 +68,7 @@ func RandomizedSVD(d []float32, m, n, k int, rng *rand.Rand) (bk, ak []float64) 
 	for i, v := range zt {
 		b64[i] = float64(v)
 	}
-	bk, ak, _ = LowRankSVD(q64, b64, m, l, n, k)
-	return bk, ak
+	return lowRankSVD(q64, b64, m, l, n, rank)
 }
 
 // mulDZ computes y (m x l) = D (m x n) @ Z, with Z given transposed as zt
@@ -130,19 +139,17 @@ func orthonormalizeRows32(x []float32, r, n int) {
 	}
 }
 
-// exactSVD is the rank-k truncated SVD of a dense matrix with a short side:
-// D = I D (or D I) factorised by LowRankSVD.
-func exactSVD(d []float32, m, n, k int) (bk, ak []float64) {
+// exactSVD is the truncated SVD of a dense matrix with a short side, at the
+// rank chosen by rank: D = I D (or D I) factorised by lowRankSVD.
+func exactSVD(d []float32, m, n int, rank func(s []float64) int) (bk, ak, s []float64, k int) {
 	d64 := make([]float64, len(d))
 	for i, v := range d {
 		d64[i] = float64(v)
 	}
 	if m <= n {
-		bk, ak, _ = LowRankSVD(identity(m), d64, m, m, n, k)
-	} else {
-		bk, ak, _ = LowRankSVD(d64, identity(n), m, n, n, k)
+		return lowRankSVD(identity(m), d64, m, m, n, rank)
 	}
-	return bk, ak
+	return lowRankSVD(d64, identity(n), m, n, n, rank)
 }
 
 func identity(n int) []float64 {

@@ -95,6 +95,26 @@ func Encode(d DType, x []float32) []byte {
 	return out
 }
 
+// EncodeInto is Encode appending to dst (whose capacity is reused).
+func EncodeInto(dst []byte, d DType, x []float32) []byte {
+	n := len(x) * d.Size()
+	if cap(dst)-len(dst) < n {
+		grown := make([]byte, len(dst), len(dst)+n)
+		copy(grown, dst)
+		dst = grown
+	}
+	out := dst[len(dst) : len(dst)+n]
+	switch {
+	case d == F32:
+		copy(out, Float32AsBytes(x))
+	case n > 0 && uintptr(unsafe.Pointer(&out[0]))%2 != 0: // bytesAsUint16 would convert a copy
+		copy(out, Encode(d, x))
+	case n > 0:
+		kernels.EncodeHalf(bytesAsUint16(out), x, d == BF16)
+	}
+	return dst[:len(dst)+n]
+}
+
 // Round returns x rounded to the precision of dtype d (identity for F32).
 func Round(d DType, x float32) float32 {
 	switch d {

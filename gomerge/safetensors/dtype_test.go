@@ -56,3 +56,14 @@ func BenchmarkDecodeF16(b *testing.B) {
 		Decode(F16, raw)
 	}
 }
+
+// EncodeInto appends Encode's bytes, at any alignment of the destination.
+func TestEncodeInto(t *testing.T) {
+	x := []float32{1, -2.5, 3.1415927, 1e-3, 65504}
+	for _, dt := range []DType{F32, BF16, F16} {
+		for _, prefix := range [][]byte{nil, {7}, {7, 8}} {
+			got := EncodeInto(append([]byte(nil), prefix...), dt, x)
+			assert.Equal(t, append(append([]byte(nil), prefix...), Encode(dt, x)...), got, "%s after %d bytes", dt, len(prefix))
+		}
+	}
+}

@@ -282,6 +282,55 @@ type OutTensor struct {
 	Name  string
 	DType DType
 	Shape []int
+	// RawDType is the dtype as written in a file (I64, BOOL, ...) of a
+	// tensor copied as it is, for dtypes that have no DType (DType "").
+	RawDType string
+}
+
+// dtypeName is the tensor's dtype in the header.
+func (t OutTensor) dtypeName() string {
+	if t.DType == "" {
+		return t.RawDType
+	}
+	return writeDTypes[t.DType]
+}
+
+// byteLen is the tensor's size in bytes.
+func (t OutTensor) byteLen() int64 {
+	if t.DType == "" {
+		n, _ := RawDTypeSize(t.RawDType)
+		return int64(Numel(t.Shape) * n)
+	}
+	return int64(Numel(t.Shape) * t.DType.Size())
+}
+
+// RawDTypeSize is the element size of a dtype as named in safetensors
+// headers (F32, I64, BOOL, ...); false for a name the format does not know.
+func RawDTypeSize(raw string) (int, bool) {
+	d, err := stlib.ParseDType(raw)
+	if err != nil {
+		return 0, false
+	}
+	return int(d.Size()), true
+}
+
+// ReadRaw reads the stored bytes of tensor name, whatever its dtype, into
+// dst (grown when too small) and returns them.
+func (s *File) ReadRaw(name string, dst []byte) ([]byte, error) {
+	e, ok := s.Entries[name]
+	if !ok {
+		return nil, errs.Value("%s: no tensor %s", s.Path, name)
+	}
+	if int64(cap(dst)) < e.Length {
+		dst = make([]byte, e.Length)
+	}
+	dst = dst[:e.Length]
+	if e.Length > 0 {
+		if err := s.readAt(dst, e.Offset, name); err != nil {
+			return nil, err
+		}
+	}
+	return dst, nil
 }
 
 // Writer writes a safetensors file whose tensors are all known in advance
@@ -330,9 +379,9 @@ func Create(path string, tensors []OutTensor, metadata map[string]string) (*Writ
 			meta()
 			metaDone = true
 		}
-		n := int64(Numel(t.Shape) * t.DType.Size())
+		n := t.byteLen()
 		key(t.Name)
-		fmt.Fprintf(&hb, `{"data_offsets":[%d,%d],"dtype":%q,"shape":[`, pos, pos+n, writeDTypes[t.DType])
+		fmt.Fprintf(&hb, `{"data_offsets":[%d,%d],"dtype":%q,"shape":[`, pos, pos+n, t.dtypeName())
 		for i, d := range t.Shape {
 			if i > 0 {
 				hb.WriteByte(',')
@@ -390,6 +439,21 @@ func (w *Writer) WriteTensor(name string, data []byte) error {
 		return errs.New(errs.KindInternal, "%s: tensor %s: unexpected name or size (%d bytes)", w.path, name, len(data))
 	}
 	if _, err := w.f.WriteAt(data, w.start+off[0]); err != nil {
+		return errs.IO(w.path, err)
+	}
+	w.kick(len(data))
+	return nil
+}
+
+// WriteTensorPart writes encoded bytes of tensor name from byte off of the
+// tensor, so that a large tensor can be encoded and written a chunk at a
+// time; the parts must cover the tensor.
+func (w *Writer) WriteTensorPart(name string, off int64, data []byte) error {
+	o, ok := w.offsets[name]
+	if !ok || off < 0 || off+int64(len(data)) > o[1]-o[0] {
+		return errs.New(errs.KindInternal, "%s: tensor %s: part [%d, %d) outside the tensor", w.path, name, off, off+int64(len(data)))
+	}
+	if _, err := w.f.WriteAt(data, w.start+o[0]+off); err != nil {
 		return errs.IO(w.path, err)
 	}
 	w.kick(len(data))

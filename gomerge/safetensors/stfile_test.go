@@ -16,10 +16,10 @@ import (
 // characters escaped), and the file reads back.
 func TestCreateSafetensorsHeader(t *testing.T) {
 	tensors := []OutTensor{
-		{"base.z<&>", F16, []int{2, 3}},
-		{"A.weight", F32, []int{4}},
-		{"_a", BF16, []int{}},
-		{"base.a", F32, []int{1, 2, 1}},
+		{Name: "base.z<&>", DType: F16, Shape: []int{2, 3}},
+		{Name: "A.weight", DType: F32, Shape: []int{4}},
+		{Name: "_a", DType: BF16, Shape: []int{}},
+		{Name: "base.a", DType: F32, Shape: []int{1, 2, 1}},
 	}
 	meta := map[string]string{"format": "pt", "b": "x\"y"}
 	path := filepath.Join(t.TempDir(), "t.safetensors")
@@ -51,4 +51,22 @@ func TestCreateSafetensorsHeader(t *testing.T) {
 	assert.Equal(t, meta, st.Metadata)
 	assert.Len(t, st.Entries, 4)
 	assert.Equal(t, []int{1, 2, 1}, st.Entries["base.a"].Shape)
+}
+
+// A tensor written in parts reads back whole; a part outside it is refused.
+func TestWriteTensorPart(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "p.safetensors")
+	w, err := Create(path, []OutTensor{{Name: "x", DType: BF16, Shape: []int{5}}}, nil)
+	require.NoError(t, err)
+	x := []float32{1, 2, 3, 4, 5}
+	require.NoError(t, w.WriteTensorPart("x", 4, Encode(BF16, x[2:])))
+	require.NoError(t, w.WriteTensorPart("x", 0, Encode(BF16, x[:2])))
+	require.Error(t, w.WriteTensorPart("x", 8, Encode(BF16, x[:2])))
+	require.NoError(t, w.Close())
+	st, err := Open(path)
+	require.NoError(t, err)
+	defer st.Close()
+	got, err := st.ReadFloat32("x")
+	require.NoError(t, err)
+	assert.Equal(t, x, got)
 }

@@ -70,7 +70,19 @@ def merge_tensors_start(request: dict[str, Any]) -> int:
     return int(_b.merge_tensors_start(json.dumps(request)))
 
 
-def run_job(job: int, progress: bool | None, min_modules: int = 64) -> dict[str, Any]:
+def extract_start(request: dict[str, Any]) -> int:
+    """Starts the extraction of a LoRA adapter from a fine-tuned model folder and its base; returns its job id."""
+    _check_fork()
+    return int(_b.extract_start(json.dumps(request)))
+
+
+def fuse_start(request: dict[str, Any]) -> int:
+    """Starts a fuse of adapters into their base model in Go and returns its job id."""
+    _check_fork()
+    return int(_b.fuse_start(json.dumps(request)))
+
+
+def run_job(job: int, progress: bool | None, min_modules: int = 64, unit: str = "module") -> dict[str, Any]:
     """Waits for a job, showing a progress bar, and returns its result.
 
     Python polls the job (the GIL is free while Go works), so Ctrl-C or a notebook's interrupt button stops it: the
@@ -81,6 +93,7 @@ def run_job(job: int, progress: bool | None, min_modules: int = 64) -> dict[str,
         progress (`bool`, *optional*): force the progress bar on or off; by default it is shown for jobs of at least
             `min_modules` modules when tqdm is installed.
         min_modules (`int`): the default threshold for the progress bar.
+        unit (`str`): what the job counts (``"module"``, ``"tensor"``), for the progress bar.
     """
     bar = None
     try:
@@ -88,7 +101,7 @@ def run_job(job: int, progress: bool | None, min_modules: int = 64) -> dict[str,
             status = merge_wait(job, _POLL_MS)
             total, done = status.get("total", 0), status.get("done", 0)
             if bar is None and total and (progress or (progress is None and total >= min_modules)):
-                bar = _progress_bar(total)
+                bar = _progress_bar(total, unit)
             if bar is not None:
                 bar.update(done - bar.n)
             if status["state"] == "done":
@@ -109,12 +122,12 @@ def run_job(job: int, progress: bool | None, min_modules: int = 64) -> dict[str,
 _POLL_MS = 100
 
 
-def _progress_bar(total: int):
+def _progress_bar(total: int, unit: str = "module"):
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc="gomerge", unit="module")
+    return tqdm(total=total, desc="gomerge", unit=unit)
 
 
 def merge_wait(job: int, timeout_ms: int) -> dict[str, Any]:

@@ -10,6 +10,8 @@ from contextlib import ExitStack
 from typing import Any
 
 from . import __version__, _native, merge, sources
+from .extraction import extract as extract_adapter
+from .fuse import fuse as fuse_models
 from .merge import COMBINATION_TYPES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -31,6 +33,8 @@ examples:
   gomerge merge --recipe merge.yaml
   gomerge merge user/lora-a user/lora-b@v2 --method svd --svd-rank 16 -o merged --json
   gomerge inspect merged
+  gomerge extract BASE FINETUNED -o extracted --rank 64
+  gomerge fuse models/llama adapters/sql -o llama-sql
 
 Run `gomerge merge --help` for every option and the recipe format."""
 
@@ -256,6 +260,88 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the written tensors")
     r.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    e = sub.add_parser(
+        "extract",
+        help="extract a LoRA adapter from a fine-tuned model and its base (randomized SVD of each dW)",
+        description="Extract a LoRA adapter from a fine-tuned model: each linear module's dW = W_ft - W_base is "
+        "factorised by a seeded randomized SVD, at a fixed rank (--rank) or by the energy rule (--energy). The "
+        "adapter loads with PeftModel.from_pretrained(base_model, OUT); the model card gives each module's rank and "
+        "relative error.",
+    )
+    e.add_argument("base", nargs="?", metavar="BASE", help="the base model folder (or Hub id)")
+    e.add_argument("finetuned", nargs="?", metavar="FINETUNED", help="the fine-tuned model folder (or Hub id)")
+    e.add_argument(
+        "--recipe",
+        metavar="FILE",
+        help="read the models and options from a YAML recipe (keys: base, finetuned, output_dir, rank or energy, "
+        "max_rank, modules_to_save, seed, dtype, overwrite, model_card, revision); the command line overrides it",
+    )
+    e.add_argument("-o", "--output-dir", metavar="DIR", help="directory of the extracted adapter")
+    how = e.add_mutually_exclusive_group()
+    how.add_argument("--rank", type=int, metavar="R", help="the rank of every module")
+    how.add_argument(
+        "--energy", type=float, metavar="E", help="per module, the smallest rank keeping this fraction of ||dW||^2"
+    )
+    e.add_argument("--max-rank", type=int, metavar="M", help="cap of every module's rank")
+    e.add_argument(
+        "--save-module",
+        action="append",
+        metavar="NAME",
+        help="save this module whole (modules_to_save): a module path or its last part (lm_head, embed_tokens, "
+        "norm); repeat for several",
+    )
+    e.add_argument(
+        "--save-changed",
+        action="store_true",
+        help="save every changed module that is not factorised (norms, embeddings, lm_head) whole",
+    )
+    e.add_argument("--seed", type=int, help="seed of the randomized SVD (default 0)")
+    e.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the LoRA factors (default float32)"
+    )
+    e.add_argument("--revision", help="Hub revision for Hub ids")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing adapter directory")
+    e.add_argument("--no-model-card", action="store_true", help="do not write README.md")
+    e.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    p.extract_parser = e  # for errors reported after parsing
+    f = sub.add_parser(
+        "fuse",
+        help="fuse LoRA adapters into their base model's weights (a model folder transformers loads)",
+        description="Fuse LoRA adapters into the weights of their base model, W' = W + s B A as PEFT's "
+        "merge_and_unload() computes it (fan_in_fan_out, embeddings, Conv2d, DoRA, lora_bias, modules_to_save), "
+        "in float32 with one rounding, streaming one tensor per core. Several adapters are merged first (--method, "
+        "default cat: the exact weighted sum) or applied one after another (--stack). The output folder appears "
+        "complete or not at all.",
+    )
+    f.add_argument("base", nargs="?", metavar="BASE", help="base model folder or Hub id")
+    f.add_argument("adapters", nargs="*", metavar="ADAPTER", help="PEFT adapter directories or Hub ids")
+    f.add_argument("--recipe", metavar="FILE", help="read the base, sources and options from a YAML recipe")
+    f.add_argument("-o", "--output-dir", metavar="DIR", help="folder of the fused model (required unless --dry-run)")
+    f.add_argument("-w", "--weights", nargs="+", type=_weight_arg, metavar="W", help="one weight per adapter")
+    f.add_argument(
+        "-m",
+        "--method",
+        "--combination-type",
+        dest="method",
+        choices=COMBINATION_TYPES,
+        metavar="METHOD",
+        help="how several adapters are merged before fusing (default: cat, the exact weighted sum)",
+    )
+    f.add_argument("--stack", action="store_true", help="apply several adapters one after another")
+    f.add_argument("--max-shard-size", metavar="SIZE", help="split the output into shards of at most SIZE (5GB)")
+    f.add_argument("--dry-run", action="store_true", help="list what would change; write nothing")
+    f.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of every float tensor (default: the base's)"
+    )
+    f.add_argument("--density", type=float, help="density of the pruning methods (merge before fusing)")
+    f.add_argument("--svd-rank", type=_rank_arg, metavar="R", help="rank of the svd methods (merge before fusing)")
+    f.add_argument("--seed", type=int, help="seed of the random methods (merge before fusing)")
+    f.add_argument("--revision", help="Hub revision for Hub ids without @revision")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    f.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    f.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    p.fuse_parser = f
     i = sub.add_parser(
         "inspect",
         help="describe an adapter: ranks, alpha, scaling, targets, dtype, size",
@@ -393,6 +479,152 @@ def _resize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.save_module and args.save_changed:
+        parser.error("give --save-module or --save-changed, not both")
+    options: dict[str, Any] = {}
+    if args.recipe:
+        from .recipe import RecipeError, load_extract_recipe
+
+        if args.base or args.finetuned:
+            parser.error("give the models either on the command line or in --recipe, not both")
+        try:
+            options = load_extract_recipe(args.recipe)
+        except FileNotFoundError:
+            return _fail(f"recipe {args.recipe}: no such file")
+        except RecipeError as e:
+            sys.stderr.write(f"gomerge: error: {e}\n")
+            return EXIT_USAGE
+    elif not (args.base and args.finetuned):
+        parser.error("name the BASE and FINETUNED model folders, or give --recipe")
+    else:
+        options = {"base": args.base, "finetuned": args.finetuned}
+    # command-line options override the recipe's
+    if args.rank is not None or args.energy is not None:
+        options.pop("rank", None)
+        options.pop("energy", None)
+    for key, value in (
+        ("output_dir", args.output_dir),
+        ("rank", args.rank),
+        ("energy", args.energy),
+        ("max_rank", args.max_rank),
+        ("seed", args.seed),
+        ("dtype", args.dtype),
+        ("revision", args.revision),
+    ):
+        if value is not None:
+            options[key] = value
+    if args.save_module or args.save_changed:
+        options["modules_to_save"] = args.save_module or True
+    if args.overwrite:
+        options["overwrite"] = True
+    if args.no_model_card:
+        options["model_card"] = False
+    if not options.get("output_dir"):
+        parser.error("give -o/--output-dir (or output_dir in the recipe)")
+    if options.get("rank") is None and options.get("energy") is None:
+        parser.error("give --rank or --energy (or rank / energy in the recipe)")
+    res = extract_adapter(
+        options["base"],
+        options["finetuned"],
+        options["output_dir"],
+        rank=options.get("rank"),
+        energy=options.get("energy"),
+        max_rank=options.get("max_rank"),
+        modules_to_save=options.get("modules_to_save", False),
+        seed=options.get("seed", 0),
+        dtype=options.get("dtype"),
+        overwrite=options.get("overwrite", False),
+        model_card=options.get("model_card", True),
+        revision=options.get("revision"),
+        progress=False if args.quiet or args.json else None,
+    )
+    if args.json:
+        print(json.dumps(res.__dict__))
+    elif not args.quiet:
+        ranks = sorted(res.module_ranks.values())
+        worst = max(res.module_errors.values(), default=0.0)
+        saved = f", {len(res.modules_to_save)} saved whole" if res.modules_to_save else ""
+        print(
+            f"extracted {res.modules} modules from {options['finetuned']} into {res.output_dir}: rank {res.rank} "
+            f"(ranks {ranks[0]}-{ranks[-1]}), largest relative error {worst:.3g}, {len(res.unchanged)} unchanged "
+            f"skipped{saved}, {res.seconds:.2f} s"
+        )
+    return EXIT_OK
+
+
+def _fuse(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    options: dict[str, Any] = {}
+    if args.recipe:
+        from .recipe import RecipeError, load_recipe
+
+        if args.base or args.adapters or args.weights:
+            parser.error("give the base and adapters either on the command line or in --recipe, not both")
+        try:
+            recipe = load_recipe(args.recipe, "fuse")
+        except FileNotFoundError:
+            return _fail(f"recipe {args.recipe}: no such file")
+        except RecipeError as e:
+            sys.stderr.write(f"gomerge: error: {e}\n")
+            return EXIT_USAGE
+        options = dict(recipe.options)
+        srcs = recipe.sources
+    else:
+        if not args.base or not args.adapters:
+            parser.error("name the BASE model and at least one ADAPTER, or give --recipe")
+        srcs = [{"source": a} for a in args.adapters]
+        if args.weights is not None:
+            if len(args.weights) != len(args.adapters):
+                parser.error(f"--weights: got {len(args.weights)} weights for {len(args.adapters)} adapters")
+            for s, w in zip(srcs, args.weights):
+                s["weight"] = w
+        options["base"] = args.base
+    # command-line options override the recipe's
+    for key, value in (
+        ("combination_type", args.method),
+        ("density", args.density),
+        ("svd_rank", args.svd_rank),
+        ("seed", args.seed),
+        ("output_dir", args.output_dir),
+        ("dtype", args.dtype),
+        ("max_shard_size", args.max_shard_size),
+    ):
+        if value is not None:
+            options[key] = value
+    for key in ("stack", "dry_run", "overwrite"):
+        if getattr(args, key):
+            options[key] = True
+    weights = [s.get("weight", 1.0) for s in srcs] if any("weight" in s for s in srcs) else None
+    base = options.pop("base")
+    if "lambda" in options:
+        options["lambda_"] = options.pop("lambda")
+    with ExitStack() as stack:
+        local = [
+            sources.resolve(s["source"], stack, s.get("revision") or args.revision, s.get("subfolder")) for s in srcs
+        ]
+        res = fuse_models(
+            base,
+            local,
+            weights=weights,
+            progress=False if args.quiet or args.json else None,
+            revision=args.revision,
+            **options,
+        )
+    if args.json:
+        print(json.dumps(res.__dict__))
+    elif not args.quiet:
+        if res.dry_run:
+            for c in res.changed:
+                print(f"{c['tensor']} {c['shape']} {c['dtype']}: {', '.join(c['ops'])} ({', '.join(c['adapters'])})")
+            print(f"dry run: {len(res.changed)} of {res.tensors} tensors would change; nothing was written")
+        else:
+            print(
+                f"fused {len(res.adapters)} adapter(s) into {res.output_dir}: {len(res.changed)} of {res.tensors} "
+                f"tensors changed, {len(res.shards)} shard(s), {res.total_size / 2**20:.1f} MiB, {res.seconds:.2f} s"
+            )
+    return EXIT_OK
+
+
 def _inspect(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         path = sources.resolve(args.adapter, stack, args.revision, args.subfolder)
@@ -439,6 +671,10 @@ def main(argv: list[str] | None = None) -> int:
             return _merge(args, parser.merge_parser)
         if args.command == "resize":
             return _resize(args)
+        if args.command == "extract":
+            return _extract(args, parser.extract_parser)
+        if args.command == "fuse":
+            return _fuse(args, parser.fuse_parser)
         return _inspect(args)
     except KeyboardInterrupt:
         sys.stderr.write("gomerge: interrupted; nothing was written\n")

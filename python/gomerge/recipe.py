@@ -27,6 +27,20 @@ output_dir: merged                   # relative paths are relative to the recipe
 overwrite: false
 ```
 
+A fuse recipe (`gomerge fuse --recipe fuse.yaml`) names the base model too, and takes the fuse's own keys:
+
+```yaml
+base: models/llama                   # a model folder or a Hub id; relative to the recipe file
+adapters:
+  - source: adapters/sql
+  - source: adapters/adcopy
+    weight: 0.5
+method: cat                          # how several adapters are merged first (default: cat); or stack: true
+max_shard_size: 5GB                  # optional; default: the base's shard layout
+dtype: bfloat16                      # optional; default: the base's
+output_dir: llama-fused
+```
+
 Errors name the file, the line and the key at fault.
 """
 
@@ -60,6 +74,9 @@ TOP_KEYS = {
     "output_dir": "str",
     "overwrite": "bool",
 }
+# keys of fuse recipes only (gomerge fuse --recipe), and keys fuse recipes do not take
+FUSE_KEYS = {"base": "str", "stack": "bool", "max_shard_size": "int or str", "dry_run": "bool"}
+MERGE_ONLY_KEYS = {"adapter_name", "svd_full_matrices", "svd_driver"}
 SOURCE_KEYS = {
     "source": "str",
     "weight": "number, mapping of pattern -> number, or list of numbers",
@@ -139,11 +156,12 @@ def _weight_problem(value: Any, node: Any) -> tuple[Any, str] | None:
     return None
 
 
-def load_recipe(path: str) -> Recipe:
+def load_recipe(path: str, command: str = "merge") -> Recipe:
     """Reads and validates a recipe file.
 
     Args:
         path (`str`): the YAML file.
+        command (`str`, defaults to `"merge"`): `"merge"`, or `"fuse"` for a recipe with a `base` model.
 
     Returns:
         [`Recipe`]: sources (dicts with `source`, `weight`, `revision`, `subfolder`) and options.
@@ -173,11 +191,18 @@ def load_recipe(path: str) -> Recipe:
         raise err(root, "a recipe is a mapping of keys (adapters, method, ...)")
     data = yaml.safe_load(text)
     nodes = {k.value: (k, v) for k, v in root.value}
+    top = dict(TOP_KEYS)
+    if command == "fuse":
+        top = {k: v for k, v in top.items() if k not in MERGE_ONLY_KEYS} | FUSE_KEYS
     for key, (knode, vnode) in nodes.items():
-        if key not in TOP_KEYS:
-            raise err(knode, f"unknown key {key!r} (expected one of: {', '.join(TOP_KEYS)})")
-        if key != "adapters" and not _type_ok(data[key], TOP_KEYS[key]):
-            raise err(vnode, f"key {key!r} must be a {TOP_KEYS[key]}, got {data[key]!r}")
+        if key not in top:
+            if key in FUSE_KEYS:
+                raise err(knode, f"key {key!r} belongs to fuse recipes: run `gomerge fuse --recipe {path}`")
+            raise err(knode, f"unknown key {key!r} for a {command} recipe (expected one of: {', '.join(top)})")
+        if key != "adapters" and not _type_ok(data[key], top[key]):
+            raise err(vnode, f"key {key!r} must be a {top[key]}, got {data[key]!r}")
+    if command == "fuse" and "base" not in nodes:
+        raise err(root, "key 'base' is missing: name the base model folder (or Hub id) to fuse into")
     if "adapters" not in nodes:
         raise err(root, "key 'adapters' is missing: list the adapters to merge")
     if "method" in nodes and "combination_type" in nodes:
@@ -218,13 +243,103 @@ def load_recipe(path: str) -> Recipe:
     options = {k: v for k, v in data.items() if k != "adapters"}
     if "method" in options:
         options["combination_type"] = options.pop("method")
-    ctype = options.get("combination_type", "svd")
+    ctype = options.get("combination_type", "cat" if command == "fuse" else "svd")
     if ctype not in COMBINATION_TYPES:
         raise err(
             nodes.get("method", nodes.get("combination_type"))[1],
             f"unknown method {ctype!r} (expected one of: {', '.join(COMBINATION_TYPES)})",
         )
+    here = os.path.dirname(os.path.abspath(path))
     out = options.get("output_dir")
     if out and not os.path.isabs(out):
-        options["output_dir"] = os.path.join(os.path.dirname(os.path.abspath(path)), out)
+        options["output_dir"] = os.path.join(here, out)
+    base = options.get("base")
+    if base and not os.path.isabs(base) and os.path.exists(os.path.join(here, base)):
+        options["base"] = os.path.join(here, base)
     return Recipe(sources=sources, options=options)
+
+
+# keys of extraction recipes (gomerge extract --recipe)
+EXTRACT_KEYS = {
+    "base": "str",
+    "finetuned": "str",
+    "output_dir": "str",
+    "rank": "int",
+    "energy": "number",
+    "max_rank": "int",
+    "modules_to_save": "bool or list of str",
+    "seed": "int",
+    "dtype": "str",
+    "overwrite": "bool",
+    "model_card": "bool",
+    "revision": "str",
+}
+
+
+def load_extract_recipe(path: str) -> dict[str, Any]:
+    """Reads and validates an extraction recipe (`gomerge extract --recipe extract.yaml`): the keyword arguments of
+    `gomerge.extract`, with the model folders and the output directory relative to the recipe file.
+
+    ```yaml
+    base: models/base                # a model folder or a Hub id
+    finetuned: models/finetuned
+    output_dir: extracted
+    rank: 64                         # or energy: 0.9
+    max_rank: 128                    # optional
+    modules_to_save: [norm]          # optional: true (every changed module that is not factorised) or names
+    seed: 0
+    dtype: float32
+    ```
+
+    Args:
+        path (`str`): the YAML file.
+
+    Returns:
+        `dict`: the options, by `gomerge.extract`'s argument names.
+
+    Raises:
+        `FileNotFoundError`: the file does not exist.
+        `RecipeError` (a `ValueError`): invalid YAML, unknown or missing keys, wrong types.
+    """
+    import yaml
+
+    with open(path) as f:
+        text = f.read()
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise RecipeError(
+            f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML: {getattr(e, 'problem', e)}"
+        ) from None
+
+    def err(node, msg: str) -> RecipeError:
+        return RecipeError(f"{path}{f':{node.start_mark.line + 1}' if node is not None else ''}: {msg}")
+
+    if root is None or not isinstance(root, yaml.MappingNode):
+        raise err(root, "an extraction recipe is a mapping of keys (base, finetuned, rank, ...)")
+    data = yaml.safe_load(text)
+    nodes = {k.value: (k, v) for k, v in root.value}
+    for key, (knode, vnode) in nodes.items():
+        if key not in EXTRACT_KEYS:
+            raise err(knode, f"unknown key {key!r} for an extract recipe (expected one of: {', '.join(EXTRACT_KEYS)})")
+        value, kind = data[key], EXTRACT_KEYS[key]
+        ok = (
+            isinstance(value, bool) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+            if kind == "bool or list of str"
+            else _type_ok(value, kind)
+        )
+        if not ok:
+            raise err(vnode, f"key {key!r} must be a {kind}, got {value!r}")
+    for key in ("base", "finetuned"):
+        if not data.get(key):
+            raise err(root, f"key {key!r} is missing: name the {key} model folder (or Hub id)")
+    if "rank" in data and "energy" in data:
+        raise err(nodes["energy"][0], "give either 'rank' or 'energy', not both")
+    here = os.path.dirname(os.path.abspath(path))
+    options = dict(data)
+    for key in ("base", "finetuned", "output_dir"):
+        value = options.get(key)
+        if value and not os.path.isabs(value) and (key == "output_dir" or os.path.exists(os.path.join(here, value))):
+            options[key] = os.path.join(here, value)
+    return options

@@ -1,0 +1,282 @@
+package gomerge
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"time"
+
+	"gomerge/gomerge/modelfolder"
+	"gomerge/gomerge/safetensors"
+)
+
+// FuseOptions are the arguments of a fuse: LoRA adapters folded into the
+// weights of their base model, written as a new model folder.
+type FuseOptions struct {
+	Base     string   `json:"base"`     // the base model folder
+	Adapters []string `json:"adapters"` // PEFT adapter directories
+	// Weights has one weight per adapter (1 when empty): a number, or
+	// module-name patterns with their weights, as for Merge.
+	Weights Weights `json:"weights"`
+	// Combine chooses how several adapters are merged before fusing (the
+	// methods of Merge; "cat", the exact sum of the weighted updates, by
+	// default). With Stack they are applied one after another instead.
+	Combine
+	Stack        bool     `json:"stack"`
+	OutputDir    string   `json:"output_dir"`
+	Overwrite    bool     `json:"overwrite"`
+	DType        string   `json:"dtype"`          // "" keeps each tensor's dtype
+	MaxShardSize int64    `json:"max_shard_size"` // bytes; 0 keeps the base's shard layout
+	DryRun       bool     `json:"dry_run"`        // plan and report, write nothing
+	BaseName     string   `json:"base_name"`      // how the user named the base (for the model card)
+	SourceNames  []string `json:"source_names"`   // how the user named the adapters (for the model card)
+	Workers      int      `json:"workers"`        // tensors fused at once; 0 uses all cores
+
+	oneAdapterMethod string // a combination_type given for one adapter, which nothing merges
+}
+
+// FuseChange is one tensor of the output that differs from the base.
+type FuseChange struct {
+	Tensor   string   `json:"tensor"`
+	Shape    []int    `json:"shape"`
+	DType    string   `json:"dtype"`
+	Ops      []string `json:"ops"`      // what is applied, in order: lora, dora, bias, replace, copy
+	Adapters []string `json:"adapters"` // the adapters it comes from
+}
+
+// FuseResult describes a fuse (or, with DryRun, what it would do).
+type FuseResult struct {
+	OutputDir       string       `json:"output_dir"`
+	Base            string       `json:"base"`
+	Adapters        []string     `json:"adapters"`
+	CombinationType string       `json:"combination_type"` // "" for one adapter or a stack
+	Stack           bool         `json:"stack"`
+	Tensors         int          `json:"tensors"`
+	Changed         []FuseChange `json:"changed"`
+	Shards          []string     `json:"shards"`
+	TotalSize       int64        `json:"total_size"`
+	Untied          bool         `json:"untied"` // tie_word_embeddings was set to false
+	DryRun          bool         `json:"dry_run"`
+	Seconds         float64      `json:"seconds"`
+	Warnings        []string     `json:"warnings"`
+}
+
+// validate checks the options before any file is read.
+func (o *FuseOptions) validate() error {
+	if o.Base == "" {
+		return valueErr("base: a base model folder is required")
+	}
+	if len(o.Adapters) == 0 {
+		return valueErr("adapters: at least one adapter directory is required")
+	}
+	if len(o.Weights) == 0 {
+		o.Weights = make(Weights, len(o.Adapters))
+		for i := range o.Weights {
+			o.Weights[i] = Weight{Value: 1}
+		}
+	}
+	if len(o.Weights) != len(o.Adapters) {
+		return valueErr("weights: got %d weights for %d adapters; pass one weight per adapter", len(o.Weights), len(o.Adapters))
+	}
+	if o.CombinationType == "" {
+		o.CombinationType = "cat"
+	} else if len(o.Adapters) == 1 && o.CombinationType != "cat" {
+		o.oneAdapterMethod = o.CombinationType
+	}
+	if o.Stack && len(o.Adapters) > 1 && o.CombinationType != "cat" {
+		return valueErr("combination_type: %q merges adapters before fusing; stack=True applies them one after another instead (pass one or the other)", o.CombinationType)
+	}
+	if o.DType != "" {
+		if _, err := safetensors.ParseDType(o.DType); err != nil {
+			return err
+		}
+	}
+	if o.MaxShardSize < 0 {
+		return valueErr("max_shard_size: must be positive, got %d", o.MaxShardSize)
+	}
+	if o.OutputDir == "" && !o.DryRun {
+		return valueErr("output_dir: a directory to write the fused model to is required")
+	}
+	if o.OutputDir != "" {
+		out, err := filepath.Abs(o.OutputDir)
+		if err != nil {
+			return ioErr(o.OutputDir, err)
+		}
+		for _, in := range append([]string{o.Base}, o.Adapters...) {
+			abs, err := filepath.Abs(in)
+			if err != nil {
+				return ioErr(in, err)
+			}
+			if abs == out {
+				return valueErr("output_dir: %s is also an input; choose another directory", o.OutputDir)
+			}
+			if inside(out, abs) || inside(abs, out) {
+				return valueErr("output_dir: %s and the input %s lie one inside the other; choose a directory apart from the inputs", o.OutputDir, in)
+			}
+		}
+	}
+	return nil
+}
+
+// inside tells whether path lies strictly inside dir (both absolute and clean).
+func inside(dir, path string) bool {
+	rel, err := filepath.Rel(dir, path)
+	return err == nil && rel != "." && filepath.IsLocal(rel)
+}
+
+// Fuse folds the adapters into the base model's weights, W' = W + s B A
+// per adapted layer as PEFT's merge_and_unload computes it (DoRA, LoRA
+// biases and modules_to_save included), in float32 with one rounding to
+// the output dtype, and writes the model folder atomically. It streams: a
+// worker holds one base tensor and its factors at a time. progress counts
+// output tensors; ctx cancels (nothing is left behind).
+func Fuse(ctx context.Context, opts FuseOptions, progress *Progress) (*FuseResult, error) {
+	start := time.Now()
+	if err := opts.validate(); err != nil {
+		return nil, err
+	}
+	if !opts.DryRun {
+		if err := modelfolder.CheckOutput(opts.OutputDir, opts.Overwrite); err != nil {
+			return nil, err
+		}
+	}
+	defer holdGCHeadroom()()
+	base, err := modelfolder.Open(opts.Base)
+	if err != nil {
+		return nil, err
+	}
+	defer base.Close()
+	adapters, err := loadAllForFuse(opts.Adapters)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		for _, a := range adapters {
+			a.Close()
+		}
+	}()
+	plan, err := planFuse(&opts, base, adapters)
+	if err != nil {
+		return nil, err
+	}
+	res := plan.result(&opts)
+	if opts.oneAdapterMethod != "" {
+		res.Warnings = append(res.Warnings, fmt.Sprintf("one adapter only: combination_type %q is not used (nothing to merge); the adapter is fused as it is", opts.oneAdapterMethod))
+	}
+	if opts.DryRun || ctx.Err() != nil {
+		if ctx.Err() != nil {
+			return nil, ErrCancelled
+		}
+		res.Seconds = time.Since(start).Seconds()
+		return res, nil
+	}
+	if err := writeFused(ctx, &opts, plan, base, progress); err != nil {
+		return nil, err
+	}
+	res.Seconds = time.Since(start).Seconds()
+	return res, nil
+}
+
+// loadAllForFuse reads the adapter directories, DoRA and LoRA biases
+// accepted.
+func loadAllForFuse(dirs []string) ([]*Adapter, error) {
+	out := make([]*Adapter, 0, len(dirs))
+	for _, d := range dirs {
+		a, err := loadAdapter(d, true)
+		if err != nil {
+			for _, o := range out {
+				o.Close()
+			}
+			return nil, err
+		}
+		out = append(out, a)
+	}
+	return out, nil
+}
+
+// sourceName is how the user named adapter i.
+func (o *FuseOptions) sourceName(i int) string {
+	if len(o.SourceNames) == len(o.Adapters) {
+		return o.SourceNames[i]
+	}
+	return o.Adapters[i]
+}
+
+func (o *FuseOptions) baseName() string {
+	if o.BaseName != "" {
+		return o.BaseName
+	}
+	return o.Base
+}
+
+func (p *fusePlan) result(opts *FuseOptions) *FuseResult {
+	res := &FuseResult{OutputDir: opts.OutputDir, Base: opts.baseName(), Stack: opts.Stack, DryRun: opts.DryRun,
+		Tensors: len(p.tensors), Changed: []FuseChange{}, Untied: p.untie, TotalSize: p.totalSize,
+		Warnings: append([]string{}, p.warnings...)}
+	for i := range opts.Adapters {
+		res.Adapters = append(res.Adapters, opts.sourceName(i))
+	}
+	if p.merged {
+		res.CombinationType = opts.CombinationType
+	}
+	for _, s := range p.shards {
+		res.Shards = append(res.Shards, s.Name)
+	}
+	for _, t := range p.tensors {
+		if len(t.ops) == 0 && t.name == t.src {
+			continue
+		}
+		c := FuseChange{Tensor: t.name, Shape: t.shape, DType: t.dtypeName(), Ops: []string{}, Adapters: []string{}}
+		if t.name != t.src {
+			c.Ops = append(c.Ops, "copy of "+t.src)
+		}
+		seen := map[int]bool{}
+		for _, op := range t.ops {
+			c.Ops = append(c.Ops, op.describe())
+			for _, i := range op.adapterIndexes() {
+				if !seen[i] {
+					seen[i] = true
+					c.Adapters = append(c.Adapters, opts.sourceName(i))
+				}
+			}
+		}
+		res.Changed = append(res.Changed, c)
+	}
+	if len(res.Changed) == 0 {
+		res.Warnings = append(res.Warnings, "no tensor of the base model is changed by the adapters")
+	}
+	return res
+}
+
+func (t *fuseTensor) dtypeName() string {
+	if t.dtype == "" {
+		return t.rawDType
+	}
+	return t.dtype.TorchName()
+}
+
+func (op *fuseOp) describe() string {
+	switch op.kind {
+	case opReplace:
+		return "replace"
+	case opBias:
+		return "bias"
+	case opMerged:
+		return fmt.Sprintf("lora (%d adapters merged)", len(op.job.srcs))
+	}
+	if op.mod.Magnitude.Shape != nil {
+		return "dora"
+	}
+	return "lora"
+}
+
+func (op *fuseOp) adapterIndexes() []int {
+	if op.kind == opMerged {
+		out := make([]int, len(op.job.srcs))
+		for i, s := range op.job.srcs {
+			out[i] = s.index
+		}
+		return out
+	}
+	return []int{op.adapter}
+}

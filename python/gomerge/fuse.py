@@ -1,0 +1,258 @@
+"""``gomerge.fuse``: LoRA adapters folded into the weights of their base model, streaming, by the Go engine."""
+
+from __future__ import annotations
+
+import html
+import numbers
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from . import _native, sources
+from .merge import PathLike, Weight, _paths, _weights
+
+# Below this many tensors a progress bar is more noise than help.
+_PROGRESS_MIN_TENSORS = 64
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_UNITS["tib"] = 2**40
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a size as transformers writes it (``"5GB"`` = 5 * 10**9, ``"2GiB"`` = 2 * 2**30).
+
+    Raises:
+        `ValueError`: not a positive size.
+        `TypeError`: neither an int nor a string.
+    """
+    if isinstance(size, bool) or not isinstance(size, (numbers.Integral, str)):
+        raise TypeError(f"max_shard_size: expected an int or a string such as '5GB', got {type(size).__name__}")
+    if isinstance(size, str):
+        m = _SIZE.match(size)
+        if m is None:
+            raise ValueError(
+                f"max_shard_size: {size!r} is not a size (expected bytes, or a number with KB, MB, GB, GiB)"
+            )
+        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+    else:
+        n = int(size)
+    if n <= 0:
+        raise ValueError(f"max_shard_size: must be positive, got {size!r}")
+    return n
+
+
+@dataclass
+class FuseResult:
+    """What a fuse produced (or, with ``dry_run=True``, would produce).
+
+    Attributes:
+        output_dir (`str`): the model folder that was written ("" for a dry run without one).
+        base (`str`): the base model, as given.
+        adapters (`list[str]`): the adapters, as given.
+        combination_type (`str`): how several adapters were merged before fusing ("" for one adapter or a stack).
+        stack (`bool`): whether the adapters were applied one after another.
+        tensors (`int`): number of tensors in the output.
+        changed (`list[dict]`): each tensor that differs from the base: ``tensor``, ``shape``, ``dtype``, ``ops``
+            (``lora``, ``dora``, ``bias``, ``replace`` (modules_to_save), ``copy of ...``) and ``adapters``.
+        shards (`list[str]`): the output's safetensors files.
+        total_size (`int`): bytes of all tensors (the index's ``metadata.total_size``).
+        untied (`bool`): the adapters changed a tied matrix; both were written and ``tie_word_embeddings`` set false.
+        dry_run (`bool`): nothing was written.
+        seconds (`float`): wall time.
+        warnings (`list[str]`): what the engine wants you to know (also issued as Python warnings).
+    """
+
+    output_dir: str
+    base: str
+    adapters: list[str]
+    combination_type: str
+    stack: bool
+    tensors: int
+    changed: list[dict[str, Any]]
+    shards: list[str]
+    total_size: int
+    untied: bool
+    dry_run: bool
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def _from_engine(cls, result: dict[str, Any]) -> FuseResult:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in result.items() if k in known})
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+            for k, v in (
+                ("output_dir", self.output_dir),
+                ("base", self.base),
+                ("adapters", ", ".join(self.adapters)),
+                ("changed tensors", f"{len(self.changed)} of {self.tensors}"),
+                ("shards", len(self.shards)),
+                ("seconds", f"{self.seconds:.2f}"),
+            )
+        )
+        return f"<table><caption>gomerge fuse</caption>{rows}</table>"
+
+
+def resolve_model(source: str, revision: str | None = None) -> str:
+    """A local model folder for ``source``: a directory, or a Hub id ``user/repo[@revision]`` downloaded through
+    ``huggingface_hub`` (its cache and ``HF_HUB_OFFLINE`` honoured; only safetensors weights are fetched)."""
+    if os.path.exists(source):
+        return source
+    m = sources.HUB_ID.match(source)
+    if m is None:
+        raise FileNotFoundError(f"base model {source}: no such directory (and not a Hub id like user/repo)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImportError(f"base model {source}: Hub ids need huggingface_hub (pip install huggingface_hub)") from None
+    try:
+        return snapshot_download(
+            m.group("repo"),
+            revision=revision or m.group("revision"),
+            ignore_patterns=["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ckpt", "*.gguf", "*.onnx"],
+        )
+    except Exception as e:  # huggingface_hub raises many types: offline cache misses, HTTP, connection errors
+        raise OSError(f"base model {source}: not fetched from the Hub or its cache: {type(e).__name__}: {e}") from None
+
+
+def fuse(
+    base: PathLike,
+    adapters: Sequence[PathLike],
+    weights: Sequence[Weight] | None = None,
+    combination_type: str | None = None,
+    output_dir: PathLike | None = None,
+    dtype: str | None = None,
+    stack: bool = False,
+    max_shard_size: int | str | None = None,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    workers: int | None = None,
+    revision: str | None = None,
+    **merge_options: Any,
+) -> FuseResult:
+    """Fuses LoRA adapters into the weights of their base model and writes a model folder transformers loads.
+
+    Per adapted layer, ``W' = W + s B A`` as PEFT's ``merge_and_unload()`` computes it: Linear layers, GPT-2's
+    Conv1D (``fan_in_fan_out``), embeddings, Conv2d, rsLoRA, ``rank_pattern`` / ``alpha_pattern``, ``lora_bias``,
+    DoRA's magnitude, and ``modules_to_save`` tensors (which replace the base's). The sum runs in float32 and is
+    rounded once to each tensor's dtype (round to nearest even). The engine streams: each worker holds one base tensor
+    and its factors, whatever the model's size, and the shards are written on all cores. The output folder appears
+    complete or not at all.
+
+    Args:
+        base (`str | os.PathLike`):
+            A Hugging Face model folder (``config.json`` and ``model.safetensors`` or shards with
+            ``model.safetensors.index.json``), or a Hub id ``user/repo[@revision]``.
+        adapters (`list[str | os.PathLike]`):
+            PEFT LoRA adapter directories (or Hub ids).
+        weights (`list[float | dict]`, *optional*):
+            One weight per adapter (default 1 each), which scales its update; per-module dicts as in
+            [`add_weighted_adapter`].
+        combination_type (`str`, *optional*):
+            How several adapters are merged before fusing, with any method of [`add_weighted_adapter`] and its
+            options (``**merge_options``); defaults to ``"cat"``, the exact sum of the weighted updates.
+        output_dir (`str | os.PathLike`):
+            Where to write the fused model (required unless ``dry_run``).
+        dtype (`str`, *optional*):
+            ``"float32"``, ``"bfloat16"`` or ``"float16"`` for every floating-point tensor; by default each keeps
+            the base's dtype.
+        stack (`bool`, defaults to `False`):
+            Apply several adapters one after another (as loading and merging them in turn would) instead of
+            merging them first.
+        max_shard_size (`int | str`, *optional*):
+            Split the output into shards of at most this size (bytes, or ``"5GB"``, ``"2GiB"``); by default the
+            base's shard layout is kept.
+        dry_run (`bool`, defaults to `False`):
+            Check everything and list what would change (``FuseResult.changed``), writing nothing.
+        overwrite (`bool`, defaults to `False`):
+            Replace an existing ``output_dir`` (only an empty folder or a model folder is ever replaced).
+        progress (`bool`, *optional*):
+            Show a progress bar (tqdm, if installed); by default shown for models of many tensors.
+        workers (`int`, *optional*):
+            Tensors fused at once; defaults to the number of cores.
+        revision (`str`, *optional*):
+            Hub revision for a base or adapters given as Hub ids without ``@revision``.
+        **merge_options:
+            Options of the merge method (``density``, ``svd_rank``, ``majority_sign_method``, ``seed``, ...), for
+            several adapters without ``stack``.
+
+    Returns:
+        [`FuseResult`]: the output folder, the changed tensors, shards and time taken.
+
+    Raises:
+        `FileNotFoundError`: the base, an adapter or one of their files is missing.
+        `FileExistsError`: ``output_dir`` exists and ``overwrite`` is not set.
+        `ValueError`: a hostile or inconsistent model folder (shard names leaving the folder, a missing shard, a
+            tensor in two shards), an adapter module without a base tensor, shapes that disagree, a targeted tensor
+            of a dtype that cannot be written, or invalid arguments; the message names the culprit.
+        `KeyboardInterrupt`: the fuse was interrupted; nothing was written.
+
+    Example:
+
+    ```python
+    >>> import gomerge
+    >>> res = gomerge.fuse("models/llama", ["adapters/sql"], output_dir="llama-sql")
+    >>> len(res.changed), res.shards
+    ```
+    """
+    if output_dir is None and not dry_run:
+        raise ValueError("output_dir: a directory to write the fused model to is required (or pass dry_run=True)")
+    if combination_type is not None and not isinstance(combination_type, str):
+        raise TypeError(f"combination_type: expected a string, got {type(combination_type).__name__}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1):
+        raise ValueError(f"workers: expected a positive integer or None, got {workers!r}")
+    if not isinstance(base, (str, os.PathLike)):
+        raise TypeError(f"base: expected a path, got {type(base).__name__}")
+    unknown = set(merge_options) - _MERGE_OPTIONS
+    if unknown:
+        raise TypeError(f"fuse() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    names = _paths(adapters)
+    base_name = os.fspath(base)
+    request: dict[str, Any] = {
+        "base": resolve_model(base_name, revision),
+        "base_name": base_name,
+        "source_names": names,
+        "weights": _weights(weights) if weights is not None else [],
+        "combination_type": combination_type or "",
+        "stack": bool(stack),
+        "output_dir": os.fspath(output_dir) if output_dir is not None else "",
+        "overwrite": bool(overwrite),
+        "dtype": dtype or "",
+        "max_shard_size": 0 if max_shard_size is None else parse_size(max_shard_size),
+        "dry_run": bool(dry_run),
+        "workers": int(workers or 0),
+    }
+    for key, value in merge_options.items():
+        request["lambda" if key == "lambda_" else key] = value
+    with ExitStack() as temporary:  # temporary copies of .bin adapters live until the fuse is done
+        request["adapters"] = [sources.resolve(n, temporary, revision) for n in names]
+        job = _native.fuse_start(request)
+        result = FuseResult._from_engine(_native.run_job(job, progress, _PROGRESS_MIN_TENSORS, unit="tensor"))
+    for message in result.warnings:
+        warnings.warn(message, stacklevel=2)
+    return result
+
+
+# The merge options fuse passes through to the merge before fusing (the engine validates them).
+_MERGE_OPTIONS = {
+    "svd_rank",
+    "max_rank",
+    "svd_clamp",
+    "density",
+    "majority_sign_method",
+    "seed",
+    "lambda_",
+    "gamma",
+    "epsilon",
+    "scaling",
+    "common_fraction",
+}
