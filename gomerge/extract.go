@@ -171,12 +171,12 @@ func Extract(ctx context.Context, opts ExtractOptions, progress *Progress) (*Ext
 		return nil, err
 	}
 	defer holdGCHeadroom()()
-	base, err := openModel(opts.Base)
+	base, err := modelfolder.Open(opts.Base)
 	if err != nil {
 		return nil, err
 	}
 	defer base.Close()
-	ft, err := openModel(opts.Finetuned)
+	ft, err := modelfolder.Open(opts.Finetuned)
 	if err != nil {
 		return nil, err
 	}
@@ -272,16 +272,6 @@ func Extract(ctx context.Context, opts ExtractOptions, progress *Progress) (*Ext
 	committed = true
 	res.Seconds = time.Since(start).Seconds()
 	return res, nil
-}
-
-// openModel opens a model folder by its absolute path (modelfolder's
-// containment checks compare resolved, absolute paths).
-func openModel(dir string) (*modelfolder.Folder, error) {
-	abs, err := filepath.Abs(dir)
-	if err != nil {
-		return nil, ioErr(dir, err)
-	}
-	return modelfolder.Open(abs)
 }
 
 // tensorFile is the path of the shard that holds tensor name.

@@ -8,6 +8,7 @@ logits equal to those of PEFT's model.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -379,10 +380,12 @@ def test_cli_fuses_and_reports(tmp_path):
     base = save_base("llama", str(tmp_path / "base"))
     ad = make_adapter("llama", str(tmp_path / "a"), r=4, lora_alpha=8, target_modules=["q_proj"])
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
-    cmd = [sys.executable, "-m", "gomerge", "fuse", base, ad, "-o", str(tmp_path / "out"), "--weights", "0.5", "--json"]
-    res = json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)
+    # relative paths, as typed in a shell
+    cmd = [sys.executable, "-m", "gomerge", "fuse", "base", "a", "-o", "out", "--weights", "0.5", "--json"]
+    run = functools.partial(subprocess.run, cmd, env=env, capture_output=True, text=True, cwd=tmp_path)
+    res = json.loads(run(check=True).stdout)
     assert len(res["changed"]) == 2 and res["shards"] == ["model.safetensors"]
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    again = run()
     assert again.returncode == 1 and "already exists" in again.stderr
     got = tensors(str(tmp_path / "out"))["model.layers.0.self_attn.q_proj.weight"]
     f = load_file(os.path.join(ad, "adapter_model.safetensors"))

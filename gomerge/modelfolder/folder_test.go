@@ -116,6 +116,24 @@ func TestOpenSingleFile(t *testing.T) {
 	assert.Contains(t, err.Error(), "I64")
 }
 
+// A folder given by a relative path opens as by its absolute one.
+func TestOpenRelativePath(t *testing.T) {
+	dir := t.TempDir()
+	writeJSON(t, filepath.Join(dir, ConfigFile), map[string]any{})
+	w, err := safetensors.Create(filepath.Join(dir, SingleFile), []safetensors.OutTensor{
+		{Name: "w", DType: safetensors.F32, Shape: []int{2}}}, nil)
+	require.NoError(t, err)
+	require.NoError(t, w.WriteTensor("w", safetensors.Encode(safetensors.F32, []float32{1, 2})))
+	require.NoError(t, w.Close())
+	t.Chdir(filepath.Dir(dir))
+	f, err := Open(filepath.Base(dir))
+	require.NoError(t, err)
+	defer f.Close()
+	got, _, err := f.ReadFloat32("w")
+	require.NoError(t, err)
+	assert.Equal(t, []float32{1, 2}, got)
+}
+
 // Hostile folders: each is refused with the right error kind and a message
 // naming the culprit.
 func TestOpenHostile(t *testing.T) {

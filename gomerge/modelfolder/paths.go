@@ -41,6 +41,9 @@ func (f *Folder) resolveInside(name, what string) (string, error) {
 		}
 		return "", errs.IO(path, err)
 	}
+	if real, err = filepath.Abs(real); err != nil { // a relative folder gives a relative path
+		return "", errs.IO(path, err)
+	}
 	if !within(f.root, real) {
 		return "", errs.Value("%s: %s names %s, a symlink to %s outside the model folder; refusing to read it", f.Dir, what, name, real)
 	}
