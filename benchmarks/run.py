@@ -32,6 +32,7 @@ that both it and the floors find them in the page cache. Results go to benchmark
 PNG chart), with the targets of the issue checked against the run.
 
 Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1,M1] [--s3-layers N] [--s1-methods ties,svd,...]
+    [--m1-methods della,della_linear,...]
 """
 
 from __future__ import annotations
@@ -372,9 +373,10 @@ def m1_reference(peer: str, method: str, dws: list, weights: list[float], params
     raise ValueError(peer)
 
 
-def m1(root: str, bw: float, rows: list) -> None:
+def m1(root: str, bw: float, rows: list, methods: set[str] | None = None) -> None:
     """M1: gomerge's methods beyond PEFT on S2's shapes (three rank-16 adapters on one 4096 x 4096 and one
-    4096 x 11008 module), next to their reference implementations on the same inputs."""
+    4096 x 11008 module), next to their reference implementations on the same inputs (methods: a subset of
+    M1_METHODS, all of them when None)."""
     from safetensors.torch import load_file
 
     weights = [2.0, 1.0, 1.0]
@@ -393,7 +395,7 @@ def m1(root: str, bw: float, rows: list) -> None:
                 * (cfg["lora_alpha"] / cfg["r"])
             )
         for method, (peer, params) in M1_METHODS.items():
-            if method not in available:
+            if method not in available or (methods is not None and method not in methods):
                 continue
             t_ref = timed(m1_reference, peer, method, dws, weights, params)
             out = os.path.join(root, f"m1-{fan_in}-{method}")
@@ -751,6 +753,7 @@ def main() -> None:
     ap.add_argument("--chart-only", action="store_true", help="redraw the chart and table from results/latest.json")
     ap.add_argument("--s3-layers", type=int, default=32)
     ap.add_argument("--s1-methods", default="ties,svd,cat,linear,dare_ties", help="S1's methods (comma-separated)")
+    ap.add_argument("--m1-methods", default="", help="M1's methods (comma-separated; all of M1_METHODS when empty)")
     ap.add_argument(
         "--s3-svd-layers",
         type=int,
@@ -787,7 +790,7 @@ def main() -> None:
         if "R1" in todo:
             r1(root, bw, rows, args.s3_layers)
         if "M1" in todo:
-            m1(root, bw, rows)
+            m1(root, bw, rows, set(args.m1_methods.split(",")) if args.m1_methods else None)
         order = {"S1": 0, "S2": 1, "S3": 2, "S4": 3, "R1": 4, "M1": 5}
         rows.sort(key=lambda r: order[r["scenario"]])  # stable: each scenario's rows keep their order
     os.makedirs(RESULTS, exist_ok=True)

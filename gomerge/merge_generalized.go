@@ -96,14 +96,17 @@ func (o *Combine) validateGeneralized() error {
 }
 
 // prune sparsifies one task tensor in place (the dense update of source
-// index, laid out rows x cols x inner).
-func (g *generalized) prune(t []float32, module string, index, rows, cols, inner int) {
+// index, laid out rows x cols x inner) and returns the factor of its l1
+// rescale, which the caller multiplies it by (float32; 1 for none): DELLA's
+// masked tensor times the factor is DellaPrune's.
+func (g *generalized) prune(t []float32, module string, index, rows, cols, inner int) float32 {
 	switch g.pruning {
 	case PruneOutliers:
 		MagnitudeOutliers(t, g.density, g.gamma) // breadcrumbs do not rescale (mergekit's default)
 	case PruneDELLA:
-		DellaPrune(t, rows, cols, inner, g.density, g.epsilon, g.rescale, dellaSource(g.seed, module, index))
+		return dellaMask(t, rows, cols, inner, g.density, g.epsilon, g.rescale, dellaSource(g.seed, module, index))
 	}
+	return 1
 }
 
 // combine is mergekit's generalized task arithmetic on the dense updates
@@ -112,11 +115,14 @@ func (g *generalized) prune(t []float32, module string, index, rows, cols, inner
 // tasks whose sign is the sign of the weighted sum (a sum >= 0 elects +1;
 // zeros never agree); normalize divides by the summed weights of the kept
 // tasks (the sum of all weights without consensus; a divisor of 0, or below
-// 1e-8 without consensus, is 1); lambda scales the result.
+// 1e-8 without consensus, is 1); lambda scales the result. The rescale of
+// a pruned tensor (its factor from prune) is applied here, as the tensor is
+// read: (t * factor) * weight, in float32, as when t was rescaled first.
 func (g *generalized) combine(dws [][]float32, weights []float32, indices []int, module string, rows, cols, inner int) []float32 {
+	scales := make([]float32, len(dws))
 	parallelFor(len(dws), max(1, combineGrain*4/max(1, len(dws[0]))), func(lo, hi int) {
 		for i := lo; i < hi; i++ {
-			g.prune(dws[i], module, indices[i], rows, cols, inner)
+			scales[i] = g.prune(dws[i], module, indices[i], rows, cols, inner)
 		}
 	})
 	out := dws[0]
@@ -128,31 +134,35 @@ func (g *generalized) combine(dws [][]float32, weights []float32, indices []int,
 	if float32(math.Abs(float64(divisor))) < 1e-8 {
 		divisor = 1
 	}
+	wbits := make([]uint32, len(weights))
+	for i, w := range weights {
+		wbits[i] = math.Float32bits(w)
+	}
 	parallelFor(len(out), combineGrain, func(lo, hi int) {
 		for e := lo; e < hi; e++ {
 			var mixed, div float32
 			if g.consensus {
 				var sum float32
 				for i, t := range dws {
-					sum += t[e] * weights[i]
+					sum += float32(t[e]*scales[i]) * weights[i]
 				}
-				elected := float32(1)
+				var elected uint32 // the sign bit of the elected sign: +1 for a sum >= 0
 				if !(sum >= 0) {
-					elected = -1
+					elected = 1 << 31
 				}
+				// mixed and div start at +0 and so are never -0: adding a +0 leaves them as they are
 				for i, t := range dws {
-					d := t[e] * weights[i]
-					if kernels.Agrees(d, elected) != 0 {
-						mixed += d
-						div += weights[i]
-					}
+					d := math.Float32bits(float32(t[e]*scales[i]) * weights[i])
+					agree := agreeMask(d, elected)
+					mixed += math.Float32frombits(d & agree)
+					div += math.Float32frombits(wbits[i] & agree)
 				}
 				if div == 0 {
 					div = 1
 				}
 			} else {
 				for i, t := range dws {
-					mixed += t[e] * weights[i]
+					mixed += float32(t[e]*scales[i]) * weights[i]
 				}
 				div = divisor
 			}
@@ -166,6 +176,15 @@ func (g *generalized) combine(dws [][]float32, weights []float32, indices []int,
 		}
 	})
 	return out
+}
+
+// agreeMask is all ones when the float32 of bits v is non-zero and has the
+// sign bit elected (kernels.Agrees), else 0: integer ops, no branch.
+func agreeMask(v, elected uint32) uint32 {
+	mag := v & 0x7fffffff
+	nonzero := (mag | -mag) >> 31
+	same := (v^elected)>>31 ^ 1
+	return -(nonzero & same)
 }
 
 // layout is the update's shape for DELLA's rows: out x in x (kh * kw) for

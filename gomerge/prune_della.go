@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"math"
+	"math/bits"
 	"math/rand/v2"
 	"slices"
 	"strconv"
@@ -33,31 +34,104 @@ func DellaProbs(p []float64, row []float32, stride int, density, epsilon float64
 // sortByMagnitude sorts keys (magnitude bits << 32 | index, in index order)
 // by magnitude, stably, so that equal magnitudes stay in index order: an
 // LSD radix sort on the 31 magnitude bits in three passes of 11 bits
-// (linear in the row, where a comparison sort is n log n). tmp has the
-// length of key.
+// (linear in the row, where a comparison sort is n log n). The three
+// histograms are counted in one read of the keys, and a pass whose digit
+// is the same for every key (it would move nothing) is skipped. tmp has
+// the length of key.
 func sortByMagnitude(key, tmp []uint64) {
 	if len(key) < 64 {
 		slices.Sort(key) // the index bits break ties as the stable order does
 		return
 	}
+	const digit, mask = 11, 1<<11 - 1
+	var count [3][1 << digit]uint32
+	for _, k := range key {
+		count[0][(k>>32)&mask]++
+		count[1][(k>>(32+digit))&mask]++
+		count[2][(k>>(32+2*digit))&mask]++
+	}
 	src, dst := key, tmp
-	for shift := uint(32); shift < 32+33; shift += 11 {
-		var count [1 << 11]int
-		for _, k := range src {
-			count[(k>>shift)&(1<<11-1)]++
+	n := uint32(len(key))
+	for pass := range count {
+		c := &count[pass]
+		shift := uint(32 + pass*digit)
+		if c[(src[0]>>shift)&mask] == n {
+			continue // one digit for all: the pass is the identity
 		}
-		sum := 0
-		for i, c := range count {
-			count[i], sum = sum, sum+c
+		var sum uint32
+		for i, v := range c {
+			c[i], sum = sum, sum+v
 		}
 		for _, k := range src {
-			d := (k >> shift) & (1<<11 - 1)
-			dst[count[d]] = k
-			count[d]++
+			d := (k >> shift) & mask
+			dst[c[d]] = k
+			c[d]++
 		}
 		src, dst = dst, src
 	}
-	copy(key, src) // three passes: the result is in tmp
+	if &src[0] != &key[0] {
+		copy(key, src)
+	}
+}
+
+// dellaLimits is the table of DELLA's draw limits by rank for a row of
+// cols entries: an entry of 0-based rank r (ascending magnitude) is kept
+// when its uniform 64-bit draw is below limits[r] = p * 2^64, with p the
+// probability of DellaProbs (the same float64 expression, so the same bits).
+func dellaLimits(cols int, density, epsilon float64) []uint64 {
+	limits := make([]uint64, cols)
+	if cols == 1 {
+		limits[0] = uint64(density * 0x1p64)
+		return limits
+	}
+	for rank := range limits {
+		rn := float64(rank) / float64(cols-1)
+		limits[rank] = uint64(((density - epsilon) + rn*2*epsilon) * 0x1p64)
+	}
+	return limits
+}
+
+// dellaRow prunes one slice (row[c*stride] for c < len(lim)) of DellaPrune
+// by the limits of dellaLimits: lim and key are scratch of len(limits) and
+// 2 * len(limits). It returns the l1 norms of the slice before and after
+// (float64 sums in column order). Dropped entries become +0; the draws are
+// made in column order, one per entry, whatever the ranks.
+func dellaRow(row []float32, stride int, limits, lim, key []uint64, rng *rand.PCG) (before, after float64) {
+	cols := len(limits)
+	if cols == 1 {
+		lim[0] = limits[0]
+	} else {
+		for c := range cols {
+			key[c] = uint64(math.Float32bits(row[c*stride])&0x7fffffff)<<32 | uint64(c)
+		}
+		sortByMagnitude(key[:cols], key[cols:2*cols])
+		for rank, k := range key[:cols] {
+			lim[uint32(k)] = limits[rank]
+		}
+	}
+	lim = lim[:cols]
+	if stride == 1 {
+		row = row[:cols]
+		for c, l := range lim {
+			v := math.Float32bits(row[c])
+			av := float64(math.Float32frombits(v & 0x7fffffff))
+			_, keep := bits.Sub64(rng.Uint64(), l, 0) // 1 when the draw is below the limit
+			before += av
+			after += math.Float64frombits(math.Float64bits(av) & -keep) // + (+0) leaves the sum (never -0) as it is
+			row[c] = math.Float32frombits(v & -uint32(keep))
+		}
+		return before, after
+	}
+	for c, l := range lim {
+		i := c * stride
+		v := math.Float32bits(row[i])
+		av := float64(math.Float32frombits(v & 0x7fffffff))
+		_, keep := bits.Sub64(rng.Uint64(), l, 0)
+		before += av
+		after += math.Float64frombits(math.Float64bits(av) & -keep)
+		row[i] = math.Float32frombits(v & -uint32(keep))
+	}
+	return before, after
 }
 
 // DellaPrune is mergekit's della_magprune, in place, on a tensor laid out
@@ -70,60 +144,65 @@ func sortByMagnitude(key, tmp []uint64) {
 // zeroes it. Every slice draws from its own stream, source(slice), so the
 // masks do not depend on how the slices are spread over goroutines.
 func DellaPrune(t []float32, rows, cols, inner int, density, epsilon float64, rescale bool, source func(slice int) *rand.PCG) {
+	if scale := dellaMask(t, rows, cols, inner, density, epsilon, rescale, source); scale != 1 {
+		for i := range t {
+			t[i] *= scale // RescaleL1
+		}
+	}
+}
+
+// dellaMask is DellaPrune without the rescale's multiplication: it masks t
+// and returns the factor of the l1 rescale (before / after in float32, as
+// RescaleL1 multiplies by it), or 1 without rescale or when RescaleL1 would
+// leave t as it is.
+func dellaMask(t []float32, rows, cols, inner int, density, epsilon float64, rescale bool, source func(slice int) *rand.PCG) float32 {
 	if density >= 1 {
-		return
+		return 1
 	}
 	if density <= 0 {
 		clear(t)
-		return
+		return 1
 	}
 	nSlices := rows * inner
 	before := make([]float64, nSlices) // the l1 norms of each slice, summed in slice order below
 	after := make([]float64, nSlices)
+	limits := dellaLimits(cols, density, epsilon)
 	parallelFor(nSlices, max(1, combineGrain/max(1, cols)), func(lo, hi int) {
-		p := make([]float64, cols)
+		lim := make([]uint64, cols)
 		key := make([]uint64, 2*cols)
 		for s := lo; s < hi; s++ {
 			r, in := s/inner, s%inner
-			row := t[r*cols*inner+in:]
-			DellaProbs(p, row, inner, density, epsilon, key)
-			rng := source(s)
-			var b, a float64
-			for c, pc := range p {
-				i := c * inner
-				v := row[i]
-				b += math.Abs(float64(v))
-				if rng.Uint64() < uint64(pc*0x1p64) {
-					a += math.Abs(float64(v))
-				} else {
-					row[i] = 0
-				}
-			}
-			before[s], after[s] = b, a
+			before[s], after[s] = dellaRow(t[r*cols*inner+in:], inner, limits, lim, key, source(s))
 		}
 	})
 	if !rescale {
-		return
+		return 1
 	}
 	var b, a float64
 	for s := range before {
 		b += before[s]
 		a += after[s]
 	}
-	RescaleL1(t, float32(b), float32(a))
+	return rescaleL1Factor(float32(b), float32(a))
+}
+
+// rescaleL1Factor is the factor of RescaleL1 (1 when it leaves t as it is).
+func rescaleL1Factor(before, after float32) float32 {
+	const eps = 1e-7
+	if before < eps || after < eps {
+		return 1
+	}
+	return before / after
 }
 
 // RescaleL1 multiplies t by before / after (float32), mergekit's
 // rescaled_masked_tensor with the l1 norm: a norm below 1e-7 leaves t as
 // it is.
 func RescaleL1(t []float32, before, after float32) {
-	const eps = 1e-7
-	if before < eps || after < eps {
-		return
-	}
-	scale := before / after
-	for i := range t {
-		t[i] *= scale
+	if scale := rescaleL1Factor(before, after); scale != 1 {
+		for i := range t {
+			t[i] *= scale
+		}
 	}
 }
 

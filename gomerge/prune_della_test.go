@@ -89,9 +89,11 @@ func TestDellaPruneIsTheReference(t *testing.T) {
 		{5, 1, 1, 0.5, 0.1, true}, // one column
 		{4, 6, 9, 0.4, 0.3, true}, // a Conv2d's out x in x (3 x 3)
 		{64, 112, 1, 0.2, 0.15, true},
-		{3, 10, 1, 1, 0.1, true}, // density 1: untouched
-		{3, 10, 1, 0, 0.1, true}, // density 0: zeros
-		{3, 10, 1, 0.5, 0, true}, // epsilon 0
+		{3, 4100, 1, 0.4, 0.15, true}, // rows of the radix sort
+		{5, 70, 3, 0.4, 0.15, true},   // slices of the radix sort with a stride
+		{3, 10, 1, 1, 0.1, true},      // density 1: untouched
+		{3, 10, 1, 0, 0.1, true},      // density 0: zeros
+		{3, 10, 1, 0.5, 0, true},      // epsilon 0
 		{3, 10, 1, 0.5, 0.49, true},
 	} {
 		x := make([]float32, c.rows*c.cols*c.inner)
