@@ -6,6 +6,7 @@ import (
 	"gonum.org/v1/gonum/blas/blas32"
 
 	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/kernels"
 )
 
 // Settings of the randomized SVD used for dense updates (the pruned *_svd
@@ -63,16 +64,11 @@ func RandomizedSVD(d []float32, m, n, k int, rng *rand.Rand) (bk, ak []float64) 
 }
 
 // mulDZ computes y (m x l) = D (m x n) @ Z, with Z given transposed as zt
-// (l x n): one dot product per entry, rows of D in parallel.
+// (l x n): one dot product per entry (kernels.Dots: gonum's Sdot's order of
+// additions), rows of D in parallel.
 func mulDZ(d []float32, m, n int, zt []float32, l int, y []float32) {
-	impl := blas32.Implementation()
-	parallelFor(m, max(1, (1<<18)/max(1, n*l)), func(lo, hi int) {
-		for i := lo; i < hi; i++ {
-			row := d[i*n : (i+1)*n]
-			for c := 0; c < l; c++ {
-				y[i*l+c] = impl.Sdot(n, row, 1, zt[c*n:(c+1)*n], 1)
-			}
-		}
+	parallelFor(m, max(4, (1<<18)/max(1, n*l)), func(lo, hi int) {
+		kernels.Dots(y[lo*l:hi*l], d[lo*n:hi*n], zt[:l*n], hi-lo, l, n)
 	})
 }
 
@@ -94,11 +90,26 @@ func mulDtY(d []float32, m, n int, y []float32, l int, zt []float32) {
 				clear(part)
 			}
 			parts[b] = part
-			for i := b * size; i < min((b+1)*size, m); i++ {
-				row := d[i*n : (i+1)*n]
-				for c := 0; c < l; c++ {
-					if a := y[i*l+c]; a != 0 {
-						impl.Saxpy(n, a, row, 1, part[c*n:(c+1)*n], 1)
+			// rows mulDtYRows at a time, in tiles of columns that stay in the cache: each tile of a row of
+			// part is read once per mulDtYRows rows of D, which are added to it in row order (as one Saxpy per
+			// row and column would), skipping zero coefficients
+			var as [mulDtYRows]float32
+			var xs [mulDtYRows][]float32
+			for i0 := b * size; i0 < min((b+1)*size, m); i0 += mulDtYRows {
+				i1 := min(i0+mulDtYRows, (b+1)*size, m)
+				for j0 := 0; j0 < n; j0 += mulDtYTile {
+					j1 := min(j0+mulDtYTile, n)
+					for c := 0; c < l; c++ {
+						k := 0
+						for i := i0; i < i1; i++ {
+							if a := y[i*l+c]; a != 0 {
+								as[k], xs[k] = a, d[i*n+j0:i*n+j1]
+								k++
+							}
+						}
+						if k > 0 {
+							kernels.AxpyRows(part[c*n+j0:c*n+j1], as[:k], xs[:k])
+						}
 					}
 				}
 			}
@@ -108,6 +119,13 @@ func mulDtY(d []float32, m, n int, y []float32, l int, zt []float32) {
 		impl.Saxpy(l*n, 1, p, 1, zt, 1)
 	}
 }
+
+// mulDtYRows is how many rows of D mulDtY adds to the sketch at a time, in
+// tiles of mulDtYTile columns.
+const (
+	mulDtYRows = 8
+	mulDtYTile = 512
+)
 
 // mulDtYBlocks is the number of partial sums of mulDtY (at least the number
 // of cores worth using; fixed for reproducible results).

@@ -35,6 +35,9 @@ var (
 	decodeHalf = decodeHalfGo
 	// encodeHalf rounds float32 values to BF16 or F16 (to nearest even).
 	encodeHalf = encodeHalfGo
+	// dots and axpyRows are Dots and AxpyRows (dots.go).
+	dots     = dotsGo
+	axpyRows = axpyRowsGo
 )
 
 // kernels is one implementation of the kernels; a vector set may reuse some
@@ -50,11 +53,13 @@ type kernels struct {
 	prunedSumInto func(out []float32, ts [][]float32, thr []uint32, w []float32)
 	decodeHalf    func(out []float32, raw []uint16, bf16 bool)
 	encodeHalf    func(out []uint16, x []float32, bf16 bool)
+	dots          func(out, xs, zs []float32, rows, l, n int)
+	axpyRows      func(dst, a []float32, xs [][]float32)
 }
 
 // portableKernels are the kernels in plain Go: they run on every CPU.
 var portableKernels = kernels{"go", func() []string { return nil },
-	maxAbsBitsGo, absBandGo, tiesIntoGo, prunedSumIntoGo, decodeHalfGo, encodeHalfGo}
+	maxAbsBitsGo, absBandGo, tiesIntoGo, prunedSumIntoGo, decodeHalfGo, encodeHalfGo, dotsGo, axpyRowsGo}
 
 // kernelSets are the implementations in this build, whether or not this CPU
 // runs them: the portable one first, then vectorKernels (kernels_simd.go,
@@ -65,6 +70,7 @@ var kernelSets = append([]kernels{portableKernels}, vectorKernels...)
 func useKernels(k kernels) {
 	maxAbsBits, absBand, tiesInto, prunedSumInto = k.maxAbsBits, k.absBand, k.tiesInto, k.prunedSumInto
 	decodeHalf, encodeHalf, inUse = k.decodeHalf, k.encodeHalf, k.name
+	dots, axpyRows = k.dots, k.axpyRows
 }
 
 const (

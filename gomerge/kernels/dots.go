@@ -1,0 +1,71 @@
+package kernels
+
+// The dense products of the randomized SVD (gomerge's rsvd.go): dot
+// products of one row with several others, and several scaled rows added
+// to one. Every product is rounded to float32 before it is added (no fused
+// multiply-add), so that each set gives the same bits.
+
+// Dots writes into out[i*l+c] (out is rows x l) the dot product of row i of
+// xs with row c of zs (rows of n values, one after the other). The order of
+// the additions is gonum's f32.DotUnitary (SSE) on 16-byte aligned rows:
+// eight lane sums over the first n - n%16 entries (lane k takes entries
+// k, k+8, k+16, ...), folded to four (k + (k+4)), then the next whole
+// groups of four entries lane-wise, the last n%4 into lane 0, and
+// (s0 + s1) + (s2 + s3).
+func Dots(out, xs, zs []float32, rows, l, n int) { dots(out, xs, zs, rows, l, n) }
+
+// AxpyRows adds a[r] * xs[r] (rounded to float32) to dst, for each r in
+// order: dst[j] = ((dst[j] + a[0]*xs[0][j]) + a[1]*xs[1][j]) + ..., each
+// xs[r] of len(dst) values at least: gonum's Saxpy called once per row.
+func AxpyRows(dst, a []float32, xs [][]float32) { axpyRows(dst, a, xs) }
+
+func dotsGo(out, xs, zs []float32, rows, l, n int) {
+	for i := range rows {
+		x := xs[i*n : (i+1)*n]
+		for c := range l {
+			out[i*l+c] = dotGo(x, zs[c*n:(c+1)*n])
+		}
+	}
+}
+
+// dotGo is one dot product of Dots.
+func dotGo(x, y []float32) float32 {
+	y = y[:len(x)]
+	var lane [8]float32
+	n16 := len(x) &^ 15
+	for j := 0; j < n16; j += 8 {
+		for k := range lane {
+			lane[k] += float32(x[j+k] * y[j+k])
+		}
+	}
+	return foldDot(lane, x[n16:], y[n16:])
+}
+
+// foldDot folds the eight lane sums of a dot product and adds the entries
+// after them (x and y: the last n%16).
+func foldDot(lane [8]float32, x, y []float32) float32 {
+	var s [4]float32
+	for k := range s {
+		s[k] = lane[k] + lane[k+4]
+	}
+	j := 0
+	for ; j+4 <= len(x); j += 4 {
+		for k := range s {
+			s[k] += float32(x[j+k] * y[j+k])
+		}
+	}
+	for ; j < len(x); j++ {
+		s[0] += float32(x[j] * y[j])
+	}
+	return (s[0] + s[1]) + (s[2] + s[3])
+}
+
+func axpyRowsGo(dst, a []float32, xs [][]float32) {
+	for r, x := range xs {
+		x = x[:len(dst)]
+		ar := a[r]
+		for j, v := range x {
+			dst[j] += float32(ar * v)
+		}
+	}
+}
