@@ -6,68 +6,83 @@ import "simd/archsimd"
 
 // dotsAVX2 is Dots with 8-lane vectors, whose lane k adds the entries k,
 // k+8, ... in order, as the portable lanes do (the AVX-512 set uses it too:
-// 16 lanes would add in another order). Four rows of xs and two of zs at a
-// time: eight independent sums keep the adders busy, each vector loaded
-// feeds two or four products, and the rows of zs (which may not fit in the
-// cache) are read once per four rows of xs.
+// 16 lanes would add in another order). Two rows of xs and three of zs at
+// a time: six independent sums keep the adders busy, each vector loaded
+// feeds two or three products, and the rows of zs (which may not fit in
+// the cache) are read once per two rows of xs.
 func dotsAVX2(out, xs, zs []float32, rows, l, n int) {
 	n16 := n &^ 15
 	row := func(s []float32, i int) [][8]float32 { return vecs(s[i*n : i*n+n16]) }
+	fold := func(lane *[8]float32, i, c int) {
+		out[i*l+c] = foldDot(*lane, xs[i*n+n16:(i+1)*n], zs[c*n+n16:(c+1)*n])
+	}
+	var lanes [6][8]float32
 	i := 0
-	for ; i+4 <= rows; i += 4 {
-		x0, x1, x2, x3 := row(xs, i), row(xs, i+1), row(xs, i+2), row(xs, i+3)
-		x1, x2, x3 = x1[:len(x0)], x2[:len(x0)], x3[:len(x0)]
+	for ; i+2 <= rows; i += 2 {
+		x0, x1 := row(xs, i), row(xs, i+1)
 		c := 0
-		for ; c+2 <= l; c += 2 {
-			z0, z1 := row(zs, c)[:len(x0)], row(zs, c+1)[:len(x0)]
-			zero := archsimd.BroadcastFloat32x8(0)
-			s00, s01, s10, s11, s20, s21, s30, s31 := zero, zero, zero, zero, zero, zero, zero, zero
-			for j := range x0 {
-				a, b := archsimd.LoadFloat32x8(&z0[j]), archsimd.LoadFloat32x8(&z1[j])
-				v := archsimd.LoadFloat32x8(&x0[j])
-				s00, s01 = s00.Add(v.Mul(a)), s01.Add(v.Mul(b))
-				v = archsimd.LoadFloat32x8(&x1[j])
-				s10, s11 = s10.Add(v.Mul(a)), s11.Add(v.Mul(b))
-				v = archsimd.LoadFloat32x8(&x2[j])
-				s20, s21 = s20.Add(v.Mul(a)), s21.Add(v.Mul(b))
-				v = archsimd.LoadFloat32x8(&x3[j])
-				s30, s31 = s30.Add(v.Mul(a)), s31.Add(v.Mul(b))
-			}
-			for k, s := range [8]archsimd.Float32x8{s00, s01, s10, s11, s20, s21, s30, s31} {
-				r, zc := i+k/2, c+k%2
-				out[r*l+zc] = foldLanes(s, xs[r*n+n16:(r+1)*n], zs[zc*n+n16:(zc+1)*n])
+		for ; c+3 <= l; c += 3 {
+			dots2x3(&lanes, x0, x1, row(zs, c), row(zs, c+1), row(zs, c+2))
+			for k := range 6 {
+				fold(&lanes[k], i+k/3, c+k%3)
 			}
 		}
 		for ; c < l; c++ {
-			for r := i; r < i+4; r++ {
-				out[r*l+c] = dotAVX2(xs[r*n:(r+1)*n], zs[c*n:(c+1)*n])
-			}
+			dots2x1(&lanes, x0, x1, row(zs, c))
+			fold(&lanes[0], i, c)
+			fold(&lanes[1], i+1, c)
 		}
 	}
 	for ; i < rows; i++ {
+		x0 := row(xs, i)
 		for c := range l {
-			out[i*l+c] = dotAVX2(xs[i*n:(i+1)*n], zs[c*n:(c+1)*n])
+			dots2x1(&lanes, x0, x0, row(zs, c))
+			fold(&lanes[0], i, c)
 		}
 	}
 }
 
-// dotAVX2 is one dot product of dotsAVX2 (x and y of the same length).
-func dotAVX2(x, y []float32) float32 {
-	n16 := len(x) &^ 15
-	xv := vecs(x[:n16])
-	yv := vecs(y[:n16])[:len(xv)]
-	s := archsimd.BroadcastFloat32x8(0)
-	for j := range xv {
-		s = s.Add(archsimd.LoadFloat32x8(&xv[j]).Mul(archsimd.LoadFloat32x8(&yv[j])))
+// dots2x1 is dots2x3 with one row of zs: lanes[0] and lanes[1].
+//
+//go:noinline
+func dots2x1(lanes *[6][8]float32, x0, x1, z0 [][8]float32) {
+	x1, z0 = x1[:len(x0)], z0[:len(x0)]
+	s0 := archsimd.BroadcastFloat32x8(0)
+	s1 := s0
+	for j := range x0 {
+		z := archsimd.LoadFloat32x8(&z0[j])
+		s0 = s0.Add(archsimd.LoadFloat32x8(&x0[j]).Mul(z))
+		s1 = s1.Add(archsimd.LoadFloat32x8(&x1[j]).Mul(z))
 	}
-	return foldLanes(s, x[n16:], y[n16:len(x)])
+	s0.Store(&lanes[0])
+	s1.Store(&lanes[1])
 }
 
-// foldLanes is foldDot of a vector of lane sums.
-func foldLanes(s archsimd.Float32x8, x, y []float32) float32 {
-	var lane [8]float32
-	s.Store(&lane)
-	return foldDot(lane, x, y)
+// dots2x3 writes into lanes the 8-lane sums of the products of x0 and x1
+// with z0, z1 and z2 (all of the length of x0): lanes[3*a+b] for x_a and
+// z_b. A function of its own, so that its loop keeps every sum and index
+// in registers.
+//
+//go:noinline
+func dots2x3(lanes *[6][8]float32, x0, x1, z0, z1, z2 [][8]float32) {
+	x1, z0, z1, z2 = x1[:len(x0)], z0[:len(x0)], z1[:len(x0)], z2[:len(x0)]
+	s0 := archsimd.BroadcastFloat32x8(0)
+	s1, s2, s3, s4, s5 := s0, s0, s0, s0, s0
+	for j := range x0 {
+		a, b := archsimd.LoadFloat32x8(&x0[j]), archsimd.LoadFloat32x8(&x1[j])
+		z := archsimd.LoadFloat32x8(&z0[j])
+		s0, s3 = s0.Add(a.Mul(z)), s3.Add(b.Mul(z))
+		z = archsimd.LoadFloat32x8(&z1[j])
+		s1, s4 = s1.Add(a.Mul(z)), s4.Add(b.Mul(z))
+		z = archsimd.LoadFloat32x8(&z2[j])
+		s2, s5 = s2.Add(a.Mul(z)), s5.Add(b.Mul(z))
+	}
+	s0.Store(&lanes[0])
+	s1.Store(&lanes[1])
+	s2.Store(&lanes[2])
+	s3.Store(&lanes[3])
+	s4.Store(&lanes[4])
+	s5.Store(&lanes[5])
 }
 
 // axpyRowsAVX2 is AxpyRows four rows at a time: each vector of dst is
@@ -75,31 +90,44 @@ func foldLanes(s archsimd.Float32x8, x, y []float32) float32 {
 func axpyRowsAVX2(dst, a []float32, xs [][]float32) {
 	n8 := len(dst) &^ 7
 	dv := vecs(dst[:n8])
+	x := func(r int) [][8]float32 { return vecs(xs[r][:n8]) }
 	r := 0
 	for ; r+4 <= len(xs); r += 4 {
-		var x [4][][8]float32
-		var w [4]archsimd.Float32x8
-		for i := range x {
-			x[i] = vecs(xs[r+i][:n8])[:len(dv)]
-			w[i] = archsimd.BroadcastFloat32x8(a[r+i])
-		}
-		for j := range dv {
-			d := archsimd.LoadFloat32x8(&dv[j])
-			d = d.Add(archsimd.LoadFloat32x8(&x[0][j]).Mul(w[0]))
-			d = d.Add(archsimd.LoadFloat32x8(&x[1][j]).Mul(w[1]))
-			d = d.Add(archsimd.LoadFloat32x8(&x[2][j]).Mul(w[2]))
-			d = d.Add(archsimd.LoadFloat32x8(&x[3][j]).Mul(w[3]))
-			d.Store(&dv[j])
-		}
+		axpy4(dv, x(r), x(r+1), x(r+2), x(r+3), a[r], a[r+1], a[r+2], a[r+3])
 		axpyTail(dst, n8, a[r:r+4], xs[r:r+4])
 	}
 	for ; r < len(xs); r++ {
-		x := vecs(xs[r][:n8])[:len(dv)]
-		w := archsimd.BroadcastFloat32x8(a[r])
-		for j := range dv {
-			archsimd.LoadFloat32x8(&dv[j]).Add(archsimd.LoadFloat32x8(&x[j]).Mul(w)).Store(&dv[j])
-		}
+		axpy1(dv, x(r), a[r])
 		axpyTail(dst, n8, a[r:r+1], xs[r:r+1])
+	}
+}
+
+// axpy4 adds a0 x0, a1 x1, a2 x2 and a3 x3 to d, in this order. A function
+// of its own, so that its loop keeps everything in registers.
+//
+//go:noinline
+func axpy4(d, x0, x1, x2, x3 [][8]float32, a0, a1, a2, a3 float32) {
+	x0, x1, x2, x3 = x0[:len(d)], x1[:len(d)], x2[:len(d)], x3[:len(d)]
+	w0, w1 := archsimd.BroadcastFloat32x8(a0), archsimd.BroadcastFloat32x8(a1)
+	w2, w3 := archsimd.BroadcastFloat32x8(a2), archsimd.BroadcastFloat32x8(a3)
+	for j := range d {
+		v := archsimd.LoadFloat32x8(&d[j])
+		v = v.Add(archsimd.LoadFloat32x8(&x0[j]).Mul(w0))
+		v = v.Add(archsimd.LoadFloat32x8(&x1[j]).Mul(w1))
+		v = v.Add(archsimd.LoadFloat32x8(&x2[j]).Mul(w2))
+		v = v.Add(archsimd.LoadFloat32x8(&x3[j]).Mul(w3))
+		v.Store(&d[j])
+	}
+}
+
+// axpy1 adds a0 x0 to d.
+//
+//go:noinline
+func axpy1(d, x0 [][8]float32, a0 float32) {
+	x0 = x0[:len(d)]
+	w0 := archsimd.BroadcastFloat32x8(a0)
+	for j := range d {
+		archsimd.LoadFloat32x8(&d[j]).Add(archsimd.LoadFloat32x8(&x0[j]).Mul(w0)).Store(&d[j])
 	}
 }
 
