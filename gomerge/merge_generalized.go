@@ -134,57 +134,15 @@ func (g *generalized) combine(dws [][]float32, weights []float32, indices []int,
 	if float32(math.Abs(float64(divisor))) < 1e-8 {
 		divisor = 1
 	}
-	wbits := make([]uint32, len(weights))
-	for i, w := range weights {
-		wbits[i] = math.Float32bits(w)
-	}
 	parallelFor(len(out), combineGrain, func(lo, hi int) {
-		for e := lo; e < hi; e++ {
-			var mixed, div float32
-			if g.consensus {
-				var sum float32
-				for i, t := range dws {
-					sum += float32(t[e]*scales[i]) * weights[i]
-				}
-				var elected uint32 // the sign bit of the elected sign: +1 for a sum >= 0
-				if !(sum >= 0) {
-					elected = 1 << 31
-				}
-				// mixed and div start at +0 and so are never -0: adding a +0 leaves them as they are
-				for i, t := range dws {
-					d := math.Float32bits(float32(t[e]*scales[i]) * weights[i])
-					agree := agreeMask(d, elected)
-					mixed += math.Float32frombits(d & agree)
-					div += math.Float32frombits(wbits[i] & agree)
-				}
-				if div == 0 {
-					div = 1
-				}
-			} else {
-				for i, t := range dws {
-					mixed += float32(t[e]*scales[i]) * weights[i]
-				}
-				div = divisor
-			}
-			if g.normalize {
-				mixed /= div
-			}
-			if lambda != 1 {
-				mixed *= lambda
-			}
-			out[e] = mixed
+		ts := make([][]float32, len(dws))
+		for i, t := range dws {
+			ts[i] = t[lo:hi]
 		}
+		// out is dws[0]: each block of it is read before it is written
+		kernels.GTAInto(out[lo:hi], ts, scales, weights, g.consensus, g.normalize, divisor, lambda)
 	})
 	return out
-}
-
-// agreeMask is all ones when the float32 of bits v is non-zero and has the
-// sign bit elected (kernels.Agrees), else 0: integer ops, no branch.
-func agreeMask(v, elected uint32) uint32 {
-	mag := v & 0x7fffffff
-	nonzero := (mag | -mag) >> 31
-	same := (v^elected)>>31 ^ 1
-	return -(nonzero & same)
 }
 
 // layout is the update's shape for DELLA's rows: out x in x (kh * kw) for

@@ -38,6 +38,8 @@ var (
 	// dots and axpyRows are Dots and AxpyRows (dots.go).
 	dots     = dotsGo
 	axpyRows = axpyRowsGo
+	// gtaInto is GTAInto (gta.go).
+	gtaInto = gtaIntoGo
 )
 
 // kernels is one implementation of the kernels; a vector set may reuse some
@@ -55,11 +57,12 @@ type kernels struct {
 	encodeHalf    func(out []uint16, x []float32, bf16 bool)
 	dots          func(out, xs, zs []float32, rows, l, n int)
 	axpyRows      func(dst, a []float32, xs [][]float32)
+	gtaInto       func(out []float32, ts [][]float32, scale, w []float32, consensus, normalize bool, divisor, lambda float32)
 }
 
 // portableKernels are the kernels in plain Go: they run on every CPU.
 var portableKernels = kernels{"go", func() []string { return nil },
-	maxAbsBitsGo, absBandGo, tiesIntoGo, prunedSumIntoGo, decodeHalfGo, encodeHalfGo, dotsGo, axpyRowsGo}
+	maxAbsBitsGo, absBandGo, tiesIntoGo, prunedSumIntoGo, decodeHalfGo, encodeHalfGo, dotsGo, axpyRowsGo, gtaIntoGo}
 
 // kernelSets are the implementations in this build, whether or not this CPU
 // runs them: the portable one first, then vectorKernels (kernels_simd.go,
@@ -70,7 +73,7 @@ var kernelSets = append([]kernels{portableKernels}, vectorKernels...)
 func useKernels(k kernels) {
 	maxAbsBits, absBand, tiesInto, prunedSumInto = k.maxAbsBits, k.absBand, k.tiesInto, k.prunedSumInto
 	decodeHalf, encodeHalf, inUse = k.decodeHalf, k.encodeHalf, k.name
-	dots, axpyRows = k.dots, k.axpyRows
+	dots, axpyRows, gtaInto = k.dots, k.axpyRows, k.gtaInto
 }
 
 const (
