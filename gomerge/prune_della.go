@@ -6,6 +6,8 @@ import (
 	"math/rand/v2"
 	"slices"
 	"strconv"
+
+	"gomerge/gomerge/kernels"
 )
 
 // DellaProbs writes into p mergekit's della_magprune keep-probabilities of
@@ -134,6 +136,74 @@ func dellaRow(row []float32, stride int, limits, lim, key []uint64, rng *rand.PC
 	return before, after
 }
 
+// dellaRowBuckets is dellaRow without sorting, for non-decreasing limits
+// (epsilon >= 0): the magnitudes (float32 bits without the sign, ordered as
+// the magnitudes are) are counted into buckets of consecutive bit ranges,
+// so that an entry of bucket b has a rank from start[b] to start[b+1] - 1,
+// and its draw u is decided by the bucket alone when u < limits[start[b]]
+// (kept) or u >= limits[start[b+1]-1] (dropped). Only a draw between the
+// two (about (bucket size) * 2 epsilon / cols of them) needs the entry's
+// exact rank, counted over the row. The decisions, and so the masks and
+// the sums, are dellaRow's. mag is scratch of len(limits), start of
+// dellaBuckets + 1.
+func dellaRowBuckets(row []float32, stride int, limits []uint64, mag, start []uint32, rng *rand.PCG) (before, after float64) {
+	cols := len(limits)
+	mag = mag[:cols]
+	lo, hi := uint32(math.MaxUint32), uint32(0)
+	for c := range mag {
+		m := math.Float32bits(row[c*stride]) & 0x7fffffff
+		mag[c] = m
+		lo, hi = min(lo, m), max(hi, m)
+	}
+	// buckets of 2^shift bit values from lo: at most about one per entry, and dellaBuckets; the magnitudes
+	// below the top dellaBinades binades of the row share the first bucket (they are few: the others get
+	// smaller buckets)
+	lo = max(lo, hi-min(hi, dellaBinades<<23-1))
+	nb := min(dellaBuckets, 1<<bits.Len(uint(cols-1)))
+	shift := uint(max(0, bits.Len32(hi-lo)-bits.Len(uint(nb-1))))
+	start = start[:nb+1]
+	clear(start)
+	for _, m := range mag {
+		start[(max(m, lo)-lo)>>shift+1]++
+	}
+	for b := 1; b < len(start); b++ {
+		start[b] += start[b-1]
+	}
+	for c, m := range mag {
+		i := c * stride
+		v := math.Float32bits(row[i])
+		b := (max(m, lo) - lo) >> shift
+		u := rng.Uint64()
+		first, last := limits[start[b]], limits[start[b+1]-1]
+		_, keep := bits.Sub64(u, first, 0) // 1 when the draw is below the bucket's lowest limit
+		if u-first < last-first {          // first <= u < last: the exact rank decides
+			_, keep = bits.Sub64(u, limits[kernels.MagnitudeRank(mag, c)], 0)
+		}
+		av := float64(math.Float32frombits(v & 0x7fffffff))
+		before += av
+		after += math.Float64frombits(math.Float64bits(av) & -keep) // + (+0) leaves the sum (never -0) as it is
+		row[i] = math.Float32frombits(v & -uint32(keep))
+	}
+	return before, after
+}
+
+// dellaBuckets is the most buckets of dellaRowBuckets, over the top
+// dellaBinades binades of a row's magnitudes.
+const (
+	dellaBuckets = 1 << 12
+	dellaBinades = 8
+)
+
+// nonDecreasing reports whether limits never decrease with the rank.
+func nonDecreasing(limits []uint64) bool {
+	for r := 1; r < len(limits); r++ {
+		if limits[r] < limits[r-1] {
+			return false
+		}
+	}
+	return true
+}
+
 // DellaPrune is mergekit's della_magprune, in place, on a tensor laid out
 // as rows x cols x inner (a Linear update: inner 1; a Conv2d update
 // out x in x kh x kw: rows out, cols in, inner kh*kw): for every (row,
@@ -167,12 +237,22 @@ func dellaMask(t []float32, rows, cols, inner int, density, epsilon float64, res
 	before := make([]float64, nSlices) // the l1 norms of each slice, summed in slice order below
 	after := make([]float64, nSlices)
 	limits := dellaLimits(cols, density, epsilon)
+	buckets := cols > 1 && nonDecreasing(limits)
 	parallelFor(nSlices, max(1, combineGrain/max(1, cols)), func(lo, hi int) {
-		lim := make([]uint64, cols)
-		key := make([]uint64, 2*cols)
+		var lim, key []uint64
+		var mag, start []uint32
+		if buckets {
+			mag, start = make([]uint32, cols), make([]uint32, dellaBuckets+1)
+		} else {
+			lim, key = make([]uint64, cols), make([]uint64, 2*cols)
+		}
 		for s := lo; s < hi; s++ {
 			r, in := s/inner, s%inner
-			before[s], after[s] = dellaRow(t[r*cols*inner+in:], inner, limits, lim, key, source(s))
+			if buckets {
+				before[s], after[s] = dellaRowBuckets(t[r*cols*inner+in:], inner, limits, mag, start, source(s))
+			} else {
+				before[s], after[s] = dellaRow(t[r*cols*inner+in:], inner, limits, lim, key, source(s))
+			}
 		}
 	})
 	if !rescale {

@@ -212,3 +212,43 @@ func TestSortByMagnitude(t *testing.T) {
 		assert.Equal(t, want, key, "n=%d", n)
 	}
 }
+
+// The bucketed rows decide every draw as the sorted ones: rows of ties
+// (large buckets, many exact ranks), zeros, non-finite values, a wide range
+// of magnitudes, short and long rows, a stride.
+func TestDellaRowBucketsIsDellaRow(t *testing.T) {
+	rng := rand.New(rand.NewPCG(12, 13))
+	for _, cols := range []int{2, 3, 17, 64, 100, 1000, 5000} {
+		for kind := range 5 {
+			for _, eps := range []float64{0, 0.15, 0.39} {
+				stride := 1 + kind%2
+				row := make([]float32, cols*stride)
+				for c := range row {
+					switch kind {
+					case 0:
+						row[c] = float32(rng.NormFloat64())
+					case 1:
+						row[c] = float32(rng.IntN(4)) * 0.5 // ties and zeros
+					case 2:
+						row[c] = float32(math.Ldexp(rng.NormFloat64(), rng.IntN(200)-100)) // wide range
+					case 3:
+						row[c] = []float32{float32(math.Inf(1)), float32(math.NaN()), 0, -1, 1e-40}[rng.IntN(5)]
+					default:
+						row[c] = 3 // one magnitude
+					}
+				}
+				limits := dellaLimits(cols, 0.4, eps)
+				want := slices.Clone(row)
+				src := testSource(5)
+				wb, wa := dellaRow(want, stride, limits, make([]uint64, cols), make([]uint64, 2*cols), src(kind))
+				got := slices.Clone(row)
+				gb, ga := dellaRowBuckets(got, stride, limits, make([]uint32, cols), make([]uint32, dellaBuckets+1), src(kind))
+				for i := range want {
+					require.Equal(t, math.Float32bits(want[i]), math.Float32bits(got[i]), "cols %d kind %d eps %v entry %d", cols, kind, eps, i)
+				}
+				require.Equal(t, math.Float64bits(wb), math.Float64bits(gb))
+				require.Equal(t, math.Float64bits(wa), math.Float64bits(ga))
+			}
+		}
+	}
+}

@@ -190,18 +190,15 @@ func orthonormalize32(g blas32.General) {
 // denseDelta returns scaling * B @ A (out x in) in float32, as PEFT's
 // get_delta_weight computes it (the product, then the scaling), in a buffer
 // from the pool. Rows are computed in parallel as sums of scaled rows of A,
-// added in order (kernels.AxpyRows: the bits of one Saxpy per row of A,
-// which skips zero coefficients as Saxpy does).
+// added in order, then scaled (kernels.DenseRow: the bits of one Saxpy per
+// row of A, which skips zero coefficients as Saxpy does, then Sscal).
 func denseDelta(a, b []float32, out, r, in int, scaling float64) []float32 {
 	dw := pool.Get(out * in)
 	s := float32(scaling)
-	impl := blas32.Implementation()
 	parallelFor(out, max(1, (1<<16)/max(1, in*r)), func(lo, hi int) {
 		as := make([]float32, r)
 		xs := make([][]float32, r)
 		for i := lo; i < hi; i++ {
-			row := dw[i*in : (i+1)*in]
-			clear(row)
 			n := 0
 			for k := 0; k < r; k++ {
 				if c := b[i*r+k]; c != 0 {
@@ -209,8 +206,7 @@ func denseDelta(a, b []float32, out, r, in int, scaling float64) []float32 {
 					n++
 				}
 			}
-			kernels.AxpyRows(row, as[:n], xs[:n])
-			impl.Sscal(in, s, row, 1)
+			kernels.DenseRow(dw[i*in:(i+1)*in], as[:n], xs[:n], s)
 		}
 	})
 	return dw

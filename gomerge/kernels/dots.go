@@ -19,6 +19,11 @@ func Dots(out, xs, zs []float32, rows, l, n int) { dots(out, xs, zs, rows, l, n)
 // xs[r] of len(dst) values at least: gonum's Saxpy called once per row.
 func AxpyRows(dst, a []float32, xs [][]float32) { axpyRows(dst, a, xs) }
 
+// DenseRow writes into dst the sum of a[r] * xs[r] (rounded to float32)
+// from +0, added in order, times s: the bits of a cleared dst, AxpyRows,
+// then gonum's Sscal by s (which writes +0 everywhere for an s of 0).
+func DenseRow(dst, a []float32, xs [][]float32, s float32) { denseRow(dst, a, xs, s) }
+
 func dotsGo(out, xs, zs []float32, rows, l, n int) {
 	for i := range rows {
 		x := xs[i*n : (i+1)*n]
@@ -60,6 +65,17 @@ func foldDot(lane [8]float32, x, y []float32) float32 {
 	return (s[0] + s[1]) + (s[2] + s[3])
 }
 
+func denseRowGo(dst, a []float32, xs [][]float32, s float32) {
+	clear(dst)
+	if s == 0 {
+		return
+	}
+	axpyRowsGo(dst, a, xs)
+	for j := range dst {
+		dst[j] *= s
+	}
+}
+
 func axpyRowsGo(dst, a []float32, xs [][]float32) {
 	for r, x := range xs {
 		x = x[:len(dst)]
@@ -68,4 +84,25 @@ func axpyRowsGo(dst, a []float32, xs [][]float32) {
 			dst[j] += float32(ar * v)
 		}
 	}
+}
+
+// MagnitudeRank is the 0-based rank of mag[c] among mag in ascending
+// order, equal values in index order: the entries below it, and the equal
+// ones before it. The values are float32 magnitude bits (below 2^31).
+func MagnitudeRank(mag []uint32, c int) int { return magnitudeRank(mag, c) }
+
+func magnitudeRankGo(mag []uint32, c int) int {
+	m := mag[c]
+	rank := 0
+	for _, x := range mag[:c] {
+		if x <= m {
+			rank++
+		}
+	}
+	for _, x := range mag[c+1:] {
+		if x < m {
+			rank++
+		}
+	}
+	return rank
 }

@@ -2,7 +2,10 @@
 
 package kernels
 
-import "simd/archsimd"
+import (
+	"simd/archsimd"
+	"unsafe"
+)
 
 // dotsAVX2 is Dots with 8-lane vectors, whose lane k adds the entries k,
 // k+8, ... in order, as the portable lanes do (the AVX-512 set uses it too:
@@ -88,55 +91,147 @@ func dots2x3(lanes *[6][8]float32, x0, x1, z0, z1, z2 [][8]float32) {
 // axpyRowsAVX2 is AxpyRows four rows at a time: each vector of dst is
 // loaded once, the four scaled rows added in order, and stored.
 func axpyRowsAVX2(dst, a []float32, xs [][]float32) {
+	rowsAVX2(dst, a, xs, false, 1)
+}
+
+// denseRowAVX2 is DenseRow: rowsAVX2 from zero, then scaled.
+func denseRowAVX2(dst, a []float32, xs [][]float32, s float32) {
+	if s == 0 {
+		clear(dst)
+		return
+	}
+	rowsAVX2(dst, a, xs, true, s)
+}
+
+// rowsAVX2 adds a[r] xs[r] to dst (to +0 with fresh), in order, four rows
+// per pass over dst, then multiplies by s (unless it is 1) in the last.
+func rowsAVX2(dst, a []float32, xs [][]float32, fresh bool, s float32) {
 	n8 := len(dst) &^ 7
 	dv := vecs(dst[:n8])
 	x := func(r int) [][8]float32 { return vecs(xs[r][:n8]) }
-	r := 0
-	for ; r+4 <= len(xs); r += 4 {
-		axpy4(dv, x(r), x(r+1), x(r+2), x(r+3), a[r], a[r+1], a[r+2], a[r+3])
-		axpyTail(dst, n8, a[r:r+4], xs[r:r+4])
+	if len(xs) == 0 {
+		if fresh {
+			clear(dst)
+		}
+		if s != 1 {
+			for j := range dst {
+				dst[j] *= s
+			}
+		}
+		return
 	}
-	for ; r < len(xs); r++ {
-		axpy1(dv, x(r), a[r])
-		axpyTail(dst, n8, a[r:r+1], xs[r:r+1])
+	for r := 0; r < len(xs); {
+		k := 1
+		if len(xs)-r >= 4 {
+			k = 4
+		}
+		first, last := fresh && r == 0, r+k == len(xs) && s != 1
+		if k == 4 {
+			axpy4(dv, x(r), x(r+1), x(r+2), x(r+3), a[r], a[r+1], a[r+2], a[r+3], first, last, s)
+		} else {
+			axpy1(dv, x(r), a[r], first, last, s)
+		}
+		for j := n8; j < len(dst); j++ {
+			v := dst[j]
+			if first {
+				v = 0
+			}
+			for i := r; i < r+k; i++ {
+				v += float32(a[i] * xs[i][j])
+			}
+			if last {
+				v *= s
+			}
+			dst[j] = v
+		}
+		r += k
 	}
 }
 
-// axpy4 adds a0 x0, a1 x1, a2 x2 and a3 x3 to d, in this order. A function
-// of its own, so that its loop keeps everything in registers.
+// axpy4 adds a0 x0, a1 x1, a2 x2 and a3 x3 to d (to +0 with first), in
+// this order, then multiplies by s with last. A function of its own, so
+// that its loop keeps everything in registers.
 //
 //go:noinline
-func axpy4(d, x0, x1, x2, x3 [][8]float32, a0, a1, a2, a3 float32) {
+func axpy4(d, x0, x1, x2, x3 [][8]float32, a0, a1, a2, a3 float32, first, last bool, s float32) {
 	x0, x1, x2, x3 = x0[:len(d)], x1[:len(d)], x2[:len(d)], x3[:len(d)]
 	w0, w1 := archsimd.BroadcastFloat32x8(a0), archsimd.BroadcastFloat32x8(a1)
 	w2, w3 := archsimd.BroadcastFloat32x8(a2), archsimd.BroadcastFloat32x8(a3)
+	zero, sv := archsimd.BroadcastFloat32x8(0), archsimd.BroadcastFloat32x8(s)
 	for j := range d {
-		v := archsimd.LoadFloat32x8(&d[j])
+		v := zero
+		if !first {
+			v = archsimd.LoadFloat32x8(&d[j])
+		}
 		v = v.Add(archsimd.LoadFloat32x8(&x0[j]).Mul(w0))
 		v = v.Add(archsimd.LoadFloat32x8(&x1[j]).Mul(w1))
 		v = v.Add(archsimd.LoadFloat32x8(&x2[j]).Mul(w2))
 		v = v.Add(archsimd.LoadFloat32x8(&x3[j]).Mul(w3))
+		if last {
+			v = v.Mul(sv)
+		}
 		v.Store(&d[j])
 	}
 }
 
-// axpy1 adds a0 x0 to d.
+// axpy1 is axpy4 with one row.
 //
 //go:noinline
-func axpy1(d, x0 [][8]float32, a0 float32) {
+func axpy1(d, x0 [][8]float32, a0 float32, first, last bool, s float32) {
 	x0 = x0[:len(d)]
 	w0 := archsimd.BroadcastFloat32x8(a0)
+	zero, sv := archsimd.BroadcastFloat32x8(0), archsimd.BroadcastFloat32x8(s)
 	for j := range d {
-		archsimd.LoadFloat32x8(&d[j]).Add(archsimd.LoadFloat32x8(&x0[j]).Mul(w0)).Store(&d[j])
+		v := zero
+		if !first {
+			v = archsimd.LoadFloat32x8(&d[j])
+		}
+		v = v.Add(archsimd.LoadFloat32x8(&x0[j]).Mul(w0))
+		if last {
+			v = v.Mul(sv)
+		}
+		v.Store(&d[j])
 	}
 }
 
-// axpyTail is axpyRowsGo on the entries from j0 of dst (without slicing xs
-// anew).
-func axpyTail(dst []float32, j0 int, a []float32, xs [][]float32) {
-	for r, x := range xs {
-		for j := j0; j < len(dst); j++ {
-			dst[j] += float32(a[r] * x[j])
+// magnitudeRankAVX2 is MagnitudeRank as the count of the entries below
+// mag[c] (signed compares: the values are below 2^31) and of the equal ones
+// before it, eight at a time.
+func magnitudeRankAVX2(mag []uint32, c int) int {
+	m := int32(mag[c])
+	n8, c8 := len(mag)&^7, c&^7
+	v := unsafe.Slice((*[8]int32)(unsafe.Pointer(unsafe.SliceData(mag))), n8/8)
+	rank := int(rankCount(v, v[:c8/8], m))
+	for _, x := range mag[n8:] {
+		if int32(x) < m {
+			rank++
 		}
 	}
+	for _, x := range mag[c8:c] {
+		if int32(x) == m {
+			rank++
+		}
+	}
+	return rank
+}
+
+// rankCount counts the lanes of all below m and those of prefix equal to m.
+//
+//go:noinline
+func rankCount(all, prefix [][8]int32, m int32) int32 {
+	mv := archsimd.BroadcastInt32x8(m)
+	acc := archsimd.BroadcastInt32x8(0)
+	for j := range all {
+		acc = acc.Sub(mv.Greater(archsimd.LoadInt32x8(&all[j])).ToInt32x8()) // -1 where below
+	}
+	for j := range prefix {
+		acc = acc.Sub(archsimd.LoadInt32x8(&prefix[j]).Equal(mv).ToInt32x8())
+	}
+	var lanes [8]int32
+	acc.Store(&lanes)
+	var sum int32
+	for _, l := range lanes {
+		sum += l
+	}
+	return sum
 }

@@ -1,9 +1,13 @@
 package kernels
 
 import (
+	"cmp"
 	"math/rand/v2"
+	"slices"
 	"testing"
 	"unsafe"
+
+	"github.com/stretchr/testify/require"
 
 	"gonum.org/v1/gonum/blas/blas32"
 )
@@ -43,16 +47,63 @@ func TestDotKernels(t *testing.T) {
 			gotAxpy := append([]float32(nil), dst...)
 			axpyRowsGo(gotAxpy, a, xs)
 			sameBits(t, wantAxpy, gotAxpy, "axpyRowsGo vs gonum's Saxpy")
+			s := []float32{0.37, 0, -2}[rows%3]
+			wantDense := make([]float32, n)
+			for r := range xs {
+				impl.Saxpy(n, a[r], xs[r], 1, wantDense, 1)
+			}
+			impl.Sscal(n, s, wantDense, 1)
+			gotDense := append([]float32(nil), dst...)
+			denseRowGo(gotDense, a, xs, s)
+			sameBits(t, wantDense, gotDense, "denseRowGo vs gonum's Saxpy and Sscal")
 			for _, k := range sets {
 				if ownKernel(t, k, "dots", k.dots, dotsGo) {
 					got := make([]float32, xrows*rows)
 					k.dots(got, x, zs, xrows, rows, n)
 					sameBits(t, want, got, k.name+" dots")
 				}
+				if ownKernel(t, k, "denseRow", k.denseRow, denseRowGo) {
+					got := append([]float32(nil), dst...)
+					k.denseRow(got, a, xs, s)
+					sameBits(t, wantDense, got, k.name+" denseRow")
+				}
 				if ownKernel(t, k, "axpyRows", k.axpyRows, axpyRowsGo) {
 					got := append([]float32(nil), dst...)
 					k.axpyRows(got, a, xs)
 					sameBits(t, wantAxpy, got, k.name+" axpyRows")
+				}
+			}
+		}
+	}
+}
+
+// MagnitudeRank: the portable version against a stable sort's positions,
+// every set this CPU runs against the portable version.
+func TestMagnitudeRank(t *testing.T) {
+	sets := runnableSets(t)
+	rng := rand.New(rand.NewPCG(4, 4))
+	for _, n := range []int{1, 5, 8, 9, 31, 100, 1029} {
+		mag := make([]uint32, n)
+		for i := range mag {
+			switch rng.IntN(3) {
+			case 0:
+				mag[i] = uint32(rng.IntN(3)) // ties
+			case 1:
+				mag[i] = 0x7fffffff - uint32(rng.IntN(2))
+			default:
+				mag[i] = rng.Uint32() & 0x7fffffff
+			}
+		}
+		idx := make([]int, n)
+		for i := range idx {
+			idx[i] = i
+		}
+		slices.SortStableFunc(idx, func(a, b int) int { return cmp.Compare(mag[a], mag[b]) })
+		for rank, c := range idx {
+			require.Equal(t, rank, magnitudeRankGo(mag, c), "n %d entry %d", n, c)
+			for _, k := range sets {
+				if ownKernel(t, k, "magnitudeRank", k.magnitudeRank, magnitudeRankGo) {
+					require.Equal(t, rank, k.magnitudeRank(mag, c), "%s n %d entry %d", k.name, n, c)
 				}
 			}
 		}

@@ -38,6 +38,9 @@ var (
 	// dots and axpyRows are Dots and AxpyRows (dots.go).
 	dots     = dotsGo
 	axpyRows = axpyRowsGo
+	denseRow = denseRowGo
+	// magnitudeRank is MagnitudeRank (dots.go).
+	magnitudeRank = magnitudeRankGo
 	// gtaInto is GTAInto (gta.go).
 	gtaInto = gtaIntoGo
 )
@@ -57,12 +60,14 @@ type kernels struct {
 	encodeHalf    func(out []uint16, x []float32, bf16 bool)
 	dots          func(out, xs, zs []float32, rows, l, n int)
 	axpyRows      func(dst, a []float32, xs [][]float32)
+	denseRow      func(dst, a []float32, xs [][]float32, s float32)
+	magnitudeRank func(mag []uint32, c int) int
 	gtaInto       func(out []float32, ts [][]float32, scale, w []float32, consensus, normalize bool, divisor, lambda float32)
 }
 
 // portableKernels are the kernels in plain Go: they run on every CPU.
 var portableKernels = kernels{"go", func() []string { return nil },
-	maxAbsBitsGo, absBandGo, tiesIntoGo, prunedSumIntoGo, decodeHalfGo, encodeHalfGo, dotsGo, axpyRowsGo, gtaIntoGo}
+	maxAbsBitsGo, absBandGo, tiesIntoGo, prunedSumIntoGo, decodeHalfGo, encodeHalfGo, dotsGo, axpyRowsGo, denseRowGo, magnitudeRankGo, gtaIntoGo}
 
 // kernelSets are the implementations in this build, whether or not this CPU
 // runs them: the portable one first, then vectorKernels (kernels_simd.go,
@@ -73,7 +78,8 @@ var kernelSets = append([]kernels{portableKernels}, vectorKernels...)
 func useKernels(k kernels) {
 	maxAbsBits, absBand, tiesInto, prunedSumInto = k.maxAbsBits, k.absBand, k.tiesInto, k.prunedSumInto
 	decodeHalf, encodeHalf, inUse = k.decodeHalf, k.encodeHalf, k.name
-	dots, axpyRows, gtaInto = k.dots, k.axpyRows, k.gtaInto
+	dots, axpyRows, denseRow, gtaInto = k.dots, k.axpyRows, k.denseRow, k.gtaInto
+	magnitudeRank = k.magnitudeRank
 }
 
 const (
