@@ -147,7 +147,37 @@ func dellaRow(row []float32, stride int, limits, lim, key []uint64, rng *rand.PC
 // the sums, are dellaRow's. mag is scratch of len(limits), start of
 // dellaBuckets + 1.
 func dellaRowBuckets(row []float32, stride int, limits []uint64, mag, start []uint32, rng *rand.PCG) (before, after float64) {
-	cols := len(limits)
+	k := newDellaBuckets(row, stride, len(limits), mag, start)
+	lo, shift, st := k.lo, k.shift, k.start
+	for c, m := range k.mag {
+		i := c * stride
+		v := math.Float32bits(row[i])
+		// keep, written out (as a method it would not be inlined)
+		u := rng.Uint64()
+		b := (max(m, lo) - lo) >> shift
+		first, last := limits[st[b]], limits[st[b+1]-1]
+		_, keep := bits.Sub64(u, first, 0)
+		if u-first < last-first {
+			keep = k.exact(limits, c, u)
+		}
+		av := float64(math.Float32frombits(v & 0x7fffffff))
+		before += av
+		after += math.Float64frombits(math.Float64bits(av) & -keep) // + (+0) leaves the sum (never -0) as it is
+		row[i] = math.Float32frombits(v & -uint32(keep))
+	}
+	return before, after
+}
+
+// dellaBucketRow is the buckets of one row of dellaRowBuckets: entry c of
+// magnitude m is in bucket (max(m, lo) - lo) >> shift.
+type dellaBucketRow struct {
+	mag, start []uint32
+	lo         uint32
+	shift      uint
+}
+
+// newDellaBuckets fills the magnitudes and buckets of a row.
+func newDellaBuckets(row []float32, stride, cols int, mag, start []uint32) dellaBucketRow {
 	mag = mag[:cols]
 	lo, hi := uint32(math.MaxUint32), uint32(0)
 	for c := range mag {
@@ -169,22 +199,17 @@ func dellaRowBuckets(row []float32, stride int, limits []uint64, mag, start []ui
 	for b := 1; b < len(start); b++ {
 		start[b] += start[b-1]
 	}
-	for c, m := range mag {
-		i := c * stride
-		v := math.Float32bits(row[i])
-		b := (max(m, lo) - lo) >> shift
-		u := rng.Uint64()
-		first, last := limits[start[b]], limits[start[b+1]-1]
-		_, keep := bits.Sub64(u, first, 0) // 1 when the draw is below the bucket's lowest limit
-		if u-first < last-first {          // first <= u < last: the exact rank decides
-			_, keep = bits.Sub64(u, limits[kernels.MagnitudeRank(mag, c)], 0)
-		}
-		av := float64(math.Float32frombits(v & 0x7fffffff))
-		before += av
-		after += math.Float64frombits(math.Float64bits(av) & -keep) // + (+0) leaves the sum (never -0) as it is
-		row[i] = math.Float32frombits(v & -uint32(keep))
-	}
-	return before, after
+	return dellaBucketRow{mag, start, lo, shift}
+}
+
+// exact is 1 when the draw u keeps entry c by its exact rank, else 0: for
+// a draw between its bucket's lowest and highest limits (rare: not
+// inlined).
+//
+//go:noinline
+func (k *dellaBucketRow) exact(limits []uint64, c int, u uint64) uint64 {
+	_, keep := bits.Sub64(u, limits[kernels.MagnitudeRank(k.mag, c)], 0)
+	return keep
 }
 
 // dellaBuckets is the most buckets of dellaRowBuckets, over the top
