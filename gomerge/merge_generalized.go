@@ -125,6 +125,12 @@ func (g *generalized) combine(dws [][]float32, weights []float32, indices []int,
 			scales[i] = g.prune(dws[i], module, indices[i], rows, cols, inner)
 		}
 	})
+	return g.combineScaled(dws, weights, scales)
+}
+
+// combineScaled is combine on pruned tensors dws with their rescale
+// factors.
+func (g *generalized) combineScaled(dws [][]float32, weights, scales []float32) []float32 {
 	out := dws[0]
 	lambda := float32(g.lambda)
 	var divisor float32 // without consensus: the sum of the weights

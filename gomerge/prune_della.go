@@ -196,8 +196,10 @@ func newDellaBuckets(row []float32, stride, cols int, mag, start []uint32) della
 	for _, m := range mag {
 		start[(max(m, lo)-lo)>>shift+1]++
 	}
-	for b := 1; b < len(start); b++ {
-		start[b] += start[b-1]
+	var sum uint32 // in a register: start[b] += start[b-1] would wait for each store
+	for b, n := range start {
+		sum += n
+		start[b] = sum
 	}
 	return dellaBucketRow{mag, start, lo, shift}
 }
@@ -289,6 +291,59 @@ func dellaMask(t []float32, rows, cols, inner int, density, epsilon float64, res
 		a += after[s]
 	}
 	return rescaleL1Factor(float32(b), float32(a))
+}
+
+// fusedDella reports whether mergeDenseSVD computes the module's dense
+// updates and DELLA's masks row by row (dellaDense): DELLA on a Linear
+// module (rows of the update are DELLA's slices) with a density in (0, 1)
+// and non-decreasing limits.
+func (g *generalized) fusedDella(j *moduleJob) bool {
+	_, _, inner := j.layout()
+	return g.pruning == PruneDELLA && inner == 1 && g.density > 0 && g.density < 1 && j.in > 1 &&
+		nonDecreasing(dellaLimits(j.in, g.density, g.epsilon))
+}
+
+// dellaDense writes into dw the dense update of source s (denseDelta, then
+// rounded to s.roundDW), pruned by DELLA (dellaMask of it, with the same
+// streams: source index s.index, slice = row), row by row while each row is
+// in the cache, and returns the factor of its l1 rescale (dellaMask's).
+func (g *generalized) dellaDense(dw, a, b []float32, j *moduleJob, s source) float32 {
+	out, in, r := j.out, j.in, s.mod.Rank
+	scaling := float32(s.mod.Scaling)
+	round := s.roundDW != "" && s.roundDW != F32
+	limits := dellaLimits(in, g.density, g.epsilon)
+	source := dellaSource(g.seed, j.name, s.index)
+	before := make([]float64, out)
+	after := make([]float64, out)
+	parallelFor(out, max(1, combineGrain/max(1, in)), func(lo, hi int) {
+		as := make([]float32, r)
+		xs := make([][]float32, r)
+		mag, start := make([]uint32, in), make([]uint32, dellaBuckets+1)
+		for i := lo; i < hi; i++ {
+			row := dw[i*in : (i+1)*in]
+			n := 0
+			for k := 0; k < r; k++ {
+				if c := b[i*r+k]; c != 0 {
+					as[n], xs[n] = c, a[k*in:(k+1)*in]
+					n++
+				}
+			}
+			kernels.DenseRow(row, as[:n], xs[:n], scaling)
+			if round {
+				roundTo(row, s.roundDW)
+			}
+			before[i], after[i] = dellaRowBuckets(row, 1, limits, mag, start, source(i))
+		}
+	})
+	if !g.rescale {
+		return 1
+	}
+	var bs, as float64
+	for i := range before {
+		bs += before[i]
+		as += after[i]
+	}
+	return rescaleL1Factor(float32(bs), float32(as))
 }
 
 // rescaleL1Factor is the factor of RescaleL1 (1 when it leaves t as it is).

@@ -252,3 +252,39 @@ func TestDellaRowBucketsIsDellaRow(t *testing.T) {
 		}
 	}
 }
+
+// The fused rows of dellaDense (each row computed, rounded and pruned in
+// the cache) give the bits of the dense update, its rounding and dellaMask
+// one after the other, with and without rescale and rounding.
+func TestDellaDenseIsDenseThenMask(t *testing.T) {
+	rng := rand.New(rand.NewPCG(14, 15))
+	srcs := spanSources(rng, 70, 300, 4)
+	srcs[0].index = 2
+	fa, fb, err := srcs[0].mod.Factors()
+	require.NoError(t, err)
+	fb[5] = 0 // a zero coefficient (Saxpy skips it)
+	j := &moduleJob{name: "m.q", srcs: srcs, in: 300, out: 70}
+	for _, round := range []DType{"", BF16} {
+		for _, name := range []string{"della", "della_linear"} {
+			density, seed := 0.3, uint64(5)
+			o := Combine{CombinationType: name, Density: &density, Seed: &seed}
+			require.NoError(t, o.Validate())
+			g := o.generalized(seed)
+			g.rescale = name == "della"
+			require.True(t, g.fusedDella(j))
+			s := srcs[0]
+			s.roundDW = round
+			want := denseDelta(fa, fb, j.out, s.mod.Rank, j.in, s.mod.Scaling)
+			if round != "" {
+				roundTo(want, round)
+			}
+			wantScale := dellaMask(want, j.out, j.in, 1, g.density, g.epsilon, g.rescale, dellaSource(seed, j.name, s.index))
+			got := make([]float32, len(want))
+			gotScale := g.dellaDense(got, fa, fb, j, s)
+			require.Equal(t, math.Float32bits(wantScale), math.Float32bits(gotScale), "%s %q", name, round)
+			for e := range want {
+				require.Equal(t, math.Float32bits(want[e]), math.Float32bits(got[e]), "%s %q %d", name, round, e)
+			}
+		}
+	}
+}
