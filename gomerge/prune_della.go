@@ -1,6 +1,7 @@
 package gomerge
 
 import (
+	"encoding/binary"
 	"math"
 	"math/bits"
 	"math/rand/v2"
@@ -146,39 +147,97 @@ func dellaRow(row []float32, stride int, limits, lim, key []uint64, rng *rand.PC
 // exact rank, counted over the row. The decisions, and so the masks and
 // the sums, are dellaRow's. mag is scratch of len(limits), start of
 // dellaBuckets + 1.
-func dellaRowBuckets(row []float32, stride int, limits []uint64, mag, start []uint32, rng *rand.PCG) (before, after float64) {
-	k := newDellaBuckets(row, stride, len(limits), mag, start)
-	lo, shift, st := k.lo, k.shift, k.start
-	for c, m := range k.mag {
-		i := c * stride
-		v := math.Float32bits(row[i])
-		// keep, written out (as a method it would not be inlined)
-		u := rng.Uint64()
-		b := (max(m, lo) - lo) >> shift
-		first, last := limits[st[b]], limits[st[b+1]-1]
+func dellaRowBuckets(row []float32, stride int, limits []uint64, w *dellaScratch, rng *rand.PCG) (before, after float64) {
+	w.fill(row, stride, len(limits))
+	st := &w.start
+	ghi, glo := pcgState(rng) // the stream's state in registers (through *rng it goes to memory at each draw)
+	if stride == 1 {
+		row = row[:len(w.bucket)]
+		for c, b := range w.bucket {
+			var u uint64
+			ghi, glo, u = pcgUint64(ghi, glo)
+			first, last := limits[st[b&(dellaBuckets-1)]], limits[st[b&(dellaBuckets-1)+1]-1]
+			_, keep := bits.Sub64(u, first, 0) // 1 when the draw is below the bucket's lowest limit
+			if u-first < last-first {          // first <= u < last: the exact rank decides
+				keep = w.exact(limits, c, u)
+			}
+			v := math.Float32bits(row[c])
+			av := float64(math.Float32frombits(v & 0x7fffffff))
+			before += av
+			after += math.Float64frombits(math.Float64bits(av) & -keep) // + (+0) leaves the sum (never -0) as it is
+			row[c] = math.Float32frombits(v & -uint32(keep))
+		}
+		return before, after
+	}
+	for c, b := range w.bucket {
+		var u uint64
+		ghi, glo, u = pcgUint64(ghi, glo)
+		first, last := limits[st[b&(dellaBuckets-1)]], limits[st[b&(dellaBuckets-1)+1]-1]
 		_, keep := bits.Sub64(u, first, 0)
 		if u-first < last-first {
-			keep = k.exact(limits, c, u)
+			keep = w.exact(limits, c, u)
 		}
+		i := c * stride
+		v := math.Float32bits(row[i])
 		av := float64(math.Float32frombits(v & 0x7fffffff))
 		before += av
-		after += math.Float64frombits(math.Float64bits(av) & -keep) // + (+0) leaves the sum (never -0) as it is
+		after += math.Float64frombits(math.Float64bits(av) & -keep)
 		row[i] = math.Float32frombits(v & -uint32(keep))
 	}
 	return before, after
 }
 
-// dellaBucketRow is the buckets of one row of dellaRowBuckets: entry c of
-// magnitude m is in bucket (max(m, lo) - lo) >> shift.
-type dellaBucketRow struct {
-	mag, start []uint32
-	lo         uint32
-	shift      uint
+// pcgState is the state of p (as its MarshalBinary writes it: "pcg:", then
+// hi and lo big-endian).
+func pcgState(p *rand.PCG) (hi, lo uint64) {
+	b, err := p.MarshalBinary()
+	if err != nil || len(b) != 20 {
+		panic("gomerge: unexpected math/rand/v2.PCG state")
+	}
+	return binary.BigEndian.Uint64(b[4:12]), binary.BigEndian.Uint64(b[12:20])
 }
 
-// newDellaBuckets fills the magnitudes and buckets of a row.
-func newDellaBuckets(row []float32, stride, cols int, mag, start []uint32) dellaBucketRow {
-	mag = mag[:cols]
+// pcgUint64 is math/rand/v2's PCG.Uint64 on the state hi, lo (the same
+// 128-bit LCG step and DXSM output, with its constants): it returns the
+// next state and the draw. TestPCGUint64 checks it against the library.
+func pcgUint64(hi, lo uint64) (nhi, nlo, u uint64) {
+	const (
+		mulHi    = 2549297995355413924
+		mulLo    = 4865540595714422341
+		incHi    = 6364136223846793005
+		incLo    = 1442695040888963407
+		cheapMul = 0xda942042e4dd58b5
+	)
+	nhi, nlo = bits.Mul64(lo, mulLo)
+	nhi += hi*mulLo + lo*mulHi
+	nlo, c := bits.Add64(nlo, incLo, 0)
+	nhi, _ = bits.Add64(nhi, incHi, c)
+	u = nhi
+	u ^= u >> 32
+	u *= cheapMul
+	u ^= u >> 48
+	u *= nlo | 1
+	return nhi, nlo, u
+}
+
+// dellaScratch is the scratch of dellaRowBuckets for rows of up to cols
+// entries: their magnitudes, their buckets, and the first rank of each
+// bucket (start[b], with start[nb] = cols).
+type dellaScratch struct {
+	mag    []uint32
+	bucket []uint16
+	start  [dellaBuckets + 1]uint32
+}
+
+func newDellaScratch(cols int) *dellaScratch {
+	return &dellaScratch{mag: make([]uint32, cols), bucket: make([]uint16, cols)}
+}
+
+// fill computes the magnitudes, buckets and bucket starts of a row of cols
+// entries: entry c of magnitude m is in bucket (max(m, lo) - lo) >> shift.
+func (w *dellaScratch) fill(row []float32, stride, cols int) {
+	mag, bucket := w.mag[:cols], w.bucket[:cols]
+	w.mag, w.bucket = mag, bucket
 	lo, hi := uint32(math.MaxUint32), uint32(0)
 	for c := range mag {
 		m := math.Float32bits(row[c*stride]) & 0x7fffffff
@@ -190,18 +249,19 @@ func newDellaBuckets(row []float32, stride, cols int, mag, start []uint32) della
 	// smaller buckets)
 	lo = max(lo, hi-min(hi, dellaBinades<<23-1))
 	nb := min(dellaBuckets, 1<<bits.Len(uint(cols-1)))
-	shift := uint(max(0, bits.Len32(hi-lo)-bits.Len(uint(nb-1))))
-	start = start[:nb+1]
+	shift := uint(max(0, bits.Len32(hi-lo)-bits.Len(uint(nb-1)))) & 31
+	start := w.start[:nb+1]
 	clear(start)
-	for _, m := range mag {
-		start[(max(m, lo)-lo)>>shift+1]++
+	for c, m := range mag {
+		b := (max(m, lo) - lo) >> shift // < nb
+		bucket[c] = uint16(b)
+		start[b+1]++
 	}
 	var sum uint32 // in a register: start[b] += start[b-1] would wait for each store
 	for b, n := range start {
 		sum += n
 		start[b] = sum
 	}
-	return dellaBucketRow{mag, start, lo, shift}
 }
 
 // exact is 1 when the draw u keeps entry c by its exact rank, else 0: for
@@ -209,8 +269,8 @@ func newDellaBuckets(row []float32, stride, cols int, mag, start []uint32) della
 // inlined).
 //
 //go:noinline
-func (k *dellaBucketRow) exact(limits []uint64, c int, u uint64) uint64 {
-	_, keep := bits.Sub64(u, limits[kernels.MagnitudeRank(k.mag, c)], 0)
+func (w *dellaScratch) exact(limits []uint64, c int, u uint64) uint64 {
+	_, keep := bits.Sub64(u, limits[kernels.MagnitudeRank(w.mag, c)], 0)
 	return keep
 }
 
@@ -267,16 +327,16 @@ func dellaMask(t []float32, rows, cols, inner int, density, epsilon float64, res
 	buckets := cols > 1 && nonDecreasing(limits)
 	parallelFor(nSlices, max(1, combineGrain/max(1, cols)), func(lo, hi int) {
 		var lim, key []uint64
-		var mag, start []uint32
+		var w *dellaScratch
 		if buckets {
-			mag, start = make([]uint32, cols), make([]uint32, dellaBuckets+1)
+			w = newDellaScratch(cols)
 		} else {
 			lim, key = make([]uint64, cols), make([]uint64, 2*cols)
 		}
 		for s := lo; s < hi; s++ {
 			r, in := s/inner, s%inner
 			if buckets {
-				before[s], after[s] = dellaRowBuckets(t[r*cols*inner+in:], inner, limits, mag, start, source(s))
+				before[s], after[s] = dellaRowBuckets(t[r*cols*inner+in:], inner, limits, w, source(s))
 			} else {
 				before[s], after[s] = dellaRow(t[r*cols*inner+in:], inner, limits, lim, key, source(s))
 			}
@@ -318,7 +378,7 @@ func (g *generalized) dellaDense(dw, a, b []float32, j *moduleJob, s source) flo
 	parallelFor(out, max(1, combineGrain/max(1, in)), func(lo, hi int) {
 		as := make([]float32, r)
 		xs := make([][]float32, r)
-		mag, start := make([]uint32, in), make([]uint32, dellaBuckets+1)
+		w := newDellaScratch(in)
 		for i := lo; i < hi; i++ {
 			row := dw[i*in : (i+1)*in]
 			n := 0
@@ -332,7 +392,7 @@ func (g *generalized) dellaDense(dw, a, b []float32, j *moduleJob, s source) flo
 			if round {
 				roundTo(row, s.roundDW)
 			}
-			before[i], after[i] = dellaRowBuckets(row, 1, limits, mag, start, source(i))
+			before[i], after[i] = dellaRowBuckets(row, 1, limits, w, source(i))
 		}
 	})
 	if !g.rescale {

@@ -242,7 +242,7 @@ func TestDellaRowBucketsIsDellaRow(t *testing.T) {
 				src := testSource(5)
 				wb, wa := dellaRow(want, stride, limits, make([]uint64, cols), make([]uint64, 2*cols), src(kind))
 				got := slices.Clone(row)
-				gb, ga := dellaRowBuckets(got, stride, limits, make([]uint32, cols), make([]uint32, dellaBuckets+1), src(kind))
+				gb, ga := dellaRowBuckets(got, stride, limits, newDellaScratch(cols), src(kind))
 				for i := range want {
 					require.Equal(t, math.Float32bits(want[i]), math.Float32bits(got[i]), "cols %d kind %d eps %v entry %d", cols, kind, eps, i)
 				}
@@ -285,6 +285,20 @@ func TestDellaDenseIsDenseThenMask(t *testing.T) {
 			for e := range want {
 				require.Equal(t, math.Float32bits(want[e]), math.Float32bits(got[e]), "%s %q %d", name, round, e)
 			}
+		}
+	}
+}
+
+// pcgUint64 from pcgState is math/rand/v2's PCG stream.
+func TestPCGUint64(t *testing.T) {
+	for _, seed := range [][2]uint64{{0, 0}, {1, 2}, {^uint64(0), 12345}} {
+		p := rand.NewPCG(seed[0], seed[1])
+		p.Uint64() // from a state that has moved
+		hi, lo := pcgState(p)
+		for range 1000 {
+			var u uint64
+			hi, lo, u = pcgUint64(hi, lo)
+			require.Equal(t, p.Uint64(), u)
 		}
 	}
 }
