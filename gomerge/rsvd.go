@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"math/rand/v2"
+	"slices"
 
 	"gonum.org/v1/gonum/blas/blas32"
 
@@ -90,13 +91,22 @@ func mulDtY(d []float32, m, n int, y []float32, l int, zt []float32) {
 				clear(part)
 			}
 			parts[b] = part
-			// rows mulDtYRows at a time, in tiles of columns that stay in the cache: each tile of a row of
-			// part is read once per mulDtYRows rows of D, which are added to it in row order (as one Saxpy per
-			// row and column would), skipping zero coefficients
+			r0, r1 := b*size, min((b+1)*size, m)
+			if r0 >= r1 {
+				continue
+			}
+			if !slices.Contains(y[r0*l:r1*l], 0) {
+				// the rows of the block added in order to tiles of part held in registers
+				kernels.MulTInto(part, d[r0*n:r1*n], y[r0*l:r1*l], r1-r0, n, l)
+				continue
+			}
+			// a zero coefficient, which Saxpy skips: rows mulDtYRows at a time, in tiles of columns that stay
+			// in the cache, each tile of a row of part read once per mulDtYRows rows of D, which are added to
+			// it in row order, skipping zero coefficients
 			var as [mulDtYRows]float32
 			var xs [mulDtYRows][]float32
-			for i0 := b * size; i0 < min((b+1)*size, m); i0 += mulDtYRows {
-				i1 := min(i0+mulDtYRows, (b+1)*size, m)
+			for i0 := r0; i0 < r1; i0 += mulDtYRows {
+				i1 := min(i0+mulDtYRows, r1)
 				for j0 := 0; j0 < n; j0 += mulDtYTile {
 					j1 := min(j0+mulDtYTile, n)
 					for c := 0; c < l; c++ {

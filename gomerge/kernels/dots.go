@@ -106,3 +106,22 @@ func magnitudeRankGo(mag []uint32, c int) int {
 	}
 	return rank
 }
+
+// MulTInto adds Y^T D to part (l x n): for each row i of D (rows x n) in
+// order, y[i*l+c] * D[i] (rounded to float32) is added to row c of part,
+// for every c. Every coefficient must be non-zero: the sums are then
+// AxpyRows' (one Saxpy per row and column, which skips zero coefficients).
+func MulTInto(part, d, y []float32, rows, n, l int) { mulTInto(part, d, y, rows, n, l) }
+
+func mulTIntoGo(part, d, y []float32, rows, n, l int) {
+	for i := range rows {
+		x := d[i*n : (i+1)*n]
+		for c := range l {
+			a := y[i*l+c]
+			dst := part[c*n : (c+1)*n]
+			for j, v := range x {
+				dst[j] += float32(a * v)
+			}
+		}
+	}
+}

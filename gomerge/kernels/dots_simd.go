@@ -235,3 +235,72 @@ func rankCount(all, prefix [][8]int32, m int32) int32 {
 	}
 	return sum
 }
+
+// mulTIntoAVX2 is MulTInto on tiles of 16 columns of part and 4 of its
+// rows, held in eight 8-lane sums while all the rows of D are added (the
+// 16 columns of D, one cache line per row, are read once per 4 rows of
+// part); the last columns (n % 16) in the portable order.
+func mulTIntoAVX2(part, d, y []float32, rows, n, l int) {
+	n16 := n &^ 15
+	var acc [8][8]float32
+	for j := 0; j < n16; j += 16 {
+		for c := 0; c < l; c += 4 {
+			var cs [4]int
+			for k := range cs {
+				cs[k] = min(c+k, l-1) // a group past the last row of part repeats it, unstored
+			}
+			for k, ck := range cs {
+				copy(acc[2*k][:], part[ck*n+j:ck*n+j+8])
+				copy(acc[2*k+1][:], part[ck*n+j+8:ck*n+j+16])
+			}
+			mulT4x2(&acc, d[j:], y, rows, n, l, cs)
+			for k, ck := range cs[:min(4, l-c)] {
+				copy(part[ck*n+j:ck*n+j+8], acc[2*k][:])
+				copy(part[ck*n+j+8:ck*n+j+16], acc[2*k+1][:])
+			}
+		}
+	}
+	if n16 < n {
+		for i := range rows {
+			for c := range l {
+				a := y[i*l+c]
+				for j := n16; j < n; j++ {
+					part[c*n+j] += float32(a * d[i*n+j])
+				}
+			}
+		}
+	}
+}
+
+// mulT4x2 adds, for each row i < rows of d (stride n, from its first 16
+// entries), y[i*l+cs[k]] * d[i][0:16] to acc[2k] and acc[2k+1].
+//
+//go:noinline
+func mulT4x2(acc *[8][8]float32, d, y []float32, rows, n, l int, cs [4]int) {
+	s0, s1 := archsimd.LoadFloat32x8(&acc[0]), archsimd.LoadFloat32x8(&acc[1])
+	s2, s3 := archsimd.LoadFloat32x8(&acc[2]), archsimd.LoadFloat32x8(&acc[3])
+	s4, s5 := archsimd.LoadFloat32x8(&acc[4]), archsimd.LoadFloat32x8(&acc[5])
+	s6, s7 := archsimd.LoadFloat32x8(&acc[6]), archsimd.LoadFloat32x8(&acc[7])
+	c0, c1, c2, c3 := cs[0], cs[1], cs[2], cs[3]
+	for i := range rows {
+		x := (*[16]float32)(d[i*n : i*n+16])
+		yi := y[i*l : (i+1)*l]
+		x0, x1 := archsimd.LoadFloat32x8((*[8]float32)(x[:8])), archsimd.LoadFloat32x8((*[8]float32)(x[8:]))
+		w := archsimd.BroadcastFloat32x8(yi[c0])
+		s0, s1 = s0.Add(x0.Mul(w)), s1.Add(x1.Mul(w))
+		w = archsimd.BroadcastFloat32x8(yi[c1])
+		s2, s3 = s2.Add(x0.Mul(w)), s3.Add(x1.Mul(w))
+		w = archsimd.BroadcastFloat32x8(yi[c2])
+		s4, s5 = s4.Add(x0.Mul(w)), s5.Add(x1.Mul(w))
+		w = archsimd.BroadcastFloat32x8(yi[c3])
+		s6, s7 = s6.Add(x0.Mul(w)), s7.Add(x1.Mul(w))
+	}
+	s0.Store(&acc[0])
+	s1.Store(&acc[1])
+	s2.Store(&acc[2])
+	s3.Store(&acc[3])
+	s4.Store(&acc[4])
+	s5.Store(&acc[5])
+	s6.Store(&acc[6])
+	s7.Store(&acc[7])
+}

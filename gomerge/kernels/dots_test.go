@@ -109,3 +109,38 @@ func TestMagnitudeRank(t *testing.T) {
 		}
 	}
 }
+
+// MulTInto: the portable version against gonum's Saxpy once per row of D
+// and row of part, every set this CPU runs against the portable version.
+func TestMulTInto(t *testing.T) {
+	sets := runnableSets(t)
+	rng := rand.New(rand.NewPCG(6, 6))
+	impl := blas32.Implementation()
+	for _, n := range []int{1, 15, 16, 17, 40, 1000} {
+		for _, l := range []int{1, 3, 4, 5, 26} {
+			rows := 1 + rng.IntN(40)
+			d := kernelInputs(rng, 1, rows*n, true)[0]
+			y := make([]float32, rows*l)
+			for i := range y {
+				y[i] = float32(rng.NormFloat64()) // no zeros
+			}
+			part := kernelInputs(rng, 1, l*n, true)[0]
+			want := append([]float32(nil), part...)
+			for i := range rows {
+				for c := range l {
+					impl.Saxpy(n, y[i*l+c], d[i*n:(i+1)*n], 1, want[c*n:(c+1)*n], 1)
+				}
+			}
+			got := append([]float32(nil), part...)
+			mulTIntoGo(got, d, y, rows, n, l)
+			sameBits(t, want, got, "mulTIntoGo vs gonum's Saxpy")
+			for _, k := range sets {
+				if ownKernel(t, k, "mulTInto", k.mulTInto, mulTIntoGo) {
+					got := append([]float32(nil), part...)
+					k.mulTInto(got, d, y, rows, n, l)
+					sameBits(t, want, got, k.name+" mulTInto")
+				}
+			}
+		}
+	}
+}

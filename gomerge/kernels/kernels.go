@@ -39,8 +39,9 @@ var (
 	dots     = dotsGo
 	axpyRows = axpyRowsGo
 	denseRow = denseRowGo
-	// magnitudeRank is MagnitudeRank (dots.go).
+	// magnitudeRank and mulTInto are MagnitudeRank and MulTInto (dots.go).
 	magnitudeRank = magnitudeRankGo
+	mulTInto      = mulTIntoGo
 	// gtaInto is GTAInto (gta.go).
 	gtaInto = gtaIntoGo
 )
@@ -62,12 +63,13 @@ type kernels struct {
 	axpyRows      func(dst, a []float32, xs [][]float32)
 	denseRow      func(dst, a []float32, xs [][]float32, s float32)
 	magnitudeRank func(mag []uint32, c int) int
+	mulTInto      func(part, d, y []float32, rows, n, l int)
 	gtaInto       func(out []float32, ts [][]float32, scale, w []float32, consensus, normalize bool, divisor, lambda float32)
 }
 
 // portableKernels are the kernels in plain Go: they run on every CPU.
 var portableKernels = kernels{"go", func() []string { return nil },
-	maxAbsBitsGo, absBandGo, tiesIntoGo, prunedSumIntoGo, decodeHalfGo, encodeHalfGo, dotsGo, axpyRowsGo, denseRowGo, magnitudeRankGo, gtaIntoGo}
+	maxAbsBitsGo, absBandGo, tiesIntoGo, prunedSumIntoGo, decodeHalfGo, encodeHalfGo, dotsGo, axpyRowsGo, denseRowGo, magnitudeRankGo, mulTIntoGo, gtaIntoGo}
 
 // kernelSets are the implementations in this build, whether or not this CPU
 // runs them: the portable one first, then vectorKernels (kernels_simd.go,
@@ -79,7 +81,7 @@ func useKernels(k kernels) {
 	maxAbsBits, absBand, tiesInto, prunedSumInto = k.maxAbsBits, k.absBand, k.tiesInto, k.prunedSumInto
 	decodeHalf, encodeHalf, inUse = k.decodeHalf, k.encodeHalf, k.name
 	dots, axpyRows, denseRow, gtaInto = k.dots, k.axpyRows, k.denseRow, k.gtaInto
-	magnitudeRank = k.magnitudeRank
+	magnitudeRank, mulTInto = k.magnitudeRank, k.mulTInto
 }
 
 const (
