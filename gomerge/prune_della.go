@@ -145,8 +145,8 @@ func dellaRow(row []float32, stride int, limits, lim, key []uint64, rng *rand.PC
 // (kept) or u >= limits[start[b+1]-1] (dropped). Only a draw between the
 // two (about (bucket size) * 2 epsilon / cols of them) needs the entry's
 // exact rank, counted over the row. The decisions, and so the masks and
-// the sums, are dellaRow's. mag is scratch of len(limits), start of
-// dellaBuckets + 1.
+// the sums, are dellaRow's. w is scratch for rows of len(limits) entries
+// (newDellaScratch).
 func dellaRowBuckets(row []float32, stride int, limits []uint64, w *dellaScratch, rng *rand.PCG) (before, after float64) {
 	w.fill(row, stride, len(limits))
 	st := &w.start

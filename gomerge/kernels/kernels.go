@@ -2,15 +2,17 @@ package kernels
 
 import "math"
 
-// The element-wise kernels behind magnitude pruning and Combination.Apply.
+// The element-wise kernels behind magnitude pruning and Combination.Apply,
+// and those of mergekit's methods and the randomized SVD (gta.go, dots.go).
 // Each is a variable holding one implementation: the portable Go one below,
 // or vector ones (kernels_simd.go: 8 lanes, AVX2; kernels_avx512.go: 16
 // lanes) when the engine is built with GOEXPERIMENT=simd (as the Makefile
 // and the Python build do) for amd64. The set in use is chosen once, at
 // start-up, from the CPU's features (kernelselect.go); no vector instruction
 // runs before that choice, so the engine starts on every CPU. Every
-// implementation gives bit-identical results (kernels_test.go compares each
-// vector set with the portable one on a CPU that runs it). The exported
+// implementation gives bit-identical results (kernels_test.go, dots_test.go
+// and gta_test.go compare each vector set with the portable one on a CPU
+// that runs it). The exported
 // functions below call the set in use.
 //
 // Magnitude pruning is expressed by thresholds: tensor i keeps its entries
