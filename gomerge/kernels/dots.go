@@ -1,17 +1,20 @@
 package kernels
 
+import "unsafe"
+
 // The dense products of the randomized SVD (gomerge's rsvd.go): dot
 // products of one row with several others, and several scaled rows added
 // to one. Every product is rounded to float32 before it is added (no fused
 // multiply-add), so that each set gives the same bits.
 
 // Dots writes into out[i*l+c] (out is rows x l) the dot product of row i of
-// xs with row c of zs (rows of n values, one after the other). The order of
-// the additions is gonum's f32.DotUnitary (SSE) on 16-byte aligned rows:
-// eight lane sums over the first n - n%16 entries (lane k takes entries
-// k, k+8, k+16, ...), folded to four (k + (k+4)), then the next whole
-// groups of four entries lane-wise, the last n%4 into lane 0, and
-// (s0 + s1) + (s2 + s3).
+// xs with row c of zs (rows of n values, one after the other). The order
+// of the additions is gonum's f32.DotUnitary (SSE): the first entries up to
+// the first 16-byte aligned one of the zs row (dotTrim) into lane 0, then
+// eight lane sums over the next whole groups of 16 entries (lane k takes
+// entries k, k+8, k+16, ... of them), folded to four (k + (k+4)), then the
+// next whole groups of four entries lane-wise, the last ones into lane 0,
+// and (s0 + s1) + (s2 + s3).
 func Dots(out, xs, zs []float32, rows, l, n int) { dots(out, xs, zs, rows, l, n) }
 
 // AxpyRows adds a[r] * xs[r] (rounded to float32) to dst, for each r in
@@ -37,6 +40,11 @@ func dotsGo(out, xs, zs []float32, rows, l, n int) {
 func dotGo(x, y []float32) float32 {
 	y = y[:len(x)]
 	var lane [8]float32
+	t := dotTrim(y)
+	for j := range t {
+		lane[0] += float32(x[j] * y[j])
+	}
+	x, y = x[t:], y[t:]
 	n16 := len(x) &^ 15
 	for j := 0; j < n16; j += 8 {
 		for k := range lane {
@@ -44,6 +52,19 @@ func dotGo(x, y []float32) float32 {
 		}
 	}
 	return foldDot(lane, x[n16:], y[n16:])
+}
+
+// dotTrim is how many entries of y precede its first 16-byte aligned one
+// (at most len(y)), which gonum's dot product adds one by one first.
+func dotTrim(y []float32) int {
+	if len(y) == 0 {
+		return 0
+	}
+	a := int(uintptr(unsafe.Pointer(unsafe.SliceData(y))) % 16)
+	if a == 0 {
+		return 0
+	}
+	return min((16-a)/4, len(y))
 }
 
 // foldDot folds the eight lane sums of a dot product and adds the entries

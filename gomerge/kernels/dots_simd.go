@@ -12,65 +12,74 @@ import (
 // 16 lanes would add in another order). Two rows of xs and three of zs at
 // a time: six independent sums keep the adders busy, each vector loaded
 // feeds two or three products, and the rows of zs (which may not fit in
-// the cache) are read once per two rows of xs.
+// the cache) are read once per two rows of xs. The rows of zs are grouped
+// by their dotTrim, so that the rows of a group start their vectors at the
+// same entry.
 func dotsAVX2(out, xs, zs []float32, rows, l, n int) {
-	n16 := n &^ 15
-	row := func(s []float32, i int) [][8]float32 { return vecs(s[i*n : i*n+n16]) }
-	fold := func(lane *[8]float32, i, c int) {
-		out[i*l+c] = foldDot(*lane, xs[i*n+n16:(i+1)*n], zs[c*n+n16:(c+1)*n])
+	var byTrim [4][]int
+	for c := range l {
+		t := dotTrim(zs[c*n : (c+1)*n])
+		byTrim[t] = append(byTrim[t], c)
 	}
 	var lanes [6][8]float32
-	i := 0
-	for ; i+2 <= rows; i += 2 {
-		x0, x1 := row(xs, i), row(xs, i+1)
-		c := 0
-		for ; c+3 <= l; c += 3 {
-			dots2x3(&lanes, x0, x1, row(zs, c), row(zs, c+1), row(zs, c+2))
-			for k := range 6 {
-				fold(&lanes[k], i+k/3, c+k%3)
+	// start sets lanes[k] to the trimmed entries' sum (lane 0) of row i and row c
+	start := func(k, i, c, t int) {
+		lanes[k] = [8]float32{}
+		x, z := xs[i*n:i*n+t], zs[c*n:c*n+t]
+		for j := range x {
+			lanes[k][0] += float32(x[j] * z[j])
+		}
+	}
+	fold := func(k, i, c, t int) {
+		n16 := (n - t) &^ 15
+		out[i*l+c] = foldDot(lanes[k], xs[i*n+t+n16:(i+1)*n], zs[c*n+t+n16:(c+1)*n])
+	}
+	row := func(s []float32, i, t int) [][8]float32 { return vecs(s[i*n+t : i*n+t+(n-t)&^15]) }
+	for i := 0; i < rows; i += 2 {
+		i1 := min(i+1, rows-1) // a last single row is computed twice, stored once
+		for t, cs := range byTrim {
+			if len(cs) == 0 {
+				continue
+			}
+			x0, x1 := row(xs, i, t), row(xs, i1, t)
+			k := 0
+			for ; k+3 <= len(cs); k += 3 {
+				for a := range 2 {
+					for b := range 3 {
+						start(3*a+b, []int{i, i1}[a], cs[k+b], t)
+					}
+				}
+				dots2x3(&lanes, x0, x1, row(zs, cs[k], t), row(zs, cs[k+1], t), row(zs, cs[k+2], t))
+				for b := range 3 {
+					fold(b, i, cs[k+b], t)
+					if i1 != i {
+						fold(3+b, i1, cs[k+b], t)
+					}
+				}
+			}
+			for ; k < len(cs); k++ {
+				start(0, i, cs[k], t)
+				start(1, i1, cs[k], t)
+				dots2x1(&lanes, x0, x1, row(zs, cs[k], t))
+				fold(0, i, cs[k], t)
+				if i1 != i {
+					fold(1, i1, cs[k], t)
+				}
 			}
 		}
-		for ; c < l; c++ {
-			dots2x1(&lanes, x0, x1, row(zs, c))
-			fold(&lanes[0], i, c)
-			fold(&lanes[1], i+1, c)
-		}
-	}
-	for ; i < rows; i++ {
-		x0 := row(xs, i)
-		for c := range l {
-			dots2x1(&lanes, x0, x0, row(zs, c))
-			fold(&lanes[0], i, c)
-		}
 	}
 }
 
-// dots2x1 is dots2x3 with one row of zs: lanes[0] and lanes[1].
-//
-//go:noinline
-func dots2x1(lanes *[6][8]float32, x0, x1, z0 [][8]float32) {
-	x1, z0 = x1[:len(x0)], z0[:len(x0)]
-	s0 := archsimd.BroadcastFloat32x8(0)
-	s1 := s0
-	for j := range x0 {
-		z := archsimd.LoadFloat32x8(&z0[j])
-		s0 = s0.Add(archsimd.LoadFloat32x8(&x0[j]).Mul(z))
-		s1 = s1.Add(archsimd.LoadFloat32x8(&x1[j]).Mul(z))
-	}
-	s0.Store(&lanes[0])
-	s1.Store(&lanes[1])
-}
-
-// dots2x3 writes into lanes the 8-lane sums of the products of x0 and x1
-// with z0, z1 and z2 (all of the length of x0): lanes[3*a+b] for x_a and
-// z_b. A function of its own, so that its loop keeps every sum and index
-// in registers.
+// dots2x3 adds to lanes the 8-lane sums of the products of x0 and x1 with
+// z0, z1 and z2 (all of the length of x0): lanes[3*a+b] for x_a and z_b. A
+// function of its own, so that its loop keeps every sum and index in
+// registers.
 //
 //go:noinline
 func dots2x3(lanes *[6][8]float32, x0, x1, z0, z1, z2 [][8]float32) {
 	x1, z0, z1, z2 = x1[:len(x0)], z0[:len(x0)], z1[:len(x0)], z2[:len(x0)]
-	s0 := archsimd.BroadcastFloat32x8(0)
-	s1, s2, s3, s4, s5 := s0, s0, s0, s0, s0
+	s0, s1, s2 := archsimd.LoadFloat32x8(&lanes[0]), archsimd.LoadFloat32x8(&lanes[1]), archsimd.LoadFloat32x8(&lanes[2])
+	s3, s4, s5 := archsimd.LoadFloat32x8(&lanes[3]), archsimd.LoadFloat32x8(&lanes[4]), archsimd.LoadFloat32x8(&lanes[5])
 	for j := range x0 {
 		a, b := archsimd.LoadFloat32x8(&x0[j]), archsimd.LoadFloat32x8(&x1[j])
 		z := archsimd.LoadFloat32x8(&z0[j])
@@ -86,6 +95,21 @@ func dots2x3(lanes *[6][8]float32, x0, x1, z0, z1, z2 [][8]float32) {
 	s3.Store(&lanes[3])
 	s4.Store(&lanes[4])
 	s5.Store(&lanes[5])
+}
+
+// dots2x1 is dots2x3 with one row of zs: lanes[0] and lanes[1].
+//
+//go:noinline
+func dots2x1(lanes *[6][8]float32, x0, x1, z0 [][8]float32) {
+	x1, z0 = x1[:len(x0)], z0[:len(x0)]
+	s0, s1 := archsimd.LoadFloat32x8(&lanes[0]), archsimd.LoadFloat32x8(&lanes[1])
+	for j := range x0 {
+		z := archsimd.LoadFloat32x8(&z0[j])
+		s0 = s0.Add(archsimd.LoadFloat32x8(&x0[j]).Mul(z))
+		s1 = s1.Add(archsimd.LoadFloat32x8(&x1[j]).Mul(z))
+	}
+	s0.Store(&lanes[0])
+	s1.Store(&lanes[1])
 }
 
 // axpyRowsAVX2 is AxpyRows four rows at a time: each vector of dst is
