@@ -404,9 +404,10 @@ def m1_method(name: str) -> dict:
     return next(m for m in gomerge.methods() if m["name"] == name)
 
 
-def m1(root: str, bw: float, rows: list, methods: set | None = None) -> None:
+def m1(root: str, bw: float, rows: list, methods: set[str] | None = None) -> None:
     """M1: gomerge's methods beyond PEFT on S2's shapes (three rank-16 adapters on one 4096 x 4096 and one
-    4096 x 11008 module), next to their reference implementations on the same inputs."""
+    4096 x 11008 module), next to their reference implementations on the same inputs (methods: a subset of
+    M1_METHODS, all of them when None)."""
     from safetensors.torch import load_file
 
     weights = [2.0, 1.0, 1.0]

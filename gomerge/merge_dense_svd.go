@@ -32,26 +32,34 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, g *gener
 		}
 	}()
 	weights := make([]float32, len(j.srcs))
+	fused := g != nil && g.fusedDella(j)
+	var scales []float32 // fused: the rescale factors of the pruned updates
 	for i, s := range j.srcs {
 		fa, fb, err := s.mod.Factors()
 		if err != nil {
 			return nil, nil, 0, err
 		}
-		dws[i] = denseDelta(fa, fb, j.out, s.mod.Rank, j.in, s.mod.Scaling)
-		if s.roundDW != "" && s.roundDW != F32 {
-			for e, v := range dws[i] {
-				dws[i][e] = safetensors.Round(s.roundDW, v)
+		weights[i] = float32(s.weight)
+		if fused { // each row computed, rounded and pruned while it is in the cache
+			dws[i] = pool.Get(j.out * j.in)
+			scales = append(scales, g.dellaDense(dws[i], fa, fb, j, s))
+		} else {
+			dws[i] = denseDelta(fa, fb, j.out, s.mod.Rank, j.in, s.mod.Scaling)
+			if s.roundDW != "" && s.roundDW != F32 {
+				roundTo(dws[i], s.roundDW)
 			}
 		}
-		weights[i] = float32(s.weight)
 		if ctx.Err() != nil {
 			return nil, nil, 0, ErrCancelled
 		}
 	}
 	var d []float32
-	if g != nil { // mergekit's methods (merge_generalized.go)
+	switch {
+	case fused:
+		d = g.combineScaled(dws, weights, scales)
+	case g != nil: // mergekit's methods (merge_generalized.go)
 		d = g.mergeModule(j, dws, weights)
-	} else {
+	default:
 		d = comb.Apply(dws, weights, func(i int, t []float32) {
 			if mask := j.srcs[i].maskDW; mask != nil {
 				MaskPrune(t, mask, comb.Density, true)
@@ -79,4 +87,12 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, g *gener
 		ClampQuantile(a, b, *clamp)
 	}
 	return a, b, relErr, nil
+}
+
+// roundTo rounds t in place to the dtype dt (PEFT's dense update in the
+// adapter's dtype).
+func roundTo(t []float32, dt DType) {
+	for e, v := range t {
+		t[e] = safetensors.Round(dt, v)
+	}
 }

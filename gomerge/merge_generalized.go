@@ -96,14 +96,17 @@ func (o *Combine) validateGeneralized() error {
 }
 
 // prune sparsifies one task tensor in place (the dense update of source
-// index, laid out rows x cols x inner).
-func (g *generalized) prune(t []float32, module string, index, rows, cols, inner int) {
+// index, laid out rows x cols x inner) and returns the factor of its l1
+// rescale, which the caller multiplies it by (float32; 1 for none): DELLA's
+// masked tensor times the factor is DellaPrune's.
+func (g *generalized) prune(t []float32, module string, index, rows, cols, inner int) float32 {
 	switch g.pruning {
 	case PruneOutliers:
 		MagnitudeOutliers(t, g.density, g.gamma) // breadcrumbs do not rescale (mergekit's default)
 	case PruneDELLA:
-		DellaPrune(t, rows, cols, inner, g.density, g.epsilon, g.rescale, dellaSource(g.seed, module, index))
+		return dellaMask(t, rows, cols, inner, g.density, g.epsilon, g.rescale, dellaSource(g.seed, module, index))
 	}
+	return 1
 }
 
 // combine is mergekit's generalized task arithmetic on the dense updates
@@ -112,13 +115,22 @@ func (g *generalized) prune(t []float32, module string, index, rows, cols, inner
 // tasks whose sign is the sign of the weighted sum (a sum >= 0 elects +1;
 // zeros never agree); normalize divides by the summed weights of the kept
 // tasks (the sum of all weights without consensus; a divisor of 0, or below
-// 1e-8 without consensus, is 1); lambda scales the result.
+// 1e-8 without consensus, is 1); lambda scales the result. The rescale of
+// a pruned tensor (its factor from prune) is applied here, as the tensor is
+// read: (t * factor) * weight, in float32, as when t was rescaled first.
 func (g *generalized) combine(dws [][]float32, weights []float32, indices []int, module string, rows, cols, inner int) []float32 {
+	scales := make([]float32, len(dws))
 	parallelFor(len(dws), max(1, combineGrain*4/max(1, len(dws[0]))), func(lo, hi int) {
 		for i := lo; i < hi; i++ {
-			g.prune(dws[i], module, indices[i], rows, cols, inner)
+			scales[i] = g.prune(dws[i], module, indices[i], rows, cols, inner)
 		}
 	})
+	return g.combineScaled(dws, weights, scales)
+}
+
+// combineScaled is combine on pruned tensors dws with their rescale
+// factors.
+func (g *generalized) combineScaled(dws [][]float32, weights, scales []float32) []float32 {
 	out := dws[0]
 	lambda := float32(g.lambda)
 	var divisor float32 // without consensus: the sum of the weights
@@ -129,41 +141,12 @@ func (g *generalized) combine(dws [][]float32, weights []float32, indices []int,
 		divisor = 1
 	}
 	parallelFor(len(out), combineGrain, func(lo, hi int) {
-		for e := lo; e < hi; e++ {
-			var mixed, div float32
-			if g.consensus {
-				var sum float32
-				for i, t := range dws {
-					sum += t[e] * weights[i]
-				}
-				elected := float32(1)
-				if !(sum >= 0) {
-					elected = -1
-				}
-				for i, t := range dws {
-					d := t[e] * weights[i]
-					if kernels.Agrees(d, elected) != 0 {
-						mixed += d
-						div += weights[i]
-					}
-				}
-				if div == 0 {
-					div = 1
-				}
-			} else {
-				for i, t := range dws {
-					mixed += t[e] * weights[i]
-				}
-				div = divisor
-			}
-			if g.normalize {
-				mixed /= div
-			}
-			if lambda != 1 {
-				mixed *= lambda
-			}
-			out[e] = mixed
+		ts := make([][]float32, len(dws))
+		for i, t := range dws {
+			ts[i] = t[lo:hi]
 		}
+		// out is dws[0]: each block of it is read before it is written
+		kernels.GTAInto(out[lo:hi], ts, scales, weights, g.consensus, g.normalize, divisor, lambda)
 	})
 	return out
 }

@@ -89,9 +89,11 @@ func TestDellaPruneIsTheReference(t *testing.T) {
 		{5, 1, 1, 0.5, 0.1, true}, // one column
 		{4, 6, 9, 0.4, 0.3, true}, // a Conv2d's out x in x (3 x 3)
 		{64, 112, 1, 0.2, 0.15, true},
-		{3, 10, 1, 1, 0.1, true}, // density 1: untouched
-		{3, 10, 1, 0, 0.1, true}, // density 0: zeros
-		{3, 10, 1, 0.5, 0, true}, // epsilon 0
+		{3, 4100, 1, 0.4, 0.15, true}, // rows of the radix sort
+		{5, 70, 3, 0.4, 0.15, true},   // slices of the radix sort with a stride
+		{3, 10, 1, 1, 0.1, true},      // density 1: untouched
+		{3, 10, 1, 0, 0.1, true},      // density 0: zeros
+		{3, 10, 1, 0.5, 0, true},      // epsilon 0
 		{3, 10, 1, 0.5, 0.49, true},
 	} {
 		x := make([]float32, c.rows*c.cols*c.inner)
@@ -208,5 +210,95 @@ func TestSortByMagnitude(t *testing.T) {
 		slices.SortStableFunc(want, func(a, b uint64) int { return cmp.Compare(a>>32, b>>32) })
 		sortByMagnitude(key, make([]uint64, n))
 		assert.Equal(t, want, key, "n=%d", n)
+	}
+}
+
+// The bucketed rows decide every draw as the sorted ones: rows of ties
+// (large buckets, many exact ranks), zeros, non-finite values, a wide range
+// of magnitudes, short and long rows, a stride.
+func TestDellaRowBucketsIsDellaRow(t *testing.T) {
+	rng := rand.New(rand.NewPCG(12, 13))
+	for _, cols := range []int{2, 3, 17, 64, 100, 1000, 5000} {
+		for kind := range 5 {
+			for _, eps := range []float64{0, 0.15, 0.39} {
+				stride := 1 + kind%2
+				row := make([]float32, cols*stride)
+				for c := range row {
+					switch kind {
+					case 0:
+						row[c] = float32(rng.NormFloat64())
+					case 1:
+						row[c] = float32(rng.IntN(4)) * 0.5 // ties and zeros
+					case 2:
+						row[c] = float32(math.Ldexp(rng.NormFloat64(), rng.IntN(200)-100)) // wide range
+					case 3:
+						row[c] = []float32{float32(math.Inf(1)), float32(math.NaN()), 0, -1, 1e-40}[rng.IntN(5)]
+					default:
+						row[c] = 3 // one magnitude
+					}
+				}
+				limits := dellaLimits(cols, 0.4, eps)
+				want := slices.Clone(row)
+				src := testSource(5)
+				wb, wa := dellaRow(want, stride, limits, make([]uint64, cols), make([]uint64, 2*cols), src(kind))
+				got := slices.Clone(row)
+				gb, ga := dellaRowBuckets(got, stride, limits, newDellaScratch(cols), src(kind))
+				for i := range want {
+					require.Equal(t, math.Float32bits(want[i]), math.Float32bits(got[i]), "cols %d kind %d eps %v entry %d", cols, kind, eps, i)
+				}
+				require.Equal(t, math.Float64bits(wb), math.Float64bits(gb))
+				require.Equal(t, math.Float64bits(wa), math.Float64bits(ga))
+			}
+		}
+	}
+}
+
+// The fused rows of dellaDense (each row computed, rounded and pruned in
+// the cache) give the bits of the dense update, its rounding and dellaMask
+// one after the other, with and without rescale and rounding.
+func TestDellaDenseIsDenseThenMask(t *testing.T) {
+	rng := rand.New(rand.NewPCG(14, 15))
+	srcs := spanSources(rng, 70, 300, 4)
+	srcs[0].index = 2
+	fa, fb, err := srcs[0].mod.Factors()
+	require.NoError(t, err)
+	fb[5] = 0 // a zero coefficient (Saxpy skips it)
+	j := &moduleJob{name: "m.q", srcs: srcs, in: 300, out: 70}
+	for _, round := range []DType{"", BF16} {
+		for _, name := range []string{"della", "della_linear"} {
+			density, seed := 0.3, uint64(5)
+			o := Combine{CombinationType: name, Density: &density, Seed: &seed}
+			require.NoError(t, o.Validate())
+			g := o.generalized(seed)
+			g.rescale = name == "della"
+			require.True(t, g.fusedDella(j))
+			s := srcs[0]
+			s.roundDW = round
+			want := denseDelta(fa, fb, j.out, s.mod.Rank, j.in, s.mod.Scaling)
+			if round != "" {
+				roundTo(want, round)
+			}
+			wantScale := dellaMask(want, j.out, j.in, 1, g.density, g.epsilon, g.rescale, dellaSource(seed, j.name, s.index))
+			got := make([]float32, len(want))
+			gotScale := g.dellaDense(got, fa, fb, j, s)
+			require.Equal(t, math.Float32bits(wantScale), math.Float32bits(gotScale), "%s %q", name, round)
+			for e := range want {
+				require.Equal(t, math.Float32bits(want[e]), math.Float32bits(got[e]), "%s %q %d", name, round, e)
+			}
+		}
+	}
+}
+
+// pcgUint64 from pcgState is math/rand/v2's PCG stream.
+func TestPCGUint64(t *testing.T) {
+	for _, seed := range [][2]uint64{{0, 0}, {1, 2}, {^uint64(0), 12345}} {
+		p := rand.NewPCG(seed[0], seed[1])
+		p.Uint64() // from a state that has moved
+		hi, lo := pcgState(p)
+		for range 1000 {
+			var u uint64
+			hi, lo, u = pcgUint64(hi, lo)
+			require.Equal(t, p.Uint64(), u)
+		}
 	}
 }

@@ -2,10 +2,12 @@ package gomerge
 
 import (
 	"math/rand/v2"
+	"slices"
 
 	"gonum.org/v1/gonum/blas/blas32"
 
 	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/kernels"
 )
 
 // Settings of the randomized SVD used for dense updates (the pruned *_svd
@@ -72,16 +74,11 @@ func randomizedSVD(d []float32, m, n, k, power int, rng *rand.Rand, rank func(s 
 }
 
 // mulDZ computes y (m x l) = D (m x n) @ Z, with Z given transposed as zt
-// (l x n): one dot product per entry, rows of D in parallel.
+// (l x n): one dot product per entry (kernels.Dots: gonum's Sdot's order of
+// additions), rows of D in parallel.
 func mulDZ(d []float32, m, n int, zt []float32, l int, y []float32) {
-	impl := blas32.Implementation()
-	parallelFor(m, max(1, (1<<18)/max(1, n*l)), func(lo, hi int) {
-		for i := lo; i < hi; i++ {
-			row := d[i*n : (i+1)*n]
-			for c := 0; c < l; c++ {
-				y[i*l+c] = impl.Sdot(n, row, 1, zt[c*n:(c+1)*n], 1)
-			}
-		}
+	parallelFor(m, max(4, (1<<18)/max(1, n*l)), func(lo, hi int) {
+		kernels.Dots(y[lo*l:hi*l], d[lo*n:hi*n], zt[:l*n], hi-lo, l, n)
 	})
 }
 
@@ -103,11 +100,35 @@ func mulDtY(d []float32, m, n int, y []float32, l int, zt []float32) {
 				clear(part)
 			}
 			parts[b] = part
-			for i := b * size; i < min((b+1)*size, m); i++ {
-				row := d[i*n : (i+1)*n]
-				for c := 0; c < l; c++ {
-					if a := y[i*l+c]; a != 0 {
-						impl.Saxpy(n, a, row, 1, part[c*n:(c+1)*n], 1)
+			r0, r1 := b*size, min((b+1)*size, m)
+			if r0 >= r1 {
+				continue
+			}
+			if !slices.Contains(y[r0*l:r1*l], 0) {
+				// the rows of the block added in order to tiles of part held in registers
+				kernels.MulTInto(part, d[r0*n:r1*n], y[r0*l:r1*l], r1-r0, n, l)
+				continue
+			}
+			// a zero coefficient, which Saxpy skips: rows mulDtYRows at a time, in tiles of columns that stay
+			// in the cache, each tile of a row of part read once per mulDtYRows rows of D, which are added to
+			// it in row order, skipping zero coefficients
+			var as [mulDtYRows]float32
+			var xs [mulDtYRows][]float32
+			for i0 := r0; i0 < r1; i0 += mulDtYRows {
+				i1 := min(i0+mulDtYRows, r1)
+				for j0 := 0; j0 < n; j0 += mulDtYTile {
+					j1 := min(j0+mulDtYTile, n)
+					for c := 0; c < l; c++ {
+						k := 0
+						for i := i0; i < i1; i++ {
+							if a := y[i*l+c]; a != 0 {
+								as[k], xs[k] = a, d[i*n+j0:i*n+j1]
+								k++
+							}
+						}
+						if k > 0 {
+							kernels.AxpyRows(part[c*n+j0:c*n+j1], as[:k], xs[:k])
+						}
 					}
 				}
 			}
@@ -117,6 +138,13 @@ func mulDtY(d []float32, m, n int, y []float32, l int, zt []float32) {
 		impl.Saxpy(l*n, 1, p, 1, zt, 1)
 	}
 }
+
+// mulDtYRows is how many rows of D mulDtY adds to the sketch at a time, in
+// tiles of mulDtYTile columns.
+const (
+	mulDtYRows = 8
+	mulDtYTile = 512
+)
 
 // mulDtYBlocks is the number of partial sums of mulDtY (at least the number
 // of cores worth using; fixed for reproducible results).
@@ -178,19 +206,24 @@ func orthonormalize32(g blas32.General) {
 
 // denseDelta returns scaling * B @ A (out x in) in float32, as PEFT's
 // get_delta_weight computes it (the product, then the scaling), in a buffer
-// from the pool. Rows are computed in parallel as sums of scaled rows of A.
+// from the pool. Rows are computed in parallel as sums of scaled rows of A,
+// added in order, then scaled (kernels.DenseRow: the bits of one Saxpy per
+// row of A, which skips zero coefficients as Saxpy does, then Sscal).
 func denseDelta(a, b []float32, out, r, in int, scaling float64) []float32 {
 	dw := pool.Get(out * in)
 	s := float32(scaling)
-	impl := blas32.Implementation()
 	parallelFor(out, max(1, (1<<16)/max(1, in*r)), func(lo, hi int) {
+		as := make([]float32, r)
+		xs := make([][]float32, r)
 		for i := lo; i < hi; i++ {
-			row := dw[i*in : (i+1)*in]
-			clear(row)
+			n := 0
 			for k := 0; k < r; k++ {
-				impl.Saxpy(in, b[i*r+k], a[k*in:(k+1)*in], 1, row, 1)
+				if c := b[i*r+k]; c != 0 {
+					as[n], xs[n] = c, a[k*in:(k+1)*in]
+					n++
+				}
 			}
-			impl.Sscal(in, s, row, 1)
+			kernels.DenseRow(dw[i*in:(i+1)*in], as[:n], xs[:n], s)
 		}
 	})
 	return dw

@@ -2,15 +2,17 @@ package kernels
 
 import "math"
 
-// The element-wise kernels behind magnitude pruning and Combination.Apply.
+// The element-wise kernels behind magnitude pruning and Combination.Apply,
+// and those of mergekit's methods and the randomized SVD (gta.go, dots.go).
 // Each is a variable holding one implementation: the portable Go one below,
 // or vector ones (kernels_simd.go: 8 lanes, AVX2; kernels_avx512.go: 16
 // lanes) when the engine is built with GOEXPERIMENT=simd (as the Makefile
 // and the Python build do) for amd64. The set in use is chosen once, at
 // start-up, from the CPU's features (kernelselect.go); no vector instruction
 // runs before that choice, so the engine starts on every CPU. Every
-// implementation gives bit-identical results (kernels_test.go compares each
-// vector set with the portable one on a CPU that runs it). The exported
+// implementation gives bit-identical results (kernels_test.go, dots_test.go
+// and gta_test.go compare each vector set with the portable one on a CPU
+// that runs it). The exported
 // functions below call the set in use.
 //
 // Magnitude pruning is expressed by thresholds: tensor i keeps its entries
@@ -35,6 +37,15 @@ var (
 	decodeHalf = decodeHalfGo
 	// encodeHalf rounds float32 values to BF16 or F16 (to nearest even).
 	encodeHalf = encodeHalfGo
+	// dots and axpyRows are Dots and AxpyRows (dots.go).
+	dots     = dotsGo
+	axpyRows = axpyRowsGo
+	denseRow = denseRowGo
+	// magnitudeRank and mulTInto are MagnitudeRank and MulTInto (dots.go).
+	magnitudeRank = magnitudeRankGo
+	mulTInto      = mulTIntoGo
+	// gtaInto is GTAInto (gta.go).
+	gtaInto = gtaIntoGo
 )
 
 // kernels is one implementation of the kernels; a vector set may reuse some
@@ -50,11 +61,17 @@ type kernels struct {
 	prunedSumInto func(out []float32, ts [][]float32, thr []uint32, w []float32)
 	decodeHalf    func(out []float32, raw []uint16, bf16 bool)
 	encodeHalf    func(out []uint16, x []float32, bf16 bool)
+	dots          func(out, xs, zs []float32, rows, l, n int)
+	axpyRows      func(dst, a []float32, xs [][]float32)
+	denseRow      func(dst, a []float32, xs [][]float32, s float32)
+	magnitudeRank func(mag []uint32, c int) int
+	mulTInto      func(part, d, y []float32, rows, n, l int)
+	gtaInto       func(out []float32, ts [][]float32, scale, w []float32, consensus, normalize bool, divisor, lambda float32)
 }
 
 // portableKernels are the kernels in plain Go: they run on every CPU.
 var portableKernels = kernels{"go", func() []string { return nil },
-	maxAbsBitsGo, absBandGo, tiesIntoGo, prunedSumIntoGo, decodeHalfGo, encodeHalfGo}
+	maxAbsBitsGo, absBandGo, tiesIntoGo, prunedSumIntoGo, decodeHalfGo, encodeHalfGo, dotsGo, axpyRowsGo, denseRowGo, magnitudeRankGo, mulTIntoGo, gtaIntoGo}
 
 // kernelSets are the implementations in this build, whether or not this CPU
 // runs them: the portable one first, then vectorKernels (kernels_simd.go,
@@ -65,6 +82,8 @@ var kernelSets = append([]kernels{portableKernels}, vectorKernels...)
 func useKernels(k kernels) {
 	maxAbsBits, absBand, tiesInto, prunedSumInto = k.maxAbsBits, k.absBand, k.tiesInto, k.prunedSumInto
 	decodeHalf, encodeHalf, inUse = k.decodeHalf, k.encodeHalf, k.name
+	dots, axpyRows, denseRow, gtaInto = k.dots, k.axpyRows, k.denseRow, k.gtaInto
+	magnitudeRank, mulTInto = k.magnitudeRank, k.mulTInto
 }
 
 const (
