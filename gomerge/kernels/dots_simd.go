@@ -224,8 +224,11 @@ func axpy1(d, x0 [][8]float32, a0 float32, first, last bool, s float32) {
 func magnitudeRankAVX2(mag []uint32, c int) int {
 	m := int32(mag[c])
 	n8, c8 := len(mag)&^7, c&^7
-	v := unsafe.Slice((*[8]int32)(unsafe.Pointer(unsafe.SliceData(mag))), n8/8)
-	rank := int(rankCount(v, v[:c8/8], m))
+	rank := 0
+	if n8 > 0 { // a vector view needs a whole vector (no pointer past the data)
+		v := unsafe.Slice((*[8]int32)(unsafe.Pointer(unsafe.SliceData(mag))), n8/8)
+		rank = int(rankCount(v, v[:c8/8], m))
+	}
 	for _, x := range mag[n8:] {
 		if int32(x) < m {
 			rank++
