@@ -72,7 +72,7 @@ func TestGTAKernels(t *testing.T) {
 					want := gtaReference(n, ts, scale, w, mode.consensus, mode.normalize, mode.divisor, mode.lambda)
 					got := make([]float32, n)
 					gtaIntoGo(got, ts, scale, w, mode.consensus, mode.normalize, mode.divisor, mode.lambda)
-					sameBits(t, want, got, "gtaIntoGo")
+					sameAsReference(t, want, got, "gtaIntoGo")
 					for _, k := range sets {
 						if ownKernel(t, k, "gtaInto", k.gtaInto, gtaIntoGo) {
 							got := make([]float32, n)

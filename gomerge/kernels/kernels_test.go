@@ -52,6 +52,33 @@ func sameBits(t *testing.T, want, got []float32, msg string) {
 	}
 }
 
+// sameAsReference is sameBits where multiply-adds are never fused
+// (fusedMultiplyAdd false); elsewhere the portable kernels and references
+// written in Go (or gonum's Go fallbacks) may round a product and a sum
+// once or twice, and agree within a few ulps of the largest operand.
+func sameAsReference(t *testing.T, want, got []float32, msg string) {
+	t.Helper()
+	if !fusedMultiplyAdd {
+		sameBits(t, want, got, msg)
+		return
+	}
+	require.Len(t, got, len(want), msg)
+	scale := float32(0)
+	for _, w := range want {
+		if a := float32(math.Abs(float64(w))); a > scale && !math.IsInf(float64(a), 0) {
+			scale = a
+		}
+	}
+	for j := range want {
+		if want[j] != want[j] && got[j] != got[j] || want[j] == got[j] {
+			continue
+		}
+		if d := math.Abs(float64(want[j]) - float64(got[j])); !(d <= 8*float64(scale)*0x1p-23) {
+			t.Fatalf("%s: element %d: want %v, got %v (beyond the rounding of fused multiply-adds)", msg, j, want[j], got[j])
+		}
+	}
+}
+
 // kernelReport collects, for the summary that TestMain prints, which vector
 // kernels the tests compared with the portable ones and which sets this CPU
 // could not run.
