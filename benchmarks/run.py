@@ -47,12 +47,14 @@ Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1,M1,F1,F2,E1] [--s3-l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -767,7 +769,10 @@ def s4(root: str, bw: float, rows: list) -> None:
 
 FUSE_SHAPES = {
     "F1": dict(vocab=32000, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, shards="5GB"),
-    "F2": dict(vocab=32000, hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, shards="5GB"),
+    # F2 also runs both in a memory cgroup of 4 GiB (page cache included), under a third of the model's size
+    "F2": dict(
+        vocab=32000, hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, shards="5GB", memory_cap=4 << 30
+    ),
 }
 
 
@@ -813,24 +818,78 @@ def fuse_inputs(scenario: str) -> tuple[str, str]:
 _RSS = "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0] / 1024"
 
 
-def child(code: str) -> dict:
-    """Runs Python code in a child process that prints a JSON dict last; adds its peak RSS (VmHWM, MiB)."""
+def child(code: str, memory_limit: int | None = None) -> dict:
+    """Runs Python code in a child process that prints a JSON dict last; adds its peak RSS (VmHWM, MiB). With
+    memory_limit (bytes), the child runs in a memory cgroup of that limit (memory_cgroup) and a child killed for
+    memory gives {"killed": "out of memory"}."""
     env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(HERE), "python") + os.pathsep + HERE)
     gc.collect()
     os.sync()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            f"import json, os, time\n{code}\n{_RSS}\nout['peak_rss_mib'] = hwm\nprint(json.dumps(out))",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    with memory_cgroup(memory_limit) as enter:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import json, os, time\n{code}\n{_RSS}\nout['peak_rss_mib'] = hwm\nprint(json.dumps(out))",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            preexec_fn=enter,
+        )
+    if memory_limit is not None and proc.returncode in (-signal.SIGKILL, 137):
+        return {"killed": "out of memory", "seconds": None, "peak_rss_mib": None}
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-4000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def cgroup_memory_root() -> str | None:
+    """The writable memory cgroup of this process (cgroup v1's memory controller or cgroup v2), or None."""
+    for line in open("/proc/self/cgroup"):
+        _, controllers, path = line.strip().split(":", 2)
+        for base, ok in (
+            ("/sys/fs/cgroup/memory", "memory" in controllers.split(",")),
+            ("/sys/fs/cgroup", not controllers),
+        ):
+            d = base + path
+            if ok and os.access(d, os.W_OK) and os.path.exists(os.path.join(d, "cgroup.procs")):
+                return d
+    return None
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit: int | None):
+    """A child memory cgroup of `limit` bytes (page cache included, as the kernel counts it) for a subprocess: yields
+    the preexec function that moves the child into it (None without a limit)."""
+    if limit is None:
+        yield None
+        return
+    root = cgroup_memory_root()
+    if root is None:
+        raise RuntimeError("no writable memory cgroup here: the memory-capped runs need one")
+    d = os.path.join(root, f"gomerge-bench-{os.getpid()}")
+    os.makedirs(d, exist_ok=True)
+    v1 = os.path.exists(os.path.join(d, "memory.limit_in_bytes"))
+    with open(os.path.join(d, "memory.limit_in_bytes" if v1 else "memory.max"), "w") as f:
+        f.write(str(limit))
+    if v1 and os.path.exists(os.path.join(d, "memory.memsw.limit_in_bytes")):
+        with open(os.path.join(d, "memory.memsw.limit_in_bytes"), "w") as f:  # no swap either
+            f.write(str(limit))
+
+    def enter() -> None:
+        with open(os.path.join(d, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+
+    try:
+        yield enter
+    finally:
+        for _ in range(50):  # the group empties once its last process has exited
+            try:
+                os.rmdir(d)
+                break
+            except OSError:
+                time.sleep(0.1)
 
 
 def fuse_scenario(scenario: str, root: str, bw: float, rows: list) -> None:
@@ -852,19 +911,16 @@ def fuse_scenario(scenario: str, root: str, bw: float, rows: list) -> None:
     os.sync()
     t_copy = time.perf_counter() - t0
     fresh()
-    go_runs = []
-    for _ in range(2):
-        go_runs.append(
-            child(
-                "import gomerge\nt0 = time.perf_counter()\n"
-                f"r = gomerge.fuse({base!r}, [{adapter!r}], output_dir={out!r}, overwrite=True, progress=False)\n"
-                "os.sync()\nout = dict(seconds=time.perf_counter() - t0, changed=len(r.changed), shards=len(r.shards))"
-            )
-        )
+    go_code = (
+        "import gomerge\nt0 = time.perf_counter()\n"
+        f"r = gomerge.fuse({base!r}, [{adapter!r}], output_dir={out!r}, overwrite=True, progress=False)\n"
+        "os.sync()\nout = dict(seconds=time.perf_counter() - t0, changed=len(r.changed), shards=len(r.shards))"
+    )
+    go_runs = [child(go_code) for _ in range(2)]
     go = min(go_runs, key=lambda r: r["seconds"])
     written = dir_bytes(out)
     fresh()
-    peft = child(
+    peft_code = (
         "import torch\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\nout = {}\n"
         "t0 = time.perf_counter()\n"
         f"m = AutoModelForCausalLM.from_pretrained({base!r}, dtype=torch.bfloat16)\n"
@@ -874,8 +930,19 @@ def fuse_scenario(scenario: str, root: str, bw: float, rows: list) -> None:
         f"m.save_pretrained({out!r})\nt4 = time.perf_counter()\nos.sync()\nt5 = time.perf_counter()\n"
         "out = dict(seconds=t5 - t0, load=t1 - t0, adapter=t2 - t1, merge=t3 - t2, save=t4 - t3, sync=t5 - t4)"
     )
+    peft = child(peft_code)
     fresh()
     s = FUSE_SHAPES[scenario]
+    capped = {}
+    if s.get("memory_cap") and cgroup_memory_root():
+        # the same fuse with the memory (page cache included) capped below the model's size: PEFT's path needs the
+        # whole model in memory, gomerge's one tensor per core
+        capped["limit_mib"] = s["memory_cap"] / 2**20
+        capped["gomerge"] = child(go_code, memory_limit=s["memory_cap"])
+        capped["gomerge_ok"] = capped["gomerge"].get("changed") == go["changed"]
+        fresh()
+        capped["peft"] = child(peft_code, memory_limit=s["memory_cap"])
+        fresh()
     rows.append(
         dict(
             scenario=scenario,
@@ -891,10 +958,20 @@ def fuse_scenario(scenario: str, root: str, bw: float, rows: list) -> None:
             copy=t_copy,
             peak_rss_mib=go["peak_rss_mib"],
             peft_peak_rss_mib=peft["peak_rss_mib"],
-            check=f"cp -r + sync {fmt_s(t_copy)}; PEFT peak RSS {peft['peak_rss_mib']:.0f} MiB",
+            check=f"cp -r + sync {fmt_s(t_copy)}; PEFT peak RSS {peft['peak_rss_mib']:.0f} MiB"
+            + (capped_note(capped) if capped else ""),
+            capped=capped or None,
         )
     )
     print(rows[-1], flush=True)
+
+
+def capped_note(capped: dict) -> str:
+    """The check column's words on the memory-capped runs."""
+    lim, g, p = capped["limit_mib"], capped["gomerge"], capped["peft"]
+    ours = "killed (out of memory)" if g.get("killed") else f"{fmt_s(g['seconds'])} at {g['peak_rss_mib']:.0f} MiB"
+    theirs = "killed (out of memory)" if p.get("killed") else f"{fmt_s(p['seconds'])}"
+    return f"; in a {lim / 1024:.0f} GiB memory cgroup: gomerge {ours}, PEFT {theirs}"
 
 
 def fmt_s(x) -> str:
