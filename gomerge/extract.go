@@ -9,11 +9,8 @@ import (
 	"math/rand/v2"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"slices"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"gomerge/gomerge/internal/pool"
@@ -404,44 +401,15 @@ func runExtractJobs(ctx context.Context, opts ExtractOptions, jobs []extractJob,
 	if progress != nil {
 		progress.Total.Store(int64(len(jobs)))
 	}
-	workers := opts.Workers
-	if workers <= 0 {
-		workers = runtime.GOMAXPROCS(0)
-	}
 	outcomes := make([]extractOutcome, len(jobs))
-	var next atomic.Int64
-	var errOnce sync.Once
-	var firstErr error
-	var failed atomic.Bool
-	var wg sync.WaitGroup
-	for w := 0; w < min(workers, len(jobs)); w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= len(jobs) || ctx.Err() != nil || failed.Load() {
-					return
-				}
-				o, err := runExtractJob(&jobs[i], base, ft, rule, dt, seed)
-				if err != nil {
-					errOnce.Do(func() { firstErr = err })
-					failed.Store(true)
-					return
-				}
-				outcomes[i] = o
-				if progress != nil {
-					progress.Done.Add(1)
-				}
-				gcTune()
-			}
-		}()
+	err := runJobsOn(ctx, len(jobs), opts.Workers, progress, func(_, i int) (err error) {
+		outcomes[i], err = runExtractJob(&jobs[i], base, ft, rule, dt, seed)
+		return err
+	})
+	if err != nil {
+		return nil, err
 	}
-	wg.Wait()
-	if ctx.Err() != nil {
-		return nil, ErrCancelled
-	}
-	return outcomes, firstErr
+	return outcomes, nil
 }
 
 // runExtractJob runs one job, turning a panic into an error naming it.

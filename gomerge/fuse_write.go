@@ -8,7 +8,6 @@ import (
 	"runtime/debug"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"gomerge/gomerge/internal/pool"
@@ -116,60 +115,27 @@ func writeFused(ctx context.Context, opts *FuseOptions, p *fusePlan, base *model
 // goroutines (all cores by default); the first error stops them all.
 func fuseTensors(ctx context.Context, opts *FuseOptions, p *fusePlan, base *modelfolder.Folder,
 	writerOf map[string]*safetensors.Writer, progress *Progress) error {
-	workers := opts.Workers
-	if workers <= 0 {
-		workers = runtime.GOMAXPROCS(0)
-	}
 	delay := time.Duration(0)
 	if ms, err := strconv.Atoi(os.Getenv(fuseDelayEnv)); err == nil && ms > 0 {
 		delay = time.Duration(ms) * time.Millisecond
 	}
 	budget := newMemBudget(p.largestCost())
-	var next atomic.Int64
-	var failed atomic.Bool
-	var once sync.Once
-	var firstErr error
-	var wg sync.WaitGroup
-	for range min(workers, len(p.tensors)) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			var raw []byte
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= len(p.tensors) || failed.Load() {
-					return
-				}
-				if ctx.Err() != nil {
-					once.Do(func() { firstErr = ErrCancelled })
-					failed.Store(true)
-					return
-				}
-				var err error
-				cost := p.tensors[i].memCost()
-				budget.acquire(cost)
-				raw, err = fuseOne(ctx, p, p.tensors[i], base, writerOf[p.tensors[i].name], raw)
-				budget.release(cost)
-				if err != nil {
-					once.Do(func() { firstErr = err })
-					failed.Store(true)
-					return
-				}
-				if progress != nil {
-					progress.Done.Add(1)
-				}
-				if delay > 0 {
-					time.Sleep(delay)
-				}
-				gcTune()
-			}
-		}()
+	workers := opts.Workers
+	if workers <= 0 {
+		workers = runtime.GOMAXPROCS(0)
 	}
-	wg.Wait()
-	if firstErr == nil && ctx.Err() != nil {
-		firstErr = ErrCancelled
-	}
-	return firstErr
+	raws := make([][]byte, workers) // each worker's buffer for copies
+	return runJobsOn(ctx, len(p.tensors), workers, progress, func(w, i int) (err error) {
+		t := p.tensors[i]
+		cost := t.memCost()
+		budget.acquire(cost)
+		raws[w], err = fuseOne(ctx, p, t, base, writerOf[t.name], raws[w])
+		budget.release(cost)
+		if err == nil && delay > 0 {
+			time.Sleep(delay)
+		}
+		return err
+	})
 }
 
 // fuseOne writes one output tensor: copied byte for byte when nothing

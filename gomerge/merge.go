@@ -4,9 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math"
-	"runtime"
 	"slices"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -231,49 +229,21 @@ func runJobs(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt D
 	if progress != nil {
 		progress.Total.Store(int64(len(jobs)))
 	}
-	workers := opts.Workers
-	if workers <= 0 {
-		workers = runtime.GOMAXPROCS(0)
-	}
 	outcomes := make([]moduleOutcome, len(jobs))
-	var next atomic.Int64
-	var errOnce sync.Once
-	var firstErr error
-	var failed atomic.Bool
-	var wg sync.WaitGroup
-	for w := 0; w < min(workers, len(jobs)); w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= len(jobs) || ctx.Err() != nil || failed.Load() {
-					return
-				}
-				aName, bName, a, b, o, err := mergeModule(ctx, opts, &jobs[i], rank, dt)
-				if err == nil {
-					err = emit(i, aName, bName, a.RawTensor, b.RawTensor)
-					pool.Put(a.buf) // emit has written or copied them
-					pool.Put(b.buf)
-				}
-				if err != nil {
-					errOnce.Do(func() { firstErr = err })
-					failed.Store(true)
-					return
-				}
-				outcomes[i] = o
-				if progress != nil {
-					progress.Done.Add(1)
-				}
-				gcTune()
-			}
-		}()
+	err := runJobsOn(ctx, len(jobs), opts.Workers, progress, func(_, i int) error {
+		aName, bName, a, b, o, err := mergeModule(ctx, opts, &jobs[i], rank, dt)
+		if err == nil {
+			err = emit(i, aName, bName, a.RawTensor, b.RawTensor)
+			pool.Put(a.buf) // emit has written or copied them
+			pool.Put(b.buf)
+		}
+		outcomes[i] = o
+		return err
+	})
+	if err != nil {
+		return nil, err
 	}
-	wg.Wait()
-	if ctx.Err() != nil {
-		return nil, ErrCancelled
-	}
-	return outcomes, firstErr
+	return outcomes, nil
 }
 
 // mergeModule merges one module, recovering from panics so that a bug in a

@@ -1,10 +1,12 @@
 package gomerge
 
 import (
+	"context"
 	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
 	"sync"
+	"sync/atomic"
 )
 
 // parallelFor calls fn on consecutive ranges [lo, hi) covering [0, n), on up
@@ -30,6 +32,49 @@ func parallelFor(n, grain int, fn func(lo, hi int)) {
 		}()
 	}
 	wg.Wait()
+}
+
+// runJobsOn calls fn(worker, i) once for each job i in [0, n), on up to
+// workers goroutines (GOMAXPROCS when workers <= 0; worker in [0, that) is
+// the goroutine's own index, for its scratch buffers). The first error stops
+// the others from taking new jobs and is returned; a cancelled ctx stops
+// them too and gives ErrCancelled. After each job it counts progress.Done
+// and retunes the collector (gcTune).
+func runJobsOn(ctx context.Context, n, workers int, progress *Progress, fn func(worker, i int) error) error {
+	if workers <= 0 {
+		workers = runtime.GOMAXPROCS(0)
+	}
+	var next atomic.Int64
+	var errOnce sync.Once
+	var firstErr error
+	var failed atomic.Bool
+	var wg sync.WaitGroup
+	for w := range min(workers, n) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= n || ctx.Err() != nil || failed.Load() {
+					return
+				}
+				if err := fn(w, i); err != nil {
+					errOnce.Do(func() { firstErr = err })
+					failed.Store(true)
+					return
+				}
+				if progress != nil {
+					progress.Done.Add(1)
+				}
+				gcTune()
+			}
+		}()
+	}
+	wg.Wait()
+	if ctx.Err() != nil {
+		return ErrCancelled
+	}
+	return firstErr
 }
 
 // gcHeadroom is how much garbage a merge may leave between collections.
