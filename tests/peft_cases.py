@@ -21,8 +21,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def llama(seed: int = 0) -> nn.Module:
-    """A 2-layer Llama-shaped causal LM (hidden 64, 4 heads, 2 KV heads, vocabulary 128)."""
+def llama(seed: int = 0, tie_word_embeddings: bool = False) -> nn.Module:
+    """A 2-layer Llama-shaped causal LM (hidden 64, 4 heads, 2 KV heads, vocabulary 128); with
+    `tie_word_embeddings`, lm_head is tied to embed_tokens (save_pretrained omits lm_head.weight)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=128,
@@ -32,7 +33,7 @@ def llama(seed: int = 0) -> nn.Module:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     return LlamaForCausalLM(cfg).eval()
 

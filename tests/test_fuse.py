@@ -22,31 +22,19 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft_cases import ConvNet, gpt2, llama, logits, model_input
+from peft_cases import LLAMA_ALL, ConvNet, gpt2, llama, logits, model_input
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import gomerge
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def tied_llama(seed: int = 0) -> nn.Module:
-    """A 2-layer Llama whose lm_head is tied to embed_tokens (save_pretrained omits lm_head.weight)."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=112,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    """peft_cases.llama with lm_head tied to embed_tokens."""
+    return llama(seed, tie_word_embeddings=True)
 
 
 MODELS = {"llama": llama, "gpt2": gpt2, "tied": tied_llama}
