@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -359,20 +360,29 @@ def _fail(message: str) -> int:
     return EXIT_FAILED
 
 
+def _read_recipe(load: Callable[[str], Any], path: str) -> tuple[Any, int | None]:
+    """`load(path)`, or None and the exit status of a missing or invalid recipe (reported on stderr)."""
+    from .recipe import RecipeError
+
+    try:
+        return load(path), None
+    except FileNotFoundError:
+        return None, _fail(f"recipe {path}: no such file")
+    except RecipeError as e:
+        sys.stderr.write(f"gomerge: error: {e}\n")
+        return None, EXIT_USAGE
+
+
 def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     options: dict = {}
     if args.recipe:
-        from .recipe import RecipeError, load_recipe
+        from .recipe import load_recipe
 
         if args.adapters or args.weights:
             parser.error("give adapters either on the command line or in --recipe, not both")
-        try:
-            recipe = load_recipe(args.recipe)
-        except FileNotFoundError:
-            return _fail(f"recipe {args.recipe}: no such file")
-        except RecipeError as e:
-            sys.stderr.write(f"gomerge: error: {e}\n")
-            return EXIT_USAGE
+        recipe, failed = _read_recipe(load_recipe, args.recipe)
+        if failed is not None:
+            return failed
         srcs, options = recipe.sources, dict(recipe.options)
     else:
         if not args.adapters:
@@ -484,17 +494,13 @@ def _extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("give --save-module or --save-changed, not both")
     options: dict[str, Any] = {}
     if args.recipe:
-        from .recipe import RecipeError, load_extract_recipe
+        from .recipe import load_extract_recipe
 
         if args.base or args.finetuned:
             parser.error("give the models either on the command line or in --recipe, not both")
-        try:
-            options = load_extract_recipe(args.recipe)
-        except FileNotFoundError:
-            return _fail(f"recipe {args.recipe}: no such file")
-        except RecipeError as e:
-            sys.stderr.write(f"gomerge: error: {e}\n")
-            return EXIT_USAGE
+        options, failed = _read_recipe(load_extract_recipe, args.recipe)
+        if failed is not None:
+            return failed
     elif not (args.base and args.finetuned):
         parser.error("name the BASE and FINETUNED model folders, or give --recipe")
     else:
@@ -556,17 +562,13 @@ def _extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _fuse(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     options: dict[str, Any] = {}
     if args.recipe:
-        from .recipe import RecipeError, load_recipe
+        from .recipe import load_recipe
 
         if args.base or args.adapters or args.weights:
             parser.error("give the base and adapters either on the command line or in --recipe, not both")
-        try:
-            recipe = load_recipe(args.recipe, "fuse")
-        except FileNotFoundError:
-            return _fail(f"recipe {args.recipe}: no such file")
-        except RecipeError as e:
-            sys.stderr.write(f"gomerge: error: {e}\n")
-            return EXIT_USAGE
+        recipe, failed = _read_recipe(lambda path: load_recipe(path, "fuse"), args.recipe)
+        if failed is not None:
+            return failed
         options = dict(recipe.options)
         srcs = recipe.sources
     else:
