@@ -2,10 +2,13 @@ package bindings
 
 import (
 	"encoding/json"
+	"fmt"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"gomerge/gomerge"
 )
 
 func wait(t *testing.T, id int64) status {
@@ -73,13 +76,27 @@ func TestRequestKeysAndMethods(t *testing.T) {
 	assert.Contains(t, keys["merge"], "output_dir")
 	assert.Contains(t, keys["merge_tensors"], "density")
 	assert.NotContains(t, keys["merge_tensors"], "output_dir")
-	var methods []map[string]any
-	require.NoError(t, json.Unmarshal([]byte(EngineMethods()), &methods))
-	names := []string{}
-	for _, m := range methods {
-		names = append(names, m["name"].(string))
+}
+
+// EngineMethods carries every row of the engine's method table, every field
+// intact, and the engine accepts each name it lists in a request.
+func TestEngineMethodsCarryTheTable(t *testing.T) {
+	var got []gomerge.Method
+	require.NoError(t, json.Unmarshal([]byte(EngineMethods()), &got))
+	want := gomerge.Methods()
+	require.Len(t, got, len(want))
+	assert.Equal(t, want, got)
+	for _, m := range got {
+		require.NotEmpty(t, m.Name)
+		req := fmt.Sprintf(`{"combination_type": %q, "rank": 8, "modules": []}`, m.Name)
+		s := wait(t, MergeTensorsStart(req))
+		if s.Error != nil {
+			assert.NotContains(t, s.Error.Message, "combination_type: invalid value", m.Name)
+		}
 	}
-	assert.Subset(t, names, []string{"svd", "linear", "cat", "ties", "task_arithmetic"})
+	s := wait(t, MergeTensorsStart(`{"combination_type": "avg", "rank": 8, "modules": []}`))
+	require.NotNil(t, s.Error, "an unknown method is refused")
+	assert.Contains(t, s.Error.Message, "combination_type: invalid value")
 }
 
 func TestFuseJobReportsErrorsAsJSON(t *testing.T) {

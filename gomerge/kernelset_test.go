@@ -1,27 +1,84 @@
 package gomerge
 
 import (
+	"encoding/json"
 	"errors"
+	"os"
+	"os/exec"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-
-	"gomerge/gomerge/kernels"
 )
 
-// The engine reports the kernel set that package kernels chose, and a
-// GOMERGE_KERNELS request it cannot honour as a ValueError with the same
-// message.
-func TestKernelsError(t *testing.T) {
-	assert.Equal(t, kernels.InUse(), KernelSet)
-	assert.Equal(t, kernels.Runnable(), RunnableKernels())
-	if kernels.Err() == nil {
-		assert.NoError(t, KernelsError())
-	} else {
-		assert.Equal(t, KindValue, KindOf(KernelsError()))
-		assert.Equal(t, kernels.Err().Error(), KernelsError().Error())
+// kernelsReportEnv makes TestKernelsEnvRequests's child report what the
+// engine chose at start-up.
+const kernelsReportEnv = "GOMERGE_KERNELSET_REPORT"
+
+// kernelsReport is what the engine chose, as the child process reports it.
+type kernelsReport struct {
+	Set      string   `json:"set"`
+	Runnable []string `json:"runnable"`
+	Kind     string   `json:"kind"`
+	Error    string   `json:"error"`
+}
+
+// The kernel set is chosen once, at start-up, from GOMERGE_KERNELS and the
+// CPU: each request runs this test binary again with that environment, and
+// the engine must run what was asked (the fastest runnable set for auto),
+// or refuse a set it cannot honour with a ValueError naming the request
+// while the portable kernels stand in.
+func TestKernelsEnvRequests(t *testing.T) {
+	if os.Getenv(kernelsReportEnv) == "1" {
+		rep := kernelsReport{Set: KernelSet, Runnable: RunnableKernels()}
+		if err := KernelsError(); err != nil {
+			rep.Kind, rep.Error = string(KindOf(err)), err.Error()
+		}
+		require.NoError(t, json.NewEncoder(os.Stdout).Encode(rep))
+		return
 	}
+	report := func(t *testing.T, request string) kernelsReport {
+		// under an emulator (tests/platforms/cpus.sh), the child runs under the same one
+		args := append(strings.Fields(os.Getenv("GOMERGE_TEST_EXEC")), os.Args[0], "-test.run=^TestKernelsEnvRequests$", "-test.count=1")
+		cmd := exec.Command(args[0], args[1:]...)
+		cmd.Env = append(os.Environ(), kernelsReportEnv+"=1", KernelsEnv+"="+request)
+		out, err := cmd.Output()
+		require.NoError(t, err, "%s=%q: %s", KernelsEnv, request, out)
+		for _, line := range strings.Split(string(out), "\n") {
+			if strings.HasPrefix(line, "{") {
+				var rep kernelsReport
+				require.NoError(t, json.Unmarshal([]byte(line), &rep))
+				return rep
+			}
+		}
+		t.Fatalf("%s=%q: no report in %q", KernelsEnv, request, out)
+		return kernelsReport{}
+	}
+	requests := append([]string{"", "auto", "neon"}, RunnableKernels()...)
+	for _, request := range requests {
+		t.Run("request "+request, func(t *testing.T) {
+			rep := report(t, request)
+			require.NotEmpty(t, rep.Runnable)
+			assert.Equal(t, "go", rep.Runnable[0], "the portable kernels run everywhere")
+			switch request {
+			case "", "auto":
+				assert.Equal(t, rep.Runnable[len(rep.Runnable)-1], rep.Set, "the fastest runnable set")
+				assert.Empty(t, rep.Error)
+			case "neon":
+				assert.Equal(t, "go", rep.Set, "the portable kernels while the request is refused")
+				assert.Equal(t, string(KindValue), rep.Kind)
+				assert.Contains(t, rep.Error, KernelsEnv+`="neon" is not a kernel set`)
+			default:
+				assert.Equal(t, request, rep.Set)
+				assert.Empty(t, rep.Error)
+			}
+		})
+	}
+}
+
+// A kernels error keeps its message and becomes a ValueError.
+func TestAsValueErr(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		err  error

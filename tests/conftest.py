@@ -1,4 +1,5 @@
-"""Shared fixtures: the gomerge package from the source tree and a report of parity figures."""
+"""Shared fixtures: the gomerge package from the source tree, the reference SVD's path, and a report of parity
+figures (with the arithmetic the reference ran on)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "python"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import svd_checks  # noqa: E402  (after the path setup above)
+
+svd_checks.install_reference_svd()
+
 BA_DIFF = "largest relative difference of B'A' (max |ours - PEFT| / max |PEFT|)"
 PARITY: dict[str, list[tuple[str, float]]] = {}
+TRUNCATIONS: list[svd_checks.Truncation] = []
 
 
 @pytest.fixture
@@ -26,6 +32,22 @@ def record_parity():
     return record
 
 
+@pytest.fixture
+def check_truncation():
+    """svd_checks.check_truncation, with its figures kept for the summary's SVD-family table."""
+
+    def check(*args, **kwargs) -> svd_checks.Truncation:
+        t = svd_checks.check_truncation(*args, **kwargs)
+        TRUNCATIONS.append(t)
+        return t
+
+    return check
+
+
+def pytest_report_header(config):
+    return f"numerics: {svd_checks.numerics_description()}"
+
+
 def pytest_terminal_summary(terminalreporter):
     for kind, rows in PARITY.items():
         terminalreporter.section(f"gomerge vs PEFT: {kind}")
@@ -34,3 +56,22 @@ def pytest_terminal_summary(terminalreporter):
         f32 = [v for label, v in rows if "bf16" not in label and "f16" not in label]
         if f32:
             terminalreporter.write_line(f"{'max over float32 cases':64s} {max(f32):.3e}")
+    if TRUNCATIONS:
+        terminalreporter.section("SVD family: spectral gap at the rank and error / optimal (svd_checks.py's rules)")
+        terminalreporter.write_line(f"numerics: {svd_checks.numerics_description()}")
+        worst: dict[str, svd_checks.Truncation] = {}
+        for t in TRUNCATIONS:  # per case, the module closest to its bound
+            case = t.label.split(" ")[0]
+            key = (t.distance / t.bound) if t.distance is not None and t.bound else t.ratio_ours
+            old = worst.get(case)
+            if old is None or key > (
+                (old.distance / old.bound) if old.distance is not None and old.bound else old.ratio_ours
+            ):
+                worst[case] = t
+        for case, t in sorted(worst.items()):
+            terminalreporter.write_line(f"{case:52s} {t.summary()}")
+        gaps = [t.gap / t.s1 for t in TRUNCATIONS if t.s1]
+        terminalreporter.write_line(
+            f"{len(TRUNCATIONS)} modules; smallest gap/s1 {min(gaps):.2e}; "
+            f"largest err/opt gomerge {max(t.ratio_ours for t in TRUNCATIONS):.6f}"
+        )

@@ -149,6 +149,9 @@ def test_forced_kernels_give_identical_merges(dirs, tmp_path):
     import gomerge as package
 
     runnable = package._native.kernel_info()["runnable"]
+    assert runnable[0] == "go" and expected_kernels() in runnable
+    if len(runnable) == 1:
+        pytest.skip("this CPU runs only the portable kernels: no other set to compare them with")
     outputs = {}
     for name in runnable:
         env = dict(os.environ, GOMERGE_KERNELS=name)
@@ -159,7 +162,7 @@ def test_forced_kernels_give_identical_merges(dirs, tmp_path):
         )
         assert merged.returncode == 0, merged.stderr
         outputs[name] = (out / "adapter_model.safetensors").read_bytes()
-    assert len(outputs) >= 1
+    assert sorted(outputs) == sorted(runnable) and len(outputs) >= 2
     for name, data in outputs.items():
         assert data == outputs["go"], f"{name} kernels give another result than the portable ones"
 

@@ -12,9 +12,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 from peft_cases import build_case, delta, file_factors, peft_factors, peft_merge
+from svd_checks import SVDCapture
 from test_peft_parity import CASES
-from test_peft_pruning import SVDCapture, check_reconstruction, merged_module_order
+from test_peft_pruning import check_family2
 
 import gomerge
 
@@ -101,6 +103,15 @@ class FeedMasks:
         monkeypatch.setattr(torch, "bernoulli", bernoulli)
 
 
+def merged_module_order(model) -> list[str]:
+    """The modules that carry the merged adapter, in PEFT's merge order (the order it draws DARE's masks in)."""
+    return [
+        n.removeprefix("base_model.model.")
+        for n, m in model.named_modules()
+        if isinstance(m, LoraLayer) and ("merged" in m.lora_A or "merged" in m.lora_embedding_A)
+    ]
+
+
 @pytest.mark.parametrize("ctype,method", [("dare_linear", "total"), ("dare_ties", "total"), ("dare_ties", "frequency")])
 def test_family1_matches_peft_fed_with_gomerge_masks(llama3, tmp_path, monkeypatch, ctype, method):
     seed, density = 1234, 0.4
@@ -122,7 +133,9 @@ def test_family1_matches_peft_fed_with_gomerge_masks(llama3, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("ctype", ["dare_linear_svd", "dare_ties_svd"])
-def test_family2_matches_peft_fed_with_gomerge_masks(llama3, tmp_path, monkeypatch, ctype, record_parity):
+def test_family2_matches_peft_fed_with_gomerge_masks(
+    llama3, tmp_path, monkeypatch, ctype, record_parity, check_truncation
+):
     """Masks of the dense updates are recovered from one-hot merges at full rank (where the SVD is exact)."""
     seed, density = 99, 0.5
     src = [file_factors(d) for d in llama3]
@@ -137,14 +150,16 @@ def test_family2_matches_peft_fed_with_gomerge_masks(llama3, tmp_path, monkeypat
             ours = delta(a, b)
             masks.setdefault(mod, []).append(np.abs(ours - kept_value) < np.abs(ours))
     out = tmp_path / "ours"
-    res = _merge(llama3, LLAMA3.weights, ctype, out, density=density, seed=seed)
+    _merge(llama3, LLAMA3.weights, ctype, out, density=density, seed=seed)
     order = merged_module_order(peft_merge(LLAMA3, llama3, "linear"))
     feed = FeedMasks(monkeypatch, [m for mod in order for m in masks[mod]])
-    cap = SVDCapture(monkeypatch)
-    model = peft_merge(LLAMA3, llama3, ctype, density=density)
+    with SVDCapture() as cap:
+        model = peft_merge(LLAMA3, llama3, ctype, density=density)
     assert not feed.masks
-    check_reconstruction(
-        cap.inputs, order, file_factors(str(out)), peft_factors(model), res.rank, f"llama-3-{ctype}-0.5", record_parity
+    assert sorted(cap.by_module(model)) == sorted(order), "PEFT factored other modules than it merged"
+    label = f"dare-masks-llama-3-{ctype}-0.5"
+    check_family2(
+        cap.by_module(model), file_factors(str(out)), peft_factors(model), label, record_parity, check_truncation
     )
 
 

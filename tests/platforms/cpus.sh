@@ -35,14 +35,16 @@ done
 quiet() { grep -v "TCG doesn't support requested feature" || true; }
 
 # go_tests LABEL EXPECTED ARCH RUNNER...: the Go test binaries of GO_PACKAGES for ARCH under RUNNER, each from its
-# package folder (its testdata); the kernels' summary line (their binary runs last) names the set in use
+# package folder (its testdata); the kernels' summary line (their binary runs last) names the set in use. A test
+# that starts its binary again does so under the same RUNNER (GOMERGE_TEST_EXEC).
 go_tests() {
 	local label=$1 expect=$2 arch=$3 dir pkg
 	shift 3
 	echo "== Go tests, $label (expecting the $expect kernels)"
 	for dir in "${GO_PACKAGES[@]}"; do
 		pkg=${dir##*/}
-		(cd "$dir" && GOMERGE_EXPECT_KERNELS=$expect "$@" "$BIN/$pkg-$arch.test" -test.count=1 2>&1) | quiet | tail -n 2 |
+		(cd "$dir" && GOMERGE_EXPECT_KERNELS=$expect GOMERGE_TEST_EXEC="$*" "$@" "$BIN/$pkg-$arch.test" -test.count=1 2>&1) |
+			quiet | tail -n 2 |
 			tee "$BIN/last.log"
 		grep -q '^PASS$' "$BIN/last.log" || { echo "cpus.sh: Go tests of package $pkg failed ($label)"; exit 1; }
 	done
