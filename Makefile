@@ -22,7 +22,7 @@ PY_SOURCES := python tests benchmarks examples
 # Debian's qemu-user (static build), unpacked into .build (nothing is installed on the host): the CPU matrix
 QEMU := .build/qemu/usr/bin/qemu-x86_64-static
 
-.PHONY: all build run test test-go test-cpus test-python fuzz lint wheel bench clean
+.PHONY: all build run test test-go test-cpus test-python test-numerics fuzz lint wheel bench clean
 
 all: build
 
@@ -74,6 +74,23 @@ test-cpus: build $(QEMU)
 test-python: build $(VENV)/.deps-test
 	$(PY) -m pytest -q tests --ignore=tests/test_wheel.py
 
+# The numerics matrix, beside the CPU matrix: the tests against PEFT's and torch's SVDs again with the reference's
+# arithmetic on other paths (test-python ran the machine's default): MKL's AVX2 code path, MKL's COMPATIBLE
+# (SSE2) path, and the SVD of the transpose (tests/svd_checks.py). Each run prints the path it took and its
+# fingerprint; a tolerance that holds only on one path fails here, whatever this machine's CPU.
+NUMERICS_TESTS := tests/test_peft_parity.py tests/test_peft_dropin.py tests/test_peft_pruning.py tests/test_dare.py \
+	tests/test_rank.py tests/test_span_methods.py tests/test_extract.py tests/test_knots_core_methods.py tests/test_numerics.py
+NUMERICS_PATHS := MKL_ENABLE_INSTRUCTIONS=AVX2 MKL_CBWR=COMPATIBLE GOMERGE_TEST_REFERENCE_SVD=transpose
+
+test-numerics: build $(VENV)/.deps-test
+	@mkdir -p .build
+	@for path in $(NUMERICS_PATHS); do \
+		echo "== numerics matrix: $$path"; \
+		rc=0; env $$path $(PY) -m pytest -q -p no:cacheprovider $(NUMERICS_TESTS) >.build/numerics.log 2>&1 || rc=$$?; \
+		grep -E '^numerics: |^[0-9]+ modules; | passed| failed' .build/numerics.log | sort -u; \
+		if [ $$rc -ne 0 ]; then tail -n 200 .build/numerics.log; echo "test-numerics: failed with $$path"; exit 1; fi; \
+	done
+
 # Each fuzz target runs FUZZTIME inputs; a crasher is saved under its package's testdata/fuzz/ and fails the run
 # (commit it: it then runs as a regression test in test-go).
 fuzz:
@@ -83,7 +100,7 @@ fuzz:
 		$(GO) test ./$$pkg -run='^$$' -fuzz="^$$name$$" -fuzztime=$(FUZZTIME) || exit 1; \
 	done
 
-test: lint test-go test-cpus fuzz test-python test-wheels
+test: lint test-go test-cpus fuzz test-python test-numerics test-wheels
 
 # `make wheel` is `make wheels` (below): the ten manylinux wheels and the sdist in dist/.
 wheel: wheels
