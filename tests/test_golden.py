@@ -59,4 +59,6 @@ def test_golden(kernels, case, computed):
         )
     else:
         what = "the engine's output changed."
-    assert got == want, f"golden case {case!r} under GOMERGE_KERNELS={kernels}: {what} sha256 {got} != {want}. {HOW}"
+    assert got == want, (
+        f"golden case {case!r} under GOMERGE_KERNELS={kernels}: {what} sha256 now {got}, in the corpus {want}. {HOW}"
+    )
