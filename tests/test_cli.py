@@ -90,6 +90,22 @@ def test_errors_are_one_line_with_exit_codes(args, code, text, tmp_path):
     assert r.stderr.startswith("gomerge: error: ")
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["merge", "a", "b"],
+        ["resize", "a", "--rank", "4"],
+        ["extract", "base", "finetuned", "--rank", "4"],
+        ["fuse", "base", "a"],
+    ],
+)
+def test_every_writing_command_requires_an_output_dir(args, tmp_path):
+    r = gomerge(*args, cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.startswith("gomerge: error: give -o/--output-dir") and f"gomerge {args[0]} --help" in r.stderr
+    assert r.stderr.count("\n") == 1 and os.listdir(tmp_path) == []  # nothing written, no ./merged
+
+
 def test_existing_output_fails_cleanly(dirs, tmp_path):
     (tmp_path / "o").mkdir()
     r = gomerge("merge", *dirs, "-o", str(tmp_path / "o"))
@@ -170,7 +186,7 @@ def test_unknown_or_unavailable_kernels_are_clear_errors(dirs, tmp_path):
     assert version.returncode == 2
     assert 'GOMERGE_KERNELS="neon" is not a kernel set' in version.stderr
     merged = gomerge("merge", *dirs, "--method", "linear", "-o", str(tmp_path / "out"), env=env)
-    assert merged.returncode != 0 and "GOMERGE_KERNELS" in merged.stderr
+    assert merged.returncode == 2 and "GOMERGE_KERNELS" in merged.stderr  # an environment error, as for --version
     assert not (tmp_path / "out").exists()
     script = (
         "import gomerge\ntry:\n    gomerge.engine_kernels()\nexcept ValueError as e:\n    print('ValueError:', e)\n"

@@ -25,7 +25,7 @@ EPILOG = """\
 exit status:
   0    success
   1    the merge or inspection failed (bad input, missing file, existing output, ...)
-  2    invalid command line or recipe
+  2    invalid command line or recipe, or GOMERGE_KERNELS names kernels this CPU cannot run
   130  interrupted (Ctrl-C); nothing was written
 
 examples:
@@ -102,6 +102,13 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+def _kernels_unusable(info: dict[str, Any]) -> int:
+    """An environment error (GOMERGE_KERNELS names a kernel set this CPU cannot run), reported as a usage error:
+    exit status 2, for `--version` and every command alike."""
+    sys.stderr.write(f"gomerge: error: {info['error']['message']}\n")
+    return EXIT_USAGE
+
+
 class _VersionAction(argparse.Action):
     """`--version`: the package version and the kernel set in use (or why the one GOMERGE_KERNELS asks for cannot
     run, with exit status 2)."""
@@ -114,8 +121,7 @@ class _VersionAction(argparse.Action):
     ) -> None:
         info = _native.kernel_info()
         if "error" in info:
-            sys.stderr.write(f"gomerge: error: {info['error']['message']}\n")
-            raise SystemExit(EXIT_USAGE)
+            raise SystemExit(_kernels_unusable(info))
         print(f"gomerge {__version__} (kernels: {info['in_use']}; this CPU runs: {', '.join(info['runnable'])})")
         raise SystemExit(EXIT_OK)
 
@@ -161,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="METHOD",
         help=f"combination type, one of: {', '.join(COMBINATION_TYPES)} (default: svd)",
     )
-    m.add_argument("-o", "--output-dir", metavar="DIR", help="directory of the merged adapter (default: ADAPTER_NAME)")
+    m.add_argument("-o", "--output-dir", metavar="DIR", help="directory of the merged adapter (required)")
     m.add_argument("-n", "--adapter-name", default=None, help="name of the merged adapter (default: merged)")
     m.add_argument(
         "--density",
@@ -256,11 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--rank", type=int, metavar="R", help="the new rank of every module")
     how.add_argument("--energy", type=float, metavar="E", help="the fraction of each update's energy to keep")
     r.add_argument("--max-rank", type=int, metavar="M", help="cap of every module's rank")
-    r.add_argument("-o", "--output-dir", metavar="DIR", required=True, help="directory of the resized adapter")
+    r.add_argument("-o", "--output-dir", metavar="DIR", help="directory of the resized adapter (required)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing adapter directory")
     r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the written tensors")
     r.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    p.resize_parser = r
     e = sub.add_parser(
         "extract",
         help="extract a LoRA adapter from a fine-tuned model and its base (randomized SVD of each dW)",
@@ -277,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="read the models and options from a YAML recipe (keys: base, finetuned, output_dir, rank or energy, "
         "max_rank, modules_to_save, seed, dtype, overwrite, model_card, revision); the command line overrides it",
     )
-    e.add_argument("-o", "--output-dir", metavar="DIR", help="directory of the extracted adapter")
+    e.add_argument("-o", "--output-dir", metavar="DIR", help="directory of the extracted adapter (required)")
     how = e.add_mutually_exclusive_group()
     how.add_argument("--rank", type=int, metavar="R", help="the rank of every module")
     how.add_argument(
@@ -360,6 +367,13 @@ def _fail(message: str) -> int:
     return EXIT_FAILED
 
 
+def _require_output(options: dict[str, Any], parser: argparse.ArgumentParser, recipe: bool = True) -> None:
+    """The one rule of every command that writes: -o/--output-dir (or the recipe's output_dir) is required; without
+    it, a usage error (exit status 2)."""
+    if not options.get("output_dir"):
+        parser.error("give -o/--output-dir" + (" (or output_dir in the recipe)" if recipe else ""))
+
+
 def _read_recipe(load: Callable[[str], Any], path: str) -> tuple[Any, int | None]:
     """`load(path)`, or None and the exit status of a missing or invalid recipe (reported on stderr)."""
     from .recipe import RecipeError
@@ -414,8 +428,8 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     ):
         if value is not None:
             options[key] = value
+    _require_output(options, parser)
     adapter_name = options.pop("adapter_name", None) or "merged"
-    options.setdefault("output_dir", adapter_name)
     with ExitStack() as stack:
         local = [
             sources.resolve(
@@ -466,7 +480,8 @@ def _rank_arg(value: str) -> int | str:
     return int(value) if value.strip().lstrip("-").isdigit() else value
 
 
-def _resize(args: argparse.Namespace) -> int:
+def _resize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _require_output({"output_dir": args.output_dir}, parser, recipe=False)
     res = merge.resize(
         args.adapter,
         rank=args.rank,
@@ -526,8 +541,7 @@ def _extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         options["overwrite"] = True
     if args.no_model_card:
         options["model_card"] = False
-    if not options.get("output_dir"):
-        parser.error("give -o/--output-dir (or output_dir in the recipe)")
+    _require_output(options, parser)
     if options.get("rank") is None and options.get("energy") is None:
         parser.error("give --rank or --energy (or rank / energy in the recipe)")
     res = extract_adapter(
@@ -596,6 +610,8 @@ def _fuse(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for key in ("stack", "dry_run", "overwrite"):
         if getattr(args, key):
             options[key] = True
+    if not options.get("dry_run"):
+        _require_output(options, parser)
     weights = [s.get("weight", 1.0) for s in srcs] if any("weight" in s for s in srcs) else None
     base = options.pop("base")
     if "lambda" in options:
@@ -668,11 +684,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    info = _native.kernel_info()
+    if "error" in info:
+        return _kernels_unusable(info)
     try:
         if args.command == "merge":
             return _merge(args, parser.merge_parser)
         if args.command == "resize":
-            return _resize(args)
+            return _resize(args, parser.resize_parser)
         if args.command == "extract":
             return _extract(args, parser.extract_parser)
         if args.command == "fuse":
