@@ -113,6 +113,28 @@ def test_existing_output_fails_cleanly(dirs, tmp_path):
     assert gomerge("merge", *dirs, "-o", str(tmp_path / "o"), "--overwrite").returncode == 0
 
 
+def test_errors_and_warnings_speak_in_flags(dirs, tmp_path):
+    (tmp_path / "o").mkdir()
+    r = gomerge("merge", *dirs, "-o", str(tmp_path / "o"))
+    assert "pass --overwrite to replace it" in r.stderr and "overwrite=True" not in r.stderr
+    r = gomerge("merge", *dirs, "--method", "svd", "--svd-rank", "0", "-o", str(tmp_path / "x"))
+    assert r.stderr.startswith("gomerge: error: --svd-rank: must be a positive integer"), r.stderr
+    assert "svd_rank" not in r.stderr and "None" not in r.stderr
+    r = gomerge("resize", dirs[0], "--rank", "0", "-o", str(tmp_path / "x"))
+    assert r.returncode == 1 and r.stderr.startswith("gomerge: error: --rank: must be a positive integer"), r.stderr
+    r = gomerge("resize", dirs[0], "--energy", "1.5", "-o", str(tmp_path / "x"))
+    assert r.stderr.startswith("gomerge: error: --energy: 1.5: "), r.stderr
+    r = gomerge("merge", *dirs, "--method", "ties", "--lambda", "2", "--density", "0.5", "-o", str(tmp_path / "x"))
+    assert '--lambda: --method "ties" does not take --lambda (it takes: --density, --majority-sign-method' in r.stderr
+    r = gomerge("merge", dirs[0], "--method", "ties", "--density", "0.5", "-o", str(tmp_path / "one"))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == 'gomerge: warning: one adapter only: --method "ties" is replaced by "linear", as PEFT does\n'
+    # with a recipe, the messages keep the recipe's key names
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"adapters:\n  - source: {dirs[0]}\n  - source: {dirs[1]}\nsvd_rank: 0\noutput_dir: y\n")
+    assert "svd_rank: must be a positive integer" in gomerge("merge", "--recipe", str(recipe)).stderr
+
+
 def test_help_reads_like_a_manual():
     top = gomerge("--help").stdout
     assert "exit status" in top and "gomerge merge" in top and "gomerge inspect" in top

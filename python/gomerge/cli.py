@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
@@ -362,9 +364,69 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The Python API's parameter names (which the engine's messages use) and the command line's flags that set them: the
+# one mapping by which errors and warnings speak the command line's language.
+FLAGS: dict[str, str] = {
+    "combination_type": "--method",
+    "svd_rank": "--svd-rank",
+    "max_rank": "--max-rank",
+    "svd_clamp": "--svd-clamp",
+    "svd_full_matrices": "--svd-full-matrices",
+    "svd_driver": "--svd-driver",
+    "density": "--density",
+    "majority_sign_method": "--majority-sign-method",
+    "seed": "--seed",
+    "lambda": "--lambda",
+    "lambda_": "--lambda",
+    "gamma": "--gamma",
+    "epsilon": "--epsilon",
+    "scaling": "--scaling",
+    "common_fraction": "--common-fraction",
+    "weights": "--weights",
+    "dtype": "--dtype",
+    "adapter_name": "--adapter-name",
+    "output_dir": "-o/--output-dir",
+    "overwrite": "--overwrite",
+    "allow_nonfinite": "--allow-nonfinite",
+    "revision": "--revision",
+    "subfolder": "--subfolder",
+    "dry_run": "--dry-run",
+    "stack": "--stack",
+    "max_shard_size": "--max-shard-size",
+    "rank": "--rank",
+    "energy": "--energy",
+    "modules_to_save": "--save-module",
+    "save_modules": "--save-module",
+}
+_NAMES = "|".join(sorted(map(re.escape, FLAGS), key=len, reverse=True))
+# where a name is a parameter's: name=True / name=, a name with an underscore anywhere (no path around it), a name
+# that starts the message, and the names after "does not take" and in "(it takes: a, b)"
+_ASSIGNED = re.compile(rf"(?<![\w/.-])({_NAMES})=(True\b)?")
+_UNDERSCORED = re.compile(rf"(?<![\w/.-])({'|'.join(n for n in FLAGS if '_' in n)})(?![\w/-])")
+_LEADING = re.compile(rf"^({_NAMES})(?=[: ])")
+_TAKES = re.compile(r"(does not take |\(it takes: )([\w, ]*)")
+
+
+def cli_words(message: str) -> str:
+    """An engine or API message in the command line's words: parameter names become flags (FLAGS), and the
+    Python-only "or None" goes."""
+    message = _ASSIGNED.sub(lambda m: FLAGS[m.group(1)], message)
+    message = _LEADING.sub(lambda m: FLAGS[m.group(1)], message)
+    message = _TAKES.sub(
+        lambda m: m.group(1) + re.sub(r"\w+", lambda w: FLAGS.get(w.group(0), w.group(0)), m.group(2)), message
+    )
+    message = _UNDERSCORED.sub(lambda m: FLAGS[m.group(1)], message)
+    return re.sub(r",? or None\b", "", message)
+
+
 def _fail(message: str) -> int:
     sys.stderr.write(f"gomerge: error: {' '.join(str(message).split())}\n")
     return EXIT_FAILED
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Warnings as one line, `gomerge: warning: <message>`, without Python's file name and source line."""
+    sys.stderr.write(f"gomerge: warning: {' '.join(str(message).split())}\n")
 
 
 def _require_output(options: dict[str, Any], parser: argparse.ArgumentParser, recipe: bool = True) -> None:
@@ -687,18 +749,22 @@ def main(argv: list[str] | None = None) -> int:
     info = _native.kernel_info()
     if "error" in info:
         return _kernels_unusable(info)
-    try:
-        if args.command == "merge":
-            return _merge(args, parser.merge_parser)
-        if args.command == "resize":
-            return _resize(args, parser.resize_parser)
-        if args.command == "extract":
-            return _extract(args, parser.extract_parser)
-        if args.command == "fuse":
-            return _fuse(args, parser.fuse_parser)
-        return _inspect(args)
-    except KeyboardInterrupt:
-        sys.stderr.write("gomerge: interrupted; nothing was written\n")
-        return EXIT_INTERRUPTED
-    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as e:
-        return _fail(str(e))
+    # with a recipe, messages keep the parameter names: they are the recipe's keys
+    words = (lambda m: m) if getattr(args, "recipe", None) else cli_words
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *rest, **kw: _show_warning(words(str(message)), *rest, **kw)
+        try:
+            if args.command == "merge":
+                return _merge(args, parser.merge_parser)
+            if args.command == "resize":
+                return _resize(args, parser.resize_parser)
+            if args.command == "extract":
+                return _extract(args, parser.extract_parser)
+            if args.command == "fuse":
+                return _fuse(args, parser.fuse_parser)
+            return _inspect(args)
+        except KeyboardInterrupt:
+            sys.stderr.write("gomerge: interrupted; nothing was written\n")
+            return EXIT_INTERRUPTED
+        except (ValueError, TypeError, OSError, ImportError, RuntimeError) as e:
+            return _fail(words(str(e)))

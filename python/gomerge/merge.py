@@ -464,18 +464,30 @@ def resize(
         raise ValueError("resize: give exactly one of rank= and energy=")
     if energy is not None and (isinstance(energy, bool) or not isinstance(energy, numbers.Real)):
         raise TypeError(f"energy: expected a number, got {type(energy).__name__}")
-    return add_weighted_adapter(
-        [adapter],
-        [1.0],
-        os.path.basename(os.path.normpath(os.fspath(output_dir))) or "resized",
-        "task_arithmetic",
-        svd_rank=rank if energy is None else f"energy:{float(energy)!r}",
-        max_rank=max_rank,
-        output_dir=output_dir,
-        overwrite=overwrite,
-        dtype=dtype,
-        progress=progress,
-    )
+    svd_rank = rank if energy is None else f"energy:{float(energy)!r}"
+    try:
+        return add_weighted_adapter(
+            [adapter],
+            [1.0],
+            os.path.basename(os.path.normpath(os.fspath(output_dir))) or "resized",
+            "task_arithmetic",
+            svd_rank=svd_rank,
+            max_rank=max_rank,
+            output_dir=output_dir,
+            overwrite=overwrite,
+            dtype=dtype,
+            progress=progress,
+        )
+    except (ValueError, TypeError) as e:  # the engine checks svd_rank: name the argument resize was given
+        message = str(e)
+        if not message.startswith("svd_rank: "):
+            raise
+        if energy is None:
+            raise type(e)("rank: " + message.removeprefix("svd_rank: ")) from None
+        raise type(e)(
+            f"energy: {energy!r}: "
+            + message.removeprefix(f"svd_rank: {svd_rank!r}: ").removeprefix(f'svd_rank: "{svd_rank}": ')
+        ) from None
 
 
 def methods() -> list[dict[str, Any]]:
