@@ -187,7 +187,7 @@ func TestMergeErrors(t *testing.T) {
 		{"overwrite non-adapter", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: existing, Overwrite: true}, KindFileExists, "not an adapter"},
 		{"output is input", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: dirs[1]}, KindValue, "also an input"},
 		{"svd rank", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{SVDRank: &RankSpec{Fixed: neg}}}, KindValue, "svd_rank"},
-		{"energy for a factor-wise type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "linear", SVDRank: &RankSpec{Energy: 0.9}}}, KindValue, "does not factorise"},
+		{"energy for a factor-wise type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "linear", SVDRank: &RankSpec{Energy: 0.9}}}, KindValue, `svd_rank: combination_type "linear" does not take svd_rank`},
 		{"energy for a pruned svd type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "ties_svd", Density: new(0.5), SVDRank: &RankSpec{Energy: 0.9}}}, KindValue, "randomized SVD"},
 		{"max rank for cat", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "cat", MaxRank: &one}}, KindValue, "does not take max_rank"},
 		{"max rank zero", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{MaxRank: new(0)}}, KindValue, "max_rank"},
