@@ -102,25 +102,14 @@ class FuseResult:
 
 
 def resolve_model(source: str, revision: str | None = None) -> str:
-    """A local model folder for ``source``: a directory, or a Hub id ``user/repo[@revision]`` downloaded through
-    ``huggingface_hub`` (its cache and ``HF_HUB_OFFLINE`` honoured; only safetensors weights are fetched)."""
-    if os.path.exists(source):
-        return source
-    m = sources.HUB_ID.match(source)
-    if m is None:
-        raise FileNotFoundError(f"base model {source}: no such directory (and not a Hub id like user/repo)")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ImportError(f"base model {source}: Hub ids need huggingface_hub (pip install huggingface_hub)") from None
-    try:
-        return snapshot_download(
-            m.group("repo"),
-            revision=revision or m.group("revision"),
-            ignore_patterns=["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ckpt", "*.gguf", "*.onnx"],
-        )
-    except Exception as e:  # huggingface_hub raises many types: offline cache misses, HTTP, connection errors
-        raise OSError(f"base model {source}: not fetched from the Hub or its cache: {type(e).__name__}: {e}") from None
+    """A local model folder for ``source``: a directory, or a Hub id ``user/repo[@revision]`` (only safetensors
+    weights are fetched; see `sources.local_or_hub`)."""
+    return sources.local_or_hub(
+        source,
+        "base model",
+        revision,
+        ignore_patterns=["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ckpt", "*.gguf", "*.onnx"],
+    )
 
 
 def fuse(
