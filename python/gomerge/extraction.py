@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Union
 
 from . import _native, sources
+from .merge import _short_repr
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -20,7 +21,7 @@ MODEL_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json
 _PROGRESS_MIN_MODULES = 64
 
 
-@dataclass
+@dataclass(repr=False)
 class ExtractResult:
     """What an extraction produced.
 
@@ -49,6 +50,8 @@ class ExtractResult:
     module_errors: dict[str, float] = field(default_factory=dict)
     unchanged: list[str] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)
+
+    __repr__ = _short_repr
 
     @classmethod
     def _from_engine(cls, result: dict[str, Any]) -> ExtractResult:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from . import _native, sources
-from .merge import PathLike, Weight, _paths, _weights
+from .merge import PathLike, Weight, _paths, _short_repr, _weights
 
 # Below this many tensors a progress bar is more noise than help.
 _PROGRESS_MIN_TENSORS = 64
@@ -46,7 +46,7 @@ def parse_size(size: int | str) -> int:
     return n
 
 
-@dataclass
+@dataclass(repr=False)
 class FuseResult:
     """What a fuse produced (or, with ``dry_run=True``, would produce).
 
@@ -80,6 +80,8 @@ class FuseResult:
     dry_run: bool
     seconds: float
     warnings: list[str] = field(default_factory=list)
+
+    __repr__ = _short_repr
 
     @classmethod
     def _from_engine(cls, result: dict[str, Any]) -> FuseResult:

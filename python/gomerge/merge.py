@@ -28,7 +28,20 @@ COMBINATION_TYPES: tuple[str, ...] = tuple(m["name"] for m in _native.methods())
 _PROGRESS_MIN_MODULES = 64
 
 
-@dataclass
+def _short_repr(result: Any) -> str:
+    """A result's repr on one line: its fields, with each list or dict too long to read at a glance shown as its
+    length (``module_ranks=<28 items>``); the items stay in the attribute."""
+    parts = []
+    for f in fields(result):
+        value = getattr(result, f.name)
+        text = repr(value)
+        if isinstance(value, (list, dict)) and len(text) > 60:
+            text = f"<{len(value)} item{'s' if len(value) != 1 else ''}>"
+        parts.append(f"{f.name}={text}")
+    return f"{type(result).__name__}({', '.join(parts)})"
+
+
+@dataclass(repr=False)
 class MergeResult:
     """What a merge produced.
 
@@ -61,6 +74,8 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)
     module_ranks: dict[str, int] = field(default_factory=dict)
     module_errors: dict[str, float] = field(default_factory=dict)
+
+    __repr__ = _short_repr
 
     @classmethod
     def _from_engine(cls, result: dict[str, Any]) -> MergeResult:
