@@ -253,3 +253,23 @@ func TestPlanWorkersRefusesWhatCannotFit(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, 7, w)
 }
+
+func TestDifferentBaseModelsWarn(t *testing.T) {
+	root := t.TempDir()
+	rng := rand.New(rand.NewPCG(3, 4))
+	mods := map[string]testModule{"m.q": {a: randTensor(rng, 4, 6), b: randTensor(rng, 5, 4)}}
+	dirs := []string{
+		writeTestAdapter(t, filepath.Join(root, "a"), map[string]any{"base_model_name_or_path": "meta/llama-3-8b"}, mods),
+		writeTestAdapter(t, filepath.Join(root, "b"), map[string]any{"base_model_name_or_path": "meta/llama-3-8b"}, mods),
+		writeTestAdapter(t, filepath.Join(root, "c"), map[string]any{"base_model_name_or_path": "mistral/7b"}, mods),
+		writeTestAdapter(t, filepath.Join(root, "d"), map[string]any{}, mods), // names none: not compared
+	}
+	res, err := Merge(context.Background(), Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1, 1), OutputDir: filepath.Join(root, "out"), Combine: Combine{CombinationType: "cat"}}, nil)
+	require.NoError(t, err)
+	require.Len(t, res.Warnings, 1, res.Warnings)
+	assert.Contains(t, res.Warnings[0], "different base models (meta/llama-3-8b and mistral/7b")
+	assert.Contains(t, res.Warnings[0], dirs[2])
+	res, err = Merge(context.Background(), Options{Adapters: dirs[:2], Weights: ScalarWeights(1, 1), OutputDir: filepath.Join(root, "same"), Combine: Combine{CombinationType: "cat"}}, nil)
+	require.NoError(t, err)
+	assert.Empty(t, res.Warnings)
+}

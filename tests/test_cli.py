@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -154,6 +155,45 @@ def test_help_reads_like_a_manual():
         assert option in sub
 
 
+def test_every_subcommand_documents_its_arguments_and_shows_examples():
+    from gomerge.cli import build_parser
+
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(subcommands) == {"merge", "resize", "extract", "fuse", "inspect"}
+    for name, sub in subcommands.items():
+        for action in sub._actions:
+            assert action.help, f"gomerge {name}: {action.option_strings or action.dest} has no help"
+        text = gomerge(name, "--help").stdout
+        assert "examples:\n  gomerge " + name in text, text
+
+
+def test_summaries_count_in_words(dirs, tmp_path):
+    one = gomerge("merge", dirs[0], "-o", str(tmp_path / "one"))
+    assert one.stdout.startswith("merged 1 adapter (linear) into "), one.stdout
+    three = gomerge("merge", *dirs, "--method", "cat", "-o", str(tmp_path / "three"))
+    assert three.stdout.startswith("merged 3 adapters (cat) into ") and "28 modules" in three.stdout
+
+
+def test_resize_above_the_adapters_rank_keeps_its_rank(dirs, tmp_path):
+    r = gomerge("resize", dirs[1], "--rank", "16", "-o", str(tmp_path / "r16"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["rank"] == 8  # not a zero-padded rank 16
+    assert r.stderr.startswith("gomerge: warning: resize: rank 16 is above the largest rank of "), r.stderr
+    assert json.loads((tmp_path / "r16" / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_adapters_of_different_base_models_warn(dirs, tmp_path):
+    config = os.path.join(dirs[2], "adapter_config.json")
+    cfg = json.load(open(config))
+    cfg["base_model_name_or_path"] = "someone/other-base"
+    json.dump(cfg, open(config, "w"))
+    r = gomerge("merge", *dirs, "--method", "cat", "-o", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    assert "gomerge: warning: adapters " in r.stderr
+    assert "different base models (example/tiny-llama-256 and someone/other-base" in r.stderr
+
+
 def expected_kernels() -> str:
     """The kernel set the engine must choose here: GOMERGE_EXPECT_KERNELS (set by `make test-cpus` for each emulated
     CPU level) or the fastest one that /proc/cpuinfo's flags allow."""
@@ -235,7 +275,6 @@ adapters:
   - {dirs[2]}
 method: ties
 density: 0.3
-seed: 5
 output_dir: out
 """)
     r = gomerge("merge", "--recipe", str(recipe), "--json")

@@ -58,11 +58,38 @@ recipe file (YAML):
   majority_sign_method: total
   svd_rank: null
   svd_clamp: null
-  seed: 42
+  seed: null                      # the random methods only (dare_*, della*, *_dare_ties)
   dtype: bfloat16
   adapter_name: merge
   output_dir: merged              # relative to the recipe file
   overwrite: false"""
+
+
+# Each subcommand's examples, at the end of its --help.
+EXAMPLES = {
+    "merge": """\
+  gomerge merge adapters/norobots adapters/sql --weights 2 1 --method ties --density 0.2 -o merged
+  gomerge merge user/lora-a user/lora-b@v2 --method svd --svd-rank 16 -o merged --json
+  gomerge merge --recipe merge.yaml""",
+    "resize": """\
+  gomerge resize adapters/sql --rank 4 -o sql-r4
+  gomerge resize adapters/sql --energy 0.95 --max-rank 8 -o sql-e95""",
+    "extract": """\
+  gomerge extract models/base models/finetuned -o extracted --rank 64
+  gomerge extract models/base models/finetuned -o extracted --energy 0.9 --max-rank 128 --save-module norm""",
+    "fuse": """\
+  gomerge fuse models/llama adapters/sql -o llama-sql
+  gomerge fuse models/llama adapters/sql adapters/adcopy --weights 1 0.5 --method ties --density 0.2 -o fused
+  gomerge fuse models/llama adapters/sql --dry-run""",
+    "inspect": """\
+  gomerge inspect merged
+  gomerge inspect user/lora-a --revision v2 --json""",
+}
+
+
+def _epilog(command: str, before: str = "") -> str:
+    """A subcommand's epilog: `before` (the recipe format, say), then its examples."""
+    return (before + "\n\n" if before else "") + "examples:\n" + EXAMPLES[command]
 
 
 def _weight_value(text: str) -> float | list[float]:
@@ -140,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge adapters into a new adapter directory",
         description="Merge LoRA adapters into a new PEFT adapter directory. The options are those of "
         "PEFT's add_weighted_adapter.",
-        epilog=RECIPE_HELP + "\n\n" + EPILOG.split("examples:")[0].rstrip(),
+        epilog=_epilog("merge", RECIPE_HELP + "\n\n" + EPILOG.split("examples:")[0].rstrip()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     m.add_argument(
@@ -254,12 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.merge_parser = m  # for errors reported after parsing
     r = sub.add_parser(
         "resize",
+        epilog=_epilog("resize"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="re-factorise one adapter to a new rank, exactly (truncated SVD of each module's update)",
         description="Re-factorise one LoRA adapter: each module's update s B A is replaced by its best rank-R "
         "approximation (--rank), or by the smallest rank that keeps the fraction E of its squared norm (--energy), "
         "computed exactly from the factors. Mixed ranks go into rank_pattern / alpha_pattern.",
     )
-    r.add_argument("adapter", metavar="ADAPTER")
+    r.add_argument("adapter", metavar="ADAPTER", help="the adapter directory or Hub id")
     how = r.add_mutually_exclusive_group(required=True)
     how.add_argument("--rank", type=int, metavar="R", help="the new rank of every module")
     how.add_argument("--energy", type=float, metavar="E", help="the fraction of each update's energy to keep")
@@ -272,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.resize_parser = r
     e = sub.add_parser(
         "extract",
+        epilog=_epilog("extract"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="extract a LoRA adapter from a fine-tuned model and its base (randomized SVD of each dW)",
         description="Extract a LoRA adapter from a fine-tuned model: each linear module's dW = W_ft - W_base is "
         "factorised by a seeded randomized SVD, at a fixed rank (--rank) or by the energy rule (--energy). The "
@@ -317,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.extract_parser = e  # for errors reported after parsing
     f = sub.add_parser(
         "fuse",
+        epilog=_epilog("fuse"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="fuse LoRA adapters into their base model's weights (a model folder transformers loads)",
         description="Fuse LoRA adapters into the weights of their base model, W' = W + s B A as PEFT's "
         "merge_and_unload() computes it (fan_in_fan_out, embeddings, Conv2d, DoRA, lora_bias, modules_to_save), "
@@ -354,12 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.fuse_parser = f
     i = sub.add_parser(
         "inspect",
+        epilog=_epilog("inspect"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="describe an adapter: ranks, alpha, scaling, targets, dtype, size",
         description="Describe a PEFT LoRA adapter (a directory or a Hub id).",
     )
-    i.add_argument("adapter", metavar="ADAPTER")
-    i.add_argument("--revision")
-    i.add_argument("--subfolder")
+    i.add_argument("adapter", metavar="ADAPTER", help="the adapter directory or Hub id (user/repo, user/repo@revision)")
+    i.add_argument("--revision", help="Hub revision for a Hub id without @revision")
+    i.add_argument("--subfolder", help="folder of the adapter inside the directory or repository")
     i.add_argument("--json", action="store_true", help="print the description as JSON")
     return p
 
@@ -531,10 +566,15 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     elif not args.quiet:
         seed = f", seed {res.seed}" if res.seed is not None else ""
         print(
-            f"merged {len(srcs)} adapters ({res.combination_type}) into {res.output_dir}: rank {res.rank}, "
-            f"{res.modules} modules, {res.dtype}{seed}, {res.seconds:.2f} s"
+            f"merged {_n(len(srcs), 'adapter')} ({res.combination_type}) into {res.output_dir}: rank {res.rank}, "
+            f"{_n(res.modules, 'module')}, {res.dtype}{seed}, {res.seconds:.2f} s"
         )
     return EXIT_OK
+
+
+def _n(count: int, noun: str) -> str:
+    """`count` and `noun`, plural unless it is 1: "1 adapter", "3 adapters"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _rank_arg(value: str) -> int | str:
@@ -560,7 +600,7 @@ def _resize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         ranks = sorted(res.module_ranks.values())
         worst = max(res.module_errors.values(), default=0.0)
         print(
-            f"resized {args.adapter} into {res.output_dir}: {res.modules} modules, ranks {ranks[0]}-{ranks[-1]} "
+            f"resized {args.adapter} into {res.output_dir}: {_n(res.modules, 'module')}, ranks {ranks[0]}-{ranks[-1]} "
             f"(r={res.rank}), largest relative error {worst:.3g}, {res.seconds:.2f} s"
         )
     return EXIT_OK
@@ -628,7 +668,7 @@ def _extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         worst = max(res.module_errors.values(), default=0.0)
         saved = f", {len(res.modules_to_save)} saved whole" if res.modules_to_save else ""
         print(
-            f"extracted {res.modules} modules from {options['finetuned']} into {res.output_dir}: rank {res.rank} "
+            f"extracted {_n(res.modules, 'module')} from {options['finetuned']} into {res.output_dir}: rank {res.rank} "
             f"(ranks {ranks[0]}-{ranks[-1]}), largest relative error {worst:.3g}, {len(res.unchanged)} unchanged "
             f"skipped{saved}, {res.seconds:.2f} s"
         )
@@ -699,8 +739,9 @@ def _fuse(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print(f"dry run: {len(res.changed)} of {res.tensors} tensors would change; nothing was written")
         else:
             print(
-                f"fused {len(res.adapters)} adapter(s) into {res.output_dir}: {len(res.changed)} of {res.tensors} "
-                f"tensors changed, {len(res.shards)} shard(s), {res.total_size / 2**20:.1f} MiB, {res.seconds:.2f} s"
+                f"fused {_n(len(res.adapters), 'adapter')} into {res.output_dir}: {len(res.changed)} of "
+                f"{_n(res.tensors, 'tensor')} changed, {_n(len(res.shards), 'shard')}, "
+                f"{res.total_size / 2**20:.1f} MiB, {res.seconds:.2f} s"
             )
     return EXIT_OK
 

@@ -461,7 +461,9 @@ def resize(
 
     Args:
         adapter (`str | os.PathLike`): the adapter directory (or Hub id).
-        rank (`int`, *optional*): the new rank of every module (modules of lower rank are zero-padded).
+        rank (`int`, *optional*): the new rank of every module (modules of lower rank are zero-padded). A rank
+            above the adapter's largest module rank would only add zeros: it is lowered to that rank, with a
+            warning.
         energy (`float`, *optional*): instead of `rank`: the fraction of each update's energy to keep, in (0, 1].
         max_rank (`int`, *optional*): cap of every module's rank.
         output_dir (`str | os.PathLike`): where to write the resized adapter.
@@ -479,6 +481,17 @@ def resize(
         raise ValueError("resize: give exactly one of rank= and energy=")
     if energy is not None and (isinstance(energy, bool) or not isinstance(energy, numbers.Real)):
         raise TypeError(f"energy: expected a number, got {type(energy).__name__}")
+    if isinstance(rank, numbers.Integral) and not isinstance(rank, bool):
+        with ExitStack() as stack:
+            ranks = _native.inspect_adapter(sources.resolve(os.fspath(adapter), stack))["ranks"]
+        largest = max(map(int, ranks), default=0)
+        if 0 < largest < rank:
+            warnings.warn(
+                f"resize: rank {rank} is above the largest rank of {os.fspath(adapter)}, {largest}: a higher rank "
+                f"would only add zeros; resizing to rank {largest}",
+                stacklevel=2,
+            )
+            rank = largest
     svd_rank = rank if energy is None else f"energy:{float(energy)!r}"
     try:
         return add_weighted_adapter(
