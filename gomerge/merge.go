@@ -54,6 +54,9 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 		a.file.AllowNonFinite = opts.AllowNonFinite
 	}
 	res.Warnings = append(res.Warnings, baseModelWarnings(opts.Adapters, adapters)...)
+	for i, a := range adapters {
+		res.Warnings = append(res.Warnings, opts.Weights[i].unusedPatterns(i, opts.Adapters[i], a.Order)...)
+	}
 	for i, dir := range opts.Adapters {
 		a := adapters[i]
 		if len(a.Extra) > 0 {

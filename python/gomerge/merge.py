@@ -210,7 +210,8 @@ def add_weighted_adapter(
             pattern, a regular expression, matches the whole module name or its end after a dot: `r"mlp\\..*"`
             matches `model.layers.0.mlp.up_proj`, `"mlp"` alone does not). Every module of the adapter must match
             a pattern (end with `".*"` as a catch-all), or the merge is a `ValueError` naming the module, raised
-            before anything is written. A pattern's value may be a list of numbers: a gradient over the layers, as
+            before anything is written; a pattern that gives no module its weight is a warning naming it. A
+            pattern's value may be a list of numbers: a gradient over the layers, as
             in mergekit, spread evenly from layer 0 to the merge's last layer (a module's layer is the first number
             between dots in its name) and interpolated linearly in between; a list of numbers in place of the dict
             is a gradient for every module. For example `[{r"self_attn\\..*": 1.0, r"mlp\\..*": 0.0},
