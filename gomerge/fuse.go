@@ -160,6 +160,9 @@ func Fuse(ctx context.Context, opts FuseOptions, progress *Progress) (*FuseResul
 		return nil, err
 	}
 	res := plan.result(&opts)
+	for i, a := range adapters {
+		res.Warnings = append(res.Warnings, opts.Weights[i].unusedPatterns(i, opts.Adapters[i], a.Order)...)
+	}
 	if opts.oneAdapterMethod != "" {
 		res.Warnings = append(res.Warnings, fmt.Sprintf("one adapter only: combination_type %q is not used (nothing to merge); the adapter is fused as it is", opts.oneAdapterMethod))
 	}

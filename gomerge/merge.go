@@ -53,6 +53,10 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 	for _, a := range adapters {
 		a.file.AllowNonFinite = opts.AllowNonFinite
 	}
+	res.Warnings = append(res.Warnings, baseModelWarnings(opts.Adapters, adapters)...)
+	for i, a := range adapters {
+		res.Warnings = append(res.Warnings, opts.Weights[i].unusedPatterns(i, opts.Adapters[i], a.Order)...)
+	}
 	for i, dir := range opts.Adapters {
 		a := adapters[i]
 		if len(a.Extra) > 0 {
@@ -324,4 +328,25 @@ func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt D
 type moduleOutcome struct {
 	rank   int
 	relErr float64
+}
+
+// baseModelWarnings warns, once per other base, about adapters whose
+// configs name another base model (base_model_name_or_path) than the first
+// adapter's: their merge is rarely meaningful. Adapters that name none are
+// not compared.
+func baseModelWarnings(dirs []string, adapters []*Adapter) []string {
+	var warnings []string
+	first := adapters[0].Config.BaseModel
+	seen := map[string]bool{first: true, "": true}
+	for i, a := range adapters[1:] {
+		base := a.Config.BaseModel
+		if first == "" || seen[base] {
+			continue
+		}
+		seen[base] = true
+		warnings = append(warnings, fmt.Sprintf("adapters %s and %s name different base models (%s and %s, "+
+			"base_model_name_or_path): merging adapters trained on different bases is rarely meaningful; check the sources",
+			dirs[0], dirs[i+1], first, base))
+	}
+	return warnings
 }

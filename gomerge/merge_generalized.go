@@ -78,10 +78,6 @@ func (o *Combine) validateGeneralized() error {
 	if _, ok := mergekitMethods[o.method.Name]; !ok {
 		return nil
 	}
-	if o.MajoritySignMethod != kernels.SignTotal {
-		return valueErr("majority_sign_method: combination_type %q elects signs as mergekit does (the sign of the "+
-			"weighted sum) and does not take majority_sign_method %q", o.method.Name, o.MajoritySignMethod)
-	}
 	if o.method.Pruning == PruneDELLA && o.Density != nil {
 		d, e := *o.Density, DefaultEpsilon
 		if o.Epsilon != nil {

@@ -187,7 +187,7 @@ func TestMergeErrors(t *testing.T) {
 		{"overwrite non-adapter", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: existing, Overwrite: true}, KindFileExists, "not an adapter"},
 		{"output is input", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: dirs[1]}, KindValue, "also an input"},
 		{"svd rank", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{SVDRank: &RankSpec{Fixed: neg}}}, KindValue, "svd_rank"},
-		{"energy for a factor-wise type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "linear", SVDRank: &RankSpec{Energy: 0.9}}}, KindValue, "does not factorise"},
+		{"energy for a factor-wise type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "linear", SVDRank: &RankSpec{Energy: 0.9}}}, KindValue, `svd_rank: combination_type "linear" does not take svd_rank`},
 		{"energy for a pruned svd type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "ties_svd", Density: new(0.5), SVDRank: &RankSpec{Energy: 0.9}}}, KindValue, "randomized SVD"},
 		{"max rank for cat", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "cat", MaxRank: &one}}, KindValue, "does not take max_rank"},
 		{"max rank zero", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{MaxRank: new(0)}}, KindValue, "max_rank"},
@@ -252,4 +252,24 @@ func TestPlanWorkersRefusesWhatCannotFit(t *testing.T) {
 	w, err = planWorkers(Options{Workers: 7, Combine: Combine{CombinationType: "linear"}}, []moduleJob{big}, 1<<40)
 	require.NoError(t, err)
 	assert.Equal(t, 7, w)
+}
+
+func TestDifferentBaseModelsWarn(t *testing.T) {
+	root := t.TempDir()
+	rng := rand.New(rand.NewPCG(3, 4))
+	mods := map[string]testModule{"m.q": {a: randTensor(rng, 4, 6), b: randTensor(rng, 5, 4)}}
+	dirs := []string{
+		writeTestAdapter(t, filepath.Join(root, "a"), map[string]any{"base_model_name_or_path": "meta/llama-3-8b"}, mods),
+		writeTestAdapter(t, filepath.Join(root, "b"), map[string]any{"base_model_name_or_path": "meta/llama-3-8b"}, mods),
+		writeTestAdapter(t, filepath.Join(root, "c"), map[string]any{"base_model_name_or_path": "mistral/7b"}, mods),
+		writeTestAdapter(t, filepath.Join(root, "d"), map[string]any{}, mods), // names none: not compared
+	}
+	res, err := Merge(context.Background(), Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1, 1), OutputDir: filepath.Join(root, "out"), Combine: Combine{CombinationType: "cat"}}, nil)
+	require.NoError(t, err)
+	require.Len(t, res.Warnings, 1, res.Warnings)
+	assert.Contains(t, res.Warnings[0], "different base models (meta/llama-3-8b and mistral/7b")
+	assert.Contains(t, res.Warnings[0], dirs[2])
+	res, err = Merge(context.Background(), Options{Adapters: dirs[:2], Weights: ScalarWeights(1, 1), OutputDir: filepath.Join(root, "same"), Combine: Combine{CombinationType: "cat"}}, nil)
+	require.NoError(t, err)
+	assert.Empty(t, res.Warnings)
 }

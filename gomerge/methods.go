@@ -172,6 +172,16 @@ var methods = []Method{
 			"sum_i w_i S V_i^T, D = scaling * U X (density 1: task arithmetic)"},
 }
 
+// The random methods read seed: it is added to their Params here, so that
+// the parameters and Random cannot disagree.
+func init() {
+	for i, m := range methods {
+		if m.Random {
+			methods[i].Params = append(slices.Clone(m.Params), "seed")
+		}
+	}
+}
+
 // Methods returns the method table, in the order of the docs.
 func Methods() []Method {
 	out := slices.Clone(methods)

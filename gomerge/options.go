@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"gomerge/gomerge/kernels"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -128,15 +129,15 @@ func (o *Combine) Validate() error {
 		return err
 	}
 	o.method = m
-	// gomerge's own parameters are refused by the methods that do not read them (PEFT's are accepted by every
-	// PEFT type, as PEFT accepts them)
-	for _, p := range []struct {
-		name string
-		set  bool
-	}{{"lambda", o.Lambda != nil}, {"max_rank", o.MaxRank != nil}, {"gamma", o.Gamma != nil}, {"epsilon", o.Epsilon != nil},
-		{"scaling", o.Scaling != nil}, {"common_fraction", o.CommonFraction != nil}} {
-		if p.set && !m.takes(p.name) {
-			return valueErr("%s: combination_type %q does not take %s (it takes: %s)", p.name, m.Name, p.name, strings.Join(m.Params, ", "))
+	// every parameter is refused by the methods that do not read it (the table's Params), from the API, the
+	// command line and recipes alike; PEFT's drop-in passes only what the method takes, as PEFT ignores the rest
+	for _, name := range o.setParams() {
+		if !m.takes(name) {
+			takes := "none of them"
+			if len(m.Params) > 0 {
+				takes = strings.Join(m.Params, ", ")
+			}
+			return valueErr("%s: combination_type %q does not take %s (it takes: %s)", name, m.Name, name, takes)
 		}
 	}
 	if m.NeedsDensity() {
@@ -179,6 +180,29 @@ func (o *Combine) Validate() error {
 	return o.validateGeneralized()
 }
 
+// setParams lists the combination arguments that are set: given, and for
+// the two that PEFT's signature gives a default (svd_full_matrices=True,
+// majority_sign_method="total"), given another value.
+func (o *Combine) setParams() []string {
+	var set []string
+	for _, p := range []struct {
+		name string
+		set  bool
+	}{
+		{"svd_rank", o.SVDRank != nil}, {"max_rank", o.MaxRank != nil}, {"svd_clamp", o.SVDClamp != nil},
+		{"svd_full_matrices", o.SVDFullMatrices != nil && !*o.SVDFullMatrices}, {"svd_driver", o.SVDDriver != nil},
+		{"density", o.Density != nil},
+		{"majority_sign_method", o.MajoritySignMethod != "" && o.MajoritySignMethod != kernels.SignTotal},
+		{"seed", o.Seed != nil}, {"lambda", o.Lambda != nil}, {"gamma", o.Gamma != nil}, {"epsilon", o.Epsilon != nil},
+		{"scaling", o.Scaling != nil}, {"common_fraction", o.CommonFraction != nil},
+	} {
+		if p.set {
+			set = append(set, p.name)
+		}
+	}
+	return set
+}
+
 // validateRank checks svd_rank and max_rank against the method.
 func (o *Combine) validateRank() error {
 	if o.MaxRank != nil && *o.MaxRank <= 0 {
@@ -191,16 +215,11 @@ func (o *Combine) validateRank() error {
 	if r.Energy == 0 && r.Fixed <= 0 {
 		return valueErr("svd_rank: must be a positive integer, an energy rule such as \"energy:0.99\", or None, got %d", r.Fixed)
 	}
-	if r.Energy > 0 {
-		switch o.method.family(o.SVDRank) {
-		case FamilySVD, FamilySpan:
-		case FamilyDenseSVD:
-			return valueErr("svd_rank: the energy rule needs the exact spectrum, and combination_type %q factorises a pruned "+
-				"dense update by a randomized SVD: give an integer svd_rank", o.CombinationType)
-		default:
-			return valueErr("svd_rank: combination_type %q does not factorise its result; the energy rule applies to "+
-				"svd, task_arithmetic and the span methods (iso_c, iso_cts, tsv, core_ties, core_tsv)", o.CombinationType)
-		}
+	// the methods that take svd_rank factorise their result: exactly (svd, task_arithmetic, the span methods), or
+	// a pruned dense update by a randomized SVD, which has no exact spectrum for the energy rule
+	if r.Energy > 0 && o.method.family(o.SVDRank) == FamilyDenseSVD {
+		return valueErr("svd_rank: the energy rule needs the exact spectrum, and combination_type %q factorises a pruned "+
+			"dense update by a randomized SVD: give an integer svd_rank", o.CombinationType)
 	}
 	return nil
 }

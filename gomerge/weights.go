@@ -242,6 +242,60 @@ func (w Weight) resolve(i int, dir, module string, layers int) (float64, error) 
 		"such as '.*' as the last pattern%s", i, module, i, dir, quotePatterns(w.Patterns), substringHint(w.Patterns, module))
 }
 
+// unusedPatterns warns about the patterns of adapter i's per-module weight
+// that give no module of the adapter (its modules in order) their weight:
+// a pattern that matches none of them (a mistyped name, or one that only
+// occurs inside the names, which PEFT's anchoring does not match), or one
+// whose modules all take an earlier pattern's weight. Such a pattern has no
+// effect, which is rarely what was meant.
+func (w Weight) unusedPatterns(i int, dir string, modules []string) []string {
+	if !w.PerModule() {
+		return nil
+	}
+	used := make([]bool, len(w.Patterns))
+	matched := make([]bool, len(w.Patterns))
+	res := make([]*regexp.Regexp, len(w.Patterns))
+	for k, p := range w.Patterns {
+		if res[k] = p.re; res[k] == nil { // not compiled by validate (fuse's stacked adapters)
+			var err error
+			if res[k], err = CompilePattern(p.Pattern); err != nil {
+				return nil // resolve reports it
+			}
+		}
+	}
+	for _, module := range modules {
+		first := true
+		for k := range w.Patterns {
+			if !res[k].MatchString(module) {
+				continue
+			}
+			matched[k] = true
+			if first {
+				used[k], first = true, false
+			}
+		}
+	}
+	var warnings []string
+	for k, p := range w.Patterns {
+		switch {
+		case used[k]:
+		case matched[k]:
+			warnings = append(warnings, fmt.Sprintf("weights[%d]: pattern '%s' gives no module of adapter %d (%s) its weight: "+
+				"every module it matches matches an earlier pattern first", i, p.Pattern, i, dir))
+		default:
+			hint := ""
+			for _, module := range modules {
+				if hint = substringHint([]WeightPattern{p}, module); hint != "" {
+					break
+				}
+			}
+			warnings = append(warnings, fmt.Sprintf("weights[%d]: pattern '%s' matches no module of adapter %d (%s)%s",
+				i, p.Pattern, i, dir, hint))
+		}
+	}
+	return warnings
+}
+
 // quotePatterns lists the patterns for an error message, as written (no
 // escapes doubled: 'self_attn\..*').
 func quotePatterns(ps []WeightPattern) string {

@@ -248,7 +248,11 @@ func TestMergePerModuleWeights(t *testing.T) {
 	for _, ct := range []string{"cat", "task_arithmetic", "svd"} {
 		t.Run(ct, func(t *testing.T) {
 			out := filepath.Join(root, "out-"+ct)
-			_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: weights, OutputDir: out, Combine: Combine{CombinationType: ct, SVDRank: &RankSpec{Fixed: 8}}}, nil)
+			combine := Combine{CombinationType: ct, SVDRank: &RankSpec{Fixed: 8}}
+			if ct == "cat" {
+				combine.SVDRank = nil // cat takes no svd_rank; its rank is the sum of the ranks, 8
+			}
+			_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: weights, OutputDir: out, Combine: combine}, nil)
 			require.NoError(t, err) // svd_rank 8 = the sum of the ranks: task_arithmetic and svd stay exact
 			merged, err := LoadAdapter(out)
 			require.NoError(t, err)
@@ -320,4 +324,23 @@ func TestValidateDoesNotWriteIntoTheCallersWeights(t *testing.T) {
 	require.NoError(t, opts.validate())
 	assert.Nil(t, w[0].Patterns[0].re)
 	assert.NotNil(t, opts.Weights[0].Patterns[0].re)
+}
+
+func TestPatternsThatGiveNoModuleTheirWeightWarn(t *testing.T) {
+	root := t.TempDir()
+	dirs, _ := writeLayered(t, root, 2)
+	weights := Weights{
+		perModule(`self_attn`, 1.0, `.*`, 0.0),                                  // inside the names, not at their end
+		perModule(`mlp\..*`, 1.0, `.*`, 0.5, `layers\.0\..*`, 2.0, `nope`, 3.0), // shadowed by '.*'; matches nothing
+	}
+	res, err := Merge(context.Background(), Options{Adapters: dirs, Weights: weights, OutputDir: filepath.Join(root, "out"), Combine: Combine{CombinationType: "cat"}}, nil)
+	require.NoError(t, err)
+	require.Len(t, res.Warnings, 3, res.Warnings)
+	assert.Contains(t, res.Warnings[0], "weights[0]: pattern 'self_attn' matches no module of adapter 0 ("+dirs[0]+")")
+	assert.Contains(t, res.Warnings[0], "write '.*self_attn.*' to match it anywhere")
+	assert.Contains(t, res.Warnings[1], `weights[1]: pattern 'layers\.0\..*' gives no module of adapter 1`)
+	assert.Contains(t, res.Warnings[2], "weights[1]: pattern 'nope' matches no module of adapter 1")
+	res, err = Merge(context.Background(), Options{Adapters: dirs, Weights: Weights{perModule(`self_attn\..*`, 1.0, `.*`, 0.0), {Value: 1}}, OutputDir: filepath.Join(root, "used"), Combine: Combine{CombinationType: "cat"}}, nil)
+	require.NoError(t, err)
+	assert.Empty(t, res.Warnings)
 }

@@ -6,6 +6,7 @@ import json
 import os
 import struct
 import sys
+import warnings
 
 import pytest
 import torch
@@ -107,3 +108,52 @@ def test_forked_child_is_refused_not_hung(tmp_path):
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
     assert not (tmp_path / "child").exists()
+
+
+def test_results_print_as_a_short_summary(tmp_path):
+    dirs = write_all(str(tmp_path / "adapters"))
+    res = gomerge.add_weighted_adapter(dirs, [1.0, 1.0, 1.0], "m", "svd", output_dir=tmp_path / "out")
+    text = str(res)
+    assert text == repr(res) and "\n" not in text and len(text) < 300, text
+    assert "rank=8" in text and "modules=28" in text and "module_ranks=<28 items>" in text
+    assert len(res.module_ranks) == len(res.module_errors) == 28  # the details stay in the attributes
+    many = {f"model.layers.{i}.mlp.down_proj": 4 for i in range(500)}
+    extract = gomerge.ExtractResult("o", 4, 500, "float32", 1.0, 0, module_ranks=many, unchanged=list(many))
+    assert "module_ranks=<500 items>" in repr(extract) and "unchanged=<500 items>" in repr(extract)
+    assert len(repr(extract)) < 300 and extract.module_ranks is many
+    changed = [{"tensor": name, "ops": ["lora"]} for name in many]
+    fuse = gomerge.FuseResult(
+        "o", "base", ["a", "b"], "cat", False, 500, changed, ["model.safetensors"], 1, False, False, 1.0
+    )
+    assert "adapters=['a', 'b']" in repr(fuse) and "changed=<500 items>" in repr(fuse) and len(repr(fuse)) < 400
+
+
+def test_without_tqdm_a_long_job_hints_once(tmp_path, monkeypatch):
+    from gomerge import _native
+
+    dirs = write_all(str(tmp_path / "adapters"))
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    monkeypatch.setattr(_native, "_hinted", False)
+    _native._tqdm.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"no progress bar: tqdm is not installed \(pip install tqdm"):
+            gomerge.add_weighted_adapter(dirs, [1.0, 1.0, 1.0], "m", "cat", output_dir=tmp_path / "a", progress=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per process
+            gomerge.add_weighted_adapter(dirs, [1.0, 1.0, 1.0], "m", "cat", output_dir=tmp_path / "b", progress=True)
+    finally:
+        _native._tqdm.cache_clear()
+
+
+def test_tqdm_auto_only_with_ipywidgets(monkeypatch):
+    """tqdm.auto in Jupyter without ipywidgets warns a TqdmWarning: plain tqdm is used then."""
+    tqdm = pytest.importorskip("tqdm")
+    from gomerge import _native
+
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)
+    _native._tqdm.cache_clear()
+    try:
+        assert _native._tqdm() is tqdm.tqdm
+    finally:
+        _native._tqdm.cache_clear()

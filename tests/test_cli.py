@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -90,11 +91,49 @@ def test_errors_are_one_line_with_exit_codes(args, code, text, tmp_path):
     assert r.stderr.startswith("gomerge: error: ")
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["merge", "a", "b"],
+        ["resize", "a", "--rank", "4"],
+        ["extract", "base", "finetuned", "--rank", "4"],
+        ["fuse", "base", "a"],
+    ],
+)
+def test_every_writing_command_requires_an_output_dir(args, tmp_path):
+    r = gomerge(*args, cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.startswith("gomerge: error: give -o/--output-dir") and f"gomerge {args[0]} --help" in r.stderr
+    assert r.stderr.count("\n") == 1 and os.listdir(tmp_path) == []  # nothing written, no ./merged
+
+
 def test_existing_output_fails_cleanly(dirs, tmp_path):
     (tmp_path / "o").mkdir()
     r = gomerge("merge", *dirs, "-o", str(tmp_path / "o"))
     assert r.returncode == 1 and "--overwrite" not in r.stdout and "already exists" in r.stderr
     assert gomerge("merge", *dirs, "-o", str(tmp_path / "o"), "--overwrite").returncode == 0
+
+
+def test_errors_and_warnings_speak_in_flags(dirs, tmp_path):
+    (tmp_path / "o").mkdir()
+    r = gomerge("merge", *dirs, "-o", str(tmp_path / "o"))
+    assert "pass --overwrite to replace it" in r.stderr and "overwrite=True" not in r.stderr
+    r = gomerge("merge", *dirs, "--method", "svd", "--svd-rank", "0", "-o", str(tmp_path / "x"))
+    assert r.stderr.startswith("gomerge: error: --svd-rank: must be a positive integer"), r.stderr
+    assert "svd_rank" not in r.stderr and "None" not in r.stderr
+    r = gomerge("resize", dirs[0], "--rank", "0", "-o", str(tmp_path / "x"))
+    assert r.returncode == 1 and r.stderr.startswith("gomerge: error: --rank: must be a positive integer"), r.stderr
+    r = gomerge("resize", dirs[0], "--energy", "1.5", "-o", str(tmp_path / "x"))
+    assert r.stderr.startswith("gomerge: error: --energy: 1.5: "), r.stderr
+    r = gomerge("merge", *dirs, "--method", "ties", "--lambda", "2", "--density", "0.5", "-o", str(tmp_path / "x"))
+    assert '--lambda: --method "ties" does not take --lambda (it takes: --density, --majority-sign-method' in r.stderr
+    r = gomerge("merge", dirs[0], "--method", "ties", "--density", "0.5", "-o", str(tmp_path / "one"))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == 'gomerge: warning: one adapter only: --method "ties" is replaced by "linear", as PEFT does\n'
+    # with a recipe, the messages keep the recipe's key names
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"adapters:\n  - source: {dirs[0]}\n  - source: {dirs[1]}\nsvd_rank: 0\noutput_dir: y\n")
+    assert "svd_rank: must be a positive integer" in gomerge("merge", "--recipe", str(recipe)).stderr
 
 
 def test_help_reads_like_a_manual():
@@ -114,6 +153,45 @@ def test_help_reads_like_a_manual():
         "recipe file (YAML)",
     ):
         assert option in sub
+
+
+def test_every_subcommand_documents_its_arguments_and_shows_examples():
+    from gomerge.cli import build_parser
+
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(subcommands) == {"merge", "resize", "extract", "fuse", "inspect"}
+    for name, sub in subcommands.items():
+        for action in sub._actions:
+            assert action.help, f"gomerge {name}: {action.option_strings or action.dest} has no help"
+        text = gomerge(name, "--help").stdout
+        assert "examples:\n  gomerge " + name in text, text
+
+
+def test_summaries_count_in_words(dirs, tmp_path):
+    one = gomerge("merge", dirs[0], "-o", str(tmp_path / "one"))
+    assert one.stdout.startswith("merged 1 adapter (linear) into "), one.stdout
+    three = gomerge("merge", *dirs, "--method", "cat", "-o", str(tmp_path / "three"))
+    assert three.stdout.startswith("merged 3 adapters (cat) into ") and "28 modules" in three.stdout
+
+
+def test_resize_above_the_adapters_rank_keeps_its_rank(dirs, tmp_path):
+    r = gomerge("resize", dirs[1], "--rank", "16", "-o", str(tmp_path / "r16"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["rank"] == 8  # not a zero-padded rank 16
+    assert r.stderr.startswith("gomerge: warning: resize: rank 16 is above the largest rank of "), r.stderr
+    assert json.loads((tmp_path / "r16" / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_adapters_of_different_base_models_warn(dirs, tmp_path):
+    config = os.path.join(dirs[2], "adapter_config.json")
+    cfg = json.load(open(config))
+    cfg["base_model_name_or_path"] = "someone/other-base"
+    json.dump(cfg, open(config, "w"))
+    r = gomerge("merge", *dirs, "--method", "cat", "-o", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    assert "gomerge: warning: adapters " in r.stderr
+    assert "different base models (example/tiny-llama-256 and someone/other-base" in r.stderr
 
 
 def expected_kernels() -> str:
@@ -173,7 +251,7 @@ def test_unknown_or_unavailable_kernels_are_clear_errors(dirs, tmp_path):
     assert version.returncode == 2
     assert 'GOMERGE_KERNELS="neon" is not a kernel set' in version.stderr
     merged = gomerge("merge", *dirs, "--method", "linear", "-o", str(tmp_path / "out"), env=env)
-    assert merged.returncode != 0 and "GOMERGE_KERNELS" in merged.stderr
+    assert merged.returncode == 2 and "GOMERGE_KERNELS" in merged.stderr  # an environment error, as for --version
     assert not (tmp_path / "out").exists()
     script = (
         "import gomerge\ntry:\n    gomerge.engine_kernels()\nexcept ValueError as e:\n    print('ValueError:', e)\n"
@@ -200,7 +278,6 @@ adapters:
   - {dirs[2]}
 method: ties
 density: 0.3
-seed: 5
 output_dir: out
 """)
     r = gomerge("merge", "--recipe", str(recipe), "--json")

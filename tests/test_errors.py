@@ -176,3 +176,46 @@ def test_parent_of_named_adapters_suggests_the_subfolders(tmp_path):
     shutil.copytree(dirs[0], parent / "norobots")
     with pytest.raises(FileNotFoundError, match="these subfolders are adapters: .*saved/norobots"):
         gomerge.add_weighted_adapter([str(parent), dirs[1]], [1.0, 1.0], "m", output_dir=tmp_path / "o")
+
+
+@pytest.mark.parametrize(
+    "method,kwargs,name",
+    [
+        ("ties", dict(density=0.5, seed=3), "seed"),
+        ("svd", dict(density=0.5), "density"),
+        ("ties", dict(density=0.5, svd_rank=4), "svd_rank"),
+        ("linear", dict(svd_clamp=0.9), "svd_clamp"),
+        ("cat", dict(majority_sign_method="frequency"), "majority_sign_method"),
+        ("magnitude_prune", dict(density=0.5, svd_driver="gesvd"), "svd_driver"),
+    ],
+)
+def test_a_method_refuses_every_parameter_it_does_not_take(dirs, tmp_path, method, kwargs, name):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=f'^{name}: combination_type "{method}" does not take {name} '):
+        gomerge.add_weighted_adapter(dirs, [1.0, 1.0, 1.0], "m", method, output_dir=out, **kwargs)
+    assert not out.exists()
+
+
+def test_unread_parameters_are_refused_from_the_cli_and_recipes(dirs, tmp_path):
+    import subprocess
+
+    env = dict(
+        os.environ, PYTHONPATH=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+    )
+    cli = [sys.executable, "-m", "gomerge", "merge", *dirs, "-o", str(tmp_path / "out")]
+    for args, text in (
+        (["--method", "ties", "--density", "0.5", "--seed", "1"], '--seed: --method "ties" does not take --seed'),
+        (["--method", "svd", "--density", "0.5"], '--density: --method "svd" does not take --density'),
+        (["--method", "ties", "--density", "0.5", "--svd-rank", "4"], '--svd-rank: --method "ties" does not take'),
+    ):
+        r = subprocess.run(cli + args, capture_output=True, text=True, env=env)
+        assert r.returncode == 1 and text in r.stderr, r.stderr
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "adapters:\n" + "".join(f"  - {d}\n" for d in dirs) + "method: svd\ndensity: 0.5\noutput_dir: o\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "gomerge", "merge", "--recipe", str(recipe)], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 1 and 'density: combination_type "svd" does not take density' in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()

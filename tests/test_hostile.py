@@ -319,11 +319,15 @@ def test_sigkill_at_random_points_never_leaves_partial_output(tmp_path):
     print(f"kill trials: {outcomes}")
 
 
+# each method's arguments: ties prunes, svd and cat take no density
+KW = {"svd": {}, "ties": {"density": 0.5}, "cat": {}}
+
+
 def test_many_threads_at_once_give_correct_results(tmp_path):
     dirs = write_all(str(tmp_path / "in"))
     reference = {}
     for ct in ("svd", "ties", "cat"):
-        gomerge.add_weighted_adapter(dirs, [2.0, 1.0, 1.0], "m", ct, density=0.5, output_dir=tmp_path / f"ref-{ct}")
+        gomerge.add_weighted_adapter(dirs, [2.0, 1.0, 1.0], "m", ct, output_dir=tmp_path / f"ref-{ct}", **KW[ct])
         reference[ct] = open(tmp_path / f"ref-{ct}" / "adapter_model.safetensors", "rb").read()
     errors = []
 
@@ -331,7 +335,7 @@ def test_many_threads_at_once_give_correct_results(tmp_path):
         ct = ("svd", "ties", "cat")[i % 3]
         try:
             out = tmp_path / f"t{i}"
-            gomerge.add_weighted_adapter(dirs, [2.0, 1.0, 1.0], "m", ct, density=0.5, output_dir=out)
+            gomerge.add_weighted_adapter(dirs, [2.0, 1.0, 1.0], "m", ct, output_dir=out, **KW[ct])
             assert open(out / "adapter_model.safetensors", "rb").read() == reference[ct]
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
@@ -357,9 +361,8 @@ def test_long_loop_does_not_grow_memory(tmp_path):
         )
     before = _rss_mib()
     for i in range(200):
-        gomerge.add_weighted_adapter(
-            dirs, [1.0] * 3, "m", ("ties", "svd", "cat")[i % 3], density=0.5, output_dir=tmp_path / "o", overwrite=True
-        )
+        ct = ("ties", "svd", "cat")[i % 3]
+        gomerge.add_weighted_adapter(dirs, [1.0] * 3, "m", ct, output_dir=tmp_path / "o", overwrite=True, **KW[ct])
     growth = _rss_mib() - before
     print(f"RSS growth over 200 merges: {growth:.1f} MiB")
     assert growth < 64

@@ -324,3 +324,19 @@ def test_recipe_checker_names_file_line_and_key(adapters, tmp_path, weight, line
     assert text in str(info.value)
     r = gomerge_cli("merge", "--recipe", str(path))
     assert r.returncode == 2 and text in r.stderr
+
+
+def test_a_pattern_that_matches_no_module_warns(adapters, tmp_path):
+    """'self_attn' occurs inside the module names but, by PEFT's anchoring, matches none: every module falls to
+    '.*=0'. The merge runs, with a warning naming the pattern (from the API and the command line)."""
+    with pytest.warns(
+        UserWarning, match=r"weights\[0\]: pattern 'self_attn' matches no module of adapter 0 .*'\.\*self_attn\.\*'"
+    ):
+        gomerge.add_weighted_adapter(
+            adapters, [{"self_attn": 1.0, ".*": 0.0}, 1.0, 1.0], "m", "cat", output_dir=str(tmp_path / "api")
+        )
+    r = gomerge_cli(
+        "merge", *adapters, "--weights", "self_attn=1,.*=0", "1", "1", "--method", "cat", "-o", str(tmp_path / "o")
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith("gomerge: warning: weights[0]: pattern 'self_attn' matches no module"), r.stderr

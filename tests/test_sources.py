@@ -133,9 +133,10 @@ def test_keyboard_interrupt_in_process_leaves_nothing_and_interpreter_works(tmp_
 
 
 def test_missing_optional_libraries_are_clear_errors(tmp_path, monkeypatch):
-    """Without huggingface_hub a Hub id, and without torch an adapter_model.bin, are ImportErrors saying what to do."""
+    """Without huggingface_hub a Hub id is a missing directory that says what to do; without torch an
+    adapter_model.bin is an ImportError saying what to do."""
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
-    with pytest.raises(ImportError, match="pip install huggingface_hub"):
+    with pytest.raises(FileNotFoundError, match="someone/repo: no such directory; .*pip install huggingface_hub"):
         gomerge.add_weighted_adapter(["someone/repo"], [1.0], "m", output_dir=tmp_path / "o")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -145,3 +146,33 @@ def test_missing_optional_libraries_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="safe_serialization=True"):
         gomerge.add_weighted_adapter([str(bin_dir)], [1.0], "m", output_dir=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_mistyped_path_is_a_missing_directory_first(tmp_path, monkeypatch):
+    """A path with a slash reads as a Hub id too: when the Hub cannot give it, adapters, base and fine-tuned models
+    alike (one resolver) are FileNotFoundErrors that say "no such directory", then why the Hub id did not resolve."""
+    import huggingface_hub
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    dirs = write_all(str(tmp_path / "adapters"))
+    monkeypatch.chdir(tmp_path)
+    typo = "adapters/norobot"  # relative, with a slash: the shape of a Hub id
+    with pytest.raises(FileNotFoundError, match="adapter adapters/norobot: no such directory; read as the Hub id"):
+        gomerge.add_weighted_adapter([typo, dirs[1]], [1.0, 1.0], "m", output_dir="o")
+    with pytest.raises(FileNotFoundError, match="base model models/llama: no such directory; .*could not be reached"):
+        gomerge.fuse("models/llama", [dirs[0]], output_dir="f")
+    with pytest.raises(FileNotFoundError, match="finetuned model models/ft: no such directory"):
+        gomerge.extract(dirs[0], "models/ft", "e", rank=2)
+    assert sorted(os.listdir(tmp_path)) == ["adapters"]
+
+
+def test_a_mistyped_path_from_the_cli(tmp_path):
+    cache = tmp_path / "empty-cache"
+    cache.mkdir()
+    r = run_cli(
+        "merge", "adapters/norobot", "-o", "o", cwd=tmp_path, env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    )
+    assert r.returncode == 1 and r.stderr.startswith("gomerge: error: adapter adapters/norobot: no such directory")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
+import warnings
 from typing import Any
 
 from ._errors import raise_engine_error
@@ -91,17 +93,22 @@ def run_job(job: int, progress: bool | None, min_modules: int = 64, unit: str = 
     Args:
         job (`int`): the job id.
         progress (`bool`, *optional*): force the progress bar on or off; by default it is shown for jobs of at least
-            `min_modules` modules when tqdm is installed.
+            `min_modules` modules when tqdm is installed. Without tqdm, a job that wanted a bar (or that runs for
+            more than 5 s) prints a one-time hint to install it.
         min_modules (`int`): the default threshold for the progress bar.
         unit (`str`): what the job counts (``"module"``, ``"tensor"``), for the progress bar.
     """
     bar = None
+    start = time.monotonic()
     try:
         while True:
             status = merge_wait(job, _POLL_MS)
             total, done = status.get("total", 0), status.get("done", 0)
-            if bar is None and total and (progress or (progress is None and total >= min_modules)):
+            wanted = bool(total) and (progress or (progress is None and total >= min_modules))
+            if bar is None and wanted:
                 bar = _progress_bar(total, unit)
+            if bar is None and progress is not False and (wanted or time.monotonic() - start > _HINT_AFTER_S):
+                _hint_tqdm()
             if bar is not None:
                 bar.update(done - bar.n)
             if status["state"] == "done":
@@ -120,14 +127,40 @@ def run_job(job: int, progress: bool | None, min_modules: int = 64, unit: str = 
 
 
 _POLL_MS = 100
+# A job that runs longer than this without a progress bar (tqdm missing) prints the hint.
+_HINT_AFTER_S = 5.0
+_hinted = False
 
 
-def _progress_bar(total: int, unit: str = "module"):
+@functools.cache
+def _tqdm() -> Any:
+    """tqdm's bar class, or None without tqdm: tqdm.auto's (a widget in Jupyter) where ipywidgets is importable, plain
+    tqdm otherwise (tqdm.auto in Jupyter without ipywidgets warns a TqdmWarning and falls back to text anyway)."""
     try:
+        import ipywidgets  # noqa: F401
         from tqdm.auto import tqdm
     except ImportError:
-        return None
-    return tqdm(total=total, desc="gomerge", unit=unit)
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return None
+    return tqdm
+
+
+def _hint_tqdm() -> None:
+    """Once per process, when a bar would help and tqdm is missing: how to get one."""
+    global _hinted
+    if _hinted or _tqdm() is not None:
+        return
+    _hinted = True
+    warnings.warn(
+        "no progress bar: tqdm is not installed (pip install tqdm, or the extra gomerge[progress])", stacklevel=4
+    )
+
+
+def _progress_bar(total: int, unit: str = "module") -> Any:
+    tqdm = _tqdm()
+    return None if tqdm is None else tqdm(total=total, desc="gomerge", unit=unit)
 
 
 def merge_wait(job: int, timeout_ms: int) -> dict[str, Any]:

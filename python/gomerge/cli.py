@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
@@ -25,7 +27,7 @@ EPILOG = """\
 exit status:
   0    success
   1    the merge or inspection failed (bad input, missing file, existing output, ...)
-  2    invalid command line or recipe
+  2    invalid command line or recipe, or GOMERGE_KERNELS names kernels this CPU cannot run
   130  interrupted (Ctrl-C); nothing was written
 
 examples:
@@ -56,11 +58,38 @@ recipe file (YAML):
   majority_sign_method: total
   svd_rank: null
   svd_clamp: null
-  seed: 42
+  seed: null                      # the random methods only (dare_*, della*, *_dare_ties)
   dtype: bfloat16
   adapter_name: merge
   output_dir: merged              # relative to the recipe file
   overwrite: false"""
+
+
+# Each subcommand's examples, at the end of its --help.
+EXAMPLES = {
+    "merge": """\
+  gomerge merge adapters/norobots adapters/sql --weights 2 1 --method ties --density 0.2 -o merged
+  gomerge merge user/lora-a user/lora-b@v2 --method svd --svd-rank 16 -o merged --json
+  gomerge merge --recipe merge.yaml""",
+    "resize": """\
+  gomerge resize adapters/sql --rank 4 -o sql-r4
+  gomerge resize adapters/sql --energy 0.95 --max-rank 8 -o sql-e95""",
+    "extract": """\
+  gomerge extract models/base models/finetuned -o extracted --rank 64
+  gomerge extract models/base models/finetuned -o extracted --energy 0.9 --max-rank 128 --save-module norm""",
+    "fuse": """\
+  gomerge fuse models/llama adapters/sql -o llama-sql
+  gomerge fuse models/llama adapters/sql adapters/adcopy --weights 1 0.5 --method ties --density 0.2 -o fused
+  gomerge fuse models/llama adapters/sql --dry-run""",
+    "inspect": """\
+  gomerge inspect merged
+  gomerge inspect user/lora-a --revision v2 --json""",
+}
+
+
+def _epilog(command: str, before: str = "") -> str:
+    """A subcommand's epilog: `before` (the recipe format, say), then its examples."""
+    return (before + "\n\n" if before else "") + "examples:\n" + EXAMPLES[command]
 
 
 def _weight_value(text: str) -> float | list[float]:
@@ -102,6 +131,13 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+def _kernels_unusable(info: dict[str, Any]) -> int:
+    """An environment error (GOMERGE_KERNELS names a kernel set this CPU cannot run), reported as a usage error:
+    exit status 2, for `--version` and every command alike."""
+    sys.stderr.write(f"gomerge: error: {info['error']['message']}\n")
+    return EXIT_USAGE
+
+
 class _VersionAction(argparse.Action):
     """`--version`: the package version and the kernel set in use (or why the one GOMERGE_KERNELS asks for cannot
     run, with exit status 2)."""
@@ -114,8 +150,7 @@ class _VersionAction(argparse.Action):
     ) -> None:
         info = _native.kernel_info()
         if "error" in info:
-            sys.stderr.write(f"gomerge: error: {info['error']['message']}\n")
-            raise SystemExit(EXIT_USAGE)
+            raise SystemExit(_kernels_unusable(info))
         print(f"gomerge {__version__} (kernels: {info['in_use']}; this CPU runs: {', '.join(info['runnable'])})")
         raise SystemExit(EXIT_OK)
 
@@ -132,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge adapters into a new adapter directory",
         description="Merge LoRA adapters into a new PEFT adapter directory. The options are those of "
         "PEFT's add_weighted_adapter.",
-        epilog=RECIPE_HELP + "\n\n" + EPILOG.split("examples:")[0].rstrip(),
+        epilog=_epilog("merge", RECIPE_HELP + "\n\n" + EPILOG.split("examples:")[0].rstrip()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     m.add_argument(
@@ -161,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="METHOD",
         help=f"combination type, one of: {', '.join(COMBINATION_TYPES)} (default: svd)",
     )
-    m.add_argument("-o", "--output-dir", metavar="DIR", help="directory of the merged adapter (default: ADAPTER_NAME)")
+    m.add_argument("-o", "--output-dir", metavar="DIR", help="directory of the merged adapter (required)")
     m.add_argument("-n", "--adapter-name", default=None, help="name of the merged adapter (default: merged)")
     m.add_argument(
         "--density",
@@ -246,23 +281,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.merge_parser = m  # for errors reported after parsing
     r = sub.add_parser(
         "resize",
+        epilog=_epilog("resize"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="re-factorise one adapter to a new rank, exactly (truncated SVD of each module's update)",
         description="Re-factorise one LoRA adapter: each module's update s B A is replaced by its best rank-R "
         "approximation (--rank), or by the smallest rank that keeps the fraction E of its squared norm (--energy), "
         "computed exactly from the factors. Mixed ranks go into rank_pattern / alpha_pattern.",
     )
-    r.add_argument("adapter", metavar="ADAPTER")
+    r.add_argument("adapter", metavar="ADAPTER", help="the adapter directory or Hub id")
     how = r.add_mutually_exclusive_group(required=True)
     how.add_argument("--rank", type=int, metavar="R", help="the new rank of every module")
     how.add_argument("--energy", type=float, metavar="E", help="the fraction of each update's energy to keep")
     r.add_argument("--max-rank", type=int, metavar="M", help="cap of every module's rank")
-    r.add_argument("-o", "--output-dir", metavar="DIR", required=True, help="directory of the resized adapter")
+    r.add_argument("-o", "--output-dir", metavar="DIR", help="directory of the resized adapter (required)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing adapter directory")
     r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the written tensors")
     r.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    p.resize_parser = r
     e = sub.add_parser(
         "extract",
+        epilog=_epilog("extract"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="extract a LoRA adapter from a fine-tuned model and its base (randomized SVD of each dW)",
         description="Extract a LoRA adapter from a fine-tuned model: each linear module's dW = W_ft - W_base is "
         "factorised by a seeded randomized SVD, at a fixed rank (--rank) or by the energy rule (--energy). The "
@@ -277,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="read the models and options from a YAML recipe (keys: base, finetuned, output_dir, rank or energy, "
         "max_rank, modules_to_save, seed, dtype, overwrite, model_card, revision); the command line overrides it",
     )
-    e.add_argument("-o", "--output-dir", metavar="DIR", help="directory of the extracted adapter")
+    e.add_argument("-o", "--output-dir", metavar="DIR", help="directory of the extracted adapter (required)")
     how = e.add_mutually_exclusive_group()
     how.add_argument("--rank", type=int, metavar="R", help="the rank of every module")
     how.add_argument(
@@ -308,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.extract_parser = e  # for errors reported after parsing
     f = sub.add_parser(
         "fuse",
+        epilog=_epilog("fuse"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="fuse LoRA adapters into their base model's weights (a model folder transformers loads)",
         description="Fuse LoRA adapters into the weights of their base model, W' = W + s B A as PEFT's "
         "merge_and_unload() computes it (fan_in_fan_out, embeddings, Conv2d, DoRA, lora_bias, modules_to_save), "
@@ -345,19 +387,88 @@ def build_parser() -> argparse.ArgumentParser:
     p.fuse_parser = f
     i = sub.add_parser(
         "inspect",
+        epilog=_epilog("inspect"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="describe an adapter: ranks, alpha, scaling, targets, dtype, size",
         description="Describe a PEFT LoRA adapter (a directory or a Hub id).",
     )
-    i.add_argument("adapter", metavar="ADAPTER")
-    i.add_argument("--revision")
-    i.add_argument("--subfolder")
+    i.add_argument("adapter", metavar="ADAPTER", help="the adapter directory or Hub id (user/repo, user/repo@revision)")
+    i.add_argument("--revision", help="Hub revision for a Hub id without @revision")
+    i.add_argument("--subfolder", help="folder of the adapter inside the directory or repository")
     i.add_argument("--json", action="store_true", help="print the description as JSON")
     return p
+
+
+# The Python API's parameter names (which the engine's messages use) and the command line's flags that set them: the
+# one mapping by which errors and warnings speak the command line's language.
+FLAGS: dict[str, str] = {
+    "combination_type": "--method",
+    "svd_rank": "--svd-rank",
+    "max_rank": "--max-rank",
+    "svd_clamp": "--svd-clamp",
+    "svd_full_matrices": "--svd-full-matrices",
+    "svd_driver": "--svd-driver",
+    "density": "--density",
+    "majority_sign_method": "--majority-sign-method",
+    "seed": "--seed",
+    "lambda": "--lambda",
+    "lambda_": "--lambda",
+    "gamma": "--gamma",
+    "epsilon": "--epsilon",
+    "scaling": "--scaling",
+    "common_fraction": "--common-fraction",
+    "weights": "--weights",
+    "dtype": "--dtype",
+    "adapter_name": "--adapter-name",
+    "output_dir": "-o/--output-dir",
+    "overwrite": "--overwrite",
+    "allow_nonfinite": "--allow-nonfinite",
+    "revision": "--revision",
+    "subfolder": "--subfolder",
+    "dry_run": "--dry-run",
+    "stack": "--stack",
+    "max_shard_size": "--max-shard-size",
+    "rank": "--rank",
+    "energy": "--energy",
+    "modules_to_save": "--save-module",
+    "save_modules": "--save-module",
+}
+_NAMES = "|".join(sorted(map(re.escape, FLAGS), key=len, reverse=True))
+# where a name is a parameter's: name=True / name=, a name with an underscore anywhere (no path around it), a name
+# that starts the message, and the names after "does not take" and in "(it takes: a, b)"
+_ASSIGNED = re.compile(rf"(?<![\w/.-])({_NAMES})=(True\b)?")
+_UNDERSCORED = re.compile(rf"(?<![\w/.-])({'|'.join(n for n in FLAGS if '_' in n)})(?![\w/-])")
+_LEADING = re.compile(rf"^({_NAMES})(?=[: ])")
+_TAKES = re.compile(r"(does not take |\(it takes: )([\w, ]*)")
+
+
+def cli_words(message: str) -> str:
+    """An engine or API message in the command line's words: parameter names become flags (FLAGS), and the
+    Python-only "or None" goes."""
+    message = _ASSIGNED.sub(lambda m: FLAGS[m.group(1)], message)
+    message = _LEADING.sub(lambda m: FLAGS[m.group(1)], message)
+    message = _TAKES.sub(
+        lambda m: m.group(1) + re.sub(r"\w+", lambda w: FLAGS.get(w.group(0), w.group(0)), m.group(2)), message
+    )
+    message = _UNDERSCORED.sub(lambda m: FLAGS[m.group(1)], message)
+    return re.sub(r",? or None\b", "", message)
 
 
 def _fail(message: str) -> int:
     sys.stderr.write(f"gomerge: error: {' '.join(str(message).split())}\n")
     return EXIT_FAILED
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Warnings as one line, `gomerge: warning: <message>`, without Python's file name and source line."""
+    sys.stderr.write(f"gomerge: warning: {' '.join(str(message).split())}\n")
+
+
+def _require_output(options: dict[str, Any], parser: argparse.ArgumentParser, recipe: bool = True) -> None:
+    """The one rule of every command that writes: -o/--output-dir (or the recipe's output_dir) is required; without
+    it, a usage error (exit status 2)."""
+    if not options.get("output_dir"):
+        parser.error("give -o/--output-dir" + (" (or output_dir in the recipe)" if recipe else ""))
 
 
 def _read_recipe(load: Callable[[str], Any], path: str) -> tuple[Any, int | None]:
@@ -414,8 +525,8 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     ):
         if value is not None:
             options[key] = value
+    _require_output(options, parser)
     adapter_name = options.pop("adapter_name", None) or "merged"
-    options.setdefault("output_dir", adapter_name)
     with ExitStack() as stack:
         local = [
             sources.resolve(
@@ -455,10 +566,15 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     elif not args.quiet:
         seed = f", seed {res.seed}" if res.seed is not None else ""
         print(
-            f"merged {len(srcs)} adapters ({res.combination_type}) into {res.output_dir}: rank {res.rank}, "
-            f"{res.modules} modules, {res.dtype}{seed}, {res.seconds:.2f} s"
+            f"merged {_n(len(srcs), 'adapter')} ({res.combination_type}) into {res.output_dir}: rank {res.rank}, "
+            f"{_n(res.modules, 'module')}, {res.dtype}{seed}, {res.seconds:.2f} s"
         )
     return EXIT_OK
+
+
+def _n(count: int, noun: str) -> str:
+    """`count` and `noun`, plural unless it is 1: "1 adapter", "3 adapters"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _rank_arg(value: str) -> int | str:
@@ -466,7 +582,8 @@ def _rank_arg(value: str) -> int | str:
     return int(value) if value.strip().lstrip("-").isdigit() else value
 
 
-def _resize(args: argparse.Namespace) -> int:
+def _resize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _require_output({"output_dir": args.output_dir}, parser, recipe=False)
     res = merge.resize(
         args.adapter,
         rank=args.rank,
@@ -483,7 +600,7 @@ def _resize(args: argparse.Namespace) -> int:
         ranks = sorted(res.module_ranks.values())
         worst = max(res.module_errors.values(), default=0.0)
         print(
-            f"resized {args.adapter} into {res.output_dir}: {res.modules} modules, ranks {ranks[0]}-{ranks[-1]} "
+            f"resized {args.adapter} into {res.output_dir}: {_n(res.modules, 'module')}, ranks {ranks[0]}-{ranks[-1]} "
             f"(r={res.rank}), largest relative error {worst:.3g}, {res.seconds:.2f} s"
         )
     return EXIT_OK
@@ -526,8 +643,7 @@ def _extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         options["overwrite"] = True
     if args.no_model_card:
         options["model_card"] = False
-    if not options.get("output_dir"):
-        parser.error("give -o/--output-dir (or output_dir in the recipe)")
+    _require_output(options, parser)
     if options.get("rank") is None and options.get("energy") is None:
         parser.error("give --rank or --energy (or rank / energy in the recipe)")
     res = extract_adapter(
@@ -552,7 +668,7 @@ def _extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         worst = max(res.module_errors.values(), default=0.0)
         saved = f", {len(res.modules_to_save)} saved whole" if res.modules_to_save else ""
         print(
-            f"extracted {res.modules} modules from {options['finetuned']} into {res.output_dir}: rank {res.rank} "
+            f"extracted {_n(res.modules, 'module')} from {options['finetuned']} into {res.output_dir}: rank {res.rank} "
             f"(ranks {ranks[0]}-{ranks[-1]}), largest relative error {worst:.3g}, {len(res.unchanged)} unchanged "
             f"skipped{saved}, {res.seconds:.2f} s"
         )
@@ -596,6 +712,8 @@ def _fuse(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for key in ("stack", "dry_run", "overwrite"):
         if getattr(args, key):
             options[key] = True
+    if not options.get("dry_run"):
+        _require_output(options, parser)
     weights = [s.get("weight", 1.0) for s in srcs] if any("weight" in s for s in srcs) else None
     base = options.pop("base")
     if "lambda" in options:
@@ -621,8 +739,9 @@ def _fuse(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print(f"dry run: {len(res.changed)} of {res.tensors} tensors would change; nothing was written")
         else:
             print(
-                f"fused {len(res.adapters)} adapter(s) into {res.output_dir}: {len(res.changed)} of {res.tensors} "
-                f"tensors changed, {len(res.shards)} shard(s), {res.total_size / 2**20:.1f} MiB, {res.seconds:.2f} s"
+                f"fused {_n(len(res.adapters), 'adapter')} into {res.output_dir}: {len(res.changed)} of "
+                f"{_n(res.tensors, 'tensor')} changed, {_n(len(res.shards), 'shard')}, "
+                f"{res.total_size / 2**20:.1f} MiB, {res.seconds:.2f} s"
             )
     return EXIT_OK
 
@@ -668,18 +787,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    try:
-        if args.command == "merge":
-            return _merge(args, parser.merge_parser)
-        if args.command == "resize":
-            return _resize(args)
-        if args.command == "extract":
-            return _extract(args, parser.extract_parser)
-        if args.command == "fuse":
-            return _fuse(args, parser.fuse_parser)
-        return _inspect(args)
-    except KeyboardInterrupt:
-        sys.stderr.write("gomerge: interrupted; nothing was written\n")
-        return EXIT_INTERRUPTED
-    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as e:
-        return _fail(str(e))
+    info = _native.kernel_info()
+    if "error" in info:
+        return _kernels_unusable(info)
+    # with a recipe, messages keep the parameter names: they are the recipe's keys
+    words = (lambda m: m) if getattr(args, "recipe", None) else cli_words
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *rest, **kw: _show_warning(words(str(message)), *rest, **kw)
+        try:
+            if args.command == "merge":
+                return _merge(args, parser.merge_parser)
+            if args.command == "resize":
+                return _resize(args, parser.resize_parser)
+            if args.command == "extract":
+                return _extract(args, parser.extract_parser)
+            if args.command == "fuse":
+                return _fuse(args, parser.fuse_parser)
+            return _inspect(args)
+        except KeyboardInterrupt:
+            sys.stderr.write("gomerge: interrupted; nothing was written\n")
+            return EXIT_INTERRUPTED
+        except (ValueError, TypeError, OSError, ImportError, RuntimeError) as e:
+            return _fail(words(str(e)))

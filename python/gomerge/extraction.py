@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Union
 
 from . import _native, sources
+from .merge import _short_repr
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -20,7 +21,7 @@ MODEL_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json
 _PROGRESS_MIN_MODULES = 64
 
 
-@dataclass
+@dataclass(repr=False)
 class ExtractResult:
     """What an extraction produced.
 
@@ -50,6 +51,8 @@ class ExtractResult:
     unchanged: list[str] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)
 
+    __repr__ = _short_repr
+
     @classmethod
     def _from_engine(cls, result: dict[str, Any]) -> ExtractResult:
         known = {f.name for f in fields(cls)}
@@ -60,20 +63,7 @@ def _model_folder(source: PathLike, what: str, revision: str | None) -> str:
     """A local model folder for `source`: a directory as it is, or a Hub id's snapshot (its config and weights)."""
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"{what}: expected a model folder path or a Hub id, got {type(source).__name__}")
-    path = os.fspath(source)
-    if os.path.exists(path):
-        return path
-    m = sources.HUB_ID.match(path)
-    if m is None:
-        raise FileNotFoundError(f"{what}: model folder {path} does not exist (and it is not a Hub id like user/repo)")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ImportError(f"{what}: Hub ids need huggingface_hub (pip install huggingface_hub)") from None
-    try:
-        return snapshot_download(m.group("repo"), revision=revision or m.group("revision"), allow_patterns=MODEL_FILES)
-    except Exception as e:  # huggingface_hub raises many types: offline cache misses, HTTP, connection errors
-        raise OSError(f"{what}: {path}: the Hub could not be reached or the cache does not hold it: {e}") from None
+    return sources.local_or_hub(os.fspath(source), f"{what} model", revision, allow_patterns=MODEL_FILES)
 
 
 def _positive_int(value: Any, name: str) -> int:

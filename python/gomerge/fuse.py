@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from . import _native, sources
-from .merge import PathLike, Weight, _paths, _weights
+from .merge import PathLike, Weight, _paths, _short_repr, _weights
 
 # Below this many tensors a progress bar is more noise than help.
 _PROGRESS_MIN_TENSORS = 64
@@ -46,7 +46,7 @@ def parse_size(size: int | str) -> int:
     return n
 
 
-@dataclass
+@dataclass(repr=False)
 class FuseResult:
     """What a fuse produced (or, with ``dry_run=True``, would produce).
 
@@ -81,6 +81,8 @@ class FuseResult:
     seconds: float
     warnings: list[str] = field(default_factory=list)
 
+    __repr__ = _short_repr
+
     @classmethod
     def _from_engine(cls, result: dict[str, Any]) -> FuseResult:
         known = {f.name for f in fields(cls)}
@@ -102,25 +104,14 @@ class FuseResult:
 
 
 def resolve_model(source: str, revision: str | None = None) -> str:
-    """A local model folder for ``source``: a directory, or a Hub id ``user/repo[@revision]`` downloaded through
-    ``huggingface_hub`` (its cache and ``HF_HUB_OFFLINE`` honoured; only safetensors weights are fetched)."""
-    if os.path.exists(source):
-        return source
-    m = sources.HUB_ID.match(source)
-    if m is None:
-        raise FileNotFoundError(f"base model {source}: no such directory (and not a Hub id like user/repo)")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ImportError(f"base model {source}: Hub ids need huggingface_hub (pip install huggingface_hub)") from None
-    try:
-        return snapshot_download(
-            m.group("repo"),
-            revision=revision or m.group("revision"),
-            ignore_patterns=["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ckpt", "*.gguf", "*.onnx"],
-        )
-    except Exception as e:  # huggingface_hub raises many types: offline cache misses, HTTP, connection errors
-        raise OSError(f"base model {source}: not fetched from the Hub or its cache: {type(e).__name__}: {e}") from None
+    """A local model folder for ``source``: a directory, or a Hub id ``user/repo[@revision]`` (only safetensors
+    weights are fetched; see `sources.local_or_hub`)."""
+    return sources.local_or_hub(
+        source,
+        "base model",
+        revision,
+        ignore_patterns=["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ckpt", "*.gguf", "*.onnx"],
+    )
 
 
 def fuse(

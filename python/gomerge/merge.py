@@ -28,7 +28,20 @@ COMBINATION_TYPES: tuple[str, ...] = tuple(m["name"] for m in _native.methods())
 _PROGRESS_MIN_MODULES = 64
 
 
-@dataclass
+def _short_repr(result: Any) -> str:
+    """A result's repr on one line: its fields, with each list or dict too long to read at a glance shown as its
+    length (``module_ranks=<28 items>``); the items stay in the attribute."""
+    parts = []
+    for f in fields(result):
+        value = getattr(result, f.name)
+        text = repr(value)
+        if isinstance(value, (list, dict)) and len(text) > 60:
+            text = f"<{len(value)} item{'s' if len(value) != 1 else ''}>"
+        parts.append(f"{f.name}={text}")
+    return f"{type(result).__name__}({', '.join(parts)})"
+
+
+@dataclass(repr=False)
 class MergeResult:
     """What a merge produced.
 
@@ -61,6 +74,8 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)
     module_ranks: dict[str, int] = field(default_factory=dict)
     module_errors: dict[str, float] = field(default_factory=dict)
+
+    __repr__ = _short_repr
 
     @classmethod
     def _from_engine(cls, result: dict[str, Any]) -> MergeResult:
@@ -195,7 +210,8 @@ def add_weighted_adapter(
             pattern, a regular expression, matches the whole module name or its end after a dot: `r"mlp\\..*"`
             matches `model.layers.0.mlp.up_proj`, `"mlp"` alone does not). Every module of the adapter must match
             a pattern (end with `".*"` as a catch-all), or the merge is a `ValueError` naming the module, raised
-            before anything is written. A pattern's value may be a list of numbers: a gradient over the layers, as
+            before anything is written; a pattern that gives no module its weight is a warning naming it. A
+            pattern's value may be a list of numbers: a gradient over the layers, as
             in mergekit, spread evenly from layer 0 to the merge's last layer (a module's layer is the first number
             between dots in its name) and interpolated linearly in between; a list of numbers in place of the dict
             is a gradient for every module. For example `[{r"self_attn\\..*": 1.0, r"mlp\\..*": 0.0},
@@ -446,7 +462,9 @@ def resize(
 
     Args:
         adapter (`str | os.PathLike`): the adapter directory (or Hub id).
-        rank (`int`, *optional*): the new rank of every module (modules of lower rank are zero-padded).
+        rank (`int`, *optional*): the new rank of every module (modules of lower rank are zero-padded). A rank
+            above the adapter's largest module rank would only add zeros: it is lowered to that rank, with a
+            warning.
         energy (`float`, *optional*): instead of `rank`: the fraction of each update's energy to keep, in (0, 1].
         max_rank (`int`, *optional*): cap of every module's rank.
         output_dir (`str | os.PathLike`): where to write the resized adapter.
@@ -464,18 +482,41 @@ def resize(
         raise ValueError("resize: give exactly one of rank= and energy=")
     if energy is not None and (isinstance(energy, bool) or not isinstance(energy, numbers.Real)):
         raise TypeError(f"energy: expected a number, got {type(energy).__name__}")
-    return add_weighted_adapter(
-        [adapter],
-        [1.0],
-        os.path.basename(os.path.normpath(os.fspath(output_dir))) or "resized",
-        "task_arithmetic",
-        svd_rank=rank if energy is None else f"energy:{float(energy)!r}",
-        max_rank=max_rank,
-        output_dir=output_dir,
-        overwrite=overwrite,
-        dtype=dtype,
-        progress=progress,
-    )
+    if isinstance(rank, numbers.Integral) and not isinstance(rank, bool):
+        with ExitStack() as stack:
+            ranks = _native.inspect_adapter(sources.resolve(os.fspath(adapter), stack))["ranks"]
+        largest = max(map(int, ranks), default=0)
+        if 0 < largest < rank:
+            warnings.warn(
+                f"resize: rank {rank} is above the largest rank of {os.fspath(adapter)}, {largest}: a higher rank "
+                f"would only add zeros; resizing to rank {largest}",
+                stacklevel=2,
+            )
+            rank = largest
+    svd_rank = rank if energy is None else f"energy:{float(energy)!r}"
+    try:
+        return add_weighted_adapter(
+            [adapter],
+            [1.0],
+            os.path.basename(os.path.normpath(os.fspath(output_dir))) or "resized",
+            "task_arithmetic",
+            svd_rank=svd_rank,
+            max_rank=max_rank,
+            output_dir=output_dir,
+            overwrite=overwrite,
+            dtype=dtype,
+            progress=progress,
+        )
+    except (ValueError, TypeError) as e:  # the engine checks svd_rank: name the argument resize was given
+        message = str(e)
+        if not message.startswith("svd_rank: "):
+            raise
+        if energy is None:
+            raise type(e)("rank: " + message.removeprefix("svd_rank: ")) from None
+        raise type(e)(
+            f"energy: {energy!r}: "
+            + message.removeprefix(f"svd_rank: {svd_rank!r}: ").removeprefix(f'svd_rank: "{svd_rank}": ')
+        ) from None
 
 
 def methods() -> list[dict[str, Any]]:

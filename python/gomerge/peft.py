@@ -86,14 +86,21 @@ def _unsupported(lora_model: LoraModel, adapters: Sequence[str]) -> str | None:
     return None
 
 
+def _peft_args(combination_type: str, **args: Any) -> dict[str, Any]:
+    """PEFT's arguments that the method reads (its row's ``params``): PEFT ignores the others (``density`` with
+    ``"svd"``, say), and so does the drop-in, where the engine refuses them from gomerge's own API."""
+    params = next((m["params"] for m in _native.methods() if m["name"] == combination_type), None)
+    return {k: v for k, v in args.items() if params is None or k in params}
+
+
 def _validate(combination_type: str, density: float | None, majority_sign_method: str, svd_clamp: float | None) -> None:
     """The engine's checks of the combination arguments, before the model is changed."""
     _native.validate_combination(
         {
             "combination_type": combination_type,
-            "density": density,
-            "majority_sign_method": majority_sign_method,
-            "svd_clamp": svd_clamp,
+            **_peft_args(
+                combination_type, density=density, majority_sign_method=majority_sign_method, svd_clamp=svd_clamp
+            ),
         }
     )
 
@@ -302,11 +309,9 @@ def _merge(
     request.update(
         combination_type=combination_type,
         rank=new_rank,
-        svd_clamp=svd_clamp,
-        density=density,
-        majority_sign_method=majority_sign_method,
         seed=seed,
         modules=modules,
+        **_peft_args(combination_type, svd_clamp=svd_clamp, density=density, majority_sign_method=majority_sign_method),
     )
     result = _native.run_job(_native.merge_tensors_start(request), progress)
     for message in result.get("warnings") or []:

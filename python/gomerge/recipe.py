@@ -20,7 +20,7 @@ density: 0.2
 majority_sign_method: total
 svd_rank: null
 svd_clamp: null
-seed: 42
+seed: null                           # the random methods only (dare_*, della*, *_dare_ties)
 dtype: bfloat16                      # float32, bfloat16 or float16 (default: the first adapter's)
 adapter_name: merge
 output_dir: merged                   # relative paths are relative to the recipe file

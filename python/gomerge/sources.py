@@ -30,16 +30,12 @@ def resolve(source: str, stack: ExitStack, revision: str | None = None, subfolde
         subfolder (`str`, *optional*): folder of the adapter inside the directory or repository.
 
     Raises:
-        `FileNotFoundError`: neither a directory nor a Hub id, or nothing found there.
-        `ImportError`: a Hub id without `huggingface_hub`, or a `.bin` adapter without torch.
-        `OSError`: the Hub cannot be reached and the cache does not hold the adapter.
+        `FileNotFoundError`: no such directory, and not a Hub id, or a Hub id that the Hub (unreachable, or without
+            `huggingface_hub`) and its cache cannot give; or nothing found there.
+        `ImportError`: a `.bin` adapter without torch.
     """
-    path = source
-    if not os.path.exists(source):
-        m = HUB_ID.match(source)
-        if m is None:
-            raise FileNotFoundError(f"adapter {source}: no such directory (and not a Hub id like user/repo)")
-        path = _download(m.group("repo"), revision or m.group("revision"), subfolder)
+    patterns = [f"{subfolder}/{f}" if subfolder else f for f in ADAPTER_FILES]
+    path = local_or_hub(source, "adapter", revision, allow_patterns=patterns)
     if subfolder:
         path = os.path.join(path, subfolder)
         if not os.path.isdir(path):
@@ -53,22 +49,58 @@ def resolve(source: str, stack: ExitStack, revision: str | None = None, subfolde
     return path
 
 
-def _download(repo: str, revision: str | None, subfolder: str | None) -> str:
+def local_or_hub(
+    source: str,
+    what: str,
+    revision: str | None = None,
+    *,
+    allow_patterns: list[str] | None = None,
+    ignore_patterns: list[str] | None = None,
+) -> str:
+    """A local folder for `source`: the directory itself, or the snapshot of a Hub id `user/repo[@revision]` through
+    `huggingface_hub` (its cache and `HF_HUB_OFFLINE` honoured). The one place where gomerge resolves Hub ids
+    (adapters, base and fine-tuned models).
+
+    A source that is not a directory is first a missing directory: when the Hub cannot give it either (unreachable,
+    not there, not in the cache, or `huggingface_hub` not installed), the error is a `FileNotFoundError` that says
+    "no such directory" and then why the Hub id did not resolve, since a mistyped path such as `adapters/norobot`
+    reads as a Hub id too.
+
+    Args:
+        source (`str`): a directory, or a Hub id with an optional `@revision`.
+        what (`str`): what the source is, for messages (`"adapter"`, `"base model"`).
+        revision (`str`, *optional*): Hub revision (overrides an `@revision` in `source`).
+        allow_patterns, ignore_patterns (`list[str]`, *optional*): the files to fetch, as `snapshot_download` takes
+            them.
+    """
+    if os.path.exists(source):
+        return source
+    m = HUB_ID.match(source)
+    if m is None:
+        raise FileNotFoundError(f"{what} {source}: no such directory (and not a Hub id like user/repo)")
+    repo, revision = m.group("repo"), revision or m.group("revision")
+    hub_id = repo + ("@" + revision if revision else "")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise ImportError(f"adapter {repo}: Hub ids need huggingface_hub (pip install huggingface_hub)") from None
-    patterns = [f"{subfolder}/{f}" if subfolder else f for f in ADAPTER_FILES]
+        raise FileNotFoundError(
+            f"{what} {source}: no such directory; read as the Hub id {hub_id}, it needs huggingface_hub "
+            "(pip install huggingface_hub)"
+        ) from None
     try:
-        return snapshot_download(repo, revision=revision, allow_patterns=patterns)
+        return snapshot_download(
+            repo, revision=revision, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
+        )
     except Exception as e:  # huggingface_hub raises many types: offline cache misses, HTTP, connection errors
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = (
             "the local cache does not hold it (HF_HUB_OFFLINE is set)"
             if offline
-            else "the Hub could not be reached and the cache does not hold it"
+            else "the Hub could not be reached or does not have it, and the cache does not hold it"
         )
-        raise OSError(f"adapter {repo}{'@' + revision if revision else ''}: {hint}: {type(e).__name__}: {e}") from None
+        raise FileNotFoundError(
+            f"{what} {source}: no such directory; read as the Hub id {hub_id}, {hint}: {type(e).__name__}: {e}"
+        ) from None
 
 
 def _convert_bin(path: str, stack: ExitStack) -> str:
