@@ -3,6 +3,9 @@ package bindings
 import (
 	"encoding/json"
 	"fmt"
+	"os"
+	"regexp"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -79,13 +82,29 @@ func TestRequestKeysAndMethods(t *testing.T) {
 }
 
 // EngineMethods carries every row of the engine's method table, every field
-// intact, and the engine accepts each name it lists in a request.
+// intact; it lists exactly the methods that the docs' table
+// (docs/choosing-a-method.md) describes; and the engine accepts each name
+// it lists in a request.
 func TestEngineMethodsCarryTheTable(t *testing.T) {
 	var got []gomerge.Method
 	require.NoError(t, json.Unmarshal([]byte(EngineMethods()), &got))
 	want := gomerge.Methods()
 	require.Len(t, got, len(want))
 	assert.Equal(t, want, got)
+	doc, err := os.ReadFile("../docs/choosing-a-method.md")
+	require.NoError(t, err)
+	var documented, listed []string
+	for _, line := range strings.Split(string(doc), "\n") {
+		if cells := strings.Split(line, "|"); strings.HasPrefix(line, "| `") && len(cells) > 2 {
+			for _, m := range regexp.MustCompile("`([a-z_]+)`").FindAllStringSubmatch(cells[1], -1) {
+				documented = append(documented, m[1])
+			}
+		}
+	}
+	for _, m := range got {
+		listed = append(listed, m.Name)
+	}
+	assert.ElementsMatch(t, documented, listed, "the methods of docs/choosing-a-method.md's table")
 	for _, m := range got {
 		require.NotEmpty(t, m.Name)
 		req := fmt.Sprintf(`{"combination_type": %q, "rank": 8, "modules": []}`, m.Name)

@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import pytest
+from svd_checks import SVDCapture
+from test_peft_dropin import DROPIN_CASES, assert_same_merge, load
 
-pytest.importorskip("peft")
-
-from test_peft_dropin import DROPIN_CASES, assert_same_merge, load  # noqa: E402
-
-import gomerge.peft as gp  # noqa: E402
+import gomerge.peft as gp
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +25,14 @@ def dirs(tmp_path_factory):
         ("cat", dict(density=0.5, svd_clamp=0.5)),
     ],
 )
-def test_dropin_ignores_what_peft_ignores(dirs, ctype, kwargs):
+def test_dropin_ignores_what_peft_ignores(dirs, ctype, kwargs, check_truncation):
     case = DROPIN_CASES[0]
     names = [f"a{i}" for i in range(len(dirs))]
     theirs, ours = load(case, dirs), load(case, dirs)
-    theirs.add_weighted_adapter(names, case.weights, "merged", combination_type=ctype, **kwargs)
+    with SVDCapture() as cap:
+        theirs.add_weighted_adapter(names, case.weights, "merged", combination_type=ctype, **kwargs)
     gp.add_weighted_adapter(ours, names, case.weights, "merged", combination_type=ctype, **kwargs)
-    assert_same_merge(ours, theirs, case, ctype)
+    assert_same_merge(ours, theirs, case, ctype, None, cap.by_module(theirs), check_truncation)
 
 
 def test_dropin_refuses_a_seed_for_a_method_without_randomness(dirs):
