@@ -17,12 +17,43 @@ import (
 // No vector value may live in a package-level variable: its initialiser
 // would run on every CPU, before the choice (SIGILL without AVX2).
 var vectorKernels = []kernels{
-	{"avx2", missingX86("avx2", archsimd.X86.AVX2, x86Feature{"avx", cpu.X86.HasAVX}, x86Feature{"avx2", cpu.X86.HasAVX2}),
-		maxAbsBitsAVX2, absBandAVX2, tiesIntoAVX2, prunedSumIntoAVX2, decodeHalfGo, encodeHalfGo, dotsAVX2, axpyRowsAVX2, denseRowAVX2, magnitudeRankAVX2, mulTIntoAVX2, gtaIntoAVX2},
-	{"avx512", missingX86("avx512", archsimd.X86.AVX512, x86Feature{"avx512f", cpu.X86.HasAVX512F},
-		x86Feature{"avx512cd", cpu.X86.HasAVX512CD}, x86Feature{"avx512bw", cpu.X86.HasAVX512BW},
-		x86Feature{"avx512dq", cpu.X86.HasAVX512DQ}, x86Feature{"avx512vl", cpu.X86.HasAVX512VL}),
-		maxAbsBits512, absBand512, tiesInto512, prunedSumInto512, decodeHalf512, encodeHalf512, dotsAVX2, axpyRowsAVX2, denseRowAVX2, magnitudeRankAVX2, mulTIntoAVX2, gtaIntoAVX2},
+	{
+		name: "avx2",
+		missing: missingX86("avx2", archsimd.X86.AVX2,
+			x86Feature{"avx", cpu.X86.HasAVX}, x86Feature{"avx2", cpu.X86.HasAVX2}),
+		maxAbsBits:    maxAbsBitsAVX2,
+		absBand:       absBandAVX2,
+		tiesInto:      tiesIntoAVX2,
+		prunedSumInto: prunedSumIntoAVX2,
+		decodeHalf:    decodeHalfGo,
+		encodeHalf:    encodeHalfGo,
+		dots:          dotsAVX2,
+		axpyRows:      axpyRowsAVX2,
+		denseRow:      denseRowAVX2,
+		magnitudeRank: magnitudeRankAVX2,
+		mulTInto:      mulTIntoAVX2,
+		gtaInto:       gtaIntoAVX2,
+	},
+	{
+		name: "avx512",
+		missing: missingX86("avx512", archsimd.X86.AVX512,
+			x86Feature{"avx512f", cpu.X86.HasAVX512F}, x86Feature{"avx512cd", cpu.X86.HasAVX512CD},
+			x86Feature{"avx512bw", cpu.X86.HasAVX512BW}, x86Feature{"avx512dq", cpu.X86.HasAVX512DQ},
+			x86Feature{"avx512vl", cpu.X86.HasAVX512VL}),
+		maxAbsBits:    maxAbsBits512,
+		absBand:       absBand512,
+		tiesInto:      tiesInto512,
+		prunedSumInto: prunedSumInto512,
+		decodeHalf:    decodeHalf512,
+		encodeHalf:    encodeHalf512,
+		// the AVX2 versions (dots_simd.go, gta_simd.go): 16-lane dots would add in another order
+		dots:          dotsAVX2,
+		axpyRows:      axpyRowsAVX2,
+		denseRow:      denseRowAVX2,
+		magnitudeRank: magnitudeRankAVX2,
+		mulTInto:      mulTIntoAVX2,
+		gtaInto:       gtaIntoAVX2,
+	},
 }
 
 // x86Feature is a CPU feature (as /proc/cpuinfo names it) and whether this
