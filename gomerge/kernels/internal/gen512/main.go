@@ -261,24 +261,9 @@ func generate(src []byte) ([]byte, error) {
 			}
 		}
 	}
-	word := regexp.MustCompile(`\[?\w+\]?`)
 	for _, g := range file.Comments {
 		for i, c := range g.List {
-			first := docs[g] && i == 0
-			text := word.ReplaceAllStringFunc(c.Text, func(w string) string {
-				bare := strings.Trim(w, "[]")
-				link := bare != w && "["+bare+"]" == w
-				defer func() { first = false }()
-				switch name, ok := wider(bare, declared); {
-				case bare == "AVX2":
-					return strings.Replace(w, bare, "AVX-512", 1)
-				case !ok, declared[bare] && !strings.HasSuffix(bare, "AVX2") && !first && !link:
-					return w
-				default:
-					return strings.Replace(w, bare, name, 1)
-				}
-			})
-			if text != c.Text {
+			if text := commentAt16(c.Text, declared, docs[g] && i == 0); text != c.Text {
 				edits = append(edits, edit{off(c.Pos()), off(c.End()), text})
 			}
 		}
@@ -335,4 +320,31 @@ func generate(src []byte) ([]byte, error) {
 		return nil, fmt.Errorf("the generated code does not parse: %v", err)
 	}
 	return out, nil
+}
+
+var word = regexp.MustCompile(`\w+`)
+
+// commentAt16 returns the comment text with the word AVX2 replaced by
+// AVX-512, and archsimd's names and the declared names renamed: those
+// ending in AVX2 everywhere, the others only as the first word of a doc
+// comment (doc) or in a doc link.
+func commentAt16(text string, declared map[string]bool, doc bool) string {
+	var b strings.Builder
+	last := 0
+	for k, m := range word.FindAllStringIndex(text, -1) {
+		w := text[m[0]:m[1]]
+		name, ok := wider(w, declared)
+		link := m[0] > 0 && text[m[0]-1] == '[' && m[1] < len(text) && text[m[1]] == ']'
+		switch {
+		case w == "AVX2":
+			name = "AVX-512"
+		case !ok, declared[w] && !strings.HasSuffix(w, "AVX2") && !(doc && k == 0) && !link:
+			continue
+		}
+		b.WriteString(text[last:m[0]])
+		b.WriteString(name)
+		last = m[1]
+	}
+	b.WriteString(text[last:])
+	return b.String()
 }
