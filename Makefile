@@ -50,6 +50,7 @@ lint: $(VENV)/.deps-test
 	@test -z "$$(gofmt -l gomerge bindings benchmarks)" || (echo "gofmt needed:"; gofmt -l gomerge bindings benchmarks; exit 1)
 	$(GO) vet ./gomerge/... ./bindings ./benchmarks/floor
 	GOEXPERIMENT= $(GO) vet ./gomerge/...
+	$(GO) run ./gomerge/kernels/internal/gen512 -dir gomerge/kernels -check
 	printf '$(STATICCHECK_MATRIX)' | $(GO) tool staticcheck -matrix ./gomerge/... ./bindings ./benchmarks/floor
 	$(VENV)/bin/ruff check $(PY_SOURCES)
 	$(VENV)/bin/ruff format --check $(PY_SOURCES)

@@ -15,17 +15,17 @@ import "unsafe"
 // entries k, k+8, k+16, ... of them), folded to four (k + (k+4)), then the
 // next whole groups of four entries lane-wise, the last ones into lane 0,
 // and (s0 + s1) + (s2 + s3).
-func Dots(out, xs, zs []float32, rows, l, n int) { dots(out, xs, zs, rows, l, n) }
+func Dots(out, xs, zs []float32, rows, l, n int) { active.dots(out, xs, zs, rows, l, n) }
 
 // AxpyRows adds a[r] * xs[r] (rounded to float32) to dst, for each r in
 // order: dst[j] = ((dst[j] + a[0]*xs[0][j]) + a[1]*xs[1][j]) + ..., each
 // xs[r] of len(dst) values at least: gonum's Saxpy called once per row.
-func AxpyRows(dst, a []float32, xs [][]float32) { axpyRows(dst, a, xs) }
+func AxpyRows(dst, a []float32, xs [][]float32) { active.axpyRows(dst, a, xs) }
 
 // DenseRow writes into dst the sum of a[r] * xs[r] (rounded to float32)
 // from +0, added in order, times s: the bits of a cleared dst, AxpyRows,
 // then gonum's Sscal by s (which writes +0 everywhere for an s of 0).
-func DenseRow(dst, a []float32, xs [][]float32, s float32) { denseRow(dst, a, xs, s) }
+func DenseRow(dst, a []float32, xs [][]float32, s float32) { active.denseRow(dst, a, xs, s) }
 
 func dotsGo(out, xs, zs []float32, rows, l, n int) {
 	for i := range rows {
@@ -110,7 +110,7 @@ func axpyRowsGo(dst, a []float32, xs [][]float32) {
 // MagnitudeRank is the 0-based rank of mag[c] among mag in ascending
 // order, equal values in index order: the entries below it, and the equal
 // ones before it. The values are float32 magnitude bits (below 2^31).
-func MagnitudeRank(mag []uint32, c int) int { return magnitudeRank(mag, c) }
+func MagnitudeRank(mag []uint32, c int) int { return active.magnitudeRank(mag, c) }
 
 func magnitudeRankGo(mag []uint32, c int) int {
 	m := mag[c]
@@ -132,7 +132,7 @@ func magnitudeRankGo(mag []uint32, c int) int {
 // order, y[i*l+c] * D[i] (rounded to float32) is added to row c of part,
 // for every c. Every coefficient must be non-zero: the sums are then
 // AxpyRows' (one Saxpy per row and column, which skips zero coefficients).
-func MulTInto(part, d, y []float32, rows, n, l int) { mulTInto(part, d, y, rows, n, l) }
+func MulTInto(part, d, y []float32, rows, n, l int) { active.mulTInto(part, d, y, rows, n, l) }
 
 func mulTIntoGo(part, d, y []float32, rows, n, l int) {
 	for i := range rows {

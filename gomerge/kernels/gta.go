@@ -11,7 +11,7 @@ import "math"
 // divides mixed by the divisor, a lambda other than 1 scales it. out may
 // be ts[0] (each element is read before it is written).
 func GTAInto(out []float32, ts [][]float32, scale, w []float32, consensus, normalize bool, divisor, lambda float32) {
-	gtaInto(out, ts, scale, w, consensus, normalize, divisor, lambda)
+	active.gtaInto(out, ts, scale, w, consensus, normalize, divisor, lambda)
 }
 
 func gtaIntoGo(out []float32, ts [][]float32, scale, w []float32, consensus, normalize bool, divisor, lambda float32) {

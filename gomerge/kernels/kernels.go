@@ -2,89 +2,88 @@ package kernels
 
 import "math"
 
-// The element-wise kernels behind magnitude pruning and Combination.Apply,
-// and those of mergekit's methods and the randomized SVD (gta.go, dots.go).
-// Each is a variable holding one implementation: the portable Go one below,
-// or vector ones (kernels_simd.go: 8 lanes, AVX2; kernels_avx512.go: 16
-// lanes) when the engine is built with GOEXPERIMENT=simd (as the Makefile
-// and the Python build do) for amd64. The set in use is chosen once, at
-// start-up, from the CPU's features (kernelselect.go); no vector instruction
-// runs before that choice, so the engine starts on every CPU. Every
-// implementation gives bit-identical results (kernels_test.go, dots_test.go
-// and gta_test.go compare each vector set with the portable one on a CPU
-// that runs it). The exported
-// functions below call the set in use.
+// kernels is one implementation of the element-wise kernels behind magnitude
+// pruning and Combination.Apply, and those of mergekit's methods and the
+// randomized SVD (gta.go, dots.go): the portable Go one (portableKernels) or
+// a vector one (kernels_simd.go: 8 lanes, AVX2; kernels_avx512.go: 16
+// lanes, AVX-512) when the engine is built with GOEXPERIMENT=simd (as the
+// Makefile and the Python build do) for amd64; a vector set may reuse some of the portable functions. The set in
+// use (active) is chosen once, at start-up, from the CPU's features
+// (kernelselect.go); no vector instruction runs before that choice, so the
+// engine starts on every CPU. Every implementation gives bit-identical
+// results (kernels_test.go, dots_test.go and gta_test.go compare each vector
+// set with the portable one on a CPU that runs it). The exported functions
+// below call the set in use.
 //
 // Magnitude pruning is expressed by thresholds: tensor i keeps its entries
 // whose magnitude bits (float32 bits without the sign) are at least thr[i];
 // the others count as zero. thr 0 keeps every entry, KeepNone none.
-var (
-	// maxAbsBits returns the largest magnitude bits of x (0 when empty);
-	// x holds a NaN or an Inf exactly when the result is >= NonFiniteBits.
-	maxAbsBits = maxAbsBitsGo
-	// absBand counts the entries of t with magnitude bits above hi and
-	// copies those within [lo, hi] into cand, returning how many. It gives
-	// up (returning n < 0) when more than len(cand)-16 fall in the band.
-	absBand = absBandGo
-	// tiesInto is TIES on one range: prune by thr, elect the majority sign
-	// (by the sum of the values, or of their signs with frequency), then
-	// average the weighted values that agree with it (PEFT's disjoint_merge).
-	tiesInto = tiesIntoGo
-	// prunedSumInto is sum_i w[i] * pruned(t_i), each product rounded to
-	// float32 and summed in order, as torch does for a stacked tensor.
-	prunedSumInto = prunedSumIntoGo
-	// decodeHalf converts BF16 (bf16) or F16 bit patterns to float32.
-	decodeHalf = decodeHalfGo
-	// encodeHalf rounds float32 values to BF16 or F16 (to nearest even).
-	encodeHalf = encodeHalfGo
-	// dots and axpyRows are Dots and AxpyRows (dots.go).
-	dots     = dotsGo
-	axpyRows = axpyRowsGo
-	denseRow = denseRowGo
-	// magnitudeRank and mulTInto are MagnitudeRank and MulTInto (dots.go).
-	magnitudeRank = magnitudeRankGo
-	mulTInto      = mulTIntoGo
-	// gtaInto is GTAInto (gta.go).
-	gtaInto = gtaIntoGo
-)
-
-// kernels is one implementation of the kernels; a vector set may reuse some
-// of the portable functions.
+//
+// Adding a kernel: a field here, its portable function in portableKernels,
+// its entry point calling active, and, where it has vector versions, their
+// entries in vectorKernels (kernels_simd.go); TestKernelSetsComplete fails
+// while a set leaves a field nil.
 type kernels struct {
+	// name is the set's name for GOMERGE_KERNELS: "go", "avx2" or "avx512".
 	name string
 	// missing returns the CPU features that the set needs and this CPU
 	// lacks; none when it runs here. It executes no vector instruction.
-	missing       func() []string
-	maxAbsBits    func(x []float32) uint32
-	absBand       func(t []float32, lo, hi uint32, cand []uint32) (above, n int)
-	tiesInto      func(out []float32, ts [][]float32, thr []uint32, w []float32, frequency bool)
+	missing func() []string
+	// maxAbsBits returns the largest magnitude bits of x (0 when empty);
+	// x holds a NaN or an Inf exactly when the result is >= NonFiniteBits.
+	maxAbsBits func(x []float32) uint32
+	// absBand counts the entries of t with magnitude bits above hi and
+	// copies those within [lo, hi] into cand, returning how many. It gives
+	// up (returning n < 0) when more than len(cand)-16 fall in the band.
+	absBand func(t []float32, lo, hi uint32, cand []uint32) (above, n int)
+	// tiesInto is TIES on one range: prune by thr, elect the majority sign
+	// (by the sum of the values, or of their signs with frequency), then
+	// average the weighted values that agree with it (PEFT's disjoint_merge).
+	tiesInto func(out []float32, ts [][]float32, thr []uint32, w []float32, frequency bool)
+	// prunedSumInto is sum_i w[i] * pruned(t_i), each product rounded to
+	// float32 and summed in order, as torch does for a stacked tensor.
 	prunedSumInto func(out []float32, ts [][]float32, thr []uint32, w []float32)
-	decodeHalf    func(out []float32, raw []uint16, bf16 bool)
-	encodeHalf    func(out []uint16, x []float32, bf16 bool)
-	dots          func(out, xs, zs []float32, rows, l, n int)
-	axpyRows      func(dst, a []float32, xs [][]float32)
-	denseRow      func(dst, a []float32, xs [][]float32, s float32)
+	// decodeHalf converts BF16 (bf16) or F16 bit patterns to float32.
+	decodeHalf func(out []float32, raw []uint16, bf16 bool)
+	// encodeHalf rounds float32 values to BF16 or F16 (to nearest even).
+	encodeHalf func(out []uint16, x []float32, bf16 bool)
+	// dots, axpyRows and denseRow are Dots, AxpyRows and DenseRow (dots.go).
+	dots     func(out, xs, zs []float32, rows, l, n int)
+	axpyRows func(dst, a []float32, xs [][]float32)
+	denseRow func(dst, a []float32, xs [][]float32, s float32)
+	// magnitudeRank and mulTInto are MagnitudeRank and MulTInto (dots.go).
 	magnitudeRank func(mag []uint32, c int) int
 	mulTInto      func(part, d, y []float32, rows, n, l int)
-	gtaInto       func(out []float32, ts [][]float32, scale, w []float32, consensus, normalize bool, divisor, lambda float32)
+	// gtaInto is GTAInto (gta.go).
+	gtaInto func(out []float32, ts [][]float32, scale, w []float32, consensus, normalize bool, divisor, lambda float32)
 }
 
 // portableKernels are the kernels in plain Go: they run on every CPU.
-var portableKernels = kernels{"go", func() []string { return nil },
-	maxAbsBitsGo, absBandGo, tiesIntoGo, prunedSumIntoGo, decodeHalfGo, encodeHalfGo, dotsGo, axpyRowsGo, denseRowGo, magnitudeRankGo, mulTIntoGo, gtaIntoGo}
+var portableKernels = kernels{
+	name:          "go",
+	missing:       func() []string { return nil },
+	maxAbsBits:    maxAbsBitsGo,
+	absBand:       absBandGo,
+	tiesInto:      tiesIntoGo,
+	prunedSumInto: prunedSumIntoGo,
+	decodeHalf:    decodeHalfGo,
+	encodeHalf:    encodeHalfGo,
+	dots:          dotsGo,
+	axpyRows:      axpyRowsGo,
+	denseRow:      denseRowGo,
+	magnitudeRank: magnitudeRankGo,
+	mulTInto:      mulTIntoGo,
+	gtaInto:       gtaIntoGo,
+}
 
 // kernelSets are the implementations in this build, whether or not this CPU
 // runs them: the portable one first, then vectorKernels (kernels_simd.go,
 // or none: kernels_novec.go) from the slowest to the fastest.
 var kernelSets = append([]kernels{portableKernels}, vectorKernels...)
 
-// useKernels puts an implementation in use.
-func useKernels(k kernels) {
-	maxAbsBits, absBand, tiesInto, prunedSumInto = k.maxAbsBits, k.absBand, k.tiesInto, k.prunedSumInto
-	decodeHalf, encodeHalf, inUse = k.decodeHalf, k.encodeHalf, k.name
-	dots, axpyRows, denseRow, gtaInto = k.dots, k.axpyRows, k.denseRow, k.gtaInto
-	magnitudeRank, mulTInto = k.magnitudeRank, k.mulTInto
-}
+// active is the set in use (kernelselect.go chooses it at start-up); the
+// exported functions call its kernels.
+var active = portableKernels
 
 const (
 	// NonFiniteBits are the magnitude bits of +Inf: a value is a NaN or an
@@ -96,7 +95,7 @@ const (
 
 // MaxAbsBits returns the largest magnitude bits of x (0 when empty); x
 // holds a NaN or an Inf exactly when the result is >= NonFiniteBits.
-func MaxAbsBits(x []float32) uint32 { return maxAbsBits(x) }
+func MaxAbsBits(x []float32) uint32 { return active.maxAbsBits(x) }
 
 // TiesInto is TIES on one range, into out: tensor i (of len(out) elements
 // at least) is pruned by the threshold thr[i], the majority sign is elected
@@ -104,24 +103,24 @@ func MaxAbsBits(x []float32) uint32 { return maxAbsBits(x) }
 // values weighted by w that agree with it are averaged (PEFT's
 // disjoint_merge over its calculate_majority_sign_mask).
 func TiesInto(out []float32, ts [][]float32, thr []uint32, w []float32, frequency bool) {
-	tiesInto(out, ts, thr, w, frequency)
+	active.tiesInto(out, ts, thr, w, frequency)
 }
 
 // PrunedSumInto writes sum_i w[i] * pruned(ts[i]) into out, pruning tensor
 // i by the threshold thr[i]; each product is rounded to float32 and the
 // products are summed in order, as torch does for a stacked tensor.
 func PrunedSumInto(out []float32, ts [][]float32, thr []uint32, w []float32) {
-	prunedSumInto(out, ts, thr, w)
+	active.prunedSumInto(out, ts, thr, w)
 }
 
 // DecodeHalf converts BF16 (bf16) or F16 bit patterns to float32 values,
 // into out (raw holds len(out) values at least).
-func DecodeHalf(out []float32, raw []uint16, bf16 bool) { decodeHalf(out, raw, bf16) }
+func DecodeHalf(out []float32, raw []uint16, bf16 bool) { active.decodeHalf(out, raw, bf16) }
 
 // EncodeHalf rounds float32 values to BF16 (bf16) or F16 bit patterns (to
 // nearest, ties to even, as torch does), into out (of len(x) values at
 // least).
-func EncodeHalf(out []uint16, x []float32, bf16 bool) { encodeHalf(out, x, bf16) }
+func EncodeHalf(out []uint16, x []float32, bf16 bool) { active.encodeHalf(out, x, bf16) }
 
 // KeepAbove returns v when its magnitude bits are at least thr, else +0
 // (without a branch): v pruned by the threshold thr.

@@ -9,33 +9,13 @@ import (
 	"unsafe"
 )
 
-// The kernels with 16 float32 lanes (AVX-512), twice as wide as those of
-// kernels_simd.go and otherwise the same; the band's candidates are packed
-// by the vector compress instruction, which AVX2 lacks.
-
-// vecs16 views x[:16*(len(x)/16)] as vectors.
-func vecs16(x []float32) [][16]float32 {
-	if len(x) < 16 {
-		return nil // no whole vector (and no pointer to one past the data)
-	}
-	return unsafe.Slice((*[16]float32)(unsafe.Pointer(unsafe.SliceData(x))), len(x)/16)
-}
-
-func maxAbsBits512(x []float32) uint32 {
-	v := vecs16(x)
-	absMask16 := archsimd.BroadcastInt32x16(math.MaxInt32)
-	acc := archsimd.BroadcastInt32x16(0)
-	for i := range v {
-		acc = acc.Max(archsimd.LoadFloat32x16(&v[i]).AsInt32x16().And(absMask16))
-	}
-	var lanes [16]int32
-	acc.Store(&lanes)
-	m := maxAbsBitsGo(x[16*len(v):])
-	for _, l := range lanes {
-		m = max(m, uint32(l))
-	}
-	return m
-}
+// The AVX-512 kernels (16 float32 lanes) that are AVX-512's own: the band's
+// candidates are packed by the vector compress instruction, which AVX2
+// lacks, and the BF16 / F16 conversions, which the AVX2 set leaves to the
+// portable ones (encoding narrows 32-bit lanes to 16 bits with VPMOVDW, an
+// AVX-512 instruction).
+// The kernels that are the same code as AVX2's at twice the lanes are
+// generated from kernels_avx2.go into kernels_avx512_gen.go.
 
 func absBand512(t []float32, lo, hi uint32, cand []uint32) (above, n int) {
 	v := vecs16(t)
@@ -59,130 +39,6 @@ func absBand512(t []float32, lo, hi uint32, cand []uint32) (above, n int) {
 		return 0, -1
 	}
 	return above + a, n + m
-}
-
-// group16 is group (kernels_simd.go) for 16 lanes.
-type group16 struct {
-	t  [4][][16]float32
-	th [4]archsimd.Int32x16
-	w  [4]archsimd.Float32x16
-}
-
-func setGroups16(gs []group16, ts [][]float32, thr []uint32, w []float32, lo, hi int) {
-	for i := range 4 * len(gs) {
-		g := &gs[i/4]
-		if i < len(ts) {
-			g.t[i%4] = vecs16(ts[i][lo:hi])
-			g.th[i%4] = archsimd.BroadcastInt32x16(int32(thr[i] - 1))
-			g.w[i%4] = archsimd.BroadcastFloat32x16(w[i])
-		} else {
-			g.t[i%4] = vecs16(ts[0][lo:hi])
-			g.th[i%4] = archsimd.BroadcastInt32x16(math.MaxInt32) // keeps nothing
-			g.w[i%4] = archsimd.BroadcastFloat32x16(0)
-		}
-	}
-}
-
-func pruned16(p *[16]float32, th, absMask16 archsimd.Int32x16) archsimd.Float32x16 {
-	v := archsimd.LoadFloat32x16(p)
-	return v.Masked(v.AsInt32x16().And(absMask16).Greater(th))
-}
-
-func tiesInto512(out []float32, ts [][]float32, thr []uint32, w []float32, frequency bool) {
-	n16 := len(out) &^ 15
-	zero := archsimd.BroadcastFloat32x16(0)
-	one := archsimd.BroadcastFloat32x16(1)
-	absMask16, signBit16 := archsimd.BroadcastInt32x16(math.MaxInt32), archsimd.BroadcastInt32x16(math.MinInt32)
-	gs := make([]group16, (len(ts)+3)/4)
-	scratch := make([][16]float32, 4*len(gs)*kernelBlock/16)
-	var votesBuf, sumBuf, countBuf [kernelBlock / 16][16]float32
-	for lo := 0; lo < n16; lo += kernelBlock {
-		hi := min(lo+kernelBlock, n16)
-		setGroups16(gs, ts, thr, w, lo, hi)
-		votes, sum, count := votesBuf[:(hi-lo)/16], sumBuf[:(hi-lo)/16], countBuf[:(hi-lo)/16]
-		nv := len(votes)
-		clear(votes)
-		for gi := range gs {
-			g := &gs[gi]
-			a, b, c, d := g.t[0][:nv], g.t[1][:nv], g.t[2][:nv], g.t[3][:nv]
-			pa, pb, pc, pd := scratch[(4*gi)*nv:][:nv], scratch[(4*gi+1)*nv:][:nv], scratch[(4*gi+2)*nv:][:nv], scratch[(4*gi+3)*nv:][:nv]
-			for j := range votes {
-				va, vb, vc, vd := pruned16(&a[j], g.th[0], absMask16), pruned16(&b[j], g.th[1], absMask16), pruned16(&c[j], g.th[2], absMask16), pruned16(&d[j], g.th[3], absMask16)
-				va.Store(&pa[j])
-				vb.Store(&pb[j])
-				vc.Store(&pc[j])
-				vd.Store(&pd[j])
-				acc := archsimd.LoadFloat32x16(&votes[j])
-				if frequency {
-					acc = acc.Add(one.Masked(va.Greater(zero)).Sub(one.Masked(va.Less(zero))))
-					acc = acc.Add(one.Masked(vb.Greater(zero)).Sub(one.Masked(vb.Less(zero))))
-					acc = acc.Add(one.Masked(vc.Greater(zero)).Sub(one.Masked(vc.Less(zero))))
-					acc = acc.Add(one.Masked(vd.Greater(zero)).Sub(one.Masked(vd.Less(zero))))
-				} else {
-					acc = acc.Add(va).Add(vb).Add(vc).Add(vd)
-				}
-				acc.Store(&votes[j])
-			}
-		}
-		clear(sum)
-		clear(count)
-		for gi := range gs {
-			g := &gs[gi]
-			pa, pb, pc, pd := scratch[(4*gi)*nv:][:nv], scratch[(4*gi+1)*nv:][:nv], scratch[(4*gi+2)*nv:][:nv], scratch[(4*gi+3)*nv:][:nv]
-			for j := range votes {
-				// the elected sign's bit: set where votes < 0 (-0 and NaN elect +1)
-				e := signBit16.Masked(archsimd.LoadFloat32x16(&votes[j]).Less(zero))
-				s, n := archsimd.LoadFloat32x16(&sum[j]), archsimd.LoadFloat32x16(&count[j])
-				s, n = agreeing16(s, n, archsimd.LoadFloat32x16(&pa[j]), g.w[0], e, one)
-				s, n = agreeing16(s, n, archsimd.LoadFloat32x16(&pb[j]), g.w[1], e, one)
-				s, n = agreeing16(s, n, archsimd.LoadFloat32x16(&pc[j]), g.w[2], e, one)
-				s, n = agreeing16(s, n, archsimd.LoadFloat32x16(&pd[j]), g.w[3], e, one)
-				s.Store(&sum[j])
-				n.Store(&count[j])
-			}
-		}
-		o := vecs16(out[lo:hi])[:nv]
-		for j := range o {
-			archsimd.LoadFloat32x16(&sum[j]).Div(archsimd.LoadFloat32x16(&count[j]).Max(one)).Store(&o[j])
-		}
-	}
-	if n16 < len(out) {
-		tiesIntoGo(out[n16:], tails(ts, n16), thr, w, frequency)
-	}
-}
-
-// agreeing16 is agreeing (kernels_simd.go) for 16 lanes.
-func agreeing16(sum, count, v, w archsimd.Float32x16, elected archsimd.Int32x16, one archsimd.Float32x16) (archsimd.Float32x16, archsimd.Float32x16) {
-	a := one.Masked(v.AsInt32x16().Xor(elected).Greater(archsimd.BroadcastInt32x16(0)))
-	return sum.Add(v.Mul(w).Mul(a)), count.Add(a)
-}
-
-func prunedSumInto512(out []float32, ts [][]float32, thr []uint32, w []float32) {
-	n16 := len(out) &^ 15
-	var sumBuf [kernelBlock]float32
-	absMask16 := archsimd.BroadcastInt32x16(math.MaxInt32)
-	gs := make([]group16, (len(ts)+3)/4)
-	for lo := 0; lo < n16; lo += kernelBlock {
-		hi := min(lo+kernelBlock, n16)
-		sum := vecs16(sumBuf[:hi-lo])
-		clear(sum)
-		setGroups16(gs, ts, thr, w, lo, hi)
-		for _, g := range gs {
-			a, b, c, d := g.t[0][:len(sum)], g.t[1][:len(sum)], g.t[2][:len(sum)], g.t[3][:len(sum)]
-			for j := range sum {
-				s := archsimd.LoadFloat32x16(&sum[j])
-				s = s.Add(pruned16(&a[j], g.th[0], absMask16).Mul(g.w[0]))
-				s = s.Add(pruned16(&b[j], g.th[1], absMask16).Mul(g.w[1]))
-				s = s.Add(pruned16(&c[j], g.th[2], absMask16).Mul(g.w[2]))
-				s = s.Add(pruned16(&d[j], g.th[3], absMask16).Mul(g.w[3]))
-				s.Store(&sum[j])
-			}
-		}
-		copy(out[lo:hi], sumBuf[:hi-lo])
-	}
-	if n16 < len(out) {
-		prunedSumIntoGo(out[n16:], tails(ts, n16), thr, w)
-	}
 }
 
 func halfVecs16(x []uint16) [][16]uint16 {

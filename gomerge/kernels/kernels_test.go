@@ -102,7 +102,7 @@ func TestMain(m *testing.M) {
 	slices.Sort(compared)
 	slices.Sort(notRun)
 	fmt.Printf("kernels: %s/%s, in use %s; kernels compared with their references: %s; sets not run here: %s\n",
-		runtime.GOOS, runtime.GOARCH, inUse, orNone(compared), orNone(notRun))
+		runtime.GOOS, runtime.GOARCH, active.name, orNone(compared), orNone(notRun))
 	os.Exit(code)
 }
 
@@ -192,6 +192,21 @@ func expectedKernels(t *testing.T) string {
 		return "avx2"
 	}
 	return "go"
+}
+
+// Every set of this build has every kernel: a set is a struct literal with
+// named fields, and a field it leaves out would be nil.
+func TestKernelSetsComplete(t *testing.T) {
+	for _, k := range kernelSets {
+		v := reflect.ValueOf(k)
+		for i := range v.NumField() {
+			if f := v.Field(i); f.Kind() == reflect.Func {
+				assert.False(t, f.IsNil(), "the %s kernels have no %s", k.name, v.Type().Field(i).Name)
+			}
+		}
+		assert.NotEmpty(t, k.name)
+	}
+	assert.Equal(t, "go", kernelSets[0].name, "the portable set comes first")
 }
 
 // The set in use is the one this CPU level calls for.
@@ -464,7 +479,7 @@ func BenchmarkTiesInto(b *testing.B) {
 	w := []float32{1, 1, 1}
 	b.SetBytes(int64(3 * 4 << 16))
 	for b.Loop() {
-		tiesInto(out, ts, thr, w, false)
+		active.tiesInto(out, ts, thr, w, false)
 	}
 }
 

@@ -15,12 +15,8 @@ const Env = "GOMERGE_KERNELS"
 // kernelNames are the kernel sets of every build, slowest first.
 var kernelNames = []string{"go", "avx2", "avx512"}
 
-var (
-	// inUse names the kernels in use: "go", "avx2" or "avx512".
-	inUse = "go"
-	// envErr is why the set that Env asks for cannot run here.
-	envErr error
-)
+// envErr is why the set that Env asks for cannot run here.
+var envErr error
 
 // The set is chosen once, before any kernel runs: package initialisation
 // executes no vector instruction (the vector constants live in the
@@ -28,12 +24,11 @@ var (
 // and runs the portable kernels.
 func init() {
 	k, err := chooseKernels(os.Getenv(Env))
-	envErr = err
-	useKernels(k)
+	active, envErr = k, err
 }
 
 // InUse names the kernel set in use: "go", "avx2" or "avx512".
-func InUse() string { return inUse }
+func InUse() string { return active.name }
 
 // Err returns the error of an Env request that this build or CPU cannot
 // honour (naming the missing CPU features), or nil. While it is set the

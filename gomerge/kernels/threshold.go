@@ -56,7 +56,7 @@ func kthLargestAbsBitsBanded(t []float32, k int) (thr uint32, above, equal int, 
 		defer pool.Put(buf)
 		cand = float32AsUint32(buf)
 		var n int
-		if above, n = absBand(t, lo, hi, cand); n < 0 || above >= k || above+n < k {
+		if above, n = active.absBand(t, lo, hi, cand); n < 0 || above >= k || above+n < k {
 			cand = nil // the band missed the k-th value (or overflowed)
 		} else {
 			var more int
