@@ -149,6 +149,7 @@ def test_without_tqdm_a_long_job_hints_once(tmp_path, monkeypatch):
 def test_tqdm_auto_only_with_ipywidgets(monkeypatch):
     """tqdm.auto in Jupyter without ipywidgets warns a TqdmWarning: plain tqdm is used then."""
     import tqdm  # installed with transformers (tests/requirements.txt)
+
     from gomerge import _native
 
     monkeypatch.setitem(sys.modules, "ipywidgets", None)
