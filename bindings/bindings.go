@@ -82,6 +82,16 @@ func EngineMethods() string {
 	return string(b)
 }
 
+// EngineParams returns the parameter schema as JSON: every combination
+// argument's name, type, default (as the engine applies it; null where a
+// rule of the method gives it), choices, range, whether PEFT's signature
+// has it, and one-line doc (gomerge.Param). The Python layer builds its
+// keyword arguments, command-line flags and recipe keys from it.
+func EngineParams() string {
+	b, _ := json.Marshal(gomerge.Params())
+	return string(b)
+}
+
 // RequestKeys returns, as JSON, the keys each request and result carries:
 // {"merge": [...], "merge_tensors": [...], "result": [...], ...}. The
 // Python layer's tests check that it sends and reads exactly these.

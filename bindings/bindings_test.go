@@ -81,11 +81,15 @@ func TestRequestKeysAndMethods(t *testing.T) {
 // EngineMethods carries every row of the engine's method table, every field
 // intact, and the engine accepts each name it lists in a request.
 func TestEngineMethodsCarryTheTable(t *testing.T) {
-	var got []gomerge.Method
+	want, err := json.Marshal(gomerge.Methods())
+	require.NoError(t, err)
+	assert.JSONEq(t, string(want), EngineMethods())
+	var got []struct {
+		Name   string   `json:"name"`
+		Params []string `json:"params"`
+	}
 	require.NoError(t, json.Unmarshal([]byte(EngineMethods()), &got))
-	want := gomerge.Methods()
-	require.Len(t, got, len(want))
-	assert.Equal(t, want, got)
+	require.Len(t, got, len(gomerge.Methods()))
 	for _, m := range got {
 		require.NotEmpty(t, m.Name)
 		req := fmt.Sprintf(`{"combination_type": %q, "rank": 8, "modules": []}`, m.Name)
@@ -117,5 +121,35 @@ func TestFuseJobReportsErrorsAsJSON(t *testing.T) {
 			assert.Equal(t, tc.kind, s.Error.Kind)
 			assert.Contains(t, s.Error.Message, tc.want)
 		})
+	}
+}
+
+// EngineParams carries the parameter schema: every parameter a method
+// lists, each a key of the merge requests, with its type and doc.
+func TestEngineParamsCarryTheSchema(t *testing.T) {
+	var params []struct {
+		Name    string   `json:"name"`
+		Type    string   `json:"type"`
+		Default any      `json:"default"`
+		Choices []string `json:"choices"`
+		PEFT    bool     `json:"peft"`
+		Doc     string   `json:"doc"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(EngineParams()), &params))
+	var keys map[string][]string
+	require.NoError(t, json.Unmarshal([]byte(RequestKeys()), &keys))
+	names := map[string]bool{}
+	for _, p := range params {
+		names[p.Name] = true
+		assert.Contains(t, []string{"int", "float", "bool", "str", "rank"}, p.Type, p.Name)
+		assert.NotEmpty(t, p.Doc, p.Name)
+		for _, req := range []string{"merge", "merge_tensors", "fuse"} {
+			assert.Contains(t, keys[req], p.Name, "%s requests take %s", req, p.Name)
+		}
+	}
+	for _, m := range gomerge.Methods() {
+		for _, p := range m.Params {
+			assert.True(t, names[p], "%s's parameter %s is in the schema", m.Name, p)
+		}
 	}
 }
