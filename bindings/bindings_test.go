@@ -27,7 +27,7 @@ func TestMergeJobReportsErrorsAsJSON(t *testing.T) {
 		name, request, kind, want string
 	}{
 		{"not json", `{`, "TypeError", "invalid merge request"},
-		{"wrong field type", `{"adapters": "x"}`, "TypeError", "invalid merge request"},
+		{"wrong field type", `{"adapters": "x"}`, "TypeError", "adapters: expected a list, got string"},
 		{"missing adapter", `{"adapters": ["/nonexistent/a"], "weights": [1], "output_dir": "/tmp/x"}`, "FileNotFoundError", "/nonexistent/a"},
 		{"bad type", `{"adapters": ["a", "b"], "weights": [1, 1], "combination_type": "nope", "output_dir": "o"}`, "ValueError", "combination_type"},
 		{"unknown key", `{"adapters": ["a"], "weights": [1], "densty": 0.2}`, "ValueError", `unknown key "densty"`},
@@ -108,7 +108,7 @@ func TestFuseJobReportsErrorsAsJSON(t *testing.T) {
 		name, request, kind, want string
 	}{
 		{"unknown key", `{"base": "b", "adapters": ["a"], "output_dir": "o", "stak": true}`, "ValueError", `unknown key "stak"`},
-		{"wrong field type", `{"base": 1}`, "TypeError", "invalid merge request"},
+		{"wrong field type", `{"base": 1}`, "TypeError", "base: expected a string, got number"},
 		{"no base", `{"adapters": ["a"], "output_dir": "o"}`, "ValueError", "base"},
 		{"missing base", `{"base": "/nonexistent/b", "adapters": ["a"], "output_dir": "/tmp/gomerge-fuse-test-none"}`, "FileNotFoundError", "/nonexistent/b"},
 		{"method with stack", `{"base": "b", "adapters": ["a", "c"], "combination_type": "ties", "stack": true, "output_dir": "o"}`, "ValueError", "stack"},
@@ -151,5 +151,27 @@ func TestEngineParamsCarryTheSchema(t *testing.T) {
 		for _, p := range m.Params {
 			assert.True(t, names[p], "%s's parameter %s is in the schema", m.Name, p)
 		}
+	}
+}
+
+// A value of the wrong type names its key: a TypeError, or a ValueError for
+// an integer out of range.
+func TestDecodeRequestNamesTheKey(t *testing.T) {
+	for _, tc := range []struct {
+		request string
+		kind    gomerge.ErrKind
+		msg     string
+	}{
+		{`{"density": "a"}`, gomerge.KindType, "density: expected a number, got string"},
+		{`{"seed": -1}`, gomerge.KindValue, "seed: expected an integer in [0, 2**64), got -1"},
+		{`{"max_rank": 2.5}`, gomerge.KindType, "max_rank: expected an integer, got the number 2.5"},
+		{`{"svd_full_matrices": 1}`, gomerge.KindType, "svd_full_matrices: expected true or false, got number"},
+		{`{"densty": 1}`, gomerge.KindValue, `invalid merge request: unknown key "densty"`},
+	} {
+		var o gomerge.Options
+		err := decodeRequest(tc.request, &o)
+		require.Error(t, err, tc.request)
+		assert.Equal(t, tc.kind, gomerge.KindOf(err), tc.request)
+		assert.Equal(t, tc.msg, err.Error(), tc.request)
 	}
 }
