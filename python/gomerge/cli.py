@@ -357,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="method",
         choices=COMBINATION_TYPES,
         metavar="METHOD",
-        help="how several adapters are merged before fusing (default: cat, the exact weighted sum)",
+        help="how several adapters are merged before fusing (default: cat, the exact weighted sum), one of: "
+        + ", ".join(COMBINATION_TYPES),
     )
     f.add_argument("--stack", action="store_true", help="apply several adapters one after another")
     f.add_argument("--max-shard-size", metavar="SIZE", help="split the output into shards of at most SIZE (5GB)")
