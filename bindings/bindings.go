@@ -82,6 +82,16 @@ func EngineMethods() string {
 	return string(b)
 }
 
+// EngineParams returns the parameter schema as JSON: every combination
+// argument's name, type, default (as the engine applies it; null where a
+// rule of the method gives it), choices, range, whether PEFT's signature
+// has it, and one-line doc (gomerge.Param). The Python layer builds its
+// keyword arguments, command-line flags and recipe keys from it.
+func EngineParams() string {
+	b, _ := json.Marshal(gomerge.Params())
+	return string(b)
+}
+
 // RequestKeys returns, as JSON, the keys each request and result carries:
 // {"merge": [...], "merge_tensors": [...], "result": [...], ...}. The
 // Python layer's tests check that it sends and reads exactly these.
@@ -134,10 +144,39 @@ func decodeRequest(request string, v any) error {
 	if errors.As(err, &ge) { // a value's own check, such as svd_rank's energy rule
 		return ge
 	}
+	var te *json.UnmarshalTypeError
+	if errors.As(err, &te) && te.Field != "" {
+		return typeError(te)
+	}
 	if key, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
 		return &gomerge.Error{Kind: gomerge.KindValue, Msg: "invalid merge request: unknown key " + key}
 	}
 	return &gomerge.Error{Kind: gomerge.KindType, Msg: "invalid merge request: " + err.Error()}
+}
+
+// typeError names the key of a value of the wrong type: a TypeError, or a
+// ValueError for an integer out of the field's range (a negative seed).
+func typeError(te *json.UnmarshalTypeError) error {
+	key := te.Field[strings.LastIndex(te.Field, ".")+1:]
+	t := te.Type
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	want := map[reflect.Kind]string{reflect.Float64: "a number", reflect.Int: "an integer", reflect.Int64: "an integer",
+		reflect.Uint64: "an integer in [0, 2**64)", reflect.Bool: "true or false", reflect.String: "a string"}[t.Kind()]
+	if t.Kind() == reflect.Slice {
+		want = "a list"
+	} else if want == "" {
+		want = "a " + t.String()
+	}
+	got := te.Value
+	if lit, ok := strings.CutPrefix(got, "number "); ok {
+		if !strings.ContainsAny(lit, ".eE") { // an integer that does not fit
+			return &gomerge.Error{Kind: gomerge.KindValue, Msg: fmt.Sprintf("%s: expected %s, got %s", key, want, lit)}
+		}
+		got = "the number " + lit
+	}
+	return &gomerge.Error{Kind: gomerge.KindType, Msg: fmt.Sprintf("%s: expected %s, got %s", key, want, got)}
 }
 
 // ValidateCombination checks a request's combination arguments (the

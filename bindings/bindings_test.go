@@ -30,7 +30,7 @@ func TestMergeJobReportsErrorsAsJSON(t *testing.T) {
 		name, request, kind, want string
 	}{
 		{"not json", `{`, "TypeError", "invalid merge request"},
-		{"wrong field type", `{"adapters": "x"}`, "TypeError", "invalid merge request"},
+		{"wrong field type", `{"adapters": "x"}`, "TypeError", "adapters: expected a list, got string"},
 		{"missing adapter", `{"adapters": ["/nonexistent/a"], "weights": [1], "output_dir": "/tmp/x"}`, "FileNotFoundError", "/nonexistent/a"},
 		{"bad type", `{"adapters": ["a", "b"], "weights": [1, 1], "combination_type": "nope", "output_dir": "o"}`, "ValueError", "combination_type"},
 		{"unknown key", `{"adapters": ["a"], "weights": [1], "densty": 0.2}`, "ValueError", `unknown key "densty"`},
@@ -86,11 +86,15 @@ func TestRequestKeysAndMethods(t *testing.T) {
 // (docs/choosing-a-method.md) describes; and the engine accepts each name
 // it lists in a request.
 func TestEngineMethodsCarryTheTable(t *testing.T) {
-	var got []gomerge.Method
+	want, err := json.Marshal(gomerge.Methods())
+	require.NoError(t, err)
+	assert.JSONEq(t, string(want), EngineMethods())
+	var got []struct {
+		Name   string   `json:"name"`
+		Params []string `json:"params"`
+	}
 	require.NoError(t, json.Unmarshal([]byte(EngineMethods()), &got))
-	want := gomerge.Methods()
-	require.Len(t, got, len(want))
-	assert.Equal(t, want, got)
+	require.Len(t, got, len(gomerge.Methods()))
 	doc, err := os.ReadFile("../docs/choosing-a-method.md")
 	require.NoError(t, err)
 	var documented, listed []string
@@ -123,7 +127,7 @@ func TestFuseJobReportsErrorsAsJSON(t *testing.T) {
 		name, request, kind, want string
 	}{
 		{"unknown key", `{"base": "b", "adapters": ["a"], "output_dir": "o", "stak": true}`, "ValueError", `unknown key "stak"`},
-		{"wrong field type", `{"base": 1}`, "TypeError", "invalid merge request"},
+		{"wrong field type", `{"base": 1}`, "TypeError", "base: expected a string, got number"},
 		{"no base", `{"adapters": ["a"], "output_dir": "o"}`, "ValueError", "base"},
 		{"missing base", `{"base": "/nonexistent/b", "adapters": ["a"], "output_dir": "/tmp/gomerge-fuse-test-none"}`, "FileNotFoundError", "/nonexistent/b"},
 		{"method with stack", `{"base": "b", "adapters": ["a", "c"], "combination_type": "ties", "stack": true, "output_dir": "o"}`, "ValueError", "stack"},
@@ -136,5 +140,57 @@ func TestFuseJobReportsErrorsAsJSON(t *testing.T) {
 			assert.Equal(t, tc.kind, s.Error.Kind)
 			assert.Contains(t, s.Error.Message, tc.want)
 		})
+	}
+}
+
+// EngineParams carries the parameter schema: every parameter a method
+// lists, each a key of the merge requests, with its type and doc.
+func TestEngineParamsCarryTheSchema(t *testing.T) {
+	var params []struct {
+		Name    string   `json:"name"`
+		Type    string   `json:"type"`
+		Default any      `json:"default"`
+		Choices []string `json:"choices"`
+		PEFT    bool     `json:"peft"`
+		Doc     string   `json:"doc"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(EngineParams()), &params))
+	var keys map[string][]string
+	require.NoError(t, json.Unmarshal([]byte(RequestKeys()), &keys))
+	names := map[string]bool{}
+	for _, p := range params {
+		names[p.Name] = true
+		assert.Contains(t, []string{"int", "float", "bool", "str", "rank"}, p.Type, p.Name)
+		assert.NotEmpty(t, p.Doc, p.Name)
+		for _, req := range []string{"merge", "merge_tensors", "fuse"} {
+			assert.Contains(t, keys[req], p.Name, "%s requests take %s", req, p.Name)
+		}
+	}
+	for _, m := range gomerge.Methods() {
+		for _, p := range m.Params {
+			assert.True(t, names[p], "%s's parameter %s is in the schema", m.Name, p)
+		}
+	}
+}
+
+// A value of the wrong type names its key: a TypeError, or a ValueError for
+// an integer out of range.
+func TestDecodeRequestNamesTheKey(t *testing.T) {
+	for _, tc := range []struct {
+		request string
+		kind    gomerge.ErrKind
+		msg     string
+	}{
+		{`{"density": "a"}`, gomerge.KindType, "density: expected a number, got string"},
+		{`{"seed": -1}`, gomerge.KindValue, "seed: expected an integer in [0, 2**64), got -1"},
+		{`{"max_rank": 2.5}`, gomerge.KindType, "max_rank: expected an integer, got the number 2.5"},
+		{`{"svd_full_matrices": 1}`, gomerge.KindType, "svd_full_matrices: expected true or false, got number"},
+		{`{"densty": 1}`, gomerge.KindValue, `invalid merge request: unknown key "densty"`},
+	} {
+		var o gomerge.Options
+		err := decodeRequest(tc.request, &o)
+		require.Error(t, err, tc.request)
+		assert.Equal(t, tc.kind, gomerge.KindOf(err), tc.request)
+		assert.Equal(t, tc.msg, err.Error(), tc.request)
 	}
 }

@@ -55,40 +55,13 @@ func ModelCard(opts Options, res *Result, baseModel string, sources []string) st
 	b.WriteString("\n## Options\n\n")
 	fmt.Fprintf(&b, "- combination_type: `%s`\n- rank: %d\n- dtype: %s\n", res.CombinationType, res.Rank, res.DType)
 	method, _ := LookupMethod(res.CombinationType)
-	if opts.Density != nil && method.NeedsDensity() {
-		fmt.Fprintf(&b, "- density: %g\n", *opts.Density)
-	}
-	if method.takes("majority_sign_method") {
-		fmt.Fprintf(&b, "- majority_sign_method: %s\n", opts.MajoritySignMethod)
-	}
-	if g := opts.generalized(0); g != nil && method.takes("gamma") {
-		fmt.Fprintf(&b, "- gamma: %g\n", g.gamma)
-	}
-	if g := opts.generalized(0); g != nil && method.takes("epsilon") {
-		fmt.Fprintf(&b, "- epsilon: %g\n", g.epsilon)
-	}
-	if method.takes("scaling") {
-		fmt.Fprintf(&b, "- scaling: %g\n", opts.spanOptions(0, "").scaling)
-	}
-	if method.takes("common_fraction") {
-		fmt.Fprintf(&b, "- common_fraction: %g\n", opts.spanOptions(0, "").commonFraction)
-	}
-	if opts.Lambda != nil {
-		fmt.Fprintf(&b, "- lambda: %g\n", *opts.Lambda)
-	}
-	if opts.SVDRank != nil {
-		fmt.Fprintf(&b, "- svd_rank: %s\n", opts.SVDRank)
-	}
-	if opts.MaxRank != nil {
-		fmt.Fprintf(&b, "- max_rank: %d\n", *opts.MaxRank)
-	}
-	if opts.SVDClamp != nil {
-		fmt.Fprintf(&b, "- svd_clamp: %g\n", *opts.SVDClamp)
+	for _, line := range opts.cardLines(method) { // from the parameter schema
+		b.WriteString(line + "\n")
 	}
 	if res.Seed != nil {
 		fmt.Fprintf(&b, "- seed: %d (pass it back as `seed=` to reproduce this merge byte for byte)\n", *res.Seed)
 	}
-	writeRankTable(&b, res)
+	writeRankTable(&b, res.Rank, res.ModuleRanks, res.ModuleErrors)
 	base := baseModel
 	if base == "" {
 		base = "<base model>"
@@ -141,27 +114,27 @@ func yamlString(s string) string {
 // writeRankTable lists each module's rank and the relative error of its
 // factorisation, when the merge chose ranks per module or factorised the
 // combined updates.
-func writeRankTable(b *strings.Builder, res *Result) {
-	if len(res.ModuleErrors) == 0 && !mixedRanks(res.ModuleRanks) {
+func writeRankTable(b *strings.Builder, rank int, moduleRanks map[string]int, moduleErrors map[string]float64) {
+	if len(moduleErrors) == 0 && !mixedRanks(moduleRanks) {
 		return
 	}
-	names := make([]string, 0, len(res.ModuleRanks))
-	for name := range res.ModuleRanks {
+	names := make([]string, 0, len(moduleRanks))
+	for name := range moduleRanks {
 		names = append(names, name)
 	}
 	sort.Strings(names)
 	worst := 0.0
-	for _, e := range res.ModuleErrors {
+	for _, e := range moduleErrors {
 		worst = max(worst, e)
 	}
 	fmt.Fprintf(b, "\n## Ranks\n\nr = %d; largest relative error ||D - B'A'|| / ||D|| of a module: %.3g.\n\n"+
-		"| module | rank | relative error |\n|---|---|---|\n", res.Rank, worst)
+		"| module | rank | relative error |\n|---|---|---|\n", rank, worst)
 	for _, name := range names {
 		e := "-"
-		if v, ok := res.ModuleErrors[name]; ok {
+		if v, ok := moduleErrors[name]; ok {
 			e = fmt.Sprintf("%.3g", v)
 		}
-		fmt.Fprintf(b, "| `%s` | %d | %s |\n", name, res.ModuleRanks[name], e)
+		fmt.Fprintf(b, "| `%s` | %d | %s |\n", name, moduleRanks[name], e)
 	}
 }
 

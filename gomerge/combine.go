@@ -6,12 +6,15 @@ import (
 )
 
 // Combination is one of PEFT's element-wise ways to combine task tensors
-// (merge_utils): the same function serves the factors (family 1) and the
-// dense updates (family 2).
+// (merge_utils), given by a method row's Pruning and TIES: task_arithmetic
+// (neither), magnitude_prune and dare_linear (PruneMagnitude, PruneDARE),
+// ties and dare_ties (the same with TIES). The same function serves the
+// factors (family 1) and the dense updates (family 2).
 type Combination struct {
-	Method     string  // "task_arithmetic", "magnitude_prune", "ties", "dare_linear", "dare_ties"
+	Pruning    Pruning // PruneNone, PruneMagnitude or PruneDARE (the others are mergekit's: merge_generalized.go)
+	TIES       bool    // sign election and disjoint mean
 	Density    float64 // fraction kept by the pruning methods
-	SignMethod string  // "total" or "frequency", for ties and dare_ties
+	SignMethod string  // "total" or "frequency", for TIES
 }
 
 // combineGrain is the least number of elements combined per goroutine.
@@ -50,8 +53,8 @@ func (c Combination) Apply(tensors [][]float32, weights []float32, dare func(i i
 	}
 	if c.Density < 1 { // PEFT's prune() returns the tensor untouched for density >= 1
 		var each func(i int)
-		switch c.Method {
-		case "magnitude_prune", "ties":
+		switch c.Pruning {
+		case PruneMagnitude:
 			each = func(i int) {
 				var kept, k int
 				if thr[i], kept, k = kernels.MagnitudeThreshold(ts[i], c.Density); kept > k {
@@ -60,7 +63,7 @@ func (c Combination) Apply(tensors [][]float32, weights []float32, dare func(i i
 					ts[i] = t
 				}
 			}
-		case "dare_linear", "dare_ties":
+		case PruneDARE:
 			each = func(i int) {
 				t := copyFor(i)
 				dare(i, t)
@@ -79,7 +82,7 @@ func (c Combination) Apply(tensors [][]float32, weights []float32, dare func(i i
 	if !owned {
 		out = pool.Get(len(tensors[0]))
 	}
-	ties := c.Method == "ties" || c.Method == "dare_ties"
+	ties := c.TIES
 	frequency := c.SignMethod == kernels.SignFrequency
 	parallelFor(len(out), combineGrain, func(lo, hi int) {
 		sub := make([][]float32, len(ts))

@@ -26,7 +26,7 @@ func BenchmarkDellaModule(b *testing.B) {
 			b.Run(fmt.Sprintf("%s/%dx%d", name, out, in), func(b *testing.B) {
 				o := Combine{CombinationType: name, Density: &density, Seed: &seed}
 				require.NoError(b, o.Validate())
-				g := o.generalized(seed)
+				g := o.generalized(mergekitOf(name))
 				defer reportCPU(b)()
 				for b.Loop() {
 					if _, _, _, err := mergeDenseSVD(context.Background(), j, Combination{}, g, 16, nil, seed); err != nil {

@@ -734,7 +734,7 @@ func extractCard(opts ExtractOptions, rule rankRule, res *ExtractResult) string 
 	for _, w := range res.Warnings {
 		fmt.Fprintf(&b, "\nNote: %s\n", w)
 	}
-	writeRankTable(&b, &Result{Rank: res.Rank, ModuleRanks: res.ModuleRanks, ModuleErrors: res.ModuleErrors})
+	writeRankTable(&b, res.Rank, res.ModuleRanks, res.ModuleErrors)
 	fmt.Fprintf(&b, "\n## Usage\n\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"+
 		"base = AutoModelForCausalLM.from_pretrained(%q)\nmodel = PeftModel.from_pretrained(base, %q)\n```\n", baseName, opts.OutputDir)
 	return b.String()

@@ -86,6 +86,11 @@ func (o *FuseOptions) validate() error {
 	if o.Stack && len(o.Adapters) > 1 && o.CombinationType != "cat" {
 		return valueErr("combination_type: %q merges adapters before fusing; stack=True applies them one after another instead (pass one or the other)", o.CombinationType)
 	}
+	if len(o.Adapters) > 1 && !o.Stack { // the merge before fusing: its parameters are checked before any file is read
+		if err := o.Combine.Validate(); err != nil {
+			return err
+		}
+	}
 	if o.DType != "" {
 		if _, err := safetensors.ParseDType(o.DType); err != nil {
 			return err

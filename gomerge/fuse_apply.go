@@ -62,7 +62,7 @@ func applyOps(ctx context.Context, p *fusePlan, t *fuseTensor, w []float32) erro
 				return err
 			}
 		case opMerged:
-			_, _, ra, rb, _, err := mergeModule(ctx, p.mergeOpts, op.job, p.rank, F32)
+			_, _, ra, rb, _, err := runModule(ctx, &p.mergeOpts, op.job, p.rank, F32)
 			if err != nil {
 				return err
 			}

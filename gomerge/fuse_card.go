@@ -23,7 +23,14 @@ func FuseCard(opts *FuseOptions, res *FuseResult) string {
 	fmt.Fprintf(&b, "# Fused model\n\n`%s` with its LoRA adapter(s) fused into the weights by "+
 		"[gomerge](https://pypi.org/project/gomerge/) %s: W' = W + s B A per adapted layer, as PEFT's "+
 		"`merge_and_unload()` computes it, summed in float32 and rounded once to each tensor's dtype.\n\n", res.Base, Version)
-	fmt.Fprintf(&b, "## Adapters\n\nMethod: %s.\n\n| adapter | weight |\n|---|---|\n", method)
+	fmt.Fprintf(&b, "## Adapters\n\nMethod: %s.\n\n", method)
+	if m, err := LookupMethod(res.CombinationType); err == nil && res.CombinationType != "" {
+		for _, line := range opts.Combine.cardLines(m) { // the merge's parameters, from the schema
+			b.WriteString(line + "\n")
+		}
+		b.WriteString("\n")
+	}
+	b.WriteString("| adapter | weight |\n|---|---|\n")
 	for i, a := range res.Adapters {
 		w := "1"
 		if i < len(opts.Weights) {

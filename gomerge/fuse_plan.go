@@ -61,7 +61,7 @@ type fusePlan struct {
 	untie     bool
 	totalSize int64
 	warnings  []string
-	mergeOpts Options // the merge before fusing (merged)
+	mergeOpts Combine // the merge before fusing (merged)
 	rank      int     // its rank
 }
 
@@ -342,7 +342,7 @@ func (p *fusePlan) planMergedJobs(opts *FuseOptions, adapters []*Adapter) (map[s
 	if err != nil {
 		return nil, err
 	}
-	p.mergeOpts, p.rank = mo, rank
+	p.mergeOpts, p.rank = mo.Combine, rank
 	out := make(map[string]*moduleJob, len(jobs))
 	for i := range jobs {
 		out[jobs[i].name] = &jobs[i]

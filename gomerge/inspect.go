@@ -14,7 +14,8 @@ type AdapterInfo struct {
 	R             int            `json:"r"`
 	LoraAlpha     float64        `json:"lora_alpha"`
 	UseRslora     bool           `json:"use_rslora"`
-	Ranks         map[string]int `json:"ranks"` // rank -> number of modules, keys as strings
+	Scaling       float64        `json:"scaling"` // of r and lora_alpha: alpha / r, or alpha / sqrt(r) with rsLoRA
+	Ranks         map[string]int `json:"ranks"`   // rank -> number of modules, keys as strings
 	TargetModules TargetModules  `json:"target_modules"`
 	DType         string         `json:"dtype"`
 	Modules       int            `json:"modules"`
@@ -30,7 +31,7 @@ func Inspect(dir string) (*AdapterInfo, error) {
 	}
 	defer a.Close()
 	info := &AdapterInfo{Dir: dir, BaseModel: a.Config.BaseModel, R: a.Config.R, LoraAlpha: a.Config.LoraAlpha,
-		UseRslora: a.Config.UseRslora, TargetModules: a.Config.TargetModules, DType: a.DType.TorchName(),
+		UseRslora: a.Config.UseRslora, Scaling: a.Config.Scaling(a.Config.R, a.Config.LoraAlpha), TargetModules: a.Config.TargetModules, DType: a.DType.TorchName(),
 		Modules: len(a.Modules), Ranks: map[string]int{}, Extra: a.Extra}
 	if info.Extra == nil {
 		info.Extra = []string{}

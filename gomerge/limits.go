@@ -8,25 +8,43 @@ import (
 	"strings"
 )
 
-// moduleMemory estimates the bytes one module's merge holds at its peak.
-func moduleMemory(f Family, j *moduleJob) int64 {
-	n := int64(len(j.srcs))
+// factorBytes is the float32 size of the module's source factors.
+func factorBytes(j *moduleJob) int64 {
 	factors := int64(0)
 	for _, s := range j.srcs {
 		factors += int64(s.mod.Rank) * int64(j.in+j.out) * 4
 	}
-	switch f {
-	case FamilyDenseSVD:
-		// one dense update per source (the result overwrites the first), the sketch, the factors
-		return n*int64(j.in)*int64(j.out)*4 + 3*factors
-	case FamilySVD, FamilySpan:
-		total := int64(0)
-		for _, s := range j.srcs {
-			total += int64(s.mod.Rank)
-		}
-		return 3*total*int64(j.in+j.out)*8 + 3*factors // stacked factors and thin Qs, in float64
+	return factors
+}
+
+// factorMemory is the peak memory of the merges that work on the factors
+// (the factor-wise methods, cat): a few copies of them.
+func factorMemory(j *moduleJob, _ *Combine) int64 { return 4 * factorBytes(j) }
+
+// exactMemory is the peak memory of the exact factorisations (svd, the
+// span methods): the stacked factors and thin Qs, in float64.
+func exactMemory(j *moduleJob, _ *Combine) int64 {
+	total := int64(0)
+	for _, s := range j.srcs {
+		total += int64(s.mod.Rank)
 	}
-	return 4 * factors
+	return 3*total*int64(j.in+j.out)*8 + 3*factorBytes(j)
+}
+
+// denseMemory is the peak memory of the merges of the dense updates: one
+// dense update per source (the result overwrites the first), the sketch,
+// the factors.
+func denseMemory(j *moduleJob, _ *Combine) int64 {
+	return int64(len(j.srcs))*int64(j.in)*int64(j.out)*4 + 3*factorBytes(j)
+}
+
+// taskArithmeticMemory is cat's memory, or the exact SVD's when svd_rank
+// truncates it.
+func taskArithmeticMemory(j *moduleJob, c *Combine) int64 {
+	if c.SVDRank != nil {
+		return exactMemory(j, c)
+	}
+	return factorMemory(j, c)
 }
 
 // availableMemory reads MemAvailable from /proc/meminfo (0 when unknown).
@@ -59,7 +77,7 @@ func planWorkers(opts Options, jobs []moduleJob, avail int64) (int, error) {
 	var largest int64
 	var name string
 	for i := range jobs {
-		if m := moduleMemory(opts.method.family(opts.SVDRank), &jobs[i]); m > largest {
+		if m := opts.method.Memory(&jobs[i], &opts.Combine); m > largest {
 			largest, name = m, jobs[i].name
 		}
 	}

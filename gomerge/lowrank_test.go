@@ -8,8 +8,6 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"gonum.org/v1/gonum/mat"
-
-	"gomerge/gomerge/kernels"
 )
 
 // denseTruncated is the reference: a dense SVD of B @ A truncated to rank k.
@@ -231,7 +229,7 @@ func TestExactSVDOfPrunedUpdate(t *testing.T) {
 			}
 		}
 	}
-	d := Combination{Method: "ties", Density: 0.2, SignMethod: kernels.SignTotal}.Apply(ts, []float32{2, 1, 1}, nil, false)
+	d := comb("ties", 0.2).Apply(ts, []float32{2, 1, 1}, nil, false)
 	bk, ak, _, _ := exactSVD(d, m, n, func([]float64) int { return k })
 	for i := 0; i < k; i++ {
 		for j := 0; j < k; j++ {

@@ -87,7 +87,7 @@ func MergeTensors(ctx context.Context, req MemRequest, progress *Progress) (*Mem
 		}
 		jobs[i] = j
 	}
-	outcomes, err := runJobs(ctx, opts, jobs, req.Rank, F32, progress, func(i int, _, _ string, a, b RawTensor) error {
+	outcomes, err := runJobs(ctx, &opts.Combine, opts.Workers, jobs, req.Rank, F32, progress, func(i int, _, _ string, a, b RawTensor) error {
 		mm := req.Modules[i]
 		if a.Shape[0] > mm.OutRank {
 			return valueErr("module %s: merged rank %d does not fit the output rank %d", mm.Name, a.Shape[0], mm.OutRank)
@@ -128,7 +128,7 @@ func memJob(mm MemModule, method Method) (moduleJob, error) {
 		} else if m.In() != j.in || m.Out() != j.out {
 			return j, valueErr("module %s: factors of source %d (%v, %v) do not match the first source's", mm.Name, s.Index, s.AShape, s.BShape)
 		}
-		if method.Family == FamilyFactors && i > 0 && m.Rank != j.srcs[0].mod.Rank {
+		if method.Rank.own && i > 0 && m.Rank != j.srcs[0].mod.Rank {
 			return j, valueErr("module %s: combination_type %s needs equal ranks, got %d and %d", mm.Name, method.Name, j.srcs[0].mod.Rank, m.Rank)
 		}
 		src := source{weight: s.Weight, mod: m, index: s.Index,

@@ -146,11 +146,11 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 func writeModules(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt DType, progress *Progress, path string) ([]moduleOutcome, error) {
 	meta := map[string]string{"format": "pt"}
 	if !opts.energyRanks() {
-		w, err := safetensors.Create(path, outputTensors(opts, jobs, rank, dt), meta)
+		w, err := safetensors.Create(path, outputTensors(&opts.Combine, jobs, rank, dt), meta)
 		if err != nil {
 			return nil, err
 		}
-		outcomes, err := runJobs(ctx, opts, jobs, rank, dt, progress, func(_ int, aName, bName string, a, b RawTensor) error {
+		outcomes, err := runJobs(ctx, &opts.Combine, opts.Workers, jobs, rank, dt, progress, func(_ int, aName, bName string, a, b RawTensor) error {
 			return w.WritePair(aName, a.Data, bName, b.Data)
 		})
 		if cerr := w.Close(); err == nil {
@@ -163,7 +163,7 @@ func writeModules(ctx context.Context, opts Options, jobs []moduleJob, rank int,
 		a, b         RawTensor
 	}
 	held := make([]pair, len(jobs))
-	outcomes, err := runJobs(ctx, opts, jobs, rank, dt, progress, func(i int, aName, bName string, a, b RawTensor) error {
+	outcomes, err := runJobs(ctx, &opts.Combine, opts.Workers, jobs, rank, dt, progress, func(i int, aName, bName string, a, b RawTensor) error {
 		// runJobs hands its buffers back to the pool after emit: keep copies
 		ca, cb := a, b
 		ca.Data, cb.Data = append([]byte(nil), a.Data...), append([]byte(nil), b.Data...)
@@ -229,13 +229,13 @@ type emitFunc func(i int, aName, bName string, a, b RawTensor) error
 
 // runJobs merges the modules on all cores, hands each result to emit and
 // returns each module's merged rank.
-func runJobs(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt DType, progress *Progress, emit emitFunc) ([]moduleOutcome, error) {
+func runJobs(ctx context.Context, c *Combine, workers int, jobs []moduleJob, rank int, dt DType, progress *Progress, emit emitFunc) ([]moduleOutcome, error) {
 	if progress != nil {
 		progress.Total.Store(int64(len(jobs)))
 	}
 	outcomes := make([]moduleOutcome, len(jobs))
-	err := runJobsOn(ctx, len(jobs), opts.Workers, progress, func(_, i int) error {
-		aName, bName, a, b, o, err := mergeModule(ctx, opts, &jobs[i], rank, dt)
+	err := runJobsOn(ctx, len(jobs), workers, progress, func(_, i int) error {
+		aName, bName, a, b, o, err := runModule(ctx, c, &jobs[i], rank, dt)
 		if err == nil {
 			err = emit(i, aName, bName, a.RawTensor, b.RawTensor)
 			pool.Put(a.buf) // emit has written or copied them
@@ -250,9 +250,10 @@ func runJobs(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt D
 	return outcomes, nil
 }
 
-// mergeModule merges one module, recovering from panics so that a bug in a
-// kernel becomes an error naming the module.
-func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt DType) (aName, bName string, ra, rb resultTensor, out moduleOutcome, err error) {
+// runModule merges one module by its method's row, recovering from panics
+// so that a bug in a kernel becomes an error naming the module, and
+// encodes the result to dt.
+func runModule(ctx context.Context, c *Combine, j *moduleJob, rank int, dt DType) (aName, bName string, ra, rb resultTensor, out moduleOutcome, err error) {
 	defer func() {
 		for _, s := range j.srcs {
 			s.mod.release()
@@ -263,55 +264,13 @@ func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt D
 			err = newErr(KindInternal, "module %s: internal error: %v", j.name, p)
 		}
 	}()
-	var a, b []float32
-	var r int
-	relErr := math.NaN() // no factorisation of the summed update (factor-wise merges)
-	comb := Combination{Method: opts.method.combination(), SignMethod: opts.MajoritySignMethod, Density: 1}
-	if opts.Density != nil {
-		comb.Density = *opts.Density
-	}
-	var seed uint64
-	if opts.Seed != nil {
-		seed = *opts.Seed
-	}
-	srcs := j.srcs
-	if l := opts.lambda(); l != 1 { // task arithmetic's lambda scales every weight
-		srcs = slices.Clone(srcs)
-		for i := range srcs {
-			srcs[i].weight *= l
-		}
-	}
-	switch opts.method.family(opts.SVDRank) {
-	case FamilyFactors:
-		if a, b, r, err = mergeFactors(srcs, comb, seed, j.name); err != nil {
-			return "", "", resultTensor{}, resultTensor{}, out, err
-		}
-		if r > rank {
-			return "", "", resultTensor{}, resultTensor{}, out, valueErr("module %s: rank %d is above the adapter's rank %d", j.name, r, rank)
-		}
-	case FamilyCat:
-		r, relErr = rank, 0 // exact
-		if a, b, err = mergeCat(srcs, r, j.in, j.out); err != nil {
-			return "", "", resultTensor{}, resultTensor{}, out, err
-		}
-	case FamilySVD:
-		if a, b, r, relErr, err = mergeSVD(srcs, opts.rankRule(rank), j.in, j.out, opts.SVDClamp); err != nil {
-			return "", "", resultTensor{}, resultTensor{}, out, err
-		}
-	case FamilySpan:
-		if a, b, r, relErr, err = mergeSpan(srcs, &opts.Combine, rank, j.in, j.out, seed, j.name); err != nil {
-			return "", "", resultTensor{}, resultTensor{}, out, err
-		}
-	case FamilyDenseSVD:
-		r = rank
-		a, b, relErr, err = mergeDenseSVD(ctx, j, comb, opts.generalized(seed), r, opts.SVDClamp, seed)
-		if err != nil {
-			return "", "", resultTensor{}, resultTensor{}, out, err
-		}
+	o, err := c.method.Merge(ctx, j, c, rank)
+	if err != nil {
+		return "", "", resultTensor{}, resultTensor{}, out, err
 	}
 	aName, bName = moduleKeys(j.name, j.kind)
-	aShape := append([]int{r}, j.aTail...)
-	bShape := append([]int{j.out, r}, j.bTail...)
+	aShape := append([]int{o.rank}, j.aTail...)
+	bShape := append([]int{j.out, o.rank}, j.bTail...)
 	// a and b are this merge's own memory: float32 results are written as they are, without a copy
 	encode := func(x []float32) []byte {
 		if dt == F32 {
@@ -319,8 +278,8 @@ func mergeModule(ctx context.Context, opts Options, j *moduleJob, rank int, dt D
 		}
 		return safetensors.Encode(dt, x)
 	}
-	return aName, bName, resultTensor{RawTensor{DType: dt, Shape: aShape, Data: encode(a)}, a},
-		resultTensor{RawTensor{DType: dt, Shape: bShape, Data: encode(b)}, b}, moduleOutcome{rank: r, relErr: relErr}, nil
+	return aName, bName, resultTensor{RawTensor{DType: dt, Shape: aShape, Data: encode(o.a)}, o.a},
+		resultTensor{RawTensor{DType: dt, Shape: bShape, Data: encode(o.b)}, o.b}, moduleOutcome{rank: o.rank, relErr: o.relErr}, nil
 }
 
 // moduleOutcome is what a module's merge chose: its rank, and the relative

@@ -1,5 +1,24 @@
 package gomerge
 
+import "context"
+
+// catModule is the merge of "cat": exact, at the adapter's rank (the sum of
+// the ranks).
+func catModule(_ context.Context, j *moduleJob, c *Combine, rank int) (moduleOutput, error) {
+	a, b, err := mergeCat(c.weighted(j.srcs), rank, j.in, j.out)
+	return moduleOutput{a: a, b: b, rank: rank}, err
+}
+
+// taskArithmeticModule is the merge of "task_arithmetic": lambda times the
+// exact weighted sum of the updates, stacked as cat does, or, truncated by
+// svd_rank, factorised by the exact SVD.
+func taskArithmeticModule(ctx context.Context, j *moduleJob, c *Combine, rank int) (moduleOutput, error) {
+	if c.SVDRank != nil {
+		return svdModule(ctx, j, c, rank)
+	}
+	return catModule(ctx, j, c, rank)
+}
+
 // mergeCat is PEFT's "cat" combination: A' stacks w_i s_i A_i along the
 // rank, B' stacks B_i along its columns, so B'A' = sum_i w_i s_i B_i A_i
 // exactly. Rows and columns beyond the sources' total rank are zero.

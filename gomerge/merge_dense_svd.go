@@ -58,7 +58,7 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, g *gener
 	case fused:
 		d = g.combineScaled(dws, weights, scales)
 	case g != nil: // mergekit's methods (merge_generalized.go)
-		d = g.mergeModule(j, dws, weights)
+		d = g.combineModule(j, dws, weights)
 	default:
 		d = comb.Apply(dws, weights, func(i int, t []float32) {
 			if mask := j.srcs[i].maskDW; mask != nil {
@@ -87,6 +87,14 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, g *gener
 		ClampQuantile(a, b, *clamp)
 	}
 	return a, b, relErr, nil
+}
+
+// denseSVDModule is the merge of PEFT's pruned *_svd rows: the dense
+// updates combined element-wise by the row's pruning and TIES, then a
+// randomized SVD at the adapter's rank.
+func denseSVDModule(ctx context.Context, j *moduleJob, c *Combine, rank int) (moduleOutput, error) {
+	a, b, relErr, err := mergeDenseSVD(ctx, j, c.combination(), nil, rank, c.SVDClamp, c.seed())
+	return moduleOutput{a: a, b: b, rank: rank, relErr: relErr}, err
 }
 
 // roundTo rounds t in place to the dtype dt (PEFT's dense update in the

@@ -1,6 +1,7 @@
 package gomerge
 
 import (
+	"context"
 	"math"
 	"strconv"
 )
@@ -15,6 +16,19 @@ func factorWeights(w, scaling float64) (wa, wb float32) {
 		return float32(-sq), float32(sq)
 	}
 	return float32(sq), float32(sq)
+}
+
+// factorsModule is the merge of the factor-wise rows: each module keeps its
+// sources' rank, which must fit the adapter's.
+func factorsModule(_ context.Context, j *moduleJob, c *Combine, rank int) (moduleOutput, error) {
+	a, b, r, err := mergeFactors(j.srcs, c.combination(), c.seed(), j.name)
+	if err != nil {
+		return moduleOutput{}, err
+	}
+	if r > rank {
+		return moduleOutput{}, valueErr("module %s: rank %d is above the adapter's rank %d", j.name, r, rank)
+	}
+	return moduleOutput{a: a, b: b, rank: r, relErr: math.NaN()}, nil
 }
 
 // mergeFactors is PEFT's family 1 (linear, ties, dare_linear, dare_ties,

@@ -1,6 +1,7 @@
 package gomerge
 
 import (
+	"context"
 	"math"
 
 	"gomerge/gomerge/kernels"
@@ -11,18 +12,17 @@ import (
 // adapters' dense updates: the sparsification comes from the method table's
 // Pruning, the sign consensus ("sum") from its TIES; normalize divides by
 // the summed weights of the agreeing tasks, rescale restores each pruned
-// task tensor's l1 norm.
+// task tensor's l1 norm (mergekit's defaults, given in the method rows).
 type mergekitMethod struct {
 	normalize, rescale bool
 }
 
-// mergekitMethods are mergekit's defaults of normalize and rescale.
-var mergekitMethods = map[string]mergekitMethod{
-	"breadcrumbs":      {normalize: false, rescale: false},
-	"breadcrumbs_ties": {normalize: false, rescale: false},
-	"della":            {normalize: true, rescale: true},
-	"della_linear":     {normalize: false, rescale: true},
-}
+// mergekit's defaults of normalize and rescale, for the method rows.
+var (
+	mkBreadcrumbs = mergekitMethod{normalize: false, rescale: false}
+	mkDella       = mergekitMethod{normalize: true, rescale: true}
+	mkDellaLinear = mergekitMethod{normalize: false, rescale: true}
+)
 
 // Defaults of mergekit's per-model parameters.
 const (
@@ -40,15 +40,11 @@ type generalized struct {
 	seed                            uint64
 }
 
-// generalized returns the resolved mergekit-style merge of the options, or
-// nil for the other methods.
-func (o *Combine) generalized(seed uint64) *generalized {
-	mk, ok := mergekitMethods[o.method.Name]
-	if !ok {
-		return nil
-	}
+// generalized returns the mergekit-style merge mk with the options
+// resolved (the schema's defaults for those not given).
+func (o *Combine) generalized(mk mergekitMethod) *generalized {
 	g := &generalized{mergekitMethod: mk, pruning: o.method.Pruning, consensus: o.method.TIES, density: 1,
-		gamma: DefaultGamma, epsilon: DefaultEpsilon, lambda: o.lambda(), seed: seed}
+		gamma: DefaultGamma, epsilon: DefaultEpsilon, lambda: o.lambda(), seed: o.seed()}
 	if o.Density != nil {
 		g.density = *o.Density
 	}
@@ -61,34 +57,13 @@ func (o *Combine) generalized(seed uint64) *generalized {
 	return g
 }
 
-// validateGeneralized checks gamma, epsilon and majority_sign_method for
-// the mergekit methods (Validate has refused gamma and epsilon for the
-// methods that do not take them).
-func (o *Combine) validateGeneralized() error {
-	if o.Gamma != nil {
-		if g := *o.Gamma; math.IsNaN(g) || g < 0 || g > 1 {
-			return valueErr("gamma: the fraction of largest magnitudes dropped must be in [0, 1], got %v", g)
-		}
+// mergekitModule is the merge of a mergekit method's rows: its dense
+// updates pruned and combined by mk, then a randomized SVD.
+func mergekitModule(mk mergekitMethod) mergeFunc {
+	return func(ctx context.Context, j *moduleJob, c *Combine, rank int) (moduleOutput, error) {
+		a, b, relErr, err := mergeDenseSVD(ctx, j, Combination{}, c.generalized(mk), rank, c.SVDClamp, c.seed())
+		return moduleOutput{a: a, b: b, rank: rank, relErr: relErr}, err
 	}
-	if o.Epsilon != nil {
-		if e := *o.Epsilon; math.IsNaN(e) || math.IsInf(e, 0) || e < 0 {
-			return valueErr("epsilon: must be a number >= 0, got %v", e)
-		}
-	}
-	if _, ok := mergekitMethods[o.method.Name]; !ok {
-		return nil
-	}
-	if o.method.Pruning == PruneDELLA && o.Density != nil {
-		d, e := *o.Density, DefaultEpsilon
-		if o.Epsilon != nil {
-			e = *o.Epsilon
-		}
-		if d > 0 && d < 1 && (d-e <= 0 || d+e >= 1) {
-			return valueErr("epsilon: must be chosen such that density +/- epsilon is in (0, 1), got density %v "+
-				"and epsilon %v", d, e)
-		}
-	}
-	return nil
 }
 
 // prune sparsifies one task tensor in place (the dense update of source
@@ -157,9 +132,9 @@ func (j *moduleJob) layout() (rows, cols, inner int) {
 	return j.out, cols, inner
 }
 
-// mergeGeneralized combines the module's dense updates by the mergekit
+// combineModule combines the module's dense updates by the mergekit
 // method g (mergeDenseSVD's combination for those methods).
-func (g *generalized) mergeModule(j *moduleJob, dws [][]float32, weights []float32) []float32 {
+func (g *generalized) combineModule(j *moduleJob, dws [][]float32, weights []float32) []float32 {
 	indices := make([]int, len(j.srcs))
 	for i, s := range j.srcs {
 		indices[i] = s.index

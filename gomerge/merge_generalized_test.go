@@ -69,7 +69,8 @@ func TestGeneralizedCombineIsMergekitsMergeGroup(t *testing.T) {
 			density, lambda := 0.4, 0.8
 			c := Combine{CombinationType: name, Density: &density, Lambda: &lambda}
 			require.NoError(t, c.Validate())
-			g := c.generalized(3)
+			g := c.generalized(mergekitOf(name))
+			g.seed = 3
 			dws := make([][]float32, len(weights))
 			pruned := make([][]float32, len(weights))
 			indices := make([]int, len(weights))

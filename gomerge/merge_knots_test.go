@@ -47,7 +47,7 @@ func TestKnotsMatchesDenseReference(t *testing.T) {
 					tensors[i] = toFloat32(x.RawMatrix().Data)
 					weights[i] = float32(srcs[i].weight)
 				}
-				merged := Combination{Method: c.comb, Density: density, SignMethod: "total"}.Apply(tensors, weights, nil, false)
+				merged := comb(c.comb, density).Apply(tensors, weights, nil, false)
 				_, k := u.Dims()
 				var want mat.Dense
 				want.Mul(u, mat.NewDense(k, tc.in, toFloat64(merged)))

@@ -1,9 +1,17 @@
 package gomerge
 
 import (
+	"context"
 	"math"
 	"sort"
 )
+
+// svdModule is the merge of "svd": the exact truncated SVD of the weighted
+// sum, at the rank the options give.
+func svdModule(_ context.Context, j *moduleJob, c *Combine, rank int) (moduleOutput, error) {
+	a, b, k, relErr, err := mergeSVD(c.weighted(j.srcs), c.rankRule(rank), j.in, j.out, c.SVDClamp)
+	return moduleOutput{a: a, b: b, rank: k, relErr: relErr}, err
+}
 
 // mergeSVD is PEFT's "svd" combination: the rank-k truncated SVD of
 // D = sum_i w_i s_i B_i A_i. D has rank at most R = sum r_i, so its SVD is

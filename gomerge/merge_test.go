@@ -41,7 +41,7 @@ func TestMergeLinearByHand(t *testing.T) {
 	// rank 1, In 2, Out 2; weights w*s: 4 and -1
 	s1 := source{weight: 2, mod: mod(1, 2, []float32{1, 2}, []float32{3, 4})}
 	s2 := source{weight: -1, mod: mod(1, 1, []float32{5, 6}, []float32{7, 8})}
-	a, b, r, err := mergeFactors([]source{s1, s2}, Combination{Method: "task_arithmetic", Density: 1}, 0, "m")
+	a, b, r, err := mergeFactors([]source{s1, s2}, comb("linear", 1), 0, "m")
 	require.NoError(t, err)
 	assert.Equal(t, 1, r)
 	assert.Equal(t, []float32{2*1 - 1*5, 2*2 - 1*6}, a) // sign(c) sqrt|c|: 2 and -1
@@ -241,7 +241,7 @@ func TestPlanWorkersRefusesWhatCannotFit(t *testing.T) {
 	big := moduleJob{name: "m.big", in: 11008, out: 4096, srcs: []source{{mod: mod}, {mod: mod}, {mod: mod}}}
 	opts := Options{Combine: Combine{CombinationType: "ties_svd", Density: new(0.2)}}
 	require.NoError(t, opts.Validate())
-	need := moduleMemory(FamilyDenseSVD, &big) // about 540 MB
+	need := denseMemory(&big, &opts.Combine) // about 540 MB
 	_, err := planWorkers(opts, []moduleJob{big}, need/2)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "module m.big")
@@ -249,7 +249,9 @@ func TestPlanWorkersRefusesWhatCannotFit(t *testing.T) {
 	w, err := planWorkers(opts, []moduleJob{big, big, big}, need*2) // room for one at a time (3/4 of 2x)
 	require.NoError(t, err)
 	assert.Equal(t, 1, w)
-	w, err = planWorkers(Options{Workers: 7, Combine: Combine{CombinationType: "linear"}}, []moduleJob{big}, 1<<40)
+	linear := Options{Workers: 7, Combine: Combine{CombinationType: "linear"}}
+	require.NoError(t, linear.Validate())
+	w, err = planWorkers(linear, []moduleJob{big}, 1<<40)
 	require.NoError(t, err)
 	assert.Equal(t, 7, w)
 }

@@ -51,10 +51,9 @@ func withParam(c *Combine, name string) {
 // Every method refuses every parameter it does not take, naming both, and
 // accepts every one it takes.
 func TestEveryMethodRefusesTheParametersItDoesNotTake(t *testing.T) {
-	all := []string{"svd_rank", "max_rank", "svd_clamp", "svd_full_matrices", "svd_driver", "density",
-		"majority_sign_method", "seed", "lambda", "gamma", "epsilon", "scaling", "common_fraction"}
 	for _, m := range Methods() {
-		for _, name := range all {
+		for _, p := range Params() {
+			name := p.Name
 			c := Combine{CombinationType: m.Name}
 			if m.NeedsDensity() {
 				c.Density = new(float64)

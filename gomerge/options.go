@@ -4,9 +4,8 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"fmt"
-	"math"
 	"path/filepath"
-	"strings"
+	"slices"
 
 	"gomerge/gomerge/kernels"
 	"gomerge/gomerge/safetensors"
@@ -117,9 +116,13 @@ func (o *Options) validate() error {
 	return nil
 }
 
-// Validate checks the combination arguments against the method
-// table (shared by the directory and the in-memory merges) and resolves the
-// method.
+// Validate checks the combination arguments against the method table and
+// the parameter schema (shared by the directory and the in-memory merges)
+// and resolves the method: every parameter is refused by the methods that
+// do not take it (the table's Params), from the API, the command line and
+// recipes alike (PEFT's drop-in passes only what the method takes, as PEFT
+// ignores the rest), and each one the method takes is checked by its
+// schema entry.
 func (o *Combine) Validate() error {
 	if o.CombinationType == "" {
 		o.CombinationType = "svd"
@@ -129,97 +132,11 @@ func (o *Combine) Validate() error {
 		return err
 	}
 	o.method = m
-	// every parameter is refused by the methods that do not read it (the table's Params), from the API, the
-	// command line and recipes alike; PEFT's drop-in passes only what the method takes, as PEFT ignores the rest
-	for _, name := range o.setParams() {
-		if !m.takes(name) {
-			takes := "none of them"
-			if len(m.Params) > 0 {
-				takes = strings.Join(m.Params, ", ")
-			}
-			return valueErr("%s: combination_type %q does not take %s (it takes: %s)", name, m.Name, name, takes)
-		}
-	}
-	if m.NeedsDensity() {
-		if o.Density == nil {
-			return valueErr("density: combination_type %q needs a density (the fraction of values kept, in [0, 1])", o.CombinationType)
-		}
-		d := *o.Density
-		if math.IsNaN(d) || d < 0 || d > 1 {
-			return valueErr("density: must be in [0, 1], got %v", d)
-		}
-		if d == 0 && m.Pruning == PruneDARE {
-			return valueErr("density: %q rescales kept values by 1/density and needs density > 0", o.CombinationType)
-		}
-	}
-	if o.Lambda != nil && (math.IsNaN(*o.Lambda) || math.IsInf(*o.Lambda, 0)) {
-		return valueErr("lambda: %v is not a finite number", *o.Lambda)
-	}
-	if err := o.validateRank(); err != nil {
+	if err := o.checkParams(); err != nil {
 		return err
-	}
-	if o.SVDClamp != nil && (*o.SVDClamp < 0 || *o.SVDClamp > 1 || math.IsNaN(*o.SVDClamp)) {
-		return valueErr("svd_clamp: must be a quantile in [0, 1] or None, got %v", *o.SVDClamp)
-	}
-	if o.SVDDriver != nil {
-		switch *o.SVDDriver {
-		case "gesvd", "gesvdj", "gesvda":
-		default:
-			return valueErr("svd_driver: invalid value %q (expected None, 'gesvd', 'gesvdj' or 'gesvda')", *o.SVDDriver)
-		}
 	}
 	if o.MajoritySignMethod == "" {
-		o.MajoritySignMethod = "total"
-	}
-	if o.MajoritySignMethod != "total" && o.MajoritySignMethod != "frequency" {
-		return valueErr("majority_sign_method: invalid value %q (expected 'total' or 'frequency')", o.MajoritySignMethod)
-	}
-	if err := o.validateSpan(); err != nil {
-		return err
-	}
-	return o.validateGeneralized()
-}
-
-// setParams lists the combination arguments that are set: given, and for
-// the two that PEFT's signature gives a default (svd_full_matrices=True,
-// majority_sign_method="total"), given another value.
-func (o *Combine) setParams() []string {
-	var set []string
-	for _, p := range []struct {
-		name string
-		set  bool
-	}{
-		{"svd_rank", o.SVDRank != nil}, {"max_rank", o.MaxRank != nil}, {"svd_clamp", o.SVDClamp != nil},
-		{"svd_full_matrices", o.SVDFullMatrices != nil && !*o.SVDFullMatrices}, {"svd_driver", o.SVDDriver != nil},
-		{"density", o.Density != nil},
-		{"majority_sign_method", o.MajoritySignMethod != "" && o.MajoritySignMethod != kernels.SignTotal},
-		{"seed", o.Seed != nil}, {"lambda", o.Lambda != nil}, {"gamma", o.Gamma != nil}, {"epsilon", o.Epsilon != nil},
-		{"scaling", o.Scaling != nil}, {"common_fraction", o.CommonFraction != nil},
-	} {
-		if p.set {
-			set = append(set, p.name)
-		}
-	}
-	return set
-}
-
-// validateRank checks svd_rank and max_rank against the method.
-func (o *Combine) validateRank() error {
-	if o.MaxRank != nil && *o.MaxRank <= 0 {
-		return valueErr("max_rank: must be a positive integer or None, got %d", *o.MaxRank)
-	}
-	r := o.SVDRank
-	if r == nil {
-		return nil
-	}
-	if r.Energy == 0 && r.Fixed <= 0 {
-		return valueErr("svd_rank: must be a positive integer, an energy rule such as \"energy:0.99\", or None, got %d", r.Fixed)
-	}
-	// the methods that take svd_rank factorise their result: exactly (svd, task_arithmetic, the span methods), or
-	// a pruned dense update by a randomized SVD, which has no exact spectrum for the energy rule
-	if r.Energy > 0 && o.method.family(o.SVDRank) == FamilyDenseSVD {
-		return valueErr("svd_rank: the energy rule needs the exact spectrum, and combination_type %q factorises a pruned "+
-			"dense update by a randomized SVD: give an integer svd_rank", o.CombinationType)
+		o.MajoritySignMethod = kernels.SignTotal
 	}
 	return nil
 }
@@ -241,14 +158,51 @@ func (o *Combine) rankRule(rank int) rankRule {
 // spectrum (the energy rule, or a span method's rank of its merged update),
 // so that the output's shapes are known only after the merge.
 func (o *Combine) energyRanks() bool {
-	return o.SVDRank != nil && o.SVDRank.Energy > 0 || o.spanRanks()
+	energy := o.SVDRank != nil && o.SVDRank.Energy > 0
+	return energy || o.method.Rank.spectral && o.SVDRank == nil
 }
+
+// combination is the element-wise step of the method: its row's pruning
+// and TIES, with the density (1: none) and the sign election.
+func (o *Combine) combination() Combination {
+	c := Combination{Pruning: o.method.Pruning, TIES: o.method.TIES, SignMethod: o.MajoritySignMethod, Density: 1}
+	if o.Density != nil {
+		c.Density = *o.Density
+	}
+	return c
+}
+
+// seed is the seed of the random masks (0 for the methods without).
+func (o *Combine) seed() uint64 {
+	if o.Seed == nil {
+		return 0
+	}
+	return *o.Seed
+}
+
+// weighted returns the sources with lambda, task arithmetic's scale of the
+// summed updates, folded into their weights (the sources themselves when
+// lambda is 1).
+func (o *Combine) weighted(srcs []source) []source {
+	l := o.lambda()
+	if l == 1 {
+		return srcs
+	}
+	srcs = slices.Clone(srcs)
+	for i := range srcs {
+		srcs[i].weight *= l
+	}
+	return srcs
+}
+
+// DefaultLambda is the default scale of the summed updates.
+const DefaultLambda = 1.0
 
 // lambda is the scale of the combined updates (1 unless the method takes
 // lambda and it was given).
 func (o *Combine) lambda() float64 {
 	if o.Lambda == nil {
-		return 1
+		return DefaultLambda
 	}
 	return *o.Lambda
 }

@@ -34,46 +34,13 @@ type moduleJob struct {
 	bTail []int
 }
 
-// newRank is PEFT's rank of the merged adapter.
+// newRank is PEFT's rank of the merged adapter: the method's rank rule.
 func newRank(opts Options, adapters []*Adapter) (int, error) {
 	ranks := make([]int, len(adapters))
 	for i, a := range adapters {
 		ranks[i] = a.Config.MaxRank()
 	}
-	sum := 0
-	for _, r := range ranks {
-		sum += r
-	}
-	m := opts.method
-	switch m.Rank {
-	case RankInput:
-		for i, r := range ranks {
-			if r != ranks[0] {
-				return 0, valueErr("All adapters must have the same r value when using combination_type %s: "+
-					"%s has r=%d, %s has r=%d (use cat or svd for adapters of different ranks)",
-					m.Name, opts.Adapters[0], ranks[0], opts.Adapters[i], r)
-			}
-		}
-		return ranks[0], nil
-	case RankSum:
-		return sum, nil
-	}
-	// the svd_rank rules: a fixed rank (capped by max_rank); with the energy rule each module's rank comes from
-	// its spectrum, at most max_rank or the sum of the ranks
-	r := slices.Max(ranks)
-	if m.Rank == RankSVDOrSumAll || m.Rank == RankSpan {
-		r = sum
-	}
-	switch s := opts.SVDRank; {
-	case s != nil && s.Energy > 0:
-		r = sum
-	case s != nil:
-		r = s.Fixed
-	}
-	if opts.MaxRank != nil {
-		r = min(r, *opts.MaxRank)
-	}
-	return r, nil
+	return opts.method.Rank.adapter(ranks, opts.Adapters, opts.method, &opts.Combine)
 }
 
 // planModules pairs every module with the adapters that have it, each with
@@ -103,7 +70,7 @@ func planModules(opts Options, adapters []*Adapter) ([]moduleJob, error) {
 					return nil, valueErr("module %s: shapes differ between adapters: %s has lora_A %v / lora_B %v, %s has lora_A %v / lora_B %v",
 						name, opts.Adapters[first[name]], f.RawA.Shape, f.RawB.Shape, opts.Adapters[i], m.RawA.Shape, m.RawB.Shape)
 				}
-				if opts.method.Family == FamilyFactors && m.Rank != f.Rank {
+				if opts.method.Rank.own && m.Rank != f.Rank {
 					return nil, valueErr("module %s: combination_type %s needs equal ranks, but %s has rank %d and %s has rank %d",
 						name, opts.CombinationType, opts.Adapters[first[name]], f.Rank, opts.Adapters[i], m.Rank)
 				}
@@ -137,12 +104,12 @@ func rankPattern(jobs []moduleJob, ranks []int, rank int) Patterns {
 
 // outputTensors lists the merged adapter's tensors: every module's A and B
 // at the merged rank (the module's own rank for factor-wise merges).
-func outputTensors(opts Options, jobs []moduleJob, rank int, dt DType) []safetensors.OutTensor {
+func outputTensors(c *Combine, jobs []moduleJob, rank int, dt DType) []safetensors.OutTensor {
 	outs := make([]safetensors.OutTensor, 0, 2*len(jobs))
 	for i := range jobs {
 		j := &jobs[i]
 		r := rank
-		if opts.method.Family == FamilyFactors {
+		if c.method.Rank.own {
 			r = j.srcs[0].mod.Rank
 		}
 		aName, bName := moduleKeys(j.name, j.kind)

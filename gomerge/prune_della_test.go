@@ -269,7 +269,7 @@ func TestDellaDenseIsDenseThenMask(t *testing.T) {
 			density, seed := 0.3, uint64(5)
 			o := Combine{CombinationType: name, Density: &density, Seed: &seed}
 			require.NoError(t, o.Validate())
-			g := o.generalized(seed)
+			g := o.generalized(mergekitOf(name))
 			g.rescale = name == "della"
 			require.True(t, g.fusedDella(j))
 			s := srcs[0]

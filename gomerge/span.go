@@ -1,6 +1,7 @@
 package gomerge
 
 import (
+	"context"
 	"math"
 	"strconv"
 
@@ -21,7 +22,7 @@ const FamilySpan Family = "span"
 // RankSpan: svd_rank (a rank or the energy rule, capped by max_rank), by
 // default the rank of the method's merged update (its singular values
 // above the numerical tolerance), per module.
-const RankSpan RankRule = "svd_rank|span"
+var RankSpan = &RankRule{Name: "svd_rank|span", adapter: svdRankOr(sumOf), exact: true, spectral: true}
 
 // DefaultScaling is the default scale of the span methods' merged update.
 const DefaultScaling = 1.0
@@ -244,6 +245,14 @@ func (sp *span) factors(l, s, rt []float64, k int) (bk, ak []float64) {
 	return bk, ak
 }
 
+// spanModule is the merge of a span method's rows.
+func spanModule(fn spanMethod) mergeFunc {
+	return func(_ context.Context, j *moduleJob, c *Combine, rank int) (moduleOutput, error) {
+		a, b, k, relErr, err := mergeInSpan(fn, j.srcs, c, rank, j.in, j.out, c.seed(), j.name)
+		return moduleOutput{a: a, b: b, rank: k, relErr: relErr}, err
+	}
+}
+
 // spanMethod combines a module's span into the core SVD of its merged
 // update, D = basis.qb L diag(s) Rt basis.qa^T, keeping only D's nonzero
 // directions. basis is sp itself for the methods whose result stays in the
@@ -259,18 +268,11 @@ func inSpan(f func(sp *span, o spanOptions) (l, s, rt []float64)) spanMethod {
 	}
 }
 
-// spanMethods are the methods of FamilySpan.
-var spanMethods = map[string]spanMethod{
-	"iso_c":           inSpan(func(sp *span, o spanOptions) (l, s, rt []float64) { return isoC(sp, o.scaling) }),
-	"tsv":             inSpan(func(sp *span, o spanOptions) (l, s, rt []float64) { return tsvM(sp, o.scaling) }),
-	"iso_cts":         inSpan(func(sp *span, o spanOptions) (l, s, rt []float64) { return isoCTS(sp, o.scaling, o.commonFraction) }),
-	"core_ties":       inSpan(coreCombine),
-	"core_dare_ties":  inSpan(coreCombine),
-	"core_tsv":        inSpan(coreTSV),
-	"core_iso_c":      inSpan(coreIsoC),
-	"knots_ties":      knots,
-	"knots_dare_ties": knots,
-	"knots_linear":    knots,
+// The span methods' combinations of the span, for their rows.
+func isoCSpan(sp *span, o spanOptions) (l, s, rt []float64) { return isoC(sp, o.scaling) }
+func tsvSpan(sp *span, o spanOptions) (l, s, rt []float64)  { return tsvM(sp, o.scaling) }
+func isoCTSSpan(sp *span, o spanOptions) (l, s, rt []float64) {
+	return isoCTS(sp, o.scaling, o.commonFraction)
 }
 
 // spanOptions are the span methods' resolved parameters.
@@ -295,7 +297,8 @@ func (o *Combine) spanOptions(seed uint64, module string) spanOptions {
 		so.commonFraction = *o.CommonFraction
 	}
 	if o.method.NeedsDensity() && o.Density != nil {
-		so.comb = &Combination{Method: o.method.combination(), Density: *o.Density, SignMethod: o.MajoritySignMethod}
+		comb := o.combination()
+		so.comb = &comb
 	}
 	return so
 }
@@ -305,7 +308,7 @@ func (o *Combine) spanOptions(seed uint64, module string) spanOptions {
 // divided by density, drawn from the module's seeded stream (nil when the
 // method draws no masks).
 func (o spanOptions) dare(label string) func(t int, x []float32) {
-	if o.comb == nil || o.comb.Method != "dare_ties" && o.comb.Method != "dare_linear" {
+	if o.comb == nil || o.comb.Pruning != PruneDARE {
 		return nil
 	}
 	return func(t int, x []float32) {
@@ -313,34 +316,12 @@ func (o spanOptions) dare(label string) func(t int, x []float32) {
 	}
 }
 
-// validateSpan checks the span methods' parameters (Validate has refused
-// them for the methods that do not take them).
-func (o *Combine) validateSpan() error {
-	if o.Scaling != nil && (math.IsNaN(*o.Scaling) || math.IsInf(*o.Scaling, 0)) {
-		return valueErr("scaling: %v is not a finite number", *o.Scaling)
-	}
-	if f := o.CommonFraction; f != nil && (math.IsNaN(*f) || *f < 0 || *f > 1) {
-		return valueErr("common_fraction: the share of the common subspace must be in [0, 1], got %v", *f)
-	}
-	return nil
-}
-
-// spanRanks reports whether each module's rank is chosen from its merged
-// update: the span methods without a fixed svd_rank.
-func (o *Combine) spanRanks() bool {
-	return o.method.Family == FamilySpan && (o.SVDRank == nil || o.SVDRank.Energy > 0)
-}
-
-// mergeSpan runs a span method on one module: the span of its factors, the
+// mergeInSpan runs a span method on one module: the span of its factors, the
 // method's core SVD, then the factors at the rank the rule gives (by
 // default the number of nonzero singular values of the merged update, at
 // most max_rank). relErr is the relative Frobenius error of that
 // truncation against the method's merged update.
-func mergeSpan(srcs []source, o *Combine, rank int, in, out int, seed uint64, module string) (a, b []float32, k int, relErr float64, err error) {
-	fn, ok := spanMethods[o.method.Name]
-	if !ok {
-		return nil, nil, 0, 0, newErr(KindInternal, "combination_type %q has no span merge", o.method.Name)
-	}
+func mergeInSpan(fn spanMethod, srcs []source, o *Combine, rank int, in, out int, seed uint64, module string) (a, b []float32, k int, relErr float64, err error) {
 	sp, err := newSpan(srcs, in, out)
 	if err != nil {
 		return nil, nil, 0, 0, err

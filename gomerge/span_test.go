@@ -429,7 +429,7 @@ func TestCoreSpaceMethodsMatchDenseReferences(t *testing.T) {
 				tensors[i] = toFloat32(mat.DenseCopyOf(m).RawMatrix().Data)
 				weights[i] = float32(srcs[i].weight)
 			}
-			merged := Combination{Method: "ties", Density: half, SignMethod: "total"}.Apply(tensors, weights, nil, false)
+			merged := comb("ties", half).Apply(tensors, weights, nil, false)
 			var tmp, want mat.Dense
 			tmp.Mul(ub, mat.NewDense(qb, qa, toFloat64(merged)))
 			want.Mul(&tmp, va.T())

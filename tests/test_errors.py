@@ -219,3 +219,130 @@ def test_unread_parameters_are_refused_from_the_cli_and_recipes(dirs, tmp_path):
     )
     assert r.returncode == 1 and 'density: combination_type "svd" does not take density' in r.stderr, r.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+# The parameter schema, walked: every merge parameter is reachable, with the same default and the same error on a
+# bad value, from the API, `gomerge merge`, `gomerge fuse` and recipes; and every method refuses every parameter it
+# does not take, from all of them.
+
+from gomerge import _native, cli  # noqa: E402
+from gomerge.merge import keyword  # noqa: E402
+
+PARAMS = {p["name"]: p for p in _native.params()}
+METHODS = {m["name"]: m for m in gomerge.methods()}
+# a value out of each ranged parameter's range (the check is the engine's, its text the same from every surface)
+BAD = {"svd_rank": 0, "max_rank": 0, "svd_clamp": 1.5, "density": 1.5, "seed": -1, "gamma": 1.5, "epsilon": -1.0}
+BAD["common_fraction"] = 1.5
+
+
+def _good(p: dict) -> object:
+    """A valid value of a parameter that is not its default."""
+    if p["choices"]:
+        return next(c for c in p["choices"] if c != p["default"])
+    return {"bool": False, "int": 4, "rank": 4, "float": 0.1 if p["name"] == "epsilon" else 0.5}[p["type"]]
+
+
+def _taker(name: str) -> str:
+    """A method that takes the parameter."""
+    return next(n for n, m in METHODS.items() if name in m["params"])
+
+
+def _cli_value(value: object) -> list[str]:
+    return [] if isinstance(value, bool) else [str(value)]
+
+
+def _cli_flag(name: str, value: object) -> list[str]:
+    if isinstance(value, bool):
+        return [cli.flag(name) if value else "--no-" + cli.flag(name)[2:]]
+    return [cli.flag(name), str(value)]
+
+
+def _surfaces(dirs, tmp_path, method: str, params: dict, capsys) -> dict[str, str]:
+    """The error message of a merge (method, params) from each surface: the API's exception, and the command
+    line's stderr for merge, fuse (several adapters: merged first) and a merge recipe."""
+    out = tmp_path / "out"
+    got = {}
+    try:
+        gomerge.add_weighted_adapter(
+            dirs, [1.0] * len(dirs), "m", method, output_dir=out, **{keyword(k): v for k, v in params.items()}
+        )
+        got["api"] = ""
+    except (ValueError, TypeError) as e:
+        got["api"] = str(e)
+    flags = [a for k, v in params.items() for a in _cli_flag(k, v)]
+    base = tmp_path / "base"
+    base.mkdir(exist_ok=True)
+    for name, argv in (
+        ("merge", ["merge", *dirs, "--method", method, *flags, "-o", str(out)]),
+        ("fuse", ["fuse", str(base), *dirs, "--method", method, *flags, "-o", str(tmp_path / "fused")]),
+    ):
+        capsys.readouterr()
+        code = cli.main(argv)
+        err = capsys.readouterr().err
+        got[name] = err.removeprefix("gomerge: error: ").strip() if code == 1 else f"exit {code}: {err}"
+    recipe = tmp_path / "r.yaml"
+    lines = [f"{k}: {json.dumps(v)}" for k, v in params.items()]
+    recipe.write_text("adapters:\n" + "".join(f"  - {d}\n" for d in dirs) + f"method: {method}\n" + "\n".join(lines))
+    recipe.write_text(recipe.read_text() + f"\noutput_dir: {out}\n")
+    capsys.readouterr()
+    code = cli.main(["merge", "--recipe", str(recipe)])
+    err = capsys.readouterr().err
+    got["recipe"] = err.removeprefix("gomerge: error: ").strip() if code == 1 else f"exit {code}: {err}"
+    assert not out.exists() and not (tmp_path / "fused").exists()
+    return got
+
+
+def _needs(method: str, name: str) -> dict:
+    """What the method needs besides the parameter: a density for the pruning methods."""
+    return {"density": 0.5} if METHODS[method]["pruning"] and name != "density" else {}
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_every_parameter_has_one_default_everywhere(name):
+    import inspect
+
+    p = PARAMS[name]
+    default = inspect.signature(gomerge.add_weighted_adapter).parameters[keyword(name)].default
+    assert default is None or default == p["default"], "the API's default is the engine's (None: the engine's)"
+    parser = cli.build_parser()
+    for command in ("merge", "fuse"):
+        sub = parser._subparsers._group_actions[0].choices[command]
+        action = next(a for a in sub._actions if a.dest == name)
+        assert action.default is None  # what is not given is the recipe's, then the engine's
+        assert p["doc"] in " ".join(action.help.split())
+        if p["default"] is not None:
+            assert f"(default: {cli._bool_default(p['default'])})" in action.help
+    shown = "null" if p["default"] is None else cli._bool_default(p["default"])
+    assert name == "density" or f"  {name}: {shown}\n" in cli._recipe_help() + "\n"
+    from gomerge import recipe
+
+    assert name in recipe.TOP_KEYS
+
+
+@pytest.mark.parametrize("name", [n for n, p in PARAMS.items() if p["default"] is not None and not p["peft"]])
+def test_the_engine_applies_the_schemas_default(dirs, tmp_path, name):
+    method = _taker(name)
+    out = tmp_path / "o"
+    gomerge.add_weighted_adapter(dirs, [1.0, 1.0, 1.0], "m", method, output_dir=out, **_needs(method, name))
+    assert f"- {name}: {cli._bool_default(PARAMS[name]['default'])}\n" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_a_bad_value_is_the_same_error_everywhere(dirs, tmp_path, capsys, name):
+    method = _taker(name)
+    got = _surfaces(dirs, tmp_path, method, {**_needs(method, name), name: BAD[name]}, capsys)
+    assert got["api"].startswith(f"{name}: "), got
+    assert got["recipe"] == got["api"], "a recipe speaks the parameters' names"
+    assert got["merge"] == got["fuse"] == cli.cli_words(got["api"]), got
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_every_method_refuses_every_parameter_it_does_not_take_everywhere(dirs, tmp_path, capsys, name):
+    value = _good(PARAMS[name])
+    for method, m in METHODS.items():
+        if name in m["params"]:
+            continue
+        got = _surfaces(dirs, tmp_path, method, {**_needs(method, name), name: value}, capsys)
+        want = f'{name}: combination_type "{method}" does not take {name} (it takes: '
+        assert got["api"].startswith(want) and got["recipe"] == got["api"], got
+        assert got["merge"] == got["fuse"] == cli.cli_words(got["api"]), got

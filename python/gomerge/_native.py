@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import numbers
 import os
 import time
 import warnings
@@ -60,28 +62,50 @@ def engine_kernels() -> str:
     return info["in_use"]
 
 
+def _json_scalar(value: Any) -> Any:
+    """numpy's and torch's scalars as JSON numbers (``json.dumps``'s ``default``); anything else is left to the
+    engine, which names the key of a value of the wrong type."""
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"{type(value).__name__} is not a JSON value")
+
+
+def encode(request: dict[str, Any]) -> str:
+    """A request as JSON. JSON has no NaN or infinity: such a value at the top level is a ValueError naming its
+    key (the engine checks every other value)."""
+    for key, value in request.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key}: {value} is not a finite number")
+    try:
+        return json.dumps(request, default=_json_scalar, allow_nan=False)
+    except TypeError as e:
+        raise TypeError(f"invalid request: {e}") from None
+
+
 def merge_start(request: dict[str, Any]) -> int:
     """Starts a merge of adapter directories in Go and returns its job id."""
     _check_fork()
-    return int(_b.merge_start(json.dumps(request)))
+    return int(_b.merge_start(encode(request)))
 
 
 def merge_tensors_start(request: dict[str, Any]) -> int:
     """Starts a merge of tensors in memory (raw addresses; the caller keeps them alive) and returns its job id."""
     _check_fork()
-    return int(_b.merge_tensors_start(json.dumps(request)))
+    return int(_b.merge_tensors_start(encode(request)))
 
 
 def extract_start(request: dict[str, Any]) -> int:
     """Starts the extraction of a LoRA adapter from a fine-tuned model folder and its base; returns its job id."""
     _check_fork()
-    return int(_b.extract_start(json.dumps(request)))
+    return int(_b.extract_start(encode(request)))
 
 
 def fuse_start(request: dict[str, Any]) -> int:
     """Starts a fuse of adapters into their base model in Go and returns its job id."""
     _check_fork()
-    return int(_b.fuse_start(json.dumps(request)))
+    return int(_b.fuse_start(encode(request)))
 
 
 def run_job(job: int, progress: bool | None, min_modules: int = 64, unit: str = "module") -> dict[str, Any]:
@@ -193,6 +217,15 @@ def methods() -> tuple[dict[str, Any], ...]:
 
 
 @functools.cache
+def params() -> tuple[dict[str, Any], ...]:
+    """The engine's parameter schema: one dict per merge parameter (``name``, ``type`` (``"int"``, ``"float"``,
+    ``"bool"``, ``"str"`` or ``"rank"``), ``default`` (as the engine applies it; ``None`` where a rule of the method
+    gives it), ``choices``, ``min``, ``max``, ``peft`` (in PEFT's signature) and ``doc``), in the order of the docs.
+    The API's keywords, the command line's flags and the recipes' keys are built from it."""
+    return tuple(json.loads(_b.engine_params()))
+
+
+@functools.cache
 def request_keys() -> dict[str, list[str]]:
     """The keys the engine accepts in each request and sends in each result (its JSON tags)."""
     return json.loads(_b.request_keys())
@@ -201,6 +234,6 @@ def request_keys() -> dict[str, list[str]]:
 def validate_combination(request: dict[str, Any]) -> None:
     """Checks combination arguments (``combination_type``, ``density``, ...) against the method table, as a merge
     would, without merging; raises the engine's error (a ``ValueError`` naming the argument)."""
-    status = json.loads(_b.validate_combination(json.dumps(request)))
+    status = json.loads(_b.validate_combination(encode(request)))
     if "error" in status:
         raise_engine_error(status["error"])

@@ -54,15 +54,22 @@ recipe file (YAML):
       revision: main              # optional
       subfolder: lora             # optional
   method: ties                    # or combination_type:; default svd
-  density: 0.2
-  majority_sign_method: total
-  svd_rank: null
-  svd_clamp: null
-  seed: null                      # the random methods only (dare_*, della*, *_dare_ties)
+  density: 0.2                    # and any merge parameter (the flags below, by their names):
+{recipe_params}
   dtype: bfloat16
   adapter_name: merge
   output_dir: merged              # relative to the recipe file
   overwrite: false"""
+
+
+def _recipe_help() -> str:
+    """RECIPE_HELP with a line per merge parameter of the engine's schema (its default, or null)."""
+    lines = [
+        f"  {p['name']}: {'null' if p['default'] is None else _bool_default(p['default'])}"
+        for p in _native.params()
+        if p["name"] != "density"
+    ]
+    return RECIPE_HELP.replace("{recipe_params}", "\n".join(lines))
 
 
 # Each subcommand's examples, at the end of its --help.
@@ -155,6 +162,63 @@ class _VersionAction(argparse.Action):
         raise SystemExit(EXIT_OK)
 
 
+# The options several commands share, declared once: command -> the text that differs.
+SHARED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "dtype": (("--dtype",), dict(choices=("float32", "bfloat16", "float16"), help="dtype of the written tensors")),
+    "overwrite": (
+        ("--overwrite",),
+        dict(action="store_true", default=None, help="replace an existing output directory (only one of ours)"),
+    ),
+    "revision": (("--revision",), dict(help="Hub revision for Hub ids without @revision")),
+    "subfolder": (("--subfolder",), dict(help="folder of the adapters inside their directories or repositories")),
+    "json": (("--json",), dict(action="store_true", help="print the result as JSON on stdout")),
+    "quiet": (("-q", "--quiet"), dict(action="store_true", help="no progress bar and no summary")),
+    "no_model_card": (("--no-model-card",), dict(action="store_true", help="do not write README.md")),
+}
+
+
+def _shared(parser: argparse.ArgumentParser, *names: str, **helps: str) -> None:
+    """Adds the shared options `names` to a command; `helps` gives a command's own help of one (`dtype=...`)."""
+    for name in names:
+        flags, kwargs = SHARED[name]
+        parser.add_argument(*flags, **{**kwargs, **({"help": helps[name]} if name in helps else {})})
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a merge parameter: `--` and its name with dashes."""
+    return "--" + name.replace("_", "-")
+
+
+def _bool_default(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _add_merge_params(parser: argparse.ArgumentParser) -> None:
+    """One flag per parameter of the engine's schema (`gomerge.methods()` says which method takes which): its type,
+    its choices, its doc as the help and its default shown. The flags default to None: what is not given is the
+    recipe's, then the engine's."""
+    group = parser.add_argument_group("merge parameters (each method refuses those it does not take)")
+    types: dict[str, Any] = {"int": int, "float": float, "rank": _rank_arg, "str": str}
+    metavars = {"int": "N", "float": "X", "rank": "R"}
+    for p in _native.params():
+        default = "" if p["default"] is None else f" (default: {_bool_default(p['default'])})"
+        kwargs: dict[str, Any] = dict(dest=p["name"], default=None, help=p["doc"] + default)
+        if p["type"] == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = types[p["type"]]
+            if p["choices"]:
+                kwargs["choices"] = p["choices"]
+            else:
+                kwargs["metavar"] = metavars.get(p["type"], "S")
+        group.add_argument(flag(p["name"]), **kwargs)
+
+
+def _given_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The merge parameters given on the command line, by the schema's names."""
+    return {p["name"]: getattr(args, p["name"]) for p in _native.params() if getattr(args, p["name"]) is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="gomerge", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -167,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge adapters into a new adapter directory",
         description="Merge LoRA adapters into a new PEFT adapter directory. The options are those of "
         "PEFT's add_weighted_adapter.",
-        epilog=_epilog("merge", RECIPE_HELP + "\n\n" + EPILOG.split("examples:")[0].rstrip()),
+        epilog=_epilog("merge", _recipe_help() + "\n\n" + EPILOG.split("examples:")[0].rstrip()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     m.add_argument(
@@ -198,85 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("-o", "--output-dir", metavar="DIR", help="directory of the merged adapter (required)")
     m.add_argument("-n", "--adapter-name", default=None, help="name of the merged adapter (default: merged)")
-    m.add_argument(
-        "--density",
-        type=float,
-        help="fraction of values kept by the pruning methods (ties, dare, magnitude_prune, breadcrumbs, della), in "
-        "[0, 1]",
-    )
-    m.add_argument("--majority-sign-method", choices=("total", "frequency"), help="TIES sign election (default: total)")
-    m.add_argument(
-        "--svd-rank",
-        type=_rank_arg,
-        metavar="R",
-        help="rank of the merged adapter for the methods that end in a factorisation (default: the largest input "
-        "rank), or the energy rule energy:F (svd, task_arithmetic): per module, the smallest rank keeping the "
-        "fraction F of the update's squared norm",
-    )
-    m.add_argument("--max-rank", type=int, metavar="M", help="cap of every module's rank")
-    m.add_argument("--svd-clamp", type=float, metavar="Q", help="clamp the svd factors at this quantile, in [0, 1]")
-    m.add_argument(
-        "--lambda",
-        dest="lambda_",
-        type=float,
-        metavar="L",
-        help="task_arithmetic, breadcrumbs*, della*: scale of the merged update",
-    )
-    m.add_argument(
-        "--gamma",
-        type=float,
-        metavar="G",
-        help="breadcrumbs, breadcrumbs_ties: fraction of the largest magnitudes dropped, in [0, 1] (default 0.01)",
-    )
-    m.add_argument(
-        "--epsilon",
-        type=float,
-        metavar="E",
-        help="della, della_linear: keep-probabilities from density - E to density + E by magnitude rank (default 0.15)",
-    )
-    m.add_argument(
-        "--scaling",
-        type=float,
-        metavar="S",
-        help="iso_c, iso_cts, tsv, core_*, knots_*: scale of the merged update (default 1)",
-    )
-    m.add_argument(
-        "--common-fraction",
-        type=float,
-        metavar="F",
-        help="iso_cts: share of the common subspace, in [0, 1] (default 0.8)",
-    )
-    m.add_argument(
-        "--svd-full-matrices",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="accepted for PEFT compatibility; no effect on the result",
-    )
-    m.add_argument("--svd-driver", choices=("gesvd", "gesvdj", "gesvda"), help="accepted for PEFT compatibility")
-    m.add_argument(
-        "--seed",
-        type=int,
-        help="seed of the random masks of DARE, DELLA, core_dare_ties and knots_dare_ties (default: fresh, reported)",
-    )
-    m.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16", "float16"),
-        help="dtype of the written tensors (default: the first adapter's)",
-    )
-    m.add_argument("--revision", help="Hub revision for Hub ids without @revision")
-    m.add_argument("--subfolder", help="folder of the adapters inside their directories or repositories")
-    m.add_argument(
-        "--overwrite",
-        action="store_true",
-        default=None,
-        help="replace an existing output directory (only an adapter directory or an empty one)",
-    )
-    m.add_argument("--no-model-card", action="store_true", help="do not write README.md")
+    _add_merge_params(m)
+    _shared(m, "dtype", dtype="dtype of the written tensors (default: the first adapter's)")
+    _shared(m, "revision", "subfolder")
+    _shared(m, "overwrite", overwrite="replace an existing output directory (an adapter directory or an empty one)")
+    _shared(m, "no_model_card")
     m.add_argument(
         "--allow-nonfinite", action="store_true", help="merge adapters holding NaN / Inf values (refused by default)"
     )
-    m.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    m.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    _shared(m, "json", "quiet")
 
     p.merge_parser = m  # for errors reported after parsing
     r = sub.add_parser(
@@ -294,10 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--energy", type=float, metavar="E", help="the fraction of each update's energy to keep")
     r.add_argument("--max-rank", type=int, metavar="M", help="cap of every module's rank")
     r.add_argument("-o", "--output-dir", metavar="DIR", help="directory of the resized adapter (required)")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing adapter directory")
-    r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the written tensors")
-    r.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    _shared(r, "overwrite", overwrite="replace an existing adapter directory")
+    _shared(r, "dtype", "json", "quiet")
     p.resize_parser = r
     e = sub.add_parser(
         "extract",
@@ -337,14 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="save every changed module that is not factorised (norms, embeddings, lm_head) whole",
     )
     e.add_argument("--seed", type=int, help="seed of the randomized SVD (default 0)")
-    e.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the LoRA factors (default float32)"
-    )
-    e.add_argument("--revision", help="Hub revision for Hub ids")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing adapter directory")
-    e.add_argument("--no-model-card", action="store_true", help="do not write README.md")
-    e.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    _shared(e, "dtype", dtype="dtype of the LoRA factors (default float32)")
+    _shared(e, "revision", revision="Hub revision for Hub ids")
+    _shared(e, "overwrite", overwrite="replace an existing adapter directory")
+    _shared(e, "no_model_card", "json", "quiet")
     p.extract_parser = e  # for errors reported after parsing
     f = sub.add_parser(
         "fuse",
@@ -369,21 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
         dest="method",
         choices=COMBINATION_TYPES,
         metavar="METHOD",
-        help="how several adapters are merged before fusing (default: cat, the exact weighted sum)",
+        help="how several adapters are merged before fusing (default: cat, the exact weighted sum), one of: "
+        + ", ".join(COMBINATION_TYPES),
     )
     f.add_argument("--stack", action="store_true", help="apply several adapters one after another")
     f.add_argument("--max-shard-size", metavar="SIZE", help="split the output into shards of at most SIZE (5GB)")
     f.add_argument("--dry-run", action="store_true", help="list what would change; write nothing")
-    f.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of every float tensor (default: the base's)"
-    )
-    f.add_argument("--density", type=float, help="density of the pruning methods (merge before fusing)")
-    f.add_argument("--svd-rank", type=_rank_arg, metavar="R", help="rank of the svd methods (merge before fusing)")
-    f.add_argument("--seed", type=int, help="seed of the random methods (merge before fusing)")
-    f.add_argument("--revision", help="Hub revision for Hub ids without @revision")
-    f.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
-    f.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    f.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    _add_merge_params(f)
+    _shared(f, "dtype", dtype="dtype of every float tensor (default: the base's)")
+    _shared(f, "revision")
+    _shared(f, "overwrite", overwrite="replace an existing model folder")
+    _shared(f, "json", "quiet")
     p.fuse_parser = f
     i = sub.add_parser(
         "inspect",
@@ -393,30 +377,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Describe a PEFT LoRA adapter (a directory or a Hub id).",
     )
     i.add_argument("adapter", metavar="ADAPTER", help="the adapter directory or Hub id (user/repo, user/repo@revision)")
-    i.add_argument("--revision", help="Hub revision for a Hub id without @revision")
-    i.add_argument("--subfolder", help="folder of the adapter inside the directory or repository")
-    i.add_argument("--json", action="store_true", help="print the description as JSON")
+    _shared(i, "revision", revision="Hub revision for a Hub id without @revision")
+    _shared(i, "subfolder", subfolder="folder of the adapter inside the directory or repository")
+    _shared(i, "json", json="print the description as JSON")
     return p
 
 
 # The Python API's parameter names (which the engine's messages use) and the command line's flags that set them: the
 # one mapping by which errors and warnings speak the command line's language.
 FLAGS: dict[str, str] = {
+    # every merge parameter of the engine's schema, by its name and its Python keyword (lambda_)
+    **{p["name"]: flag(p["name"]) for p in _native.params()},
+    **{merge.keyword(p["name"]): flag(p["name"]) for p in _native.params()},
     "combination_type": "--method",
-    "svd_rank": "--svd-rank",
-    "max_rank": "--max-rank",
-    "svd_clamp": "--svd-clamp",
-    "svd_full_matrices": "--svd-full-matrices",
-    "svd_driver": "--svd-driver",
-    "density": "--density",
-    "majority_sign_method": "--majority-sign-method",
-    "seed": "--seed",
-    "lambda": "--lambda",
-    "lambda_": "--lambda",
-    "gamma": "--gamma",
-    "epsilon": "--epsilon",
-    "scaling": "--scaling",
-    "common_fraction": "--common-fraction",
     "weights": "--weights",
     "dtype": "--dtype",
     "adapter_name": "--adapter-name",
@@ -503,21 +476,9 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(f"--weights: got {len(weights)} weights for {len(args.adapters)} adapters")
         srcs = [{"source": a, "weight": w} for a, w in zip(args.adapters, weights)]
     # command-line options override the recipe's
+    options.update(_given_params(args))
     for key, value in (
         ("combination_type", args.method),
-        ("density", args.density),
-        ("majority_sign_method", args.majority_sign_method),
-        ("svd_rank", args.svd_rank),
-        ("max_rank", args.max_rank),
-        ("svd_clamp", args.svd_clamp),
-        ("lambda", args.lambda_),
-        ("gamma", args.gamma),
-        ("epsilon", args.epsilon),
-        ("scaling", args.scaling),
-        ("common_fraction", args.common_fraction),
-        ("svd_full_matrices", args.svd_full_matrices),
-        ("svd_driver", args.svd_driver),
-        ("seed", args.seed),
         ("dtype", args.dtype),
         ("output_dir", args.output_dir),
         ("adapter_name", args.adapter_name),
@@ -526,7 +487,7 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if value is not None:
             options[key] = value
     _require_output(options, parser)
-    adapter_name = options.pop("adapter_name", None) or "merged"
+    merging = {p["name"] for p in _native.params()} | {"combination_type"}
     with ExitStack() as stack:
         local = [
             sources.resolve(
@@ -535,31 +496,17 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             for s in srcs
         ]
         res = merge._run(
-            local=local,
-            names=[s["source"] for s in srcs],
-            weights=[s["weight"] for s in srcs],
-            adapter_name=adapter_name,
-            combination_type=options.get("combination_type", "svd"),
-            svd_rank=options.get("svd_rank"),
-            svd_clamp=options.get("svd_clamp"),
-            svd_full_matrices=options.get("svd_full_matrices", True),
-            svd_driver=options.get("svd_driver"),
-            density=options.get("density"),
-            majority_sign_method=options.get("majority_sign_method", "total"),
+            local,
+            [s["source"] for s in srcs],
+            [s["weight"] for s in srcs],
+            {k: v for k, v in options.items() if k in merging and v is not None},
+            adapter_name=options.get("adapter_name") or "merged",
             output_dir=options["output_dir"],
-            overwrite=options.get("overwrite", False),
-            seed=options.get("seed"),
+            overwrite=options.get("overwrite"),
             model_card=not args.no_model_card,
+            allow_nonfinite=args.allow_nonfinite,
             dtype=options.get("dtype"),
             progress=False if args.quiet or args.json else None,
-            workers=None,
-            allow_nonfinite=args.allow_nonfinite,
-            lambda_=options.get("lambda"),
-            max_rank=options.get("max_rank"),
-            gamma=options.get("gamma"),
-            epsilon=options.get("epsilon"),
-            scaling=options.get("scaling"),
-            common_fraction=options.get("common_fraction"),
         )
     if args.json:
         print(json.dumps(res.__dict__))
@@ -698,11 +645,9 @@ def _fuse(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 s["weight"] = w
         options["base"] = args.base
     # command-line options override the recipe's
+    options.update(_given_params(args))
     for key, value in (
         ("combination_type", args.method),
-        ("density", args.density),
-        ("svd_rank", args.svd_rank),
-        ("seed", args.seed),
         ("output_dir", args.output_dir),
         ("dtype", args.dtype),
         ("max_shard_size", args.max_shard_size),
@@ -716,8 +661,7 @@ def _fuse(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         _require_output(options, parser)
     weights = [s.get("weight", 1.0) for s in srcs] if any("weight" in s for s in srcs) else None
     base = options.pop("base")
-    if "lambda" in options:
-        options["lambda_"] = options.pop("lambda")
+    options = {merge.keyword(k): v for k, v in options.items()}  # the recipe's and the flags' names: fuse's keywords
     with ExitStack() as stack:
         local = [
             sources.resolve(s["source"], stack, s.get("revision") or args.revision, s.get("subfolder")) for s in srcs
@@ -756,7 +700,6 @@ def _inspect(args: argparse.Namespace) -> int:
     info["dir"] = args.adapter
     info["size_bytes"] = size
     r, alpha = info["r"], info["lora_alpha"]
-    info["scaling"] = alpha / (r**0.5) if info["use_rslora"] else alpha / r
     if args.json:
         print(json.dumps(info))
         return EXIT_OK

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from . import _native, sources
-from .merge import PathLike, Weight, _paths, _short_repr, _weights
+from .merge import PathLike, Weight, _paths, _short_repr, _weights, merge_params, params_doc
 
 # Below this many tensors a progress bar is more noise than help.
 _PROGRESS_MIN_TENSORS = 64
@@ -173,8 +173,9 @@ def fuse(
         revision (`str`, *optional*):
             Hub revision for a base or adapters given as Hub ids without ``@revision``.
         **merge_options:
-            Options of the merge method (``density``, ``svd_rank``, ``majority_sign_method``, ``seed``, ...), for
-            several adapters without ``stack``.
+            The parameters of the merge method, for several adapters without ``stack`` (the engine's schema; each
+            method refuses those it does not take):
+            {merge_parameters}
 
     Returns:
         [`FuseResult`]: the output folder, the changed tensors, shards and time taken.
@@ -197,15 +198,11 @@ def fuse(
     """
     if output_dir is None and not dry_run:
         raise ValueError("output_dir: a directory to write the fused model to is required (or pass dry_run=True)")
-    if combination_type is not None and not isinstance(combination_type, str):
-        raise TypeError(f"combination_type: expected a string, got {type(combination_type).__name__}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1):
         raise ValueError(f"workers: expected a positive integer or None, got {workers!r}")
     if not isinstance(base, (str, os.PathLike)):
         raise TypeError(f"base: expected a path, got {type(base).__name__}")
-    unknown = set(merge_options) - _MERGE_OPTIONS
-    if unknown:
-        raise TypeError(f"fuse() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    params = merge_params(merge_options, "fuse")
     names = _paths(adapters)
     base_name = os.fspath(base)
     request: dict[str, Any] = {
@@ -222,8 +219,7 @@ def fuse(
         "dry_run": bool(dry_run),
         "workers": int(workers or 0),
     }
-    for key, value in merge_options.items():
-        request["lambda" if key == "lambda_" else key] = value
+    request.update(params)
     with ExitStack() as temporary:  # temporary copies of .bin adapters live until the fuse is done
         request["adapters"] = [sources.resolve(n, temporary, revision) for n in names]
         job = _native.fuse_start(request)
@@ -233,17 +229,4 @@ def fuse(
     return result
 
 
-# The merge options fuse passes through to the merge before fusing (the engine validates them).
-_MERGE_OPTIONS = {
-    "svd_rank",
-    "max_rank",
-    "svd_clamp",
-    "density",
-    "majority_sign_method",
-    "seed",
-    "lambda_",
-    "gamma",
-    "epsilon",
-    "scaling",
-    "common_fraction",
-}
+fuse.__doc__ = (fuse.__doc__ or "").replace(" " * 12 + "{merge_parameters}", params_doc(" " * 12))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import html
+import inspect
+import keyword as keyword_module
 import math
 import numbers
 import os
@@ -176,7 +178,6 @@ def add_weighted_adapter(
     *,
     output_dir: PathLike | None = None,
     overwrite: bool = False,
-    seed: int | None = None,
     revision: str | None = None,
     subfolder: str | None = None,
     model_card: bool = True,
@@ -184,12 +185,7 @@ def add_weighted_adapter(
     dtype: str | None = None,
     progress: bool | None = None,
     workers: int | None = None,
-    lambda_: float | None = None,
-    max_rank: int | None = None,
-    gamma: float | None = None,
-    epsilon: float | None = None,
-    scaling: float | None = None,
-    common_fraction: float | None = None,
+    **params: Any,
 ) -> MergeResult:
     """Merges LoRA adapter directories into a new adapter directory, as PEFT's `add_weighted_adapter` does.
 
@@ -234,26 +230,7 @@ def add_weighted_adapter(
             from the factors), `"ties_svd"`, `"dare_linear_svd"`, `"dare_ties_svd"`, `"magnitude_prune_svd"`
             (randomized SVD of the pruned update). With one adapter PEFT always uses `"linear"`, and so does gomerge
             (with a warning).
-        svd_rank (`int` or `str`, *optional*):
-            Rank of the merged adapter for the methods that end in a factorisation (`svd`, the `*_svd` types,
-            `task_arithmetic`); defaults to the largest input rank (the sum of ranks for `task_arithmetic`). Or the
-            energy rule `"energy:0.99"` (`svd` and `task_arithmetic`): each module gets the smallest rank that keeps
-            that fraction of the squared Frobenius norm of its update, exactly; the ranks are written to
-            `rank_pattern` / `alpha_pattern` and reported in `module_ranks`. The span methods (`iso_c`,
-            `iso_cts`, `tsv`, `core_*`) take both; by default each of their modules gets the rank of its merged
-            update (at most `max_rank`).
-        svd_clamp (`float`, *optional*):
-            A quantile in [0, 1]: the factors are clamped to the range of that quantile of their values.
-        svd_full_matrices (`bool`, defaults to `True`):
-            Accepted for compatibility with PEFT; the result does not depend on it.
-        svd_driver (`str`, *optional*):
-            Accepted for compatibility with PEFT (a CUDA option there): `None`, `"gesvd"`, `"gesvdj"` or `"gesvda"`.
-        density (`float`, *optional*):
-            Fraction of values kept by the pruning types (ties, dare, magnitude_prune, breadcrumbs, della,
-            core_ties, core_dare_ties, knots_*), in [0, 1]; required for them. 1 prunes nothing (with a warning, as
-            in PEFT).
-        majority_sign_method (`str`, defaults to `"total"`):
-            `"total"` or `"frequency"`, for the TIES combination types.
+        {merge_parameters}
         output_dir (`str | os.PathLike`, *optional*):
             Where to write the merged adapter; defaults to `adapter_name`. `PeftModel.from_pretrained(base, output_dir)`
             loads it.
@@ -267,10 +244,6 @@ def add_weighted_adapter(
             Merge adapters holding NaN or Inf values; by default such a value is a `ValueError` naming the tensor.
         model_card (`bool`, defaults to `True`):
             Write a `README.md` model card (sources, weights, method, options, seed, usage) with the Hub's metadata.
-        seed (`int`, *optional*):
-            Seed of the random masks of DARE, DELLA, `core_dare_ties` and `knots_dare_ties`. By default a fresh
-            seed is drawn and reported in the result;
-            the same seed gives a byte-identical output on any number of cores.
         dtype (`str`, *optional*):
             dtype of the written tensors (`"float32"`, `"bfloat16"` or `"float16"`); defaults to that of the first
             adapter.
@@ -278,28 +251,6 @@ def add_weighted_adapter(
             Show a progress bar (tqdm, if installed). By default it is shown for merges of many modules.
         workers (`int`, *optional*):
             Number of modules merged at once; defaults to the number of cores.
-        max_rank (`int`, *optional*):
-            Cap of every module's rank (for the energy rule, or below a fixed `svd_rank`), for servers with a
-            `max_lora_rank`.
-        lambda_ (`float`, *optional*):
-            `lambda` of `task_arithmetic`, `breadcrumbs*` and `della*`: the scale of the merged update (default 1).
-            Other methods refuse it.
-        gamma (`float`, *optional*):
-            `breadcrumbs` and `breadcrumbs_ties` (mergekit's `gamma`): the fraction of each update's largest
-            magnitudes dropped as outliers, in [0, 1] (default 0.01); `density` is the fraction kept below them.
-            Other methods refuse it.
-        epsilon (`float`, *optional*):
-            `della` and `della_linear` (mergekit's `epsilon`): the keep-probabilities of each row run from
-            `density - epsilon` (smallest magnitude) to `density + epsilon` (largest), which must lie in (0, 1)
-            (default 0.15). Other methods refuse it.
-        scaling (`float`, *optional*):
-            The span methods (`iso_c`, `iso_cts`, `tsv`, `core_*`, `knots_*`): the scale of the merged update
-            (default 1; fusion-bench's `scaling_factor` / `alpha`, KnOTS's `scaling_coeffs`). Other methods refuse
-            it.
-        common_fraction (`float`, *optional*):
-            `iso_cts`: the share of the common subspace, in [0, 1] (default 0.8), as a fraction of each module's
-            summed-update rank (not of min(m, n)). Other methods refuse it.
-
     Returns:
         [`MergeResult`]: the output directory, rank, number of modules, dtype and time taken.
 
@@ -325,113 +276,112 @@ def add_weighted_adapter(
     """
     if not isinstance(adapter_name, str) or not adapter_name:
         raise TypeError("adapter_name: expected a non-empty string")
-    if not isinstance(combination_type, str):
-        raise TypeError(f"combination_type: expected a string, got {type(combination_type).__name__}")
-    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, (numbers.Integral, str))):
-        raise TypeError(
-            f"svd_rank: expected an int, a rule such as 'energy:0.99', or None, got {type(svd_rank).__name__}"
-        )
-    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, numbers.Integral)):
-        raise TypeError(f"max_rank: expected an int or None, got {type(max_rank).__name__}")
-    for name, value in (("svd_clamp", svd_clamp), ("density", density)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-            raise TypeError(f"{name}: expected a number or None, got {type(value).__name__}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64):
-        raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r}")
-    for name, value in (
-        ("lambda_", lambda_),
-        ("gamma", gamma),
-        ("epsilon", epsilon),
-        ("scaling", scaling),
-        ("common_fraction", common_fraction),
-    ):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-            raise TypeError(f"{name}: expected a number or None, got {type(value).__name__}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1):
         raise ValueError(f"workers: expected a positive integer or None, got {workers!r}")
+    given = dict(
+        svd_rank=svd_rank,
+        svd_clamp=svd_clamp,
+        svd_full_matrices=svd_full_matrices,
+        svd_driver=svd_driver,
+        density=density,
+        majority_sign_method=majority_sign_method,
+    )
+    request = merge_params({**given, **params}, "add_weighted_adapter")
     names = _paths(adapters)
     with ExitStack() as stack:  # temporary copies of .bin adapters live until the merge is done
         local = [sources.resolve(n, stack, revision, subfolder) for n in names]
         return _run(
-            local=local,
-            names=names,
-            weights=weights,
+            local,
+            names,
+            weights,
+            {"combination_type": combination_type, **request},
             adapter_name=adapter_name,
-            combination_type=combination_type,
-            svd_rank=svd_rank,
-            svd_clamp=svd_clamp,
-            svd_full_matrices=svd_full_matrices,
-            svd_driver=svd_driver,
-            density=density,
-            majority_sign_method=majority_sign_method,
-            output_dir=output_dir,
+            output_dir=output_dir if output_dir is not None else adapter_name,
             overwrite=overwrite,
-            seed=seed,
             model_card=model_card,
-            dtype=dtype,
-            progress=progress,
-            workers=workers,
             allow_nonfinite=allow_nonfinite,
-            lambda_=lambda_,
-            max_rank=max_rank,
-            gamma=gamma,
-            epsilon=epsilon,
-            scaling=scaling,
-            common_fraction=common_fraction,
+            dtype=dtype,
+            workers=workers,
+            progress=progress,
         )
 
 
+def keyword(name: str) -> str:
+    """The Python keyword of a merge parameter: its name, with a `_` after a Python keyword (`lambda_`)."""
+    return name + "_" if keyword_module.iskeyword(name) else name
+
+
+def merge_params(given: Mapping[str, Any], caller: str) -> dict[str, Any]:
+    """The merge parameters of a request from keyword arguments: by the schema's names (`lambda_` becomes
+    `lambda`), those given (not None). A keyword that is no merge parameter is a TypeError, as Python's own; the
+    values are the engine's to check.
+
+    Args:
+        given (`Mapping[str, Any]`): keyword -> value.
+        caller (`str`): the function's name, for the error.
+    """
+    names = {keyword(p["name"]): p["name"] for p in _native.params()}
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected keyword argument(s): {', '.join(unknown)}")
+    return {names[k]: v for k, v in given.items() if v is not None}
+
+
+def params_doc(indent: str = "        ") -> str:
+    """The Args entries of the merge parameters, from the engine's schema."""
+    kinds = {"int": "int", "float": "float", "bool": "bool", "str": "str", "rank": "int or str"}
+    out = []
+    for p in _native.params():
+        default = "*optional*" if p["default"] is None else f"defaults to `{p['default']!r}`"
+        choices = f" One of {', '.join(repr(c) for c in p['choices'])}." if p["choices"] else ""
+        out.append(f"{indent}{keyword(p['name'])} (`{kinds[p['type']]}`, {default}):")
+        out.append(f"{indent}    {p['doc'][0].upper()}{p['doc'][1:]}.{choices}")
+    return "\n".join(out)
+
+
+add_weighted_adapter.__doc__ = (add_weighted_adapter.__doc__ or "").replace(
+    " " * 8 + "{merge_parameters}", params_doc()
+)
+# the signature shows every merge parameter of the schema, as keyword-only arguments
+_signature = inspect.signature(add_weighted_adapter)
+add_weighted_adapter.__signature__ = _signature.replace(  # type: ignore[attr-defined]
+    parameters=[p for p in _signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    + [
+        inspect.Parameter(keyword(p["name"]), inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Any)
+        for p in _native.params()
+        if keyword(p["name"]) not in _signature.parameters
+    ]
+)
+
+
 def _run(
+    local: list[str],
+    names: list[str],
+    weights: Sequence[Weight],
+    params: Mapping[str, Any],
     *,
-    local,
-    names,
-    weights,
-    adapter_name,
-    combination_type,
-    svd_rank,
-    svd_clamp,
-    svd_full_matrices,
-    svd_driver,
-    density,
-    majority_sign_method,
-    output_dir,
-    overwrite,
-    seed,
-    model_card,
-    dtype,
-    progress,
-    workers,
-    allow_nonfinite=False,
-    lambda_=None,
-    max_rank=None,
-    gamma=None,
-    epsilon=None,
-    scaling=None,
-    common_fraction=None,
-):
+    adapter_name: str,
+    output_dir: PathLike,
+    overwrite: bool | None = False,
+    model_card: bool = True,
+    allow_nonfinite: bool = False,
+    dtype: str | None = None,
+    workers: int | None = None,
+    progress: bool | None = None,
+) -> MergeResult:
+    """Runs a merge of local adapter directories: `params` are `combination_type` and the merge parameters, by the
+    schema's names (the API's and the command line's alike)."""
     request = {
-        "max_rank": None if max_rank is None else int(max_rank),
-        "gamma": None if gamma is None else float(gamma),
-        "epsilon": None if epsilon is None else float(epsilon),
-        "scaling": None if scaling is None else float(scaling),
-        "common_fraction": None if common_fraction is None else float(common_fraction),
-        "lambda": None if lambda_ is None else float(lambda_),
-        "allow_nonfinite": bool(allow_nonfinite),
+        **{p["name"]: None for p in _native.params()},  # every key of the request: None is not given
+        **params,
         "adapters": local,
         "source_names": names,
-        "model_card": bool(model_card),
         "weights": _weights(weights),
         "adapter_name": adapter_name,
-        "combination_type": combination_type,
-        "svd_rank": svd_rank if svd_rank is None or isinstance(svd_rank, str) else int(svd_rank),
-        "svd_clamp": None if svd_clamp is None else float(svd_clamp),
-        "svd_full_matrices": bool(svd_full_matrices),
-        "svd_driver": svd_driver,
-        "density": None if density is None else float(density),
-        "majority_sign_method": majority_sign_method,
-        "output_dir": os.fspath(output_dir) if output_dir is not None else adapter_name,
+        "output_dir": os.fspath(output_dir),
         "overwrite": bool(overwrite),
-        "seed": None if seed is None else int(seed),
+        "model_card": bool(model_card),
+        "allow_nonfinite": bool(allow_nonfinite),
         "dtype": dtype or "",
         "workers": int(workers or 0),
     }

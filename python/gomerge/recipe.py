@@ -50,25 +50,17 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _native
 from .merge import COMBINATION_TYPES
 
+# a schema type's name in recipe errors
+_KINDS = {"int": "int", "float": "number", "bool": "bool", "str": "str", "rank": "int or str"}
 TOP_KEYS = {
     "adapters": "list of sources",
     "method": "str",
     "combination_type": "str",
-    "density": "number",
-    "majority_sign_method": "str",
-    "svd_rank": "int or str",
-    "max_rank": "int",
-    "svd_clamp": "number",
-    "lambda": "number",
-    "gamma": "number",
-    "epsilon": "number",
-    "scaling": "number",
-    "common_fraction": "number",
-    "svd_full_matrices": "bool",
-    "svd_driver": "str",
-    "seed": "int",
+    # every merge parameter of the engine's schema
+    **{p["name"]: _KINDS[p["type"]] for p in _native.params()},
     "dtype": "str",
     "adapter_name": "str",
     "output_dir": "str",
@@ -76,7 +68,7 @@ TOP_KEYS = {
 }
 # keys of fuse recipes only (gomerge fuse --recipe), and keys fuse recipes do not take
 FUSE_KEYS = {"base": "str", "stack": "bool", "max_shard_size": "int or str", "dry_run": "bool"}
-MERGE_ONLY_KEYS = {"adapter_name", "svd_full_matrices", "svd_driver"}
+MERGE_ONLY_KEYS = {"adapter_name"}
 SOURCE_KEYS = {
     "source": "str",
     "weight": "number, mapping of pattern -> number, or list of numbers",
@@ -243,8 +235,8 @@ def load_recipe(path: str, command: str = "merge") -> Recipe:
     options = {k: v for k, v in data.items() if k != "adapters"}
     if "method" in options:
         options["combination_type"] = options.pop("method")
-    ctype = options.get("combination_type", "cat" if command == "fuse" else "svd")
-    if ctype not in COMBINATION_TYPES:
+    ctype = options.get("combination_type")
+    if ctype is not None and ctype not in COMBINATION_TYPES:
         raise err(
             nodes.get("method", nodes.get("combination_type"))[1],
             f"unknown method {ctype!r} (expected one of: {', '.join(COMBINATION_TYPES)})",
