@@ -21,6 +21,19 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def _peft_types() -> tuple[str, ...]:
+    import typing
+
+    from peft.tuners.lora import LoraModel
+
+    hints = typing.get_type_hints(LoraModel.add_weighted_adapter)
+    return typing.get_args(hints["combination_type"])
+
+
+# PEFT's eleven combination types, in its own order: the Literal of its add_weighted_adapter's signature
+PEFT_TYPES: tuple[str, ...] = _peft_types()
+
+
 def llama(seed: int = 0, tie_word_embeddings: bool = False) -> nn.Module:
     """A 2-layer Llama-shaped causal LM (hidden 64, 4 heads, 2 KV heads, vocabulary 128); with
     `tie_word_embeddings`, lm_head is tied to embed_tokens (save_pretrained omits lm_head.weight)."""

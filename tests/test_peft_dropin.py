@@ -10,26 +10,14 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraModel
-from peft_cases import MODELS, Case, build_case, delta, logits, peft_factors, rel_diff
+from peft_cases import MODELS, PEFT_TYPES, Case, build_case, delta, logits, peft_factors, rel_diff
 from svd_checks import SVD_TYPES, SVDCapture
 from test_peft_parity import CASES
 
 import gomerge
 import gomerge.peft as gp
 
-ALL_TYPES = (
-    "svd",
-    "linear",
-    "cat",
-    "ties",
-    "ties_svd",
-    "dare_ties",
-    "dare_linear",
-    "dare_ties_svd",
-    "dare_linear_svd",
-    "magnitude_prune",
-    "magnitude_prune_svd",
-)
+ALL_TYPES = PEFT_TYPES
 FACTOR_TYPES = ("linear", "cat", "ties", "dare_ties", "dare_linear", "magnitude_prune")
 DROPIN_CASES = [c for c in CASES if c.rtol == 1e-5 and len(c.adapters) > 1 and "linear" in c.types]
 

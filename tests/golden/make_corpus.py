@@ -375,19 +375,6 @@ def _methods() -> dict[str, dict]:
 
 
 HALF_METHODS = ("svd", "linear", "cat", "ties", "dare_linear", "task_arithmetic", "della", "iso_c", "knots_ties")
-DROPIN_TYPES = (
-    "svd",
-    "linear",
-    "cat",
-    "ties",
-    "ties_svd",
-    "dare_ties",
-    "dare_linear",
-    "dare_ties_svd",
-    "dare_linear_svd",
-    "magnitude_prune",
-    "magnitude_prune_svd",
-)
 
 
 def cases() -> dict[str, Callable[[dict, str], str]]:
@@ -547,7 +534,9 @@ def cases() -> dict[str, Callable[[dict, str], str]]:
     out["extract/noisy/rank4-bf16-save"] = extract("noisy", rank=4, dtype="bfloat16", modules_to_save=True)
 
     # the drop-in on a live PeftModel
-    for t in DROPIN_TYPES:
+    from peft_cases import PEFT_TYPES
+
+    for t in PEFT_TYPES:
         out[f"dropin/llama3/{t}"] = _dropin(t)
     out["dropin/mixed-targets-negative/cat"] = _dropin("cat", "mixed-targets-negative")
     out["dropin/mixed-targets-negative/svd"] = _dropin("svd", "mixed-targets-negative")
