@@ -22,6 +22,8 @@ import (
 	"time"
 
 	"gomerge/gomerge"
+	"gomerge/gomerge/errs"
+	"gomerge/gomerge/kernels"
 )
 
 // EngineVersion returns the engine version, kept equal to the Python package's.
@@ -35,9 +37,9 @@ func EngineKernels() string {
 		InUse    string     `json:"in_use"`
 		Runnable []string   `json:"runnable"`
 		Error    *errorJSON `json:"error,omitempty"`
-	}{InUse: gomerge.KernelSet, Runnable: gomerge.RunnableKernels()}
-	if err := gomerge.KernelsError(); err != nil {
-		info.Error = &errorJSON{Kind: string(gomerge.KindOf(err)), Message: err.Error()}
+	}{InUse: kernels.InUse(), Runnable: kernels.Runnable()}
+	if err := kernels.Err(); err != nil {
+		info.Error = &errorJSON{Kind: string(errs.KindOf(err)), Message: err.Error()}
 	}
 	b, _ := json.Marshal(info)
 	return string(b)
@@ -71,7 +73,7 @@ type status struct {
 }
 
 func errorStatus(err error) string {
-	b, _ := json.Marshal(status{State: "error", Error: &errorJSON{Kind: string(gomerge.KindOf(err)), Message: err.Error()}})
+	b, _ := json.Marshal(status{State: "error", Error: &errorJSON{Kind: string(errs.KindOf(err)), Message: err.Error()}})
 	return string(b)
 }
 
@@ -140,7 +142,7 @@ func decodeRequest(request string, v any) error {
 	if err == nil {
 		return nil
 	}
-	var ge *gomerge.Error
+	var ge *errs.Error
 	if errors.As(err, &ge) { // a value's own check, such as svd_rank's energy rule
 		return ge
 	}
@@ -149,9 +151,9 @@ func decodeRequest(request string, v any) error {
 		return typeError(te)
 	}
 	if key, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
-		return &gomerge.Error{Kind: gomerge.KindValue, Msg: "invalid merge request: unknown key " + key}
+		return &errs.Error{Kind: errs.KindValue, Msg: "invalid merge request: unknown key " + key}
 	}
-	return &gomerge.Error{Kind: gomerge.KindType, Msg: "invalid merge request: " + err.Error()}
+	return &errs.Error{Kind: errs.KindType, Msg: "invalid merge request: " + err.Error()}
 }
 
 // typeError names the key of a value of the wrong type: a TypeError, or a
@@ -172,11 +174,11 @@ func typeError(te *json.UnmarshalTypeError) error {
 	got := te.Value
 	if lit, ok := strings.CutPrefix(got, "number "); ok {
 		if !strings.ContainsAny(lit, ".eE") { // an integer that does not fit
-			return &gomerge.Error{Kind: gomerge.KindValue, Msg: fmt.Sprintf("%s: expected %s, got %s", key, want, lit)}
+			return &errs.Error{Kind: errs.KindValue, Msg: fmt.Sprintf("%s: expected %s, got %s", key, want, lit)}
 		}
 		got = "the number " + lit
 	}
-	return &gomerge.Error{Kind: gomerge.KindType, Msg: fmt.Sprintf("%s: expected %s, got %s", key, want, got)}
+	return &errs.Error{Kind: errs.KindType, Msg: fmt.Sprintf("%s: expected %s, got %s", key, want, got)}
 }
 
 // ValidateCombination checks a request's combination arguments (the
@@ -269,7 +271,7 @@ func startJob(run func(context.Context, *gomerge.Progress) (any, error)) int64 {
 				j.err = fmt.Errorf("internal error: %v\n%s", p, debug.Stack())
 			}
 		}()
-		if j.err = gomerge.KernelsError(); j.err == nil {
+		if j.err = kernels.Err(); j.err == nil {
 			j.result, j.err = run(ctx, &j.progress)
 		}
 	}()
@@ -288,7 +290,7 @@ func MergeWait(id int64, timeoutMs int) (out string) {
 	j := jobs[id]
 	jobsMu.Unlock()
 	if j == nil {
-		return errorStatus(&gomerge.Error{Kind: gomerge.KindValue, Msg: fmt.Sprintf("no merge job with id %d", id)})
+		return errorStatus(&errs.Error{Kind: errs.KindValue, Msg: fmt.Sprintf("no merge job with id %d", id)})
 	}
 	select {
 	case <-j.done:

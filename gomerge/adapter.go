@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strings"
 
+	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
 	"gomerge/gomerge/safetensors"
 )
@@ -37,15 +38,15 @@ const (
 type Module struct {
 	Name    string // module path without "base_model.model."
 	Kind    ModuleKind
-	RawA    RawTensor
-	RawB    RawTensor
+	RawA    safetensors.RawTensor
+	RawB    safetensors.RawTensor
 	Rank    int
 	Alpha   float64
 	Scaling float64
 	// Magnitude (DoRA's lora_magnitude_vector) and Bias (lora_B.bias) are
 	// only read when fusing into a base model; their Shape is nil when absent.
-	Magnitude RawTensor
-	Bias      RawTensor
+	Magnitude safetensors.RawTensor
+	Bias      safetensors.RawTensor
 	// factors read from a file, kept until release (joint: one buffer holding both)
 	a, b, joint []float32
 }
@@ -101,13 +102,13 @@ func (m *Module) release() {
 // readAdjacent reads A and B with one read when they are float32 tensors
 // stored one after the other in the same file (as PEFT writes them: sorted
 // by name), returning both in one buffer and A's length.
-func readAdjacent(a, b RawTensor) (ab []float32, na int, ok bool, err error) {
+func readAdjacent(a, b safetensors.RawTensor) (ab []float32, na int, ok bool, err error) {
 	f := a.File()
 	if f == nil || f != b.File() {
 		return nil, 0, false, nil
 	}
 	ea, eb := f.Entries[a.Name()], f.Entries[b.Name()]
-	if ea.DType != F32 || eb.DType != F32 || ea.Offset+ea.Length != eb.Offset {
+	if ea.DType != safetensors.F32 || eb.DType != safetensors.F32 || ea.Offset+ea.Length != eb.Offset {
 		return nil, 0, false, nil
 	}
 	na = int(ea.Length / 4)
@@ -121,11 +122,11 @@ func readAdjacent(a, b RawTensor) (ab []float32, na int, ok bool, err error) {
 
 // view returns a tensor as float32: read from its file into a pooled
 // buffer, or a view (F32) or conversion of memory.
-func view(t RawTensor) ([]float32, error) {
+func view(t safetensors.RawTensor) ([]float32, error) {
 	if f := t.File(); f != nil {
 		return f.ReadFloat32Into(pool.Get(safetensors.Numel(t.Shape)), t.Name())
 	}
-	if t.DType == F32 {
+	if t.DType == safetensors.F32 {
 		return safetensors.BytesAsFloat32(t.Data), nil
 	}
 	return safetensors.Decode(t.DType, t.Data), nil
@@ -146,9 +147,9 @@ type Adapter struct {
 	Dir     string
 	Config  *AdapterConfig
 	Modules map[string]*Module
-	Order   []string // module names, sorted
-	Extra   []string // tensors that are not LoRA factors (kept out of merges)
-	DType   DType    // dtype of the first module's lora_A
+	Order   []string          // module names, sorted
+	Extra   []string          // tensors that are not LoRA factors (kept out of merges)
+	DType   safetensors.DType // dtype of the first module's lora_A
 	file    *safetensors.File
 	forFuse bool // DoRA magnitudes and LoRA biases are kept (see loadAdapter)
 }
@@ -171,12 +172,12 @@ func loadAdapter(dir string, forFuse bool) (*Adapter, error) {
 	st, err := os.Stat(dir)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			return nil, newErr(KindFileNotFound, "adapter directory %s does not exist", dir)
+			return nil, errs.New(errs.KindFileNotFound, "adapter directory %s does not exist", dir)
 		}
-		return nil, ioErr(dir, err)
+		return nil, errs.IO(dir, err)
 	}
 	if !st.IsDir() {
-		return nil, valueErr("%s is not a directory; pass a PEFT adapter directory (with %s and %s)", dir, ConfigFile, WeightsFile)
+		return nil, errs.Value("%s is not a directory; pass a PEFT adapter directory (with %s and %s)", dir, ConfigFile, WeightsFile)
 	}
 	var cfg *AdapterConfig
 	if forFuse {
@@ -185,10 +186,10 @@ func loadAdapter(dir string, forFuse bool) (*Adapter, error) {
 		cfg, err = ReadConfig(filepath.Join(dir, ConfigFile))
 	}
 	if err != nil {
-		if KindOf(err) == KindFileNotFound {
+		if errs.KindOf(err) == errs.KindFileNotFound {
 			if subs := adapterSubdirs(dir); len(subs) > 0 {
 				// PEFT saves adapters not named "default" into <dir>/<name>/
-				return nil, newErr(KindFileNotFound, "%s has no %s, but these subfolders are adapters: %s "+
+				return nil, errs.New(errs.KindFileNotFound, "%s has no %s, but these subfolders are adapters: %s "+
 					"(PEFT saves an adapter named other than \"default\" into <dir>/<name>/)", dir, ConfigFile, strings.Join(subs, ", "))
 			}
 		}
@@ -197,9 +198,9 @@ func loadAdapter(dir string, forFuse bool) (*Adapter, error) {
 	wpath := filepath.Join(dir, WeightsFile)
 	if _, err := os.Stat(wpath); errors.Is(err, fs.ErrNotExist) {
 		if _, err2 := os.Stat(filepath.Join(dir, "adapter_model.bin")); err2 == nil {
-			return nil, valueErr("%s: only adapter_model.bin found; gomerge reads %s (re-save the adapter with safe_serialization=True)", dir, WeightsFile)
+			return nil, errs.Value("%s: only adapter_model.bin found; gomerge reads %s (re-save the adapter with safe_serialization=True)", dir, WeightsFile)
 		}
-		return nil, newErr(KindFileNotFound, "%s: no such file", wpath)
+		return nil, errs.New(errs.KindFileNotFound, "%s: no such file", wpath)
 	}
 	file, err := safetensors.Open(wpath)
 	if err != nil {
@@ -231,7 +232,7 @@ func (a *Adapter) index(wpath string, st *safetensors.File) error {
 	}
 	sort.Strings(a.Order)
 	if len(a.Modules) == 0 {
-		return valueErr("%s: no LoRA tensors (lora_A / lora_B) found", wpath)
+		return errs.Value("%s: no LoRA tensors (lora_A / lora_B) found", wpath)
 	}
 	return a.checkTargets(wpath)
 }
@@ -261,7 +262,7 @@ func (a *Adapter) checkTargets(wpath string) error {
 			}
 		}
 	}
-	return valueErr("%s: target_modules %v in %s matches none of the %d modules in %s (first: %s)",
+	return errs.Value("%s: target_modules %v in %s matches none of the %d modules in %s (first: %s)",
 		a.Dir, targetsText(tm), ConfigFile, len(a.Modules), filepath.Base(wpath), a.Order[0])
 }
 
@@ -300,7 +301,7 @@ var factorSuffixes = []struct {
 	{".lora_embedding_B", KindEmbedding, false},
 }
 
-func (a *Adapter) addTensor(path, key string, t RawTensor, rawDType string) error {
+func (a *Adapter) addTensor(path, key string, t safetensors.RawTensor, rawDType string) error {
 	name := strings.TrimPrefix(key, keyPrefix)
 	if a.forFuse {
 		for _, s := range []struct {
@@ -309,7 +310,7 @@ func (a *Adapter) addTensor(path, key string, t RawTensor, rawDType string) erro
 		}{{".lora_magnitude_vector", true}, {".lora_B.bias", false}} {
 			if mod, ok := strings.CutSuffix(name, s.suffix); ok {
 				if t.DType == "" {
-					return valueErr("%s: tensor %s has dtype %s, which gomerge does not read (supported: F32, BF16, F16)", path, key, rawDType)
+					return errs.Value("%s: tensor %s has dtype %s, which gomerge does not read (supported: F32, BF16, F16)", path, key, rawDType)
 				}
 				m := a.Modules[mod]
 				if m == nil {
@@ -327,9 +328,9 @@ func (a *Adapter) addTensor(path, key string, t RawTensor, rawDType string) erro
 	}
 	switch {
 	case strings.HasSuffix(key, ".lora_magnitude_vector") || strings.Contains(key, ".lora_magnitude_vector."):
-		return valueErr("%s: tensor %s is a DoRA magnitude vector; DoRA adapters are not supported", path, key)
+		return errs.Value("%s: tensor %s is a DoRA magnitude vector; DoRA adapters are not supported", path, key)
 	case strings.HasSuffix(key, ".lora_B.bias"):
-		return valueErr("%s: tensor %s is a LoRA bias; adapters with lora_bias are not supported", path, key)
+		return errs.Value("%s: tensor %s is a LoRA bias; adapters with lora_bias are not supported", path, key)
 	}
 	for _, s := range factorSuffixes {
 		if !strings.HasSuffix(name, s.suffix) {
@@ -337,7 +338,7 @@ func (a *Adapter) addTensor(path, key string, t RawTensor, rawDType string) erro
 		}
 		mod := strings.TrimSuffix(name, s.suffix)
 		if t.DType == "" {
-			return valueErr("%s: tensor %s has dtype %s, which gomerge does not merge (supported: F32, BF16, F16)", path, key, rawDType)
+			return errs.Value("%s: tensor %s has dtype %s, which gomerge does not merge (supported: F32, BF16, F16)", path, key, rawDType)
 		}
 		m := a.Modules[mod]
 		if m == nil {
@@ -346,7 +347,7 @@ func (a *Adapter) addTensor(path, key string, t RawTensor, rawDType string) erro
 		} else if m.RawA.Shape == nil && m.RawB.Shape == nil {
 			m.Kind = s.kind // created by its magnitude or bias
 		} else if (m.Kind == KindEmbedding) != (s.kind == KindEmbedding) {
-			return valueErr("%s: module %s has both lora_A/lora_B and lora_embedding tensors", path, mod)
+			return errs.Value("%s: module %s has both lora_A/lora_B and lora_embedding tensors", path, mod)
 		}
 		if s.isA {
 			m.RawA = t
@@ -362,41 +363,41 @@ func (a *Adapter) addTensor(path, key string, t RawTensor, rawDType string) erro
 func (a *Adapter) finishModule(path, name string, m *Module) error {
 	aKey, bKey := m.Keys()
 	if m.RawA.Shape == nil {
-		return valueErr("%s: tensor %s is missing (module %s has only lora_B)", path, aKey, name)
+		return errs.Value("%s: tensor %s is missing (module %s has only lora_B)", path, aKey, name)
 	}
 	if m.RawB.Shape == nil {
-		return valueErr("%s: tensor %s is missing (module %s has only lora_A)", path, bKey, name)
+		return errs.Value("%s: tensor %s is missing (module %s has only lora_A)", path, bKey, name)
 	}
 	sa, sb := m.RawA.Shape, m.RawB.Shape
 	if len(sa) < 2 || len(sa) > 5 || len(sb) != len(sa) {
-		return valueErr("%s: tensors %s %v and %s %v do not have the shapes of LoRA factors", path, aKey, sa, bKey, sb)
+		return errs.Value("%s: tensors %s %v and %s %v do not have the shapes of LoRA factors", path, aKey, sa, bKey, sb)
 	}
 	if len(sa) > 2 {
 		if m.Kind == KindEmbedding {
-			return valueErr("%s: embedding factor %s must be 2-D, got %v", path, aKey, sa)
+			return errs.Value("%s: embedding factor %s must be 2-D, got %v", path, aKey, sa)
 		}
 		m.Kind = KindConv
 		for _, d := range sb[2:] {
 			if d != 1 {
-				return valueErr("%s: tensor %s has shape %v; gomerge needs a 1x1 lora_B kernel", path, bKey, sb)
+				return errs.Value("%s: tensor %s has shape %v; gomerge needs a 1x1 lora_B kernel", path, bKey, sb)
 			}
 		}
 	}
 	if sa[0] != sb[1] {
-		return valueErr("%s: module %s: lora_A %v and lora_B %v disagree on the rank (%d vs %d)", path, name, sa, sb, sa[0], sb[1])
+		return errs.Value("%s: module %s: lora_A %v and lora_B %v disagree on the rank (%d vs %d)", path, name, sa, sb, sa[0], sb[1])
 	}
 	for _, t := range []struct {
 		key string
-		raw RawTensor
+		raw safetensors.RawTensor
 	}{{aKey, m.RawA}, {bKey, m.RawB}} {
 		if int64(safetensors.Numel(t.raw.Shape)*t.raw.DType.Size()) != t.raw.ByteLen() {
-			return valueErr("%s: tensor %s: shape %v does not match its %d bytes", path, t.key, t.raw.Shape, t.raw.ByteLen())
+			return errs.Value("%s: tensor %s: shape %v does not match its %d bytes", path, t.key, t.raw.Shape, t.raw.ByteLen())
 		}
 	}
 	m.Rank = sa[0]
 	r, alpha := a.Config.ModuleRankAlpha(name)
 	if r != m.Rank {
-		return valueErr("%s: module %s has rank %d but %s gives r=%d for it", path, name, m.Rank, ConfigFile, r)
+		return errs.Value("%s: module %s has rank %d but %s gives r=%d for it", path, name, m.Rank, ConfigFile, r)
 	}
 	m.Alpha = alpha
 	m.Scaling = a.Config.Scaling(r, alpha)

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"gomerge/gomerge/errs"
 	"io/fs"
 	"math"
 	"os"
@@ -59,9 +60,9 @@ func readConfigFile(path string) ([]byte, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			return nil, newErr(KindFileNotFound, "%s: no such file (is this a PEFT adapter directory?)", path)
+			return nil, errs.New(errs.KindFileNotFound, "%s: no such file (is this a PEFT adapter directory?)", path)
 		}
-		return nil, ioErr(path, err)
+		return nil, errs.IO(path, err)
 	}
 	return data, nil
 }
@@ -73,10 +74,10 @@ func ParseConfig(path string, data []byte) (*AdapterConfig, error) {
 		return nil, err
 	}
 	if c.UseDora {
-		return nil, valueErr("%s: use_dora is true; DoRA adapters are not supported (their magnitude vectors cannot be merged this way)", path)
+		return nil, errs.Value("%s: use_dora is true; DoRA adapters are not supported (their magnitude vectors cannot be merged this way)", path)
 	}
 	if c.LoraBias {
-		return nil, valueErr("%s: lora_bias is true; adapters with LoRA biases are not supported", path)
+		return nil, errs.Value("%s: lora_bias is true; adapters with LoRA biases are not supported", path)
 	}
 	return c, nil
 }
@@ -85,7 +86,7 @@ func ParseConfig(path string, data []byte) (*AdapterConfig, error) {
 func parseConfig(path string, data []byte) (*AdapterConfig, error) {
 	c := &AdapterConfig{}
 	if err := json.Unmarshal(data, &c.Raw); err != nil || c.Raw == nil {
-		return nil, valueErr("%s: not a JSON object: %v", path, err)
+		return nil, errs.Value("%s: not a JSON object: %v", path, err)
 	}
 	field := func(key string, dst any) error {
 		raw, ok := c.Raw[key]
@@ -93,7 +94,7 @@ func parseConfig(path string, data []byte) (*AdapterConfig, error) {
 			return nil
 		}
 		if err := json.Unmarshal(raw, dst); err != nil {
-			return valueErr("%s: key %q has an invalid value %s", path, key, truncate(string(raw), 80))
+			return errs.Value("%s: key %q has an invalid value %s", path, key, truncate(string(raw), 80))
 		}
 		return nil
 	}
@@ -112,10 +113,10 @@ func parseConfig(path string, data []byte) (*AdapterConfig, error) {
 	}
 	c.LoraAlpha = alpha
 	if c.PeftType != "LORA" {
-		return nil, valueErr("%s: peft_type is %q; gomerge merges LoRA adapters only (peft_type \"LORA\")", path, c.PeftType)
+		return nil, errs.Value("%s: peft_type is %q; gomerge merges LoRA adapters only (peft_type \"LORA\")", path, c.PeftType)
 	}
 	if c.R <= 0 {
-		return nil, valueErr("%s: key \"r\" must be a positive integer", path)
+		return nil, errs.Value("%s: key \"r\" must be a positive integer", path)
 	}
 	if _, ok := c.Raw["lora_alpha"]; !ok {
 		c.LoraAlpha = 8 // PEFT's default
@@ -124,15 +125,15 @@ func parseConfig(path string, data []byte) (*AdapterConfig, error) {
 		if err := json.Unmarshal(raw, &c.TargetModules.Regex); err == nil {
 			c.TargetModules.IsRegex = true
 		} else if err := json.Unmarshal(raw, &c.TargetModules.Names); err != nil {
-			return nil, valueErr("%s: target_modules must be a list of names or a regex string", path)
+			return nil, errs.Value("%s: target_modules must be a list of names or a regex string", path)
 		}
 	}
 	var err error
 	if c.RankPattern, err = ParsePatterns(c.Raw["rank_pattern"]); err != nil {
-		return nil, valueErr("%s: rank_pattern: %v", path, err)
+		return nil, errs.Value("%s: rank_pattern: %v", path, err)
 	}
 	if c.AlphaPattern, err = ParsePatterns(c.Raw["alpha_pattern"]); err != nil {
-		return nil, valueErr("%s: alpha_pattern: %v", path, err)
+		return nil, errs.Value("%s: alpha_pattern: %v", path, err)
 	}
 	return c, nil
 }
@@ -176,7 +177,7 @@ func UnionTargetModules(cfgs []*AdapterConfig, names []string) (TargetModules, e
 	set := map[string]bool{}
 	for i, c := range cfgs {
 		if c.TargetModules.IsRegex != isRegex {
-			return out, valueErr("adapters: %s and %s: all adapter configs should follow the same target modules type; "+
+			return out, errs.Value("adapters: %s and %s: all adapter configs should follow the same target modules type; "+
 				"combining adapters with target_modules being a mix of list and string is not supported", names[0], names[i])
 		}
 		if isRegex {

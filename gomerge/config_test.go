@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"encoding/json"
+	"gomerge/gomerge/errs"
 	"math"
 	"testing"
 
@@ -46,7 +47,7 @@ func TestParseConfigErrors(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := ParseConfig("dir/adapter_config.json", []byte(tc.json))
 			require.Error(t, err)
-			assert.Equal(t, KindValue, KindOf(err))
+			assert.Equal(t, errs.KindValue, errs.KindOf(err))
 			assert.Contains(t, err.Error(), tc.want)
 			assert.Contains(t, err.Error(), "dir/adapter_config.json")
 		})

@@ -7,14 +7,12 @@
 //
 // The package is organised one concept per file:
 //
-//   - errors.go, storage.go: the names of packages errs (typed errors) and safetensors (DType, RawTensor) here
 //   - config.go, pattern.go: adapter_config.json and rank/alpha patterns
 //   - adapter.go, inspect.go: an adapter directory as a set of LoRA modules, and its summary
 //   - sparsify.go, combine.go: PEFT's merge_utils primitives
 //     (magnitude and random pruning, TIES, task arithmetic) on top of package kernels
 //   - prune_outliers.go, prune_della.go, merge_generalized.go: mergekit's Model Breadcrumbs
 //     and DELLA pruning and its generalized task arithmetic (breadcrumbs, della and their variants)
-//   - kernelset.go: the kernel set in use and a GOMERGE_KERNELS request's error, as the bindings see them
 //   - lowrank.go: exact SVD of a sum of low-rank products (thin QRs + core SVD)
 //   - rsvd.go: randomized SVD of dense updates
 //   - methods.go: the method table (every merge method's family, pruning, parameters, rank rule)

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
 	"gomerge/gomerge/modelfolder"
 	"gomerge/gomerge/safetensors"
@@ -100,39 +101,39 @@ type extractOutcome struct {
 	data    [][]byte
 }
 
-func (o *ExtractOptions) validate() (rankRule, DType, error) {
+func (o *ExtractOptions) validate() (rankRule, safetensors.DType, error) {
 	if o.Base == "" || o.Finetuned == "" {
-		return rankRule{}, "", valueErr("extract: base and finetuned model folders are required")
+		return rankRule{}, "", errs.Value("extract: base and finetuned model folders are required")
 	}
 	if o.OutputDir == "" {
-		return rankRule{}, "", valueErr("output_dir: a directory to write the extracted adapter to is required")
+		return rankRule{}, "", errs.Value("output_dir: a directory to write the extracted adapter to is required")
 	}
 	out := filepath.Clean(o.OutputDir)
 	for _, in := range []string{o.Base, o.Finetuned} {
 		if filepath.Clean(in) == out {
-			return rankRule{}, "", valueErr("output_dir: %s is also an input model folder; choose another directory", o.OutputDir)
+			return rankRule{}, "", errs.Value("output_dir: %s is also an input model folder; choose another directory", o.OutputDir)
 		}
 	}
 	if o.Rank == nil {
-		return rankRule{}, "", valueErr("extract: give a rank (an integer) or an energy fraction")
+		return rankRule{}, "", errs.Value("extract: give a rank (an integer) or an energy fraction")
 	}
 	rule := rankRule{fixed: o.Rank.Fixed, energy: o.Rank.Energy}
 	if o.Rank.Energy == 0 && o.Rank.Fixed <= 0 {
-		return rankRule{}, "", valueErr("rank: %d must be a positive integer", o.Rank.Fixed)
+		return rankRule{}, "", errs.Value("rank: %d must be a positive integer", o.Rank.Fixed)
 	}
 	if o.Rank.Energy != 0 && (o.Rank.Energy <= 0 || o.Rank.Energy > 1 || math.IsNaN(o.Rank.Energy)) {
-		return rankRule{}, "", valueErr("energy: %g must be in (0, 1]", o.Rank.Energy)
+		return rankRule{}, "", errs.Value("energy: %g must be in (0, 1]", o.Rank.Energy)
 	}
 	if o.MaxRank != nil {
 		if *o.MaxRank <= 0 {
-			return rankRule{}, "", valueErr("max_rank: %d must be a positive integer", *o.MaxRank)
+			return rankRule{}, "", errs.Value("max_rank: %d must be a positive integer", *o.MaxRank)
 		}
 		rule.max = *o.MaxRank
 	}
 	if o.Workers < 0 {
-		return rankRule{}, "", valueErr("workers: %d must be positive (0 uses all cores)", o.Workers)
+		return rankRule{}, "", errs.Value("workers: %d must be positive (0 uses all cores)", o.Workers)
 	}
-	dt := F32
+	dt := safetensors.F32
 	if o.DType != "" {
 		var err error
 		if dt, err = safetensors.ParseDType(o.DType); err != nil {
@@ -141,7 +142,7 @@ func (o *ExtractOptions) validate() (rankRule, DType, error) {
 	}
 	for _, s := range o.SaveModules {
 		if strings.TrimSpace(s) == "" {
-			return rankRule{}, "", valueErr("save_modules: an empty module name")
+			return rankRule{}, "", errs.Value("save_modules: an empty module name")
 		}
 	}
 	return rule, dt, nil
@@ -223,12 +224,12 @@ func Extract(ctx context.Context, opts ExtractOptions, progress *Progress) (*Ext
 			"layers cannot be carried): %s", len(notCarried), strings.Join(notCarried, ", ")))
 	}
 	if len(targets) == 0 {
-		return nil, valueErr("extract: no linear module of %s differs from %s; there is nothing to factorise", opts.Finetuned, opts.Base)
+		return nil, errs.Value("extract: no linear module of %s differs from %s; there is nothing to factorise", opts.Finetuned, opts.Base)
 	}
 	res.Modules = len(targets)
 	res.Rank = slices.Max(ranks)
 	if err := ctx.Err(); err != nil {
-		return nil, ErrCancelled
+		return nil, errs.ErrCancelled
 	}
 
 	pending, err := beginAdapterDir(opts.OutputDir)
@@ -261,7 +262,7 @@ func Extract(ctx context.Context, opts ExtractOptions, progress *Progress) (*Ext
 		}
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, ErrCancelled
+		return nil, errs.ErrCancelled
 	}
 	if err := pending.commit(opts.Overwrite); err != nil {
 		return nil, err
@@ -309,12 +310,12 @@ func writeTensors(path string, outs []safetensors.OutTensor, data [][]byte) erro
 func planExtraction(opts ExtractOptions, base, ft *modelfolder.Folder) ([]extractJob, error) {
 	for _, name := range base.Names() {
 		if _, ok := ft.Info(name); !ok {
-			return nil, valueErr("tensor %s is in the base model (%s) but not in the fine-tuned model %s", name, tensorFile(base, name), opts.Finetuned)
+			return nil, errs.Value("tensor %s is in the base model (%s) but not in the fine-tuned model %s", name, tensorFile(base, name), opts.Finetuned)
 		}
 	}
 	for _, name := range ft.Names() {
 		if _, ok := base.Info(name); !ok {
-			return nil, valueErr("tensor %s is in the fine-tuned model (%s) but not in the base model %s", name, tensorFile(ft, name), opts.Base)
+			return nil, errs.Value("tensor %s is in the fine-tuned model (%s) but not in the base model %s", name, tensorFile(ft, name), opts.Base)
 		}
 	}
 	modelType, _ := ft.Config()["model_type"].(string)
@@ -339,12 +340,12 @@ func planExtraction(opts ExtractOptions, base, ft *modelfolder.Folder) ([]extrac
 			f *modelfolder.Folder
 		}{{be, base}, {fe, ft}} {
 			if c.e.DType == "" {
-				return nil, valueErr("tensor %s in %s has dtype %s; only float tensors (F32, BF16, F16) can be compared",
+				return nil, errs.Value("tensor %s in %s has dtype %s; only float tensors (F32, BF16, F16) can be compared",
 					name, tensorFile(c.f, name), c.e.RawDType)
 			}
 		}
 		if !slices.Equal(be.Shape, fe.Shape) {
-			return nil, valueErr("tensor %s has shape %s in the base model (%s) but %s in the fine-tuned model (%s)",
+			return nil, errs.Value("tensor %s has shape %s in the base model (%s) but %s in the fine-tuned model (%s)",
 				name, shapeText(be.Shape), tensorFile(base, name), shapeText(fe.Shape), tensorFile(ft, name))
 		}
 		module, param := name, ""
@@ -378,7 +379,7 @@ func planExtraction(opts ExtractOptions, base, ft *modelfolder.Folder) ([]extrac
 			}
 		}
 		if !found {
-			return nil, valueErr("save_modules: %q names no module of %s", s, opts.Finetuned)
+			return nil, errs.Value("save_modules: %q names no module of %s", s, opts.Finetuned)
 		}
 	}
 	// a linear module whose bias were saved whole would be both a LoRA target and a module to save: a changed
@@ -397,7 +398,7 @@ func planExtraction(opts ExtractOptions, base, ft *modelfolder.Folder) ([]extrac
 // runExtractJobs runs the jobs on the workers; each job reads its tensors
 // from both folders, so that memory holds only the modules in progress (and
 // the factors made so far).
-func runExtractJobs(ctx context.Context, opts ExtractOptions, jobs []extractJob, base, ft *modelfolder.Folder, rule rankRule, dt DType, seed uint64, progress *Progress) ([]extractOutcome, error) {
+func runExtractJobs(ctx context.Context, opts ExtractOptions, jobs []extractJob, base, ft *modelfolder.Folder, rule rankRule, dt safetensors.DType, seed uint64, progress *Progress) ([]extractOutcome, error) {
 	if progress != nil {
 		progress.Total.Store(int64(len(jobs)))
 	}
@@ -413,10 +414,10 @@ func runExtractJobs(ctx context.Context, opts ExtractOptions, jobs []extractJob,
 }
 
 // runExtractJob runs one job, turning a panic into an error naming it.
-func runExtractJob(j *extractJob, base, ft *modelfolder.Folder, rule rankRule, dt DType, seed uint64) (out extractOutcome, err error) {
+func runExtractJob(j *extractJob, base, ft *modelfolder.Folder, rule rankRule, dt safetensors.DType, seed uint64) (out extractOutcome, err error) {
 	defer func() {
 		if p := recover(); p != nil {
-			err = newErr(KindInternal, "module %s: internal error: %v", j.module, p)
+			err = errs.New(errs.KindInternal, "module %s: internal error: %v", j.module, p)
 		}
 	}()
 	if j.lora {
@@ -510,7 +511,7 @@ func sameStored(name string, size int64, base, ft *modelfolder.Folder) (bool, er
 }
 
 // extractLinear factorises one module's dW = W_ft - W_base.
-func extractLinear(j *extractJob, base, ft *modelfolder.Folder, rule rankRule, dt DType, seed uint64) (extractOutcome, error) {
+func extractLinear(j *extractJob, base, ft *modelfolder.Folder, rule rankRule, dt safetensors.DType, seed uint64) (extractOutcome, error) {
 	var o extractOutcome
 	name := j.tensors[0]
 	wb, wf, err := readPair(name, base, ft)
@@ -544,7 +545,7 @@ func extractLinear(j *extractJob, base, ft *modelfolder.Folder, rule rankRule, d
 	aName, bName := moduleKeys(j.module, KindLinear)
 	encode := func(x []float64) []byte {
 		f := toFloat32(x)
-		if dt == F32 {
+		if dt == safetensors.F32 {
 			return safetensors.Float32AsBytes(f)
 		}
 		return safetensors.Encode(dt, f)

@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"gonum.org/v1/gonum/mat"
 
+	"gomerge/gomerge/errs"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -25,9 +26,9 @@ func writeModel(t *testing.T, dir string, tensors map[string]*Tensor) string {
 	require.NoError(t, os.MkdirAll(dir, 0o755))
 	cfg := `{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}`
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "config.json"), []byte(cfg), 0o644))
-	raw := map[string]RawTensor{}
+	raw := map[string]safetensors.RawTensor{}
 	for name, x := range tensors {
-		raw[name] = RawTensor{DType: F32, Shape: x.Shape, Data: safetensors.Encode(F32, x.Data)}
+		raw[name] = safetensors.RawTensor{DType: safetensors.F32, Shape: x.Shape, Data: safetensors.Encode(safetensors.F32, x.Data)}
 	}
 	require.NoError(t, WriteSafetensors(filepath.Join(dir, "model.safetensors"), raw, map[string]string{"format": "pt"}))
 	return dir
@@ -290,29 +291,29 @@ func TestExtractErrors(t *testing.T) {
 		base map[string]*Tensor
 		ft   map[string]*Tensor
 		opts func(*ExtractOptions)
-		kind ErrKind
+		kind errs.ErrKind
 		msg  string
 	}{
 		{name: "shapes disagree", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": randTensor(rng, 6, 8)},
-			kind: KindValue, msg: "tensor l.q_proj.weight has shape [8, 6] in the base model"},
+			kind: errs.KindValue, msg: "tensor l.q_proj.weight has shape [8, 6] in the base model"},
 		{name: "missing in the fine-tune", base: map[string]*Tensor{"l.q_proj.weight": w, "l.k_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
-			kind: KindValue, msg: "tensor l.k_proj.weight is in the base model"},
+			kind: errs.KindValue, msg: "tensor l.k_proj.weight is in the base model"},
 		{name: "missing in the base", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2, "l.k_proj.weight": w},
-			kind: KindValue, msg: "tensor l.k_proj.weight is in the fine-tuned model"},
+			kind: errs.KindValue, msg: "tensor l.k_proj.weight is in the fine-tuned model"},
 		{name: "nothing changed", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w},
-			kind: KindValue, msg: "no linear module"},
+			kind: errs.KindValue, msg: "no linear module"},
 		{name: "rank 0", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
-			opts: func(o *ExtractOptions) { o.Rank = &RankSpec{} }, kind: KindValue, msg: "rank: 0"},
+			opts: func(o *ExtractOptions) { o.Rank = &RankSpec{} }, kind: errs.KindValue, msg: "rank: 0"},
 		{name: "no rank", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
-			opts: func(o *ExtractOptions) { o.Rank = nil }, kind: KindValue, msg: "give a rank"},
+			opts: func(o *ExtractOptions) { o.Rank = nil }, kind: errs.KindValue, msg: "give a rank"},
 		{name: "save module that does not exist", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
-			opts: func(o *ExtractOptions) { o.SaveModules = []string{"lm_head"} }, kind: KindValue, msg: `"lm_head" names no module`},
+			opts: func(o *ExtractOptions) { o.SaveModules = []string{"lm_head"} }, kind: errs.KindValue, msg: `"lm_head" names no module`},
 		{name: "output is an input", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
-			opts: func(o *ExtractOptions) { o.OutputDir = o.Base }, kind: KindValue, msg: "is also an input"},
+			opts: func(o *ExtractOptions) { o.OutputDir = o.Base }, kind: errs.KindValue, msg: "is also an input"},
 		{name: "output exists", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
-			opts: func(o *ExtractOptions) { require.NoError(t, os.MkdirAll(o.OutputDir, 0o755)) }, kind: KindFileExists, msg: "already exists"},
+			opts: func(o *ExtractOptions) { require.NoError(t, os.MkdirAll(o.OutputDir, 0o755)) }, kind: errs.KindFileExists, msg: "already exists"},
 		{name: "missing folder", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
-			opts: func(o *ExtractOptions) { o.Finetuned += "-missing" }, kind: KindFileNotFound, msg: "does not exist"},
+			opts: func(o *ExtractOptions) { o.Finetuned += "-missing" }, kind: errs.KindFileNotFound, msg: "does not exist"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -325,7 +326,7 @@ func TestExtractErrors(t *testing.T) {
 			before, _ := os.ReadDir(dir)
 			_, err := Extract(context.Background(), opts, nil)
 			require.Error(t, err)
-			assert.Equal(t, tc.kind, KindOf(err))
+			assert.Equal(t, tc.kind, errs.KindOf(err))
 			assert.Contains(t, err.Error(), tc.msg)
 			after, _ := os.ReadDir(dir)
 			assert.Equal(t, len(before), len(after), "nothing is written")
@@ -348,7 +349,7 @@ func TestExtractRefusesIntegerTensors(t *testing.T) {
 	require.NoError(t, f.Close())
 	_, err = Extract(context.Background(), ExtractOptions{Base: base, Finetuned: ft, OutputDir: filepath.Join(dir, "out"), Rank: &RankSpec{Fixed: 2}}, nil)
 	require.Error(t, err)
-	assert.Equal(t, KindValue, KindOf(err))
+	assert.Equal(t, errs.KindValue, errs.KindOf(err))
 	assert.Contains(t, err.Error(), "tensor l.q_proj.weight in "+filepath.Join(ft, "model.safetensors")+" has dtype I64")
 	assert.NoDirExists(t, filepath.Join(dir, "out"))
 }
@@ -464,7 +465,7 @@ func TestExtractCancelled(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	_, err := Extract(ctx, ExtractOptions{Base: p.base, Finetuned: p.ft, OutputDir: out, Rank: &RankSpec{Fixed: 4}}, nil)
-	assert.Equal(t, KindCancelled, KindOf(err))
+	assert.Equal(t, errs.KindCancelled, errs.KindOf(err))
 	entries, _ := os.ReadDir(filepath.Dir(out))
 	assert.Empty(t, entries)
 }

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"gomerge/gomerge/errs"
 	"gomerge/gomerge/modelfolder"
 	"gomerge/gomerge/safetensors"
 )
@@ -64,10 +65,10 @@ type FuseResult struct {
 // validate checks the options before any file is read.
 func (o *FuseOptions) validate() error {
 	if o.Base == "" {
-		return valueErr("base: a base model folder is required")
+		return errs.Value("base: a base model folder is required")
 	}
 	if len(o.Adapters) == 0 {
-		return valueErr("adapters: at least one adapter directory is required")
+		return errs.Value("adapters: at least one adapter directory is required")
 	}
 	if len(o.Weights) == 0 {
 		o.Weights = make(Weights, len(o.Adapters))
@@ -76,7 +77,7 @@ func (o *FuseOptions) validate() error {
 		}
 	}
 	if len(o.Weights) != len(o.Adapters) {
-		return valueErr("weights: got %d weights for %d adapters; pass one weight per adapter", len(o.Weights), len(o.Adapters))
+		return errs.Value("weights: got %d weights for %d adapters; pass one weight per adapter", len(o.Weights), len(o.Adapters))
 	}
 	if o.CombinationType == "" {
 		o.CombinationType = "cat"
@@ -84,7 +85,7 @@ func (o *FuseOptions) validate() error {
 		o.oneAdapterMethod = o.CombinationType
 	}
 	if o.Stack && len(o.Adapters) > 1 && o.CombinationType != "cat" {
-		return valueErr("combination_type: %q merges adapters before fusing; stack=True applies them one after another instead (pass one or the other)", o.CombinationType)
+		return errs.Value("combination_type: %q merges adapters before fusing; stack=True applies them one after another instead (pass one or the other)", o.CombinationType)
 	}
 	if len(o.Adapters) > 1 && !o.Stack { // the merge before fusing: its parameters are checked before any file is read
 		if err := o.Combine.Validate(); err != nil {
@@ -97,26 +98,26 @@ func (o *FuseOptions) validate() error {
 		}
 	}
 	if o.MaxShardSize < 0 {
-		return valueErr("max_shard_size: must be positive, got %d", o.MaxShardSize)
+		return errs.Value("max_shard_size: must be positive, got %d", o.MaxShardSize)
 	}
 	if o.OutputDir == "" && !o.DryRun {
-		return valueErr("output_dir: a directory to write the fused model to is required")
+		return errs.Value("output_dir: a directory to write the fused model to is required")
 	}
 	if o.OutputDir != "" {
 		out, err := filepath.Abs(o.OutputDir)
 		if err != nil {
-			return ioErr(o.OutputDir, err)
+			return errs.IO(o.OutputDir, err)
 		}
 		for _, in := range append([]string{o.Base}, o.Adapters...) {
 			abs, err := filepath.Abs(in)
 			if err != nil {
-				return ioErr(in, err)
+				return errs.IO(in, err)
 			}
 			if abs == out {
-				return valueErr("output_dir: %s is also an input; choose another directory", o.OutputDir)
+				return errs.Value("output_dir: %s is also an input; choose another directory", o.OutputDir)
 			}
 			if inside(out, abs) || inside(abs, out) {
-				return valueErr("output_dir: %s and the input %s lie one inside the other; choose a directory apart from the inputs", o.OutputDir, in)
+				return errs.Value("output_dir: %s and the input %s lie one inside the other; choose a directory apart from the inputs", o.OutputDir, in)
 			}
 		}
 	}
@@ -173,7 +174,7 @@ func Fuse(ctx context.Context, opts FuseOptions, progress *Progress) (*FuseResul
 	}
 	if opts.DryRun || ctx.Err() != nil {
 		if ctx.Err() != nil {
-			return nil, ErrCancelled
+			return nil, errs.ErrCancelled
 		}
 		res.Seconds = time.Since(start).Seconds()
 		return res, nil

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
 	"gomerge/gomerge/modelfolder"
 	"gomerge/gomerge/safetensors"
@@ -102,7 +103,7 @@ func writeFused(ctx context.Context, opts *FuseOptions, p *fusePlan, base *model
 		return err
 	}
 	if ctx.Err() != nil {
-		return ErrCancelled
+		return errs.ErrCancelled
 	}
 	if err := out.Commit(); err != nil {
 		return err
@@ -144,7 +145,7 @@ func fuseTensors(ctx context.Context, opts *FuseOptions, p *fusePlan, base *mode
 func fuseOne(ctx context.Context, p *fusePlan, t *fuseTensor, base *modelfolder.Folder, w *safetensors.Writer, raw []byte) (_ []byte, err error) {
 	defer func() {
 		if r := recover(); r != nil { // a bug: read errors are returned, never raised
-			err = newErr(KindInternal, "tensor %s: internal error: %v", t.name, r)
+			err = errs.New(errs.KindInternal, "tensor %s: internal error: %v", t.name, r)
 		}
 	}()
 	info, _ := base.Info(t.src)
@@ -168,8 +169,8 @@ const encodeChunk = 1 << 20
 
 // writeEncoded rounds x once to dtype d and writes it as tensor name, a
 // chunk at a time (no second copy of the tensor in memory).
-func writeEncoded(w *safetensors.Writer, name string, d DType, x []float32) error {
-	if d == F32 {
+func writeEncoded(w *safetensors.Writer, name string, d safetensors.DType, x []float32) error {
+	if d == safetensors.F32 {
 		return w.WriteTensor(name, safetensors.Float32AsBytes(x))
 	}
 	buf := pool.Get(encodeChunk / 2)

@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"encoding/json"
+	"gomerge/gomerge/errs"
 	"math"
 	"testing"
 )
@@ -20,7 +21,7 @@ func FuzzParseConfig(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		c, err := ParseConfig("fuzz.json", data)
 		if err != nil {
-			if KindOf(err) != KindValue && KindOf(err) != KindFileNotFound {
+			if errs.KindOf(err) != errs.KindValue && errs.KindOf(err) != errs.KindFileNotFound {
 				t.Fatalf("unexpected error kind: %v", err)
 			}
 			return

@@ -13,13 +13,14 @@ import (
 	stlib "github.com/nlpodyssey/safetensors"
 	"github.com/stretchr/testify/require"
 
+	"gomerge/gomerge/errs"
 	"gomerge/gomerge/safetensors"
 )
 
 type testModule struct {
 	a, b  *Tensor
 	embed bool
-	dtype DType
+	dtype safetensors.DType
 }
 
 func randTensor(rng *rand.Rand, shape ...int) *Tensor {
@@ -42,7 +43,7 @@ func writeTestAdapter(t testing.TB, dir string, cfg map[string]any, mods map[str
 	b, err := json.Marshal(full)
 	require.NoError(t, err)
 	require.NoError(t, os.WriteFile(filepath.Join(dir, ConfigFile), b, 0o644))
-	tensors := map[string]RawTensor{}
+	tensors := map[string]safetensors.RawTensor{}
 	for name, m := range mods {
 		kind := KindLinear
 		if m.embed {
@@ -51,10 +52,10 @@ func writeTestAdapter(t testing.TB, dir string, cfg map[string]any, mods map[str
 		ak, bk := moduleKeys(name, kind)
 		dt := m.dtype
 		if dt == "" {
-			dt = F32
+			dt = safetensors.F32
 		}
-		tensors[ak] = RawTensor{DType: dt, Shape: m.a.Shape, Data: safetensors.Encode(dt, m.a.Data)}
-		tensors[bk] = RawTensor{DType: dt, Shape: m.b.Shape, Data: safetensors.Encode(dt, m.b.Data)}
+		tensors[ak] = safetensors.RawTensor{DType: dt, Shape: m.a.Shape, Data: safetensors.Encode(dt, m.a.Data)}
+		tensors[bk] = safetensors.RawTensor{DType: dt, Shape: m.b.Shape, Data: safetensors.Encode(dt, m.b.Data)}
 	}
 	require.NoError(t, WriteSafetensors(filepath.Join(dir, WeightsFile), tensors, map[string]string{"format": "pt"}))
 	return dir
@@ -82,9 +83,9 @@ type Tensor struct {
 
 // WriteSafetensors writes tensors with the reference library (nlpodyssey/safetensors), so that the tests read
 // files gomerge did not write itself.
-func WriteSafetensors(path string, tensors map[string]RawTensor, metadata map[string]string) error {
+func WriteSafetensors(path string, tensors map[string]safetensors.RawTensor, metadata map[string]string) error {
 	views := make(map[string]stlib.TensorView, len(tensors))
-	rev := map[DType]stlib.DType{F32: stlib.F32, BF16: stlib.BF16, F16: stlib.F16}
+	rev := map[safetensors.DType]stlib.DType{safetensors.F32: stlib.F32, safetensors.BF16: stlib.BF16, safetensors.F16: stlib.F16}
 	for name, t := range tensors {
 		shape := make([]uint64, len(t.Shape))
 		for i, d := range t.Shape {
@@ -98,14 +99,14 @@ func WriteSafetensors(path string, tensors map[string]RawTensor, metadata map[st
 	}
 	f, err := os.Create(path)
 	if err != nil {
-		return ioErr(path, err)
+		return errs.IO(path, err)
 	}
 	w := bufio.NewWriterSize(f, 1<<20)
 	err = stlib.SerializeToWriter(views, metadata, w)
 	if err == nil {
 		err = w.Flush()
 	}
-	return syncClose(f, path, err)
+	return errs.SyncClose(f, path, err)
 }
 
 // mergekitOf is the mergekit merge of a method row, for the tests of its steps.

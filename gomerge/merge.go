@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
 	"gomerge/gomerge/safetensors"
 )
@@ -65,7 +66,7 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 		}
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, ErrCancelled
+		return nil, errs.ErrCancelled
 	}
 	outDType := adapters[0].DType
 	if opts.DType != "" {
@@ -96,7 +97,7 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 	}
 
 	if err := ctx.Err(); err != nil {
-		return nil, ErrCancelled
+		return nil, errs.ErrCancelled
 	}
 	pending, err := beginAdapterDir(opts.OutputDir)
 	if err != nil {
@@ -128,7 +129,7 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 		return nil, err
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, ErrCancelled
+		return nil, errs.ErrCancelled
 	}
 	if err := pending.commit(opts.Overwrite); err != nil {
 		return nil, err
@@ -143,14 +144,14 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 // and then each module as it is done, so that results never pile up in
 // memory; with ranks chosen from each module's spectrum (the energy rule)
 // the results, the size of the output, are held until the last one.
-func writeModules(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt DType, progress *Progress, path string) ([]moduleOutcome, error) {
+func writeModules(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt safetensors.DType, progress *Progress, path string) ([]moduleOutcome, error) {
 	meta := map[string]string{"format": "pt"}
 	if !opts.energyRanks() {
 		w, err := safetensors.Create(path, outputTensors(&opts.Combine, jobs, rank, dt), meta)
 		if err != nil {
 			return nil, err
 		}
-		outcomes, err := runJobs(ctx, &opts.Combine, opts.Workers, jobs, rank, dt, progress, func(_ int, aName, bName string, a, b RawTensor) error {
+		outcomes, err := runJobs(ctx, &opts.Combine, opts.Workers, jobs, rank, dt, progress, func(_ int, aName, bName string, a, b safetensors.RawTensor) error {
 			return w.WritePair(aName, a.Data, bName, b.Data)
 		})
 		if cerr := w.Close(); err == nil {
@@ -160,10 +161,10 @@ func writeModules(ctx context.Context, opts Options, jobs []moduleJob, rank int,
 	}
 	type pair struct {
 		aName, bName string
-		a, b         RawTensor
+		a, b         safetensors.RawTensor
 	}
 	held := make([]pair, len(jobs))
-	outcomes, err := runJobs(ctx, &opts.Combine, opts.Workers, jobs, rank, dt, progress, func(i int, aName, bName string, a, b RawTensor) error {
+	outcomes, err := runJobs(ctx, &opts.Combine, opts.Workers, jobs, rank, dt, progress, func(i int, aName, bName string, a, b safetensors.RawTensor) error {
 		// runJobs hands its buffers back to the pool after emit: keep copies
 		ca, cb := a, b
 		ca.Data, cb.Data = append([]byte(nil), a.Data...), append([]byte(nil), b.Data...)
@@ -219,17 +220,17 @@ func loadAll(dirs []string) ([]*Adapter, error) {
 // resultTensor is a merged tensor, encoded (Data) from its float32 memory
 // (buf), which runJobs gives back to the pool once emit has written it.
 type resultTensor struct {
-	RawTensor
+	safetensors.RawTensor
 	buf []float32
 }
 
 // emitFunc receives the merged tensors of job i; it may be called from
 // several goroutines at once.
-type emitFunc func(i int, aName, bName string, a, b RawTensor) error
+type emitFunc func(i int, aName, bName string, a, b safetensors.RawTensor) error
 
 // runJobs merges the modules on all cores, hands each result to emit and
 // returns each module's merged rank.
-func runJobs(ctx context.Context, c *Combine, workers int, jobs []moduleJob, rank int, dt DType, progress *Progress, emit emitFunc) ([]moduleOutcome, error) {
+func runJobs(ctx context.Context, c *Combine, workers int, jobs []moduleJob, rank int, dt safetensors.DType, progress *Progress, emit emitFunc) ([]moduleOutcome, error) {
 	if progress != nil {
 		progress.Total.Store(int64(len(jobs)))
 	}
@@ -253,7 +254,7 @@ func runJobs(ctx context.Context, c *Combine, workers int, jobs []moduleJob, ran
 // runModule merges one module by its method's row, recovering from panics
 // so that a bug in a kernel becomes an error naming the module, and
 // encodes the result to dt.
-func runModule(ctx context.Context, c *Combine, j *moduleJob, rank int, dt DType) (aName, bName string, ra, rb resultTensor, out moduleOutcome, err error) {
+func runModule(ctx context.Context, c *Combine, j *moduleJob, rank int, dt safetensors.DType) (aName, bName string, ra, rb resultTensor, out moduleOutcome, err error) {
 	defer func() {
 		for _, s := range j.srcs {
 			s.mod.release()
@@ -261,7 +262,7 @@ func runModule(ctx context.Context, c *Combine, j *moduleJob, rank int, dt DType
 	}()
 	defer func() {
 		if p := recover(); p != nil { // a bug: read errors are returned, never raised
-			err = newErr(KindInternal, "module %s: internal error: %v", j.name, p)
+			err = errs.New(errs.KindInternal, "module %s: internal error: %v", j.name, p)
 		}
 	}()
 	o, err := c.method.Merge(ctx, j, c, rank)
@@ -273,13 +274,13 @@ func runModule(ctx context.Context, c *Combine, j *moduleJob, rank int, dt DType
 	bShape := append([]int{j.out, o.rank}, j.bTail...)
 	// a and b are this merge's own memory: float32 results are written as they are, without a copy
 	encode := func(x []float32) []byte {
-		if dt == F32 {
+		if dt == safetensors.F32 {
 			return safetensors.Float32AsBytes(x)
 		}
 		return safetensors.Encode(dt, x)
 	}
-	return aName, bName, resultTensor{RawTensor{DType: dt, Shape: aShape, Data: encode(o.a)}, o.a},
-		resultTensor{RawTensor{DType: dt, Shape: bShape, Data: encode(o.b)}, o.b}, moduleOutcome{rank: o.rank, relErr: o.relErr}, nil
+	return aName, bName, resultTensor{safetensors.RawTensor{DType: dt, Shape: aShape, Data: encode(o.a)}, o.a},
+		resultTensor{safetensors.RawTensor{DType: dt, Shape: bShape, Data: encode(o.b)}, o.b}, moduleOutcome{rank: o.rank, relErr: o.relErr}, nil
 }
 
 // moduleOutcome is what a module's merge chose: its rank, and the relative

@@ -5,6 +5,7 @@ import (
 	"math"
 	"strconv"
 
+	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
 	"gomerge/gomerge/safetensors"
 )
@@ -45,12 +46,12 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, g *gener
 			scales = append(scales, g.dellaDense(dws[i], fa, fb, j, s))
 		} else {
 			dws[i] = denseDelta(fa, fb, j.out, s.mod.Rank, j.in, s.mod.Scaling)
-			if s.roundDW != "" && s.roundDW != F32 {
+			if s.roundDW != "" && s.roundDW != safetensors.F32 {
 				roundTo(dws[i], s.roundDW)
 			}
 		}
 		if ctx.Err() != nil {
-			return nil, nil, 0, ErrCancelled
+			return nil, nil, 0, errs.ErrCancelled
 		}
 	}
 	var d []float32
@@ -69,7 +70,7 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, g *gener
 		}, true)
 	}
 	if ctx.Err() != nil {
-		return nil, nil, 0, ErrCancelled
+		return nil, nil, 0, errs.ErrCancelled
 	}
 	bk, ak := RandomizedSVD(d, j.out, j.in, k, TensorRNG(rsvdSeed, j.name, "rsvd"))
 	var total, kept float64
@@ -99,7 +100,7 @@ func denseSVDModule(ctx context.Context, j *moduleJob, c *Combine, rank int) (mo
 
 // roundTo rounds t in place to the dtype dt (PEFT's dense update in the
 // adapter's dtype).
-func roundTo(t []float32, dt DType) {
+func roundTo(t []float32, dt safetensors.DType) {
 	for e, v := range t {
 		t[e] = safetensors.Round(dt, v)
 	}

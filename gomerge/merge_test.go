@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"gomerge/gomerge/errs"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -33,8 +34,8 @@ func TestFactorWeights(t *testing.T) {
 }
 
 func mod(rank int, scaling float64, a, b []float32) *Module {
-	return &Module{Rank: rank, Scaling: scaling, RawA: RawTensor{DType: F32, Shape: []int{rank, len(a) / rank}, Data: safetensors.Encode(F32, a)},
-		RawB: RawTensor{DType: F32, Shape: []int{len(b) / rank, rank}, Data: safetensors.Encode(F32, b)}}
+	return &Module{Rank: rank, Scaling: scaling, RawA: safetensors.RawTensor{DType: safetensors.F32, Shape: []int{rank, len(a) / rank}, Data: safetensors.Encode(safetensors.F32, a)},
+		RawB: safetensors.RawTensor{DType: safetensors.F32, Shape: []int{len(b) / rank, rank}, Data: safetensors.Encode(safetensors.F32, b)}}
 }
 
 func TestMergeLinearByHand(t *testing.T) {
@@ -175,23 +176,23 @@ func TestMergeErrors(t *testing.T) {
 	tests := []struct {
 		name string
 		opts Options
-		kind ErrKind
+		kind errs.ErrKind
 		want string
 	}{
-		{"weights length", Options{Adapters: dirs, Weights: ScalarWeights(1)}, KindValue, "got 1 weights for 3 adapters"},
-		{"unknown type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "avg"}}, KindValue, `invalid value "avg"`},
-		{"missing dir", Options{Adapters: []string{dirs[0], filepath.Join(root, "nope")}, Weights: ScalarWeights(1, 1)}, KindFileNotFound, "nope"},
-		{"shape mismatch", Options{Adapters: []string{dirs[0], bad}, Weights: ScalarWeights(1, 1)}, KindValue, "module m.q: shapes differ"},
-		{"unequal ranks for linear", Options{Adapters: []string{dirs[0], r8}, Weights: ScalarWeights(1, 1), Combine: Combine{CombinationType: "linear"}}, KindValue, "same r value"},
-		{"existing output", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: existing}, KindFileExists, "already exists"},
-		{"overwrite non-adapter", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: existing, Overwrite: true}, KindFileExists, "not an adapter"},
-		{"output is input", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: dirs[1]}, KindValue, "also an input"},
-		{"svd rank", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{SVDRank: &RankSpec{Fixed: neg}}}, KindValue, "svd_rank"},
-		{"energy for a factor-wise type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "linear", SVDRank: &RankSpec{Energy: 0.9}}}, KindValue, `svd_rank: combination_type "linear" does not take svd_rank`},
-		{"energy for a pruned svd type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "ties_svd", Density: new(0.5), SVDRank: &RankSpec{Energy: 0.9}}}, KindValue, "randomized SVD"},
-		{"max rank for cat", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "cat", MaxRank: &one}}, KindValue, "does not take max_rank"},
-		{"max rank zero", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{MaxRank: new(0)}}, KindValue, "max_rank"},
-		{"duplicate", Options{Adapters: []string{dirs[0], dirs[0]}, Weights: ScalarWeights(1, 1), Combine: Combine{SVDRank: &RankSpec{Fixed: one}}}, KindValue, "listed twice"},
+		{"weights length", Options{Adapters: dirs, Weights: ScalarWeights(1)}, errs.KindValue, "got 1 weights for 3 adapters"},
+		{"unknown type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "avg"}}, errs.KindValue, `invalid value "avg"`},
+		{"missing dir", Options{Adapters: []string{dirs[0], filepath.Join(root, "nope")}, Weights: ScalarWeights(1, 1)}, errs.KindFileNotFound, "nope"},
+		{"shape mismatch", Options{Adapters: []string{dirs[0], bad}, Weights: ScalarWeights(1, 1)}, errs.KindValue, "module m.q: shapes differ"},
+		{"unequal ranks for linear", Options{Adapters: []string{dirs[0], r8}, Weights: ScalarWeights(1, 1), Combine: Combine{CombinationType: "linear"}}, errs.KindValue, "same r value"},
+		{"existing output", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: existing}, errs.KindFileExists, "already exists"},
+		{"overwrite non-adapter", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: existing, Overwrite: true}, errs.KindFileExists, "not an adapter"},
+		{"output is input", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: dirs[1]}, errs.KindValue, "also an input"},
+		{"svd rank", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{SVDRank: &RankSpec{Fixed: neg}}}, errs.KindValue, "svd_rank"},
+		{"energy for a factor-wise type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "linear", SVDRank: &RankSpec{Energy: 0.9}}}, errs.KindValue, `svd_rank: combination_type "linear" does not take svd_rank`},
+		{"energy for a pruned svd type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "ties_svd", Density: new(0.5), SVDRank: &RankSpec{Energy: 0.9}}}, errs.KindValue, "randomized SVD"},
+		{"max rank for cat", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "cat", MaxRank: &one}}, errs.KindValue, "does not take max_rank"},
+		{"max rank zero", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{MaxRank: new(0)}}, errs.KindValue, "max_rank"},
+		{"duplicate", Options{Adapters: []string{dirs[0], dirs[0]}, Weights: ScalarWeights(1, 1), Combine: Combine{SVDRank: &RankSpec{Fixed: one}}}, errs.KindValue, "listed twice"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -200,7 +201,7 @@ func TestMergeErrors(t *testing.T) {
 			}
 			_, err := Merge(context.Background(), tc.opts, nil)
 			require.Error(t, err)
-			assert.Equal(t, tc.kind, KindOf(err), err.Error())
+			assert.Equal(t, tc.kind, errs.KindOf(err), err.Error())
 			assert.Contains(t, err.Error(), tc.want)
 			if tc.opts.OutputDir != existing && tc.opts.OutputDir != dirs[1] {
 				assert.NoDirExists(t, tc.opts.OutputDir)
@@ -219,7 +220,7 @@ func TestMergeCancelled(t *testing.T) {
 	cancel()
 	out := filepath.Join(root, "out")
 	_, err := Merge(ctx, Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: out}, nil)
-	require.ErrorIs(t, err, ErrCancelled)
+	require.ErrorIs(t, err, errs.ErrCancelled)
 	assert.NoDirExists(t, out)
 }
 

@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"fmt"
+	"gomerge/gomerge/errs"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -67,7 +68,7 @@ func TestEveryMethodRefusesTheParametersItDoesNotTake(t *testing.T) {
 			}
 			require.Error(t, err, "%s with %s", m.Name, name)
 			assert.Contains(t, err.Error(), fmt.Sprintf("%s: combination_type %q does not take %s (it takes: ", name, m.Name, name))
-			assert.Equal(t, KindValue, KindOf(err))
+			assert.Equal(t, errs.KindValue, errs.KindOf(err))
 		}
 	}
 }

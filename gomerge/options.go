@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"slices"
 
+	"gomerge/gomerge/errs"
 	"gomerge/gomerge/kernels"
 	"gomerge/gomerge/safetensors"
 )
@@ -75,10 +76,10 @@ type Result struct {
 // validate checks the options before any file is read.
 func (o *Options) validate() error {
 	if len(o.Adapters) == 0 {
-		return valueErr("adapters: at least one adapter directory is required")
+		return errs.Value("adapters: at least one adapter directory is required")
 	}
 	if len(o.Weights) != len(o.Adapters) {
-		return valueErr("weights: got %d weights for %d adapters; pass one weight per adapter", len(o.Weights), len(o.Adapters))
+		return errs.Value("weights: got %d weights for %d adapters; pass one weight per adapter", len(o.Weights), len(o.Adapters))
 	}
 	// compiled into a copy: the caller's Options may be shared by merges running at once
 	weights := make(Weights, len(o.Weights))
@@ -92,7 +93,7 @@ func (o *Options) validate() error {
 	seen := map[string]int{}
 	for i, a := range o.Adapters {
 		if j, ok := seen[filepath.Clean(a)]; ok {
-			return valueErr("adapters: %s is listed twice (positions %d and %d)", a, j, i)
+			return errs.Value("adapters: %s is listed twice (positions %d and %d)", a, j, i)
 		}
 		seen[filepath.Clean(a)] = i
 	}
@@ -105,12 +106,12 @@ func (o *Options) validate() error {
 		}
 	}
 	if o.OutputDir == "" {
-		return valueErr("output_dir: a directory to write the merged adapter to is required")
+		return errs.Value("output_dir: a directory to write the merged adapter to is required")
 	}
 	out := filepath.Clean(o.OutputDir)
 	for _, a := range o.Adapters {
 		if filepath.Clean(a) == out {
-			return valueErr("output_dir: %s is also an input adapter; choose another directory", o.OutputDir)
+			return errs.Value("output_dir: %s is also an input adapter; choose another directory", o.OutputDir)
 		}
 	}
 	return nil

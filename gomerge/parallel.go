@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"context"
+	"gomerge/gomerge/errs"
 	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
@@ -72,7 +73,7 @@ func runJobsOn(ctx context.Context, n, workers int, progress *Progress, fn func(
 	}
 	wg.Wait()
 	if ctx.Err() != nil {
-		return ErrCancelled
+		return errs.ErrCancelled
 	}
 	return firstErr
 }

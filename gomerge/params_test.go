@@ -1,6 +1,7 @@
 package gomerge
 
 import (
+	"gomerge/gomerge/errs"
 	"math"
 	"testing"
 
@@ -39,7 +40,7 @@ func TestParamChecksNameTheParameter(t *testing.T) {
 			err := tc.c.Validate()
 			require.Error(t, err)
 			assert.Contains(t, err.Error(), tc.msg)
-			assert.Equal(t, KindValue, KindOf(err))
+			assert.Equal(t, errs.KindValue, errs.KindOf(err))
 		})
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"slices"
 	"sort"
 
+	"gomerge/gomerge/errs"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -19,7 +20,7 @@ type source struct {
 	maskA, maskB, maskDW []byte
 	// roundDW rounds the dense update to this dtype, as PEFT's
 	// get_delta_weight does for half-precision factors ("" or F32: no rounding).
-	roundDW DType
+	roundDW safetensors.DType
 }
 
 // moduleJob is the work for one output module.
@@ -67,11 +68,11 @@ func planModules(opts Options, adapters []*Adapter) ([]moduleJob, error) {
 			} else {
 				f := adapters[first[name]].Modules[name]
 				if m.Kind != j.kind || !slices.Equal(m.RawA.Shape[1:], j.aTail) || m.Out() != j.out || len(m.RawB.Shape) != len(f.RawB.Shape) {
-					return nil, valueErr("module %s: shapes differ between adapters: %s has lora_A %v / lora_B %v, %s has lora_A %v / lora_B %v",
+					return nil, errs.Value("module %s: shapes differ between adapters: %s has lora_A %v / lora_B %v, %s has lora_A %v / lora_B %v",
 						name, opts.Adapters[first[name]], f.RawA.Shape, f.RawB.Shape, opts.Adapters[i], m.RawA.Shape, m.RawB.Shape)
 				}
 				if opts.method.Rank.own && m.Rank != f.Rank {
-					return nil, valueErr("module %s: combination_type %s needs equal ranks, but %s has rank %d and %s has rank %d",
+					return nil, errs.Value("module %s: combination_type %s needs equal ranks, but %s has rank %d and %s has rank %d",
 						name, opts.CombinationType, opts.Adapters[first[name]], f.Rank, opts.Adapters[i], m.Rank)
 				}
 			}
@@ -104,7 +105,7 @@ func rankPattern(jobs []moduleJob, ranks []int, rank int) Patterns {
 
 // outputTensors lists the merged adapter's tensors: every module's A and B
 // at the merged rank (the module's own rank for factor-wise merges).
-func outputTensors(c *Combine, jobs []moduleJob, rank int, dt DType) []safetensors.OutTensor {
+func outputTensors(c *Combine, jobs []moduleJob, rank int, dt safetensors.DType) []safetensors.OutTensor {
 	outs := make([]safetensors.OutTensor, 0, 2*len(jobs))
 	for i := range jobs {
 		j := &jobs[i]

@@ -9,6 +9,7 @@ import (
 	"strconv"
 
 	"gomerge/gomerge/kernels"
+	"gomerge/gomerge/safetensors"
 )
 
 // DellaProbs writes into p mergekit's della_magprune keep-probabilities of
@@ -370,7 +371,7 @@ func (g *generalized) fusedDella(j *moduleJob) bool {
 func (g *generalized) dellaDense(dw, a, b []float32, j *moduleJob, s source) float32 {
 	out, in, r := j.out, j.in, s.mod.Rank
 	scaling := float32(s.mod.Scaling)
-	round := s.roundDW != "" && s.roundDW != F32
+	round := s.roundDW != "" && s.roundDW != safetensors.F32
 	limits := dellaLimits(in, g.density, g.epsilon)
 	source := dellaSource(g.seed, j.name, s.index)
 	before := make([]float64, out)

@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"cmp"
+	"gomerge/gomerge/safetensors"
 	"math"
 	"math/rand/v2"
 	"runtime"
@@ -264,7 +265,7 @@ func TestDellaDenseIsDenseThenMask(t *testing.T) {
 	require.NoError(t, err)
 	fb[5] = 0 // a zero coefficient (Saxpy skips it)
 	j := &moduleJob{name: "m.q", srcs: srcs, in: 300, out: 70}
-	for _, round := range []DType{"", BF16} {
+	for _, round := range []safetensors.DType{"", safetensors.BF16} {
 		for _, name := range []string{"della", "della_linear"} {
 			density, seed := 0.3, uint64(5)
 			o := Combine{CombinationType: name, Density: &density, Seed: &seed}

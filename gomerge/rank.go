@@ -3,6 +3,7 @@ package gomerge
 import (
 	"encoding/json"
 	"fmt"
+	"gomerge/gomerge/errs"
 	"math"
 	"strconv"
 	"strings"
@@ -59,16 +60,16 @@ func ParseRankSpec(s string) (RankSpec, error) {
 	if f, ok := strings.CutPrefix(s, "energy:"); ok {
 		e, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
 		if err != nil || math.IsNaN(e) {
-			return RankSpec{}, valueErr("svd_rank: %q: the energy rule needs a fraction, as in \"energy:0.99\"", s)
+			return RankSpec{}, errs.Value("svd_rank: %q: the energy rule needs a fraction, as in \"energy:0.99\"", s)
 		}
 		if e <= 0 || e > 1 {
-			return RankSpec{}, valueErr("svd_rank: %q: the energy fraction must be in (0, 1]", s)
+			return RankSpec{}, errs.Value("svd_rank: %q: the energy fraction must be in (0, 1]", s)
 		}
 		return RankSpec{Energy: e}, nil
 	}
 	n, err := strconv.Atoi(s)
 	if err != nil {
-		return RankSpec{}, valueErr("svd_rank: %q is neither an integer nor an energy rule such as \"energy:0.99\"", s)
+		return RankSpec{}, errs.Value("svd_rank: %q is neither an integer nor an energy rule such as \"energy:0.99\"", s)
 	}
 	return RankSpec{Fixed: n}, nil
 }

@@ -3,6 +3,7 @@ package gomerge
 import (
 	"context"
 	"encoding/json"
+	"gomerge/gomerge/errs"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -80,7 +81,7 @@ func TestWeightsJSONErrors(t *testing.T) {
 			var got Weights
 			err := json.Unmarshal([]byte(tc.raw), &got)
 			require.Error(t, err)
-			assert.Equal(t, KindType, KindOf(err))
+			assert.Equal(t, errs.KindType, errs.KindOf(err))
 			assert.Contains(t, err.Error(), tc.want)
 		})
 	}
@@ -104,7 +105,7 @@ func TestWeightCompileErrors(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := tc.w.compile(2)
 			require.Error(t, err)
-			assert.Equal(t, KindValue, KindOf(err))
+			assert.Equal(t, errs.KindValue, errs.KindOf(err))
 			assert.Contains(t, err.Error(), tc.want)
 		})
 	}
@@ -163,7 +164,7 @@ func TestWeightResolveErrors(t *testing.T) {
 			require.NoError(t, err)
 			_, err = w.resolve(1, "dir/b", tc.module, 4)
 			require.Error(t, err)
-			assert.Equal(t, KindValue, KindOf(err))
+			assert.Equal(t, errs.KindValue, errs.KindOf(err))
 			for _, s := range tc.want {
 				assert.Contains(t, err.Error(), s)
 			}
@@ -306,7 +307,7 @@ func TestMergePerModuleWeightErrorsWriteNothing(t *testing.T) {
 			out := filepath.Join(root, "out-"+tc.name)
 			_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: tc.weights, OutputDir: out, Combine: Combine{CombinationType: "cat"}}, nil)
 			require.Error(t, err)
-			assert.Equal(t, KindValue, KindOf(err))
+			assert.Equal(t, errs.KindValue, errs.KindOf(err))
 			assert.Contains(t, err.Error(), tc.want)
 			assert.NoDirExists(t, out)
 		})
