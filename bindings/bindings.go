@@ -24,6 +24,7 @@ import (
 	"gomerge/gomerge"
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/kernels"
+	"gomerge/gomerge/parallel"
 )
 
 // EngineVersion returns the engine version, kept equal to the Python package's.
@@ -47,7 +48,7 @@ func EngineKernels() string {
 
 type job struct {
 	cancel   context.CancelFunc
-	progress gomerge.Progress
+	progress parallel.Progress
 	done     chan struct{}
 	result   any
 	err      error
@@ -207,7 +208,7 @@ func ValidateCombination(request string) (out string) {
 // outcome, a request that cannot be parsed included, is reported by
 // MergeWait.
 func MergeStart(request string) int64 {
-	return startJob(func(ctx context.Context, p *gomerge.Progress) (any, error) {
+	return startJob(func(ctx context.Context, p *parallel.Progress) (any, error) {
 		var opts gomerge.Options
 		if err := decodeRequest(request, &opts); err != nil {
 			return nil, err
@@ -220,7 +221,7 @@ func MergeStart(request string) int64 {
 // in JSON: raw addresses of float32 buffers that the caller keeps alive and
 // unmoved until MergeWait reports the job finished) and returns its job id.
 func MergeTensorsStart(request string) int64 {
-	return startJob(func(ctx context.Context, p *gomerge.Progress) (any, error) {
+	return startJob(func(ctx context.Context, p *parallel.Progress) (any, error) {
 		var req gomerge.MemRequest
 		if err := decodeRequest(request, &req); err != nil {
 			return nil, err
@@ -233,7 +234,7 @@ func MergeTensorsStart(request string) int64 {
 // model folder and its base (a gomerge.ExtractOptions in JSON) and returns
 // its job id; MergeWait reports it like a merge.
 func ExtractStart(request string) int64 {
-	return startJob(func(ctx context.Context, p *gomerge.Progress) (any, error) {
+	return startJob(func(ctx context.Context, p *parallel.Progress) (any, error) {
 		var opts gomerge.ExtractOptions
 		if err := decodeRequest(request, &opts); err != nil {
 			return nil, err
@@ -246,7 +247,7 @@ func ExtractStart(request string) int64 {
 // gomerge.FuseOptions, in JSON) and returns its job id; MergeWait reports
 // its progress (output tensors) and outcome, MergeCancel stops it.
 func FuseStart(request string) int64 {
-	return startJob(func(ctx context.Context, p *gomerge.Progress) (any, error) {
+	return startJob(func(ctx context.Context, p *parallel.Progress) (any, error) {
 		var opts gomerge.FuseOptions
 		if err := decodeRequest(request, &opts); err != nil {
 			return nil, err
@@ -255,7 +256,7 @@ func FuseStart(request string) int64 {
 	})
 }
 
-func startJob(run func(context.Context, *gomerge.Progress) (any, error)) int64 {
+func startJob(run func(context.Context, *parallel.Progress) (any, error)) int64 {
 	ctx, cancel := context.WithCancel(context.Background())
 	j := &job{cancel: cancel, done: make(chan struct{})}
 	jobsMu.Lock()

@@ -13,16 +13,13 @@
 //     (magnitude and random pruning, TIES, task arithmetic) on top of package kernels
 //   - prune_outliers.go, prune_della.go, merge_generalized.go: mergekit's Model Breadcrumbs
 //     and DELLA pruning and its generalized task arithmetic (breadcrumbs, della and their variants)
-//   - lowrank.go: exact SVD of a sum of low-rank products (thin QRs + core SVD)
-//   - rsvd.go: randomized SVD of dense updates
 //   - methods.go: the method table (every merge method's family, pruning, parameters, rank rule)
-//   - rank.go: svd_rank as a rank or the energy rule, and the truncation error
 //   - merge_factors.go, merge_cat.go, merge_svd.go, merge_dense_svd.go: one file per merge family
 //   - options.go, plan.go, merge.go: arguments, planning, and running a merge on all cores
 //   - weights.go: per-adapter weights, a number or module-name patterns (PEFT's first-match rule) and gradients over the layers
 //   - memory.go: merges of tensors in a model's memory (the PEFT drop-in)
 //   - output.go, card.go: atomic output directories and the model card
-//   - limits.go, parallel.go: memory planning, parallel loops and GC headroom
+//   - limits.go, go: memory planning, parallel loops and GC headroom
 //   - fuse.go, fuse_plan.go, fuse_apply.go, fuse_write.go, fuse_card.go: the fuse into a base model
 //     (options and result; mapping adapter tensors to base tensors; W + s B A, DoRA, biases and
 //     replacements; writing the model folder on all cores within a memory budget; its model card)
@@ -31,6 +28,10 @@
 //
 // Packages below it, which import nothing from it:
 //
+//   - linalg (gomerge/gomerge/linalg): the exact SVD of a sum of low-rank products, the
+//     randomized SVD of dense updates, and the rank rules (svd_rank as a rank or the energy rule)
+//   - parallel (gomerge/gomerge/parallel): parallel loops, the job runner and its Progress
+//     counters, and GC headroom
 //   - safetensors (gomerge/gomerge/safetensors): validated, streaming safetensors reading and
 //     writing, and the F32 / BF16 / F16 storage types and their conversion
 //   - kernels (gomerge/gomerge/kernels): the element-wise kernels in portable Go and in

@@ -15,7 +15,9 @@ import (
 
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/linalg"
 	"gomerge/gomerge/modelfolder"
+	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -27,8 +29,8 @@ type ExtractOptions struct {
 	OutputDir string `json:"output_dir"`
 	// Rank is every module's rank, or the energy rule "energy:F": each
 	// module gets the smallest rank keeping the fraction F of ||dW||^2.
-	Rank    *RankSpec `json:"rank"`
-	MaxRank *int      `json:"max_rank"` // cap of every module's rank
+	Rank    *linalg.RankSpec `json:"rank"`
+	MaxRank *int             `json:"max_rank"` // cap of every module's rank
 	// SaveModules names modules saved whole into modules_to_save (a module
 	// path, or the last part of one: "lm_head", "embed_tokens", "norm");
 	// a linear module named here is saved whole instead of factorised.
@@ -101,48 +103,48 @@ type extractOutcome struct {
 	data    [][]byte
 }
 
-func (o *ExtractOptions) validate() (rankRule, safetensors.DType, error) {
+func (o *ExtractOptions) validate() (linalg.RankRule, safetensors.DType, error) {
 	if o.Base == "" || o.Finetuned == "" {
-		return rankRule{}, "", errs.Value("extract: base and finetuned model folders are required")
+		return linalg.RankRule{}, "", errs.Value("extract: base and finetuned model folders are required")
 	}
 	if o.OutputDir == "" {
-		return rankRule{}, "", errs.Value("output_dir: a directory to write the extracted adapter to is required")
+		return linalg.RankRule{}, "", errs.Value("output_dir: a directory to write the extracted adapter to is required")
 	}
 	out := filepath.Clean(o.OutputDir)
 	for _, in := range []string{o.Base, o.Finetuned} {
 		if filepath.Clean(in) == out {
-			return rankRule{}, "", errs.Value("output_dir: %s is also an input model folder; choose another directory", o.OutputDir)
+			return linalg.RankRule{}, "", errs.Value("output_dir: %s is also an input model folder; choose another directory", o.OutputDir)
 		}
 	}
 	if o.Rank == nil {
-		return rankRule{}, "", errs.Value("extract: give a rank (an integer) or an energy fraction")
+		return linalg.RankRule{}, "", errs.Value("extract: give a rank (an integer) or an energy fraction")
 	}
-	rule := rankRule{fixed: o.Rank.Fixed, energy: o.Rank.Energy}
+	rule := linalg.RankRule{Fixed: o.Rank.Fixed, Energy: o.Rank.Energy}
 	if o.Rank.Energy == 0 && o.Rank.Fixed <= 0 {
-		return rankRule{}, "", errs.Value("rank: %d must be a positive integer", o.Rank.Fixed)
+		return linalg.RankRule{}, "", errs.Value("rank: %d must be a positive integer", o.Rank.Fixed)
 	}
 	if o.Rank.Energy != 0 && (o.Rank.Energy <= 0 || o.Rank.Energy > 1 || math.IsNaN(o.Rank.Energy)) {
-		return rankRule{}, "", errs.Value("energy: %g must be in (0, 1]", o.Rank.Energy)
+		return linalg.RankRule{}, "", errs.Value("energy: %g must be in (0, 1]", o.Rank.Energy)
 	}
 	if o.MaxRank != nil {
 		if *o.MaxRank <= 0 {
-			return rankRule{}, "", errs.Value("max_rank: %d must be a positive integer", *o.MaxRank)
+			return linalg.RankRule{}, "", errs.Value("max_rank: %d must be a positive integer", *o.MaxRank)
 		}
-		rule.max = *o.MaxRank
+		rule.Max = *o.MaxRank
 	}
 	if o.Workers < 0 {
-		return rankRule{}, "", errs.Value("workers: %d must be positive (0 uses all cores)", o.Workers)
+		return linalg.RankRule{}, "", errs.Value("workers: %d must be positive (0 uses all cores)", o.Workers)
 	}
 	dt := safetensors.F32
 	if o.DType != "" {
 		var err error
 		if dt, err = safetensors.ParseDType(o.DType); err != nil {
-			return rankRule{}, "", err
+			return linalg.RankRule{}, "", err
 		}
 	}
 	for _, s := range o.SaveModules {
 		if strings.TrimSpace(s) == "" {
-			return rankRule{}, "", errs.Value("save_modules: an empty module name")
+			return linalg.RankRule{}, "", errs.Value("save_modules: an empty module name")
 		}
 	}
 	return rule, dt, nil
@@ -159,7 +161,7 @@ func (o *ExtractOptions) validate() (rankRule, safetensors.DType, error) {
 // Changed tensors of other modules (norms, embeddings, lm_head) go into
 // modules_to_save when asked. progress may be nil; ctx cancels (nothing is
 // written).
-func Extract(ctx context.Context, opts ExtractOptions, progress *Progress) (*ExtractResult, error) {
+func Extract(ctx context.Context, opts ExtractOptions, progress *parallel.Progress) (*ExtractResult, error) {
 	start := time.Now()
 	rule, dt, err := opts.validate()
 	if err != nil {
@@ -168,7 +170,7 @@ func Extract(ctx context.Context, opts ExtractOptions, progress *Progress) (*Ext
 	if err := checkOutputDir(opts.OutputDir, opts.Overwrite); err != nil {
 		return nil, err
 	}
-	defer holdGCHeadroom()()
+	defer parallel.HoldGCHeadroom()()
 	base, err := modelfolder.Open(opts.Base)
 	if err != nil {
 		return nil, err
@@ -398,12 +400,12 @@ func planExtraction(opts ExtractOptions, base, ft *modelfolder.Folder) ([]extrac
 // runExtractJobs runs the jobs on the workers; each job reads its tensors
 // from both folders, so that memory holds only the modules in progress (and
 // the factors made so far).
-func runExtractJobs(ctx context.Context, opts ExtractOptions, jobs []extractJob, base, ft *modelfolder.Folder, rule rankRule, dt safetensors.DType, seed uint64, progress *Progress) ([]extractOutcome, error) {
+func runExtractJobs(ctx context.Context, opts ExtractOptions, jobs []extractJob, base, ft *modelfolder.Folder, rule linalg.RankRule, dt safetensors.DType, seed uint64, progress *parallel.Progress) ([]extractOutcome, error) {
 	if progress != nil {
 		progress.Total.Store(int64(len(jobs)))
 	}
 	outcomes := make([]extractOutcome, len(jobs))
-	err := runJobsOn(ctx, len(jobs), opts.Workers, progress, func(_, i int) (err error) {
+	err := parallel.RunJobs(ctx, len(jobs), opts.Workers, progress, func(_, i int) (err error) {
 		outcomes[i], err = runExtractJob(&jobs[i], base, ft, rule, dt, seed)
 		return err
 	})
@@ -414,7 +416,7 @@ func runExtractJobs(ctx context.Context, opts ExtractOptions, jobs []extractJob,
 }
 
 // runExtractJob runs one job, turning a panic into an error naming it.
-func runExtractJob(j *extractJob, base, ft *modelfolder.Folder, rule rankRule, dt safetensors.DType, seed uint64) (out extractOutcome, err error) {
+func runExtractJob(j *extractJob, base, ft *modelfolder.Folder, rule linalg.RankRule, dt safetensors.DType, seed uint64) (out extractOutcome, err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			err = errs.New(errs.KindInternal, "module %s: internal error: %v", j.module, p)
@@ -511,7 +513,7 @@ func sameStored(name string, size int64, base, ft *modelfolder.Folder) (bool, er
 }
 
 // extractLinear factorises one module's dW = W_ft - W_base.
-func extractLinear(j *extractJob, base, ft *modelfolder.Folder, rule rankRule, dt safetensors.DType, seed uint64) (extractOutcome, error) {
+func extractLinear(j *extractJob, base, ft *modelfolder.Folder, rule linalg.RankRule, dt safetensors.DType, seed uint64) (extractOutcome, error) {
 	var o extractOutcome
 	name := j.tensors[0]
 	wb, wf, err := readPair(name, base, ft)
@@ -572,23 +574,23 @@ const extractSketch = 64
 // the sketch grows (doubling from extractSketch) until its singular values
 // reach the energy, or the cap (max_rank, or min(m, n)). It returns the
 // factors, the rank and the relative Frobenius error ||d - B A|| / ||d||.
-func factorizeDense(d []float32, m, n int, total float64, rule rankRule, rng func() *rand.Rand) (bk, ak []float64, r int, relErr float64) {
+func factorizeDense(d []float32, m, n int, total float64, rule linalg.RankRule, rng func() *rand.Rand) (bk, ak []float64, r int, relErr float64) {
 	q := min(m, n)
 	capRank := q
-	if rule.max > 0 {
-		capRank = min(capRank, rule.max)
+	if rule.Max > 0 {
+		capRank = min(capRank, rule.Max)
 	}
-	if rule.fixed > 0 {
-		k := min(rule.fixed, capRank)
-		bk, ak, _, r = randomizedSVD(d, m, n, k, ExtractPowerIters, rng(), func([]float64) int { return k })
+	if rule.Fixed > 0 {
+		k := min(rule.Fixed, capRank)
+		bk, ak, _, r = linalg.RandomizedSVDBy(d, m, n, k, ExtractPowerIters, rng(), func([]float64) int { return k })
 	} else {
 		for k := min(extractSketch, capRank); ; k = min(2*k, capRank) {
 			reached := false
-			bk, ak, _, r = randomizedSVD(d, m, n, k, ExtractPowerIters, rng(), func(s []float64) int {
+			bk, ak, _, r = linalg.RandomizedSVDBy(d, m, n, k, ExtractPowerIters, rng(), func(s []float64) int {
 				kept := 0.0
 				for i, v := range s[:min(k, len(s))] {
 					kept += v * v
-					if kept >= rule.energy*total*(1-1e-12) {
+					if kept >= rule.Energy*total*(1-1e-12) {
 						reached = true
 						return i + 1
 					}
@@ -615,7 +617,7 @@ func factorizeDense(d []float32, m, n int, total float64, rule rankRule, rng fun
 // residual is ||d - B A||^2 in float64, rows in parallel.
 func residual(d []float32, m, n int, bk, ak []float64, r int) float64 {
 	parts := make([]float64, m)
-	parallelFor(m, max(1, (1<<16)/max(1, n*max(r, 1))), func(lo, hi int) {
+	parallel.For(m, max(1, (1<<16)/max(1, n*max(r, 1))), func(lo, hi int) {
 		row := make([]float64, n)
 		for i := lo; i < hi; i++ {
 			for c := range row {
@@ -696,7 +698,7 @@ func extractConfigJSON(opts ExtractOptions, base *modelfolder.Folder, res *Extra
 // extractCard is the README.md of an extracted adapter: the Hub's
 // metadata, the models, the options, each module's rank and relative
 // error, the modules saved whole and those skipped as unchanged.
-func extractCard(opts ExtractOptions, rule rankRule, res *ExtractResult) string {
+func extractCard(opts ExtractOptions, rule linalg.RankRule, res *ExtractResult) string {
 	baseName, ftName := opts.BaseName, opts.FinetunedName
 	if baseName == "" {
 		baseName = opts.Base
@@ -711,13 +713,13 @@ func extractCard(opts ExtractOptions, rule rankRule, res *ExtractResult) string 
 		"dW = W_ft - W_base (float32) is factorised as B A by a seeded randomized SVD (B = U S, A = V^T; "+
 		"lora_alpha = r, so that the scaling is 1).\n\n", filepath.Base(filepath.Clean(opts.OutputDir)), Version, ftName, baseName)
 	b.WriteString("## Options\n\n")
-	if rule.fixed > 0 {
-		fmt.Fprintf(&b, "- rank: %d\n", rule.fixed)
+	if rule.Fixed > 0 {
+		fmt.Fprintf(&b, "- rank: %d\n", rule.Fixed)
 	} else {
-		fmt.Fprintf(&b, "- energy: %g (each module keeps that fraction of ||dW||^2)\n", rule.energy)
+		fmt.Fprintf(&b, "- energy: %g (each module keeps that fraction of ||dW||^2)\n", rule.Energy)
 	}
-	if rule.max > 0 {
-		fmt.Fprintf(&b, "- max_rank: %d\n", rule.max)
+	if rule.Max > 0 {
+		fmt.Fprintf(&b, "- max_rank: %d\n", rule.Max)
 	}
 	fmt.Fprintf(&b, "- dtype: %s\n- seed: %d (the same seed gives the same bytes)\n", res.DType, res.Seed)
 	if len(res.ModulesToSave) > 0 {

@@ -16,6 +16,7 @@ import (
 	"gonum.org/v1/gonum/mat"
 
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/linalg"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -134,19 +135,19 @@ func TestExtract(t *testing.T) {
 	tests := []struct {
 		name      string
 		noise     float64
-		rank      RankSpec
+		rank      linalg.RankSpec
 		maxRank   int
 		wantRanks map[string]int // nil: every module at rank.Fixed
 		maxRatio  float64        // error / optimal error, at most
 		exact     bool           // the change is exactly low rank: error ~ 0
 	}{
-		{name: "exact low rank", rank: RankSpec{Fixed: 6}, exact: true},
-		{name: "low rank plus noise, rank 4", noise: 1e-3, rank: RankSpec{Fixed: 4}, maxRatio: 1.01},
-		{name: "low rank plus noise, rank 8", noise: 1e-3, rank: RankSpec{Fixed: 8}, maxRatio: 1.01},
-		{name: "rank above a short side", noise: 1e-3, rank: RankSpec{Fixed: 40}, maxRatio: 1.01,
+		{name: "exact low rank", rank: linalg.RankSpec{Fixed: 6}, exact: true},
+		{name: "low rank plus noise, rank 4", noise: 1e-3, rank: linalg.RankSpec{Fixed: 4}, maxRatio: 1.01},
+		{name: "low rank plus noise, rank 8", noise: 1e-3, rank: linalg.RankSpec{Fixed: 8}, maxRatio: 1.01},
+		{name: "rank above a short side", noise: 1e-3, rank: linalg.RankSpec{Fixed: 40}, maxRatio: 1.01,
 			wantRanks: map[string]int{"model.layers.0.self_attn.q_proj": 40, "model.layers.0.mlp.down_proj": 40, "model.layers.1.self_attn.v_proj": 32}},
-		{name: "energy rule", rank: RankSpec{Energy: 0.99}, maxRatio: 1.01},
-		{name: "energy rule capped", rank: RankSpec{Energy: 0.99}, maxRank: 2, maxRatio: 1.01,
+		{name: "energy rule", rank: linalg.RankSpec{Energy: 0.99}, maxRatio: 1.01},
+		{name: "energy rule capped", rank: linalg.RankSpec{Energy: 0.99}, maxRank: 2, maxRatio: 1.01,
 			wantRanks: map[string]int{"model.layers.0.self_attn.q_proj": 2, "model.layers.0.mlp.down_proj": 2, "model.layers.1.self_attn.v_proj": 2}},
 	}
 	for _, tc := range tests {
@@ -234,7 +235,7 @@ func TestExtractModulesToSave(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			p := makeExtractPair(t, 0)
 			out := filepath.Join(t.TempDir(), "adapter")
-			opts := ExtractOptions{Base: p.base, Finetuned: p.ft, OutputDir: out, Rank: &RankSpec{Fixed: 6}}
+			opts := ExtractOptions{Base: p.base, Finetuned: p.ft, OutputDir: out, Rank: &linalg.RankSpec{Fixed: 6}}
 			tc.opts(&opts)
 			res, err := Extract(context.Background(), opts, nil)
 			require.NoError(t, err)
@@ -272,7 +273,7 @@ func TestExtractIsDeterministic(t *testing.T) {
 		out := filepath.Join(t.TempDir(), "adapter")
 		seed := uint64(5)
 		_, err := Extract(context.Background(), ExtractOptions{Base: p.base, Finetuned: p.ft, OutputDir: out,
-			Rank: &RankSpec{Fixed: 4}, Workers: workers, Seed: &seed}, nil)
+			Rank: &linalg.RankSpec{Fixed: 4}, Workers: workers, Seed: &seed}, nil)
 		require.NoError(t, err)
 		b, err := os.ReadFile(filepath.Join(out, WeightsFile))
 		require.NoError(t, err)
@@ -303,7 +304,7 @@ func TestExtractErrors(t *testing.T) {
 		{name: "nothing changed", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w},
 			kind: errs.KindValue, msg: "no linear module"},
 		{name: "rank 0", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
-			opts: func(o *ExtractOptions) { o.Rank = &RankSpec{} }, kind: errs.KindValue, msg: "rank: 0"},
+			opts: func(o *ExtractOptions) { o.Rank = &linalg.RankSpec{} }, kind: errs.KindValue, msg: "rank: 0"},
 		{name: "no rank", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
 			opts: func(o *ExtractOptions) { o.Rank = nil }, kind: errs.KindValue, msg: "give a rank"},
 		{name: "save module that does not exist", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
@@ -319,7 +320,7 @@ func TestExtractErrors(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
 			opts := ExtractOptions{Base: writeModel(t, filepath.Join(dir, "base"), tc.base), Finetuned: writeModel(t, filepath.Join(dir, "ft"), tc.ft),
-				OutputDir: filepath.Join(dir, "out"), Rank: &RankSpec{Fixed: 2}}
+				OutputDir: filepath.Join(dir, "out"), Rank: &linalg.RankSpec{Fixed: 2}}
 			if tc.opts != nil {
 				tc.opts(&opts)
 			}
@@ -347,7 +348,7 @@ func TestExtractRefusesIntegerTensors(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, stlib.SerializeToWriter(map[string]stlib.TensorView{"l.q_proj.weight": v}, nil, f))
 	require.NoError(t, f.Close())
-	_, err = Extract(context.Background(), ExtractOptions{Base: base, Finetuned: ft, OutputDir: filepath.Join(dir, "out"), Rank: &RankSpec{Fixed: 2}}, nil)
+	_, err = Extract(context.Background(), ExtractOptions{Base: base, Finetuned: ft, OutputDir: filepath.Join(dir, "out"), Rank: &linalg.RankSpec{Fixed: 2}}, nil)
 	require.Error(t, err)
 	assert.Equal(t, errs.KindValue, errs.KindOf(err))
 	assert.Contains(t, err.Error(), "tensor l.q_proj.weight in "+filepath.Join(ft, "model.safetensors")+" has dtype I64")
@@ -403,27 +404,27 @@ func TestFactorizeDenseSketched(t *testing.T) {
 	}
 	tests := []struct {
 		name     string
-		rule     rankRule
+		rule     linalg.RankRule
 		wantRank int
 		sketched bool
 	}{
-		{name: "rank 16", rule: rankRule{fixed: 16}, wantRank: 16, sketched: true},
-		{name: "energy 0.5", rule: rankRule{energy: 0.5}, wantRank: energyRank(0.5), sketched: true},
-		{name: "energy 0.9, past the first sketch", rule: rankRule{energy: 0.9}, wantRank: energyRank(0.9)},
-		{name: "energy 0.9 capped", rule: rankRule{energy: 0.9, max: 40}, wantRank: 40, sketched: true},
+		{name: "rank 16", rule: linalg.RankRule{Fixed: 16}, wantRank: 16, sketched: true},
+		{name: "energy 0.5", rule: linalg.RankRule{Energy: 0.5}, wantRank: energyRank(0.5), sketched: true},
+		{name: "energy 0.9, past the first sketch", rule: linalg.RankRule{Energy: 0.9}, wantRank: energyRank(0.9)},
+		{name: "energy 0.9 capped", rule: linalg.RankRule{Energy: 0.9, Max: 40}, wantRank: 40, sketched: true},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			bk, ak, r, relErr := factorizeDense(d, m, n, total, tc.rule, func() *rand.Rand { return rand.New(rand.NewPCG(1, 2)) })
 			k := r // the last sketch's size: the rank, or for the energy rule the first size doubled past it
-			if tc.rule.fixed == 0 {
+			if tc.rule.Fixed == 0 {
 				for k = extractSketch; k < r; k *= 2 {
 				}
-				if tc.rule.max > 0 {
-					k = min(k, tc.rule.max)
+				if tc.rule.Max > 0 {
+					k = min(k, tc.rule.Max)
 				}
 			}
-			l := k + RSVDOversample
+			l := k + linalg.RSVDOversample
 			assert.Equal(t, tc.sketched, min(m, n) > (2*ExtractPowerIters+2)*l, "the case takes the path it is named for")
 			assert.Equal(t, tc.wantRank, r)
 			ba := product(toFloat32(ak), toFloat32(bk), m, r, n)
@@ -450,7 +451,7 @@ func TestExtractChangedBiasOfALinearModule(t *testing.T) {
 	base := writeModel(t, filepath.Join(dir, "base"), map[string]*Tensor{"l.q_proj.weight": w, "l.q_proj.bias": b})
 	ft := writeModel(t, filepath.Join(dir, "ft"), map[string]*Tensor{"l.q_proj.weight": w2, "l.q_proj.bias": b2})
 	res, err := Extract(context.Background(), ExtractOptions{Base: base, Finetuned: ft, OutputDir: filepath.Join(dir, "out"),
-		Rank: &RankSpec{Fixed: 2}, SaveChanged: true}, nil)
+		Rank: &linalg.RankSpec{Fixed: 2}, SaveChanged: true}, nil)
 	require.NoError(t, err)
 	assert.Empty(t, res.ModulesToSave)
 	require.Len(t, res.Warnings, 1)
@@ -464,7 +465,7 @@ func TestExtractCancelled(t *testing.T) {
 	out := filepath.Join(t.TempDir(), "adapter")
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	_, err := Extract(ctx, ExtractOptions{Base: p.base, Finetuned: p.ft, OutputDir: out, Rank: &RankSpec{Fixed: 4}}, nil)
+	_, err := Extract(ctx, ExtractOptions{Base: p.base, Finetuned: p.ft, OutputDir: out, Rank: &linalg.RankSpec{Fixed: 4}}, nil)
 	assert.Equal(t, errs.KindCancelled, errs.KindOf(err))
 	entries, _ := os.ReadDir(filepath.Dir(out))
 	assert.Empty(t, entries)

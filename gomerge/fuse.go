@@ -8,6 +8,7 @@ import (
 
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/modelfolder"
+	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -136,7 +137,7 @@ func inside(dir, path string) bool {
 // the output dtype, and writes the model folder atomically. It streams: a
 // worker holds one base tensor and its factors at a time. progress counts
 // output tensors; ctx cancels (nothing is left behind).
-func Fuse(ctx context.Context, opts FuseOptions, progress *Progress) (*FuseResult, error) {
+func Fuse(ctx context.Context, opts FuseOptions, progress *parallel.Progress) (*FuseResult, error) {
 	start := time.Now()
 	if err := opts.validate(); err != nil {
 		return nil, err
@@ -146,7 +147,7 @@ func Fuse(ctx context.Context, opts FuseOptions, progress *Progress) (*FuseResul
 			return nil, err
 		}
 	}
-	defer holdGCHeadroom()()
+	defer parallel.HoldGCHeadroom()()
 	base, err := modelfolder.Open(opts.Base)
 	if err != nil {
 		return nil, err

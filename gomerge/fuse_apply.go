@@ -8,6 +8,7 @@ import (
 
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -154,7 +155,7 @@ func addLowRank(w, a, b []float32, rows, cols, r int, s float32, transposed bool
 			}
 		}
 	}
-	parallelFor(rows, grain, func(lo, hi int) {
+	parallel.For(rows, grain, func(lo, hi int) {
 		acc := make([]float64, cols)
 		for i := lo; i < hi; i++ {
 			row := w[i*cols : (i+1)*cols]
@@ -211,7 +212,7 @@ func toFloat32For(v float64, dt safetensors.DType) float32 {
 // are summed in float64.
 func scaleByNorm(w, normOf, mag []float32, rows, cols int, transposed bool) {
 	if !transposed {
-		parallelFor(rows, max(1, (1<<16)/max(1, cols)), func(lo, hi int) {
+		parallel.For(rows, max(1, (1<<16)/max(1, cols)), func(lo, hi int) {
 			for i := lo; i < hi; i++ {
 				f := mag[i] / float32(norm2(normOf[i*cols:(i+1)*cols]))
 				row := w[i*cols : (i+1)*cols]

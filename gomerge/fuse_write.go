@@ -13,6 +13,7 @@ import (
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
 	"gomerge/gomerge/modelfolder"
+	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -24,7 +25,7 @@ const fuseDelayEnv = "GOMERGE_TEST_FUSE_DELAY_MS"
 // then the tensors on all cores (one tensor per worker at a time, each
 // written at its place as soon as it is done), then the index, config,
 // copied files and model card, and finally the rename into place.
-func writeFused(ctx context.Context, opts *FuseOptions, p *fusePlan, base *modelfolder.Folder, progress *Progress) error {
+func writeFused(ctx context.Context, opts *FuseOptions, p *fusePlan, base *modelfolder.Folder, progress *parallel.Progress) error {
 	out, err := modelfolder.Create(opts.OutputDir, opts.Overwrite)
 	if err != nil {
 		return err
@@ -115,7 +116,7 @@ func writeFused(ctx context.Context, opts *FuseOptions, p *fusePlan, base *model
 // fuseTensors computes and writes every output tensor on opts.Workers
 // goroutines (all cores by default); the first error stops them all.
 func fuseTensors(ctx context.Context, opts *FuseOptions, p *fusePlan, base *modelfolder.Folder,
-	writerOf map[string]*safetensors.Writer, progress *Progress) error {
+	writerOf map[string]*safetensors.Writer, progress *parallel.Progress) error {
 	delay := time.Duration(0)
 	if ms, err := strconv.Atoi(os.Getenv(fuseDelayEnv)); err == nil && ms > 0 {
 		delay = time.Duration(ms) * time.Millisecond
@@ -126,7 +127,7 @@ func fuseTensors(ctx context.Context, opts *FuseOptions, p *fusePlan, base *mode
 		workers = runtime.GOMAXPROCS(0)
 	}
 	raws := make([][]byte, workers) // each worker's buffer for copies
-	return runJobsOn(ctx, len(p.tensors), workers, progress, func(w, i int) (err error) {
+	return parallel.RunJobs(ctx, len(p.tensors), workers, progress, func(w, i int) (err error) {
 		t := p.tensors[i]
 		cost := t.memCost()
 		budget.acquire(cost)

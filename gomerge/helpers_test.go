@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/linalg"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -135,4 +136,14 @@ func comb(name string, density float64) Combination {
 		panic(err)
 	}
 	return Combination{Pruning: m.Pruning, TIES: m.TIES, Density: density, SignMethod: "total"}
+}
+
+// orthonormal is a random rows x cols matrix with orthonormal columns.
+func orthonormal(rng *rand.Rand, rows, cols int) []float64 {
+	x := make([]float64, rows*cols)
+	for i := range x {
+		x[i] = rng.NormFloat64()
+	}
+	q, _, _ := linalg.ThinQR(x, rows, cols)
+	return q
 }

@@ -6,6 +6,7 @@ import (
 	"unsafe"
 
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -69,7 +70,7 @@ func viewMemory(ptr uintptr, n int) []byte {
 
 // MergeTensors runs a merge on tensors in memory and writes every module's
 // merged factors to the caller's output buffers.
-func MergeTensors(ctx context.Context, req MemRequest, progress *Progress) (*MemResult, error) {
+func MergeTensors(ctx context.Context, req MemRequest, progress *parallel.Progress) (*MemResult, error) {
 	opts := Options{Combine: req.Combine}
 	if err := opts.Validate(); err != nil {
 		return nil, err
@@ -77,7 +78,7 @@ func MergeTensors(ctx context.Context, req MemRequest, progress *Progress) (*Mem
 	if req.Rank <= 0 {
 		return nil, errs.Value("rank: must be positive, got %d", req.Rank)
 	}
-	defer holdGCHeadroom()()
+	defer parallel.HoldGCHeadroom()()
 	res := &MemResult{Warnings: opts.prepareRandomness()}
 	res.Seed = opts.Seed
 	jobs := make([]moduleJob, len(req.Modules))

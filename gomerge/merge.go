@@ -5,24 +5,18 @@ import (
 	"fmt"
 	"math"
 	"slices"
-	"sync/atomic"
 	"time"
 
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
 )
-
-// Progress counts merged modules; it is safe to read while a merge runs.
-type Progress struct {
-	Done  atomic.Int64
-	Total atomic.Int64
-}
 
 // Merge runs a merge end to end: validate, read the adapters, merge every
 // module in parallel and write the output directory atomically. progress may
 // be nil; ctx cancels the merge (no output is left behind).
-func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, error) {
+func Merge(ctx context.Context, opts Options, progress *parallel.Progress) (*Result, error) {
 	start := time.Now()
 	if err := opts.validate(); err != nil {
 		return nil, err
@@ -30,7 +24,7 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 	if err := checkOutputDir(opts.OutputDir, opts.Overwrite); err != nil {
 		return nil, err
 	}
-	defer holdGCHeadroom()()
+	defer parallel.HoldGCHeadroom()()
 	res := &Result{OutputDir: opts.OutputDir, AdapterName: opts.AdapterName, Warnings: []string{}}
 	if len(opts.Adapters) == 1 && opts.method.PEFT && opts.CombinationType != "linear" {
 		res.Warnings = append(res.Warnings, fmt.Sprintf(
@@ -144,7 +138,7 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 // and then each module as it is done, so that results never pile up in
 // memory; with ranks chosen from each module's spectrum (the energy rule)
 // the results, the size of the output, are held until the last one.
-func writeModules(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt safetensors.DType, progress *Progress, path string) ([]moduleOutcome, error) {
+func writeModules(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt safetensors.DType, progress *parallel.Progress, path string) ([]moduleOutcome, error) {
 	meta := map[string]string{"format": "pt"}
 	if !opts.energyRanks() {
 		w, err := safetensors.Create(path, outputTensors(&opts.Combine, jobs, rank, dt), meta)
@@ -199,7 +193,7 @@ func writeModules(ctx context.Context, opts Options, jobs []moduleJob, rank int,
 func loadAll(dirs []string) ([]*Adapter, error) {
 	adapters := make([]*Adapter, len(dirs))
 	errs := make([]error, len(dirs))
-	parallelFor(len(dirs), 1, func(lo, hi int) {
+	parallel.For(len(dirs), 1, func(lo, hi int) {
 		for i := lo; i < hi; i++ {
 			adapters[i], errs[i] = LoadAdapter(dirs[i])
 		}
@@ -230,12 +224,12 @@ type emitFunc func(i int, aName, bName string, a, b safetensors.RawTensor) error
 
 // runJobs merges the modules on all cores, hands each result to emit and
 // returns each module's merged rank.
-func runJobs(ctx context.Context, c *Combine, workers int, jobs []moduleJob, rank int, dt safetensors.DType, progress *Progress, emit emitFunc) ([]moduleOutcome, error) {
+func runJobs(ctx context.Context, c *Combine, workers int, jobs []moduleJob, rank int, dt safetensors.DType, progress *parallel.Progress, emit emitFunc) ([]moduleOutcome, error) {
 	if progress != nil {
 		progress.Total.Store(int64(len(jobs)))
 	}
 	outcomes := make([]moduleOutcome, len(jobs))
-	err := runJobsOn(ctx, len(jobs), workers, progress, func(_, i int) error {
+	err := parallel.RunJobs(ctx, len(jobs), workers, progress, func(_, i int) error {
 		aName, bName, a, b, o, err := runModule(ctx, c, &jobs[i], rank, dt)
 		if err == nil {
 			err = emit(i, aName, bName, a.RawTensor, b.RawTensor)

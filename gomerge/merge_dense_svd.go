@@ -7,6 +7,7 @@ import (
 
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/linalg"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -45,7 +46,7 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, g *gener
 			dws[i] = pool.Get(j.out * j.in)
 			scales = append(scales, g.dellaDense(dws[i], fa, fb, j, s))
 		} else {
-			dws[i] = denseDelta(fa, fb, j.out, s.mod.Rank, j.in, s.mod.Scaling)
+			dws[i] = linalg.DenseDelta(fa, fb, j.out, s.mod.Rank, j.in, s.mod.Scaling)
 			if s.roundDW != "" && s.roundDW != safetensors.F32 {
 				roundTo(dws[i], s.roundDW)
 			}
@@ -72,7 +73,7 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, g *gener
 	if ctx.Err() != nil {
 		return nil, nil, 0, errs.ErrCancelled
 	}
-	bk, ak := RandomizedSVD(d, j.out, j.in, k, TensorRNG(rsvdSeed, j.name, "rsvd"))
+	bk, ak := linalg.RandomizedSVD(d, j.out, j.in, k, TensorRNG(rsvdSeed, j.name, "rsvd"))
 	var total, kept float64
 	for _, v := range d {
 		total += float64(v) * float64(v)

@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"context"
+	"gomerge/gomerge/linalg"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -149,7 +150,7 @@ func TestMergeDellaEndToEnd(t *testing.T) {
 		srcMods = append(srcMods, mods)
 		dirs = append(dirs, writeTestAdapter(t, filepath.Join(dir, "a"+string(rune('0'+i))), nil, mods))
 	}
-	density, seed, svdRank := 0.5, uint64(7), RankSpec{Fixed: 20}
+	density, seed, svdRank := 0.5, uint64(7), linalg.RankSpec{Fixed: 20}
 	weights := []float64{1, 0.5, -0.3}
 	run := func(name string, workers int) *Adapter {
 		opts := Options{Adapters: dirs, Weights: ScalarWeights(weights...), Combine: Combine{CombinationType: "della",
@@ -172,7 +173,7 @@ func TestMergeDellaEndToEnd(t *testing.T) {
 		dws := make([][]float32, 3)
 		for i, mods := range srcMods {
 			m := mods[mod]
-			dws[i] = denseDelta(m.a.Data, m.b.Data, out, r, in, 2) // alpha 8 / r 4: gomerge's own dW bits
+			dws[i] = linalg.DenseDelta(m.a.Data, m.b.Data, out, r, in, 2) // alpha 8 / r 4: gomerge's own dW bits
 			dws[i] = dellaBySort(dws[i], out, in, 1, density, DefaultEpsilon, true, dellaSource(seed, mod, i))
 		}
 		want := gtaReference(dws, []float32{1, 0.5, -0.3}, true, true, 1)

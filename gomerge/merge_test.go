@@ -12,6 +12,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/linalg"
+	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -71,7 +73,7 @@ func TestMergeSVDIsExactAtFullRank(t *testing.T) {
 			want[j] += w * s * v
 		}
 	}
-	a, b, k, relErr, err := mergeSVD(srcs, rankRule{fixed: 6}, in, out, nil)
+	a, b, k, relErr, err := mergeSVD(srcs, linalg.RankRule{Fixed: 6}, in, out, nil)
 	require.NoError(t, err)
 	assert.Equal(t, 6, k)
 	assert.InDelta(t, 0, relErr, 1e-12, "rank 6 holds the whole sum of three rank-2 updates")
@@ -103,7 +105,7 @@ func TestMergeEndToEnd(t *testing.T) {
 	for _, ct := range []string{"linear", "cat", "svd"} {
 		t.Run(ct, func(t *testing.T) {
 			out := filepath.Join(root, "out-"+ct)
-			var p Progress
+			var p parallel.Progress
 			res, err := Merge(context.Background(), Options{Adapters: dirs, Weights: ScalarWeights(1, 2, -1), OutputDir: out, Combine: Combine{CombinationType: ct}}, &p)
 			require.NoError(t, err)
 			assert.Equal(t, 3, res.Modules)
@@ -187,12 +189,12 @@ func TestMergeErrors(t *testing.T) {
 		{"existing output", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: existing}, errs.KindFileExists, "already exists"},
 		{"overwrite non-adapter", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: existing, Overwrite: true}, errs.KindFileExists, "not an adapter"},
 		{"output is input", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: dirs[1]}, errs.KindValue, "also an input"},
-		{"svd rank", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{SVDRank: &RankSpec{Fixed: neg}}}, errs.KindValue, "svd_rank"},
-		{"energy for a factor-wise type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "linear", SVDRank: &RankSpec{Energy: 0.9}}}, errs.KindValue, `svd_rank: combination_type "linear" does not take svd_rank`},
-		{"energy for a pruned svd type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "ties_svd", Density: new(0.5), SVDRank: &RankSpec{Energy: 0.9}}}, errs.KindValue, "randomized SVD"},
+		{"svd rank", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{SVDRank: &linalg.RankSpec{Fixed: neg}}}, errs.KindValue, "svd_rank"},
+		{"energy for a factor-wise type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "linear", SVDRank: &linalg.RankSpec{Energy: 0.9}}}, errs.KindValue, `svd_rank: combination_type "linear" does not take svd_rank`},
+		{"energy for a pruned svd type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "ties_svd", Density: new(0.5), SVDRank: &linalg.RankSpec{Energy: 0.9}}}, errs.KindValue, "randomized SVD"},
 		{"max rank for cat", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "cat", MaxRank: &one}}, errs.KindValue, "does not take max_rank"},
 		{"max rank zero", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{MaxRank: new(0)}}, errs.KindValue, "max_rank"},
-		{"duplicate", Options{Adapters: []string{dirs[0], dirs[0]}, Weights: ScalarWeights(1, 1), Combine: Combine{SVDRank: &RankSpec{Fixed: one}}}, errs.KindValue, "listed twice"},
+		{"duplicate", Options{Adapters: []string{dirs[0], dirs[0]}, Weights: ScalarWeights(1, 1), Combine: Combine{SVDRank: &linalg.RankSpec{Fixed: one}}}, errs.KindValue, "listed twice"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -275,4 +277,18 @@ func TestDifferentBaseModelsWarn(t *testing.T) {
 	res, err = Merge(context.Background(), Options{Adapters: dirs[:2], Weights: ScalarWeights(1, 1), OutputDir: filepath.Join(root, "same"), Combine: Combine{CombinationType: "cat"}}, nil)
 	require.NoError(t, err)
 	assert.Empty(t, res.Warnings)
+}
+
+func TestClampQuantile(t *testing.T) {
+	// torch.quantile([-4, -1, 0, 2, 3, 10], 0.5) = 1.0 (linear interpolation); clamp to [-1, 1]
+	a := []float32{-4, 2, 10}
+	b := []float32{-1, 0, 3}
+	ClampQuantile(a, b, 0.5)
+	assert.Equal(t, []float32{-1, 1, 1}, a)
+	assert.Equal(t, []float32{-1, 0, 1}, b)
+	// quantile 0.9 of 6 values: pos 4.5 between 3 and 10 -> 6.5
+	a = []float32{-4, 2, 10}
+	b = []float32{-1, 0, 3}
+	ClampQuantile(a, b, 0.9)
+	assert.Equal(t, []float32{-4, 2, 6.5}, a)
 }

@@ -3,6 +3,7 @@ package gomerge
 import (
 	"fmt"
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/linalg"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -15,7 +16,7 @@ func withParam(c *Combine, name string) {
 	f := func(v float64) *float64 { return &v }
 	switch name {
 	case "svd_rank":
-		c.SVDRank = &RankSpec{Fixed: 4}
+		c.SVDRank = &linalg.RankSpec{Fixed: 4}
 	case "max_rank":
 		r := 4
 		c.MaxRank = &r

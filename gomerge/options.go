@@ -9,6 +9,7 @@ import (
 
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/kernels"
+	"gomerge/gomerge/linalg"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -17,20 +18,20 @@ import (
 // names and meanings follow PEFT's LoraModel.add_weighted_adapter; the
 // method table (methods.go) says which method reads which.
 type Combine struct {
-	CombinationType    string    `json:"combination_type"`
-	SVDRank            *RankSpec `json:"svd_rank"` // a rank, or the energy rule "energy:F"
-	MaxRank            *int      `json:"max_rank"` // cap of each module's rank
-	SVDClamp           *float64  `json:"svd_clamp"`
-	SVDFullMatrices    *bool     `json:"svd_full_matrices"`
-	SVDDriver          *string   `json:"svd_driver"`
-	Density            *float64  `json:"density"`
-	MajoritySignMethod string    `json:"majority_sign_method"`
-	Seed               *uint64   `json:"seed"`            // DARE's random seed; nil draws a fresh one
-	Lambda             *float64  `json:"lambda"`          // task_arithmetic's scale of the summed updates (default 1)
-	Gamma              *float64  `json:"gamma"`           // breadcrumbs: fraction of largest magnitudes dropped (0.01)
-	Epsilon            *float64  `json:"epsilon"`         // della: spread of the keep-probabilities around density (0.15)
-	Scaling            *float64  `json:"scaling"`         // span methods (iso_c, tsv, ...): scale of the merged update (1)
-	CommonFraction     *float64  `json:"common_fraction"` // iso_cts: share of the common subspace (0.8)
+	CombinationType    string           `json:"combination_type"`
+	SVDRank            *linalg.RankSpec `json:"svd_rank"` // a rank, or the energy rule "energy:F"
+	MaxRank            *int             `json:"max_rank"` // cap of each module's rank
+	SVDClamp           *float64         `json:"svd_clamp"`
+	SVDFullMatrices    *bool            `json:"svd_full_matrices"`
+	SVDDriver          *string          `json:"svd_driver"`
+	Density            *float64         `json:"density"`
+	MajoritySignMethod string           `json:"majority_sign_method"`
+	Seed               *uint64          `json:"seed"`            // DARE's random seed; nil draws a fresh one
+	Lambda             *float64         `json:"lambda"`          // task_arithmetic's scale of the summed updates (default 1)
+	Gamma              *float64         `json:"gamma"`           // breadcrumbs: fraction of largest magnitudes dropped (0.01)
+	Epsilon            *float64         `json:"epsilon"`         // della: spread of the keep-probabilities around density (0.15)
+	Scaling            *float64         `json:"scaling"`         // span methods (iso_c, tsv, ...): scale of the merged update (1)
+	CommonFraction     *float64         `json:"common_fraction"` // iso_cts: share of the common subspace (0.8)
 
 	method Method // the row of CombinationType, set by Validate
 }
@@ -142,17 +143,17 @@ func (o *Combine) Validate() error {
 	return nil
 }
 
-// rankRule is the rule that gives each module's rank for the merged
+// linalg.RankRule is the rule that gives each module's rank for the merged
 // adapter's rank (a fixed rank when svd_rank is not an energy rule).
-func (o *Combine) rankRule(rank int) rankRule {
+func (o *Combine) rankRule(rank int) linalg.RankRule {
 	if o.SVDRank != nil && o.SVDRank.Energy > 0 {
-		r := rankRule{energy: o.SVDRank.Energy}
+		r := linalg.RankRule{Energy: o.SVDRank.Energy}
 		if o.MaxRank != nil {
-			r.max = *o.MaxRank
+			r.Max = *o.MaxRank
 		}
 		return r
 	}
-	return rankRule{fixed: rank}
+	return linalg.RankRule{Fixed: rank}
 }
 
 // energyRanks reports whether each module's rank is chosen from its

@@ -3,6 +3,7 @@ package gomerge
 import (
 	"fmt"
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/linalg"
 	"math"
 	"reflect"
 	"strings"
@@ -173,7 +174,7 @@ func checkSVDRank(v any, c *Combine) error {
 	if v == nil {
 		return nil
 	}
-	r := v.(RankSpec)
+	r := v.(linalg.RankSpec)
 	if r.Energy == 0 && r.Fixed <= 0 {
 		return errs.Value("svd_rank: must be a positive integer, an energy rule such as \"energy:0.99\", or None, got %d", r.Fixed)
 	}

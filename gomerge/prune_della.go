@@ -9,6 +9,7 @@ import (
 	"strconv"
 
 	"gomerge/gomerge/kernels"
+	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -326,7 +327,7 @@ func dellaMask(t []float32, rows, cols, inner int, density, epsilon float64, res
 	after := make([]float64, nSlices)
 	limits := dellaLimits(cols, density, epsilon)
 	buckets := cols > 1 && nonDecreasing(limits)
-	parallelFor(nSlices, max(1, combineGrain/max(1, cols)), func(lo, hi int) {
+	parallel.For(nSlices, max(1, combineGrain/max(1, cols)), func(lo, hi int) {
 		var lim, key []uint64
 		var w *dellaScratch
 		if buckets {
@@ -376,7 +377,7 @@ func (g *generalized) dellaDense(dw, a, b []float32, j *moduleJob, s source) flo
 	source := dellaSource(g.seed, j.name, s.index)
 	before := make([]float64, out)
 	after := make([]float64, out)
-	parallelFor(out, max(1, combineGrain/max(1, in)), func(lo, hi int) {
+	parallel.For(out, max(1, combineGrain/max(1, in)), func(lo, hi int) {
 		as := make([]float32, r)
 		xs := make([][]float32, r)
 		w := newDellaScratch(in)

@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"cmp"
+	"gomerge/gomerge/linalg"
 	"gomerge/gomerge/safetensors"
 	"math"
 	"math/rand/v2"
@@ -275,7 +276,7 @@ func TestDellaDenseIsDenseThenMask(t *testing.T) {
 			require.True(t, g.fusedDella(j))
 			s := srcs[0]
 			s.roundDW = round
-			want := denseDelta(fa, fb, j.out, s.mod.Rank, j.in, s.mod.Scaling)
+			want := linalg.DenseDelta(fa, fb, j.out, s.mod.Rank, j.in, s.mod.Scaling)
 			if round != "" {
 				roundTo(want, round)
 			}

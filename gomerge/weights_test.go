@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/linalg"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -249,7 +250,7 @@ func TestMergePerModuleWeights(t *testing.T) {
 	for _, ct := range []string{"cat", "task_arithmetic", "svd"} {
 		t.Run(ct, func(t *testing.T) {
 			out := filepath.Join(root, "out-"+ct)
-			combine := Combine{CombinationType: ct, SVDRank: &RankSpec{Fixed: 8}}
+			combine := Combine{CombinationType: ct, SVDRank: &linalg.RankSpec{Fixed: 8}}
 			if ct == "cat" {
 				combine.SVDRank = nil // cat takes no svd_rank; its rank is the sum of the ranks, 8
 			}
