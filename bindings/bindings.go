@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"gomerge/gomerge"
+	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/kernels"
 	"gomerge/gomerge/parallel"
@@ -331,7 +332,7 @@ func InspectAdapter(dir string) (out string) {
 			out = errorStatus(fmt.Errorf("internal error: %v", p))
 		}
 	}()
-	info, err := gomerge.Inspect(dir)
+	info, err := adapter.Inspect(dir)
 	if err != nil {
 		return errorStatus(err)
 	}

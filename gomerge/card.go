@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"fmt"
+	"gomerge/gomerge/adapter"
 	"sort"
 	"strings"
 )
@@ -72,7 +73,7 @@ func ModelCard(opts Options, res *Result, baseModel string, sources []string) st
 }
 
 // weightText shows a pattern's weight: a number or a gradient.
-func weightText(p WeightPattern) string {
+func weightText(p adapter.WeightPattern) string {
 	if p.Gradient == nil {
 		return fmt.Sprintf("%g", p.Weight)
 	}

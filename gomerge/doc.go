@@ -7,8 +7,6 @@
 //
 // The package is organised one concept per file:
 //
-//   - config.go, pattern.go: adapter_config.json and rank/alpha patterns
-//   - adapter.go, inspect.go: an adapter directory as a set of LoRA modules, and its summary
 //   - sparsify.go, combine.go: PEFT's merge_utils primitives
 //     (magnitude and random pruning, TIES, task arithmetic) on top of package kernels
 //   - prune_outliers.go, prune_della.go, merge_generalized.go: mergekit's Model Breadcrumbs
@@ -16,7 +14,6 @@
 //   - methods.go: the method table (every merge method's family, pruning, parameters, rank rule)
 //   - merge_factors.go, merge_cat.go, merge_svd.go, merge_dense_svd.go: one file per merge family
 //   - options.go, plan.go, merge.go: arguments, planning, and running a merge on all cores
-//   - weights.go: per-adapter weights, a number or module-name patterns (PEFT's first-match rule) and gradients over the layers
 //   - memory.go: merges of tensors in a model's memory (the PEFT drop-in)
 //   - output.go, card.go: atomic output directories and the model card
 //   - limits.go, go: memory planning, parallel loops and GC headroom
@@ -28,6 +25,9 @@
 //
 // Packages below it, which import nothing from it:
 //
+//   - adapter (gomerge/gomerge/adapter): PEFT adapter directories (adapter_config.json, rank and
+//     alpha patterns, the LoRA modules, one loader for merges and fuses, Inspect) and the
+//     per-adapter weights (a number or module-name patterns and gradients over the layers)
 //   - linalg (gomerge/gomerge/linalg): the exact SVD of a sum of low-rank products, the
 //     randomized SVD of dense updates, and the rank rules (svd_rank as a rank or the energy rule)
 //   - parallel (gomerge/gomerge/parallel): parallel loops, the job runner and its Progress

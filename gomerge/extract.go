@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
 	"gomerge/gomerge/linalg"
@@ -244,7 +245,7 @@ func Extract(ctx context.Context, opts ExtractOptions, progress *parallel.Progre
 			pending.abort()
 		}
 	}()
-	if err := writeTensors(pending.path(WeightsFile), outs, data); err != nil {
+	if err := writeTensors(pending.path(adapter.WeightsFile), outs, data); err != nil {
 		return nil, err
 	}
 	fanIn := false
@@ -255,7 +256,7 @@ func Extract(ctx context.Context, opts ExtractOptions, progress *parallel.Progre
 	if err != nil {
 		return nil, err
 	}
-	if err := writeFileSync(pending.path(ConfigFile), cfg); err != nil {
+	if err := writeFileSync(pending.path(adapter.ConfigFile), cfg); err != nil {
 		return nil, err
 	}
 	if opts.ModelCard == nil || *opts.ModelCard {
@@ -477,7 +478,7 @@ func compareModule(j *extractJob, base, ft *modelfolder.Folder) (extractOutcome,
 			if err != nil {
 				return o, err
 			}
-			keep = append(keep, saved{safetensors.OutTensor{Name: keyPrefix + name, DType: fe.DType, Shape: fe.Shape}, raw})
+			keep = append(keep, saved{safetensors.OutTensor{Name: adapter.KeyPrefix + name, DType: fe.DType, Shape: fe.Shape}, raw})
 		}
 	}
 	if j.save && (o.changed || j.named) {
@@ -544,7 +545,7 @@ func extractLinear(j *extractJob, base, ft *modelfolder.Folder, rule linalg.Rank
 	}
 	bk, ak, r, relErr := factorizeDense(d, j.m, j.n, total, rule, func() *rand.Rand { return TensorRNG(seed, j.module, "extract") })
 	o.rank, o.relErr = r, relErr
-	aName, bName := moduleKeys(j.module, KindLinear)
+	aName, bName := adapter.ModuleKeys(j.module, adapter.KindLinear)
 	encode := func(x []float64) []byte {
 		f := toFloat32(x)
 		if dt == safetensors.F32 {
@@ -646,14 +647,14 @@ func residual(d []float32, m, n int, bk, ak []float64, r int) float64 {
 
 // extractConfigJSON is the adapter_config.json of an extracted adapter.
 func extractConfigJSON(opts ExtractOptions, base *modelfolder.Folder, res *ExtractResult, targets []string, ranks []int, fanIn bool) ([]byte, error) {
-	var pattern Patterns
+	var pattern adapter.Patterns
 	for i, t := range targets {
 		if ranks[i] != res.Rank {
-			pattern = append(pattern, PatternEntry{Key: regexp.QuoteMeta(t), Value: float64(ranks[i])})
+			pattern = append(pattern, adapter.PatternEntry{Key: regexp.QuoteMeta(t), Value: float64(ranks[i])})
 		}
 	}
 	if pattern == nil {
-		pattern = Patterns{}
+		pattern = adapter.Patterns{}
 	}
 	baseName := opts.BaseName
 	if baseName == "" {

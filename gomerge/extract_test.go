@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"gonum.org/v1/gonum/mat"
 
+	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/linalg"
 	"gomerge/gomerge/safetensors"
@@ -120,10 +121,10 @@ func optimalError(d []float64, m, n, k int) float64 {
 // readFactors reads a module's A and B from an extracted adapter.
 func readFactors(t *testing.T, dir, module string) (a, b []float32, r int) {
 	t.Helper()
-	f, err := safetensors.Open(filepath.Join(dir, WeightsFile))
+	f, err := safetensors.Open(filepath.Join(dir, adapter.WeightsFile))
 	require.NoError(t, err)
 	defer f.Close()
-	aName, bName := moduleKeys(module, KindLinear)
+	aName, bName := adapter.ModuleKeys(module, adapter.KindLinear)
 	a, err = f.ReadFloat32(aName)
 	require.NoError(t, err)
 	b, err = f.ReadFloat32(bName)
@@ -195,7 +196,7 @@ func TestExtract(t *testing.T) {
 				assert.LessOrEqual(t, got, tc.maxRatio*opt+1e-7, module)
 			}
 			var cfg map[string]any
-			data, err := os.ReadFile(filepath.Join(out, ConfigFile))
+			data, err := os.ReadFile(filepath.Join(out, adapter.ConfigFile))
 			require.NoError(t, err)
 			require.NoError(t, json.Unmarshal(data, &cfg))
 			assert.Equal(t, float64(res.Rank), cfg["r"])
@@ -241,11 +242,11 @@ func TestExtractModulesToSave(t *testing.T) {
 			require.NoError(t, err)
 			assert.Equal(t, tc.wantSave, res.ModulesToSave)
 			assert.Len(t, res.Warnings, tc.warnings)
-			f, err := safetensors.Open(filepath.Join(out, WeightsFile))
+			f, err := safetensors.Open(filepath.Join(out, adapter.WeightsFile))
 			require.NoError(t, err)
 			defer f.Close()
 			for _, m := range tc.wantSave {
-				got, err := f.ReadFloat32(keyPrefix + m + ".weight")
+				got, err := f.ReadFloat32(adapter.KeyPrefix + m + ".weight")
 				require.NoError(t, err)
 				src, err := safetensors.Open(filepath.Join(p.ft, "model.safetensors"))
 				require.NoError(t, err)
@@ -255,7 +256,7 @@ func TestExtractModulesToSave(t *testing.T) {
 				assert.Equal(t, want, got, m)
 			}
 			var cfg map[string]any
-			data, _ := os.ReadFile(filepath.Join(out, ConfigFile))
+			data, _ := os.ReadFile(filepath.Join(out, adapter.ConfigFile))
 			require.NoError(t, json.Unmarshal(data, &cfg))
 			want := make([]any, len(tc.wantSave))
 			for i, s := range tc.wantSave {
@@ -275,7 +276,7 @@ func TestExtractIsDeterministic(t *testing.T) {
 		_, err := Extract(context.Background(), ExtractOptions{Base: p.base, Finetuned: p.ft, OutputDir: out,
 			Rank: &linalg.RankSpec{Fixed: 4}, Workers: workers, Seed: &seed}, nil)
 		require.NoError(t, err)
-		b, err := os.ReadFile(filepath.Join(out, WeightsFile))
+		b, err := os.ReadFile(filepath.Join(out, adapter.WeightsFile))
 		require.NoError(t, err)
 		files = append(files, b)
 	}

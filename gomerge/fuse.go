@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/modelfolder"
 	"gomerge/gomerge/parallel"
@@ -19,7 +20,7 @@ type FuseOptions struct {
 	Adapters []string `json:"adapters"` // PEFT adapter directories
 	// Weights has one weight per adapter (1 when empty): a number, or
 	// module-name patterns with their weights, as for Merge.
-	Weights Weights `json:"weights"`
+	Weights adapter.Weights `json:"weights"`
 	// Combine chooses how several adapters are merged before fusing (the
 	// methods of Merge; "cat", the exact sum of the weighted updates, by
 	// default). With Stack they are applied one after another instead.
@@ -72,9 +73,9 @@ func (o *FuseOptions) validate() error {
 		return errs.Value("adapters: at least one adapter directory is required")
 	}
 	if len(o.Weights) == 0 {
-		o.Weights = make(Weights, len(o.Adapters))
+		o.Weights = make(adapter.Weights, len(o.Adapters))
 		for i := range o.Weights {
-			o.Weights[i] = Weight{Value: 1}
+			o.Weights[i] = adapter.Weight{Value: 1}
 		}
 	}
 	if len(o.Weights) != len(o.Adapters) {
@@ -153,7 +154,7 @@ func Fuse(ctx context.Context, opts FuseOptions, progress *parallel.Progress) (*
 		return nil, err
 	}
 	defer base.Close()
-	adapters, err := loadAllForFuse(opts.Adapters)
+	adapters, err := adapter.LoadAll(opts.Adapters, true)
 	if err != nil {
 		return nil, err
 	}
@@ -168,7 +169,7 @@ func Fuse(ctx context.Context, opts FuseOptions, progress *parallel.Progress) (*
 	}
 	res := plan.result(&opts)
 	for i, a := range adapters {
-		res.Warnings = append(res.Warnings, opts.Weights[i].unusedPatterns(i, opts.Adapters[i], a.Order)...)
+		res.Warnings = append(res.Warnings, opts.Weights[i].UnusedPatterns(i, opts.Adapters[i], a.Order)...)
 	}
 	if opts.oneAdapterMethod != "" {
 		res.Warnings = append(res.Warnings, fmt.Sprintf("one adapter only: combination_type %q is not used (nothing to merge); the adapter is fused as it is", opts.oneAdapterMethod))
@@ -185,23 +186,6 @@ func Fuse(ctx context.Context, opts FuseOptions, progress *parallel.Progress) (*
 	}
 	res.Seconds = time.Since(start).Seconds()
 	return res, nil
-}
-
-// loadAllForFuse reads the adapter directories, DoRA and LoRA biases
-// accepted.
-func loadAllForFuse(dirs []string) ([]*Adapter, error) {
-	out := make([]*Adapter, 0, len(dirs))
-	for _, d := range dirs {
-		a, err := loadAdapter(d, true)
-		if err != nil {
-			for _, o := range out {
-				o.Close()
-			}
-			return nil, err
-		}
-		out = append(out, a)
-	}
-	return out, nil
 }
 
 // sourceName is how the user named adapter i.

@@ -6,6 +6,7 @@ import (
 
 	"gonum.org/v1/gonum/blas/blas64"
 
+	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
 	"gomerge/gomerge/parallel"
@@ -36,7 +37,7 @@ func applyOps(ctx context.Context, p *fusePlan, t *fuseTensor, w []float32) erro
 		op := &t.ops[i]
 		switch op.kind {
 		case opReplace:
-			x, err := view(op.replace)
+			x, err := adapter.View(op.replace)
 			if err != nil {
 				return err
 			}
@@ -48,7 +49,7 @@ func applyOps(ctx context.Context, p *fusePlan, t *fuseTensor, w []float32) erro
 				copy(w0, w)
 			}
 		case opBias:
-			b, err := view(op.mod.Bias)
+			b, err := adapter.View(op.mod.Bias)
 			if err != nil {
 				return err
 			}
@@ -90,7 +91,7 @@ func (t *fuseTensor) hasDoRA() bool {
 // DoRA merge does.
 func applyLoRA(op *fuseOp, w, w0 []float32, rows, cols int, dt safetensors.DType) error {
 	m := op.mod
-	defer m.release()
+	defer m.Release()
 	a, b, err := m.Factors()
 	if err != nil {
 		return err
@@ -100,7 +101,7 @@ func applyLoRA(op *fuseOp, w, w0 []float32, rows, cols int, dt safetensors.DType
 	if m.Magnitude.Shape == nil {
 		return nil
 	}
-	mag, err := view(m.Magnitude)
+	mag, err := adapter.View(m.Magnitude)
 	if err != nil {
 		return err
 	}

@@ -6,6 +6,7 @@ import (
 	"sort"
 	"strings"
 
+	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/modelfolder"
 	"gomerge/gomerge/safetensors"
@@ -24,8 +25,8 @@ const (
 // fuseOp is one change to one output tensor.
 type fuseOp struct {
 	kind       fuseOpKind
-	adapter    int     // index of the adapter (opLoRA, opBias, opReplace)
-	mod        *Module // opLoRA, opBias
+	adapter    int             // index of the adapter (opLoRA, opBias, opReplace)
+	mod        *adapter.Module // opLoRA, opBias
 	job        *moduleJob
 	weight     float64               // the user's weight (opLoRA, opBias)
 	replace    safetensors.RawTensor // opReplace
@@ -97,7 +98,7 @@ func tiedEmbedding(base *modelfolder.Folder) (string, error) {
 // planFuse maps every adapter tensor to the base tensor it changes,
 // checks shapes and dtypes, and lays out the output. Nothing is read but
 // headers; any error comes before anything is written.
-func planFuse(opts *FuseOptions, base *modelfolder.Folder, adapters []*Adapter) (*fusePlan, error) {
+func planFuse(opts *FuseOptions, base *modelfolder.Folder, adapters []*adapter.Adapter) (*fusePlan, error) {
 	p := &fusePlan{byName: map[string]*fuseTensor{}, indexed: base.Sharded()}
 	var outDType safetensors.DType
 	if opts.DType != "" {
@@ -142,12 +143,12 @@ func planFuse(opts *FuseOptions, base *modelfolder.Folder, adapters []*Adapter) 
 	for _, a := range adapters {
 		all = append(all, a.Order...)
 	}
-	layers := layerCount(all) // what gradient weights spread over
+	layers := adapter.LayerCount(all) // what gradient weights spread over
 	// full tensors (modules_to_save) first: an adapter's saved weights replace the base's before its LoRA applies
 	replacedBy := map[string]int{}
 	for i, a := range adapters {
 		for _, key := range a.Extra {
-			name := strings.TrimPrefix(key, keyPrefix)
+			name := strings.TrimPrefix(key, adapter.KeyPrefix)
 			if n, ok := strings.CutSuffix(name, ".base_layer.weight"); ok {
 				name = n + ".weight" // the base weight of an adapted embedding, saved with the adapter
 			}
@@ -156,10 +157,10 @@ func planFuse(opts *FuseOptions, base *modelfolder.Folder, adapters []*Adapter) 
 				return nil, errs.Value("adapter %s: tensor %s is neither a LoRA factor nor a tensor of the base model %s (adapter file %s)",
 					opts.Adapters[i], key, base.Dir, adapterFile(a))
 			}
-			raw := a.file.Tensor(key)
+			raw := a.File.Tensor(key)
 			if raw.DType == "" {
 				return nil, errs.Value("adapter %s: tensor %s has dtype %s, which fuse does not read (F32, BF16, F16) (adapter file %s)",
-					opts.Adapters[i], key, a.file.Entries[key].RawDType, adapterFile(a))
+					opts.Adapters[i], key, a.File.Entries[key].RawDType, adapterFile(a))
 			}
 			if !slices.Equal(raw.Shape, t.shape) {
 				return nil, errs.Value("adapter %s: tensor %s has shape %v, but the base's %s has shape %v (adapter file %s)",
@@ -188,7 +189,7 @@ func planFuse(opts *FuseOptions, base *modelfolder.Folder, adapters []*Adapter) 
 				}
 				continue
 			}
-			w, err := opts.Weights[i].resolve(i, opts.Adapters[i], name, layers)
+			w, err := opts.Weights[i].Resolve(i, opts.Adapters[i], name, layers)
 			if err != nil {
 				return nil, err
 			}
@@ -224,7 +225,7 @@ func planFuse(opts *FuseOptions, base *modelfolder.Folder, adapters []*Adapter) 
 }
 
 // adapterFile names an adapter's weights file in errors.
-func adapterFile(a *Adapter) string { return a.file.Path }
+func adapterFile(a *adapter.Adapter) string { return a.File.Path }
 
 // checkFloat refuses to change a tensor that is not stored as floats.
 func (t *fuseTensor) checkFloat(base *modelfolder.Folder, by string) error {
@@ -253,7 +254,7 @@ func (p *fusePlan) untieLMHead(emb string) *fuseTensor {
 // Linear (out x in, or in x out with fan_in_fan_out), a Conv (out, in,
 // kh, kw) or an Embedding (num_embeddings x dim), and a LoRA bias or a
 // DoRA magnitude must fit the layer.
-func (p *fusePlan) addModule(opts *FuseOptions, i int, a *Adapter, m *Module, w float64, job *moduleJob,
+func (p *fusePlan) addModule(opts *FuseOptions, i int, a *adapter.Adapter, m *adapter.Module, w float64, job *moduleJob,
 	target func(int, string, string) (*fuseTensor, error), base *modelfolder.Folder) error {
 	aKey, _ := m.Keys()
 	if m.RawA.Shape == nil || m.RawB.Shape == nil {
@@ -270,9 +271,9 @@ func (p *fusePlan) addModule(opts *FuseOptions, i int, a *Adapter, m *Module, w 
 	transposed := false
 	var want []int
 	switch {
-	case m.Kind == KindEmbedding:
+	case m.Kind == adapter.KindEmbedding:
 		want, transposed = []int{sa[1], out}, true
-	case m.Kind == KindConv:
+	case m.Kind == adapter.KindConv:
 		want = append([]int{out}, sa[1:]...)
 	case a.Config.FanInFanOut:
 		want, transposed = []int{sa[1], out}, true
@@ -281,7 +282,7 @@ func (p *fusePlan) addModule(opts *FuseOptions, i int, a *Adapter, m *Module, w 
 	}
 	if !slices.Equal(t.shape, want) {
 		layout := ""
-		if a.Config.FanInFanOut && m.Kind == KindLinear {
+		if a.Config.FanInFanOut && m.Kind == adapter.KindLinear {
 			layout = " (fan_in_fan_out: in x out)"
 		}
 		return errs.Value("adapter %s: module %s: lora_A %v and lora_B %v need a base weight of shape %v%s, but the base's %s has shape %v (adapter file %s)",
@@ -295,7 +296,7 @@ func (p *fusePlan) addModule(opts *FuseOptions, i int, a *Adapter, m *Module, w 
 		return errs.Value("adapter %s: use_dora is true but module %s has no lora_magnitude_vector (adapter file %s)", opts.Adapters[i], m.Name, adapterFile(a))
 	}
 	if m.Magnitude.Shape != nil {
-		if m.Kind == KindConv {
+		if m.Kind == adapter.KindConv {
 			return errs.Value("adapter %s: module %s: DoRA on convolutions is not supported by fuse (adapter file %s)", opts.Adapters[i], m.Name, adapterFile(a))
 		}
 		n := t.shape[0]
@@ -329,7 +330,7 @@ func (p *fusePlan) addModule(opts *FuseOptions, i int, a *Adapter, m *Module, w 
 // planMergedJobs pairs the modules of several adapters for a merge before
 // fusing, with the merge's own validation (equal ranks for the factor-wise
 // methods, shapes that agree, weights).
-func (p *fusePlan) planMergedJobs(opts *FuseOptions, adapters []*Adapter) (map[string]*moduleJob, error) {
+func (p *fusePlan) planMergedJobs(opts *FuseOptions, adapters []*adapter.Adapter) (map[string]*moduleJob, error) {
 	mo := opts.mergeOptions()
 	if err := mo.validate(); err != nil {
 		return nil, err

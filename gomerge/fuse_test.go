@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/modelfolder"
 	"gomerge/gomerge/safetensors"
@@ -242,7 +243,7 @@ func TestFuse(t *testing.T) {
 	}{
 		{"exists", FuseOptions{Base: tied, Adapters: []string{ad}, OutputDir: out}, errs.KindFileExists, "already exists"},
 		{"no base", FuseOptions{Base: filepath.Join(root, "nope"), Adapters: []string{ad}, OutputDir: filepath.Join(root, "o1")}, errs.KindFileNotFound, "nope"},
-		{"weights", FuseOptions{Base: tied, Adapters: []string{ad}, Weights: ScalarWeights(1, 2), OutputDir: filepath.Join(root, "o2")}, errs.KindValue, "weights"},
+		{"weights", FuseOptions{Base: tied, Adapters: []string{ad}, Weights: adapter.ScalarWeights(1, 2), OutputDir: filepath.Join(root, "o2")}, errs.KindValue, "weights"},
 		{"fifo shape", FuseOptions{Base: writeTestBase(t, filepath.Join(root, "b2"), `{}`, safetensors.F32, map[string]*Tensor{
 			"model.up.weight": randTensor(rng, 16, d)}), Adapters: []string{fifo}, OutputDir: filepath.Join(root, "o3")}, errs.KindValue, "fan_in_fan_out"},
 		{"no base tensor", FuseOptions{Base: writeTestBase(t, filepath.Join(root, "b3"), `{}`, safetensors.F32, map[string]*Tensor{
@@ -275,7 +276,7 @@ func TestFuse(t *testing.T) {
 func writeDoraAdapter(t *testing.T, dir string, rng *rand.Rand) string {
 	writeTestAdapter(t, dir, map[string]any{"r": 2, "lora_alpha": 4, "use_dora": true, "target_modules": []string{"q"}},
 		map[string]testModule{"model.q": {a: randTensor(rng, 2, 8), b: randTensor(rng, 8, 2)}})
-	path := filepath.Join(dir, WeightsFile)
+	path := filepath.Join(dir, adapter.WeightsFile)
 	st, err := safetensors.Open(path)
 	require.NoError(t, err)
 	tensors := map[string]safetensors.RawTensor{}
@@ -285,7 +286,7 @@ func writeDoraAdapter(t *testing.T, dir string, rng *rand.Rand) string {
 		tensors[name] = safetensors.RawTensor{DType: safetensors.F32, Shape: st.Entries[name].Shape, Data: safetensors.Encode(safetensors.F32, x)}
 	}
 	st.Close()
-	tensors[keyPrefix+"model.q.lora_magnitude_vector"] = safetensors.RawTensor{DType: safetensors.F32, Shape: []int{8}, Data: safetensors.Encode(safetensors.F32, randTensor(rng, 8).Data)}
+	tensors[adapter.KeyPrefix+"model.q.lora_magnitude_vector"] = safetensors.RawTensor{DType: safetensors.F32, Shape: []int{8}, Data: safetensors.Encode(safetensors.F32, randTensor(rng, 8).Data)}
 	require.NoError(t, WriteSafetensors(path, tensors, map[string]string{"format": "pt"}))
 	return dir
 }

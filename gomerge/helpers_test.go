@@ -13,6 +13,7 @@ import (
 	stlib "github.com/nlpodyssey/safetensors"
 	"github.com/stretchr/testify/require"
 
+	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/linalg"
 	"gomerge/gomerge/safetensors"
@@ -43,14 +44,14 @@ func writeTestAdapter(t testing.TB, dir string, cfg map[string]any, mods map[str
 	}
 	b, err := json.Marshal(full)
 	require.NoError(t, err)
-	require.NoError(t, os.WriteFile(filepath.Join(dir, ConfigFile), b, 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, adapter.ConfigFile), b, 0o644))
 	tensors := map[string]safetensors.RawTensor{}
 	for name, m := range mods {
-		kind := KindLinear
+		kind := adapter.KindLinear
 		if m.embed {
-			kind = KindEmbedding
+			kind = adapter.KindEmbedding
 		}
-		ak, bk := moduleKeys(name, kind)
+		ak, bk := adapter.ModuleKeys(name, kind)
 		dt := m.dtype
 		if dt == "" {
 			dt = safetensors.F32
@@ -58,7 +59,7 @@ func writeTestAdapter(t testing.TB, dir string, cfg map[string]any, mods map[str
 		tensors[ak] = safetensors.RawTensor{DType: dt, Shape: m.a.Shape, Data: safetensors.Encode(dt, m.a.Data)}
 		tensors[bk] = safetensors.RawTensor{DType: dt, Shape: m.b.Shape, Data: safetensors.Encode(dt, m.b.Data)}
 	}
-	require.NoError(t, WriteSafetensors(filepath.Join(dir, WeightsFile), tensors, map[string]string{"format": "pt"}))
+	require.NoError(t, WriteSafetensors(filepath.Join(dir, adapter.WeightsFile), tensors, map[string]string{"format": "pt"}))
 	return dir
 }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"unsafe"
 
+	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
@@ -122,7 +123,7 @@ func memJob(mm MemModule, method Method) (moduleJob, error) {
 		if len(s.AShape) < 2 || len(s.BShape) != len(s.AShape) || s.AShape[0] != s.BShape[1] || s.A == 0 || s.B == 0 {
 			return j, errs.Value("module %s: source %d has factors of shapes %v and %v that are not LoRA factors", mm.Name, s.Index, s.AShape, s.BShape)
 		}
-		m := &Module{Name: mm.Name, Kind: KindLinear, Rank: s.AShape[0], Scaling: s.Scaling,
+		m := &adapter.Module{Name: mm.Name, Kind: adapter.KindLinear, Rank: s.AShape[0], Scaling: s.Scaling,
 			RawA: safetensors.RawTensor{DType: safetensors.F32, Shape: s.AShape, Data: viewMemory(s.A, 4*safetensors.Numel(s.AShape))},
 			RawB: safetensors.RawTensor{DType: safetensors.F32, Shape: s.BShape, Data: viewMemory(s.B, 4*safetensors.Numel(s.BShape))}}
 		if i == 0 {

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"time"
 
+	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
 	"gomerge/gomerge/parallel"
@@ -36,7 +37,7 @@ func Merge(ctx context.Context, opts Options, progress *parallel.Progress) (*Res
 	res.Warnings = append(res.Warnings, opts.prepareRandomness()...)
 	res.Seed = opts.Seed
 
-	adapters, err := loadAll(opts.Adapters)
+	adapters, err := adapter.LoadAll(opts.Adapters, false)
 	if err != nil {
 		return nil, err
 	}
@@ -46,11 +47,11 @@ func Merge(ctx context.Context, opts Options, progress *parallel.Progress) (*Res
 		}
 	}()
 	for _, a := range adapters {
-		a.file.AllowNonFinite = opts.AllowNonFinite
+		a.File.AllowNonFinite = opts.AllowNonFinite
 	}
 	res.Warnings = append(res.Warnings, baseModelWarnings(opts.Adapters, adapters)...)
 	for i, a := range adapters {
-		res.Warnings = append(res.Warnings, opts.Weights[i].unusedPatterns(i, opts.Adapters[i], a.Order)...)
+		res.Warnings = append(res.Warnings, opts.Weights[i].UnusedPatterns(i, opts.Adapters[i], a.Order)...)
 	}
 	for i, dir := range opts.Adapters {
 		a := adapters[i]
@@ -73,11 +74,11 @@ func Merge(ctx context.Context, opts Options, progress *parallel.Progress) (*Res
 		return nil, err
 	}
 	res.Rank = rank
-	cfgs := make([]*AdapterConfig, len(adapters))
+	cfgs := make([]*adapter.Config, len(adapters))
 	for i, a := range adapters {
 		cfgs[i] = a.Config
 	}
-	targets, err := UnionTargetModules(cfgs, opts.Adapters)
+	targets, err := adapter.UnionTargetModules(cfgs, opts.Adapters)
 	if err != nil {
 		return nil, err
 	}
@@ -103,7 +104,7 @@ func Merge(ctx context.Context, opts Options, progress *parallel.Progress) (*Res
 			pending.abort()
 		}
 	}()
-	outcomes, err := writeModules(ctx, opts, jobs, rank, outDType, progress, pending.path(WeightsFile))
+	outcomes, err := writeModules(ctx, opts, jobs, rank, outDType, progress, pending.path(adapter.WeightsFile))
 	if err != nil {
 		return nil, err
 	}
@@ -188,29 +189,6 @@ func writeModules(ctx context.Context, opts Options, jobs []moduleJob, rank int,
 	return outcomes, err
 }
 
-// loadAll reads the adapter directories in parallel; the first error in
-// argument order wins.
-func loadAll(dirs []string) ([]*Adapter, error) {
-	adapters := make([]*Adapter, len(dirs))
-	errs := make([]error, len(dirs))
-	parallel.For(len(dirs), 1, func(lo, hi int) {
-		for i := lo; i < hi; i++ {
-			adapters[i], errs[i] = LoadAdapter(dirs[i])
-		}
-	})
-	for _, err := range errs {
-		if err != nil {
-			for _, a := range adapters {
-				if a != nil {
-					a.Close()
-				}
-			}
-			return nil, err
-		}
-	}
-	return adapters, nil
-}
-
 // resultTensor is a merged tensor, encoded (Data) from its float32 memory
 // (buf), which runJobs gives back to the pool once emit has written it.
 type resultTensor struct {
@@ -251,7 +229,7 @@ func runJobs(ctx context.Context, c *Combine, workers int, jobs []moduleJob, ran
 func runModule(ctx context.Context, c *Combine, j *moduleJob, rank int, dt safetensors.DType) (aName, bName string, ra, rb resultTensor, out moduleOutcome, err error) {
 	defer func() {
 		for _, s := range j.srcs {
-			s.mod.release()
+			s.mod.Release()
 		}
 	}()
 	defer func() {
@@ -263,7 +241,7 @@ func runModule(ctx context.Context, c *Combine, j *moduleJob, rank int, dt safet
 	if err != nil {
 		return "", "", resultTensor{}, resultTensor{}, out, err
 	}
-	aName, bName = moduleKeys(j.name, j.kind)
+	aName, bName = adapter.ModuleKeys(j.name, j.kind)
 	aShape := append([]int{o.rank}, j.aTail...)
 	bShape := append([]int{j.out, o.rank}, j.bTail...)
 	// a and b are this merge's own memory: float32 results are written as they are, without a copy
@@ -288,7 +266,7 @@ type moduleOutcome struct {
 // configs name another base model (base_model_name_or_path) than the first
 // adapter's: their merge is rarely meaningful. Adapters that name none are
 // not compared.
-func baseModelWarnings(dirs []string, adapters []*Adapter) []string {
+func baseModelWarnings(dirs []string, adapters []*adapter.Adapter) []string {
 	var warnings []string
 	first := adapters[0].Config.BaseModel
 	seen := map[string]bool{first: true, "": true}

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"slices"
 
+	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/kernels"
 	"gomerge/gomerge/linalg"
@@ -42,8 +43,8 @@ type Options struct {
 	Adapters []string `json:"adapters"`
 	// Weights has one weight per adapter: a number, or module-name patterns
 	// with their weights (Weight).
-	Weights     Weights `json:"weights"`
-	AdapterName string  `json:"adapter_name"`
+	Weights     adapter.Weights `json:"weights"`
+	AdapterName string          `json:"adapter_name"`
 	Combine
 	OutputDir      string   `json:"output_dir"`
 	Overwrite      bool     `json:"overwrite"`
@@ -83,10 +84,10 @@ func (o *Options) validate() error {
 		return errs.Value("weights: got %d weights for %d adapters; pass one weight per adapter", len(o.Weights), len(o.Adapters))
 	}
 	// compiled into a copy: the caller's Options may be shared by merges running at once
-	weights := make(Weights, len(o.Weights))
+	weights := make(adapter.Weights, len(o.Weights))
 	for i, w := range o.Weights {
 		var err error
-		if weights[i], err = w.compile(i); err != nil {
+		if weights[i], err = w.Compile(i); err != nil {
 			return err
 		}
 	}

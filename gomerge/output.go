@@ -1,6 +1,9 @@
 package gomerge
 
-import "gomerge/gomerge/internal/atomicdir"
+import (
+	"gomerge/gomerge/adapter"
+	"gomerge/gomerge/internal/atomicdir"
+)
 
 // tmpPrefix starts the names of the temporary folders created beside the
 // output directory (package atomicdir).
@@ -8,7 +11,7 @@ const tmpPrefix = atomicdir.TmpPrefix
 
 // adapterKind is what an output adapter directory holds: overwrite replaces
 // only a directory with an adapter_config.json (or an empty one).
-var adapterKind = atomicdir.Kind{Marker: ConfigFile, What: "an adapter"}
+var adapterKind = atomicdir.Kind{Marker: adapter.ConfigFile, What: "an adapter"}
 
 // checkOutputDir refuses an existing output directory unless overwrite is
 // set, and with overwrite refuses anything that is not a directory holding
@@ -40,12 +43,12 @@ func writeFileSync(path string, data []byte) error { return atomicdir.WriteFileS
 
 // writeConfigAndCard writes adapter_config.json (with a rank pattern for
 // modules whose rank differs) and, unless turned off, the README.md card.
-func writeConfigAndCard(pending *pendingDir, opts Options, res *Result, base *AdapterConfig, targets TargetModules, pattern Patterns) error {
-	cfgJSON, err := MergedConfigJSON(base, res.Rank, targets, pattern, append(Patterns(nil), pattern...), nil)
+func writeConfigAndCard(pending *pendingDir, opts Options, res *Result, base *adapter.Config, targets adapter.TargetModules, pattern adapter.Patterns) error {
+	cfgJSON, err := adapter.MergedConfigJSON(base, res.Rank, targets, pattern, append(adapter.Patterns(nil), pattern...), nil)
 	if err != nil {
 		return err
 	}
-	if err := writeFileSync(pending.path(ConfigFile), cfgJSON); err != nil {
+	if err := writeFileSync(pending.path(adapter.ConfigFile), cfgJSON); err != nil {
 		return err
 	}
 	if opts.ModelCard != nil && !*opts.ModelCard {

@@ -1,4 +1,4 @@
-package gomerge
+package adapter
 
 import (
 	"errors"
@@ -12,6 +12,7 @@ import (
 
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -29,7 +30,7 @@ const (
 const (
 	ConfigFile  = "adapter_config.json"
 	WeightsFile = "adapter_model.safetensors"
-	keyPrefix   = "base_model.model."
+	KeyPrefix   = "base_model.model."
 )
 
 // Module is one adapted layer of an adapter: lora_A with shape (r, ...) and
@@ -69,11 +70,11 @@ func (m *Module) Factors() (a, b []float32, err error) {
 		case ok:
 			m.a, m.b, m.joint = ab[:na:na], ab[na:], ab
 		default:
-			fa, err := view(m.RawA)
+			fa, err := View(m.RawA)
 			if err != nil {
 				return nil, nil, err
 			}
-			fb, err := view(m.RawB)
+			fb, err := View(m.RawB)
 			if err != nil {
 				if m.RawA.File() != nil {
 					pool.Put(fa)
@@ -86,9 +87,9 @@ func (m *Module) Factors() (a, b []float32, err error) {
 	return m.a, m.b, nil
 }
 
-// release gives the buffers of factors read from a file back to the pool
+// Release gives the buffers of factors read from a file back to the pool
 // (a module is merged by one goroutine, once).
-func (m *Module) release() {
+func (m *Module) Release() {
 	switch {
 	case m.joint != nil:
 		pool.Put(m.joint)
@@ -120,9 +121,9 @@ func readAdjacent(a, b safetensors.RawTensor) (ab []float32, na int, ok bool, er
 	return ab, na, true, nil
 }
 
-// view returns a tensor as float32: read from its file into a pooled
+// View returns a tensor as float32: read from its file into a pooled
 // buffer, or a view (F32) or conversion of memory.
-func view(t safetensors.RawTensor) ([]float32, error) {
+func View(t safetensors.RawTensor) ([]float32, error) {
 	if f := t.File(); f != nil {
 		return f.ReadFloat32Into(pool.Get(safetensors.Numel(t.Shape)), t.Name())
 	}
@@ -133,42 +134,66 @@ func view(t safetensors.RawTensor) ([]float32, error) {
 }
 
 // Keys returns the safetensors names of A and B for this module.
-func (m *Module) Keys() (string, string) { return moduleKeys(m.Name, m.Kind) }
+func (m *Module) Keys() (string, string) { return ModuleKeys(m.Name, m.Kind) }
 
-func moduleKeys(name string, kind ModuleKind) (string, string) {
+// ModuleKeys returns the safetensors names of A and B for module name of kind.
+func ModuleKeys(name string, kind ModuleKind) (string, string) {
 	if kind == KindEmbedding {
-		return keyPrefix + name + ".lora_embedding_A", keyPrefix + name + ".lora_embedding_B"
+		return KeyPrefix + name + ".lora_embedding_A", KeyPrefix + name + ".lora_embedding_B"
 	}
-	return keyPrefix + name + ".lora_A.weight", keyPrefix + name + ".lora_B.weight"
+	return KeyPrefix + name + ".lora_A.weight", KeyPrefix + name + ".lora_B.weight"
 }
 
 // Adapter is a loaded PEFT LoRA adapter directory.
 type Adapter struct {
 	Dir     string
-	Config  *AdapterConfig
+	Config  *Config
 	Modules map[string]*Module
 	Order   []string          // module names, sorted
 	Extra   []string          // tensors that are not LoRA factors (kept out of merges)
 	DType   safetensors.DType // dtype of the first module's lora_A
-	file    *safetensors.File
-	forFuse bool // DoRA magnitudes and LoRA biases are kept (see loadAdapter)
+	File    *safetensors.File // the open weights file
+	forFuse bool              // DoRA magnitudes and LoRA biases are kept (see LoadAll)
 }
 
 // Close releases the adapter's weights file.
 func (a *Adapter) Close() error {
-	if a.file == nil {
+	if a.File == nil {
 		return nil
 	}
-	return a.file.Close()
+	return a.File.Close()
 }
 
-// LoadAdapter reads and validates a PEFT LoRA adapter directory.
-func LoadAdapter(dir string) (*Adapter, error) { return loadAdapter(dir, false) }
+// Load reads and validates a PEFT LoRA adapter directory for a merge.
+func Load(dir string) (*Adapter, error) { return load(dir, false) }
 
-// loadAdapter reads an adapter directory; forFuse accepts DoRA magnitude
-// vectors and LoRA biases, which a fuse into the base applies and a merge
-// cannot.
-func loadAdapter(dir string, forFuse bool) (*Adapter, error) {
+// LoadAll reads the adapter directories in parallel, for a merge or, with
+// forFuse, for a fuse into the base model (DoRA magnitude vectors and LoRA
+// biases accepted: a fuse applies them, a merge cannot). The first error in
+// argument order wins, and every adapter read is closed.
+func LoadAll(dirs []string, forFuse bool) ([]*Adapter, error) {
+	adapters := make([]*Adapter, len(dirs))
+	errors := make([]error, len(dirs))
+	parallel.For(len(dirs), 1, func(lo, hi int) {
+		for i := lo; i < hi; i++ {
+			adapters[i], errors[i] = load(dirs[i], forFuse)
+		}
+	})
+	for _, err := range errors {
+		if err != nil {
+			for _, a := range adapters {
+				if a != nil {
+					a.Close()
+				}
+			}
+			return nil, err
+		}
+	}
+	return adapters, nil
+}
+
+// load reads an adapter directory (LoadAll).
+func load(dir string, forFuse bool) (*Adapter, error) {
 	st, err := os.Stat(dir)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
@@ -179,7 +204,7 @@ func loadAdapter(dir string, forFuse bool) (*Adapter, error) {
 	if !st.IsDir() {
 		return nil, errs.Value("%s is not a directory; pass a PEFT adapter directory (with %s and %s)", dir, ConfigFile, WeightsFile)
 	}
-	var cfg *AdapterConfig
+	var cfg *Config
 	if forFuse {
 		cfg, err = readConfigForFuse(filepath.Join(dir, ConfigFile))
 	} else {
@@ -206,7 +231,7 @@ func loadAdapter(dir string, forFuse bool) (*Adapter, error) {
 	if err != nil {
 		return nil, err
 	}
-	a := &Adapter{Dir: dir, Config: cfg, Modules: map[string]*Module{}, file: file, forFuse: forFuse}
+	a := &Adapter{Dir: dir, Config: cfg, Modules: map[string]*Module{}, File: file, forFuse: forFuse}
 	if err := a.index(wpath, file); err != nil {
 		file.Close()
 		return nil, err
@@ -302,7 +327,7 @@ var factorSuffixes = []struct {
 }
 
 func (a *Adapter) addTensor(path, key string, t safetensors.RawTensor, rawDType string) error {
-	name := strings.TrimPrefix(key, keyPrefix)
+	name := strings.TrimPrefix(key, KeyPrefix)
 	if a.forFuse {
 		for _, s := range []struct {
 			suffix    string

@@ -1,4 +1,4 @@
-package gomerge
+package adapter
 
 import (
 	"encoding/json"
@@ -79,11 +79,11 @@ func FuzzWeightsJSON(f *testing.F) {
 			t.Fatalf("round trip of %s: %v", back, err)
 		}
 		for i, w := range ws {
-			c, err := w.compile(i)
+			c, err := w.Compile(i)
 			if err != nil {
 				continue
 			}
-			if v, err := c.resolve(i, "dir", module, layerCount([]string{module, "m.7.x"})); err == nil && (math.IsNaN(v) || math.IsInf(v, 0)) {
+			if v, err := c.Resolve(i, "dir", module, LayerCount([]string{module, "m.7.x"})); err == nil && (math.IsNaN(v) || math.IsInf(v, 0)) {
 				t.Fatalf("weight %v for %q", v, module)
 			}
 		}

@@ -1,4 +1,4 @@
-package gomerge
+package adapter
 
 import (
 	"encoding/json"
@@ -18,10 +18,10 @@ type TargetModules struct {
 	IsRegex bool
 }
 
-// AdapterConfig is a parsed adapter_config.json. Raw keeps every key,
+// Config is a parsed adapter_config.json. Raw keeps every key,
 // including the ones gomerge does not interpret, so that a merged config
 // carries them over as PEFT does.
-type AdapterConfig struct {
+type Config struct {
 	Raw           map[string]json.RawMessage
 	PeftType      string
 	R             int
@@ -39,7 +39,7 @@ type AdapterConfig struct {
 }
 
 // ReadConfig reads and validates an adapter_config.json.
-func ReadConfig(path string) (*AdapterConfig, error) {
+func ReadConfig(path string) (*Config, error) {
 	data, err := readConfigFile(path)
 	if err != nil {
 		return nil, err
@@ -48,7 +48,7 @@ func ReadConfig(path string) (*AdapterConfig, error) {
 }
 
 // readConfigForFuse is ReadConfig accepting DoRA and LoRA biases.
-func readConfigForFuse(path string) (*AdapterConfig, error) {
+func readConfigForFuse(path string) (*Config, error) {
 	data, err := readConfigFile(path)
 	if err != nil {
 		return nil, err
@@ -68,7 +68,7 @@ func readConfigFile(path string) ([]byte, error) {
 }
 
 // ParseConfig parses the JSON of an adapter config; path only names it in errors.
-func ParseConfig(path string, data []byte) (*AdapterConfig, error) {
+func ParseConfig(path string, data []byte) (*Config, error) {
 	c, err := parseConfig(path, data)
 	if err != nil {
 		return nil, err
@@ -83,8 +83,8 @@ func ParseConfig(path string, data []byte) (*AdapterConfig, error) {
 }
 
 // parseConfig parses an adapter config, DoRA and LoRA biases included.
-func parseConfig(path string, data []byte) (*AdapterConfig, error) {
-	c := &AdapterConfig{}
+func parseConfig(path string, data []byte) (*Config, error) {
+	c := &Config{}
 	if err := json.Unmarshal(data, &c.Raw); err != nil || c.Raw == nil {
 		return nil, errs.Value("%s: not a JSON object: %v", path, err)
 	}
@@ -140,7 +140,7 @@ func parseConfig(path string, data []byte) (*AdapterConfig, error) {
 
 // MaxRank is PEFT's rank of an adapter for add_weighted_adapter:
 // max(r, *rank_pattern.values()).
-func (c *AdapterConfig) MaxRank() int {
+func (c *Config) MaxRank() int {
 	r := c.R
 	for _, e := range c.RankPattern {
 		r = max(r, int(e.Value))
@@ -150,7 +150,7 @@ func (c *AdapterConfig) MaxRank() int {
 
 // ModuleRankAlpha resolves the rank and alpha of a module path through
 // rank_pattern and alpha_pattern (independently, first match wins).
-func (c *AdapterConfig) ModuleRankAlpha(module string) (int, float64) {
+func (c *Config) ModuleRankAlpha(module string) (int, float64) {
 	r, alpha := c.R, c.LoraAlpha
 	if v, ok := c.RankPattern.Resolve(module); ok {
 		r = int(v)
@@ -162,7 +162,7 @@ func (c *AdapterConfig) ModuleRankAlpha(module string) (int, float64) {
 }
 
 // Scaling returns alpha/r, or alpha/sqrt(r) with use_rslora.
-func (c *AdapterConfig) Scaling(r int, alpha float64) float64 {
+func (c *Config) Scaling(r int, alpha float64) float64 {
 	if c.UseRslora {
 		return alpha / math.Sqrt(float64(r))
 	}
@@ -171,7 +171,7 @@ func (c *AdapterConfig) Scaling(r int, alpha float64) float64 {
 
 // UnionTargetModules merges target_modules as PEFT does: the union of name
 // sets, or "(re0)|(re1)|..." for regex strings. Mixing the kinds is an error.
-func UnionTargetModules(cfgs []*AdapterConfig, names []string) (TargetModules, error) {
+func UnionTargetModules(cfgs []*Config, names []string) (TargetModules, error) {
 	var out TargetModules
 	isRegex := cfgs[0].TargetModules.IsRegex
 	set := map[string]bool{}
@@ -221,7 +221,7 @@ func truncate(s string, n int) string {
 // MergedConfigJSON builds the merged adapter's config from adapter 0's raw
 // config: r = lora_alpha = rank, the given target modules and patterns, and
 // use_rslora false (the scaling of every source is folded into the factors).
-func MergedConfigJSON(base *AdapterConfig, rank int, targets TargetModules, rankPattern, alphaPattern Patterns, extra map[string]any) ([]byte, error) {
+func MergedConfigJSON(base *Config, rank int, targets TargetModules, rankPattern, alphaPattern Patterns, extra map[string]any) ([]byte, error) {
 	out := make(map[string]any, len(base.Raw)+4)
 	for k, v := range base.Raw {
 		out[k] = v

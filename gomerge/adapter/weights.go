@@ -1,4 +1,4 @@
-package gomerge
+package adapter
 
 import (
 	"bytes"
@@ -38,6 +38,9 @@ type WeightPattern struct {
 	Gradient []float64
 	re       *regexp.Regexp
 }
+
+// Compiled reports whether Weight.Compile has compiled the pattern.
+func (p WeightPattern) Compiled() bool { return p.re != nil }
 
 // Weights are the adapters' weights, one per adapter.
 type Weights []Weight
@@ -171,9 +174,9 @@ func (w Weight) MarshalJSON() ([]byte, error) {
 	return json.Marshal(entries)
 }
 
-// compile checks the weight of adapter i (finite numbers, at least one
+// Compile checks the weight of adapter i (finite numbers, at least one
 // pattern, valid patterns) and returns a copy with its patterns compiled.
-func (w Weight) compile(i int) (Weight, error) {
+func (w Weight) Compile(i int) (Weight, error) {
 	finite := func(v float64) bool { return !math.IsNaN(v) && !math.IsInf(v, 0) }
 	if !w.PerModule() {
 		if !finite(w.Value) {
@@ -209,12 +212,12 @@ func (w Weight) compile(i int) (Weight, error) {
 	return out, nil
 }
 
-// resolve returns the weight of adapter i (directory dir) for a module: the
+// Resolve returns the weight of adapter i (directory dir) for a module: the
 // number, or the weight of the first pattern that matches the module name.
 // layers is the number of layers of the merge (for gradients). A module
 // that no pattern matches is a ValueError naming the adapter, the module
 // and the patterns.
-func (w Weight) resolve(i int, dir, module string, layers int) (float64, error) {
+func (w Weight) Resolve(i int, dir, module string, layers int) (float64, error) {
 	if !w.PerModule() {
 		return w.Value, nil
 	}
@@ -243,13 +246,13 @@ func (w Weight) resolve(i int, dir, module string, layers int) (float64, error) 
 		"such as '.*' as the last pattern%s", i, module, i, dir, quotePatterns(w.Patterns), substringHint(w.Patterns, module))
 }
 
-// unusedPatterns warns about the patterns of adapter i's per-module weight
+// UnusedPatterns warns about the patterns of adapter i's per-module weight
 // that give no module of the adapter (its modules in order) their weight:
 // a pattern that matches none of them (a mistyped name, or one that only
 // occurs inside the names, which PEFT's anchoring does not match), or one
 // whose modules all take an earlier pattern's weight. Such a pattern has no
 // effect, which is rarely what was meant.
-func (w Weight) unusedPatterns(i int, dir string, modules []string) []string {
+func (w Weight) UnusedPatterns(i int, dir string, modules []string) []string {
 	if !w.PerModule() {
 		return nil
 	}
@@ -343,9 +346,9 @@ func layerIndex(module string) (int, bool) {
 	return 0, false
 }
 
-// layerCount is the number of layers gradients spread over: one more than
+// LayerCount is the number of layers gradients spread over: one more than
 // the largest layer index of the modules (1 when none has one).
-func layerCount(names []string) int {
+func LayerCount(names []string) int {
 	n := 0
 	for _, name := range names {
 		if l, ok := layerIndex(name); ok && l+1 > n {
