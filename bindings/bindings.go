@@ -4,9 +4,10 @@
 // and reports errors as {"kind": <Python exception name>, "message": ...}
 // so that the Python layer can raise the right exception class.
 //
-// A merge runs as a job: MergeStart returns at once, Python polls MergeWait
-// (which releases the GIL while it waits) to show progress and to stay
-// interruptible, and MergeCancel stops it.
+// A merge, a fuse and an extraction each run as a job: MergeStart,
+// MergeTensorsStart, FuseStart and ExtractStart return its id at once,
+// Python polls JobWait (which releases the GIL while it waits) to show
+// progress and to stay interruptible, and JobCancel stops it.
 package bindings
 
 import (
@@ -207,7 +208,7 @@ func ValidateCombination(request string) (out string) {
 // MergeStart starts a merge of adapter directories in the background from a
 // JSON request (the fields of gomerge.Options) and returns its job id. Every
 // outcome, a request that cannot be parsed included, is reported by
-// MergeWait.
+// JobWait.
 func MergeStart(request string) int64 {
 	return startJob(func(ctx context.Context, p *parallel.Progress) (any, error) {
 		var opts gomerge.Options
@@ -220,7 +221,7 @@ func MergeStart(request string) int64 {
 
 // MergeTensorsStart starts a merge of tensors in memory (a gomerge.MemRequest
 // in JSON: raw addresses of float32 buffers that the caller keeps alive and
-// unmoved until MergeWait reports the job finished) and returns its job id.
+// unmoved until JobWait reports the job finished) and returns its job id.
 func MergeTensorsStart(request string) int64 {
 	return startJob(func(ctx context.Context, p *parallel.Progress) (any, error) {
 		var req gomerge.MemRequest
@@ -233,7 +234,7 @@ func MergeTensorsStart(request string) int64 {
 
 // ExtractStart starts the extraction of a LoRA adapter from a fine-tuned
 // model folder and its base (a gomerge.ExtractOptions in JSON) and returns
-// its job id; MergeWait reports it like a merge.
+// its job id; JobWait reports it like a merge.
 func ExtractStart(request string) int64 {
 	return startJob(func(ctx context.Context, p *parallel.Progress) (any, error) {
 		var opts gomerge.ExtractOptions
@@ -245,8 +246,8 @@ func ExtractStart(request string) int64 {
 }
 
 // FuseStart starts a fuse of adapters into their base model (the fields of
-// gomerge.FuseOptions, in JSON) and returns its job id; MergeWait reports
-// its progress (output tensors) and outcome, MergeCancel stops it.
+// gomerge.FuseOptions, in JSON) and returns its job id; JobWait reports
+// its progress (output tensors) and outcome, JobCancel stops it.
 func FuseStart(request string) int64 {
 	return startJob(func(ctx context.Context, p *parallel.Progress) (any, error) {
 		var opts gomerge.FuseOptions
@@ -280,9 +281,9 @@ func startJob(run func(context.Context, *parallel.Progress) (any, error)) int64 
 	return id
 }
 
-// MergeWait waits up to timeoutMs milliseconds for job id and returns its
+// JobWait waits up to timeoutMs milliseconds for job id and returns its
 // status as JSON. A finished job is forgotten once its status is returned.
-func MergeWait(id int64, timeoutMs int) (out string) {
+func JobWait(id int64, timeoutMs int) (out string) {
 	defer func() {
 		if p := recover(); p != nil {
 			out = errorStatus(fmt.Errorf("internal error: %v", p))
@@ -292,7 +293,7 @@ func MergeWait(id int64, timeoutMs int) (out string) {
 	j := jobs[id]
 	jobsMu.Unlock()
 	if j == nil {
-		return errorStatus(&errs.Error{Kind: errs.KindValue, Msg: fmt.Sprintf("no merge job with id %d", id)})
+		return errorStatus(&errs.Error{Kind: errs.KindValue, Msg: fmt.Sprintf("no job with id %d", id)})
 	}
 	select {
 	case <-j.done:
@@ -314,8 +315,8 @@ func MergeWait(id int64, timeoutMs int) (out string) {
 	return string(b)
 }
 
-// MergeCancel asks job id to stop; MergeWait then reports it cancelled.
-func MergeCancel(id int64) {
+// JobCancel asks job id to stop; JobWait then reports it cancelled.
+func JobCancel(id int64) {
 	jobsMu.Lock()
 	j := jobs[id]
 	jobsMu.Unlock()

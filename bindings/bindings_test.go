@@ -19,7 +19,7 @@ func wait(t *testing.T, id int64) status {
 	t.Helper()
 	for {
 		var s status
-		require.NoError(t, json.Unmarshal([]byte(MergeWait(id, 1000)), &s))
+		require.NoError(t, json.Unmarshal([]byte(JobWait(id, 1000)), &s))
 		if s.State != "running" {
 			return s
 		}
@@ -55,9 +55,9 @@ func TestMergeJobReportsErrorsAsJSON(t *testing.T) {
 
 func TestMergeWaitUnknownJob(t *testing.T) {
 	var s status
-	require.NoError(t, json.Unmarshal([]byte(MergeWait(987654, 0)), &s))
+	require.NoError(t, json.Unmarshal([]byte(JobWait(987654, 0)), &s))
 	assert.Equal(t, "ValueError", s.Error.Kind)
-	MergeCancel(987654) // no-op, no panic
+	JobCancel(987654) // no-op, no panic
 }
 
 func TestInspectAdapterMissing(t *testing.T) {
