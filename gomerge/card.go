@@ -3,6 +3,7 @@ package gomerge
 import (
 	"fmt"
 	"gomerge/gomerge/adapter"
+	"gomerge/gomerge/internal/atomicdir"
 	"sort"
 	"strings"
 )
@@ -148,4 +149,24 @@ func mixedRanks(ranks map[string]int) bool {
 		first = r
 	}
 	return false
+}
+
+// writeConfigAndCard writes adapter_config.json (with a rank pattern for
+// modules whose rank differs) and, unless turned off, the README.md card.
+func writeConfigAndCard(out *atomicdir.Output, opts Options, res *Result, base *adapter.Config, targets adapter.TargetModules, pattern adapter.Patterns) error {
+	cfgJSON, err := adapter.MergedConfigJSON(base, res.Rank, targets, pattern, append(adapter.Patterns(nil), pattern...), nil)
+	if err != nil {
+		return err
+	}
+	if err := out.WriteFile(adapter.ConfigFile, cfgJSON); err != nil {
+		return err
+	}
+	if opts.ModelCard != nil && !*opts.ModelCard {
+		return nil
+	}
+	names := opts.SourceNames
+	if len(names) != len(opts.Adapters) {
+		names = opts.Adapters
+	}
+	return out.WriteFile("README.md", []byte(ModelCard(opts, res, base.BaseModel, names)))
 }

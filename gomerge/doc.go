@@ -15,8 +15,8 @@
 //   - merge_factors.go, merge_cat.go, merge_svd.go, merge_dense_svd.go: one file per merge family
 //   - options.go, plan.go, merge.go: arguments, planning, and running a merge on all cores
 //   - memory.go: merges of tensors in a model's memory (the PEFT drop-in)
-//   - output.go, card.go: atomic output directories and the model card
-//   - limits.go, go: memory planning, parallel loops and GC headroom
+//   - card.go: the model card, and an output adapter's config and card
+//   - limits.go: memory planning (workers within the available memory)
 //   - fuse.go, fuse_plan.go, fuse_apply.go, fuse_write.go, fuse_card.go: the fuse into a base model
 //     (options and result; mapping adapter tensors to base tensors; W + s B A, DoRA, biases and
 //     replacements; writing the model folder on all cores within a memory budget; its model card)
@@ -41,6 +41,7 @@
 //   - errs: typed errors (ErrKind) that the Python layer maps to exception classes
 //   - internal/pool: the float32 scratch buffer pools that they share
 //   - modelfolder: Hugging Face model folders (config, shards and index, validated against
-//     hostile names and contents) and atomic output folders
-//   - internal/atomicdir: output directories written beside their place and renamed into it
+//     hostile names and contents) and output model folders
+//   - internal/atomicdir: the one output protocol of adapters and model folders: a folder
+//     written beside its place and renamed into it
 package gomerge

@@ -168,7 +168,7 @@ func Extract(ctx context.Context, opts ExtractOptions, progress *parallel.Progre
 	if err != nil {
 		return nil, err
 	}
-	if err := checkOutputDir(opts.OutputDir, opts.Overwrite); err != nil {
+	if err := adapter.CheckOutput(opts.OutputDir, opts.Overwrite); err != nil {
 		return nil, err
 	}
 	defer parallel.HoldGCHeadroom()()
@@ -235,17 +235,21 @@ func Extract(ctx context.Context, opts ExtractOptions, progress *parallel.Progre
 		return nil, errs.ErrCancelled
 	}
 
-	pending, err := beginAdapterDir(opts.OutputDir)
+	pending, err := adapter.CreateOutput(opts.OutputDir, opts.Overwrite)
 	if err != nil {
 		return nil, err
 	}
 	committed := false
 	defer func() {
 		if !committed {
-			pending.abort()
+			pending.Abort()
 		}
 	}()
-	if err := writeTensors(pending.path(adapter.WeightsFile), outs, data); err != nil {
+	weightsPath, err := pending.Path(adapter.WeightsFile)
+	if err != nil {
+		return nil, err
+	}
+	if err := writeTensors(weightsPath, outs, data); err != nil {
 		return nil, err
 	}
 	fanIn := false
@@ -256,18 +260,18 @@ func Extract(ctx context.Context, opts ExtractOptions, progress *parallel.Progre
 	if err != nil {
 		return nil, err
 	}
-	if err := writeFileSync(pending.path(adapter.ConfigFile), cfg); err != nil {
+	if err := pending.WriteFile(adapter.ConfigFile, cfg); err != nil {
 		return nil, err
 	}
 	if opts.ModelCard == nil || *opts.ModelCard {
-		if err := writeFileSync(pending.path("README.md"), []byte(extractCard(opts, rule, res))); err != nil {
+		if err := pending.WriteFile("README.md", []byte(extractCard(opts, rule, res))); err != nil {
 			return nil, err
 		}
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, errs.ErrCancelled
 	}
-	if err := pending.commit(opts.Overwrite); err != nil {
+	if err := pending.Commit(); err != nil {
 		return nil, err
 	}
 	committed = true

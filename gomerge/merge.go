@@ -22,7 +22,7 @@ func Merge(ctx context.Context, opts Options, progress *parallel.Progress) (*Res
 	if err := opts.validate(); err != nil {
 		return nil, err
 	}
-	if err := checkOutputDir(opts.OutputDir, opts.Overwrite); err != nil {
+	if err := adapter.CheckOutput(opts.OutputDir, opts.Overwrite); err != nil {
 		return nil, err
 	}
 	defer parallel.HoldGCHeadroom()()
@@ -94,17 +94,21 @@ func Merge(ctx context.Context, opts Options, progress *parallel.Progress) (*Res
 	if err := ctx.Err(); err != nil {
 		return nil, errs.ErrCancelled
 	}
-	pending, err := beginAdapterDir(opts.OutputDir)
+	pending, err := adapter.CreateOutput(opts.OutputDir, opts.Overwrite)
 	if err != nil {
 		return nil, err
 	}
 	committed := false
 	defer func() {
 		if !committed {
-			pending.abort()
+			pending.Abort()
 		}
 	}()
-	outcomes, err := writeModules(ctx, opts, jobs, rank, outDType, progress, pending.path(adapter.WeightsFile))
+	weightsPath, err := pending.Path(adapter.WeightsFile)
+	if err != nil {
+		return nil, err
+	}
+	outcomes, err := writeModules(ctx, opts, jobs, rank, outDType, progress, weightsPath)
 	if err != nil {
 		return nil, err
 	}
@@ -126,7 +130,7 @@ func Merge(ctx context.Context, opts Options, progress *parallel.Progress) (*Res
 	if err := ctx.Err(); err != nil {
 		return nil, errs.ErrCancelled
 	}
-	if err := pending.commit(opts.Overwrite); err != nil {
+	if err := pending.Commit(); err != nil {
 		return nil, err
 	}
 	committed = true

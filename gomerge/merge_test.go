@@ -13,6 +13,7 @@ import (
 
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/internal/atomicdir"
 	"gomerge/gomerge/linalg"
 	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
@@ -135,7 +136,7 @@ func TestMergeEndToEnd(t *testing.T) {
 	entries, err := os.ReadDir(root)
 	require.NoError(t, err)
 	for _, e := range entries {
-		assert.NotContains(t, e.Name(), tmpPrefix, "temporary folder left behind")
+		assert.NotContains(t, e.Name(), atomicdir.TmpPrefix, "temporary folder left behind")
 	}
 }
 

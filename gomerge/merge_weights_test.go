@@ -4,6 +4,7 @@ import (
 	"context"
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/internal/atomicdir"
 	"gomerge/gomerge/linalg"
 	"math"
 	"math/rand/v2"
@@ -138,7 +139,7 @@ func TestMergePerModuleWeightErrorsWriteNothing(t *testing.T) {
 	entries, err := os.ReadDir(root)
 	require.NoError(t, err)
 	for _, e := range entries {
-		assert.NotContains(t, e.Name(), tmpPrefix, "temporary folder left behind")
+		assert.NotContains(t, e.Name(), atomicdir.TmpPrefix, "temporary folder left behind")
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/internal/atomicdir"
 	"gomerge/gomerge/internal/pool"
 	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
@@ -427,4 +428,23 @@ func (a *Adapter) finishModule(path, name string, m *Module) error {
 	m.Alpha = alpha
 	m.Scaling = a.Config.Scaling(r, alpha)
 	return nil
+}
+
+// outputKind is what an output adapter directory holds: overwrite replaces
+// only a directory with an adapter_config.json (or an empty one), so that a
+// mistyped path cannot replace unrelated data.
+var outputKind = atomicdir.Kind{Marker: ConfigFile, What: "an adapter"}
+
+// CheckOutput refuses an existing output directory unless overwrite is
+// set, and with overwrite anything that is not a directory holding a PEFT
+// adapter (or an empty directory); CreateOutput checks it too, this lets
+// callers check before any work.
+func CheckOutput(dir string, overwrite bool) error {
+	return atomicdir.Check(dir, overwrite, outputKind)
+}
+
+// CreateOutput starts writing the adapter directory dir, by the engine's
+// one output protocol (atomicdir.Output).
+func CreateOutput(dir string, overwrite bool) (*atomicdir.Output, error) {
+	return atomicdir.Create(dir, overwrite, outputKind)
 }
