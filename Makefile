@@ -15,7 +15,7 @@ ENGINE := python/gomerge/_engine/bindings.py
 # on a loaded machine (a race in Go's fuzz coordinator, golang/go#75804); 100000 runs take 4-16 s each here.
 FUZZTIME ?= 100000x
 # the fuzz targets, each as its package's folder:target
-FUZZ_TARGETS := gomerge/safetensors:FuzzOpenSafetensors gomerge:FuzzParseConfig gomerge:FuzzPatternResolve gomerge:FuzzWeightsJSON
+FUZZ_TARGETS := gomerge/safetensors:FuzzOpenSafetensors gomerge/adapter:FuzzParseConfig gomerge/adapter:FuzzPatternResolve gomerge/adapter:FuzzWeightsJSON
 # staticcheck runs once over both builds (vector kernels and portable): an unused name is one unused in both
 STATICCHECK_MATRIX := simd: GOEXPERIMENT=simd\nportable: GOEXPERIMENT=\n
 PY_SOURCES := python tests benchmarks examples

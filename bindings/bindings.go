@@ -4,9 +4,10 @@
 // and reports errors as {"kind": <Python exception name>, "message": ...}
 // so that the Python layer can raise the right exception class.
 //
-// A merge runs as a job: MergeStart returns at once, Python polls MergeWait
-// (which releases the GIL while it waits) to show progress and to stay
-// interruptible, and MergeCancel stops it.
+// A merge, a fuse and an extraction each run as a job: MergeStart,
+// MergeTensorsStart, FuseStart and ExtractStart return its id at once,
+// Python polls JobWait (which releases the GIL while it waits) to show
+// progress and to stay interruptible, and JobCancel stops it.
 package bindings
 
 import (
@@ -22,6 +23,10 @@ import (
 	"time"
 
 	"gomerge/gomerge"
+	"gomerge/gomerge/adapter"
+	"gomerge/gomerge/errs"
+	"gomerge/gomerge/kernels"
+	"gomerge/gomerge/parallel"
 )
 
 // EngineVersion returns the engine version, kept equal to the Python package's.
@@ -35,9 +40,9 @@ func EngineKernels() string {
 		InUse    string     `json:"in_use"`
 		Runnable []string   `json:"runnable"`
 		Error    *errorJSON `json:"error,omitempty"`
-	}{InUse: gomerge.KernelSet, Runnable: gomerge.RunnableKernels()}
-	if err := gomerge.KernelsError(); err != nil {
-		info.Error = &errorJSON{Kind: string(gomerge.KindOf(err)), Message: err.Error()}
+	}{InUse: kernels.InUse(), Runnable: kernels.Runnable()}
+	if err := kernels.Err(); err != nil {
+		info.Error = &errorJSON{Kind: string(errs.KindOf(err)), Message: err.Error()}
 	}
 	b, _ := json.Marshal(info)
 	return string(b)
@@ -45,7 +50,7 @@ func EngineKernels() string {
 
 type job struct {
 	cancel   context.CancelFunc
-	progress gomerge.Progress
+	progress parallel.Progress
 	done     chan struct{}
 	result   any
 	err      error
@@ -71,7 +76,7 @@ type status struct {
 }
 
 func errorStatus(err error) string {
-	b, _ := json.Marshal(status{State: "error", Error: &errorJSON{Kind: string(gomerge.KindOf(err)), Message: err.Error()}})
+	b, _ := json.Marshal(status{State: "error", Error: &errorJSON{Kind: string(errs.KindOf(err)), Message: err.Error()}})
 	return string(b)
 }
 
@@ -140,7 +145,7 @@ func decodeRequest(request string, v any) error {
 	if err == nil {
 		return nil
 	}
-	var ge *gomerge.Error
+	var ge *errs.Error
 	if errors.As(err, &ge) { // a value's own check, such as svd_rank's energy rule
 		return ge
 	}
@@ -149,9 +154,9 @@ func decodeRequest(request string, v any) error {
 		return typeError(te)
 	}
 	if key, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
-		return &gomerge.Error{Kind: gomerge.KindValue, Msg: "invalid merge request: unknown key " + key}
+		return &errs.Error{Kind: errs.KindValue, Msg: "invalid merge request: unknown key " + key}
 	}
-	return &gomerge.Error{Kind: gomerge.KindType, Msg: "invalid merge request: " + err.Error()}
+	return &errs.Error{Kind: errs.KindType, Msg: "invalid merge request: " + err.Error()}
 }
 
 // typeError names the key of a value of the wrong type: a TypeError, or a
@@ -172,11 +177,11 @@ func typeError(te *json.UnmarshalTypeError) error {
 	got := te.Value
 	if lit, ok := strings.CutPrefix(got, "number "); ok {
 		if !strings.ContainsAny(lit, ".eE") { // an integer that does not fit
-			return &gomerge.Error{Kind: gomerge.KindValue, Msg: fmt.Sprintf("%s: expected %s, got %s", key, want, lit)}
+			return &errs.Error{Kind: errs.KindValue, Msg: fmt.Sprintf("%s: expected %s, got %s", key, want, lit)}
 		}
 		got = "the number " + lit
 	}
-	return &gomerge.Error{Kind: gomerge.KindType, Msg: fmt.Sprintf("%s: expected %s, got %s", key, want, got)}
+	return &errs.Error{Kind: errs.KindType, Msg: fmt.Sprintf("%s: expected %s, got %s", key, want, got)}
 }
 
 // ValidateCombination checks a request's combination arguments (the
@@ -203,9 +208,9 @@ func ValidateCombination(request string) (out string) {
 // MergeStart starts a merge of adapter directories in the background from a
 // JSON request (the fields of gomerge.Options) and returns its job id. Every
 // outcome, a request that cannot be parsed included, is reported by
-// MergeWait.
+// JobWait.
 func MergeStart(request string) int64 {
-	return startJob(func(ctx context.Context, p *gomerge.Progress) (any, error) {
+	return startJob(func(ctx context.Context, p *parallel.Progress) (any, error) {
 		var opts gomerge.Options
 		if err := decodeRequest(request, &opts); err != nil {
 			return nil, err
@@ -216,9 +221,9 @@ func MergeStart(request string) int64 {
 
 // MergeTensorsStart starts a merge of tensors in memory (a gomerge.MemRequest
 // in JSON: raw addresses of float32 buffers that the caller keeps alive and
-// unmoved until MergeWait reports the job finished) and returns its job id.
+// unmoved until JobWait reports the job finished) and returns its job id.
 func MergeTensorsStart(request string) int64 {
-	return startJob(func(ctx context.Context, p *gomerge.Progress) (any, error) {
+	return startJob(func(ctx context.Context, p *parallel.Progress) (any, error) {
 		var req gomerge.MemRequest
 		if err := decodeRequest(request, &req); err != nil {
 			return nil, err
@@ -229,9 +234,9 @@ func MergeTensorsStart(request string) int64 {
 
 // ExtractStart starts the extraction of a LoRA adapter from a fine-tuned
 // model folder and its base (a gomerge.ExtractOptions in JSON) and returns
-// its job id; MergeWait reports it like a merge.
+// its job id; JobWait reports it like a merge.
 func ExtractStart(request string) int64 {
-	return startJob(func(ctx context.Context, p *gomerge.Progress) (any, error) {
+	return startJob(func(ctx context.Context, p *parallel.Progress) (any, error) {
 		var opts gomerge.ExtractOptions
 		if err := decodeRequest(request, &opts); err != nil {
 			return nil, err
@@ -241,10 +246,10 @@ func ExtractStart(request string) int64 {
 }
 
 // FuseStart starts a fuse of adapters into their base model (the fields of
-// gomerge.FuseOptions, in JSON) and returns its job id; MergeWait reports
-// its progress (output tensors) and outcome, MergeCancel stops it.
+// gomerge.FuseOptions, in JSON) and returns its job id; JobWait reports
+// its progress (output tensors) and outcome, JobCancel stops it.
 func FuseStart(request string) int64 {
-	return startJob(func(ctx context.Context, p *gomerge.Progress) (any, error) {
+	return startJob(func(ctx context.Context, p *parallel.Progress) (any, error) {
 		var opts gomerge.FuseOptions
 		if err := decodeRequest(request, &opts); err != nil {
 			return nil, err
@@ -253,7 +258,7 @@ func FuseStart(request string) int64 {
 	})
 }
 
-func startJob(run func(context.Context, *gomerge.Progress) (any, error)) int64 {
+func startJob(run func(context.Context, *parallel.Progress) (any, error)) int64 {
 	ctx, cancel := context.WithCancel(context.Background())
 	j := &job{cancel: cancel, done: make(chan struct{})}
 	jobsMu.Lock()
@@ -269,16 +274,16 @@ func startJob(run func(context.Context, *gomerge.Progress) (any, error)) int64 {
 				j.err = fmt.Errorf("internal error: %v\n%s", p, debug.Stack())
 			}
 		}()
-		if j.err = gomerge.KernelsError(); j.err == nil {
+		if j.err = kernels.Err(); j.err == nil {
 			j.result, j.err = run(ctx, &j.progress)
 		}
 	}()
 	return id
 }
 
-// MergeWait waits up to timeoutMs milliseconds for job id and returns its
+// JobWait waits up to timeoutMs milliseconds for job id and returns its
 // status as JSON. A finished job is forgotten once its status is returned.
-func MergeWait(id int64, timeoutMs int) (out string) {
+func JobWait(id int64, timeoutMs int) (out string) {
 	defer func() {
 		if p := recover(); p != nil {
 			out = errorStatus(fmt.Errorf("internal error: %v", p))
@@ -288,7 +293,7 @@ func MergeWait(id int64, timeoutMs int) (out string) {
 	j := jobs[id]
 	jobsMu.Unlock()
 	if j == nil {
-		return errorStatus(&gomerge.Error{Kind: gomerge.KindValue, Msg: fmt.Sprintf("no merge job with id %d", id)})
+		return errorStatus(&errs.Error{Kind: errs.KindValue, Msg: fmt.Sprintf("no job with id %d", id)})
 	}
 	select {
 	case <-j.done:
@@ -310,8 +315,8 @@ func MergeWait(id int64, timeoutMs int) (out string) {
 	return string(b)
 }
 
-// MergeCancel asks job id to stop; MergeWait then reports it cancelled.
-func MergeCancel(id int64) {
+// JobCancel asks job id to stop; JobWait then reports it cancelled.
+func JobCancel(id int64) {
 	jobsMu.Lock()
 	j := jobs[id]
 	jobsMu.Unlock()
@@ -328,7 +333,7 @@ func InspectAdapter(dir string) (out string) {
 			out = errorStatus(fmt.Errorf("internal error: %v", p))
 		}
 	}()
-	info, err := gomerge.Inspect(dir)
+	info, err := adapter.Inspect(dir)
 	if err != nil {
 		return errorStatus(err)
 	}

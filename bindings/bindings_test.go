@@ -12,13 +12,14 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"gomerge/gomerge"
+	"gomerge/gomerge/errs"
 )
 
 func wait(t *testing.T, id int64) status {
 	t.Helper()
 	for {
 		var s status
-		require.NoError(t, json.Unmarshal([]byte(MergeWait(id, 1000)), &s))
+		require.NoError(t, json.Unmarshal([]byte(JobWait(id, 1000)), &s))
 		if s.State != "running" {
 			return s
 		}
@@ -54,9 +55,9 @@ func TestMergeJobReportsErrorsAsJSON(t *testing.T) {
 
 func TestMergeWaitUnknownJob(t *testing.T) {
 	var s status
-	require.NoError(t, json.Unmarshal([]byte(MergeWait(987654, 0)), &s))
+	require.NoError(t, json.Unmarshal([]byte(JobWait(987654, 0)), &s))
 	assert.Equal(t, "ValueError", s.Error.Kind)
-	MergeCancel(987654) // no-op, no panic
+	JobCancel(987654) // no-op, no panic
 }
 
 func TestInspectAdapterMissing(t *testing.T) {
@@ -178,19 +179,19 @@ func TestEngineParamsCarryTheSchema(t *testing.T) {
 func TestDecodeRequestNamesTheKey(t *testing.T) {
 	for _, tc := range []struct {
 		request string
-		kind    gomerge.ErrKind
+		kind    errs.ErrKind
 		msg     string
 	}{
-		{`{"density": "a"}`, gomerge.KindType, "density: expected a number, got string"},
-		{`{"seed": -1}`, gomerge.KindValue, "seed: expected an integer in [0, 2**64), got -1"},
-		{`{"max_rank": 2.5}`, gomerge.KindType, "max_rank: expected an integer, got the number 2.5"},
-		{`{"svd_full_matrices": 1}`, gomerge.KindType, "svd_full_matrices: expected true or false, got number"},
-		{`{"densty": 1}`, gomerge.KindValue, `invalid merge request: unknown key "densty"`},
+		{`{"density": "a"}`, errs.KindType, "density: expected a number, got string"},
+		{`{"seed": -1}`, errs.KindValue, "seed: expected an integer in [0, 2**64), got -1"},
+		{`{"max_rank": 2.5}`, errs.KindType, "max_rank: expected an integer, got the number 2.5"},
+		{`{"svd_full_matrices": 1}`, errs.KindType, "svd_full_matrices: expected true or false, got number"},
+		{`{"densty": 1}`, errs.KindValue, `invalid merge request: unknown key "densty"`},
 	} {
 		var o gomerge.Options
 		err := decodeRequest(tc.request, &o)
 		require.Error(t, err, tc.request)
-		assert.Equal(t, tc.kind, gomerge.KindOf(err), tc.request)
+		assert.Equal(t, tc.kind, errs.KindOf(err), tc.request)
 		assert.Equal(t, tc.msg, err.Error(), tc.request)
 	}
 }

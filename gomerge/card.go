@@ -2,6 +2,8 @@ package gomerge
 
 import (
 	"fmt"
+	"gomerge/gomerge/adapter"
+	"gomerge/gomerge/internal/atomicdir"
 	"sort"
 	"strings"
 )
@@ -72,7 +74,7 @@ func ModelCard(opts Options, res *Result, baseModel string, sources []string) st
 }
 
 // weightText shows a pattern's weight: a number or a gradient.
-func weightText(p WeightPattern) string {
+func weightText(p adapter.WeightPattern) string {
 	if p.Gradient == nil {
 		return fmt.Sprintf("%g", p.Weight)
 	}
@@ -147,4 +149,24 @@ func mixedRanks(ranks map[string]int) bool {
 		first = r
 	}
 	return false
+}
+
+// writeConfigAndCard writes adapter_config.json (with a rank pattern for
+// modules whose rank differs) and, unless turned off, the README.md card.
+func writeConfigAndCard(out *atomicdir.Output, opts Options, res *Result, base *adapter.Config, targets adapter.TargetModules, pattern adapter.Patterns) error {
+	cfgJSON, err := adapter.MergedConfigJSON(base, res.Rank, targets, pattern, append(adapter.Patterns(nil), pattern...), nil)
+	if err != nil {
+		return err
+	}
+	if err := out.WriteFile(adapter.ConfigFile, cfgJSON); err != nil {
+		return err
+	}
+	if opts.ModelCard != nil && !*opts.ModelCard {
+		return nil
+	}
+	names := opts.SourceNames
+	if len(names) != len(opts.Adapters) {
+		names = opts.Adapters
+	}
+	return out.WriteFile("README.md", []byte(ModelCard(opts, res, base.BaseModel, names)))
 }

@@ -1,6 +1,7 @@
 package gomerge
 
 import (
+	"gomerge/gomerge/adapter"
 	"strings"
 	"testing"
 
@@ -9,7 +10,7 @@ import (
 
 func TestModelCard(t *testing.T) {
 	density, seed := 0.2, uint64(42)
-	opts := Options{Weights: ScalarWeights(2, 1), OutputDir: "merged", Combine: Combine{Density: &density, MajoritySignMethod: "total"}}
+	opts := Options{Weights: adapter.ScalarWeights(2, 1), OutputDir: "merged", Combine: Combine{Density: &density, MajoritySignMethod: "total"}}
 	res := &Result{AdapterName: "merge", CombinationType: "dare_ties", Rank: 8, DType: "bfloat16", Seed: &seed}
 	card := ModelCard(opts, res, "org/base: v1", []string{"user/a", "dir/b"})
 	front := strings.SplitN(card, "---\n", 3)[1]
@@ -26,14 +27,14 @@ func TestModelCard(t *testing.T) {
 	ranked := ModelCard(opts, res, "", []string{"a", "b"})
 	assert.Contains(t, ranked, "largest relative error ||D - B'A'|| / ||D|| of a module: 0.125")
 	assert.Contains(t, ranked, "| `m.v` | 3 | 0.125 |")
-	plain := ModelCard(Options{Weights: ScalarWeights(1), OutputDir: "o"}, &Result{CombinationType: "svd"}, "", []string{"a"})
+	plain := ModelCard(Options{Weights: adapter.ScalarWeights(1), OutputDir: "o"}, &Result{CombinationType: "svd"}, "", []string{"a"})
 	assert.NotContains(t, plain, "base_model:")
 	assert.NotContains(t, plain, "seed:")
 	assert.Equal(t, "meta-llama/Llama-2-7b", yamlString("meta-llama/Llama-2-7b"))
 }
 
 func TestModelCardPerModuleWeights(t *testing.T) {
-	opts := Options{OutputDir: "merged", Weights: Weights{
+	opts := Options{OutputDir: "merged", Weights: adapter.Weights{
 		perModule(`self_attn\..*`, 1.0, `mlp\..*|lm_head`, 0.0),
 		{Value: 0.5},
 		perModule("a`b", []float64{0, 0.25, 1}),
@@ -47,5 +48,5 @@ func TestModelCardPerModuleWeights(t *testing.T) {
 		assert.Contains(t, card, want)
 	}
 	assert.NotContains(t, card, "`plain`:")
-	assert.NotContains(t, ModelCard(Options{Weights: ScalarWeights(1), OutputDir: "o"}, &Result{CombinationType: "svd"}, "", []string{"a"}), "Per-module")
+	assert.NotContains(t, ModelCard(Options{Weights: adapter.ScalarWeights(1), OutputDir: "o"}, &Result{CombinationType: "svd"}, "", []string{"a"}), "Per-module")
 }

@@ -3,6 +3,7 @@ package gomerge
 import (
 	"gomerge/gomerge/internal/pool"
 	"gomerge/gomerge/kernels"
+	"gomerge/gomerge/parallel"
 )
 
 // Combination is one of PEFT's element-wise ways to combine task tensors
@@ -71,7 +72,7 @@ func (c Combination) Apply(tensors [][]float32, weights []float32, dare func(i i
 			}
 		}
 		if each != nil { // one goroutine per tensor when tensors are large
-			parallelFor(len(ts), max(1, combineGrain*4/max(1, len(ts[0]))), func(lo, hi int) {
+			parallel.For(len(ts), max(1, combineGrain*4/max(1, len(ts[0]))), func(lo, hi int) {
 				for i := lo; i < hi; i++ {
 					each(i)
 				}
@@ -84,7 +85,7 @@ func (c Combination) Apply(tensors [][]float32, weights []float32, dare func(i i
 	}
 	ties := c.TIES
 	frequency := c.SignMethod == kernels.SignFrequency
-	parallelFor(len(out), combineGrain, func(lo, hi int) {
+	parallel.For(len(out), combineGrain, func(lo, hi int) {
 		sub := make([][]float32, len(ts))
 		for i, t := range ts {
 			sub[i] = t[lo:hi]

@@ -3,6 +3,7 @@ package gomerge
 import (
 	"context"
 	"fmt"
+	"gomerge/gomerge/linalg"
 	"math/rand/v2"
 	"syscall"
 	"testing"
@@ -37,11 +38,11 @@ func BenchmarkDellaModule(b *testing.B) {
 		}
 		fa, fb, err := srcs[0].mod.Factors()
 		require.NoError(b, err)
-		dw := denseDelta(fa, fb, out, 16, in, srcs[0].mod.Scaling)
+		dw := linalg.DenseDelta(fa, fb, out, 16, in, srcs[0].mod.Scaling)
 		b.Run(fmt.Sprintf("denseDelta/%dx%d", out, in), func(b *testing.B) {
 			defer reportCPU(b)()
 			for b.Loop() {
-				denseDelta(fa, fb, out, 16, in, srcs[0].mod.Scaling)
+				linalg.DenseDelta(fa, fb, out, 16, in, srcs[0].mod.Scaling)
 			}
 		})
 		t := make([]float32, len(dw))
@@ -55,7 +56,7 @@ func BenchmarkDellaModule(b *testing.B) {
 		b.Run(fmt.Sprintf("RandomizedSVD/%dx%d", out, in), func(b *testing.B) {
 			defer reportCPU(b)()
 			for b.Loop() {
-				RandomizedSVD(t, out, in, 16, TensorRNG(rsvdSeed, "proj", "rsvd"))
+				linalg.RandomizedSVD(t, out, in, 16, TensorRNG(rsvdSeed, "proj", "rsvd"))
 			}
 		})
 	}

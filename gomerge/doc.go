@@ -7,24 +7,16 @@
 //
 // The package is organised one concept per file:
 //
-//   - errors.go, storage.go: the names of packages errs (typed errors) and safetensors (DType, RawTensor) here
-//   - config.go, pattern.go: adapter_config.json and rank/alpha patterns
-//   - adapter.go, inspect.go: an adapter directory as a set of LoRA modules, and its summary
 //   - sparsify.go, combine.go: PEFT's merge_utils primitives
 //     (magnitude and random pruning, TIES, task arithmetic) on top of package kernels
 //   - prune_outliers.go, prune_della.go, merge_generalized.go: mergekit's Model Breadcrumbs
 //     and DELLA pruning and its generalized task arithmetic (breadcrumbs, della and their variants)
-//   - kernelset.go: the kernel set in use and a GOMERGE_KERNELS request's error, as the bindings see them
-//   - lowrank.go: exact SVD of a sum of low-rank products (thin QRs + core SVD)
-//   - rsvd.go: randomized SVD of dense updates
 //   - methods.go: the method table (every merge method's family, pruning, parameters, rank rule)
-//   - rank.go: svd_rank as a rank or the energy rule, and the truncation error
 //   - merge_factors.go, merge_cat.go, merge_svd.go, merge_dense_svd.go: one file per merge family
 //   - options.go, plan.go, merge.go: arguments, planning, and running a merge on all cores
-//   - weights.go: per-adapter weights, a number or module-name patterns (PEFT's first-match rule) and gradients over the layers
 //   - memory.go: merges of tensors in a model's memory (the PEFT drop-in)
-//   - output.go, card.go: atomic output directories and the model card
-//   - limits.go, parallel.go: memory planning, parallel loops and GC headroom
+//   - card.go: the model card, and an output adapter's config and card
+//   - limits.go: memory planning (workers within the available memory)
 //   - fuse.go, fuse_plan.go, fuse_apply.go, fuse_write.go, fuse_card.go: the fuse into a base model
 //     (options and result; mapping adapter tensors to base tensors; W + s B A, DoRA, biases and
 //     replacements; writing the model folder on all cores within a memory budget; its model card)
@@ -33,6 +25,13 @@
 //
 // Packages below it, which import nothing from it:
 //
+//   - adapter (gomerge/gomerge/adapter): PEFT adapter directories (adapter_config.json, rank and
+//     alpha patterns, the LoRA modules, one loader for merges and fuses, Inspect) and the
+//     per-adapter weights (a number or module-name patterns and gradients over the layers)
+//   - linalg (gomerge/gomerge/linalg): the exact SVD of a sum of low-rank products, the
+//     randomized SVD of dense updates, and the rank rules (svd_rank as a rank or the energy rule)
+//   - parallel (gomerge/gomerge/parallel): parallel loops, the job runner and its Progress
+//     counters, and GC headroom
 //   - safetensors (gomerge/gomerge/safetensors): validated, streaming safetensors reading and
 //     writing, and the F32 / BF16 / F16 storage types and their conversion
 //   - kernels (gomerge/gomerge/kernels): the element-wise kernels in portable Go and in
@@ -42,6 +41,7 @@
 //   - errs: typed errors (ErrKind) that the Python layer maps to exception classes
 //   - internal/pool: the float32 scratch buffer pools that they share
 //   - modelfolder: Hugging Face model folders (config, shards and index, validated against
-//     hostile names and contents) and atomic output folders
-//   - internal/atomicdir: output directories written beside their place and renamed into it
+//     hostile names and contents) and output model folders
+//   - internal/atomicdir: the one output protocol of adapters and model folders: a folder
+//     written beside its place and renamed into it
 package gomerge

@@ -13,8 +13,12 @@ import (
 	"strings"
 	"time"
 
+	"gomerge/gomerge/adapter"
+	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/linalg"
 	"gomerge/gomerge/modelfolder"
+	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -26,8 +30,8 @@ type ExtractOptions struct {
 	OutputDir string `json:"output_dir"`
 	// Rank is every module's rank, or the energy rule "energy:F": each
 	// module gets the smallest rank keeping the fraction F of ||dW||^2.
-	Rank    *RankSpec `json:"rank"`
-	MaxRank *int      `json:"max_rank"` // cap of every module's rank
+	Rank    *linalg.RankSpec `json:"rank"`
+	MaxRank *int             `json:"max_rank"` // cap of every module's rank
 	// SaveModules names modules saved whole into modules_to_save (a module
 	// path, or the last part of one: "lm_head", "embed_tokens", "norm");
 	// a linear module named here is saved whole instead of factorised.
@@ -100,48 +104,48 @@ type extractOutcome struct {
 	data    [][]byte
 }
 
-func (o *ExtractOptions) validate() (rankRule, DType, error) {
+func (o *ExtractOptions) validate() (linalg.RankRule, safetensors.DType, error) {
 	if o.Base == "" || o.Finetuned == "" {
-		return rankRule{}, "", valueErr("extract: base and finetuned model folders are required")
+		return linalg.RankRule{}, "", errs.Value("extract: base and finetuned model folders are required")
 	}
 	if o.OutputDir == "" {
-		return rankRule{}, "", valueErr("output_dir: a directory to write the extracted adapter to is required")
+		return linalg.RankRule{}, "", errs.Value("output_dir: a directory to write the extracted adapter to is required")
 	}
 	out := filepath.Clean(o.OutputDir)
 	for _, in := range []string{o.Base, o.Finetuned} {
 		if filepath.Clean(in) == out {
-			return rankRule{}, "", valueErr("output_dir: %s is also an input model folder; choose another directory", o.OutputDir)
+			return linalg.RankRule{}, "", errs.Value("output_dir: %s is also an input model folder; choose another directory", o.OutputDir)
 		}
 	}
 	if o.Rank == nil {
-		return rankRule{}, "", valueErr("extract: give a rank (an integer) or an energy fraction")
+		return linalg.RankRule{}, "", errs.Value("extract: give a rank (an integer) or an energy fraction")
 	}
-	rule := rankRule{fixed: o.Rank.Fixed, energy: o.Rank.Energy}
+	rule := linalg.RankRule{Fixed: o.Rank.Fixed, Energy: o.Rank.Energy}
 	if o.Rank.Energy == 0 && o.Rank.Fixed <= 0 {
-		return rankRule{}, "", valueErr("rank: %d must be a positive integer", o.Rank.Fixed)
+		return linalg.RankRule{}, "", errs.Value("rank: %d must be a positive integer", o.Rank.Fixed)
 	}
 	if o.Rank.Energy != 0 && (o.Rank.Energy <= 0 || o.Rank.Energy > 1 || math.IsNaN(o.Rank.Energy)) {
-		return rankRule{}, "", valueErr("energy: %g must be in (0, 1]", o.Rank.Energy)
+		return linalg.RankRule{}, "", errs.Value("energy: %g must be in (0, 1]", o.Rank.Energy)
 	}
 	if o.MaxRank != nil {
 		if *o.MaxRank <= 0 {
-			return rankRule{}, "", valueErr("max_rank: %d must be a positive integer", *o.MaxRank)
+			return linalg.RankRule{}, "", errs.Value("max_rank: %d must be a positive integer", *o.MaxRank)
 		}
-		rule.max = *o.MaxRank
+		rule.Max = *o.MaxRank
 	}
 	if o.Workers < 0 {
-		return rankRule{}, "", valueErr("workers: %d must be positive (0 uses all cores)", o.Workers)
+		return linalg.RankRule{}, "", errs.Value("workers: %d must be positive (0 uses all cores)", o.Workers)
 	}
-	dt := F32
+	dt := safetensors.F32
 	if o.DType != "" {
 		var err error
 		if dt, err = safetensors.ParseDType(o.DType); err != nil {
-			return rankRule{}, "", err
+			return linalg.RankRule{}, "", err
 		}
 	}
 	for _, s := range o.SaveModules {
 		if strings.TrimSpace(s) == "" {
-			return rankRule{}, "", valueErr("save_modules: an empty module name")
+			return linalg.RankRule{}, "", errs.Value("save_modules: an empty module name")
 		}
 	}
 	return rule, dt, nil
@@ -158,16 +162,16 @@ func (o *ExtractOptions) validate() (rankRule, DType, error) {
 // Changed tensors of other modules (norms, embeddings, lm_head) go into
 // modules_to_save when asked. progress may be nil; ctx cancels (nothing is
 // written).
-func Extract(ctx context.Context, opts ExtractOptions, progress *Progress) (*ExtractResult, error) {
+func Extract(ctx context.Context, opts ExtractOptions, progress *parallel.Progress) (*ExtractResult, error) {
 	start := time.Now()
 	rule, dt, err := opts.validate()
 	if err != nil {
 		return nil, err
 	}
-	if err := checkOutputDir(opts.OutputDir, opts.Overwrite); err != nil {
+	if err := adapter.CheckOutput(opts.OutputDir, opts.Overwrite); err != nil {
 		return nil, err
 	}
-	defer holdGCHeadroom()()
+	defer parallel.HoldGCHeadroom()()
 	base, err := modelfolder.Open(opts.Base)
 	if err != nil {
 		return nil, err
@@ -223,25 +227,29 @@ func Extract(ctx context.Context, opts ExtractOptions, progress *Progress) (*Ext
 			"layers cannot be carried): %s", len(notCarried), strings.Join(notCarried, ", ")))
 	}
 	if len(targets) == 0 {
-		return nil, valueErr("extract: no linear module of %s differs from %s; there is nothing to factorise", opts.Finetuned, opts.Base)
+		return nil, errs.Value("extract: no linear module of %s differs from %s; there is nothing to factorise", opts.Finetuned, opts.Base)
 	}
 	res.Modules = len(targets)
 	res.Rank = slices.Max(ranks)
 	if err := ctx.Err(); err != nil {
-		return nil, ErrCancelled
+		return nil, errs.ErrCancelled
 	}
 
-	pending, err := beginAdapterDir(opts.OutputDir)
+	pending, err := adapter.CreateOutput(opts.OutputDir, opts.Overwrite)
 	if err != nil {
 		return nil, err
 	}
 	committed := false
 	defer func() {
 		if !committed {
-			pending.abort()
+			pending.Abort()
 		}
 	}()
-	if err := writeTensors(pending.path(WeightsFile), outs, data); err != nil {
+	weightsPath, err := pending.Path(adapter.WeightsFile)
+	if err != nil {
+		return nil, err
+	}
+	if err := writeTensors(weightsPath, outs, data); err != nil {
 		return nil, err
 	}
 	fanIn := false
@@ -252,18 +260,18 @@ func Extract(ctx context.Context, opts ExtractOptions, progress *Progress) (*Ext
 	if err != nil {
 		return nil, err
 	}
-	if err := writeFileSync(pending.path(ConfigFile), cfg); err != nil {
+	if err := pending.WriteFile(adapter.ConfigFile, cfg); err != nil {
 		return nil, err
 	}
 	if opts.ModelCard == nil || *opts.ModelCard {
-		if err := writeFileSync(pending.path("README.md"), []byte(extractCard(opts, rule, res))); err != nil {
+		if err := pending.WriteFile("README.md", []byte(extractCard(opts, rule, res))); err != nil {
 			return nil, err
 		}
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, ErrCancelled
+		return nil, errs.ErrCancelled
 	}
-	if err := pending.commit(opts.Overwrite); err != nil {
+	if err := pending.Commit(); err != nil {
 		return nil, err
 	}
 	committed = true
@@ -309,12 +317,12 @@ func writeTensors(path string, outs []safetensors.OutTensor, data [][]byte) erro
 func planExtraction(opts ExtractOptions, base, ft *modelfolder.Folder) ([]extractJob, error) {
 	for _, name := range base.Names() {
 		if _, ok := ft.Info(name); !ok {
-			return nil, valueErr("tensor %s is in the base model (%s) but not in the fine-tuned model %s", name, tensorFile(base, name), opts.Finetuned)
+			return nil, errs.Value("tensor %s is in the base model (%s) but not in the fine-tuned model %s", name, tensorFile(base, name), opts.Finetuned)
 		}
 	}
 	for _, name := range ft.Names() {
 		if _, ok := base.Info(name); !ok {
-			return nil, valueErr("tensor %s is in the fine-tuned model (%s) but not in the base model %s", name, tensorFile(ft, name), opts.Base)
+			return nil, errs.Value("tensor %s is in the fine-tuned model (%s) but not in the base model %s", name, tensorFile(ft, name), opts.Base)
 		}
 	}
 	modelType, _ := ft.Config()["model_type"].(string)
@@ -339,12 +347,12 @@ func planExtraction(opts ExtractOptions, base, ft *modelfolder.Folder) ([]extrac
 			f *modelfolder.Folder
 		}{{be, base}, {fe, ft}} {
 			if c.e.DType == "" {
-				return nil, valueErr("tensor %s in %s has dtype %s; only float tensors (F32, BF16, F16) can be compared",
+				return nil, errs.Value("tensor %s in %s has dtype %s; only float tensors (F32, BF16, F16) can be compared",
 					name, tensorFile(c.f, name), c.e.RawDType)
 			}
 		}
 		if !slices.Equal(be.Shape, fe.Shape) {
-			return nil, valueErr("tensor %s has shape %s in the base model (%s) but %s in the fine-tuned model (%s)",
+			return nil, errs.Value("tensor %s has shape %s in the base model (%s) but %s in the fine-tuned model (%s)",
 				name, shapeText(be.Shape), tensorFile(base, name), shapeText(fe.Shape), tensorFile(ft, name))
 		}
 		module, param := name, ""
@@ -378,7 +386,7 @@ func planExtraction(opts ExtractOptions, base, ft *modelfolder.Folder) ([]extrac
 			}
 		}
 		if !found {
-			return nil, valueErr("save_modules: %q names no module of %s", s, opts.Finetuned)
+			return nil, errs.Value("save_modules: %q names no module of %s", s, opts.Finetuned)
 		}
 	}
 	// a linear module whose bias were saved whole would be both a LoRA target and a module to save: a changed
@@ -397,12 +405,12 @@ func planExtraction(opts ExtractOptions, base, ft *modelfolder.Folder) ([]extrac
 // runExtractJobs runs the jobs on the workers; each job reads its tensors
 // from both folders, so that memory holds only the modules in progress (and
 // the factors made so far).
-func runExtractJobs(ctx context.Context, opts ExtractOptions, jobs []extractJob, base, ft *modelfolder.Folder, rule rankRule, dt DType, seed uint64, progress *Progress) ([]extractOutcome, error) {
+func runExtractJobs(ctx context.Context, opts ExtractOptions, jobs []extractJob, base, ft *modelfolder.Folder, rule linalg.RankRule, dt safetensors.DType, seed uint64, progress *parallel.Progress) ([]extractOutcome, error) {
 	if progress != nil {
 		progress.Total.Store(int64(len(jobs)))
 	}
 	outcomes := make([]extractOutcome, len(jobs))
-	err := runJobsOn(ctx, len(jobs), opts.Workers, progress, func(_, i int) (err error) {
+	err := parallel.RunJobs(ctx, len(jobs), opts.Workers, progress, func(_, i int) (err error) {
 		outcomes[i], err = runExtractJob(&jobs[i], base, ft, rule, dt, seed)
 		return err
 	})
@@ -413,10 +421,10 @@ func runExtractJobs(ctx context.Context, opts ExtractOptions, jobs []extractJob,
 }
 
 // runExtractJob runs one job, turning a panic into an error naming it.
-func runExtractJob(j *extractJob, base, ft *modelfolder.Folder, rule rankRule, dt DType, seed uint64) (out extractOutcome, err error) {
+func runExtractJob(j *extractJob, base, ft *modelfolder.Folder, rule linalg.RankRule, dt safetensors.DType, seed uint64) (out extractOutcome, err error) {
 	defer func() {
 		if p := recover(); p != nil {
-			err = newErr(KindInternal, "module %s: internal error: %v", j.module, p)
+			err = errs.New(errs.KindInternal, "module %s: internal error: %v", j.module, p)
 		}
 	}()
 	if j.lora {
@@ -474,7 +482,7 @@ func compareModule(j *extractJob, base, ft *modelfolder.Folder) (extractOutcome,
 			if err != nil {
 				return o, err
 			}
-			keep = append(keep, saved{safetensors.OutTensor{Name: keyPrefix + name, DType: fe.DType, Shape: fe.Shape}, raw})
+			keep = append(keep, saved{safetensors.OutTensor{Name: adapter.KeyPrefix + name, DType: fe.DType, Shape: fe.Shape}, raw})
 		}
 	}
 	if j.save && (o.changed || j.named) {
@@ -510,7 +518,7 @@ func sameStored(name string, size int64, base, ft *modelfolder.Folder) (bool, er
 }
 
 // extractLinear factorises one module's dW = W_ft - W_base.
-func extractLinear(j *extractJob, base, ft *modelfolder.Folder, rule rankRule, dt DType, seed uint64) (extractOutcome, error) {
+func extractLinear(j *extractJob, base, ft *modelfolder.Folder, rule linalg.RankRule, dt safetensors.DType, seed uint64) (extractOutcome, error) {
 	var o extractOutcome
 	name := j.tensors[0]
 	wb, wf, err := readPair(name, base, ft)
@@ -541,10 +549,10 @@ func extractLinear(j *extractJob, base, ft *modelfolder.Folder, rule rankRule, d
 	}
 	bk, ak, r, relErr := factorizeDense(d, j.m, j.n, total, rule, func() *rand.Rand { return TensorRNG(seed, j.module, "extract") })
 	o.rank, o.relErr = r, relErr
-	aName, bName := moduleKeys(j.module, KindLinear)
+	aName, bName := adapter.ModuleKeys(j.module, adapter.KindLinear)
 	encode := func(x []float64) []byte {
 		f := toFloat32(x)
-		if dt == F32 {
+		if dt == safetensors.F32 {
 			return safetensors.Float32AsBytes(f)
 		}
 		return safetensors.Encode(dt, f)
@@ -571,23 +579,23 @@ const extractSketch = 64
 // the sketch grows (doubling from extractSketch) until its singular values
 // reach the energy, or the cap (max_rank, or min(m, n)). It returns the
 // factors, the rank and the relative Frobenius error ||d - B A|| / ||d||.
-func factorizeDense(d []float32, m, n int, total float64, rule rankRule, rng func() *rand.Rand) (bk, ak []float64, r int, relErr float64) {
+func factorizeDense(d []float32, m, n int, total float64, rule linalg.RankRule, rng func() *rand.Rand) (bk, ak []float64, r int, relErr float64) {
 	q := min(m, n)
 	capRank := q
-	if rule.max > 0 {
-		capRank = min(capRank, rule.max)
+	if rule.Max > 0 {
+		capRank = min(capRank, rule.Max)
 	}
-	if rule.fixed > 0 {
-		k := min(rule.fixed, capRank)
-		bk, ak, _, r = randomizedSVD(d, m, n, k, ExtractPowerIters, rng(), func([]float64) int { return k })
+	if rule.Fixed > 0 {
+		k := min(rule.Fixed, capRank)
+		bk, ak, _, r = linalg.RandomizedSVDBy(d, m, n, k, ExtractPowerIters, rng(), func([]float64) int { return k })
 	} else {
 		for k := min(extractSketch, capRank); ; k = min(2*k, capRank) {
 			reached := false
-			bk, ak, _, r = randomizedSVD(d, m, n, k, ExtractPowerIters, rng(), func(s []float64) int {
+			bk, ak, _, r = linalg.RandomizedSVDBy(d, m, n, k, ExtractPowerIters, rng(), func(s []float64) int {
 				kept := 0.0
 				for i, v := range s[:min(k, len(s))] {
 					kept += v * v
-					if kept >= rule.energy*total*(1-1e-12) {
+					if kept >= rule.Energy*total*(1-1e-12) {
 						reached = true
 						return i + 1
 					}
@@ -614,7 +622,7 @@ func factorizeDense(d []float32, m, n int, total float64, rule rankRule, rng fun
 // residual is ||d - B A||^2 in float64, rows in parallel.
 func residual(d []float32, m, n int, bk, ak []float64, r int) float64 {
 	parts := make([]float64, m)
-	parallelFor(m, max(1, (1<<16)/max(1, n*max(r, 1))), func(lo, hi int) {
+	parallel.For(m, max(1, (1<<16)/max(1, n*max(r, 1))), func(lo, hi int) {
 		row := make([]float64, n)
 		for i := lo; i < hi; i++ {
 			for c := range row {
@@ -643,14 +651,14 @@ func residual(d []float32, m, n int, bk, ak []float64, r int) float64 {
 
 // extractConfigJSON is the adapter_config.json of an extracted adapter.
 func extractConfigJSON(opts ExtractOptions, base *modelfolder.Folder, res *ExtractResult, targets []string, ranks []int, fanIn bool) ([]byte, error) {
-	var pattern Patterns
+	var pattern adapter.Patterns
 	for i, t := range targets {
 		if ranks[i] != res.Rank {
-			pattern = append(pattern, PatternEntry{Key: regexp.QuoteMeta(t), Value: float64(ranks[i])})
+			pattern = append(pattern, adapter.PatternEntry{Key: regexp.QuoteMeta(t), Value: float64(ranks[i])})
 		}
 	}
 	if pattern == nil {
-		pattern = Patterns{}
+		pattern = adapter.Patterns{}
 	}
 	baseName := opts.BaseName
 	if baseName == "" {
@@ -695,7 +703,7 @@ func extractConfigJSON(opts ExtractOptions, base *modelfolder.Folder, res *Extra
 // extractCard is the README.md of an extracted adapter: the Hub's
 // metadata, the models, the options, each module's rank and relative
 // error, the modules saved whole and those skipped as unchanged.
-func extractCard(opts ExtractOptions, rule rankRule, res *ExtractResult) string {
+func extractCard(opts ExtractOptions, rule linalg.RankRule, res *ExtractResult) string {
 	baseName, ftName := opts.BaseName, opts.FinetunedName
 	if baseName == "" {
 		baseName = opts.Base
@@ -710,13 +718,13 @@ func extractCard(opts ExtractOptions, rule rankRule, res *ExtractResult) string 
 		"dW = W_ft - W_base (float32) is factorised as B A by a seeded randomized SVD (B = U S, A = V^T; "+
 		"lora_alpha = r, so that the scaling is 1).\n\n", filepath.Base(filepath.Clean(opts.OutputDir)), Version, ftName, baseName)
 	b.WriteString("## Options\n\n")
-	if rule.fixed > 0 {
-		fmt.Fprintf(&b, "- rank: %d\n", rule.fixed)
+	if rule.Fixed > 0 {
+		fmt.Fprintf(&b, "- rank: %d\n", rule.Fixed)
 	} else {
-		fmt.Fprintf(&b, "- energy: %g (each module keeps that fraction of ||dW||^2)\n", rule.energy)
+		fmt.Fprintf(&b, "- energy: %g (each module keeps that fraction of ||dW||^2)\n", rule.Energy)
 	}
-	if rule.max > 0 {
-		fmt.Fprintf(&b, "- max_rank: %d\n", rule.max)
+	if rule.Max > 0 {
+		fmt.Fprintf(&b, "- max_rank: %d\n", rule.Max)
 	}
 	fmt.Fprintf(&b, "- dtype: %s\n- seed: %d (the same seed gives the same bytes)\n", res.DType, res.Seed)
 	if len(res.ModulesToSave) > 0 {

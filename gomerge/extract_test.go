@@ -15,6 +15,9 @@ import (
 	"github.com/stretchr/testify/require"
 	"gonum.org/v1/gonum/mat"
 
+	"gomerge/gomerge/adapter"
+	"gomerge/gomerge/errs"
+	"gomerge/gomerge/linalg"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -25,9 +28,9 @@ func writeModel(t *testing.T, dir string, tensors map[string]*Tensor) string {
 	require.NoError(t, os.MkdirAll(dir, 0o755))
 	cfg := `{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}`
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "config.json"), []byte(cfg), 0o644))
-	raw := map[string]RawTensor{}
+	raw := map[string]safetensors.RawTensor{}
 	for name, x := range tensors {
-		raw[name] = RawTensor{DType: F32, Shape: x.Shape, Data: safetensors.Encode(F32, x.Data)}
+		raw[name] = safetensors.RawTensor{DType: safetensors.F32, Shape: x.Shape, Data: safetensors.Encode(safetensors.F32, x.Data)}
 	}
 	require.NoError(t, WriteSafetensors(filepath.Join(dir, "model.safetensors"), raw, map[string]string{"format": "pt"}))
 	return dir
@@ -118,10 +121,10 @@ func optimalError(d []float64, m, n, k int) float64 {
 // readFactors reads a module's A and B from an extracted adapter.
 func readFactors(t *testing.T, dir, module string) (a, b []float32, r int) {
 	t.Helper()
-	f, err := safetensors.Open(filepath.Join(dir, WeightsFile))
+	f, err := safetensors.Open(filepath.Join(dir, adapter.WeightsFile))
 	require.NoError(t, err)
 	defer f.Close()
-	aName, bName := moduleKeys(module, KindLinear)
+	aName, bName := adapter.ModuleKeys(module, adapter.KindLinear)
 	a, err = f.ReadFloat32(aName)
 	require.NoError(t, err)
 	b, err = f.ReadFloat32(bName)
@@ -133,19 +136,19 @@ func TestExtract(t *testing.T) {
 	tests := []struct {
 		name      string
 		noise     float64
-		rank      RankSpec
+		rank      linalg.RankSpec
 		maxRank   int
 		wantRanks map[string]int // nil: every module at rank.Fixed
 		maxRatio  float64        // error / optimal error, at most
 		exact     bool           // the change is exactly low rank: error ~ 0
 	}{
-		{name: "exact low rank", rank: RankSpec{Fixed: 6}, exact: true},
-		{name: "low rank plus noise, rank 4", noise: 1e-3, rank: RankSpec{Fixed: 4}, maxRatio: 1.01},
-		{name: "low rank plus noise, rank 8", noise: 1e-3, rank: RankSpec{Fixed: 8}, maxRatio: 1.01},
-		{name: "rank above a short side", noise: 1e-3, rank: RankSpec{Fixed: 40}, maxRatio: 1.01,
+		{name: "exact low rank", rank: linalg.RankSpec{Fixed: 6}, exact: true},
+		{name: "low rank plus noise, rank 4", noise: 1e-3, rank: linalg.RankSpec{Fixed: 4}, maxRatio: 1.01},
+		{name: "low rank plus noise, rank 8", noise: 1e-3, rank: linalg.RankSpec{Fixed: 8}, maxRatio: 1.01},
+		{name: "rank above a short side", noise: 1e-3, rank: linalg.RankSpec{Fixed: 40}, maxRatio: 1.01,
 			wantRanks: map[string]int{"model.layers.0.self_attn.q_proj": 40, "model.layers.0.mlp.down_proj": 40, "model.layers.1.self_attn.v_proj": 32}},
-		{name: "energy rule", rank: RankSpec{Energy: 0.99}, maxRatio: 1.01},
-		{name: "energy rule capped", rank: RankSpec{Energy: 0.99}, maxRank: 2, maxRatio: 1.01,
+		{name: "energy rule", rank: linalg.RankSpec{Energy: 0.99}, maxRatio: 1.01},
+		{name: "energy rule capped", rank: linalg.RankSpec{Energy: 0.99}, maxRank: 2, maxRatio: 1.01,
 			wantRanks: map[string]int{"model.layers.0.self_attn.q_proj": 2, "model.layers.0.mlp.down_proj": 2, "model.layers.1.self_attn.v_proj": 2}},
 	}
 	for _, tc := range tests {
@@ -193,7 +196,7 @@ func TestExtract(t *testing.T) {
 				assert.LessOrEqual(t, got, tc.maxRatio*opt+1e-7, module)
 			}
 			var cfg map[string]any
-			data, err := os.ReadFile(filepath.Join(out, ConfigFile))
+			data, err := os.ReadFile(filepath.Join(out, adapter.ConfigFile))
 			require.NoError(t, err)
 			require.NoError(t, json.Unmarshal(data, &cfg))
 			assert.Equal(t, float64(res.Rank), cfg["r"])
@@ -233,17 +236,17 @@ func TestExtractModulesToSave(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			p := makeExtractPair(t, 0)
 			out := filepath.Join(t.TempDir(), "adapter")
-			opts := ExtractOptions{Base: p.base, Finetuned: p.ft, OutputDir: out, Rank: &RankSpec{Fixed: 6}}
+			opts := ExtractOptions{Base: p.base, Finetuned: p.ft, OutputDir: out, Rank: &linalg.RankSpec{Fixed: 6}}
 			tc.opts(&opts)
 			res, err := Extract(context.Background(), opts, nil)
 			require.NoError(t, err)
 			assert.Equal(t, tc.wantSave, res.ModulesToSave)
 			assert.Len(t, res.Warnings, tc.warnings)
-			f, err := safetensors.Open(filepath.Join(out, WeightsFile))
+			f, err := safetensors.Open(filepath.Join(out, adapter.WeightsFile))
 			require.NoError(t, err)
 			defer f.Close()
 			for _, m := range tc.wantSave {
-				got, err := f.ReadFloat32(keyPrefix + m + ".weight")
+				got, err := f.ReadFloat32(adapter.KeyPrefix + m + ".weight")
 				require.NoError(t, err)
 				src, err := safetensors.Open(filepath.Join(p.ft, "model.safetensors"))
 				require.NoError(t, err)
@@ -253,7 +256,7 @@ func TestExtractModulesToSave(t *testing.T) {
 				assert.Equal(t, want, got, m)
 			}
 			var cfg map[string]any
-			data, _ := os.ReadFile(filepath.Join(out, ConfigFile))
+			data, _ := os.ReadFile(filepath.Join(out, adapter.ConfigFile))
 			require.NoError(t, json.Unmarshal(data, &cfg))
 			want := make([]any, len(tc.wantSave))
 			for i, s := range tc.wantSave {
@@ -271,9 +274,9 @@ func TestExtractIsDeterministic(t *testing.T) {
 		out := filepath.Join(t.TempDir(), "adapter")
 		seed := uint64(5)
 		_, err := Extract(context.Background(), ExtractOptions{Base: p.base, Finetuned: p.ft, OutputDir: out,
-			Rank: &RankSpec{Fixed: 4}, Workers: workers, Seed: &seed}, nil)
+			Rank: &linalg.RankSpec{Fixed: 4}, Workers: workers, Seed: &seed}, nil)
 		require.NoError(t, err)
-		b, err := os.ReadFile(filepath.Join(out, WeightsFile))
+		b, err := os.ReadFile(filepath.Join(out, adapter.WeightsFile))
 		require.NoError(t, err)
 		files = append(files, b)
 	}
@@ -290,42 +293,42 @@ func TestExtractErrors(t *testing.T) {
 		base map[string]*Tensor
 		ft   map[string]*Tensor
 		opts func(*ExtractOptions)
-		kind ErrKind
+		kind errs.ErrKind
 		msg  string
 	}{
 		{name: "shapes disagree", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": randTensor(rng, 6, 8)},
-			kind: KindValue, msg: "tensor l.q_proj.weight has shape [8, 6] in the base model"},
+			kind: errs.KindValue, msg: "tensor l.q_proj.weight has shape [8, 6] in the base model"},
 		{name: "missing in the fine-tune", base: map[string]*Tensor{"l.q_proj.weight": w, "l.k_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
-			kind: KindValue, msg: "tensor l.k_proj.weight is in the base model"},
+			kind: errs.KindValue, msg: "tensor l.k_proj.weight is in the base model"},
 		{name: "missing in the base", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2, "l.k_proj.weight": w},
-			kind: KindValue, msg: "tensor l.k_proj.weight is in the fine-tuned model"},
+			kind: errs.KindValue, msg: "tensor l.k_proj.weight is in the fine-tuned model"},
 		{name: "nothing changed", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w},
-			kind: KindValue, msg: "no linear module"},
+			kind: errs.KindValue, msg: "no linear module"},
 		{name: "rank 0", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
-			opts: func(o *ExtractOptions) { o.Rank = &RankSpec{} }, kind: KindValue, msg: "rank: 0"},
+			opts: func(o *ExtractOptions) { o.Rank = &linalg.RankSpec{} }, kind: errs.KindValue, msg: "rank: 0"},
 		{name: "no rank", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
-			opts: func(o *ExtractOptions) { o.Rank = nil }, kind: KindValue, msg: "give a rank"},
+			opts: func(o *ExtractOptions) { o.Rank = nil }, kind: errs.KindValue, msg: "give a rank"},
 		{name: "save module that does not exist", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
-			opts: func(o *ExtractOptions) { o.SaveModules = []string{"lm_head"} }, kind: KindValue, msg: `"lm_head" names no module`},
+			opts: func(o *ExtractOptions) { o.SaveModules = []string{"lm_head"} }, kind: errs.KindValue, msg: `"lm_head" names no module`},
 		{name: "output is an input", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
-			opts: func(o *ExtractOptions) { o.OutputDir = o.Base }, kind: KindValue, msg: "is also an input"},
+			opts: func(o *ExtractOptions) { o.OutputDir = o.Base }, kind: errs.KindValue, msg: "is also an input"},
 		{name: "output exists", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
-			opts: func(o *ExtractOptions) { require.NoError(t, os.MkdirAll(o.OutputDir, 0o755)) }, kind: KindFileExists, msg: "already exists"},
+			opts: func(o *ExtractOptions) { require.NoError(t, os.MkdirAll(o.OutputDir, 0o755)) }, kind: errs.KindFileExists, msg: "already exists"},
 		{name: "missing folder", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
-			opts: func(o *ExtractOptions) { o.Finetuned += "-missing" }, kind: KindFileNotFound, msg: "does not exist"},
+			opts: func(o *ExtractOptions) { o.Finetuned += "-missing" }, kind: errs.KindFileNotFound, msg: "does not exist"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
 			opts := ExtractOptions{Base: writeModel(t, filepath.Join(dir, "base"), tc.base), Finetuned: writeModel(t, filepath.Join(dir, "ft"), tc.ft),
-				OutputDir: filepath.Join(dir, "out"), Rank: &RankSpec{Fixed: 2}}
+				OutputDir: filepath.Join(dir, "out"), Rank: &linalg.RankSpec{Fixed: 2}}
 			if tc.opts != nil {
 				tc.opts(&opts)
 			}
 			before, _ := os.ReadDir(dir)
 			_, err := Extract(context.Background(), opts, nil)
 			require.Error(t, err)
-			assert.Equal(t, tc.kind, KindOf(err))
+			assert.Equal(t, tc.kind, errs.KindOf(err))
 			assert.Contains(t, err.Error(), tc.msg)
 			after, _ := os.ReadDir(dir)
 			assert.Equal(t, len(before), len(after), "nothing is written")
@@ -346,9 +349,9 @@ func TestExtractRefusesIntegerTensors(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, stlib.SerializeToWriter(map[string]stlib.TensorView{"l.q_proj.weight": v}, nil, f))
 	require.NoError(t, f.Close())
-	_, err = Extract(context.Background(), ExtractOptions{Base: base, Finetuned: ft, OutputDir: filepath.Join(dir, "out"), Rank: &RankSpec{Fixed: 2}}, nil)
+	_, err = Extract(context.Background(), ExtractOptions{Base: base, Finetuned: ft, OutputDir: filepath.Join(dir, "out"), Rank: &linalg.RankSpec{Fixed: 2}}, nil)
 	require.Error(t, err)
-	assert.Equal(t, KindValue, KindOf(err))
+	assert.Equal(t, errs.KindValue, errs.KindOf(err))
 	assert.Contains(t, err.Error(), "tensor l.q_proj.weight in "+filepath.Join(ft, "model.safetensors")+" has dtype I64")
 	assert.NoDirExists(t, filepath.Join(dir, "out"))
 }
@@ -402,27 +405,27 @@ func TestFactorizeDenseSketched(t *testing.T) {
 	}
 	tests := []struct {
 		name     string
-		rule     rankRule
+		rule     linalg.RankRule
 		wantRank int
 		sketched bool
 	}{
-		{name: "rank 16", rule: rankRule{fixed: 16}, wantRank: 16, sketched: true},
-		{name: "energy 0.5", rule: rankRule{energy: 0.5}, wantRank: energyRank(0.5), sketched: true},
-		{name: "energy 0.9, past the first sketch", rule: rankRule{energy: 0.9}, wantRank: energyRank(0.9)},
-		{name: "energy 0.9 capped", rule: rankRule{energy: 0.9, max: 40}, wantRank: 40, sketched: true},
+		{name: "rank 16", rule: linalg.RankRule{Fixed: 16}, wantRank: 16, sketched: true},
+		{name: "energy 0.5", rule: linalg.RankRule{Energy: 0.5}, wantRank: energyRank(0.5), sketched: true},
+		{name: "energy 0.9, past the first sketch", rule: linalg.RankRule{Energy: 0.9}, wantRank: energyRank(0.9)},
+		{name: "energy 0.9 capped", rule: linalg.RankRule{Energy: 0.9, Max: 40}, wantRank: 40, sketched: true},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			bk, ak, r, relErr := factorizeDense(d, m, n, total, tc.rule, func() *rand.Rand { return rand.New(rand.NewPCG(1, 2)) })
 			k := r // the last sketch's size: the rank, or for the energy rule the first size doubled past it
-			if tc.rule.fixed == 0 {
+			if tc.rule.Fixed == 0 {
 				for k = extractSketch; k < r; k *= 2 {
 				}
-				if tc.rule.max > 0 {
-					k = min(k, tc.rule.max)
+				if tc.rule.Max > 0 {
+					k = min(k, tc.rule.Max)
 				}
 			}
-			l := k + RSVDOversample
+			l := k + linalg.RSVDOversample
 			assert.Equal(t, tc.sketched, min(m, n) > (2*ExtractPowerIters+2)*l, "the case takes the path it is named for")
 			assert.Equal(t, tc.wantRank, r)
 			ba := product(toFloat32(ak), toFloat32(bk), m, r, n)
@@ -449,7 +452,7 @@ func TestExtractChangedBiasOfALinearModule(t *testing.T) {
 	base := writeModel(t, filepath.Join(dir, "base"), map[string]*Tensor{"l.q_proj.weight": w, "l.q_proj.bias": b})
 	ft := writeModel(t, filepath.Join(dir, "ft"), map[string]*Tensor{"l.q_proj.weight": w2, "l.q_proj.bias": b2})
 	res, err := Extract(context.Background(), ExtractOptions{Base: base, Finetuned: ft, OutputDir: filepath.Join(dir, "out"),
-		Rank: &RankSpec{Fixed: 2}, SaveChanged: true}, nil)
+		Rank: &linalg.RankSpec{Fixed: 2}, SaveChanged: true}, nil)
 	require.NoError(t, err)
 	assert.Empty(t, res.ModulesToSave)
 	require.Len(t, res.Warnings, 1)
@@ -463,8 +466,8 @@ func TestExtractCancelled(t *testing.T) {
 	out := filepath.Join(t.TempDir(), "adapter")
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	_, err := Extract(ctx, ExtractOptions{Base: p.base, Finetuned: p.ft, OutputDir: out, Rank: &RankSpec{Fixed: 4}}, nil)
-	assert.Equal(t, KindCancelled, KindOf(err))
+	_, err := Extract(ctx, ExtractOptions{Base: p.base, Finetuned: p.ft, OutputDir: out, Rank: &linalg.RankSpec{Fixed: 4}}, nil)
+	assert.Equal(t, errs.KindCancelled, errs.KindOf(err))
 	entries, _ := os.ReadDir(filepath.Dir(out))
 	assert.Empty(t, entries)
 }

@@ -6,7 +6,10 @@ import (
 	"path/filepath"
 	"time"
 
+	"gomerge/gomerge/adapter"
+	"gomerge/gomerge/errs"
 	"gomerge/gomerge/modelfolder"
+	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -17,7 +20,7 @@ type FuseOptions struct {
 	Adapters []string `json:"adapters"` // PEFT adapter directories
 	// Weights has one weight per adapter (1 when empty): a number, or
 	// module-name patterns with their weights, as for Merge.
-	Weights Weights `json:"weights"`
+	Weights adapter.Weights `json:"weights"`
 	// Combine chooses how several adapters are merged before fusing (the
 	// methods of Merge; "cat", the exact sum of the weighted updates, by
 	// default). With Stack they are applied one after another instead.
@@ -64,19 +67,19 @@ type FuseResult struct {
 // validate checks the options before any file is read.
 func (o *FuseOptions) validate() error {
 	if o.Base == "" {
-		return valueErr("base: a base model folder is required")
+		return errs.Value("base: a base model folder is required")
 	}
 	if len(o.Adapters) == 0 {
-		return valueErr("adapters: at least one adapter directory is required")
+		return errs.Value("adapters: at least one adapter directory is required")
 	}
 	if len(o.Weights) == 0 {
-		o.Weights = make(Weights, len(o.Adapters))
+		o.Weights = make(adapter.Weights, len(o.Adapters))
 		for i := range o.Weights {
-			o.Weights[i] = Weight{Value: 1}
+			o.Weights[i] = adapter.Weight{Value: 1}
 		}
 	}
 	if len(o.Weights) != len(o.Adapters) {
-		return valueErr("weights: got %d weights for %d adapters; pass one weight per adapter", len(o.Weights), len(o.Adapters))
+		return errs.Value("weights: got %d weights for %d adapters; pass one weight per adapter", len(o.Weights), len(o.Adapters))
 	}
 	if o.CombinationType == "" {
 		o.CombinationType = "cat"
@@ -84,7 +87,7 @@ func (o *FuseOptions) validate() error {
 		o.oneAdapterMethod = o.CombinationType
 	}
 	if o.Stack && len(o.Adapters) > 1 && o.CombinationType != "cat" {
-		return valueErr("combination_type: %q merges adapters before fusing; stack=True applies them one after another instead (pass one or the other)", o.CombinationType)
+		return errs.Value("combination_type: %q merges adapters before fusing; stack=True applies them one after another instead (pass one or the other)", o.CombinationType)
 	}
 	if len(o.Adapters) > 1 && !o.Stack { // the merge before fusing: its parameters are checked before any file is read
 		if err := o.Combine.Validate(); err != nil {
@@ -97,26 +100,26 @@ func (o *FuseOptions) validate() error {
 		}
 	}
 	if o.MaxShardSize < 0 {
-		return valueErr("max_shard_size: must be positive, got %d", o.MaxShardSize)
+		return errs.Value("max_shard_size: must be positive, got %d", o.MaxShardSize)
 	}
 	if o.OutputDir == "" && !o.DryRun {
-		return valueErr("output_dir: a directory to write the fused model to is required")
+		return errs.Value("output_dir: a directory to write the fused model to is required")
 	}
 	if o.OutputDir != "" {
 		out, err := filepath.Abs(o.OutputDir)
 		if err != nil {
-			return ioErr(o.OutputDir, err)
+			return errs.IO(o.OutputDir, err)
 		}
 		for _, in := range append([]string{o.Base}, o.Adapters...) {
 			abs, err := filepath.Abs(in)
 			if err != nil {
-				return ioErr(in, err)
+				return errs.IO(in, err)
 			}
 			if abs == out {
-				return valueErr("output_dir: %s is also an input; choose another directory", o.OutputDir)
+				return errs.Value("output_dir: %s is also an input; choose another directory", o.OutputDir)
 			}
 			if inside(out, abs) || inside(abs, out) {
-				return valueErr("output_dir: %s and the input %s lie one inside the other; choose a directory apart from the inputs", o.OutputDir, in)
+				return errs.Value("output_dir: %s and the input %s lie one inside the other; choose a directory apart from the inputs", o.OutputDir, in)
 			}
 		}
 	}
@@ -135,7 +138,7 @@ func inside(dir, path string) bool {
 // the output dtype, and writes the model folder atomically. It streams: a
 // worker holds one base tensor and its factors at a time. progress counts
 // output tensors; ctx cancels (nothing is left behind).
-func Fuse(ctx context.Context, opts FuseOptions, progress *Progress) (*FuseResult, error) {
+func Fuse(ctx context.Context, opts FuseOptions, progress *parallel.Progress) (*FuseResult, error) {
 	start := time.Now()
 	if err := opts.validate(); err != nil {
 		return nil, err
@@ -145,13 +148,13 @@ func Fuse(ctx context.Context, opts FuseOptions, progress *Progress) (*FuseResul
 			return nil, err
 		}
 	}
-	defer holdGCHeadroom()()
+	defer parallel.HoldGCHeadroom()()
 	base, err := modelfolder.Open(opts.Base)
 	if err != nil {
 		return nil, err
 	}
 	defer base.Close()
-	adapters, err := loadAllForFuse(opts.Adapters)
+	adapters, err := adapter.LoadAll(opts.Adapters, true)
 	if err != nil {
 		return nil, err
 	}
@@ -166,14 +169,14 @@ func Fuse(ctx context.Context, opts FuseOptions, progress *Progress) (*FuseResul
 	}
 	res := plan.result(&opts)
 	for i, a := range adapters {
-		res.Warnings = append(res.Warnings, opts.Weights[i].unusedPatterns(i, opts.Adapters[i], a.Order)...)
+		res.Warnings = append(res.Warnings, opts.Weights[i].UnusedPatterns(i, opts.Adapters[i], a.Order)...)
 	}
 	if opts.oneAdapterMethod != "" {
 		res.Warnings = append(res.Warnings, fmt.Sprintf("one adapter only: combination_type %q is not used (nothing to merge); the adapter is fused as it is", opts.oneAdapterMethod))
 	}
 	if opts.DryRun || ctx.Err() != nil {
 		if ctx.Err() != nil {
-			return nil, ErrCancelled
+			return nil, errs.ErrCancelled
 		}
 		res.Seconds = time.Since(start).Seconds()
 		return res, nil
@@ -183,23 +186,6 @@ func Fuse(ctx context.Context, opts FuseOptions, progress *Progress) (*FuseResul
 	}
 	res.Seconds = time.Since(start).Seconds()
 	return res, nil
-}
-
-// loadAllForFuse reads the adapter directories, DoRA and LoRA biases
-// accepted.
-func loadAllForFuse(dirs []string) ([]*Adapter, error) {
-	out := make([]*Adapter, 0, len(dirs))
-	for _, d := range dirs {
-		a, err := loadAdapter(d, true)
-		if err != nil {
-			for _, o := range out {
-				o.Close()
-			}
-			return nil, err
-		}
-		out = append(out, a)
-	}
-	return out, nil
 }
 
 // sourceName is how the user named adapter i.

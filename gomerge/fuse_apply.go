@@ -6,7 +6,10 @@ import (
 
 	"gonum.org/v1/gonum/blas/blas64"
 
+	"gomerge/gomerge/adapter"
+	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -29,12 +32,12 @@ func applyOps(ctx context.Context, p *fusePlan, t *fuseTensor, w []float32) erro
 	}
 	for i := range t.ops {
 		if err := ctx.Err(); err != nil {
-			return ErrCancelled
+			return errs.ErrCancelled
 		}
 		op := &t.ops[i]
 		switch op.kind {
 		case opReplace:
-			x, err := view(op.replace)
+			x, err := adapter.View(op.replace)
 			if err != nil {
 				return err
 			}
@@ -46,7 +49,7 @@ func applyOps(ctx context.Context, p *fusePlan, t *fuseTensor, w []float32) erro
 				copy(w0, w)
 			}
 		case opBias:
-			b, err := view(op.mod.Bias)
+			b, err := adapter.View(op.mod.Bias)
 			if err != nil {
 				return err
 			}
@@ -62,7 +65,7 @@ func applyOps(ctx context.Context, p *fusePlan, t *fuseTensor, w []float32) erro
 				return err
 			}
 		case opMerged:
-			_, _, ra, rb, _, err := runModule(ctx, &p.mergeOpts, op.job, p.rank, F32)
+			_, _, ra, rb, _, err := runModule(ctx, &p.mergeOpts, op.job, p.rank, safetensors.F32)
 			if err != nil {
 				return err
 			}
@@ -86,9 +89,9 @@ func (t *fuseTensor) hasDoRA() bool {
 // applyLoRA adds w s B A to w; with DoRA it then rescales each output by
 // m / ||W0 + s B A|| (W0 = w0, or w itself when w0 is nil), as PEFT's
 // DoRA merge does.
-func applyLoRA(op *fuseOp, w, w0 []float32, rows, cols int, dt DType) error {
+func applyLoRA(op *fuseOp, w, w0 []float32, rows, cols int, dt safetensors.DType) error {
 	m := op.mod
-	defer m.release()
+	defer m.Release()
 	a, b, err := m.Factors()
 	if err != nil {
 		return err
@@ -98,7 +101,7 @@ func applyLoRA(op *fuseOp, w, w0 []float32, rows, cols int, dt DType) error {
 	if m.Magnitude.Shape == nil {
 		return nil
 	}
-	mag, err := view(m.Magnitude)
+	mag, err := adapter.View(m.Magnitude)
 	if err != nil {
 		return err
 	}
@@ -110,7 +113,7 @@ func applyLoRA(op *fuseOp, w, w0 []float32, rows, cols int, dt DType) error {
 		tmp := pool.Get(len(w0))
 		defer pool.Put(tmp)
 		copy(tmp, w0)
-		addLowRank(tmp, a, b, rows, cols, m.Rank, s, op.transposed, F32)
+		addLowRank(tmp, a, b, rows, cols, m.Rank, s, op.transposed, safetensors.F32)
 		normOf = tmp
 	}
 	scaleByNorm(w, normOf, mag, rows, cols, op.transposed)
@@ -128,7 +131,7 @@ func applyLoRA(op *fuseOp, w, w0 []float32, rows, cols int, dt DType) error {
 // dtype dt (BF16, F16) the float32 value is kept off dt's rounding
 // midpoints (toFloat32For), so that its final rounding to dt is the one
 // rounding of the exact sum.
-func addLowRank(w, a, b []float32, rows, cols, r int, s float32, transposed bool, dt DType) {
+func addLowRank(w, a, b []float32, rows, cols, r int, s float32, transposed bool, dt safetensors.DType) {
 	impl := blas64.Implementation()
 	grain := max(1, (1<<16)/max(1, cols*r))
 	// the row vectors (A's rows, or s B^T's rows: r x cols) and the coefficients, in float64
@@ -153,7 +156,7 @@ func addLowRank(w, a, b []float32, rows, cols, r int, s float32, transposed bool
 			}
 		}
 	}
-	parallelFor(rows, grain, func(lo, hi int) {
+	parallel.For(rows, grain, func(lo, hi int) {
 		acc := make([]float64, cols)
 		for i := lo; i < hi; i++ {
 			row := w[i*cols : (i+1)*cols]
@@ -177,17 +180,17 @@ func addLowRank(w, a, b []float32, rows, cols, r int, s float32, transposed bool
 // float32 value falls exactly on a midpoint of dt's grid but v does not,
 // it steps one float32 unit toward v (float32 itself, and F16 below its
 // normal range, are left as they are).
-func toFloat32For(v float64, dt DType) float32 {
+func toFloat32For(v float64, dt safetensors.DType) float32 {
 	r := float32(v)
-	if dt == F32 || float64(r) == v {
+	if dt == safetensors.F32 || float64(r) == v {
 		return r
 	}
 	bits := math.Float32bits(r)
 	var mask, half uint32
 	switch dt {
-	case BF16:
+	case safetensors.BF16:
 		mask, half = 0xffff, 0x8000
-	case F16:
+	case safetensors.F16:
 		if e := bits >> 23 & 0xff; e < 127-14 || e > 127+15 {
 			return r // subnormal or out of F16's range
 		}
@@ -210,7 +213,7 @@ func toFloat32For(v float64, dt DType) float32 {
 // are summed in float64.
 func scaleByNorm(w, normOf, mag []float32, rows, cols int, transposed bool) {
 	if !transposed {
-		parallelFor(rows, max(1, (1<<16)/max(1, cols)), func(lo, hi int) {
+		parallel.For(rows, max(1, (1<<16)/max(1, cols)), func(lo, hi int) {
 			for i := lo; i < hi; i++ {
 				f := mag[i] / float32(norm2(normOf[i*cols:(i+1)*cols]))
 				row := w[i*cols : (i+1)*cols]
@@ -249,8 +252,8 @@ func norm2(x []float32) float64 {
 }
 
 // encodeOutput rounds w once to dtype d (round to nearest even), as bytes.
-func encodeOutput(d DType, w []float32) []byte {
-	if d == F32 {
+func encodeOutput(d safetensors.DType, w []float32) []byte {
+	if d == safetensors.F32 {
 		return safetensors.Float32AsBytes(w)
 	}
 	return safetensors.Encode(d, w)

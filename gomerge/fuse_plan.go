@@ -6,6 +6,8 @@ import (
 	"sort"
 	"strings"
 
+	"gomerge/gomerge/adapter"
+	"gomerge/gomerge/errs"
 	"gomerge/gomerge/modelfolder"
 	"gomerge/gomerge/safetensors"
 )
@@ -23,12 +25,12 @@ const (
 // fuseOp is one change to one output tensor.
 type fuseOp struct {
 	kind       fuseOpKind
-	adapter    int     // index of the adapter (opLoRA, opBias, opReplace)
-	mod        *Module // opLoRA, opBias
+	adapter    int             // index of the adapter (opLoRA, opBias, opReplace)
+	mod        *adapter.Module // opLoRA, opBias
 	job        *moduleJob
-	weight     float64   // the user's weight (opLoRA, opBias)
-	replace    RawTensor // opReplace
-	transposed bool      // the base stores the update transposed: fan_in_fan_out, embeddings
+	weight     float64               // the user's weight (opLoRA, opBias)
+	replace    safetensors.RawTensor // opReplace
+	transposed bool                  // the base stores the update transposed: fan_in_fan_out, embeddings
 }
 
 // fuseTensor is one tensor of the output: read from base tensor src (its
@@ -37,8 +39,8 @@ type fuseOp struct {
 type fuseTensor struct {
 	name, src string
 	shape     []int
-	dtype     DType  // the output dtype; "" for a tensor copied as it is (integers, ...)
-	rawDType  string // the base's dtype as written
+	dtype     safetensors.DType // the output dtype; "" for a tensor copied as it is (integers, ...)
+	rawDType  string            // the base's dtype as written
 	ops       []fuseOp
 }
 
@@ -88,7 +90,7 @@ func tiedEmbedding(base *modelfolder.Folder) (string, error) {
 		}
 	}
 	if len(found) != 1 {
-		return "", valueErr("%s: tie_word_embeddings is true but lm_head.weight's tied embedding cannot be told (candidates: %v)", base.Dir, found)
+		return "", errs.Value("%s: tie_word_embeddings is true but lm_head.weight's tied embedding cannot be told (candidates: %v)", base.Dir, found)
 	}
 	return found[0], nil
 }
@@ -96,9 +98,9 @@ func tiedEmbedding(base *modelfolder.Folder) (string, error) {
 // planFuse maps every adapter tensor to the base tensor it changes,
 // checks shapes and dtypes, and lays out the output. Nothing is read but
 // headers; any error comes before anything is written.
-func planFuse(opts *FuseOptions, base *modelfolder.Folder, adapters []*Adapter) (*fusePlan, error) {
+func planFuse(opts *FuseOptions, base *modelfolder.Folder, adapters []*adapter.Adapter) (*fusePlan, error) {
 	p := &fusePlan{byName: map[string]*fuseTensor{}, indexed: base.Sharded()}
-	var outDType DType
+	var outDType safetensors.DType
 	if opts.DType != "" {
 		outDType, _ = safetensors.ParseDType(opts.DType)
 	}
@@ -126,7 +128,7 @@ func planFuse(opts *FuseOptions, base *modelfolder.Folder, adapters []*Adapter) 
 		if name == lmHead && tiedTo != "" {
 			return p.untieLMHead(tiedTo), nil
 		}
-		return nil, valueErr("adapter %s: %s targets %s, which the base model %s does not have (adapter file %s)",
+		return nil, errs.Value("adapter %s: %s targets %s, which the base model %s does not have (adapter file %s)",
 			opts.Adapters[adapter], what, name, base.Dir, adapterFile(adapters[adapter]))
 	}
 	p.merged = len(adapters) > 1 && !opts.Stack
@@ -141,34 +143,34 @@ func planFuse(opts *FuseOptions, base *modelfolder.Folder, adapters []*Adapter) 
 	for _, a := range adapters {
 		all = append(all, a.Order...)
 	}
-	layers := layerCount(all) // what gradient weights spread over
+	layers := adapter.LayerCount(all) // what gradient weights spread over
 	// full tensors (modules_to_save) first: an adapter's saved weights replace the base's before its LoRA applies
 	replacedBy := map[string]int{}
 	for i, a := range adapters {
 		for _, key := range a.Extra {
-			name := strings.TrimPrefix(key, keyPrefix)
+			name := strings.TrimPrefix(key, adapter.KeyPrefix)
 			if n, ok := strings.CutSuffix(name, ".base_layer.weight"); ok {
 				name = n + ".weight" // the base weight of an adapted embedding, saved with the adapter
 			}
 			t, err := target(i, name, "tensor "+key)
 			if err != nil {
-				return nil, valueErr("adapter %s: tensor %s is neither a LoRA factor nor a tensor of the base model %s (adapter file %s)",
+				return nil, errs.Value("adapter %s: tensor %s is neither a LoRA factor nor a tensor of the base model %s (adapter file %s)",
 					opts.Adapters[i], key, base.Dir, adapterFile(a))
 			}
-			raw := a.file.Tensor(key)
+			raw := a.File.Tensor(key)
 			if raw.DType == "" {
-				return nil, valueErr("adapter %s: tensor %s has dtype %s, which fuse does not read (F32, BF16, F16) (adapter file %s)",
-					opts.Adapters[i], key, a.file.Entries[key].RawDType, adapterFile(a))
+				return nil, errs.Value("adapter %s: tensor %s has dtype %s, which fuse does not read (F32, BF16, F16) (adapter file %s)",
+					opts.Adapters[i], key, a.File.Entries[key].RawDType, adapterFile(a))
 			}
 			if !slices.Equal(raw.Shape, t.shape) {
-				return nil, valueErr("adapter %s: tensor %s has shape %v, but the base's %s has shape %v (adapter file %s)",
+				return nil, errs.Value("adapter %s: tensor %s has shape %v, but the base's %s has shape %v (adapter file %s)",
 					opts.Adapters[i], key, raw.Shape, t.name, t.shape, adapterFile(a))
 			}
 			if err := t.checkFloat(base, key); err != nil {
 				return nil, err
 			}
 			if j, ok := replacedBy[t.name]; ok && p.merged {
-				return nil, valueErr("adapters %s and %s both replace %s (modules_to_save); pass stack=True to apply them one after another",
+				return nil, errs.Value("adapters %s and %s both replace %s (modules_to_save); pass stack=True to apply them one after another",
 					opts.Adapters[j], opts.Adapters[i], t.name)
 			}
 			replacedBy[t.name] = i
@@ -182,12 +184,12 @@ func planFuse(opts *FuseOptions, base *modelfolder.Folder, adapters []*Adapter) 
 					if m.Magnitude.Shape != nil {
 						what = "a DoRA magnitude vector"
 					}
-					return nil, valueErr("adapter %s: module %s has %s, which cannot be merged with other adapters before fusing; pass stack=True to apply the adapters one after another",
+					return nil, errs.Value("adapter %s: module %s has %s, which cannot be merged with other adapters before fusing; pass stack=True to apply the adapters one after another",
 						opts.Adapters[i], name, what)
 				}
 				continue
 			}
-			w, err := opts.Weights[i].resolve(i, opts.Adapters[i], name, layers)
+			w, err := opts.Weights[i].Resolve(i, opts.Adapters[i], name, layers)
 			if err != nil {
 				return nil, err
 			}
@@ -223,12 +225,12 @@ func planFuse(opts *FuseOptions, base *modelfolder.Folder, adapters []*Adapter) 
 }
 
 // adapterFile names an adapter's weights file in errors.
-func adapterFile(a *Adapter) string { return a.file.Path }
+func adapterFile(a *adapter.Adapter) string { return a.File.Path }
 
 // checkFloat refuses to change a tensor that is not stored as floats.
 func (t *fuseTensor) checkFloat(base *modelfolder.Folder, by string) error {
 	if t.dtype == "" {
-		return valueErr("%s: tensor %s has dtype %s, which fuse cannot write (it writes F32, BF16 and F16); %s targets it",
+		return errs.Value("%s: tensor %s has dtype %s, which fuse cannot write (it writes F32, BF16 and F16); %s targets it",
 			base.Dir, t.src, t.rawDType, by)
 	}
 	return nil
@@ -252,11 +254,11 @@ func (p *fusePlan) untieLMHead(emb string) *fuseTensor {
 // Linear (out x in, or in x out with fan_in_fan_out), a Conv (out, in,
 // kh, kw) or an Embedding (num_embeddings x dim), and a LoRA bias or a
 // DoRA magnitude must fit the layer.
-func (p *fusePlan) addModule(opts *FuseOptions, i int, a *Adapter, m *Module, w float64, job *moduleJob,
+func (p *fusePlan) addModule(opts *FuseOptions, i int, a *adapter.Adapter, m *adapter.Module, w float64, job *moduleJob,
 	target func(int, string, string) (*fuseTensor, error), base *modelfolder.Folder) error {
 	aKey, _ := m.Keys()
 	if m.RawA.Shape == nil || m.RawB.Shape == nil {
-		return valueErr("adapter %s: module %s has a DoRA magnitude or a LoRA bias but no LoRA factors (adapter file %s)", opts.Adapters[i], m.Name, adapterFile(a))
+		return errs.Value("adapter %s: module %s has a DoRA magnitude or a LoRA bias but no LoRA factors (adapter file %s)", opts.Adapters[i], m.Name, adapterFile(a))
 	}
 	t, err := target(i, m.Name+".weight", "module "+m.Name)
 	if err != nil {
@@ -269,9 +271,9 @@ func (p *fusePlan) addModule(opts *FuseOptions, i int, a *Adapter, m *Module, w 
 	transposed := false
 	var want []int
 	switch {
-	case m.Kind == KindEmbedding:
+	case m.Kind == adapter.KindEmbedding:
 		want, transposed = []int{sa[1], out}, true
-	case m.Kind == KindConv:
+	case m.Kind == adapter.KindConv:
 		want = append([]int{out}, sa[1:]...)
 	case a.Config.FanInFanOut:
 		want, transposed = []int{sa[1], out}, true
@@ -280,10 +282,10 @@ func (p *fusePlan) addModule(opts *FuseOptions, i int, a *Adapter, m *Module, w 
 	}
 	if !slices.Equal(t.shape, want) {
 		layout := ""
-		if a.Config.FanInFanOut && m.Kind == KindLinear {
+		if a.Config.FanInFanOut && m.Kind == adapter.KindLinear {
 			layout = " (fan_in_fan_out: in x out)"
 		}
-		return valueErr("adapter %s: module %s: lora_A %v and lora_B %v need a base weight of shape %v%s, but the base's %s has shape %v (adapter file %s)",
+		return errs.Value("adapter %s: module %s: lora_A %v and lora_B %v need a base weight of shape %v%s, but the base's %s has shape %v (adapter file %s)",
 			opts.Adapters[i], m.Name, m.RawA.Shape, m.RawB.Shape, want, layout, t.src, t.shape, adapterFile(a))
 	}
 	if job != nil {
@@ -291,18 +293,18 @@ func (p *fusePlan) addModule(opts *FuseOptions, i int, a *Adapter, m *Module, w 
 		return nil
 	}
 	if m.Magnitude.Shape == nil && a.Config.UseDora {
-		return valueErr("adapter %s: use_dora is true but module %s has no lora_magnitude_vector (adapter file %s)", opts.Adapters[i], m.Name, adapterFile(a))
+		return errs.Value("adapter %s: use_dora is true but module %s has no lora_magnitude_vector (adapter file %s)", opts.Adapters[i], m.Name, adapterFile(a))
 	}
 	if m.Magnitude.Shape != nil {
-		if m.Kind == KindConv {
-			return valueErr("adapter %s: module %s: DoRA on convolutions is not supported by fuse (adapter file %s)", opts.Adapters[i], m.Name, adapterFile(a))
+		if m.Kind == adapter.KindConv {
+			return errs.Value("adapter %s: module %s: DoRA on convolutions is not supported by fuse (adapter file %s)", opts.Adapters[i], m.Name, adapterFile(a))
 		}
 		n := t.shape[0]
 		if transposed {
 			n = t.shape[1]
 		}
 		if safetensors.Numel(m.Magnitude.Shape) != n {
-			return valueErr("adapter %s: module %s: lora_magnitude_vector has shape %v, the layer has %d outputs (adapter file %s)",
+			return errs.Value("adapter %s: module %s: lora_magnitude_vector has shape %v, the layer has %d outputs (adapter file %s)",
 				opts.Adapters[i], m.Name, m.Magnitude.Shape, n, adapterFile(a))
 		}
 	}
@@ -310,14 +312,14 @@ func (p *fusePlan) addModule(opts *FuseOptions, i int, a *Adapter, m *Module, w 
 	if m.Bias.Shape != nil {
 		bt, err := target(i, m.Name+".bias", "the lora_B.bias of module "+m.Name)
 		if err != nil {
-			return valueErr("adapter %s: module %s has a LoRA bias (lora_bias=True), but the base layer has no bias %s.bias (adapter file %s)",
+			return errs.Value("adapter %s: module %s has a LoRA bias (lora_bias=True), but the base layer has no bias %s.bias (adapter file %s)",
 				opts.Adapters[i], m.Name, m.Name, adapterFile(a))
 		}
 		if err := bt.checkFloat(base, m.Name+".lora_B.bias"); err != nil {
 			return err
 		}
 		if safetensors.Numel(m.Bias.Shape) != safetensors.Numel(bt.shape) || safetensors.Numel(bt.shape) != out {
-			return valueErr("adapter %s: module %s: lora_B.bias has shape %v, the base's %s has shape %v (adapter file %s)",
+			return errs.Value("adapter %s: module %s: lora_B.bias has shape %v, the base's %s has shape %v (adapter file %s)",
 				opts.Adapters[i], m.Name, m.Bias.Shape, bt.name, bt.shape, adapterFile(a))
 		}
 		bt.ops = append(bt.ops, fuseOp{kind: opBias, adapter: i, mod: m, weight: w})
@@ -328,7 +330,7 @@ func (p *fusePlan) addModule(opts *FuseOptions, i int, a *Adapter, m *Module, w 
 // planMergedJobs pairs the modules of several adapters for a merge before
 // fusing, with the merge's own validation (equal ranks for the factor-wise
 // methods, shapes that agree, weights).
-func (p *fusePlan) planMergedJobs(opts *FuseOptions, adapters []*Adapter) (map[string]*moduleJob, error) {
+func (p *fusePlan) planMergedJobs(opts *FuseOptions, adapters []*adapter.Adapter) (map[string]*moduleJob, error) {
 	mo := opts.mergeOptions()
 	if err := mo.validate(); err != nil {
 		return nil, err
@@ -390,7 +392,7 @@ func (p *fusePlan) layout(opts *FuseOptions, base *modelfolder.Folder) error {
 		}
 	}
 	if len(p.tensors) != len(p.byName) {
-		return newErr(KindInternal, "fuse layout: %d tensors placed of %d", len(p.tensors), len(p.byName))
+		return errs.New(errs.KindInternal, "fuse layout: %d tensors placed of %d", len(p.tensors), len(p.byName))
 	}
 	return nil
 }

@@ -12,6 +12,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"gomerge/gomerge/adapter"
+	"gomerge/gomerge/errs"
 	"gomerge/gomerge/modelfolder"
 	"gomerge/gomerge/safetensors"
 )
@@ -57,7 +59,7 @@ func TestAddLowRankLayouts(t *testing.T) {
 					want[idx] = float64(w[idx]) + float64(c.s)*d
 				}
 			}
-			addLowRank(w, a, b, c.rowsOfW, c.colsOf, c.r, c.s, c.transposed, F32)
+			addLowRank(w, a, b, c.rowsOfW, c.colsOf, c.r, c.s, c.transposed, safetensors.F32)
 			for i := range w {
 				assert.Equal(t, float32(want[i]), w[i], "element %d", i)
 			}
@@ -84,7 +86,7 @@ func TestBF16RoundingToNearestEven(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			got := binary.LittleEndian.Uint16(encodeOutput(BF16, []float32{c.in}))
+			got := binary.LittleEndian.Uint16(encodeOutput(safetensors.BF16, []float32{c.in}))
 			if c.name == "nan stays nan" {
 				assert.Equal(t, uint16(0x7f80), got&0x7f80)
 				assert.NotZero(t, got&0x7f)
@@ -94,7 +96,7 @@ func TestBF16RoundingToNearestEven(t *testing.T) {
 		})
 	}
 	x := []float32{1.5, -2.25}
-	assert.Equal(t, safetensors.Float32AsBytes(x), encodeOutput(F32, x), "float32 is written as it is")
+	assert.Equal(t, safetensors.Float32AsBytes(x), encodeOutput(safetensors.F32, x), "float32 is written as it is")
 }
 
 // The float32 value of a float64 sum is kept off the output dtype's
@@ -103,15 +105,15 @@ func TestToFloat32ForRoundsOnce(t *testing.T) {
 	cases := []struct {
 		name string
 		v    float64
-		dt   DType
+		dt   safetensors.DType
 		want float32 // v rounded to dt directly
 	}{
-		{"bf16 just above a midpoint", 1 + 0x1p-8 + 0x1p-30, BF16, 1 + 0x1p-7},
-		{"bf16 just below a midpoint", 1 + 3*0x1p-8 - 0x1p-30, BF16, 1 + 0x1p-7},
-		{"bf16 exact midpoint ties to even", 1 + 0x1p-8, BF16, 1},
-		{"negative bf16", -(1 + 0x1p-8 + 0x1p-30), BF16, -(1 + 0x1p-7)},
-		{"f16 just above a midpoint", 1 + 0x1p-11 + 0x1p-30, F16, 1 + 0x1p-10},
-		{"f16 exact midpoint", 1 + 0x1p-11, F16, 1},
+		{"bf16 just above a midpoint", 1 + 0x1p-8 + 0x1p-30, safetensors.BF16, 1 + 0x1p-7},
+		{"bf16 just below a midpoint", 1 + 3*0x1p-8 - 0x1p-30, safetensors.BF16, 1 + 0x1p-7},
+		{"bf16 exact midpoint ties to even", 1 + 0x1p-8, safetensors.BF16, 1},
+		{"negative bf16", -(1 + 0x1p-8 + 0x1p-30), safetensors.BF16, -(1 + 0x1p-7)},
+		{"f16 just above a midpoint", 1 + 0x1p-11 + 0x1p-30, safetensors.F16, 1 + 0x1p-10},
+		{"f16 exact midpoint", 1 + 0x1p-11, safetensors.F16, 1},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -123,7 +125,7 @@ func TestToFloat32ForRoundsOnce(t *testing.T) {
 			}
 		})
 	}
-	assert.Equal(t, float32(1.5), toFloat32For(1.5, F32))
+	assert.Equal(t, float32(1.5), toFloat32For(1.5, safetensors.F32))
 }
 
 // DoRA rescales each output (a row, or a column when transposed) to its
@@ -148,14 +150,14 @@ func TestScaleByNorm(t *testing.T) {
 
 // writeTestBase writes a model folder: config.json and one model.safetensors
 // holding the given float32 tensors stored as dtype.
-func writeTestBase(t *testing.T, dir string, cfg string, dt DType, tensors map[string]*Tensor) string {
+func writeTestBase(t *testing.T, dir string, cfg string, dt safetensors.DType, tensors map[string]*Tensor) string {
 	t.Helper()
 	require.NoError(t, os.MkdirAll(dir, 0o755))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "config.json"), []byte(cfg), 0o644))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "tokenizer.json"), []byte(`{}`), 0o644))
-	raw := map[string]RawTensor{}
+	raw := map[string]safetensors.RawTensor{}
 	for name, x := range tensors {
-		raw[name] = RawTensor{DType: dt, Shape: x.Shape, Data: safetensors.Encode(dt, x.Data)}
+		raw[name] = safetensors.RawTensor{DType: dt, Shape: x.Shape, Data: safetensors.Encode(dt, x.Data)}
 	}
 	require.NoError(t, WriteSafetensors(filepath.Join(dir, "model.safetensors"), raw, map[string]string{"format": "pt"}))
 	return dir
@@ -188,7 +190,7 @@ func TestFuse(t *testing.T) {
 		"model.norm.weight":         randTensor(rng, d),
 	}
 	root := t.TempDir()
-	tied := writeTestBase(t, filepath.Join(root, "tied"), `{"tie_word_embeddings": true}`, BF16, tensors)
+	tied := writeTestBase(t, filepath.Join(root, "tied"), `{"tie_word_embeddings": true}`, safetensors.BF16, tensors)
 	mods := map[string]testModule{
 		"model.q":            {a: randTensor(rng, r, d), b: randTensor(rng, d, r)},
 		"model.embed_tokens": {a: randTensor(rng, r, v), b: randTensor(rng, d, r), embed: true},
@@ -216,7 +218,7 @@ func TestFuse(t *testing.T) {
 						sum += float64(b.Data[i*r+k]) * float64(a.Data[k*cols+j])
 					}
 				}
-				want[i*cols+j] = safetensors.Round(BF16, float32(float64(w[i*cols+j])+s*sum))
+				want[i*cols+j] = safetensors.Round(safetensors.BF16, float32(float64(w[i*cols+j])+s*sum))
 			}
 		}
 		return want
@@ -236,24 +238,24 @@ func TestFuse(t *testing.T) {
 	errCases := []struct {
 		name string
 		opts FuseOptions
-		kind ErrKind
+		kind errs.ErrKind
 		want string
 	}{
-		{"exists", FuseOptions{Base: tied, Adapters: []string{ad}, OutputDir: out}, KindFileExists, "already exists"},
-		{"no base", FuseOptions{Base: filepath.Join(root, "nope"), Adapters: []string{ad}, OutputDir: filepath.Join(root, "o1")}, KindFileNotFound, "nope"},
-		{"weights", FuseOptions{Base: tied, Adapters: []string{ad}, Weights: ScalarWeights(1, 2), OutputDir: filepath.Join(root, "o2")}, KindValue, "weights"},
-		{"fifo shape", FuseOptions{Base: writeTestBase(t, filepath.Join(root, "b2"), `{}`, F32, map[string]*Tensor{
-			"model.up.weight": randTensor(rng, 16, d)}), Adapters: []string{fifo}, OutputDir: filepath.Join(root, "o3")}, KindValue, "fan_in_fan_out"},
-		{"no base tensor", FuseOptions{Base: writeTestBase(t, filepath.Join(root, "b3"), `{}`, F32, map[string]*Tensor{
-			"model.q.weight": randTensor(rng, d, d)}), Adapters: []string{ad}, OutputDir: filepath.Join(root, "o4")}, KindValue, "model.embed_tokens"},
+		{"exists", FuseOptions{Base: tied, Adapters: []string{ad}, OutputDir: out}, errs.KindFileExists, "already exists"},
+		{"no base", FuseOptions{Base: filepath.Join(root, "nope"), Adapters: []string{ad}, OutputDir: filepath.Join(root, "o1")}, errs.KindFileNotFound, "nope"},
+		{"weights", FuseOptions{Base: tied, Adapters: []string{ad}, Weights: adapter.ScalarWeights(1, 2), OutputDir: filepath.Join(root, "o2")}, errs.KindValue, "weights"},
+		{"fifo shape", FuseOptions{Base: writeTestBase(t, filepath.Join(root, "b2"), `{}`, safetensors.F32, map[string]*Tensor{
+			"model.up.weight": randTensor(rng, 16, d)}), Adapters: []string{fifo}, OutputDir: filepath.Join(root, "o3")}, errs.KindValue, "fan_in_fan_out"},
+		{"no base tensor", FuseOptions{Base: writeTestBase(t, filepath.Join(root, "b3"), `{}`, safetensors.F32, map[string]*Tensor{
+			"model.q.weight": randTensor(rng, d, d)}), Adapters: []string{ad}, OutputDir: filepath.Join(root, "o4")}, errs.KindValue, "model.embed_tokens"},
 		{"dora merged", FuseOptions{Base: tied, Adapters: []string{ad, writeDoraAdapter(t, filepath.Join(root, "dora"), rng)},
-			OutputDir: filepath.Join(root, "o5")}, KindValue, "DoRA"},
+			OutputDir: filepath.Join(root, "o5")}, errs.KindValue, "DoRA"},
 	}
 	for _, c := range errCases {
 		t.Run(c.name, func(t *testing.T) {
 			_, err := Fuse(context.Background(), c.opts, nil)
 			require.Error(t, err)
-			assert.Equal(t, c.kind, KindOf(err), err.Error())
+			assert.Equal(t, c.kind, errs.KindOf(err), err.Error())
 			assert.Contains(t, err.Error(), c.want)
 			if c.name != "exists" {
 				assert.NoDirExists(t, c.opts.OutputDir)
@@ -274,17 +276,17 @@ func TestFuse(t *testing.T) {
 func writeDoraAdapter(t *testing.T, dir string, rng *rand.Rand) string {
 	writeTestAdapter(t, dir, map[string]any{"r": 2, "lora_alpha": 4, "use_dora": true, "target_modules": []string{"q"}},
 		map[string]testModule{"model.q": {a: randTensor(rng, 2, 8), b: randTensor(rng, 8, 2)}})
-	path := filepath.Join(dir, WeightsFile)
+	path := filepath.Join(dir, adapter.WeightsFile)
 	st, err := safetensors.Open(path)
 	require.NoError(t, err)
-	tensors := map[string]RawTensor{}
+	tensors := map[string]safetensors.RawTensor{}
 	for name := range st.Entries {
 		x, err := st.ReadFloat32(name)
 		require.NoError(t, err)
-		tensors[name] = RawTensor{DType: F32, Shape: st.Entries[name].Shape, Data: safetensors.Encode(F32, x)}
+		tensors[name] = safetensors.RawTensor{DType: safetensors.F32, Shape: st.Entries[name].Shape, Data: safetensors.Encode(safetensors.F32, x)}
 	}
 	st.Close()
-	tensors[keyPrefix+"model.q.lora_magnitude_vector"] = RawTensor{DType: F32, Shape: []int{8}, Data: safetensors.Encode(F32, randTensor(rng, 8).Data)}
+	tensors[adapter.KeyPrefix+"model.q.lora_magnitude_vector"] = safetensors.RawTensor{DType: safetensors.F32, Shape: []int{8}, Data: safetensors.Encode(safetensors.F32, randTensor(rng, 8).Data)}
 	require.NoError(t, WriteSafetensors(path, tensors, map[string]string{"format": "pt"}))
 	return dir
 }

@@ -10,8 +10,10 @@ import (
 	"sync"
 	"time"
 
+	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
 	"gomerge/gomerge/modelfolder"
+	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -23,7 +25,7 @@ const fuseDelayEnv = "GOMERGE_TEST_FUSE_DELAY_MS"
 // then the tensors on all cores (one tensor per worker at a time, each
 // written at its place as soon as it is done), then the index, config,
 // copied files and model card, and finally the rename into place.
-func writeFused(ctx context.Context, opts *FuseOptions, p *fusePlan, base *modelfolder.Folder, progress *Progress) error {
+func writeFused(ctx context.Context, opts *FuseOptions, p *fusePlan, base *modelfolder.Folder, progress *parallel.Progress) error {
 	out, err := modelfolder.Create(opts.OutputDir, opts.Overwrite)
 	if err != nil {
 		return err
@@ -102,7 +104,7 @@ func writeFused(ctx context.Context, opts *FuseOptions, p *fusePlan, base *model
 		return err
 	}
 	if ctx.Err() != nil {
-		return ErrCancelled
+		return errs.ErrCancelled
 	}
 	if err := out.Commit(); err != nil {
 		return err
@@ -114,7 +116,7 @@ func writeFused(ctx context.Context, opts *FuseOptions, p *fusePlan, base *model
 // fuseTensors computes and writes every output tensor on opts.Workers
 // goroutines (all cores by default); the first error stops them all.
 func fuseTensors(ctx context.Context, opts *FuseOptions, p *fusePlan, base *modelfolder.Folder,
-	writerOf map[string]*safetensors.Writer, progress *Progress) error {
+	writerOf map[string]*safetensors.Writer, progress *parallel.Progress) error {
 	delay := time.Duration(0)
 	if ms, err := strconv.Atoi(os.Getenv(fuseDelayEnv)); err == nil && ms > 0 {
 		delay = time.Duration(ms) * time.Millisecond
@@ -125,7 +127,7 @@ func fuseTensors(ctx context.Context, opts *FuseOptions, p *fusePlan, base *mode
 		workers = runtime.GOMAXPROCS(0)
 	}
 	raws := make([][]byte, workers) // each worker's buffer for copies
-	return runJobsOn(ctx, len(p.tensors), workers, progress, func(w, i int) (err error) {
+	return parallel.RunJobs(ctx, len(p.tensors), workers, progress, func(w, i int) (err error) {
 		t := p.tensors[i]
 		cost := t.memCost()
 		budget.acquire(cost)
@@ -144,7 +146,7 @@ func fuseTensors(ctx context.Context, opts *FuseOptions, p *fusePlan, base *mode
 func fuseOne(ctx context.Context, p *fusePlan, t *fuseTensor, base *modelfolder.Folder, w *safetensors.Writer, raw []byte) (_ []byte, err error) {
 	defer func() {
 		if r := recover(); r != nil { // a bug: read errors are returned, never raised
-			err = newErr(KindInternal, "tensor %s: internal error: %v", t.name, r)
+			err = errs.New(errs.KindInternal, "tensor %s: internal error: %v", t.name, r)
 		}
 	}()
 	info, _ := base.Info(t.src)
@@ -168,8 +170,8 @@ const encodeChunk = 1 << 20
 
 // writeEncoded rounds x once to dtype d and writes it as tensor name, a
 // chunk at a time (no second copy of the tensor in memory).
-func writeEncoded(w *safetensors.Writer, name string, d DType, x []float32) error {
-	if d == F32 {
+func writeEncoded(w *safetensors.Writer, name string, d safetensors.DType, x []float32) error {
+	if d == safetensors.F32 {
 		return w.WriteTensor(name, safetensors.Float32AsBytes(x))
 	}
 	buf := pool.Get(encodeChunk / 2)

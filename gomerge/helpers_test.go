@@ -13,13 +13,16 @@ import (
 	stlib "github.com/nlpodyssey/safetensors"
 	"github.com/stretchr/testify/require"
 
+	"gomerge/gomerge/adapter"
+	"gomerge/gomerge/errs"
+	"gomerge/gomerge/linalg"
 	"gomerge/gomerge/safetensors"
 )
 
 type testModule struct {
 	a, b  *Tensor
 	embed bool
-	dtype DType
+	dtype safetensors.DType
 }
 
 func randTensor(rng *rand.Rand, shape ...int) *Tensor {
@@ -41,22 +44,22 @@ func writeTestAdapter(t testing.TB, dir string, cfg map[string]any, mods map[str
 	}
 	b, err := json.Marshal(full)
 	require.NoError(t, err)
-	require.NoError(t, os.WriteFile(filepath.Join(dir, ConfigFile), b, 0o644))
-	tensors := map[string]RawTensor{}
+	require.NoError(t, os.WriteFile(filepath.Join(dir, adapter.ConfigFile), b, 0o644))
+	tensors := map[string]safetensors.RawTensor{}
 	for name, m := range mods {
-		kind := KindLinear
+		kind := adapter.KindLinear
 		if m.embed {
-			kind = KindEmbedding
+			kind = adapter.KindEmbedding
 		}
-		ak, bk := moduleKeys(name, kind)
+		ak, bk := adapter.ModuleKeys(name, kind)
 		dt := m.dtype
 		if dt == "" {
-			dt = F32
+			dt = safetensors.F32
 		}
-		tensors[ak] = RawTensor{DType: dt, Shape: m.a.Shape, Data: safetensors.Encode(dt, m.a.Data)}
-		tensors[bk] = RawTensor{DType: dt, Shape: m.b.Shape, Data: safetensors.Encode(dt, m.b.Data)}
+		tensors[ak] = safetensors.RawTensor{DType: dt, Shape: m.a.Shape, Data: safetensors.Encode(dt, m.a.Data)}
+		tensors[bk] = safetensors.RawTensor{DType: dt, Shape: m.b.Shape, Data: safetensors.Encode(dt, m.b.Data)}
 	}
-	require.NoError(t, WriteSafetensors(filepath.Join(dir, WeightsFile), tensors, map[string]string{"format": "pt"}))
+	require.NoError(t, WriteSafetensors(filepath.Join(dir, adapter.WeightsFile), tensors, map[string]string{"format": "pt"}))
 	return dir
 }
 
@@ -82,9 +85,9 @@ type Tensor struct {
 
 // WriteSafetensors writes tensors with the reference library (nlpodyssey/safetensors), so that the tests read
 // files gomerge did not write itself.
-func WriteSafetensors(path string, tensors map[string]RawTensor, metadata map[string]string) error {
+func WriteSafetensors(path string, tensors map[string]safetensors.RawTensor, metadata map[string]string) error {
 	views := make(map[string]stlib.TensorView, len(tensors))
-	rev := map[DType]stlib.DType{F32: stlib.F32, BF16: stlib.BF16, F16: stlib.F16}
+	rev := map[safetensors.DType]stlib.DType{safetensors.F32: stlib.F32, safetensors.BF16: stlib.BF16, safetensors.F16: stlib.F16}
 	for name, t := range tensors {
 		shape := make([]uint64, len(t.Shape))
 		for i, d := range t.Shape {
@@ -98,14 +101,14 @@ func WriteSafetensors(path string, tensors map[string]RawTensor, metadata map[st
 	}
 	f, err := os.Create(path)
 	if err != nil {
-		return ioErr(path, err)
+		return errs.IO(path, err)
 	}
 	w := bufio.NewWriterSize(f, 1<<20)
 	err = stlib.SerializeToWriter(views, metadata, w)
 	if err == nil {
 		err = w.Flush()
 	}
-	return syncClose(f, path, err)
+	return errs.SyncClose(f, path, err)
 }
 
 // mergekitOf is the mergekit merge of a method row, for the tests of its steps.
@@ -134,4 +137,14 @@ func comb(name string, density float64) Combination {
 		panic(err)
 	}
 	return Combination{Pruning: m.Pruning, TIES: m.TIES, Density: density, SignMethod: "total"}
+}
+
+// orthonormal is a random rows x cols matrix with orthonormal columns.
+func orthonormal(rng *rand.Rand, rows, cols int) []float64 {
+	x := make([]float64, rows*cols)
+	for i := range x {
+		x[i] = rng.NormFloat64()
+	}
+	q, _, _ := linalg.ThinQR(x, rows, cols)
+	return q
 }

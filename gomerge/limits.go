@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"bufio"
+	"gomerge/gomerge/errs"
 	"os"
 	"runtime"
 	"strconv"
@@ -86,7 +87,7 @@ func planWorkers(opts Options, jobs []moduleJob, avail int64) (int, error) {
 	}
 	budget := avail * 3 / 4
 	if largest > budget {
-		return 0, valueErr("module %s: combination_type %s needs about %.1f GiB of memory, but only %.1f GiB is available",
+		return 0, errs.Value("module %s: combination_type %s needs about %.1f GiB of memory, but only %.1f GiB is available",
 			name, opts.CombinationType, float64(largest)/(1<<30), float64(avail)/(1<<30))
 	}
 	if opts.Workers <= 0 {

@@ -5,6 +5,9 @@ import (
 	"fmt"
 	"unsafe"
 
+	"gomerge/gomerge/adapter"
+	"gomerge/gomerge/errs"
+	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -68,15 +71,15 @@ func viewMemory(ptr uintptr, n int) []byte {
 
 // MergeTensors runs a merge on tensors in memory and writes every module's
 // merged factors to the caller's output buffers.
-func MergeTensors(ctx context.Context, req MemRequest, progress *Progress) (*MemResult, error) {
+func MergeTensors(ctx context.Context, req MemRequest, progress *parallel.Progress) (*MemResult, error) {
 	opts := Options{Combine: req.Combine}
 	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
 	if req.Rank <= 0 {
-		return nil, valueErr("rank: must be positive, got %d", req.Rank)
+		return nil, errs.Value("rank: must be positive, got %d", req.Rank)
 	}
-	defer holdGCHeadroom()()
+	defer parallel.HoldGCHeadroom()()
 	res := &MemResult{Warnings: opts.prepareRandomness()}
 	res.Seed = opts.Seed
 	jobs := make([]moduleJob, len(req.Modules))
@@ -87,10 +90,10 @@ func MergeTensors(ctx context.Context, req MemRequest, progress *Progress) (*Mem
 		}
 		jobs[i] = j
 	}
-	outcomes, err := runJobs(ctx, &opts.Combine, opts.Workers, jobs, req.Rank, F32, progress, func(i int, _, _ string, a, b RawTensor) error {
+	outcomes, err := runJobs(ctx, &opts.Combine, opts.Workers, jobs, req.Rank, safetensors.F32, progress, func(i int, _, _ string, a, b safetensors.RawTensor) error {
 		mm := req.Modules[i]
 		if a.Shape[0] > mm.OutRank {
-			return valueErr("module %s: merged rank %d does not fit the output rank %d", mm.Name, a.Shape[0], mm.OutRank)
+			return errs.Value("module %s: merged rank %d does not fit the output rank %d", mm.Name, a.Shape[0], mm.OutRank)
 		}
 		copy(viewMemory(mm.OutA, len(a.Data)), a.Data)
 		outB := viewMemory(mm.OutB, 4*jobs[i].out*mm.OutRank)
@@ -113,23 +116,23 @@ func MergeTensors(ctx context.Context, req MemRequest, progress *Progress) (*Mem
 // memJob turns a module of a request into a job over views of its memory.
 func memJob(mm MemModule, method Method) (moduleJob, error) {
 	if len(mm.Sources) == 0 {
-		return moduleJob{}, valueErr("module %s: no source adapter", mm.Name)
+		return moduleJob{}, errs.Value("module %s: no source adapter", mm.Name)
 	}
 	var j moduleJob
 	for i, s := range mm.Sources {
 		if len(s.AShape) < 2 || len(s.BShape) != len(s.AShape) || s.AShape[0] != s.BShape[1] || s.A == 0 || s.B == 0 {
-			return j, valueErr("module %s: source %d has factors of shapes %v and %v that are not LoRA factors", mm.Name, s.Index, s.AShape, s.BShape)
+			return j, errs.Value("module %s: source %d has factors of shapes %v and %v that are not LoRA factors", mm.Name, s.Index, s.AShape, s.BShape)
 		}
-		m := &Module{Name: mm.Name, Kind: KindLinear, Rank: s.AShape[0], Scaling: s.Scaling,
-			RawA: RawTensor{DType: F32, Shape: s.AShape, Data: viewMemory(s.A, 4*safetensors.Numel(s.AShape))},
-			RawB: RawTensor{DType: F32, Shape: s.BShape, Data: viewMemory(s.B, 4*safetensors.Numel(s.BShape))}}
+		m := &adapter.Module{Name: mm.Name, Kind: adapter.KindLinear, Rank: s.AShape[0], Scaling: s.Scaling,
+			RawA: safetensors.RawTensor{DType: safetensors.F32, Shape: s.AShape, Data: viewMemory(s.A, 4*safetensors.Numel(s.AShape))},
+			RawB: safetensors.RawTensor{DType: safetensors.F32, Shape: s.BShape, Data: viewMemory(s.B, 4*safetensors.Numel(s.BShape))}}
 		if i == 0 {
 			j = moduleJob{name: mm.Name, in: m.In(), out: m.Out(), aTail: s.AShape[1:], bTail: s.BShape[2:]}
 		} else if m.In() != j.in || m.Out() != j.out {
-			return j, valueErr("module %s: factors of source %d (%v, %v) do not match the first source's", mm.Name, s.Index, s.AShape, s.BShape)
+			return j, errs.Value("module %s: factors of source %d (%v, %v) do not match the first source's", mm.Name, s.Index, s.AShape, s.BShape)
 		}
 		if method.Rank.own && i > 0 && m.Rank != j.srcs[0].mod.Rank {
-			return j, valueErr("module %s: combination_type %s needs equal ranks, got %d and %d", mm.Name, method.Name, j.srcs[0].mod.Rank, m.Rank)
+			return j, errs.Value("module %s: combination_type %s needs equal ranks, got %d and %d", mm.Name, method.Name, j.srcs[0].mod.Rank, m.Rank)
 		}
 		src := source{weight: s.Weight, mod: m, index: s.Index,
 			maskA: viewMemory(s.MaskA, safetensors.Numel(s.AShape)), maskB: viewMemory(s.MaskB, safetensors.Numel(s.BShape)),
@@ -144,7 +147,7 @@ func memJob(mm MemModule, method Method) (moduleJob, error) {
 		j.srcs = append(j.srcs, src)
 	}
 	if mm.OutA == 0 || mm.OutB == 0 || mm.OutRank <= 0 {
-		return j, valueErr("module %s: missing output buffers", mm.Name)
+		return j, errs.Value("module %s: missing output buffers", mm.Name)
 	}
 	return j, nil
 }

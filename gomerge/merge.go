@@ -5,31 +5,27 @@ import (
 	"fmt"
 	"math"
 	"slices"
-	"sync/atomic"
 	"time"
 
+	"gomerge/gomerge/adapter"
+	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
 )
-
-// Progress counts merged modules; it is safe to read while a merge runs.
-type Progress struct {
-	Done  atomic.Int64
-	Total atomic.Int64
-}
 
 // Merge runs a merge end to end: validate, read the adapters, merge every
 // module in parallel and write the output directory atomically. progress may
 // be nil; ctx cancels the merge (no output is left behind).
-func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, error) {
+func Merge(ctx context.Context, opts Options, progress *parallel.Progress) (*Result, error) {
 	start := time.Now()
 	if err := opts.validate(); err != nil {
 		return nil, err
 	}
-	if err := checkOutputDir(opts.OutputDir, opts.Overwrite); err != nil {
+	if err := adapter.CheckOutput(opts.OutputDir, opts.Overwrite); err != nil {
 		return nil, err
 	}
-	defer holdGCHeadroom()()
+	defer parallel.HoldGCHeadroom()()
 	res := &Result{OutputDir: opts.OutputDir, AdapterName: opts.AdapterName, Warnings: []string{}}
 	if len(opts.Adapters) == 1 && opts.method.PEFT && opts.CombinationType != "linear" {
 		res.Warnings = append(res.Warnings, fmt.Sprintf(
@@ -41,7 +37,7 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 	res.Warnings = append(res.Warnings, opts.prepareRandomness()...)
 	res.Seed = opts.Seed
 
-	adapters, err := loadAll(opts.Adapters)
+	adapters, err := adapter.LoadAll(opts.Adapters, false)
 	if err != nil {
 		return nil, err
 	}
@@ -51,11 +47,11 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 		}
 	}()
 	for _, a := range adapters {
-		a.file.AllowNonFinite = opts.AllowNonFinite
+		a.File.AllowNonFinite = opts.AllowNonFinite
 	}
 	res.Warnings = append(res.Warnings, baseModelWarnings(opts.Adapters, adapters)...)
 	for i, a := range adapters {
-		res.Warnings = append(res.Warnings, opts.Weights[i].unusedPatterns(i, opts.Adapters[i], a.Order)...)
+		res.Warnings = append(res.Warnings, opts.Weights[i].UnusedPatterns(i, opts.Adapters[i], a.Order)...)
 	}
 	for i, dir := range opts.Adapters {
 		a := adapters[i]
@@ -65,7 +61,7 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 		}
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, ErrCancelled
+		return nil, errs.ErrCancelled
 	}
 	outDType := adapters[0].DType
 	if opts.DType != "" {
@@ -78,11 +74,11 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 		return nil, err
 	}
 	res.Rank = rank
-	cfgs := make([]*AdapterConfig, len(adapters))
+	cfgs := make([]*adapter.Config, len(adapters))
 	for i, a := range adapters {
 		cfgs[i] = a.Config
 	}
-	targets, err := UnionTargetModules(cfgs, opts.Adapters)
+	targets, err := adapter.UnionTargetModules(cfgs, opts.Adapters)
 	if err != nil {
 		return nil, err
 	}
@@ -96,19 +92,23 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 	}
 
 	if err := ctx.Err(); err != nil {
-		return nil, ErrCancelled
+		return nil, errs.ErrCancelled
 	}
-	pending, err := beginAdapterDir(opts.OutputDir)
+	pending, err := adapter.CreateOutput(opts.OutputDir, opts.Overwrite)
 	if err != nil {
 		return nil, err
 	}
 	committed := false
 	defer func() {
 		if !committed {
-			pending.abort()
+			pending.Abort()
 		}
 	}()
-	outcomes, err := writeModules(ctx, opts, jobs, rank, outDType, progress, pending.path(WeightsFile))
+	weightsPath, err := pending.Path(adapter.WeightsFile)
+	if err != nil {
+		return nil, err
+	}
+	outcomes, err := writeModules(ctx, opts, jobs, rank, outDType, progress, weightsPath)
 	if err != nil {
 		return nil, err
 	}
@@ -128,9 +128,9 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 		return nil, err
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, ErrCancelled
+		return nil, errs.ErrCancelled
 	}
-	if err := pending.commit(opts.Overwrite); err != nil {
+	if err := pending.Commit(); err != nil {
 		return nil, err
 	}
 	committed = true
@@ -143,14 +143,14 @@ func Merge(ctx context.Context, opts Options, progress *Progress) (*Result, erro
 // and then each module as it is done, so that results never pile up in
 // memory; with ranks chosen from each module's spectrum (the energy rule)
 // the results, the size of the output, are held until the last one.
-func writeModules(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt DType, progress *Progress, path string) ([]moduleOutcome, error) {
+func writeModules(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt safetensors.DType, progress *parallel.Progress, path string) ([]moduleOutcome, error) {
 	meta := map[string]string{"format": "pt"}
 	if !opts.energyRanks() {
 		w, err := safetensors.Create(path, outputTensors(&opts.Combine, jobs, rank, dt), meta)
 		if err != nil {
 			return nil, err
 		}
-		outcomes, err := runJobs(ctx, &opts.Combine, opts.Workers, jobs, rank, dt, progress, func(_ int, aName, bName string, a, b RawTensor) error {
+		outcomes, err := runJobs(ctx, &opts.Combine, opts.Workers, jobs, rank, dt, progress, func(_ int, aName, bName string, a, b safetensors.RawTensor) error {
 			return w.WritePair(aName, a.Data, bName, b.Data)
 		})
 		if cerr := w.Close(); err == nil {
@@ -160,10 +160,10 @@ func writeModules(ctx context.Context, opts Options, jobs []moduleJob, rank int,
 	}
 	type pair struct {
 		aName, bName string
-		a, b         RawTensor
+		a, b         safetensors.RawTensor
 	}
 	held := make([]pair, len(jobs))
-	outcomes, err := runJobs(ctx, &opts.Combine, opts.Workers, jobs, rank, dt, progress, func(i int, aName, bName string, a, b RawTensor) error {
+	outcomes, err := runJobs(ctx, &opts.Combine, opts.Workers, jobs, rank, dt, progress, func(i int, aName, bName string, a, b safetensors.RawTensor) error {
 		// runJobs hands its buffers back to the pool after emit: keep copies
 		ca, cb := a, b
 		ca.Data, cb.Data = append([]byte(nil), a.Data...), append([]byte(nil), b.Data...)
@@ -193,48 +193,25 @@ func writeModules(ctx context.Context, opts Options, jobs []moduleJob, rank int,
 	return outcomes, err
 }
 
-// loadAll reads the adapter directories in parallel; the first error in
-// argument order wins.
-func loadAll(dirs []string) ([]*Adapter, error) {
-	adapters := make([]*Adapter, len(dirs))
-	errs := make([]error, len(dirs))
-	parallelFor(len(dirs), 1, func(lo, hi int) {
-		for i := lo; i < hi; i++ {
-			adapters[i], errs[i] = LoadAdapter(dirs[i])
-		}
-	})
-	for _, err := range errs {
-		if err != nil {
-			for _, a := range adapters {
-				if a != nil {
-					a.Close()
-				}
-			}
-			return nil, err
-		}
-	}
-	return adapters, nil
-}
-
 // resultTensor is a merged tensor, encoded (Data) from its float32 memory
 // (buf), which runJobs gives back to the pool once emit has written it.
 type resultTensor struct {
-	RawTensor
+	safetensors.RawTensor
 	buf []float32
 }
 
 // emitFunc receives the merged tensors of job i; it may be called from
 // several goroutines at once.
-type emitFunc func(i int, aName, bName string, a, b RawTensor) error
+type emitFunc func(i int, aName, bName string, a, b safetensors.RawTensor) error
 
 // runJobs merges the modules on all cores, hands each result to emit and
 // returns each module's merged rank.
-func runJobs(ctx context.Context, c *Combine, workers int, jobs []moduleJob, rank int, dt DType, progress *Progress, emit emitFunc) ([]moduleOutcome, error) {
+func runJobs(ctx context.Context, c *Combine, workers int, jobs []moduleJob, rank int, dt safetensors.DType, progress *parallel.Progress, emit emitFunc) ([]moduleOutcome, error) {
 	if progress != nil {
 		progress.Total.Store(int64(len(jobs)))
 	}
 	outcomes := make([]moduleOutcome, len(jobs))
-	err := runJobsOn(ctx, len(jobs), workers, progress, func(_, i int) error {
+	err := parallel.RunJobs(ctx, len(jobs), workers, progress, func(_, i int) error {
 		aName, bName, a, b, o, err := runModule(ctx, c, &jobs[i], rank, dt)
 		if err == nil {
 			err = emit(i, aName, bName, a.RawTensor, b.RawTensor)
@@ -253,33 +230,33 @@ func runJobs(ctx context.Context, c *Combine, workers int, jobs []moduleJob, ran
 // runModule merges one module by its method's row, recovering from panics
 // so that a bug in a kernel becomes an error naming the module, and
 // encodes the result to dt.
-func runModule(ctx context.Context, c *Combine, j *moduleJob, rank int, dt DType) (aName, bName string, ra, rb resultTensor, out moduleOutcome, err error) {
+func runModule(ctx context.Context, c *Combine, j *moduleJob, rank int, dt safetensors.DType) (aName, bName string, ra, rb resultTensor, out moduleOutcome, err error) {
 	defer func() {
 		for _, s := range j.srcs {
-			s.mod.release()
+			s.mod.Release()
 		}
 	}()
 	defer func() {
 		if p := recover(); p != nil { // a bug: read errors are returned, never raised
-			err = newErr(KindInternal, "module %s: internal error: %v", j.name, p)
+			err = errs.New(errs.KindInternal, "module %s: internal error: %v", j.name, p)
 		}
 	}()
 	o, err := c.method.Merge(ctx, j, c, rank)
 	if err != nil {
 		return "", "", resultTensor{}, resultTensor{}, out, err
 	}
-	aName, bName = moduleKeys(j.name, j.kind)
+	aName, bName = adapter.ModuleKeys(j.name, j.kind)
 	aShape := append([]int{o.rank}, j.aTail...)
 	bShape := append([]int{j.out, o.rank}, j.bTail...)
 	// a and b are this merge's own memory: float32 results are written as they are, without a copy
 	encode := func(x []float32) []byte {
-		if dt == F32 {
+		if dt == safetensors.F32 {
 			return safetensors.Float32AsBytes(x)
 		}
 		return safetensors.Encode(dt, x)
 	}
-	return aName, bName, resultTensor{RawTensor{DType: dt, Shape: aShape, Data: encode(o.a)}, o.a},
-		resultTensor{RawTensor{DType: dt, Shape: bShape, Data: encode(o.b)}, o.b}, moduleOutcome{rank: o.rank, relErr: o.relErr}, nil
+	return aName, bName, resultTensor{safetensors.RawTensor{DType: dt, Shape: aShape, Data: encode(o.a)}, o.a},
+		resultTensor{safetensors.RawTensor{DType: dt, Shape: bShape, Data: encode(o.b)}, o.b}, moduleOutcome{rank: o.rank, relErr: o.relErr}, nil
 }
 
 // moduleOutcome is what a module's merge chose: its rank, and the relative
@@ -293,7 +270,7 @@ type moduleOutcome struct {
 // configs name another base model (base_model_name_or_path) than the first
 // adapter's: their merge is rarely meaningful. Adapters that name none are
 // not compared.
-func baseModelWarnings(dirs []string, adapters []*Adapter) []string {
+func baseModelWarnings(dirs []string, adapters []*adapter.Adapter) []string {
 	var warnings []string
 	first := adapters[0].Config.BaseModel
 	seen := map[string]bool{first: true, "": true}

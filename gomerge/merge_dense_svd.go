@@ -5,7 +5,9 @@ import (
 	"math"
 	"strconv"
 
+	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/linalg"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -44,13 +46,13 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, g *gener
 			dws[i] = pool.Get(j.out * j.in)
 			scales = append(scales, g.dellaDense(dws[i], fa, fb, j, s))
 		} else {
-			dws[i] = denseDelta(fa, fb, j.out, s.mod.Rank, j.in, s.mod.Scaling)
-			if s.roundDW != "" && s.roundDW != F32 {
+			dws[i] = linalg.DenseDelta(fa, fb, j.out, s.mod.Rank, j.in, s.mod.Scaling)
+			if s.roundDW != "" && s.roundDW != safetensors.F32 {
 				roundTo(dws[i], s.roundDW)
 			}
 		}
 		if ctx.Err() != nil {
-			return nil, nil, 0, ErrCancelled
+			return nil, nil, 0, errs.ErrCancelled
 		}
 	}
 	var d []float32
@@ -69,9 +71,9 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, g *gener
 		}, true)
 	}
 	if ctx.Err() != nil {
-		return nil, nil, 0, ErrCancelled
+		return nil, nil, 0, errs.ErrCancelled
 	}
-	bk, ak := RandomizedSVD(d, j.out, j.in, k, TensorRNG(rsvdSeed, j.name, "rsvd"))
+	bk, ak := linalg.RandomizedSVD(d, j.out, j.in, k, TensorRNG(rsvdSeed, j.name, "rsvd"))
 	var total, kept float64
 	for _, v := range d {
 		total += float64(v) * float64(v)
@@ -99,7 +101,7 @@ func denseSVDModule(ctx context.Context, j *moduleJob, c *Combine, rank int) (mo
 
 // roundTo rounds t in place to the dtype dt (PEFT's dense update in the
 // adapter's dtype).
-func roundTo(t []float32, dt DType) {
+func roundTo(t []float32, dt safetensors.DType) {
 	for e, v := range t {
 		t[e] = safetensors.Round(dt, v)
 	}

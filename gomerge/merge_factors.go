@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"context"
+	"gomerge/gomerge/errs"
 	"math"
 	"strconv"
 )
@@ -26,7 +27,7 @@ func factorsModule(_ context.Context, j *moduleJob, c *Combine, rank int) (modul
 		return moduleOutput{}, err
 	}
 	if r > rank {
-		return moduleOutput{}, valueErr("module %s: rank %d is above the adapter's rank %d", j.name, r, rank)
+		return moduleOutput{}, errs.Value("module %s: rank %d is above the adapter's rank %d", j.name, r, rank)
 	}
 	return moduleOutput{a: a, b: b, rank: r, relErr: math.NaN()}, nil
 }

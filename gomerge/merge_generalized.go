@@ -5,6 +5,7 @@ import (
 	"math"
 
 	"gomerge/gomerge/kernels"
+	"gomerge/gomerge/parallel"
 )
 
 // mergekitMethod is one of mergekit's GeneralizedTaskArithmeticMerge rows
@@ -91,7 +92,7 @@ func (g *generalized) prune(t []float32, module string, index, rows, cols, inner
 // read: (t * factor) * weight, in float32, as when t was rescaled first.
 func (g *generalized) combine(dws [][]float32, weights []float32, indices []int, module string, rows, cols, inner int) []float32 {
 	scales := make([]float32, len(dws))
-	parallelFor(len(dws), max(1, combineGrain*4/max(1, len(dws[0]))), func(lo, hi int) {
+	parallel.For(len(dws), max(1, combineGrain*4/max(1, len(dws[0]))), func(lo, hi int) {
 		for i := lo; i < hi; i++ {
 			scales[i] = g.prune(dws[i], module, indices[i], rows, cols, inner)
 		}
@@ -111,7 +112,7 @@ func (g *generalized) combineScaled(dws [][]float32, weights, scales []float32) 
 	if float32(math.Abs(float64(divisor))) < 1e-8 {
 		divisor = 1
 	}
-	parallelFor(len(out), combineGrain, func(lo, hi int) {
+	parallel.For(len(out), combineGrain, func(lo, hi int) {
 		ts := make([][]float32, len(dws))
 		for i, t := range dws {
 			ts[i] = t[lo:hi]

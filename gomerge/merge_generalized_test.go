@@ -2,6 +2,8 @@ package gomerge
 
 import (
 	"context"
+	"gomerge/gomerge/adapter"
+	"gomerge/gomerge/linalg"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -149,30 +151,30 @@ func TestMergeDellaEndToEnd(t *testing.T) {
 		srcMods = append(srcMods, mods)
 		dirs = append(dirs, writeTestAdapter(t, filepath.Join(dir, "a"+string(rune('0'+i))), nil, mods))
 	}
-	density, seed, svdRank := 0.5, uint64(7), RankSpec{Fixed: 20}
+	density, seed, svdRank := 0.5, uint64(7), linalg.RankSpec{Fixed: 20}
 	weights := []float64{1, 0.5, -0.3}
-	run := func(name string, workers int) *Adapter {
-		opts := Options{Adapters: dirs, Weights: ScalarWeights(weights...), Combine: Combine{CombinationType: "della",
+	run := func(name string, workers int) *adapter.Adapter {
+		opts := Options{Adapters: dirs, Weights: adapter.ScalarWeights(weights...), Combine: Combine{CombinationType: "della",
 			Density: &density, Seed: &seed, SVDRank: &svdRank}, OutputDir: filepath.Join(dir, name), Workers: workers}
 		_, err := Merge(context.Background(), opts, nil)
 		require.NoError(t, err)
-		a, err := LoadAdapter(filepath.Join(dir, name))
+		a, err := adapter.Load(filepath.Join(dir, name))
 		require.NoError(t, err)
 		t.Cleanup(func() { _ = a.Close() })
 		return a
 	}
 	one := run("one", 1)
 	run("all", 0)
-	b1, err := os.ReadFile(filepath.Join(dir, "one", WeightsFile))
+	b1, err := os.ReadFile(filepath.Join(dir, "one", adapter.WeightsFile))
 	require.NoError(t, err)
-	b2, err := os.ReadFile(filepath.Join(dir, "all", WeightsFile))
+	b2, err := os.ReadFile(filepath.Join(dir, "all", adapter.WeightsFile))
 	require.NoError(t, err)
 	require.Equal(t, b1, b2)
 	for _, mod := range []string{"m.layers.0.q", "m.layers.0.v"} {
 		dws := make([][]float32, 3)
 		for i, mods := range srcMods {
 			m := mods[mod]
-			dws[i] = denseDelta(m.a.Data, m.b.Data, out, r, in, 2) // alpha 8 / r 4: gomerge's own dW bits
+			dws[i] = linalg.DenseDelta(m.a.Data, m.b.Data, out, r, in, 2) // alpha 8 / r 4: gomerge's own dW bits
 			dws[i] = dellaBySort(dws[i], out, in, 1, density, DefaultEpsilon, true, dellaSource(seed, mod, i))
 		}
 		want := gtaReference(dws, []float32{1, 0.5, -0.3}, true, true, 1)

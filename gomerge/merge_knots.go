@@ -1,6 +1,8 @@
 package gomerge
 
 import (
+	"gomerge/gomerge/linalg"
+
 	"gonum.org/v1/gonum/blas"
 	"gonum.org/v1/gonum/blas/blas64"
 )
@@ -67,8 +69,8 @@ func knots(sp *span, o spanOptions) (*span, []float64, []float64, []float64) {
 			xt[j*k+r] = float64(merged[r*sp.n+j]) * o.scaling
 		}
 	}
-	qm, rm, pm := thinQR(xt, sp.n, k) // n x pm, pm x k
-	core := make([]float64, sp.pb*pm) // P_k R^T
+	qm, rm, pm := linalg.ThinQR(xt, sp.n, k) // n x pm, pm x k
+	core := make([]float64, sp.pb*pm)        // P_k R^T
 	blas64.Gemm(blas.NoTrans, blas.Trans, 1,
 		blas64.General{Rows: sp.pb, Cols: k, Stride: q, Data: p},
 		blas64.General{Rows: pm, Cols: k, Stride: k, Data: rm},

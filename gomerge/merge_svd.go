@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"context"
+	"gomerge/gomerge/linalg"
 	"math"
 	"sort"
 )
@@ -19,7 +20,7 @@ func svdModule(_ context.Context, j *moduleJob, c *Combine, rank int) (moduleOut
 // dense SVD of the out x in matrix. B' = U_k S_k, A' = V_k^T. The rule
 // gives k (fixed, or from the spectrum); relErr is the exact relative
 // Frobenius error of the truncation, before any clamp.
-func mergeSVD(srcs []source, rule rankRule, in, out int, clamp *float64) (a, b []float32, k int, relErr float64, err error) {
+func mergeSVD(srcs []source, rule linalg.RankRule, in, out int, clamp *float64) (a, b []float32, k int, relErr float64, err error) {
 	total := 0
 	for _, s := range srcs {
 		total += s.mod.Rank
@@ -45,12 +46,12 @@ func mergeSVD(srcs []source, rule rankRule, in, out int, clamp *float64) (a, b [
 		}
 		off += r
 	}
-	bk, ak, sv, k := lowRankSVD(bc, ac, out, total, in, rule.choose)
+	bk, ak, sv, k := linalg.LowRankSVDBy(bc, ac, out, total, in, rule.Choose)
 	b, a = toFloat32(bk), toFloat32(ak)
 	if clamp != nil {
 		ClampQuantile(a, b, *clamp)
 	}
-	return a, b, k, truncationError(sv, k), nil
+	return a, b, k, linalg.TruncationError(sv, k), nil
 }
 
 // ClampQuantile is PEFT's svd_clamp: hi = quantile(concat(B, A), q) with

@@ -11,6 +11,11 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"gomerge/gomerge/adapter"
+	"gomerge/gomerge/errs"
+	"gomerge/gomerge/internal/atomicdir"
+	"gomerge/gomerge/linalg"
+	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -32,9 +37,9 @@ func TestFactorWeights(t *testing.T) {
 	}
 }
 
-func mod(rank int, scaling float64, a, b []float32) *Module {
-	return &Module{Rank: rank, Scaling: scaling, RawA: RawTensor{DType: F32, Shape: []int{rank, len(a) / rank}, Data: safetensors.Encode(F32, a)},
-		RawB: RawTensor{DType: F32, Shape: []int{len(b) / rank, rank}, Data: safetensors.Encode(F32, b)}}
+func mod(rank int, scaling float64, a, b []float32) *adapter.Module {
+	return &adapter.Module{Rank: rank, Scaling: scaling, RawA: safetensors.RawTensor{DType: safetensors.F32, Shape: []int{rank, len(a) / rank}, Data: safetensors.Encode(safetensors.F32, a)},
+		RawB: safetensors.RawTensor{DType: safetensors.F32, Shape: []int{len(b) / rank, rank}, Data: safetensors.Encode(safetensors.F32, b)}}
 }
 
 func TestMergeLinearByHand(t *testing.T) {
@@ -70,7 +75,7 @@ func TestMergeSVDIsExactAtFullRank(t *testing.T) {
 			want[j] += w * s * v
 		}
 	}
-	a, b, k, relErr, err := mergeSVD(srcs, rankRule{fixed: 6}, in, out, nil)
+	a, b, k, relErr, err := mergeSVD(srcs, linalg.RankRule{Fixed: 6}, in, out, nil)
 	require.NoError(t, err)
 	assert.Equal(t, 6, k)
 	assert.InDelta(t, 0, relErr, 1e-12, "rank 6 holds the whole sum of three rank-2 updates")
@@ -102,12 +107,12 @@ func TestMergeEndToEnd(t *testing.T) {
 	for _, ct := range []string{"linear", "cat", "svd"} {
 		t.Run(ct, func(t *testing.T) {
 			out := filepath.Join(root, "out-"+ct)
-			var p Progress
-			res, err := Merge(context.Background(), Options{Adapters: dirs, Weights: ScalarWeights(1, 2, -1), OutputDir: out, Combine: Combine{CombinationType: ct}}, &p)
+			var p parallel.Progress
+			res, err := Merge(context.Background(), Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 2, -1), OutputDir: out, Combine: Combine{CombinationType: ct}}, &p)
 			require.NoError(t, err)
 			assert.Equal(t, 3, res.Modules)
 			assert.Equal(t, int64(3), p.Done.Load())
-			merged, err := LoadAdapter(out)
+			merged, err := adapter.Load(out)
 			require.NoError(t, err)
 			assert.ElementsMatch(t, []string{"m.q", "m.v", "m.k"}, merged.Order)
 			assert.Equal(t, map[string]int{"linear": 4, "cat": 12, "svd": 4}[ct], merged.Config.R)
@@ -115,7 +120,7 @@ func TestMergeEndToEnd(t *testing.T) {
 			assert.Contains(t, merged.Config.Raw, "custom")
 			if ct == "cat" {
 				// cat is exact: B'A' of m.k is 2 * s_b * B_b A_b (only adapter b has it)
-				src, _ := LoadAdapter(dirs[1])
+				src, _ := adapter.Load(dirs[1])
 				sa, sb, err := src.Modules["m.k"].Factors()
 				require.NoError(t, err)
 				ma, mb, err := merged.Modules["m.k"].Factors()
@@ -131,7 +136,7 @@ func TestMergeEndToEnd(t *testing.T) {
 	entries, err := os.ReadDir(root)
 	require.NoError(t, err)
 	for _, e := range entries {
-		assert.NotContains(t, e.Name(), tmpPrefix, "temporary folder left behind")
+		assert.NotContains(t, e.Name(), atomicdir.TmpPrefix, "temporary folder left behind")
 	}
 }
 
@@ -147,15 +152,15 @@ func TestMergeLinearWritesRankPatternForSmallerModules(t *testing.T) {
 	}
 	dirs := []string{writeTestAdapter(t, filepath.Join(root, "a"), cfg, mods()), writeTestAdapter(t, filepath.Join(root, "b"), cfg, mods())}
 	out := filepath.Join(root, "out")
-	_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: ScalarWeights(1, 1), OutputDir: out, Combine: Combine{CombinationType: "linear"}}, nil)
+	_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1), OutputDir: out, Combine: Combine{CombinationType: "linear"}}, nil)
 	require.NoError(t, err)
-	raw, err := os.ReadFile(filepath.Join(out, ConfigFile))
+	raw, err := os.ReadFile(filepath.Join(out, adapter.ConfigFile))
 	require.NoError(t, err)
 	var c map[string]any
 	require.NoError(t, json.Unmarshal(raw, &c))
 	assert.Equal(t, map[string]any{`m\.q`: 2.0}, c["rank_pattern"])
 	assert.Equal(t, map[string]any{`m\.q`: 2.0}, c["alpha_pattern"])
-	merged, err := LoadAdapter(out) // the rank check in LoadAdapter passes only with a correct rank_pattern
+	merged, err := adapter.Load(out) // the rank check in LoadAdapter passes only with a correct rank_pattern
 	require.NoError(t, err)
 	assert.Equal(t, 2, merged.Modules["m.q"].Rank)
 	assert.Equal(t, 1.0, merged.Modules["m.q"].Scaling)
@@ -175,23 +180,23 @@ func TestMergeErrors(t *testing.T) {
 	tests := []struct {
 		name string
 		opts Options
-		kind ErrKind
+		kind errs.ErrKind
 		want string
 	}{
-		{"weights length", Options{Adapters: dirs, Weights: ScalarWeights(1)}, KindValue, "got 1 weights for 3 adapters"},
-		{"unknown type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "avg"}}, KindValue, `invalid value "avg"`},
-		{"missing dir", Options{Adapters: []string{dirs[0], filepath.Join(root, "nope")}, Weights: ScalarWeights(1, 1)}, KindFileNotFound, "nope"},
-		{"shape mismatch", Options{Adapters: []string{dirs[0], bad}, Weights: ScalarWeights(1, 1)}, KindValue, "module m.q: shapes differ"},
-		{"unequal ranks for linear", Options{Adapters: []string{dirs[0], r8}, Weights: ScalarWeights(1, 1), Combine: Combine{CombinationType: "linear"}}, KindValue, "same r value"},
-		{"existing output", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: existing}, KindFileExists, "already exists"},
-		{"overwrite non-adapter", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: existing, Overwrite: true}, KindFileExists, "not an adapter"},
-		{"output is input", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: dirs[1]}, KindValue, "also an input"},
-		{"svd rank", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{SVDRank: &RankSpec{Fixed: neg}}}, KindValue, "svd_rank"},
-		{"energy for a factor-wise type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "linear", SVDRank: &RankSpec{Energy: 0.9}}}, KindValue, `svd_rank: combination_type "linear" does not take svd_rank`},
-		{"energy for a pruned svd type", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "ties_svd", Density: new(0.5), SVDRank: &RankSpec{Energy: 0.9}}}, KindValue, "randomized SVD"},
-		{"max rank for cat", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "cat", MaxRank: &one}}, KindValue, "does not take max_rank"},
-		{"max rank zero", Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), Combine: Combine{MaxRank: new(0)}}, KindValue, "max_rank"},
-		{"duplicate", Options{Adapters: []string{dirs[0], dirs[0]}, Weights: ScalarWeights(1, 1), Combine: Combine{SVDRank: &RankSpec{Fixed: one}}}, KindValue, "listed twice"},
+		{"weights length", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1)}, errs.KindValue, "got 1 weights for 3 adapters"},
+		{"unknown type", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "avg"}}, errs.KindValue, `invalid value "avg"`},
+		{"missing dir", Options{Adapters: []string{dirs[0], filepath.Join(root, "nope")}, Weights: adapter.ScalarWeights(1, 1)}, errs.KindFileNotFound, "nope"},
+		{"shape mismatch", Options{Adapters: []string{dirs[0], bad}, Weights: adapter.ScalarWeights(1, 1)}, errs.KindValue, "module m.q: shapes differ"},
+		{"unequal ranks for linear", Options{Adapters: []string{dirs[0], r8}, Weights: adapter.ScalarWeights(1, 1), Combine: Combine{CombinationType: "linear"}}, errs.KindValue, "same r value"},
+		{"existing output", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), OutputDir: existing}, errs.KindFileExists, "already exists"},
+		{"overwrite non-adapter", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), OutputDir: existing, Overwrite: true}, errs.KindFileExists, "not an adapter"},
+		{"output is input", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), OutputDir: dirs[1]}, errs.KindValue, "also an input"},
+		{"svd rank", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), Combine: Combine{SVDRank: &linalg.RankSpec{Fixed: neg}}}, errs.KindValue, "svd_rank"},
+		{"energy for a factor-wise type", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "linear", SVDRank: &linalg.RankSpec{Energy: 0.9}}}, errs.KindValue, `svd_rank: combination_type "linear" does not take svd_rank`},
+		{"energy for a pruned svd type", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "ties_svd", Density: new(0.5), SVDRank: &linalg.RankSpec{Energy: 0.9}}}, errs.KindValue, "randomized SVD"},
+		{"max rank for cat", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "cat", MaxRank: &one}}, errs.KindValue, "does not take max_rank"},
+		{"max rank zero", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), Combine: Combine{MaxRank: new(0)}}, errs.KindValue, "max_rank"},
+		{"duplicate", Options{Adapters: []string{dirs[0], dirs[0]}, Weights: adapter.ScalarWeights(1, 1), Combine: Combine{SVDRank: &linalg.RankSpec{Fixed: one}}}, errs.KindValue, "listed twice"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -200,7 +205,7 @@ func TestMergeErrors(t *testing.T) {
 			}
 			_, err := Merge(context.Background(), tc.opts, nil)
 			require.Error(t, err)
-			assert.Equal(t, tc.kind, KindOf(err), err.Error())
+			assert.Equal(t, tc.kind, errs.KindOf(err), err.Error())
 			assert.Contains(t, err.Error(), tc.want)
 			if tc.opts.OutputDir != existing && tc.opts.OutputDir != dirs[1] {
 				assert.NoDirExists(t, tc.opts.OutputDir)
@@ -218,8 +223,8 @@ func TestMergeCancelled(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	out := filepath.Join(root, "out")
-	_, err := Merge(ctx, Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: out}, nil)
-	require.ErrorIs(t, err, ErrCancelled)
+	_, err := Merge(ctx, Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), OutputDir: out}, nil)
+	require.ErrorIs(t, err, errs.ErrCancelled)
 	assert.NoDirExists(t, out)
 }
 
@@ -228,16 +233,16 @@ func TestMergeOverwriteReplacesAdapter(t *testing.T) {
 	dirs := writeThree(t, root)
 	out := filepath.Join(root, "out")
 	for _, ct := range []string{"cat", "svd"} {
-		_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1), OutputDir: out, Overwrite: true, Combine: Combine{CombinationType: ct}}, nil)
+		_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), OutputDir: out, Overwrite: true, Combine: Combine{CombinationType: ct}}, nil)
 		require.NoError(t, err)
 	}
-	merged, err := LoadAdapter(out)
+	merged, err := adapter.Load(out)
 	require.NoError(t, err)
 	assert.Equal(t, 4, merged.Config.R) // the svd merge replaced the cat one
 }
 
 func TestPlanWorkersRefusesWhatCannotFit(t *testing.T) {
-	mod := &Module{Rank: 16}
+	mod := &adapter.Module{Rank: 16}
 	big := moduleJob{name: "m.big", in: 11008, out: 4096, srcs: []source{{mod: mod}, {mod: mod}, {mod: mod}}}
 	opts := Options{Combine: Combine{CombinationType: "ties_svd", Density: new(0.2)}}
 	require.NoError(t, opts.Validate())
@@ -266,12 +271,26 @@ func TestDifferentBaseModelsWarn(t *testing.T) {
 		writeTestAdapter(t, filepath.Join(root, "c"), map[string]any{"base_model_name_or_path": "mistral/7b"}, mods),
 		writeTestAdapter(t, filepath.Join(root, "d"), map[string]any{}, mods), // names none: not compared
 	}
-	res, err := Merge(context.Background(), Options{Adapters: dirs, Weights: ScalarWeights(1, 1, 1, 1), OutputDir: filepath.Join(root, "out"), Combine: Combine{CombinationType: "cat"}}, nil)
+	res, err := Merge(context.Background(), Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1, 1), OutputDir: filepath.Join(root, "out"), Combine: Combine{CombinationType: "cat"}}, nil)
 	require.NoError(t, err)
 	require.Len(t, res.Warnings, 1, res.Warnings)
 	assert.Contains(t, res.Warnings[0], "different base models (meta/llama-3-8b and mistral/7b")
 	assert.Contains(t, res.Warnings[0], dirs[2])
-	res, err = Merge(context.Background(), Options{Adapters: dirs[:2], Weights: ScalarWeights(1, 1), OutputDir: filepath.Join(root, "same"), Combine: Combine{CombinationType: "cat"}}, nil)
+	res, err = Merge(context.Background(), Options{Adapters: dirs[:2], Weights: adapter.ScalarWeights(1, 1), OutputDir: filepath.Join(root, "same"), Combine: Combine{CombinationType: "cat"}}, nil)
 	require.NoError(t, err)
 	assert.Empty(t, res.Warnings)
+}
+
+func TestClampQuantile(t *testing.T) {
+	// torch.quantile([-4, -1, 0, 2, 3, 10], 0.5) = 1.0 (linear interpolation); clamp to [-1, 1]
+	a := []float32{-4, 2, 10}
+	b := []float32{-1, 0, 3}
+	ClampQuantile(a, b, 0.5)
+	assert.Equal(t, []float32{-1, 1, 1}, a)
+	assert.Equal(t, []float32{-1, 0, 1}, b)
+	// quantile 0.9 of 6 values: pos 4.5 between 3 and 10 -> 6.5
+	a = []float32{-4, 2, 10}
+	b = []float32{-1, 0, 3}
+	ClampQuantile(a, b, 0.9)
+	assert.Equal(t, []float32{-4, 2, 6.5}, a)
 }

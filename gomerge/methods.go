@@ -3,6 +3,7 @@ package gomerge
 import (
 	"context"
 	"encoding/json"
+	"gomerge/gomerge/errs"
 	"slices"
 	"strings"
 )
@@ -87,7 +88,7 @@ var (
 func equalRanks(ranks []int, names []string, m Method, _ *Combine) (int, error) {
 	for i, r := range ranks {
 		if r != ranks[0] {
-			return 0, valueErr("All adapters must have the same r value when using combination_type %s: "+
+			return 0, errs.Value("All adapters must have the same r value when using combination_type %s: "+
 				"%s has r=%d, %s has r=%d (use cat or svd for adapters of different ranks)",
 				m.Name, names[0], ranks[0], names[i], r)
 		}
@@ -274,7 +275,7 @@ func LookupMethod(name string) (Method, error) {
 			return m, nil
 		}
 	}
-	return Method{}, valueErr("combination_type: invalid value %q (expected one of %s)", name, methodNames())
+	return Method{}, errs.Value("combination_type: invalid value %q (expected one of %s)", name, methodNames())
 }
 
 // methodNames lists the method names for error messages.

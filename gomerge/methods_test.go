@@ -2,6 +2,8 @@ package gomerge
 
 import (
 	"fmt"
+	"gomerge/gomerge/errs"
+	"gomerge/gomerge/linalg"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -14,7 +16,7 @@ func withParam(c *Combine, name string) {
 	f := func(v float64) *float64 { return &v }
 	switch name {
 	case "svd_rank":
-		c.SVDRank = &RankSpec{Fixed: 4}
+		c.SVDRank = &linalg.RankSpec{Fixed: 4}
 	case "max_rank":
 		r := 4
 		c.MaxRank = &r
@@ -67,7 +69,7 @@ func TestEveryMethodRefusesTheParametersItDoesNotTake(t *testing.T) {
 			}
 			require.Error(t, err, "%s with %s", m.Name, name)
 			assert.Contains(t, err.Error(), fmt.Sprintf("%s: combination_type %q does not take %s (it takes: ", name, m.Name, name))
-			assert.Equal(t, KindValue, KindOf(err))
+			assert.Equal(t, errs.KindValue, errs.KindOf(err))
 		}
 	}
 }

@@ -7,7 +7,10 @@ import (
 	"path/filepath"
 	"slices"
 
+	"gomerge/gomerge/adapter"
+	"gomerge/gomerge/errs"
 	"gomerge/gomerge/kernels"
+	"gomerge/gomerge/linalg"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -16,20 +19,20 @@ import (
 // names and meanings follow PEFT's LoraModel.add_weighted_adapter; the
 // method table (methods.go) says which method reads which.
 type Combine struct {
-	CombinationType    string    `json:"combination_type"`
-	SVDRank            *RankSpec `json:"svd_rank"` // a rank, or the energy rule "energy:F"
-	MaxRank            *int      `json:"max_rank"` // cap of each module's rank
-	SVDClamp           *float64  `json:"svd_clamp"`
-	SVDFullMatrices    *bool     `json:"svd_full_matrices"`
-	SVDDriver          *string   `json:"svd_driver"`
-	Density            *float64  `json:"density"`
-	MajoritySignMethod string    `json:"majority_sign_method"`
-	Seed               *uint64   `json:"seed"`            // DARE's random seed; nil draws a fresh one
-	Lambda             *float64  `json:"lambda"`          // task_arithmetic's scale of the summed updates (default 1)
-	Gamma              *float64  `json:"gamma"`           // breadcrumbs: fraction of largest magnitudes dropped (0.01)
-	Epsilon            *float64  `json:"epsilon"`         // della: spread of the keep-probabilities around density (0.15)
-	Scaling            *float64  `json:"scaling"`         // span methods (iso_c, tsv, ...): scale of the merged update (1)
-	CommonFraction     *float64  `json:"common_fraction"` // iso_cts: share of the common subspace (0.8)
+	CombinationType    string           `json:"combination_type"`
+	SVDRank            *linalg.RankSpec `json:"svd_rank"` // a rank, or the energy rule "energy:F"
+	MaxRank            *int             `json:"max_rank"` // cap of each module's rank
+	SVDClamp           *float64         `json:"svd_clamp"`
+	SVDFullMatrices    *bool            `json:"svd_full_matrices"`
+	SVDDriver          *string          `json:"svd_driver"`
+	Density            *float64         `json:"density"`
+	MajoritySignMethod string           `json:"majority_sign_method"`
+	Seed               *uint64          `json:"seed"`            // DARE's random seed; nil draws a fresh one
+	Lambda             *float64         `json:"lambda"`          // task_arithmetic's scale of the summed updates (default 1)
+	Gamma              *float64         `json:"gamma"`           // breadcrumbs: fraction of largest magnitudes dropped (0.01)
+	Epsilon            *float64         `json:"epsilon"`         // della: spread of the keep-probabilities around density (0.15)
+	Scaling            *float64         `json:"scaling"`         // span methods (iso_c, tsv, ...): scale of the merged update (1)
+	CommonFraction     *float64         `json:"common_fraction"` // iso_cts: share of the common subspace (0.8)
 
 	method Method // the row of CombinationType, set by Validate
 }
@@ -40,8 +43,8 @@ type Options struct {
 	Adapters []string `json:"adapters"`
 	// Weights has one weight per adapter: a number, or module-name patterns
 	// with their weights (Weight).
-	Weights     Weights `json:"weights"`
-	AdapterName string  `json:"adapter_name"`
+	Weights     adapter.Weights `json:"weights"`
+	AdapterName string          `json:"adapter_name"`
 	Combine
 	OutputDir      string   `json:"output_dir"`
 	Overwrite      bool     `json:"overwrite"`
@@ -75,16 +78,16 @@ type Result struct {
 // validate checks the options before any file is read.
 func (o *Options) validate() error {
 	if len(o.Adapters) == 0 {
-		return valueErr("adapters: at least one adapter directory is required")
+		return errs.Value("adapters: at least one adapter directory is required")
 	}
 	if len(o.Weights) != len(o.Adapters) {
-		return valueErr("weights: got %d weights for %d adapters; pass one weight per adapter", len(o.Weights), len(o.Adapters))
+		return errs.Value("weights: got %d weights for %d adapters; pass one weight per adapter", len(o.Weights), len(o.Adapters))
 	}
 	// compiled into a copy: the caller's Options may be shared by merges running at once
-	weights := make(Weights, len(o.Weights))
+	weights := make(adapter.Weights, len(o.Weights))
 	for i, w := range o.Weights {
 		var err error
-		if weights[i], err = w.compile(i); err != nil {
+		if weights[i], err = w.Compile(i); err != nil {
 			return err
 		}
 	}
@@ -92,7 +95,7 @@ func (o *Options) validate() error {
 	seen := map[string]int{}
 	for i, a := range o.Adapters {
 		if j, ok := seen[filepath.Clean(a)]; ok {
-			return valueErr("adapters: %s is listed twice (positions %d and %d)", a, j, i)
+			return errs.Value("adapters: %s is listed twice (positions %d and %d)", a, j, i)
 		}
 		seen[filepath.Clean(a)] = i
 	}
@@ -105,12 +108,12 @@ func (o *Options) validate() error {
 		}
 	}
 	if o.OutputDir == "" {
-		return valueErr("output_dir: a directory to write the merged adapter to is required")
+		return errs.Value("output_dir: a directory to write the merged adapter to is required")
 	}
 	out := filepath.Clean(o.OutputDir)
 	for _, a := range o.Adapters {
 		if filepath.Clean(a) == out {
-			return valueErr("output_dir: %s is also an input adapter; choose another directory", o.OutputDir)
+			return errs.Value("output_dir: %s is also an input adapter; choose another directory", o.OutputDir)
 		}
 	}
 	return nil
@@ -141,17 +144,17 @@ func (o *Combine) Validate() error {
 	return nil
 }
 
-// rankRule is the rule that gives each module's rank for the merged
+// linalg.RankRule is the rule that gives each module's rank for the merged
 // adapter's rank (a fixed rank when svd_rank is not an energy rule).
-func (o *Combine) rankRule(rank int) rankRule {
+func (o *Combine) rankRule(rank int) linalg.RankRule {
 	if o.SVDRank != nil && o.SVDRank.Energy > 0 {
-		r := rankRule{energy: o.SVDRank.Energy}
+		r := linalg.RankRule{Energy: o.SVDRank.Energy}
 		if o.MaxRank != nil {
-			r.max = *o.MaxRank
+			r.Max = *o.MaxRank
 		}
 		return r
 	}
-	return rankRule{fixed: rank}
+	return linalg.RankRule{Fixed: rank}
 }
 
 // energyRanks reports whether each module's rank is chosen from its

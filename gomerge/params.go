@@ -2,6 +2,8 @@ package gomerge
 
 import (
 	"fmt"
+	"gomerge/gomerge/errs"
+	"gomerge/gomerge/linalg"
 	"math"
 	"reflect"
 	"strings"
@@ -152,7 +154,7 @@ func (o *Combine) checkParams() error {
 			if len(m.Params) > 0 {
 				takes = strings.Join(m.Params, ", ")
 			}
-			return valueErr("%s: combination_type %q does not take %s (it takes: %s)", p.Name, m.Name, p.Name, takes)
+			return errs.Value("%s: combination_type %q does not take %s (it takes: %s)", p.Name, m.Name, p.Name, takes)
 		}
 	}
 	for i := range params {
@@ -172,14 +174,14 @@ func checkSVDRank(v any, c *Combine) error {
 	if v == nil {
 		return nil
 	}
-	r := v.(RankSpec)
+	r := v.(linalg.RankSpec)
 	if r.Energy == 0 && r.Fixed <= 0 {
-		return valueErr("svd_rank: must be a positive integer, an energy rule such as \"energy:0.99\", or None, got %d", r.Fixed)
+		return errs.Value("svd_rank: must be a positive integer, an energy rule such as \"energy:0.99\", or None, got %d", r.Fixed)
 	}
 	// the methods that take svd_rank factorise their result: exactly (svd, task_arithmetic, the span methods), or
 	// a pruned dense update by a randomized SVD, which has no exact spectrum for the energy rule
 	if r.Energy > 0 && !c.method.Rank.exact {
-		return valueErr("svd_rank: the energy rule needs the exact spectrum, and combination_type %q factorises a pruned "+
+		return errs.Value("svd_rank: the energy rule needs the exact spectrum, and combination_type %q factorises a pruned "+
 			"dense update by a randomized SVD: give an integer svd_rank", c.CombinationType)
 	}
 	return nil
@@ -187,14 +189,14 @@ func checkSVDRank(v any, c *Combine) error {
 
 func checkMaxRank(v any, _ *Combine) error {
 	if v != nil && v.(int) <= 0 {
-		return valueErr("max_rank: must be a positive integer or None, got %d", v)
+		return errs.Value("max_rank: must be a positive integer or None, got %d", v)
 	}
 	return nil
 }
 
 func checkSVDClamp(v any, _ *Combine) error {
 	if q, ok := v.(float64); ok && (q < 0 || q > 1 || math.IsNaN(q)) {
-		return valueErr("svd_clamp: must be a quantile in [0, 1] or None, got %v", q)
+		return errs.Value("svd_clamp: must be a quantile in [0, 1] or None, got %v", q)
 	}
 	return nil
 }
@@ -204,22 +206,22 @@ func checkSVDDriver(v any, _ *Combine) error {
 	case nil, "gesvd", "gesvdj", "gesvda":
 		return nil
 	}
-	return valueErr("svd_driver: invalid value %q (expected None, 'gesvd', 'gesvdj' or 'gesvda')", v)
+	return errs.Value("svd_driver: invalid value %q (expected None, 'gesvd', 'gesvdj' or 'gesvda')", v)
 }
 
 func checkDensity(v any, c *Combine) error {
 	if v == nil && c.method.NeedsDensity() {
-		return valueErr("density: combination_type %q needs a density (the fraction of values kept, in [0, 1])", c.CombinationType)
+		return errs.Value("density: combination_type %q needs a density (the fraction of values kept, in [0, 1])", c.CombinationType)
 	}
 	d, ok := v.(float64)
 	if !ok {
 		return nil
 	}
 	if math.IsNaN(d) || d < 0 || d > 1 {
-		return valueErr("density: must be in [0, 1], got %v", d)
+		return errs.Value("density: must be in [0, 1], got %v", d)
 	}
 	if d == 0 && c.method.Pruning == PruneDARE {
-		return valueErr("density: %q rescales kept values by 1/density and needs density > 0", c.CombinationType)
+		return errs.Value("density: %q rescales kept values by 1/density and needs density > 0", c.CombinationType)
 	}
 	return nil
 }
@@ -229,14 +231,14 @@ func checkSignMethod(v any, _ *Combine) error {
 	case nil, "total", "frequency":
 		return nil
 	}
-	return valueErr("majority_sign_method: invalid value %q (expected 'total' or 'frequency')", v)
+	return errs.Value("majority_sign_method: invalid value %q (expected 'total' or 'frequency')", v)
 }
 
 // finiteParam refuses NaN and infinities.
 func finiteParam(name string) func(v any, _ *Combine) error {
 	return func(v any, _ *Combine) error {
 		if x, ok := v.(float64); ok && (math.IsNaN(x) || math.IsInf(x, 0)) {
-			return valueErr("%s: %v is not a finite number", name, x)
+			return errs.Value("%s: %v is not a finite number", name, x)
 		}
 		return nil
 	}
@@ -244,7 +246,7 @@ func finiteParam(name string) func(v any, _ *Combine) error {
 
 func checkGamma(v any, _ *Combine) error {
 	if g, ok := v.(float64); ok && (math.IsNaN(g) || g < 0 || g > 1) {
-		return valueErr("gamma: the fraction of largest magnitudes dropped must be in [0, 1], got %v", g)
+		return errs.Value("gamma: the fraction of largest magnitudes dropped must be in [0, 1], got %v", g)
 	}
 	return nil
 }
@@ -254,14 +256,14 @@ func checkGamma(v any, _ *Combine) error {
 func checkEpsilon(v any, c *Combine) error {
 	e, ok := v.(float64)
 	if ok && (math.IsNaN(e) || math.IsInf(e, 0) || e < 0) {
-		return valueErr("epsilon: must be a number >= 0, got %v", e)
+		return errs.Value("epsilon: must be a number >= 0, got %v", e)
 	}
 	if !ok {
 		e = DefaultEpsilon
 	}
 	if c.Density != nil {
 		if d := *c.Density; d > 0 && d < 1 && (d-e <= 0 || d+e >= 1) {
-			return valueErr("epsilon: must be chosen such that density +/- epsilon is in (0, 1), got density %v "+
+			return errs.Value("epsilon: must be chosen such that density +/- epsilon is in (0, 1), got density %v "+
 				"and epsilon %v", d, e)
 		}
 	}
@@ -270,7 +272,7 @@ func checkEpsilon(v any, c *Combine) error {
 
 func checkCommonFraction(v any, _ *Combine) error {
 	if f, ok := v.(float64); ok && (math.IsNaN(f) || f < 0 || f > 1) {
-		return valueErr("common_fraction: the share of the common subspace must be in [0, 1], got %v", f)
+		return errs.Value("common_fraction: the share of the common subspace must be in [0, 1], got %v", f)
 	}
 	return nil
 }

@@ -1,6 +1,8 @@
 package gomerge
 
 import (
+	"gomerge/gomerge/errs"
+	"gomerge/gomerge/linalg"
 	"math"
 	"testing"
 
@@ -19,8 +21,8 @@ func TestParamChecksNameTheParameter(t *testing.T) {
 		c    Combine
 		msg  string
 	}{
-		{"svd_rank", Combine{CombinationType: "svd", SVDRank: &RankSpec{Fixed: 0}}, "svd_rank: must be a positive integer"},
-		{"svd_rank", Combine{CombinationType: "ties_svd", Density: f(0.5), SVDRank: &RankSpec{Energy: 0.9}}, "svd_rank: the energy rule needs the exact spectrum"},
+		{"svd_rank", Combine{CombinationType: "svd", SVDRank: &linalg.RankSpec{Fixed: 0}}, "svd_rank: must be a positive integer"},
+		{"svd_rank", Combine{CombinationType: "ties_svd", Density: f(0.5), SVDRank: &linalg.RankSpec{Energy: 0.9}}, "svd_rank: the energy rule needs the exact spectrum"},
 		{"max_rank", Combine{CombinationType: "svd", MaxRank: i(0)}, "max_rank: must be a positive integer"},
 		{"svd_clamp", Combine{CombinationType: "svd", SVDClamp: f(1.5)}, "svd_clamp: must be a quantile in [0, 1]"},
 		{"svd_driver", Combine{CombinationType: "svd", SVDDriver: s("magic")}, "svd_driver: invalid value"},
@@ -39,7 +41,7 @@ func TestParamChecksNameTheParameter(t *testing.T) {
 			err := tc.c.Validate()
 			require.Error(t, err)
 			assert.Contains(t, err.Error(), tc.msg)
-			assert.Equal(t, KindValue, KindOf(err))
+			assert.Equal(t, errs.KindValue, errs.KindOf(err))
 		})
 	}
 }

@@ -9,6 +9,8 @@ import (
 	"strconv"
 
 	"gomerge/gomerge/kernels"
+	"gomerge/gomerge/parallel"
+	"gomerge/gomerge/safetensors"
 )
 
 // DellaProbs writes into p mergekit's della_magprune keep-probabilities of
@@ -325,7 +327,7 @@ func dellaMask(t []float32, rows, cols, inner int, density, epsilon float64, res
 	after := make([]float64, nSlices)
 	limits := dellaLimits(cols, density, epsilon)
 	buckets := cols > 1 && nonDecreasing(limits)
-	parallelFor(nSlices, max(1, combineGrain/max(1, cols)), func(lo, hi int) {
+	parallel.For(nSlices, max(1, combineGrain/max(1, cols)), func(lo, hi int) {
 		var lim, key []uint64
 		var w *dellaScratch
 		if buckets {
@@ -370,12 +372,12 @@ func (g *generalized) fusedDella(j *moduleJob) bool {
 func (g *generalized) dellaDense(dw, a, b []float32, j *moduleJob, s source) float32 {
 	out, in, r := j.out, j.in, s.mod.Rank
 	scaling := float32(s.mod.Scaling)
-	round := s.roundDW != "" && s.roundDW != F32
+	round := s.roundDW != "" && s.roundDW != safetensors.F32
 	limits := dellaLimits(in, g.density, g.epsilon)
 	source := dellaSource(g.seed, j.name, s.index)
 	before := make([]float64, out)
 	after := make([]float64, out)
-	parallelFor(out, max(1, combineGrain/max(1, in)), func(lo, hi int) {
+	parallel.For(out, max(1, combineGrain/max(1, in)), func(lo, hi int) {
 		as := make([]float32, r)
 		xs := make([][]float32, r)
 		w := newDellaScratch(in)

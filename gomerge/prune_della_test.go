@@ -2,6 +2,8 @@ package gomerge
 
 import (
 	"cmp"
+	"gomerge/gomerge/linalg"
+	"gomerge/gomerge/safetensors"
 	"math"
 	"math/rand/v2"
 	"runtime"
@@ -264,7 +266,7 @@ func TestDellaDenseIsDenseThenMask(t *testing.T) {
 	require.NoError(t, err)
 	fb[5] = 0 // a zero coefficient (Saxpy skips it)
 	j := &moduleJob{name: "m.q", srcs: srcs, in: 300, out: 70}
-	for _, round := range []DType{"", BF16} {
+	for _, round := range []safetensors.DType{"", safetensors.BF16} {
 		for _, name := range []string{"della", "della_linear"} {
 			density, seed := 0.3, uint64(5)
 			o := Combine{CombinationType: name, Density: &density, Seed: &seed}
@@ -274,7 +276,7 @@ func TestDellaDenseIsDenseThenMask(t *testing.T) {
 			require.True(t, g.fusedDella(j))
 			s := srcs[0]
 			s.roundDW = round
-			want := denseDelta(fa, fb, j.out, s.mod.Rank, j.in, s.mod.Scaling)
+			want := linalg.DenseDelta(fa, fb, j.out, s.mod.Rank, j.in, s.mod.Scaling)
 			if round != "" {
 				roundTo(want, round)
 			}

@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"context"
+	"gomerge/gomerge/linalg"
 	"math"
 	"strconv"
 
@@ -76,8 +77,8 @@ func newSpan(srcs []source, in, out int) (*span, error) {
 		off += r
 	}
 	var rb, ra []float64
-	sp.qb, rb, sp.pb = thinQR(bc, out, total)
-	sp.qa, ra, sp.pa = thinQR(at, in, total)
+	sp.qb, rb, sp.pb = linalg.ThinQR(bc, out, total)
+	sp.qa, ra, sp.pa = linalg.ThinQR(at, in, total)
 	sp.rb, sp.ra, sp.total = rb, ra, total
 	for t := range sp.ranks {
 		sp.cores = append(sp.cores, sp.core(t, sp.weights[t]*sp.scalings[t]))
@@ -329,7 +330,7 @@ func mergeInSpan(fn spanMethod, srcs []source, o *Combine, rank int, in, out int
 	basis, l, s, rt := fn(sp, o.spanOptions(seed, module))
 	switch {
 	case o.SVDRank != nil && o.SVDRank.Energy > 0:
-		k = o.rankRule(rank).choose(s)
+		k = o.rankRule(rank).Choose(s)
 		k = min(k, len(s)) // choose gives at least 1: a zero update keeps rank 1 (zeros)
 	case o.SVDRank != nil:
 		k = rank
@@ -341,7 +342,7 @@ func mergeInSpan(fn spanMethod, srcs []source, o *Combine, rank int, in, out int
 	}
 	k = max(k, 1) // PEFT cannot load a rank-0 module: a zero update is written as rank 1, zeros
 	bk, ak := basis.factors(l, s, rt, k)
-	return toFloat32(ak), toFloat32(bk), k, truncationError(s, k), nil
+	return toFloat32(ak), toFloat32(bk), k, linalg.TruncationError(s, k), nil
 }
 
 // isoC is Iso-C (Marczak et al., ICML 2025) on adapters: the SVD of the

@@ -1,6 +1,7 @@
 package gomerge
 
 import (
+	"gomerge/gomerge/linalg"
 	"math"
 	"math/rand/v2"
 	"testing"
@@ -283,10 +284,10 @@ func TestSpanRankRules(t *testing.T) {
 	}{
 		{"default: the span", Combine{CombinationType: "iso_c"}, 10, 10},
 		{"max_rank caps it", Combine{CombinationType: "iso_c", MaxRank: &three}, 3, 3},
-		{"svd_rank", Combine{CombinationType: "tsv", SVDRank: &RankSpec{Fixed: 5}}, 5, 5},
-		{"svd_rank above the span pads with zeros", Combine{CombinationType: "tsv", SVDRank: &RankSpec{Fixed: 12}}, 12, 12},
-		{"energy on an isotropic spectrum", Combine{CombinationType: "iso_c", SVDRank: &RankSpec{Energy: 0.5}}, 10, 5},
-		{"energy capped", Combine{CombinationType: "iso_c", SVDRank: &RankSpec{Energy: 0.5}, MaxRank: &one}, 10, 1},
+		{"svd_rank", Combine{CombinationType: "tsv", SVDRank: &linalg.RankSpec{Fixed: 5}}, 5, 5},
+		{"svd_rank above the span pads with zeros", Combine{CombinationType: "tsv", SVDRank: &linalg.RankSpec{Fixed: 12}}, 12, 12},
+		{"energy on an isotropic spectrum", Combine{CombinationType: "iso_c", SVDRank: &linalg.RankSpec{Energy: 0.5}}, 10, 5},
+		{"energy capped", Combine{CombinationType: "iso_c", SVDRank: &linalg.RankSpec{Energy: 0.5}, MaxRank: &one}, 10, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			require.NoError(t, tc.o.Validate())

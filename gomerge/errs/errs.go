@@ -1,7 +1,6 @@
 // Package errs holds gomerge's typed errors: an Error carries an ErrKind,
 // named after the Python exception that the Python layer raises for it.
-// Package gomerge and package safetensors both return them (gomerge
-// re-exports the names).
+// Every package of the engine returns them.
 package errs
 
 import (
@@ -78,3 +77,7 @@ func SyncClose(f *os.File, path string, err error) error {
 	}
 	return nil
 }
+
+// ErrCancelled is returned by a merge, fuse or extraction that was
+// cancelled.
+var ErrCancelled = &Error{Kind: KindCancelled, Msg: "merge cancelled"}

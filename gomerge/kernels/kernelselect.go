@@ -5,6 +5,8 @@ import (
 	"os"
 	"runtime"
 	"strings"
+
+	"gomerge/gomerge/errs"
 )
 
 // Env is the environment variable that forces a kernel set: "go"
@@ -24,16 +26,19 @@ var envErr error
 // and runs the portable kernels.
 func init() {
 	k, err := chooseKernels(os.Getenv(Env))
-	active, envErr = k, err
+	active = k
+	if err != nil {
+		envErr = errs.Value("%s", err)
+	}
 }
 
 // InUse names the kernel set in use: "go", "avx2" or "avx512".
 func InUse() string { return active.name }
 
 // Err returns the error of an Env request that this build or CPU cannot
-// honour (naming the missing CPU features), or nil. While it is set the
-// portable kernels are in use (package gomerge refuses to merge, raising it
-// as a ValueError).
+// honour (a ValueError naming the missing CPU features), or nil. While it
+// is set the portable kernels are in use, and the bindings refuse to run
+// merges, fuses and extractions.
 func Err() error { return envErr }
 
 // Runnable names the kernel sets of this build that this CPU runs, slowest

@@ -126,7 +126,7 @@ def run_job(job: int, progress: bool | None, min_modules: int = 64, unit: str = 
     start = time.monotonic()
     try:
         while True:
-            status = merge_wait(job, _POLL_MS)
+            status = job_wait(job, _POLL_MS)
             total, done = status.get("total", 0), status.get("done", 0)
             wanted = bool(total) and (progress or (progress is None and total >= min_modules))
             if bar is None and wanted:
@@ -138,9 +138,9 @@ def run_job(job: int, progress: bool | None, min_modules: int = 64, unit: str = 
             if status["state"] == "done":
                 return status["result"]
     except KeyboardInterrupt:
-        merge_cancel(job)
+        job_cancel(job)
         try:  # let the job finish its clean-up (it removes any temporary output) before giving control back
-            while merge_wait(job, _POLL_MS)["state"] != "done":
+            while job_wait(job, _POLL_MS)["state"] != "done":
                 pass
         except BaseException:  # the job's own outcome (usually "cancelled") is superseded by the interrupt
             pass
@@ -187,17 +187,17 @@ def _progress_bar(total: int, unit: str = "module") -> Any:
     return None if tqdm is None else tqdm(total=total, desc="gomerge", unit=unit)
 
 
-def merge_wait(job: int, timeout_ms: int) -> dict[str, Any]:
+def job_wait(job: int, timeout_ms: int) -> dict[str, Any]:
     """Waits up to ``timeout_ms`` for a job; returns its status (raises on a failed job)."""
-    status = json.loads(_b.merge_wait(job, timeout_ms))
+    status = json.loads(_b.job_wait(job, timeout_ms))
     if status.get("state") == "error":
         raise_engine_error(status["error"])
     return status
 
 
-def merge_cancel(job: int) -> None:
+def job_cancel(job: int) -> None:
     """Asks a running job to stop."""
-    _b.merge_cancel(job)
+    _b.job_cancel(job)
 
 
 def inspect_adapter(path: str) -> dict[str, Any]:

@@ -1,7 +1,8 @@
-package gomerge
+package parallel
 
 import (
 	"context"
+	"gomerge/gomerge/errs"
 	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
@@ -9,10 +10,17 @@ import (
 	"sync/atomic"
 )
 
-// parallelFor calls fn on consecutive ranges [lo, hi) covering [0, n), on up
+// Progress counts a job's finished steps (merged modules, written tensors);
+// it is safe to read while the job runs.
+type Progress struct {
+	Done  atomic.Int64
+	Total atomic.Int64
+}
+
+// For calls fn on consecutive ranges [lo, hi) covering [0, n), on up
 // to GOMAXPROCS goroutines, in chunks of at least grain elements. Small
 // ranges run on the calling goroutine.
-func parallelFor(n, grain int, fn func(lo, hi int)) {
+func For(n, grain int, fn func(lo, hi int)) {
 	workers := runtime.GOMAXPROCS(0)
 	if n <= grain || workers == 1 {
 		if n > 0 {
@@ -34,13 +42,13 @@ func parallelFor(n, grain int, fn func(lo, hi int)) {
 	wg.Wait()
 }
 
-// runJobsOn calls fn(worker, i) once for each job i in [0, n), on up to
+// RunJobs calls fn(worker, i) once for each job i in [0, n), on up to
 // workers goroutines (GOMAXPROCS when workers <= 0; worker in [0, that) is
 // the goroutine's own index, for its scratch buffers). The first error stops
 // the others from taking new jobs and is returned; a cancelled ctx stops
 // them too and gives ErrCancelled. After each job it counts progress.Done
 // and retunes the collector (gcTune).
-func runJobsOn(ctx context.Context, n, workers int, progress *Progress, fn func(worker, i int) error) error {
+func RunJobs(ctx context.Context, n, workers int, progress *Progress, fn func(worker, i int) error) error {
 	if workers <= 0 {
 		workers = runtime.GOMAXPROCS(0)
 	}
@@ -72,7 +80,7 @@ func runJobsOn(ctx context.Context, n, workers int, progress *Progress, fn func(
 	}
 	wg.Wait()
 	if ctx.Err() != nil {
-		return ErrCancelled
+		return errs.ErrCancelled
 	}
 	return firstErr
 }
@@ -116,11 +124,11 @@ func gcTune() {
 	}
 }
 
-// holdGCHeadroom raises GOGC for the duration of a merge so that the next
+// HoldGCHeadroom raises GOGC for the duration of a merge so that the next
 // collection comes after about gcHeadroom bytes (never below Go's default
 // of 100%); the returned function restores it when the last concurrent merge
 // ends.
-func holdGCHeadroom() func() {
+func HoldGCHeadroom() func() {
 	gcMu.Lock()
 	if gcUsers == 0 {
 		gcSet = max(100, int(gcHeadroom*100/liveHeap()))

@@ -1,4 +1,4 @@
-package gomerge
+package adapter
 
 import (
 	"encoding/json"

@@ -1,7 +1,8 @@
-package gomerge
+package adapter
 
 import (
 	"encoding/json"
+	"gomerge/gomerge/errs"
 	"math"
 	"testing"
 
@@ -46,7 +47,7 @@ func TestParseConfigErrors(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := ParseConfig("dir/adapter_config.json", []byte(tc.json))
 			require.Error(t, err)
-			assert.Equal(t, KindValue, KindOf(err))
+			assert.Equal(t, errs.KindValue, errs.KindOf(err))
 			assert.Contains(t, err.Error(), tc.want)
 			assert.Contains(t, err.Error(), "dir/adapter_config.json")
 		})
@@ -54,23 +55,23 @@ func TestParseConfigErrors(t *testing.T) {
 }
 
 func TestUnionTargetModules(t *testing.T) {
-	list := func(names ...string) *AdapterConfig {
-		return &AdapterConfig{TargetModules: TargetModules{Names: names}}
+	list := func(names ...string) *Config {
+		return &Config{TargetModules: TargetModules{Names: names}}
 	}
-	re := func(s string) *AdapterConfig {
-		return &AdapterConfig{TargetModules: TargetModules{Regex: s, IsRegex: true}}
+	re := func(s string) *Config {
+		return &Config{TargetModules: TargetModules{Regex: s, IsRegex: true}}
 	}
 
-	u, err := UnionTargetModules([]*AdapterConfig{list("v", "q"), list("k", "q")}, []string{"a", "b"})
+	u, err := UnionTargetModules([]*Config{list("v", "q"), list("k", "q")}, []string{"a", "b"})
 	require.NoError(t, err)
 	assert.Equal(t, []string{"k", "q", "v"}, u.Names)
 
-	u, err = UnionTargetModules([]*AdapterConfig{re(`.*q`), re(`.*v`)}, []string{"a", "b"})
+	u, err = UnionTargetModules([]*Config{re(`.*q`), re(`.*v`)}, []string{"a", "b"})
 	require.NoError(t, err)
 	b, _ := json.Marshal(u)
 	assert.Equal(t, `"(.*q)|(.*v)"`, string(b))
 
-	_, err = UnionTargetModules([]*AdapterConfig{list("q"), re(`.*v`)}, []string{"a", "b"})
+	_, err = UnionTargetModules([]*Config{list("q"), re(`.*v`)}, []string{"a", "b"})
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "same target modules type")
 }

@@ -1,13 +1,9 @@
-package gomerge
+package adapter
 
 import (
-	"context"
 	"encoding/json"
+	"gomerge/gomerge/errs"
 	"math"
-	"math/rand/v2"
-	"os"
-	"path/filepath"
-	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -80,7 +76,7 @@ func TestWeightsJSONErrors(t *testing.T) {
 			var got Weights
 			err := json.Unmarshal([]byte(tc.raw), &got)
 			require.Error(t, err)
-			assert.Equal(t, KindType, KindOf(err))
+			assert.Equal(t, errs.KindType, errs.KindOf(err))
 			assert.Contains(t, err.Error(), tc.want)
 		})
 	}
@@ -102,16 +98,16 @@ func TestWeightCompileErrors(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := tc.w.compile(2)
+			_, err := tc.w.Compile(2)
 			require.Error(t, err)
-			assert.Equal(t, KindValue, KindOf(err))
+			assert.Equal(t, errs.KindValue, errs.KindOf(err))
 			assert.Contains(t, err.Error(), tc.want)
 		})
 	}
 }
 
 func TestWeightResolve(t *testing.T) {
-	w, err := perModule(`.*self_attn\.q_proj`, 3.0, `self_attn\..*`, 1.0, `layers\.1\..*`, 0.5, `mlp\..*`, []float64{0, 1}, "lm_head", -1.0).compile(0)
+	w, err := perModule(`.*self_attn\.q_proj`, 3.0, `self_attn\..*`, 1.0, `layers\.1\..*`, 0.5, `mlp\..*`, []float64{0, 1}, "lm_head", -1.0).Compile(0)
 	require.NoError(t, err)
 	tests := []struct {
 		module string
@@ -130,12 +126,12 @@ func TestWeightResolve(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.module, func(t *testing.T) {
-			got, err := w.resolve(0, "a", tc.module, 5)
+			got, err := w.Resolve(0, "a", tc.module, 5)
 			require.NoError(t, err)
 			assert.InDelta(t, tc.want, got, 1e-12)
 		})
 	}
-	scalar, err := Weight{Value: 2}.resolve(0, "a", "anything", 1)
+	scalar, err := Weight{Value: 2}.Resolve(0, "a", "anything", 1)
 	require.NoError(t, err)
 	assert.Equal(t, 2.0, scalar)
 }
@@ -159,11 +155,11 @@ func TestWeightResolveErrors(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			w, err := tc.w.compile(1)
+			w, err := tc.w.Compile(1)
 			require.NoError(t, err)
-			_, err = w.resolve(1, "dir/b", tc.module, 4)
+			_, err = w.Resolve(1, "dir/b", tc.module, 4)
 			require.Error(t, err)
-			assert.Equal(t, KindValue, KindOf(err))
+			assert.Equal(t, errs.KindValue, errs.KindOf(err))
 			for _, s := range tc.want {
 				assert.Contains(t, err.Error(), s)
 			}
@@ -186,8 +182,8 @@ func TestLayerIndexAndGradient(t *testing.T) {
 		_, ok := layerIndex(module)
 		assert.False(t, ok, module)
 	}
-	assert.Equal(t, 12, layerCount([]string{"lm_head", "transformer.h.11.attn", "transformer.h.3.mlp"}))
-	assert.Equal(t, 1, layerCount([]string{"lm_head"}))
+	assert.Equal(t, 12, LayerCount([]string{"lm_head", "transformer.h.11.attn", "transformer.h.3.mlp"}))
+	assert.Equal(t, 1, LayerCount([]string{"lm_head"}))
 	tests := []struct {
 		g             []float64
 		layer, layers int
@@ -205,142 +201,4 @@ func TestLayerIndexAndGradient(t *testing.T) {
 	for _, tc := range tests {
 		assert.InDelta(t, tc.want, gradientAt(tc.g, tc.layer, tc.layers), 1e-12, "%v at %d of %d", tc.g, tc.layer, tc.layers)
 	}
-}
-
-// writeLayered writes n adapters of two layers with attention and MLP modules.
-func writeLayered(t *testing.T, root string, n int) ([]string, []string) {
-	rng := rand.New(rand.NewPCG(11, 12))
-	names := []string{"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj",
-		"model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"}
-	var dirs []string
-	for i := range n {
-		mods := map[string]testModule{}
-		for _, name := range names {
-			mods[name] = testModule{a: randTensor(rng, 4, 6), b: randTensor(rng, 5, 4)}
-		}
-		cfg := map[string]any{"target_modules": []string{"q_proj", "up_proj"}, "lora_alpha": 4 * (i + 1)}
-		dirs = append(dirs, writeTestAdapter(t, filepath.Join(root, string(rune('a'+i))), cfg, mods))
-	}
-	return dirs, names
-}
-
-func TestMergePerModuleWeights(t *testing.T) {
-	root := t.TempDir()
-	dirs, names := writeLayered(t, root, 2)
-	weights := Weights{
-		perModule(`self_attn\..*`, 1.0, `mlp\..*`, 0.0),
-		perModule(`layers\.0\.self_attn\..*`, 0.0, `.*`, []float64{0.5, 2}),
-	}
-	want := func(i int, module string) float64 { // the weights above, resolved by hand (2 layers)
-		attn, layer1 := strings.Contains(module, "self_attn"), strings.Contains(module, "layers.1.")
-		switch {
-		case i == 0 && attn:
-			return 1
-		case i == 0:
-			return 0
-		case !layer1 && attn:
-			return 0
-		case layer1:
-			return 2
-		}
-		return 0.5
-	}
-	for _, ct := range []string{"cat", "task_arithmetic", "svd"} {
-		t.Run(ct, func(t *testing.T) {
-			out := filepath.Join(root, "out-"+ct)
-			combine := Combine{CombinationType: ct, SVDRank: &RankSpec{Fixed: 8}}
-			if ct == "cat" {
-				combine.SVDRank = nil // cat takes no svd_rank; its rank is the sum of the ranks, 8
-			}
-			_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: weights, OutputDir: out, Combine: combine}, nil)
-			require.NoError(t, err) // svd_rank 8 = the sum of the ranks: task_arithmetic and svd stay exact
-			merged, err := LoadAdapter(out)
-			require.NoError(t, err)
-			srcs := make([]*Adapter, len(dirs))
-			for i, d := range dirs {
-				srcs[i], err = LoadAdapter(d)
-				require.NoError(t, err)
-			}
-			for _, name := range names {
-				expect := make([]float64, 5*6)
-				for i, src := range srcs {
-					m := src.Modules[name]
-					a, b, err := m.Factors()
-					require.NoError(t, err)
-					for k, v := range product(a, b, 5, 4, 6) {
-						expect[k] += want(i, name) * m.Scaling * v
-					}
-				}
-				mm := merged.Modules[name]
-				a, b, err := mm.Factors()
-				require.NoError(t, err)
-				got := product(a, b, 5, mm.Rank, 6)
-				for k := range expect {
-					assert.InDelta(t, expect[k], got[k], 1e-4, "%s [%d]", name, k)
-				}
-			}
-			card, err := os.ReadFile(filepath.Join(out, "README.md"))
-			require.NoError(t, err)
-			assert.Contains(t, string(card), "per module (below)")
-			assert.Contains(t, string(card), "| `self_attn\\..*` | 1 |")
-			assert.Contains(t, string(card), "| `.*` | gradient [0.5, 2] |")
-		})
-	}
-}
-
-func TestMergePerModuleWeightErrorsWriteNothing(t *testing.T) {
-	root := t.TempDir()
-	dirs, _ := writeLayered(t, root, 2)
-	tests := []struct {
-		name    string
-		weights Weights
-		want    string
-	}{
-		{"unmatched", Weights{{Value: 1}, perModule(`self_attn\..*`, 1.0)},
-			"weights[1]: module model.layers.0.mlp.up_proj of adapter 1 (" + dirs[1] + ") matches none of its patterns"},
-		{"bad regex", Weights{perModule("[", 1.0), {Value: 1}}, `weights[0]: pattern "["`},
-		{"nan", Weights{{Value: 1}, perModule(".*", math.NaN())}, "weights[1]"},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			out := filepath.Join(root, "out-"+tc.name)
-			_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: tc.weights, OutputDir: out, Combine: Combine{CombinationType: "cat"}}, nil)
-			require.Error(t, err)
-			assert.Equal(t, KindValue, KindOf(err))
-			assert.Contains(t, err.Error(), tc.want)
-			assert.NoDirExists(t, out)
-		})
-	}
-	entries, err := os.ReadDir(root)
-	require.NoError(t, err)
-	for _, e := range entries {
-		assert.NotContains(t, e.Name(), tmpPrefix, "temporary folder left behind")
-	}
-}
-
-func TestValidateDoesNotWriteIntoTheCallersWeights(t *testing.T) {
-	w := Weights{perModule(".*", 1.0)}
-	opts := Options{Adapters: []string{"a"}, Weights: w, OutputDir: "o"}
-	require.NoError(t, opts.validate())
-	assert.Nil(t, w[0].Patterns[0].re)
-	assert.NotNil(t, opts.Weights[0].Patterns[0].re)
-}
-
-func TestPatternsThatGiveNoModuleTheirWeightWarn(t *testing.T) {
-	root := t.TempDir()
-	dirs, _ := writeLayered(t, root, 2)
-	weights := Weights{
-		perModule(`self_attn`, 1.0, `.*`, 0.0),                                  // inside the names, not at their end
-		perModule(`mlp\..*`, 1.0, `.*`, 0.5, `layers\.0\..*`, 2.0, `nope`, 3.0), // shadowed by '.*'; matches nothing
-	}
-	res, err := Merge(context.Background(), Options{Adapters: dirs, Weights: weights, OutputDir: filepath.Join(root, "out"), Combine: Combine{CombinationType: "cat"}}, nil)
-	require.NoError(t, err)
-	require.Len(t, res.Warnings, 3, res.Warnings)
-	assert.Contains(t, res.Warnings[0], "weights[0]: pattern 'self_attn' matches no module of adapter 0 ("+dirs[0]+")")
-	assert.Contains(t, res.Warnings[0], "write '.*self_attn.*' to match it anywhere")
-	assert.Contains(t, res.Warnings[1], `weights[1]: pattern 'layers\.0\..*' gives no module of adapter 1`)
-	assert.Contains(t, res.Warnings[2], "weights[1]: pattern 'nope' matches no module of adapter 1")
-	res, err = Merge(context.Background(), Options{Adapters: dirs, Weights: Weights{perModule(`self_attn\..*`, 1.0, `.*`, 0.0), {Value: 1}}, OutputDir: filepath.Join(root, "used"), Combine: Combine{CombinationType: "cat"}}, nil)
-	require.NoError(t, err)
-	assert.Empty(t, res.Warnings)
 }

@@ -1,4 +1,4 @@
-package gomerge
+package adapter
 
 import (
 	"sort"
@@ -25,7 +25,7 @@ type AdapterInfo struct {
 
 // Inspect loads an adapter directory and summarises it.
 func Inspect(dir string) (*AdapterInfo, error) {
-	a, err := LoadAdapter(dir)
+	a, err := Load(dir)
 	if err != nil {
 		return nil, err
 	}

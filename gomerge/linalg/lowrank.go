@@ -1,4 +1,4 @@
-package gomerge
+package linalg
 
 import (
 	"math"
@@ -21,16 +21,16 @@ import (
 // are zero. Signs are canonical: the largest-magnitude entry of each left
 // singular vector is positive.
 func LowRankSVD(b []float64, a []float64, m, r, n, k int) (bk, ak, s []float64) {
-	bk, ak, s, _ = lowRankSVD(b, a, m, r, n, func([]float64) int { return k })
+	bk, ak, s, _ = LowRankSVDBy(b, a, m, r, n, func([]float64) int { return k })
 	return bk, ak, s
 }
 
-// lowRankSVD is LowRankSVD with the rank chosen from the singular values
+// LowRankSVDBy is LowRankSVD with the rank chosen from the singular values
 // (all min(m, n, R) of them, decreasing) by rank; it returns that rank too.
-func lowRankSVD(b []float64, a []float64, m, r, n int, rank func(s []float64) int) (bk, ak, s []float64, k int) {
-	qb, rb, pb := thinQR(b, m, r)
+func LowRankSVDBy(b []float64, a []float64, m, r, n int, rank func(s []float64) int) (bk, ak, s []float64, k int) {
+	qb, rb, pb := ThinQR(b, m, r)
 	at := transpose(a, r, n)
-	qa, ra, pa := thinQR(at, n, r)
+	qa, ra, pa := ThinQR(at, n, r)
 
 	// core = Rb (pb x r) @ Ra^T (r x pa)
 	core := make([]float64, pb*pa)
@@ -85,9 +85,9 @@ func lowRankSVD(b []float64, a []float64, m, r, n int, rank func(s []float64) in
 	return bk, ak, sv, k
 }
 
-// thinQR factors the m x r row-major matrix x (overwritten) as Q R with Q
+// ThinQR factors the m x r row-major matrix x (overwritten) as Q R with Q
 // m x p orthonormal and R p x r upper triangular, p = min(m, r).
-func thinQR(x []float64, m, r int) (q, rf []float64, p int) {
+func ThinQR(x []float64, m, r int) (q, rf []float64, p int) {
 	p = min(m, r)
 	g := blas64.General{Rows: m, Cols: r, Stride: r, Data: x}
 	tau := make([]float64, p)

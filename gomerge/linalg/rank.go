@@ -1,8 +1,9 @@
-package gomerge
+package linalg
 
 import (
 	"encoding/json"
 	"fmt"
+	"gomerge/gomerge/errs"
 	"math"
 	"strconv"
 	"strings"
@@ -59,34 +60,34 @@ func ParseRankSpec(s string) (RankSpec, error) {
 	if f, ok := strings.CutPrefix(s, "energy:"); ok {
 		e, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
 		if err != nil || math.IsNaN(e) {
-			return RankSpec{}, valueErr("svd_rank: %q: the energy rule needs a fraction, as in \"energy:0.99\"", s)
+			return RankSpec{}, errs.Value("svd_rank: %q: the energy rule needs a fraction, as in \"energy:0.99\"", s)
 		}
 		if e <= 0 || e > 1 {
-			return RankSpec{}, valueErr("svd_rank: %q: the energy fraction must be in (0, 1]", s)
+			return RankSpec{}, errs.Value("svd_rank: %q: the energy fraction must be in (0, 1]", s)
 		}
 		return RankSpec{Energy: e}, nil
 	}
 	n, err := strconv.Atoi(s)
 	if err != nil {
-		return RankSpec{}, valueErr("svd_rank: %q is neither an integer nor an energy rule such as \"energy:0.99\"", s)
+		return RankSpec{}, errs.Value("svd_rank: %q is neither an integer nor an energy rule such as \"energy:0.99\"", s)
 	}
 	return RankSpec{Fixed: n}, nil
 }
 
-// rankRule picks a module's output rank from the singular values of its
+// RankRule picks a module's output rank from the singular values of its
 // update, and reports the relative error of that truncation.
-type rankRule struct {
-	fixed  int     // the rank, or 0 for the energy rule
-	energy float64 // kept fraction of the squared Frobenius norm
-	max    int     // cap of the energy rule (0: none)
+type RankRule struct {
+	Fixed  int     // the rank, or 0 for the energy rule
+	Energy float64 // kept fraction of the squared Frobenius norm
+	Max    int     // cap of the energy rule (0: none)
 }
 
-// choose returns the rank for singular values s (in decreasing order): the
+// Choose returns the rank for singular values s (in decreasing order): the
 // fixed rank, or the smallest k (at least 1) with sum_{i<k} s_i^2 >=
-// energy * sum s_i^2, capped by max.
-func (r rankRule) choose(s []float64) int {
-	if r.fixed > 0 {
-		return r.fixed
+// Energy * sum s_i^2, capped by Max.
+func (r RankRule) Choose(s []float64) int {
+	if r.Fixed > 0 {
+		return r.Fixed
 	}
 	total := 0.0
 	for _, v := range s {
@@ -95,21 +96,21 @@ func (r rankRule) choose(s []float64) int {
 	k, kept := len(s), 0.0
 	for i, v := range s {
 		kept += v * v
-		if kept >= r.energy*total*(1-1e-12) {
+		if kept >= r.Energy*total*(1-1e-12) {
 			k = i + 1
 			break
 		}
 	}
 	k = max(k, 1)
-	if r.max > 0 {
-		k = min(k, r.max)
+	if r.Max > 0 {
+		k = min(k, r.Max)
 	}
 	return k
 }
 
-// truncationError is the relative Frobenius error of keeping the first k
+// TruncationError is the relative Frobenius error of keeping the first k
 // singular values: sqrt(sum_{i>=k} s_i^2 / sum s_i^2) (0 for a zero update).
-func truncationError(s []float64, k int) float64 {
+func TruncationError(s []float64, k int) float64 {
 	total, rest := 0.0, 0.0
 	for i, v := range s {
 		total += v * v

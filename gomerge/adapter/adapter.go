@@ -1,4 +1,4 @@
-package gomerge
+package adapter
 
 import (
 	"errors"
@@ -10,7 +10,10 @@ import (
 	"sort"
 	"strings"
 
+	"gomerge/gomerge/errs"
+	"gomerge/gomerge/internal/atomicdir"
 	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -28,7 +31,7 @@ const (
 const (
 	ConfigFile  = "adapter_config.json"
 	WeightsFile = "adapter_model.safetensors"
-	keyPrefix   = "base_model.model."
+	KeyPrefix   = "base_model.model."
 )
 
 // Module is one adapted layer of an adapter: lora_A with shape (r, ...) and
@@ -37,15 +40,15 @@ const (
 type Module struct {
 	Name    string // module path without "base_model.model."
 	Kind    ModuleKind
-	RawA    RawTensor
-	RawB    RawTensor
+	RawA    safetensors.RawTensor
+	RawB    safetensors.RawTensor
 	Rank    int
 	Alpha   float64
 	Scaling float64
 	// Magnitude (DoRA's lora_magnitude_vector) and Bias (lora_B.bias) are
 	// only read when fusing into a base model; their Shape is nil when absent.
-	Magnitude RawTensor
-	Bias      RawTensor
+	Magnitude safetensors.RawTensor
+	Bias      safetensors.RawTensor
 	// factors read from a file, kept until release (joint: one buffer holding both)
 	a, b, joint []float32
 }
@@ -68,11 +71,11 @@ func (m *Module) Factors() (a, b []float32, err error) {
 		case ok:
 			m.a, m.b, m.joint = ab[:na:na], ab[na:], ab
 		default:
-			fa, err := view(m.RawA)
+			fa, err := View(m.RawA)
 			if err != nil {
 				return nil, nil, err
 			}
-			fb, err := view(m.RawB)
+			fb, err := View(m.RawB)
 			if err != nil {
 				if m.RawA.File() != nil {
 					pool.Put(fa)
@@ -85,9 +88,9 @@ func (m *Module) Factors() (a, b []float32, err error) {
 	return m.a, m.b, nil
 }
 
-// release gives the buffers of factors read from a file back to the pool
+// Release gives the buffers of factors read from a file back to the pool
 // (a module is merged by one goroutine, once).
-func (m *Module) release() {
+func (m *Module) Release() {
 	switch {
 	case m.joint != nil:
 		pool.Put(m.joint)
@@ -101,13 +104,13 @@ func (m *Module) release() {
 // readAdjacent reads A and B with one read when they are float32 tensors
 // stored one after the other in the same file (as PEFT writes them: sorted
 // by name), returning both in one buffer and A's length.
-func readAdjacent(a, b RawTensor) (ab []float32, na int, ok bool, err error) {
+func readAdjacent(a, b safetensors.RawTensor) (ab []float32, na int, ok bool, err error) {
 	f := a.File()
 	if f == nil || f != b.File() {
 		return nil, 0, false, nil
 	}
 	ea, eb := f.Entries[a.Name()], f.Entries[b.Name()]
-	if ea.DType != F32 || eb.DType != F32 || ea.Offset+ea.Length != eb.Offset {
+	if ea.DType != safetensors.F32 || eb.DType != safetensors.F32 || ea.Offset+ea.Length != eb.Offset {
 		return nil, 0, false, nil
 	}
 	na = int(ea.Length / 4)
@@ -119,76 +122,100 @@ func readAdjacent(a, b RawTensor) (ab []float32, na int, ok bool, err error) {
 	return ab, na, true, nil
 }
 
-// view returns a tensor as float32: read from its file into a pooled
+// View returns a tensor as float32: read from its file into a pooled
 // buffer, or a view (F32) or conversion of memory.
-func view(t RawTensor) ([]float32, error) {
+func View(t safetensors.RawTensor) ([]float32, error) {
 	if f := t.File(); f != nil {
 		return f.ReadFloat32Into(pool.Get(safetensors.Numel(t.Shape)), t.Name())
 	}
-	if t.DType == F32 {
+	if t.DType == safetensors.F32 {
 		return safetensors.BytesAsFloat32(t.Data), nil
 	}
 	return safetensors.Decode(t.DType, t.Data), nil
 }
 
 // Keys returns the safetensors names of A and B for this module.
-func (m *Module) Keys() (string, string) { return moduleKeys(m.Name, m.Kind) }
+func (m *Module) Keys() (string, string) { return ModuleKeys(m.Name, m.Kind) }
 
-func moduleKeys(name string, kind ModuleKind) (string, string) {
+// ModuleKeys returns the safetensors names of A and B for module name of kind.
+func ModuleKeys(name string, kind ModuleKind) (string, string) {
 	if kind == KindEmbedding {
-		return keyPrefix + name + ".lora_embedding_A", keyPrefix + name + ".lora_embedding_B"
+		return KeyPrefix + name + ".lora_embedding_A", KeyPrefix + name + ".lora_embedding_B"
 	}
-	return keyPrefix + name + ".lora_A.weight", keyPrefix + name + ".lora_B.weight"
+	return KeyPrefix + name + ".lora_A.weight", KeyPrefix + name + ".lora_B.weight"
 }
 
 // Adapter is a loaded PEFT LoRA adapter directory.
 type Adapter struct {
 	Dir     string
-	Config  *AdapterConfig
+	Config  *Config
 	Modules map[string]*Module
-	Order   []string // module names, sorted
-	Extra   []string // tensors that are not LoRA factors (kept out of merges)
-	DType   DType    // dtype of the first module's lora_A
-	file    *safetensors.File
-	forFuse bool // DoRA magnitudes and LoRA biases are kept (see loadAdapter)
+	Order   []string          // module names, sorted
+	Extra   []string          // tensors that are not LoRA factors (kept out of merges)
+	DType   safetensors.DType // dtype of the first module's lora_A
+	File    *safetensors.File // the open weights file
+	forFuse bool              // DoRA magnitudes and LoRA biases are kept (see LoadAll)
 }
 
 // Close releases the adapter's weights file.
 func (a *Adapter) Close() error {
-	if a.file == nil {
+	if a.File == nil {
 		return nil
 	}
-	return a.file.Close()
+	return a.File.Close()
 }
 
-// LoadAdapter reads and validates a PEFT LoRA adapter directory.
-func LoadAdapter(dir string) (*Adapter, error) { return loadAdapter(dir, false) }
+// Load reads and validates a PEFT LoRA adapter directory for a merge.
+func Load(dir string) (*Adapter, error) { return load(dir, false) }
 
-// loadAdapter reads an adapter directory; forFuse accepts DoRA magnitude
-// vectors and LoRA biases, which a fuse into the base applies and a merge
-// cannot.
-func loadAdapter(dir string, forFuse bool) (*Adapter, error) {
+// LoadAll reads the adapter directories in parallel, for a merge or, with
+// forFuse, for a fuse into the base model (DoRA magnitude vectors and LoRA
+// biases accepted: a fuse applies them, a merge cannot). The first error in
+// argument order wins, and every adapter read is closed.
+func LoadAll(dirs []string, forFuse bool) ([]*Adapter, error) {
+	adapters := make([]*Adapter, len(dirs))
+	errors := make([]error, len(dirs))
+	parallel.For(len(dirs), 1, func(lo, hi int) {
+		for i := lo; i < hi; i++ {
+			adapters[i], errors[i] = load(dirs[i], forFuse)
+		}
+	})
+	for _, err := range errors {
+		if err != nil {
+			for _, a := range adapters {
+				if a != nil {
+					a.Close()
+				}
+			}
+			return nil, err
+		}
+	}
+	return adapters, nil
+}
+
+// load reads an adapter directory (LoadAll).
+func load(dir string, forFuse bool) (*Adapter, error) {
 	st, err := os.Stat(dir)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			return nil, newErr(KindFileNotFound, "adapter directory %s does not exist", dir)
+			return nil, errs.New(errs.KindFileNotFound, "adapter directory %s does not exist", dir)
 		}
-		return nil, ioErr(dir, err)
+		return nil, errs.IO(dir, err)
 	}
 	if !st.IsDir() {
-		return nil, valueErr("%s is not a directory; pass a PEFT adapter directory (with %s and %s)", dir, ConfigFile, WeightsFile)
+		return nil, errs.Value("%s is not a directory; pass a PEFT adapter directory (with %s and %s)", dir, ConfigFile, WeightsFile)
 	}
-	var cfg *AdapterConfig
+	var cfg *Config
 	if forFuse {
 		cfg, err = readConfigForFuse(filepath.Join(dir, ConfigFile))
 	} else {
 		cfg, err = ReadConfig(filepath.Join(dir, ConfigFile))
 	}
 	if err != nil {
-		if KindOf(err) == KindFileNotFound {
+		if errs.KindOf(err) == errs.KindFileNotFound {
 			if subs := adapterSubdirs(dir); len(subs) > 0 {
 				// PEFT saves adapters not named "default" into <dir>/<name>/
-				return nil, newErr(KindFileNotFound, "%s has no %s, but these subfolders are adapters: %s "+
+				return nil, errs.New(errs.KindFileNotFound, "%s has no %s, but these subfolders are adapters: %s "+
 					"(PEFT saves an adapter named other than \"default\" into <dir>/<name>/)", dir, ConfigFile, strings.Join(subs, ", "))
 			}
 		}
@@ -197,15 +224,15 @@ func loadAdapter(dir string, forFuse bool) (*Adapter, error) {
 	wpath := filepath.Join(dir, WeightsFile)
 	if _, err := os.Stat(wpath); errors.Is(err, fs.ErrNotExist) {
 		if _, err2 := os.Stat(filepath.Join(dir, "adapter_model.bin")); err2 == nil {
-			return nil, valueErr("%s: only adapter_model.bin found; gomerge reads %s (re-save the adapter with safe_serialization=True)", dir, WeightsFile)
+			return nil, errs.Value("%s: only adapter_model.bin found; gomerge reads %s (re-save the adapter with safe_serialization=True)", dir, WeightsFile)
 		}
-		return nil, newErr(KindFileNotFound, "%s: no such file", wpath)
+		return nil, errs.New(errs.KindFileNotFound, "%s: no such file", wpath)
 	}
 	file, err := safetensors.Open(wpath)
 	if err != nil {
 		return nil, err
 	}
-	a := &Adapter{Dir: dir, Config: cfg, Modules: map[string]*Module{}, file: file, forFuse: forFuse}
+	a := &Adapter{Dir: dir, Config: cfg, Modules: map[string]*Module{}, File: file, forFuse: forFuse}
 	if err := a.index(wpath, file); err != nil {
 		file.Close()
 		return nil, err
@@ -231,7 +258,7 @@ func (a *Adapter) index(wpath string, st *safetensors.File) error {
 	}
 	sort.Strings(a.Order)
 	if len(a.Modules) == 0 {
-		return valueErr("%s: no LoRA tensors (lora_A / lora_B) found", wpath)
+		return errs.Value("%s: no LoRA tensors (lora_A / lora_B) found", wpath)
 	}
 	return a.checkTargets(wpath)
 }
@@ -261,7 +288,7 @@ func (a *Adapter) checkTargets(wpath string) error {
 			}
 		}
 	}
-	return valueErr("%s: target_modules %v in %s matches none of the %d modules in %s (first: %s)",
+	return errs.Value("%s: target_modules %v in %s matches none of the %d modules in %s (first: %s)",
 		a.Dir, targetsText(tm), ConfigFile, len(a.Modules), filepath.Base(wpath), a.Order[0])
 }
 
@@ -300,8 +327,8 @@ var factorSuffixes = []struct {
 	{".lora_embedding_B", KindEmbedding, false},
 }
 
-func (a *Adapter) addTensor(path, key string, t RawTensor, rawDType string) error {
-	name := strings.TrimPrefix(key, keyPrefix)
+func (a *Adapter) addTensor(path, key string, t safetensors.RawTensor, rawDType string) error {
+	name := strings.TrimPrefix(key, KeyPrefix)
 	if a.forFuse {
 		for _, s := range []struct {
 			suffix    string
@@ -309,7 +336,7 @@ func (a *Adapter) addTensor(path, key string, t RawTensor, rawDType string) erro
 		}{{".lora_magnitude_vector", true}, {".lora_B.bias", false}} {
 			if mod, ok := strings.CutSuffix(name, s.suffix); ok {
 				if t.DType == "" {
-					return valueErr("%s: tensor %s has dtype %s, which gomerge does not read (supported: F32, BF16, F16)", path, key, rawDType)
+					return errs.Value("%s: tensor %s has dtype %s, which gomerge does not read (supported: F32, BF16, F16)", path, key, rawDType)
 				}
 				m := a.Modules[mod]
 				if m == nil {
@@ -327,9 +354,9 @@ func (a *Adapter) addTensor(path, key string, t RawTensor, rawDType string) erro
 	}
 	switch {
 	case strings.HasSuffix(key, ".lora_magnitude_vector") || strings.Contains(key, ".lora_magnitude_vector."):
-		return valueErr("%s: tensor %s is a DoRA magnitude vector; DoRA adapters are not supported", path, key)
+		return errs.Value("%s: tensor %s is a DoRA magnitude vector; DoRA adapters are not supported", path, key)
 	case strings.HasSuffix(key, ".lora_B.bias"):
-		return valueErr("%s: tensor %s is a LoRA bias; adapters with lora_bias are not supported", path, key)
+		return errs.Value("%s: tensor %s is a LoRA bias; adapters with lora_bias are not supported", path, key)
 	}
 	for _, s := range factorSuffixes {
 		if !strings.HasSuffix(name, s.suffix) {
@@ -337,7 +364,7 @@ func (a *Adapter) addTensor(path, key string, t RawTensor, rawDType string) erro
 		}
 		mod := strings.TrimSuffix(name, s.suffix)
 		if t.DType == "" {
-			return valueErr("%s: tensor %s has dtype %s, which gomerge does not merge (supported: F32, BF16, F16)", path, key, rawDType)
+			return errs.Value("%s: tensor %s has dtype %s, which gomerge does not merge (supported: F32, BF16, F16)", path, key, rawDType)
 		}
 		m := a.Modules[mod]
 		if m == nil {
@@ -346,7 +373,7 @@ func (a *Adapter) addTensor(path, key string, t RawTensor, rawDType string) erro
 		} else if m.RawA.Shape == nil && m.RawB.Shape == nil {
 			m.Kind = s.kind // created by its magnitude or bias
 		} else if (m.Kind == KindEmbedding) != (s.kind == KindEmbedding) {
-			return valueErr("%s: module %s has both lora_A/lora_B and lora_embedding tensors", path, mod)
+			return errs.Value("%s: module %s has both lora_A/lora_B and lora_embedding tensors", path, mod)
 		}
 		if s.isA {
 			m.RawA = t
@@ -362,43 +389,62 @@ func (a *Adapter) addTensor(path, key string, t RawTensor, rawDType string) erro
 func (a *Adapter) finishModule(path, name string, m *Module) error {
 	aKey, bKey := m.Keys()
 	if m.RawA.Shape == nil {
-		return valueErr("%s: tensor %s is missing (module %s has only lora_B)", path, aKey, name)
+		return errs.Value("%s: tensor %s is missing (module %s has only lora_B)", path, aKey, name)
 	}
 	if m.RawB.Shape == nil {
-		return valueErr("%s: tensor %s is missing (module %s has only lora_A)", path, bKey, name)
+		return errs.Value("%s: tensor %s is missing (module %s has only lora_A)", path, bKey, name)
 	}
 	sa, sb := m.RawA.Shape, m.RawB.Shape
 	if len(sa) < 2 || len(sa) > 5 || len(sb) != len(sa) {
-		return valueErr("%s: tensors %s %v and %s %v do not have the shapes of LoRA factors", path, aKey, sa, bKey, sb)
+		return errs.Value("%s: tensors %s %v and %s %v do not have the shapes of LoRA factors", path, aKey, sa, bKey, sb)
 	}
 	if len(sa) > 2 {
 		if m.Kind == KindEmbedding {
-			return valueErr("%s: embedding factor %s must be 2-D, got %v", path, aKey, sa)
+			return errs.Value("%s: embedding factor %s must be 2-D, got %v", path, aKey, sa)
 		}
 		m.Kind = KindConv
 		for _, d := range sb[2:] {
 			if d != 1 {
-				return valueErr("%s: tensor %s has shape %v; gomerge needs a 1x1 lora_B kernel", path, bKey, sb)
+				return errs.Value("%s: tensor %s has shape %v; gomerge needs a 1x1 lora_B kernel", path, bKey, sb)
 			}
 		}
 	}
 	if sa[0] != sb[1] {
-		return valueErr("%s: module %s: lora_A %v and lora_B %v disagree on the rank (%d vs %d)", path, name, sa, sb, sa[0], sb[1])
+		return errs.Value("%s: module %s: lora_A %v and lora_B %v disagree on the rank (%d vs %d)", path, name, sa, sb, sa[0], sb[1])
 	}
 	for _, t := range []struct {
 		key string
-		raw RawTensor
+		raw safetensors.RawTensor
 	}{{aKey, m.RawA}, {bKey, m.RawB}} {
 		if int64(safetensors.Numel(t.raw.Shape)*t.raw.DType.Size()) != t.raw.ByteLen() {
-			return valueErr("%s: tensor %s: shape %v does not match its %d bytes", path, t.key, t.raw.Shape, t.raw.ByteLen())
+			return errs.Value("%s: tensor %s: shape %v does not match its %d bytes", path, t.key, t.raw.Shape, t.raw.ByteLen())
 		}
 	}
 	m.Rank = sa[0]
 	r, alpha := a.Config.ModuleRankAlpha(name)
 	if r != m.Rank {
-		return valueErr("%s: module %s has rank %d but %s gives r=%d for it", path, name, m.Rank, ConfigFile, r)
+		return errs.Value("%s: module %s has rank %d but %s gives r=%d for it", path, name, m.Rank, ConfigFile, r)
 	}
 	m.Alpha = alpha
 	m.Scaling = a.Config.Scaling(r, alpha)
 	return nil
+}
+
+// outputKind is what an output adapter directory holds: overwrite replaces
+// only a directory with an adapter_config.json (or an empty one), so that a
+// mistyped path cannot replace unrelated data.
+var outputKind = atomicdir.Kind{Marker: ConfigFile, What: "an adapter"}
+
+// CheckOutput refuses an existing output directory unless overwrite is
+// set, and with overwrite anything that is not a directory holding a PEFT
+// adapter (or an empty directory); CreateOutput checks it too, this lets
+// callers check before any work.
+func CheckOutput(dir string, overwrite bool) error {
+	return atomicdir.Check(dir, overwrite, outputKind)
+}
+
+// CreateOutput starts writing the adapter directory dir, by the engine's
+// one output protocol (atomicdir.Output).
+func CreateOutput(dir string, overwrite bool) (*atomicdir.Output, error) {
+	return atomicdir.Create(dir, overwrite, outputKind)
 }

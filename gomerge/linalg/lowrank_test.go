@@ -1,8 +1,9 @@
-package gomerge
+package linalg
 
 import (
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -99,20 +100,6 @@ func TestLowRankSVDMatchesDenseSVD(t *testing.T) {
 	}
 }
 
-func TestClampQuantile(t *testing.T) {
-	// torch.quantile([-4, -1, 0, 2, 3, 10], 0.5) = 1.0 (linear interpolation); clamp to [-1, 1]
-	a := []float32{-4, 2, 10}
-	b := []float32{-1, 0, 3}
-	ClampQuantile(a, b, 0.5)
-	assert.Equal(t, []float32{-1, 1, 1}, a)
-	assert.Equal(t, []float32{-1, 0, 1}, b)
-	// quantile 0.9 of 6 values: pos 4.5 between 3 and 10 -> 6.5
-	a = []float32{-4, 2, 10}
-	b = []float32{-1, 0, 3}
-	ClampQuantile(a, b, 0.9)
-	assert.Equal(t, []float32{-4, 2, 6.5}, a)
-}
-
 func BenchmarkLowRankSVD4096x4096Rank48(b *testing.B) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	m, r, n := 4096, 48, 4096
@@ -201,11 +188,12 @@ func orthonormal(rng *rand.Rand, rows, cols int) []float64 {
 	for i := range x {
 		x[i] = rng.NormFloat64()
 	}
-	q, _, _ := thinQR(x, rows, cols)
+	q, _, _ := ThinQR(x, rows, cols)
 	return q
 }
 
-// A TIES-pruned update (sparse, with structured zeros) through the exact
+// A pruned update (sparse, with structured zeros: the magnitude pruning of
+// a weighted sum of three rank-8 updates) through the exact
 // path of RandomizedSVD: the right factor keeps orthonormal rows and the
 // error is the optimal rank-k error.
 func TestExactSVDOfPrunedUpdate(t *testing.T) {
@@ -229,7 +217,21 @@ func TestExactSVDOfPrunedUpdate(t *testing.T) {
 			}
 		}
 	}
-	d := comb("ties", 0.2).Apply(ts, []float32{2, 1, 1}, nil, false)
+	d := make([]float32, m*n)
+	for x := range d {
+		d[x] = 2*ts[0][x] + ts[1][x] + ts[2][x]
+	}
+	mags := make([]float64, len(d))
+	for x, v := range d {
+		mags[x] = math.Abs(float64(v))
+	}
+	slices.Sort(mags)
+	cut := mags[len(mags)*4/5] // keeps the largest 20%
+	for x, v := range d {
+		if math.Abs(float64(v)) < cut {
+			d[x] = 0
+		}
+	}
 	bk, ak, _, _ := exactSVD(d, m, n, func([]float64) int { return k })
 	for i := 0; i < k; i++ {
 		for j := 0; j < k; j++ {

@@ -1,4 +1,4 @@
-package gomerge
+package linalg
 
 import (
 	"math/rand/v2"
@@ -8,6 +8,7 @@ import (
 
 	"gomerge/gomerge/internal/pool"
 	"gomerge/gomerge/kernels"
+	"gomerge/gomerge/parallel"
 )
 
 // Settings of the randomized SVD used for dense updates (the pruned *_svd
@@ -27,15 +28,15 @@ const (
 // which is then as cheap. Results are returned like LowRankSVD's:
 // Bk = U_k S_k (m x k) and Ak = V_k^T (k x n), with canonical signs.
 func RandomizedSVD(d []float32, m, n, k int, rng *rand.Rand) (bk, ak []float64) {
-	bk, ak, _, _ = randomizedSVD(d, m, n, k, RSVDPowerIters, rng, func([]float64) int { return k })
+	bk, ak, _, _ = RandomizedSVDBy(d, m, n, k, RSVDPowerIters, rng, func([]float64) int { return k })
 	return bk, ak
 }
 
-// randomizedSVD is RandomizedSVD with power iterations and a sketch for k
+// RandomizedSVDBy is RandomizedSVD with power iterations and a sketch for k
 // components whose output rank is chosen by rank from the singular values of
 // the sketch's factorisation (decreasing; the first k are accurate): it
 // returns the factors at that rank, those singular values and the rank.
-func randomizedSVD(d []float32, m, n, k, power int, rng *rand.Rand, rank func(s []float64) int) (bk, ak, s []float64, r int) {
+func RandomizedSVDBy(d []float32, m, n, k, power int, rng *rand.Rand, rank func(s []float64) int) (bk, ak, s []float64, r int) {
 	l := min(k+RSVDOversample, m, n)
 	if l <= 0 {
 		r = rank(nil)
@@ -70,14 +71,14 @@ func randomizedSVD(d []float32, m, n, k, power int, rng *rand.Rand, rank func(s 
 	for i, v := range zt {
 		b64[i] = float64(v)
 	}
-	return lowRankSVD(q64, b64, m, l, n, rank)
+	return LowRankSVDBy(q64, b64, m, l, n, rank)
 }
 
 // mulDZ computes y (m x l) = D (m x n) @ Z, with Z given transposed as zt
 // (l x n): one dot product per entry (kernels.Dots: gonum's Sdot's order of
 // additions), rows of D in parallel.
 func mulDZ(d []float32, m, n int, zt []float32, l int, y []float32) {
-	parallelFor(m, max(4, (1<<18)/max(1, n*l)), func(lo, hi int) {
+	parallel.For(m, max(4, (1<<18)/max(1, n*l)), func(lo, hi int) {
 		kernels.Dots(y[lo*l:hi*l], d[lo*n:hi*n], zt[:l*n], hi-lo, l, n)
 	})
 }
@@ -91,7 +92,7 @@ func mulDtY(d []float32, m, n int, y []float32, l int, zt []float32) {
 	blocks := max(1, min(mulDtYBlocks, m/64))
 	parts := make([][]float32, blocks)
 	size := (m + blocks - 1) / blocks
-	parallelFor(blocks, 1, func(blo, bhi int) {
+	parallel.For(blocks, 1, func(blo, bhi int) {
 		for b := blo; b < bhi; b++ {
 			part := zt
 			if b > 0 {
@@ -175,9 +176,9 @@ func exactSVD(d []float32, m, n int, rank func(s []float64) int) (bk, ak, s []fl
 		d64[i] = float64(v)
 	}
 	if m <= n {
-		return lowRankSVD(identity(m), d64, m, m, n, rank)
+		return LowRankSVDBy(identity(m), d64, m, m, n, rank)
 	}
-	return lowRankSVD(d64, identity(n), m, n, n, rank)
+	return LowRankSVDBy(d64, identity(n), m, n, n, rank)
 }
 
 func identity(n int) []float64 {
@@ -195,7 +196,7 @@ func orthonormalize32(g blas32.General) {
 	for i, v := range g.Data[:g.Rows*g.Cols] {
 		x[i] = float64(v)
 	}
-	q, _, p := thinQR(x, g.Rows, g.Cols)
+	q, _, p := ThinQR(x, g.Rows, g.Cols)
 	clear(g.Data)
 	for i := 0; i < g.Rows; i++ {
 		for j := 0; j < p; j++ {
@@ -204,15 +205,15 @@ func orthonormalize32(g blas32.General) {
 	}
 }
 
-// denseDelta returns scaling * B @ A (out x in) in float32, as PEFT's
+// DenseDelta returns scaling * B @ A (out x in) in float32, as PEFT's
 // get_delta_weight computes it (the product, then the scaling), in a buffer
 // from the pool. Rows are computed in parallel as sums of scaled rows of A,
 // added in order, then scaled (kernels.DenseRow: the bits of one Saxpy per
 // row of A, which skips zero coefficients as Saxpy does, then Sscal).
-func denseDelta(a, b []float32, out, r, in int, scaling float64) []float32 {
+func DenseDelta(a, b []float32, out, r, in int, scaling float64) []float32 {
 	dw := pool.Get(out * in)
 	s := float32(scaling)
-	parallelFor(out, max(1, (1<<16)/max(1, in*r)), func(lo, hi int) {
+	parallel.For(out, max(1, (1<<16)/max(1, in*r)), func(lo, hi int) {
 		as := make([]float32, r)
 		xs := make([][]float32, r)
 		for i := lo; i < hi; i++ {

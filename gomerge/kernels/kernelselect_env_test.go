@@ -1,8 +1,8 @@
-package gomerge
+package kernels
 
 import (
 	"encoding/json"
-	"errors"
+	"gomerge/gomerge/errs"
 	"os"
 	"os/exec"
 	"strings"
@@ -12,7 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// kernelsReportEnv makes TestKernelsEnvRequests's child report what the
+// kernelsReportEnv makes TestEnvRequests's child report what the
 // engine chose at start-up.
 const kernelsReportEnv = "GOMERGE_KERNELSET_REPORT"
 
@@ -29,22 +29,22 @@ type kernelsReport struct {
 // the engine must run what was asked (the fastest runnable set for auto),
 // or refuse a set it cannot honour with a ValueError naming the request
 // while the portable kernels stand in.
-func TestKernelsEnvRequests(t *testing.T) {
+func TestEnvRequests(t *testing.T) {
 	if os.Getenv(kernelsReportEnv) == "1" {
-		rep := kernelsReport{Set: KernelSet, Runnable: RunnableKernels()}
-		if err := KernelsError(); err != nil {
-			rep.Kind, rep.Error = string(KindOf(err)), err.Error()
+		rep := kernelsReport{Set: InUse(), Runnable: Runnable()}
+		if err := Err(); err != nil {
+			rep.Kind, rep.Error = string(errs.KindOf(err)), err.Error()
 		}
 		require.NoError(t, json.NewEncoder(os.Stdout).Encode(rep))
 		return
 	}
 	report := func(t *testing.T, request string) kernelsReport {
 		// under an emulator (tests/platforms/cpus.sh), the child runs under the same one
-		args := append(strings.Fields(os.Getenv("GOMERGE_TEST_EXEC")), os.Args[0], "-test.run=^TestKernelsEnvRequests$", "-test.count=1")
+		args := append(strings.Fields(os.Getenv("GOMERGE_TEST_EXEC")), os.Args[0], "-test.run=^TestEnvRequests$", "-test.count=1")
 		cmd := exec.Command(args[0], args[1:]...)
-		cmd.Env = append(os.Environ(), kernelsReportEnv+"=1", KernelsEnv+"="+request)
+		cmd.Env = append(os.Environ(), kernelsReportEnv+"=1", Env+"="+request)
 		out, err := cmd.Output()
-		require.NoError(t, err, "%s=%q: %s", KernelsEnv, request, out)
+		require.NoError(t, err, "%s=%q: %s", Env, request, out)
 		for _, line := range strings.Split(string(out), "\n") {
 			if strings.HasPrefix(line, "{") {
 				var rep kernelsReport
@@ -52,10 +52,10 @@ func TestKernelsEnvRequests(t *testing.T) {
 				return rep
 			}
 		}
-		t.Fatalf("%s=%q: no report in %q", KernelsEnv, request, out)
+		t.Fatalf("%s=%q: no report in %q", Env, request, out)
 		return kernelsReport{}
 	}
-	requests := append([]string{"", "auto", "neon"}, RunnableKernels()...)
+	requests := append([]string{"", "auto", "neon"}, Runnable()...)
 	for _, request := range requests {
 		t.Run("request "+request, func(t *testing.T) {
 			rep := report(t, request)
@@ -67,34 +67,12 @@ func TestKernelsEnvRequests(t *testing.T) {
 				assert.Empty(t, rep.Error)
 			case "neon":
 				assert.Equal(t, "go", rep.Set, "the portable kernels while the request is refused")
-				assert.Equal(t, string(KindValue), rep.Kind)
-				assert.Contains(t, rep.Error, KernelsEnv+`="neon" is not a kernel set`)
+				assert.Equal(t, string(errs.KindValue), rep.Kind)
+				assert.Contains(t, rep.Error, Env+`="neon" is not a kernel set`)
 			default:
 				assert.Equal(t, request, rep.Set)
 				assert.Empty(t, rep.Error)
 			}
-		})
-	}
-}
-
-// A kernels error keeps its message and becomes a ValueError.
-func TestAsValueErr(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		err  error
-	}{
-		{"none", nil},
-		{"refused", errors.New(`GOMERGE_KERNELS="neon" is not a kernel set: choose one of go, avx2, avx512 (or auto)`)},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			got := asValueErr(tc.err)
-			if tc.err == nil {
-				assert.NoError(t, got)
-				return
-			}
-			require.Error(t, got)
-			assert.Equal(t, KindValue, KindOf(got))
-			assert.Equal(t, tc.err.Error(), got.Error())
 		})
 	}
 }

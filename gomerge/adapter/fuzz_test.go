@@ -1,7 +1,8 @@
-package gomerge
+package adapter
 
 import (
 	"encoding/json"
+	"gomerge/gomerge/errs"
 	"math"
 	"testing"
 )
@@ -20,7 +21,7 @@ func FuzzParseConfig(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		c, err := ParseConfig("fuzz.json", data)
 		if err != nil {
-			if KindOf(err) != KindValue && KindOf(err) != KindFileNotFound {
+			if errs.KindOf(err) != errs.KindValue && errs.KindOf(err) != errs.KindFileNotFound {
 				t.Fatalf("unexpected error kind: %v", err)
 			}
 			return
@@ -78,11 +79,11 @@ func FuzzWeightsJSON(f *testing.F) {
 			t.Fatalf("round trip of %s: %v", back, err)
 		}
 		for i, w := range ws {
-			c, err := w.compile(i)
+			c, err := w.Compile(i)
 			if err != nil {
 				continue
 			}
-			if v, err := c.resolve(i, "dir", module, layerCount([]string{module, "m.7.x"})); err == nil && (math.IsNaN(v) || math.IsInf(v, 0)) {
+			if v, err := c.Resolve(i, "dir", module, LayerCount([]string{module, "m.7.x"})); err == nil && (math.IsNaN(v) || math.IsInf(v, 0)) {
 				t.Fatalf("weight %v for %q", v, module)
 			}
 		}

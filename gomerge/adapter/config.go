@@ -1,9 +1,10 @@
-package gomerge
+package adapter
 
 import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"gomerge/gomerge/errs"
 	"io/fs"
 	"math"
 	"os"
@@ -17,10 +18,10 @@ type TargetModules struct {
 	IsRegex bool
 }
 
-// AdapterConfig is a parsed adapter_config.json. Raw keeps every key,
+// Config is a parsed adapter_config.json. Raw keeps every key,
 // including the ones gomerge does not interpret, so that a merged config
 // carries them over as PEFT does.
-type AdapterConfig struct {
+type Config struct {
 	Raw           map[string]json.RawMessage
 	PeftType      string
 	R             int
@@ -38,7 +39,7 @@ type AdapterConfig struct {
 }
 
 // ReadConfig reads and validates an adapter_config.json.
-func ReadConfig(path string) (*AdapterConfig, error) {
+func ReadConfig(path string) (*Config, error) {
 	data, err := readConfigFile(path)
 	if err != nil {
 		return nil, err
@@ -47,7 +48,7 @@ func ReadConfig(path string) (*AdapterConfig, error) {
 }
 
 // readConfigForFuse is ReadConfig accepting DoRA and LoRA biases.
-func readConfigForFuse(path string) (*AdapterConfig, error) {
+func readConfigForFuse(path string) (*Config, error) {
 	data, err := readConfigFile(path)
 	if err != nil {
 		return nil, err
@@ -59,33 +60,33 @@ func readConfigFile(path string) ([]byte, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			return nil, newErr(KindFileNotFound, "%s: no such file (is this a PEFT adapter directory?)", path)
+			return nil, errs.New(errs.KindFileNotFound, "%s: no such file (is this a PEFT adapter directory?)", path)
 		}
-		return nil, ioErr(path, err)
+		return nil, errs.IO(path, err)
 	}
 	return data, nil
 }
 
 // ParseConfig parses the JSON of an adapter config; path only names it in errors.
-func ParseConfig(path string, data []byte) (*AdapterConfig, error) {
+func ParseConfig(path string, data []byte) (*Config, error) {
 	c, err := parseConfig(path, data)
 	if err != nil {
 		return nil, err
 	}
 	if c.UseDora {
-		return nil, valueErr("%s: use_dora is true; DoRA adapters are not supported (their magnitude vectors cannot be merged this way)", path)
+		return nil, errs.Value("%s: use_dora is true; DoRA adapters are not supported (their magnitude vectors cannot be merged this way)", path)
 	}
 	if c.LoraBias {
-		return nil, valueErr("%s: lora_bias is true; adapters with LoRA biases are not supported", path)
+		return nil, errs.Value("%s: lora_bias is true; adapters with LoRA biases are not supported", path)
 	}
 	return c, nil
 }
 
 // parseConfig parses an adapter config, DoRA and LoRA biases included.
-func parseConfig(path string, data []byte) (*AdapterConfig, error) {
-	c := &AdapterConfig{}
+func parseConfig(path string, data []byte) (*Config, error) {
+	c := &Config{}
 	if err := json.Unmarshal(data, &c.Raw); err != nil || c.Raw == nil {
-		return nil, valueErr("%s: not a JSON object: %v", path, err)
+		return nil, errs.Value("%s: not a JSON object: %v", path, err)
 	}
 	field := func(key string, dst any) error {
 		raw, ok := c.Raw[key]
@@ -93,7 +94,7 @@ func parseConfig(path string, data []byte) (*AdapterConfig, error) {
 			return nil
 		}
 		if err := json.Unmarshal(raw, dst); err != nil {
-			return valueErr("%s: key %q has an invalid value %s", path, key, truncate(string(raw), 80))
+			return errs.Value("%s: key %q has an invalid value %s", path, key, truncate(string(raw), 80))
 		}
 		return nil
 	}
@@ -112,10 +113,10 @@ func parseConfig(path string, data []byte) (*AdapterConfig, error) {
 	}
 	c.LoraAlpha = alpha
 	if c.PeftType != "LORA" {
-		return nil, valueErr("%s: peft_type is %q; gomerge merges LoRA adapters only (peft_type \"LORA\")", path, c.PeftType)
+		return nil, errs.Value("%s: peft_type is %q; gomerge merges LoRA adapters only (peft_type \"LORA\")", path, c.PeftType)
 	}
 	if c.R <= 0 {
-		return nil, valueErr("%s: key \"r\" must be a positive integer", path)
+		return nil, errs.Value("%s: key \"r\" must be a positive integer", path)
 	}
 	if _, ok := c.Raw["lora_alpha"]; !ok {
 		c.LoraAlpha = 8 // PEFT's default
@@ -124,22 +125,22 @@ func parseConfig(path string, data []byte) (*AdapterConfig, error) {
 		if err := json.Unmarshal(raw, &c.TargetModules.Regex); err == nil {
 			c.TargetModules.IsRegex = true
 		} else if err := json.Unmarshal(raw, &c.TargetModules.Names); err != nil {
-			return nil, valueErr("%s: target_modules must be a list of names or a regex string", path)
+			return nil, errs.Value("%s: target_modules must be a list of names or a regex string", path)
 		}
 	}
 	var err error
 	if c.RankPattern, err = ParsePatterns(c.Raw["rank_pattern"]); err != nil {
-		return nil, valueErr("%s: rank_pattern: %v", path, err)
+		return nil, errs.Value("%s: rank_pattern: %v", path, err)
 	}
 	if c.AlphaPattern, err = ParsePatterns(c.Raw["alpha_pattern"]); err != nil {
-		return nil, valueErr("%s: alpha_pattern: %v", path, err)
+		return nil, errs.Value("%s: alpha_pattern: %v", path, err)
 	}
 	return c, nil
 }
 
 // MaxRank is PEFT's rank of an adapter for add_weighted_adapter:
 // max(r, *rank_pattern.values()).
-func (c *AdapterConfig) MaxRank() int {
+func (c *Config) MaxRank() int {
 	r := c.R
 	for _, e := range c.RankPattern {
 		r = max(r, int(e.Value))
@@ -149,7 +150,7 @@ func (c *AdapterConfig) MaxRank() int {
 
 // ModuleRankAlpha resolves the rank and alpha of a module path through
 // rank_pattern and alpha_pattern (independently, first match wins).
-func (c *AdapterConfig) ModuleRankAlpha(module string) (int, float64) {
+func (c *Config) ModuleRankAlpha(module string) (int, float64) {
 	r, alpha := c.R, c.LoraAlpha
 	if v, ok := c.RankPattern.Resolve(module); ok {
 		r = int(v)
@@ -161,7 +162,7 @@ func (c *AdapterConfig) ModuleRankAlpha(module string) (int, float64) {
 }
 
 // Scaling returns alpha/r, or alpha/sqrt(r) with use_rslora.
-func (c *AdapterConfig) Scaling(r int, alpha float64) float64 {
+func (c *Config) Scaling(r int, alpha float64) float64 {
 	if c.UseRslora {
 		return alpha / math.Sqrt(float64(r))
 	}
@@ -170,13 +171,13 @@ func (c *AdapterConfig) Scaling(r int, alpha float64) float64 {
 
 // UnionTargetModules merges target_modules as PEFT does: the union of name
 // sets, or "(re0)|(re1)|..." for regex strings. Mixing the kinds is an error.
-func UnionTargetModules(cfgs []*AdapterConfig, names []string) (TargetModules, error) {
+func UnionTargetModules(cfgs []*Config, names []string) (TargetModules, error) {
 	var out TargetModules
 	isRegex := cfgs[0].TargetModules.IsRegex
 	set := map[string]bool{}
 	for i, c := range cfgs {
 		if c.TargetModules.IsRegex != isRegex {
-			return out, valueErr("adapters: %s and %s: all adapter configs should follow the same target modules type; "+
+			return out, errs.Value("adapters: %s and %s: all adapter configs should follow the same target modules type; "+
 				"combining adapters with target_modules being a mix of list and string is not supported", names[0], names[i])
 		}
 		if isRegex {
@@ -220,7 +221,7 @@ func truncate(s string, n int) string {
 // MergedConfigJSON builds the merged adapter's config from adapter 0's raw
 // config: r = lora_alpha = rank, the given target modules and patterns, and
 // use_rslora false (the scaling of every source is folded into the factors).
-func MergedConfigJSON(base *AdapterConfig, rank int, targets TargetModules, rankPattern, alphaPattern Patterns, extra map[string]any) ([]byte, error) {
+func MergedConfigJSON(base *Config, rank int, targets TargetModules, rankPattern, alphaPattern Patterns, extra map[string]any) ([]byte, error) {
 	out := make(map[string]any, len(base.Raw)+4)
 	for k, v := range base.Raw {
 		out[k] = v

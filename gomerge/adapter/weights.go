@@ -1,9 +1,10 @@
-package gomerge
+package adapter
 
 import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"gomerge/gomerge/errs"
 	"math"
 	"regexp"
 	"slices"
@@ -38,6 +39,9 @@ type WeightPattern struct {
 	re       *regexp.Regexp
 }
 
+// Compiled reports whether Weight.Compile has compiled the pattern.
+func (p WeightPattern) Compiled() bool { return p.re != nil }
+
 // Weights are the adapters' weights, one per adapter.
 type Weights []Weight
 
@@ -62,12 +66,12 @@ func (ws *Weights) UnmarshalJSON(b []byte) error {
 	}
 	var raw []json.RawMessage
 	if err := json.Unmarshal(b, &raw); err != nil {
-		return newErr(KindType, "weights: expected a list with one weight per adapter, got %s", clip(b))
+		return errs.New(errs.KindType, "weights: expected a list with one weight per adapter, got %s", clip(b))
 	}
 	out := make(Weights, len(raw))
 	for i, r := range raw {
 		if err := out[i].decode(r); err != nil {
-			return newErr(KindType, "weights[%d]: %v", i, err)
+			return errs.New(errs.KindType, "weights[%d]: %v", i, err)
 		}
 	}
 	*ws = out
@@ -77,7 +81,7 @@ func (ws *Weights) UnmarshalJSON(b []byte) error {
 // UnmarshalJSON decodes one weight.
 func (w *Weight) UnmarshalJSON(b []byte) error {
 	if err := w.decode(b); err != nil {
-		return newErr(KindType, "weight: %v", err)
+		return errs.New(errs.KindType, "weight: %v", err)
 	}
 	return nil
 }
@@ -170,36 +174,36 @@ func (w Weight) MarshalJSON() ([]byte, error) {
 	return json.Marshal(entries)
 }
 
-// compile checks the weight of adapter i (finite numbers, at least one
+// Compile checks the weight of adapter i (finite numbers, at least one
 // pattern, valid patterns) and returns a copy with its patterns compiled.
-func (w Weight) compile(i int) (Weight, error) {
+func (w Weight) Compile(i int) (Weight, error) {
 	finite := func(v float64) bool { return !math.IsNaN(v) && !math.IsInf(v, 0) }
 	if !w.PerModule() {
 		if !finite(w.Value) {
-			return w, valueErr("weights[%d]: %v is not a finite number", i, w.Value)
+			return w, errs.Value("weights[%d]: %v is not a finite number", i, w.Value)
 		}
 		return w, nil
 	}
 	if len(w.Patterns) == 0 {
-		return w, valueErr("weights[%d]: an empty list of patterns; give a number, or at least one pattern with its weight", i)
+		return w, errs.Value("weights[%d]: an empty list of patterns; give a number, or at least one pattern with its weight", i)
 	}
 	out := Weight{Patterns: make([]WeightPattern, len(w.Patterns))}
 	for k, p := range w.Patterns {
 		re, err := CompilePattern(p.Pattern)
 		if err != nil {
-			return w, valueErr("weights[%d]: %v", i, err)
+			return w, errs.Value("weights[%d]: %v", i, err)
 		}
 		if p.Gradient != nil {
 			if len(p.Gradient) == 0 {
-				return w, valueErr("weights[%d]: pattern '%s': a gradient needs at least one value", i, p.Pattern)
+				return w, errs.Value("weights[%d]: pattern '%s': a gradient needs at least one value", i, p.Pattern)
 			}
 			for _, v := range p.Gradient {
 				if !finite(v) {
-					return w, valueErr("weights[%d]: pattern '%s': gradient value %v is not a finite number", i, p.Pattern, v)
+					return w, errs.Value("weights[%d]: pattern '%s': gradient value %v is not a finite number", i, p.Pattern, v)
 				}
 			}
 		} else if !finite(p.Weight) {
-			return w, valueErr("weights[%d]: pattern '%s': %v is not a finite number", i, p.Pattern, p.Weight)
+			return w, errs.Value("weights[%d]: pattern '%s': %v is not a finite number", i, p.Pattern, p.Weight)
 		}
 		p.Gradient = slices.Clone(p.Gradient)
 		p.re = re
@@ -208,12 +212,12 @@ func (w Weight) compile(i int) (Weight, error) {
 	return out, nil
 }
 
-// resolve returns the weight of adapter i (directory dir) for a module: the
+// Resolve returns the weight of adapter i (directory dir) for a module: the
 // number, or the weight of the first pattern that matches the module name.
 // layers is the number of layers of the merge (for gradients). A module
 // that no pattern matches is a ValueError naming the adapter, the module
 // and the patterns.
-func (w Weight) resolve(i int, dir, module string, layers int) (float64, error) {
+func (w Weight) Resolve(i int, dir, module string, layers int) (float64, error) {
 	if !w.PerModule() {
 		return w.Value, nil
 	}
@@ -222,7 +226,7 @@ func (w Weight) resolve(i int, dir, module string, layers int) (float64, error) 
 		if re == nil { // not compiled by validate (a caller inside the package)
 			var err error
 			if re, err = CompilePattern(p.Pattern); err != nil {
-				return 0, valueErr("weights[%d]: %v", i, err)
+				return 0, errs.Value("weights[%d]: %v", i, err)
 			}
 		}
 		if !re.MatchString(module) {
@@ -233,22 +237,22 @@ func (w Weight) resolve(i int, dir, module string, layers int) (float64, error) 
 		}
 		layer, ok := layerIndex(module)
 		if !ok {
-			return 0, valueErr("weights[%d]: pattern '%s' gives module %s a gradient over the layers, but its name holds no "+
+			return 0, errs.Value("weights[%d]: pattern '%s' gives module %s a gradient over the layers, but its name holds no "+
 				"layer index (no number between dots); put a pattern with a number for it before '%s'", i, p.Pattern, module, p.Pattern)
 		}
 		return gradientAt(p.Gradient, layer, layers), nil
 	}
-	return 0, valueErr("weights[%d]: module %s of adapter %d (%s) matches none of its patterns (%s); add a catch-all "+
+	return 0, errs.Value("weights[%d]: module %s of adapter %d (%s) matches none of its patterns (%s); add a catch-all "+
 		"such as '.*' as the last pattern%s", i, module, i, dir, quotePatterns(w.Patterns), substringHint(w.Patterns, module))
 }
 
-// unusedPatterns warns about the patterns of adapter i's per-module weight
+// UnusedPatterns warns about the patterns of adapter i's per-module weight
 // that give no module of the adapter (its modules in order) their weight:
 // a pattern that matches none of them (a mistyped name, or one that only
 // occurs inside the names, which PEFT's anchoring does not match), or one
 // whose modules all take an earlier pattern's weight. Such a pattern has no
 // effect, which is rarely what was meant.
-func (w Weight) unusedPatterns(i int, dir string, modules []string) []string {
+func (w Weight) UnusedPatterns(i int, dir string, modules []string) []string {
 	if !w.PerModule() {
 		return nil
 	}
@@ -342,9 +346,9 @@ func layerIndex(module string) (int, bool) {
 	return 0, false
 }
 
-// layerCount is the number of layers gradients spread over: one more than
+// LayerCount is the number of layers gradients spread over: one more than
 // the largest layer index of the modules (1 when none has one).
-func layerCount(names []string) int {
+func LayerCount(names []string) int {
 	n := 0
 	for _, name := range names {
 		if l, ok := layerIndex(name); ok && l+1 > n {

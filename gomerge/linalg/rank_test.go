@@ -1,4 +1,4 @@
-package gomerge
+package linalg
 
 import (
 	"encoding/json"
@@ -46,20 +46,20 @@ func TestRankRuleChoose(t *testing.T) {
 	s := []float64{4, 2, 1, 1} // squared: 16, 4, 1, 1 of 22
 	for _, tc := range []struct {
 		name string
-		rule rankRule
+		rule RankRule
 		want int
 	}{
-		{"fixed", rankRule{fixed: 3}, 3},
-		{"fixed beyond the spectrum", rankRule{fixed: 9}, 9},
-		{"energy of the first value", rankRule{energy: 16.0 / 22}, 1},
-		{"just above it", rankRule{energy: 16.5 / 22}, 2},
-		{"all", rankRule{energy: 1}, 4},
-		{"capped", rankRule{energy: 1, max: 2}, 2},
+		{"fixed", RankRule{Fixed: 3}, 3},
+		{"fixed beyond the spectrum", RankRule{Fixed: 9}, 9},
+		{"energy of the first value", RankRule{Energy: 16.0 / 22}, 1},
+		{"just above it", RankRule{Energy: 16.5 / 22}, 2},
+		{"all", RankRule{Energy: 1}, 4},
+		{"capped", RankRule{Energy: 1, Max: 2}, 2},
 	} {
-		assert.Equal(t, tc.want, tc.rule.choose(s), tc.name)
+		assert.Equal(t, tc.want, tc.rule.Choose(s), tc.name)
 	}
-	assert.Equal(t, 1, rankRule{energy: 0.9}.choose([]float64{0, 0}), "a zero update keeps rank 1")
-	assert.InDelta(t, math.Sqrt(2.0/22), truncationError(s, 2), 1e-15)
-	assert.Equal(t, 0.0, truncationError(s, 4))
-	assert.Equal(t, 0.0, truncationError([]float64{0}, 0))
+	assert.Equal(t, 1, RankRule{Energy: 0.9}.Choose([]float64{0, 0}), "a zero update keeps rank 1")
+	assert.InDelta(t, math.Sqrt(2.0/22), TruncationError(s, 2), 1e-15)
+	assert.Equal(t, 0.0, TruncationError(s, 4))
+	assert.Equal(t, 0.0, TruncationError([]float64{0}, 0))
 }
