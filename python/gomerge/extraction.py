@@ -6,11 +6,11 @@ import numbers
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 from . import _native, sources
-from .merge import _short_repr
+from ._result import EngineResult
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -22,7 +22,7 @@ _PROGRESS_MIN_MODULES = 64
 
 
 @dataclass(repr=False)
-class ExtractResult:
+class ExtractResult(EngineResult):
     """What an extraction produced.
 
     Attributes:
@@ -50,13 +50,6 @@ class ExtractResult:
     module_errors: dict[str, float] = field(default_factory=dict)
     unchanged: list[str] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)
-
-    __repr__ = _short_repr
-
-    @classmethod
-    def _from_engine(cls, result: dict[str, Any]) -> ExtractResult:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in result.items() if k in known})
 
 
 def _model_folder(source: PathLike, what: str, revision: str | None) -> str:

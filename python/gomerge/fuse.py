@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import html
 import numbers
 import os
 import re
 import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import _native, sources
-from .merge import PathLike, Weight, _paths, _short_repr, _weights, merge_params, params_doc
+from ._result import EngineResult
+from .merge import PathLike, Weight, _paths, _weights, merge_params, params_doc
 
 # Below this many tensors a progress bar is more noise than help.
 _PROGRESS_MIN_TENSORS = 64
@@ -47,7 +47,7 @@ def parse_size(size: int | str) -> int:
 
 
 @dataclass(repr=False)
-class FuseResult:
+class FuseResult(EngineResult):
     """What a fuse produced (or, with ``dry_run=True``, would produce).
 
     Attributes:
@@ -81,26 +81,18 @@ class FuseResult:
     seconds: float
     warnings: list[str] = field(default_factory=list)
 
-    __repr__ = _short_repr
-
-    @classmethod
-    def _from_engine(cls, result: dict[str, Any]) -> FuseResult:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in result.items() if k in known})
-
-    def _repr_html_(self) -> str:
-        rows = "".join(
-            f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
-            for k, v in (
+    def _html_rows(self) -> tuple[str, list[tuple[str, Any]]]:
+        return (
+            "gomerge fuse",
+            [
                 ("output_dir", self.output_dir),
                 ("base", self.base),
                 ("adapters", ", ".join(self.adapters)),
                 ("changed tensors", f"{len(self.changed)} of {self.tensors}"),
                 ("shards", len(self.shards)),
                 ("seconds", f"{self.seconds:.2f}"),
-            )
+            ],
         )
-        return f"<table><caption>gomerge fuse</caption>{rows}</table>"
 
 
 def resolve_model(source: str, revision: str | None = None) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import inspect
 import keyword as keyword_module
 import math
@@ -11,10 +10,11 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 from . import _native, sources
+from ._result import EngineResult
 
 PathLike = Union[str, "os.PathLike[str]"]
 # One adapter's weight: a number, a dict of module-name pattern -> number (or a list of numbers: a gradient over the
@@ -30,21 +30,8 @@ COMBINATION_TYPES: tuple[str, ...] = tuple(m["name"] for m in _native.methods())
 _PROGRESS_MIN_MODULES = 64
 
 
-def _short_repr(result: Any) -> str:
-    """A result's repr on one line: its fields, with each list or dict too long to read at a glance shown as its
-    length (``module_ranks=<28 items>``); the items stay in the attribute."""
-    parts = []
-    for f in fields(result):
-        value = getattr(result, f.name)
-        text = repr(value)
-        if isinstance(value, (list, dict)) and len(text) > 60:
-            text = f"<{len(value)} item{'s' if len(value) != 1 else ''}>"
-        parts.append(f"{f.name}={text}")
-    return f"{type(result).__name__}({', '.join(parts)})"
-
-
 @dataclass(repr=False)
-class MergeResult:
+class MergeResult(EngineResult):
     """What a merge produced.
 
     Attributes:
@@ -77,19 +64,10 @@ class MergeResult:
     module_ranks: dict[str, int] = field(default_factory=dict)
     module_errors: dict[str, float] = field(default_factory=dict)
 
-    __repr__ = _short_repr
-
-    @classmethod
-    def _from_engine(cls, result: dict[str, Any]) -> MergeResult:
-        """Builds the result from the engine's reply; keys this version does not know are left out (a test keeps
-        the two in step)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in result.items() if k in known})
-
-    def _repr_html_(self) -> str:
-        rows = "".join(
-            f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
-            for k, v in (
+    def _html_rows(self) -> tuple[str, list[tuple[str, Any]]]:
+        return (
+            f"gomerge: {self.adapter_name}",
+            [
                 ("output_dir", self.output_dir),
                 ("combination_type", self.combination_type),
                 ("rank", self.rank),
@@ -97,9 +75,8 @@ class MergeResult:
                 ("dtype", self.dtype),
                 ("seconds", f"{self.seconds:.3f}"),
                 ("seed", self.seed),
-            )
+            ],
         )
-        return f"<table><caption>gomerge: {html.escape(self.adapter_name)}</caption>{rows}</table>"
 
 
 def _paths(adapters: Sequence[PathLike]) -> list[str]:
