@@ -219,6 +219,14 @@ def _given_params(args: argparse.Namespace) -> dict[str, Any]:
     return {p["name"]: getattr(args, p["name"]) for p in _native.params() if getattr(args, p["name"]) is not None}
 
 
+def _override(options: dict[str, Any], args: argparse.Namespace, *names: str, **renamed: str) -> None:
+    """Command-line options override the recipe's: each option given (not None) replaces its key in `options`;
+    `renamed` maps a key to the option's dest where they differ (``combination_type="method"``)."""
+    for key, dest in [(n, n) for n in names] + list(renamed.items()):
+        if getattr(args, dest) is not None:
+            options[key] = getattr(args, dest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="gomerge", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -475,17 +483,8 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if len(weights) != len(args.adapters):
             parser.error(f"--weights: got {len(weights)} weights for {len(args.adapters)} adapters")
         srcs = [{"source": a, "weight": w} for a, w in zip(args.adapters, weights)]
-    # command-line options override the recipe's
     options.update(_given_params(args))
-    for key, value in (
-        ("combination_type", args.method),
-        ("dtype", args.dtype),
-        ("output_dir", args.output_dir),
-        ("adapter_name", args.adapter_name),
-        ("overwrite", args.overwrite),
-    ):
-        if value is not None:
-            options[key] = value
+    _override(options, args, "dtype", "output_dir", "adapter_name", "overwrite", combination_type="method")
     _require_output(options, parser)
     merging = {p["name"] for p in _native.params()} | {"combination_type"}
     with ExitStack() as stack:
@@ -573,17 +572,7 @@ def _extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.rank is not None or args.energy is not None:
         options.pop("rank", None)
         options.pop("energy", None)
-    for key, value in (
-        ("output_dir", args.output_dir),
-        ("rank", args.rank),
-        ("energy", args.energy),
-        ("max_rank", args.max_rank),
-        ("seed", args.seed),
-        ("dtype", args.dtype),
-        ("revision", args.revision),
-    ):
-        if value is not None:
-            options[key] = value
+    _override(options, args, "output_dir", "rank", "energy", "max_rank", "seed", "dtype", "revision")
     if args.save_module or args.save_changed:
         options["modules_to_save"] = args.save_module or True
     if args.overwrite:
@@ -644,16 +633,8 @@ def _fuse(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             for s, w in zip(srcs, args.weights):
                 s["weight"] = w
         options["base"] = args.base
-    # command-line options override the recipe's
     options.update(_given_params(args))
-    for key, value in (
-        ("combination_type", args.method),
-        ("output_dir", args.output_dir),
-        ("dtype", args.dtype),
-        ("max_shard_size", args.max_shard_size),
-    ):
-        if value is not None:
-            options[key] = value
+    _override(options, args, "output_dir", "dtype", "max_shard_size", combination_type="method")
     for key in ("stack", "dry_run", "overwrite"):
         if getattr(args, key):
             options[key] = True
