@@ -17,6 +17,7 @@ import (
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
 	"gomerge/gomerge/linalg"
+	"gomerge/gomerge/methods"
 	"gomerge/gomerge/modelfolder"
 	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
@@ -547,11 +548,11 @@ func extractLinear(j *extractJob, base, ft *modelfolder.Folder, rule linalg.Rank
 		}
 		d = t
 	}
-	bk, ak, r, relErr := factorizeDense(d, j.m, j.n, total, rule, func() *rand.Rand { return TensorRNG(seed, j.module, "extract") })
+	bk, ak, r, relErr := factorizeDense(d, j.m, j.n, total, rule, func() *rand.Rand { return methods.TensorRNG(seed, j.module, "extract") })
 	o.rank, o.relErr = r, relErr
 	aName, bName := adapter.ModuleKeys(j.module, adapter.KindLinear)
 	encode := func(x []float64) []byte {
-		f := toFloat32(x)
+		f := methods.ToFloat32(x)
 		if dt == safetensors.F32 {
 			return safetensors.Float32AsBytes(f)
 		}

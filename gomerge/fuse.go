@@ -8,6 +8,7 @@ import (
 
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/methods"
 	"gomerge/gomerge/modelfolder"
 	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
@@ -24,7 +25,7 @@ type FuseOptions struct {
 	// Combine chooses how several adapters are merged before fusing (the
 	// methods of Merge; "cat", the exact sum of the weighted updates, by
 	// default). With Stack they are applied one after another instead.
-	Combine
+	methods.Combine
 	Stack        bool     `json:"stack"`
 	OutputDir    string   `json:"output_dir"`
 	Overwrite    bool     `json:"overwrite"`
@@ -256,7 +257,7 @@ func (op *fuseOp) describe() string {
 	case opBias:
 		return "bias"
 	case opMerged:
-		return fmt.Sprintf("lora (%d adapters merged)", len(op.job.srcs))
+		return fmt.Sprintf("lora (%d adapters merged)", len(op.job.Srcs))
 	}
 	if op.mod.Magnitude.Shape != nil {
 		return "dora"
@@ -266,9 +267,9 @@ func (op *fuseOp) describe() string {
 
 func (op *fuseOp) adapterIndexes() []int {
 	if op.kind == opMerged {
-		out := make([]int, len(op.job.srcs))
-		for i, s := range op.job.srcs {
-			out[i] = s.index
+		out := make([]int, len(op.job.Srcs))
+		for i, s := range op.job.Srcs {
+			out[i] = s.Index
 		}
 		return out
 	}
