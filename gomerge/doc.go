@@ -44,5 +44,6 @@
 //   - modelfolder: Hugging Face model folders (config, shards and index, validated against
 //     hostile names and contents) and output model folders
 //   - internal/atomicdir: the one output protocol of adapters and model folders: a folder
-//     written beside its place and renamed into it
+//     written beside its place and renamed into it; and the one "output is an input" rule
+//     (CheckApart) of merge, fuse and extract
 package gomerge

@@ -15,6 +15,7 @@ import (
 
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/internal/atomicdir"
 	"gomerge/gomerge/internal/pool"
 	"gomerge/gomerge/linalg"
 	"gomerge/gomerge/methods"
@@ -112,11 +113,8 @@ func (o *ExtractOptions) validate() (linalg.RankRule, safetensors.DType, error) 
 	if o.OutputDir == "" {
 		return linalg.RankRule{}, "", errs.Value("output_dir: a directory to write the extracted adapter to is required")
 	}
-	out := filepath.Clean(o.OutputDir)
-	for _, in := range []string{o.Base, o.Finetuned} {
-		if filepath.Clean(in) == out {
-			return linalg.RankRule{}, "", errs.Value("output_dir: %s is also an input model folder; choose another directory", o.OutputDir)
-		}
+	if err := atomicdir.CheckApart(o.OutputDir, []string{o.Base, o.Finetuned}, "input model folder"); err != nil {
+		return linalg.RankRule{}, "", err
 	}
 	if o.Rank == nil {
 		return linalg.RankRule{}, "", errs.Value("extract: give a rank (an integer) or an energy fraction")

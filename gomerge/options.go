@@ -5,6 +5,7 @@ import (
 
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/internal/atomicdir"
 	"gomerge/gomerge/methods"
 	"gomerge/gomerge/safetensors"
 )
@@ -82,11 +83,5 @@ func (o *Options) validate() error {
 	if o.OutputDir == "" {
 		return errs.Value("output_dir: a directory to write the merged adapter to is required")
 	}
-	out := filepath.Clean(o.OutputDir)
-	for _, a := range o.Adapters {
-		if filepath.Clean(a) == out {
-			return errs.Value("output_dir: %s is also an input adapter; choose another directory", o.OutputDir)
-		}
-	}
-	return nil
+	return atomicdir.CheckApart(o.OutputDir, o.Adapters, "input adapter")
 }
