@@ -26,6 +26,7 @@ import (
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/kernels"
+	"gomerge/gomerge/methods"
 	"gomerge/gomerge/parallel"
 )
 
@@ -81,19 +82,19 @@ func errorStatus(err error) string {
 }
 
 // EngineMethods returns the method table as JSON: every merge method's
-// name, family, pruning, parameters and one-line doc (gomerge.Method).
+// name, family, pruning, parameters and one-line doc (methods.Method).
 func EngineMethods() string {
-	b, _ := json.Marshal(gomerge.Methods())
+	b, _ := json.Marshal(methods.Methods())
 	return string(b)
 }
 
 // EngineParams returns the parameter schema as JSON: every combination
 // argument's name, type, default (as the engine applies it; null where a
 // rule of the method gives it), choices, range, whether PEFT's signature
-// has it, and one-line doc (gomerge.Param). The Python layer builds its
+// has it, and one-line doc (methods.Param). The Python layer builds its
 // keyword arguments, command-line flags and recipe keys from it.
 func EngineParams() string {
-	b, _ := json.Marshal(gomerge.Params())
+	b, _ := json.Marshal(methods.Params())
 	return string(b)
 }
 
@@ -185,7 +186,7 @@ func typeError(te *json.UnmarshalTypeError) error {
 }
 
 // ValidateCombination checks a request's combination arguments (the
-// fields of gomerge.Combine, strictly) against the method table without
+// fields of methods.Combine, strictly) against the method table without
 // merging, and returns "{}" or {"error": {"kind": ..., "message": ...}}.
 // The drop-in calls it before it changes the model.
 func ValidateCombination(request string) (out string) {
@@ -194,7 +195,7 @@ func ValidateCombination(request string) (out string) {
 			out = errorStatus(fmt.Errorf("internal error: %v", p))
 		}
 	}()
-	var c gomerge.Combine
+	var c methods.Combine
 	err := decodeRequest(request, &c)
 	if err == nil {
 		err = c.Validate()

@@ -13,6 +13,7 @@ import (
 
 	"gomerge/gomerge"
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/methods"
 )
 
 func wait(t *testing.T, id int64) status {
@@ -87,7 +88,7 @@ func TestRequestKeysAndMethods(t *testing.T) {
 // (docs/choosing-a-method.md) describes; and the engine accepts each name
 // it lists in a request.
 func TestEngineMethodsCarryTheTable(t *testing.T) {
-	want, err := json.Marshal(gomerge.Methods())
+	want, err := json.Marshal(methods.Methods())
 	require.NoError(t, err)
 	assert.JSONEq(t, string(want), EngineMethods())
 	var got []struct {
@@ -95,7 +96,7 @@ func TestEngineMethodsCarryTheTable(t *testing.T) {
 		Params []string `json:"params"`
 	}
 	require.NoError(t, json.Unmarshal([]byte(EngineMethods()), &got))
-	require.Len(t, got, len(gomerge.Methods()))
+	require.Len(t, got, len(methods.Methods()))
 	doc, err := os.ReadFile("../docs/choosing-a-method.md")
 	require.NoError(t, err)
 	var documented, listed []string
@@ -167,7 +168,7 @@ func TestEngineParamsCarryTheSchema(t *testing.T) {
 			assert.Contains(t, keys[req], p.Name, "%s requests take %s", req, p.Name)
 		}
 	}
-	for _, m := range gomerge.Methods() {
+	for _, m := range methods.Methods() {
 		for _, p := range m.Params {
 			assert.True(t, names[p], "%s's parameter %s is in the schema", m.Name, p)
 		}

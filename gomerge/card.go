@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/internal/atomicdir"
+	"gomerge/gomerge/methods"
 	"sort"
 	"strings"
 )
@@ -56,8 +57,8 @@ func ModelCard(opts Options, res *Result, baseModel string, sources []string) st
 	}
 	b.WriteString("\n## Options\n\n")
 	fmt.Fprintf(&b, "- combination_type: `%s`\n- rank: %d\n- dtype: %s\n", res.CombinationType, res.Rank, res.DType)
-	method, _ := LookupMethod(res.CombinationType)
-	for _, line := range opts.cardLines(method) { // from the parameter schema
+	method, _ := methods.LookupMethod(res.CombinationType)
+	for _, line := range opts.CardLines(method) { // from the parameter schema
 		b.WriteString(line + "\n")
 	}
 	if res.Seed != nil {

@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"gomerge/gomerge/adapter"
+	"gomerge/gomerge/methods"
 	"strings"
 	"testing"
 
@@ -10,7 +11,7 @@ import (
 
 func TestModelCard(t *testing.T) {
 	density, seed := 0.2, uint64(42)
-	opts := Options{Weights: adapter.ScalarWeights(2, 1), OutputDir: "merged", Combine: Combine{Density: &density, MajoritySignMethod: "total"}}
+	opts := Options{Weights: adapter.ScalarWeights(2, 1), OutputDir: "merged", Combine: methods.Combine{Density: &density, MajoritySignMethod: "total"}}
 	res := &Result{AdapterName: "merge", CombinationType: "dare_ties", Rank: 8, DType: "bfloat16", Seed: &seed}
 	card := ModelCard(opts, res, "org/base: v1", []string{"user/a", "dir/b"})
 	front := strings.SplitN(card, "---\n", 3)[1]

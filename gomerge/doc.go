@@ -5,18 +5,15 @@
 // model (PEFT's merge_and_unload, streaming over a model folder), and
 // extracts adapters from fine-tuned models.
 //
-// The package is organised one concept per file:
+// The package holds the commands, organised one concept per file; the
+// merge methods they run are package methods:
 //
-//   - sparsify.go, combine.go: PEFT's merge_utils primitives
-//     (magnitude and random pruning, TIES, task arithmetic) on top of package kernels
-//   - prune_outliers.go, prune_della.go, merge_generalized.go: mergekit's Model Breadcrumbs
-//     and DELLA pruning and its generalized task arithmetic (breadcrumbs, della and their variants)
-//   - methods.go: the method table (every merge method's family, pruning, parameters, rank rule)
-//   - merge_factors.go, merge_cat.go, merge_svd.go, merge_dense_svd.go: one file per merge family
-//   - options.go, plan.go, merge.go: arguments, planning, and running a merge on all cores
+//   - options.go, plan.go, merge.go: arguments, planning (pairing modules
+//     with the adapters that have them), and running a merge on all cores
 //   - memory.go: merges of tensors in a model's memory (the PEFT drop-in)
 //   - card.go: the model card, and an output adapter's config and card
-//   - limits.go: memory planning (workers within the available memory)
+//   - limits.go: memory planning (workers within the available memory, from
+//     each method's estimate)
 //   - fuse.go, fuse_plan.go, fuse_apply.go, fuse_write.go, fuse_card.go: the fuse into a base model
 //     (options and result; mapping adapter tensors to base tensors; W + s B A, DoRA, biases and
 //     replacements; writing the model folder on all cores within a memory budget; its model card)
@@ -25,6 +22,10 @@
 //
 // Packages below it, which import nothing from it:
 //
+//   - methods (gomerge/gomerge/methods): the method table (one row per method: its merge
+//     function, parameters, memory estimate and rank rule), the parameter schema, the
+//     combination arguments (Combine), the per-module job, PEFT's merge primitives (pruning,
+//     TIES, task arithmetic), mergekit's pruning, one file per merge family and the span methods
 //   - adapter (gomerge/gomerge/adapter): PEFT adapter directories (adapter_config.json, rank and
 //     alpha patterns, the LoRA modules, one loader for merges and fuses, Inspect) and the
 //     per-adapter weights (a number or module-name patterns and gradients over the layers)
@@ -43,5 +44,6 @@
 //   - modelfolder: Hugging Face model folders (config, shards and index, validated against
 //     hostile names and contents) and output model folders
 //   - internal/atomicdir: the one output protocol of adapters and model folders: a folder
-//     written beside its place and renamed into it
+//     written beside its place and renamed into it; and the one "output is an input" rule
+//     (CheckApart) of merge, fuse and extract
 package gomerge

@@ -15,8 +15,10 @@ import (
 
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/internal/atomicdir"
 	"gomerge/gomerge/internal/pool"
 	"gomerge/gomerge/linalg"
+	"gomerge/gomerge/methods"
 	"gomerge/gomerge/modelfolder"
 	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
@@ -111,11 +113,8 @@ func (o *ExtractOptions) validate() (linalg.RankRule, safetensors.DType, error) 
 	if o.OutputDir == "" {
 		return linalg.RankRule{}, "", errs.Value("output_dir: a directory to write the extracted adapter to is required")
 	}
-	out := filepath.Clean(o.OutputDir)
-	for _, in := range []string{o.Base, o.Finetuned} {
-		if filepath.Clean(in) == out {
-			return linalg.RankRule{}, "", errs.Value("output_dir: %s is also an input model folder; choose another directory", o.OutputDir)
-		}
+	if err := atomicdir.CheckApart(o.OutputDir, []string{o.Base, o.Finetuned}, "input model folder"); err != nil {
+		return linalg.RankRule{}, "", err
 	}
 	if o.Rank == nil {
 		return linalg.RankRule{}, "", errs.Value("extract: give a rank (an integer) or an energy fraction")
@@ -547,11 +546,11 @@ func extractLinear(j *extractJob, base, ft *modelfolder.Folder, rule linalg.Rank
 		}
 		d = t
 	}
-	bk, ak, r, relErr := factorizeDense(d, j.m, j.n, total, rule, func() *rand.Rand { return TensorRNG(seed, j.module, "extract") })
+	bk, ak, r, relErr := factorizeDense(d, j.m, j.n, total, rule, func() *rand.Rand { return methods.TensorRNG(seed, j.module, "extract") })
 	o.rank, o.relErr = r, relErr
 	aName, bName := adapter.ModuleKeys(j.module, adapter.KindLinear)
 	encode := func(x []float64) []byte {
-		f := toFloat32(x)
+		f := methods.ToFloat32(x)
 		if dt == safetensors.F32 {
 			return safetensors.Float32AsBytes(f)
 		}

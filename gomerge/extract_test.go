@@ -18,6 +18,7 @@ import (
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/linalg"
+	"gomerge/gomerge/methods"
 	"gomerge/gomerge/safetensors"
 )
 
@@ -428,7 +429,7 @@ func TestFactorizeDenseSketched(t *testing.T) {
 			l := k + linalg.RSVDOversample
 			assert.Equal(t, tc.sketched, min(m, n) > (2*ExtractPowerIters+2)*l, "the case takes the path it is named for")
 			assert.Equal(t, tc.wantRank, r)
-			ba := product(toFloat32(ak), toFloat32(bk), m, r, n)
+			ba := product(methods.ToFloat32(ak), methods.ToFloat32(bk), m, r, n)
 			errSq := 0.0
 			for i := range dd {
 				errSq += (dd[i] - ba[i]) * (dd[i] - ba[i])

@@ -3,11 +3,12 @@ package gomerge
 import (
 	"context"
 	"fmt"
-	"path/filepath"
 	"time"
 
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/internal/atomicdir"
+	"gomerge/gomerge/methods"
 	"gomerge/gomerge/modelfolder"
 	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
@@ -24,7 +25,7 @@ type FuseOptions struct {
 	// Combine chooses how several adapters are merged before fusing (the
 	// methods of Merge; "cat", the exact sum of the weighted updates, by
 	// default). With Stack they are applied one after another instead.
-	Combine
+	methods.Combine
 	Stack        bool     `json:"stack"`
 	OutputDir    string   `json:"output_dir"`
 	Overwrite    bool     `json:"overwrite"`
@@ -106,30 +107,9 @@ func (o *FuseOptions) validate() error {
 		return errs.Value("output_dir: a directory to write the fused model to is required")
 	}
 	if o.OutputDir != "" {
-		out, err := filepath.Abs(o.OutputDir)
-		if err != nil {
-			return errs.IO(o.OutputDir, err)
-		}
-		for _, in := range append([]string{o.Base}, o.Adapters...) {
-			abs, err := filepath.Abs(in)
-			if err != nil {
-				return errs.IO(in, err)
-			}
-			if abs == out {
-				return errs.Value("output_dir: %s is also an input; choose another directory", o.OutputDir)
-			}
-			if inside(out, abs) || inside(abs, out) {
-				return errs.Value("output_dir: %s and the input %s lie one inside the other; choose a directory apart from the inputs", o.OutputDir, in)
-			}
-		}
+		return atomicdir.CheckApart(o.OutputDir, append([]string{o.Base}, o.Adapters...), "input")
 	}
 	return nil
-}
-
-// inside tells whether path lies strictly inside dir (both absolute and clean).
-func inside(dir, path string) bool {
-	rel, err := filepath.Rel(dir, path)
-	return err == nil && rel != "." && filepath.IsLocal(rel)
 }
 
 // Fuse folds the adapters into the base model's weights, W' = W + s B A
@@ -256,7 +236,7 @@ func (op *fuseOp) describe() string {
 	case opBias:
 		return "bias"
 	case opMerged:
-		return fmt.Sprintf("lora (%d adapters merged)", len(op.job.srcs))
+		return fmt.Sprintf("lora (%d adapters merged)", len(op.job.Srcs))
 	}
 	if op.mod.Magnitude.Shape != nil {
 		return "dora"
@@ -266,9 +246,9 @@ func (op *fuseOp) describe() string {
 
 func (op *fuseOp) adapterIndexes() []int {
 	if op.kind == opMerged {
-		out := make([]int, len(op.job.srcs))
-		for i, s := range op.job.srcs {
-			out[i] = s.index
+		out := make([]int, len(op.job.Srcs))
+		for i, s := range op.job.Srcs {
+			out[i] = s.Index
 		}
 		return out
 	}

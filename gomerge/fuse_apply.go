@@ -9,6 +9,7 @@ import (
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/methods"
 	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
 )
@@ -65,13 +66,13 @@ func applyOps(ctx context.Context, p *fusePlan, t *fuseTensor, w []float32) erro
 				return err
 			}
 		case opMerged:
-			_, _, ra, rb, _, err := runModule(ctx, &p.mergeOpts, op.job, p.rank, safetensors.F32)
+			_, _, ra, rb, _, err := methods.RunModule(ctx, &p.mergeOpts, op.job, p.rank, safetensors.F32)
 			if err != nil {
 				return err
 			}
-			addLowRank(w, ra.buf, rb.buf, rows, cols, ra.Shape[0], 1, op.transposed, t.dtype)
-			pool.Put(ra.buf)
-			pool.Put(rb.buf)
+			addLowRank(w, ra.Buf, rb.Buf, rows, cols, ra.Shape[0], 1, op.transposed, t.dtype)
+			pool.Put(ra.Buf)
+			pool.Put(rb.Buf)
 		}
 	}
 	return nil

@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"fmt"
+	"gomerge/gomerge/methods"
 	"strings"
 )
 
@@ -24,8 +25,8 @@ func FuseCard(opts *FuseOptions, res *FuseResult) string {
 		"[gomerge](https://pypi.org/project/gomerge/) %s: W' = W + s B A per adapted layer, as PEFT's "+
 		"`merge_and_unload()` computes it, summed in float32 and rounded once to each tensor's dtype.\n\n", res.Base, Version)
 	fmt.Fprintf(&b, "## Adapters\n\nMethod: %s.\n\n", method)
-	if m, err := LookupMethod(res.CombinationType); err == nil && res.CombinationType != "" {
-		for _, line := range opts.Combine.cardLines(m) { // the merge's parameters, from the schema
+	if m, err := methods.LookupMethod(res.CombinationType); err == nil && res.CombinationType != "" {
+		for _, line := range opts.Combine.CardLines(m) { // the merge's parameters, from the schema
 			b.WriteString(line + "\n")
 		}
 		b.WriteString("\n")

@@ -8,6 +8,7 @@ import (
 
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/methods"
 	"gomerge/gomerge/modelfolder"
 	"gomerge/gomerge/safetensors"
 )
@@ -27,7 +28,7 @@ type fuseOp struct {
 	kind       fuseOpKind
 	adapter    int             // index of the adapter (opLoRA, opBias, opReplace)
 	mod        *adapter.Module // opLoRA, opBias
-	job        *moduleJob
+	job        *methods.ModuleJob
 	weight     float64               // the user's weight (opLoRA, opBias)
 	replace    safetensors.RawTensor // opReplace
 	transposed bool                  // the base stores the update transposed: fan_in_fan_out, embeddings
@@ -63,8 +64,8 @@ type fusePlan struct {
 	untie     bool
 	totalSize int64
 	warnings  []string
-	mergeOpts Combine // the merge before fusing (merged)
-	rank      int     // its rank
+	mergeOpts methods.Combine // the merge before fusing (merged)
+	rank      int             // its rank
 }
 
 // embeddingSuffixes name the input embeddings that an lm_head can be tied to.
@@ -132,7 +133,7 @@ func planFuse(opts *FuseOptions, base *modelfolder.Folder, adapters []*adapter.A
 			opts.Adapters[adapter], what, name, base.Dir, adapterFile(adapters[adapter]))
 	}
 	p.merged = len(adapters) > 1 && !opts.Stack
-	var jobs map[string]*moduleJob
+	var jobs map[string]*methods.ModuleJob
 	if p.merged {
 		var err error
 		if jobs, err = p.planMergedJobs(opts, adapters); err != nil {
@@ -206,8 +207,8 @@ func planFuse(opts *FuseOptions, base *modelfolder.Folder, adapters []*adapter.A
 		sort.Strings(names)
 		for _, n := range names {
 			j := jobs[n]
-			s := j.srcs[0]
-			if err := p.addModule(opts, s.index, adapters[s.index], s.mod, 1, j, target, base); err != nil {
+			s := j.Srcs[0]
+			if err := p.addModule(opts, s.Index, adapters[s.Index], s.Mod, 1, j, target, base); err != nil {
 				return nil, err
 			}
 		}
@@ -254,7 +255,7 @@ func (p *fusePlan) untieLMHead(emb string) *fuseTensor {
 // Linear (out x in, or in x out with fan_in_fan_out), a Conv (out, in,
 // kh, kw) or an Embedding (num_embeddings x dim), and a LoRA bias or a
 // DoRA magnitude must fit the layer.
-func (p *fusePlan) addModule(opts *FuseOptions, i int, a *adapter.Adapter, m *adapter.Module, w float64, job *moduleJob,
+func (p *fusePlan) addModule(opts *FuseOptions, i int, a *adapter.Adapter, m *adapter.Module, w float64, job *methods.ModuleJob,
 	target func(int, string, string) (*fuseTensor, error), base *modelfolder.Folder) error {
 	aKey, _ := m.Keys()
 	if m.RawA.Shape == nil || m.RawB.Shape == nil {
@@ -330,12 +331,12 @@ func (p *fusePlan) addModule(opts *FuseOptions, i int, a *adapter.Adapter, m *ad
 // planMergedJobs pairs the modules of several adapters for a merge before
 // fusing, with the merge's own validation (equal ranks for the factor-wise
 // methods, shapes that agree, weights).
-func (p *fusePlan) planMergedJobs(opts *FuseOptions, adapters []*adapter.Adapter) (map[string]*moduleJob, error) {
+func (p *fusePlan) planMergedJobs(opts *FuseOptions, adapters []*adapter.Adapter) (map[string]*methods.ModuleJob, error) {
 	mo := opts.mergeOptions()
 	if err := mo.validate(); err != nil {
 		return nil, err
 	}
-	p.warnings = append(p.warnings, mo.prepareRandomness()...)
+	p.warnings = append(p.warnings, mo.PrepareRandomness()...)
 	rank, err := newRank(mo, adapters)
 	if err != nil {
 		return nil, err
@@ -345,9 +346,9 @@ func (p *fusePlan) planMergedJobs(opts *FuseOptions, adapters []*adapter.Adapter
 		return nil, err
 	}
 	p.mergeOpts, p.rank = mo.Combine, rank
-	out := make(map[string]*moduleJob, len(jobs))
+	out := make(map[string]*methods.ModuleJob, len(jobs))
 	for i := range jobs {
-		out[jobs[i].name] = &jobs[i]
+		out[jobs[i].Name] = &jobs[i]
 	}
 	return out, nil
 }

@@ -2,7 +2,6 @@ package gomerge
 
 import (
 	"bufio"
-	"context"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
@@ -109,34 +108,6 @@ func WriteSafetensors(path string, tensors map[string]safetensors.RawTensor, met
 		err = w.Flush()
 	}
 	return errs.SyncClose(f, path, err)
-}
-
-// mergekitOf is the mergekit merge of a method row, for the tests of its steps.
-func mergekitOf(name string) mergekitMethod {
-	switch name {
-	case "della":
-		return mkDella
-	case "della_linear":
-		return mkDellaLinear
-	}
-	return mkBreadcrumbs
-}
-
-// mergeSpan runs a span method's row on one module, with the seed given.
-func mergeSpan(srcs []source, o *Combine, rank int, in, out int, seed uint64, module string) (a, b []float32, k int, relErr float64, err error) {
-	c := *o
-	c.Seed = &seed
-	res, err := c.method.Merge(context.Background(), &moduleJob{name: module, srcs: srcs, in: in, out: out}, &c, rank)
-	return res.a, res.b, res.rank, res.relErr, err
-}
-
-// comb is the element-wise step of one of PEFT's combination types.
-func comb(name string, density float64) Combination {
-	m, err := LookupMethod(name)
-	if err != nil {
-		panic(err)
-	}
-	return Combination{Pruning: m.Pruning, TIES: m.TIES, Density: density, SignMethod: "total"}
 }
 
 // orthonormal is a random rows x cols matrix with orthonormal columns.

@@ -7,6 +7,7 @@ import (
 
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/methods"
 	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
 )
@@ -43,7 +44,7 @@ type MemModule struct {
 // (CombinationType as PEFT resolved it, Rank the merged adapter's rank) and
 // the modules.
 type MemRequest struct {
-	Combine
+	methods.Combine
 	Rank    int         `json:"rank"`
 	Modules []MemModule `json:"modules"`
 }
@@ -80,11 +81,11 @@ func MergeTensors(ctx context.Context, req MemRequest, progress *parallel.Progre
 		return nil, errs.Value("rank: must be positive, got %d", req.Rank)
 	}
 	defer parallel.HoldGCHeadroom()()
-	res := &MemResult{Warnings: opts.prepareRandomness()}
+	res := &MemResult{Warnings: opts.PrepareRandomness()}
 	res.Seed = opts.Seed
-	jobs := make([]moduleJob, len(req.Modules))
+	jobs := make([]methods.ModuleJob, len(req.Modules))
 	for i, mm := range req.Modules {
-		j, err := memJob(mm, opts.method)
+		j, err := memJob(mm, opts.Method())
 		if err != nil {
 			return nil, err
 		}
@@ -96,9 +97,9 @@ func MergeTensors(ctx context.Context, req MemRequest, progress *parallel.Progre
 			return errs.Value("module %s: merged rank %d does not fit the output rank %d", mm.Name, a.Shape[0], mm.OutRank)
 		}
 		copy(viewMemory(mm.OutA, len(a.Data)), a.Data)
-		outB := viewMemory(mm.OutB, 4*jobs[i].out*mm.OutRank)
+		outB := viewMemory(mm.OutB, 4*jobs[i].Out*mm.OutRank)
 		r := a.Shape[0]
-		for row := 0; row < jobs[i].out; row++ { // B is Out x r inside an Out x OutRank buffer
+		for row := 0; row < jobs[i].Out; row++ { // B is Out x r inside an Out x OutRank buffer
 			copy(outB[4*row*mm.OutRank:4*(row*mm.OutRank+r)], b.Data[4*row*r:4*(row+1)*r])
 		}
 		return nil
@@ -108,17 +109,17 @@ func MergeTensors(ctx context.Context, req MemRequest, progress *parallel.Progre
 	}
 	res.Ranks = make([]int, len(outcomes))
 	for i, o := range outcomes {
-		res.Ranks[i] = o.rank
+		res.Ranks[i] = o.Rank
 	}
 	return res, nil
 }
 
 // memJob turns a module of a request into a job over views of its memory.
-func memJob(mm MemModule, method Method) (moduleJob, error) {
+func memJob(mm MemModule, method methods.Method) (methods.ModuleJob, error) {
 	if len(mm.Sources) == 0 {
-		return moduleJob{}, errs.Value("module %s: no source adapter", mm.Name)
+		return methods.ModuleJob{}, errs.Value("module %s: no source adapter", mm.Name)
 	}
-	var j moduleJob
+	var j methods.ModuleJob
 	for i, s := range mm.Sources {
 		if len(s.AShape) < 2 || len(s.BShape) != len(s.AShape) || s.AShape[0] != s.BShape[1] || s.A == 0 || s.B == 0 {
 			return j, errs.Value("module %s: source %d has factors of shapes %v and %v that are not LoRA factors", mm.Name, s.Index, s.AShape, s.BShape)
@@ -127,24 +128,24 @@ func memJob(mm MemModule, method Method) (moduleJob, error) {
 			RawA: safetensors.RawTensor{DType: safetensors.F32, Shape: s.AShape, Data: viewMemory(s.A, 4*safetensors.Numel(s.AShape))},
 			RawB: safetensors.RawTensor{DType: safetensors.F32, Shape: s.BShape, Data: viewMemory(s.B, 4*safetensors.Numel(s.BShape))}}
 		if i == 0 {
-			j = moduleJob{name: mm.Name, in: m.In(), out: m.Out(), aTail: s.AShape[1:], bTail: s.BShape[2:]}
-		} else if m.In() != j.in || m.Out() != j.out {
+			j = methods.ModuleJob{Name: mm.Name, In: m.In(), Out: m.Out(), ATail: s.AShape[1:], BTail: s.BShape[2:]}
+		} else if m.In() != j.In || m.Out() != j.Out {
 			return j, errs.Value("module %s: factors of source %d (%v, %v) do not match the first source's", mm.Name, s.Index, s.AShape, s.BShape)
 		}
-		if method.Rank.own && i > 0 && m.Rank != j.srcs[0].mod.Rank {
-			return j, errs.Value("module %s: combination_type %s needs equal ranks, got %d and %d", mm.Name, method.Name, j.srcs[0].mod.Rank, m.Rank)
+		if method.Rank.Own && i > 0 && m.Rank != j.Srcs[0].Mod.Rank {
+			return j, errs.Value("module %s: combination_type %s needs equal ranks, got %d and %d", mm.Name, method.Name, j.Srcs[0].Mod.Rank, m.Rank)
 		}
-		src := source{weight: s.Weight, mod: m, index: s.Index,
-			maskA: viewMemory(s.MaskA, safetensors.Numel(s.AShape)), maskB: viewMemory(s.MaskB, safetensors.Numel(s.BShape)),
-			maskDW: viewMemory(s.MaskDW, m.In()*m.Out())}
+		src := methods.Source{Weight: s.Weight, Mod: m, Index: s.Index,
+			MaskA: viewMemory(s.MaskA, safetensors.Numel(s.AShape)), MaskB: viewMemory(s.MaskB, safetensors.Numel(s.BShape)),
+			MaskDW: viewMemory(s.MaskDW, m.In()*m.Out())}
 		if s.RoundDW != "" {
 			dt, err := safetensors.ParseDType(s.RoundDW)
 			if err != nil {
 				return j, fmt.Errorf("module %s: %w", mm.Name, err)
 			}
-			src.roundDW = dt
+			src.RoundDW = dt
 		}
-		j.srcs = append(j.srcs, src)
+		j.Srcs = append(j.Srcs, src)
 	}
 	if mm.OutA == 0 || mm.OutB == 0 || mm.OutRank <= 0 {
 		return j, errs.Value("module %s: missing output buffers", mm.Name)

@@ -10,6 +10,7 @@ import (
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/methods"
 	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
 )
@@ -27,14 +28,15 @@ func Merge(ctx context.Context, opts Options, progress *parallel.Progress) (*Res
 	}
 	defer parallel.HoldGCHeadroom()()
 	res := &Result{OutputDir: opts.OutputDir, AdapterName: opts.AdapterName, Warnings: []string{}}
-	if len(opts.Adapters) == 1 && opts.method.PEFT && opts.CombinationType != "linear" {
+	if len(opts.Adapters) == 1 && opts.Method().PEFT && opts.CombinationType != "linear" {
 		res.Warnings = append(res.Warnings, fmt.Sprintf(
 			"one adapter only: combination_type %q is replaced by \"linear\", as PEFT does", opts.CombinationType))
-		opts.CombinationType = "linear"
-		opts.method, _ = LookupMethod("linear")
+		if err := opts.UseMethod("linear"); err != nil {
+			return nil, err
+		}
 	}
 	res.CombinationType = opts.CombinationType
-	res.Warnings = append(res.Warnings, opts.prepareRandomness()...)
+	res.Warnings = append(res.Warnings, opts.PrepareRandomness()...)
 	res.Seed = opts.Seed
 
 	adapters, err := adapter.LoadAll(opts.Adapters, false)
@@ -115,13 +117,13 @@ func Merge(ctx context.Context, opts Options, progress *parallel.Progress) (*Res
 	ranks := make([]int, len(jobs))
 	res.ModuleRanks, res.ModuleErrors = map[string]int{}, map[string]float64{}
 	for i, o := range outcomes {
-		ranks[i] = o.rank
-		res.ModuleRanks[jobs[i].name] = o.rank
-		if !math.IsNaN(o.relErr) {
-			res.ModuleErrors[jobs[i].name] = o.relErr
+		ranks[i] = o.Rank
+		res.ModuleRanks[jobs[i].Name] = o.Rank
+		if !math.IsNaN(o.RelErr) {
+			res.ModuleErrors[jobs[i].Name] = o.RelErr
 		}
 	}
-	if opts.energyRanks() { // the adapter's r is the largest module rank; the others go into rank_pattern
+	if opts.EnergyRanks() { // the adapter's r is the largest module rank; the others go into rank_pattern
 		res.Rank = slices.Max(ranks)
 	}
 	if err := writeConfigAndCard(pending, opts, res, adapters[0].Config, targets, rankPattern(jobs, ranks, res.Rank)); err != nil {
@@ -143,9 +145,9 @@ func Merge(ctx context.Context, opts Options, progress *parallel.Progress) (*Res
 // and then each module as it is done, so that results never pile up in
 // memory; with ranks chosen from each module's spectrum (the energy rule)
 // the results, the size of the output, are held until the last one.
-func writeModules(ctx context.Context, opts Options, jobs []moduleJob, rank int, dt safetensors.DType, progress *parallel.Progress, path string) ([]moduleOutcome, error) {
+func writeModules(ctx context.Context, opts Options, jobs []methods.ModuleJob, rank int, dt safetensors.DType, progress *parallel.Progress, path string) ([]methods.Outcome, error) {
 	meta := map[string]string{"format": "pt"}
-	if !opts.energyRanks() {
+	if !opts.EnergyRanks() {
 		w, err := safetensors.Create(path, outputTensors(&opts.Combine, jobs, rank, dt), meta)
 		if err != nil {
 			return nil, err
@@ -193,30 +195,23 @@ func writeModules(ctx context.Context, opts Options, jobs []moduleJob, rank int,
 	return outcomes, err
 }
 
-// resultTensor is a merged tensor, encoded (Data) from its float32 memory
-// (buf), which runJobs gives back to the pool once emit has written it.
-type resultTensor struct {
-	safetensors.RawTensor
-	buf []float32
-}
-
 // emitFunc receives the merged tensors of job i; it may be called from
 // several goroutines at once.
 type emitFunc func(i int, aName, bName string, a, b safetensors.RawTensor) error
 
 // runJobs merges the modules on all cores, hands each result to emit and
 // returns each module's merged rank.
-func runJobs(ctx context.Context, c *Combine, workers int, jobs []moduleJob, rank int, dt safetensors.DType, progress *parallel.Progress, emit emitFunc) ([]moduleOutcome, error) {
+func runJobs(ctx context.Context, c *methods.Combine, workers int, jobs []methods.ModuleJob, rank int, dt safetensors.DType, progress *parallel.Progress, emit emitFunc) ([]methods.Outcome, error) {
 	if progress != nil {
 		progress.Total.Store(int64(len(jobs)))
 	}
-	outcomes := make([]moduleOutcome, len(jobs))
+	outcomes := make([]methods.Outcome, len(jobs))
 	err := parallel.RunJobs(ctx, len(jobs), workers, progress, func(_, i int) error {
-		aName, bName, a, b, o, err := runModule(ctx, c, &jobs[i], rank, dt)
+		aName, bName, a, b, o, err := methods.RunModule(ctx, c, &jobs[i], rank, dt)
 		if err == nil {
 			err = emit(i, aName, bName, a.RawTensor, b.RawTensor)
-			pool.Put(a.buf) // emit has written or copied them
-			pool.Put(b.buf)
+			pool.Put(a.Buf) // emit has written or copied them
+			pool.Put(b.Buf)
 		}
 		outcomes[i] = o
 		return err
@@ -225,45 +220,6 @@ func runJobs(ctx context.Context, c *Combine, workers int, jobs []moduleJob, ran
 		return nil, err
 	}
 	return outcomes, nil
-}
-
-// runModule merges one module by its method's row, recovering from panics
-// so that a bug in a kernel becomes an error naming the module, and
-// encodes the result to dt.
-func runModule(ctx context.Context, c *Combine, j *moduleJob, rank int, dt safetensors.DType) (aName, bName string, ra, rb resultTensor, out moduleOutcome, err error) {
-	defer func() {
-		for _, s := range j.srcs {
-			s.mod.Release()
-		}
-	}()
-	defer func() {
-		if p := recover(); p != nil { // a bug: read errors are returned, never raised
-			err = errs.New(errs.KindInternal, "module %s: internal error: %v", j.name, p)
-		}
-	}()
-	o, err := c.method.Merge(ctx, j, c, rank)
-	if err != nil {
-		return "", "", resultTensor{}, resultTensor{}, out, err
-	}
-	aName, bName = adapter.ModuleKeys(j.name, j.kind)
-	aShape := append([]int{o.rank}, j.aTail...)
-	bShape := append([]int{j.out, o.rank}, j.bTail...)
-	// a and b are this merge's own memory: float32 results are written as they are, without a copy
-	encode := func(x []float32) []byte {
-		if dt == safetensors.F32 {
-			return safetensors.Float32AsBytes(x)
-		}
-		return safetensors.Encode(dt, x)
-	}
-	return aName, bName, resultTensor{safetensors.RawTensor{DType: dt, Shape: aShape, Data: encode(o.a)}, o.a},
-		resultTensor{safetensors.RawTensor{DType: dt, Shape: bShape, Data: encode(o.b)}, o.b}, moduleOutcome{rank: o.rank, relErr: o.relErr}, nil
-}
-
-// moduleOutcome is what a module's merge chose: its rank, and the relative
-// Frobenius error of its factorisation (NaN where there is none).
-type moduleOutcome struct {
-	rank   int
-	relErr float64
 }
 
 // baseModelWarnings warns, once per other base, about adapters whose

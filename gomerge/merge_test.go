@@ -15,75 +15,9 @@ import (
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/atomicdir"
 	"gomerge/gomerge/linalg"
+	"gomerge/gomerge/methods"
 	"gomerge/gomerge/parallel"
-	"gomerge/gomerge/safetensors"
 )
-
-func TestFactorWeights(t *testing.T) {
-	tests := []struct {
-		w, s   float64
-		wa, wb float32
-	}{
-		{2, 2, 2, 2},
-		{-2, 2, -2, 2},
-		{0, 3, 0, 0},
-		{0.5, 0.5, 0.5, 0.5},
-		{-1, 0.25, -0.5, 0.5},
-	}
-	for _, tc := range tests {
-		wa, wb := factorWeights(tc.w, tc.s)
-		assert.Equal(t, tc.wa, wa, "w=%v s=%v", tc.w, tc.s)
-		assert.Equal(t, tc.wb, wb, "w=%v s=%v", tc.w, tc.s)
-	}
-}
-
-func mod(rank int, scaling float64, a, b []float32) *adapter.Module {
-	return &adapter.Module{Rank: rank, Scaling: scaling, RawA: safetensors.RawTensor{DType: safetensors.F32, Shape: []int{rank, len(a) / rank}, Data: safetensors.Encode(safetensors.F32, a)},
-		RawB: safetensors.RawTensor{DType: safetensors.F32, Shape: []int{len(b) / rank, rank}, Data: safetensors.Encode(safetensors.F32, b)}}
-}
-
-func TestMergeLinearByHand(t *testing.T) {
-	// rank 1, In 2, Out 2; weights w*s: 4 and -1
-	s1 := source{weight: 2, mod: mod(1, 2, []float32{1, 2}, []float32{3, 4})}
-	s2 := source{weight: -1, mod: mod(1, 1, []float32{5, 6}, []float32{7, 8})}
-	a, b, r, err := mergeFactors([]source{s1, s2}, comb("linear", 1), 0, "m")
-	require.NoError(t, err)
-	assert.Equal(t, 1, r)
-	assert.Equal(t, []float32{2*1 - 1*5, 2*2 - 1*6}, a) // sign(c) sqrt|c|: 2 and -1
-	assert.Equal(t, []float32{2*3 + 1*7, 2*4 + 1*8}, b) // sqrt|c|: 2 and 1
-}
-
-func TestMergeCatByHand(t *testing.T) {
-	s1 := source{weight: 2, mod: mod(1, 0.5, []float32{1, 2}, []float32{3, 4})}
-	s2 := source{weight: 3, mod: mod(1, 1, []float32{5, 6}, []float32{7, 8})}
-	a, b, err := mergeCat([]source{s1, s2}, 3, 2, 2) // rank 3: one zero row/column of padding
-	require.NoError(t, err)
-	assert.Equal(t, []float32{1, 2, 15, 18, 0, 0}, a)
-	assert.Equal(t, []float32{3, 7, 0, 4, 8, 0}, b)
-}
-
-func TestMergeSVDIsExactAtFullRank(t *testing.T) {
-	rng := rand.New(rand.NewPCG(3, 4))
-	out, in := 9, 7
-	var srcs []source
-	want := make([]float64, out*in)
-	for i, w := range []float64{2, -0.5, 1} {
-		a, b := randTensor(rng, 2, in), randTensor(rng, out, 2)
-		s := float64(i + 1)
-		srcs = append(srcs, source{weight: w, mod: mod(2, s, a.Data, b.Data)})
-		for j, v := range product(a.Data, b.Data, out, 2, in) {
-			want[j] += w * s * v
-		}
-	}
-	a, b, k, relErr, err := mergeSVD(srcs, linalg.RankRule{Fixed: 6}, in, out, nil)
-	require.NoError(t, err)
-	assert.Equal(t, 6, k)
-	assert.InDelta(t, 0, relErr, 1e-12, "rank 6 holds the whole sum of three rank-2 updates")
-	got := product(a, b, out, 6, in)
-	for i := range want {
-		assert.InDelta(t, want[i], got[i], 1e-5)
-	}
-}
 
 func writeThree(t *testing.T, root string) []string {
 	rng := rand.New(rand.NewPCG(5, 6))
@@ -108,7 +42,7 @@ func TestMergeEndToEnd(t *testing.T) {
 		t.Run(ct, func(t *testing.T) {
 			out := filepath.Join(root, "out-"+ct)
 			var p parallel.Progress
-			res, err := Merge(context.Background(), Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 2, -1), OutputDir: out, Combine: Combine{CombinationType: ct}}, &p)
+			res, err := Merge(context.Background(), Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 2, -1), OutputDir: out, Combine: methods.Combine{CombinationType: ct}}, &p)
 			require.NoError(t, err)
 			assert.Equal(t, 3, res.Modules)
 			assert.Equal(t, int64(3), p.Done.Load())
@@ -152,7 +86,7 @@ func TestMergeLinearWritesRankPatternForSmallerModules(t *testing.T) {
 	}
 	dirs := []string{writeTestAdapter(t, filepath.Join(root, "a"), cfg, mods()), writeTestAdapter(t, filepath.Join(root, "b"), cfg, mods())}
 	out := filepath.Join(root, "out")
-	_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1), OutputDir: out, Combine: Combine{CombinationType: "linear"}}, nil)
+	_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1), OutputDir: out, Combine: methods.Combine{CombinationType: "linear"}}, nil)
 	require.NoError(t, err)
 	raw, err := os.ReadFile(filepath.Join(out, adapter.ConfigFile))
 	require.NoError(t, err)
@@ -184,19 +118,19 @@ func TestMergeErrors(t *testing.T) {
 		want string
 	}{
 		{"weights length", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1)}, errs.KindValue, "got 1 weights for 3 adapters"},
-		{"unknown type", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "avg"}}, errs.KindValue, `invalid value "avg"`},
+		{"unknown type", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), Combine: methods.Combine{CombinationType: "avg"}}, errs.KindValue, `invalid value "avg"`},
 		{"missing dir", Options{Adapters: []string{dirs[0], filepath.Join(root, "nope")}, Weights: adapter.ScalarWeights(1, 1)}, errs.KindFileNotFound, "nope"},
 		{"shape mismatch", Options{Adapters: []string{dirs[0], bad}, Weights: adapter.ScalarWeights(1, 1)}, errs.KindValue, "module m.q: shapes differ"},
-		{"unequal ranks for linear", Options{Adapters: []string{dirs[0], r8}, Weights: adapter.ScalarWeights(1, 1), Combine: Combine{CombinationType: "linear"}}, errs.KindValue, "same r value"},
+		{"unequal ranks for linear", Options{Adapters: []string{dirs[0], r8}, Weights: adapter.ScalarWeights(1, 1), Combine: methods.Combine{CombinationType: "linear"}}, errs.KindValue, "same r value"},
 		{"existing output", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), OutputDir: existing}, errs.KindFileExists, "already exists"},
 		{"overwrite non-adapter", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), OutputDir: existing, Overwrite: true}, errs.KindFileExists, "not an adapter"},
 		{"output is input", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), OutputDir: dirs[1]}, errs.KindValue, "also an input"},
-		{"svd rank", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), Combine: Combine{SVDRank: &linalg.RankSpec{Fixed: neg}}}, errs.KindValue, "svd_rank"},
-		{"energy for a factor-wise type", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "linear", SVDRank: &linalg.RankSpec{Energy: 0.9}}}, errs.KindValue, `svd_rank: combination_type "linear" does not take svd_rank`},
-		{"energy for a pruned svd type", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "ties_svd", Density: new(0.5), SVDRank: &linalg.RankSpec{Energy: 0.9}}}, errs.KindValue, "randomized SVD"},
-		{"max rank for cat", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), Combine: Combine{CombinationType: "cat", MaxRank: &one}}, errs.KindValue, "does not take max_rank"},
-		{"max rank zero", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), Combine: Combine{MaxRank: new(0)}}, errs.KindValue, "max_rank"},
-		{"duplicate", Options{Adapters: []string{dirs[0], dirs[0]}, Weights: adapter.ScalarWeights(1, 1), Combine: Combine{SVDRank: &linalg.RankSpec{Fixed: one}}}, errs.KindValue, "listed twice"},
+		{"svd rank", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), Combine: methods.Combine{SVDRank: &linalg.RankSpec{Fixed: neg}}}, errs.KindValue, "svd_rank"},
+		{"energy for a factor-wise type", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), Combine: methods.Combine{CombinationType: "linear", SVDRank: &linalg.RankSpec{Energy: 0.9}}}, errs.KindValue, `svd_rank: combination_type "linear" does not take svd_rank`},
+		{"energy for a pruned svd type", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), Combine: methods.Combine{CombinationType: "ties_svd", Density: new(0.5), SVDRank: &linalg.RankSpec{Energy: 0.9}}}, errs.KindValue, "randomized SVD"},
+		{"max rank for cat", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), Combine: methods.Combine{CombinationType: "cat", MaxRank: &one}}, errs.KindValue, "does not take max_rank"},
+		{"max rank zero", Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), Combine: methods.Combine{MaxRank: new(0)}}, errs.KindValue, "max_rank"},
+		{"duplicate", Options{Adapters: []string{dirs[0], dirs[0]}, Weights: adapter.ScalarWeights(1, 1), Combine: methods.Combine{SVDRank: &linalg.RankSpec{Fixed: one}}}, errs.KindValue, "listed twice"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -233,7 +167,7 @@ func TestMergeOverwriteReplacesAdapter(t *testing.T) {
 	dirs := writeThree(t, root)
 	out := filepath.Join(root, "out")
 	for _, ct := range []string{"cat", "svd"} {
-		_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), OutputDir: out, Overwrite: true, Combine: Combine{CombinationType: ct}}, nil)
+		_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1), OutputDir: out, Overwrite: true, Combine: methods.Combine{CombinationType: ct}}, nil)
 		require.NoError(t, err)
 	}
 	merged, err := adapter.Load(out)
@@ -243,20 +177,20 @@ func TestMergeOverwriteReplacesAdapter(t *testing.T) {
 
 func TestPlanWorkersRefusesWhatCannotFit(t *testing.T) {
 	mod := &adapter.Module{Rank: 16}
-	big := moduleJob{name: "m.big", in: 11008, out: 4096, srcs: []source{{mod: mod}, {mod: mod}, {mod: mod}}}
-	opts := Options{Combine: Combine{CombinationType: "ties_svd", Density: new(0.2)}}
+	big := methods.ModuleJob{Name: "m.big", In: 11008, Out: 4096, Srcs: []methods.Source{{Mod: mod}, {Mod: mod}, {Mod: mod}}}
+	opts := Options{Combine: methods.Combine{CombinationType: "ties_svd", Density: new(0.2)}}
 	require.NoError(t, opts.Validate())
-	need := denseMemory(&big, &opts.Combine) // about 540 MB
-	_, err := planWorkers(opts, []moduleJob{big}, need/2)
+	need := opts.Method().Memory(&big, &opts.Combine) // about 540 MB
+	_, err := planWorkers(opts, []methods.ModuleJob{big}, need/2)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "module m.big")
 	assert.Contains(t, err.Error(), "GiB")
-	w, err := planWorkers(opts, []moduleJob{big, big, big}, need*2) // room for one at a time (3/4 of 2x)
+	w, err := planWorkers(opts, []methods.ModuleJob{big, big, big}, need*2) // room for one at a time (3/4 of 2x)
 	require.NoError(t, err)
 	assert.Equal(t, 1, w)
-	linear := Options{Workers: 7, Combine: Combine{CombinationType: "linear"}}
+	linear := Options{Workers: 7, Combine: methods.Combine{CombinationType: "linear"}}
 	require.NoError(t, linear.Validate())
-	w, err = planWorkers(linear, []moduleJob{big}, 1<<40)
+	w, err = planWorkers(linear, []methods.ModuleJob{big}, 1<<40)
 	require.NoError(t, err)
 	assert.Equal(t, 7, w)
 }
@@ -271,26 +205,47 @@ func TestDifferentBaseModelsWarn(t *testing.T) {
 		writeTestAdapter(t, filepath.Join(root, "c"), map[string]any{"base_model_name_or_path": "mistral/7b"}, mods),
 		writeTestAdapter(t, filepath.Join(root, "d"), map[string]any{}, mods), // names none: not compared
 	}
-	res, err := Merge(context.Background(), Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1, 1), OutputDir: filepath.Join(root, "out"), Combine: Combine{CombinationType: "cat"}}, nil)
+	res, err := Merge(context.Background(), Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1, 1), OutputDir: filepath.Join(root, "out"), Combine: methods.Combine{CombinationType: "cat"}}, nil)
 	require.NoError(t, err)
 	require.Len(t, res.Warnings, 1, res.Warnings)
 	assert.Contains(t, res.Warnings[0], "different base models (meta/llama-3-8b and mistral/7b")
 	assert.Contains(t, res.Warnings[0], dirs[2])
-	res, err = Merge(context.Background(), Options{Adapters: dirs[:2], Weights: adapter.ScalarWeights(1, 1), OutputDir: filepath.Join(root, "same"), Combine: Combine{CombinationType: "cat"}}, nil)
+	res, err = Merge(context.Background(), Options{Adapters: dirs[:2], Weights: adapter.ScalarWeights(1, 1), OutputDir: filepath.Join(root, "same"), Combine: methods.Combine{CombinationType: "cat"}}, nil)
 	require.NoError(t, err)
 	assert.Empty(t, res.Warnings)
 }
 
-func TestClampQuantile(t *testing.T) {
-	// torch.quantile([-4, -1, 0, 2, 3, 10], 0.5) = 1.0 (linear interpolation); clamp to [-1, 1]
-	a := []float32{-4, 2, 10}
-	b := []float32{-1, 0, 3}
-	ClampQuantile(a, b, 0.5)
-	assert.Equal(t, []float32{-1, 1, 1}, a)
-	assert.Equal(t, []float32{-1, 0, 1}, b)
-	// quantile 0.9 of 6 values: pos 4.5 between 3 and 10 -> 6.5
-	a = []float32{-4, 2, 10}
-	b = []float32{-1, 0, 3}
-	ClampQuantile(a, b, 0.9)
-	assert.Equal(t, []float32{-4, 2, 6.5}, a)
+// End to end: a della merge of adapter directories gives the same bytes on one core and on all (its numbers are
+// methods' TestDellaRowOnAdapterDirectories).
+func TestMergeDellaEndToEnd(t *testing.T) {
+	rng := rand.New(rand.NewPCG(4, 4))
+	dir := t.TempDir()
+	out, in, r := 24, 20, 4
+	var dirs []string
+	for i := range 3 {
+		mods := map[string]testModule{
+			"m.layers.0.q": {a: randTensor(rng, r, in), b: randTensor(rng, out, r)},
+			"m.layers.0.v": {a: randTensor(rng, r, in), b: randTensor(rng, out, r)},
+		}
+		dirs = append(dirs, writeTestAdapter(t, filepath.Join(dir, "a"+string(rune('0'+i))), nil, mods))
+	}
+	density, seed, svdRank := 0.5, uint64(7), linalg.RankSpec{Fixed: 20}
+	weights := []float64{1, 0.5, -0.3}
+	run := func(name string, workers int) *adapter.Adapter {
+		opts := Options{Adapters: dirs, Weights: adapter.ScalarWeights(weights...), Combine: methods.Combine{CombinationType: "della",
+			Density: &density, Seed: &seed, SVDRank: &svdRank}, OutputDir: filepath.Join(dir, name), Workers: workers}
+		_, err := Merge(context.Background(), opts, nil)
+		require.NoError(t, err)
+		a, err := adapter.Load(filepath.Join(dir, name))
+		require.NoError(t, err)
+		t.Cleanup(func() { _ = a.Close() })
+		return a
+	}
+	run("one", 1)
+	run("all", 0)
+	b1, err := os.ReadFile(filepath.Join(dir, "one", adapter.WeightsFile))
+	require.NoError(t, err)
+	b2, err := os.ReadFile(filepath.Join(dir, "all", adapter.WeightsFile))
+	require.NoError(t, err)
+	require.Equal(t, b1, b2)
 }

@@ -6,6 +6,7 @@ import (
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/atomicdir"
 	"gomerge/gomerge/linalg"
+	"gomerge/gomerge/methods"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -73,7 +74,7 @@ func TestMergePerModuleWeights(t *testing.T) {
 	for _, ct := range []string{"cat", "task_arithmetic", "svd"} {
 		t.Run(ct, func(t *testing.T) {
 			out := filepath.Join(root, "out-"+ct)
-			combine := Combine{CombinationType: ct, SVDRank: &linalg.RankSpec{Fixed: 8}}
+			combine := methods.Combine{CombinationType: ct, SVDRank: &linalg.RankSpec{Fixed: 8}}
 			if ct == "cat" {
 				combine.SVDRank = nil // cat takes no svd_rank; its rank is the sum of the ranks, 8
 			}
@@ -129,7 +130,7 @@ func TestMergePerModuleWeightErrorsWriteNothing(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			out := filepath.Join(root, "out-"+tc.name)
-			_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: tc.weights, OutputDir: out, Combine: Combine{CombinationType: "cat"}}, nil)
+			_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: tc.weights, OutputDir: out, Combine: methods.Combine{CombinationType: "cat"}}, nil)
 			require.Error(t, err)
 			assert.Equal(t, errs.KindValue, errs.KindOf(err))
 			assert.Contains(t, err.Error(), tc.want)
@@ -158,14 +159,14 @@ func TestPatternsThatGiveNoModuleTheirWeightWarn(t *testing.T) {
 		perModule(`self_attn`, 1.0, `.*`, 0.0),                                  // inside the names, not at their end
 		perModule(`mlp\..*`, 1.0, `.*`, 0.5, `layers\.0\..*`, 2.0, `nope`, 3.0), // shadowed by '.*'; matches nothing
 	}
-	res, err := Merge(context.Background(), Options{Adapters: dirs, Weights: weights, OutputDir: filepath.Join(root, "out"), Combine: Combine{CombinationType: "cat"}}, nil)
+	res, err := Merge(context.Background(), Options{Adapters: dirs, Weights: weights, OutputDir: filepath.Join(root, "out"), Combine: methods.Combine{CombinationType: "cat"}}, nil)
 	require.NoError(t, err)
 	require.Len(t, res.Warnings, 3, res.Warnings)
 	assert.Contains(t, res.Warnings[0], "weights[0]: pattern 'self_attn' matches no module of adapter 0 ("+dirs[0]+")")
 	assert.Contains(t, res.Warnings[0], "write '.*self_attn.*' to match it anywhere")
 	assert.Contains(t, res.Warnings[1], `weights[1]: pattern 'layers\.0\..*' gives no module of adapter 1`)
 	assert.Contains(t, res.Warnings[2], "weights[1]: pattern 'nope' matches no module of adapter 1")
-	res, err = Merge(context.Background(), Options{Adapters: dirs, Weights: adapter.Weights{perModule(`self_attn\..*`, 1.0, `.*`, 0.0), {Value: 1}}, OutputDir: filepath.Join(root, "used"), Combine: Combine{CombinationType: "cat"}}, nil)
+	res, err = Merge(context.Background(), Options{Adapters: dirs, Weights: adapter.Weights{perModule(`self_attn\..*`, 1.0, `.*`, 0.0), {Value: 1}}, OutputDir: filepath.Join(root, "used"), Combine: methods.Combine{CombinationType: "cat"}}, nil)
 	require.NoError(t, err)
 	assert.Empty(t, res.Warnings)
 }

@@ -26,7 +26,7 @@ if [[ $(uname -m) == x86_64 ]]; then
 fi
 
 # the test binaries of the packages whose results depend on the kernels, for amd64 and arm64; the kernels' own last
-GO_PACKAGES=(gomerge gomerge/linalg gomerge/safetensors gomerge/kernels)
+GO_PACKAGES=(gomerge gomerge/methods gomerge/linalg gomerge/safetensors gomerge/kernels)
 for dir in "${GO_PACKAGES[@]}"; do
 	GOEXPERIMENT=simd "$GO" test -c -o "$BIN/${dir##*/}-amd64.test" "./$dir"
 	CGO_ENABLED=0 GOARCH=arm64 GOEXPERIMENT=simd "$GO" test -c -o "$BIN/${dir##*/}-arm64.test" "./$dir"

@@ -3,7 +3,8 @@
 // system), which Commit renames into place and Abort removes. A failed,
 // cancelled or killed write leaves no partial output and, with overwrite,
 // the old directory intact. Merged adapters and fused model folders are
-// both written this way.
+// both written this way. CheckApart is the one rule, for every command,
+// that keeps an output folder apart from the inputs.
 package atomicdir
 
 import (

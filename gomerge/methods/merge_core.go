@@ -1,4 +1,4 @@
-package gomerge
+package methods
 
 import (
 	"gonum.org/v1/gonum/blas"
@@ -54,7 +54,7 @@ func coreCombine(sp *span, o spanOptions) (l, s, rt []float64) {
 	ms := make([][]float32, len(sp.cores))
 	weights := make([]float32, len(sp.cores))
 	for t := range sp.cores {
-		ms[t] = toFloat32(cs.matrix(sp.core(t, sp.scalings[t])))
+		ms[t] = ToFloat32(cs.matrix(sp.core(t, sp.scalings[t])))
 		weights[t] = float32(sp.weights[t])
 	}
 	merged := o.comb.Apply(ms, weights, o.dare("core"), true)

@@ -1,4 +1,4 @@
-package gomerge
+package methods
 
 import (
 	"context"
@@ -9,8 +9,8 @@ import (
 
 // svdModule is the merge of "svd": the exact truncated SVD of the weighted
 // sum, at the rank the options give.
-func svdModule(_ context.Context, j *moduleJob, c *Combine, rank int) (moduleOutput, error) {
-	a, b, k, relErr, err := mergeSVD(c.weighted(j.srcs), c.rankRule(rank), j.in, j.out, c.SVDClamp)
+func svdModule(_ context.Context, j *ModuleJob, c *Combine, rank int) (moduleOutput, error) {
+	a, b, k, relErr, err := mergeSVD(c.weighted(j.Srcs), c.rankRule(rank), j.In, j.Out, c.SVDClamp)
 	return moduleOutput{a: a, b: b, rank: k, relErr: relErr}, err
 }
 
@@ -20,21 +20,21 @@ func svdModule(_ context.Context, j *moduleJob, c *Combine, rank int) (moduleOut
 // dense SVD of the out x in matrix. B' = U_k S_k, A' = V_k^T. The rule
 // gives k (fixed, or from the spectrum); relErr is the exact relative
 // Frobenius error of the truncation, before any clamp.
-func mergeSVD(srcs []source, rule linalg.RankRule, in, out int, clamp *float64) (a, b []float32, k int, relErr float64, err error) {
+func mergeSVD(srcs []Source, rule linalg.RankRule, in, out int, clamp *float64) (a, b []float32, k int, relErr float64, err error) {
 	total := 0
 	for _, s := range srcs {
-		total += s.mod.Rank
+		total += s.Mod.Rank
 	}
 	bc := make([]float64, out*total) // [w_1 s_1 B_1 | w_2 s_2 B_2 | ...]
 	ac := make([]float64, total*in)  // [A_1; A_2; ...]
 	off := 0
 	for _, s := range srcs {
-		fa, fb, err := s.mod.Factors()
+		fa, fb, err := s.Mod.Factors()
 		if err != nil {
 			return nil, nil, 0, 0, err
 		}
-		r := s.mod.Rank
-		c := s.weight * s.mod.Scaling
+		r := s.Mod.Rank
+		c := s.Weight * s.Mod.Scaling
 		for i := 0; i < out; i++ {
 			row := bc[i*total+off : i*total+off+r]
 			for j, v := range fb[i*r : (i+1)*r] {
@@ -47,7 +47,7 @@ func mergeSVD(srcs []source, rule linalg.RankRule, in, out int, clamp *float64) 
 		off += r
 	}
 	bk, ak, sv, k := linalg.LowRankSVDBy(bc, ac, out, total, in, rule.Choose)
-	b, a = toFloat32(bk), toFloat32(ak)
+	b, a = ToFloat32(bk), ToFloat32(ak)
 	if clamp != nil {
 		ClampQuantile(a, b, *clamp)
 	}
@@ -76,7 +76,8 @@ func ClampQuantile(a, b []float32, q float64) {
 	}
 }
 
-func toFloat32(x []float64) []float32 {
+// ToFloat32 rounds float64 values to float32.
+func ToFloat32(x []float64) []float32 {
 	out := make([]float32, len(x))
 	for i, v := range x {
 		out[i] = float32(v)

@@ -1,4 +1,4 @@
-package gomerge
+package methods
 
 import (
 	"context"
@@ -20,7 +20,7 @@ func BenchmarkDellaModule(b *testing.B) {
 	for _, shape := range [][2]int{{4096, 4096}, {4096, 11008}} {
 		out, in := shape[0], shape[1]
 		srcs := spanSources(rand.New(rand.NewPCG(21, 22)), out, in, 16, 16, 16)
-		j := &moduleJob{name: "proj", srcs: srcs, in: in, out: out}
+		j := &ModuleJob{Name: "proj", Srcs: srcs, In: in, Out: out}
 		density := 0.4
 		seed := uint64(1)
 		for _, name := range []string{"della", "della_linear"} {
@@ -36,13 +36,13 @@ func BenchmarkDellaModule(b *testing.B) {
 				}
 			})
 		}
-		fa, fb, err := srcs[0].mod.Factors()
+		fa, fb, err := srcs[0].Mod.Factors()
 		require.NoError(b, err)
-		dw := linalg.DenseDelta(fa, fb, out, 16, in, srcs[0].mod.Scaling)
+		dw := linalg.DenseDelta(fa, fb, out, 16, in, srcs[0].Mod.Scaling)
 		b.Run(fmt.Sprintf("denseDelta/%dx%d", out, in), func(b *testing.B) {
 			defer reportCPU(b)()
 			for b.Loop() {
-				linalg.DenseDelta(fa, fb, out, 16, in, srcs[0].mod.Scaling)
+				linalg.DenseDelta(fa, fb, out, 16, in, srcs[0].Mod.Scaling)
 			}
 		})
 		t := make([]float32, len(dw))

@@ -1,4 +1,4 @@
-package gomerge
+package methods
 
 import (
 	"fmt"
@@ -277,10 +277,10 @@ func checkCommonFraction(v any, _ *Combine) error {
 	return nil
 }
 
-// cardLines lists, for the model card, each parameter the method takes
+// CardLines lists, for the model card, each parameter the method takes
 // (but the seed, which the card gives with how to reuse it) with the value
 // the merge used: the given one, or the schema's default.
-func (o *Combine) cardLines(m Method) []string {
+func (o *Combine) CardLines(m Method) []string {
 	var lines []string
 	for i := range params {
 		p := &params[i]

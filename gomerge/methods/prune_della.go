@@ -1,4 +1,4 @@
-package gomerge
+package methods
 
 import (
 	"encoding/binary"
@@ -359,22 +359,22 @@ func dellaMask(t []float32, rows, cols, inner int, density, epsilon float64, res
 // updates and DELLA's masks row by row (dellaDense): DELLA on a Linear
 // module (rows of the update are DELLA's slices) with a density in (0, 1)
 // and non-decreasing limits.
-func (g *generalized) fusedDella(j *moduleJob) bool {
+func (g *generalized) fusedDella(j *ModuleJob) bool {
 	_, _, inner := j.layout()
-	return g.pruning == PruneDELLA && inner == 1 && g.density > 0 && g.density < 1 && j.in > 1 &&
-		nonDecreasing(dellaLimits(j.in, g.density, g.epsilon))
+	return g.pruning == PruneDELLA && inner == 1 && g.density > 0 && g.density < 1 && j.In > 1 &&
+		nonDecreasing(dellaLimits(j.In, g.density, g.epsilon))
 }
 
 // dellaDense writes into dw the dense update of source s (denseDelta, then
 // rounded to s.roundDW), pruned by DELLA (dellaMask of it, with the same
 // streams: source index s.index, slice = row), row by row while each row is
 // in the cache, and returns the factor of its l1 rescale (dellaMask's).
-func (g *generalized) dellaDense(dw, a, b []float32, j *moduleJob, s source) float32 {
-	out, in, r := j.out, j.in, s.mod.Rank
-	scaling := float32(s.mod.Scaling)
-	round := s.roundDW != "" && s.roundDW != safetensors.F32
+func (g *generalized) dellaDense(dw, a, b []float32, j *ModuleJob, s Source) float32 {
+	out, in, r := j.Out, j.In, s.Mod.Rank
+	scaling := float32(s.Mod.Scaling)
+	round := s.RoundDW != "" && s.RoundDW != safetensors.F32
 	limits := dellaLimits(in, g.density, g.epsilon)
-	source := dellaSource(g.seed, j.name, s.index)
+	source := dellaSource(g.seed, j.Name, s.Index)
 	before := make([]float64, out)
 	after := make([]float64, out)
 	parallel.For(out, max(1, combineGrain/max(1, in)), func(lo, hi int) {
@@ -392,7 +392,7 @@ func (g *generalized) dellaDense(dw, a, b []float32, j *moduleJob, s source) flo
 			}
 			kernels.DenseRow(row, as[:n], xs[:n], scaling)
 			if round {
-				roundTo(row, s.roundDW)
+				roundTo(row, s.RoundDW)
 			}
 			before[i], after[i] = dellaRowBuckets(row, 1, limits, w, source(i))
 		}

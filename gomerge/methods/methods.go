@@ -1,4 +1,4 @@
-package gomerge
+package methods
 
 import (
 	"context"
@@ -52,8 +52,8 @@ type RankRule struct {
 	// adapter is the merged adapter's rank; names are the adapters, for
 	// errors.
 	adapter func(ranks []int, names []string, m Method, c *Combine) (int, error)
-	// own: each module keeps its sources' common rank (which must agree).
-	own bool
+	// Own: each module keeps its sources' common rank (which must agree).
+	Own bool
 	// exact: the method factorises its result from its exact spectrum, so
 	// that svd_rank may be the energy rule.
 	exact bool
@@ -68,7 +68,7 @@ func (r *RankRule) MarshalJSON() ([]byte, error) { return json.Marshal(r.Name) }
 // The rank rules.
 var (
 	// RankInput is the adapters' common rank.
-	RankInput = &RankRule{Name: "input", adapter: equalRanks, own: true}
+	RankInput = &RankRule{Name: "input", adapter: equalRanks, Own: true}
 	// RankSum is the sum of the adapters' ranks.
 	RankSum = &RankRule{Name: "sum", adapter: func(ranks []int, _ []string, _ Method, _ *Combine) (int, error) {
 		return sumOf(ranks), nil
@@ -126,10 +126,10 @@ func sumOf(xs []int) int {
 // mergeFunc merges one module: the one signature of every family. rank is
 // the merged adapter's rank (the method's RankRule); the result carries
 // the module's own rank.
-type mergeFunc func(ctx context.Context, j *moduleJob, c *Combine, rank int) (moduleOutput, error)
+type mergeFunc func(ctx context.Context, j *ModuleJob, c *Combine, rank int) (moduleOutput, error)
 
 // memoryFunc estimates the bytes one module's merge holds at its peak.
-type memoryFunc func(j *moduleJob, c *Combine) int64
+type memoryFunc func(j *ModuleJob, c *Combine) int64
 
 // moduleOutput is one merged module: its factors A' (rank x in) and B'
 // (out x rank), and the relative Frobenius error of the factorisation of

@@ -1,4 +1,4 @@
-package gomerge
+package methods
 
 import (
 	"math/rand/v2"

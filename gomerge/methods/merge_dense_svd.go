@@ -1,4 +1,4 @@
-package gomerge
+package methods
 
 import (
 	"context"
@@ -24,8 +24,8 @@ const rsvdSeed = 0x9e3779b97f4a7c15
 // relErr is the relative Frobenius error of the factorisation, before any
 // clamp: B'A' is an orthogonal projection of D, so ||D - B'A'||^2 =
 // ||D||^2 - ||B'||^2 (A' has orthonormal rows).
-func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, g *generalized, k int, clamp *float64, seed uint64) (a, b []float32, relErr float64, err error) {
-	dws := make([][]float32, len(j.srcs))
+func mergeDenseSVD(ctx context.Context, j *ModuleJob, comb Combination, g *generalized, k int, clamp *float64, seed uint64) (a, b []float32, relErr float64, err error) {
+	dws := make([][]float32, len(j.Srcs))
 	defer func() {
 		for _, dw := range dws { // the result d is dws[0]
 			if dw != nil {
@@ -33,22 +33,22 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, g *gener
 			}
 		}
 	}()
-	weights := make([]float32, len(j.srcs))
+	weights := make([]float32, len(j.Srcs))
 	fused := g != nil && g.fusedDella(j)
 	var scales []float32 // fused: the rescale factors of the pruned updates
-	for i, s := range j.srcs {
-		fa, fb, err := s.mod.Factors()
+	for i, s := range j.Srcs {
+		fa, fb, err := s.Mod.Factors()
 		if err != nil {
 			return nil, nil, 0, err
 		}
-		weights[i] = float32(s.weight)
+		weights[i] = float32(s.Weight)
 		if fused { // each row computed, rounded and pruned while it is in the cache
-			dws[i] = pool.Get(j.out * j.in)
+			dws[i] = pool.Get(j.Out * j.In)
 			scales = append(scales, g.dellaDense(dws[i], fa, fb, j, s))
 		} else {
-			dws[i] = linalg.DenseDelta(fa, fb, j.out, s.mod.Rank, j.in, s.mod.Scaling)
-			if s.roundDW != "" && s.roundDW != safetensors.F32 {
-				roundTo(dws[i], s.roundDW)
+			dws[i] = linalg.DenseDelta(fa, fb, j.Out, s.Mod.Rank, j.In, s.Mod.Scaling)
+			if s.RoundDW != "" && s.RoundDW != safetensors.F32 {
+				roundTo(dws[i], s.RoundDW)
 			}
 		}
 		if ctx.Err() != nil {
@@ -63,17 +63,17 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, g *gener
 		d = g.combineModule(j, dws, weights)
 	default:
 		d = comb.Apply(dws, weights, func(i int, t []float32) {
-			if mask := j.srcs[i].maskDW; mask != nil {
+			if mask := j.Srcs[i].MaskDW; mask != nil {
 				MaskPrune(t, mask, comb.Density, true)
 			} else {
-				RandomPrune(t, comb.Density, true, TensorSource(seed, j.name, "dW/"+strconv.Itoa(j.srcs[i].index)))
+				RandomPrune(t, comb.Density, true, TensorSource(seed, j.Name, "dW/"+strconv.Itoa(j.Srcs[i].Index)))
 			}
 		}, true)
 	}
 	if ctx.Err() != nil {
 		return nil, nil, 0, errs.ErrCancelled
 	}
-	bk, ak := linalg.RandomizedSVD(d, j.out, j.in, k, TensorRNG(rsvdSeed, j.name, "rsvd"))
+	bk, ak := linalg.RandomizedSVD(d, j.Out, j.In, k, TensorRNG(rsvdSeed, j.Name, "rsvd"))
 	var total, kept float64
 	for _, v := range d {
 		total += float64(v) * float64(v)
@@ -84,7 +84,7 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, g *gener
 	if total > 0 {
 		relErr = math.Sqrt(max(0, total-kept) / total)
 	}
-	b, a = toFloat32(bk), toFloat32(ak)
+	b, a = ToFloat32(bk), ToFloat32(ak)
 	if clamp != nil {
 		ClampQuantile(a, b, *clamp)
 	}
@@ -94,7 +94,7 @@ func mergeDenseSVD(ctx context.Context, j *moduleJob, comb Combination, g *gener
 // denseSVDModule is the merge of PEFT's pruned *_svd rows: the dense
 // updates combined element-wise by the row's pruning and TIES, then a
 // randomized SVD at the adapter's rank.
-func denseSVDModule(ctx context.Context, j *moduleJob, c *Combine, rank int) (moduleOutput, error) {
+func denseSVDModule(ctx context.Context, j *ModuleJob, c *Combine, rank int) (moduleOutput, error) {
 	a, b, relErr, err := mergeDenseSVD(ctx, j, c.combination(), nil, rank, c.SVDClamp, c.seed())
 	return moduleOutput{a: a, b: b, rank: rank, relErr: relErr}, err
 }

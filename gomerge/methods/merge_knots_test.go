@@ -1,4 +1,4 @@
-package gomerge
+package methods
 
 import (
 	"math/rand/v2"
@@ -12,11 +12,11 @@ import (
 // knotsDense is the dense reference of KnOTS's alignment: the thin SVD of
 // the concatenated unweighted updates [s_1 B_1 A_1 ... s_T B_T A_T] and the
 // task representations X_t = diag(S) V_t^T (k x n).
-func knotsDense(t *testing.T, srcs []source, out, in int) (u *mat.Dense, xs []*mat.Dense) {
+func knotsDense(t *testing.T, srcs []Source, out, in int) (u *mat.Dense, xs []*mat.Dense) {
 	cat := mat.NewDense(out, in*len(srcs), nil)
 	for i, s := range srcs {
 		d := denseUpdate(t, s)
-		d.Scale(1/s.weight, d)
+		d.Scale(1/s.Weight, d)
 		cat.Slice(0, out, i*in, (i+1)*in).(*mat.Dense).Copy(d)
 	}
 	u, sv, v := thinSVD(cat)
@@ -44,8 +44,8 @@ func TestKnotsMatchesDenseReference(t *testing.T) {
 				tensors := make([][]float32, len(xs))
 				weights := make([]float32, len(xs))
 				for i, x := range xs {
-					tensors[i] = toFloat32(x.RawMatrix().Data)
-					weights[i] = float32(srcs[i].weight)
+					tensors[i] = ToFloat32(x.RawMatrix().Data)
+					weights[i] = float32(srcs[i].Weight)
 				}
 				merged := comb(c.comb, density).Apply(tensors, weights, nil, false)
 				_, k := u.Dims()
@@ -89,7 +89,7 @@ func TestCoreIsoCMatchesDenseReference(t *testing.T) {
 	for _, tc := range spanShapes {
 		srcs := spanSources(rng, tc.out, tc.in, tc.ranks...)
 		t.Run(tc.name, func(t *testing.T) {
-			ub, va, ms := coreMatrices(t, srcs, tc.out, tc.in, func(s source) float64 { return s.weight * s.mod.Scaling })
+			ub, va, ms := coreMatrices(t, srcs, tc.out, tc.in, func(s Source) float64 { return s.Weight * s.Mod.Scaling })
 			sum := mat.DenseCopyOf(ms[0])
 			for _, m := range ms[1:] {
 				sum.Add(sum, m)

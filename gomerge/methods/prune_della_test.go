@@ -1,4 +1,4 @@
-package gomerge
+package methods
 
 import (
 	"cmp"
@@ -261,11 +261,11 @@ func TestDellaRowBucketsIsDellaRow(t *testing.T) {
 func TestDellaDenseIsDenseThenMask(t *testing.T) {
 	rng := rand.New(rand.NewPCG(14, 15))
 	srcs := spanSources(rng, 70, 300, 4)
-	srcs[0].index = 2
-	fa, fb, err := srcs[0].mod.Factors()
+	srcs[0].Index = 2
+	fa, fb, err := srcs[0].Mod.Factors()
 	require.NoError(t, err)
 	fb[5] = 0 // a zero coefficient (Saxpy skips it)
-	j := &moduleJob{name: "m.q", srcs: srcs, in: 300, out: 70}
+	j := &ModuleJob{Name: "m.q", Srcs: srcs, In: 300, Out: 70}
 	for _, round := range []safetensors.DType{"", safetensors.BF16} {
 		for _, name := range []string{"della", "della_linear"} {
 			density, seed := 0.3, uint64(5)
@@ -275,12 +275,12 @@ func TestDellaDenseIsDenseThenMask(t *testing.T) {
 			g.rescale = name == "della"
 			require.True(t, g.fusedDella(j))
 			s := srcs[0]
-			s.roundDW = round
-			want := linalg.DenseDelta(fa, fb, j.out, s.mod.Rank, j.in, s.mod.Scaling)
+			s.RoundDW = round
+			want := linalg.DenseDelta(fa, fb, j.Out, s.Mod.Rank, j.In, s.Mod.Scaling)
 			if round != "" {
 				roundTo(want, round)
 			}
-			wantScale := dellaMask(want, j.out, j.in, 1, g.density, g.epsilon, g.rescale, dellaSource(seed, j.name, s.index))
+			wantScale := dellaMask(want, j.Out, j.In, 1, g.density, g.epsilon, g.rescale, dellaSource(seed, j.Name, s.Index))
 			got := make([]float32, len(want))
 			gotScale := g.dellaDense(got, fa, fb, j, s)
 			require.Equal(t, math.Float32bits(wantScale), math.Float32bits(gotScale), "%s %q", name, round)

@@ -1,4 +1,4 @@
-package gomerge
+package methods
 
 import (
 	"gomerge/gomerge/linalg"
@@ -59,7 +59,7 @@ func knots(sp *span, o spanOptions) (*span, []float64, []float64, []float64) {
 			blas64.General{Rows: k, Cols: sp.pa, Stride: sp.pa, Data: sy},
 			blas64.General{Rows: sp.n, Cols: sp.pa, Stride: sp.pa, Data: sp.qa},
 			0, blas64.General{Rows: k, Cols: sp.n, Stride: sp.n, Data: x})
-		xs[i] = toFloat32(x)
+		xs[i] = ToFloat32(x)
 		weights[i] = float32(sp.weights[i])
 	}
 	merged := o.comb.Apply(xs, weights, o.dare("knots"), true) // k x n

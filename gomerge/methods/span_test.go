@@ -1,4 +1,4 @@
-package gomerge
+package methods
 
 import (
 	"gomerge/gomerge/linalg"
@@ -13,8 +13,8 @@ import (
 
 // spanSources draws adapters of the given ranks on an out x in module, each
 // with a weight and a scaling.
-func spanSources(rng *rand.Rand, out, in int, ranks ...int) []source {
-	srcs := make([]source, len(ranks))
+func spanSources(rng *rand.Rand, out, in int, ranks ...int) []Source {
+	srcs := make([]Source, len(ranks))
 	for i, r := range ranks {
 		a := make([]float32, r*in)
 		b := make([]float32, out*r)
@@ -24,21 +24,21 @@ func spanSources(rng *rand.Rand, out, in int, ranks ...int) []source {
 		for j := range b {
 			b[j] = float32(rng.NormFloat64())
 		}
-		srcs[i] = source{weight: 0.5 + rng.Float64(), mod: mod(r, 0.25+rng.Float64(), a, b), index: i}
+		srcs[i] = Source{Weight: 0.5 + rng.Float64(), Mod: mod(r, 0.25+rng.Float64(), a, b), Index: i}
 	}
 	return srcs
 }
 
 // denseUpdate is w s B A as a gonum matrix.
-func denseUpdate(t *testing.T, s source) *mat.Dense {
-	fa, fb, err := s.mod.Factors()
+func denseUpdate(t *testing.T, s Source) *mat.Dense {
+	fa, fb, err := s.Mod.Factors()
 	require.NoError(t, err)
-	r := s.mod.Rank
+	r := s.Mod.Rank
 	a := mat.NewDense(r, len(fa)/r, toFloat64(fa))
 	b := mat.NewDense(len(fb)/r, r, toFloat64(fb))
 	var d mat.Dense
 	d.Mul(b, a)
-	d.Scale(s.weight*s.mod.Scaling, &d)
+	d.Scale(s.Weight*s.Mod.Scaling, &d)
 	return &d
 }
 
@@ -129,7 +129,7 @@ func TestSpanCoresReproduceEachUpdate(t *testing.T) {
 
 // isoCDense is the reference Iso-C restricted to the span: U mean(S) V^T
 // over the nonzero singular values of the dense sum.
-func isoCDense(t *testing.T, srcs []source, out, in int, scaling float64) *mat.Dense {
+func isoCDense(t *testing.T, srcs []Source, out, in int, scaling float64) *mat.Dense {
 	sum := mat.NewDense(out, in, nil)
 	for _, s := range srcs {
 		sum.Add(sum, denseUpdate(t, s))
@@ -147,7 +147,7 @@ func isoCDense(t *testing.T, srcs []source, out, in int, scaling float64) *mat.D
 
 // tsvDense is the reference TSV-M on the dense updates, keeping each task's
 // min(rank_t, min(m, n) / T) nonzero triplets.
-func tsvDense(t *testing.T, srcs []source, out, in int, scaling float64) *mat.Dense {
+func tsvDense(t *testing.T, srcs []Source, out, in int, scaling float64) *mat.Dense {
 	per := min(out, in) / len(srcs)
 	var us, vs []*mat.Dense
 	var ss []float64
@@ -180,7 +180,7 @@ func tsvDense(t *testing.T, srcs []source, out, in int, scaling float64) *mat.De
 
 // isoCTSDense is the reference Iso-CTS on the dense updates (common_fraction
 // 0.8), with q, the rank of the sum, in place of min(m, n).
-func isoCTSDense(t *testing.T, srcs []source, out, in int, scaling float64) *mat.Dense {
+func isoCTSDense(t *testing.T, srcs []Source, out, in int, scaling float64) *mat.Dense {
 	sum := mat.NewDense(out, in, nil)
 	var tvs []*mat.Dense
 	for _, s := range srcs {
@@ -241,7 +241,7 @@ func isoCTSDense(t *testing.T, srcs []source, out, in int, scaling float64) *mat
 }
 
 func TestSpanMethodsMatchDenseReferences(t *testing.T) {
-	refs := map[string]func(*testing.T, []source, int, int, float64) *mat.Dense{
+	refs := map[string]func(*testing.T, []Source, int, int, float64) *mat.Dense{
 		"iso_c": isoCDense, "tsv": tsvDense, "iso_cts": isoCTSDense}
 	rng := rand.New(rand.NewPCG(3, 4))
 	for name, ref := range refs {
@@ -329,7 +329,7 @@ func TestSpanParamsAreValidated(t *testing.T) {
 
 func TestSpanZeroUpdate(t *testing.T) {
 	srcs := spanSources(rand.New(rand.NewPCG(7, 8)), 8, 8, 2, 2)
-	srcs[0].weight, srcs[1].weight = 0, 0
+	srcs[0].Weight, srcs[1].Weight = 0, 0
 	for _, name := range []string{"iso_c", "tsv", "iso_cts"} {
 		o := Combine{CombinationType: name}
 		require.NoError(t, o.Validate())
@@ -346,18 +346,18 @@ func TestSpanZeroUpdate(t *testing.T) {
 // coreMatrices is the dense reference of Core Space: U_B, V_A from dense
 // SVDs of the stacked raw factors and M_t = U_B^T dW_t V_A, with dW_t =
 // scale(t) B_t A_t.
-func coreMatrices(t *testing.T, srcs []source, out, in int, scale func(source) float64) (ub, va *mat.Dense, ms []*mat.Dense) {
+func coreMatrices(t *testing.T, srcs []Source, out, in int, scale func(Source) float64) (ub, va *mat.Dense, ms []*mat.Dense) {
 	total := 0
 	for _, s := range srcs {
-		total += s.mod.Rank
+		total += s.Mod.Rank
 	}
 	bs := mat.NewDense(out, total, nil)
 	as := mat.NewDense(total, in, nil)
 	off := 0
 	for _, s := range srcs {
-		fa, fb, err := s.mod.Factors()
+		fa, fb, err := s.Mod.Factors()
 		require.NoError(t, err)
-		r := s.mod.Rank
+		r := s.Mod.Rank
 		bs.Slice(0, out, off, off+r).(*mat.Dense).Copy(mat.NewDense(out, r, toFloat64(fb)))
 		as.Slice(off, off+r, 0, in).(*mat.Dense).Copy(mat.NewDense(r, in, toFloat64(fa)))
 		off += r
@@ -366,7 +366,7 @@ func coreMatrices(t *testing.T, srcs []source, out, in int, scale func(source) f
 	_, _, va = thinSVD(as)
 	for _, s := range srcs {
 		d := denseUpdate(t, s)
-		d.Scale(scale(s)/(s.weight*s.mod.Scaling), d)
+		d.Scale(scale(s)/(s.Weight*s.Mod.Scaling), d)
 		var m, tmp mat.Dense
 		tmp.Mul(ub.T(), d)
 		m.Mul(&tmp, va)
@@ -381,7 +381,7 @@ func TestCoreSpaceMethodsMatchDenseReferences(t *testing.T) {
 	for _, tc := range spanShapes {
 		srcs := spanSources(rng, tc.out, tc.in, tc.ranks...)
 		t.Run("core_tsv/"+tc.name, func(t *testing.T) {
-			ub, va, ms := coreMatrices(t, srcs, tc.out, tc.in, func(s source) float64 { return s.weight * s.mod.Scaling })
+			ub, va, ms := coreMatrices(t, srcs, tc.out, tc.in, func(s Source) float64 { return s.Weight * s.Mod.Scaling })
 			qb, qa := ub.RawMatrix().Cols, va.RawMatrix().Cols
 			mt := ms
 			// TSV-M on the cores, each task keeping floor(min(qB, qA) / T) triplets
@@ -422,13 +422,13 @@ func TestCoreSpaceMethodsMatchDenseReferences(t *testing.T) {
 			assertClose(t, &want, productOf(a, b, tc.out, k, tc.in), 1e-6, "core_tsv")
 		})
 		t.Run("core_ties/"+tc.name, func(t *testing.T) {
-			ub, va, ms := coreMatrices(t, srcs, tc.out, tc.in, func(s source) float64 { return s.mod.Scaling })
+			ub, va, ms := coreMatrices(t, srcs, tc.out, tc.in, func(s Source) float64 { return s.Mod.Scaling })
 			qb, qa := ub.RawMatrix().Cols, va.RawMatrix().Cols
 			tensors := make([][]float32, len(ms))
 			weights := make([]float32, len(ms))
 			for i, m := range ms {
-				tensors[i] = toFloat32(mat.DenseCopyOf(m).RawMatrix().Data)
-				weights[i] = float32(srcs[i].weight)
+				tensors[i] = ToFloat32(mat.DenseCopyOf(m).RawMatrix().Data)
+				weights[i] = float32(srcs[i].Weight)
 			}
 			merged := comb("ties", half).Apply(tensors, weights, nil, false)
 			var tmp, want mat.Dense
@@ -466,7 +466,7 @@ func TestSpanMethodsOnDuplicateAdapters(t *testing.T) {
 	// the same adapter twice: the stacks are rank-deficient; every direction and value comes from the adapter
 	srcs := spanSources(rand.New(rand.NewPCG(13, 14)), 20, 12, 3)
 	srcs = append(srcs, srcs[0])
-	srcs[1].index = 1
+	srcs[1].Index = 1
 	dw := denseUpdate(t, srcs[0])
 	_, s, _ := thinSVD(mat.DenseCopyOf(dw))
 	mean := (s[0] + s[1] + s[2]) / 3

@@ -1,4 +1,4 @@
-package gomerge
+package methods
 
 import (
 	"context"
@@ -46,21 +46,21 @@ type span struct {
 // newSpan builds the span of the sources' factors: cores[t] = c_t Rb_t Ra_t^T,
 // where Rb_t and Ra_t are the columns of source t in the R factors of the
 // two thin QRs, so that c_t B_t A_t = qb cores[t] qa^T exactly (c_t = w_t s_t).
-func newSpan(srcs []source, in, out int) (*span, error) {
+func newSpan(srcs []Source, in, out int) (*span, error) {
 	total := 0
 	for _, s := range srcs {
-		total += s.mod.Rank
+		total += s.Mod.Rank
 	}
 	bc := make([]float64, out*total) // [B_1 | B_2 | ...]
 	at := make([]float64, in*total)  // [A_1; A_2; ...]^T
 	sp := &span{m: out, n: in, ranks: make([]int, len(srcs))}
 	off := 0
 	for t, s := range srcs {
-		fa, fb, err := s.mod.Factors()
+		fa, fb, err := s.Mod.Factors()
 		if err != nil {
 			return nil, err
 		}
-		r := s.mod.Rank
+		r := s.Mod.Rank
 		for i := 0; i < out; i++ {
 			for j, v := range fb[i*r : (i+1)*r] {
 				bc[i*total+off+j] = float64(v)
@@ -72,8 +72,8 @@ func newSpan(srcs []source, in, out int) (*span, error) {
 			}
 		}
 		sp.ranks[t] = r
-		sp.weights = append(sp.weights, s.weight)
-		sp.scalings = append(sp.scalings, s.mod.Scaling)
+		sp.weights = append(sp.weights, s.Weight)
+		sp.scalings = append(sp.scalings, s.Mod.Scaling)
 		off += r
 	}
 	var rb, ra []float64
@@ -248,8 +248,8 @@ func (sp *span) factors(l, s, rt []float64, k int) (bk, ak []float64) {
 
 // spanModule is the merge of a span method's rows.
 func spanModule(fn spanMethod) mergeFunc {
-	return func(_ context.Context, j *moduleJob, c *Combine, rank int) (moduleOutput, error) {
-		a, b, k, relErr, err := mergeInSpan(fn, j.srcs, c, rank, j.in, j.out, c.seed(), j.name)
+	return func(_ context.Context, j *ModuleJob, c *Combine, rank int) (moduleOutput, error) {
+		a, b, k, relErr, err := mergeInSpan(fn, j.Srcs, c, rank, j.In, j.Out, c.seed(), j.Name)
 		return moduleOutput{a: a, b: b, rank: k, relErr: relErr}, err
 	}
 }
@@ -322,7 +322,7 @@ func (o spanOptions) dare(label string) func(t int, x []float32) {
 // default the number of nonzero singular values of the merged update, at
 // most max_rank). relErr is the relative Frobenius error of that
 // truncation against the method's merged update.
-func mergeInSpan(fn spanMethod, srcs []source, o *Combine, rank int, in, out int, seed uint64, module string) (a, b []float32, k int, relErr float64, err error) {
+func mergeInSpan(fn spanMethod, srcs []Source, o *Combine, rank int, in, out int, seed uint64, module string) (a, b []float32, k int, relErr float64, err error) {
 	sp, err := newSpan(srcs, in, out)
 	if err != nil {
 		return nil, nil, 0, 0, err
@@ -342,7 +342,7 @@ func mergeInSpan(fn spanMethod, srcs []source, o *Combine, rank int, in, out int
 	}
 	k = max(k, 1) // PEFT cannot load a rank-0 module: a zero update is written as rank 1, zeros
 	bk, ak := basis.factors(l, s, rt, k)
-	return toFloat32(ak), toFloat32(bk), k, linalg.TruncationError(s, k), nil
+	return ToFloat32(ak), ToFloat32(bk), k, linalg.TruncationError(s, k), nil
 }
 
 // isoC is Iso-C (Marczak et al., ICML 2025) on adapters: the SVD of the

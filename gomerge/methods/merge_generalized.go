@@ -1,4 +1,4 @@
-package gomerge
+package methods
 
 import (
 	"context"
@@ -61,7 +61,7 @@ func (o *Combine) generalized(mk mergekitMethod) *generalized {
 // mergekitModule is the merge of a mergekit method's rows: its dense
 // updates pruned and combined by mk, then a randomized SVD.
 func mergekitModule(mk mergekitMethod) mergeFunc {
-	return func(ctx context.Context, j *moduleJob, c *Combine, rank int) (moduleOutput, error) {
+	return func(ctx context.Context, j *ModuleJob, c *Combine, rank int) (moduleOutput, error) {
 		a, b, relErr, err := mergeDenseSVD(ctx, j, Combination{}, c.generalized(mk), rank, c.SVDClamp, c.seed())
 		return moduleOutput{a: a, b: b, rank: rank, relErr: relErr}, err
 	}
@@ -125,21 +125,21 @@ func (g *generalized) combineScaled(dws [][]float32, weights, scales []float32) 
 
 // layout is the update's shape for DELLA's rows: out x in x (kh * kw) for
 // a Conv2d (A is r x in x kh x kw), out x in x 1 otherwise.
-func (j *moduleJob) layout() (rows, cols, inner int) {
-	cols, inner = j.in, 1
-	if len(j.aTail) > 1 {
-		cols, inner = j.aTail[0], j.in/j.aTail[0]
+func (j *ModuleJob) layout() (rows, cols, inner int) {
+	cols, inner = j.In, 1
+	if len(j.ATail) > 1 {
+		cols, inner = j.ATail[0], j.In/j.ATail[0]
 	}
-	return j.out, cols, inner
+	return j.Out, cols, inner
 }
 
 // combineModule combines the module's dense updates by the mergekit
 // method g (mergeDenseSVD's combination for those methods).
-func (g *generalized) combineModule(j *moduleJob, dws [][]float32, weights []float32) []float32 {
-	indices := make([]int, len(j.srcs))
-	for i, s := range j.srcs {
-		indices[i] = s.index
+func (g *generalized) combineModule(j *ModuleJob, dws [][]float32, weights []float32) []float32 {
+	indices := make([]int, len(j.Srcs))
+	for i, s := range j.Srcs {
+		indices[i] = s.Index
 	}
 	rows, cols, inner := j.layout()
-	return g.combine(dws, weights, indices, j.name, rows, cols, inner)
+	return g.combine(dws, weights, indices, j.Name, rows, cols, inner)
 }

@@ -1,4 +1,4 @@
-package gomerge
+package methods
 
 import (
 	"context"
@@ -21,13 +21,13 @@ func factorWeights(w, scaling float64) (wa, wb float32) {
 
 // factorsModule is the merge of the factor-wise rows: each module keeps its
 // sources' rank, which must fit the adapter's.
-func factorsModule(_ context.Context, j *moduleJob, c *Combine, rank int) (moduleOutput, error) {
-	a, b, r, err := mergeFactors(j.srcs, c.combination(), c.seed(), j.name)
+func factorsModule(_ context.Context, j *ModuleJob, c *Combine, rank int) (moduleOutput, error) {
+	a, b, r, err := mergeFactors(j.Srcs, c.combination(), c.seed(), j.Name)
 	if err != nil {
 		return moduleOutput{}, err
 	}
 	if r > rank {
-		return moduleOutput{}, errs.Value("module %s: rank %d is above the adapter's rank %d", j.name, r, rank)
+		return moduleOutput{}, errs.Value("module %s: rank %d is above the adapter's rank %d", j.Name, r, rank)
 	}
 	return moduleOutput{a: a, b: b, rank: r, relErr: math.NaN()}, nil
 }
@@ -37,29 +37,29 @@ func factorsModule(_ context.Context, j *moduleJob, c *Combine, rank int) (modul
 // sign(c_i) sqrt|c_i|, the B factors with sqrt|c_i|, by the same function.
 // B'A' therefore contains the cross terms B_i A_j, exactly as in PEFT. DARE
 // draws one mask per factor, labelled by factor and adapter position.
-func mergeFactors(srcs []source, comb Combination, seed uint64, module string) (a, b []float32, rank int, err error) {
+func mergeFactors(srcs []Source, comb Combination, seed uint64, module string) (a, b []float32, rank int, err error) {
 	as := make([][]float32, len(srcs))
 	bs := make([][]float32, len(srcs))
 	was := make([]float32, len(srcs))
 	wbs := make([]float32, len(srcs))
 	for i, s := range srcs {
-		if as[i], bs[i], err = s.mod.Factors(); err != nil {
+		if as[i], bs[i], err = s.Mod.Factors(); err != nil {
 			return nil, nil, 0, err
 		}
-		was[i], wbs[i] = factorWeights(s.weight, s.mod.Scaling)
+		was[i], wbs[i] = factorWeights(s.Weight, s.Mod.Scaling)
 	}
 	dare := func(factor string) func(int, []float32) {
 		return func(i int, t []float32) {
-			mask := srcs[i].maskA
+			mask := srcs[i].MaskA
 			if factor == "B" {
-				mask = srcs[i].maskB
+				mask = srcs[i].MaskB
 			}
 			if mask != nil {
 				MaskPrune(t, mask, comb.Density, true)
 			} else {
-				RandomPrune(t, comb.Density, true, TensorSource(seed, module, factor+"/"+strconv.Itoa(srcs[i].index)))
+				RandomPrune(t, comb.Density, true, TensorSource(seed, module, factor+"/"+strconv.Itoa(srcs[i].Index)))
 			}
 		}
 	}
-	return comb.Apply(as, was, dare("A"), false), comb.Apply(bs, wbs, dare("B"), false), srcs[0].mod.Rank, nil
+	return comb.Apply(as, was, dare("A"), false), comb.Apply(bs, wbs, dare("B"), false), srcs[0].Mod.Rank, nil
 }

@@ -1,4 +1,4 @@
-package gomerge
+package methods
 
 import (
 	"gonum.org/v1/gonum/blas"

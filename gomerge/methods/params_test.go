@@ -1,4 +1,4 @@
-package gomerge
+package methods
 
 import (
 	"gomerge/gomerge/errs"
@@ -63,5 +63,5 @@ func TestParamSchema(t *testing.T) {
 	c := Combine{CombinationType: "breadcrumbs", Density: new(0.5)}
 	require.NoError(t, c.Validate())
 	m, _ := LookupMethod("breadcrumbs")
-	assert.Contains(t, c.cardLines(m), "- gamma: 0.01", "the card shows the default the merge used")
+	assert.Contains(t, c.CardLines(m), "- gamma: 0.01", "the card shows the default the merge used")
 }
