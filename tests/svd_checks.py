@@ -124,7 +124,7 @@ class Truncation:
 
 
 def _ratio(err: float, optimal: float, eps: float) -> float:
-    """err / optimal; where the optimal error is below eps (M of rank <= r but for rounding), 1 + the excess in
+    """err / optimal; where the optimal error is below 10 eps (M of rank <= r but for rounding), 1 + the excess in
     units of eps, which is what rule eckart-young bounds (by 2) there."""
     return err / optimal if optimal > 10 * eps else 1.0 + (err - optimal) / max(eps, 1e-300)
 
@@ -135,6 +135,8 @@ def _wedin(eps: float, s1: float, gap: float, tail: float) -> float:
 
 
 def _excess(err: float, optimal: float, eps: float, s1: float, sr: float, sr1: float) -> float:
+    """The "excess" rule's bound on ||D - [M]_r||; unbounded (inf) where s_r = s_{r+1}, when only eckart-young
+    applies."""
     excess = math.sqrt(max(err * err - optimal * optimal, 0.0) + eps * eps)
     spread = math.sqrt(max(sr * sr - sr1 * sr1, 0.0))
     return excess * (1.0 + math.sqrt(2.0) * s1 / spread) if spread > 0 else math.inf
