@@ -11,7 +11,7 @@
 //   - options.go, plan.go, merge.go: arguments, planning (pairing modules
 //     with the adapters that have them), and running a merge on all cores
 //   - memory.go: merges of tensors in a model's memory (the PEFT drop-in)
-//   - card.go: the model card, and an output adapter's config and card
+//   - card.go: a merged adapter's config and model card (written with package card)
 //   - limits.go: memory planning (workers within the available memory, from
 //     each method's estimate)
 //   - fuse.go, fuse_plan.go, fuse_apply.go, fuse_write.go, fuse_card.go: the fuse into a base model
@@ -39,6 +39,8 @@
 //     AVX2 / AVX-512 vectors (built with GOEXPERIMENT=simd; bit-identical results), the
 //     kernel set chosen once from the CPU (GOMERGE_KERNELS forces one), the magnitude
 //     threshold selection, sign election and disjoint merge, the half conversions
+//   - card (gomerge/gomerge/card): the one model-card writer (Hub metadata, title and
+//     introduction, the sections each command fills, the rank table, the usage snippet) and Version
 //   - errs: typed errors (ErrKind) that the Python layer maps to exception classes
 //   - internal/pool: the float32 scratch buffer pools that they share
 //   - modelfolder: Hugging Face model folders (config, shards and index, validated against

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"gomerge/gomerge/card"
 	"math"
 	"math/rand/v2"
 	"path/filepath"
@@ -710,39 +711,33 @@ func extractCard(opts ExtractOptions, rule linalg.RankRule, res *ExtractResult) 
 	if ftName == "" {
 		ftName = opts.Finetuned
 	}
-	var b strings.Builder
-	fmt.Fprintf(&b, "---\nbase_model: %s\nlibrary_name: peft\ntags:\n- gomerge\n- lora\n- extracted\n---\n\n", yamlString(baseName))
-	fmt.Fprintf(&b, "# %s\n\nA LoRA adapter extracted by [gomerge](https://pypi.org/project/gomerge/) %s from the "+
-		"difference between the fine-tuned model `%s` and its base `%s`: each linear module's update "+
-		"dW = W_ft - W_base (float32) is factorised as B A by a seeded randomized SVD (B = U S, A = V^T; "+
-		"lora_alpha = r, so that the scaling is 1).\n\n", filepath.Base(filepath.Clean(opts.OutputDir)), Version, ftName, baseName)
-	b.WriteString("## Options\n\n")
+	c := &card.Card{
+		BaseModel: baseName, Library: "peft", Tags: []string{"gomerge", "lora", "extracted"},
+		Title: filepath.Base(filepath.Clean(opts.OutputDir)),
+		Intro: fmt.Sprintf("A LoRA adapter extracted by %s %s from the difference between the fine-tuned model `%s` and its "+
+			"base `%s`: each linear module's update dW = W_ft - W_base (float32) is factorised as B A by a seeded randomized "+
+			"SVD (B = U S, A = V^T; lora_alpha = r, so that the scaling is 1).", card.Link, card.Version, ftName, baseName),
+	}
+	o := c.Section("Options")
 	if rule.Fixed > 0 {
-		fmt.Fprintf(&b, "- rank: %d\n", rule.Fixed)
+		o.Printf("- rank: %d\n", rule.Fixed)
 	} else {
-		fmt.Fprintf(&b, "- energy: %g (each module keeps that fraction of ||dW||^2)\n", rule.Energy)
+		o.Printf("- energy: %g (each module keeps that fraction of ||dW||^2)\n", rule.Energy)
 	}
 	if rule.Max > 0 {
-		fmt.Fprintf(&b, "- max_rank: %d\n", rule.Max)
+		o.Printf("- max_rank: %d\n", rule.Max)
 	}
-	fmt.Fprintf(&b, "- dtype: %s\n- seed: %d (the same seed gives the same bytes)\n", res.DType, res.Seed)
+	o.Printf("- dtype: %s\n- seed: %d (the same seed gives the same bytes)\n", res.DType, res.Seed)
 	if len(res.ModulesToSave) > 0 {
-		b.WriteString("\n## Modules saved whole (modules_to_save)\n\n")
-		for _, m := range res.ModulesToSave {
-			fmt.Fprintf(&b, "- `%s`\n", m)
-		}
+		c.Section("Modules saved whole (modules_to_save)").List(res.ModulesToSave)
 	}
 	if len(res.Unchanged) > 0 {
-		b.WriteString("\n## Unchanged linear modules (dW = 0, skipped)\n\n")
-		for _, m := range res.Unchanged {
-			fmt.Fprintf(&b, "- `%s`\n", m)
-		}
+		c.Section("Unchanged linear modules (dW = 0, skipped)").List(res.Unchanged)
 	}
 	for _, w := range res.Warnings {
-		fmt.Fprintf(&b, "\nNote: %s\n", w)
+		c.Section("").Printf("Note: %s\n", w)
 	}
-	writeRankTable(&b, res.Rank, res.ModuleRanks, res.ModuleErrors)
-	fmt.Fprintf(&b, "\n## Usage\n\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"+
-		"base = AutoModelForCausalLM.from_pretrained(%q)\nmodel = PeftModel.from_pretrained(base, %q)\n```\n", baseName, opts.OutputDir)
-	return b.String()
+	c.RankTable(res.Rank, res.ModuleRanks, res.ModuleErrors)
+	c.PeftUsage(baseName, opts.OutputDir)
+	return c.String()
 }
