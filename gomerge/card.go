@@ -2,11 +2,12 @@ package gomerge
 
 import (
 	"fmt"
+	"strings"
+
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/card"
 	"gomerge/gomerge/internal/atomicdir"
 	"gomerge/gomerge/methods"
-	"strings"
 )
 
 // Version is gomerge's version, shared by the engine and the Python package.

@@ -1,16 +1,17 @@
-package gomerge
+package fuse
 
 import (
 	"fmt"
+	"strings"
+
 	"gomerge/gomerge/card"
 	"gomerge/gomerge/methods"
-	"strings"
 )
 
-// FuseCard writes the README.md of a fused model: YAML metadata as the
+// ModelCard writes the README.md of a fused model: YAML metadata as the
 // Hugging Face Hub expects it (base_model, tags), the base, the adapters
 // with their weights, the method, and the tensors that changed.
-func FuseCard(opts *FuseOptions, res *FuseResult) string {
+func ModelCard(opts *Options, res *Result) string {
 	method := "applied as it is"
 	switch {
 	case res.CombinationType != "":

@@ -1,11 +1,10 @@
-package gomerge
+package extract
 
 import (
 	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
-	"gomerge/gomerge/card"
 	"math"
 	"math/rand/v2"
 	"path/filepath"
@@ -15,6 +14,7 @@ import (
 	"time"
 
 	"gomerge/gomerge/adapter"
+	"gomerge/gomerge/card"
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/atomicdir"
 	"gomerge/gomerge/internal/pool"
@@ -25,9 +25,9 @@ import (
 	"gomerge/gomerge/safetensors"
 )
 
-// ExtractOptions are the arguments of Extract: a LoRA adapter extracted
+// Options are the arguments of Extract: a LoRA adapter extracted
 // from the difference between a fine-tuned model and its base.
-type ExtractOptions struct {
+type Options struct {
 	Base      string `json:"base"`      // the base model folder
 	Finetuned string `json:"finetuned"` // the fine-tuned model folder
 	OutputDir string `json:"output_dir"`
@@ -54,8 +54,8 @@ type ExtractOptions struct {
 	FinetunedName string `json:"finetuned_name"`
 }
 
-// ExtractResult describes a finished extraction.
-type ExtractResult struct {
+// Result describes a finished extraction.
+type Result struct {
 	OutputDir string  `json:"output_dir"`
 	Rank      int     `json:"rank"`    // r: the largest module rank
 	Modules   int     `json:"modules"` // LoRA modules written
@@ -107,7 +107,7 @@ type extractOutcome struct {
 	data    [][]byte
 }
 
-func (o *ExtractOptions) validate() (linalg.RankRule, safetensors.DType, error) {
+func (o *Options) validate() (linalg.RankRule, safetensors.DType, error) {
 	if o.Base == "" || o.Finetuned == "" {
 		return linalg.RankRule{}, "", errs.Value("extract: base and finetuned model folders are required")
 	}
@@ -162,7 +162,7 @@ func (o *ExtractOptions) validate() (linalg.RankRule, safetensors.DType, error) 
 // Changed tensors of other modules (norms, embeddings, lm_head) go into
 // modules_to_save when asked. progress may be nil; ctx cancels (nothing is
 // written).
-func Extract(ctx context.Context, opts ExtractOptions, progress *parallel.Progress) (*ExtractResult, error) {
+func Extract(ctx context.Context, opts Options, progress *parallel.Progress) (*Result, error) {
 	start := time.Now()
 	rule, dt, err := opts.validate()
 	if err != nil {
@@ -194,7 +194,7 @@ func Extract(ctx context.Context, opts ExtractOptions, progress *parallel.Progre
 	if err != nil {
 		return nil, err
 	}
-	res := &ExtractResult{
+	res := &Result{
 		OutputDir: opts.OutputDir, DType: dt.TorchName(), Seed: seed, Warnings: []string{},
 		ModuleRanks: map[string]int{}, ModuleErrors: map[string]float64{}, Unchanged: []string{}, ModulesToSave: []string{},
 	}
@@ -314,7 +314,7 @@ func writeTensors(path string, outs []safetensors.OutTensor, data [][]byte) erro
 // planExtraction checks that the two folders hold the same tensors with the
 // same shapes and float dtypes, and groups the tensors into jobs: linear
 // weights to factorise, and the other modules to compare.
-func planExtraction(opts ExtractOptions, base, ft *modelfolder.Folder) ([]extractJob, error) {
+func planExtraction(opts Options, base, ft *modelfolder.Folder) ([]extractJob, error) {
 	for _, name := range base.Names() {
 		if _, ok := ft.Info(name); !ok {
 			return nil, errs.Value("tensor %s is in the base model (%s) but not in the fine-tuned model %s", name, tensorFile(base, name), opts.Finetuned)
@@ -405,7 +405,7 @@ func planExtraction(opts ExtractOptions, base, ft *modelfolder.Folder) ([]extrac
 // runExtractJobs runs the jobs on the workers; each job reads its tensors
 // from both folders, so that memory holds only the modules in progress (and
 // the factors made so far).
-func runExtractJobs(ctx context.Context, opts ExtractOptions, jobs []extractJob, base, ft *modelfolder.Folder, rule linalg.RankRule, dt safetensors.DType, seed uint64, progress *parallel.Progress) ([]extractOutcome, error) {
+func runExtractJobs(ctx context.Context, opts Options, jobs []extractJob, base, ft *modelfolder.Folder, rule linalg.RankRule, dt safetensors.DType, seed uint64, progress *parallel.Progress) ([]extractOutcome, error) {
 	if progress != nil {
 		progress.Total.Store(int64(len(jobs)))
 	}
@@ -562,12 +562,12 @@ func extractLinear(j *extractJob, base, ft *modelfolder.Folder, rule linalg.Rank
 	return o, nil
 }
 
-// ExtractPowerIters is the number of power iterations of extraction's
+// PowerIters is the number of power iterations of extraction's
 // randomized SVD: one more than the merges' RSVDPowerIters, since a
 // fine-tune's dW has a slowly decaying spectrum (on E1's: the error of rank
 // 64 is within 0.13% of the optimal one, against 0.4% with 2, for a third
 // more work).
-const ExtractPowerIters = 3
+const PowerIters = 3
 
 // extractSketch is the first sketch size of the energy rule; it doubles
 // until the kept energy is reached (or the cap).
@@ -587,11 +587,11 @@ func factorizeDense(d []float32, m, n int, total float64, rule linalg.RankRule, 
 	}
 	if rule.Fixed > 0 {
 		k := min(rule.Fixed, capRank)
-		bk, ak, _, r = linalg.RandomizedSVDBy(d, m, n, k, ExtractPowerIters, rng(), func([]float64) int { return k })
+		bk, ak, _, r = linalg.RandomizedSVDBy(d, m, n, k, PowerIters, rng(), func([]float64) int { return k })
 	} else {
 		for k := min(extractSketch, capRank); ; k = min(2*k, capRank) {
 			reached := false
-			bk, ak, _, r = linalg.RandomizedSVDBy(d, m, n, k, ExtractPowerIters, rng(), func(s []float64) int {
+			bk, ak, _, r = linalg.RandomizedSVDBy(d, m, n, k, PowerIters, rng(), func(s []float64) int {
 				kept := 0.0
 				for i, v := range s[:min(k, len(s))] {
 					kept += v * v
@@ -650,7 +650,7 @@ func residual(d []float32, m, n int, bk, ak []float64, r int) float64 {
 }
 
 // extractConfigJSON is the adapter_config.json of an extracted adapter.
-func extractConfigJSON(opts ExtractOptions, base *modelfolder.Folder, res *ExtractResult, targets []string, ranks []int, fanIn bool) ([]byte, error) {
+func extractConfigJSON(opts Options, base *modelfolder.Folder, res *Result, targets []string, ranks []int, fanIn bool) ([]byte, error) {
 	var pattern adapter.Patterns
 	for i, t := range targets {
 		if ranks[i] != res.Rank {
@@ -703,7 +703,7 @@ func extractConfigJSON(opts ExtractOptions, base *modelfolder.Folder, res *Extra
 // extractCard is the README.md of an extracted adapter: the Hub's
 // metadata, the models, the options, each module's rank and relative
 // error, the modules saved whole and those skipped as unchanged.
-func extractCard(opts ExtractOptions, rule linalg.RankRule, res *ExtractResult) string {
+func extractCard(opts Options, rule linalg.RankRule, res *Result) string {
 	baseName, ftName := opts.BaseName, opts.FinetunedName
 	if baseName == "" {
 		baseName = opts.Base
