@@ -22,8 +22,9 @@
 //     tensors to base tensors; W + s B A, DoRA, biases and replacements; writing the model folder
 //     on all cores within a memory budget; its model card)
 //   - extract (gomerge/gomerge/extract): a LoRA adapter extracted from a fine-tuned model folder and
-//     its base (dW = W_ft - W_base per linear module by the randomized SVD, modules_to_save, the
-//     config and the card)
+//     its base, one file per step: plan (the folders compared), run, compare (modules saved whole),
+//     factorize (dW = W_ft - W_base per linear module by the randomized SVD), write (tensors, config
+//     and card)
 //
 // Packages below it, which import nothing from it:
 //
