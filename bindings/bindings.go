@@ -25,6 +25,8 @@ import (
 	"gomerge/gomerge"
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/extract"
+	"gomerge/gomerge/fuse"
 	"gomerge/gomerge/kernels"
 	"gomerge/gomerge/methods"
 	"gomerge/gomerge/parallel"
@@ -109,10 +111,10 @@ func RequestKeys() string {
 		"tensor_source":  jsonKeys(reflect.TypeFor[gomerge.MemSource]()),
 		"result":         jsonKeys(reflect.TypeFor[gomerge.Result]()),
 		"tensor_result":  jsonKeys(reflect.TypeFor[gomerge.MemResult]()),
-		"extract":        jsonKeys(reflect.TypeFor[gomerge.ExtractOptions]()),
-		"extract_result": jsonKeys(reflect.TypeFor[gomerge.ExtractResult]()),
-		"fuse":           jsonKeys(reflect.TypeFor[gomerge.FuseOptions]()),
-		"fuse_result":    jsonKeys(reflect.TypeFor[gomerge.FuseResult]()),
+		"extract":        jsonKeys(reflect.TypeFor[extract.Options]()),
+		"extract_result": jsonKeys(reflect.TypeFor[extract.Result]()),
+		"fuse":           jsonKeys(reflect.TypeFor[fuse.Options]()),
+		"fuse_result":    jsonKeys(reflect.TypeFor[fuse.Result]()),
 	})
 	return string(b)
 }
@@ -234,28 +236,28 @@ func MergeTensorsStart(request string) int64 {
 }
 
 // ExtractStart starts the extraction of a LoRA adapter from a fine-tuned
-// model folder and its base (a gomerge.ExtractOptions in JSON) and returns
+// model folder and its base (a extract.Options in JSON) and returns
 // its job id; JobWait reports it like a merge.
 func ExtractStart(request string) int64 {
 	return startJob(func(ctx context.Context, p *parallel.Progress) (any, error) {
-		var opts gomerge.ExtractOptions
+		var opts extract.Options
 		if err := decodeRequest(request, &opts); err != nil {
 			return nil, err
 		}
-		return gomerge.Extract(ctx, opts, p)
+		return extract.Extract(ctx, opts, p)
 	})
 }
 
 // FuseStart starts a fuse of adapters into their base model (the fields of
-// gomerge.FuseOptions, in JSON) and returns its job id; JobWait reports
+// fuse.Options, in JSON) and returns its job id; JobWait reports
 // its progress (output tensors) and outcome, JobCancel stops it.
 func FuseStart(request string) int64 {
 	return startJob(func(ctx context.Context, p *parallel.Progress) (any, error) {
-		var opts gomerge.FuseOptions
+		var opts fuse.Options
 		if err := decodeRequest(request, &opts); err != nil {
 			return nil, err
 		}
-		return gomerge.Fuse(ctx, opts, p)
+		return fuse.Fuse(ctx, opts, p)
 	})
 }
 

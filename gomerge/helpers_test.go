@@ -1,121 +1,14 @@
 package gomerge
 
-import (
-	"bufio"
-	"encoding/json"
-	"fmt"
-	"math/rand/v2"
-	"os"
-	"path/filepath"
-	"testing"
+import "gomerge/gomerge/internal/testutil"
 
-	stlib "github.com/nlpodyssey/safetensors"
-	"github.com/stretchr/testify/require"
-
-	"gomerge/gomerge/adapter"
-	"gomerge/gomerge/errs"
-	"gomerge/gomerge/linalg"
-	"gomerge/gomerge/safetensors"
+// The shared test helpers (package internal/testutil), under the names the tests use.
+type (
+	testModule = testutil.Module
 )
 
-type testModule struct {
-	a, b  *Tensor
-	embed bool
-	dtype safetensors.DType
-}
-
-func randTensor(rng *rand.Rand, shape ...int) *Tensor {
-	t := &Tensor{Shape: shape, Data: make([]float32, safetensors.Numel(shape))}
-	for i := range t.Data {
-		t.Data[i] = float32(rng.NormFloat64())
-	}
-	return t
-}
-
-// writeTestAdapter writes an adapter directory with the given config keys
-// (merged over a minimal LoRA config) and modules.
-func writeTestAdapter(t testing.TB, dir string, cfg map[string]any, mods map[string]testModule) string {
-	t.Helper()
-	require.NoError(t, os.MkdirAll(dir, 0o755))
-	full := map[string]any{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": []string{"q", "k", "v"}}
-	for k, v := range cfg {
-		full[k] = v
-	}
-	b, err := json.Marshal(full)
-	require.NoError(t, err)
-	require.NoError(t, os.WriteFile(filepath.Join(dir, adapter.ConfigFile), b, 0o644))
-	tensors := map[string]safetensors.RawTensor{}
-	for name, m := range mods {
-		kind := adapter.KindLinear
-		if m.embed {
-			kind = adapter.KindEmbedding
-		}
-		ak, bk := adapter.ModuleKeys(name, kind)
-		dt := m.dtype
-		if dt == "" {
-			dt = safetensors.F32
-		}
-		tensors[ak] = safetensors.RawTensor{DType: dt, Shape: m.a.Shape, Data: safetensors.Encode(dt, m.a.Data)}
-		tensors[bk] = safetensors.RawTensor{DType: dt, Shape: m.b.Shape, Data: safetensors.Encode(dt, m.b.Data)}
-	}
-	require.NoError(t, WriteSafetensors(filepath.Join(dir, adapter.WeightsFile), tensors, map[string]string{"format": "pt"}))
-	return dir
-}
-
-// product returns B @ A (Out x In) in float64 for 2-D views of the factors.
-func product(a, b []float32, out, r, in int) []float64 {
-	p := make([]float64, out*in)
-	for i := 0; i < out; i++ {
-		for k := 0; k < r; k++ {
-			bv := float64(b[i*r+k])
-			for j := 0; j < in; j++ {
-				p[i*in+j] += bv * float64(a[k*in+j])
-			}
-		}
-	}
-	return p
-}
-
-// Tensor is a float32 tensor in row-major order.
-type Tensor struct {
-	Shape []int
-	Data  []float32
-}
-
-// WriteSafetensors writes tensors with the reference library (nlpodyssey/safetensors), so that the tests read
-// files gomerge did not write itself.
-func WriteSafetensors(path string, tensors map[string]safetensors.RawTensor, metadata map[string]string) error {
-	views := make(map[string]stlib.TensorView, len(tensors))
-	rev := map[safetensors.DType]stlib.DType{safetensors.F32: stlib.F32, safetensors.BF16: stlib.BF16, safetensors.F16: stlib.F16}
-	for name, t := range tensors {
-		shape := make([]uint64, len(t.Shape))
-		for i, d := range t.Shape {
-			shape[i] = uint64(d)
-		}
-		v, err := stlib.NewTensorView(rev[t.DType], shape, t.Data)
-		if err != nil {
-			return fmt.Errorf("tensor %s: %w", name, err)
-		}
-		views[name] = v
-	}
-	f, err := os.Create(path)
-	if err != nil {
-		return errs.IO(path, err)
-	}
-	w := bufio.NewWriterSize(f, 1<<20)
-	err = stlib.SerializeToWriter(views, metadata, w)
-	if err == nil {
-		err = w.Flush()
-	}
-	return errs.SyncClose(f, path, err)
-}
-
-// orthonormal is a random rows x cols matrix with orthonormal columns.
-func orthonormal(rng *rand.Rand, rows, cols int) []float64 {
-	x := make([]float64, rows*cols)
-	for i := range x {
-		x[i] = rng.NormFloat64()
-	}
-	q, _, _ := linalg.ThinQR(x, rows, cols)
-	return q
-}
+var (
+	randTensor       = testutil.RandTensor
+	writeTestAdapter = testutil.WriteAdapter
+	product          = testutil.Product
+)

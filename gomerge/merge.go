@@ -71,7 +71,7 @@ func Merge(ctx context.Context, opts Options, progress *parallel.Progress) (*Res
 	}
 	res.DType = outDType.TorchName()
 
-	rank, err := newRank(opts, adapters)
+	rank, err := opts.NewRank(opts.Adapters, adapters)
 	if err != nil {
 		return nil, err
 	}
@@ -84,7 +84,7 @@ func Merge(ctx context.Context, opts Options, progress *parallel.Progress) (*Res
 	if err != nil {
 		return nil, err
 	}
-	jobs, err := planModules(opts, adapters)
+	jobs, err := opts.PlanModules(opts.Adapters, opts.Weights, adapters)
 	if err != nil {
 		return nil, err
 	}

@@ -24,7 +24,7 @@ func writeThree(t *testing.T, root string) []string {
 	mods := func(names ...string) map[string]testModule {
 		m := map[string]testModule{}
 		for _, n := range names {
-			m[n] = testModule{a: randTensor(rng, 4, 6), b: randTensor(rng, 5, 4)}
+			m[n] = testModule{A: randTensor(rng, 4, 6), B: randTensor(rng, 5, 4)}
 		}
 		return m
 	}
@@ -80,8 +80,8 @@ func TestMergeLinearWritesRankPatternForSmallerModules(t *testing.T) {
 	cfg := map[string]any{"r": 4, "rank_pattern": map[string]int{"q": 2}, "target_modules": []string{"q", "v"}}
 	mods := func() map[string]testModule {
 		return map[string]testModule{
-			"m.q": {a: randTensor(rng, 2, 6), b: randTensor(rng, 5, 2)},
-			"m.v": {a: randTensor(rng, 4, 6), b: randTensor(rng, 5, 4)},
+			"m.q": {A: randTensor(rng, 2, 6), B: randTensor(rng, 5, 2)},
+			"m.v": {A: randTensor(rng, 4, 6), B: randTensor(rng, 5, 4)},
 		}
 	}
 	dirs := []string{writeTestAdapter(t, filepath.Join(root, "a"), cfg, mods()), writeTestAdapter(t, filepath.Join(root, "b"), cfg, mods())}
@@ -104,8 +104,8 @@ func TestMergeErrors(t *testing.T) {
 	root := t.TempDir()
 	dirs := writeThree(t, root)
 	rng := rand.New(rand.NewPCG(9, 9))
-	bad := writeTestAdapter(t, filepath.Join(root, "bad"), nil, map[string]testModule{"m.q": {a: randTensor(rng, 4, 7), b: randTensor(rng, 5, 4)}})
-	r8 := writeTestAdapter(t, filepath.Join(root, "r8"), map[string]any{"r": 8}, map[string]testModule{"m.q": {a: randTensor(rng, 8, 6), b: randTensor(rng, 5, 8)}})
+	bad := writeTestAdapter(t, filepath.Join(root, "bad"), nil, map[string]testModule{"m.q": {A: randTensor(rng, 4, 7), B: randTensor(rng, 5, 4)}})
+	r8 := writeTestAdapter(t, filepath.Join(root, "r8"), map[string]any{"r": 8}, map[string]testModule{"m.q": {A: randTensor(rng, 8, 6), B: randTensor(rng, 5, 8)}})
 	existing := filepath.Join(root, "exists")
 	require.NoError(t, os.MkdirAll(existing, 0o755))
 	require.NoError(t, os.WriteFile(filepath.Join(existing, "notes.txt"), []byte("keep me"), 0o644))
@@ -198,7 +198,7 @@ func TestPlanWorkersRefusesWhatCannotFit(t *testing.T) {
 func TestDifferentBaseModelsWarn(t *testing.T) {
 	root := t.TempDir()
 	rng := rand.New(rand.NewPCG(3, 4))
-	mods := map[string]testModule{"m.q": {a: randTensor(rng, 4, 6), b: randTensor(rng, 5, 4)}}
+	mods := map[string]testModule{"m.q": {A: randTensor(rng, 4, 6), B: randTensor(rng, 5, 4)}}
 	dirs := []string{
 		writeTestAdapter(t, filepath.Join(root, "a"), map[string]any{"base_model_name_or_path": "meta/llama-3-8b"}, mods),
 		writeTestAdapter(t, filepath.Join(root, "b"), map[string]any{"base_model_name_or_path": "meta/llama-3-8b"}, mods),
@@ -224,8 +224,8 @@ func TestMergeDellaEndToEnd(t *testing.T) {
 	var dirs []string
 	for i := range 3 {
 		mods := map[string]testModule{
-			"m.layers.0.q": {a: randTensor(rng, r, in), b: randTensor(rng, out, r)},
-			"m.layers.0.v": {a: randTensor(rng, r, in), b: randTensor(rng, out, r)},
+			"m.layers.0.q": {A: randTensor(rng, r, in), B: randTensor(rng, out, r)},
+			"m.layers.0.v": {A: randTensor(rng, r, in), B: randTensor(rng, out, r)},
 		}
 		dirs = append(dirs, writeTestAdapter(t, filepath.Join(dir, "a"+string(rune('0'+i))), nil, mods))
 	}

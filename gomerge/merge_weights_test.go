@@ -42,7 +42,7 @@ func writeLayered(t *testing.T, root string, n int) ([]string, []string) {
 	for i := range n {
 		mods := map[string]testModule{}
 		for _, name := range names {
-			mods[name] = testModule{a: randTensor(rng, 4, 6), b: randTensor(rng, 5, 4)}
+			mods[name] = testModule{A: randTensor(rng, 4, 6), B: randTensor(rng, 5, 4)}
 		}
 		cfg := map[string]any{"target_modules": []string{"q_proj", "up_proj"}, "lora_alpha": 4 * (i + 1)}
 		dirs = append(dirs, writeTestAdapter(t, filepath.Join(root, string(rune('a'+i))), cfg, mods))

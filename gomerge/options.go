@@ -1,8 +1,6 @@
 package gomerge
 
 import (
-	"path/filepath"
-
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/atomicdir"
@@ -53,25 +51,11 @@ func (o *Options) validate() error {
 	if len(o.Adapters) == 0 {
 		return errs.Value("adapters: at least one adapter directory is required")
 	}
-	if len(o.Weights) != len(o.Adapters) {
-		return errs.Value("weights: got %d weights for %d adapters; pass one weight per adapter", len(o.Weights), len(o.Adapters))
-	}
-	// compiled into a copy: the caller's Options may be shared by merges running at once
-	weights := make(adapter.Weights, len(o.Weights))
-	for i, w := range o.Weights {
-		var err error
-		if weights[i], err = w.Compile(i); err != nil {
-			return err
-		}
+	weights, err := adapter.CheckSources(o.Adapters, o.Weights)
+	if err != nil {
+		return err
 	}
 	o.Weights = weights
-	seen := map[string]int{}
-	for i, a := range o.Adapters {
-		if j, ok := seen[filepath.Clean(a)]; ok {
-			return errs.Value("adapters: %s is listed twice (positions %d and %d)", a, j, i)
-		}
-		seen[filepath.Clean(a)] = i
-	}
 	if err := o.Validate(); err != nil {
 		return err
 	}

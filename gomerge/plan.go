@@ -2,70 +2,11 @@ package gomerge
 
 import (
 	"regexp"
-	"slices"
-	"sort"
 
 	"gomerge/gomerge/adapter"
-	"gomerge/gomerge/errs"
 	"gomerge/gomerge/methods"
 	"gomerge/gomerge/safetensors"
 )
-
-// newRank is PEFT's rank of the merged adapter: the method's rank rule.
-func newRank(opts Options, adapters []*adapter.Adapter) (int, error) {
-	ranks := make([]int, len(adapters))
-	for i, a := range adapters {
-		ranks[i] = a.Config.MaxRank()
-	}
-	return opts.AdapterRank(ranks, opts.Adapters)
-}
-
-// planModules pairs every module with the adapters that have it, each with
-// its weight for the module, and checks that their shapes agree.
-func planModules(opts Options, adapters []*adapter.Adapter) ([]methods.ModuleJob, error) {
-	byName := map[string]*methods.ModuleJob{}
-	var names []string
-	first := map[string]int{}
-	var all []string
-	for _, a := range adapters {
-		all = append(all, a.Order...)
-	}
-	layers := adapter.LayerCount(all) // what gradient weights spread over
-	for i, a := range adapters {
-		for _, name := range a.Order {
-			m := a.Modules[name]
-			j := byName[name]
-			if j == nil {
-				j = &methods.ModuleJob{Name: name, Kind: m.Kind, In: m.In(), Out: m.Out(),
-					ATail: m.RawA.Shape[1:], BTail: m.RawB.Shape[2:]}
-				byName[name] = j
-				names = append(names, name)
-				first[name] = i
-			} else {
-				f := adapters[first[name]].Modules[name]
-				if m.Kind != j.Kind || !slices.Equal(m.RawA.Shape[1:], j.ATail) || m.Out() != j.Out || len(m.RawB.Shape) != len(f.RawB.Shape) {
-					return nil, errs.Value("module %s: shapes differ between adapters: %s has lora_A %v / lora_B %v, %s has lora_A %v / lora_B %v",
-						name, opts.Adapters[first[name]], f.RawA.Shape, f.RawB.Shape, opts.Adapters[i], m.RawA.Shape, m.RawB.Shape)
-				}
-				if opts.Method().Rank.Own && m.Rank != f.Rank {
-					return nil, errs.Value("module %s: combination_type %s needs equal ranks, but %s has rank %d and %s has rank %d",
-						name, opts.CombinationType, opts.Adapters[first[name]], f.Rank, opts.Adapters[i], m.Rank)
-				}
-			}
-			w, err := opts.Weights[i].Resolve(i, opts.Adapters[i], name, layers)
-			if err != nil {
-				return nil, err
-			}
-			j.Srcs = append(j.Srcs, methods.Source{Weight: w, Mod: m, Index: i})
-		}
-	}
-	sort.Strings(names)
-	jobs := make([]methods.ModuleJob, len(names))
-	for i, n := range names {
-		jobs[i] = *byName[n]
-	}
-	return jobs, nil
-}
 
 // rankPattern lists, for modules whose rank differs from the adapter's, a
 // pattern matching exactly that module.

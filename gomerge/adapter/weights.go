@@ -4,12 +4,14 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"gomerge/gomerge/errs"
 	"math"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
 	"strings"
+
+	"gomerge/gomerge/errs"
 )
 
 // Weight is one adapter's weight in a merge of adapter directories: one
@@ -371,4 +373,29 @@ func gradientAt(g []float64, layer, layers int) float64 {
 	i1 := min(len(g)-1, i0+1)
 	frac := scaled - float64(i0)
 	return (1-frac)*g[i0] + frac*g[i1]
+}
+
+// CheckSources checks the adapters of a merge and their weights: one weight
+// per adapter, each compiled (into a copy: the caller's weights may be
+// shared by merges running at once), and no adapter listed twice. It
+// returns the compiled weights.
+func CheckSources(adapters []string, weights Weights) (Weights, error) {
+	if len(weights) != len(adapters) {
+		return nil, errs.Value("weights: got %d weights for %d adapters; pass one weight per adapter", len(weights), len(adapters))
+	}
+	compiled := make(Weights, len(weights))
+	for i, w := range weights {
+		var err error
+		if compiled[i], err = w.Compile(i); err != nil {
+			return nil, err
+		}
+	}
+	seen := map[string]int{}
+	for i, a := range adapters {
+		if j, ok := seen[filepath.Clean(a)]; ok {
+			return nil, errs.Value("adapters: %s is listed twice (positions %d and %d)", a, j, i)
+		}
+		seen[filepath.Clean(a)] = i
+	}
+	return compiled, nil
 }

@@ -144,8 +144,8 @@ func TestDellaRowOnAdapterDirectories(t *testing.T) {
 	var srcMods []map[string]testModule
 	for i := range 3 {
 		mods := map[string]testModule{
-			"m.layers.0.q": {a: randTensor(rng, r, in), b: randTensor(rng, out, r)},
-			"m.layers.0.v": {a: randTensor(rng, r, in), b: randTensor(rng, out, r)},
+			"m.layers.0.q": {A: randTensor(rng, r, in), B: randTensor(rng, out, r)},
+			"m.layers.0.v": {A: randTensor(rng, r, in), B: randTensor(rng, out, r)},
 		}
 		srcMods = append(srcMods, mods)
 		dirs = append(dirs, writeTestAdapter(t, filepath.Join(dir, "a"+string(rune('0'+i))), nil, mods))
@@ -165,7 +165,7 @@ func TestDellaRowOnAdapterDirectories(t *testing.T) {
 		dws := make([][]float32, 3)
 		for i, mods := range srcMods {
 			m := mods[mod]
-			dws[i] = linalg.DenseDelta(m.a.Data, m.b.Data, out, r, in, 2) // alpha 8 / r 4: gomerge's own dW bits
+			dws[i] = linalg.DenseDelta(m.A.Data, m.B.Data, out, r, in, 2) // alpha 8 / r 4: gomerge's own dW bits
 			dws[i] = dellaBySort(dws[i], out, in, 1, density, DefaultEpsilon, true, dellaSource(seed, mod, i))
 		}
 		want := gtaReference(dws, []float32{1, 0.5, -0.3}, true, true, 1)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU matrix of `make test` (target test-cpus): the Go tests (packages gomerge, gomerge/safetensors and
+# The CPU matrix of `make test` (target test-cpus): the Go tests (the packages of GO_PACKAGES below, ending with
 # gomerge/kernels) and the built-in example through the Python extension, on every CPU level this machine runs or
 # emulates with Debian's qemu-user:
 #   native           this machine's CPU (its kernel set read from /proc/cpuinfo's flags)
@@ -26,7 +26,7 @@ if [[ $(uname -m) == x86_64 ]]; then
 fi
 
 # the test binaries of the packages whose results depend on the kernels, for amd64 and arm64; the kernels' own last
-GO_PACKAGES=(gomerge gomerge/methods gomerge/linalg gomerge/safetensors gomerge/kernels)
+GO_PACKAGES=(gomerge gomerge/methods gomerge/fuse gomerge/extract gomerge/linalg gomerge/safetensors gomerge/kernels)
 for dir in "${GO_PACKAGES[@]}"; do
 	GOEXPERIMENT=simd "$GO" test -c -o "$BIN/${dir##*/}-amd64.test" "./$dir"
 	CGO_ENABLED=0 GOARCH=arm64 GOEXPERIMENT=simd "$GO" test -c -o "$BIN/${dir##*/}-arm64.test" "./$dir"

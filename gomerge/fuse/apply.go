@@ -1,4 +1,4 @@
-package gomerge
+package fuse
 
 import (
 	"context"

@@ -1,4 +1,4 @@
-package gomerge
+package fuse
 
 import (
 	"context"
@@ -14,9 +14,9 @@ import (
 	"gomerge/gomerge/safetensors"
 )
 
-// FuseOptions are the arguments of a fuse: LoRA adapters folded into the
+// Options are the arguments of a fuse: LoRA adapters folded into the
 // weights of their base model, written as a new model folder.
-type FuseOptions struct {
+type Options struct {
 	Base     string   `json:"base"`     // the base model folder
 	Adapters []string `json:"adapters"` // PEFT adapter directories
 	// Weights has one weight per adapter (1 when empty): a number, or
@@ -39,8 +39,8 @@ type FuseOptions struct {
 	oneAdapterMethod string // a combination_type given for one adapter, which nothing merges
 }
 
-// FuseChange is one tensor of the output that differs from the base.
-type FuseChange struct {
+// Change is one tensor of the output that differs from the base.
+type Change struct {
 	Tensor   string   `json:"tensor"`
 	Shape    []int    `json:"shape"`
 	DType    string   `json:"dtype"`
@@ -48,25 +48,25 @@ type FuseChange struct {
 	Adapters []string `json:"adapters"` // the adapters it comes from
 }
 
-// FuseResult describes a fuse (or, with DryRun, what it would do).
-type FuseResult struct {
-	OutputDir       string       `json:"output_dir"`
-	Base            string       `json:"base"`
-	Adapters        []string     `json:"adapters"`
-	CombinationType string       `json:"combination_type"` // "" for one adapter or a stack
-	Stack           bool         `json:"stack"`
-	Tensors         int          `json:"tensors"`
-	Changed         []FuseChange `json:"changed"`
-	Shards          []string     `json:"shards"`
-	TotalSize       int64        `json:"total_size"`
-	Untied          bool         `json:"untied"` // tie_word_embeddings was set to false
-	DryRun          bool         `json:"dry_run"`
-	Seconds         float64      `json:"seconds"`
-	Warnings        []string     `json:"warnings"`
+// Result describes a fuse (or, with DryRun, what it would do).
+type Result struct {
+	OutputDir       string   `json:"output_dir"`
+	Base            string   `json:"base"`
+	Adapters        []string `json:"adapters"`
+	CombinationType string   `json:"combination_type"` // "" for one adapter or a stack
+	Stack           bool     `json:"stack"`
+	Tensors         int      `json:"tensors"`
+	Changed         []Change `json:"changed"`
+	Shards          []string `json:"shards"`
+	TotalSize       int64    `json:"total_size"`
+	Untied          bool     `json:"untied"` // tie_word_embeddings was set to false
+	DryRun          bool     `json:"dry_run"`
+	Seconds         float64  `json:"seconds"`
+	Warnings        []string `json:"warnings"`
 }
 
 // validate checks the options before any file is read.
-func (o *FuseOptions) validate() error {
+func (o *Options) validate() error {
 	if o.Base == "" {
 		return errs.Value("base: a base model folder is required")
 	}
@@ -118,7 +118,7 @@ func (o *FuseOptions) validate() error {
 // the output dtype, and writes the model folder atomically. It streams: a
 // worker holds one base tensor and its factors at a time. progress counts
 // output tensors; ctx cancels (nothing is left behind).
-func Fuse(ctx context.Context, opts FuseOptions, progress *parallel.Progress) (*FuseResult, error) {
+func Fuse(ctx context.Context, opts Options, progress *parallel.Progress) (*Result, error) {
 	start := time.Now()
 	if err := opts.validate(); err != nil {
 		return nil, err
@@ -169,23 +169,23 @@ func Fuse(ctx context.Context, opts FuseOptions, progress *parallel.Progress) (*
 }
 
 // sourceName is how the user named adapter i.
-func (o *FuseOptions) sourceName(i int) string {
+func (o *Options) sourceName(i int) string {
 	if len(o.SourceNames) == len(o.Adapters) {
 		return o.SourceNames[i]
 	}
 	return o.Adapters[i]
 }
 
-func (o *FuseOptions) baseName() string {
+func (o *Options) baseName() string {
 	if o.BaseName != "" {
 		return o.BaseName
 	}
 	return o.Base
 }
 
-func (p *fusePlan) result(opts *FuseOptions) *FuseResult {
-	res := &FuseResult{OutputDir: opts.OutputDir, Base: opts.baseName(), Stack: opts.Stack, DryRun: opts.DryRun,
-		Tensors: len(p.tensors), Changed: []FuseChange{}, Untied: p.untie, TotalSize: p.totalSize,
+func (p *fusePlan) result(opts *Options) *Result {
+	res := &Result{OutputDir: opts.OutputDir, Base: opts.baseName(), Stack: opts.Stack, DryRun: opts.DryRun,
+		Tensors: len(p.tensors), Changed: []Change{}, Untied: p.untie, TotalSize: p.totalSize,
 		Warnings: append([]string{}, p.warnings...)}
 	for i := range opts.Adapters {
 		res.Adapters = append(res.Adapters, opts.sourceName(i))
@@ -200,7 +200,7 @@ func (p *fusePlan) result(opts *FuseOptions) *FuseResult {
 		if len(t.ops) == 0 && t.name == t.src {
 			continue
 		}
-		c := FuseChange{Tensor: t.name, Shape: t.shape, DType: t.dtypeName(), Ops: []string{}, Adapters: []string{}}
+		c := Change{Tensor: t.name, Shape: t.shape, DType: t.dtypeName(), Ops: []string{}, Adapters: []string{}}
 		if t.name != t.src {
 			c.Ops = append(c.Ops, "copy of "+t.src)
 		}

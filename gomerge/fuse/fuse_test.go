@@ -1,4 +1,4 @@
-package gomerge
+package fuse
 
 import (
 	"context"
@@ -192,17 +192,17 @@ func TestFuse(t *testing.T) {
 	root := t.TempDir()
 	tied := writeTestBase(t, filepath.Join(root, "tied"), `{"tie_word_embeddings": true}`, safetensors.BF16, tensors)
 	mods := map[string]testModule{
-		"model.q":            {a: randTensor(rng, r, d), b: randTensor(rng, d, r)},
-		"model.embed_tokens": {a: randTensor(rng, r, v), b: randTensor(rng, d, r), embed: true},
+		"model.q":            {A: randTensor(rng, r, d), B: randTensor(rng, d, r)},
+		"model.embed_tokens": {A: randTensor(rng, r, v), B: randTensor(rng, d, r), Embed: true},
 	}
 	ad := writeTestAdapter(t, filepath.Join(root, "a"), map[string]any{"r": r, "lora_alpha": 4,
 		"target_modules": []string{"q", "embed_tokens"}}, mods)
-	up := testModule{a: randTensor(rng, r, d), b: randTensor(rng, 16, r)}
+	up := testModule{A: randTensor(rng, r, d), B: randTensor(rng, 16, r)}
 	fifo := writeTestAdapter(t, filepath.Join(root, "fifo"), map[string]any{"r": r, "lora_alpha": 2, "fan_in_fan_out": true,
 		"target_modules": []string{"up"}}, map[string]testModule{"model.up": up})
 
 	out := filepath.Join(root, "out")
-	res, err := Fuse(context.Background(), FuseOptions{Base: tied, Adapters: []string{ad, fifo}, Stack: true, OutputDir: out}, nil)
+	res, err := Fuse(context.Background(), Options{Base: tied, Adapters: []string{ad, fifo}, Stack: true, OutputDir: out}, nil)
 	require.NoError(t, err)
 	assert.True(t, res.Untied)
 	got, base := readFolder(t, out), readFolder(t, tied)
@@ -223,10 +223,10 @@ func TestFuse(t *testing.T) {
 		}
 		return want
 	}
-	assert.Equal(t, exact(base["model.q.weight"], mods["model.q"].a, mods["model.q"].b, 2, d, d, false), got["model.q.weight"])
-	assert.Equal(t, exact(base["model.embed_tokens.weight"], mods["model.embed_tokens"].a, mods["model.embed_tokens"].b, 2, v, d, true),
+	assert.Equal(t, exact(base["model.q.weight"], mods["model.q"].A, mods["model.q"].B, 2, d, d, false), got["model.q.weight"])
+	assert.Equal(t, exact(base["model.embed_tokens.weight"], mods["model.embed_tokens"].A, mods["model.embed_tokens"].B, 2, v, d, true),
 		got["model.embed_tokens.weight"])
-	assert.Equal(t, exact(base["model.up.weight"], up.a, up.b, 1, d, 16, true), got["model.up.weight"])
+	assert.Equal(t, exact(base["model.up.weight"], up.A, up.B, 1, d, 16, true), got["model.up.weight"])
 	assert.Equal(t, base["model.embed_tokens.weight"], got["lm_head.weight"], "lm_head keeps the base matrix")
 	assert.Equal(t, base["model.norm.weight"], got["model.norm.weight"])
 	cfg, err := os.ReadFile(filepath.Join(out, "config.json"))
@@ -237,18 +237,18 @@ func TestFuse(t *testing.T) {
 
 	errCases := []struct {
 		name string
-		opts FuseOptions
+		opts Options
 		kind errs.ErrKind
 		want string
 	}{
-		{"exists", FuseOptions{Base: tied, Adapters: []string{ad}, OutputDir: out}, errs.KindFileExists, "already exists"},
-		{"no base", FuseOptions{Base: filepath.Join(root, "nope"), Adapters: []string{ad}, OutputDir: filepath.Join(root, "o1")}, errs.KindFileNotFound, "nope"},
-		{"weights", FuseOptions{Base: tied, Adapters: []string{ad}, Weights: adapter.ScalarWeights(1, 2), OutputDir: filepath.Join(root, "o2")}, errs.KindValue, "weights"},
-		{"fifo shape", FuseOptions{Base: writeTestBase(t, filepath.Join(root, "b2"), `{}`, safetensors.F32, map[string]*Tensor{
+		{"exists", Options{Base: tied, Adapters: []string{ad}, OutputDir: out}, errs.KindFileExists, "already exists"},
+		{"no base", Options{Base: filepath.Join(root, "nope"), Adapters: []string{ad}, OutputDir: filepath.Join(root, "o1")}, errs.KindFileNotFound, "nope"},
+		{"weights", Options{Base: tied, Adapters: []string{ad}, Weights: adapter.ScalarWeights(1, 2), OutputDir: filepath.Join(root, "o2")}, errs.KindValue, "weights"},
+		{"fifo shape", Options{Base: writeTestBase(t, filepath.Join(root, "b2"), `{}`, safetensors.F32, map[string]*Tensor{
 			"model.up.weight": randTensor(rng, 16, d)}), Adapters: []string{fifo}, OutputDir: filepath.Join(root, "o3")}, errs.KindValue, "fan_in_fan_out"},
-		{"no base tensor", FuseOptions{Base: writeTestBase(t, filepath.Join(root, "b3"), `{}`, safetensors.F32, map[string]*Tensor{
+		{"no base tensor", Options{Base: writeTestBase(t, filepath.Join(root, "b3"), `{}`, safetensors.F32, map[string]*Tensor{
 			"model.q.weight": randTensor(rng, d, d)}), Adapters: []string{ad}, OutputDir: filepath.Join(root, "o4")}, errs.KindValue, "model.embed_tokens"},
-		{"dora merged", FuseOptions{Base: tied, Adapters: []string{ad, writeDoraAdapter(t, filepath.Join(root, "dora"), rng)},
+		{"dora merged", Options{Base: tied, Adapters: []string{ad, writeDoraAdapter(t, filepath.Join(root, "dora"), rng)},
 			OutputDir: filepath.Join(root, "o5")}, errs.KindValue, "DoRA"},
 	}
 	for _, c := range errCases {
@@ -262,7 +262,7 @@ func TestFuse(t *testing.T) {
 			}
 		})
 	}
-	dry, err := Fuse(context.Background(), FuseOptions{Base: tied, Adapters: []string{ad}, DryRun: true, OutputDir: filepath.Join(root, "dry")}, nil)
+	dry, err := Fuse(context.Background(), Options{Base: tied, Adapters: []string{ad}, DryRun: true, OutputDir: filepath.Join(root, "dry")}, nil)
 	require.NoError(t, err)
 	assert.Len(t, dry.Changed, 3) // q, the embedding and the untied lm_head
 	assert.NoDirExists(t, filepath.Join(root, "dry"))
@@ -275,7 +275,7 @@ func TestFuse(t *testing.T) {
 // writeDoraAdapter writes a DoRA adapter on model.q (magnitude vector included).
 func writeDoraAdapter(t *testing.T, dir string, rng *rand.Rand) string {
 	writeTestAdapter(t, dir, map[string]any{"r": 2, "lora_alpha": 4, "use_dora": true, "target_modules": []string{"q"}},
-		map[string]testModule{"model.q": {a: randTensor(rng, 2, 8), b: randTensor(rng, 8, 2)}})
+		map[string]testModule{"model.q": {A: randTensor(rng, 2, 8), B: randTensor(rng, 8, 2)}})
 	path := filepath.Join(dir, adapter.WeightsFile)
 	st, err := safetensors.Open(path)
 	require.NoError(t, err)

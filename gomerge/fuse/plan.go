@@ -1,4 +1,4 @@
-package gomerge
+package fuse
 
 import (
 	"fmt"
@@ -8,6 +8,7 @@ import (
 
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/internal/atomicdir"
 	"gomerge/gomerge/methods"
 	"gomerge/gomerge/modelfolder"
 	"gomerge/gomerge/safetensors"
@@ -99,7 +100,7 @@ func tiedEmbedding(base *modelfolder.Folder) (string, error) {
 // planFuse maps every adapter tensor to the base tensor it changes,
 // checks shapes and dtypes, and lays out the output. Nothing is read but
 // headers; any error comes before anything is written.
-func planFuse(opts *FuseOptions, base *modelfolder.Folder, adapters []*adapter.Adapter) (*fusePlan, error) {
+func planFuse(opts *Options, base *modelfolder.Folder, adapters []*adapter.Adapter) (*fusePlan, error) {
 	p := &fusePlan{byName: map[string]*fuseTensor{}, indexed: base.Sharded()}
 	var outDType safetensors.DType
 	if opts.DType != "" {
@@ -255,7 +256,7 @@ func (p *fusePlan) untieLMHead(emb string) *fuseTensor {
 // Linear (out x in, or in x out with fan_in_fan_out), a Conv (out, in,
 // kh, kw) or an Embedding (num_embeddings x dim), and a LoRA bias or a
 // DoRA magnitude must fit the layer.
-func (p *fusePlan) addModule(opts *FuseOptions, i int, a *adapter.Adapter, m *adapter.Module, w float64, job *methods.ModuleJob,
+func (p *fusePlan) addModule(opts *Options, i int, a *adapter.Adapter, m *adapter.Module, w float64, job *methods.ModuleJob,
 	target func(int, string, string) (*fuseTensor, error), base *modelfolder.Folder) error {
 	aKey, _ := m.Keys()
 	if m.RawA.Shape == nil || m.RawB.Shape == nil {
@@ -331,21 +332,29 @@ func (p *fusePlan) addModule(opts *FuseOptions, i int, a *adapter.Adapter, m *ad
 // planMergedJobs pairs the modules of several adapters for a merge before
 // fusing, with the merge's own validation (equal ranks for the factor-wise
 // methods, shapes that agree, weights).
-func (p *fusePlan) planMergedJobs(opts *FuseOptions, adapters []*adapter.Adapter) (map[string]*methods.ModuleJob, error) {
-	mo := opts.mergeOptions()
-	if err := mo.validate(); err != nil {
-		return nil, err
-	}
-	p.warnings = append(p.warnings, mo.PrepareRandomness()...)
-	rank, err := newRank(mo, adapters)
+func (p *fusePlan) planMergedJobs(opts *Options, adapters []*adapter.Adapter) (map[string]*methods.ModuleJob, error) {
+	c := opts.Combine // a copy: the seed drawn below is this fuse's own
+	weights, err := adapter.CheckSources(opts.Adapters, opts.Weights)
 	if err != nil {
 		return nil, err
 	}
-	jobs, err := planModules(mo, adapters)
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	// the merge's own rule, as when the merge validated its options: no adapter at <output_dir>.merge
+	if err := atomicdir.CheckApart(opts.OutputDir+".merge", opts.Adapters, "input adapter"); err != nil {
+		return nil, err
+	}
+	p.warnings = append(p.warnings, c.PrepareRandomness()...)
+	rank, err := c.NewRank(opts.Adapters, adapters)
 	if err != nil {
 		return nil, err
 	}
-	p.mergeOpts, p.rank = mo.Combine, rank
+	jobs, err := c.PlanModules(opts.Adapters, weights, adapters)
+	if err != nil {
+		return nil, err
+	}
+	p.mergeOpts, p.rank = c, rank
 	out := make(map[string]*methods.ModuleJob, len(jobs))
 	for i := range jobs {
 		out[jobs[i].Name] = &jobs[i]
@@ -353,15 +362,9 @@ func (p *fusePlan) planMergedJobs(opts *FuseOptions, adapters []*adapter.Adapter
 	return out, nil
 }
 
-// mergeOptions are the options of the merge that runs before a fuse of
-// several adapters.
-func (o *FuseOptions) mergeOptions() Options {
-	return Options{Adapters: o.Adapters, Weights: o.Weights, Combine: o.Combine, OutputDir: o.OutputDir + ".merge", AllowNonFinite: false}
-}
-
 // layout places the output tensors into shards: the base's layout (an
 // untied lm_head goes with its embedding), or a new split at max_shard_size.
-func (p *fusePlan) layout(opts *FuseOptions, base *modelfolder.Folder) error {
+func (p *fusePlan) layout(opts *Options, base *modelfolder.Folder) error {
 	var order []string
 	for _, s := range base.Shards() {
 		var names []string

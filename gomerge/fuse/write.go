@@ -1,4 +1,4 @@
-package gomerge
+package fuse
 
 import (
 	"context"
@@ -25,7 +25,7 @@ const fuseDelayEnv = "GOMERGE_TEST_FUSE_DELAY_MS"
 // then the tensors on all cores (one tensor per worker at a time, each
 // written at its place as soon as it is done), then the index, config,
 // copied files and model card, and finally the rename into place.
-func writeFused(ctx context.Context, opts *FuseOptions, p *fusePlan, base *modelfolder.Folder, progress *parallel.Progress) error {
+func writeFused(ctx context.Context, opts *Options, p *fusePlan, base *modelfolder.Folder, progress *parallel.Progress) error {
 	out, err := modelfolder.Create(opts.OutputDir, opts.Overwrite)
 	if err != nil {
 		return err
@@ -100,7 +100,7 @@ func writeFused(ctx context.Context, opts *FuseOptions, p *fusePlan, base *model
 	if err := out.CopyFiles(base, skip...); err != nil {
 		return err
 	}
-	if err := out.WriteFile("README.md", []byte(FuseCard(opts, p.result(opts)))); err != nil {
+	if err := out.WriteFile("README.md", []byte(ModelCard(opts, p.result(opts)))); err != nil {
 		return err
 	}
 	if ctx.Err() != nil {
@@ -115,7 +115,7 @@ func writeFused(ctx context.Context, opts *FuseOptions, p *fusePlan, base *model
 
 // fuseTensors computes and writes every output tensor on opts.Workers
 // goroutines (all cores by default); the first error stops them all.
-func fuseTensors(ctx context.Context, opts *FuseOptions, p *fusePlan, base *modelfolder.Folder,
+func fuseTensors(ctx context.Context, opts *Options, p *fusePlan, base *modelfolder.Folder,
 	writerOf map[string]*safetensors.Writer, progress *parallel.Progress) error {
 	delay := time.Duration(0)
 	if ms, err := strconv.Atoi(os.Getenv(fuseDelayEnv)); err == nil && ms > 0 {

@@ -1,4 +1,4 @@
-package gomerge
+package extract
 
 import (
 	"context"
@@ -156,7 +156,7 @@ func TestExtract(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			p := makeExtractPair(t, tc.noise)
 			out := filepath.Join(t.TempDir(), "adapter")
-			opts := ExtractOptions{Base: p.base, Finetuned: p.ft, OutputDir: out, Rank: &tc.rank}
+			opts := Options{Base: p.base, Finetuned: p.ft, OutputDir: out, Rank: &tc.rank}
 			if tc.maxRank > 0 {
 				opts.MaxRank = &tc.maxRank
 			}
@@ -222,22 +222,22 @@ func TestExtract(t *testing.T) {
 func TestExtractModulesToSave(t *testing.T) {
 	tests := []struct {
 		name     string
-		opts     func(*ExtractOptions)
+		opts     func(*Options)
 		wantSave []string
 		warnings int
 	}{
-		{name: "changed modules", opts: func(o *ExtractOptions) { o.SaveChanged = true }, wantSave: []string{"model.norm"}},
-		{name: "named by last part", opts: func(o *ExtractOptions) { o.SaveModules = []string{"norm"} }, wantSave: []string{"model.norm"}},
-		{name: "named, unchanged", opts: func(o *ExtractOptions) { o.SaveModules = []string{"embed_tokens"} },
+		{name: "changed modules", opts: func(o *Options) { o.SaveChanged = true }, wantSave: []string{"model.norm"}},
+		{name: "named by last part", opts: func(o *Options) { o.SaveModules = []string{"norm"} }, wantSave: []string{"model.norm"}},
+		{name: "named, unchanged", opts: func(o *Options) { o.SaveModules = []string{"embed_tokens"} },
 			wantSave: []string{"model.embed_tokens"}, warnings: 1},
-		{name: "a linear module named", opts: func(o *ExtractOptions) { o.SaveModules = []string{"model.layers.0.self_attn.q_proj"} },
+		{name: "a linear module named", opts: func(o *Options) { o.SaveModules = []string{"model.layers.0.self_attn.q_proj"} },
 			wantSave: []string{"model.layers.0.self_attn.q_proj"}, warnings: 1},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			p := makeExtractPair(t, 0)
 			out := filepath.Join(t.TempDir(), "adapter")
-			opts := ExtractOptions{Base: p.base, Finetuned: p.ft, OutputDir: out, Rank: &linalg.RankSpec{Fixed: 6}}
+			opts := Options{Base: p.base, Finetuned: p.ft, OutputDir: out, Rank: &linalg.RankSpec{Fixed: 6}}
 			tc.opts(&opts)
 			res, err := Extract(context.Background(), opts, nil)
 			require.NoError(t, err)
@@ -274,7 +274,7 @@ func TestExtractIsDeterministic(t *testing.T) {
 	for _, workers := range []int{1, 2, 1} {
 		out := filepath.Join(t.TempDir(), "adapter")
 		seed := uint64(5)
-		_, err := Extract(context.Background(), ExtractOptions{Base: p.base, Finetuned: p.ft, OutputDir: out,
+		_, err := Extract(context.Background(), Options{Base: p.base, Finetuned: p.ft, OutputDir: out,
 			Rank: &linalg.RankSpec{Fixed: 4}, Workers: workers, Seed: &seed}, nil)
 		require.NoError(t, err)
 		b, err := os.ReadFile(filepath.Join(out, adapter.WeightsFile))
@@ -293,7 +293,7 @@ func TestExtractErrors(t *testing.T) {
 		name string
 		base map[string]*Tensor
 		ft   map[string]*Tensor
-		opts func(*ExtractOptions)
+		opts func(*Options)
 		kind errs.ErrKind
 		msg  string
 	}{
@@ -306,22 +306,22 @@ func TestExtractErrors(t *testing.T) {
 		{name: "nothing changed", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w},
 			kind: errs.KindValue, msg: "no linear module"},
 		{name: "rank 0", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
-			opts: func(o *ExtractOptions) { o.Rank = &linalg.RankSpec{} }, kind: errs.KindValue, msg: "rank: 0"},
+			opts: func(o *Options) { o.Rank = &linalg.RankSpec{} }, kind: errs.KindValue, msg: "rank: 0"},
 		{name: "no rank", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
-			opts: func(o *ExtractOptions) { o.Rank = nil }, kind: errs.KindValue, msg: "give a rank"},
+			opts: func(o *Options) { o.Rank = nil }, kind: errs.KindValue, msg: "give a rank"},
 		{name: "save module that does not exist", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
-			opts: func(o *ExtractOptions) { o.SaveModules = []string{"lm_head"} }, kind: errs.KindValue, msg: `"lm_head" names no module`},
+			opts: func(o *Options) { o.SaveModules = []string{"lm_head"} }, kind: errs.KindValue, msg: `"lm_head" names no module`},
 		{name: "output is an input", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
-			opts: func(o *ExtractOptions) { o.OutputDir = o.Base }, kind: errs.KindValue, msg: "is also an input"},
+			opts: func(o *Options) { o.OutputDir = o.Base }, kind: errs.KindValue, msg: "is also an input"},
 		{name: "output exists", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
-			opts: func(o *ExtractOptions) { require.NoError(t, os.MkdirAll(o.OutputDir, 0o755)) }, kind: errs.KindFileExists, msg: "already exists"},
+			opts: func(o *Options) { require.NoError(t, os.MkdirAll(o.OutputDir, 0o755)) }, kind: errs.KindFileExists, msg: "already exists"},
 		{name: "missing folder", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
-			opts: func(o *ExtractOptions) { o.Finetuned += "-missing" }, kind: errs.KindFileNotFound, msg: "does not exist"},
+			opts: func(o *Options) { o.Finetuned += "-missing" }, kind: errs.KindFileNotFound, msg: "does not exist"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			opts := ExtractOptions{Base: writeModel(t, filepath.Join(dir, "base"), tc.base), Finetuned: writeModel(t, filepath.Join(dir, "ft"), tc.ft),
+			opts := Options{Base: writeModel(t, filepath.Join(dir, "base"), tc.base), Finetuned: writeModel(t, filepath.Join(dir, "ft"), tc.ft),
 				OutputDir: filepath.Join(dir, "out"), Rank: &linalg.RankSpec{Fixed: 2}}
 			if tc.opts != nil {
 				tc.opts(&opts)
@@ -350,7 +350,7 @@ func TestExtractRefusesIntegerTensors(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, stlib.SerializeToWriter(map[string]stlib.TensorView{"l.q_proj.weight": v}, nil, f))
 	require.NoError(t, f.Close())
-	_, err = Extract(context.Background(), ExtractOptions{Base: base, Finetuned: ft, OutputDir: filepath.Join(dir, "out"), Rank: &linalg.RankSpec{Fixed: 2}}, nil)
+	_, err = Extract(context.Background(), Options{Base: base, Finetuned: ft, OutputDir: filepath.Join(dir, "out"), Rank: &linalg.RankSpec{Fixed: 2}}, nil)
 	require.Error(t, err)
 	assert.Equal(t, errs.KindValue, errs.KindOf(err))
 	assert.Contains(t, err.Error(), "tensor l.q_proj.weight in "+filepath.Join(ft, "model.safetensors")+" has dtype I64")
@@ -427,7 +427,7 @@ func TestFactorizeDenseSketched(t *testing.T) {
 				}
 			}
 			l := k + linalg.RSVDOversample
-			assert.Equal(t, tc.sketched, min(m, n) > (2*ExtractPowerIters+2)*l, "the case takes the path it is named for")
+			assert.Equal(t, tc.sketched, min(m, n) > (2*PowerIters+2)*l, "the case takes the path it is named for")
 			assert.Equal(t, tc.wantRank, r)
 			ba := product(methods.ToFloat32(ak), methods.ToFloat32(bk), m, r, n)
 			errSq := 0.0
@@ -452,7 +452,7 @@ func TestExtractChangedBiasOfALinearModule(t *testing.T) {
 	w2, b2 := randTensor(rng, 8, 6), randTensor(rng, 8)
 	base := writeModel(t, filepath.Join(dir, "base"), map[string]*Tensor{"l.q_proj.weight": w, "l.q_proj.bias": b})
 	ft := writeModel(t, filepath.Join(dir, "ft"), map[string]*Tensor{"l.q_proj.weight": w2, "l.q_proj.bias": b2})
-	res, err := Extract(context.Background(), ExtractOptions{Base: base, Finetuned: ft, OutputDir: filepath.Join(dir, "out"),
+	res, err := Extract(context.Background(), Options{Base: base, Finetuned: ft, OutputDir: filepath.Join(dir, "out"),
 		Rank: &linalg.RankSpec{Fixed: 2}, SaveChanged: true}, nil)
 	require.NoError(t, err)
 	assert.Empty(t, res.ModulesToSave)
@@ -467,7 +467,7 @@ func TestExtractCancelled(t *testing.T) {
 	out := filepath.Join(t.TempDir(), "adapter")
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	_, err := Extract(ctx, ExtractOptions{Base: p.base, Finetuned: p.ft, OutputDir: out, Rank: &linalg.RankSpec{Fixed: 4}}, nil)
+	_, err := Extract(ctx, Options{Base: p.base, Finetuned: p.ft, OutputDir: out, Rank: &linalg.RankSpec{Fixed: 4}}, nil)
 	assert.Equal(t, errs.KindCancelled, errs.KindOf(err))
 	entries, _ := os.ReadDir(filepath.Dir(out))
 	assert.Empty(t, entries)

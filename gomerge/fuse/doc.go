@@ -1,0 +1,17 @@
+// Package fuse folds LoRA adapters into the weights of their base model, as
+// PEFT's merge_and_unload does, streaming over a Hugging Face model folder:
+//
+//   - fuse.go: the options, the result and Fuse
+//   - plan.go: mapping each adapter tensor to the base tensor it changes
+//     (LoRA factors, DoRA magnitudes, biases, modules_to_save replacements,
+//     tied embeddings), and the merge that runs first when several adapters
+//     are combined by a method (methods.Combine)
+//   - apply.go: W' = W + s B A in float32, DoRA's norm scaling, biases and
+//     replacements, one rounding to each tensor's dtype
+//   - write.go: the output model folder, written on all cores within a
+//     memory budget and committed atomically
+//   - card.go: the fused model's card (package card)
+//
+// It imports the packages below the commands (methods, adapter,
+// modelfolder, safetensors, ...), never gomerge itself.
+package fuse
