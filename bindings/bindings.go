@@ -208,6 +208,24 @@ func ValidateCombination(request string) (out string) {
 	return "{}"
 }
 
+// CheckWeight checks the JSON weight of adapter index (any form a merge
+// request's weights take, the command line's PATTERN=W strings included)
+// without merging, and returns "{}" or {"error": {"kind": ..., "message":
+// ...}}, the message naming weights[index], the pattern and the problem.
+// The command line and recipes call it, so that Go is the one validator of
+// the weight grammar.
+func CheckWeight(index int, weight string) (out string) {
+	defer func() {
+		if p := recover(); p != nil {
+			out = errorStatus(fmt.Errorf("internal error: %v", p))
+		}
+	}()
+	if _, err := adapter.CheckWeight(index, []byte(weight)); err != nil {
+		return errorStatus(err)
+	}
+	return "{}"
+}
+
 // MergeStart starts a merge of adapter directories in the background from a
 // JSON request (the fields of gomerge.Options) and returns its job id. Every
 // outcome, a request that cannot be parsed included, is reported by

@@ -38,7 +38,8 @@ func TestMergeJobReportsErrorsAsJSON(t *testing.T) {
 		{"unknown key", `{"adapters": ["a"], "weights": [1], "densty": 0.2}`, "ValueError", `unknown key "densty"`},
 		{"trailing data", `{"adapters": ["a"]} {}`, "TypeError", "trailing data"},
 		{"option of another call", `{"adapters": ["a"], "weights": [1], "rank": 8}`, "ValueError", `unknown key "rank"`},
-		{"weight not a number", `{"adapters": ["a", "b"], "weights": [1, "x"]}`, "TypeError", `weights[1]: expected a number`},
+		{"weight not a number", `{"adapters": ["a", "b"], "weights": [1, true]}`, "TypeError", `weights[1]: expected a number`},
+		{"weight a bad string", `{"adapters": ["a", "b"], "weights": [1, "x"]}`, "ValueError", `weights[1]: 'x' is not a number`},
 		{"weight entry key", `{"adapters": ["a"], "weights": [[{"pattern": ".*", "wieght": 1}]]}`, "TypeError", `weights[0]: entry 0`},
 		{"weight entry value", `{"adapters": ["a"], "weights": [[{"pattern": "mlp", "weight": "1"}]]}`, "TypeError", `pattern 'mlp'`},
 		{"weight pattern regex", `{"adapters": ["a"], "weights": [[{"pattern": "(", "weight": 1}]], "output_dir": "o"}`, "ValueError", `weights[0]: pattern "("`},
@@ -194,5 +195,30 @@ func TestDecodeRequestNamesTheKey(t *testing.T) {
 		require.Error(t, err, tc.request)
 		assert.Equal(t, tc.kind, errs.KindOf(err), tc.request)
 		assert.Equal(t, tc.msg, err.Error(), tc.request)
+	}
+}
+
+func TestCheckWeight(t *testing.T) {
+	tests := []struct {
+		name, weight, kind, message string
+	}{
+		{"good string", `"mlp=1,.*=0:1"`, "", ""},
+		{"good entries", `[{"pattern": "mlp", "weight": 1}]`, "", ""},
+		{"bad string", `"mlp=x"`, "ValueError", "weights[2]: pattern 'mlp': 'x' is not a number or a gradient A:B[:C...] of numbers"},
+		{"wrong type", `true`, "TypeError", "weights[2]: expected a number"},
+		{"bad pattern", `"(=1"`, "ValueError", `weights[2]: pattern "(" is not a regular expression`},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var s status
+			require.NoError(t, json.Unmarshal([]byte(CheckWeight(2, tc.weight)), &s))
+			if tc.kind == "" {
+				assert.Nil(t, s.Error)
+				return
+			}
+			require.NotNil(t, s.Error)
+			assert.Equal(t, tc.kind, s.Error.Kind)
+			assert.Contains(t, s.Error.Message, tc.message)
+		})
 	}
 }

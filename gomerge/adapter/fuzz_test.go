@@ -62,6 +62,7 @@ func FuzzWeightsJSON(f *testing.F) {
 		{`[[{"pattern": ".*", "weight": []}]]`, "a.1.b"},
 		{`[[{"pattern": ".*", "weight": [1e308, -1e308]}]]`, "a.99999999999999999999.b"},
 		{`[[]]`, ""}, {`[null]`, ""}, {`[[{"pattern": ".*"}]]`, ""},
+		{`["q{1,2}=1,.*=0:1", [0, 2], "nan", "a=b=2"]`, "m.3.q1"}, {`[[{"pattern": "a", "weight": "-inf"}]]`, "a"},
 	} {
 		f.Add(s[0], s[1])
 	}

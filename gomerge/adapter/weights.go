@@ -3,6 +3,7 @@ package adapter
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"path/filepath"
@@ -20,11 +21,16 @@ import (
 // pattern matches the end of the module name, after a dot; the first
 // pattern that matches wins).
 //
-// In JSON it is a number, or a list of {"pattern": P, "weight": W} entries in
+// In JSON it is a number; a list of numbers (a gradient for every module,
+// the pattern ".*"); a list of {"pattern": P, "weight": W} entries in
 // first-match order (a list, since a JSON object's order is lost in Go
-// maps). W is a number, or a list of numbers: a gradient, interpolated
-// linearly over the module's layer index as mergekit's gradients are
-// (Gradient).
+// maps); or a string in the command line's form (ParseWeight). W is a
+// number, or a list of numbers: a gradient, interpolated linearly over the
+// module's layer index as mergekit's gradients are (Gradient). JSON has no
+// NaN or infinity: a string such as "nan" or "-inf" where a number belongs
+// is refused as not finite, by name. This is the one validator of the
+// weight grammar: the Python package and its command line send what they
+// are given.
 type Weight struct {
 	Value    float64
 	Patterns []WeightPattern // nil: Value for every module; otherwise at least one entry
@@ -73,7 +79,7 @@ func (ws *Weights) UnmarshalJSON(b []byte) error {
 	out := make(Weights, len(raw))
 	for i, r := range raw {
 		if err := out[i].decode(r); err != nil {
-			return errs.New(errs.KindType, "weights[%d]: %v", i, err)
+			return errs.New(kindOf(err), "weights[%d]: %v", i, err)
 		}
 	}
 	*ws = out
@@ -83,17 +89,56 @@ func (ws *Weights) UnmarshalJSON(b []byte) error {
 // UnmarshalJSON decodes one weight.
 func (w *Weight) UnmarshalJSON(b []byte) error {
 	if err := w.decode(b); err != nil {
-		return errs.New(errs.KindType, "weight: %v", err)
+		return errs.New(kindOf(err), "weight: %v", err)
 	}
 	return nil
 }
 
+// CheckWeight decodes and checks the JSON weight of adapter i, as a merge
+// request's weights are, without merging: the error names weights[i], the
+// pattern and the problem. The command line and recipes call it to refuse a
+// bad weight before they start.
+func CheckWeight(i int, raw []byte) (Weight, error) {
+	var w Weight
+	if err := w.decode(raw); err != nil {
+		return w, errs.New(kindOf(err), "weights[%d]: %v", i, err)
+	}
+	return w.Compile(i)
+}
+
+// kindOf is the kind of a decoding error: a TypeError unless the error
+// says otherwise (a non-finite number or a bad command-line string is a
+// ValueError).
+func kindOf(err error) errs.ErrKind {
+	var ge *errs.Error
+	if errors.As(err, &ge) {
+		return ge.Kind
+	}
+	return errs.KindType
+}
+
 func (w *Weight) decode(b []byte) error {
 	b = bytes.TrimSpace(b)
+	if len(b) > 0 && b[0] == '"' {
+		var s string
+		if err := json.Unmarshal(b, &s); err != nil {
+			return err
+		}
+		parsed, err := ParseWeight(s)
+		if err != nil {
+			return err
+		}
+		*w = parsed
+		return nil
+	}
 	if len(b) == 0 || b[0] != '[' {
 		v, err := decodeNumber(b)
+		if errs.KindOf(err) == errs.KindValue {
+			return err
+		}
 		if err != nil {
-			return fmt.Errorf(`expected a number or a list of {"pattern": ..., "weight": ...} entries, got %s`, clip(b))
+			return fmt.Errorf(`expected a number, a list of numbers (a gradient), a list of {"pattern": ..., "weight": ...} `+
+				`entries or a string PATTERN=W[,PATTERN=W...], got %s`, clip(b))
 		}
 		*w = Weight{Value: v}
 		return nil
@@ -101,6 +146,14 @@ func (w *Weight) decode(b []byte) error {
 	var entries []json.RawMessage
 	if err := json.Unmarshal(b, &entries); err != nil {
 		return err
+	}
+	if len(entries) > 0 && !bytes.HasPrefix(bytes.TrimSpace(entries[0]), []byte("{")) { // a gradient for every module
+		g, err := decodeGradient(entries)
+		if err != nil {
+			return err
+		}
+		*w = Weight{Patterns: []WeightPattern{{Pattern: ".*", Gradient: g}}}
+		return nil
 	}
 	pats := make([]WeightPattern, 0, len(entries)) // non-nil even when empty: validate refuses it by name
 	for k, e := range entries {
@@ -114,19 +167,21 @@ func (w *Weight) decode(b []byte) error {
 			return fmt.Errorf(`entry %d: expected {"pattern": <string>, "weight": <number or list of numbers>}, got %s`, k, clip(e))
 		}
 		p := WeightPattern{Pattern: *entry.Pattern}
+		if slices.ContainsFunc(pats, func(q WeightPattern) bool { return q.Pattern == p.Pattern }) {
+			return errs.Value("pattern '%s' is given twice", p.Pattern)
+		}
 		var err error
 		if raw := bytes.TrimSpace(entry.Weight); len(raw) > 0 && raw[0] == '[' {
 			var g []json.RawMessage
 			if err := json.Unmarshal(raw, &g); err != nil {
 				return fmt.Errorf("pattern '%s': %v", p.Pattern, err)
 			}
-			p.Gradient = make([]float64, len(g))
-			for n, x := range g {
-				if p.Gradient[n], err = decodeNumber(x); err != nil {
-					return fmt.Errorf("pattern '%s': gradient value %d is not a number: %s", p.Pattern, n, clip(x))
-				}
+			if p.Gradient, err = decodeGradient(g); err != nil {
+				return errs.New(kindOf(err), "pattern '%s': %v", p.Pattern, err)
 			}
-		} else if p.Weight, err = decodeNumber(raw); err != nil {
+		} else if p.Weight, err = decodeNumber(raw); errs.KindOf(err) == errs.KindValue {
+			return errs.Value("pattern '%s': %v", p.Pattern, err)
+		} else if err != nil {
 			return fmt.Errorf("pattern '%s': the weight is not a number or a list of numbers: %s", p.Pattern, clip(raw))
 		}
 		pats = append(pats, p)
@@ -135,9 +190,111 @@ func (w *Weight) decode(b []byte) error {
 	return nil
 }
 
-// decodeNumber decodes a JSON number (and nothing else: not a string, not null).
+// decodeGradient decodes the values of a gradient (non-nil, even when empty:
+// Compile refuses an empty one by name).
+func decodeGradient(values []json.RawMessage) ([]float64, error) {
+	g := make([]float64, len(values))
+	for n, x := range values {
+		var err error
+		if g[n], err = decodeNumber(x); errs.KindOf(err) == errs.KindValue {
+			return nil, err
+		} else if err != nil {
+			return nil, fmt.Errorf("gradient value %d is not a number: %s", n, clip(x))
+		}
+	}
+	return g, nil
+}
+
+// ParseWeight parses the command line's form of a weight: a number; a
+// gradient A:B[:C...]; or PATTERN=W[,PATTERN=W...], the patterns in
+// first-match order, W a number or a gradient. The weight follows a
+// pattern's last "=", and a piece between commas that holds no "=" belongs
+// to the pattern before it ("q{1,2}=1"). Errors are ValueErrors quoting the
+// text.
+func ParseWeight(text string) (Weight, error) {
+	if !strings.Contains(text, "=") {
+		v, g, err := parseValue(text)
+		if err != nil {
+			return Weight{}, err
+		}
+		if g != nil {
+			return Weight{Patterns: []WeightPattern{{Pattern: ".*", Gradient: g}}}, nil
+		}
+		return Weight{Value: v}, nil
+	}
+	var entries []string
+	for piece := range strings.SplitSeq(text, ",") {
+		if n := len(entries); n > 0 && !strings.Contains(entries[n-1], "=") {
+			entries[n-1] += "," + piece
+		} else {
+			entries = append(entries, piece)
+		}
+	}
+	pats := make([]WeightPattern, 0, len(entries))
+	for _, entry := range entries {
+		eq := strings.LastIndex(entry, "=")
+		if eq <= 0 {
+			return Weight{}, errs.Value("'%s': expected PATTERN=W[,PATTERN=W...], got '%s'", text, entry)
+		}
+		p := WeightPattern{Pattern: entry[:eq]}
+		if slices.ContainsFunc(pats, func(q WeightPattern) bool { return q.Pattern == p.Pattern }) {
+			return Weight{}, errs.Value("pattern '%s' is given twice", p.Pattern)
+		}
+		var err error
+		if p.Weight, p.Gradient, err = parseValue(entry[eq+1:]); err != nil {
+			return Weight{}, errs.Value("pattern '%s': %v", p.Pattern, err)
+		}
+		pats = append(pats, p)
+	}
+	return Weight{Patterns: pats}, nil
+}
+
+// parseValue parses a number, or a gradient A:B[:C...] (g not nil).
+func parseValue(text string) (v float64, g []float64, err error) {
+	parts := strings.Split(text, ":")
+	values := make([]float64, len(parts))
+	for i, part := range parts {
+		if values[i], err = parseFinite(part); err != nil {
+			if errs.KindOf(err) == errs.KindValue {
+				return 0, nil, err
+			}
+			return 0, nil, errs.Value("'%s' is not a number or a gradient A:B[:C...] of numbers", text)
+		}
+	}
+	if len(values) > 1 {
+		return 0, values, nil
+	}
+	return values[0], nil, nil
+}
+
+// parseFinite parses a number written as text: a plain error when it is not
+// one, a ValueError naming it when it is not finite ("nan", "-inf", 1e999).
+func parseFinite(text string) (float64, error) {
+	text = strings.TrimSpace(text)
+	v, err := strconv.ParseFloat(text, 64)
+	if err != nil && !errors.Is(err, strconv.ErrRange) {
+		return 0, fmt.Errorf("not a number")
+	}
+	if err != nil || math.IsNaN(v) || math.IsInf(v, 0) {
+		return 0, errs.Value("%s is not a finite number", text)
+	}
+	return v, nil
+}
+
+// decodeNumber decodes a JSON number (and nothing else: not null, not a
+// string other than JSON's stand-ins for a non-finite number, "nan" or
+// "inf", which are a ValueError naming them).
 func decodeNumber(b []byte) (float64, error) {
 	b = bytes.TrimSpace(b)
+	if len(b) > 0 && b[0] == '"' {
+		var s string
+		if json.Unmarshal(b, &s) == nil {
+			if _, err := parseFinite(s); errs.KindOf(err) == errs.KindValue {
+				return 0, err
+			}
+		}
+		return 0, fmt.Errorf("not a number")
+	}
 	if len(b) == 0 || !(b[0] == '-' || (b[0] >= '0' && b[0] <= '9')) {
 		return 0, fmt.Errorf("not a number")
 	}
@@ -187,7 +344,7 @@ func (w Weight) Compile(i int) (Weight, error) {
 		return w, nil
 	}
 	if len(w.Patterns) == 0 {
-		return w, errs.Value("weights[%d]: an empty list of patterns; give a number, or at least one pattern with its weight", i)
+		return w, errs.Value("weights[%d]: an empty list; give a number, a gradient with at least one value, or at least one pattern with its weight", i)
 	}
 	out := Weight{Patterns: make([]WeightPattern, len(w.Patterns))}
 	for k, p := range w.Patterns {

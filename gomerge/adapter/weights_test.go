@@ -36,6 +36,9 @@ func TestWeightsJSON(t *testing.T) {
 			Weights{perModule(`mlp\..*`, 0.0, ".*", 1.0), {Value: 3}}},
 		{"gradient", `[[{"pattern": ".*", "weight": [0, 0.5, 1]}]]`, Weights{perModule(".*", []float64{0, 0.5, 1})}},
 		{"empty list", `[[]]`, Weights{{Patterns: []WeightPattern{}}}},
+		{"gradient for every module", `[[0, 1]]`, Weights{perModule(".*", []float64{0, 1})}},
+		{"command-line strings", `["2", "0:1", "mlp=1,.*=0:0.5"]`,
+			Weights{{Value: 2}, perModule(".*", []float64{0, 1}), perModule("mlp", 1.0, ".*", []float64{0, 0.5})}},
 		{"null", `null`, nil},
 	}
 	for _, tc := range tests {
@@ -59,7 +62,7 @@ func TestWeightsJSONErrors(t *testing.T) {
 	tests := []struct {
 		name, raw, want string
 	}{
-		{"string", `[1, "2"]`, `weights[1]: expected a number or a list of {"pattern": ..., "weight": ...} entries, got "2"`},
+		{"true", `[1, true]`, `weights[1]: expected a number, a list of numbers (a gradient), a list of {"pattern": ..., "weight": ...} entries or a string PATTERN=W[,PATTERN=W...], got true`},
 		{"null weight", `[null]`, `weights[0]: expected a number`},
 		{"object", `[{"mlp": 1}]`, `weights[0]: expected a number`},
 		{"not a list", `{"a": 1}`, `weights: expected a list`},
@@ -70,6 +73,7 @@ func TestWeightsJSONErrors(t *testing.T) {
 		{"weight a string", `[1, [{"pattern": "mlp", "weight": "1"}]]`, `weights[1]: pattern 'mlp': the weight is not a number`},
 		{"weight null", `[[{"pattern": "mlp", "weight": null}]]`, `pattern 'mlp': the weight is not a number`},
 		{"gradient of strings", `[[{"pattern": ".*", "weight": [0, "1"]}]]`, `pattern '.*': gradient value 1 is not a number`},
+		{"gradient for every module, of strings", `[[0, "x"]]`, `weights[0]: gradient value 1 is not a number: "x"`},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -77,6 +81,100 @@ func TestWeightsJSONErrors(t *testing.T) {
 			err := json.Unmarshal([]byte(tc.raw), &got)
 			require.Error(t, err)
 			assert.Equal(t, errs.KindType, errs.KindOf(err))
+			assert.Contains(t, err.Error(), tc.want)
+		})
+	}
+}
+
+// TestWeightsJSONValueErrors: a value of the right JSON type that is wrong
+// (a bad command-line string, a non-finite number) is a ValueError.
+func TestWeightsJSONValueErrors(t *testing.T) {
+	tests := []struct {
+		name, raw, want string
+	}{
+		{"nan", `[1, "nan"]`, `weights[1]: nan is not a finite number`},
+		{"inf in a pattern", `[[{"pattern": ".*", "weight": "-inf"}]]`, `weights[0]: pattern '.*': -inf is not a finite number`},
+		{"inf in a gradient", `[[{"pattern": ".*", "weight": [0, "inf"]}]]`, `weights[0]: pattern '.*': inf is not a finite number`},
+		{"pattern twice", `[[{"pattern": "a", "weight": 1}, {"pattern": "a", "weight": 2}]]`, `weights[0]: pattern 'a' is given twice`},
+		{"bad string", `[1, "mlp=x"]`, `weights[1]: pattern 'mlp': 'x' is not a number or a gradient A:B[:C...] of numbers`},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var got Weights
+			err := json.Unmarshal([]byte(tc.raw), &got)
+			require.Error(t, err)
+			assert.Equal(t, errs.KindValue, errs.KindOf(err))
+			assert.Equal(t, tc.want, err.Error())
+		})
+	}
+}
+
+// TestParseWeight: the command line's PATTERN=W[,PATTERN=W...] form.
+func TestParseWeight(t *testing.T) {
+	tests := []struct {
+		text string
+		want Weight
+	}{
+		{"2", Weight{Value: 2}},
+		{"-0.5", Weight{Value: -0.5}},
+		{"0:0.5:1", perModule(".*", []float64{0, 0.5, 1})},
+		{`self_attn\..*=1,mlp\..*=0`, perModule(`self_attn\..*`, 1.0, `mlp\..*`, 0.0)},
+		{"q{1,2}=1,.*=0", perModule("q{1,2}", 1.0, ".*", 0.0)}, // a comma inside a pattern
+		{".*=-1:1", perModule(".*", []float64{-1, 1})},
+		{"a=b=2", perModule("a=b", 2.0)}, // the last "=" separates the weight
+	}
+	for _, tc := range tests {
+		t.Run(tc.text, func(t *testing.T) {
+			got, err := ParseWeight(tc.text)
+			require.NoError(t, err)
+			assert.Equal(t, tc.want, got)
+		})
+	}
+}
+
+func TestParseWeightErrors(t *testing.T) {
+	tests := []struct {
+		text, want string
+	}{
+		{"x", "'x' is not a number or a gradient A:B[:C...] of numbers"},
+		{"a=x", "pattern 'a': 'x' is not a number or a gradient A:B[:C...] of numbers"},
+		{"a=1,junk", "'a=1,junk': expected PATTERN=W[,PATTERN=W...], got 'junk'"},
+		{"a=1,a=2", "pattern 'a' is given twice"},
+		{"=1", "'=1': expected PATTERN=W[,PATTERN=W...], got '=1'"},
+		{"0:x", "'0:x' is not a number or a gradient A:B[:C...] of numbers"},
+		{"a=nan", "pattern 'a': nan is not a finite number"},
+		{"1e999", "1e999 is not a finite number"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.text, func(t *testing.T) {
+			_, err := ParseWeight(tc.text)
+			require.Error(t, err)
+			assert.Equal(t, errs.KindValue, errs.KindOf(err))
+			assert.Equal(t, tc.want, err.Error())
+		})
+	}
+}
+
+func TestCheckWeight(t *testing.T) {
+	tests := []struct {
+		name, raw, want string
+		kind            errs.ErrKind
+	}{
+		{"good", `"mlp=1,.*=0"`, "", ""},
+		{"decoding", `[{"pattern": 1, "weight": 1}]`, "weights[3]: entry 0: expected", errs.KindType},
+		{"compiling", `"(=1"`, `weights[3]: pattern "(" is not a regular expression`, errs.KindValue},
+		{"empty", `[]`, "weights[3]: an empty list", errs.KindValue},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			w, err := CheckWeight(3, []byte(tc.raw))
+			if tc.want == "" {
+				require.NoError(t, err)
+				assert.True(t, w.Patterns[0].Compiled())
+				return
+			}
+			require.Error(t, err)
+			assert.Equal(t, tc.kind, errs.KindOf(err))
 			assert.Contains(t, err.Error(), tc.want)
 		})
 	}
@@ -92,7 +190,7 @@ func TestWeightCompileErrors(t *testing.T) {
 		{"inf pattern", perModule(".*", math.Inf(1)), `weights[2]: pattern '.*': +Inf is not a finite number`},
 		{"nan gradient", perModule(".*", []float64{0, math.NaN()}), `pattern '.*': gradient value NaN`},
 		{"empty gradient", perModule(".*", []float64{}), "a gradient needs at least one value"},
-		{"no patterns", Weight{Patterns: []WeightPattern{}}, "weights[2]: an empty list of patterns"},
+		{"no patterns", Weight{Patterns: []WeightPattern{}}, "weights[2]: an empty list; give a number"},
 		{"bad regex", perModule("mlp", 1.0, "self_attn(", 0.0), `weights[2]: pattern "self_attn(" is not a regular expression`},
 		{"lookbehind", perModule("(?<=x)q", 1.0), `pattern "(?<=x)q"`},
 	}
