@@ -292,7 +292,7 @@ output_dir: out
     [
         ("adapters:\n  - source: a\nmethd: ties\n", 3, "unknown key 'methd'"),
         ("adapters:\n  - source: a\n    wieght: 2\n", 3, "unknown key 'wieght'"),
-        ("adapters:\n  - source: a\n    weight: heavy\n", 3, "must be a number"),
+        ("adapters:\n  - source: a\n    weight: heavy\n", 3, "weights[0]: 'heavy' is not a number"),
         ("adapters: []\n", 1, "non-empty list"),
         ("method: ties\n", 1, "'adapters' is missing"),
         ("adapters:\n  - source: a\nmethod: average\n", 3, "unknown method 'average'"),

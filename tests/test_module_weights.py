@@ -17,7 +17,7 @@ from peft import PeftModel
 from peft_cases import LLAMA_ALL, AdapterSpec, delta, file_factors, llama, logits, make_adapter
 
 import gomerge
-from gomerge import cli, recipe
+from gomerge import _native, merge, recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -189,14 +189,15 @@ def test_a_list_of_numbers_is_a_gradient_for_every_module(adapters, tmp_path):
         ),
         ([{"self_attn": 1.0, "mlp": 0.0}, 1.0, 1.0], ValueError, "'mlp' occurs inside .* write '\\.\\*mlp\\.\\*'"),
         ([1.0, {"self_attn(": 1.0, ".*": 0.0}, 1.0], ValueError, r"weights\[1\]: pattern \"self_attn\(\" is not a"),
-        ([1.0, {"mlp": "x", ".*": 0.0}, 1.0], TypeError, r"weights\[1\]\['mlp'\]: expected a number"),
-        ([1.0, {".*": [0.0, "1"]}, 1.0], TypeError, r"weights\[1\]\['\.\*'\]\[1\]: expected a number"),
-        ([1.0, {".*": float("nan")}, 1.0], ValueError, r"weights\[1\]\['\.\*'\]: nan is not a finite number"),
-        ([1.0, {1: 1.0}, 1.0], TypeError, r"weights\[1\]: patterns are strings"),
-        ([1.0, {}, 1.0], ValueError, r"weights\[1\]: an empty dict"),
-        ([1.0, [], 1.0], ValueError, r"weights\[1\]: a gradient needs at least one value"),
-        ([1.0, {".*": []}, 1.0], ValueError, "a gradient needs at least one value"),
-        ([1.0, "mlp=1", 1.0], TypeError, r"weights\[1\]: expected a number, a dict"),
+        ([1.0, {"mlp": "x", ".*": 0.0}, 1.0], TypeError, r"weights\[1\]: pattern 'mlp': the weight is not a number"),
+        ([1.0, {".*": [0.0, "1"]}, 1.0], TypeError, r"weights\[1\]: pattern '\.\*': gradient value 1 is not a number"),
+        ([1.0, {".*": float("nan")}, 1.0], ValueError, r"weights\[1\]: pattern '\.\*': nan is not a finite number"),
+        ([1.0, {1: 1.0}, 1.0], TypeError, r"weights\[1\]: entry 0: expected \{\"pattern\": <string>"),
+        ([1.0, {}, 1.0], ValueError, r"weights\[1\]: an empty list; give a number"),
+        ([1.0, [], 1.0], ValueError, r"weights\[1\]: an empty list; give a number, a gradient with at least one value"),
+        ([1.0, {".*": []}, 1.0], ValueError, r"weights\[1\]: pattern '\.\*': a gradient needs at least one value"),
+        ([1.0, "mlp=x", 1.0], ValueError, r"weights\[1\]: pattern 'mlp': 'x' is not a number or a gradient"),
+        ([1.0, True, 1.0], TypeError, r"weights\[1\]: expected a number, a list of numbers \(a gradient\)"),
         ([1.0, float("inf"), 1.0], ValueError, r"weights\[1\]: inf is not a finite number"),
         ({"a": 1.0}, TypeError, "weights: expected a list"),
     ],
@@ -222,15 +223,24 @@ def test_errors_name_the_weight_and_write_nothing(adapters, tmp_path, weights, e
     ],
 )
 def test_cli_weight_syntax(text, want):
-    assert cli._weight_arg(text) == want
+    """The command line's strings go to the engine as they are: it reads them as the API's weights."""
+    assert _native.weight_error(0, text) is None
+    assert _native.weight_error(0, merge._weight_json(want)) is None
 
 
-@pytest.mark.parametrize("text", ["x", "a=x", "a=1,junk", "a=1,a=2", "=1", "0:x"])
-def test_cli_weight_syntax_errors(text):
-    import argparse
-
-    with pytest.raises(argparse.ArgumentTypeError):
-        cli._weight_arg(text)
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("x", "weights[0]: 'x' is not a number or a gradient A:B[:C...] of numbers"),
+        ("a=x", "weights[0]: pattern 'a': 'x' is not a number or a gradient A:B[:C...] of numbers"),
+        ("a=1,junk", "weights[0]: 'a=1,junk': expected PATTERN=W[,PATTERN=W...], got 'junk'"),
+        ("a=1,a=2", "weights[0]: pattern 'a' is given twice"),
+        ("=1", "weights[0]: '=1': expected PATTERN=W[,PATTERN=W...], got '=1'"),
+        ("0:x", "weights[0]: '0:x' is not a number or a gradient A:B[:C...] of numbers"),
+    ],
+)
+def test_cli_weight_syntax_errors(text, message):
+    assert _native.weight_error(0, text) == message
 
 
 def gomerge_cli(*args, cwd=None):
@@ -263,9 +273,9 @@ def test_cli_per_module_weights(adapters, tmp_path):
 @pytest.mark.parametrize(
     "weights,code,text",
     [
-        (["1", "mlp=x", "1"], 2, "argument -w/--weights: 'x' is not a number or a gradient"),
+        (["1", "mlp=x", "1"], 2, "--weights: weights[1]: pattern 'mlp': 'x' is not a number or a gradient"),
         (["1", r"self_attn\..*=1", "1"], 1, "matches none of its patterns"),
-        (["1", "(=1", "1"], 1, 'pattern "(" is not a regular expression'),
+        (["1", "(=1", "1"], 2, '--weights: weights[1]: pattern "(" is not a regular expression'),
     ],
 )
 def test_cli_weight_errors(adapters, tmp_path, weights, code, text):
@@ -305,14 +315,15 @@ output_dir: merged
 @pytest.mark.parametrize(
     "weight,line,text",
     [
-        ("'x'", 3, "key 'weight' must be a number, a mapping of module-name pattern -> number"),
-        ("null", 3, "key 'weight' must be a number"),
-        ("\n      mlp: x", 4, "key 'weight', pattern 'mlp': the weight must be a number or a list of numbers"),
-        ("\n      '.*': [0, one]", 4, "pattern '.*': a gradient is a list of numbers, got 'one'"),
-        ("\n      mlp: 1\n      1: 0", 5, "patterns are strings, got 1 (quote it)"),
-        ("\n      mlp: 1\n      mlp: 0", 5, "pattern 'mlp' is given twice"),
-        ("{}", 3, "empty mapping"),
-        ("[]", 3, "a gradient needs at least one value"),
+        ("'x'", 3, "weights[0]: 'x' is not a number or a gradient A:B[:C...] of numbers"),
+        ("null", 3, "weights[0]: expected a number, a list of numbers (a gradient)"),
+        ("\n      mlp: x", 4, "weights[0]: pattern 'mlp': the weight is not a number or a list of numbers"),
+        ("\n      mlp: 1\n      '.*': [0, one]", 5, "weights[0]: pattern '.*': gradient value 1 is not a number"),
+        ("\n      mlp: 1\n      1: 0", 5, 'weights[0]: entry 1: expected {"pattern": <string>'),
+        ("\n      mlp: 1\n      mlp: 0", 5, "weights[0]: pattern 'mlp' is given twice"),
+        ("{}", 3, "weights[0]: an empty list; give a number"),
+        ("[]", 3, "weights[0]: an empty list; give a number, a gradient with at least one value"),
+        ("[0, one]", 3, 'weights[0]: gradient value 1 is not a number: "one"'),
     ],
 )
 def test_recipe_checker_names_file_line_and_key(adapters, tmp_path, weight, line, text):
@@ -324,6 +335,32 @@ def test_recipe_checker_names_file_line_and_key(adapters, tmp_path, weight, line
     assert text in str(info.value)
     r = gomerge_cli("merge", "--recipe", str(path))
     assert r.returncode == 2 and text in r.stderr
+
+
+@pytest.mark.parametrize(
+    "api,cli_text,yaml_text",
+    [
+        ({"mlp": 1.0, "(": 0.0}, "mlp=1,(=0", "{mlp: 1, '(': 0}"),
+        ({".*": float("nan")}, ".*=nan", "{'.*': .nan}"),
+        ("a=1,a=2", "a=1,a=2", "{a: 1, a: 2}"),  # the API takes the command line's strings too
+        ({"mlp": "x"}, "mlp=1,.*=x", "{mlp: x}"),
+    ],
+)
+def test_the_same_bad_weight_gives_the_same_error_everywhere(adapters, tmp_path, api, cli_text, yaml_text):
+    """Go is the one validator of the weight grammar: the API, the command line and a recipe give its message."""
+    with pytest.raises((TypeError, ValueError)) as info:
+        gomerge.add_weighted_adapter(adapters[:2], [1.0, api], "m", "cat", output_dir=str(tmp_path / "o"))
+    message = str(info.value)
+    assert message.startswith("weights[1]: "), message
+    r = gomerge_cli("merge", *adapters[:2], "--weights", "1", cli_text, "-o", str(tmp_path / "o"))
+    if api != {"mlp": "x"}:  # a string is no number in the API, and a bad number in a command-line string
+        assert r.returncode == 2 and f"--weights: {message} (see" in r.stderr, (message, r.stderr)
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"adapters:\n  - {adapters[0]}\n  - source: {adapters[1]}\n    weight: {yaml_text}\n")
+    with pytest.raises(recipe.RecipeError) as rinfo:
+        recipe.load_recipe(str(path))
+    assert str(rinfo.value) == f"{path}:4: {message}"
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_pattern_that_matches_no_module_warns(adapters, tmp_path):

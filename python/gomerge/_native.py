@@ -231,6 +231,19 @@ def request_keys() -> dict[str, list[str]]:
     return json.loads(_b.request_keys())
 
 
+def weight_error(index: int, weight: Any) -> str | None:
+    """The engine's check of adapter ``index``'s weight in its request form (any form a merge takes, the command
+    line's ``PATTERN=W[,PATTERN=W...]`` strings included), without merging: None, or the engine's message naming
+    ``weights[index]``, the pattern and the problem. Python holds no rule of the weight grammar: the command line and
+    recipes call this to report a bad weight before they start."""
+    try:
+        text = json.dumps(weight, default=_json_scalar, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        return f"weights[{index}]: {e}"
+    status = json.loads(_b.check_weight(index, text))
+    return status["error"]["message"] if "error" in status else None
+
+
 def validate_combination(request: dict[str, Any]) -> None:
     """Checks combination arguments (``combination_type``, ``density``, ...) against the method table, as a merge
     would, without merging; raises the engine's error (a ``ValueError`` naming the argument)."""

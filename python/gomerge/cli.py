@@ -99,37 +99,14 @@ def _epilog(command: str, before: str = "") -> str:
     return (before + "\n\n" if before else "") + "examples:\n" + EXAMPLES[command]
 
 
-def _weight_value(text: str) -> float | list[float]:
-    """A number, or a gradient A:B[:C...]."""
-    parts = text.split(":")
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a gradient A:B[:C...] of numbers") from None
-    return values if len(parts) > 1 else values[0]
-
-
-def _weight_arg(text: str) -> float | list[float] | dict[str, float | list[float]]:
-    """One adapter's --weights value: a number, a gradient A:B[:C...], or PATTERN=W[,PATTERN=W...] (the patterns in
-    their order, which is the first-match order)."""
-    if "=" not in text:
-        return _weight_value(text)
-    # split at commas, gluing a piece without "=" to the next one: a pattern may hold commas ("q{1,2}=1")
-    entries: list[str] = []
-    for piece in text.split(","):
-        if entries and "=" not in entries[-1]:
-            entries[-1] += "," + piece
-        else:
-            entries.append(piece)
-    weights: dict[str, float | list[float]] = {}
-    for entry in entries:
-        pattern, eq, value = entry.rpartition("=")
-        if not eq or not pattern:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected PATTERN=W[,PATTERN=W...], got {entry!r}")
-        if pattern in weights:
-            raise argparse.ArgumentTypeError(f"{text!r}: pattern {pattern!r} is given twice")
-        weights[pattern] = _weight_value(value)
-    return weights
+def _check_weights(weights: list[Any], parser: argparse.ArgumentParser) -> None:
+    """Refuses a bad --weights value as a usage error (exit status 2) with the engine's message, which names the
+    adapter's position, the pattern and the problem: the engine is the one validator of the weight grammar
+    (a number, a gradient A:B[:C...], or PATTERN=W[,PATTERN=W...]), and the strings go to it as they are."""
+    for i, w in enumerate(weights):
+        problem = _native.weight_error(i, w)
+        if problem:
+            parser.error(f"--weights: {problem}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -250,7 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
         "-w",
         "--weights",
         nargs="+",
-        type=_weight_arg,
         metavar="W",
         help="one weight per adapter (default: 1 each); negative weights subtract. A weight is a number, or "
         "PATTERN=W[,PATTERN=W...] for per-module weights: a module takes the W of the first PATTERN (a regular "
@@ -357,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("adapters", nargs="*", metavar="ADAPTER", help="PEFT adapter directories or Hub ids")
     f.add_argument("--recipe", metavar="FILE", help="read the base, sources and options from a YAML recipe")
     f.add_argument("-o", "--output-dir", metavar="DIR", help="folder of the fused model (required unless --dry-run)")
-    f.add_argument("-w", "--weights", nargs="+", type=_weight_arg, metavar="W", help="one weight per adapter")
+    f.add_argument("-w", "--weights", nargs="+", metavar="W", help="one weight per adapter")
     f.add_argument(
         "-m",
         "--method",
@@ -482,6 +458,7 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         weights = args.weights if args.weights is not None else [1.0] * len(args.adapters)
         if len(weights) != len(args.adapters):
             parser.error(f"--weights: got {len(weights)} weights for {len(args.adapters)} adapters")
+        _check_weights(weights, parser)
         srcs = [{"source": a, "weight": w} for a, w in zip(args.adapters, weights)]
     options.update(_given_params(args))
     _override(options, args, "dtype", "output_dir", "adapter_name", "overwrite", combination_type="method")
@@ -630,6 +607,7 @@ def _fuse(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.weights is not None:
             if len(args.weights) != len(args.adapters):
                 parser.error(f"--weights: got {len(args.weights)} weights for {len(args.adapters)} adapters")
+            _check_weights(args.weights, parser)
             for s, w in zip(srcs, args.weights):
                 s["weight"] = w
         options["base"] = args.base

@@ -8,7 +8,7 @@ import math
 import numbers
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
@@ -19,7 +19,7 @@ from ._result import EngineResult
 PathLike = Union[str, "os.PathLike[str]"]
 # One adapter's weight: a number, a dict of module-name pattern -> number (or a list of numbers: a gradient over the
 # layers), first match wins, or a list of numbers (a gradient for every module).
-Weight = Union[float, Mapping[str, Union[float, Sequence[float]]], Sequence[float]]
+Weight = Union[float, str, Mapping[str, Union[float, Sequence[float]]], Sequence[float]]
 
 # A merge method's name: PEFT's eleven combination types or one of gomerge's own; the engine's method table
 # (`gomerge.methods()`) lists them with their parameters, and the engine validates every argument.
@@ -94,51 +94,26 @@ def _paths(adapters: Sequence[PathLike]) -> list[str]:
     return out
 
 
-def _number(value: Any, where: str, what: str) -> float:
-    """A finite float from a real number; a TypeError or ValueError naming `where` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{where}: expected {what}, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):  # JSON has no NaN / Inf: refused here, by name
-        raise ValueError(f"{where}: {value} is not a finite number")
-    return value
+def _weight_json(weight: Any) -> Any:
+    """One adapter's weight in the request's JSON form, unchecked: the engine is the one validator of the weight
+    grammar. A dict becomes the list of {"pattern", "weight"} entries in its order, which is the first-match order (a
+    JSON object's order would be lost in Go); a non-finite number, which JSON cannot carry, the string "nan", "inf"
+    or "-inf", which the engine refuses by name."""
+    if isinstance(weight, Mapping):
+        return [{"pattern": p, "weight": _weight_json(v)} for p, v in weight.items()]
+    if isinstance(weight, (list, tuple)):
+        return [_weight_json(v) for v in weight]
+    if isinstance(weight, numbers.Real) and not isinstance(weight, bool) and not math.isfinite(weight):
+        return repr(float(weight))
+    return weight
 
 
-def _pattern_weight(value: Any, where: str) -> float | list[float]:
-    """A pattern's weight: a number, or a list of numbers (a gradient over the layers)."""
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise ValueError(f"{where}: a gradient needs at least one value")
-        return [_number(v, f"{where}[{k}]", "a number") for k, v in enumerate(value)]
-    return _number(value, where, "a number or a list of numbers (a gradient over the layers)")
-
-
-def _weights(weights: Sequence[Weight]) -> list[float | list[dict[str, Any]]]:
-    """The engine's form of the weights: numbers, and per-module weights as lists of {pattern, weight} in the dict's
-    order, which is the first-match order (a JSON object's order would be lost in Go)."""
-    if isinstance(weights, (str, bytes, Mapping)):
-        raise TypeError(f"weights: expected a list with one weight per adapter, got {type(weights).__name__}")
-    try:
-        items = list(weights)
-    except TypeError:
-        raise TypeError(f"weights: expected a list with one weight per adapter, got {type(weights).__name__}") from None
-    out: list[float | list[dict[str, Any]]] = []
-    for i, w in enumerate(items):
-        if isinstance(w, Mapping):
-            entries = []
-            for pattern, value in w.items():
-                if not isinstance(pattern, str):
-                    raise TypeError(f"weights[{i}]: patterns are strings, got {type(pattern).__name__} {pattern!r}")
-                entries.append({"pattern": pattern, "weight": _pattern_weight(value, f"weights[{i}][{pattern!r}]")})
-            if not entries:
-                raise ValueError(f"weights[{i}]: an empty dict of patterns; give a number, or at least one pattern")
-            out.append(entries)
-        elif isinstance(w, (list, tuple)):  # a gradient for every module
-            out.append([{"pattern": ".*", "weight": _pattern_weight(w, f"weights[{i}]")}])
-        else:
-            what = "a number, a dict of module-name pattern -> weight, or a list of numbers (a gradient)"
-            out.append(_number(w, f"weights[{i}]", what))
-    return out
+def _weights(weights: Sequence[Weight]) -> Any:
+    """The engine's form of the weights (`_weight_json` of each); anything but a list of weights is sent as it is,
+    for the engine to name what it expected."""
+    if isinstance(weights, (str, bytes, Mapping)) or not isinstance(weights, Iterable):
+        return weights
+    return [_weight_json(w) for w in weights]
 
 
 def add_weighted_adapter(
@@ -176,7 +151,7 @@ def add_weighted_adapter(
             PEFT adapters to merge: directories (with `adapter_model.safetensors`, or an older `adapter_model.bin`,
             read through torch with `weights_only=True`) or Hugging Face Hub ids (`user/repo`, `user/repo@revision`,
             resolved through `huggingface_hub` and its cache; `HF_HUB_OFFLINE=1` is honoured).
-        weights (`list[float | dict[str, float | list[float]] | list[float]]`):
+        weights (`list[float | dict[str, float | list[float]] | list[float] | str]`):
             One weight per adapter. Weights can be negative, to subtract an adapter's effect. A weight is a number
             (for every module), or a dict of module-name patterns to numbers, for per-module weights: a module takes
             the weight of the first pattern, in the dict's order, that matches it by PEFT's `rank_pattern` rule (the
@@ -190,7 +165,9 @@ def add_weighted_adapter(
             is a gradient for every module. For example `[{r"self_attn\\..*": 1.0, r"mlp\\..*": 0.0},
             {r"self_attn\\..*": 0.0, r"mlp\\..*": 1.0}]` takes attention from the first adapter and the MLP from
             the second, and `[[1.0, 0.0], [0.0, 1.0]]` fades from the first adapter at the first layer to the
-            second at the last. The model card lists the patterns.
+            second at the last. The model card lists the patterns. A weight may also be written as the command
+            line's `--weights` string (`"2"`, `"0:1"`, `"self_attn\\..*=1,.*=0"`). The engine checks every form:
+            a bad weight is a `TypeError` or `ValueError` naming `weights[i]` and the pattern.
         adapter_name (`str`):
             Name of the merged adapter; also the output directory when `output_dir` is not given.
         combination_type (`str`, defaults to `"svd"`):

@@ -47,11 +47,12 @@ Errors name the file, the line and the key at fault.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import _native
-from .merge import COMBINATION_TYPES
+from .merge import COMBINATION_TYPES, _weight_json
 
 # a schema type's name in recipe errors
 _KINDS = {"int": "int", "float": "number", "bool": "bool", "str": "str", "rank": "int or str"}
@@ -101,51 +102,33 @@ def _type_ok(value: Any, kind: str) -> bool:
     }.get(kind, True)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _weight_problem(value: Any, node: Any) -> tuple[Any, str] | None:
-    """What is wrong with a source's `weight`, and the node to point at: it is a number, a mapping of module-name
-    pattern -> number or list of numbers (a gradient), or a list of numbers (a gradient for every module)."""
+def _weight_request(node: Any) -> Any:
+    """A source's `weight` node in the engine's request form, unchecked: a mapping becomes the list of {"pattern",
+    "weight"} entries in the YAML order (every entry, so that the engine can name a pattern given twice)."""
     import yaml
 
-    def gradient_problem(v: Any, n: Any, what: str) -> tuple[Any, str] | None:
-        if not v:
-            return n, f"{what}: a gradient needs at least one value"
-        for x, xn in zip(v, n.value):
-            if not _is_number(x):
-                return xn, f"{what}: a gradient is a list of numbers, got {x!r}"
-        return None
+    def load(n: Any) -> Any:
+        return yaml.safe_load(yaml.serialize(n))
 
-    if _is_number(value):
-        return None
-    if isinstance(value, list) and isinstance(node, yaml.SequenceNode):
-        return gradient_problem(value, node, "adapter: key 'weight'")
-    if not isinstance(value, dict) or not isinstance(node, yaml.MappingNode):
-        return node, (
-            "adapter: key 'weight' must be a number, a mapping of module-name pattern -> number (per-module "
-            f"weights), or a list of numbers (a gradient), got {value!r}"
-        )
-    if not value:
-        return node, "adapter: key 'weight' is an empty mapping; give a number, or at least one pattern"
-    seen = set()
-    for knode, vnode in node.value:
-        key = yaml.safe_load(yaml.serialize(knode))
-        if not isinstance(key, str):
-            return knode, f"adapter: key 'weight': patterns are strings, got {key!r} (quote it)"
-        if key in seen:
-            return knode, f"adapter: key 'weight': pattern {key!r} is given twice"
-        seen.add(key)
-        v = value[key]
-        what = f"adapter: key 'weight', pattern {key!r}"
-        if isinstance(v, list) and isinstance(vnode, yaml.SequenceNode):
-            problem = gradient_problem(v, vnode, what)
-            if problem:
-                return problem
-        elif not _is_number(v):
-            return vnode, f"{what}: the weight must be a number or a list of numbers (a gradient), got {v!r}"
-    return None
+    if isinstance(node, yaml.MappingNode):
+        return [{"pattern": load(k), "weight": _weight_json(load(v))} for k, v in node.value]
+    return _weight_json(load(node))
+
+
+def _weight_node(node: Any, message: str) -> Any:
+    """The node of a `weight` that the engine's message is about, for its line: the last pattern the message names
+    (the second of a pattern given twice), else the entry it names, else the whole weight."""
+    import yaml
+
+    if not isinstance(node, yaml.MappingNode):
+        return node
+    named = [k for k, _ in node.value if isinstance(k, yaml.ScalarNode) and f"pattern '{k.value}'" in message]
+    if named:
+        return named[-1]
+    match = re.search(r": entry (\d+): ", message)
+    if match and int(match.group(1)) < len(node.value):
+        return node.value[int(match.group(1))][0]
+    return node
 
 
 def load_recipe(path: str, command: str = "merge") -> Recipe:
@@ -203,7 +186,7 @@ def load_recipe(path: str, command: str = "merge") -> Recipe:
     if not isinstance(data["adapters"], list) or not data["adapters"]:
         raise err(anode, "key 'adapters' must be a non-empty list of sources")
     sources = []
-    for item, node in zip(data["adapters"], anode.value):
+    for index, (item, node) in enumerate(zip(data["adapters"], anode.value)):
         if isinstance(item, str):
             item = {"source": item}
         elif not isinstance(item, dict):
@@ -215,10 +198,10 @@ def load_recipe(path: str, command: str = "merge") -> Recipe:
                     sub.get(key, (node,))[0],
                     f"adapter: unknown key {key!r} (expected one of: {', '.join(SOURCE_KEYS)})",
                 )
-            if key == "weight":
-                problem = _weight_problem(item[key], sub[key][1])
+            if key == "weight":  # the engine is the one validator of the weight grammar
+                problem = _native.weight_error(index, _weight_request(sub[key][1]))
                 if problem:
-                    raise err(*problem)
+                    raise err(_weight_node(sub[key][1], problem), problem)
             elif not _type_ok(item[key], SOURCE_KEYS[key]):
                 raise err(sub[key][1], f"adapter: key {key!r} must be a {SOURCE_KEYS[key]}, got {item[key]!r}")
         if not item.get("source"):
