@@ -14,6 +14,7 @@ import (
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/atomicdir"
+	"gomerge/gomerge/internal/testutil"
 	"gomerge/gomerge/linalg"
 	"gomerge/gomerge/methods"
 	"gomerge/gomerge/parallel"
@@ -21,17 +22,17 @@ import (
 
 func writeThree(t *testing.T, root string) []string {
 	rng := rand.New(rand.NewPCG(5, 6))
-	mods := func(names ...string) map[string]testModule {
-		m := map[string]testModule{}
+	mods := func(names ...string) map[string]testutil.Module {
+		m := map[string]testutil.Module{}
 		for _, n := range names {
-			m[n] = testModule{A: randTensor(rng, 4, 6), B: randTensor(rng, 5, 4)}
+			m[n] = testutil.Module{A: testutil.RandTensor(rng, 4, 6), B: testutil.RandTensor(rng, 5, 4)}
 		}
 		return m
 	}
 	return []string{
-		writeTestAdapter(t, filepath.Join(root, "a"), map[string]any{"target_modules": []string{"q", "v"}, "custom": 1}, mods("m.q", "m.v")),
-		writeTestAdapter(t, filepath.Join(root, "b"), map[string]any{"target_modules": []string{"v", "k"}}, mods("m.v", "m.k")),
-		writeTestAdapter(t, filepath.Join(root, "c"), map[string]any{"target_modules": []string{"q"}, "lora_alpha": 2}, mods("m.q")),
+		testutil.WriteAdapter(t, filepath.Join(root, "a"), map[string]any{"target_modules": []string{"q", "v"}, "custom": 1}, mods("m.q", "m.v")),
+		testutil.WriteAdapter(t, filepath.Join(root, "b"), map[string]any{"target_modules": []string{"v", "k"}}, mods("m.v", "m.k")),
+		testutil.WriteAdapter(t, filepath.Join(root, "c"), map[string]any{"target_modules": []string{"q"}, "lora_alpha": 2}, mods("m.q")),
 	}
 }
 
@@ -59,8 +60,8 @@ func TestMergeEndToEnd(t *testing.T) {
 				require.NoError(t, err)
 				ma, mb, err := merged.Modules["m.k"].Factors()
 				require.NoError(t, err)
-				want := product(sa, sb, 5, 4, 6)
-				got := product(ma, mb, 5, 12, 6)
+				want := testutil.Product(sa, sb, 5, 4, 6)
+				got := testutil.Product(ma, mb, 5, 12, 6)
 				for i := range want {
 					assert.InDelta(t, 2*2*want[i], got[i], 1e-4)
 				}
@@ -78,13 +79,13 @@ func TestMergeLinearWritesRankPatternForSmallerModules(t *testing.T) {
 	root := t.TempDir()
 	rng := rand.New(rand.NewPCG(7, 8))
 	cfg := map[string]any{"r": 4, "rank_pattern": map[string]int{"q": 2}, "target_modules": []string{"q", "v"}}
-	mods := func() map[string]testModule {
-		return map[string]testModule{
-			"m.q": {A: randTensor(rng, 2, 6), B: randTensor(rng, 5, 2)},
-			"m.v": {A: randTensor(rng, 4, 6), B: randTensor(rng, 5, 4)},
+	mods := func() map[string]testutil.Module {
+		return map[string]testutil.Module{
+			"m.q": {A: testutil.RandTensor(rng, 2, 6), B: testutil.RandTensor(rng, 5, 2)},
+			"m.v": {A: testutil.RandTensor(rng, 4, 6), B: testutil.RandTensor(rng, 5, 4)},
 		}
 	}
-	dirs := []string{writeTestAdapter(t, filepath.Join(root, "a"), cfg, mods()), writeTestAdapter(t, filepath.Join(root, "b"), cfg, mods())}
+	dirs := []string{testutil.WriteAdapter(t, filepath.Join(root, "a"), cfg, mods()), testutil.WriteAdapter(t, filepath.Join(root, "b"), cfg, mods())}
 	out := filepath.Join(root, "out")
 	_, err := Merge(context.Background(), Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1), OutputDir: out, Combine: methods.Combine{CombinationType: "linear"}}, nil)
 	require.NoError(t, err)
@@ -104,8 +105,8 @@ func TestMergeErrors(t *testing.T) {
 	root := t.TempDir()
 	dirs := writeThree(t, root)
 	rng := rand.New(rand.NewPCG(9, 9))
-	bad := writeTestAdapter(t, filepath.Join(root, "bad"), nil, map[string]testModule{"m.q": {A: randTensor(rng, 4, 7), B: randTensor(rng, 5, 4)}})
-	r8 := writeTestAdapter(t, filepath.Join(root, "r8"), map[string]any{"r": 8}, map[string]testModule{"m.q": {A: randTensor(rng, 8, 6), B: randTensor(rng, 5, 8)}})
+	bad := testutil.WriteAdapter(t, filepath.Join(root, "bad"), nil, map[string]testutil.Module{"m.q": {A: testutil.RandTensor(rng, 4, 7), B: testutil.RandTensor(rng, 5, 4)}})
+	r8 := testutil.WriteAdapter(t, filepath.Join(root, "r8"), map[string]any{"r": 8}, map[string]testutil.Module{"m.q": {A: testutil.RandTensor(rng, 8, 6), B: testutil.RandTensor(rng, 5, 8)}})
 	existing := filepath.Join(root, "exists")
 	require.NoError(t, os.MkdirAll(existing, 0o755))
 	require.NoError(t, os.WriteFile(filepath.Join(existing, "notes.txt"), []byte("keep me"), 0o644))
@@ -198,12 +199,12 @@ func TestPlanWorkersRefusesWhatCannotFit(t *testing.T) {
 func TestDifferentBaseModelsWarn(t *testing.T) {
 	root := t.TempDir()
 	rng := rand.New(rand.NewPCG(3, 4))
-	mods := map[string]testModule{"m.q": {A: randTensor(rng, 4, 6), B: randTensor(rng, 5, 4)}}
+	mods := map[string]testutil.Module{"m.q": {A: testutil.RandTensor(rng, 4, 6), B: testutil.RandTensor(rng, 5, 4)}}
 	dirs := []string{
-		writeTestAdapter(t, filepath.Join(root, "a"), map[string]any{"base_model_name_or_path": "meta/llama-3-8b"}, mods),
-		writeTestAdapter(t, filepath.Join(root, "b"), map[string]any{"base_model_name_or_path": "meta/llama-3-8b"}, mods),
-		writeTestAdapter(t, filepath.Join(root, "c"), map[string]any{"base_model_name_or_path": "mistral/7b"}, mods),
-		writeTestAdapter(t, filepath.Join(root, "d"), map[string]any{}, mods), // names none: not compared
+		testutil.WriteAdapter(t, filepath.Join(root, "a"), map[string]any{"base_model_name_or_path": "meta/llama-3-8b"}, mods),
+		testutil.WriteAdapter(t, filepath.Join(root, "b"), map[string]any{"base_model_name_or_path": "meta/llama-3-8b"}, mods),
+		testutil.WriteAdapter(t, filepath.Join(root, "c"), map[string]any{"base_model_name_or_path": "mistral/7b"}, mods),
+		testutil.WriteAdapter(t, filepath.Join(root, "d"), map[string]any{}, mods), // names none: not compared
 	}
 	res, err := Merge(context.Background(), Options{Adapters: dirs, Weights: adapter.ScalarWeights(1, 1, 1, 1), OutputDir: filepath.Join(root, "out"), Combine: methods.Combine{CombinationType: "cat"}}, nil)
 	require.NoError(t, err)
@@ -223,11 +224,11 @@ func TestMergeDellaEndToEnd(t *testing.T) {
 	out, in, r := 24, 20, 4
 	var dirs []string
 	for i := range 3 {
-		mods := map[string]testModule{
-			"m.layers.0.q": {A: randTensor(rng, r, in), B: randTensor(rng, out, r)},
-			"m.layers.0.v": {A: randTensor(rng, r, in), B: randTensor(rng, out, r)},
+		mods := map[string]testutil.Module{
+			"m.layers.0.q": {A: testutil.RandTensor(rng, r, in), B: testutil.RandTensor(rng, out, r)},
+			"m.layers.0.v": {A: testutil.RandTensor(rng, r, in), B: testutil.RandTensor(rng, out, r)},
 		}
-		dirs = append(dirs, writeTestAdapter(t, filepath.Join(dir, "a"+string(rune('0'+i))), nil, mods))
+		dirs = append(dirs, testutil.WriteAdapter(t, filepath.Join(dir, "a"+string(rune('0'+i))), nil, mods))
 	}
 	density, seed, svdRank := 0.5, uint64(7), linalg.RankSpec{Fixed: 20}
 	weights := []float64{1, 0.5, -0.3}

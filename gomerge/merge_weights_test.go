@@ -2,11 +2,6 @@ package gomerge
 
 import (
 	"context"
-	"gomerge/gomerge/adapter"
-	"gomerge/gomerge/errs"
-	"gomerge/gomerge/internal/atomicdir"
-	"gomerge/gomerge/linalg"
-	"gomerge/gomerge/methods"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -16,6 +11,13 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"gomerge/gomerge/adapter"
+	"gomerge/gomerge/errs"
+	"gomerge/gomerge/internal/atomicdir"
+	"gomerge/gomerge/internal/testutil"
+	"gomerge/gomerge/linalg"
+	"gomerge/gomerge/methods"
 )
 
 func perModule(pairs ...any) adapter.Weight {
@@ -40,12 +42,12 @@ func writeLayered(t *testing.T, root string, n int) ([]string, []string) {
 		"model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"}
 	var dirs []string
 	for i := range n {
-		mods := map[string]testModule{}
+		mods := map[string]testutil.Module{}
 		for _, name := range names {
-			mods[name] = testModule{A: randTensor(rng, 4, 6), B: randTensor(rng, 5, 4)}
+			mods[name] = testutil.Module{A: testutil.RandTensor(rng, 4, 6), B: testutil.RandTensor(rng, 5, 4)}
 		}
 		cfg := map[string]any{"target_modules": []string{"q_proj", "up_proj"}, "lora_alpha": 4 * (i + 1)}
-		dirs = append(dirs, writeTestAdapter(t, filepath.Join(root, string(rune('a'+i))), cfg, mods))
+		dirs = append(dirs, testutil.WriteAdapter(t, filepath.Join(root, string(rune('a'+i))), cfg, mods))
 	}
 	return dirs, names
 }
@@ -93,14 +95,14 @@ func TestMergePerModuleWeights(t *testing.T) {
 					m := src.Modules[name]
 					a, b, err := m.Factors()
 					require.NoError(t, err)
-					for k, v := range product(a, b, 5, 4, 6) {
+					for k, v := range testutil.Product(a, b, 5, 4, 6) {
 						expect[k] += want(i, name) * m.Scaling * v
 					}
 				}
 				mm := merged.Modules[name]
 				a, b, err := mm.Factors()
 				require.NoError(t, err)
-				got := product(a, b, 5, mm.Rank, 6)
+				got := testutil.Product(a, b, 5, mm.Rank, 6)
 				for k := range expect {
 					assert.InDelta(t, expect[k], got[k], 1e-4, "%s [%d]", name, k)
 				}

@@ -17,6 +17,7 @@ import (
 
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/internal/testutil"
 	"gomerge/gomerge/linalg"
 	"gomerge/gomerge/methods"
 	"gomerge/gomerge/safetensors"
@@ -24,7 +25,7 @@ import (
 
 // writeModel writes a model folder (config.json, model.safetensors) of
 // float32 tensors.
-func writeModel(t *testing.T, dir string, tensors map[string]*Tensor) string {
+func writeModel(t *testing.T, dir string, tensors map[string]*testutil.Tensor) string {
 	t.Helper()
 	require.NoError(t, os.MkdirAll(dir, 0o755))
 	cfg := `{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}`
@@ -33,14 +34,14 @@ func writeModel(t *testing.T, dir string, tensors map[string]*Tensor) string {
 	for name, x := range tensors {
 		raw[name] = safetensors.RawTensor{DType: safetensors.F32, Shape: x.Shape, Data: safetensors.Encode(safetensors.F32, x.Data)}
 	}
-	require.NoError(t, WriteSafetensors(filepath.Join(dir, "model.safetensors"), raw, map[string]string{"format": "pt"}))
+	require.NoError(t, testutil.WriteSafetensors(filepath.Join(dir, "model.safetensors"), raw, map[string]string{"format": "pt"}))
 	return dir
 }
 
 // lowRankChange returns a rank-r m x n matrix with singular values
 // scale * decay^i.
 func lowRankChange(rng *rand.Rand, m, n, r int, scale, decay float64) []float64 {
-	u, v := orthonormal(rng, m, r), orthonormal(rng, n, r)
+	u, v := testutil.Orthonormal(rng, m, r), testutil.Orthonormal(rng, n, r)
 	d := make([]float64, m*n)
 	for c := 0; c < r; c++ {
 		s := scale * math.Pow(decay, float64(c))
@@ -71,11 +72,11 @@ func makeExtractPair(t *testing.T, noise float64) extractPair {
 		"model.layers.1.self_attn.v_proj": {32, 96},
 		"model.layers.1.self_attn.o_proj": {96, 96},
 	}
-	base, ft := map[string]*Tensor{}, map[string]*Tensor{}
+	base, ft := map[string]*testutil.Tensor{}, map[string]*testutil.Tensor{}
 	p := extractPair{dW: map[string][]float64{}, shapes: shapes}
 	for name, s := range shapes {
-		b := randTensor(rng, s[0], s[1])
-		f := &Tensor{Shape: b.Shape, Data: append([]float32(nil), b.Data...)}
+		b := testutil.RandTensor(rng, s[0], s[1])
+		f := &testutil.Tensor{Shape: b.Shape, Data: append([]float32(nil), b.Data...)}
 		if name != "model.layers.1.self_attn.o_proj" {
 			d := lowRankChange(rng, s[0], s[1], 6, 1, 0.6)
 			for i := range d {
@@ -89,14 +90,14 @@ func makeExtractPair(t *testing.T, noise float64) extractPair {
 		}
 		base[name+".weight"], ft[name+".weight"] = b, f
 	}
-	norm := &Tensor{Shape: []int{96}, Data: make([]float32, 96)}
+	norm := &testutil.Tensor{Shape: []int{96}, Data: make([]float32, 96)}
 	for i := range norm.Data {
 		norm.Data[i] = 1
 	}
 	base["model.norm.weight"] = norm
-	ft["model.norm.weight"] = &Tensor{Shape: []int{96}, Data: append([]float32(nil), norm.Data...)}
+	ft["model.norm.weight"] = &testutil.Tensor{Shape: []int{96}, Data: append([]float32(nil), norm.Data...)}
 	ft["model.norm.weight"].Data[3] = 1.5
-	emb := randTensor(rng, 50, 96)
+	emb := testutil.RandTensor(rng, 50, 96)
 	base["model.embed_tokens.weight"], ft["model.embed_tokens.weight"] = emb, emb
 	p.base, p.ft = writeModel(t, filepath.Join(dir, "base"), base), writeModel(t, filepath.Join(dir, "ft"), ft)
 	return p
@@ -175,7 +176,7 @@ func TestExtract(t *testing.T) {
 				} else if tc.rank.Fixed > 0 {
 					assert.Equal(t, tc.rank.Fixed, r, module)
 				}
-				ba := product(a, b, s[0], r, s[1])
+				ba := testutil.Product(a, b, s[0], r, s[1])
 				errSq, total := 0.0, 0.0
 				for i := range dw {
 					errSq += (dw[i] - ba[i]) * (dw[i] - ba[i])
@@ -287,35 +288,35 @@ func TestExtractIsDeterministic(t *testing.T) {
 
 func TestExtractErrors(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
-	w := randTensor(rng, 8, 6)
-	w2 := randTensor(rng, 8, 6)
+	w := testutil.RandTensor(rng, 8, 6)
+	w2 := testutil.RandTensor(rng, 8, 6)
 	tests := []struct {
 		name string
-		base map[string]*Tensor
-		ft   map[string]*Tensor
+		base map[string]*testutil.Tensor
+		ft   map[string]*testutil.Tensor
 		opts func(*Options)
 		kind errs.ErrKind
 		msg  string
 	}{
-		{name: "shapes disagree", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": randTensor(rng, 6, 8)},
+		{name: "shapes disagree", base: map[string]*testutil.Tensor{"l.q_proj.weight": w}, ft: map[string]*testutil.Tensor{"l.q_proj.weight": testutil.RandTensor(rng, 6, 8)},
 			kind: errs.KindValue, msg: "tensor l.q_proj.weight has shape [8, 6] in the base model"},
-		{name: "missing in the fine-tune", base: map[string]*Tensor{"l.q_proj.weight": w, "l.k_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
+		{name: "missing in the fine-tune", base: map[string]*testutil.Tensor{"l.q_proj.weight": w, "l.k_proj.weight": w}, ft: map[string]*testutil.Tensor{"l.q_proj.weight": w2},
 			kind: errs.KindValue, msg: "tensor l.k_proj.weight is in the base model"},
-		{name: "missing in the base", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2, "l.k_proj.weight": w},
+		{name: "missing in the base", base: map[string]*testutil.Tensor{"l.q_proj.weight": w}, ft: map[string]*testutil.Tensor{"l.q_proj.weight": w2, "l.k_proj.weight": w},
 			kind: errs.KindValue, msg: "tensor l.k_proj.weight is in the fine-tuned model"},
-		{name: "nothing changed", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w},
+		{name: "nothing changed", base: map[string]*testutil.Tensor{"l.q_proj.weight": w}, ft: map[string]*testutil.Tensor{"l.q_proj.weight": w},
 			kind: errs.KindValue, msg: "no linear module"},
-		{name: "rank 0", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
+		{name: "rank 0", base: map[string]*testutil.Tensor{"l.q_proj.weight": w}, ft: map[string]*testutil.Tensor{"l.q_proj.weight": w2},
 			opts: func(o *Options) { o.Rank = &linalg.RankSpec{} }, kind: errs.KindValue, msg: "rank: 0"},
-		{name: "no rank", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
+		{name: "no rank", base: map[string]*testutil.Tensor{"l.q_proj.weight": w}, ft: map[string]*testutil.Tensor{"l.q_proj.weight": w2},
 			opts: func(o *Options) { o.Rank = nil }, kind: errs.KindValue, msg: "give a rank"},
-		{name: "save module that does not exist", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
+		{name: "save module that does not exist", base: map[string]*testutil.Tensor{"l.q_proj.weight": w}, ft: map[string]*testutil.Tensor{"l.q_proj.weight": w2},
 			opts: func(o *Options) { o.SaveModules = []string{"lm_head"} }, kind: errs.KindValue, msg: `"lm_head" names no module`},
-		{name: "output is an input", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
+		{name: "output is an input", base: map[string]*testutil.Tensor{"l.q_proj.weight": w}, ft: map[string]*testutil.Tensor{"l.q_proj.weight": w2},
 			opts: func(o *Options) { o.OutputDir = o.Base }, kind: errs.KindValue, msg: "is also an input"},
-		{name: "output exists", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
+		{name: "output exists", base: map[string]*testutil.Tensor{"l.q_proj.weight": w}, ft: map[string]*testutil.Tensor{"l.q_proj.weight": w2},
 			opts: func(o *Options) { require.NoError(t, os.MkdirAll(o.OutputDir, 0o755)) }, kind: errs.KindFileExists, msg: "already exists"},
-		{name: "missing folder", base: map[string]*Tensor{"l.q_proj.weight": w}, ft: map[string]*Tensor{"l.q_proj.weight": w2},
+		{name: "missing folder", base: map[string]*testutil.Tensor{"l.q_proj.weight": w}, ft: map[string]*testutil.Tensor{"l.q_proj.weight": w2},
 			opts: func(o *Options) { o.Finetuned += "-missing" }, kind: errs.KindFileNotFound, msg: "does not exist"},
 	}
 	for _, tc := range tests {
@@ -341,9 +342,9 @@ func TestExtractErrors(t *testing.T) {
 func TestExtractRefusesIntegerTensors(t *testing.T) {
 	dir := t.TempDir()
 	rng := rand.New(rand.NewPCG(3, 4))
-	w := randTensor(rng, 8, 6)
-	base := writeModel(t, filepath.Join(dir, "base"), map[string]*Tensor{"l.q_proj.weight": w})
-	ft := writeModel(t, filepath.Join(dir, "ft"), map[string]*Tensor{})
+	w := testutil.RandTensor(rng, 8, 6)
+	base := writeModel(t, filepath.Join(dir, "base"), map[string]*testutil.Tensor{"l.q_proj.weight": w})
+	ft := writeModel(t, filepath.Join(dir, "ft"), map[string]*testutil.Tensor{})
 	v, err := stlib.NewTensorView(stlib.I64, []uint64{8, 6}, make([]byte, 8*6*8))
 	require.NoError(t, err)
 	f, err := os.Create(filepath.Join(ft, "model.safetensors"))
@@ -365,7 +366,7 @@ func TestFactorizeDenseSketched(t *testing.T) {
 	const m, n = 700, 600
 	rng := rand.New(rand.NewPCG(9, 9))
 	low := lowRankChange(rng, m, n, 200, 1, 1)
-	u, v := orthonormal(rng, m, 200), orthonormal(rng, n, 200)
+	u, v := testutil.Orthonormal(rng, m, 200), testutil.Orthonormal(rng, n, 200)
 	d := make([]float32, m*n)
 	dd := make([]float64, m*n)
 	for i := range low {
@@ -429,7 +430,7 @@ func TestFactorizeDenseSketched(t *testing.T) {
 			l := k + linalg.RSVDOversample
 			assert.Equal(t, tc.sketched, min(m, n) > (2*PowerIters+2)*l, "the case takes the path it is named for")
 			assert.Equal(t, tc.wantRank, r)
-			ba := product(methods.ToFloat32(ak), methods.ToFloat32(bk), m, r, n)
+			ba := testutil.Product(methods.ToFloat32(ak), methods.ToFloat32(bk), m, r, n)
 			errSq := 0.0
 			for i := range dd {
 				errSq += (dd[i] - ba[i]) * (dd[i] - ba[i])
@@ -448,10 +449,10 @@ func TestFactorizeDenseSketched(t *testing.T) {
 func TestExtractChangedBiasOfALinearModule(t *testing.T) {
 	rng := rand.New(rand.NewPCG(5, 6))
 	dir := t.TempDir()
-	w, b := randTensor(rng, 8, 6), randTensor(rng, 8)
-	w2, b2 := randTensor(rng, 8, 6), randTensor(rng, 8)
-	base := writeModel(t, filepath.Join(dir, "base"), map[string]*Tensor{"l.q_proj.weight": w, "l.q_proj.bias": b})
-	ft := writeModel(t, filepath.Join(dir, "ft"), map[string]*Tensor{"l.q_proj.weight": w2, "l.q_proj.bias": b2})
+	w, b := testutil.RandTensor(rng, 8, 6), testutil.RandTensor(rng, 8)
+	w2, b2 := testutil.RandTensor(rng, 8, 6), testutil.RandTensor(rng, 8)
+	base := writeModel(t, filepath.Join(dir, "base"), map[string]*testutil.Tensor{"l.q_proj.weight": w, "l.q_proj.bias": b})
+	ft := writeModel(t, filepath.Join(dir, "ft"), map[string]*testutil.Tensor{"l.q_proj.weight": w2, "l.q_proj.bias": b2})
 	res, err := Extract(context.Background(), Options{Base: base, Finetuned: ft, OutputDir: filepath.Join(dir, "out"),
 		Rank: &linalg.RankSpec{Fixed: 2}, SaveChanged: true}, nil)
 	require.NoError(t, err)

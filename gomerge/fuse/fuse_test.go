@@ -14,6 +14,7 @@ import (
 
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
+	"gomerge/gomerge/internal/testutil"
 	"gomerge/gomerge/modelfolder"
 	"gomerge/gomerge/safetensors"
 )
@@ -150,7 +151,7 @@ func TestScaleByNorm(t *testing.T) {
 
 // writeTestBase writes a model folder: config.json and one model.safetensors
 // holding the given float32 tensors stored as dtype.
-func writeTestBase(t *testing.T, dir string, cfg string, dt safetensors.DType, tensors map[string]*Tensor) string {
+func writeTestBase(t *testing.T, dir string, cfg string, dt safetensors.DType, tensors map[string]*testutil.Tensor) string {
 	t.Helper()
 	require.NoError(t, os.MkdirAll(dir, 0o755))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "config.json"), []byte(cfg), 0o644))
@@ -159,7 +160,7 @@ func writeTestBase(t *testing.T, dir string, cfg string, dt safetensors.DType, t
 	for name, x := range tensors {
 		raw[name] = safetensors.RawTensor{DType: dt, Shape: x.Shape, Data: safetensors.Encode(dt, x.Data)}
 	}
-	require.NoError(t, WriteSafetensors(filepath.Join(dir, "model.safetensors"), raw, map[string]string{"format": "pt"}))
+	require.NoError(t, testutil.WriteSafetensors(filepath.Join(dir, "model.safetensors"), raw, map[string]string{"format": "pt"}))
 	return dir
 }
 
@@ -183,30 +184,30 @@ func readFolder(t *testing.T, dir string) map[string][]float32 {
 func TestFuse(t *testing.T) {
 	rng := rand.New(rand.NewPCG(5, 6))
 	const d, v, r = 8, 12, 2
-	tensors := map[string]*Tensor{
-		"model.embed_tokens.weight": randTensor(rng, v, d),
-		"model.q.weight":            randTensor(rng, d, d),
-		"model.up.weight":           randTensor(rng, d, 16), // fan_in_fan_out layout: in x out
-		"model.norm.weight":         randTensor(rng, d),
+	tensors := map[string]*testutil.Tensor{
+		"model.embed_tokens.weight": testutil.RandTensor(rng, v, d),
+		"model.q.weight":            testutil.RandTensor(rng, d, d),
+		"model.up.weight":           testutil.RandTensor(rng, d, 16), // fan_in_fan_out layout: in x out
+		"model.norm.weight":         testutil.RandTensor(rng, d),
 	}
 	root := t.TempDir()
 	tied := writeTestBase(t, filepath.Join(root, "tied"), `{"tie_word_embeddings": true}`, safetensors.BF16, tensors)
-	mods := map[string]testModule{
-		"model.q":            {A: randTensor(rng, r, d), B: randTensor(rng, d, r)},
-		"model.embed_tokens": {A: randTensor(rng, r, v), B: randTensor(rng, d, r), Embed: true},
+	mods := map[string]testutil.Module{
+		"model.q":            {A: testutil.RandTensor(rng, r, d), B: testutil.RandTensor(rng, d, r)},
+		"model.embed_tokens": {A: testutil.RandTensor(rng, r, v), B: testutil.RandTensor(rng, d, r), Embed: true},
 	}
-	ad := writeTestAdapter(t, filepath.Join(root, "a"), map[string]any{"r": r, "lora_alpha": 4,
+	ad := testutil.WriteAdapter(t, filepath.Join(root, "a"), map[string]any{"r": r, "lora_alpha": 4,
 		"target_modules": []string{"q", "embed_tokens"}}, mods)
-	up := testModule{A: randTensor(rng, r, d), B: randTensor(rng, 16, r)}
-	fifo := writeTestAdapter(t, filepath.Join(root, "fifo"), map[string]any{"r": r, "lora_alpha": 2, "fan_in_fan_out": true,
-		"target_modules": []string{"up"}}, map[string]testModule{"model.up": up})
+	up := testutil.Module{A: testutil.RandTensor(rng, r, d), B: testutil.RandTensor(rng, 16, r)}
+	fifo := testutil.WriteAdapter(t, filepath.Join(root, "fifo"), map[string]any{"r": r, "lora_alpha": 2, "fan_in_fan_out": true,
+		"target_modules": []string{"up"}}, map[string]testutil.Module{"model.up": up})
 
 	out := filepath.Join(root, "out")
 	res, err := Fuse(context.Background(), Options{Base: tied, Adapters: []string{ad, fifo}, Stack: true, OutputDir: out}, nil)
 	require.NoError(t, err)
 	assert.True(t, res.Untied)
 	got, base := readFolder(t, out), readFolder(t, tied)
-	exact := func(w []float32, a, b *Tensor, s float64, rows, cols int, transposed bool) []float32 {
+	exact := func(w []float32, a, b *testutil.Tensor, s float64, rows, cols int, transposed bool) []float32 {
 		want := make([]float32, len(w))
 		for i := 0; i < rows; i++ {
 			for j := 0; j < cols; j++ {
@@ -244,10 +245,10 @@ func TestFuse(t *testing.T) {
 		{"exists", Options{Base: tied, Adapters: []string{ad}, OutputDir: out}, errs.KindFileExists, "already exists"},
 		{"no base", Options{Base: filepath.Join(root, "nope"), Adapters: []string{ad}, OutputDir: filepath.Join(root, "o1")}, errs.KindFileNotFound, "nope"},
 		{"weights", Options{Base: tied, Adapters: []string{ad}, Weights: adapter.ScalarWeights(1, 2), OutputDir: filepath.Join(root, "o2")}, errs.KindValue, "weights"},
-		{"fifo shape", Options{Base: writeTestBase(t, filepath.Join(root, "b2"), `{}`, safetensors.F32, map[string]*Tensor{
-			"model.up.weight": randTensor(rng, 16, d)}), Adapters: []string{fifo}, OutputDir: filepath.Join(root, "o3")}, errs.KindValue, "fan_in_fan_out"},
-		{"no base tensor", Options{Base: writeTestBase(t, filepath.Join(root, "b3"), `{}`, safetensors.F32, map[string]*Tensor{
-			"model.q.weight": randTensor(rng, d, d)}), Adapters: []string{ad}, OutputDir: filepath.Join(root, "o4")}, errs.KindValue, "model.embed_tokens"},
+		{"fifo shape", Options{Base: writeTestBase(t, filepath.Join(root, "b2"), `{}`, safetensors.F32, map[string]*testutil.Tensor{
+			"model.up.weight": testutil.RandTensor(rng, 16, d)}), Adapters: []string{fifo}, OutputDir: filepath.Join(root, "o3")}, errs.KindValue, "fan_in_fan_out"},
+		{"no base tensor", Options{Base: writeTestBase(t, filepath.Join(root, "b3"), `{}`, safetensors.F32, map[string]*testutil.Tensor{
+			"model.q.weight": testutil.RandTensor(rng, d, d)}), Adapters: []string{ad}, OutputDir: filepath.Join(root, "o4")}, errs.KindValue, "model.embed_tokens"},
 		{"dora merged", Options{Base: tied, Adapters: []string{ad, writeDoraAdapter(t, filepath.Join(root, "dora"), rng)},
 			OutputDir: filepath.Join(root, "o5")}, errs.KindValue, "DoRA"},
 	}
@@ -274,8 +275,8 @@ func TestFuse(t *testing.T) {
 
 // writeDoraAdapter writes a DoRA adapter on model.q (magnitude vector included).
 func writeDoraAdapter(t *testing.T, dir string, rng *rand.Rand) string {
-	writeTestAdapter(t, dir, map[string]any{"r": 2, "lora_alpha": 4, "use_dora": true, "target_modules": []string{"q"}},
-		map[string]testModule{"model.q": {A: randTensor(rng, 2, 8), B: randTensor(rng, 8, 2)}})
+	testutil.WriteAdapter(t, dir, map[string]any{"r": 2, "lora_alpha": 4, "use_dora": true, "target_modules": []string{"q"}},
+		map[string]testutil.Module{"model.q": {A: testutil.RandTensor(rng, 2, 8), B: testutil.RandTensor(rng, 8, 2)}})
 	path := filepath.Join(dir, adapter.WeightsFile)
 	st, err := safetensors.Open(path)
 	require.NoError(t, err)
@@ -286,7 +287,7 @@ func writeDoraAdapter(t *testing.T, dir string, rng *rand.Rand) string {
 		tensors[name] = safetensors.RawTensor{DType: safetensors.F32, Shape: st.Entries[name].Shape, Data: safetensors.Encode(safetensors.F32, x)}
 	}
 	st.Close()
-	tensors[adapter.KeyPrefix+"model.q.lora_magnitude_vector"] = safetensors.RawTensor{DType: safetensors.F32, Shape: []int{8}, Data: safetensors.Encode(safetensors.F32, randTensor(rng, 8).Data)}
-	require.NoError(t, WriteSafetensors(path, tensors, map[string]string{"format": "pt"}))
+	tensors[adapter.KeyPrefix+"model.q.lora_magnitude_vector"] = safetensors.RawTensor{DType: safetensors.F32, Shape: []int{8}, Data: safetensors.Encode(safetensors.F32, testutil.RandTensor(rng, 8).Data)}
+	require.NoError(t, testutil.WriteSafetensors(path, tensors, map[string]string{"format": "pt"}))
 	return dir
 }

@@ -1,21 +1,6 @@
 package methods
 
-import (
-	"context"
-
-	"gomerge/gomerge/internal/testutil"
-)
-
-// The shared test helpers (package internal/testutil), under the names the tests use.
-type (
-	testModule = testutil.Module
-)
-
-var (
-	randTensor       = testutil.RandTensor
-	writeTestAdapter = testutil.WriteAdapter
-	product          = testutil.Product
-)
+import "context"
 
 // mergekitOf is the mergekit merge of a method row, for the tests of its steps.
 func mergekitOf(name string) mergekitMethod {

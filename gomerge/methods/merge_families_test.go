@@ -1,14 +1,16 @@
 package methods
 
 import (
-	"gomerge/gomerge/adapter"
-	"gomerge/gomerge/linalg"
-	"gomerge/gomerge/safetensors"
 	"math/rand/v2"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"gomerge/gomerge/adapter"
+	"gomerge/gomerge/internal/testutil"
+	"gomerge/gomerge/linalg"
+	"gomerge/gomerge/safetensors"
 )
 
 func TestFactorWeights(t *testing.T) {
@@ -60,10 +62,10 @@ func TestMergeSVDIsExactAtFullRank(t *testing.T) {
 	var srcs []Source
 	want := make([]float64, out*in)
 	for i, w := range []float64{2, -0.5, 1} {
-		a, b := randTensor(rng, 2, in), randTensor(rng, out, 2)
+		a, b := testutil.RandTensor(rng, 2, in), testutil.RandTensor(rng, out, 2)
 		s := float64(i + 1)
 		srcs = append(srcs, Source{Weight: w, Mod: mod(2, s, a.Data, b.Data)})
-		for j, v := range product(a.Data, b.Data, out, 2, in) {
+		for j, v := range testutil.Product(a.Data, b.Data, out, 2, in) {
 			want[j] += w * s * v
 		}
 	}
@@ -71,7 +73,7 @@ func TestMergeSVDIsExactAtFullRank(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, 6, k)
 	assert.InDelta(t, 0, relErr, 1e-12, "rank 6 holds the whole sum of three rank-2 updates")
-	got := product(a, b, out, 6, in)
+	got := testutil.Product(a, b, out, 6, in)
 	for i := range want {
 		assert.InDelta(t, want[i], got[i], 1e-5)
 	}

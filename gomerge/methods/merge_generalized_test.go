@@ -2,8 +2,6 @@ package methods
 
 import (
 	"context"
-	"gomerge/gomerge/adapter"
-	"gomerge/gomerge/linalg"
 	"math"
 	"math/rand/v2"
 	"path/filepath"
@@ -11,6 +9,10 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"gomerge/gomerge/adapter"
+	"gomerge/gomerge/internal/testutil"
+	"gomerge/gomerge/linalg"
 )
 
 // gtaReference is mergekit's merge_group on already pruned task tensors,
@@ -141,14 +143,14 @@ func TestDellaRowOnAdapterDirectories(t *testing.T) {
 	dir := t.TempDir()
 	out, in, r := 24, 20, 4
 	var dirs []string
-	var srcMods []map[string]testModule
+	var srcMods []map[string]testutil.Module
 	for i := range 3 {
-		mods := map[string]testModule{
-			"m.layers.0.q": {A: randTensor(rng, r, in), B: randTensor(rng, out, r)},
-			"m.layers.0.v": {A: randTensor(rng, r, in), B: randTensor(rng, out, r)},
+		mods := map[string]testutil.Module{
+			"m.layers.0.q": {A: testutil.RandTensor(rng, r, in), B: testutil.RandTensor(rng, out, r)},
+			"m.layers.0.v": {A: testutil.RandTensor(rng, r, in), B: testutil.RandTensor(rng, out, r)},
 		}
 		srcMods = append(srcMods, mods)
-		dirs = append(dirs, writeTestAdapter(t, filepath.Join(dir, "a"+string(rune('0'+i))), nil, mods))
+		dirs = append(dirs, testutil.WriteAdapter(t, filepath.Join(dir, "a"+string(rune('0'+i))), nil, mods))
 	}
 	density, seed, svdRank := 0.5, uint64(7), linalg.RankSpec{Fixed: 20}
 	weights := []float64{1, 0.5, -0.3}
@@ -175,7 +177,7 @@ func TestDellaRowOnAdapterDirectories(t *testing.T) {
 		}
 		o, err := c.Method().Merge(context.Background(), &ModuleJob{Name: mod, Srcs: srcs, In: in, Out: out}, &c, svdRank.Fixed)
 		require.NoError(t, err)
-		got := product(o.a, o.b, out, 20, in)
+		got := testutil.Product(o.a, o.b, out, 20, in)
 		scale := 0.0
 		for _, v := range want {
 			scale = max(scale, math.Abs(float64(v)))
