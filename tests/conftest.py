@@ -62,11 +62,7 @@ def pytest_terminal_summary(terminalreporter):
         worst: dict[str, svd_checks.Truncation] = {}
         for t in TRUNCATIONS:  # per case, the module closest to its bound
             case = t.label.split(" ")[0]
-            key = (t.distance / t.bound) if t.distance is not None and t.bound else t.ratio_ours
-            old = worst.get(case)
-            if old is None or key > (
-                (old.distance / old.bound) if old.distance is not None and old.bound else old.ratio_ours
-            ):
+            if case not in worst or t.closeness > worst[case].closeness:
                 worst[case] = t
         for case, t in sorted(worst.items()):
             terminalreporter.write_line(f"{case:52s} {t.summary()}")

@@ -113,6 +113,12 @@ class Truncation:
     bound: float | None
     rule: str
 
+    @property
+    def closeness(self) -> float:
+        """How near the comparison came to failing: distance / bound, or gomerge's error ratio where there is no
+        reference."""
+        return self.distance / self.bound if self.distance is not None and self.bound else self.ratio_ours
+
     def summary(self) -> str:
         rel = self.gap / self.s1 if self.s1 else 0.0
         out = f"s1 {self.s1:.3g}, gap/s1 {rel:.2e}, err/opt ours {self.ratio_ours:.6f}"
