@@ -41,9 +41,16 @@ from .merge import CombinationType
 __all__ = ["add_weighted_adapter", "patch_peft", "unpatch_peft"]
 
 
+def _row(combination_type: str) -> dict[str, Any] | None:
+    """The engine's method-table row of a combination type, or None for a name it does not know."""
+    return next((m for m in _native.methods() if m["name"] == combination_type), None)
+
+
 def _method(combination_type: str) -> dict[str, Any]:
     """The engine's method-table row of a combination type (validated first)."""
-    return next(m for m in _native.methods() if m["name"] == combination_type)
+    row = _row(combination_type)
+    assert row is not None, combination_type
+    return row
 
 
 _PEFT_ADD_WEIGHTED_ADAPTER = LoraModel.add_weighted_adapter  # PEFT's own method, whatever patching happens later
@@ -89,8 +96,8 @@ def _unsupported(lora_model: LoraModel, adapters: Sequence[str]) -> str | None:
 def _peft_args(combination_type: str, **args: Any) -> dict[str, Any]:
     """PEFT's arguments that the method reads (its row's ``params``): PEFT ignores the others (``density`` with
     ``"svd"``, say), and so does the drop-in, where the engine refuses them from gomerge's own API."""
-    params = next((m["params"] for m in _native.methods() if m["name"] == combination_type), None)
-    return {k: v for k, v in args.items() if params is None or k in params}
+    row = _row(combination_type)  # an unknown name: everything goes on, for the engine to refuse
+    return {k: v for k, v in args.items() if row is None or k in row["params"]}
 
 
 def _validate(combination_type: str, density: float | None, majority_sign_method: str, svd_clamp: float | None) -> None:
