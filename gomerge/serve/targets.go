@@ -143,9 +143,9 @@ var Targets = []Target{
 		},
 	},
 	{
-		Name:  "portable",
-		Title: "the portable form",
-		Ranks: RankSet{Listed: []int{8, 16, 32, 64, 128, 256, 320, 512}, Max: 512, Text: "one of 8, 16, 32, 64, 128, 256, 320, 512 (vLLM's and LoRAX's sets together)"},
+		Name:     "portable",
+		Title:    "the portable form",
+		Ranks:    RankSet{Listed: []int{8, 16, 32, 64, 128, 256, 320, 512}, Max: 512, Text: "one of 8, 16, 32, 64, 128, 256, 320, 512 (vLLM's and LoRAX's sets together)"},
 		Patterns: false, RsLoRA: false,
 		ModulesToSave: Droppable, DoRA: Refused,
 		Sources: []string{
