@@ -24,8 +24,8 @@ type Options struct {
 	// MaxRank caps the output rank: when the target's rank for the
 	// adapter would exceed it, the largest allowed rank <= MaxRank is used
 	// and every module of a higher rank is truncated by an exact SVD of its
-	// update (0: no cap).
-	MaxRank int `json:"max_rank,omitempty"`
+	// update (nil: no cap).
+	MaxRank *int `json:"max_rank"`
 	// DropModulesToSave leaves modules_to_save (and any other tensor that is
 	// not a LoRA factor) out, where the target rejects them; they are listed
 	// in the result. Without it such an adapter is refused.
@@ -85,8 +85,11 @@ func Export(ctx context.Context, opts Options, progress *parallel.Progress) (*Re
 	if opts.OutputDir == "" {
 		return nil, errs.Value("output_dir: give the directory to write the %s adapter to", t.Title)
 	}
-	if opts.MaxRank < 0 {
-		return nil, errs.Value("max_rank: must be positive, got %d", opts.MaxRank)
+	maxRank := 0
+	if opts.MaxRank != nil {
+		if maxRank = *opts.MaxRank; maxRank < 1 {
+			return nil, errs.Value("max_rank: must be a positive integer, got %d", maxRank)
+		}
 	}
 	if err := adapter.CheckOutput(opts.OutputDir, opts.Overwrite); err != nil {
 		return nil, err
@@ -104,7 +107,7 @@ func Export(ctx context.Context, opts Options, progress *parallel.Progress) (*Re
 	if err := refuse(t, a, f, opts); err != nil {
 		return nil, err
 	}
-	rank, err := outputRank(t, f.maxRank, opts.MaxRank, opts.Adapter)
+	rank, err := outputRank(t, f.maxRank, maxRank, opts.Adapter)
 	if err != nil {
 		return nil, err
 	}

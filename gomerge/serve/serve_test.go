@@ -155,7 +155,7 @@ func TestExportPadsExactly(t *testing.T) {
 func TestExportTruncatesWithExactTail(t *testing.T) {
 	src, mods := mixedAdapter(t, t.TempDir(), map[string]any{"use_rslora": false})
 	out := filepath.Join(t.TempDir(), "out")
-	res, err := Export(context.Background(), Options{Adapter: src, Target: "sglang", OutputDir: out, MaxRank: 4}, nil)
+	res, err := Export(context.Background(), Options{Adapter: src, Target: "sglang", OutputDir: out, MaxRank: ptr(4)}, nil)
 	require.NoError(t, err)
 	assert.Equal(t, 4, res.Rank)
 	require.Len(t, res.Truncated, 1)
@@ -167,7 +167,7 @@ func TestExportTruncatesWithExactTail(t *testing.T) {
 	require.Len(t, tr.Tail, 0) // the update is 4 x 6: rank 4 at most, nothing is lost
 	assert.InDelta(t, 0, tr.Error, 1e-6*sv[0])
 
-	res, err = Export(context.Background(), Options{Adapter: src, Target: "sglang", OutputDir: out, MaxRank: 2, Overwrite: true}, nil)
+	res, err = Export(context.Background(), Options{Adapter: src, Target: "sglang", OutputDir: out, MaxRank: ptr(2), Overwrite: true}, nil)
 	require.NoError(t, err)
 	require.Len(t, res.Truncated, 2)
 	for name, m := range mods {
@@ -200,7 +200,7 @@ func TestExportRefusals(t *testing.T) {
 		want string
 	}{
 		{"unknown target", Options{Target: "tgi"}, "unknown serving target \"tgi\""},
-		{"max rank below the set", Options{Target: "lorax", MaxRank: 4}, "max_rank: 4 is below every rank LoRAX loads"},
+		{"max rank below the set", Options{Target: "lorax", MaxRank: ptr(4)}, "max_rank: 4 is below every rank LoRAX loads"},
 	} {
 		tc.opts.Adapter, tc.opts.OutputDir = src, filepath.Join(t.TempDir(), "out")
 		_, err := Export(context.Background(), tc.opts, nil)
@@ -233,3 +233,5 @@ func btoi(b bool) int {
 	}
 	return 0
 }
+
+func ptr(v int) *int { return &v }

@@ -173,3 +173,32 @@ func Names() []string {
 	}
 	return out
 }
+
+// TargetInfo is a row of the table as the bindings report it.
+type TargetInfo struct {
+	Name          string   `json:"name"`
+	Title         string   `json:"title"`
+	Ranks         string   `json:"ranks"`
+	Patterns      bool     `json:"patterns"`
+	RsLoRA        bool     `json:"rslora"`
+	ModulesToSave string   `json:"modules_to_save"`
+	DoRA          string   `json:"dora"`
+	Sources       []string `json:"sources"`
+}
+
+func (p Policy) String() string {
+	if p == Droppable {
+		return "refused; dropped on request"
+	}
+	return "refused"
+}
+
+// Table is the table of targets as data.
+func Table() []TargetInfo {
+	out := make([]TargetInfo, len(Targets))
+	for i, t := range Targets {
+		out[i] = TargetInfo{Name: t.Name, Title: t.Title, Ranks: t.Ranks.Text, Patterns: t.Patterns, RsLoRA: t.RsLoRA,
+			ModulesToSave: t.ModulesToSave.String(), DoRA: t.DoRA.String(), Sources: t.Sources}
+	}
+	return out
+}
