@@ -125,16 +125,12 @@ func Export(ctx context.Context, opts Options, progress *parallel.Progress) (*Re
 	if len(f.toSave) > 0 {
 		res.Dropped = append(res.Dropped, f.toSave...)
 	}
-	outs, err := rewriteAll(ctx, a, rank, dt, opts.Workers, progress, res)
-	if err != nil {
-		return nil, err
-	}
 	cfg, removed, err := profileConfig(a.Config, rank, len(f.toSave) > 0)
 	if err != nil {
 		return nil, err
 	}
 	res.Removed = removed
-	if err := write(ctx, opts, a, outs, cfg, res); err != nil {
+	if err := write(ctx, opts, a, rank, dt, cfg, progress, res); err != nil {
 		return nil, err
 	}
 	res.Seconds = time.Since(start).Seconds()
@@ -211,8 +207,11 @@ func profileConfig(c *adapter.Config, rank int, dropped bool) ([]byte, []string,
 	return append(b, '\n'), removed, nil
 }
 
-// write writes the profile adapter atomically (adapter.CreateOutput).
-func write(ctx context.Context, opts Options, a *adapter.Adapter, outs []moduleOut, cfg []byte, res *Result) error {
+// write writes the profile adapter atomically (adapter.CreateOutput):
+// each module is rewritten and written by the workers as they go (the
+// shapes are known in advance), so that memory holds only the modules in
+// progress.
+func write(ctx context.Context, opts Options, a *adapter.Adapter, rank int, dt safetensors.DType, cfg []byte, progress *parallel.Progress, res *Result) error {
 	pending, err := adapter.CreateOutput(opts.OutputDir, opts.Overwrite)
 	if err != nil {
 		return err
@@ -227,19 +226,11 @@ func write(ctx context.Context, opts Options, a *adapter.Adapter, outs []moduleO
 	if err != nil {
 		return err
 	}
-	var tensors []safetensors.OutTensor
-	for _, o := range outs {
-		tensors = append(tensors, o.a, o.b)
-	}
-	w, err := safetensors.Create(path, tensors, map[string]string{"format": "pt"})
+	w, err := safetensors.Create(path, outTensors(a, rank, dt), map[string]string{"format": "pt"})
 	if err != nil {
 		return err
 	}
-	for _, o := range outs {
-		if err = w.WritePair(o.a.Name, o.aData, o.b.Name, o.bData); err != nil {
-			break
-		}
-	}
+	err = rewriteAll(ctx, a, rank, dt, opts.Workers, progress, res, w)
 	if cerr := w.Close(); err == nil {
 		err = cerr
 	}

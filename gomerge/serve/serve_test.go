@@ -235,3 +235,32 @@ func btoi(b bool) int {
 }
 
 func ptr(v int) *int { return &v }
+
+// Embeddings (lora_embedding_A / _B) and 1x1-B convolutions keep their
+// kinds and trailing dimensions; the padded update equals s B A.
+func TestExportEmbeddingAndConv(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 8))
+	mods := map[string]testutil.Module{
+		"embed_tokens": {A: testutil.RandTensor(rng, 3, 10), B: testutil.RandTensor(rng, 5, 3), Embed: true},
+		"conv":         {A: testutil.RandTensor(rng, 3, 2, 3, 3), B: testutil.RandTensor(rng, 4, 3, 1, 1)},
+	}
+	src := testutil.WriteAdapter(t, t.TempDir(), map[string]any{"r": 3, "lora_alpha": 5, "target_modules": []string{"embed_tokens", "conv"}}, mods)
+	out := filepath.Join(t.TempDir(), "out")
+	res, err := Export(context.Background(), Options{Adapter: src, Target: "lorax", OutputDir: out}, nil)
+	require.NoError(t, err)
+	assert.Equal(t, 8, res.Rank)
+	a, _ := readOut(t, out)
+	assert.Equal(t, adapter.KindEmbedding, a.Modules["embed_tokens"].Kind)
+	assert.Equal(t, []int{8, 2, 3, 3}, a.Modules["conv"].RawA.Shape)
+	assert.Equal(t, []int{4, 8, 1, 1}, a.Modules["conv"].RawB.Shape)
+	for name, m := range mods {
+		om := a.Modules[name]
+		fa, fb, err := om.Factors()
+		require.NoError(t, err)
+		got := mat.NewDense(om.Out(), om.In(), testutil.Product(fa, fb, om.Out(), 8, om.In()))
+		flat := testutil.Module{A: &testutil.Tensor{Shape: []int{3, om.In()}, Data: m.A.Data}, B: &testutil.Tensor{Shape: []int{om.Out(), 3}, Data: m.B.Data}}
+		ref := update(flat, 5.0/3)
+		// s B rounded once to float32 (relative u = 2^-24 per element), then an exact product
+		assert.True(t, mat.EqualApprox(got, ref, 1e-6*mat.Norm(ref, math.Inf(1))), name)
+	}
+}
