@@ -222,3 +222,21 @@ def test_cli_extract_target_refuses_saved_modules(capsys):
         cli.main(args)
     assert e.value.code == 2
     assert "--target vllm: no serving target loads modules_to_save" in capsys.readouterr().err
+
+
+def test_keys_python_sends_and_reads_equal_the_engines(adapters, tmp_path, monkeypatch):
+    from gomerge import _native
+
+    seen = {}
+    real = _native.profile_start
+
+    def spy(request):
+        seen.update(request)
+        return real(request)
+
+    monkeypatch.setattr(_native, "profile_start", spy)
+    res = gomerge.export_profile(adapters["plain"], "portable", str(tmp_path / "out"), progress=False)
+    keys = _native.request_keys()
+    assert sorted(seen) == sorted(keys["profile"])
+    assert sorted(res.__dict__) == sorted(keys["profile_result"])
+    assert [t["name"] for t in _native.serving_targets()] == list(gomerge.SERVING_TARGETS)
