@@ -7,6 +7,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"gomerge/gomerge/adapter"
@@ -33,7 +34,10 @@ type Options struct {
 	// DType of the written tensors ("float32", "bfloat16", "float16"; "": the adapter's).
 	DType     string `json:"dtype,omitempty"`
 	Overwrite bool   `json:"overwrite,omitempty"`
-	Workers   int    `json:"workers,omitempty"`
+	// SourceName names the adapter in the model card ("": no name, for an
+	// intermediate adapter whose own card follows).
+	SourceName string `json:"source_name,omitempty"`
+	Workers    int    `json:"workers,omitempty"`
 }
 
 // Truncation is the exact error of one module truncated to the output rank.
@@ -253,12 +257,27 @@ func write(ctx context.Context, opts Options, a *adapter.Adapter, rank int, dt s
 	return nil
 }
 
-// card is the profile adapter's README.md: what was done, and the source's card.
+// card is the profile adapter's README.md: the source card's metadata
+// (its YAML front matter, if any), what the export did, then the source
+// card's text.
 func card(opts Options, a *adapter.Adapter, res *Result) string {
 	t, _ := Lookup(res.Target)
-	s := fmt.Sprintf("---\nlibrary_name: peft\n---\n\n# %s adapter\n\nWritten by gomerge export --to %s from `%s`: every module's scale "+
-		"is multiplied into lora_B, lora_alpha = r = %d, no rank_pattern / alpha_pattern, %d of %d modules zero-padded to rank %d (exact).\n",
-		t.Title, t.Name, filepath.Base(filepath.Clean(opts.Adapter)), res.Rank, res.Padded, res.Modules, res.Rank)
+	front, body := "---\nlibrary_name: peft\n---\n", ""
+	if src, err := os.ReadFile(filepath.Join(a.Dir, "README.md")); err == nil {
+		body = string(src)
+		if rest, ok := strings.CutPrefix(body, "---\n"); ok {
+			if meta, after, ok := strings.Cut(rest, "\n---\n"); ok {
+				front, body = "---\n"+meta+"\n---\n", after
+			}
+		}
+	}
+	from := ""
+	if opts.SourceName != "" {
+		from = fmt.Sprintf(" from `%s`", opts.SourceName)
+	}
+	s := fmt.Sprintf("%s\n# %s adapter\n\nWritten by `gomerge export --to %s`%s: every module's scale is multiplied into lora_B, "+
+		"lora_alpha = r = %d, no rank_pattern / alpha_pattern, %d of %d modules zero-padded to rank %d (exact).\n",
+		front, t.Title, t.Name, from, res.Rank, res.Padded, res.Modules, res.Rank)
 	if len(res.Truncated) > 0 {
 		worst := 0.0
 		for _, tr := range res.Truncated {
@@ -272,8 +291,8 @@ func card(opts Options, a *adapter.Adapter, res *Result) string {
 	if res.Note != "" {
 		s += "\nServing: " + res.Note + ".\n"
 	}
-	if src, err := os.ReadFile(filepath.Join(a.Dir, "README.md")); err == nil && len(src) > 0 {
-		s += "\n## The source adapter's card\n\n" + string(src)
+	if strings.TrimSpace(body) != "" {
+		s += "\n## The source adapter's card\n\n" + strings.TrimLeft(body, "\n")
 	}
 	return s
 }

@@ -83,6 +83,7 @@ def export_profile(
     subfolder: str | None = None,
     workers: int | None = None,
     progress: bool | None = None,
+    source_name: str | None = None,
 ) -> ProfileResult:
     """Writes `adapter` in the form a serving engine loads with the same numbers as PEFT.
 
@@ -107,6 +108,8 @@ def export_profile(
         revision (`str`, *optional*), subfolder (`str`, *optional*): for a Hub id.
         workers (`int`, *optional*): worker goroutines (default: all cores).
         progress (`bool`, *optional*): show a progress bar (tqdm).
+        source_name (`str`, *optional*): the adapter's name in the model card (default: `adapter` as given; ``""``
+            for none).
 
     Returns:
         [`ProfileResult`]
@@ -139,6 +142,7 @@ def export_profile(
             "dtype": dtype or "",
             "overwrite": overwrite,
             "workers": 0 if workers is None else workers,
+            "source_name": os.fspath(adapter) if source_name is None else source_name,
         }
         job = _native.profile_start(request)
         return ProfileResult._from_engine(_native.run_job(job, progress, _PROGRESS_MIN_MODULES))
@@ -169,6 +173,9 @@ def write_for_target(
     if target not in SERVING_TARGETS:
         raise ValueError(f"target: unknown serving target {target!r} (the targets: {', '.join(SERVING_TARGETS)})")
     parent = os.path.dirname(os.path.abspath(os.fspath(output_dir)))
+    os.makedirs(parent, exist_ok=True)  # as the engine creates an output's parent folders
     with tempfile.TemporaryDirectory(prefix=".gomerge-target-", dir=parent) as tmp:
-        inner = produce(os.path.join(tmp, "adapter"))
-        return inner, export_profile(os.path.join(tmp, "adapter"), target, output_dir, **export)
+        # the intermediate adapter has the output's name, which its model card uses
+        inner_dir = os.path.join(tmp, os.path.basename(os.path.normpath(os.fspath(output_dir))) or "adapter")
+        inner = produce(inner_dir)
+        return inner, export_profile(inner_dir, target, output_dir, source_name="", **export)
