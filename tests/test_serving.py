@@ -155,12 +155,15 @@ def test_refusals_are_clear_and_leave_nothing(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="vLLM does not load DoRA adapters"):
         gomerge.export_profile(dora, "vllm", str(out))
+    assert gomerge.inspect_adapter(dora)["use_dora"]
+    for v in gomerge.serving_check(dora):
+        assert not v["loads"] and not v["fixable"] and "DoRA" in v["reasons"][0], v
     saved = make_adapter(
         "llama",
         AdapterSpec(dict(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]), seed=5),
         str(tmp_path / "saved"),
     )
-    with pytest.raises(ValueError, match=r"modules_to_save \(.*lm_head.*\): LoRAX does not load them"):
+    with pytest.raises(ValueError, match=r"modules_to_save \(.*lm_head.*\): LoRAX is not known to load them"):
         gomerge.export_profile(saved, "lorax", str(out))
     with pytest.raises(ValueError, match="unknown serving target 'tgi'|unknown serving target \"tgi\""):
         gomerge.export_profile(saved, "tgi", str(out))

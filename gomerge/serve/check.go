@@ -88,18 +88,20 @@ func Check(a *adapter.Adapter) []Verdict {
 
 func check(t *Target, f features) Verdict {
 	v := Verdict{Target: t.Name, Fixable: true, Reasons: []string{}}
+	refuses := refusal(t)
 	if f.dora {
-		v.Reasons = append(v.Reasons, fmt.Sprintf("DoRA (use_dora, lora_magnitude_vector): %s does not load DoRA adapters, "+
-			"and their magnitudes have no LoRA form (fuse the adapter into the base instead)", t.Title))
+		v.Reasons = append(v.Reasons, fmt.Sprintf("DoRA (use_dora, lora_magnitude_vector): %s %s DoRA adapters, "+
+			"and their magnitudes have no LoRA form (fuse the adapter into the base instead)", t.Title, refuses))
 		v.Fixable = false
 	}
 	if f.bias {
-		v.Reasons = append(v.Reasons, fmt.Sprintf("lora_bias: %s does not load LoRA biases", t.Title))
+		v.Reasons = append(v.Reasons, fmt.Sprintf("lora_bias: %s %s LoRA biases, and they have no LoRA form "+
+			"(fuse the adapter into the base instead)", t.Title, refuses))
 		v.Fixable = false
 	}
 	if len(f.toSave) > 0 {
-		v.Reasons = append(v.Reasons, fmt.Sprintf("modules_to_save (%s): %s does not load them; export can leave them out (drop_modules_to_save)",
-			list(f.toSave, 3), t.Title))
+		v.Reasons = append(v.Reasons, fmt.Sprintf("modules_to_save (%s): %s %s them; export can leave them out (drop_modules_to_save)",
+			list(f.toSave, 3), t.Title, refuses))
 	}
 	ranks := sortedKeys(f.ranks)
 	if !t.Patterns && len(f.patternScaled) > 0 {
@@ -131,6 +133,15 @@ func check(t *Target, f features) Verdict {
 		v.Note = t.Note(f.maxRank)
 	}
 	return v
+}
+
+// refusal is how messages say that t does not load a feature: "does not
+// load" where read in its code or issues, "is not known to load" otherwise.
+func refusal(t *Target) string {
+	if t.Confirmed {
+		return "does not load"
+	}
+	return "is not known to load"
 }
 
 // allowedAsIs says whether a module of rank r loads on t: vLLM loads any

@@ -143,17 +143,18 @@ func Export(ctx context.Context, opts Options, progress *parallel.Progress) (*Re
 
 // refuse reports what the target cannot load and Export cannot rewrite.
 func refuse(t *Target, a *adapter.Adapter, f features, opts Options) error {
+	refuses := refusal(t)
 	if f.dora {
-		return errs.Value("%s: DoRA adapter (use_dora / lora_magnitude_vector): %s does not load DoRA adapters, and a DoRA "+
-			"magnitude has no LoRA form; fuse it into the base model instead (gomerge fuse)", opts.Adapter, t.Title)
+		return errs.Value("%s: DoRA adapter (use_dora / lora_magnitude_vector): %s %s DoRA adapters, and a DoRA "+
+			"magnitude has no LoRA form; fuse it into the base model instead (gomerge fuse)", opts.Adapter, t.Title, refuses)
 	}
 	if f.bias {
-		return errs.Value("%s: lora_bias: %s does not load LoRA biases, and they have no LoRA form; fuse the adapter "+
-			"into the base model instead (gomerge fuse)", opts.Adapter, t.Title)
+		return errs.Value("%s: lora_bias: %s %s LoRA biases, and they have no LoRA form; fuse the adapter "+
+			"into the base model instead (gomerge fuse)", opts.Adapter, t.Title, refuses)
 	}
 	if len(f.toSave) > 0 && !opts.DropModulesToSave {
-		return errs.Value("%s: modules_to_save (%s): %s does not load them; pass drop_modules_to_save to leave them out "+
-			"(the served model then uses the base's weights for those modules)", opts.Adapter, list(f.toSave, 3), t.Title)
+		return errs.Value("%s: modules_to_save (%s): %s %s them; pass drop_modules_to_save to leave them out "+
+			"(the served model then uses the base's weights for those modules)", opts.Adapter, list(f.toSave, 3), t.Title, refuses)
 	}
 	return nil
 }

@@ -80,6 +80,10 @@ type Target struct {
 	// ModulesToSave and DoRA: what the target does with them (it loads neither).
 	ModulesToSave Policy
 	DoRA          Policy
+	// Confirmed says whether the refusals of DoRA, LoRA biases and
+	// modules_to_save were read in the target's code or issues; where not,
+	// they are treated as refused, and messages say "not known to load".
+	Confirmed bool
 	// Note is what to tell a user serving an adapter of rank r there ("" for nothing).
 	Note func(r int) string
 	// Sources are where each rule was read.
@@ -99,7 +103,7 @@ var Targets = []Target{
 		Ranks: RankSet{Listed: vllmRanks, Max: 512, Text: "one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (max_lora_rank)"},
 		// PEFTHelper reads use_rslora; the snapshot read ignores the patterns and scales by the global alpha / r.
 		Patterns: false, RsLoRA: true,
-		ModulesToSave: Droppable, DoRA: Refused,
+		ModulesToSave: Droppable, DoRA: Refused, Confirmed: true,
 		Note: func(r int) string {
 			if r > vllmDefaultMaxRank {
 				up, _ := RankSet{Listed: vllmRanks, Max: 512}.Up(r)
@@ -147,7 +151,7 @@ var Targets = []Target{
 		Title:    "the portable form",
 		Ranks:    RankSet{Listed: []int{8, 16, 32, 64, 128, 256, 320, 512}, Max: 512, Text: "one of 8, 16, 32, 64, 128, 256, 320, 512 (vLLM's and LoRAX's sets together)"},
 		Patterns: false, RsLoRA: false,
-		ModulesToSave: Droppable, DoRA: Refused,
+		ModulesToSave: Droppable, DoRA: Refused, Confirmed: true, // by definition
 		Sources: []string{
 			"the rules of vLLM, SGLang and LoRAX together: scales in B, lora_alpha = r, one rank, no patterns, no modules_to_save",
 		},

@@ -799,6 +799,9 @@ def _inspect(args: argparse.Namespace) -> int:
         f"parameters     {info['parameters']:,}",
         f"size           {size / 2**20:.1f} MiB",
     ]
+    if info["use_dora"] or info["lora_bias"]:
+        kinds = " and ".join(k for k, on in (("DoRA", info["use_dora"]), ("lora_bias", info["lora_bias"])) if on)
+        lines.append(f"variant        {kinds} (merges refuse it; gomerge fuse applies it)")
     if info["extra_tensors"]:
         lines.append(f"other tensors  {len(info['extra_tensors'])} (not LoRA factors; left out of merges)")
     lines += _serving_lines(info["serving"])
@@ -808,7 +811,6 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _serving_lines(verdicts: list[dict[str, Any]]) -> list[str]:
     """`gomerge inspect`'s serving section: per target, whether the adapter loads as it is, and if not, why."""
-    titles = {t["name"]: t["title"] for t in _native.serving_targets()}
     lines = ["serving (loads as it is, with PEFT's numbers?)"]
     for v in verdicts:
         if v["loads"]:
@@ -817,7 +819,7 @@ def _serving_lines(verdicts: list[dict[str, Any]]) -> list[str]:
         fix = (
             f"gomerge export --to {v['target']} writes a form that loads"
             if v["fixable"]
-            else f"no export makes it load on {titles[v['target']]}"
+            else "no export gives a form that loads"
         )
         lines.append(f"  {v['target']:<9} no ({fix})")
         lines += [f"    - {reason}" for reason in v["reasons"]]
