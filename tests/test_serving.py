@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
-from peft_cases import LLAMA_ALL, AdapterSpec, file_factors, llama, logits, make_adapter
+from peft_cases import LLAMA_ALL, AdapterSpec, file_factors, gpt2, llama, logits, make_adapter
 
 import gomerge
 from gomerge import cli
@@ -243,3 +243,45 @@ def test_keys_python_sends_and_reads_equal_the_engines(adapters, tmp_path, monke
     assert sorted(seen) == sorted(keys["profile"])
     assert sorted(res.__dict__) == sorted(keys["profile_result"])
     assert [t["name"] for t in _native.serving_targets()] == list(gomerge.SERVING_TARGETS)
+
+
+def test_cli_extract_target_writes_the_profile(tmp_path, capsys):
+    """extract --target portable: the extracted adapter (mixed ranks from --energy) in the portable form, with the
+    logits of the plain extraction."""
+    base, ft = llama(0), llama(0)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, m in ft.named_modules():
+            if name.endswith(("q_proj", "v_proj", "down_proj")):
+                r = 2 if "q_proj" in name else 5
+                m.weight += (
+                    0.05
+                    * torch.randn(m.weight.shape[0], r, generator=g)
+                    @ torch.randn(r, m.weight.shape[1], generator=g)
+                )
+    base.save_pretrained(tmp_path / "base")
+    ft.save_pretrained(tmp_path / "ft")
+    plain, portable = str(tmp_path / "plain"), str(tmp_path / "portable")
+    common = ["extract", str(tmp_path / "base"), str(tmp_path / "ft"), "--energy", "0.999", "-q"]
+    assert cli.main([*common, "-o", plain]) == 0
+    assert len(set(config(plain)["rank_pattern"].values()) | {config(plain)["r"]}) > 1, "one rank: not a mixed case"
+    assert cli.main([*common, "--target", "portable", "-o", portable]) == 0
+    cfg = config(portable)
+    assert cfg["r"] == cfg["lora_alpha"] == 8 and cfg["rank_pattern"] == {} and cfg["alpha_pattern"] == {}
+    assert_same_logits(peft_logits(portable), peft_logits(plain), logits(llama(0), "llama"))
+    assert sorted(os.listdir(tmp_path)) == ["base", "ft", "plain", "portable"]
+
+
+def test_fan_in_fan_out_adapter(tmp_path):
+    """GPT-2's Conv1D layers (fan_in_fan_out): the flag is kept, and PEFT reloads the profile with the same logits."""
+    src = make_adapter(
+        "gpt2",
+        AdapterSpec(dict(r=6, lora_alpha=3, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), seed=9),
+        str(tmp_path / "gpt2"),
+    )
+    out = str(tmp_path / "out")
+    gomerge.export_profile(src, "portable", out, progress=False)
+    assert config(out)["fan_in_fan_out"] is True and config(out)["r"] == 8
+    ours = logits(PeftModel.from_pretrained(gpt2(0), out).eval(), "gpt2")
+    theirs = logits(PeftModel.from_pretrained(gpt2(0), src).eval(), "gpt2")
+    assert_same_logits(ours, theirs, logits(gpt2(0), "gpt2"))
