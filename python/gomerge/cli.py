@@ -574,7 +574,6 @@ def _with_target(
         overwrite=bool(overwrite),
         progress=False,
     )
-    res.output_dir = profile.output_dir
     return res, profile
 
 

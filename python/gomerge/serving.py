@@ -168,7 +168,8 @@ def write_for_target(
     in a temporary folder beside `output_dir`, removed whatever happens; `output_dir` appears complete or not at all.
 
     Returns:
-        `tuple`: `produce`'s result and the [`ProfileResult`].
+        `tuple`: `produce`'s result (its `output_dir`, if it has one, set to `output_dir`) and the
+        [`ProfileResult`].
     """
     if target not in SERVING_TARGETS:
         raise ValueError(f"target: unknown serving target {target!r} (the targets: {', '.join(SERVING_TARGETS)})")
@@ -178,4 +179,7 @@ def write_for_target(
         # the intermediate adapter has the output's name, which its model card uses
         inner_dir = os.path.join(tmp, os.path.basename(os.path.normpath(os.fspath(output_dir))) or "adapter")
         inner = produce(inner_dir)
-        return inner, export_profile(inner_dir, target, output_dir, source_name="", **export)
+        profile = export_profile(inner_dir, target, output_dir, source_name="", **export)
+    if hasattr(inner, "output_dir"):
+        inner.output_dir = profile.output_dir  # the temporary folder is gone
+    return inner, profile
