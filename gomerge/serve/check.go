@@ -120,13 +120,11 @@ func check(t *Target, f features) Verdict {
 			break
 		}
 	}
-	if t.Name == "portable" {
-		if len(ranks) > 1 {
-			v.Reasons = append(v.Reasons, fmt.Sprintf("mixed ranks %v: the portable form has one rank", ranks))
-		}
-		if !f.alphaIsR {
-			v.Reasons = append(v.Reasons, "lora_alpha differs from r (or rsLoRA): the portable form has its scales in B and lora_alpha = r")
-		}
+	if t.OneRank && len(ranks) > 1 {
+		v.Reasons = append(v.Reasons, fmt.Sprintf("mixed ranks %v: %s has one rank", ranks, t.Title))
+	}
+	if t.AlphaIsR && !f.alphaIsR {
+		v.Reasons = append(v.Reasons, fmt.Sprintf("lora_alpha differs from r (or rsLoRA): %s has its scales in B and lora_alpha = r", t.Title))
 	}
 	v.Loads = len(v.Reasons) == 0
 	if v.Loads && t.Note != nil {
@@ -144,11 +142,11 @@ func refusal(t *Target) string {
 	return "is not known to load"
 }
 
-// allowedAsIs says whether a module of rank r loads on t: vLLM loads any
-// rank up to the max_lora_rank it is started with; the others need an
-// allowed rank.
+// allowedAsIs says whether a module of rank r loads on t: any rank up to
+// the largest of the set where the set is of max_lora_rank values (UpTo),
+// otherwise a rank of the set.
 func allowedAsIs(t *Target, r int) bool {
-	if t.Name == "vllm" {
+	if t.UpTo {
 		_, ok := t.Ranks.Up(r)
 		return ok
 	}

@@ -72,11 +72,18 @@ type Target struct {
 	// Title is the engine's name as written in messages.
 	Title string
 	Ranks RankSet
+	// UpTo says that Ranks lists the server's max_lora_rank values: an
+	// adapter of any rank up to the largest loads as it is (the profile
+	// still pads to a value of the set).
+	UpTo bool
 	// Patterns says whether the target honours rank_pattern / alpha_pattern;
 	// where it does not, every module is scaled by the global lora_alpha / r.
 	Patterns bool
 	// RsLoRA says whether the target honours use_rslora.
 	RsLoRA bool
+	// OneRank and AlphaIsR: the form needs one rank for every module, and
+	// lora_alpha = r with the scales in B (the portable form's definition).
+	OneRank, AlphaIsR bool
 	// ModulesToSave and DoRA: what the target does with them (it loads neither).
 	ModulesToSave Policy
 	DoRA          Policy
@@ -101,8 +108,10 @@ var Targets = []Target{
 		Name:  "vllm",
 		Title: "vLLM",
 		Ranks: RankSet{Listed: vllmRanks, Max: 512, Text: "one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (max_lora_rank)"},
-		// PEFTHelper reads use_rslora; the snapshot read ignores the patterns and scales by the global alpha / r.
-		Patterns: false, RsLoRA: true,
+		// The snapshot read ignores the patterns and scales by the global alpha / r; that it honours
+		// use_rslora was not confirmed there, so an rsLoRA adapter is treated as not loading as is.
+		UpTo:     true,
+		Patterns: false, RsLoRA: false,
 		ModulesToSave: Droppable, DoRA: Refused, Confirmed: true,
 		Note: func(r int) string {
 			if r > vllmDefaultMaxRank {
@@ -113,8 +122,9 @@ var Targets = []Target{
 		},
 		Sources: []string{
 			"vllm/config/lora.py (max_lora_rank choices, default 16)",
-			"vllm/lora/peft_helper.py validate_legal (r <= max_lora_rank; DoRA and modules_to_save refused)",
-			"vllm-project/vllm#9280 (modules_to_save)",
+			"vllm/lora/peft_helper.py validate_legal (r <= max_lora_rank)",
+			"vllm-project/vllm#9280 (modules_to_save rejected; a newer PEFTHelper allows only classifier / score)",
+			"vLLM's LoRA loading (DoRA rejected), as read for the project's deploy-targets notes",
 			"vllm-project/vllm @e745baf (rank_pattern / alpha_pattern ignored: global alpha / r)",
 		},
 	},
@@ -150,7 +160,7 @@ var Targets = []Target{
 		Name:     "portable",
 		Title:    "the portable form",
 		Ranks:    RankSet{Listed: []int{8, 16, 32, 64, 128, 256, 320, 512}, Max: 512, Text: "one of 8, 16, 32, 64, 128, 256, 320, 512 (vLLM's and LoRAX's sets together)"},
-		Patterns: false, RsLoRA: false,
+		Patterns: false, RsLoRA: false, OneRank: true, AlphaIsR: true,
 		ModulesToSave: Droppable, DoRA: Refused, Confirmed: true, // by definition
 		Sources: []string{
 			"the rules of vLLM, SGLang and LoRAX together: scales in B, lora_alpha = r, one rank, no patterns, no modules_to_save",
@@ -183,6 +193,9 @@ type TargetInfo struct {
 	Name          string   `json:"name"`
 	Title         string   `json:"title"`
 	Ranks         string   `json:"ranks"`
+	UpTo          bool     `json:"ranks_up_to"`
+	OneRank       bool     `json:"one_rank"`
+	AlphaIsR      bool     `json:"alpha_is_r"`
 	Patterns      bool     `json:"patterns"`
 	RsLoRA        bool     `json:"rslora"`
 	ModulesToSave string   `json:"modules_to_save"`
@@ -201,7 +214,7 @@ func (p Policy) String() string {
 func Table() []TargetInfo {
 	out := make([]TargetInfo, len(Targets))
 	for i, t := range Targets {
-		out[i] = TargetInfo{Name: t.Name, Title: t.Title, Ranks: t.Ranks.Text, Patterns: t.Patterns, RsLoRA: t.RsLoRA,
+		out[i] = TargetInfo{Name: t.Name, Title: t.Title, Ranks: t.Ranks.Text, UpTo: t.UpTo, OneRank: t.OneRank, AlphaIsR: t.AlphaIsR, Patterns: t.Patterns, RsLoRA: t.RsLoRA,
 			ModulesToSave: t.ModulesToSave.String(), DoRA: t.DoRA.String(), Sources: t.Sources}
 	}
 	return out

@@ -271,6 +271,6 @@ def serving_check(path: str) -> list[dict[str, Any]]:
 
 @functools.cache
 def serving_targets() -> tuple[dict[str, Any], ...]:
-    """The engine's table of serving targets: one dict per target (``name``, ``title``, ``ranks``, ``patterns``,
-    ``rslora``, ``modules_to_save``, ``dora``, ``sources``)."""
+    """The engine's table of serving targets: one dict per target (``name``, ``title``, ``ranks``, ``ranks_up_to``,
+    ``one_rank``, ``alpha_is_r``, ``patterns``, ``rslora``, ``modules_to_save``, ``dora``, ``sources``)."""
     return tuple(json.loads(_b.serving_targets()))
