@@ -86,6 +86,9 @@ func Export(ctx context.Context, opts Options, progress *parallel.Progress) (*Re
 	if err != nil {
 		return nil, errs.Value("target: %v", err)
 	}
+	if opts.Adapter == "" {
+		return nil, errs.Value("adapter: give the adapter directory to export")
+	}
 	if opts.OutputDir == "" {
 		return nil, errs.Value("output_dir: give the directory to write the %s adapter to", t.Title)
 	}

@@ -201,6 +201,8 @@ func TestExportRefusals(t *testing.T) {
 	}{
 		{"unknown target", Options{Target: "tgi"}, "unknown serving target \"tgi\""},
 		{"max rank below the set", Options{Target: "lorax", MaxRank: ptr(4)}, "max_rank: 4 is below every rank LoRAX loads"},
+		{"max rank not positive", Options{Target: "vllm", MaxRank: ptr(0)}, "max_rank: must be a positive integer, got 0"},
+		{"bad dtype", Options{Target: "vllm", DType: "int8"}, "dtype:"},
 	} {
 		tc.opts.Adapter, tc.opts.OutputDir = src, filepath.Join(t.TempDir(), "out")
 		_, err := Export(context.Background(), tc.opts, nil)
