@@ -11,6 +11,7 @@ from ._native import engine_kernels, engine_version
 from .extraction import ExtractResult, extract
 from .fuse import FuseResult, fuse
 from .merge import COMBINATION_TYPES, MergeResult, add_weighted_adapter, inspect_adapter, methods, resize
+from .serving import SERVING_TARGETS, ProfileResult, export_profile, serving_check
 
 __version__ = "0.1.0"
 
@@ -19,14 +20,18 @@ __all__ = [
     "ExtractResult",
     "FuseResult",
     "MergeResult",
+    "ProfileResult",
+    "SERVING_TARGETS",
     "add_weighted_adapter",
     "engine_kernels",
     "engine_version",
+    "export_profile",
     "extract",
     "fuse",
     "inspect_adapter",
     "methods",
     "resize",
+    "serving_check",
     "patch_peft",
     "unpatch_peft",
 ]

@@ -16,6 +16,7 @@ from . import __version__, _native, merge, sources
 from .extraction import extract as extract_adapter
 from .fuse import fuse as fuse_models
 from .merge import COMBINATION_TYPES
+from .serving import SERVING_TARGETS, export_profile, write_for_target
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -38,6 +39,7 @@ examples:
   gomerge inspect merged
   gomerge extract BASE FINETUNED -o extracted --rank 64
   gomerge fuse models/llama adapters/sql -o llama-sql
+  gomerge export merged --to vllm -o merged-vllm
 
 Run `gomerge merge --help` for every option and the recipe format."""
 
@@ -88,6 +90,10 @@ EXAMPLES = {
   gomerge fuse models/llama adapters/sql -o llama-sql
   gomerge fuse models/llama adapters/sql adapters/adcopy --weights 1 0.5 --method ties --density 0.2 -o fused
   gomerge fuse models/llama adapters/sql --dry-run""",
+    "export": """\
+  gomerge export merged --to vllm -o merged-vllm
+  gomerge export merged --to lorax --max-rank 32 -o merged-lorax
+  gomerge export extracted --to portable --drop-modules-to-save -o extracted-portable""",
     "inspect": """\
   gomerge inspect merged
   gomerge inspect user/lora-a --revision v2 --json""",
@@ -255,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-nonfinite", action="store_true", help="merge adapters holding NaN / Inf values (refused by default)"
     )
     _shared(m, "json", "quiet")
+    _add_target(m)
 
     p.merge_parser = m  # for errors reported after parsing
     r = sub.add_parser(
@@ -274,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output-dir", metavar="DIR", help="directory of the resized adapter (required)")
     _shared(r, "overwrite", overwrite="replace an existing adapter directory")
     _shared(r, "dtype", "json", "quiet")
+    _add_target(r)
     p.resize_parser = r
     e = sub.add_parser(
         "extract",
@@ -317,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     _shared(e, "revision", revision="Hub revision for Hub ids")
     _shared(e, "overwrite", overwrite="replace an existing adapter directory")
     _shared(e, "no_model_card", "json", "quiet")
+    _add_target(e)
     p.extract_parser = e  # for errors reported after parsing
     f = sub.add_parser(
         "fuse",
@@ -364,7 +373,53 @@ def build_parser() -> argparse.ArgumentParser:
     _shared(i, "revision", revision="Hub revision for a Hub id without @revision")
     _shared(i, "subfolder", subfolder="folder of the adapter inside the directory or repository")
     _shared(i, "json", json="print the description as JSON")
+    _add_export_profile_parser(sub, p)
     return p
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    """--target: write the adapter in a serving target's form directly (see `gomerge export --help`)."""
+    parser.add_argument(
+        "--target",
+        choices=SERVING_TARGETS,
+        metavar="TARGET",
+        help="write the adapter in the form a server loads with the same numbers, one of: "
+        f"{', '.join(SERVING_TARGETS)} "
+        "(scales in lora_B, lora_alpha = r, one allowed rank, no patterns; --max-rank caps that rank, truncating "
+        "exactly); see `gomerge export --help`",
+    )
+
+
+def _add_export_profile_parser(sub: Any, p: argparse.ArgumentParser) -> None:
+    """`gomerge export ADAPTER --to vllm|sglang|lorax|portable -o OUT`: the serving profiles (other formats, such as
+    GGUF, are separate exporters)."""
+    x = sub.add_parser(
+        "export",
+        epilog=_epilog("export"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="write an adapter in the form a server loads with the same numbers (vLLM, SGLang, LoRAX, portable)",
+        description="Write a PEFT adapter in the form a serving engine loads with the same numbers as PEFT: every "
+        "module's scale (alpha/r, alpha/sqrt(r) with rsLoRA, rank_pattern / alpha_pattern applied) is multiplied into "
+        "lora_B, lora_alpha = r, no rank_pattern / alpha_pattern, and one rank the target allows (smaller modules "
+        "zero-padded: exact). --max-rank truncates instead, by an exact SVD, and reports each module's error. DoRA and "
+        "LoRA biases are refused (no target loads them: fuse them); modules_to_save are refused unless "
+        "--drop-modules-to-save. Ranks: vllm 1, 8, 16, 32, 64, 128, 256, 320, 512; sglang any; lorax 8 or a "
+        "multiple of 16; portable (loads on all three) 8, 16, 32, 64, 128, 256, 320, 512.",
+    )
+    x.add_argument("adapter", metavar="ADAPTER", help="the adapter directory or Hub id")
+    x.add_argument(
+        "--to", required=True, choices=SERVING_TARGETS, metavar="FORMAT", help="one of: " + ", ".join(SERVING_TARGETS)
+    )
+    x.add_argument("-o", "--output-dir", metavar="DIR", help="directory of the exported adapter (required)")
+    x.add_argument("--max-rank", type=int, metavar="M", help="cap of the written rank: truncate larger modules exactly")
+    x.add_argument(
+        "--drop-modules-to-save", action="store_true", help="leave modules_to_save out (no target loads them)"
+    )
+    _shared(x, "dtype", dtype="dtype of the written tensors (default: the adapter's)")
+    _shared(x, "revision", "subfolder")
+    _shared(x, "overwrite", overwrite="replace an existing adapter directory")
+    _shared(x, "json", "quiet")
+    p.export_parser = x
 
 
 # The Python API's parameter names (which the engine's messages use) and the command line's flags that set them: the
@@ -389,6 +444,7 @@ FLAGS: dict[str, str] = {
     "energy": "--energy",
     "modules_to_save": "--save-module",
     "save_modules": "--save-module",
+    "drop_modules_to_save": "--drop-modules-to-save",
 }
 _NAMES = "|".join(sorted(map(re.escape, FLAGS), key=len, reverse=True))
 # where a name is a parameter's: name=True / name=, a name with an underscore anywhere (no path around it), a name
@@ -471,28 +527,74 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             )
             for s in srcs
         ]
-        res = merge._run(
-            local,
-            [s["source"] for s in srcs],
-            [s["weight"] for s in srcs],
-            {k: v for k, v in options.items() if k in merging and v is not None},
-            adapter_name=options.get("adapter_name") or "merged",
-            output_dir=options["output_dir"],
-            overwrite=options.get("overwrite"),
-            model_card=not args.no_model_card,
-            allow_nonfinite=args.allow_nonfinite,
-            dtype=options.get("dtype"),
-            progress=False if args.quiet or args.json else None,
+        res, profile = _with_target(
+            args,
+            lambda output_dir, overwrite: merge._run(
+                local,
+                [s["source"] for s in srcs],
+                [s["weight"] for s in srcs],
+                {k: v for k, v in options.items() if k in merging and v is not None},
+                adapter_name=options.get("adapter_name") or "merged",
+                output_dir=output_dir,
+                overwrite=overwrite,
+                model_card=not args.no_model_card,
+                allow_nonfinite=args.allow_nonfinite,
+                dtype=options.get("dtype"),
+                progress=False if args.quiet or args.json else None,
+            ),
+            options["output_dir"],
+            options.get("overwrite"),
+            options.get("max_rank"),
         )
     if args.json:
-        print(json.dumps(res.__dict__))
+        print(json.dumps(_with_profile(res.__dict__, profile)))
     elif not args.quiet:
         seed = f", seed {res.seed}" if res.seed is not None else ""
         print(
             f"merged {_n(len(srcs), 'adapter')} ({res.combination_type}) into {res.output_dir}: rank {res.rank}, "
             f"{_n(res.modules, 'module')}, {res.dtype}{seed}, {res.seconds:.2f} s"
         )
+        _print_profile(profile)
     return EXIT_OK
+
+
+def _with_target(
+    args: argparse.Namespace, run: Callable[[str, Any], Any], output_dir: str, overwrite: Any, max_rank: Any
+) -> tuple[Any, Any]:
+    """`run(output_dir, overwrite)`, or with --target, `run` into a temporary folder and that adapter exported in the
+    target's form to `output_dir` (`--max-rank` caps its rank too); returns `run`'s result (its output_dir the
+    final one) and the export's (or None)."""
+    if not args.target:
+        return run(output_dir, overwrite), None
+    res, profile = write_for_target(
+        lambda tmp: run(tmp, False),
+        output_dir,
+        args.target,
+        max_rank=max_rank,
+        overwrite=bool(overwrite),
+        progress=False,
+    )
+    return res, profile
+
+
+def _with_profile(result: dict[str, Any], profile: Any) -> dict[str, Any]:
+    """A command's JSON result, with the --target export's under "target" (when there was one)."""
+    return result if profile is None else {**result, "target": profile.__dict__}
+
+
+def _print_profile(profile: Any) -> None:
+    """The summary line of an export to a serving target (and its serving note)."""
+    if profile is None:
+        return
+    worst = max((t["relative_error"] for t in profile.truncated.values()), default=0.0)
+    trunc = f", {len(profile.truncated)} truncated (largest relative error {worst:.3g})" if profile.truncated else ""
+    dropped = f", left out: {', '.join(profile.dropped)}" if profile.dropped else ""
+    print(
+        f"wrote the {profile.target} form to {profile.output_dir}: rank {profile.rank} (lora_alpha = r, scales in "
+        f"lora_B), {_n(profile.modules, 'module')}, {profile.padded} zero-padded{trunc}{dropped}, {profile.dtype}"
+    )
+    if profile.note:
+        print(f"  {profile.note}")
 
 
 def _n(count: int, noun: str) -> str:
@@ -507,18 +609,24 @@ def _rank_arg(value: str) -> int | str:
 
 def _resize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _require_output({"output_dir": args.output_dir}, parser, recipe=False)
-    res = merge.resize(
-        args.adapter,
-        rank=args.rank,
-        energy=args.energy,
-        max_rank=args.max_rank,
-        output_dir=args.output_dir,
-        overwrite=args.overwrite,
-        dtype=args.dtype,
-        progress=False if args.quiet or args.json else None,
+    res, profile = _with_target(
+        args,
+        lambda output_dir, overwrite: merge.resize(
+            args.adapter,
+            rank=args.rank,
+            energy=args.energy,
+            max_rank=args.max_rank,
+            output_dir=output_dir,
+            overwrite=overwrite,
+            dtype=args.dtype,
+            progress=False if args.quiet or args.json else None,
+        ),
+        args.output_dir,
+        args.overwrite,
+        args.max_rank,
     )
     if args.json:
-        print(json.dumps(res.__dict__))
+        print(json.dumps(_with_profile(res.__dict__, profile)))
     elif not args.quiet:
         ranks = sorted(res.module_ranks.values())
         worst = max(res.module_errors.values(), default=0.0)
@@ -526,6 +634,7 @@ def _resize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             f"resized {args.adapter} into {res.output_dir}: {_n(res.modules, 'module')}, ranks {ranks[0]}-{ranks[-1]} "
             f"(r={res.rank}), largest relative error {worst:.3g}, {res.seconds:.2f} s"
         )
+        _print_profile(profile)
     return EXIT_OK
 
 
@@ -559,23 +668,34 @@ def _extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _require_output(options, parser)
     if options.get("rank") is None and options.get("energy") is None:
         parser.error("give --rank or --energy (or rank / energy in the recipe)")
-    res = extract_adapter(
-        options["base"],
-        options["finetuned"],
+    if args.target and options.get("modules_to_save"):
+        parser.error(
+            f"--target {args.target}: no serving target loads modules_to_save; leave out --save-module / "
+            "--save-changed (or save_modules in the recipe)"
+        )
+    res, profile = _with_target(
+        args,
+        lambda output_dir, overwrite: extract_adapter(
+            options["base"],
+            options["finetuned"],
+            output_dir,
+            rank=options.get("rank"),
+            energy=options.get("energy"),
+            max_rank=options.get("max_rank"),
+            modules_to_save=options.get("modules_to_save", False),
+            seed=options.get("seed", 0),
+            dtype=options.get("dtype"),
+            overwrite=overwrite,
+            model_card=options.get("model_card", True),
+            revision=options.get("revision"),
+            progress=False if args.quiet or args.json else None,
+        ),
         options["output_dir"],
-        rank=options.get("rank"),
-        energy=options.get("energy"),
-        max_rank=options.get("max_rank"),
-        modules_to_save=options.get("modules_to_save", False),
-        seed=options.get("seed", 0),
-        dtype=options.get("dtype"),
-        overwrite=options.get("overwrite", False),
-        model_card=options.get("model_card", True),
-        revision=options.get("revision"),
-        progress=False if args.quiet or args.json else None,
+        options.get("overwrite", False),
+        options.get("max_rank"),
     )
     if args.json:
-        print(json.dumps(res.__dict__))
+        print(json.dumps(_with_profile(res.__dict__, profile)))
     elif not args.quiet:
         ranks = sorted(res.module_ranks.values())
         worst = max(res.module_errors.values(), default=0.0)
@@ -585,6 +705,7 @@ def _extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             f"(ranks {ranks[0]}-{ranks[-1]}), largest relative error {worst:.3g}, {len(res.unchanged)} unchanged "
             f"skipped{saved}, {res.seconds:.2f} s"
         )
+        _print_profile(profile)
     return EXIT_OK
 
 
@@ -653,6 +774,7 @@ def _inspect(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         path = sources.resolve(args.adapter, stack, args.revision, args.subfolder)
         info = merge.inspect_adapter(path)
+        info["serving"] = _native.serving_check(path)
         size = sum(
             os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f))
         )
@@ -676,9 +798,52 @@ def _inspect(args: argparse.Namespace) -> int:
         f"parameters     {info['parameters']:,}",
         f"size           {size / 2**20:.1f} MiB",
     ]
+    if info["use_dora"] or info["lora_bias"]:
+        kinds = " and ".join(k for k, on in (("DoRA", info["use_dora"]), ("lora_bias", info["lora_bias"])) if on)
+        lines.append(f"variant        {kinds} (merges refuse it; gomerge fuse applies it)")
     if info["extra_tensors"]:
         lines.append(f"other tensors  {len(info['extra_tensors'])} (not LoRA factors; left out of merges)")
+    lines += _serving_lines(info["serving"])
     print("\n".join(lines))
+    return EXIT_OK
+
+
+def _serving_lines(verdicts: list[dict[str, Any]]) -> list[str]:
+    """`gomerge inspect`'s serving section: per target, whether the adapter loads as it is, and if not, why."""
+    lines = ["serving (loads as it is, with PEFT's numbers?)"]
+    for v in verdicts:
+        if v["loads"]:
+            lines.append(f"  {v['target']:<9} yes" + (f"; {v['note']}" if v["note"] else ""))
+            continue
+        fix = (
+            f"gomerge export --to {v['target']} writes a form that loads"
+            if v["fixable"]
+            else "no export gives a form that loads"
+        )
+        lines.append(f"  {v['target']:<9} no ({fix})")
+        lines += [f"    - {reason}" for reason in v["reasons"]]
+    return lines
+
+
+def _export_profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`gomerge export ADAPTER --to vllm|sglang|lorax|portable -o OUT`."""
+    _require_output({"output_dir": args.output_dir}, parser, recipe=False)
+    res = export_profile(
+        args.adapter,
+        args.to,
+        args.output_dir,
+        max_rank=args.max_rank,
+        drop_modules_to_save=args.drop_modules_to_save,
+        dtype=args.dtype,
+        overwrite=bool(args.overwrite),
+        revision=args.revision,
+        subfolder=args.subfolder,
+        progress=False if args.quiet or args.json else None,
+    )
+    if args.json:
+        print(json.dumps(res.__dict__))
+    elif not args.quiet:
+        _print_profile(res)
     return EXIT_OK
 
 
@@ -705,6 +870,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _extract(args, parser.extract_parser)
             if args.command == "fuse":
                 return _fuse(args, parser.fuse_parser)
+            if args.command == "export":
+                return _export_profile(args, parser.export_parser)
             return _inspect(args)
         except KeyboardInterrupt:
             sys.stderr.write("gomerge: interrupted; nothing was written\n")
