@@ -180,6 +180,10 @@ func planFuse(opts *Options, base *modelfolder.Folder, adapters []*adapter.Adapt
 		}
 		for _, name := range a.Order {
 			m := a.Modules[name]
+			if m.Param != "" {
+				return nil, errs.Value("adapter %s: module %s adapts the parameter %s (target_parameters); fusing parameter "+
+					"adapters is not supported yet (adapter file %s)", opts.Adapters[i], name, m.Param, adapterFile(a))
+			}
 			if p.merged {
 				if m.Magnitude.Shape != nil || m.Bias.Shape != nil {
 					what := "a LoRA bias"
