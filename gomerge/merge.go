@@ -115,8 +115,11 @@ func Merge(ctx context.Context, opts Options, progress *parallel.Progress) (*Res
 		return nil, err
 	}
 	ranks := make([]int, len(jobs))
-	res.ModuleRanks, res.ModuleErrors = map[string]int{}, map[string]float64{}
+	res.ModuleRanks, res.ModuleErrors, res.ModuleExperts = map[string]int{}, map[string]float64{}, map[string]ModuleExperts{}
 	for i, o := range outcomes {
+		if jobs[i].Experts > 1 {
+			res.ModuleExperts[jobs[i].Name] = ModuleExperts{Param: jobs[i].Param, Experts: jobs[i].Experts}
+		}
 		ranks[i] = o.Rank
 		res.ModuleRanks[jobs[i].Name] = o.Rank
 		if !math.IsNaN(o.RelErr) {

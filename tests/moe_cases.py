@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -239,3 +240,57 @@ def reference_logits(kind: str, updates: dict[str, np.ndarray]) -> np.ndarray:
             p = params[key] if key in params else params[key + ".weight"]
             p += torch.from_numpy(np.asarray(d)).to(p.dtype)
     return logits(m)
+
+
+def write_unrolled(kind: str, adapter_dir: str, path: str) -> str:
+    """The adapter as a plain LoRA adapter directory with one module per expert (`<parameter>__e<k>`), each with its
+    expert's factors, rank and alpha (explicit rank_pattern and alpha_pattern): what a merge per expert means."""
+    from safetensors.torch import save_file
+
+    tensors, targets, rp, ap = {}, [], {}, {}
+    for key, f in source_factors(kind, adapter_dir).items():
+        n = f["a"].shape[0]
+        for e in range(n):
+            name = key if f["experts"] is None else f"{key}__e{e}"
+            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.from_numpy(f["a"][e]).float().contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.from_numpy(f["b"][e]).float().contiguous()
+            targets.append(name)
+            rp[name.replace(".", r"\.")], ap[name.replace(".", r"\.")] = f["r"], f["alpha"]
+    cfg = json.load(open(os.path.join(adapter_dir, "adapter_config.json")))
+    cfg.update(target_modules=targets, target_parameters=None, rank_pattern=rp, alpha_pattern=ap)
+    os.makedirs(path, exist_ok=True)
+    json.dump(cfg, open(os.path.join(path, "adapter_config.json"), "w"))
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def file_updates(path: str) -> dict[str, np.ndarray]:
+    """A merged adapter's updates read from its files (merged adapters have scaling 1: lora_alpha and alpha_pattern
+    equal r and rank_pattern): per module (out, in), and per expert of a parameter under `<parameter>__e<k>`."""
+    cfg = json.load(open(os.path.join(path, "adapter_config.json")))
+    sd = load_file(os.path.join(path, "adapter_model.safetensors"))
+    assert cfg["lora_alpha"] == cfg["r"] and cfg["alpha_pattern"] == cfg["rank_pattern"]
+    params = {}
+    for t in cfg.get("target_parameters") or []:
+        params[t.rpartition(".")[2]] = t
+    out = {}
+    for k in sd:
+        if not k.endswith(".lora_A.weight"):
+            continue
+        mod = k.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        a, b = sd[k].double().numpy(), sd[k.replace("lora_A", "lora_B")].double().numpy()
+        if ".experts" not in mod or "__e" in mod:
+            out[mod] = b @ a
+            continue
+        plain, depth = mod, 0
+        while plain.endswith(".base_layer"):
+            plain, depth = plain.removesuffix(".base_layer"), depth + 1
+        order = [p for p in ("gate_up_proj", "down_proj") if p in params]
+        key = f"{plain}.{order[len(order) - 1 - depth]}"
+        r = cfg["rank_pattern"].get(key.replace(".", r"\."), cfg["r"])
+        e = a.shape[0] // r
+        a_e = a.reshape(e, r, -1)
+        b_e = b.reshape(b.shape[0], r, e).transpose(2, 0, 1)
+        for i in range(e):
+            out[f"{key}__e{i}"] = b_e[i] @ a_e[i]
+    return out

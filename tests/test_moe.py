@@ -125,3 +125,107 @@ def test_every_method_merges_each_expert_as_peft_merges_a_module(built, kind, me
     record_parity(f"moe {kind} {method}", max(rel(merged_deltas(kind, out)[k], ref[k]) for k in ref))
     merged = load_peft(kind, [out]).eval()
     np.testing.assert_allclose(logits(merged), reference_logits(kind, ref), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def unrolled(built, tmp_path_factory):
+    from moe_cases import write_unrolled
+
+    root = tmp_path_factory.mktemp("unrolled")
+    return [write_unrolled("mixtral", d, str(root / f"u{i}")) for i, d in enumerate(built("mixtral", "plain"))]
+
+
+def _method_kwargs(m: dict) -> dict:
+    kw = {"density": 0.5} if "density" in m["params"] else {}
+    if "svd_rank" in m["params"]:
+        kw["svd_rank"] = 6
+    return kw
+
+
+@pytest.mark.parametrize("method", [m["name"] for m in gomerge.methods() if not m["random"]])
+def test_every_method_merges_an_expert_as_a_module(built, unrolled, method, tmp_path):
+    """Every deterministic method of gomerge.methods() merges each expert exactly as it merges a module holding that
+    expert's factors (the adapters written out with one module per expert): the per-expert meaning of every method,
+    whose module-wise results the method tests hold to their references."""
+    from moe_cases import file_updates
+
+    weights = [1.0, 0.6]
+    m = next(x for x in gomerge.methods() if x["name"] == method)
+    kw = _method_kwargs(m)
+    gomerge.add_weighted_adapter(built("mixtral", "plain"), weights, "m", combination_type=method,
+                                 output_dir=str(tmp_path / "moe"), **kw)
+    gomerge.add_weighted_adapter(unrolled, weights, "u", combination_type=method, output_dir=str(tmp_path / "u"), **kw)
+    ours, ref = file_updates(str(tmp_path / "moe")), file_updates(str(tmp_path / "u"))
+    assert sorted(ours) == sorted(ref)
+    for k in ref:
+        assert rel(ours[k], ref[k]) < 1e-5, (k, rel(ours[k], ref[k]))
+
+
+@pytest.mark.parametrize("method", [m["name"] for m in gomerge.methods() if m["random"]])
+def test_random_methods_merge_experts_and_reload_in_peft(built, method, tmp_path):
+    """The random methods draw each expert's masks from its own stream (labelled `<module>[e]`): the output has
+    each parameter's stacked shape, reloads in PEFT, and is reproducible with its seed."""
+    m = next(x for x in gomerge.methods() if x["name"] == method)
+    kw = _method_kwargs(m)
+    for run in ("a", "b"):
+        gomerge.add_weighted_adapter(built("mixtral", "plain"), [1.0, 0.6], "m", combination_type=method,
+                                     output_dir=str(tmp_path / run), seed=7, **kw)
+    from moe_cases import file_updates
+
+    a, b = file_updates(str(tmp_path / "a")), file_updates(str(tmp_path / "b"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    deltas = merged_deltas("mixtral", str(tmp_path / "a"))
+    assert deltas["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 96, 32)
+
+
+def test_resize_by_energy_pads_experts_to_the_parameters_rank(built, tmp_path):
+    """resize with the energy rule picks each expert's rank from its own spectrum; the parameter's r (rank_pattern,
+    keyed by the parameter path as PEFT resolves it) is the largest, the others padded with zeros: every expert's
+    update equals the resize of that expert as a module, and the adapter reloads in PEFT."""
+    from moe_cases import file_updates
+
+    import shutil
+
+    from moe_cases import write_unrolled
+    from safetensors.torch import load_file, save_file
+
+    src = str(tmp_path / "src")  # expert 0 of every parameter has rank 1: its B columns k*E+0, k >= 1, are zero
+    shutil.copytree(built("mixtral", "plain")[0], src)
+    sd = load_file(os.path.join(src, "adapter_model.safetensors"))
+    for k, t in sd.items():
+        if "experts" in k and "lora_B" in k:
+            t[:, 4::4] = 0
+    save_file(sd, os.path.join(src, "adapter_model.safetensors"), metadata={"format": "pt"})
+    usrc = write_unrolled("mixtral", src, str(tmp_path / "usrc"))
+    res = gomerge.resize(src, energy=0.8, output_dir=str(tmp_path / "moe"))
+    ures = gomerge.resize(usrc, energy=0.8, output_dir=str(tmp_path / "u"))
+    ours, ref = file_updates(str(tmp_path / "moe")), file_updates(str(tmp_path / "u"))
+    for k in ref:
+        assert rel(ours[k], ref[k]) < 1e-5, k
+    cfg = json.load(open(tmp_path / "moe" / "adapter_config.json"))
+    per_expert: dict[str, list[int]] = {}
+    for k, r in ures.module_ranks.items():
+        if "__e" in k:
+            per_expert.setdefault(k.partition("__e")[0], []).append(r)
+    assert any(min(rs) < max(rs) for rs in per_expert.values())  # some experts are padded
+    for key, rs in per_expert.items():
+        module, _, param = key.rpartition(".")
+        wrapped = module if param == "down_proj" else module + ".base_layer"
+        assert res.module_ranks[wrapped] == max(rs)
+        assert cfg["rank_pattern"].get(key.replace(".", r"\."), cfg["r"]) == max(rs)
+    merged_deltas("mixtral", str(tmp_path / "moe"))  # PEFT reloads it
+
+
+def test_inspect_and_model_card_give_ranks_per_expert(built, tmp_path):
+    info = gomerge.inspect_adapter(built("mixtral", "rslora-patterns")[0])
+    assert info["r"] == 4 and sorted(info["target_parameters"]) == sorted(EXPERT_PARAMS)
+    assert info["experts"] == {f"model.layers.{i}.mlp.experts.{p}": 4 for i in (0, 1) for p in ("gate_up_proj", "down_proj")}
+    assert info["ranks"] == {"4": 4, "2": 2}  # two layers: q_proj and down_proj at 4; gate_up_proj at 2 per expert (rank_pattern)
+    res = gomerge.add_weighted_adapter(built("mixtral", "plain"), [1.0, 1.0], "m", combination_type="cat",
+                                       output_dir=str(tmp_path / "m"))
+    assert res.module_experts["model.layers.0.mlp.experts.base_layer"] == {
+        "param": "model.layers.0.mlp.experts.gate_up_proj", "experts": 4}
+    assert res.module_ranks["model.layers.0.mlp.experts.base_layer"] == 8
+    card = open(tmp_path / "m" / "README.md").read()
+    assert "## Mixture-of-experts parameters" in card
+    assert "| `model.layers.1.mlp.experts` | `model.layers.1.mlp.experts.down_proj` | 4 | 8 |" in card

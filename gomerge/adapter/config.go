@@ -33,8 +33,8 @@ type Config struct {
 	// adapted by lora.ParamWrapper (params.go).
 	TargetParameters []string
 	RankPattern      Patterns
-	AlphaPattern  Patterns
-	BaseModel     string
+	AlphaPattern     Patterns
+	BaseModel        string
 	// UseDora and LoraBias are only accepted when fusing into a base model
 	// (merges refuse them).
 	UseDora  bool
