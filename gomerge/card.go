@@ -86,8 +86,12 @@ func weightText(p adapter.WeightPattern) string {
 
 // writeConfigAndCard writes adapter_config.json (with a rank pattern for
 // modules whose rank differs) and, unless turned off, the README.md card.
-func writeConfigAndCard(out *atomicdir.Output, opts Options, res *Result, base *adapter.Config, targets adapter.TargetModules, pattern adapter.Patterns) error {
-	cfgJSON, err := adapter.MergedConfigJSON(base, res.Rank, targets, pattern, append(adapter.Patterns(nil), pattern...), nil)
+func writeConfigAndCard(out *atomicdir.Output, opts Options, res *Result, base *adapter.Config, targets adapter.TargetModules, params []string, pattern adapter.Patterns) error {
+	var extra map[string]any
+	if params != nil {
+		extra = map[string]any{"target_parameters": params}
+	}
+	cfgJSON, err := adapter.MergedConfigJSON(base, res.Rank, targets, pattern, append(adapter.Patterns(nil), pattern...), extra)
 	if err != nil {
 		return err
 	}

@@ -84,6 +84,10 @@ func Merge(ctx context.Context, opts Options, progress *parallel.Progress) (*Res
 	if err != nil {
 		return nil, err
 	}
+	params, err := adapter.UnionTargetParameters(cfgs, opts.Adapters)
+	if err != nil {
+		return nil, err
+	}
 	jobs, err := opts.PlanModules(opts.Adapters, opts.Weights, adapters)
 	if err != nil {
 		return nil, err
@@ -129,7 +133,7 @@ func Merge(ctx context.Context, opts Options, progress *parallel.Progress) (*Res
 	if opts.EnergyRanks() { // the adapter's r is the largest module rank; the others go into rank_pattern
 		res.Rank = slices.Max(ranks)
 	}
-	if err := writeConfigAndCard(pending, opts, res, adapters[0].Config, targets, rankPattern(jobs, ranks, res.Rank)); err != nil {
+	if err := writeConfigAndCard(pending, opts, res, adapters[0].Config, targets, params, rankPattern(jobs, ranks, res.Rank)); err != nil {
 		return nil, err
 	}
 	if err := ctx.Err(); err != nil {

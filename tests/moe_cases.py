@@ -19,15 +19,31 @@ EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 def config(kind: str):
     """The tiny configs: 4 experts, hidden 32, expert intermediate 48, two layers."""
     common = dict(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     if kind == "mixtral":
         return MixtralConfig(intermediate_size=48, **common)
     if kind == "qwen3_moe":
         common.pop("num_local_experts")
-        return Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=48, num_experts=4, head_dim=8,
-                              decoder_sparse_step=1, norm_topk_prob=True, **common)
+        return Qwen3MoeConfig(
+            intermediate_size=64,
+            moe_intermediate_size=48,
+            num_experts=4,
+            head_dim=8,
+            decoder_sparse_step=1,
+            norm_topk_prob=True,
+            **common,
+        )
+    if kind == "gpt_oss":
+        return gpt_oss_config()
     raise ValueError(kind)
 
 
@@ -64,9 +80,16 @@ class MoeSpec:
 def make_adapter(kind: str, spec: MoeSpec, path: str) -> str:
     """A train-free adapter: PEFT's own layers with random nonzero factors, saved by PEFT."""
     base = model(kind)
-    cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=spec.target_modules,
-                     target_parameters=spec.target_parameters, use_rslora=spec.use_rslora,
-                     rank_pattern=spec.rank_pattern, alpha_pattern=spec.alpha_pattern, lora_dropout=0.0)
+    cfg = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        target_modules=spec.target_modules,
+        target_parameters=spec.target_parameters,
+        use_rslora=spec.use_rslora,
+        rank_pattern=spec.rank_pattern,
+        alpha_pattern=spec.alpha_pattern,
+        lora_dropout=0.0,
+    )
     pm = get_peft_model(base, cfg)
     g = torch.Generator().manual_seed(1000 + spec.seed)
     with torch.no_grad():
@@ -154,8 +177,12 @@ def source_factors(kind: str, adapter_dir: str) -> dict[str, dict]:
             e = mod.num_experts
             module = name.removeprefix("base_model.model.").replace(".base_layer", "")
             key = f"{module}.{mod.parameter_name}"
-            entry.update(a=a.reshape(e, -1, a.shape[-1]), b=b.reshape(b.shape[0], -1, e).transpose(2, 0, 1),
-                         experts=e, swapped=mod._did_swap_in_out_features)
+            entry.update(
+                a=a.reshape(e, -1, a.shape[-1]),
+                b=b.reshape(b.shape[0], -1, e).transpose(2, 0, 1),
+                experts=e,
+                swapped=mod._did_swap_in_out_features,
+            )
         else:
             key = name.removeprefix("base_model.model.")
             entry.update(a=a[None], b=b[None], experts=None, swapped=True)
@@ -186,8 +213,14 @@ def unrolled_merge(kind: str, dirs: list[str], weights: list[float], combination
                 targets.append(n)
                 rp[n], ap[n] = f["r"], f["alpha"]
         first = next(iter(src.values()))
-        cfg = LoraConfig(r=first["r"], lora_alpha=first["alpha"], use_rslora=first["rslora"], target_modules=targets,
-                         rank_pattern=rp, alpha_pattern=ap)
+        cfg = LoraConfig(
+            r=first["r"],
+            lora_alpha=first["alpha"],
+            use_rslora=first["rslora"],
+            target_modules=targets,
+            rank_pattern=rp,
+            alpha_pattern=ap,
+        )
         name = f"a{i}"
         if i == 0:
             model = get_peft_model(model, cfg, adapter_name=name)
@@ -205,10 +238,14 @@ def unrolled_merge(kind: str, dirs: list[str], weights: list[float], combination
     out = {}
     for key, (experts, swapped) in layout.items():
         if experts is None:
-            out[key] = model.base_model.model.mods[_unrolled_name(key, None)].get_delta_weight("merged").detach().numpy()
+            out[key] = (
+                model.base_model.model.mods[_unrolled_name(key, None)].get_delta_weight("merged").detach().numpy()
+            )
             continue
-        ds = [model.base_model.model.mods[_unrolled_name(key, e)].get_delta_weight("merged").detach().numpy()
-              for e in range(experts)]
+        ds = [
+            model.base_model.model.mods[_unrolled_name(key, e)].get_delta_weight("merged").detach().numpy()
+            for e in range(experts)
+        ]
         out[key] = np.stack([d if swapped else d.T for d in ds])
     return out
 
@@ -294,3 +331,12 @@ def file_updates(path: str) -> dict[str, np.ndarray]:
         for i in range(e):
             out[f"{key}__e{i}"] = b_e[i] @ a_e[i]
     return out
+
+
+def gpt_oss_config():
+    from transformers import GptOssConfig
+
+    return GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=64, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                        tie_word_embeddings=False)

@@ -18,8 +18,8 @@ import pytest
 from moe_cases import (
     EXPERT_PARAMS,
     MoeSpec,
-    logits,
     load_peft,
+    logits,
     make_adapter,
     merged_deltas,
     reference_logits,
@@ -46,8 +46,9 @@ def built(tmp_path_factory):
 
     def get(kind: str, variant: str) -> list[str]:
         if (kind, variant) not in cache:
-            cache[kind, variant] = [make_adapter(kind, s, str(root / f"{kind}-{variant}-{i}"))
-                                    for i, s in enumerate(VARIANTS[variant])]
+            cache[kind, variant] = [
+                make_adapter(kind, s, str(root / f"{kind}-{variant}-{i}")) for i, s in enumerate(VARIANTS[variant])
+            ]
         return cache[kind, variant]
 
     return get
@@ -93,7 +94,11 @@ def test_error_message_gives_the_rank_per_expert(built, tmp_path):
     cfg = json.load(open(bad / "adapter_config.json"))
     cfg["r"] = 3
     json.dump(cfg, open(bad / "adapter_config.json", "w"))
-    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.experts\.lora_A\.weight \(parameter model\.layers\.0\.mlp\.experts\.down_proj\) has 16 rows, which is not a multiple of r=3"):
+    with pytest.raises(
+        ValueError,
+        match=r"layers\.0\.mlp\.experts\.lora_A\.weight \(parameter model\.layers\.0\.mlp\.experts\.down_proj\) "
+        r"has 16 rows, which is not a multiple of r=3",
+    ):
         gomerge.add_weighted_adapter([str(bad)], [1.0], "x", combination_type="cat", output_dir=str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
     info = gomerge.inspect_adapter(src)
@@ -152,8 +157,9 @@ def test_every_method_merges_an_expert_as_a_module(built, unrolled, method, tmp_
     weights = [1.0, 0.6]
     m = next(x for x in gomerge.methods() if x["name"] == method)
     kw = _method_kwargs(m)
-    gomerge.add_weighted_adapter(built("mixtral", "plain"), weights, "m", combination_type=method,
-                                 output_dir=str(tmp_path / "moe"), **kw)
+    gomerge.add_weighted_adapter(
+        built("mixtral", "plain"), weights, "m", combination_type=method, output_dir=str(tmp_path / "moe"), **kw
+    )
     gomerge.add_weighted_adapter(unrolled, weights, "u", combination_type=method, output_dir=str(tmp_path / "u"), **kw)
     ours, ref = file_updates(str(tmp_path / "moe")), file_updates(str(tmp_path / "u"))
     assert sorted(ours) == sorted(ref)
@@ -168,8 +174,15 @@ def test_random_methods_merge_experts_and_reload_in_peft(built, method, tmp_path
     m = next(x for x in gomerge.methods() if x["name"] == method)
     kw = _method_kwargs(m)
     for run in ("a", "b"):
-        gomerge.add_weighted_adapter(built("mixtral", "plain"), [1.0, 0.6], "m", combination_type=method,
-                                     output_dir=str(tmp_path / run), seed=7, **kw)
+        gomerge.add_weighted_adapter(
+            built("mixtral", "plain"),
+            [1.0, 0.6],
+            "m",
+            combination_type=method,
+            output_dir=str(tmp_path / run),
+            seed=7,
+            **kw,
+        )
     from moe_cases import file_updates
 
     a, b = file_updates(str(tmp_path / "a")), file_updates(str(tmp_path / "b"))
@@ -182,11 +195,9 @@ def test_resize_by_energy_pads_experts_to_the_parameters_rank(built, tmp_path):
     """resize with the energy rule picks each expert's rank from its own spectrum; the parameter's r (rank_pattern,
     keyed by the parameter path as PEFT resolves it) is the largest, the others padded with zeros: every expert's
     update equals the resize of that expert as a module, and the adapter reloads in PEFT."""
-    from moe_cases import file_updates
-
     import shutil
 
-    from moe_cases import write_unrolled
+    from moe_cases import file_updates, write_unrolled
     from safetensors.torch import load_file, save_file
 
     src = str(tmp_path / "src")  # expert 0 of every parameter has rank 1: its B columns k*E+0, k >= 1, are zero
@@ -219,13 +230,96 @@ def test_resize_by_energy_pads_experts_to_the_parameters_rank(built, tmp_path):
 def test_inspect_and_model_card_give_ranks_per_expert(built, tmp_path):
     info = gomerge.inspect_adapter(built("mixtral", "rslora-patterns")[0])
     assert info["r"] == 4 and sorted(info["target_parameters"]) == sorted(EXPERT_PARAMS)
-    assert info["experts"] == {f"model.layers.{i}.mlp.experts.{p}": 4 for i in (0, 1) for p in ("gate_up_proj", "down_proj")}
-    assert info["ranks"] == {"4": 4, "2": 2}  # two layers: q_proj and down_proj at 4; gate_up_proj at 2 per expert (rank_pattern)
-    res = gomerge.add_weighted_adapter(built("mixtral", "plain"), [1.0, 1.0], "m", combination_type="cat",
-                                       output_dir=str(tmp_path / "m"))
+    assert info["experts"] == {
+        f"model.layers.{i}.mlp.experts.{p}": 4 for i in (0, 1) for p in ("gate_up_proj", "down_proj")
+    }
+    assert info["ranks"] == {
+        "4": 4,
+        "2": 2,
+    }  # two layers: q_proj and down_proj at 4; gate_up_proj at 2 per expert (rank_pattern)
+    res = gomerge.add_weighted_adapter(
+        built("mixtral", "plain"), [1.0, 1.0], "m", combination_type="cat", output_dir=str(tmp_path / "m")
+    )
     assert res.module_experts["model.layers.0.mlp.experts.base_layer"] == {
-        "param": "model.layers.0.mlp.experts.gate_up_proj", "experts": 4}
+        "param": "model.layers.0.mlp.experts.gate_up_proj",
+        "experts": 4,
+    }
     assert res.module_ranks["model.layers.0.mlp.experts.base_layer"] == 8
     card = open(tmp_path / "m" / "README.md").read()
     assert "## Mixture-of-experts parameters" in card
     assert "| `model.layers.1.mlp.experts` | `model.layers.1.mlp.experts.down_proj` | 4 | 8 |" in card
+
+
+DROPIN = [("linear", {}), ("cat", {}), ("ties", {"density": 0.5}), ("svd", {"svd_rank": 8})]
+
+
+@pytest.mark.parametrize("method,kw", DROPIN, ids=[m for m, _ in DROPIN])
+def test_patched_peft_keeps_its_error_for_parameter_targets(built, method, kw):
+    """A patched script behaves as PEFT: add_weighted_adapter refuses adapters on nn.Parameters with PEFT's error
+    (PEFT's own test_target_parameters expects it)."""
+    pm = load_peft("mixtral", built("mixtral", "plain"))
+    with gomerge.patch_peft():
+        with pytest.raises(ValueError, match="add_weighted_adapter does not support targeting nn.Parameter"):
+            pm.add_weighted_adapter(["a0", "a1"], [1.0, 0.6], "m", combination_type=method, **kw)
+    assert "m" not in pm.peft_config
+
+
+@pytest.mark.parametrize("method,kw", DROPIN, ids=[m for m, _ in DROPIN])
+def test_direct_call_merges_parameter_targets_as_from_disk(built, method, kw, tmp_path):
+    """gomerge.peft.add_weighted_adapter called directly merges them: the new adapter is injected into the model's
+    ParamWrappers as PEFT injects a loaded target_parameters adapter, each expert merged as a module (PEFT's
+    add_weighted_adapter per expert is the reference), and what it saves equals gomerge's merge from disk."""
+    from gomerge.peft import add_weighted_adapter
+    from moe_cases import param_wrappers
+
+    dirs = built("mixtral", "plain")
+    pm = load_peft("mixtral", dirs)
+    add_weighted_adapter(pm, ["a0", "a1"], [1.0, 0.6], "m", combination_type=method, **kw)
+    assert pm.peft_config["m"].target_parameters == pm.peft_config["a0"].target_parameters
+    wrappers = param_wrappers(pm)
+    assert all("m" in w.lora_A for w in wrappers.values())
+    pm.save_pretrained(str(tmp_path / "live"), selected_adapters=["m"])
+    live = str(tmp_path / "live" / "m")
+    ref = unrolled_merge("mixtral", dirs, [1.0, 0.6], method, **kw)
+    assert_updates(live, ref, "mixtral")
+    gomerge.add_weighted_adapter(dirs, [1.0, 0.6], "d", combination_type=method, output_dir=str(tmp_path / "d"), **kw)
+    from moe_cases import file_updates
+
+    disk = file_updates(str(tmp_path / "d"))
+    live_u = file_updates(live)
+    for k in disk:
+        assert rel(live_u[k], disk[k]) < 1e-6, k
+    pm.set_adapter("m")
+    np.testing.assert_allclose(logits(pm.eval()), reference_logits("mixtral", ref), rtol=1e-4, atol=1e-5)
+
+
+def test_adapters_with_and_without_parameter_targets_merge(built, tmp_path):
+    """An adapter on modules only merges with one on parameters (only the adapters present at a module contribute,
+    as in PEFT): from disk and live, the merged adapter keeps the shared target_parameters, even when the first
+    adapter has none."""
+    from gomerge.peft import add_weighted_adapter
+    from moe_cases import file_updates
+
+    plain = make_adapter("mixtral", MoeSpec(seed=9, target_parameters=[]), str(tmp_path / "plain"))
+    src = built("mixtral", "plain")[0]
+    gomerge.add_weighted_adapter([plain, src], [0.5, 1.0], "d", combination_type="cat", output_dir=str(tmp_path / "d"))
+    cfg = json.load(open(tmp_path / "d" / "adapter_config.json"))
+    assert sorted(cfg["target_parameters"]) == sorted(EXPERT_PARAMS)
+    pm = load_peft("mixtral", [plain, src])
+    add_weighted_adapter(pm, ["a0", "a1"], [0.5, 1.0], "m", combination_type="cat")
+    pm.save_pretrained(str(tmp_path / "live"), selected_adapters=["m"])
+    live, disk = file_updates(str(tmp_path / "live" / "m")), file_updates(str(tmp_path / "d"))
+    assert sorted(live) == sorted(disk)
+    for k in disk:
+        assert rel(live[k], disk[k]) < 1e-6, k
+    ref = {k: v for k, v in merged_deltas("mixtral", src).items()}
+    ref = {k: v + (0.5 * merged_deltas("mixtral", plain).get(k, 0)) for k, v in ref.items()}
+    assert_updates(str(tmp_path / "d"), ref, "mixtral")
+
+
+def test_adapters_targeting_different_parameters_are_refused(built, tmp_path):
+    other = make_adapter("mixtral", MoeSpec(seed=9, target_parameters=["mlp.experts.down_proj"]), str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="target different parameters"):
+        gomerge.add_weighted_adapter([built("mixtral", "plain")[0], other], [1.0, 1.0], "m", combination_type="cat",
+                                     output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

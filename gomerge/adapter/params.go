@@ -87,6 +87,32 @@ func (c *Config) TargetedParam(path, name string) (string, error) {
 	return module + "." + cands[len(cands)-1-depth], nil
 }
 
+// UnionTargetParameters is the target_parameters of a merge: the set the
+// adapters that target parameters share (PEFT requires all adapters on one
+// model to target the same parameters; adapters that target none merge with
+// them), nil when none does.
+func UnionTargetParameters(cfgs []*Config, names []string) ([]string, error) {
+	var out []string
+	first := -1
+	for i, c := range cfgs {
+		if len(c.TargetParameters) == 0 {
+			continue
+		}
+		set := slices.Sorted(slices.Values(c.TargetParameters))
+		set = slices.Compact(set)
+		if first < 0 {
+			out, first = set, i
+			continue
+		}
+		if !slices.Equal(set, out) {
+			return nil, errs.Value("adapters %s and %s target different parameters (target_parameters %q and %q); "+
+				"adapters merged together must target the same ones, as PEFT requires of adapters on one model",
+				names[first], names[i], out, set)
+		}
+	}
+	return out, nil
+}
+
 // ExpertFactors returns expert e's factors of a parameter module with
 // the given number of experts: A_e (r x in), a view of rows of a, and B_e
 // (out x r), gathered from the columns of b into dst (len out*r).
