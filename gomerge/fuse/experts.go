@@ -23,33 +23,8 @@ import (
 // many models in another layout and converts when it loads, as its
 // conversion_mapping.py defines per architecture. Fuse maps the parameter
 // onto the tensors on disk by that mapping (expertLayouts) and never guesses:
-// a parameter none of them finds is refused naming the tensors looked for.
-
-// expertLayout is one of transformers' conversions of a fused expert
-// parameter from its per-expert tensors on disk: module renames the
-// module path (memory -> disk), and pieces lists, per parameter, the
-// per-expert weights concatenated along the output dimension, in order.
-type expertLayout struct {
-	name   string
-	rename [2]string // memory substring -> disk substring ("" : none)
-	pieces map[string][]string
-}
-
-// expertLayouts follow transformers 5.24's conversion_mapping.py: "mixtral"
-// (also minimax: w1/w3 -> gate_up_proj, w2 -> down_proj, block_sparse_moe ->
-// mlp) and "qwen2_moe" (qwen3_moe, deepseek_v2/v3, glm4_moe, olmoe and the
-// other models mapped to it: gate_proj/up_proj -> gate_up_proj, down_proj).
-var expertLayouts = []expertLayout{
-	{name: "mixtral", rename: [2]string{".mlp.experts", ".block_sparse_moe.experts"},
-		pieces: map[string][]string{"gate_up_proj": {"w1", "w3"}, "down_proj": {"w2"}}},
-	{name: "qwen2_moe",
-		pieces: map[string][]string{"gate_up_proj": {"gate_proj", "up_proj"}, "down_proj": {"down_proj"}}},
-}
-
-// transposedExperts are the model types whose expert parameters are stored
-// input dimension first ([E, in, out]: transformers' is_transposed, for
-// which PEFT does not swap in and out).
-var transposedExperts = []string{"gpt_oss"}
+// a parameter none of them finds is refused naming the tensors looked for
+// (modelfolder.ExpertLayouts).
 
 // expertFactors is a parameter module's stacked factors (PEFT's layout,
 // adapter/params.go), read or merged once and shared by the ops of every
@@ -185,7 +160,7 @@ func (p *fusePlan) addExperts(opts *Options, i int, a *adapter.Adapter, m *adapt
 	// the parameter as it is in memory: gpt-oss and checkpoints saved in the fused layout
 	if info, ok := base.Info(m.Param); ok {
 		t, _ := target(i, m.Param, where)
-		transposed := slices.Contains(transposedExperts, modelType(base))
+		transposed := slices.Contains(modelfolder.TransposedExperts, base.ModelType())
 		want := []int{experts, out, in}
 		if transposed {
 			want = []int{experts, in, out}
@@ -207,17 +182,17 @@ func (p *fusePlan) addExperts(opts *Options, i int, a *adapter.Adapter, m *adapt
 		}
 	}
 	var tried []string
-	for _, l := range expertLayouts {
-		pieces := l.pieces[pname]
+	for _, l := range modelfolder.ExpertLayouts {
+		pieces := l.Pieces[pname]
 		if pieces == nil {
 			continue
 		}
 		disk := module
-		if l.rename[0] != "" {
-			if !strings.Contains(module, l.rename[0]) {
+		if l.Rename[0] != "" {
+			if !strings.Contains(module, l.Rename[0]) {
 				continue
 			}
-			disk = strings.Replace(module, l.rename[0], l.rename[1], 1)
+			disk = strings.Replace(module, l.Rename[0], l.Rename[1], 1)
 		}
 		first := fmt.Sprintf("%s.0.%s.weight", disk, pieces[0])
 		tried = append(tried, first)
@@ -235,11 +210,11 @@ func (p *fusePlan) addExperts(opts *Options, i int, a *adapter.Adapter, m *adapt
 				info, ok := base.Info(name)
 				if !ok {
 					return errs.Value("%s: the base has no tensor %s (the %s layout of transformers' conversion mapping; "+
-						"the expert counts disagree or the checkpoint is incomplete)", where, name, l.name)
+						"the expert counts disagree or the checkpoint is incomplete)", where, name, l.Name)
 				}
 				if len(info.Shape) != 2 || info.Shape[1] != in || lo+info.Shape[0] > out {
 					return errs.Value("%s: the base's %s has shape %v, which does not fit the update of expert %d (%d x %d, %s layout)",
-						where, name, info.Shape, e, out, in, l.name)
+						where, name, info.Shape, e, out, in, l.Name)
 				}
 				t, _ := target(i, name, where)
 				if err := add(t, expertOp{expert: e, rowLo: lo, rowHi: lo + info.Shape[0]}, false); err != nil {
@@ -258,10 +233,4 @@ func (p *fusePlan) addExperts(opts *Options, i int, a *adapter.Adapter, m *adapt
 	}
 	return errs.Value("%s: the base model %s has no tensor for this parameter: looked for %s as it is in memory and, by transformers' "+
 		"conversion mapping, %s; gomerge does not guess other layouts", where, base.Dir, m.Param, strings.Join(tried, ", "))
-}
-
-// modelType is the base config's model_type ("" when absent).
-func modelType(base *modelfolder.Folder) string {
-	s, _ := base.Config()["model_type"].(string)
-	return s
 }
