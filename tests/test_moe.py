@@ -323,3 +323,34 @@ def test_adapters_targeting_different_parameters_are_refused(built, tmp_path):
         gomerge.add_weighted_adapter([built("mixtral", "plain")[0], other], [1.0, 1.0], "m", combination_type="cat",
                                      output_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_hostile_adapters_are_refused_naming_them(built, tmp_path):
+    """An expert count that disagrees between adapters (same rank, other stack), a nesting deeper than the targeted
+    parameters, and a parameter the base lacks when fusing (test_moe_fuse.py): ValueErrors naming the module, and
+    nothing written."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = built("mixtral", "params-only")[0]
+    eight = tmp_path / "eight"  # r=2 per expert over 8 experts: the same 16 rows, another expert count
+    shutil.copytree(src, eight)
+    cfg = json.load(open(eight / "adapter_config.json"))
+    cfg["r"] = 2
+    json.dump(cfg, open(eight / "adapter_config.json", "w"))
+    with pytest.raises(ValueError, match=r"module model\.layers\.0\.mlp\.experts: .* with 4 experts, .* with 8 experts"):
+        gomerge.add_weighted_adapter([src, str(eight)], [1.0, 1.0], "m", combination_type="cat",
+                                     output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+    deep = tmp_path / "deep"
+    shutil.copytree(src, deep)
+    path = deep / "adapter_model.safetensors"
+    sd = load_file(str(path))
+    for k in [k for k in sd if ".experts.base_layer.lora_" in k and "layers.1." in k]:
+        sd[k.replace(".base_layer.", ".base_layer.base_layer.")] = sd.pop(k)
+    save_file(sd, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"module model\.layers\.1\.mlp\.experts\.base_layer\.base_layer is nested 2 deep"):
+        gomerge.add_weighted_adapter([str(deep)], [1.0], "m", combination_type="cat", output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -80,3 +80,19 @@ func TestExpertLayout(t *testing.T) {
 	assert.Equal(t, float32(0), gotB[0*r*experts+1*experts+1])
 	assert.Equal(t, float32(8), gotB[1*r*experts+0*experts+1])
 }
+
+func TestUnionTargetParameters(t *testing.T) {
+	both := &Config{TargetParameters: []string{"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}}
+	swapped := &Config{TargetParameters: []string{"mlp.experts.down_proj", "mlp.experts.gate_up_proj"}}
+	one := &Config{TargetParameters: []string{"mlp.experts.down_proj"}}
+	none := &Config{}
+	got, err := UnionTargetParameters([]*Config{none, both, swapped}, []string{"a", "b", "c"})
+	require.NoError(t, err)
+	assert.Equal(t, []string{"mlp.experts.down_proj", "mlp.experts.gate_up_proj"}, got)
+	got, err = UnionTargetParameters([]*Config{none, none}, []string{"a", "b"})
+	require.NoError(t, err)
+	assert.Nil(t, got)
+	_, err = UnionTargetParameters([]*Config{both, none, one}, []string{"a", "b", "c"})
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "adapters a and c target different parameters")
+}
