@@ -354,3 +354,16 @@ def test_hostile_adapters_are_refused_naming_them(built, tmp_path):
     with pytest.raises(ValueError, match=r"module model\.layers\.1\.mlp\.experts\.base_layer\.base_layer is nested 2 deep"):
         gomerge.add_weighted_adapter([str(deep)], [1.0], "m", combination_type="cat", output_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_merges_and_inspects_expert_adapters(built, tmp_path, capsys):
+    from gomerge.cli import main
+
+    dirs = built("mixtral", "plain")
+    out = str(tmp_path / "cli")
+    assert main(["merge", *dirs, "--weights", "1", "0.6", "--method", "ties", "--density", "0.5", "-o", out]) == 0
+    assert_updates(out, unrolled_merge("mixtral", dirs, [1.0, 0.6], "ties", density=0.5), "mixtral")
+    capsys.readouterr()
+    assert main(["inspect", dirs[0]]) == 0
+    text = capsys.readouterr().out
+    assert "target params  mlp.experts.down_proj, mlp.experts.gate_up_proj (4 experts; ranks are per expert)" in text

@@ -676,6 +676,13 @@ def _inspect(args: argparse.Namespace) -> int:
         f"parameters     {info['parameters']:,}",
         f"size           {size / 2**20:.1f} MiB",
     ]
+    if info.get("target_parameters"):
+        experts = sorted(set(info["experts"].values()))
+        lines.insert(
+            6,
+            f"target params  {', '.join(info['target_parameters'])} ({'/'.join(map(str, experts))} "
+            "experts; ranks are per expert)",
+        )
     if info["extra_tensors"]:
         lines.append(f"other tensors  {len(info['extra_tensors'])} (not LoRA factors; left out of merges)")
     print("\n".join(lines))
