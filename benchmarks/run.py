@@ -1160,7 +1160,9 @@ def chart(rows: list, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scenarios", default="S1,S2,S3,S4,R1,M1,F1,E1,X1", help="comma-separated; F2 (13.5 GB) on request")
+    ap.add_argument(
+        "--scenarios", default="S1,S2,S3,S4,R1,M1,F1,E1,X1", help="comma-separated; F2 (13.5 GB) on request"
+    )
     ap.add_argument("--chart-only", action="store_true", help="redraw the chart and table from results/latest.json")
     ap.add_argument("--s3-layers", type=int, default=32)
     ap.add_argument("--s1-methods", default="ties,svd,cat,linear,dare_ties", help="S1's methods (comma-separated)")

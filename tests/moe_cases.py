@@ -336,7 +336,18 @@ def file_updates(path: str) -> dict[str, np.ndarray]:
 def gpt_oss_config():
     from transformers import GptOssConfig
 
-    return GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
-                        max_position_embeddings=64, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
-                        tie_word_embeddings=False)
+    return GptOssConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+        tie_word_embeddings=False,
+    )

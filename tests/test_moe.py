@@ -269,8 +269,9 @@ def test_direct_call_merges_parameter_targets_as_from_disk(built, method, kw, tm
     """gomerge.peft.add_weighted_adapter called directly merges them: the new adapter is injected into the model's
     ParamWrappers as PEFT injects a loaded target_parameters adapter, each expert merged as a module (PEFT's
     add_weighted_adapter per expert is the reference), and what it saves equals gomerge's merge from disk."""
-    from gomerge.peft import add_weighted_adapter
     from moe_cases import param_wrappers
+
+    from gomerge.peft import add_weighted_adapter
 
     dirs = built("mixtral", "plain")
     pm = load_peft("mixtral", dirs)
@@ -297,8 +298,9 @@ def test_adapters_with_and_without_parameter_targets_merge(built, tmp_path):
     """An adapter on modules only merges with one on parameters (only the adapters present at a module contribute,
     as in PEFT): from disk and live, the merged adapter keeps the shared target_parameters, even when the first
     adapter has none."""
-    from gomerge.peft import add_weighted_adapter
     from moe_cases import file_updates
+
+    from gomerge.peft import add_weighted_adapter
 
     plain = make_adapter("mixtral", MoeSpec(seed=9, target_parameters=[]), str(tmp_path / "plain"))
     src = built("mixtral", "plain")[0]
@@ -320,8 +322,13 @@ def test_adapters_with_and_without_parameter_targets_merge(built, tmp_path):
 def test_adapters_targeting_different_parameters_are_refused(built, tmp_path):
     other = make_adapter("mixtral", MoeSpec(seed=9, target_parameters=["mlp.experts.down_proj"]), str(tmp_path / "o"))
     with pytest.raises(ValueError, match="target different parameters"):
-        gomerge.add_weighted_adapter([built("mixtral", "plain")[0], other], [1.0, 1.0], "m", combination_type="cat",
-                                     output_dir=str(tmp_path / "out"))
+        gomerge.add_weighted_adapter(
+            [built("mixtral", "plain")[0], other],
+            [1.0, 1.0],
+            "m",
+            combination_type="cat",
+            output_dir=str(tmp_path / "out"),
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -339,9 +346,12 @@ def test_hostile_adapters_are_refused_naming_them(built, tmp_path):
     cfg = json.load(open(eight / "adapter_config.json"))
     cfg["r"] = 2
     json.dump(cfg, open(eight / "adapter_config.json", "w"))
-    with pytest.raises(ValueError, match=r"module model\.layers\.0\.mlp\.experts: .* with 4 experts, .* with 8 experts"):
-        gomerge.add_weighted_adapter([src, str(eight)], [1.0, 1.0], "m", combination_type="cat",
-                                     output_dir=str(tmp_path / "out"))
+    with pytest.raises(
+        ValueError, match=r"module model\.layers\.0\.mlp\.experts: .* with 4 experts, .* with 8 experts"
+    ):
+        gomerge.add_weighted_adapter(
+            [src, str(eight)], [1.0, 1.0], "m", combination_type="cat", output_dir=str(tmp_path / "out")
+        )
     assert not (tmp_path / "out").exists()
 
     deep = tmp_path / "deep"
@@ -351,7 +361,9 @@ def test_hostile_adapters_are_refused_naming_them(built, tmp_path):
     for k in [k for k in sd if ".experts.base_layer.lora_" in k and "layers.1." in k]:
         sd[k.replace(".base_layer.", ".base_layer.base_layer.")] = sd.pop(k)
     save_file(sd, str(path), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"module model\.layers\.1\.mlp\.experts\.base_layer\.base_layer is nested 2 deep"):
+    with pytest.raises(
+        ValueError, match=r"module model\.layers\.1\.mlp\.experts\.base_layer\.base_layer is nested 2 deep"
+    ):
         gomerge.add_weighted_adapter([str(deep)], [1.0], "m", combination_type="cat", output_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 

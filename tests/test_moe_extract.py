@@ -74,6 +74,7 @@ def test_energy_rule_pads_unchanged_experts(tmp_path):
     res = gomerge.extract(base, str(tmp_path / "ft"), str(tmp_path / "lora"), energy=0.999)
     assert res.module_ranks["model.layers.0.mlp.experts.gate_up_proj"] == 3  # the last expert (rank 0) is padded
     sd = __import__("safetensors.torch", fromlist=["load_file"]).load_file(
-        os.path.join(tmp_path / "lora", "adapter_model.safetensors"))
+        os.path.join(tmp_path / "lora", "adapter_model.safetensors")
+    )
     b = sd["base_model.model.model.layers.0.mlp.experts.base_layer.lora_B.weight"]
     assert b.shape == (96, 12) and torch.all(b[:, 3::4] == 0)

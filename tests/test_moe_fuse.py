@@ -34,7 +34,9 @@ def bases(tmp_path_factory):
     def get(kind: str) -> tuple[str, list[str]]:
         if kind not in cache:
             base = save_base(kind, str(root / f"{kind}-base"))
-            dirs = [make_adapter(kind, MoeSpec(seed=s, alpha=a), str(root / f"{kind}-{s}")) for s, a in ((1, 8), (2, 4))]
+            dirs = [
+                make_adapter(kind, MoeSpec(seed=s, alpha=a), str(root / f"{kind}-{s}")) for s, a in ((1, 8), (2, 4))
+            ]
             cache[kind] = (base, dirs)
         return cache[kind]
 
@@ -160,8 +162,11 @@ def test_hostile_bases_are_refused_naming_the_tensor(bases, tmp_path):
             sd[k.replace(".block_sparse_moe.experts.", ".moe.ffn.")] = sd.pop(k)
 
     odd = _edit_base(base, str(tmp_path / "odd"), rename)
-    with pytest.raises(ValueError, match=r"parameter model\.layers\.0\.mlp\.experts\.down_proj.*looked for "
-                       r"model\.layers\.0\.mlp\.experts\.down_proj as it is in memory"):
+    with pytest.raises(
+        ValueError,
+        match=r"parameter model\.layers\.0\.mlp\.experts\.down_proj.*looked for "
+        r"model\.layers\.0\.mlp\.experts\.down_proj as it is in memory",
+    ):
         gomerge.fuse(odd, [dirs[0]], output_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
@@ -177,6 +182,8 @@ def test_hostile_bases_are_refused_naming_the_tensor(bases, tmp_path):
             b = sd[k].reshape(sd[k].shape[0], 4, 4)
             sd[k] = torch.cat([b, b[:, :, :1]], dim=2).reshape(sd[k].shape[0], 20)
     save_file(sd, os.path.join(five, "adapter_model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"base has more than 4 experts|no tensor model\.layers\.0\.block_sparse_moe\.experts\.4"):
+    with pytest.raises(
+        ValueError, match=r"base has more than 4 experts|no tensor model\.layers\.0\.block_sparse_moe\.experts\.4"
+    ):
         gomerge.fuse(base, [five], output_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
