@@ -55,7 +55,7 @@ func planExperts(base *modelfolder.Folder) ([]extractJob, map[string]bool) {
 		}
 		disk, piece := mm[1], mm[3]
 		e, _ := strconv.Atoi(mm[2])
-		for _, l := range modelfolder.ExpertLayouts {
+		for _, l := range modelfolder.ExpertLayoutsFor(base.ModelType()) {
 			module := disk
 			if l.Rename[1] != "" {
 				if !strings.Contains(disk, l.Rename[1]) {

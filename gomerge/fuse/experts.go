@@ -165,6 +165,9 @@ func (p *fusePlan) addExperts(opts *Options, i int, a *adapter.Adapter, m *adapt
 		if transposed {
 			want = []int{experts, in, out}
 		}
+		if experts == 1 && slices.Equal(info.Shape, []int{out, in}) { // a 2-D parameter: a Linear's weight
+			return add(t, expertOp{expert: 0, rowLo: 0, rowHi: out}, false)
+		}
 		if !slices.Equal(info.Shape, want) {
 			return errs.Value("%s: needs the base's %s to have shape %v, but it has %v (expert count or size disagree)", where, m.Param, want, info.Shape)
 		}
@@ -182,7 +185,7 @@ func (p *fusePlan) addExperts(opts *Options, i int, a *adapter.Adapter, m *adapt
 		}
 	}
 	var tried []string
-	for _, l := range modelfolder.ExpertLayouts {
+	for _, l := range modelfolder.ExpertLayoutsFor(base.ModelType()) {
 		pieces := l.Pieces[pname]
 		if pieces == nil {
 			continue
@@ -229,7 +232,7 @@ func (p *fusePlan) addExperts(opts *Options, i int, a *adapter.Adapter, m *adapt
 		return nil
 	}
 	if len(tried) == 0 {
-		tried = []string{"(no per-expert layout is known for " + pname + ")"}
+		tried = []string{fmt.Sprintf("(no per-expert layout of %s for model_type %q in transformers' conversion mapping)", pname, base.ModelType())}
 	}
 	return errs.Value("%s: the base model %s has no tensor for this parameter: looked for %s as it is in memory and, by transformers' "+
 		"conversion mapping, %s; gomerge does not guess other layouts", where, base.Dir, m.Param, strings.Join(tried, ", "))
