@@ -187,3 +187,25 @@ def test_hostile_bases_are_refused_naming_the_tensor(bases, tmp_path):
     ):
         gomerge.fuse(base, [five], output_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_two_dimensional_parameter_targets_merge_and_fuse_as_peft(bases, tmp_path):
+    """target_parameters on a 2-D parameter (a Linear's weight: one expert, PEFT's Linear delta): merged from disk as
+    PEFT's get_delta_weight says, and fused as PEFT's merge_and_unload."""
+    from moe_cases import merged_deltas
+
+    base, _ = bases("qwen3_moe")
+    spec = MoeSpec(seed=11, target_modules=[], target_parameters=["self_attn.o_proj.weight"])
+    src = make_adapter("qwen3_moe", spec, str(tmp_path / "a"))
+    gomerge.add_weighted_adapter([src], [0.5], "m", combination_type="cat", output_dir=str(tmp_path / "m"))
+    ref = {k: 0.5 * v for k, v in merged_deltas("qwen3_moe", src).items()}
+    got = merged_deltas("qwen3_moe", str(tmp_path / "m"))
+    assert (
+        sorted(got)
+        == sorted(ref)
+        == ["model.layers.0.self_attn.o_proj.weight", "model.layers.1.self_attn.o_proj.weight"]
+    )
+    for k in ref:
+        assert float(np.abs(got[k] - ref[k]).max() / np.abs(ref[k]).max()) < 1e-5, k
+    gomerge.fuse(base, [src], output_dir=str(tmp_path / "ours"))
+    assert_same_model(str(tmp_path / "ours"), peft_fused("qwen3_moe", base, [src], str(tmp_path / "peft")))

@@ -125,7 +125,6 @@ func extractConfigJSON(opts Options, base *modelfolder.Folder, res *Result, f *a
 		"rank_pattern":            pattern,
 		"alpha_pattern":           pattern,
 		"target_modules":          targets,
-		"target_parameters":       nilIfEmpty(f.params),
 		"modules_to_save":         toSave,
 		"use_rslora":              false,
 		"use_dora":                false,
@@ -135,17 +134,12 @@ func extractConfigJSON(opts Options, base *modelfolder.Folder, res *Result, f *a
 		"init_lora_weights":       true,
 		"inference_mode":          true,
 	}
+	if len(f.params) > 0 { // adapters without expert parameters keep the config they had
+		cfg["target_parameters"] = f.params
+	}
 	b, err := json.MarshalIndent(cfg, "", "  ")
 	if err != nil {
 		return nil, fmt.Errorf("extracted config: %w", err)
 	}
 	return append(b, '\n'), nil
-}
-
-// nilIfEmpty is null in JSON for no entries.
-func nilIfEmpty(s []string) any {
-	if len(s) == 0 {
-		return nil
-	}
-	return s
 }
