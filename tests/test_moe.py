@@ -379,3 +379,25 @@ def test_cli_merges_and_inspects_expert_adapters(built, tmp_path, capsys):
     assert main(["inspect", dirs[0]]) == 0
     text = capsys.readouterr().out
     assert "target params  mlp.experts.down_proj, mlp.experts.gate_up_proj (4 experts; ranks are per expert)" in text
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear_svd"])
+def test_direct_call_dare_draws_expert_masks_from_torch(built, method, tmp_path):
+    """DARE in the live merge draws each expert's masks from torch's global generator (PEFT has no order to follow
+    for experts: expert by expert, A masks then B masks, or one mask per expert update): reproducible under
+    torch.manual_seed."""
+    import torch
+    from moe_cases import file_updates
+
+    from gomerge.peft import add_weighted_adapter
+
+    dirs = built("mixtral", "plain")
+    outs = []
+    for run in ("x", "y"):
+        pm = load_peft("mixtral", dirs)
+        torch.manual_seed(5)
+        add_weighted_adapter(pm, ["a0", "a1"], [1.0, 0.6], "m", combination_type=method, density=0.5)
+        pm.save_pretrained(str(tmp_path / run), selected_adapters=["m"])
+        outs.append(file_updates(str(tmp_path / run / "m")))
+    assert sorted(outs[0]) == sorted(outs[1])
+    assert all(np.array_equal(outs[0][k], outs[1][k]) for k in outs[0])
