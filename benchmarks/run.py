@@ -40,7 +40,9 @@ a child process, for its peak RSS (the best of 2 runs for ties, one for svd), af
 that both it and the floors find them in the page cache. Results go to benchmarks/results/ (JSON, Markdown table,
 PNG chart), with the targets of the issue checked against the run.
 
-Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1,M1,F1,F2,E1] [--s3-layers N] [--s1-methods ties,svd,...]
+- X1, mixture-of-experts adapters: benchmarks/moe.py (`--scenarios X1`, `--x1-layers N`).
+
+Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1,M1,F1,F2,E1,X1] [--s3-layers N] [--s1-methods ties,svd,...]
     [--m1-methods knots_ties,core_tsv,...] [--e1-layers N]
 """
 
@@ -1158,7 +1160,9 @@ def chart(rows: list, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scenarios", default="S1,S2,S3,S4,R1,M1,F1,E1", help="comma-separated; F2 (13.5 GB) on request")
+    ap.add_argument(
+        "--scenarios", default="S1,S2,S3,S4,R1,M1,F1,E1,X1", help="comma-separated; F2 (13.5 GB) on request"
+    )
     ap.add_argument("--chart-only", action="store_true", help="redraw the chart and table from results/latest.json")
     ap.add_argument("--s3-layers", type=int, default=32)
     ap.add_argument("--s1-methods", default="ties,svd,cat,linear,dare_ties", help="S1's methods (comma-separated)")
@@ -1175,6 +1179,7 @@ def main() -> None:
         default=2,
         help="E1's layers, of TinyLlama's shapes (it has 22; mergekit-extract-lora takes ~3 min per layer here)",
     )
+    ap.add_argument("--x1-layers", type=int, default=2, help="X1's layers of Qwen3-30B-A3B's expert shapes")
     args = ap.parse_args()
     if args.chart_only:
         saved = json.load(open(os.path.join(RESULTS, "latest.json")))
@@ -1212,7 +1217,11 @@ def main() -> None:
         for scenario in ("F1", "F2"):
             if scenario in todo:
                 fuse_scenario(scenario, root, bw, rows)
-        order = {"S1": 0, "S2": 1, "S3": 2, "S4": 3, "R1": 4, "M1": 5, "F1": 6, "F2": 7, "E1": 8}
+        if "X1" in todo:
+            import moe
+
+            moe.x1(root, bw, rows, args.x1_layers, child, dir_bytes)
+        order = {"S1": 0, "S2": 1, "S3": 2, "S4": 3, "R1": 4, "M1": 5, "F1": 6, "F2": 7, "E1": 8, "X1": 9}
         # a run of some scenarios replaces their rows in the saved results and keeps the others'
         saved_path = os.path.join(RESULTS, "latest.json")
         if os.path.exists(saved_path):

@@ -2,6 +2,7 @@ package gomerge
 
 import (
 	"fmt"
+	"sort"
 	"strings"
 
 	"gomerge/gomerge/adapter"
@@ -62,6 +63,7 @@ func ModelCard(opts Options, res *Result, baseModel string, sources []string) st
 		o.Printf("- seed: %d (pass it back as `seed=` to reproduce this merge byte for byte)\n", *res.Seed)
 	}
 	c.RankTable(res.Rank, res.ModuleRanks, res.ModuleErrors)
+	expertsSection(c, res)
 	base := baseModel
 	if base == "" {
 		base = "<base model>"
@@ -84,8 +86,12 @@ func weightText(p adapter.WeightPattern) string {
 
 // writeConfigAndCard writes adapter_config.json (with a rank pattern for
 // modules whose rank differs) and, unless turned off, the README.md card.
-func writeConfigAndCard(out *atomicdir.Output, opts Options, res *Result, base *adapter.Config, targets adapter.TargetModules, pattern adapter.Patterns) error {
-	cfgJSON, err := adapter.MergedConfigJSON(base, res.Rank, targets, pattern, append(adapter.Patterns(nil), pattern...), nil)
+func writeConfigAndCard(out *atomicdir.Output, opts Options, res *Result, base *adapter.Config, targets adapter.TargetModules, params []string, pattern adapter.Patterns) error {
+	var extra map[string]any
+	if params != nil {
+		extra = map[string]any{"target_parameters": params}
+	}
+	cfgJSON, err := adapter.MergedConfigJSON(base, res.Rank, targets, pattern, append(adapter.Patterns(nil), pattern...), extra)
 	if err != nil {
 		return err
 	}
@@ -100,4 +106,26 @@ func writeConfigAndCard(out *atomicdir.Output, opts Options, res *Result, base *
 		names = opts.Adapters
 	}
 	return out.WriteFile("README.md", []byte(ModelCard(opts, res, base.BaseModel, names)))
+}
+
+// expertsSection lists the mixture-of-experts parameters of the merge
+// (target_parameters) and says what was done per expert.
+func expertsSection(c *card.Card, res *Result) {
+	if len(res.ModuleExperts) == 0 {
+		return
+	}
+	s := c.Section("Mixture-of-experts parameters")
+	s.Text("These modules adapt expert parameters (PEFT's `target_parameters`). Each expert's update was merged as a " +
+		"low-rank matrix of its own (sign election, pruning and truncation per expert); ranks are per expert, " +
+		"as PEFT's `r` is.\n\n")
+	s.Table("module", "parameter", "experts", "rank per expert")
+	names := make([]string, 0, len(res.ModuleExperts))
+	for n := range res.ModuleExperts {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		e := res.ModuleExperts[n]
+		s.Row(card.Code(n), card.Code(e.Param), fmt.Sprint(e.Experts), fmt.Sprint(res.ModuleRanks[n]))
+	}
 }

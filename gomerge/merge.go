@@ -84,6 +84,10 @@ func Merge(ctx context.Context, opts Options, progress *parallel.Progress) (*Res
 	if err != nil {
 		return nil, err
 	}
+	params, err := adapter.UnionTargetParameters(cfgs, opts.Adapters)
+	if err != nil {
+		return nil, err
+	}
 	jobs, err := opts.PlanModules(opts.Adapters, opts.Weights, adapters)
 	if err != nil {
 		return nil, err
@@ -115,8 +119,11 @@ func Merge(ctx context.Context, opts Options, progress *parallel.Progress) (*Res
 		return nil, err
 	}
 	ranks := make([]int, len(jobs))
-	res.ModuleRanks, res.ModuleErrors = map[string]int{}, map[string]float64{}
+	res.ModuleRanks, res.ModuleErrors, res.ModuleExperts = map[string]int{}, map[string]float64{}, map[string]ModuleExperts{}
 	for i, o := range outcomes {
+		if jobs[i].Experts > 1 {
+			res.ModuleExperts[jobs[i].Name] = ModuleExperts{Param: jobs[i].Param, Experts: jobs[i].Experts}
+		}
 		ranks[i] = o.Rank
 		res.ModuleRanks[jobs[i].Name] = o.Rank
 		if !math.IsNaN(o.RelErr) {
@@ -126,7 +133,7 @@ func Merge(ctx context.Context, opts Options, progress *parallel.Progress) (*Res
 	if opts.EnergyRanks() { // the adapter's r is the largest module rank; the others go into rank_pattern
 		res.Rank = slices.Max(ranks)
 	}
-	if err := writeConfigAndCard(pending, opts, res, adapters[0].Config, targets, rankPattern(jobs, ranks, res.Rank)); err != nil {
+	if err := writeConfigAndCard(pending, opts, res, adapters[0].Config, targets, params, rankPattern(jobs, ranks, res.Rank)); err != nil {
 		return nil, err
 	}
 	if err := ctx.Err(); err != nil {

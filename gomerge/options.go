@@ -44,6 +44,16 @@ type Result struct {
 	// update (svd, the *_svd types, cat and task_arithmetic), the relative
 	// Frobenius error ||D - B'A'|| / ||D|| of that factorisation (0: exact).
 	ModuleErrors map[string]float64 `json:"module_errors"`
+	// ModuleExperts is, for the modules that adapt a mixture-of-experts
+	// parameter (target_parameters), its path and number of experts: their
+	// ModuleRanks are ranks per expert, as PEFT's r is.
+	ModuleExperts map[string]ModuleExperts `json:"module_experts"`
+}
+
+// ModuleExperts is the parameter a module adapts and its number of experts.
+type ModuleExperts struct {
+	Param   string `json:"param"`
+	Experts int    `json:"experts"`
 }
 
 // validate checks the options before any file is read.

@@ -14,7 +14,7 @@ func rankPattern(jobs []methods.ModuleJob, ranks []int, rank int) adapter.Patter
 	var pattern adapter.Patterns
 	for i, j := range jobs {
 		if ranks[i] != rank {
-			pattern = append(pattern, adapter.PatternEntry{Key: regexp.QuoteMeta(j.Name), Value: float64(ranks[i])})
+			pattern = append(pattern, adapter.PatternEntry{Key: regexp.QuoteMeta(j.PatternKey()), Value: float64(ranks[i])})
 		}
 	}
 	return pattern
@@ -31,6 +31,7 @@ func outputTensors(c *methods.Combine, jobs []methods.ModuleJob, rank int, dt sa
 			r = j.Srcs[0].Mod.Rank
 		}
 		aName, bName := adapter.ModuleKeys(j.Name, j.Kind)
+		r = j.StackedRank(r)
 		outs = append(outs, safetensors.OutTensor{Name: aName, DType: dt, Shape: append([]int{r}, j.ATail...)},
 			safetensors.OutTensor{Name: bName, DType: dt, Shape: append([]int{j.Out, r}, j.BTail...)})
 	}

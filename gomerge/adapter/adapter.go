@@ -49,6 +49,12 @@ type Module struct {
 	// only read when fusing into a base model; their Shape is nil when absent.
 	Magnitude safetensors.RawTensor
 	Bias      safetensors.RawTensor
+	// Param is the path of the nn.Parameter the module adapts (PEFT's
+	// target_parameters; "" for a module), and Experts its number of
+	// experts: then Rank is the rank per expert, and A and B hold
+	// Rank*Experts rows and columns (params.go).
+	Param   string
+	Experts int
 	// factors read from a file, kept until release (joint: one buffer holding both)
 	a, b, joint []float32
 }
@@ -250,13 +256,15 @@ func (a *Adapter) index(wpath string, st *safetensors.File) error {
 			return err
 		}
 	}
-	for name, m := range a.Modules {
-		if err := a.finishModule(wpath, name, m); err != nil {
-			return err
-		}
+	for name := range a.Modules {
 		a.Order = append(a.Order, name)
 	}
-	sort.Strings(a.Order)
+	sort.Strings(a.Order) // errors name the first module in order
+	for _, name := range a.Order {
+		if err := a.finishModule(wpath, name, a.Modules[name]); err != nil {
+			return err
+		}
+	}
 	if len(a.Modules) == 0 {
 		return errs.Value("%s: no LoRA tensors (lora_A / lora_B) found", wpath)
 	}
@@ -421,8 +429,24 @@ func (a *Adapter) finishModule(path, name string, m *Module) error {
 		}
 	}
 	m.Rank = sa[0]
-	r, alpha := a.Config.ModuleRankAlpha(name)
-	if r != m.Rank {
+	param, err := a.Config.TargetedParam(path, name)
+	if err != nil {
+		return err
+	}
+	key := name
+	if param != "" {
+		key = param
+	}
+	r, alpha := a.Config.ModuleRankAlpha(key)
+	switch {
+	case param != "" && m.Kind != KindLinear:
+		return errs.Value("%s: module %s adapts parameter %s but its factors %s %v are not 2-D", path, name, param, aKey, sa)
+	case param != "" && m.Rank%r != 0:
+		return errs.Value("%s: tensor %s (parameter %s) has %d rows, which is not a multiple of r=%d, the rank per expert "+
+			"that %s gives it (PEFT stacks r rows per expert)", path, aKey, param, m.Rank, r, ConfigFile)
+	case param != "":
+		m.Param, m.Experts, m.Rank = param, m.Rank/r, r
+	case r != m.Rank:
 		return errs.Value("%s: module %s has rank %d but %s gives r=%d for it", path, name, m.Rank, ConfigFile, r)
 	}
 	m.Alpha = alpha

@@ -29,9 +29,12 @@ type Config struct {
 	UseRslora     bool
 	FanInFanOut   bool
 	TargetModules TargetModules
-	RankPattern   Patterns
-	AlphaPattern  Patterns
-	BaseModel     string
+	// TargetParameters is PEFT's target_parameters: nn.Parameter paths
+	// adapted by lora.ParamWrapper (params.go).
+	TargetParameters []string
+	RankPattern      Patterns
+	AlphaPattern     Patterns
+	BaseModel        string
 	// UseDora and LoraBias are only accepted when fusing into a base model
 	// (merges refuse them).
 	UseDora  bool
@@ -126,6 +129,11 @@ func parseConfig(path string, data []byte) (*Config, error) {
 			c.TargetModules.IsRegex = true
 		} else if err := json.Unmarshal(raw, &c.TargetModules.Names); err != nil {
 			return nil, errs.Value("%s: target_modules must be a list of names or a regex string", path)
+		}
+	}
+	if raw, ok := c.Raw["target_parameters"]; ok && string(raw) != "null" {
+		if err := json.Unmarshal(raw, &c.TargetParameters); err != nil {
+			return nil, errs.Value("%s: target_parameters must be a list of parameter names", path)
 		}
 	}
 	var err error

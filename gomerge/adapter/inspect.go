@@ -25,6 +25,11 @@ type AdapterInfo struct {
 	// refuse and fuses apply.
 	UseDora  bool `json:"use_dora"`
 	LoraBias bool `json:"lora_bias"`
+	// TargetParameters is the config's target_parameters, and Experts
+	// the number of experts of each adapted parameter (by its path); Ranks
+	// counts their modules at their rank per expert.
+	TargetParameters []string       `json:"target_parameters"`
+	Experts          map[string]int `json:"experts"`
 }
 
 // Inspect loads an adapter directory and summarises it; DoRA adapters and
@@ -38,7 +43,10 @@ func Inspect(dir string) (*AdapterInfo, error) {
 	defer a.Close()
 	info := &AdapterInfo{Dir: dir, BaseModel: a.Config.BaseModel, R: a.Config.R, LoraAlpha: a.Config.LoraAlpha,
 		UseRslora: a.Config.UseRslora, Scaling: a.Config.Scaling(a.Config.R, a.Config.LoraAlpha), TargetModules: a.Config.TargetModules, DType: a.DType.TorchName(),
-		Modules: len(a.Modules), Ranks: map[string]int{}, Extra: a.Extra}
+		Modules: len(a.Modules), Ranks: map[string]int{}, Extra: a.Extra, TargetParameters: a.Config.TargetParameters, Experts: map[string]int{}}
+	if info.TargetParameters == nil {
+		info.TargetParameters = []string{}
+	}
 	if info.Extra == nil {
 		info.Extra = []string{}
 	}
@@ -47,6 +55,9 @@ func Inspect(dir string) (*AdapterInfo, error) {
 		info.UseDora = info.UseDora || m.Magnitude.Shape != nil
 		info.LoraBias = info.LoraBias || m.Bias.Shape != nil
 		info.Ranks[strconv.Itoa(m.Rank)]++
+		if m.Param != "" {
+			info.Experts[m.Param] = max(m.Experts, 1)
+		}
 		info.Parameters += int64(safetensors.Numel(m.RawA.Shape) + safetensors.Numel(m.RawB.Shape))
 	}
 	sort.Strings(info.Extra)

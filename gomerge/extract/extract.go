@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"sort"
 	"strings"
 	"time"
 
@@ -172,9 +173,11 @@ func Extract(ctx context.Context, opts Options, progress *parallel.Progress) (*R
 type adapterFiles struct {
 	outs    []safetensors.OutTensor
 	data    [][]byte
-	targets []string // the factorised modules (target_modules)
-	ranks   []int    // their ranks
-	fanIn   bool     // a factorised weight is stored in x out (Conv1D)
+	targets []string       // the factorised modules (target_modules)
+	ranks   []int          // their ranks
+	params  []string       // the expert parameters (target_parameters entries)
+	pranks  map[string]int // the rank per expert of each expert parameter (by its path)
+	fanIn   bool           // a factorised weight is stored in x out (Conv1D)
 }
 
 // collect gathers the jobs' outcomes into the result (ranks, errors,
@@ -191,6 +194,20 @@ func collect(opts Options, jobs []extractJob, outcomes []extractOutcome, dt safe
 	for i, j := range jobs {
 		o := &outcomes[i]
 		switch {
+		case j.expert != nil:
+			if f.pranks == nil {
+				f.pranks = map[string]int{}
+			}
+			f.pranks[j.expert.param] = o.rank
+			if !slices.Contains(f.params, j.expert.target) {
+				f.params = append(f.params, j.expert.target)
+			}
+			res.ModuleRanks[j.expert.param] = o.rank
+			if o.changed {
+				res.ModuleErrors[j.expert.param] = o.relErr
+			} else {
+				res.Unchanged = append(res.Unchanged, j.expert.param)
+			}
 		case j.lora && o.changed:
 			f.targets = append(f.targets, j.module)
 			f.ranks = append(f.ranks, o.rank)
@@ -212,10 +229,16 @@ func collect(opts Options, jobs []extractJob, outcomes []extractOutcome, dt safe
 			"carry linear weights only (modules_to_save saves norms, embeddings or lm_head whole; biases of factorised "+
 			"layers cannot be carried): %s", len(notCarried), strings.Join(notCarried, ", ")))
 	}
-	if len(f.targets) == 0 {
+	if len(f.targets) == 0 && len(res.ModuleErrors) == 0 {
 		return nil, nil, errs.Value("extract: no linear module of %s differs from %s; there is nothing to factorise", opts.Finetuned, opts.Base)
 	}
-	res.Modules = len(f.targets)
-	res.Rank = slices.Max(f.ranks)
+	res.Modules = len(f.targets) + len(f.pranks)
+	for _, r := range f.pranks {
+		res.Rank = max(res.Rank, r)
+	}
+	if len(f.ranks) > 0 {
+		res.Rank = max(res.Rank, slices.Max(f.ranks))
+	}
+	sort.Strings(f.params)
 	return res, f, nil
 }

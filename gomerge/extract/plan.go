@@ -35,6 +35,9 @@ type extractJob struct {
 	named   bool // named by SaveModules: saved even if unchanged
 	m, n    int  // lora: dW is m x n (out x in)
 	fanIn   bool // lora: the weight is stored in x out
+	// expert: a mixture-of-experts parameter, extracted per expert
+	// (experts.go); m x n is each expert's update
+	expert *expertJob
 }
 
 // extractOutcome is what a job produced.
@@ -88,7 +91,7 @@ func planExtraction(opts Options, base, ft *modelfolder.Folder) ([]extractJob, e
 	}
 	modules := map[string]*extractJob{}
 	var order []string
-	var jobs []extractJob
+	jobs, experts := planExperts(base)
 	for _, name := range base.Names() {
 		be, _ := base.Info(name)
 		fe, _ := ft.Info(name)
@@ -104,6 +107,9 @@ func planExtraction(opts Options, base, ft *modelfolder.Folder) ([]extractJob, e
 		if !slices.Equal(be.Shape, fe.Shape) {
 			return nil, errs.Value("tensor %s has shape %s in the base model (%s) but %s in the fine-tuned model (%s)",
 				name, shapeText(be.Shape), tensorFile(base, name), shapeText(fe.Shape), tensorFile(ft, name))
+		}
+		if experts[name] {
+			continue
 		}
 		module, param := name, ""
 		if i := strings.LastIndex(name, "."); i >= 0 {

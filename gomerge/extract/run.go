@@ -38,6 +38,9 @@ func runExtractJob(j *extractJob, base, ft *modelfolder.Folder, rule linalg.Rank
 			err = errs.New(errs.KindInternal, "module %s: internal error: %v", j.module, p)
 		}
 	}()
+	if j.expert != nil {
+		return extractExperts(j, base, ft, rule, dt, seed)
+	}
 	if j.lora {
 		return extractLinear(j, base, ft, rule, dt, seed)
 	}

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"regexp"
+	"sort"
 	"strings"
 
 	"gomerge/gomerge/adapter"
@@ -36,7 +37,7 @@ func write(ctx context.Context, opts Options, base *modelfolder.Folder, rule lin
 	if err := writeTensors(weightsPath, f.outs, f.data); err != nil {
 		return err
 	}
-	cfg, err := extractConfigJSON(opts, base, res, f.targets, f.ranks, f.fanIn)
+	cfg, err := extractConfigJSON(opts, base, res, f)
 	if err != nil {
 		return err
 	}
@@ -76,12 +77,26 @@ func writeTensors(path string, outs []safetensors.OutTensor, data [][]byte) erro
 }
 
 // extractConfigJSON is the adapter_config.json of an extracted adapter.
-func extractConfigJSON(opts Options, base *modelfolder.Folder, res *Result, targets []string, ranks []int, fanIn bool) ([]byte, error) {
+func extractConfigJSON(opts Options, base *modelfolder.Folder, res *Result, f *adapterFiles) ([]byte, error) {
+	targets, ranks, fanIn := f.targets, f.ranks, f.fanIn
 	var pattern adapter.Patterns
 	for i, t := range targets {
 		if ranks[i] != res.Rank {
 			pattern = append(pattern, adapter.PatternEntry{Key: regexp.QuoteMeta(t), Value: float64(ranks[i])})
 		}
+	}
+	params := make([]string, 0, len(f.pranks))
+	for p := range f.pranks {
+		params = append(params, p)
+	}
+	sort.Strings(params)
+	for _, p := range params { // a parameter's rank resolves on its path (PEFT's current_key)
+		if f.pranks[p] != res.Rank {
+			pattern = append(pattern, adapter.PatternEntry{Key: regexp.QuoteMeta(p), Value: float64(f.pranks[p])})
+		}
+	}
+	if targets == nil {
+		targets = []string{}
 	}
 	if pattern == nil {
 		pattern = adapter.Patterns{}
@@ -118,6 +133,9 @@ func extractConfigJSON(opts Options, base *modelfolder.Folder, res *Result, targ
 		"bias":                    "none",
 		"init_lora_weights":       true,
 		"inference_mode":          true,
+	}
+	if len(f.params) > 0 { // adapters without expert parameters keep the config they had
+		cfg["target_parameters"] = f.params
 	}
 	b, err := json.MarshalIndent(cfg, "", "  ")
 	if err != nil {

@@ -65,6 +65,10 @@ func applyOps(ctx context.Context, p *fusePlan, t *fuseTensor, w []float32) erro
 			if err := applyLoRA(op, w, w0, rows, cols, t.dtype); err != nil {
 				return err
 			}
+		case opExpert:
+			if err := applyExpert(ctx, p, t, op, w); err != nil {
+				return err
+			}
 		case opMerged:
 			_, _, ra, rb, _, err := methods.RunModule(ctx, &p.mergeOpts, op.job, p.rank, safetensors.F32)
 			if err != nil {

@@ -237,6 +237,8 @@ func (op *fuseOp) describe() string {
 		return "bias"
 	case opMerged:
 		return fmt.Sprintf("lora (%d adapters merged)", len(op.job.Srcs))
+	case opExpert:
+		return op.expert.describe()
 	}
 	if op.mod.Magnitude.Shape != nil {
 		return "dora"
@@ -245,9 +247,13 @@ func (op *fuseOp) describe() string {
 }
 
 func (op *fuseOp) adapterIndexes() []int {
-	if op.kind == opMerged {
-		out := make([]int, len(op.job.Srcs))
-		for i, s := range op.job.Srcs {
+	job := op.job
+	if op.kind == opExpert {
+		job = op.expert.src.job
+	}
+	if op.kind == opMerged || job != nil {
+		out := make([]int, len(job.Srcs))
+		for i, s := range job.Srcs {
 			out[i] = s.Index
 		}
 		return out

@@ -22,6 +22,7 @@ const (
 	opMerged                    // W += B'A', the adapters' factors merged first (scaling folded in)
 	opBias                      // bias += w s lora_B.bias
 	opReplace                   // W = a full tensor of the adapter (modules_to_save)
+	opExpert                    // W (or its slice e) += part of expert e's update (experts.go)
 )
 
 // fuseOp is one change to one output tensor.
@@ -33,6 +34,7 @@ type fuseOp struct {
 	weight     float64               // the user's weight (opLoRA, opBias)
 	replace    safetensors.RawTensor // opReplace
 	transposed bool                  // the base stores the update transposed: fan_in_fan_out, embeddings
+	expert     *expertOp             // opExpert
 }
 
 // fuseTensor is one tensor of the output: read from base tensor src (its
@@ -259,6 +261,9 @@ func (p *fusePlan) untieLMHead(emb string) *fuseTensor {
 func (p *fusePlan) addModule(opts *Options, i int, a *adapter.Adapter, m *adapter.Module, w float64, job *methods.ModuleJob,
 	target func(int, string, string) (*fuseTensor, error), base *modelfolder.Folder) error {
 	aKey, _ := m.Keys()
+	if m.Param != "" && m.RawA.Shape != nil {
+		return p.addExperts(opts, i, a, m, w, job, target, base)
+	}
 	if m.RawA.Shape == nil || m.RawB.Shape == nil {
 		return errs.Value("adapter %s: module %s has a DoRA magnitude or a LoRA bias but no LoRA factors (adapter file %s)", opts.Adapters[i], m.Name, adapterFile(a))
 	}

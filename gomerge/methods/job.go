@@ -32,7 +32,23 @@ type ModuleJob struct {
 	// shapes of A and B without the rank, for the output tensors
 	ATail []int
 	BTail []int
+	// Param is the nn.Parameter the module adapts (target_parameters; ""
+	// for a module) and Experts its number of experts (0 or 1: none).
+	Param   string
+	Experts int
 }
+
+// PatternKey is the path rank_pattern and alpha_pattern match for the job:
+// its parameter's, or its module's.
+func (j *ModuleJob) PatternKey() string {
+	if j.Param != "" {
+		return j.Param
+	}
+	return j.Name
+}
+
+// StackedRank is the number of rows of A for a rank per expert.
+func (j *ModuleJob) StackedRank(r int) int { return r * max(j.Experts, 1) }
 
 // ResultTensor is a merged tensor, encoded (Data) from its float32 memory
 // (buf), which runJobs gives back to the pool once emit has written it.
@@ -55,13 +71,17 @@ func RunModule(ctx context.Context, c *Combine, j *ModuleJob, rank int, dt safet
 			err = errs.New(errs.KindInternal, "module %s: internal error: %v", j.Name, p)
 		}
 	}()
-	o, err := c.method.Merge(ctx, j, c, rank)
+	merge := c.method.Merge
+	if j.Experts > 1 {
+		merge = expertsModule
+	}
+	o, err := merge(ctx, j, c, rank)
 	if err != nil {
 		return "", "", ResultTensor{}, ResultTensor{}, out, err
 	}
 	aName, bName = adapter.ModuleKeys(j.Name, j.Kind)
-	aShape := append([]int{o.rank}, j.ATail...)
-	bShape := append([]int{j.Out, o.rank}, j.BTail...)
+	aShape := append([]int{j.StackedRank(o.rank)}, j.ATail...)
+	bShape := append([]int{j.Out, j.StackedRank(o.rank)}, j.BTail...)
 	// a and b are this merge's own memory: float32 results are written as they are, without a copy
 	encode := func(x []float32) []byte {
 		if dt == safetensors.F32 {

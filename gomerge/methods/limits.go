@@ -4,7 +4,7 @@ package methods
 func factorBytes(j *ModuleJob) int64 {
 	factors := int64(0)
 	for _, s := range j.Srcs {
-		factors += int64(s.Mod.Rank) * int64(j.In+j.Out) * 4
+		factors += int64(s.Mod.Rank*max(j.Experts, 1)) * int64(j.In+j.Out) * 4
 	}
 	return factors
 }

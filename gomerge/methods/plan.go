@@ -38,7 +38,7 @@ func (c *Combine) PlanModules(names []string, weights adapter.Weights, adapters 
 			j := byName[name]
 			if j == nil {
 				j = &ModuleJob{Name: name, Kind: m.Kind, In: m.In(), Out: m.Out(),
-					ATail: m.RawA.Shape[1:], BTail: m.RawB.Shape[2:]}
+					ATail: m.RawA.Shape[1:], BTail: m.RawB.Shape[2:], Param: m.Param, Experts: m.Experts}
 				byName[name] = j
 				order = append(order, name)
 				first[name] = i
@@ -47,6 +47,11 @@ func (c *Combine) PlanModules(names []string, weights adapter.Weights, adapters 
 				if m.Kind != j.Kind || !slices.Equal(m.RawA.Shape[1:], j.ATail) || m.Out() != j.Out || len(m.RawB.Shape) != len(f.RawB.Shape) {
 					return nil, errs.Value("module %s: shapes differ between adapters: %s has lora_A %v / lora_B %v, %s has lora_A %v / lora_B %v",
 						name, names[first[name]], f.RawA.Shape, f.RawB.Shape, names[i], m.RawA.Shape, m.RawB.Shape)
+				}
+				if m.Param != j.Param || m.Experts != j.Experts {
+					return nil, errs.Value("module %s: %s adapts parameter %q with %d experts, %s adapts %q with %d experts "+
+						"(adapters merged together need the same target_parameters, as PEFT requires of adapters on one model)",
+						name, names[first[name]], j.Param, j.Experts, names[i], m.Param, m.Experts)
 				}
 				if c.Method().Rank.Own && m.Rank != f.Rank {
 					return nil, errs.Value("module %s: combination_type %s needs equal ranks, but %s has rank %d and %s has rank %d",

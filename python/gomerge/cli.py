@@ -801,6 +801,13 @@ def _inspect(args: argparse.Namespace) -> int:
     if info["use_dora"] or info["lora_bias"]:
         kinds = " and ".join(k for k, on in (("DoRA", info["use_dora"]), ("lora_bias", info["lora_bias"])) if on)
         lines.append(f"variant        {kinds} (merges refuse it; gomerge fuse applies it)")
+    if info.get("target_parameters"):
+        experts = sorted(set(info["experts"].values()))
+        lines.insert(
+            6,
+            f"target params  {', '.join(info['target_parameters'])} ({'/'.join(map(str, experts))} "
+            "experts; ranks are per expert)",
+        )
     if info["extra_tensors"]:
         lines.append(f"other tensors  {len(info['extra_tensors'])} (not LoRA factors; left out of merges)")
     lines += _serving_lines(info["serving"])

@@ -50,6 +50,8 @@ class MergeResult(EngineResult):
         module_errors (`dict[str, float]`): for the methods that factorise each module's combined update (`svd`,
             the `*_svd` types, `cat`, `task_arithmetic`), the relative Frobenius error `||D - B'A'|| / ||D||` of
             that factorisation (0 when exact; before `svd_clamp`).
+        module_experts (`dict[str, dict]`): for the modules that adapt a mixture-of-experts parameter (PEFT's
+            `target_parameters`), `{"param": path, "experts": E}`; their `module_ranks` are ranks per expert.
     """
 
     output_dir: str
@@ -63,6 +65,7 @@ class MergeResult(EngineResult):
     warnings: list[str] = field(default_factory=list)
     module_ranks: dict[str, int] = field(default_factory=dict)
     module_errors: dict[str, float] = field(default_factory=dict)
+    module_experts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def _html_rows(self) -> tuple[str, list[tuple[str, Any]]]:
         return (

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer, LoraModel
+from peft.tuners.lora.layer import ParamWrapper
 from peft.utils import _freeze_adapter
 from torch import nn
 
@@ -156,6 +157,12 @@ def add_weighted_adapter(
 ) -> None:
     """PEFT's `LoraModel.add_weighted_adapter` on a live model, computed by gomerge.
 
+    Called directly, it also merges adapters on mixture-of-experts parameters (`target_parameters`, PEFT's
+    `ParamWrapper`), which PEFT's own method refuses: each expert's update is merged as a module of its own and the
+    new adapter is injected as PEFT injects a loaded `target_parameters` adapter (the adapters must target the same
+    parameters, as PEFT requires of adapters on one model). Through `patch_peft()` the call keeps PEFT's contract and
+    raises PEFT's `ValueError` for them.
+
     Same arguments and behaviour as PEFT's method (see its documentation): the new adapter `adapter_name` is added
     to `model`, frozen and not active; an existing `adapter_name` makes the call do nothing; one adapter forces
     `linear`; only the adapters present at a module contribute to it.
@@ -171,6 +178,67 @@ def add_weighted_adapter(
             masks from torch's global generator (the default, which reproduces PEFT under `torch.manual_seed`).
         progress (`bool`, *optional*): show a progress bar (tqdm) while Go works; by default for large models.
     """
+    _add_weighted_adapter(
+        model,
+        adapters,
+        weights,
+        adapter_name,
+        combination_type,
+        svd_rank,
+        svd_clamp,
+        svd_full_matrices,
+        svd_driver,
+        density,
+        majority_sign_method,
+        seed=seed,
+        progress=progress,
+        parameters=True,
+    )
+
+
+def _check_args(self: LoraModel, adapters: list[str], combination_type: str, svd_rank: int | None, parameters: bool):
+    """PEFT's `_check_add_weighted_adapter`; with `parameters`, adapters on nn.Parameters pass it when they all
+    target the same parameters (PEFT's rule for adapters on one model)."""
+    configs = {a: self.peft_config[a] for a in adapters if a in self.peft_config}
+    targeted = {a: c.target_parameters for a, c in configs.items() if getattr(c, "target_parameters", None)}
+    if not parameters or not targeted:
+        return self._check_add_weighted_adapter(adapters=adapters, combination_type=combination_type, svd_rank=svd_rank)
+    sets = {a: set(t) for a, t in targeted.items()}
+    first = next(iter(sets))
+    for a, t in sets.items():
+        if t != sets[first]:
+            raise ValueError(
+                f"adapters {first!r} and {a!r} target different parameters ({sorted(sets[first])} and {sorted(t)}); "
+                "adapters merged together must target the same ones, as PEFT requires of adapters on one model"
+            )
+    try:
+        for a in targeted:
+            self.peft_config[a] = replace(configs[a], target_parameters=None)
+        return self._check_add_weighted_adapter(adapters=adapters, combination_type=combination_type, svd_rank=svd_rank)
+    finally:
+        for a in targeted:
+            self.peft_config[a] = configs[a]
+
+
+def _add_weighted_adapter(
+    model: Any,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    adapter_name: str,
+    combination_type: CombinationType,
+    svd_rank: int | None,
+    svd_clamp: float | None,
+    svd_full_matrices: bool,
+    svd_driver: str | None,
+    density: float | None,
+    majority_sign_method: Literal["total", "frequency"],
+    *,
+    seed: int | None,
+    progress: bool | None,
+    parameters: bool,
+) -> None:
+    """add_weighted_adapter; `parameters` merges adapters on nn.Parameters (the direct call) where PEFT refuses
+    them (the patched method)."""
     self = _lora_model(model)
     if adapter_name in list(self.peft_config.keys()):
         return
@@ -178,9 +246,7 @@ def add_weighted_adapter(
     if len(weights) != len(adapters):
         raise ValueError(f"weights: got {len(weights)} weights for {len(adapters)} adapters")
     requested_type = combination_type
-    combination_type, new_rank, new_target_modules = self._check_add_weighted_adapter(
-        adapters=adapters, combination_type=combination_type, svd_rank=svd_rank
-    )
+    combination_type, new_rank, new_target_modules = _check_args(self, adapters, combination_type, svd_rank, parameters)
     reason = _unsupported(self, adapters)
     if reason is not None:
         warnings.warn(
@@ -201,7 +267,9 @@ def add_weighted_adapter(
         )
     _validate(combination_type, density, majority_sign_method, svd_clamp)
 
-    # Create the adapter exactly as PEFT does (this also draws its initial weights from torch's generator).
+    # Create the adapter exactly as PEFT does (this also draws its initial weights from torch's generator); its
+    # target_parameters are the ones the adapters share (see _check_args).
+    params = next((c.target_parameters for a in adapters if (c := self.peft_config[a]).target_parameters), None)
     self.peft_config[adapter_name] = replace(
         self.peft_config[adapters[0]],
         r=new_rank,
@@ -209,6 +277,7 @@ def add_weighted_adapter(
         target_modules=new_target_modules,
         alpha_pattern={},
         rank_pattern={},
+        **({"target_parameters": params} if params else {}),
     )
     self.inject_adapter(self.model, adapter_name)
     _freeze_adapter(self.model, adapter_name)
@@ -267,47 +336,17 @@ def _merge(
         ]
         if not srcs:
             raise ValueError("No matching LoRAs found. Please raise an issue on GitHub.")
-        sources = []
-        for i, name, w, a, b in srcs:
-            fa, fb = _f32(a, keep), _f32(b, keep)
-            sources.append(
-                {
-                    "a": fa.data_ptr(),
-                    "b": fb.data_ptr(),
-                    "a_shape": list(fa.shape),
-                    "b_shape": list(fb.shape),
-                    "scaling": float(target.scaling[name]),
-                    "weight": w,
-                    "index": i,
-                    "round_dw": "" if family1 or b.dtype == torch.float32 else str(b.dtype).removeprefix("torch."),
-                }
-            )
-        if dare_torch and family1:  # PEFT: every A mask in adapter order, then every B mask
-            for s, (_, _, _, a, _) in zip(sources, srcs):
-                s["mask_a"] = _u8(torch.bernoulli(torch.full_like(input=a.data, fill_value=density)), keep)
-            for s, (_, _, _, _, b) in zip(sources, srcs):
-                s["mask_b"] = _u8(torch.bernoulli(torch.full_like(input=b.data, fill_value=density)), keep)
-        elif dare_torch:  # PEFT: one mask per dense update, in adapter order
-            for s, (_, name, _, _, _) in zip(sources, srcs):
-                s["mask_dw"] = _u8(_dw_mask_2d(target, name, density), keep)
-        if family1:
-            a0, b0 = srcs[0][3], srcs[0][4]
-            out_a = torch.zeros(a0.shape, dtype=torch.float32)
-            out_b = torch.zeros(b0.shape, dtype=torch.float32)
-        else:
-            out_a = torch.zeros(t_a.shape, dtype=torch.float32)
-            out_b = torch.zeros(t_b.shape, dtype=torch.float32)
-        keep += [out_a, out_b]
-        modules.append(
-            {
-                "name": key,
-                "sources": sources,
-                "out_a": out_a.data_ptr(),
-                "out_b": out_b.data_ptr(),
-                "out_rank": out_a.shape[0],
-            }
-        )
-        targets.append((t_a, t_b, srcs, out_a, out_b))
+        experts = getattr(target, "num_experts", 1) if isinstance(target, ParamWrapper) else 1
+        outs = []
+        for e in range(experts):  # each expert of a ParamWrapper is a module of its own (units of the engine)
+            if experts == 1:
+                unit, unit_name, shapes = srcs, key, (t_a.shape, t_b.shape)
+            else:  # named as the engine names an expert of a module read from disk
+                unit = [(i, n, w) + _expert(a, b, experts, e) for i, n, w, a, b in srcs]
+                r = t_a.shape[0] // experts
+                unit_name, shapes = f"{key}[{e}]", ((r, t_a.shape[1]), (t_b.shape[0], r))
+            outs.append(_unit(modules, keep, unit_name, target, unit, family1, dare_torch, density, experts, shapes))
+        targets.append((t_a, t_b, srcs, outs, experts))
     if not modules:
         return
     # every key the engine takes, None (its default) unless PEFT's call sets it; new_rank is PEFT's resolved
@@ -323,7 +362,8 @@ def _merge(
     result = _native.run_job(_native.merge_tensors_start(request), progress)
     for message in result.get("warnings") or []:
         warnings.warn(message, stacklevel=3)
-    for t_a, t_b, srcs, out_a, out_b in targets:
+    for t_a, t_b, srcs, outs, experts in targets:
+        out_a, out_b = _stack(outs, experts)
         if family1:  # PEFT: combined on the first source's device, cast to its A's dtype
             a0, b0 = srcs[0][3], srcs[0][4]
             t_a.data = out_a.to(device=a0.device, dtype=a0.dtype)
@@ -336,6 +376,69 @@ def _merge(
             t_a.data = out_a.to(device)
             t_b.data = out_b.to(device)
     del keep
+
+
+def _expert(a: torch.Tensor, b: torch.Tensor, experts: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert e's factors of a ParamWrapper, as PEFT's get_delta_weight reshapes them: A (E*r, in) -> (E, r, in),
+    B (out, r*E) -> (out, r, E)."""
+    return a.reshape(experts, -1, a.shape[-1])[e], b.reshape(b.shape[0], -1, experts)[:, :, e]
+
+
+def _stack(outs: list[tuple[torch.Tensor, torch.Tensor]], experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The experts' merged factors in a ParamWrapper's layout (the inverse of _expert)."""
+    if experts == 1:
+        return outs[0]
+    a = torch.cat([o[0] for o in outs], dim=0)
+    b = torch.stack([o[1] for o in outs], dim=-1)
+    return a, b.reshape(b.shape[0], -1)
+
+
+def _unit(modules, keep, name, target, srcs, family1, dare_torch, density, experts, shapes):
+    """Adds one module (or one expert of a ParamWrapper) to the engine's request; returns its output buffers."""
+    sources = []
+    for i, adapter, w, a, b in srcs:
+        fa, fb = _f32(a, keep), _f32(b, keep)
+        sources.append(
+            {
+                "a": fa.data_ptr(),
+                "b": fb.data_ptr(),
+                "a_shape": list(fa.shape),
+                "b_shape": list(fb.shape),
+                "scaling": float(target.scaling[adapter]),
+                "weight": w,
+                "index": i,
+                "round_dw": "" if family1 or b.dtype == torch.float32 else str(b.dtype).removeprefix("torch."),
+            }
+        )
+    if dare_torch and family1:  # PEFT: every A mask in adapter order, then every B mask
+        for s, (_, _, _, a, _) in zip(sources, srcs):
+            s["mask_a"] = _u8(torch.bernoulli(torch.full_like(input=a.data, fill_value=density)), keep)
+        for s, (_, _, _, _, b) in zip(sources, srcs):
+            s["mask_b"] = _u8(torch.bernoulli(torch.full_like(input=b.data, fill_value=density)), keep)
+    elif dare_torch:  # PEFT: one mask per dense update, in adapter order
+        for s, (_, adapter, _, a, b) in zip(sources, srcs):
+            if experts == 1:
+                mask = _dw_mask_2d(target, adapter, density)
+            else:  # an expert's update, as B_e @ A_e
+                mask = torch.bernoulli(torch.full((b.shape[0], a.shape[1]), density, dtype=b.dtype, device=b.device))
+            s["mask_dw"] = _u8(mask, keep)
+    if family1:
+        out_a = torch.zeros(srcs[0][3].shape, dtype=torch.float32)
+        out_b = torch.zeros(srcs[0][4].shape, dtype=torch.float32)
+    else:  # the new adapter's shapes
+        out_a = torch.zeros(shapes[0], dtype=torch.float32)
+        out_b = torch.zeros(shapes[1], dtype=torch.float32)
+    keep += [out_a, out_b]
+    modules.append(
+        {
+            "name": name,
+            "sources": sources,
+            "out_a": out_a.data_ptr(),
+            "out_b": out_b.data_ptr(),
+            "out_rank": out_a.shape[0],
+        }
+    )
+    return out_a, out_b
 
 
 @functools.wraps(_PEFT_ADD_WEIGHTED_ADAPTER)
@@ -352,7 +455,7 @@ def _patched_add_weighted_adapter(
     density=None,
     majority_sign_method="total",
 ):
-    return add_weighted_adapter(
+    return _add_weighted_adapter(
         self,
         adapters,
         weights,
@@ -364,6 +467,9 @@ def _patched_add_weighted_adapter(
         svd_driver,
         density,
         majority_sign_method,
+        seed=None,
+        progress=None,
+        parameters=False,
     )
 
 
