@@ -286,3 +286,17 @@ def test_fan_in_fan_out_adapter(tmp_path):
     ours = logits(PeftModel.from_pretrained(gpt2(0), out).eval(), "gpt2")
     theirs = logits(PeftModel.from_pretrained(gpt2(0), src).eval(), "gpt2")
     assert_same_logits(ours, theirs, logits(gpt2(0), "gpt2"))
+
+
+def test_expert_adapters_are_refused_by_name(tmp_path):
+    """target_parameters adapters hold rank x experts rows per parameter; the profiles do not rewrite them yet,
+    and say so rather than write a wrong adapter."""
+    import moe_cases
+
+    moe = moe_cases.make_adapter("mixtral", moe_cases.MoeSpec(seed=1), str(tmp_path / "moe"))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"target_parameters \(.*mlp\.experts.*\): gomerge's vLLM profile does not rewrite"):
+        gomerge.export_profile(moe, "vllm", str(out))
+    assert not out.exists()
+    for v in gomerge.serving_check(moe):
+        assert not v["loads"] and not v["fixable"] and any("target_parameters" in r for r in v["reasons"]), v

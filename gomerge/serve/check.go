@@ -26,6 +26,7 @@ type Verdict struct {
 // features is what the rules look at in an adapter.
 type features struct {
 	dora, bias    bool
+	experts       []string // target_parameters (expert) parameters, which the profiles do not rewrite
 	toSave        []string // modules_to_save and other tensors that are not LoRA factors
 	ranks         map[int]int
 	maxRank       int
@@ -50,6 +51,9 @@ func featuresOf(a *adapter.Adapter) features {
 		}
 		if m.Bias.Shape != nil {
 			f.bias = true
+		}
+		if m.Param != "" {
+			f.experts = append(f.experts, m.Param)
 		}
 		f.ranks[m.Rank]++
 		f.maxRank = max(f.maxRank, m.Rank)
@@ -97,6 +101,11 @@ func check(t *Target, f features) Verdict {
 	if f.bias {
 		v.Reasons = append(v.Reasons, fmt.Sprintf("lora_bias: %s %s LoRA biases, and they have no LoRA form "+
 			"(fuse the adapter into the base instead)", t.Title, refuses))
+		v.Fixable = false
+	}
+	if len(f.experts) > 0 {
+		v.Reasons = append(v.Reasons, fmt.Sprintf("target_parameters (%s): gomerge's %s profile does not rewrite "+
+			"adapters on expert parameters yet (fuse the adapter into the base instead)", list(f.experts, 3), t.Title))
 		v.Fixable = false
 	}
 	if len(f.toSave) > 0 {

@@ -155,6 +155,11 @@ func refuse(t *Target, a *adapter.Adapter, f features, opts Options) error {
 		return errs.Value("%s: lora_bias: %s %s LoRA biases, and they have no LoRA form; fuse the adapter "+
 			"into the base model instead (gomerge fuse)", opts.Adapter, t.Title, refuses)
 	}
+	if len(f.experts) > 0 {
+		return errs.Value("%s: target_parameters (%s): gomerge's %s profile does not rewrite adapters on expert "+
+			"parameters yet; fuse the adapter into the base model instead (gomerge fuse)",
+			opts.Adapter, list(f.experts, 3), t.Title)
+	}
 	if len(f.toSave) > 0 && !opts.DropModulesToSave {
 		return errs.Value("%s: modules_to_save (%s): %s %s them; pass drop_modules_to_save to leave them out "+
 			"(the served model then uses the base's weights for those modules)", opts.Adapter, list(f.toSave, 3), t.Title, refuses)
