@@ -9,10 +9,11 @@ import re
 import sys
 import warnings
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from . import __version__, _native, merge, sources
+from . import export as exporting
 from .extraction import extract as extract_adapter
 from .fuse import fuse as fuse_models
 from .merge import COMBINATION_TYPES
@@ -88,6 +89,11 @@ EXAMPLES = {
   gomerge fuse models/llama adapters/sql -o llama-sql
   gomerge fuse models/llama adapters/sql adapters/adcopy --weights 1 0.5 --method ties --density 0.2 -o fused
   gomerge fuse models/llama adapters/sql --dry-run""",
+    "export": """\
+  gomerge export adapters/sql --to gguf --base models/llama -o sql.gguf
+  gomerge export merged --to gguf --base models/llama --dtype q8_0 --drop modules_to_save -o merged-q8.gguf
+  gomerge merge adapters/sql adapters/adcopy --method ties --density 0.2 --to gguf --base models/llama \\
+      -o merged.gguf""",
     "inspect": """\
   gomerge inspect merged
   gomerge inspect user/lora-a --revision v2 --json""",
@@ -255,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-nonfinite", action="store_true", help="merge adapters holding NaN / Inf values (refused by default)"
     )
     _shared(m, "json", "quiet")
+    _add_to_flags(m)
 
     p.merge_parser = m  # for errors reported after parsing
     r = sub.add_parser(
@@ -274,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output-dir", metavar="DIR", help="directory of the resized adapter (required)")
     _shared(r, "overwrite", overwrite="replace an existing adapter directory")
     _shared(r, "dtype", "json", "quiet")
+    _add_to_flags(r)
     p.resize_parser = r
+    p.export_parser = _add_export_parser(sub)
     e = sub.add_parser(
         "extract",
         epilog=_epilog("extract"),
@@ -464,7 +473,7 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _override(options, args, "dtype", "output_dir", "adapter_name", "overwrite", combination_type="method")
     _require_output(options, parser)
     merging = {p["name"] for p in _native.params()} | {"combination_type"}
-    with ExitStack() as stack:
+    with ExitStack() as stack, _exported(args, options["output_dir"], parser) as adapter_dir:
         local = [
             sources.resolve(
                 s["source"], stack, s.get("revision") or args.revision, s.get("subfolder") or args.subfolder
@@ -477,13 +486,15 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             [s["weight"] for s in srcs],
             {k: v for k, v in options.items() if k in merging and v is not None},
             adapter_name=options.get("adapter_name") or "merged",
-            output_dir=options["output_dir"],
-            overwrite=options.get("overwrite"),
+            output_dir=adapter_dir,
+            overwrite=options.get("overwrite") and not args.to,
             model_card=not args.no_model_card,
             allow_nonfinite=args.allow_nonfinite,
             dtype=options.get("dtype"),
             progress=False if args.quiet or args.json else None,
         )
+    if args.to:
+        return _print_exported(args, res)
     if args.json:
         print(json.dumps(res.__dict__))
     elif not args.quiet:
@@ -507,16 +518,19 @@ def _rank_arg(value: str) -> int | str:
 
 def _resize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _require_output({"output_dir": args.output_dir}, parser, recipe=False)
-    res = merge.resize(
-        args.adapter,
-        rank=args.rank,
-        energy=args.energy,
-        max_rank=args.max_rank,
-        output_dir=args.output_dir,
-        overwrite=args.overwrite,
-        dtype=args.dtype,
-        progress=False if args.quiet or args.json else None,
-    )
+    with _exported(args, args.output_dir, parser) as adapter_dir:
+        res = merge.resize(
+            args.adapter,
+            rank=args.rank,
+            energy=args.energy,
+            max_rank=args.max_rank,
+            output_dir=adapter_dir,
+            overwrite=args.overwrite and not args.to,
+            dtype=args.dtype,
+            progress=False if args.quiet or args.json else None,
+        )
+    if args.to:
+        return _print_exported(args, res)
     if args.json:
         print(json.dumps(res.__dict__))
     elif not args.quiet:
@@ -649,6 +663,148 @@ def _fuse(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return EXIT_OK
 
 
+# --- export: `gomerge export ADAPTER --to FORMAT -o OUT`, and `--to FORMAT` on merge and resize (one step) ---
+
+
+def _add_export_parser(sub: Any) -> argparse.ArgumentParser:
+    x = sub.add_parser(
+        "export",
+        epilog=_epilog("export"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="export an adapter for a runtime or server (--to gguf: llama.cpp / ollama)",
+        description="Export a PEFT LoRA adapter in the form a runtime loads. --to gguf writes one GGUF LoRA adapter "
+        "for llama.cpp, ollama and llama-cpp-python with PEFT's exact numbers (each module's scale, rsLoRA and "
+        "rank_pattern / alpha_pattern included, is baked into B; adapter.lora.alpha = 0), reading only the base's "
+        "config.json, without torch. The file appears complete or not at all.",
+    )
+    x.add_argument("adapter", metavar="ADAPTER", help="the adapter directory or Hub id")
+    x.add_argument("--to", required=True, choices=tuple(exporting.EXPORTERS), help="the format to write")
+    x.add_argument("-o", "--output", dest="output_dir", metavar="OUT", help="the file to write (required)")
+    _add_format_flags(x)
+    x.add_argument(
+        "--dtype",
+        help="--to gguf: tensor type, one of " + ", ".join(exporting.GGUF_DTYPES) + " (default: the adapter's)",
+    )
+    _shared(x, "revision", "subfolder")
+    _shared(x, "overwrite", overwrite="replace an existing output file (only one of that format)")
+    _shared(x, "json", "quiet")
+    return x
+
+
+def _add_to_flags(parser: argparse.ArgumentParser) -> None:
+    """--to FORMAT on a command that writes an adapter: -o is then the exported file."""
+    parser.add_argument(
+        "--to",
+        choices=tuple(exporting.EXPORTERS),
+        help="write the result in this format at -o instead of a PEFT directory (as `gomerge export` does; the "
+        "tensors' dtype is --dtype's)",
+    )
+    _add_format_flags(parser)
+
+
+def _add_format_flags(parser: argparse.ArgumentParser) -> None:
+    """The GGUF format's own flags."""
+    parser.add_argument(
+        "--base",
+        dest="gguf_base",
+        metavar="BASE",
+        help="--to gguf: the base model's folder, its config.json or a Hub "
+        "id (only config.json is read); default: the adapter's base_model_name_or_path",
+    )
+    parser.add_argument(
+        "--drop",
+        action="append",
+        choices=exporting.GGUF_DROP,
+        help="--to gguf: leave out what llama.cpp cannot represent instead of failing (listed in the output): "
+        "modules_to_save (full tensors), lora_bias, lm_head (a LoRA of lm_head on a base with tied embeddings); repeat "
+        "for several",
+    )
+
+
+def _gguf_options(args: argparse.Namespace, dtype: str | None) -> dict[str, Any]:
+    return {"base": args.gguf_base, "dtype": dtype, "drop": args.drop or []}
+
+
+def _gguf_summary(res: Any) -> str:
+    ranks = ", ".join(f"r={k}: {v}" for k, v in sorted(res.ranks.items(), key=lambda kv: int(kv[0])))
+    lines = [
+        f"wrote {res.output}: GGUF LoRA adapter for llama.cpp's {res.architecture}, {_n(res.modules, 'module')} "
+        f"({ranks}), {res.dtype}, {res.size / 2**20:.1f} MiB, {res.seconds:.2f} s"
+    ]
+    lines += [f"dropped: {d}" for d in res.dropped]
+    if res.f16_fallback:
+        lines.append(f"{_n(len(res.f16_fallback), 'tensor')} written as f16 (rows not a multiple of 32 for q8_0)")
+    return "\n".join(lines)
+
+
+# --to FORMAT: the format's keywords from the parsed arguments (and the dtype to write), and its summary line(s).
+# Other formats add their row.
+EXPORT_FORMATS: dict[str, tuple[Callable[[argparse.Namespace, str | None], dict[str, Any]], Callable[[Any], str]]] = {
+    "gguf": (_gguf_options, _gguf_summary),
+}
+# merge's and resize's --dtype (torch names) as the GGUF tensor types
+_GGUF_DTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _require_output({"output_dir": args.output_dir}, parser, recipe=False)
+    options, summary = EXPORT_FORMATS[args.to]
+    res = exporting.export(
+        args.adapter,
+        args.to,
+        args.output_dir,
+        revision=args.revision,
+        subfolder=args.subfolder,
+        overwrite=bool(args.overwrite),
+        progress=False if args.quiet or args.json else None,
+        **options(args, args.dtype),
+    )
+    if args.json:
+        print(json.dumps(res.__dict__))
+    elif not args.quiet:
+        print(summary(res))
+    return EXIT_OK
+
+
+@contextmanager
+def _exported(args: argparse.Namespace, output: str, parser: argparse.ArgumentParser) -> Any:
+    """With --to FORMAT, yields a folder for the adapter inside a temporary folder beside `output` and, when the
+    command succeeded, exports it to `output` (result in args.exported); the folder is removed either way. Without
+    --to, yields `output` itself."""
+    if not args.to:
+        yield output
+        return
+    import shutil
+    import tempfile
+
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    # the engine's temporary-folder prefix: a killed run's folder is removed by the next writer there
+    tmp = tempfile.mkdtemp(prefix=f".gomerge-tmp-{os.getpid()}-export-", dir=parent)
+    try:
+        yield os.path.join(tmp, "adapter")
+        options, _ = EXPORT_FORMATS[args.to]
+        args.exported = exporting.export(
+            os.path.join(tmp, "adapter"),
+            args.to,
+            output,
+            overwrite=bool(args.overwrite),
+            progress=False,
+            **options(args, _GGUF_DTYPE.get(args.dtype or "")),
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _print_exported(args: argparse.Namespace, res: Any) -> int:
+    """The result of a command run with --to: the command's and the export's, or the export's summary."""
+    if args.json:
+        print(json.dumps({**res.__dict__, "export": args.exported.__dict__}))
+    elif not args.quiet:
+        print(EXPORT_FORMATS[args.to][1](args.exported))
+    return EXIT_OK
+
+
 def _inspect(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         path = sources.resolve(args.adapter, stack, args.revision, args.subfolder)
@@ -703,6 +859,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _resize(args, parser.resize_parser)
             if args.command == "extract":
                 return _extract(args, parser.extract_parser)
+            if args.command == "export":
+                return _export(args, parser.export_parser)
             if args.command == "fuse":
                 return _fuse(args, parser.fuse_parser)
             return _inspect(args)

@@ -1,0 +1,537 @@
+"""`gomerge export --to gguf` against a real llama.cpp: llama-cpp-python (built from its source release by the
+Makefile, tests/requirements-llama.txt) loads a tiny base written here with the `gguf` package, then the exported
+adapter; its logits must equal PEFT's model with the adapter.
+
+Tolerance: 1e-4 of the largest logit, in float32 with one thread and an f32 KV cache (measured 4e-7 for the base
+alone against transformers; the adapter moves the logits by about 1, four orders above it). Every case also checks
+that the adapter moves the logits by far more than the tolerance, so that a file llama.cpp silently ignored fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+# tests/requirements-llama.txt, installed (llama-cpp-python compiled) by `make test-python`
+import gguf  # noqa: E402
+import llama_cpp  # noqa: E402
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import gomerge
+
+RTOL = 1e-4
+IDS = [1, 5, 9, 13, 2, 40, 63, 7, 30, 11, 0, 22]
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=64,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+
+
+# --- the tiny base: transformers model, its config folder, and its GGUF ---
+
+
+def _permute(w: np.ndarray, n: int) -> np.ndarray:
+    """llama.cpp's converter's Wq/Wk row order (LlamaModel.permute)."""
+    return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama_gguf(model: LlamaForCausalLM, path: str) -> None:
+    cfg = model.config
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("none")
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    for i in range(cfg.num_hidden_layers):
+        for hf, name in names.items():
+            t = sd[f"model.layers.{i}.{hf}.weight"]
+            if name == "attn_q":
+                t = _permute(t, cfg.num_attention_heads)
+            elif name == "attn_k":
+                t = _permute(t, cfg.num_key_value_heads)
+            w.add_tensor(f"blk.{i}.{name}.weight", np.ascontiguousarray(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _gpt2_gguf(model: GPT2LMHeadModel, path: str) -> None:
+    cfg = model.config
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    w = gguf.GGUFWriter(path, "gpt2")
+    w.add_context_length(cfg.n_positions)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(4 * cfg.n_embd)
+    w.add_head_count(cfg.n_head)
+    w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("none")
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tensor("token_embd.weight", sd["transformer.wte.weight"])
+    w.add_tensor("position_embd.weight", sd["transformer.wpe.weight"])
+    w.add_tensor("output_norm.weight", sd["transformer.ln_f.weight"])
+    w.add_tensor("output_norm.bias", sd["transformer.ln_f.bias"])
+    w.add_tensor("output.weight", sd["transformer.wte.weight"])
+    names = {"ln_1": "attn_norm", "ln_2": "ffn_norm"}
+    conv = {"attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}."
+        for hf, name in names.items():
+            w.add_tensor(f"blk.{i}.{name}.weight", sd[p + hf + ".weight"])
+            w.add_tensor(f"blk.{i}.{name}.bias", sd[p + hf + ".bias"])
+        for hf, name in conv.items():  # Conv1D stores (in, out): transposed, as llama.cpp's converter does
+            w.add_tensor(f"blk.{i}.{name}.weight", np.ascontiguousarray(sd[p + hf + ".weight"].T))
+            w.add_tensor(f"blk.{i}.{name}.bias", sd[p + hf + ".bias"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The tiny llama: (transformers model, its folder with config.json, its GGUF)."""
+    root = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    folder = str(root / "llama")
+    model.save_pretrained(folder)
+    path = str(root / "llama.gguf")
+    _llama_gguf(model, path)
+    return model, folder, path
+
+
+def llama_logits(model_path: str, lora: str | None = None, scale: float = 1.0, ids: list[int] = IDS) -> np.ndarray:
+    """llama.cpp's logits for every position: one thread, f32 KV cache, no flash attention."""
+    kw = dict(lora_path=lora, lora_scale=scale) if lora else {}
+    llm = llama_cpp.Llama(
+        model_path,
+        logits_all=True,
+        n_threads=1,
+        n_ctx=128,
+        type_k=0,
+        type_v=0,
+        flash_attn=False,
+        verbose=False,
+        **kw,
+    )
+    llm.eval(ids)
+    out = np.array(llm.scores[: len(ids)], dtype=np.float64)
+    llm.close()
+    return out
+
+
+def peft_logits(model: torch.nn.Module, adapter: str | None, ids: list[int] = IDS) -> np.ndarray:
+    m = PeftModel.from_pretrained(model, adapter) if adapter else model
+    with torch.no_grad():
+        out = m(torch.tensor([ids])).logits[0].double().numpy()
+    if adapter:
+        m.unload()  # leaves the base model as it was
+    return out
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def make_adapter(model, path: str, seed: int, targets=LINEAR, **lora) -> str:
+    """A PEFT adapter with random (nonzero) A and B, saved at path."""
+    torch.manual_seed(seed)
+    cfg = LoraConfig(
+        r=lora.pop("r", 8),
+        lora_alpha=lora.pop("lora_alpha", 16),
+        target_modules=targets,
+        init_lora_weights=False,
+        **lora,
+    )
+    pm = get_peft_model(model, cfg)
+    with torch.no_grad():  # PEFT's random init gives B small values: scale it so the adapter moves the logits
+        for n, p in pm.named_parameters():
+            if "lora_B" in n or "lora_embedding_B" in n:
+                p.mul_(20)
+    pm.save_pretrained(path)
+    pm.unload()
+    return path
+
+
+def check_case(base, adapter: str, out: str, record_parity, label: str, **export) -> float:
+    """Exports adapter, loads it in llama.cpp and compares with PEFT; returns the relative difference."""
+    model, folder, gguf_path = base
+    gomerge.export(adapter, "gguf", out, base=folder, dtype="f32", **export)
+    ours = llama_logits(gguf_path, out)
+    theirs = peft_logits(model, adapter)
+    plain = peft_logits(model, None)
+    d = rel(ours, theirs)
+    record_parity(f"gguf {label}", d, kind="llama.cpp logits vs PEFT (max |diff| / max |PEFT|)")
+    assert rel(theirs, plain) > 100 * RTOL, "the adapter must move the logits well above the tolerance"
+    assert d < RTOL, f"{label}: llama.cpp's logits differ from PEFT's by {d:.2e}"
+    return d
+
+
+# --- the cases ---
+
+
+def test_plain_adapter_matches_peft_and_scale_zero_gives_the_base(base, tmp_path, record_parity):
+    model, folder, gguf_path = base
+    ad = make_adapter(model, str(tmp_path / "plain"), seed=1)
+    out = str(tmp_path / "plain.gguf")
+    check_case(base, ad, out, record_parity, "plain r=8 alpha=16")
+    assert rel(llama_logits(gguf_path), peft_logits(model, None)) < RTOL
+    np.testing.assert_array_equal(llama_logits(gguf_path, out, scale=0.0), llama_logits(gguf_path))
+    # --lora-scaled 0.5 is half of PEFT's update (llama.cpp: user_scale alone, since alpha = 0)
+    half = llama_logits(gguf_path, out, scale=0.5)
+    assert np.isfinite(half).all() and rel(half, llama_logits(gguf_path, out)) > 100 * RTOL
+
+
+def test_metadata_and_tensor_layout(base, tmp_path):
+    model, folder, _ = base
+    ad = make_adapter(model, str(tmp_path / "a"), seed=2, targets=["q_proj", "k_proj", "down_proj"], r=4)
+    out = str(tmp_path / "a.gguf")
+    res = gomerge.export(ad, "gguf", out, base=folder, dtype="f32")
+    assert (res.architecture, res.modules, res.tensors, res.dtype) == ("llama", 6, 12, "f32")
+    assert res.size == os.path.getsize(out) and res.dropped == [] and res.ranks == {"4": 6}
+    r = gguf.GGUFReader(out)
+    kv = {f.name: f for f in r.fields.values()}
+
+    def value(key):
+        return kv[key].contents()
+
+    assert value("general.type") == "adapter" and value("adapter.type") == "lora"
+    assert value("general.architecture") == "llama" and value("adapter.lora.alpha") == 0.0
+    t = {x.name: x for x in r.tensors}
+    assert set(t) == {
+        f"blk.{i}.{n}.weight.lora_{ab}" for i in range(2) for n in ("attn_q", "attn_k", "ffn_down") for ab in "ab"
+    }
+    sd = {k: v.float().numpy() for k, v in _safetensors(ad).items()}
+    cfg = json.load(open(os.path.join(ad, "adapter_config.json")))
+    s = cfg["lora_alpha"] / cfg["r"]
+    pre = "base_model.model.model.layers.1."
+    a_q = t["blk.1.attn_q.weight.lora_a"].data.reshape(4, 64)
+    b_q = t["blk.1.attn_q.weight.lora_b"].data.reshape(64, 4)
+    b_k = t["blk.1.attn_k.weight.lora_b"].data.reshape(32, 4)
+    b_d = t["blk.1.ffn_down.weight.lora_b"].data.reshape(64, 4)
+    np.testing.assert_array_equal(a_q, sd[pre + "self_attn.q_proj.lora_A.weight"])
+    np.testing.assert_array_equal(b_q, _permute(np.float32(s) * sd[pre + "self_attn.q_proj.lora_B.weight"], 4))
+    np.testing.assert_array_equal(b_k, _permute(np.float32(s) * sd[pre + "self_attn.k_proj.lora_B.weight"], 2))
+    np.testing.assert_array_equal(b_d, np.float32(s) * sd[pre + "mlp.down_proj.lora_B.weight"])
+
+
+def _safetensors(adapter: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(adapter, "adapter_model.safetensors"))
+
+
+def test_alpha_zero_baked_file_equals_an_alpha_r_file(base, tmp_path):
+    """llama.cpp's rule: scale = alpha ? user_scale * alpha / r : user_scale, r from B's shape. A plain adapter with
+    lora_alpha = r (PEFT scale 1) written with alpha = 0 and the same file with adapter.lora.alpha = r load alike."""
+    model, folder, gguf_path = base
+    ad = make_adapter(model, str(tmp_path / "a"), seed=3, r=8, lora_alpha=8)
+    ours = str(tmp_path / "alpha0.gguf")
+    gomerge.export(ad, "gguf", ours, base=folder, dtype="f32")
+    reader = gguf.GGUFReader(ours)
+    w = gguf.GGUFWriter(str(tmp_path / "alpha_r.gguf"), "llama")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 8.0)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data).reshape([int(d) for d in reversed(t.shape)]))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    a, b = llama_logits(gguf_path, ours), llama_logits(gguf_path, str(tmp_path / "alpha_r.gguf"))
+    assert rel(a, llama_logits(gguf_path)) > 100 * RTOL
+    assert rel(a, b) < 1e-6  # the same products scaled by 1.0f: equal but for the order of the graph's adds
+
+
+def test_rslora_matches_peft(base, tmp_path, record_parity):
+    model, _, _ = base
+    ad = make_adapter(model, str(tmp_path / "rs"), seed=4, r=16, lora_alpha=8, use_rslora=True)
+    check_case(base, ad, str(tmp_path / "rs.gguf"), record_parity, "rsLoRA r=16 alpha=8")
+
+
+def test_mixed_ranks_from_energy_match_peft(base, tmp_path, record_parity):
+    model, _, _ = base
+    ad = make_adapter(model, str(tmp_path / "a"), seed=5, r=16, lora_alpha=32)
+    res = gomerge.resize(ad, energy=0.9, output_dir=str(tmp_path / "e90"))
+    cfg = json.load(open(tmp_path / "e90" / "adapter_config.json"))
+    assert len(set(res.module_ranks.values())) > 1 and cfg["rank_pattern"] and cfg["alpha_pattern"]
+    check_case(base, str(tmp_path / "e90"), str(tmp_path / "e90.gguf"), record_parity, "mixed ranks energy:0.9")
+
+
+def test_ties_merge_matches_peft_in_one_step(base, tmp_path, record_parity):
+    model, folder, gguf_path = base
+    a = make_adapter(model, str(tmp_path / "a"), seed=6)
+    b = make_adapter(model, str(tmp_path / "b"), seed=7, r=4, lora_alpha=4)
+    merged = str(tmp_path / "merged")
+    gomerge.add_weighted_adapter([a, b], [1.0, 0.7], "m", "ties", density=0.5, output_dir=merged)
+    check_case(base, merged, str(tmp_path / "ties.gguf"), record_parity, "ties merge of two adapters")
+    one_step = str(tmp_path / "one-step.gguf")
+    cli = [sys.executable, "-m", "gomerge", "merge", a, b, "-w", "1", "0.7", "--method", "ties", "--density", "0.5"]
+    run = subprocess.run(cli + ["--to", "gguf", "--base", folder, "--dtype", "float32", "-o", one_step], **_SUB)
+    assert run.returncode == 0, run.stderr
+    assert "GGUF LoRA adapter for llama.cpp's llama" in run.stdout
+    assert sorted(os.listdir(tmp_path)) == sorted(["a", "b", "merged", "ties.gguf", "one-step.gguf"])
+    assert rel(llama_logits(gguf_path, one_step), peft_logits(model, merged)) < RTOL
+
+
+def test_resize_to_gguf_in_one_step(base, tmp_path):
+    model, folder, gguf_path = base
+    ad = make_adapter(model, str(tmp_path / "a"), seed=8)
+    out = str(tmp_path / "r4.gguf")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gomerge",
+            "resize",
+            ad,
+            "--rank",
+            "4",
+            "--to",
+            "gguf",
+            "--base",
+            folder,
+            "-o",
+            out,
+            "--json",
+        ],
+        **_SUB,
+    )
+    assert run.returncode == 0, run.stderr
+    res = json.loads(run.stdout)
+    assert res["export"]["ranks"] == {"4": 14} and res["export"]["output"] == out
+    gomerge.resize(ad, rank=4, output_dir=str(tmp_path / "r4"))
+    assert rel(llama_logits(gguf_path, out), peft_logits(model, str(tmp_path / "r4"))) < RTOL
+
+
+def test_embeddings_and_lm_head_match_peft(base, tmp_path, record_parity):
+    model, _, _ = base
+    ad = make_adapter(model, str(tmp_path / "emb"), seed=9, targets=["embed_tokens", "lm_head", "v_proj"], r=4)
+    keys = _safetensors(ad)
+    assert any("lora_embedding_A" in k for k in keys)
+    check_case(base, ad, str(tmp_path / "emb.gguf"), record_parity, "embed_tokens + lm_head + v_proj")
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16", "q8_0"])
+def test_lower_precision_types_load_and_stay_close(base, tmp_path, dtype):
+    """f16 / bf16 / q8_0 files load; their logits are PEFT's up to the rounding of the factors: the relative error
+    of a product of two rounded factors is at most about 2u (u = 2^-11 f16, 2^-8 bf16, 2^-8 for q8_0's 127 steps);
+    the logits' change from the adapter bounds the effect (x 4 for the sum over modules and layers)."""
+    model, folder, gguf_path = base
+    ad = make_adapter(model, str(tmp_path / "a"), seed=10, r=32, lora_alpha=32)
+    out = str(tmp_path / f"a-{dtype}.gguf")
+    res = gomerge.export(ad, "gguf", out, base=folder, dtype=dtype)
+    assert res.dtype == dtype and res.f16_fallback == []
+    types = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types == {dtype.upper()}
+    ours, theirs, plain = llama_logits(gguf_path, out), peft_logits(model, ad), peft_logits(model, None)
+    u = {"f16": 2.0**-11, "bf16": 2.0**-8, "q8_0": 2.0**-8}[dtype]
+    assert np.abs(ours - theirs).max() <= 4 * 2 * u * np.abs(theirs - plain).max() + RTOL * np.abs(theirs).max()
+
+
+def test_q8_0_matches_gguf_py_bit_for_bit(base, tmp_path):
+    model, folder, _ = base
+    ad = make_adapter(model, str(tmp_path / "a"), seed=11, targets=["q_proj", "up_proj"], r=8)
+    res = gomerge.export(ad, "gguf", str(tmp_path / "q8.gguf"), base=folder, dtype="q8_0")
+    ref = gomerge.export(ad, "gguf", str(tmp_path / "f32.gguf"), base=folder, dtype="f32")
+    assert ref.modules == res.modules
+    # r = 8: B's rows (ne[0] = r) are not a multiple of 32, so B is f16, as llama.cpp's converter falls back
+    assert sorted(res.f16_fallback) == sorted(t for t in _names(str(tmp_path / "q8.gguf")) if t.endswith("lora_b"))
+    f32 = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(tmp_path / "f32.gguf")).tensors}
+    for t in gguf.GGUFReader(str(tmp_path / "q8.gguf")).tensors:
+        want = f32[t.name].reshape(-1, int(t.shape[0]))
+        qtype = gguf.GGMLQuantizationType.Q8_0 if t.name.endswith("lora_a") else gguf.GGMLQuantizationType.F16
+        expected = gguf.quants.quantize(want, qtype)
+        assert np.array(t.data).tobytes() == expected.tobytes(), t.name
+
+
+def _names(path: str) -> list[str]:
+    return [t.name for t in gguf.GGUFReader(path).tensors]
+
+
+def test_gpt2_fan_in_fan_out(tmp_path, record_parity):
+    """GPT-2's Conv1D layers (fan_in_fan_out): PEFT keeps A (r, in) and B (out, r) as for nn.Linear, and llama.cpp
+    stores the transposed (out, in) weights, so the factors go as they are. llama.cpp's GPT-2 GELU reads a float16
+    table of the activation (GGML_GELU_FP16): each GELU input is rounded to 2^-11 relative, so the comparison with
+    PEFT allows 2^-11 of the largest logit, and the base without adapter is held to the same bound."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=64, n_positions=128)).eval()
+    folder = str(tmp_path / "gpt2")
+    model.save_pretrained(folder)
+    path = str(tmp_path / "gpt2.gguf")
+    _gpt2_gguf(model, path)
+    ad = make_adapter(model, str(tmp_path / "a"), seed=12, targets=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    out = str(tmp_path / "a.gguf")
+    gomerge.export(ad, "gguf", out, base=folder, dtype="f32")
+    tol = 2.0**-11
+    plain, theirs = peft_logits(model, None), peft_logits(model, ad)
+    assert rel(llama_logits(path), plain) < tol
+    assert rel(theirs, plain) > 100 * tol
+    d = rel(llama_logits(path, out), theirs)
+    record_parity("gguf gpt2 fan_in_fan_out", d, kind="llama.cpp logits vs PEFT (max |diff| / max |PEFT|)")
+    assert d < tol
+
+
+# --- what llama.cpp cannot represent: clear errors, or drop= ---
+
+_SUB = dict(
+    capture_output=True,
+    text=True,
+    env={**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "python")},
+)
+
+
+def _edit_config(adapter: str, **changes) -> None:
+    p = os.path.join(adapter, "adapter_config.json")
+    cfg = json.load(open(p))
+    cfg.update(changes)
+    json.dump(cfg, open(p, "w"))
+
+
+def _add_tensor(adapter: str, name: str, shape: tuple[int, ...]) -> None:
+    from safetensors.torch import save_file
+
+    sd = _safetensors(adapter)
+    sd[name] = torch.ones(shape)
+    save_file(sd, os.path.join(adapter, "adapter_model.safetensors"))
+
+
+def test_modules_to_save_is_refused_or_dropped_and_listed(base, tmp_path):
+    model, folder, _ = base
+    ad = make_adapter(model, str(tmp_path / "a"), seed=13, targets=["q_proj"])
+    _add_tensor(ad, "base_model.model.model.norm.weight", (64,))
+    with pytest.raises(ValueError, match=r"model\.norm\.weight is a full tensor \(modules_to_save\)"):
+        gomerge.export(ad, "gguf", str(tmp_path / "x.gguf"), base=folder)
+    assert not os.path.exists(tmp_path / "x.gguf") and not [f for f in os.listdir(tmp_path) if f.startswith(".gomerge")]
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gomerge",
+            "export",
+            ad,
+            "--to",
+            "gguf",
+            "--base",
+            folder,
+            "-o",
+            str(tmp_path / "x.gguf"),
+            "--drop",
+            "modules_to_save",
+        ],
+        **_SUB,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "dropped: base_model.model.model.norm.weight (modules_to_save)" in run.stdout
+
+
+def test_dora_and_lora_bias_are_refused(base, tmp_path):
+    model, folder, _ = base
+    dora = make_adapter(model, str(tmp_path / "dora"), seed=14, targets=["q_proj"], use_dora=True)
+    with pytest.raises(ValueError, match="DoRA"):
+        gomerge.export(
+            dora, "gguf", str(tmp_path / "d.gguf"), base=folder, drop=["modules_to_save", "lora_bias", "lm_head"]
+        )
+    bias = make_adapter(model, str(tmp_path / "bias"), seed=15, targets=["q_proj"], lora_bias=True)
+    with pytest.raises(ValueError, match=r"q_proj has a LoRA bias \(lora_bias\)"):
+        gomerge.export(bias, "gguf", str(tmp_path / "b.gguf"), base=folder)
+    res = gomerge.export(bias, "gguf", str(tmp_path / "b.gguf"), base=folder, drop=["lora_bias"])
+    assert len(res.dropped) == 2 and all(d.endswith("(lora_bias)") for d in res.dropped)
+
+
+def test_lm_head_on_a_tied_base_is_refused_or_dropped(base, tmp_path):
+    model, folder, _ = base
+    ad = make_adapter(model, str(tmp_path / "a"), seed=16, targets=["lm_head", "q_proj"])
+    tied = tmp_path / "tied"
+    tied.mkdir()
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    json.dump({**cfg, "tie_word_embeddings": True}, open(tied / "config.json", "w"))
+    with pytest.raises(ValueError, match="lm_head is tied to its embeddings"):
+        gomerge.export(ad, "gguf", str(tmp_path / "x.gguf"), base=str(tied))
+    res = gomerge.export(ad, "gguf", str(tmp_path / "x.gguf"), base=str(tied / "config.json"), drop=["lm_head"])
+    assert res.dropped == ["lm_head (lm_head LoRA on a tied base)"] and res.modules == 2
+
+
+def test_unknown_architecture_and_bad_arguments(base, tmp_path):
+    model, folder, _ = base
+    ad = make_adapter(model, str(tmp_path / "a"), seed=17, targets=["q_proj"])
+    other = tmp_path / "falcon"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"architectures": ["FalconForCausalLM"], "num_hidden_layers": 2}))
+    with pytest.raises(ValueError, match=r'architecture "FalconForCausalLM" .* is not supported .*LlamaForCausalLM'):
+        gomerge.export(ad, "gguf", str(tmp_path / "x.gguf"), base=str(other))
+    with pytest.raises(ValueError, match="to: unknown export format 'onnx'"):
+        gomerge.export(ad, "onnx", str(tmp_path / "x.onnx"))
+    with pytest.raises(ValueError, match='dtype: "q4_k" is not a GGUF adapter type'):
+        gomerge.export(ad, "gguf", str(tmp_path / "x.gguf"), base=folder, dtype="q4_k")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        gomerge.export(ad, "gguf", str(tmp_path / "x.gguf"), base=str(tmp_path))
+    # the adapter's base_model_name_or_path is the default base
+    _edit_config(ad, base_model_name_or_path=folder)
+    assert gomerge.export(ad, "gguf", str(tmp_path / "x.gguf")).architecture == "llama"
+    # an existing file: replaced only with overwrite, and only a GGUF file
+    with pytest.raises(FileExistsError, match="already exists"):
+        gomerge.export(ad, "gguf", str(tmp_path / "x.gguf"))
+    gomerge.export(ad, "gguf", str(tmp_path / "x.gguf"), overwrite=True)
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="is not a GGUF file"):
+        gomerge.export(ad, "gguf", str(tmp_path / "notes.txt"), overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    # the output inside the adapter directory is refused
+    with pytest.raises(ValueError, match="lie one inside the other"):
+        gomerge.export(ad, "gguf", os.path.join(ad, "x.gguf"))
+
+
+def test_gemma_embedding_lora_is_refused(base, tmp_path):
+    """Gemma scales its embeddings inside the embedding module: PEFT's embedding LoRA is added unscaled, llama.cpp's
+    scaled, so the export refuses it instead of writing a file with other numbers."""
+    model, _, _ = base
+    ad = make_adapter(model, str(tmp_path / "a"), seed=18, targets=["embed_tokens"])
+    gemma = tmp_path / "gemma"
+    gemma.mkdir()
+    (gemma / "config.json").write_text(
+        json.dumps({"architectures": ["Gemma3ForCausalLM"], "num_hidden_layers": 2, "num_attention_heads": 4})
+    )
+    with pytest.raises(ValueError, match="Gemma3ForCausalLM scales its embeddings"):
+        gomerge.export(ad, "gguf", str(tmp_path / "x.gguf"), base=str(gemma))
