@@ -14,117 +14,19 @@ import os
 import subprocess
 import sys
 
-# tests/requirements-llama.txt, installed (llama-cpp-python compiled) by `make test-python`
-import gguf  # noqa: E402
-import llama_cpp  # noqa: E402
+import gguf  # tests/requirements-llama.txt (with llama-cpp-python, compiled by `make test-python`)
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from gguf_tiny import TINY, gpt2_gguf, llama_gguf, llama_logits, make_adapter, peft_logits, permute, rel
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import gomerge
 
 RTOL = 1e-4
-IDS = [1, 5, 9, 13, 2, 40, 63, 7, 30, 11, 0, 22]
-LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=64,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
 
 
-# --- the tiny base: transformers model, its config folder, and its GGUF ---
-
-
-def _permute(w: np.ndarray, n: int) -> np.ndarray:
-    """llama.cpp's converter's Wq/Wk row order (LlamaModel.permute)."""
-    return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _llama_gguf(model: LlamaForCausalLM, path: str) -> None:
-    cfg = model.config
-    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model("none")
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
-    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
-    w.add_tensor("output.weight", sd["lm_head.weight"])
-    names = {
-        "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "ffn_norm",
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-    }
-    for i in range(cfg.num_hidden_layers):
-        for hf, name in names.items():
-            t = sd[f"model.layers.{i}.{hf}.weight"]
-            if name == "attn_q":
-                t = _permute(t, cfg.num_attention_heads)
-            elif name == "attn_k":
-                t = _permute(t, cfg.num_key_value_heads)
-            w.add_tensor(f"blk.{i}.{name}.weight", np.ascontiguousarray(t))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def _gpt2_gguf(model: GPT2LMHeadModel, path: str) -> None:
-    cfg = model.config
-    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    w = gguf.GGUFWriter(path, "gpt2")
-    w.add_context_length(cfg.n_positions)
-    w.add_embedding_length(cfg.n_embd)
-    w.add_block_count(cfg.n_layer)
-    w.add_feed_forward_length(4 * cfg.n_embd)
-    w.add_head_count(cfg.n_head)
-    w.add_layer_norm_eps(cfg.layer_norm_epsilon)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model("none")
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_tensor("token_embd.weight", sd["transformer.wte.weight"])
-    w.add_tensor("position_embd.weight", sd["transformer.wpe.weight"])
-    w.add_tensor("output_norm.weight", sd["transformer.ln_f.weight"])
-    w.add_tensor("output_norm.bias", sd["transformer.ln_f.bias"])
-    w.add_tensor("output.weight", sd["transformer.wte.weight"])
-    names = {"ln_1": "attn_norm", "ln_2": "ffn_norm"}
-    conv = {"attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
-    for i in range(cfg.n_layer):
-        p = f"transformer.h.{i}."
-        for hf, name in names.items():
-            w.add_tensor(f"blk.{i}.{name}.weight", sd[p + hf + ".weight"])
-            w.add_tensor(f"blk.{i}.{name}.bias", sd[p + hf + ".bias"])
-        for hf, name in conv.items():  # Conv1D stores (in, out): transposed, as llama.cpp's converter does
-            w.add_tensor(f"blk.{i}.{name}.weight", np.ascontiguousarray(sd[p + hf + ".weight"].T))
-            w.add_tensor(f"blk.{i}.{name}.bias", sd[p + hf + ".bias"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+# --- the tiny base ---
 
 
 @pytest.fixture(scope="module")
@@ -136,61 +38,8 @@ def base(tmp_path_factory):
     folder = str(root / "llama")
     model.save_pretrained(folder)
     path = str(root / "llama.gguf")
-    _llama_gguf(model, path)
+    llama_gguf(model, path)
     return model, folder, path
-
-
-def llama_logits(model_path: str, lora: str | None = None, scale: float = 1.0, ids: list[int] = IDS) -> np.ndarray:
-    """llama.cpp's logits for every position: one thread, f32 KV cache, no flash attention."""
-    kw = dict(lora_path=lora, lora_scale=scale) if lora else {}
-    llm = llama_cpp.Llama(
-        model_path,
-        logits_all=True,
-        n_threads=1,
-        n_ctx=128,
-        type_k=0,
-        type_v=0,
-        flash_attn=False,
-        verbose=False,
-        **kw,
-    )
-    llm.eval(ids)
-    out = np.array(llm.scores[: len(ids)], dtype=np.float64)
-    llm.close()
-    return out
-
-
-def peft_logits(model: torch.nn.Module, adapter: str | None, ids: list[int] = IDS) -> np.ndarray:
-    m = PeftModel.from_pretrained(model, adapter) if adapter else model
-    with torch.no_grad():
-        out = m(torch.tensor([ids])).logits[0].double().numpy()
-    if adapter:
-        m.unload()  # leaves the base model as it was
-    return out
-
-
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def make_adapter(model, path: str, seed: int, targets=LINEAR, **lora) -> str:
-    """A PEFT adapter with random (nonzero) A and B, saved at path."""
-    torch.manual_seed(seed)
-    cfg = LoraConfig(
-        r=lora.pop("r", 8),
-        lora_alpha=lora.pop("lora_alpha", 16),
-        target_modules=targets,
-        init_lora_weights=False,
-        **lora,
-    )
-    pm = get_peft_model(model, cfg)
-    with torch.no_grad():  # PEFT's random init gives B small values: scale it so the adapter moves the logits
-        for n, p in pm.named_parameters():
-            if "lora_B" in n or "lora_embedding_B" in n:
-                p.mul_(20)
-    pm.save_pretrained(path)
-    pm.unload()
-    return path
 
 
 def check_case(base, adapter: str, out: str, record_parity, label: str, **export) -> float:
@@ -250,8 +99,8 @@ def test_metadata_and_tensor_layout(base, tmp_path):
     b_k = t["blk.1.attn_k.weight.lora_b"].data.reshape(32, 4)
     b_d = t["blk.1.ffn_down.weight.lora_b"].data.reshape(64, 4)
     np.testing.assert_array_equal(a_q, sd[pre + "self_attn.q_proj.lora_A.weight"])
-    np.testing.assert_array_equal(b_q, _permute(np.float32(s) * sd[pre + "self_attn.q_proj.lora_B.weight"], 4))
-    np.testing.assert_array_equal(b_k, _permute(np.float32(s) * sd[pre + "self_attn.k_proj.lora_B.weight"], 2))
+    np.testing.assert_array_equal(b_q, permute(np.float32(s) * sd[pre + "self_attn.q_proj.lora_B.weight"], 4))
+    np.testing.assert_array_equal(b_k, permute(np.float32(s) * sd[pre + "self_attn.k_proj.lora_B.weight"], 2))
     np.testing.assert_array_equal(b_d, np.float32(s) * sd[pre + "mlp.down_proj.lora_B.weight"])
 
 
@@ -400,7 +249,7 @@ def test_gpt2_fan_in_fan_out(tmp_path, record_parity):
     folder = str(tmp_path / "gpt2")
     model.save_pretrained(folder)
     path = str(tmp_path / "gpt2.gguf")
-    _gpt2_gguf(model, path)
+    gpt2_gguf(model, path)
     ad = make_adapter(model, str(tmp_path / "a"), seed=12, targets=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
     out = str(tmp_path / "a.gguf")
     gomerge.export(ad, "gguf", out, base=folder, dtype="f32")
@@ -535,3 +384,22 @@ def test_gemma_embedding_lora_is_refused(base, tmp_path):
     )
     with pytest.raises(ValueError, match="Gemma3ForCausalLM scales its embeddings"):
         gomerge.export(ad, "gguf", str(tmp_path / "x.gguf"), base=str(gemma))
+
+
+def test_keys_python_sends_and_reads_equal_the_engines(base, tmp_path, monkeypatch):
+    from gomerge import _native
+
+    model, folder, _ = base
+    ad = make_adapter(model, str(tmp_path / "a"), seed=19, targets=["q_proj"])
+    seen = {}
+    real = _native.gguf_export_start
+
+    def spy(request):
+        seen.update(request)
+        return real(request)
+
+    monkeypatch.setattr(_native, "gguf_export_start", spy)
+    res = gomerge.export(ad, "gguf", str(tmp_path / "a.gguf"), base=folder)
+    keys = _native.request_keys()
+    assert sorted(seen) == sorted(keys["gguf"])
+    assert sorted(res.__dict__) == sorted(keys["gguf_result"])
