@@ -119,7 +119,7 @@ $(VENV)/.deps-llama: tests/requirements-llama.txt | $(VENV)/.deps-test
 # `make wheel` is `make wheels` (below): the ten manylinux wheels and the sdist in dist/.
 wheel: wheels
 
-$(VENV)/.deps-bench: benchmarks/requirements.txt $(VENV)/.deps-test
+$(VENV)/.deps-bench: benchmarks/requirements.txt $(VENV)/.deps-test $(VENV)/.deps-llama
 	$(PIP) install -q --disable-pip-version-check -r benchmarks/requirements.txt
 	touch $@
 

@@ -163,6 +163,8 @@ def same_tensors(ours: str, theirs: str, scale: float) -> bool:
 
 def logits(root: str) -> list[dict]:
     """On the tiny llama: each case's logit difference from PEFT for gomerge's file and the converter's."""
+    if os.path.join(ROOT, "tests") not in sys.path:
+        sys.path.insert(0, os.path.join(ROOT, "tests"))  # gguf_tiny: the tests' tiny base and logits
     import torch
     from gguf_tiny import TINY, llama_gguf, llama_logits, make_adapter, peft_logits, rel
     from transformers import LlamaConfig, LlamaForCausalLM
