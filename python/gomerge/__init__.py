@@ -8,7 +8,7 @@ res = gomerge.add_weighted_adapter(["a", "b"], [1.0, 1.0], "merged", combination
 """
 
 from ._native import engine_kernels, engine_version
-from .export import GGUFResult, export
+from .exports import GGUFResult, export
 from .extraction import ExtractResult, extract
 from .fuse import FuseResult, fuse
 from .merge import COMBINATION_TYPES, MergeResult, add_weighted_adapter, inspect_adapter, methods, resize

@@ -13,7 +13,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from . import __version__, _native, merge, sources
-from . import export as exporting
+from . import exports as exporting
 from .extraction import extract as extract_adapter
 from .fuse import fuse as fuse_models
 from .merge import COMBINATION_TYPES
