@@ -29,8 +29,11 @@ type Arch struct {
 	// its RoPE layout (LlamaModel.permute), so B's rows are permuted too.
 	PermuteQK bool
 	// TiedDefault is tie_word_embeddings when config.json does not say
-	// (the transformers config class's default).
+	// (the transformers config class's default). NoOutput: llama.cpp's
+	// converter never writes an output tensor (Gemma's filter_tensors drops
+	// lm_head), so lm_head counts as tied whatever the config says.
 	TiedDefault bool
+	NoOutput    bool
 	// EmbeddingScaled: transformers scales the embedding inside the
 	// embedding module (Gemma's ScaledWordEmbedding), so PEFT adds the LoRA
 	// of embed_tokens unscaled while llama.cpp scales it with the base's:
@@ -53,9 +56,9 @@ var Archs = []Arch{
 	{Name: "qwen2", HF: []string{"Qwen2ForCausalLM"}, LayerPrefix: "model.layers.", Layer: llamaLayer, Global: llamaGlobal},
 	{Name: "qwen3", HF: []string{"Qwen3ForCausalLM"}, LayerPrefix: "model.layers.", Layer: llamaLayer, Global: llamaGlobal},
 	{Name: "gemma2", HF: []string{"Gemma2ForCausalLM"}, LayerPrefix: "model.layers.", Layer: llamaLayer,
-		Global: llamaGlobal, TiedDefault: true, EmbeddingScaled: true},
+		Global: llamaGlobal, TiedDefault: true, NoOutput: true, EmbeddingScaled: true},
 	{Name: "gemma3", HF: []string{"Gemma3ForCausalLM"}, LayerPrefix: "model.layers.", Layer: llamaLayer,
-		Global: llamaGlobal, TiedDefault: true, EmbeddingScaled: true},
+		Global: llamaGlobal, TiedDefault: true, NoOutput: true, EmbeddingScaled: true},
 	{Name: "phi3", HF: []string{"Phi3ForCausalLM"}, LayerPrefix: "model.layers.", Layer: map[string]string{
 		"self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output",
 		"mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
@@ -149,6 +152,7 @@ func ReadBase(path string) (*Base, error) {
 	if v, ok := cfg["tie_word_embeddings"].(bool); ok {
 		b.Tied = v
 	}
+	b.Tied = b.Tied || b.Arch.NoOutput
 	return b, nil
 }
 

@@ -226,8 +226,9 @@ func plan(ad *adapter.Adapter, base *Base, opts *Options, outType GGMLType, res 
 		case tname == "output.weight" && base.Tied:
 			if !slices.Contains(opts.Drop, DropLMHead) {
 				return nil, nil, errs.Value("%s: module %s is a LoRA of lm_head, but the base's lm_head is tied to its embeddings "+
-					"(tie_word_embeddings in %s), so llama.cpp has no output tensor to apply it to; pass drop=[\"lm_head\"] "+
-					"to leave it out (the adapter then differs from PEFT's)", dir, name, base.Path)
+					"(tie_word_embeddings in %s; llama.cpp's %s GGUF never has an output tensor: %t), so llama.cpp has no "+
+					"output tensor to apply it to; pass drop=[\"lm_head\"] to leave it out (the adapter then differs from PEFT's)",
+					dir, name, base.Path, base.Arch.Name, base.Arch.NoOutput)
 			}
 			res.Dropped = append(res.Dropped, name+" (lm_head LoRA on a tied base)")
 			continue

@@ -94,6 +94,7 @@ func TestReadBase(t *testing.T) {
 		{"gemma3", `{"architectures": ["Gemma3ForCausalLM"], "num_hidden_layers": 2, "num_attention_heads": 4}`, "gemma3", "", true, 4},
 		{"qwen2 tied", `{"architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 2, "num_attention_heads": 4, "tie_word_embeddings": true}`, "qwen2", "", true, 4},
 		{"gpt2", `{"architectures": ["GPT2LMHeadModel"], "n_layer": 2, "n_head": 4}`, "gpt2", "", true, 4},
+		{"gemma2 untied", `{"architectures": ["Gemma2ForCausalLM"], "num_hidden_layers": 2, "num_attention_heads": 4, "tie_word_embeddings": false}`, "gemma2", "", true, 4},
 		{"unknown", `{"architectures": ["FalconForCausalLM"], "num_hidden_layers": 2}`, "", `architecture "FalconForCausalLM"`, false, 0},
 		{"no arch", `{"num_hidden_layers": 2}`, "", `no "architectures"`, false, 0},
 		{"no layers", `{"architectures": ["Qwen3ForCausalLM"], "num_attention_heads": 4}`, "", "num_hidden_layers", false, 0},
