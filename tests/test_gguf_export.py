@@ -130,7 +130,7 @@ def test_alpha_zero_baked_file_equals_an_alpha_r_file(base, tmp_path):
     w.close()
     a, b = llama_logits(gguf_path, ours), llama_logits(gguf_path, str(tmp_path / "alpha_r.gguf"))
     assert rel(a, llama_logits(gguf_path)) > 100 * RTOL
-    assert rel(a, b) < 1e-6  # the same products scaled by 1.0f: equal but for the order of the graph's adds
+    np.testing.assert_array_equal(a, b)  # the same products, scaled by 1.0f either way
 
 
 def test_rslora_matches_peft(base, tmp_path, record_parity):
@@ -203,40 +203,32 @@ def test_embeddings_and_lm_head_match_peft(base, tmp_path, record_parity):
 
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16", "q8_0"])
-def test_lower_precision_types_load_and_stay_close(base, tmp_path, dtype):
-    """f16 / bf16 / q8_0 files load; their logits are PEFT's up to the rounding of the factors: the relative error
-    of a product of two rounded factors is at most about 2u (u = 2^-11 f16, 2^-8 bf16, 2^-8 for q8_0's 127 steps);
-    the logits' change from the adapter bounds the effect (x 4 for the sum over modules and layers)."""
+def test_lower_precision_types_are_gguf_py_bit_for_bit_and_load(base, tmp_path, dtype):
+    """Each f16 / bf16 / q8_0 tensor is, byte for byte, what gguf-py (llama.cpp's converters' writer) makes of the
+    f32 export's values; with r = 8, B's rows (ne[0] = r) are not a multiple of 32, so under q8_0 B is f16, as
+    llama.cpp's converter falls back. Then llama.cpp loads the file and applies the adapter: its logits' distance to
+    PEFT's is under 5% of the adapter's own effect, a loose bound (each rounding of the factors, and llama.cpp's
+    rounding of the activations to the weights' type, is at most 2^-8 relative), that a file read wrongly fails."""
     model, folder, gguf_path = base
-    ad = make_adapter(model, str(tmp_path / "a"), seed=10, r=32, lora_alpha=32)
-    out = str(tmp_path / f"a-{dtype}.gguf")
+    ad = make_adapter(model, str(tmp_path / "a"), seed=10, r=8)
+    out, f32 = str(tmp_path / f"a-{dtype}.gguf"), str(tmp_path / "a-f32.gguf")
     res = gomerge.export(ad, "gguf", out, base=folder, dtype=dtype)
-    assert res.dtype == dtype and res.f16_fallback == []
-    types = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
-    assert types == {dtype.upper()}
+    gomerge.export(ad, "gguf", f32, base=folder, dtype="f32")
+    assert res.dtype == dtype
+    ref = {t.name: np.array(t.data) for t in gguf.GGUFReader(f32).tensors}
+    fallback = []
+    for t in gguf.GGUFReader(out).tensors:
+        want = ref[t.name].reshape(-1, int(t.shape[0]))
+        qtype = gguf.GGMLQuantizationType[dtype.upper()]
+        if dtype == "q8_0" and want.shape[1] % 32:
+            qtype = gguf.GGMLQuantizationType.F16
+            fallback.append(t.name)
+        assert t.tensor_type == qtype, t.name
+        assert np.array(t.data).tobytes() == gguf.quants.quantize(want, qtype).tobytes(), t.name
+    assert sorted(res.f16_fallback) == sorted(fallback)
+    assert (len(fallback) == res.modules) == (dtype == "q8_0")  # every B (ne[0] = r = 8); every A is Q8_0
     ours, theirs, plain = llama_logits(gguf_path, out), peft_logits(model, ad), peft_logits(model, None)
-    u = {"f16": 2.0**-11, "bf16": 2.0**-8, "q8_0": 2.0**-8}[dtype]
-    assert np.abs(ours - theirs).max() <= 4 * 2 * u * np.abs(theirs - plain).max() + RTOL * np.abs(theirs).max()
-
-
-def test_q8_0_matches_gguf_py_bit_for_bit(base, tmp_path):
-    model, folder, _ = base
-    ad = make_adapter(model, str(tmp_path / "a"), seed=11, targets=["q_proj", "up_proj"], r=8)
-    res = gomerge.export(ad, "gguf", str(tmp_path / "q8.gguf"), base=folder, dtype="q8_0")
-    ref = gomerge.export(ad, "gguf", str(tmp_path / "f32.gguf"), base=folder, dtype="f32")
-    assert ref.modules == res.modules
-    # r = 8: B's rows (ne[0] = r) are not a multiple of 32, so B is f16, as llama.cpp's converter falls back
-    assert sorted(res.f16_fallback) == sorted(t for t in _names(str(tmp_path / "q8.gguf")) if t.endswith("lora_b"))
-    f32 = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(tmp_path / "f32.gguf")).tensors}
-    for t in gguf.GGUFReader(str(tmp_path / "q8.gguf")).tensors:
-        want = f32[t.name].reshape(-1, int(t.shape[0]))
-        qtype = gguf.GGMLQuantizationType.Q8_0 if t.name.endswith("lora_a") else gguf.GGMLQuantizationType.F16
-        expected = gguf.quants.quantize(want, qtype)
-        assert np.array(t.data).tobytes() == expected.tobytes(), t.name
-
-
-def _names(path: str) -> list[str]:
-    return [t.name for t in gguf.GGUFReader(path).tensors]
+    assert np.abs(ours - theirs).max() < 0.05 * np.abs(theirs - plain).max()
 
 
 def test_gpt2_fan_in_fan_out(tmp_path, record_parity):
