@@ -151,7 +151,7 @@ def test_mixed_ranks_from_energy_match_peft(base, tmp_path, record_parity):
 def test_ties_merge_matches_peft_in_one_step(base, tmp_path, record_parity):
     model, folder, gguf_path = base
     a = make_adapter(model, str(tmp_path / "a"), seed=6)
-    b = make_adapter(model, str(tmp_path / "b"), seed=7, r=4, lora_alpha=4)
+    b = make_adapter(model, str(tmp_path / "b"), seed=7, r=8, lora_alpha=8)
     merged = str(tmp_path / "merged")
     gomerge.add_weighted_adapter([a, b], [1.0, 0.7], "m", "ties", density=0.5, output_dir=merged)
     check_case(base, merged, str(tmp_path / "ties.gguf"), record_parity, "ties merge of two adapters")
