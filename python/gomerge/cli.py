@@ -39,6 +39,7 @@ examples:
   gomerge inspect merged
   gomerge extract BASE FINETUNED -o extracted --rank 64
   gomerge fuse models/llama adapters/sql -o llama-sql
+  gomerge export merged --to gguf --base models/llama -o merged.gguf
 
 Run `gomerge merge --help` for every option and the recipe format."""
 
