@@ -194,10 +194,8 @@ def logits(root: str) -> list[dict]:
     cases["mixed ranks from energy:0.9 (rank_pattern + alpha_pattern)"] = mixed
     merged = os.path.join(root, "ties")
     other = make_adapter(model, os.path.join(root, "b"), seed=5, r=8, lora_alpha=8)
-    gomerge.add_weighted_adapter(
-        [plain, other], [1.0, 0.7], "m", "ties_svd", density=0.5, output_dir=merged, svd_rank="energy:0.95"
-    )
-    cases["ties_svd merge, svd_rank energy:0.95 (patterns)"] = merged
+    gomerge.add_weighted_adapter([plain, other], [1.0, 0.7], "m", "svd", output_dir=merged, svd_rank="energy:0.95")
+    cases["svd merge, svd_rank energy:0.95 (patterns)"] = merged
     rows = []
     for label, adapter in cases.items():
         ours, theirs = os.path.join(root, "ours.gguf"), os.path.join(root, "theirs.gguf")
