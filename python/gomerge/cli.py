@@ -474,7 +474,7 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _override(options, args, "dtype", "output_dir", "adapter_name", "overwrite", combination_type="method")
     _require_output(options, parser)
     merging = {p["name"] for p in _native.params()} | {"combination_type"}
-    with ExitStack() as stack, _exported(args, options["output_dir"], parser) as adapter_dir:
+    with ExitStack() as stack, _exported(args, options["output_dir"], options.get("overwrite")) as adapter_dir:
         local = [
             sources.resolve(
                 s["source"], stack, s.get("revision") or args.revision, s.get("subfolder") or args.subfolder
@@ -519,7 +519,7 @@ def _rank_arg(value: str) -> int | str:
 
 def _resize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _require_output({"output_dir": args.output_dir}, parser, recipe=False)
-    with _exported(args, args.output_dir, parser) as adapter_dir:
+    with _exported(args, args.output_dir, args.overwrite) as adapter_dir:
         res = merge.resize(
             args.adapter,
             rank=args.rank,
@@ -768,7 +768,7 @@ def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 @contextmanager
-def _exported(args: argparse.Namespace, output: str, parser: argparse.ArgumentParser) -> Any:
+def _exported(args: argparse.Namespace, output: str, overwrite: bool | None) -> Any:
     """With --to FORMAT, yields a folder for the adapter inside a temporary folder beside `output` and, when the
     command succeeded, exports it to `output` (result in args.exported); the folder is removed either way. Without
     --to, yields `output` itself."""
@@ -789,7 +789,7 @@ def _exported(args: argparse.Namespace, output: str, parser: argparse.ArgumentPa
             os.path.join(tmp, "adapter"),
             args.to,
             output,
-            overwrite=bool(args.overwrite),
+            overwrite=bool(overwrite),
             progress=False,
             **options(args, _GGUF_DTYPE.get(args.dtype or "")),
         )
