@@ -31,10 +31,13 @@ def permute(w: np.ndarray, n: int) -> np.ndarray:
     return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def llama_gguf(model: LlamaForCausalLM, path: str) -> None:
+def llama_gguf(model: LlamaForCausalLM, path: str, arch: str = "llama") -> None:
+    """A llama-like decoder as llama.cpp's converter writes it: `llama` (Wq/Wk rows permuted), `qwen2` (q/k/v
+    biases) or `qwen3` (q/k norms, head_dim given)."""
     cfg = model.config
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    w = gguf.GGUFWriter(path, "llama")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w = gguf.GGUFWriter(path, arch)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
@@ -43,7 +46,10 @@ def llama_gguf(model: LlamaForCausalLM, path: str) -> None:
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_rope_dimension_count(head_dim)
+    if arch == "qwen3":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("none")
     w.add_vocab_size(cfg.vocab_size)
@@ -61,12 +67,17 @@ def llama_gguf(model: LlamaForCausalLM, path: str) -> None:
         "mlp.up_proj": "ffn_up",
         "mlp.down_proj": "ffn_down",
     }
+    if arch == "qwen3":
+        names |= {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
     for i in range(cfg.num_hidden_layers):
         for hf, name in names.items():
             t = sd[f"model.layers.{i}.{hf}.weight"]
-            if name == "attn_q":
+            bias = sd.get(f"model.layers.{i}.{hf}.bias")
+            if bias is not None:
+                w.add_tensor(f"blk.{i}.{name}.bias", bias)
+            if arch == "llama" and name == "attn_q":  # qwen2 / qwen3: NeoX RoPE, no permutation
                 t = permute(t, cfg.num_attention_heads)
-            elif name == "attn_k":
+            elif arch == "llama" and name == "attn_k":
                 t = permute(t, cfg.num_key_value_heads)
             w.add_tensor(f"blk.{i}.{name}.weight", np.ascontiguousarray(t))
     w.write_header_to_file()

@@ -194,6 +194,25 @@ def test_resize_to_gguf_in_one_step(base, tmp_path):
     assert rel(llama_logits(gguf_path, out), peft_logits(model, str(tmp_path / "r4"))) < RTOL
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_name_maps_match_peft(tmp_path, arch, record_parity):
+    """Qwen2 (q/k/v biases) and Qwen3 (q/k norms): llama.cpp names their tensors as llama's but its converter does
+    not permute Wq/Wk (NeoX RoPE), so neither does the export."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**TINY)).eval()
+    else:
+        model = Qwen3ForCausalLM(Qwen3Config(**TINY, head_dim=16)).eval()
+    folder, path = str(tmp_path / arch), str(tmp_path / f"{arch}.gguf")
+    model.save_pretrained(folder)
+    llama_gguf(model, path, arch)
+    assert rel(llama_logits(path), peft_logits(model, None)) < RTOL
+    ad = make_adapter(model, str(tmp_path / "a"), seed=20)
+    check_case((model, folder, path), ad, str(tmp_path / "a.gguf"), record_parity, f"{arch} all-linear")
+
+
 def test_embeddings_and_lm_head_match_peft(base, tmp_path, record_parity):
     model, _, _ = base
     ad = make_adapter(model, str(tmp_path / "emb"), seed=9, targets=["embed_tokens", "lm_head", "v_proj"], r=4)
