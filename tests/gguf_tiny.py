@@ -86,6 +86,47 @@ def llama_gguf(model: LlamaForCausalLM, path: str, arch: str = "llama") -> None:
     w.close()
 
 
+def phi3_gguf(model, path: str) -> None:
+    """A Phi-3 as llama.cpp's converter writes it: fused qkv_proj (attn_qkv) and gate_up_proj (ffn_up), no
+    permutation."""
+    c = model.config
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    w = gguf.GGUFWriter(path, "phi3")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_key_value(
+        "phi3.rope.scaling.original_context_length", c.original_max_position_embeddings, gguf.GGUFValueType.UINT32
+    )
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("none")
+    w.add_vocab_size(c.vocab_size)
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.qkv_proj": "attn_qkv",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    for i in range(c.num_hidden_layers):
+        for hf, name in names.items():
+            w.add_tensor(f"blk.{i}.{name}.weight", sd[f"model.layers.{i}.{hf}.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def gpt2_gguf(model: GPT2LMHeadModel, path: str) -> None:
     cfg = model.config
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}

@@ -18,7 +18,7 @@ import gguf  # tests/requirements-llama.txt (with llama-cpp-python, compiled by 
 import numpy as np
 import pytest
 import torch
-from gguf_tiny import TINY, gpt2_gguf, llama_gguf, llama_logits, make_adapter, peft_logits, permute, rel
+from gguf_tiny import TINY, gpt2_gguf, llama_gguf, llama_logits, make_adapter, peft_logits, permute, phi3_gguf, rel
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import gomerge
@@ -211,6 +211,20 @@ def test_qwen_name_maps_match_peft(tmp_path, arch, record_parity):
     assert rel(llama_logits(path), peft_logits(model, None)) < RTOL
     ad = make_adapter(model, str(tmp_path / "a"), seed=20)
     check_case((model, folder, path), ad, str(tmp_path / "a.gguf"), record_parity, f"{arch} all-linear")
+
+
+def test_phi3_fused_modules_match_peft(tmp_path, record_parity):
+    """Phi-3's fused qkv_proj and gate_up_proj are llama.cpp's attn_qkv and ffn_up, row for row."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(**{**TINY, "num_key_value_heads": 4}, pad_token_id=0, eos_token_id=0)).eval()
+    folder, path = str(tmp_path / "phi3"), str(tmp_path / "phi3.gguf")
+    model.save_pretrained(folder)
+    phi3_gguf(model, path)
+    assert rel(llama_logits(path), peft_logits(model, None)) < RTOL
+    ad = make_adapter(model, str(tmp_path / "a"), seed=21, targets=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    check_case((model, folder, path), ad, str(tmp_path / "a.gguf"), record_parity, "phi3 qkv_proj + gate_up_proj")
 
 
 def test_embeddings_and_lm_head_match_peft(base, tmp_path, record_parity):
