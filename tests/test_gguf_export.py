@@ -18,7 +18,19 @@ import gguf  # tests/requirements-llama.txt (with llama-cpp-python, compiled by 
 import numpy as np
 import pytest
 import torch
-from gguf_tiny import TINY, gpt2_gguf, llama_gguf, llama_logits, make_adapter, peft_logits, permute, phi3_gguf, rel
+from gguf_tiny import (
+    TINY,
+    gemma2_gguf,
+    gpt2_gguf,
+    llama_gguf,
+    llama_logits,
+    make_adapter,
+    peft_logits,
+    permute,
+    phi3_gguf,
+    rel,
+)
+from peft import PeftModel
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import gomerge
@@ -225,6 +237,34 @@ def test_phi3_fused_modules_match_peft(tmp_path, record_parity):
     assert rel(llama_logits(path), peft_logits(model, None)) < RTOL
     ad = make_adapter(model, str(tmp_path / "a"), seed=21, targets=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
     check_case((model, folder, path), ad, str(tmp_path / "a.gguf"), record_parity, "phi3 qkv_proj + gate_up_proj")
+
+
+def test_gemma2_matches_the_fused_model_in_llama_cpp(tmp_path, record_parity):
+    """Gemma 2 (tied embeddings, four norms per block, soft-capping). llama.cpp's GELU reads a float16 table
+    (GGML_GELU_FP16), which puts its logits 1e-3 from transformers' on this model with or without an adapter; so the
+    adapter is checked against PEFT's own fused model (merge_and_unload) run in the same llama.cpp: the two differ
+    by where W x + s B (A x) and (W + s B A) x round, and by the GELU table where that moves an input across a
+    float16 rounding boundary (one float16 rounding, 2^-11 relative)."""
+    import copy
+
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = {**TINY, "tie_word_embeddings": True, "head_dim": 16, "query_pre_attn_scalar": 16}
+    model = Gemma2ForCausalLM(Gemma2Config(**cfg, pad_token_id=0, eos_token_id=1, bos_token_id=2)).eval()
+    folder, path = str(tmp_path / "gemma2"), str(tmp_path / "gemma2.gguf")
+    model.save_pretrained(folder)
+    gemma2_gguf(model, path)
+    ad = make_adapter(model, str(tmp_path / "a"), seed=22)
+    out = str(tmp_path / "a.gguf")
+    assert gomerge.export(ad, "gguf", out, base=folder, dtype="f32").architecture == "gemma2"
+    fused = PeftModel.from_pretrained(copy.deepcopy(model), ad).merge_and_unload()
+    gemma2_gguf(fused, str(tmp_path / "fused.gguf"))
+    ours, reference = llama_logits(path, out), llama_logits(str(tmp_path / "fused.gguf"))
+    assert rel(reference, llama_logits(path)) > 100 * 2.0**-11  # the adapter moves the logits
+    d = rel(ours, reference)
+    record_parity("gguf gemma2 vs fused in llama.cpp", d, kind="llama.cpp logits vs PEFT (max |diff| / max |PEFT|)")
+    assert d < 2.0**-11
 
 
 def test_embeddings_and_lm_head_match_peft(base, tmp_path, record_parity):
