@@ -31,6 +31,7 @@ import (
 	"gomerge/gomerge/kernels"
 	"gomerge/gomerge/methods"
 	"gomerge/gomerge/parallel"
+	"gomerge/gomerge/serve"
 )
 
 // EngineVersion returns the engine version, kept equal to the Python package's.
@@ -118,6 +119,8 @@ func RequestKeys() string {
 		"fuse_result":    jsonKeys(reflect.TypeFor[fuse.Result]()),
 		"gguf":           jsonKeys(reflect.TypeFor[gguf.Options]()),
 		"gguf_result":    jsonKeys(reflect.TypeFor[gguf.Result]()),
+		"profile":        jsonKeys(reflect.TypeFor[serve.Options]()),
+		"profile_result": jsonKeys(reflect.TypeFor[serve.Result]()),
 	})
 	return string(b)
 }
@@ -293,6 +296,45 @@ func GGUFExportStart(request string) int64 {
 		}
 		return gguf.Export(ctx, opts, p)
 	})
+}
+
+// ProfileStart starts the export of an adapter directory in a serving
+// target's form (vllm, sglang, lorax, portable; a serve.Options in JSON)
+// and returns its job id; JobWait reports it like a merge.
+func ProfileStart(request string) int64 {
+	return startJob(func(ctx context.Context, p *parallel.Progress) (any, error) {
+		var opts serve.Options
+		if err := decodeRequest(request, &opts); err != nil {
+			return nil, err
+		}
+		return serve.Export(ctx, opts, p)
+	})
+}
+
+// ServingTargets returns the serving targets' table as JSON: each
+// target's name, title, allowed ranks, whether it honours rank_pattern /
+// alpha_pattern and use_rslora, its modules_to_save and DoRA policies, and
+// the sources of its rules (serve.TargetInfo).
+func ServingTargets() string {
+	b, _ := json.Marshal(serve.Table())
+	return string(b)
+}
+
+// ServingCheck says, as JSON, for every serving target whether the adapter
+// directory loads there as it is, and why not: {"targets": [{"target",
+// "loads", "reasons", "fixable", "note"}, ...]} (or {"error": ...}).
+func ServingCheck(dir string) (out string) {
+	defer func() {
+		if p := recover(); p != nil {
+			out = errorStatus(fmt.Errorf("internal error: %v", p))
+		}
+	}()
+	v, err := serve.CheckDir(dir)
+	if err != nil {
+		return errorStatus(err)
+	}
+	b, _ := json.Marshal(map[string]any{"targets": v})
+	return string(b)
 }
 
 func startJob(run func(context.Context, *parallel.Progress) (any, error)) int64 {

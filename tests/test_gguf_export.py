@@ -470,3 +470,27 @@ def test_keys_python_sends_and_reads_equal_the_engines(base, tmp_path, monkeypat
     keys = _native.request_keys()
     assert sorted(seen) == sorted(keys["gguf"])
     assert sorted(res.__dict__) == sorted(keys["gguf_result"])
+
+
+def test_one_export_command_for_every_format(base, tmp_path):
+    """`gomerge export --to` takes gguf and the serving targets; each family's options are refused on the other, and
+    --drop-modules-to-save means --drop modules_to_save for gguf."""
+    model, folder, _ = base
+    ad = make_adapter(model, str(tmp_path / "a"), seed=23, targets=["q_proj"])
+    _add_tensor(ad, "base_model.model.model.norm.weight", (64,))
+    cli = [sys.executable, "-m", "gomerge", "export", ad]
+    run = subprocess.run(cli + ["--to", "vllm", "--base", folder, "-o", str(tmp_path / "v")], **_SUB)
+    assert run.returncode == 2 and "--base and --drop are options of --to gguf" in run.stderr
+    run = subprocess.run(cli + ["--to", "gguf", "--max-rank", "8", "-o", str(tmp_path / "x.gguf")], **_SUB)
+    assert run.returncode == 2 and "--max-rank is an option of the serving targets" in run.stderr
+    out = str(tmp_path / "x.gguf")
+    run = subprocess.run(
+        cli + ["--to", "gguf", "--base", folder, "--drop-modules-to-save", "-o", out, "--json"], **_SUB
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["dropped"] == ["base_model.model.model.norm.weight (modules_to_save)"]
+    run = subprocess.run(cli + ["--to", "portable", "--drop-modules-to-save", "-o", str(tmp_path / "p")], **_SUB)
+    assert run.returncode == 0, run.stderr
+    assert os.path.exists(tmp_path / "p" / "adapter_config.json")
+    res = gomerge.export(ad, "sglang", str(tmp_path / "s"), drop_modules_to_save=True)
+    assert isinstance(res, gomerge.ProfileResult) and res.target == "sglang"

@@ -21,14 +21,20 @@ type AdapterInfo struct {
 	Modules       int            `json:"modules"`
 	Parameters    int64          `json:"parameters"`
 	Extra         []string       `json:"extra_tensors"`
+	// UseDora and LoraBias: DoRA magnitudes and LoRA biases, which merges
+	// refuse and fuses apply.
+	UseDora  bool `json:"use_dora"`
+	LoraBias bool `json:"lora_bias"`
 }
 
-// Inspect loads an adapter directory and summarises it.
+// Inspect loads an adapter directory and summarises it; DoRA adapters and
+// LoRA biases are described too (as a fuse reads them).
 func Inspect(dir string) (*AdapterInfo, error) {
-	a, err := Load(dir)
+	as, err := LoadAll([]string{dir}, true)
 	if err != nil {
 		return nil, err
 	}
+	a := as[0]
 	defer a.Close()
 	info := &AdapterInfo{Dir: dir, BaseModel: a.Config.BaseModel, R: a.Config.R, LoraAlpha: a.Config.LoraAlpha,
 		UseRslora: a.Config.UseRslora, Scaling: a.Config.Scaling(a.Config.R, a.Config.LoraAlpha), TargetModules: a.Config.TargetModules, DType: a.DType.TorchName(),
@@ -36,7 +42,10 @@ func Inspect(dir string) (*AdapterInfo, error) {
 	if info.Extra == nil {
 		info.Extra = []string{}
 	}
+	info.UseDora, info.LoraBias = a.Config.UseDora, a.Config.LoraBias
 	for _, m := range a.Modules {
+		info.UseDora = info.UseDora || m.Magnitude.Shape != nil
+		info.LoraBias = info.LoraBias || m.Bias.Shape != nil
 		info.Ranks[strconv.Itoa(m.Rank)]++
 		info.Parameters += int64(safetensors.Numel(m.RawA.Shape) + safetensors.Numel(m.RawB.Shape))
 	}

@@ -12,6 +12,7 @@ from .exports import GGUFResult, export
 from .extraction import ExtractResult, extract
 from .fuse import FuseResult, fuse
 from .merge import COMBINATION_TYPES, MergeResult, add_weighted_adapter, inspect_adapter, methods, resize
+from .serving import SERVING_TARGETS, ProfileResult, export_profile, serving_check
 
 __version__ = "0.1.0"
 
@@ -21,15 +22,19 @@ __all__ = [
     "GGUFResult",
     "FuseResult",
     "MergeResult",
+    "ProfileResult",
+    "SERVING_TARGETS",
     "add_weighted_adapter",
     "engine_kernels",
     "engine_version",
     "export",
+    "export_profile",
     "extract",
     "fuse",
     "inspect_adapter",
     "methods",
     "resize",
+    "serving_check",
     "patch_peft",
     "unpatch_peft",
 ]

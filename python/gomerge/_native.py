@@ -256,3 +256,27 @@ def validate_combination(request: dict[str, Any]) -> None:
     status = json.loads(_b.validate_combination(encode(request)))
     if "error" in status:
         raise_engine_error(status["error"])
+
+
+def profile_start(request: dict[str, Any]) -> int:
+    """Starts the export of an adapter directory in a serving target's form (vllm, sglang, lorax, portable); returns
+    its job id."""
+    _check_fork()
+    return int(_b.profile_start(encode(request)))
+
+
+def serving_check(path: str) -> list[dict[str, Any]]:
+    """For every serving target: whether the adapter directory loads there as it is (``loads``), why not
+    (``reasons``), whether an export fixes it (``fixable``) and a serving ``note``."""
+    _check_fork()
+    info = json.loads(_b.serving_check(path))
+    if info.get("state") == "error":
+        raise_engine_error(info["error"])
+    return info["targets"]
+
+
+@functools.cache
+def serving_targets() -> tuple[dict[str, Any], ...]:
+    """The engine's table of serving targets: one dict per target (``name``, ``title``, ``ranks``, ``ranks_up_to``,
+    ``one_rank``, ``alpha_is_r``, ``patterns``, ``rslora``, ``modules_to_save``, ``dora``, ``sources``)."""
+    return tuple(json.loads(_b.serving_targets()))

@@ -17,6 +17,7 @@ from . import exports as exporting
 from .extraction import extract as extract_adapter
 from .fuse import fuse as fuse_models
 from .merge import COMBINATION_TYPES
+from .serving import SERVING_TARGETS, export_profile, write_for_target
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -40,6 +41,7 @@ examples:
   gomerge extract BASE FINETUNED -o extracted --rank 64
   gomerge fuse models/llama adapters/sql -o llama-sql
   gomerge export merged --to gguf --base models/llama -o merged.gguf
+  gomerge export merged --to vllm -o merged-vllm
 
 Run `gomerge merge --help` for every option and the recipe format."""
 
@@ -94,7 +96,10 @@ EXAMPLES = {
   gomerge export adapters/sql --to gguf --base models/llama -o sql.gguf
   gomerge export merged --to gguf --base models/llama --dtype q8_0 --drop modules_to_save -o merged-q8.gguf
   gomerge merge adapters/sql adapters/adcopy --method ties --density 0.2 --to gguf --base models/llama \\
-      -o merged.gguf""",
+      -o merged.gguf
+  gomerge export merged --to vllm -o merged-vllm
+  gomerge export merged --to lorax --max-rank 32 -o merged-lorax
+  gomerge export extracted --to portable --drop-modules-to-save -o extracted-portable""",
     "inspect": """\
   gomerge inspect merged
   gomerge inspect user/lora-a --revision v2 --json""",
@@ -263,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _shared(m, "json", "quiet")
     _add_to_flags(m)
+    _add_target(m)
 
     p.merge_parser = m  # for errors reported after parsing
     r = sub.add_parser(
@@ -283,8 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     _shared(r, "overwrite", overwrite="replace an existing adapter directory")
     _shared(r, "dtype", "json", "quiet")
     _add_to_flags(r)
+    _add_target(r)
     p.resize_parser = r
-    p.export_parser = _add_export_parser(sub)
     e = sub.add_parser(
         "extract",
         epilog=_epilog("extract"),
@@ -327,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     _shared(e, "revision", revision="Hub revision for Hub ids")
     _shared(e, "overwrite", overwrite="replace an existing adapter directory")
     _shared(e, "no_model_card", "json", "quiet")
+    _add_target(e)
     p.extract_parser = e  # for errors reported after parsing
     f = sub.add_parser(
         "fuse",
@@ -374,7 +381,21 @@ def build_parser() -> argparse.ArgumentParser:
     _shared(i, "revision", revision="Hub revision for a Hub id without @revision")
     _shared(i, "subfolder", subfolder="folder of the adapter inside the directory or repository")
     _shared(i, "json", json="print the description as JSON")
+    p.export_parser = _add_export_parser(sub)
     return p
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    """--target: write the adapter in a serving target's form directly (see `gomerge export --help`)."""
+    parser.add_argument(
+        "--target",
+        choices=SERVING_TARGETS,
+        metavar="TARGET",
+        help="write the adapter in the form a server loads with the same numbers, one of: "
+        f"{', '.join(SERVING_TARGETS)} "
+        "(scales in lora_B, lora_alpha = r, one allowed rank, no patterns; --max-rank caps that rank, truncating "
+        "exactly); see `gomerge export --help`",
+    )
 
 
 # The Python API's parameter names (which the engine's messages use) and the command line's flags that set them: the
@@ -399,6 +420,7 @@ FLAGS: dict[str, str] = {
     "energy": "--energy",
     "modules_to_save": "--save-module",
     "save_modules": "--save-module",
+    "drop_modules_to_save": "--drop-modules-to-save",
 }
 _NAMES = "|".join(sorted(map(re.escape, FLAGS), key=len, reverse=True))
 # where a name is a parameter's: name=True / name=, a name with an underscore anywhere (no path around it), a name
@@ -474,37 +496,90 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _override(options, args, "dtype", "output_dir", "adapter_name", "overwrite", combination_type="method")
     _require_output(options, parser)
     merging = {p["name"] for p in _native.params()} | {"combination_type"}
-    with ExitStack() as stack, _exported(args, options["output_dir"], options.get("overwrite")) as adapter_dir:
+    with ExitStack() as stack:
         local = [
             sources.resolve(
                 s["source"], stack, s.get("revision") or args.revision, s.get("subfolder") or args.subfolder
             )
             for s in srcs
         ]
-        res = merge._run(
-            local,
-            [s["source"] for s in srcs],
-            [s["weight"] for s in srcs],
-            {k: v for k, v in options.items() if k in merging and v is not None},
-            adapter_name=options.get("adapter_name") or "merged",
-            output_dir=adapter_dir,
-            overwrite=options.get("overwrite") and not args.to,
-            model_card=not args.no_model_card,
-            allow_nonfinite=args.allow_nonfinite,
-            dtype=options.get("dtype"),
-            progress=False if args.quiet or args.json else None,
+        res, profile = _with_target(
+            args,
+            lambda output_dir, overwrite: merge._run(
+                local,
+                [s["source"] for s in srcs],
+                [s["weight"] for s in srcs],
+                {k: v for k, v in options.items() if k in merging and v is not None},
+                adapter_name=options.get("adapter_name") or "merged",
+                output_dir=output_dir,
+                overwrite=overwrite,
+                model_card=not args.no_model_card,
+                allow_nonfinite=args.allow_nonfinite,
+                dtype=options.get("dtype"),
+                progress=False if args.quiet or args.json else None,
+            ),
+            options["output_dir"],
+            options.get("overwrite"),
+            options.get("max_rank"),
         )
     if args.to:
         return _print_exported(args, res)
     if args.json:
-        print(json.dumps(res.__dict__))
+        print(json.dumps(_with_profile(res.__dict__, profile)))
     elif not args.quiet:
         seed = f", seed {res.seed}" if res.seed is not None else ""
         print(
             f"merged {_n(len(srcs), 'adapter')} ({res.combination_type}) into {res.output_dir}: rank {res.rank}, "
             f"{_n(res.modules, 'module')}, {res.dtype}{seed}, {res.seconds:.2f} s"
         )
+        _print_profile(profile)
     return EXIT_OK
+
+
+def _with_target(
+    args: argparse.Namespace, run: Callable[[str, Any], Any], output_dir: str, overwrite: Any, max_rank: Any
+) -> tuple[Any, Any]:
+    """`run(output_dir, overwrite)`, or with --target, `run` into a temporary folder and that adapter exported in the
+    target's form to `output_dir` (`--max-rank` caps its rank too); returns `run`'s result (its output_dir the
+    final one) and the export's (or None). With --to FORMAT (gguf), `run` writes into a temporary folder that is
+    exported as one file at `output_dir` (`_exported`; its result in args.exported)."""
+    to = getattr(args, "to", None)  # extract has --target only
+    if to and args.target:
+        raise ValueError("give --to (a file format) or --target (a serving form), not both")
+    if to:
+        with _exported(args, output_dir, overwrite) as adapter_dir:
+            return run(adapter_dir, False), None
+    if not args.target:
+        return run(output_dir, overwrite), None
+    res, profile = write_for_target(
+        lambda tmp: run(tmp, False),
+        output_dir,
+        args.target,
+        max_rank=max_rank,
+        overwrite=bool(overwrite),
+        progress=False,
+    )
+    return res, profile
+
+
+def _with_profile(result: dict[str, Any], profile: Any) -> dict[str, Any]:
+    """A command's JSON result, with the --target export's under "target" (when there was one)."""
+    return result if profile is None else {**result, "target": profile.__dict__}
+
+
+def _print_profile(profile: Any) -> None:
+    """The summary line of an export to a serving target (and its serving note)."""
+    if profile is None:
+        return
+    worst = max((t["relative_error"] for t in profile.truncated.values()), default=0.0)
+    trunc = f", {len(profile.truncated)} truncated (largest relative error {worst:.3g})" if profile.truncated else ""
+    dropped = f", left out: {', '.join(profile.dropped)}" if profile.dropped else ""
+    print(
+        f"wrote the {profile.target} form to {profile.output_dir}: rank {profile.rank} (lora_alpha = r, scales in "
+        f"lora_B), {_n(profile.modules, 'module')}, {profile.padded} zero-padded{trunc}{dropped}, {profile.dtype}"
+    )
+    if profile.note:
+        print(f"  {profile.note}")
 
 
 def _n(count: int, noun: str) -> str:
@@ -519,21 +594,26 @@ def _rank_arg(value: str) -> int | str:
 
 def _resize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _require_output({"output_dir": args.output_dir}, parser, recipe=False)
-    with _exported(args, args.output_dir, args.overwrite) as adapter_dir:
-        res = merge.resize(
+    res, profile = _with_target(
+        args,
+        lambda output_dir, overwrite: merge.resize(
             args.adapter,
             rank=args.rank,
             energy=args.energy,
             max_rank=args.max_rank,
-            output_dir=adapter_dir,
-            overwrite=args.overwrite and not args.to,
+            output_dir=output_dir,
+            overwrite=overwrite,
             dtype=args.dtype,
             progress=False if args.quiet or args.json else None,
-        )
+        ),
+        args.output_dir,
+        args.overwrite,
+        args.max_rank,
+    )
     if args.to:
         return _print_exported(args, res)
     if args.json:
-        print(json.dumps(res.__dict__))
+        print(json.dumps(_with_profile(res.__dict__, profile)))
     elif not args.quiet:
         ranks = sorted(res.module_ranks.values())
         worst = max(res.module_errors.values(), default=0.0)
@@ -541,6 +621,7 @@ def _resize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             f"resized {args.adapter} into {res.output_dir}: {_n(res.modules, 'module')}, ranks {ranks[0]}-{ranks[-1]} "
             f"(r={res.rank}), largest relative error {worst:.3g}, {res.seconds:.2f} s"
         )
+        _print_profile(profile)
     return EXIT_OK
 
 
@@ -574,23 +655,34 @@ def _extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _require_output(options, parser)
     if options.get("rank") is None and options.get("energy") is None:
         parser.error("give --rank or --energy (or rank / energy in the recipe)")
-    res = extract_adapter(
-        options["base"],
-        options["finetuned"],
+    if args.target and options.get("modules_to_save"):
+        parser.error(
+            f"--target {args.target}: no serving target loads modules_to_save; leave out --save-module / "
+            "--save-changed (or save_modules in the recipe)"
+        )
+    res, profile = _with_target(
+        args,
+        lambda output_dir, overwrite: extract_adapter(
+            options["base"],
+            options["finetuned"],
+            output_dir,
+            rank=options.get("rank"),
+            energy=options.get("energy"),
+            max_rank=options.get("max_rank"),
+            modules_to_save=options.get("modules_to_save", False),
+            seed=options.get("seed", 0),
+            dtype=options.get("dtype"),
+            overwrite=overwrite,
+            model_card=options.get("model_card", True),
+            revision=options.get("revision"),
+            progress=False if args.quiet or args.json else None,
+        ),
         options["output_dir"],
-        rank=options.get("rank"),
-        energy=options.get("energy"),
-        max_rank=options.get("max_rank"),
-        modules_to_save=options.get("modules_to_save", False),
-        seed=options.get("seed", 0),
-        dtype=options.get("dtype"),
-        overwrite=options.get("overwrite", False),
-        model_card=options.get("model_card", True),
-        revision=options.get("revision"),
-        progress=False if args.quiet or args.json else None,
+        options.get("overwrite", False),
+        options.get("max_rank"),
     )
     if args.json:
-        print(json.dumps(res.__dict__))
+        print(json.dumps(_with_profile(res.__dict__, profile)))
     elif not args.quiet:
         ranks = sorted(res.module_ranks.values())
         worst = max(res.module_errors.values(), default=0.0)
@@ -600,6 +692,7 @@ def _extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             f"(ranks {ranks[0]}-{ranks[-1]}), largest relative error {worst:.3g}, {len(res.unchanged)} unchanged "
             f"skipped{saved}, {res.seconds:.2f} s"
         )
+        _print_profile(profile)
     return EXIT_OK
 
 
@@ -668,26 +761,57 @@ def _fuse(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _add_export_parser(sub: Any) -> argparse.ArgumentParser:
+    """`gomerge export ADAPTER --to FORMAT -o OUT`: a GGUF file for llama.cpp, or a serving target's form."""
     x = sub.add_parser(
         "export",
         epilog=_epilog("export"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="export an adapter for a runtime or server (--to gguf: llama.cpp / ollama)",
-        description="Export a PEFT LoRA adapter in the form a runtime loads. --to gguf writes one GGUF LoRA adapter "
-        "for llama.cpp, ollama and llama-cpp-python with PEFT's exact numbers (each module's scale, rsLoRA and "
-        "rank_pattern / alpha_pattern included, is baked into B; adapter.lora.alpha = 0), reading only the base's "
-        "config.json, without torch. The file appears complete or not at all.",
+        help="export an adapter for a runtime or server (GGUF for llama.cpp / ollama; vLLM, SGLang, LoRAX, portable)",
+        description="Export a PEFT LoRA adapter in the form a runtime loads, with PEFT's numbers: every module's scale "
+        "(alpha/r, alpha/sqrt(r) with rsLoRA, rank_pattern / alpha_pattern applied) is multiplied into B. "
+        "--to gguf writes one GGUF LoRA adapter file for llama.cpp, ollama and llama-cpp-python "
+        "(adapter.lora.alpha = 0), reading only the base's config.json, without torch. --to vllm|sglang|lorax|portable "
+        "writes a PEFT directory with lora_alpha = r, no rank_pattern / alpha_pattern, and one rank the target "
+        "allows (smaller modules zero-padded: exact); --max-rank truncates instead, by an exact SVD, and reports each "
+        "module's error. Ranks: vllm 1, 8, 16, 32, 64, 128, 256, 320, 512; sglang any; lorax 8 or a multiple of 16; "
+        "portable (loads on all three) 8, 16, 32, 64, 128, 256, 320, 512. DoRA and LoRA biases are refused (fuse "
+        "them); modules_to_save are refused unless --drop-modules-to-save. The output appears complete or not at all.",
     )
     x.add_argument("adapter", metavar="ADAPTER", help="the adapter directory or Hub id")
-    x.add_argument("--to", required=True, choices=tuple(exporting.EXPORTERS), help="the format to write")
-    x.add_argument("-o", "--output", dest="output_dir", metavar="OUT", help="the file to write (required)")
+    x.add_argument(
+        "--to",
+        required=True,
+        choices=tuple(exporting.EXPORTERS),
+        metavar="FORMAT",
+        help="one of: " + ", ".join(exporting.EXPORTERS),
+    )
+    x.add_argument(
+        "-o",
+        "--output",
+        "--output-dir",
+        dest="output_dir",
+        metavar="OUT",
+        help="the file (gguf) or directory (serving targets) to write (required)",
+    )
     _add_format_flags(x)
     x.add_argument(
+        "--max-rank",
+        type=int,
+        metavar="M",
+        help="serving targets: cap of the written rank (truncate larger modules exactly)",
+    )
+    x.add_argument(
+        "--drop-modules-to-save",
+        action="store_true",
+        help="leave modules_to_save out (no target loads them; for --to gguf, the same as --drop modules_to_save)",
+    )
+    x.add_argument(
         "--dtype",
-        help="--to gguf: tensor type, one of " + ", ".join(exporting.GGUF_DTYPES) + " (default: the adapter's)",
+        help="dtype of the written tensors (default: the adapter's): float32, bfloat16, float16; --to gguf also "
+        + ", ".join(exporting.GGUF_DTYPES),
     )
     _shared(x, "revision", "subfolder")
-    _shared(x, "overwrite", overwrite="replace an existing output file (only one of that format)")
+    _shared(x, "overwrite", overwrite="replace an existing output (only one of that format)")
     _shared(x, "json", "quiet")
     return x
 
@@ -696,9 +820,9 @@ def _add_to_flags(parser: argparse.ArgumentParser) -> None:
     """--to FORMAT on a command that writes an adapter: -o is then the exported file."""
     parser.add_argument(
         "--to",
-        choices=tuple(exporting.EXPORTERS),
-        help="write the result in this format at -o instead of a PEFT directory (as `gomerge export` does; the "
-        "tensors' dtype is --dtype's)",
+        choices=tuple(EXPORT_FORMATS),
+        help="write the result in this file format at -o instead of a PEFT directory (as `gomerge export` does; the "
+        "tensors' dtype is --dtype's; for a serving form, --target)",
     )
     _add_format_flags(parser)
 
@@ -748,7 +872,16 @@ _GGUF_DTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 
 def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`gomerge export ADAPTER --to FORMAT -o OUT`: a format of EXPORT_FORMATS (gguf), or a serving target."""
     _require_output({"output_dir": args.output_dir}, parser, recipe=False)
+    if args.to not in EXPORT_FORMATS:
+        if args.gguf_base or args.drop:
+            parser.error(f"--base and --drop are options of --to gguf, not of --to {args.to}")
+        return _export_profile(args, parser)
+    if args.max_rank is not None:
+        parser.error("--max-rank is an option of the serving targets, not of --to gguf (resize the adapter first)")
+    if args.drop_modules_to_save:
+        args.drop = sorted(set(args.drop or []) | {"modules_to_save"})
     options, summary = EXPORT_FORMATS[args.to]
     res = exporting.export(
         args.adapter,
@@ -758,7 +891,7 @@ def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         subfolder=args.subfolder,
         overwrite=bool(args.overwrite),
         progress=False if args.quiet or args.json else None,
-        **options(args, args.dtype),
+        **options(args, _GGUF_DTYPE.get(args.dtype or "", args.dtype)),
     )
     if args.json:
         print(json.dumps(res.__dict__))
@@ -800,7 +933,7 @@ def _exported(args: argparse.Namespace, output: str, overwrite: bool | None) -> 
 def _print_exported(args: argparse.Namespace, res: Any) -> int:
     """The result of a command run with --to: the command's and the export's, or the export's summary."""
     if args.json:
-        print(json.dumps({**res.__dict__, "export": args.exported.__dict__}))
+        print(json.dumps({**res.__dict__, "output_dir": args.exported.output, "export": args.exported.__dict__}))
     elif not args.quiet:
         print(EXPORT_FORMATS[args.to][1](args.exported))
     return EXIT_OK
@@ -810,6 +943,7 @@ def _inspect(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         path = sources.resolve(args.adapter, stack, args.revision, args.subfolder)
         info = merge.inspect_adapter(path)
+        info["serving"] = _native.serving_check(path)
         size = sum(
             os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f))
         )
@@ -833,9 +967,51 @@ def _inspect(args: argparse.Namespace) -> int:
         f"parameters     {info['parameters']:,}",
         f"size           {size / 2**20:.1f} MiB",
     ]
+    if info["use_dora"] or info["lora_bias"]:
+        kinds = " and ".join(k for k, on in (("DoRA", info["use_dora"]), ("lora_bias", info["lora_bias"])) if on)
+        lines.append(f"variant        {kinds} (merges refuse it; gomerge fuse applies it)")
     if info["extra_tensors"]:
         lines.append(f"other tensors  {len(info['extra_tensors'])} (not LoRA factors; left out of merges)")
+    lines += _serving_lines(info["serving"])
     print("\n".join(lines))
+    return EXIT_OK
+
+
+def _serving_lines(verdicts: list[dict[str, Any]]) -> list[str]:
+    """`gomerge inspect`'s serving section: per target, whether the adapter loads as it is, and if not, why."""
+    lines = ["serving (loads as it is, with PEFT's numbers?)"]
+    for v in verdicts:
+        if v["loads"]:
+            lines.append(f"  {v['target']:<9} yes" + (f"; {v['note']}" if v["note"] else ""))
+            continue
+        fix = (
+            f"gomerge export --to {v['target']} writes a form that loads"
+            if v["fixable"]
+            else "no export gives a form that loads"
+        )
+        lines.append(f"  {v['target']:<9} no ({fix})")
+        lines += [f"    - {reason}" for reason in v["reasons"]]
+    return lines
+
+
+def _export_profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`gomerge export ADAPTER --to vllm|sglang|lorax|portable -o OUT`."""
+    res = export_profile(
+        args.adapter,
+        args.to,
+        args.output_dir,
+        max_rank=args.max_rank,
+        drop_modules_to_save=args.drop_modules_to_save,
+        dtype=args.dtype,
+        overwrite=bool(args.overwrite),
+        revision=args.revision,
+        subfolder=args.subfolder,
+        progress=False if args.quiet or args.json else None,
+    )
+    if args.json:
+        print(json.dumps(res.__dict__))
+    elif not args.quiet:
+        _print_profile(res)
     return EXIT_OK
 
 

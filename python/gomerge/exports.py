@@ -16,6 +16,7 @@ from typing import Any, Union
 
 from . import _native, sources
 from ._result import EngineResult
+from .serving import SERVING_TARGETS, export_profile
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -114,9 +115,18 @@ def export_gguf(
     return GGUFResult._from_engine(_native.run_job(_native.gguf_export_start(request), progress))
 
 
+def _serving(target: str) -> Callable[..., Any]:
+    """`export`'s row for a serving target: `export_profile` (gomerge.serving) writing that target's form."""
+
+    def write(adapter_dir: str, output: PathLike, **options: Any) -> Any:
+        return export_profile(adapter_dir, target, output, **options)
+
+    return write
+
+
 # The export formats: `to=` -> the function that writes it, called as fn(adapter_dir, output, **options) with a local
-# adapter directory. Other formats add their row here.
-EXPORTERS: dict[str, Callable[..., Any]] = {"gguf": export_gguf}
+# adapter directory: one GGUF file for llama.cpp, or a serving target's PEFT directory (`export_profile`).
+EXPORTERS: dict[str, Callable[..., Any]] = {"gguf": export_gguf, **{t: _serving(t) for t in SERVING_TARGETS}}
 
 
 def export(
@@ -130,6 +140,10 @@ def export(
 ) -> Any:
     """Exports a LoRA adapter in the form a server or runtime loads.
 
+    ``to="vllm"``, ``"sglang"``, ``"lorax"`` or ``"portable"`` writes that serving target's form of the adapter (a
+    PEFT directory; `export_profile`'s keywords: ``max_rank``, ``drop_modules_to_save``, ``dtype``, ``overwrite``,
+    ``progress``).
+
     ``to="gguf"`` writes one ``.gguf`` file that llama.cpp loads with ``--lora`` (ollama: ``ADAPTER`` in a
     Modelfile; llama-cpp-python: ``Llama(..., lora_path=...)``), with PEFT's numbers: each module's own scale
     (``alpha/r``, ``alpha/sqrt(r)`` with rsLoRA, ``rank_pattern`` / ``alpha_pattern`` applied) is multiplied into its
@@ -138,8 +152,9 @@ def export(
 
     Args:
         adapter (`str | os.PathLike`): the PEFT adapter directory (or Hub id).
-        to (`str`): the format, one of `EXPORTERS` (``"gguf"``).
-        output (`str | os.PathLike`): the file to write (written whole or not at all).
+        to (`str`): the format, one of `EXPORTERS`: ``"gguf"``, ``"vllm"``, ``"sglang"``, ``"lorax"``,
+            ``"portable"``.
+        output (`str | os.PathLike`): the file (gguf) or directory (serving targets) to write, whole or not at all.
         revision, subfolder (`str`, *optional*): for Hub ids, as in `add_weighted_adapter`.
         **options: the format's own keywords. For ``"gguf"``:
 
@@ -155,7 +170,7 @@ def export(
             - progress (`bool`, *optional*): show a progress bar.
 
     Returns:
-        the format's result: [`GGUFResult`] for ``"gguf"``.
+        the format's result: [`GGUFResult`] for ``"gguf"``, [`ProfileResult`] for a serving target.
 
     Raises:
         `ValueError`: an unknown format or option; an unsupported architecture (named); DoRA; and, unless dropped,

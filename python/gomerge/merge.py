@@ -436,7 +436,8 @@ def methods() -> list[dict[str, Any]]:
 
 
 def inspect_adapter(path: PathLike) -> dict:
-    """Summarises a PEFT LoRA adapter directory: ranks, alpha, target modules, dtype, parameter count.
+    """Summarises a PEFT LoRA adapter directory: ranks, alpha, target modules, dtype, parameter count, and whether
+    it uses DoRA (``use_dora``) or LoRA biases (``lora_bias``).
 
     Args:
         path (`str | os.PathLike`): the adapter directory.
