@@ -72,7 +72,7 @@ test-cpus: build $(QEMU)
 	PY=$(PY) GO=$(GO) tests/platforms/cpus.sh
 
 # The wheel tests (tests/test_wheel.py) run in test-wheels, once the wheels are built.
-test-python: build $(VENV)/.deps-test
+test-python: build $(VENV)/.deps-test $(VENV)/.deps-llama
 	$(PY) -m pytest -q tests --ignore=tests/test_wheel.py
 
 # The numerics matrix, beside the CPU matrix: the tests against PEFT's and torch's SVDs again with the reference's
@@ -103,10 +103,23 @@ fuzz:
 
 test: lint test-go test-cpus fuzz test-python test-numerics test-wheels
 
+# llama-cpp-python (the GGUF export tests' client, tests/test_gguf_export.py) compiles llama.cpp from its source
+# release, several minutes on 2 cores: its own stamp redoes that only when tests/requirements-llama.txt changes. The
+# build is CPU-only and portable (no -march=native, no AVX/AVX2/FMA/F16C/BMI2: the cached library runs on any x86-64
+# or arm64 CPU), without the multimodal library, tests, examples, tools or server.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=OFF -DGGML_AVX2=OFF -DGGML_FMA=OFF -DGGML_F16C=OFF -DGGML_BMI2=OFF \
+	-DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF
+
+$(VENV)/.deps-llama: tests/requirements-llama.txt | $(VENV)/.deps-test
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q --disable-pip-version-check \
+		--no-binary llama-cpp-python -r tests/requirements-llama.txt
+	touch $@
+
 # `make wheel` is `make wheels` (below): the ten manylinux wheels and the sdist in dist/.
 wheel: wheels
 
-$(VENV)/.deps-bench: benchmarks/requirements.txt $(VENV)/.deps-test
+$(VENV)/.deps-bench: benchmarks/requirements.txt $(VENV)/.deps-test $(VENV)/.deps-llama
 	$(PIP) install -q --disable-pip-version-check -r benchmarks/requirements.txt
 	touch $@
 

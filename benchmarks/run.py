@@ -31,6 +31,10 @@ Scenarios (CPU, all cores):
   mergekit-extract-lora on the same folders, with each module's error from both outputs (`--e1-layers`, 2 by default:
   mergekit's dense SVDs take about 3 minutes per TinyLlama layer here).
 
+- G1, export to GGUF: a rank-64 all-linear Llama-7B-shaped adapter to GGUF f16 by `gomerge export --to gguf` and by
+  llama.cpp's convert_lora_to_gguf.py (the "PEFT call" column), with peak RSS, and both files' logits on a tiny llama
+  in llama-cpp-python (benchmarks/gguf_export.py; details in results/g1.md).
+
 Every row states the bytes read and written and the floor: those bytes divided by the memory bandwidth measured at
 the start of the run (a large memory copy). Rows also give this machine's measured lower bounds (benchmarks/floor):
 reading the inputs plus writing the output, and a skeleton merge that streams them through one sum. Times follow
@@ -42,7 +46,7 @@ PNG chart), with the targets of the issue checked against the run.
 
 - X1, mixture-of-experts adapters: benchmarks/moe.py (`--scenarios X1`, `--x1-layers N`).
 
-Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1,M1,F1,F2,E1,X1] [--s3-layers N] [--s1-methods ties,svd,...]
+Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1,M1,F1,F2,E1,X1,G1] [--s3-layers N] [--s1-methods ties,svd,...]
     [--m1-methods knots_ties,core_tsv,...] [--e1-layers N]
 """
 
@@ -65,6 +69,7 @@ import time
 import numpy as np
 import torch
 from common import LLAMA_LINEAR, Linear, llama, load_peft, save_adapters, tinyllama
+from gguf_export import g1
 from peft import PeftModel
 from safetensors.numpy import save_file
 
@@ -1142,7 +1147,7 @@ def chart(rows: list, path: str) -> None:
     bars = [
         (label(r), r["peft"] / r["gomerge"], r.get("peft_e2e", 0) / r["gomerge"])
         for r in rows
-        if r.get("peft") and not r.get("kernels") and r["scenario"] not in ("R1", "M1", "F1", "F2", "E1")
+        if r.get("peft") and not r.get("kernels") and r["scenario"] not in ("R1", "M1", "F1", "F2", "E1", "G1")
     ]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     x = np.arange(len(bars))
@@ -1161,7 +1166,7 @@ def chart(rows: list, path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--scenarios", default="S1,S2,S3,S4,R1,M1,F1,E1,X1", help="comma-separated; F2 (13.5 GB) on request"
+        "--scenarios", default="S1,S2,S3,S4,R1,M1,F1,E1,X1,G1", help="comma-separated; F2 (13.5 GB) on request"
     )
     ap.add_argument("--chart-only", action="store_true", help="redraw the chart and table from results/latest.json")
     ap.add_argument("--s3-layers", type=int, default=32)
@@ -1214,6 +1219,8 @@ def main() -> None:
             m1(root, bw, rows, m1_methods)
         if "E1" in todo:
             e1(root, bw, rows, args.e1_layers)
+        if "G1" in todo:
+            g1(root, bw, rows)
         for scenario in ("F1", "F2"):
             if scenario in todo:
                 fuse_scenario(scenario, root, bw, rows)
@@ -1221,7 +1228,7 @@ def main() -> None:
             import moe
 
             moe.x1(root, bw, rows, args.x1_layers, child, dir_bytes)
-        order = {"S1": 0, "S2": 1, "S3": 2, "S4": 3, "R1": 4, "M1": 5, "F1": 6, "F2": 7, "E1": 8, "X1": 9}
+        order = {"S1": 0, "S2": 1, "S3": 2, "S4": 3, "R1": 4, "M1": 5, "F1": 6, "F2": 7, "E1": 8, "X1": 9, "G1": 10}
         # a run of some scenarios replaces their rows in the saved results and keeps the others'
         saved_path = os.path.join(RESULTS, "latest.json")
         if os.path.exists(saved_path):

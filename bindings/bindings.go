@@ -27,6 +27,7 @@ import (
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/extract"
 	"gomerge/gomerge/fuse"
+	"gomerge/gomerge/gguf"
 	"gomerge/gomerge/kernels"
 	"gomerge/gomerge/methods"
 	"gomerge/gomerge/parallel"
@@ -116,6 +117,8 @@ func RequestKeys() string {
 		"extract_result": jsonKeys(reflect.TypeFor[extract.Result]()),
 		"fuse":           jsonKeys(reflect.TypeFor[fuse.Options]()),
 		"fuse_result":    jsonKeys(reflect.TypeFor[fuse.Result]()),
+		"gguf":           jsonKeys(reflect.TypeFor[gguf.Options]()),
+		"gguf_result":    jsonKeys(reflect.TypeFor[gguf.Result]()),
 		"profile":        jsonKeys(reflect.TypeFor[serve.Options]()),
 		"profile_result": jsonKeys(reflect.TypeFor[serve.Result]()),
 	})
@@ -279,6 +282,19 @@ func FuseStart(request string) int64 {
 			return nil, err
 		}
 		return fuse.Fuse(ctx, opts, p)
+	})
+}
+
+// GGUFExportStart starts the export of an adapter directory to a GGUF LoRA
+// adapter for llama.cpp (the fields of gguf.Options, in JSON) and returns
+// its job id; JobWait reports its progress (modules) and outcome.
+func GGUFExportStart(request string) int64 {
+	return startJob(func(ctx context.Context, p *parallel.Progress) (any, error) {
+		var opts gguf.Options
+		if err := decodeRequest(request, &opts); err != nil {
+			return nil, err
+		}
+		return gguf.Export(ctx, opts, p)
 	})
 }
 

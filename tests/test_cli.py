@@ -160,7 +160,7 @@ def test_every_subcommand_documents_its_arguments_and_shows_examples():
 
     parser = build_parser()
     subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(subcommands) == {"merge", "resize", "extract", "fuse", "inspect", "export"}
+    assert set(subcommands) == {"merge", "resize", "extract", "fuse", "export", "inspect"}
     for name, sub in subcommands.items():
         for action in sub._actions:
             assert action.help, f"gomerge {name}: {action.option_strings or action.dest} has no help"

@@ -8,6 +8,7 @@ res = gomerge.add_weighted_adapter(["a", "b"], [1.0, 1.0], "merged", combination
 """
 
 from ._native import engine_kernels, engine_version
+from .exports import GGUFResult, export
 from .extraction import ExtractResult, extract
 from .fuse import FuseResult, fuse
 from .merge import COMBINATION_TYPES, MergeResult, add_weighted_adapter, inspect_adapter, methods, resize
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "COMBINATION_TYPES",
     "ExtractResult",
+    "GGUFResult",
     "FuseResult",
     "MergeResult",
     "ProfileResult",
@@ -25,6 +27,7 @@ __all__ = [
     "add_weighted_adapter",
     "engine_kernels",
     "engine_version",
+    "export",
     "export_profile",
     "extract",
     "fuse",

@@ -108,6 +108,12 @@ def fuse_start(request: dict[str, Any]) -> int:
     return int(_b.fuse_start(encode(request)))
 
 
+def gguf_export_start(request: dict[str, Any]) -> int:
+    """Starts the export of an adapter directory to a GGUF LoRA adapter in Go and returns its job id."""
+    _check_fork()
+    return int(_b.gguf_export_start(encode(request)))
+
+
 def run_job(job: int, progress: bool | None, min_modules: int = 64, unit: str = "module") -> dict[str, Any]:
     """Waits for a job, showing a progress bar, and returns its result.
 

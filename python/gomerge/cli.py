@@ -9,10 +9,11 @@ import re
 import sys
 import warnings
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from . import __version__, _native, merge, sources
+from . import exports as exporting
 from .extraction import extract as extract_adapter
 from .fuse import fuse as fuse_models
 from .merge import COMBINATION_TYPES
@@ -39,6 +40,7 @@ examples:
   gomerge inspect merged
   gomerge extract BASE FINETUNED -o extracted --rank 64
   gomerge fuse models/llama adapters/sql -o llama-sql
+  gomerge export merged --to gguf --base models/llama -o merged.gguf
   gomerge export merged --to vllm -o merged-vllm
 
 Run `gomerge merge --help` for every option and the recipe format."""
@@ -91,6 +93,10 @@ EXAMPLES = {
   gomerge fuse models/llama adapters/sql adapters/adcopy --weights 1 0.5 --method ties --density 0.2 -o fused
   gomerge fuse models/llama adapters/sql --dry-run""",
     "export": """\
+  gomerge export adapters/sql --to gguf --base models/llama -o sql.gguf
+  gomerge export merged --to gguf --base models/llama --dtype q8_0 --drop modules_to_save -o merged-q8.gguf
+  gomerge merge adapters/sql adapters/adcopy --method ties --density 0.2 --to gguf --base models/llama \\
+      -o merged.gguf
   gomerge export merged --to vllm -o merged-vllm
   gomerge export merged --to lorax --max-rank 32 -o merged-lorax
   gomerge export extracted --to portable --drop-modules-to-save -o extracted-portable""",
@@ -261,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-nonfinite", action="store_true", help="merge adapters holding NaN / Inf values (refused by default)"
     )
     _shared(m, "json", "quiet")
+    _add_to_flags(m)
     _add_target(m)
 
     p.merge_parser = m  # for errors reported after parsing
@@ -281,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output-dir", metavar="DIR", help="directory of the resized adapter (required)")
     _shared(r, "overwrite", overwrite="replace an existing adapter directory")
     _shared(r, "dtype", "json", "quiet")
+    _add_to_flags(r)
     _add_target(r)
     p.resize_parser = r
     e = sub.add_parser(
@@ -373,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     _shared(i, "revision", revision="Hub revision for a Hub id without @revision")
     _shared(i, "subfolder", subfolder="folder of the adapter inside the directory or repository")
     _shared(i, "json", json="print the description as JSON")
-    _add_export_profile_parser(sub, p)
+    p.export_parser = _add_export_parser(sub)
     return p
 
 
@@ -388,38 +396,6 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
         "(scales in lora_B, lora_alpha = r, one allowed rank, no patterns; --max-rank caps that rank, truncating "
         "exactly); see `gomerge export --help`",
     )
-
-
-def _add_export_profile_parser(sub: Any, p: argparse.ArgumentParser) -> None:
-    """`gomerge export ADAPTER --to vllm|sglang|lorax|portable -o OUT`: the serving profiles (other formats, such as
-    GGUF, are separate exporters)."""
-    x = sub.add_parser(
-        "export",
-        epilog=_epilog("export"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="write an adapter in the form a server loads with the same numbers (vLLM, SGLang, LoRAX, portable)",
-        description="Write a PEFT adapter in the form a serving engine loads with the same numbers as PEFT: every "
-        "module's scale (alpha/r, alpha/sqrt(r) with rsLoRA, rank_pattern / alpha_pattern applied) is multiplied into "
-        "lora_B, lora_alpha = r, no rank_pattern / alpha_pattern, and one rank the target allows (smaller modules "
-        "zero-padded: exact). --max-rank truncates instead, by an exact SVD, and reports each module's error. DoRA and "
-        "LoRA biases are refused (no target loads them: fuse them); modules_to_save are refused unless "
-        "--drop-modules-to-save. Ranks: vllm 1, 8, 16, 32, 64, 128, 256, 320, 512; sglang any; lorax 8 or a "
-        "multiple of 16; portable (loads on all three) 8, 16, 32, 64, 128, 256, 320, 512.",
-    )
-    x.add_argument("adapter", metavar="ADAPTER", help="the adapter directory or Hub id")
-    x.add_argument(
-        "--to", required=True, choices=SERVING_TARGETS, metavar="FORMAT", help="one of: " + ", ".join(SERVING_TARGETS)
-    )
-    x.add_argument("-o", "--output-dir", metavar="DIR", help="directory of the exported adapter (required)")
-    x.add_argument("--max-rank", type=int, metavar="M", help="cap of the written rank: truncate larger modules exactly")
-    x.add_argument(
-        "--drop-modules-to-save", action="store_true", help="leave modules_to_save out (no target loads them)"
-    )
-    _shared(x, "dtype", dtype="dtype of the written tensors (default: the adapter's)")
-    _shared(x, "revision", "subfolder")
-    _shared(x, "overwrite", overwrite="replace an existing adapter directory")
-    _shared(x, "json", "quiet")
-    p.export_parser = x
 
 
 # The Python API's parameter names (which the engine's messages use) and the command line's flags that set them: the
@@ -546,6 +522,8 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             options.get("overwrite"),
             options.get("max_rank"),
         )
+    if args.to:
+        return _print_exported(args, res)
     if args.json:
         print(json.dumps(_with_profile(res.__dict__, profile)))
     elif not args.quiet:
@@ -563,7 +541,14 @@ def _with_target(
 ) -> tuple[Any, Any]:
     """`run(output_dir, overwrite)`, or with --target, `run` into a temporary folder and that adapter exported in the
     target's form to `output_dir` (`--max-rank` caps its rank too); returns `run`'s result (its output_dir the
-    final one) and the export's (or None)."""
+    final one) and the export's (or None). With --to FORMAT (gguf), `run` writes into a temporary folder that is
+    exported as one file at `output_dir` (`_exported`; its result in args.exported)."""
+    to = getattr(args, "to", None)  # extract has --target only
+    if to and args.target:
+        raise ValueError("give --to (a file format) or --target (a serving form), not both")
+    if to:
+        with _exported(args, output_dir, overwrite) as adapter_dir:
+            return run(adapter_dir, False), None
     if not args.target:
         return run(output_dir, overwrite), None
     res, profile = write_for_target(
@@ -625,6 +610,8 @@ def _resize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         args.overwrite,
         args.max_rank,
     )
+    if args.to:
+        return _print_exported(args, res)
     if args.json:
         print(json.dumps(_with_profile(res.__dict__, profile)))
     elif not args.quiet:
@@ -770,6 +757,188 @@ def _fuse(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return EXIT_OK
 
 
+# --- export: `gomerge export ADAPTER --to FORMAT -o OUT`, and `--to FORMAT` on merge and resize (one step) ---
+
+
+def _add_export_parser(sub: Any) -> argparse.ArgumentParser:
+    """`gomerge export ADAPTER --to FORMAT -o OUT`: a GGUF file for llama.cpp, or a serving target's form."""
+    x = sub.add_parser(
+        "export",
+        epilog=_epilog("export"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="export an adapter for a runtime or server (GGUF for llama.cpp / ollama; vLLM, SGLang, LoRAX, portable)",
+        description="Export a PEFT LoRA adapter in the form a runtime loads, with PEFT's numbers: every module's scale "
+        "(alpha/r, alpha/sqrt(r) with rsLoRA, rank_pattern / alpha_pattern applied) is multiplied into B. "
+        "--to gguf writes one GGUF LoRA adapter file for llama.cpp, ollama and llama-cpp-python "
+        "(adapter.lora.alpha = 0), reading only the base's config.json, without torch. --to vllm|sglang|lorax|portable "
+        "writes a PEFT directory with lora_alpha = r, no rank_pattern / alpha_pattern, and one rank the target "
+        "allows (smaller modules zero-padded: exact); --max-rank truncates instead, by an exact SVD, and reports each "
+        "module's error. Ranks: vllm 1, 8, 16, 32, 64, 128, 256, 320, 512; sglang any; lorax 8 or a multiple of 16; "
+        "portable (loads on all three) 8, 16, 32, 64, 128, 256, 320, 512. DoRA and LoRA biases are refused (fuse "
+        "them); modules_to_save are refused unless --drop-modules-to-save. The output appears complete or not at all.",
+    )
+    x.add_argument("adapter", metavar="ADAPTER", help="the adapter directory or Hub id")
+    x.add_argument(
+        "--to",
+        required=True,
+        choices=tuple(exporting.EXPORTERS),
+        metavar="FORMAT",
+        help="one of: " + ", ".join(exporting.EXPORTERS),
+    )
+    x.add_argument(
+        "-o",
+        "--output",
+        "--output-dir",
+        dest="output_dir",
+        metavar="OUT",
+        help="the file (gguf) or directory (serving targets) to write (required)",
+    )
+    _add_format_flags(x)
+    x.add_argument(
+        "--max-rank",
+        type=int,
+        metavar="M",
+        help="serving targets: cap of the written rank (truncate larger modules exactly)",
+    )
+    x.add_argument(
+        "--drop-modules-to-save",
+        action="store_true",
+        help="leave modules_to_save out (no target loads them; for --to gguf, the same as --drop modules_to_save)",
+    )
+    x.add_argument(
+        "--dtype",
+        help="dtype of the written tensors (default: the adapter's): float32, bfloat16, float16; --to gguf also "
+        + ", ".join(exporting.GGUF_DTYPES),
+    )
+    _shared(x, "revision", "subfolder")
+    _shared(x, "overwrite", overwrite="replace an existing output (only one of that format)")
+    _shared(x, "json", "quiet")
+    return x
+
+
+def _add_to_flags(parser: argparse.ArgumentParser) -> None:
+    """--to FORMAT on a command that writes an adapter: -o is then the exported file."""
+    parser.add_argument(
+        "--to",
+        choices=tuple(EXPORT_FORMATS),
+        help="write the result in this file format at -o instead of a PEFT directory (as `gomerge export` does; the "
+        "tensors' dtype is --dtype's; for a serving form, --target)",
+    )
+    _add_format_flags(parser)
+
+
+def _add_format_flags(parser: argparse.ArgumentParser) -> None:
+    """The GGUF format's own flags."""
+    parser.add_argument(
+        "--base",
+        dest="gguf_base",
+        metavar="BASE",
+        help="--to gguf: the base model's folder, its config.json or a Hub "
+        "id (only config.json is read); default: the adapter's base_model_name_or_path",
+    )
+    parser.add_argument(
+        "--drop",
+        action="append",
+        choices=exporting.GGUF_DROP,
+        help="--to gguf: leave out what llama.cpp cannot represent instead of failing (listed in the output): "
+        "modules_to_save (full tensors), lora_bias, lm_head (a LoRA of lm_head on a base with tied embeddings); repeat "
+        "for several",
+    )
+
+
+def _gguf_options(args: argparse.Namespace, dtype: str | None) -> dict[str, Any]:
+    return {"base": args.gguf_base, "dtype": dtype, "drop": args.drop or []}
+
+
+def _gguf_summary(res: Any) -> str:
+    ranks = ", ".join(f"r={k}: {v}" for k, v in sorted(res.ranks.items(), key=lambda kv: int(kv[0])))
+    lines = [
+        f"wrote {res.output}: GGUF LoRA adapter for llama.cpp's {res.architecture}, {_n(res.modules, 'module')} "
+        f"({ranks}), {res.dtype}, {res.size / 2**20:.1f} MiB, {res.seconds:.2f} s"
+    ]
+    lines += [f"dropped: {d}" for d in res.dropped]
+    if res.f16_fallback:
+        lines.append(f"{_n(len(res.f16_fallback), 'tensor')} written as f16 (rows not a multiple of 32 for q8_0)")
+    return "\n".join(lines)
+
+
+# --to FORMAT: the format's keywords from the parsed arguments (and the dtype to write), and its summary line(s).
+# Other formats add their row.
+EXPORT_FORMATS: dict[str, tuple[Callable[[argparse.Namespace, str | None], dict[str, Any]], Callable[[Any], str]]] = {
+    "gguf": (_gguf_options, _gguf_summary),
+}
+# merge's and resize's --dtype (torch names) as the GGUF tensor types
+_GGUF_DTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`gomerge export ADAPTER --to FORMAT -o OUT`: a format of EXPORT_FORMATS (gguf), or a serving target."""
+    _require_output({"output_dir": args.output_dir}, parser, recipe=False)
+    if args.to not in EXPORT_FORMATS:
+        if args.gguf_base or args.drop:
+            parser.error(f"--base and --drop are options of --to gguf, not of --to {args.to}")
+        return _export_profile(args, parser)
+    if args.max_rank is not None:
+        parser.error("--max-rank is an option of the serving targets, not of --to gguf (resize the adapter first)")
+    if args.drop_modules_to_save:
+        args.drop = sorted(set(args.drop or []) | {"modules_to_save"})
+    options, summary = EXPORT_FORMATS[args.to]
+    res = exporting.export(
+        args.adapter,
+        args.to,
+        args.output_dir,
+        revision=args.revision,
+        subfolder=args.subfolder,
+        overwrite=bool(args.overwrite),
+        progress=False if args.quiet or args.json else None,
+        **options(args, _GGUF_DTYPE.get(args.dtype or "", args.dtype)),
+    )
+    if args.json:
+        print(json.dumps(res.__dict__))
+    elif not args.quiet:
+        print(summary(res))
+    return EXIT_OK
+
+
+@contextmanager
+def _exported(args: argparse.Namespace, output: str, overwrite: bool | None) -> Any:
+    """With --to FORMAT, yields a folder for the adapter inside a temporary folder beside `output` and, when the
+    command succeeded, exports it to `output` (result in args.exported); the folder is removed either way. Without
+    --to, yields `output` itself."""
+    if not args.to:
+        yield output
+        return
+    import shutil
+    import tempfile
+
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    # the engine's temporary-folder prefix: a killed run's folder is removed by the next writer there
+    tmp = tempfile.mkdtemp(prefix=f".gomerge-tmp-{os.getpid()}-export-", dir=parent)
+    try:
+        yield os.path.join(tmp, "adapter")
+        options, _ = EXPORT_FORMATS[args.to]
+        args.exported = exporting.export(
+            os.path.join(tmp, "adapter"),
+            args.to,
+            output,
+            overwrite=bool(overwrite),
+            progress=False,
+            **options(args, _GGUF_DTYPE.get(args.dtype or "")),
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _print_exported(args: argparse.Namespace, res: Any) -> int:
+    """The result of a command run with --to: the command's and the export's, or the export's summary."""
+    if args.json:
+        print(json.dumps({**res.__dict__, "output_dir": args.exported.output, "export": args.exported.__dict__}))
+    elif not args.quiet:
+        print(EXPORT_FORMATS[args.to][1](args.exported))
+    return EXIT_OK
+
+
 def _inspect(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         path = sources.resolve(args.adapter, stack, args.revision, args.subfolder)
@@ -834,7 +1003,6 @@ def _serving_lines(verdicts: list[dict[str, Any]]) -> list[str]:
 
 def _export_profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """`gomerge export ADAPTER --to vllm|sglang|lorax|portable -o OUT`."""
-    _require_output({"output_dir": args.output_dir}, parser, recipe=False)
     res = export_profile(
         args.adapter,
         args.to,
@@ -875,10 +1043,10 @@ def main(argv: list[str] | None = None) -> int:
                 return _resize(args, parser.resize_parser)
             if args.command == "extract":
                 return _extract(args, parser.extract_parser)
+            if args.command == "export":
+                return _export(args, parser.export_parser)
             if args.command == "fuse":
                 return _fuse(args, parser.fuse_parser)
-            if args.command == "export":
-                return _export_profile(args, parser.export_parser)
             return _inspect(args)
         except KeyboardInterrupt:
             sys.stderr.write("gomerge: interrupted; nothing was written\n")
