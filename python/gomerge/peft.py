@@ -114,9 +114,8 @@ def _validate(combination_type: str, density: float | None, majority_sign_method
 
 def _f32(t: torch.Tensor, keep: list) -> torch.Tensor:
     """A contiguous CPU float32 view of t (t itself when it already is one), kept alive in `keep`."""
-    t = t.detach()
     if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
-        t = t.to(device="cpu", dtype=torch.float32).contiguous()
+        t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
     keep.append(t)
     return t
 
@@ -125,6 +124,40 @@ def _u8(mask: torch.Tensor, keep: list) -> int:
     m = mask.detach().to(device="cpu", dtype=torch.uint8).contiguous()
     keep.append(m)
     return m.data_ptr()
+
+
+def _writable(t: torch.Tensor, shape: torch.Size) -> bool:
+    """Whether Go can write a result of this shape straight into t (a contiguous CPU float32 tensor of it)."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and t.shape == shape
+
+
+class _DareMasks:
+    """PEFT's DARE keep-masks of the factors, drawn as PEFT draws them (`torch.bernoulli(torch.full_like(x,
+    density))`, in the same order from torch's global generator) but into uint8 views of one buffer: the
+    in-place `bernoulli_` with a probability tensor draws the same numbers in the same order for any output dtype,
+    and the probability tensors (of x's shape and dtype: a bf16 0.2 is not a float32 0.2) are made once per
+    shape rather than once per factor. Tensors off the CPU or not contiguous take PEFT's own expression."""
+
+    def __init__(self, density: float, numel: int, keep: list) -> None:
+        self.density = density
+        self.buffer = torch.empty(numel, dtype=torch.uint8)
+        keep.append(self.buffer)
+        self.offset = 0
+        self.probs: dict[tuple, torch.Tensor] = {}
+
+    def draw(self, x: torch.Tensor, keep: list) -> int:
+        """The address of x's mask."""
+        x = x.data
+        if x.device.type != "cpu" or not x.is_contiguous() or self.offset + x.numel() > self.buffer.numel():
+            return _u8(torch.bernoulli(torch.full_like(input=x, fill_value=self.density)), keep)
+        key = (tuple(x.shape), x.dtype)
+        p = self.probs.get(key)
+        if p is None:
+            p = self.probs[key] = torch.full(x.shape, self.density, dtype=x.dtype)
+        mask = self.buffer[self.offset : self.offset + x.numel()].view(x.shape)
+        self.offset += x.numel()
+        mask.bernoulli_(p)
+        return mask.data_ptr()
 
 
 def _dw_mask_2d(layer: LoraLayer, adapter: str, density: float) -> torch.Tensor:
@@ -248,18 +281,14 @@ def _merge(
     family1 = method["family"] == "factors"
     dare_torch = method["pruning"] == "dare" and seed is None and density < 1
     keep: list = []  # every buffer whose address goes to Go stays referenced here until the job ends
-    targets, modules = [], []
     # the modules in PEFT's order (it walks named_modules and looks each key up again: the same modules)
+    layers = []
     for key, target in self.model.named_modules():
         if self.prefix in key or not isinstance(target, LoraLayer):
             continue
         tgt = _factors(target, adapter_name)
         if tgt is None:
             continue
-        t_a, t_b = tgt
-        if combination_type == "cat":  # PEFT zeroes the new factors; only cat writes into them rather than replace
-            t_a.data = t_a.data * 0.0
-            t_b.data = t_b.data * 0.0
         srcs = [
             (i, name, w) + f
             for i, (name, w) in enumerate(zip(adapters, weights))
@@ -267,6 +296,12 @@ def _merge(
         ]
         if not srcs:
             raise ValueError("No matching LoRAs found. Please raise an issue on GitHub.")
+        layers.append((key, target, tgt, srcs))
+    masks = None
+    if dare_torch and family1:
+        masks = _DareMasks(density, sum(a.numel() + b.numel() for *_, srcs in layers for *_, a, b in srcs), keep)
+    targets, modules = [], []
+    for key, target, (t_a, t_b), srcs in layers:
         sources = []
         for i, name, w, a, b in srcs:
             fa, fb = _f32(a, keep), _f32(b, keep)
@@ -282,21 +317,33 @@ def _merge(
                     "round_dw": "" if family1 or b.dtype == torch.float32 else str(b.dtype).removeprefix("torch."),
                 }
             )
-        if dare_torch and family1:  # PEFT: every A mask in adapter order, then every B mask
+        if masks is not None:  # PEFT: every A mask in adapter order, then every B mask
             for s, (_, _, _, a, _) in zip(sources, srcs):
-                s["mask_a"] = _u8(torch.bernoulli(torch.full_like(input=a.data, fill_value=density)), keep)
+                s["mask_a"] = masks.draw(a, keep)
             for s, (_, _, _, _, b) in zip(sources, srcs):
-                s["mask_b"] = _u8(torch.bernoulli(torch.full_like(input=b.data, fill_value=density)), keep)
+                s["mask_b"] = masks.draw(b, keep)
         elif dare_torch:  # PEFT: one mask per dense update, in adapter order
             for s, (_, name, _, _, _) in zip(sources, srcs):
                 s["mask_dw"] = _u8(_dw_mask_2d(target, name, density), keep)
-        if family1:
-            a0, b0 = srcs[0][3], srcs[0][4]
-            out_a = torch.zeros(a0.shape, dtype=torch.float32)
-            out_b = torch.zeros(b0.shape, dtype=torch.float32)
+        # Go writes every element of the outputs (zeros beyond the merged rank), straight into the new adapter's
+        # tensors where they already have the dtype, device and shape that PEFT's result gets: no buffer, no copy
+        a0, b0 = srcs[0][3], srcs[0][4]
+        if family1:  # PEFT: combined on the first source's device, cast to its A's dtype
+            shape_a, shape_b = a0.shape, b0.shape
+            direct = a0.dtype == torch.float32 and a0.device.type == b0.device.type == "cpu"
+        elif combination_type == "cat":  # PEFT: written into the new adapter's own tensors
+            shape_a, shape_b = t_a.shape, t_b.shape
+            direct = True
+        else:  # PEFT: the float32 SVD factors, on the device of the first source's update
+            shape_a, shape_b = t_a.shape, t_b.shape
+            direct = b0.device.type == "cpu"
+        direct = direct and _writable(t_a, shape_a) and _writable(t_b, shape_b)
+        if direct:
+            out_a, out_b = t_a.data, t_b.data
         else:
-            out_a = torch.zeros(t_a.shape, dtype=torch.float32)
-            out_b = torch.zeros(t_b.shape, dtype=torch.float32)
+            out_a = torch.empty(shape_a, dtype=torch.float32)
+            out_b = torch.empty(shape_b, dtype=torch.float32)
+            targets.append((t_a, t_b, a0, b0, out_a, out_b))
         keep += [out_a, out_b]
         modules.append(
             {
@@ -307,7 +354,6 @@ def _merge(
                 "out_rank": out_a.shape[0],
             }
         )
-        targets.append((t_a, t_b, srcs, out_a, out_b))
     if not modules:
         return
     # every key the engine takes, None (its default) unless PEFT's call sets it; new_rank is PEFT's resolved
@@ -323,18 +369,16 @@ def _merge(
     result = _native.run_job(_native.merge_tensors_start(request), progress)
     for message in result.get("warnings") or []:
         warnings.warn(message, stacklevel=3)
-    for t_a, t_b, srcs, out_a, out_b in targets:
-        if family1:  # PEFT: combined on the first source's device, cast to its A's dtype
-            a0, b0 = srcs[0][3], srcs[0][4]
+    for t_a, t_b, a0, b0, out_a, out_b in targets:  # the results that could not be written in place
+        if family1:
             t_a.data = out_a.to(device=a0.device, dtype=a0.dtype)
             t_b.data = out_b.to(device=b0.device, dtype=a0.dtype)
-        elif combination_type == "cat":  # PEFT: written into the new adapter's own tensors
+        elif combination_type == "cat":
             t_a.data.copy_(out_a)
             t_b.data.copy_(out_b)
-        else:  # PEFT: the float32 SVD factors, on the device of the first source's update
-            device = srcs[0][4].device
-            t_a.data = out_a.to(device)
-            t_b.data = out_b.to(device)
+        else:
+            t_a.data = out_a.to(b0.device)
+            t_b.data = out_b.to(b0.device)
     del keep
 
 
