@@ -60,7 +60,9 @@ import sys
 import tempfile
 import time
 
+import dropin
 import numpy as np
+import slow
 import torch
 from common import LLAMA_LINEAR, Linear, llama, load_peft, save_adapters, tinyllama
 from peft import PeftModel
@@ -231,6 +233,17 @@ def s1(root: str, bw: float, rows: list, methods: set[str]) -> None:
             after=lambda: model.delete_adapter("g"),
             **kw,
         )
+        t_skeleton = best(  # the floor of any drop-in (benchmarks/dropin.py)
+            3,
+            dropin.skeleton_add_weighted_adapter,
+            model,
+            names,
+            weights,
+            "k",
+            ctype,
+            after=lambda: model.delete_adapter("k"),
+            **kw,
+        )
         note = ""
         if ctype == "svd":  # PEFT's dense SVDs: one layer, scaled to 22
             if one_layer is None:
@@ -270,6 +283,7 @@ def s1(root: str, bw: float, rows: list, methods: set[str]) -> None:
                 peft_e2e=t_e2e,
                 gomerge=t_go,
                 patched=t_patched,
+                skeleton_dropin=t_skeleton,
                 note=note,
                 **lower,
             )
@@ -987,9 +1001,9 @@ def table(rows: list, machine: str) -> str:
     lines = [
         f"Machine: {machine}",
         "",
-        "| scenario | method | shapes | read | written | floor | I/O floor | skeleton | PEFT call | "
-        "PEFT end to end | gomerge | patched | vs PEFT call | vs PEFT e2e | x floor | peak RSS | check |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scenario | method | shapes | read | written | floor | I/O floor | skeleton | PEFT call | PEFT end to end | "
+        "gomerge | patched | skeleton drop-in | vs PEFT call | vs PEFT e2e | x floor | peak RSS | check |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         peft, e2e, go = r.get("peft"), r.get("peft_e2e"), r["gomerge"]
@@ -998,7 +1012,7 @@ def table(rows: list, machine: str) -> str:
             + " | ".join(
                 [
                     r["scenario"],
-                    r["method"],
+                    slow.label(r),
                     r["shapes"],
                     f"{r['read'] / MiB:.0f} MiB",
                     f"{r['written'] / MiB:.0f} MiB",
@@ -1009,6 +1023,7 @@ def table(rows: list, machine: str) -> str:
                     fmt_s(e2e),
                     fmt_s(go),
                     fmt_s(r.get("patched")),
+                    fmt_s(r.get("skeleton_dropin")),
                     f"{peft / go:.1f}x" if peft else "-",
                     f"{e2e / go:.0f}x" if e2e else "-",
                     f"{go / r['floor']:.1f}",
@@ -1064,6 +1079,7 @@ def targets(rows: list) -> list[str]:
             why,
         )
         floor_target("S1 ties within 3x floor", r)
+    dropin.targets(rows, add, fmt_ms)
     for r in rows:
         if r.get("kernels"):
             ratio = r["peft"] / r["gomerge"]
@@ -1158,7 +1174,11 @@ def chart(rows: list, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scenarios", default="S1,S2,S3,S4,R1,M1,F1,E1", help="comma-separated; F2 (13.5 GB) on request")
+    ap.add_argument(
+        "--scenarios",
+        default="S1,S2,S3,S4,R1,M1,F1,E1",
+        help="comma-separated; on request: F2 (13.5 GB) and SLOW (M1's dense-SVD peers, benchmarks/slow.py)",
+    )
     ap.add_argument("--chart-only", action="store_true", help="redraw the chart and table from results/latest.json")
     ap.add_argument("--s3-layers", type=int, default=32)
     ap.add_argument("--s1-methods", default="ties,svd,cat,linear,dare_ties", help="S1's methods (comma-separated)")
@@ -1183,7 +1203,10 @@ def main() -> None:
             f.write(table(saved["rows"], saved["machine"]) + "\n")
         return
     todo = set(args.scenarios.split(","))
-    m1_methods = set(args.m1_methods.split(",")) if args.m1_methods else None
+    m1_methods = slow.m1_methods(set(args.m1_methods.split(",")) if args.m1_methods else None, M1_METHODS, todo)
+    if "SLOW" in todo:
+        todo.add("M1")
+    run_start = time.perf_counter()
     bw = bandwidth()
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__} "
@@ -1212,16 +1235,17 @@ def main() -> None:
         for scenario in ("F1", "F2"):
             if scenario in todo:
                 fuse_scenario(scenario, root, bw, rows)
+        for r in rows:
+            r["measured"] = slow.today()
         order = {"S1": 0, "S2": 1, "S3": 2, "S4": 3, "R1": 4, "M1": 5, "F1": 6, "F2": 7, "E1": 8}
         # a run of some scenarios replaces their rows in the saved results and keeps the others'
         saved_path = os.path.join(RESULTS, "latest.json")
         if os.path.exists(saved_path):
             saved = json.load(open(saved_path))
             kept = [
-                r
+                dict(r, last_measured=True)
                 for r in saved["rows"]
-                if r["scenario"] not in todo
-                or (r["scenario"] == "M1" and m1_methods is not None and r["method"] not in m1_methods)
+                if r["scenario"] not in todo or (r["scenario"] == "M1" and r["method"] not in m1_methods)
             ]
             if kept:
                 ran = ", ".join(sorted({r["scenario"] for r in rows}))
@@ -1231,8 +1255,10 @@ def main() -> None:
     os.makedirs(RESULTS, exist_ok=True)
     md = table(rows, machine)
     print(md)
+    print(f"run time: {(time.perf_counter() - run_start) / 60:.1f} minutes", flush=True)
     with open(os.path.join(RESULTS, "latest.json"), "w") as f:
-        json.dump({"machine": machine, "bandwidth_bytes_per_s": bw, "rows": rows}, f, indent=2)
+        minutes = (time.perf_counter() - run_start) / 60
+        json.dump({"machine": machine, "bandwidth_bytes_per_s": bw, "run_minutes": minutes, "rows": rows}, f, indent=2)
     with open(os.path.join(RESULTS, "latest.md"), "w") as f:
         f.write(md + "\n")
     if any(r.get("peft") for r in rows):
