@@ -80,16 +80,17 @@ def _unsupported(lora_model: LoraModel, adapters: Sequence[str]) -> str | None:
         for option in ("use_dora", "lora_bias"):
             if getattr(cfg, option, False):
                 return f"adapter {name!r} uses {option}"
-    for key, layer in lora_model.model.named_modules():
+    wanted = set(adapters)
+    for layer in lora_model.model.modules():  # one pass without names: the key is looked up only to report
         if not isinstance(layer, LoraLayer):
             continue
-        for name in adapters:
-            if name in layer.lora_A:
-                a = layer.lora_A[name]
-                if type(a) not in (nn.Linear, nn.Conv2d):
-                    return f"module {key} of adapter {name!r} is a {type(a).__name__} LoRA layer"
-                if isinstance(a, nn.Conv2d) and a.groups != 1:
-                    return f"module {key} of adapter {name!r} is a grouped Conv2d"
+        for name, a in layer.lora_A.items():
+            if name not in wanted or (type(a) is nn.Linear or (type(a) is nn.Conv2d and a.groups == 1)):
+                continue
+            key = next(k for k, m in lora_model.model.named_modules() if m is layer)
+            if isinstance(a, nn.Conv2d):
+                return f"module {key} of adapter {name!r} is a grouped Conv2d"
+            return f"module {key} of adapter {name!r} is a {type(a).__name__} LoRA layer"
     return None
 
 
