@@ -10,8 +10,9 @@ model.add_weighted_adapter(["norobots", "sql", "adcopy"], [2.0, 1.0, 1.0], "merg
 
 The new adapter is created exactly as PEFT creates it (the same config, injected, frozen and not active); only the
 merge of the factors runs in Go. The factors are read from the model without copies when they are contiguous CPU
-float32 tensors (their addresses go to Go; everything else is converted first), and the results come back with the
-dtype and on the device PEFT would give them.
+float32 tensors (their addresses go to Go; everything else is converted first), and Go writes the results straight
+into the new adapter's tensors where those already have the dtype, device and shape PEFT's result gets (contiguous CPU
+float32); elsewhere they come back with the dtype and on the device PEFT would give them.
 
 DARE: by default the keep-masks are drawn with torch's global generator in PEFT's order and shapes, so a script that
 calls `torch.manual_seed(...)` gets PEFT's adapter; `seed=` selects gomerge's own generator instead.
