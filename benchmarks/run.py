@@ -26,7 +26,8 @@ Scenarios (CPU, all cores):
   disk, in a child process for its peak RSS, best of 2) next to mergekit's `merge_tensors` on the same dense
   updates; iso_c, tsv and iso_cts next to fusion-bench's definitions on dense updates (full SVDs, restated in
   tests/test_span_methods.py); knots_* and core_* next to KnOTS's and core-space-merging's code restated in torch
-  (tests/test_knots_core_methods.py). The "PEFT call" column holds the peer's time.
+  (tests/test_knots_core_methods.py). The "PEFT call" column holds the peer's time. The dense-SVD peers (KnOTS,
+  fusion-bench's) run only with SLOW (benchmarks/slow.py); other runs keep their last measured rows.
 - E1, extraction: `gomerge.extract` at rank 64 from a TinyLlama-shaped bf16 fine-tune (synthetic, cached), next to
   mergekit-extract-lora on the same folders, with each module's error from both outputs (`--e1-layers`, 2 by default:
   mergekit's dense SVDs take about 3 minutes per TinyLlama layer here).
@@ -40,7 +41,8 @@ a child process, for its peak RSS (the best of 2 runs for ties, one for svd), af
 that both it and the floors find them in the page cache. Results go to benchmarks/results/ (JSON, Markdown table,
 PNG chart), with the targets of the issue checked against the run.
 
-Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1,M1,F1,F2,E1] [--s3-layers N] [--s1-methods ties,svd,...]
+Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1,M1,F1,F2,E1,SLOW] [--s3-layers N]
+    [--s1-methods ties,svd,...]
     [--m1-methods knots_ties,core_tsv,...] [--e1-layers N]
 """
 
