@@ -1115,7 +1115,7 @@ def targets(rows: list) -> list[str]:
         )
     for r in rows:
         if r["scenario"] == "M1":
-            name = f"M1 {r['method']} {r['shapes'].split(',')[0].removeprefix('one ').removesuffix(' module')}"
+            name = f"M1 {slow.label(r)} {r['shapes'].split(',')[0].removeprefix('one ').removesuffix(' module')}"
             need = 10 if r["peer"] == "mergekit" else 100
             ratio = r["peft"] / r["gomerge"]
             add(f"{name} >= {need}x {r['peer']}", f"{ratio:.1f}x", ratio >= need)
