@@ -123,7 +123,7 @@ $(VENV)/.deps-bench: benchmarks/requirements.txt $(VENV)/.deps-test $(VENV)/.dep
 	$(PIP) install -q --disable-pip-version-check -r benchmarks/requirements.txt
 	touch $@
 
-# The full comparison with PEFT (S1-S4, about 6 minutes here); results in benchmarks/results/.
+# The comparisons with PEFT and the other peers (the slow peers only with --scenarios ...,SLOW); results in benchmarks/results/.
 bench: build $(VENV)/.deps-bench
 	PYTHONPATH=python:benchmarks $(PY) benchmarks/run.py
 

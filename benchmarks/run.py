@@ -26,7 +26,8 @@ Scenarios (CPU, all cores):
   disk, in a child process for its peak RSS, best of 2) next to mergekit's `merge_tensors` on the same dense
   updates; iso_c, tsv and iso_cts next to fusion-bench's definitions on dense updates (full SVDs, restated in
   tests/test_span_methods.py); knots_* and core_* next to KnOTS's and core-space-merging's code restated in torch
-  (tests/test_knots_core_methods.py). The "PEFT call" column holds the peer's time.
+  (tests/test_knots_core_methods.py). The "PEFT call" column holds the peer's time. The dense-SVD peers (KnOTS,
+  fusion-bench's) run only with SLOW (benchmarks/slow.py); other runs keep their last measured rows.
 - E1, extraction: `gomerge.extract` at rank 64 from a TinyLlama-shaped bf16 fine-tune (synthetic, cached), next to
   mergekit-extract-lora on the same folders, with each module's error from both outputs (`--e1-layers`, 2 by default:
   mergekit's dense SVDs take about 3 minutes per TinyLlama layer here).
@@ -46,7 +47,8 @@ PNG chart), with the targets of the issue checked against the run.
 
 - X1, mixture-of-experts adapters: benchmarks/moe.py (`--scenarios X1`, `--x1-layers N`).
 
-Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1,M1,F1,F2,E1,X1,G1] [--s3-layers N] [--s1-methods ties,svd,...]
+Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1,M1,F1,F2,E1,X1,G1,SLOW] [--s3-layers N]
+    [--s1-methods ties,svd,...]
     [--m1-methods knots_ties,core_tsv,...] [--e1-layers N]
 """
 
@@ -66,7 +68,9 @@ import sys
 import tempfile
 import time
 
+import dropin
 import numpy as np
+import slow
 import torch
 from common import LLAMA_LINEAR, Linear, llama, load_peft, save_adapters, tinyllama
 from gguf_export import g1
@@ -238,6 +242,17 @@ def s1(root: str, bw: float, rows: list, methods: set[str]) -> None:
             after=lambda: model.delete_adapter("g"),
             **kw,
         )
+        t_skeleton = best(  # the floor of any drop-in (benchmarks/dropin.py)
+            3,
+            dropin.skeleton_add_weighted_adapter,
+            model,
+            names,
+            weights,
+            "k",
+            ctype,
+            after=lambda: model.delete_adapter("k"),
+            **kw,
+        )
         note = ""
         if ctype == "svd":  # PEFT's dense SVDs: one layer, scaled to 22
             if one_layer is None:
@@ -277,6 +292,7 @@ def s1(root: str, bw: float, rows: list, methods: set[str]) -> None:
                 peft_e2e=t_e2e,
                 gomerge=t_go,
                 patched=t_patched,
+                skeleton_dropin=t_skeleton,
                 note=note,
                 **lower,
             )
@@ -299,6 +315,10 @@ def s1(root: str, bw: float, rows: list, methods: set[str]) -> None:
             )
         )
         print(rows[-1], flush=True)
+    # the in-process merge again, right after the children: the first one ran just after S1's setup (a 4.4 GB base
+    # written and synced), the children at the end; both in-process figures are kept (benchmarks/dropin.py)
+    ties["gomerge_late"] = gomerge_best(5, os.path.join(root, "s1-ties"), dirs, weights, "m", "ties", density=0.2)
+    print({"S1 ties in process, after the children": ties["gomerge_late"]}, flush=True)
 
 
 def s2(root: str, bw: float, rows: list) -> None:
@@ -994,9 +1014,9 @@ def table(rows: list, machine: str) -> str:
     lines = [
         f"Machine: {machine}",
         "",
-        "| scenario | method | shapes | read | written | floor | I/O floor | skeleton | PEFT call | "
-        "PEFT end to end | gomerge | patched | vs PEFT call | vs PEFT e2e | x floor | peak RSS | check |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scenario | method | shapes | read | written | floor | I/O floor | skeleton | PEFT call | PEFT end to end | "
+        "gomerge | patched | skeleton drop-in | vs PEFT call | vs PEFT e2e | x floor | peak RSS | check |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         peft, e2e, go = r.get("peft"), r.get("peft_e2e"), r["gomerge"]
@@ -1005,7 +1025,7 @@ def table(rows: list, machine: str) -> str:
             + " | ".join(
                 [
                     r["scenario"],
-                    r["method"],
+                    slow.label(r),
                     r["shapes"],
                     f"{r['read'] / MiB:.0f} MiB",
                     f"{r['written'] / MiB:.0f} MiB",
@@ -1016,6 +1036,7 @@ def table(rows: list, machine: str) -> str:
                     fmt_s(e2e),
                     fmt_s(go),
                     fmt_s(r.get("patched")),
+                    fmt_s(r.get("skeleton_dropin")),
                     f"{peft / go:.1f}x" if peft else "-",
                     f"{e2e / go:.0f}x" if e2e else "-",
                     f"{go / r['floor']:.1f}",
@@ -1056,7 +1077,7 @@ def targets(rows: list) -> list[str]:
         add(name, f"{r['gomerge'] / r['floor']:.1f}x floor", r["gomerge"] <= limit, why)
 
     if r := row("S1", "ties"):
-        add("S1 ties >= 20x PEFT call", f"{r['peft'] / r['gomerge']:.1f}x", r["peft"] >= 20 * r["gomerge"])
+        dropin.in_process_target(r, add, fmt_ms)
         e2e_limit = r["peft_e2e"] / 100
         why = (
             f"the skeleton merge alone takes {fmt_ms(r['skeleton_fsync'])} with the fsync that gomerge does "
@@ -1071,6 +1092,7 @@ def targets(rows: list) -> list[str]:
             why,
         )
         floor_target("S1 ties within 3x floor", r)
+    dropin.targets(rows, add, fmt_ms)
     for r in rows:
         if r.get("kernels"):
             ratio = r["peft"] / r["gomerge"]
@@ -1100,7 +1122,7 @@ def targets(rows: list) -> list[str]:
         )
     for r in rows:
         if r["scenario"] == "M1":
-            name = f"M1 {r['method']} {r['shapes'].split(',')[0].removeprefix('one ').removesuffix(' module')}"
+            name = f"M1 {slow.label(r)} {r['shapes'].split(',')[0].removeprefix('one ').removesuffix(' module')}"
             need = 10 if r["peer"] == "mergekit" else 100
             ratio = r["peft"] / r["gomerge"]
             add(f"{name} >= {need}x {r['peer']}", f"{ratio:.1f}x", ratio >= need)
@@ -1166,7 +1188,9 @@ def chart(rows: list, path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--scenarios", default="S1,S2,S3,S4,R1,M1,F1,E1,X1,G1", help="comma-separated; F2 (13.5 GB) on request"
+        "--scenarios",
+        default="S1,S2,S3,S4,R1,M1,F1,E1,X1,G1",
+        help="comma-separated; on request: F2 (13.5 GB) and SLOW (M1's dense-SVD peers, benchmarks/slow.py)",
     )
     ap.add_argument("--chart-only", action="store_true", help="redraw the chart and table from results/latest.json")
     ap.add_argument("--s3-layers", type=int, default=32)
@@ -1193,7 +1217,10 @@ def main() -> None:
             f.write(table(saved["rows"], saved["machine"]) + "\n")
         return
     todo = set(args.scenarios.split(","))
-    m1_methods = set(args.m1_methods.split(",")) if args.m1_methods else None
+    m1_methods = slow.m1_methods(set(args.m1_methods.split(",")) if args.m1_methods else None, M1_METHODS, todo)
+    if "SLOW" in todo:
+        todo.add("M1")
+    run_start = time.perf_counter()
     bw = bandwidth()
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__} "
@@ -1228,16 +1255,17 @@ def main() -> None:
             import moe
 
             moe.x1(root, bw, rows, args.x1_layers, child, dir_bytes)
+        for r in rows:
+            r["measured"] = slow.today()
         order = {"S1": 0, "S2": 1, "S3": 2, "S4": 3, "R1": 4, "M1": 5, "F1": 6, "F2": 7, "E1": 8, "X1": 9, "G1": 10}
         # a run of some scenarios replaces their rows in the saved results and keeps the others'
         saved_path = os.path.join(RESULTS, "latest.json")
         if os.path.exists(saved_path):
             saved = json.load(open(saved_path))
             kept = [
-                r
+                dict(r, last_measured=True)
                 for r in saved["rows"]
-                if r["scenario"] not in todo
-                or (r["scenario"] == "M1" and m1_methods is not None and r["method"] not in m1_methods)
+                if r["scenario"] not in todo or (r["scenario"] == "M1" and r["method"] not in m1_methods)
             ]
             if kept:
                 ran = ", ".join(sorted({r["scenario"] for r in rows}))
@@ -1247,8 +1275,10 @@ def main() -> None:
     os.makedirs(RESULTS, exist_ok=True)
     md = table(rows, machine)
     print(md)
+    print(f"run time: {(time.perf_counter() - run_start) / 60:.1f} minutes", flush=True)
     with open(os.path.join(RESULTS, "latest.json"), "w") as f:
-        json.dump({"machine": machine, "bandwidth_bytes_per_s": bw, "rows": rows}, f, indent=2)
+        minutes = (time.perf_counter() - run_start) / 60
+        json.dump({"machine": machine, "bandwidth_bytes_per_s": bw, "run_minutes": minutes, "rows": rows}, f, indent=2)
     with open(os.path.join(RESULTS, "latest.md"), "w") as f:
         f.write(md + "\n")
     if any(r.get("peft") for r in rows):

@@ -31,7 +31,9 @@ type MemSource struct {
 
 // MemModule is one module of an in-memory merge and where its result goes:
 // float32 buffers of OutRank x In (A) and Out x OutRank (B), allocated by
-// the caller and zeroed beyond what the merge writes.
+// the caller. The merge writes every element: the merged factors, and zeros
+// beyond the merged rank (so the buffers may be uninitialised, or the new
+// adapter's own tensors).
 type MemModule struct {
 	Name    string      `json:"name"`
 	Sources []MemSource `json:"sources"`
@@ -96,11 +98,13 @@ func MergeTensors(ctx context.Context, req MemRequest, progress *parallel.Progre
 		if a.Shape[0] > mm.OutRank {
 			return errs.Value("module %s: merged rank %d does not fit the output rank %d", mm.Name, a.Shape[0], mm.OutRank)
 		}
-		copy(viewMemory(mm.OutA, len(a.Data)), a.Data)
+		outA := viewMemory(mm.OutA, 4*mm.OutRank*safetensors.Numel(jobs[i].ATail))
+		clear(outA[copy(outA, a.Data):])
 		outB := viewMemory(mm.OutB, 4*jobs[i].Out*mm.OutRank)
 		r := a.Shape[0]
 		for row := 0; row < jobs[i].Out; row++ { // B is Out x r inside an Out x OutRank buffer
-			copy(outB[4*row*mm.OutRank:4*(row*mm.OutRank+r)], b.Data[4*row*r:4*(row+1)*r])
+			dst := outB[4*row*mm.OutRank : 4*(row+1)*mm.OutRank]
+			clear(dst[copy(dst, b.Data[4*row*r:4*(row+1)*r]):])
 		}
 		return nil
 	})

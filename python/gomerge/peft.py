@@ -10,8 +10,9 @@ model.add_weighted_adapter(["norobots", "sql", "adcopy"], [2.0, 1.0, 1.0], "merg
 
 The new adapter is created exactly as PEFT creates it (the same config, injected, frozen and not active); only the
 merge of the factors runs in Go. The factors are read from the model without copies when they are contiguous CPU
-float32 tensors (their addresses go to Go; everything else is converted first), and the results come back with the
-dtype and on the device PEFT would give them.
+float32 tensors (their addresses go to Go; everything else is converted first), and Go writes the results straight
+into the new adapter's tensors where those already have the dtype, device and shape PEFT's result gets (contiguous CPU
+float32); elsewhere they come back with the dtype and on the device PEFT would give them.
 
 DARE: by default the keep-masks are drawn with torch's global generator in PEFT's order and shapes, so a script that
 calls `torch.manual_seed(...)` gets PEFT's adapter; `seed=` selects gomerge's own generator instead.
@@ -81,16 +82,17 @@ def _unsupported(lora_model: LoraModel, adapters: Sequence[str]) -> str | None:
         for option in ("use_dora", "lora_bias"):
             if getattr(cfg, option, False):
                 return f"adapter {name!r} uses {option}"
-    for key, layer in lora_model.model.named_modules():
+    wanted = set(adapters)
+    for layer in lora_model.model.modules():  # one pass without names: the key is looked up only to report
         if not isinstance(layer, LoraLayer):
             continue
-        for name in adapters:
-            if name in layer.lora_A:
-                a = layer.lora_A[name]
-                if type(a) not in (nn.Linear, nn.Conv2d):
-                    return f"module {key} of adapter {name!r} is a {type(a).__name__} LoRA layer"
-                if isinstance(a, nn.Conv2d) and a.groups != 1:
-                    return f"module {key} of adapter {name!r} is a grouped Conv2d"
+        for name, a in layer.lora_A.items():
+            if name not in wanted or (type(a) is nn.Linear or (type(a) is nn.Conv2d and a.groups == 1)):
+                continue
+            key = next(k for k, m in lora_model.model.named_modules() if m is layer)
+            if isinstance(a, nn.Conv2d):
+                return f"module {key} of adapter {name!r} is a grouped Conv2d"
+            return f"module {key} of adapter {name!r} is a {type(a).__name__} LoRA layer"
     return None
 
 
@@ -115,9 +117,8 @@ def _validate(combination_type: str, density: float | None, majority_sign_method
 
 def _f32(t: torch.Tensor, keep: list) -> torch.Tensor:
     """A contiguous CPU float32 view of t (t itself when it already is one), kept alive in `keep`."""
-    t = t.detach()
     if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
-        t = t.to(device="cpu", dtype=torch.float32).contiguous()
+        t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
     keep.append(t)
     return t
 
@@ -126,6 +127,40 @@ def _u8(mask: torch.Tensor, keep: list) -> int:
     m = mask.detach().to(device="cpu", dtype=torch.uint8).contiguous()
     keep.append(m)
     return m.data_ptr()
+
+
+def _writable(t: torch.Tensor, shape: torch.Size) -> bool:
+    """Whether Go can write a result of this shape straight into t (a contiguous CPU float32 tensor of it)."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and t.shape == shape
+
+
+class _DareMasks:
+    """PEFT's DARE keep-masks of the factors, drawn as PEFT draws them (`torch.bernoulli(torch.full_like(x,
+    density))`, in the same order from torch's global generator) but into uint8 views of one buffer: the
+    in-place `bernoulli_` with a probability tensor draws the same numbers in the same order for any output dtype,
+    and the probability tensors (of x's shape and dtype: a bf16 0.2 is not a float32 0.2) are made once per
+    shape rather than once per factor. Tensors off the CPU or not contiguous take PEFT's own expression."""
+
+    def __init__(self, density: float, numel: int, keep: list) -> None:
+        self.density = density
+        self.buffer = torch.empty(numel, dtype=torch.uint8)
+        keep.append(self.buffer)
+        self.offset = 0
+        self.probs: dict[tuple, torch.Tensor] = {}
+
+    def draw(self, x: torch.Tensor, keep: list) -> int:
+        """The address of x's mask."""
+        x = x.data
+        if x.device.type != "cpu" or not x.is_contiguous() or self.offset + x.numel() > self.buffer.numel():
+            return _u8(torch.bernoulli(torch.full_like(input=x, fill_value=self.density)), keep)
+        key = (tuple(x.shape), x.dtype)
+        p = self.probs.get(key)
+        if p is None:
+            p = self.probs[key] = torch.full(x.shape, self.density, dtype=x.dtype)
+        mask = self.buffer[self.offset : self.offset + x.numel()].view(x.shape)
+        self.offset += x.numel()
+        mask.bernoulli_(p)
+        return mask.data_ptr()
 
 
 def _dw_mask_2d(layer: LoraLayer, adapter: str, density: float) -> torch.Tensor:
@@ -317,18 +352,14 @@ def _merge(
     family1 = method["family"] == "factors"
     dare_torch = method["pruning"] == "dare" and seed is None and density < 1
     keep: list = []  # every buffer whose address goes to Go stays referenced here until the job ends
-    targets, modules = [], []
     # the modules in PEFT's order (it walks named_modules and looks each key up again: the same modules)
+    layers = []
     for key, target in self.model.named_modules():
         if self.prefix in key or not isinstance(target, LoraLayer):
             continue
         tgt = _factors(target, adapter_name)
         if tgt is None:
             continue
-        t_a, t_b = tgt
-        if combination_type == "cat":  # PEFT zeroes the new factors; only cat writes into them rather than replace
-            t_a.data = t_a.data * 0.0
-            t_b.data = t_b.data * 0.0
         srcs = [
             (i, name, w) + f
             for i, (name, w) in enumerate(zip(adapters, weights))
@@ -337,17 +368,36 @@ def _merge(
         if not srcs:
             raise ValueError("No matching LoRAs found. Please raise an issue on GitHub.")
         experts = getattr(target, "num_experts", 1) if isinstance(target, ParamWrapper) else 1
-        outs = []
-        for e in range(experts):  # each expert of a ParamWrapper is a module of its own (units of the engine)
-            if experts == 1:
-                unit, unit_name, shapes = srcs, key, (t_a.shape, t_b.shape)
-            else:  # named as the engine names an expert of a module read from disk
-                unit = [(i, n, w) + _expert(a, b, experts, e) for i, n, w, a, b in srcs]
-                r = t_a.shape[0] // experts
-                unit_name, shapes = f"{key}[{e}]", ((r, t_a.shape[1]), (t_b.shape[0], r))
-            outs.append(_unit(modules, keep, unit_name, target, unit, family1, dare_torch, density, experts, shapes))
-        targets.append((t_a, t_b, srcs, outs, experts))
-    if not modules:
+        layers.append((key, target, tgt, srcs, experts))
+    masks = None
+    if dare_torch and family1:
+        masks = _DareMasks(
+            density, sum(a.numel() + b.numel() for _, _, _, srcs, _ in layers for *_, a, b in srcs), keep
+        )
+    request_modules: list = []
+    job = _Units(request_modules, keep, family1, combination_type, dare_torch, density, masks)
+    targets = []
+    for key, target, (t_a, t_b), srcs, experts in layers:
+        if experts == 1:
+            out = job.add(key, target, srcs, (t_a.shape, t_b.shape), (t_a, t_b), experts)
+            outs = None if out is None else [out]
+        else:  # each expert of a ParamWrapper is a module of its own, named as the engine names one read from disk
+            r = t_a.shape[0] // experts
+            shapes = ((r, t_a.shape[1]), (t_b.shape[0], r))
+            outs = [
+                job.add(
+                    f"{key}[{e}]",
+                    target,
+                    [(i, n, w) + _expert(a, b, experts, e) for i, n, w, a, b in srcs],
+                    shapes,
+                    None,
+                    experts,
+                )
+                for e in range(experts)
+            ]
+        if outs is not None:
+            targets.append((t_a, t_b, srcs, outs, experts))
+    if not request_modules:
         return
     # every key the engine takes, None (its default) unless PEFT's call sets it; new_rank is PEFT's resolved
     # svd_rank, and the engine refuses a key it does not know
@@ -356,25 +406,24 @@ def _merge(
         combination_type=combination_type,
         rank=new_rank,
         seed=seed,
-        modules=modules,
+        modules=request_modules,
         **_peft_args(combination_type, svd_clamp=svd_clamp, density=density, majority_sign_method=majority_sign_method),
     )
     result = _native.run_job(_native.merge_tensors_start(request), progress)
     for message in result.get("warnings") or []:
         warnings.warn(message, stacklevel=3)
-    for t_a, t_b, srcs, outs, experts in targets:
+    for t_a, t_b, srcs, outs, experts in targets:  # the results that could not be written in place
         out_a, out_b = _stack(outs, experts)
+        a0, b0 = srcs[0][3], srcs[0][4]
         if family1:  # PEFT: combined on the first source's device, cast to its A's dtype
-            a0, b0 = srcs[0][3], srcs[0][4]
             t_a.data = out_a.to(device=a0.device, dtype=a0.dtype)
             t_b.data = out_b.to(device=b0.device, dtype=a0.dtype)
         elif combination_type == "cat":  # PEFT: written into the new adapter's own tensors
             t_a.data.copy_(out_a)
             t_b.data.copy_(out_b)
         else:  # PEFT: the float32 SVD factors, on the device of the first source's update
-            device = srcs[0][4].device
-            t_a.data = out_a.to(device)
-            t_b.data = out_b.to(device)
+            t_a.data = out_a.to(b0.device)
+            t_b.data = out_b.to(b0.device)
     del keep
 
 
@@ -393,52 +442,79 @@ def _stack(outs: list[tuple[torch.Tensor, torch.Tensor]], experts: int) -> tuple
     return a, b.reshape(b.shape[0], -1)
 
 
-def _unit(modules, keep, name, target, srcs, family1, dare_torch, density, experts, shapes):
-    """Adds one module (or one expert of a ParamWrapper) to the engine's request; returns its output buffers."""
-    sources = []
-    for i, adapter, w, a, b in srcs:
-        fa, fb = _f32(a, keep), _f32(b, keep)
-        sources.append(
+class _Units:
+    """The engine's request, one unit (a module, or one expert of a ParamWrapper) at a time."""
+
+    def __init__(
+        self,
+        modules: list,
+        keep: list,
+        family1: bool,
+        combination_type: str,
+        dare_torch: bool,
+        density: float | None,
+        masks: _DareMasks | None,
+    ) -> None:
+        self.modules, self.keep, self.family1, self.combination_type = modules, keep, family1, combination_type
+        self.dare_torch, self.density, self.masks = dare_torch, density, masks
+
+    def add(self, name: str, target: LoraLayer, srcs: list, shapes: tuple, dest: tuple | None, experts: int):
+        """Adds one unit; returns its output buffers, or None where Go writes straight into `dest`, the new
+        adapter's tensors (when they already have the dtype, device and shape that PEFT's result gets)."""
+        keep, family1 = self.keep, self.family1
+        sources = []
+        for i, adapter, w, a, b in srcs:
+            fa, fb = _f32(a, keep), _f32(b, keep)
+            sources.append(
+                {
+                    "a": fa.data_ptr(),
+                    "b": fb.data_ptr(),
+                    "a_shape": list(fa.shape),
+                    "b_shape": list(fb.shape),
+                    "scaling": float(target.scaling[adapter]),
+                    "weight": w,
+                    "index": i,
+                    "round_dw": "" if family1 or b.dtype == torch.float32 else str(b.dtype).removeprefix("torch."),
+                }
+            )
+        if self.masks is not None:  # PEFT: every A mask in adapter order, then every B mask
+            for s, (_, _, _, a, _) in zip(sources, srcs):
+                s["mask_a"] = self.masks.draw(a, keep)
+            for s, (_, _, _, _, b) in zip(sources, srcs):
+                s["mask_b"] = self.masks.draw(b, keep)
+        elif self.dare_torch:  # PEFT: one mask per dense update, in adapter order
+            for s, (_, adapter, _, a, b) in zip(sources, srcs):
+                if experts == 1:
+                    mask = _dw_mask_2d(target, adapter, self.density)
+                else:  # an expert's update, as B_e @ A_e
+                    mask = torch.bernoulli(
+                        torch.full((b.shape[0], a.shape[1]), self.density, dtype=b.dtype, device=b.device)
+                    )
+                s["mask_dw"] = _u8(mask, keep)
+        a0, b0 = srcs[0][3], srcs[0][4]
+        if family1:  # PEFT: combined on the first source's device, cast to its A's dtype
+            shape_a, shape_b = a0.shape, b0.shape
+            direct = a0.dtype == torch.float32 and a0.device.type == b0.device.type == "cpu"
+        else:  # the new adapter's shapes; cat writes into its tensors, the SVD types on the first update's device
+            shape_a, shape_b = shapes
+            direct = self.combination_type == "cat" or b0.device.type == "cpu"
+        direct = dest is not None and direct and _writable(dest[0], shape_a) and _writable(dest[1], shape_b)
+        if direct:  # Go writes every element (zeros beyond the merged rank): no buffer, no copy
+            out_a, out_b = dest[0].data, dest[1].data
+        else:
+            out_a = torch.empty(shape_a, dtype=torch.float32)
+            out_b = torch.empty(shape_b, dtype=torch.float32)
+        keep += [out_a, out_b]
+        self.modules.append(
             {
-                "a": fa.data_ptr(),
-                "b": fb.data_ptr(),
-                "a_shape": list(fa.shape),
-                "b_shape": list(fb.shape),
-                "scaling": float(target.scaling[adapter]),
-                "weight": w,
-                "index": i,
-                "round_dw": "" if family1 or b.dtype == torch.float32 else str(b.dtype).removeprefix("torch."),
+                "name": name,
+                "sources": sources,
+                "out_a": out_a.data_ptr(),
+                "out_b": out_b.data_ptr(),
+                "out_rank": out_a.shape[0],
             }
         )
-    if dare_torch and family1:  # PEFT: every A mask in adapter order, then every B mask
-        for s, (_, _, _, a, _) in zip(sources, srcs):
-            s["mask_a"] = _u8(torch.bernoulli(torch.full_like(input=a.data, fill_value=density)), keep)
-        for s, (_, _, _, _, b) in zip(sources, srcs):
-            s["mask_b"] = _u8(torch.bernoulli(torch.full_like(input=b.data, fill_value=density)), keep)
-    elif dare_torch:  # PEFT: one mask per dense update, in adapter order
-        for s, (_, adapter, _, a, b) in zip(sources, srcs):
-            if experts == 1:
-                mask = _dw_mask_2d(target, adapter, density)
-            else:  # an expert's update, as B_e @ A_e
-                mask = torch.bernoulli(torch.full((b.shape[0], a.shape[1]), density, dtype=b.dtype, device=b.device))
-            s["mask_dw"] = _u8(mask, keep)
-    if family1:
-        out_a = torch.zeros(srcs[0][3].shape, dtype=torch.float32)
-        out_b = torch.zeros(srcs[0][4].shape, dtype=torch.float32)
-    else:  # the new adapter's shapes
-        out_a = torch.zeros(shapes[0], dtype=torch.float32)
-        out_b = torch.zeros(shapes[1], dtype=torch.float32)
-    keep += [out_a, out_b]
-    modules.append(
-        {
-            "name": name,
-            "sources": sources,
-            "out_a": out_a.data_ptr(),
-            "out_b": out_b.data_ptr(),
-            "out_rank": out_a.shape[0],
-        }
-    )
-    return out_a, out_b
+        return None if direct else (out_a, out_b)
 
 
 @functools.wraps(_PEFT_ADD_WEIGHTED_ADAPTER)
