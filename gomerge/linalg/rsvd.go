@@ -2,7 +2,6 @@ package linalg
 
 import (
 	"math/rand/v2"
-	"slices"
 
 	"gonum.org/v1/gonum/blas/blas32"
 
@@ -47,8 +46,7 @@ func RandomizedSVDBy(d []float32, m, n, k, power int, rng *rand.Rand, rank func(
 		// sketch would, so take it.
 		return exactSVD(d, m, n, rank)
 	}
-	// The sketch is kept transposed (zt is l x n) so that both products stream over the rows of D with
-	// vectorised dot products and axpys: D is read once per product, in order.
+	// The sketch is kept transposed (zt is l x n): both products read it and D in rows.
 	zt := make([]float32, l*n)
 	for i := range zt {
 		zt[i] = float32(rng.NormFloat64())
@@ -75,81 +73,26 @@ func RandomizedSVDBy(d []float32, m, n, k, power int, rng *rand.Rand, rank func(
 }
 
 // mulDZ computes y (m x l) = D (m x n) @ Z, with Z given transposed as zt
-// (l x n): one dot product per entry (kernels.Dots: gonum's Sdot's order of
-// additions), rows of D in parallel.
+// (l x n), by kernels.Gemm32 (blocked, vectorised, on all cores; each entry
+// one chain of fused multiply-adds in order: the same bits everywhere).
 func mulDZ(d []float32, m, n int, zt []float32, l int, y []float32) {
-	parallel.For(m, max(4, (1<<18)/max(1, n*l)), func(lo, hi int) {
-		kernels.Dots(y[lo*l:hi*l], d[lo*n:hi*n], zt[:l*n], hi-lo, l, n)
-	})
+	gemm(kernels.Matrix{Rows: m, Cols: n, Stride: n, Data: d},
+		kernels.Matrix{Rows: n, Cols: l, Stride: n, Trans: true, Data: zt}, y, l)
 }
 
-// mulDtY computes zt (l x n) = (D^T @ Y)^T = Y^T D for y (m x l): each row
-// of D is added, scaled, to the l rows of zt. Rows are cut into a fixed
-// number of blocks whose partial sums are added in block order, so the
-// result does not depend on how many cores ran them.
+// mulDtY computes zt (l x n) = (D^T @ Y)^T = Y^T D for y (m x l), by
+// kernels.Gemm32.
 func mulDtY(d []float32, m, n int, y []float32, l int, zt []float32) {
-	impl := blas32.Implementation()
-	blocks := max(1, min(mulDtYBlocks, m/64))
-	parts := make([][]float32, blocks)
-	size := (m + blocks - 1) / blocks
-	parallel.For(blocks, 1, func(blo, bhi int) {
-		for b := blo; b < bhi; b++ {
-			part := zt
-			if b > 0 {
-				part = make([]float32, l*n)
-			} else {
-				clear(part)
-			}
-			parts[b] = part
-			r0, r1 := b*size, min((b+1)*size, m)
-			if r0 >= r1 {
-				continue
-			}
-			if !slices.Contains(y[r0*l:r1*l], 0) {
-				// the rows of the block added in order to tiles of part held in registers
-				kernels.MulTInto(part, d[r0*n:r1*n], y[r0*l:r1*l], r1-r0, n, l)
-				continue
-			}
-			// a zero coefficient, which Saxpy skips: rows mulDtYRows at a time, in tiles of columns that stay
-			// in the cache, each tile of a row of part read once per mulDtYRows rows of D, which are added to
-			// it in row order, skipping zero coefficients
-			var as [mulDtYRows]float32
-			var xs [mulDtYRows][]float32
-			for i0 := r0; i0 < r1; i0 += mulDtYRows {
-				i1 := min(i0+mulDtYRows, r1)
-				for j0 := 0; j0 < n; j0 += mulDtYTile {
-					j1 := min(j0+mulDtYTile, n)
-					for c := 0; c < l; c++ {
-						k := 0
-						for i := i0; i < i1; i++ {
-							if a := y[i*l+c]; a != 0 {
-								as[k], xs[k] = a, d[i*n+j0:i*n+j1]
-								k++
-							}
-						}
-						if k > 0 {
-							kernels.AxpyRows(part[c*n+j0:c*n+j1], as[:k], xs[:k])
-						}
-					}
-				}
-			}
-		}
-	})
-	for _, p := range parts[1:] {
-		impl.Saxpy(l*n, 1, p, 1, zt, 1)
+	gemm(kernels.Matrix{Rows: l, Cols: m, Stride: l, Trans: true, Data: y},
+		kernels.Matrix{Rows: m, Cols: n, Stride: n, Data: d}, zt, n)
+}
+
+// gemm is kernels.Gemm32 on shapes that its callers have checked.
+func gemm(a, b kernels.Matrix, c []float32, ldc int) {
+	if err := kernels.Gemm32(a, b, c, ldc); err != nil {
+		panic("gomerge: " + err.Error())
 	}
 }
-
-// mulDtYRows is how many rows of D mulDtY adds to the sketch at a time, in
-// tiles of mulDtYTile columns.
-const (
-	mulDtYRows = 8
-	mulDtYTile = 512
-)
-
-// mulDtYBlocks is the number of partial sums of mulDtY (at least the number
-// of cores worth using; fixed for reproducible results).
-const mulDtYBlocks = 8
 
 // orthonormalizeRows32 replaces the rows of x (r x n) by an orthonormal
 // basis of their span.
