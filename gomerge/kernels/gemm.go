@@ -135,7 +135,6 @@ func gemm[T float32 | float64](g gemmKernel[T], threads int, a, b MatrixOf[T], c
 	}
 	mr, nr := g.mr, g.nr
 	nStrips := (n + nr - 1) / nr
-	bp := make([]T, gemmKC*nStrips*nr)
 	mBlocks := (m + gemmMC - 1) / gemmMC
 	nChunk := gemmNC / nr // strips per task
 	nBlocks := (nStrips + nChunk - 1) / nChunk
@@ -145,48 +144,69 @@ func gemm[T float32 | float64](g gemmKernel[T], threads int, a, b MatrixOf[T], c
 	for w := range aps {
 		aps[w] = make([]T, gemmMC*gemmKC+mr*gemmKC)
 	}
+	// block computes the tile of rows block ib and columns block jb of C for the steps pc..pc+kc of the inner
+	// dimension on worker w, with strip s of packed B from bstrip
+	block := func(w, ib, jb, pc, kc int, bstrip func(s int) []T) {
+		first := pc == 0
+		i0, i1 := ib*gemmMC, min((ib+1)*gemmMC, m)
+		ap := aps[w]
+		// A's block: rows i0..i1, strip r holds rows i0+r*mr.., kc steps of mr values (zero past i1)
+		rStrips := (i1 - i0 + mr - 1) / mr
+		for r := range rStrips {
+			packA(ap[r*kc*mr:(r+1)*kc*mr], a, i0+r*mr, min(mr, i1-i0-r*mr), pc, kc, mr)
+		}
+		var tile [16 * 64]T
+		for s := jb * nChunk; s < min((jb+1)*nChunk, nStrips); s++ {
+			bs := bstrip(s)
+			j0 := s * nr
+			cols := min(nr, n-j0)
+			for r := range rStrips {
+				as := ap[r*kc*mr : (r+1)*kc*mr]
+				ib0 := i0 + r*mr
+				rows := min(mr, i1-ib0)
+				if rows == mr && cols == nr {
+					g.micro(kc, as, bs, c[ib0*ldc+j0:], ldc, first)
+					continue
+				}
+				// an edge tile: through a whole one
+				t := tile[:mr*nr]
+				if !first {
+					for ii := range rows {
+						copy(t[ii*nr:ii*nr+cols], c[(ib0+ii)*ldc+j0:])
+					}
+				}
+				g.micro(kc, as, bs, t, nr, first)
+				for ii := range rows {
+					copy(c[(ib0+ii)*ldc+j0:(ib0+ii)*ldc+j0+cols], t[ii*nr:])
+				}
+			}
+		}
+	}
+	if mBlocks == 1 {
+		// one block of rows (the sketch's Y^T D, whose B is large): each task owns a block of columns and packs
+		// its own part of B for each step of the inner dimension, which it uses at once, from its cache
+		run(workers, nBlocks, func(w, jb int) {
+			bw := make([]T, gemmKC*nChunk*nr)
+			s0 := jb * nChunk
+			for pc := 0; pc < k; pc += gemmKC {
+				kc := min(gemmKC, k-pc)
+				for s := s0; s < min(s0+nChunk, nStrips); s++ {
+					packB(bw[(s-s0)*kc*nr:(s-s0+1)*kc*nr], b, pc, kc, s*nr, nr)
+				}
+				block(w, 0, jb, pc, kc, func(s int) []T { return bw[(s-s0)*kc*nr : (s-s0+1)*kc*nr] })
+			}
+		})
+		return nil
+	}
+	bp := make([]T, gemmKC*nStrips*nr)
 	for pc := 0; pc < k; pc += gemmKC {
 		kc := min(gemmKC, k-pc)
-		// B's panel: rows pc..pc+kc, strip s holds columns s*nr.. (zero past n), kc steps of nr values
+		// B's panel, shared: rows pc..pc+kc, strip s holds columns s*nr.. (zero past n), kc steps of nr values
 		run(min(threads, nStrips), nStrips, func(_, s int) {
 			packB(bp[s*kc*nr:(s+1)*kc*nr], b, pc, kc, s*nr, nr)
 		})
-		first := pc == 0
 		run(workers, tasks, func(w, t int) {
-			ib, jb := t/nBlocks, t%nBlocks
-			i0, i1 := ib*gemmMC, min((ib+1)*gemmMC, m)
-			ap := aps[w]
-			// A's block: rows i0..i1, strip r holds rows i0+r*mr.., kc steps of mr values (zero past i1)
-			rStrips := (i1 - i0 + mr - 1) / mr
-			for r := range rStrips {
-				packA(ap[r*kc*mr:(r+1)*kc*mr], a, i0+r*mr, min(mr, i1-i0-r*mr), pc, kc, mr)
-			}
-			var tile [16 * 64]T
-			for s := jb * nChunk; s < min((jb+1)*nChunk, nStrips); s++ {
-				bs := bp[s*kc*nr : (s+1)*kc*nr]
-				j0 := s * nr
-				cols := min(nr, n-j0)
-				for r := range rStrips {
-					as := ap[r*kc*mr : (r+1)*kc*mr]
-					ib0 := i0 + r*mr
-					rows := min(mr, i1-ib0)
-					if rows == mr && cols == nr {
-						g.micro(kc, as, bs, c[ib0*ldc+j0:], ldc, first)
-						continue
-					}
-					// an edge tile: through a whole one
-					t := tile[:mr*nr]
-					if !first {
-						for ii := range rows {
-							copy(t[ii*nr:ii*nr+cols], c[(ib0+ii)*ldc+j0:])
-						}
-					}
-					g.micro(kc, as, bs, t, nr, first)
-					for ii := range rows {
-						copy(c[(ib0+ii)*ldc+j0:(ib0+ii)*ldc+j0+cols], t[ii*nr:])
-					}
-				}
-			}
+			block(w, t/nBlocks, t%nBlocks, pc, kc, func(s int) []T { return bp[s*kc*nr : (s+1)*kc*nr] })
 		})
 	}
 	return nil
@@ -224,8 +244,14 @@ func packA[T float32 | float64](dst []T, a MatrixOf[T], i0, rows, pc, kc, mr int
 	if a.Trans {
 		for p := range kc {
 			step := dst[p*mr : (p+1)*mr]
-			copy(step, a.Data[(pc+p)*a.Stride+i0:(pc+p)*a.Stride+i0+rows])
-			clear(step[rows:])
+			src := a.Data[(pc+p)*a.Stride+i0:]
+			for ii := range step { // a few values: a loop, not copy's call
+				if ii < rows {
+					step[ii] = src[ii]
+				} else {
+					step[ii] = 0
+				}
+			}
 		}
 		return
 	}
