@@ -60,7 +60,9 @@ import sys
 import tempfile
 import time
 
+import machine as machine_record
 import numpy as np
+import speed_targets
 import torch
 from common import LLAMA_LINEAR, Linear, llama, load_peft, save_adapters, tinyllama
 from peft import PeftModel
@@ -1023,7 +1025,7 @@ def table(rows: list, machine: str) -> str:
             )
             + " |"
         )
-    return "\n".join(lines + ["", *targets(rows)])
+    return "\n".join(lines + speed_targets.machines_note(rows) + ["", *targets(rows)])
 
 
 def targets(rows: list) -> list[str]:
@@ -1097,14 +1099,8 @@ def targets(rows: list) -> list[str]:
             need = 10 if r["peer"] == "mergekit" else 100
             ratio = r["peft"] / r["gomerge"]
             add(f"{name} >= {need}x {r['peer']}", f"{ratio:.1f}x", ratio >= need)
-    if r := row("E1", f"extract r{E1_RANK}"):
-        ratio = r["peft"] / r["gomerge"]
-        add(
-            f"E1 extract >= 10x mergekit-extract-lora, error within 1% (worst module {r['error_ratio_max']:.4f}x)",
-            f"{ratio:.1f}x",
-            ratio >= 10 and r["error_ratio_max"] <= 1.01,
-            f"{r['gflop']:.0f} GFLOP of sketch products at {r['gflops_per_s']:.1f} GFLOP/s",
-        )
+    for name, measured, ok, why in speed_targets.targets(rows):
+        add(name, measured, ok, why)
     for r in rows:
         if r["scenario"] in ("F1", "F2"):
             n = r["scenario"]
@@ -1190,6 +1186,8 @@ def main() -> None:
         f"({torch.get_num_threads()} threads), PEFT {__import__('peft').__version__}, "
         f"memory copy {bw / 1e9:.1f} GB/s"
     )
+    record = machine_record.describe()
+    machine += "; " + machine_record.summary(record)
     print(machine, flush=True)
     rows: list = []
     with tempfile.TemporaryDirectory() as root:
@@ -1212,6 +1210,8 @@ def main() -> None:
         for scenario in ("F1", "F2"):
             if scenario in todo:
                 fuse_scenario(scenario, root, bw, rows)
+        for r in rows:
+            r.update(machine_record.row_fields(record))
         order = {"S1": 0, "S2": 1, "S3": 2, "S4": 3, "R1": 4, "M1": 5, "F1": 6, "F2": 7, "E1": 8}
         # a run of some scenarios replaces their rows in the saved results and keeps the others'
         saved_path = os.path.join(RESULTS, "latest.json")

@@ -34,7 +34,7 @@ func TestFMA32(t *testing.T) {
 		{1e-30, 1e-10, 1e-45},                  // subnormal results
 		{float32(math.Inf(1)), 1, 1}, {float32(math.NaN()), 1, 1},
 	}
-	for range 200000 {
+	for range 100000 {
 		a := float32(rng.NormFloat64()) * float32(math.Ldexp(1, rng.IntN(40)-20))
 		b := float32(rng.NormFloat64())
 		c := -a * b * float32(1+rng.NormFloat64()*math.Ldexp(1, -rng.IntN(30)))

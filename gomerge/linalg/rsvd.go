@@ -36,7 +36,13 @@ func RandomizedSVD(d []float32, m, n, k int, rng *rand.Rand) (bk, ak []float64) 
 // the sketch's factorisation (decreasing; the first k are accurate): it
 // returns the factors at that rank, those singular values and the rank.
 func RandomizedSVDBy(d []float32, m, n, k, power int, rng *rand.Rand, rank func(s []float64) int) (bk, ak, s []float64, r int) {
-	l := min(k+RSVDOversample, m, n)
+	return RandomizedSVDWith(d, m, n, k, RSVDOversample, power, rng, rank)
+}
+
+// RandomizedSVDWith is RandomizedSVDBy with oversample extra columns in the
+// sketch (instead of RSVDOversample).
+func RandomizedSVDWith(d []float32, m, n, k, oversample, power int, rng *rand.Rand, rank func(s []float64) int) (bk, ak, s []float64, r int) {
+	l := min(k+oversample, m, n)
 	if l <= 0 {
 		r = rank(nil)
 		return make([]float64, m*r), make([]float64, r*n), nil, r
