@@ -707,11 +707,11 @@ def e1(root: str, bw: float, rows: list, layers: int) -> None:
     common = sorted(set(e_go) & set(e_mk))
     ratio = max(e_go[m] / e_mk[m] for m in common)
     mean_go, mean_mk = (sum(e[m] for m in common) / len(common) for e in (e_go, e_mk))
-    # the randomized SVD's work: (2q + 2) * 2mnl flops per sketched module (l = k + 10, q = 3 power iterations);
+    # the randomized SVD's work: (2q + 2) * 2mnl flops per sketched module (l = k + 20, q = 3 power iterations);
     # modules with a short side (k_proj, v_proj: 256 x 2048) get an exact SVD instead, ~4 max(m, n) min(m, n)^2
     from safetensors import safe_open
 
-    flops, sketch, q = 0.0, E1_RANK + 10, 3
+    flops, sketch, q = 0.0, E1_RANK + 20, 3
     with safe_open(os.path.join(base, "model.safetensors"), "pt") as f:
         for m in common:
             rows_, cols = f.get_slice(m + ".weight").get_shape()

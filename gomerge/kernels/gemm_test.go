@@ -27,7 +27,7 @@ func TestFMA32(t *testing.T) {
 		return f
 	}
 	cases := [][3]float32{
-		{1, 1, 0}, {0, 5, float32(math.Copysign(0, -1))}, {-0.0, 5, 0},
+		{1, 1, 0}, {0, 5, float32(math.Copysign(0, -1))}, {float32(math.Copysign(0, -1)), 5, 0},
 		{1 + 1.0/(1<<23), 1 - 1.0/(1<<23), -1}, // the product's tail alone survives
 		{1 + 1.0/(1<<12), 1 + 1.0/(1<<12), 0},  // a product with a 2^-24 tail: ties in float32
 		{1 << 12, 1 << 12, 1.0 / (1 << 40)},    // a tiny addend: a sticky bit only
