@@ -198,6 +198,25 @@ func gemm[T float32 | float64](g gemmKernel[T], threads int, a, b MatrixOf[T], c
 		})
 		return nil
 	}
+	if nBlocks == 1 {
+		// one block of columns (the sketch's D Z, whose B is small): B is packed whole, once, and each task owns
+		// a block of rows through the whole inner dimension, with no barrier between its steps
+		steps := (k + gemmKC - 1) / gemmKC
+		bp := make([]T, steps*gemmKC*nStrips*nr)
+		panel := func(pc int) []T { return bp[pc/gemmKC*gemmKC*nStrips*nr:] }
+		run(min(threads, steps*nStrips), steps*nStrips, func(_, t int) {
+			pc, s := t/nStrips*gemmKC, t%nStrips
+			kc := min(gemmKC, k-pc)
+			packB(panel(pc)[s*kc*nr:(s+1)*kc*nr], b, pc, kc, s*nr, nr)
+		})
+		run(workers, mBlocks, func(w, ib int) {
+			for pc := 0; pc < k; pc += gemmKC {
+				kc := min(gemmKC, k-pc)
+				block(w, ib, 0, pc, kc, func(s int) []T { return panel(pc)[s*kc*nr : (s+1)*kc*nr] })
+			}
+		})
+		return nil
+	}
 	bp := make([]T, gemmKC*nStrips*nr)
 	for pc := 0; pc < k; pc += gemmKC {
 		kc := min(gemmKC, k-pc)
