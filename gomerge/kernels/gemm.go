@@ -332,10 +332,15 @@ func microGo(kc int, ap, bp, c []float32, ldc int, first bool) {
 		a, b := (*[4]float32)(ap[p:]), (*[4]float32)(bp[p:])
 		for i, x := range a {
 			row := (*[4]float32)(acc[4*i:])
-			row[0] = fma32(x, b[0], row[0])
-			row[1] = fma32(x, b[1], row[1])
-			row[2] = fma32(x, b[2], row[2])
-			row[3] = fma32(x, b[3], row[3])
+			for j, y := range b {
+				// fma32, its fast path written out (the function is too large to inline)
+				s := float64(float64(x)*float64(y)) + float64(row[j])
+				if bits := math.Float64bits(s); bits&(1<<29-1) != 1<<28 && bits&(0x7ff<<52) >= 0x381<<52 {
+					row[j] = float32(s)
+				} else {
+					row[j] = fma32Slow(float64(x)*float64(y), float64(row[j]))
+				}
+			}
 		}
 	}
 	for i := range 4 {
@@ -375,12 +380,11 @@ func micro64Go(kc int, ap, bp, c []float64, ldc int, first bool) {
 // cannot step over one, but may land on it) or in float32's subnormal range
 // (whose midpoints lie elsewhere): those rare cases take fma32Slow.
 func fma32(a, b, c float32) float32 {
-	p := float64(float64(a) * float64(b)) // the conversion forbids fusing the exact product
-	s := p + float64(c)
-	if bits := math.Float64bits(s); bits&(1<<29-1) != 1<<28 && bits&0x7fffffffffffffff >= 0x3810000000000000 {
+	s := float64(float64(a)*float64(b)) + float64(c) // the conversion forbids fusing the exact product
+	if bits := math.Float64bits(s); bits&(1<<29-1) != 1<<28 && bits&(0x7ff<<52) >= 0x381<<52 {
 		return float32(s)
 	}
-	return fma32Slow(p, float64(c))
+	return fma32Slow(float64(a)*float64(b), float64(c))
 }
 
 // fma32Slow is fma32's sum p + z rounded to float64 to odd (the error of
