@@ -333,7 +333,7 @@ func microGo(kc int, ap, bp, c []float32, ldc int, first bool) {
 		for i, x := range a {
 			row := (*[4]float32)(acc[4*i:])
 			for j, y := range b {
-				// fma32, its fast path written out (the function is too large to inline)
+				// a*b + c rounded once (see fma32Slow), the common case written out
 				s := float64(float64(x)*float64(y)) + float64(row[j])
 				if bits := math.Float64bits(s); bits&(1<<29-1) != 1<<28 && bits&(0x7ff<<52) >= 0x381<<52 {
 					row[j] = float32(s)
@@ -373,20 +373,13 @@ func micro64Go(kc int, ap, bp, c []float64, ldc int, first bool) {
 	}
 }
 
-// fma32 is a*b + c rounded once to float32, as a float32 fused multiply-add
-// instruction computes it. The product of two float32 is exact in float64,
-// and the sum s rounded to float64 then rounds to float32 as the exact value
-// would unless s lies on a midpoint between two float32 (rounding to float64
-// cannot step over one, but may land on it) or in float32's subnormal range
-// (whose midpoints lie elsewhere): those rare cases take fma32Slow.
-func fma32(a, b, c float32) float32 {
-	s := float64(float64(a)*float64(b)) + float64(c) // the conversion forbids fusing the exact product
-	if bits := math.Float64bits(s); bits&(1<<29-1) != 1<<28 && bits&(0x7ff<<52) >= 0x381<<52 {
-		return float32(s)
-	}
-	return fma32Slow(float64(a)*float64(b), float64(c))
-}
-
+// The portable micro-kernel's fused multiply-add, a*b + c rounded once to
+// float32 as the instruction does: the product of two float32 is exact in
+// float64, and the sum s rounded to float64 then rounds to float32 as the
+// exact value would unless s lies on a midpoint between two float32
+// (rounding to float64 cannot step over one, but may land on it) or in
+// float32's subnormal range (whose midpoints lie elsewhere): those rare
+// cases take fma32Slow.
 // fma32Slow is fma32's sum p + z rounded to float64 to odd (the error of
 // the sum, from Knuth's TwoSum, decides the last bit), which then rounds to
 // float32 as the exact value would (53 >= 24 + 2 bits: Boldo and Melquiond

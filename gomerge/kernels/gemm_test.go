@@ -14,10 +14,11 @@ import (
 	"gonum.org/v1/gonum/blas/blas64"
 )
 
-// fma32 against the exact a*b + c rounded once to float32 (math/big), on
+// The portable micro-kernel's multiply-add against the exact a*b + c
+// rounded once to float32 (math/big), on
 // random operands, near-cancellations, ties of the float32 rounding and
 // subnormal results.
-func TestFMA32(t *testing.T) {
+func TestPortableFMA(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	exact := func(a, b, c float32) float32 {
 		x := new(big.Float).SetPrec(400).SetFloat64(float64(a))
@@ -30,8 +31,13 @@ func TestFMA32(t *testing.T) {
 		{1, 1, 0}, {0, 5, float32(math.Copysign(0, -1))}, {float32(math.Copysign(0, -1)), 5, 0},
 		{1 + 1.0/(1<<23), 1 - 1.0/(1<<23), -1}, // the product's tail alone survives
 		{1 + 1.0/(1<<12), 1 + 1.0/(1<<12), 0},  // a product with a 2^-24 tail: ties in float32
-		{1 << 12, 1 << 12, 1.0 / (1 << 40)},    // a tiny addend: a sticky bit only
-		{1e-30, 1e-10, 1e-45},                  // subnormal results
+		// the same tie and an addend below float64's resolution, which decides the rounding: a float64 sum
+		// rounded again to float32 would round it the other way (double rounding)
+		{1 + 1.0/(1<<12), 1 + 1.0/(1<<12), float32(math.Ldexp(1, -80))},
+		{-1 - 1.0/(1<<12), 1 + 1.0/(1<<12), float32(math.Ldexp(-1, -80))},
+		{1 + 1.0/(1<<12), 1 + 1.0/(1<<12), float32(math.Ldexp(-1, -80))},
+		{1 << 12, 1 << 12, 1.0 / (1 << 40)}, // a tiny addend: a sticky bit only
+		{1e-30, 1e-10, 1e-45},               // subnormal results
 		{float32(math.Inf(1)), 1, 1}, {float32(math.NaN()), 1, 1},
 	}
 	for range 100000 {
@@ -40,14 +46,26 @@ func TestFMA32(t *testing.T) {
 		c := -a * b * float32(1+rng.NormFloat64()*math.Ldexp(1, -rng.IntN(30)))
 		cases = append(cases, [3]float32{a, b, c})
 	}
-	for _, x := range cases {
-		got := fma32(x[0], x[1], x[2])
-		if math.IsNaN(float64(x[0])) || math.IsInf(float64(x[0]), 0) {
-			require.Equal(t, math.IsNaN(float64(x[0])), math.IsNaN(float64(got)))
-			continue
+	// through the portable micro-kernel: one step of a 4 x 4 tile from C, whose diagonal entries are the cases
+	for len(cases)%4 != 0 {
+		cases = append(cases, cases[0])
+	}
+	for q := 0; q < len(cases); q += 4 {
+		var a, b [4]float32
+		var c [16]float32
+		for i := range 4 {
+			a[i], b[i], c[5*i] = cases[q+i][0], cases[q+i][1], cases[q+i][2]
 		}
-		want := exact(x[0], x[1], x[2])
-		require.Equal(t, math.Float32bits(want), math.Float32bits(got), "fma32(%v, %v, %v)", x[0], x[1], x[2])
+		microGo(1, a[:], b[:], c[:], 4, false)
+		for i, x := range cases[q : q+4] {
+			got := c[5*i]
+			if math.IsNaN(float64(x[0])) || math.IsInf(float64(x[0]), 0) {
+				require.Equal(t, math.IsNaN(float64(x[0])), math.IsNaN(float64(got)))
+				continue
+			}
+			want := exact(x[0], x[1], x[2])
+			require.Equal(t, math.Float32bits(want), math.Float32bits(got), "fma(%v, %v, %v)", x[0], x[1], x[2])
+		}
 	}
 }
 
