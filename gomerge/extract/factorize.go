@@ -67,6 +67,13 @@ func extractLinear(j *extractJob, base, ft *modelfolder.Folder, rule linalg.Rank
 // more work).
 const PowerIters = 3
 
+// Oversample is the number of extra columns of extraction's sketch (the
+// merges' RSVDOversample is 10). On E1's modules at rank 64 the worst error
+// is 1.00067x the optimal one with 20, against 1.00128x with 10 (and
+// 1.00061x with 10 and a fourth power iteration, which costs 25% more
+// products where 20 columns cost 14% more).
+const Oversample = 20
+
 // extractSketch is the first sketch size of the energy rule; it doubles
 // until the kept energy is reached (or the cap).
 const extractSketch = 64
@@ -85,11 +92,11 @@ func factorizeDense(d []float32, m, n int, total float64, rule linalg.RankRule, 
 	}
 	if rule.Fixed > 0 {
 		k := min(rule.Fixed, capRank)
-		bk, ak, _, r = linalg.RandomizedSVDBy(d, m, n, k, PowerIters, rng(), func([]float64) int { return k })
+		bk, ak, _, r = linalg.RandomizedSVDWith(d, m, n, k, Oversample, PowerIters, rng(), func([]float64) int { return k })
 	} else {
 		for k := min(extractSketch, capRank); ; k = min(2*k, capRank) {
 			reached := false
-			bk, ak, _, r = linalg.RandomizedSVDBy(d, m, n, k, PowerIters, rng(), func(s []float64) int {
+			bk, ak, _, r = linalg.RandomizedSVDWith(d, m, n, k, Oversample, PowerIters, rng(), func(s []float64) int {
 				kept := 0.0
 				for i, v := range s[:min(k, len(s))] {
 					kept += v * v

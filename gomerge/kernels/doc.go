@@ -20,6 +20,10 @@
 //   - threshold.go: the k-th largest magnitude in O(n) (PEFT's magnitude pruning threshold)
 //   - elect.go: PEFT's sign election and disjoint merge, the references of the TIES kernels
 //   - half.go: the portable BF16 / F16 conversions
+//   - gemm.go, gemm_simd.go: the blocked float32 / float64 matrix product (Gemm32, Gemm64) of the SVDs:
+//     packing, and a register-blocked fused multiply-add micro-kernel per set, the same bits on every set
+//   - peak.go, peak_simd.go: the peak fused multiply-add rate of each set (PeakFMA), the benchmarks' yardstick
+//   - cputime_linux.go, cputime_other.go: a thread's CPU time, for rates that other processes do not change
 //
 // It imports nothing from package gomerge; its errors are plain, and package
 // gomerge gives them their kinds.

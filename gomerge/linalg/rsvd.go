@@ -37,7 +37,13 @@ func RandomizedSVD(d []float32, m, n, k int, rng *rand.Rand) (bk, ak []float64) 
 // the sketch's factorisation (decreasing; the first k are accurate): it
 // returns the factors at that rank, those singular values and the rank.
 func RandomizedSVDBy(d []float32, m, n, k, power int, rng *rand.Rand, rank func(s []float64) int) (bk, ak, s []float64, r int) {
-	l := min(k+RSVDOversample, m, n)
+	return RandomizedSVDWith(d, m, n, k, RSVDOversample, power, rng, rank)
+}
+
+// RandomizedSVDWith is RandomizedSVDBy with oversample extra columns in the
+// sketch (instead of RSVDOversample).
+func RandomizedSVDWith(d []float32, m, n, k, oversample, power int, rng *rand.Rand, rank func(s []float64) int) (bk, ak, s []float64, r int) {
+	l := min(k+oversample, m, n)
 	if l <= 0 {
 		r = rank(nil)
 		return make([]float64, m*r), make([]float64, r*n), nil, r
@@ -47,8 +53,7 @@ func RandomizedSVDBy(d []float32, m, n, k, power int, rng *rand.Rand, rank func(
 		// sketch would, so take it.
 		return exactSVD(d, m, n, rank)
 	}
-	// The sketch is kept transposed (zt is l x n) so that both products stream over the rows of D with
-	// vectorised dot products and axpys: D is read once per product, in order.
+	// The sketch is kept transposed (zt is l x n): both products read it and D in rows.
 	zt := make([]float32, l*n)
 	for i := range zt {
 		zt[i] = float32(rng.NormFloat64())
@@ -75,19 +80,63 @@ func RandomizedSVDBy(d []float32, m, n, k, power int, rng *rand.Rand, rank func(
 }
 
 // mulDZ computes y (m x l) = D (m x n) @ Z, with Z given transposed as zt
+// (l x n), by kernels.Gemm32 (blocked, vectorised, on all cores; each entry
+// one chain of fused multiply-adds in order: the same bits everywhere).
+func mulDZ(d []float32, m, n int, zt []float32, l int, y []float32) {
+	if !blockedProducts() {
+		mulDZDots(d, m, n, zt, l, y)
+		return
+	}
+	gemm(kernels.Matrix{Rows: m, Cols: n, Stride: n, Data: d},
+		kernels.Matrix{Rows: n, Cols: l, Stride: n, Trans: true, Data: zt}, y, l)
+}
+
+// mulDtY computes zt (l x n) = (D^T @ Y)^T = Y^T D for y (m x l), by
+// kernels.Gemm32.
+func mulDtY(d []float32, m, n int, y []float32, l int, zt []float32) {
+	if !blockedProducts() {
+		mulDtYAxpy(d, m, n, y, l, zt)
+		return
+	}
+	gemm(kernels.Matrix{Rows: l, Cols: m, Stride: l, Trans: true, Data: y},
+		kernels.Matrix{Rows: m, Cols: n, Stride: n, Data: d}, zt, n)
+}
+
+// gemm is kernels.Gemm32 on shapes that its callers have checked.
+func gemm(a, b kernels.Matrix, c []float32, ldc int) {
+	if err := kernels.Gemm32(a, b, c, ldc); err != nil {
+		panic("gomerge: " + err.Error())
+	}
+}
+
+// blockedProducts says whether the products run on kernels.Gemm32 and
+// kernels.Gemm64: on the vector kernel sets (avx2, avx512), whose FMA
+// micro-kernels are several times faster than gonum. The portable set
+// keeps gonum's products and their order of additions, since its scalar
+// emulation of the float32 FMA chain is slower than gonum (0.9 against
+// 2.6-6.7 GFLOP/s here), and math.FMA is emulated in software on x86 CPUs
+// without FMA. Results therefore differ between the portable and the
+// vector sets in the last bits (about 4e-7 relative) where a sketch runs;
+// tests/golden/corpus.json holds the vector sets' hashes as case@avx2 and
+// case@avx512 where they differ.
+func blockedProducts() bool { return kernels.InUse() != "go" }
+
+// mulDZDots is mulDZ on the portable kernel set (the order of additions of
+// gonum's Sdot, as before the blocked product: portable CPUs keep its speed).
+// It computes y (m x l) = D (m x n) @ Z, with Z given transposed as zt
 // (l x n): one dot product per entry (kernels.Dots: gonum's Sdot's order of
 // additions), rows of D in parallel.
-func mulDZ(d []float32, m, n int, zt []float32, l int, y []float32) {
+func mulDZDots(d []float32, m, n int, zt []float32, l int, y []float32) {
 	parallel.For(m, max(4, (1<<18)/max(1, n*l)), func(lo, hi int) {
 		kernels.Dots(y[lo*l:hi*l], d[lo*n:hi*n], zt[:l*n], hi-lo, l, n)
 	})
 }
 
-// mulDtY computes zt (l x n) = (D^T @ Y)^T = Y^T D for y (m x l): each row
+// mulDtYAxpy is mulDtY on the portable kernel set. It computes zt (l x n) = (D^T @ Y)^T = Y^T D for y (m x l): each row
 // of D is added, scaled, to the l rows of zt. Rows are cut into a fixed
 // number of blocks whose partial sums are added in block order, so the
 // result does not depend on how many cores ran them.
-func mulDtY(d []float32, m, n int, y []float32, l int, zt []float32) {
+func mulDtYAxpy(d []float32, m, n int, y []float32, l int, zt []float32) {
 	impl := blas32.Implementation()
 	blocks := max(1, min(mulDtYBlocks, m/64))
 	parts := make([][]float32, blocks)

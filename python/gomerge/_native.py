@@ -62,6 +62,29 @@ def engine_kernels() -> str:
     return info["in_use"]
 
 
+def kernel_rates(
+    seconds: float = 0.25, gemm: tuple[int, int, int] | None = None, sets: list[str] | None = None
+) -> dict[str, Any]:
+    """Measures the machine's arithmetic rates for each kernel set this CPU runs (or those of ``sets``): the peak
+    fused multiply-add rate in GFLOP/s, float32 and float64, on one core and on all cores, and, with ``gemm=(m, n,
+    k)``, the rate of the engine's float32 matrix product on that shape (the randomized SVD's). Each rate is given
+    per second of the wall clock (``"wall"``) and per second of CPU time of each thread (``"cpu"``: what the
+    threads reach with a core each, whatever else shares the machine). Each measurement runs for ``seconds``.
+
+    Raises:
+        `ValueError`: a set this CPU or build cannot run, or a bad ``gemm`` shape.
+    """
+    request: dict[str, Any] = {"seconds": seconds}
+    if gemm is not None:
+        request["gemm"] = list(gemm)
+    if sets is not None:
+        request["sets"] = list(sets)
+    reply = json.loads(_b.kernel_rates(encode(request)))
+    if reply.get("state") == "error":
+        raise_engine_error(reply["error"])
+    return reply
+
+
 def _json_scalar(value: Any) -> Any:
     """numpy's and torch's scalars as JSON numbers (``json.dumps``'s ``default``); anything else is left to the
     engine, which names the key of a value of the wrong type."""

@@ -1,0 +1,436 @@
+package kernels
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"runtime"
+	"sync"
+	"time"
+)
+
+// The blocked float32 matrix product of the randomized SVD's sketches
+// (gomerge/linalg's rsvd.go): packing into panels, then a register-blocked
+// micro-kernel per kernel set (gemm_simd.go: AVX2 and AVX-512, with fused
+// multiply-adds; here: portable Go).
+//
+// Every entry of the product is one chain of fused multiply-adds over the
+// inner dimension in order, from +0: c = fma(a[i,0], b[0,j], +0), then
+// c = fma(a[i,p], b[p,j], c) for p = 1, 2, ... Blocking, packing, threads
+// and vector width only decide which entries are computed together, never
+// the order of one entry's operations, so every set, every core count and
+// every machine give the same bits. The portable set computes each fused
+// multiply-add exactly (fma32), as the hardware does.
+
+// gemmKernel is one set's micro-kernel: micro computes a mr x nr tile of
+// C from kc steps of a packed A strip (mr values per step) and of a packed
+// B strip (nr values per step), starting from +0 (first) or from the tile's
+// values in c (row stride ldc).
+type gemmKernel[T float32 | float64] struct {
+	mr, nr int
+	micro  func(kc int, ap, bp, c []T, ldc int, first bool)
+}
+
+// gemmKernels and gemm64Kernels are the float32 and float64 micro-kernels
+// of the sets, by name (gemm_simd.go adds the vector ones).
+var (
+	gemmKernels   = map[string]gemmKernel[float32]{"go": {mr: 4, nr: 4, micro: microGo}}
+	gemm64Kernels = map[string]gemmKernel[float64]{"go": {mr: 4, nr: 4, micro: micro64Go}}
+)
+
+// Block sizes: a kc x nr strip of packed B stays in the L1 cache while the
+// micro-kernel runs over the mc x kc block of packed A (L2).
+const (
+	gemmKC = 256
+	gemmMC = 96
+	// gemmNC is the columns of one task: a task packs its block of A once
+	// for this many columns.
+	gemmNC = 512
+)
+
+// MatrixOf is a row-major matrix view: entry (i, j) is Data[i*Stride+j],
+// or Data[j*Stride+i] when Trans (the view is the transpose of the stored
+// matrix).
+type MatrixOf[T float32 | float64] struct {
+	Rows, Cols, Stride int
+	Trans              bool
+	Data               []T
+}
+
+// Matrix and Matrix64 are float32 and float64 matrix views.
+type (
+	Matrix   = MatrixOf[float32]
+	Matrix64 = MatrixOf[float64]
+)
+
+func (x MatrixOf[T]) at(i, j int) T {
+	if x.Trans {
+		return x.Data[j*x.Stride+i]
+	}
+	return x.Data[i*x.Stride+j]
+}
+
+// Gemm32 writes the product A B into c (m x n, row-major, row stride ldc),
+// for A of m x k and B of k x n: each entry is the chain of fused
+// multiply-adds of its k products in order from +0 (the same bits on every
+// kernel set), computed by the set in use on all cores.
+func Gemm32(a, b Matrix, c []float32, ldc int) error {
+	return gemm(gemmKernels[active.name], runtime.GOMAXPROCS(0), a, b, c, ldc)
+}
+
+// Gemm32With is Gemm32 on the kernel set named set and threads goroutines
+// (benchmarks and tests; an error when this build or CPU lacks the set).
+func Gemm32With(set string, threads int, a, b Matrix, c []float32, ldc int) error {
+	k, err := runnableSet(set)
+	if err != nil {
+		return err
+	}
+	return gemm(gemmKernels[k.name], max(1, threads), a, b, c, ldc)
+}
+
+// Gemm64 is Gemm32 in float64: each entry is the chain of fused
+// multiply-adds of its k products in order from +0 (math.FMA's bits).
+func Gemm64(a, b Matrix64, c []float64, ldc int) error {
+	return gemm(gemm64Kernels[active.name], runtime.GOMAXPROCS(0), a, b, c, ldc)
+}
+
+// Gemm64With is Gemm64 on the kernel set named set and threads goroutines.
+func Gemm64With(set string, threads int, a, b Matrix64, c []float64, ldc int) error {
+	k, err := runnableSet(set)
+	if err != nil {
+		return err
+	}
+	return gemm(gemm64Kernels[k.name], max(1, threads), a, b, c, ldc)
+}
+
+// runnableSet returns the kernel set named name if this CPU runs it.
+func runnableSet(name string) (kernels, error) {
+	for _, k := range kernelSets {
+		if k.name == name {
+			if m := k.missing(); len(m) > 0 {
+				return k, fmt.Errorf("kernel set %s: this CPU lacks %v", name, m)
+			}
+			return k, nil
+		}
+	}
+	return portableKernels, fmt.Errorf("kernel set %q is not in this build (it has %v)", name, Runnable())
+}
+
+func gemm[T float32 | float64](g gemmKernel[T], threads int, a, b MatrixOf[T], c []T, ldc int) error {
+	m, k, n := a.Rows, a.Cols, b.Cols
+	switch {
+	case b.Rows != k:
+		return fmt.Errorf("gemm: A is %d x %d but B is %d x %d", m, k, b.Rows, n)
+	case ldc < n || (m > 0 && len(c) < (m-1)*ldc+n):
+		return fmt.Errorf("gemm: C of %d values (stride %d) cannot hold %d x %d", len(c), ldc, m, n)
+	}
+	if m == 0 || n == 0 {
+		return nil
+	}
+	if k == 0 {
+		for i := range m {
+			clear(c[i*ldc : i*ldc+n])
+		}
+		return nil
+	}
+	mr, nr := g.mr, g.nr
+	nStrips := (n + nr - 1) / nr
+	mBlocks := (m + gemmMC - 1) / gemmMC
+	nChunk := gemmNC / nr // strips per task
+	nBlocks := (nStrips + nChunk - 1) / nChunk
+	tasks := mBlocks * nBlocks
+	workers := max(1, min(threads, tasks))
+	aps := make([][]T, workers)
+	for w := range aps {
+		aps[w] = make([]T, gemmMC*gemmKC+mr*gemmKC)
+	}
+	// block computes the tile of rows block ib and columns block jb of C for the steps pc..pc+kc of the inner
+	// dimension on worker w, with strip s of packed B from bstrip
+	block := func(w, ib, jb, pc, kc int, bstrip func(s int) []T) {
+		first := pc == 0
+		i0, i1 := ib*gemmMC, min((ib+1)*gemmMC, m)
+		ap := aps[w]
+		// A's block: rows i0..i1, strip r holds rows i0+r*mr.., kc steps of mr values (zero past i1)
+		rStrips := (i1 - i0 + mr - 1) / mr
+		for r := range rStrips {
+			packA(ap[r*kc*mr:(r+1)*kc*mr], a, i0+r*mr, min(mr, i1-i0-r*mr), pc, kc, mr)
+		}
+		var tile [16 * 64]T
+		for s := jb * nChunk; s < min((jb+1)*nChunk, nStrips); s++ {
+			bs := bstrip(s)
+			j0 := s * nr
+			cols := min(nr, n-j0)
+			for r := range rStrips {
+				as := ap[r*kc*mr : (r+1)*kc*mr]
+				ib0 := i0 + r*mr
+				rows := min(mr, i1-ib0)
+				if rows == mr && cols == nr {
+					g.micro(kc, as, bs, c[ib0*ldc+j0:], ldc, first)
+					continue
+				}
+				// an edge tile: through a whole one
+				t := tile[:mr*nr]
+				if !first {
+					for ii := range rows {
+						copy(t[ii*nr:ii*nr+cols], c[(ib0+ii)*ldc+j0:])
+					}
+				}
+				g.micro(kc, as, bs, t, nr, first)
+				for ii := range rows {
+					copy(c[(ib0+ii)*ldc+j0:(ib0+ii)*ldc+j0+cols], t[ii*nr:])
+				}
+			}
+		}
+	}
+	if mBlocks == 1 {
+		// one block of rows (the sketch's Y^T D, whose B is large): each task owns a block of columns and packs
+		// its own part of B for each step of the inner dimension, which it uses at once, from its cache
+		run(workers, nBlocks, func(w, jb int) {
+			bw := make([]T, gemmKC*nChunk*nr)
+			s0 := jb * nChunk
+			for pc := 0; pc < k; pc += gemmKC {
+				kc := min(gemmKC, k-pc)
+				for s := s0; s < min(s0+nChunk, nStrips); s++ {
+					packB(bw[(s-s0)*kc*nr:(s-s0+1)*kc*nr], b, pc, kc, s*nr, nr)
+				}
+				block(w, 0, jb, pc, kc, func(s int) []T { return bw[(s-s0)*kc*nr : (s-s0+1)*kc*nr] })
+			}
+		})
+		return nil
+	}
+	if nBlocks == 1 {
+		// one block of columns (the sketch's D Z, whose B is small): B is packed whole, once, and each task owns
+		// a block of rows through the whole inner dimension, with no barrier between its steps
+		steps := (k + gemmKC - 1) / gemmKC
+		bp := make([]T, steps*gemmKC*nStrips*nr)
+		panel := func(pc int) []T { return bp[pc/gemmKC*gemmKC*nStrips*nr:] }
+		run(min(threads, steps*nStrips), steps*nStrips, func(_, t int) {
+			pc, s := t/nStrips*gemmKC, t%nStrips
+			kc := min(gemmKC, k-pc)
+			packB(panel(pc)[s*kc*nr:(s+1)*kc*nr], b, pc, kc, s*nr, nr)
+		})
+		run(workers, mBlocks, func(w, ib int) {
+			for pc := 0; pc < k; pc += gemmKC {
+				kc := min(gemmKC, k-pc)
+				block(w, ib, 0, pc, kc, func(s int) []T { return panel(pc)[s*kc*nr : (s+1)*kc*nr] })
+			}
+		})
+		return nil
+	}
+	bp := make([]T, gemmKC*nStrips*nr)
+	for pc := 0; pc < k; pc += gemmKC {
+		kc := min(gemmKC, k-pc)
+		// B's panel, shared: rows pc..pc+kc, strip s holds columns s*nr.. (zero past n), kc steps of nr values
+		run(min(threads, nStrips), nStrips, func(_, s int) {
+			packB(bp[s*kc*nr:(s+1)*kc*nr], b, pc, kc, s*nr, nr)
+		})
+		run(workers, tasks, func(w, t int) {
+			block(w, t/nBlocks, t%nBlocks, pc, kc, func(s int) []T { return bp[s*kc*nr : (s+1)*kc*nr] })
+		})
+	}
+	return nil
+}
+
+// packB writes B's rows pc..pc+kc, columns j0..j0+nr (zero past its
+// last column), into dst: kc steps of nr values.
+func packB[T float32 | float64](dst []T, b MatrixOf[T], pc, kc, j0, nr int) {
+	cols := min(nr, b.Cols-j0)
+	if !b.Trans {
+		for p := range kc {
+			row := dst[p*nr : (p+1)*nr]
+			copy(row, b.Data[(pc+p)*b.Stride+j0:(pc+p)*b.Stride+j0+cols])
+			clear(row[cols:])
+		}
+		return
+	}
+	for j := range nr {
+		if j >= cols {
+			for p := range kc {
+				dst[p*nr+j] = 0
+			}
+			continue
+		}
+		col := b.Data[(j0+j)*b.Stride+pc : (j0+j)*b.Stride+pc+kc]
+		for p, v := range col {
+			dst[p*nr+j] = v
+		}
+	}
+}
+
+// packA writes A's rows i0..i0+rows (rows <= mr; zero after them), columns
+// pc..pc+kc, into dst: kc steps of mr values.
+func packA[T float32 | float64](dst []T, a MatrixOf[T], i0, rows, pc, kc, mr int) {
+	if a.Trans {
+		for p := range kc {
+			step := dst[p*mr : (p+1)*mr]
+			src := a.Data[(pc+p)*a.Stride+i0:]
+			for ii := range step { // a few values: a loop, not copy's call
+				if ii < rows {
+					step[ii] = src[ii]
+				} else {
+					step[ii] = 0
+				}
+			}
+		}
+		return
+	}
+	for ii := range mr {
+		if ii >= rows {
+			for p := range kc {
+				dst[p*mr+ii] = 0
+			}
+			continue
+		}
+		row := a.Data[(i0+ii)*a.Stride+pc : (i0+ii)*a.Stride+pc+kc]
+		for p, v := range row {
+			dst[p*mr+ii] = v
+		}
+	}
+}
+
+// run calls f(worker, task) for tasks 0..n-1 on up to workers goroutines
+// (worker numbers below workers), and returns when all are done.
+func run(workers, n int, f func(w, t int)) {
+	if workers <= 1 || n <= 1 {
+		for t := range n {
+			f(0, t)
+		}
+		return
+	}
+	var next sync.Mutex
+	t := 0
+	var wg sync.WaitGroup
+	for w := range min(workers, n) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				next.Lock()
+				i := t
+				t++
+				next.Unlock()
+				if i >= n {
+					return
+				}
+				f(w, i)
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// microGo is the portable micro-kernel: a 4 x 4 tile in scalars.
+func microGo(kc int, ap, bp, c []float32, ldc int, first bool) {
+	var acc [16]float32
+	if !first {
+		for i := range 4 {
+			copy(acc[4*i:4*i+4], c[i*ldc:i*ldc+4])
+		}
+	}
+	ap, bp = ap[:4*kc], bp[:4*kc]
+	for p := 0; p+4 <= len(ap); p += 4 {
+		a, b := (*[4]float32)(ap[p:]), (*[4]float32)(bp[p:])
+		for i, x := range a {
+			row := (*[4]float32)(acc[4*i:])
+			for j, y := range b {
+				// a*b + c rounded once (see fma32Slow), the common case written out
+				s := float64(float64(x)*float64(y)) + float64(row[j])
+				if bits := math.Float64bits(s); bits&(1<<29-1) != 1<<28 && bits&(0x7ff<<52) >= 0x381<<52 {
+					row[j] = float32(s)
+				} else {
+					row[j] = fma32Slow(float64(x)*float64(y), float64(row[j]))
+				}
+			}
+		}
+	}
+	for i := range 4 {
+		copy(c[i*ldc:i*ldc+4], acc[4*i:4*i+4])
+	}
+}
+
+// micro64Go is the portable float64 micro-kernel: a 4 x 4 tile of
+// math.FMA chains.
+func micro64Go(kc int, ap, bp, c []float64, ldc int, first bool) {
+	var acc [16]float64
+	if !first {
+		for i := range 4 {
+			copy(acc[4*i:4*i+4], c[i*ldc:i*ldc+4])
+		}
+	}
+	ap, bp = ap[:4*kc], bp[:4*kc]
+	for p := 0; p+4 <= len(ap); p += 4 {
+		a, b := (*[4]float64)(ap[p:]), (*[4]float64)(bp[p:])
+		for i, x := range a {
+			row := (*[4]float64)(acc[4*i:])
+			row[0] = math.FMA(x, b[0], row[0])
+			row[1] = math.FMA(x, b[1], row[1])
+			row[2] = math.FMA(x, b[2], row[2])
+			row[3] = math.FMA(x, b[3], row[3])
+		}
+	}
+	for i := range 4 {
+		copy(c[i*ldc:i*ldc+4], acc[4*i:4*i+4])
+	}
+}
+
+// The portable micro-kernel's fused multiply-add, a*b + c rounded once to
+// float32 as the instruction does: the product of two float32 is exact in
+// float64, and the sum s rounded to float64 then rounds to float32 as the
+// exact value would unless s lies on a midpoint between two float32
+// (rounding to float64 cannot step over one, but may land on it) or in
+// float32's subnormal range (whose midpoints lie elsewhere): those rare
+// cases take fma32Slow.
+// fma32Slow is fma32's sum p + z rounded to float64 to odd (the error of
+// the sum, from Knuth's TwoSum, decides the last bit), which then rounds to
+// float32 as the exact value would (53 >= 24 + 2 bits: Boldo and Melquiond
+// 2008).
+//
+//go:noinline
+func fma32Slow(p, z float64) float32 {
+	s := p + z
+	bv := s - p
+	e := (p - (s - bv)) + (z - bv)
+	bits := math.Float64bits(s)
+	if e != 0 && bits&1 == 0 && bits&0x7ff0000000000000 != 0x7ff0000000000000 {
+		if (e > 0) == (s > 0) {
+			bits++ // away from zero, towards the exact value
+		} else {
+			bits--
+		}
+	}
+	return float32(math.Float64frombits(bits))
+}
+
+// GemmRate times Gemm32 on the kernel set named set and threads goroutines
+// for about d, on a product A (m x k) B (k x n) of random values laid out
+// as the randomized SVD's Y^T D (A stored transposed): the rate in flops
+// per second (2 per multiply-add), on the wall clock and per second of CPU
+// time of the process times threads (what threads cores of its own would
+// do).
+func GemmRate(set string, threads, m, n, k int, d time.Duration, rng *rand.Rand) (Rate, error) {
+	if _, err := runnableSet(set); err != nil {
+		return Rate{}, err
+	}
+	a := Matrix{Rows: m, Cols: k, Stride: m, Trans: true, Data: make([]float32, m*k)}
+	b := Matrix{Rows: k, Cols: n, Stride: n, Data: make([]float32, k*n)}
+	for _, x := range [][]float32{a.Data, b.Data} {
+		for i := range x {
+			x[i] = float32(rng.NormFloat64())
+		}
+	}
+	c := make([]float32, m*n)
+	if err := Gemm32With(set, threads, a, b, c, n); err != nil { // warm up
+		return Rate{}, err
+	}
+	flops := 0.0
+	c0, start := cpuSeconds(false), time.Now()
+	for flops == 0 || time.Since(start) < d {
+		_ = Gemm32With(set, threads, a, b, c, n)
+		flops += 2 * float64(m) * float64(n) * float64(k)
+	}
+	r := Rate{Wall: flops / time.Since(start).Seconds()}
+	if cpu := cpuSeconds(false) - c0; cpu > 0 {
+		r.CPU = flops / cpu * float64(max(1, threads))
+	}
+	return r, nil
+}
