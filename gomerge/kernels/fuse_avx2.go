@@ -5,6 +5,7 @@ package kernels
 import (
 	"math"
 	"simd/archsimd"
+	"unsafe"
 )
 
 // The fuse kernel (LowRankRows) in vectors of float64 lanes, written once
@@ -16,6 +17,9 @@ import (
 
 // f64LanesAVX2 is the number of float64 lanes of an AVX2 vector.
 const f64LanesAVX2 = lanesAVX2 / 2
+
+// f64SizeAVX2 is the size of a float64 in bytes.
+const f64SizeAVX2 = int(unsafe.Sizeof(float64(0)))
 
 // lowRankBlockAVX2 is the columns of one register block: four vectors of
 // float64 sums, which stay in registers while the terms are added.
@@ -58,11 +62,26 @@ func newRoundingAVX2(to Rounding) roundingAVX2 {
 func lowRankRowsAVX2(w []float32, coef, basis []float64, rows, cols, r int, to Rounding) {
 	nWhole := cols / lowRankBlockAVX2 * lowRankBlockAVX2
 	chunk := max(lowRankBlockAVX2, lowRankL1AVX2/max(1, r)/lowRankBlockAVX2*lowRankBlockAVX2)
+	if r == 0 {
+		lowRankColsGo(w, coef, basis, rows, cols, r, to, 0, cols)
+		return
+	}
+	// rows with a zero coefficient (whose term is skipped) take the kernel that tests each one
+	skips := make([]bool, rows)
+	for i := range skips {
+		for _, c := range coef[i*r : i*r+r] {
+			skips[i] = skips[i] || c == 0
+		}
+	}
 	rc := newRoundingAVX2(to)
 	for lo := 0; lo < nWhole; lo += chunk {
 		hi := min(lo+chunk, nWhole)
 		for i := range rows {
-			lowRankRowAVX2(w[i*cols+lo:i*cols+hi], coef[i*r:i*r+r], basis[lo:], cols, &rc)
+			if skips[i] {
+				lowRankOneAVX2(w[i*cols+lo:i*cols+hi], coef[i*r:(i+1)*r], basis[lo:], cols, &rc)
+			} else {
+				lowRankDenseAVX2(w[i*cols+lo:i*cols+hi], coef[i*r:(i+1)*r], basis[lo:], cols, &rc)
+			}
 		}
 	}
 	if nWhole < cols {
@@ -70,33 +89,80 @@ func lowRankRowsAVX2(w []float32, coef, basis []float64, rows, cols, r int, to R
 	}
 }
 
-// lowRankRowAVX2 is LowRankRows on one row x (whole blocks), with the
-// coefficients cs; the basis row k starts at basis[k*stride].
+// lowRankDenseAVX2 is LowRankRows on the whole blocks of one row x whose
+// coefficients cs hold no zero: without a test per term, the loop keeps
+// its sums and the broadcast coefficient in registers (Go allocates 15
+// vector registers; the loads go straight into the products). The basis
+// row k starts at basis[k*stride].
 //
 //go:noinline
-func lowRankRowAVX2(x []float32, cs, basis []float64, stride int, rc *roundingAVX2) {
+func lowRankDenseAVX2(x []float32, cs, basis []float64, stride int, rc *roundingAVX2) {
+	if len(x) == 0 || len(cs) == 0 {
+		return
+	}
+	_ = basis[(len(cs)-1)*stride+len(x)-1] // every load below is inside basis
+	base := unsafe.Pointer(unsafe.SliceData(basis))
+	vb := f64SizeAVX2 * f64LanesAVX2 // the bytes of a vector
 	for j := 0; j+lowRankBlockAVX2 <= len(x); j += lowRankBlockAVX2 {
 		xb := (*[lowRankBlockAVX2]float32)(x[j : j+lowRankBlockAVX2])
-		a0 := archsimd.LoadFloat32x4((*[f64LanesAVX2]float32)(xb[0:])).ConvertToFloat64()
-		a1 := archsimd.LoadFloat32x4((*[f64LanesAVX2]float32)(xb[f64LanesAVX2:])).ConvertToFloat64()
-		a2 := archsimd.LoadFloat32x4((*[f64LanesAVX2]float32)(xb[2*f64LanesAVX2:])).ConvertToFloat64()
-		a3 := archsimd.LoadFloat32x4((*[f64LanesAVX2]float32)(xb[3*f64LanesAVX2:])).ConvertToFloat64()
+		a0, a1, a2, a3 := loadBlockAVX2(xb)
+		for k, c := range cs {
+			p := unsafe.Add(base, f64SizeAVX2*(k*stride+j))
+			cb := archsimd.BroadcastFloat64x4(c)
+			a0 = a0.Add(cb.Mul(archsimd.LoadFloat64x4((*[f64LanesAVX2]float64)(p))))
+			a1 = a1.Add(cb.Mul(archsimd.LoadFloat64x4((*[f64LanesAVX2]float64)(unsafe.Add(p, vb)))))
+			a2 = a2.Add(cb.Mul(archsimd.LoadFloat64x4((*[f64LanesAVX2]float64)(unsafe.Add(p, 2*vb)))))
+			a3 = a3.Add(cb.Mul(archsimd.LoadFloat64x4((*[f64LanesAVX2]float64)(unsafe.Add(p, 3*vb)))))
+		}
+		storeBlockAVX2(xb, a0, a1, a2, a3, rc)
+	}
+}
+
+// lowRankOneAVX2 is LowRankRows on the whole blocks of one row x, whose
+// coefficients cs may hold zeros (those terms are skipped).
+//
+//go:noinline
+func lowRankOneAVX2(x []float32, cs, basis []float64, stride int, rc *roundingAVX2) {
+	if len(x) == 0 || len(cs) == 0 {
+		return
+	}
+	_ = basis[(len(cs)-1)*stride+len(x)-1] // every load below is inside basis
+	base := unsafe.Pointer(unsafe.SliceData(basis))
+	vb := f64SizeAVX2 * f64LanesAVX2 // the bytes of a vector
+	for j := 0; j+lowRankBlockAVX2 <= len(x); j += lowRankBlockAVX2 {
+		xb := (*[lowRankBlockAVX2]float32)(x[j : j+lowRankBlockAVX2])
+		a0, a1, a2, a3 := loadBlockAVX2(xb)
 		for k, c := range cs {
 			if c == 0 {
 				continue
 			}
+			p := unsafe.Add(base, f64SizeAVX2*(k*stride+j))
 			cb := archsimd.BroadcastFloat64x4(c)
-			v := (*[lowRankBlockAVX2]float64)(basis[k*stride+j : k*stride+j+lowRankBlockAVX2])
-			a0 = a0.Add(cb.Mul(archsimd.LoadFloat64x4((*[f64LanesAVX2]float64)(v[0:]))))
-			a1 = a1.Add(cb.Mul(archsimd.LoadFloat64x4((*[f64LanesAVX2]float64)(v[f64LanesAVX2:]))))
-			a2 = a2.Add(cb.Mul(archsimd.LoadFloat64x4((*[f64LanesAVX2]float64)(v[2*f64LanesAVX2:]))))
-			a3 = a3.Add(cb.Mul(archsimd.LoadFloat64x4((*[f64LanesAVX2]float64)(v[3*f64LanesAVX2:]))))
+			a0 = a0.Add(cb.Mul(archsimd.LoadFloat64x4((*[f64LanesAVX2]float64)(p))))
+			a1 = a1.Add(cb.Mul(archsimd.LoadFloat64x4((*[f64LanesAVX2]float64)(unsafe.Add(p, vb)))))
+			a2 = a2.Add(cb.Mul(archsimd.LoadFloat64x4((*[f64LanesAVX2]float64)(unsafe.Add(p, 2*vb)))))
+			a3 = a3.Add(cb.Mul(archsimd.LoadFloat64x4((*[f64LanesAVX2]float64)(unsafe.Add(p, 3*vb)))))
 		}
-		toFloat32ForAVX2(a0, rc).Store((*[f64LanesAVX2]float32)(xb[0:]))
-		toFloat32ForAVX2(a1, rc).Store((*[f64LanesAVX2]float32)(xb[f64LanesAVX2:]))
-		toFloat32ForAVX2(a2, rc).Store((*[f64LanesAVX2]float32)(xb[2*f64LanesAVX2:]))
-		toFloat32ForAVX2(a3, rc).Store((*[f64LanesAVX2]float32)(xb[3*f64LanesAVX2:]))
+		storeBlockAVX2(xb, a0, a1, a2, a3, rc)
 	}
+}
+
+// loadBlockAVX2 converts the float32 values of a block to four vectors of
+// float64 sums.
+func loadBlockAVX2(xb *[lowRankBlockAVX2]float32) (a0, a1, a2, a3 archsimd.Float64x4) {
+	a0 = archsimd.LoadFloat32x4((*[f64LanesAVX2]float32)(xb[0:])).ConvertToFloat64()
+	a1 = archsimd.LoadFloat32x4((*[f64LanesAVX2]float32)(xb[f64LanesAVX2:])).ConvertToFloat64()
+	a2 = archsimd.LoadFloat32x4((*[f64LanesAVX2]float32)(xb[2*f64LanesAVX2:])).ConvertToFloat64()
+	a3 = archsimd.LoadFloat32x4((*[f64LanesAVX2]float32)(xb[3*f64LanesAVX2:])).ConvertToFloat64()
+	return
+}
+
+// storeBlockAVX2 rounds four vectors of sums (toFloat32ForAVX2) into a block.
+func storeBlockAVX2(xb *[lowRankBlockAVX2]float32, a0, a1, a2, a3 archsimd.Float64x4, rc *roundingAVX2) {
+	toFloat32ForAVX2(a0, rc).Store((*[f64LanesAVX2]float32)(xb[0:]))
+	toFloat32ForAVX2(a1, rc).Store((*[f64LanesAVX2]float32)(xb[f64LanesAVX2:]))
+	toFloat32ForAVX2(a2, rc).Store((*[f64LanesAVX2]float32)(xb[2*f64LanesAVX2:]))
+	toFloat32ForAVX2(a3, rc).Store((*[f64LanesAVX2]float32)(xb[3*f64LanesAVX2:]))
 }
 
 // toFloat32ForAVX2 is ToFloat32For on each lane: the float32 rounding of

@@ -7,6 +7,7 @@ package kernels
 import (
 	"math"
 	"simd/archsimd"
+	"unsafe"
 )
 
 // The kernels of fuse_avx2.go at twice the lanes, for AVX-512: written by
@@ -14,6 +15,9 @@ import (
 
 // f64Lanes512 is the number of float64 lanes of an AVX-512 vector.
 const f64Lanes512 = lanes512 / 2
+
+// f64Size512 is the size of a float64 in bytes.
+const f64Size512 = int(unsafe.Sizeof(float64(0)))
 
 // lowRankBlock512 is the columns of one register block: four vectors of
 // float64 sums, which stay in registers while the terms are added.
@@ -56,11 +60,26 @@ func newRounding512(to Rounding) rounding512 {
 func lowRankRows512(w []float32, coef, basis []float64, rows, cols, r int, to Rounding) {
 	nWhole := cols / lowRankBlock512 * lowRankBlock512
 	chunk := max(lowRankBlock512, lowRankL1512/max(1, r)/lowRankBlock512*lowRankBlock512)
+	if r == 0 {
+		lowRankColsGo(w, coef, basis, rows, cols, r, to, 0, cols)
+		return
+	}
+	// rows with a zero coefficient (whose term is skipped) take the kernel that tests each one
+	skips := make([]bool, rows)
+	for i := range skips {
+		for _, c := range coef[i*r : i*r+r] {
+			skips[i] = skips[i] || c == 0
+		}
+	}
 	rc := newRounding512(to)
 	for lo := 0; lo < nWhole; lo += chunk {
 		hi := min(lo+chunk, nWhole)
 		for i := range rows {
-			lowRankRow512(w[i*cols+lo:i*cols+hi], coef[i*r:i*r+r], basis[lo:], cols, &rc)
+			if skips[i] {
+				lowRankOne512(w[i*cols+lo:i*cols+hi], coef[i*r:(i+1)*r], basis[lo:], cols, &rc)
+			} else {
+				lowRankDense512(w[i*cols+lo:i*cols+hi], coef[i*r:(i+1)*r], basis[lo:], cols, &rc)
+			}
 		}
 	}
 	if nWhole < cols {
@@ -68,33 +87,80 @@ func lowRankRows512(w []float32, coef, basis []float64, rows, cols, r int, to Ro
 	}
 }
 
-// lowRankRow512 is LowRankRows on one row x (whole blocks), with the
-// coefficients cs; the basis row k starts at basis[k*stride].
+// lowRankDense512 is LowRankRows on the whole blocks of one row x whose
+// coefficients cs hold no zero: without a test per term, the loop keeps
+// its sums and the broadcast coefficient in registers (Go allocates 15
+// vector registers; the loads go straight into the products). The basis
+// row k starts at basis[k*stride].
 //
 //go:noinline
-func lowRankRow512(x []float32, cs, basis []float64, stride int, rc *rounding512) {
+func lowRankDense512(x []float32, cs, basis []float64, stride int, rc *rounding512) {
+	if len(x) == 0 || len(cs) == 0 {
+		return
+	}
+	_ = basis[(len(cs)-1)*stride+len(x)-1] // every load below is inside basis
+	base := unsafe.Pointer(unsafe.SliceData(basis))
+	vb := f64Size512 * f64Lanes512 // the bytes of a vector
 	for j := 0; j+lowRankBlock512 <= len(x); j += lowRankBlock512 {
 		xb := (*[lowRankBlock512]float32)(x[j : j+lowRankBlock512])
-		a0 := archsimd.LoadFloat32x8((*[f64Lanes512]float32)(xb[0:])).ConvertToFloat64()
-		a1 := archsimd.LoadFloat32x8((*[f64Lanes512]float32)(xb[f64Lanes512:])).ConvertToFloat64()
-		a2 := archsimd.LoadFloat32x8((*[f64Lanes512]float32)(xb[2*f64Lanes512:])).ConvertToFloat64()
-		a3 := archsimd.LoadFloat32x8((*[f64Lanes512]float32)(xb[3*f64Lanes512:])).ConvertToFloat64()
+		a0, a1, a2, a3 := loadBlock512(xb)
+		for k, c := range cs {
+			p := unsafe.Add(base, f64Size512*(k*stride+j))
+			cb := archsimd.BroadcastFloat64x8(c)
+			a0 = a0.Add(cb.Mul(archsimd.LoadFloat64x8((*[f64Lanes512]float64)(p))))
+			a1 = a1.Add(cb.Mul(archsimd.LoadFloat64x8((*[f64Lanes512]float64)(unsafe.Add(p, vb)))))
+			a2 = a2.Add(cb.Mul(archsimd.LoadFloat64x8((*[f64Lanes512]float64)(unsafe.Add(p, 2*vb)))))
+			a3 = a3.Add(cb.Mul(archsimd.LoadFloat64x8((*[f64Lanes512]float64)(unsafe.Add(p, 3*vb)))))
+		}
+		storeBlock512(xb, a0, a1, a2, a3, rc)
+	}
+}
+
+// lowRankOne512 is LowRankRows on the whole blocks of one row x, whose
+// coefficients cs may hold zeros (those terms are skipped).
+//
+//go:noinline
+func lowRankOne512(x []float32, cs, basis []float64, stride int, rc *rounding512) {
+	if len(x) == 0 || len(cs) == 0 {
+		return
+	}
+	_ = basis[(len(cs)-1)*stride+len(x)-1] // every load below is inside basis
+	base := unsafe.Pointer(unsafe.SliceData(basis))
+	vb := f64Size512 * f64Lanes512 // the bytes of a vector
+	for j := 0; j+lowRankBlock512 <= len(x); j += lowRankBlock512 {
+		xb := (*[lowRankBlock512]float32)(x[j : j+lowRankBlock512])
+		a0, a1, a2, a3 := loadBlock512(xb)
 		for k, c := range cs {
 			if c == 0 {
 				continue
 			}
+			p := unsafe.Add(base, f64Size512*(k*stride+j))
 			cb := archsimd.BroadcastFloat64x8(c)
-			v := (*[lowRankBlock512]float64)(basis[k*stride+j : k*stride+j+lowRankBlock512])
-			a0 = a0.Add(cb.Mul(archsimd.LoadFloat64x8((*[f64Lanes512]float64)(v[0:]))))
-			a1 = a1.Add(cb.Mul(archsimd.LoadFloat64x8((*[f64Lanes512]float64)(v[f64Lanes512:]))))
-			a2 = a2.Add(cb.Mul(archsimd.LoadFloat64x8((*[f64Lanes512]float64)(v[2*f64Lanes512:]))))
-			a3 = a3.Add(cb.Mul(archsimd.LoadFloat64x8((*[f64Lanes512]float64)(v[3*f64Lanes512:]))))
+			a0 = a0.Add(cb.Mul(archsimd.LoadFloat64x8((*[f64Lanes512]float64)(p))))
+			a1 = a1.Add(cb.Mul(archsimd.LoadFloat64x8((*[f64Lanes512]float64)(unsafe.Add(p, vb)))))
+			a2 = a2.Add(cb.Mul(archsimd.LoadFloat64x8((*[f64Lanes512]float64)(unsafe.Add(p, 2*vb)))))
+			a3 = a3.Add(cb.Mul(archsimd.LoadFloat64x8((*[f64Lanes512]float64)(unsafe.Add(p, 3*vb)))))
 		}
-		toFloat32For512(a0, rc).Store((*[f64Lanes512]float32)(xb[0:]))
-		toFloat32For512(a1, rc).Store((*[f64Lanes512]float32)(xb[f64Lanes512:]))
-		toFloat32For512(a2, rc).Store((*[f64Lanes512]float32)(xb[2*f64Lanes512:]))
-		toFloat32For512(a3, rc).Store((*[f64Lanes512]float32)(xb[3*f64Lanes512:]))
+		storeBlock512(xb, a0, a1, a2, a3, rc)
 	}
+}
+
+// loadBlock512 converts the float32 values of a block to four vectors of
+// float64 sums.
+func loadBlock512(xb *[lowRankBlock512]float32) (a0, a1, a2, a3 archsimd.Float64x8) {
+	a0 = archsimd.LoadFloat32x8((*[f64Lanes512]float32)(xb[0:])).ConvertToFloat64()
+	a1 = archsimd.LoadFloat32x8((*[f64Lanes512]float32)(xb[f64Lanes512:])).ConvertToFloat64()
+	a2 = archsimd.LoadFloat32x8((*[f64Lanes512]float32)(xb[2*f64Lanes512:])).ConvertToFloat64()
+	a3 = archsimd.LoadFloat32x8((*[f64Lanes512]float32)(xb[3*f64Lanes512:])).ConvertToFloat64()
+	return
+}
+
+// storeBlock512 rounds four vectors of sums (toFloat32For512) into a block.
+func storeBlock512(xb *[lowRankBlock512]float32, a0, a1, a2, a3 archsimd.Float64x8, rc *rounding512) {
+	toFloat32For512(a0, rc).Store((*[f64Lanes512]float32)(xb[0:]))
+	toFloat32For512(a1, rc).Store((*[f64Lanes512]float32)(xb[f64Lanes512:]))
+	toFloat32For512(a2, rc).Store((*[f64Lanes512]float32)(xb[2*f64Lanes512:]))
+	toFloat32For512(a3, rc).Store((*[f64Lanes512]float32)(xb[3*f64Lanes512:]))
 }
 
 // toFloat32For512 is ToFloat32For on each lane: the float32 rounding of
