@@ -133,10 +133,16 @@ func applyLoRA(op *fuseOp, w, w0 []float32, rows, cols int, dt safetensors.DType
 // rounding of the exact sum. The rows run on all cores, through
 // kernels.LowRankRows (the vector kernels of the CPU, same bits on every one).
 func addLowRank(w, a, b []float32, rows, cols, r int, s float32, transposed bool, dt safetensors.DType) {
-	grain := max(1, (1<<16)/max(1, cols*r))
+	coef, vecs := lowRankTerms(a, b, rows, cols, r, s, transposed)
+	addTerms(w, coef, vecs, rows, cols, r, roundingFor(dt))
+}
+
+// lowRankTerms returns s B A (of addLowRank) as terms of the rows of w,
+// in float64: w's row i gains sum_k coef[i*r+k] vecs[k*cols:(k+1)*cols].
+func lowRankTerms(a, b []float32, rows, cols, r int, s float32, transposed bool) (coef, vecs []float64) {
 	// the row vectors (A's rows, or s B^T's rows: r x cols) and the coefficients, in float64
-	vecs := make([]float64, r*cols)
-	coef := make([]float64, rows*r) // coef[i*r+k] multiplies vecs row k for output row i
+	vecs = make([]float64, r*cols)
+	coef = make([]float64, rows*r) // coef[i*r+k] multiplies vecs row k for output row i
 	if !transposed {
 		for i, v := range a[:r*cols] {
 			vecs[i] = float64(v)
@@ -156,8 +162,14 @@ func addLowRank(w, a, b []float32, rows, cols, r int, s float32, transposed bool
 			}
 		}
 	}
-	to := roundingFor(dt)
-	parallel.For(rows, grain, func(lo, hi int) {
+	return coef, vecs
+}
+
+// addTerms adds the terms (lowRankTerms) to the rows of w (rows x cols),
+// each row summed in float64 and rounded once (to float32, kept off the
+// midpoints of the rounding to), on all cores.
+func addTerms(w []float32, coef, vecs []float64, rows, cols, r int, to kernels.Rounding) {
+	parallel.For(rows, max(1, (1<<16)/max(1, cols*r)), func(lo, hi int) {
 		kernels.LowRankRows(w[lo*cols:hi*cols], coef[lo*r:hi*r], vecs, hi-lo, cols, r, to)
 	})
 }
