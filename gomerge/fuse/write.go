@@ -114,7 +114,7 @@ func writeFused(ctx context.Context, opts *Options, p *fusePlan, base *modelfold
 }
 
 // fuseTensors computes and writes every output tensor on opts.Workers
-// goroutines (all cores by default); the first error stops them all.
+// goroutines (twice the cores by default); the first error stops them all.
 func fuseTensors(ctx context.Context, opts *Options, p *fusePlan, base *modelfolder.Folder,
 	writerOf map[string]*safetensors.Writer, progress *parallel.Progress) error {
 	delay := time.Duration(0)
@@ -124,7 +124,9 @@ func fuseTensors(ctx context.Context, opts *Options, p *fusePlan, base *modelfol
 	budget := newMemBudget(p.largestCost())
 	workers := opts.Workers
 	if workers <= 0 {
-		workers = runtime.GOMAXPROCS(0)
+		// twice the cores: while some tensors wait on the disk (a read, a throttled write), others compute; the
+		// memory budget bounds what they hold
+		workers = 2 * runtime.GOMAXPROCS(0)
 	}
 	raws := make([][]byte, workers) // each worker's buffer for copies
 	bufs := newTensorBuffers(budget.limit)

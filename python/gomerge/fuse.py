@@ -161,7 +161,8 @@ def fuse(
         progress (`bool`, *optional*):
             Show a progress bar (tqdm, if installed); by default shown for models of many tensors.
         workers (`int`, *optional*):
-            Tensors fused at once; defaults to the number of cores.
+            Tensors fused at once; defaults to twice the number of cores (each tensor's arithmetic runs on all
+            cores; more tensors in flight overlap their reads and writes with it).
         revision (`str`, *optional*):
             Hub revision for a base or adapters given as Hub ids without ``@revision``.
         **merge_options:
