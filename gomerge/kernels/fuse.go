@@ -75,31 +75,37 @@ func lowRankRowsGo(w []float32, coef, vecs []float64, rows, cols, r int, to Roun
 // lowRankColsGo is LowRankRows on the columns [j0, j1) of every row (the
 // vector kernels leave it the columns past their last whole block). The
 // columns are taken a chunk at a time, whose r rows of vecs stay in the
-// cache while every row of w passes, and four at a time within a row,
+// cache while every row of w passes, and eight at a time within a row,
 // whose sums stay in registers while the terms are added.
 func lowRankColsGo(w []float32, coef, vecs []float64, rows, cols, r int, to Rounding, j0, j1 int) {
-	chunk := max(4, lowRankL1Go/max(1, r)&^3)
+	chunk := max(8, lowRankL1Go/max(1, r)&^7)
 	for lo := j0; lo < j1; lo += chunk {
 		hi := min(lo+chunk, j1)
 		for i := range rows {
 			row := w[i*cols : (i+1)*cols]
 			cs := coef[i*r : i*r+r]
 			j := lo
-			for ; j+4 <= hi; j += 4 {
-				x := (*[4]float32)(row[j : j+4])
+			for ; j+8 <= hi; j += 8 {
+				x := (*[8]float32)(row[j : j+8])
 				a0, a1, a2, a3 := float64(x[0]), float64(x[1]), float64(x[2]), float64(x[3])
+				a4, a5, a6, a7 := float64(x[4]), float64(x[5]), float64(x[6]), float64(x[7])
 				for k, c := range cs {
 					if c == 0 {
 						continue
 					}
-					v := (*[4]float64)(vecs[k*cols+j : k*cols+j+4])
+					v := (*[8]float64)(vecs[k*cols+j:])
 					// the explicit conversions round each product: never a fused multiply-add
 					a0 += float64(c * v[0])
 					a1 += float64(c * v[1])
 					a2 += float64(c * v[2])
 					a3 += float64(c * v[3])
+					a4 += float64(c * v[4])
+					a5 += float64(c * v[5])
+					a6 += float64(c * v[6])
+					a7 += float64(c * v[7])
 				}
 				x[0], x[1], x[2], x[3] = ToFloat32For(a0, to), ToFloat32For(a1, to), ToFloat32For(a2, to), ToFloat32For(a3, to)
+				x[4], x[5], x[6], x[7] = ToFloat32For(a4, to), ToFloat32For(a5, to), ToFloat32For(a6, to), ToFloat32For(a7, to)
 			}
 			for ; j < hi; j++ {
 				a := float64(row[j])
