@@ -4,11 +4,10 @@ import (
 	"context"
 	"math"
 
-	"gonum.org/v1/gonum/blas/blas64"
-
 	"gomerge/gomerge/adapter"
 	"gomerge/gomerge/errs"
 	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/kernels"
 	"gomerge/gomerge/methods"
 	"gomerge/gomerge/parallel"
 	"gomerge/gomerge/safetensors"
@@ -135,13 +134,19 @@ func applyLoRA(op *fuseOp, w, w0 []float32, rows, cols int, dt safetensors.DType
 // by many units of the result's last place in bf16. For an output of
 // dtype dt (BF16, F16) the float32 value is kept off dt's rounding
 // midpoints (toFloat32For), so that its final rounding to dt is the one
-// rounding of the exact sum.
+// rounding of the exact sum. The rows run on all cores, through
+// kernels.LowRankRows (the vector kernels of the CPU, same bits on every one).
 func addLowRank(w, a, b []float32, rows, cols, r int, s float32, transposed bool, dt safetensors.DType) {
-	impl := blas64.Implementation()
-	grain := max(1, (1<<16)/max(1, cols*r))
+	coef, vecs := lowRankTerms(a, b, rows, cols, r, s, transposed)
+	addTerms(w, coef, vecs, rows, cols, r, roundingFor(dt))
+}
+
+// lowRankTerms returns s B A (of addLowRank) as terms of the rows of w,
+// in float64: w's row i gains sum_k coef[i*r+k] vecs[k*cols:(k+1)*cols].
+func lowRankTerms(a, b []float32, rows, cols, r int, s float32, transposed bool) (coef, vecs []float64) {
 	// the row vectors (A's rows, or s B^T's rows: r x cols) and the coefficients, in float64
-	vecs := make([]float64, r*cols)
-	coef := make([]float64, rows*r) // coef[i*r+k] multiplies vecs row k for output row i
+	vecs = make([]float64, r*cols)
+	coef = make([]float64, rows*r) // coef[i*r+k] multiplies vecs row k for output row i
 	if !transposed {
 		for i, v := range a[:r*cols] {
 			vecs[i] = float64(v)
@@ -161,55 +166,34 @@ func addLowRank(w, a, b []float32, rows, cols, r int, s float32, transposed bool
 			}
 		}
 	}
-	parallel.For(rows, grain, func(lo, hi int) {
-		acc := make([]float64, cols)
-		for i := lo; i < hi; i++ {
-			row := w[i*cols : (i+1)*cols]
-			for j, v := range row {
-				acc[j] = float64(v)
-			}
-			for k := 0; k < r; k++ {
-				if c := coef[i*r+k]; c != 0 {
-					impl.Daxpy(cols, c, vecs[k*cols:(k+1)*cols], 1, acc, 1)
-				}
-			}
-			for j, v := range acc {
-				row[j] = toFloat32For(v, dt)
-			}
-		}
+	return coef, vecs
+}
+
+// addTerms adds the terms (lowRankTerms) to the rows of w (rows x cols),
+// each row summed in float64 and rounded once (to float32, kept off the
+// midpoints of the rounding to), on all cores.
+func addTerms(w []float32, coef, vecs []float64, rows, cols, r int, to kernels.Rounding) {
+	parallel.For(rows, max(1, (1<<16)/max(1, cols*r)), func(lo, hi int) {
+		kernels.LowRankRows(w[lo*cols:hi*cols], coef[lo*r:hi*r], vecs, hi-lo, cols, r, to)
 	})
 }
 
-// toFloat32For rounds v to float32 such that rounding the result to dt
-// (to nearest, ties to even) gives v rounded to dt directly: where the
-// float32 value falls exactly on a midpoint of dt's grid but v does not,
-// it steps one float32 unit toward v (float32 itself, and F16 below its
-// normal range, are left as they are).
-func toFloat32For(v float64, dt safetensors.DType) float32 {
-	r := float32(v)
-	if dt == safetensors.F32 || float64(r) == v {
-		return r
-	}
-	bits := math.Float32bits(r)
-	var mask, half uint32
+// roundingFor is the rounding that follows a float32 result of dtype dt.
+func roundingFor(dt safetensors.DType) kernels.Rounding {
 	switch dt {
 	case safetensors.BF16:
-		mask, half = 0xffff, 0x8000
+		return kernels.RoundBF16
 	case safetensors.F16:
-		if e := bits >> 23 & 0xff; e < 127-14 || e > 127+15 {
-			return r // subnormal or out of F16's range
-		}
-		mask, half = 0x1fff, 0x1000
-	default:
-		return r
+		return kernels.RoundF16
 	}
-	if bits&mask != half {
-		return r
-	}
-	if float64(r) < v {
-		return math.Nextafter32(r, float32(math.Inf(1)))
-	}
-	return math.Nextafter32(r, float32(math.Inf(-1)))
+	return kernels.RoundF32
+}
+
+// toFloat32For rounds v to float32 such that rounding the result to dt
+// (to nearest, ties to even) gives v rounded to dt directly
+// (kernels.ToFloat32For).
+func toFloat32For(v float64, dt safetensors.DType) float32 {
+	return kernels.ToFloat32For(v, roundingFor(dt))
 }
 
 // scaleByNorm multiplies each output of w by mag / ||output of normOf||:

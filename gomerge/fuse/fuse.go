@@ -34,7 +34,7 @@ type Options struct {
 	DryRun       bool     `json:"dry_run"`        // plan and report, write nothing
 	BaseName     string   `json:"base_name"`      // how the user named the base (for the model card)
 	SourceNames  []string `json:"source_names"`   // how the user named the adapters (for the model card)
-	Workers      int      `json:"workers"`        // tensors fused at once; 0 uses all cores
+	Workers      int      `json:"workers"`        // tensors fused at once; 0: twice the cores
 
 	oneAdapterMethod string // a combination_type given for one adapter, which nothing merges
 }
@@ -116,7 +116,9 @@ func (o *Options) validate() error {
 // per adapted layer as PEFT's merge_and_unload computes it (DoRA, LoRA
 // biases and modules_to_save included), in float32 with one rounding to
 // the output dtype, and writes the model folder atomically. It streams: a
-// worker holds one base tensor and its factors at a time. progress counts
+// tensor with one LoRA is read, fused and written a block of rows at a
+// time, other changed tensors are whole in memory one per worker, within a
+// budget of twice the largest. progress counts
 // output tensors; ctx cancels (nothing is left behind).
 func Fuse(ctx context.Context, opts Options, progress *parallel.Progress) (*Result, error) {
 	start := time.Now()

@@ -114,7 +114,7 @@ func writeFused(ctx context.Context, opts *Options, p *fusePlan, base *modelfold
 }
 
 // fuseTensors computes and writes every output tensor on opts.Workers
-// goroutines (all cores by default); the first error stops them all.
+// goroutines (twice the cores by default); the first error stops them all.
 func fuseTensors(ctx context.Context, opts *Options, p *fusePlan, base *modelfolder.Folder,
 	writerOf map[string]*safetensors.Writer, progress *parallel.Progress) error {
 	delay := time.Duration(0)
@@ -124,14 +124,17 @@ func fuseTensors(ctx context.Context, opts *Options, p *fusePlan, base *modelfol
 	budget := newMemBudget(p.largestCost())
 	workers := opts.Workers
 	if workers <= 0 {
-		workers = runtime.GOMAXPROCS(0)
+		// twice the cores: while some tensors wait on the disk (a read, a throttled write), others compute; the
+		// memory budget bounds what they hold
+		workers = 2 * runtime.GOMAXPROCS(0)
 	}
 	raws := make([][]byte, workers) // each worker's buffer for copies
+	bufs := newTensorBuffers(budget.limit)
 	return parallel.RunJobs(ctx, len(p.tensors), workers, progress, func(w, i int) (err error) {
 		t := p.tensors[i]
 		cost := t.memCost()
 		budget.acquire(cost)
-		raws[w], err = fuseOne(ctx, p, t, base, writerOf[t.name], raws[w])
+		raws[w], err = fuseOne(ctx, p, t, base, writerOf[t.name], raws[w], bufs)
 		budget.release(cost)
 		if err == nil && delay > 0 {
 			time.Sleep(delay)
@@ -141,9 +144,11 @@ func fuseTensors(ctx context.Context, opts *Options, p *fusePlan, base *modelfol
 }
 
 // fuseOne writes one output tensor: copied byte for byte when nothing
-// changes it, else decoded to float32, changed and rounded once. raw is a
-// reusable buffer for copies; the grown buffer is returned.
-func fuseOne(ctx context.Context, p *fusePlan, t *fuseTensor, base *modelfolder.Folder, w *safetensors.Writer, raw []byte) (_ []byte, err error) {
+// changes it, else decoded to float32 (into a buffer of bufs), changed and
+// rounded once. raw is a reusable buffer for copies; the grown buffer is
+// returned.
+func fuseOne(ctx context.Context, p *fusePlan, t *fuseTensor, base *modelfolder.Folder, w *safetensors.Writer, raw []byte,
+	bufs *tensorBuffers) (_ []byte, err error) {
 	defer func() {
 		if r := recover(); r != nil { // a bug: read errors are returned, never raised
 			err = errs.New(errs.KindInternal, "tensor %s: internal error: %v", t.name, r)
@@ -153,9 +158,13 @@ func fuseOne(ctx context.Context, p *fusePlan, t *fuseTensor, base *modelfolder.
 	if len(t.ops) == 0 && (t.dtype == "" || t.dtype == info.DType) {
 		return base.CopyTensor(w, t.name, t.src, raw)
 	}
-	// the tensor's own exact-size buffer, not the pool's power-of-two classes (up to twice the size), freed once
-	// written: the memory limit set by Fuse keeps the collector returning it
-	x := make([]float32, safetensors.Numel(t.shape))
+	if t.streamed() && info.DType != "" {
+		return raw, fuseStreamed(ctx, t, base, info.DType, w)
+	}
+	// a buffer of the fuse's own (not the pool's power-of-two classes, up to twice the size), given back once
+	// written: the tensors in flight and the free buffers stay within the memory budget
+	x := bufs.get(safetensors.Numel(t.shape))
+	defer bufs.put(x)
 	if x, err = base.ReadFloat32Into(x, t.src); err != nil {
 		return raw, err
 	}
@@ -196,6 +205,9 @@ func writeEncoded(w *safetensors.Writer, name string, d safetensors.DType, x []f
 func (t *fuseTensor) memCost() int64 {
 	if len(t.ops) == 0 {
 		return 0
+	}
+	if t.streamed() {
+		return t.streamCost()
 	}
 	n := int64(safetensors.Numel(t.shape))
 	return 4*n + n/2 // the float32 tensor; the factors' work space is well below n/2 bytes for ranks under 1/16 of a side

@@ -56,6 +56,8 @@ type kernels struct {
 	mulTInto      func(part, d, y []float32, rows, n, l int)
 	// gtaInto is GTAInto (gta.go).
 	gtaInto func(out []float32, ts [][]float32, scale, w []float32, consensus, normalize bool, divisor, lambda float32)
+	// lowRankRows is LowRankRows (fuse.go).
+	lowRankRows func(w []float32, coef, basis []float64, rows, cols, r int, to Rounding)
 }
 
 // portableKernels are the kernels in plain Go: they run on every CPU.
@@ -74,6 +76,7 @@ var portableKernels = kernels{
 	magnitudeRank: magnitudeRankGo,
 	mulTInto:      mulTIntoGo,
 	gtaInto:       gtaIntoGo,
+	lowRankRows:   lowRankRowsGo,
 }
 
 // kernelSets are the implementations in this build, whether or not this CPU

@@ -35,6 +35,7 @@ var vectorKernels = []kernels{
 		magnitudeRank: magnitudeRankAVX2,
 		mulTInto:      mulTIntoAVX2,
 		gtaInto:       gtaIntoAVX2,
+		lowRankRows:   lowRankRowsAVX2,
 	},
 	{
 		name: "avx512",
@@ -55,6 +56,7 @@ var vectorKernels = []kernels{
 		magnitudeRank: magnitudeRankAVX2,
 		mulTInto:      mulTIntoAVX2,
 		gtaInto:       gtaIntoAVX2,
+		lowRankRows:   lowRankRows512,
 	},
 }
 

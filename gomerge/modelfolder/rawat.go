@@ -11,3 +11,11 @@ func (f *Folder) ReadRawAt(name string, off int64, dst []byte) error {
 	}
 	return f.files[t.Shard].ReadRawAt(name, off, dst)
 }
+
+// Prefetch starts reading n stored bytes of tensor name from byte off of
+// its data in the background (see safetensors.File.Prefetch; a hint).
+func (f *Folder) Prefetch(name string, off, n int64) {
+	if t, ok := f.info[name]; ok {
+		f.files[t.Shard].Prefetch(name, off, n)
+	}
+}

@@ -59,6 +59,10 @@ func Decode(d DType, raw []byte) []float32 {
 	return out
 }
 
+// DecodeInto converts little-endian raw bytes of dtype d into out (of
+// len(raw)/d.Size() values at least), without allocating.
+func DecodeInto(out []float32, d DType, raw []byte) { decodeInto(out[:len(raw)/d.Size()], d, raw) }
+
 // decodeInto converts raw bytes of dtype d into out (of the right length).
 func decodeInto(out []float32, d DType, raw []byte) {
 	n := len(out)

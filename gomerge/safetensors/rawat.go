@@ -1,6 +1,10 @@
 package safetensors
 
-import "gomerge/gomerge/errs"
+import (
+	"golang.org/x/sys/unix"
+
+	"gomerge/gomerge/errs"
+)
 
 // ReadRawAt reads len(dst) stored bytes of tensor name from byte off of its
 // data, so that a large tensor can be streamed in pieces.
@@ -16,4 +20,16 @@ func (s *File) ReadRawAt(name string, off int64, dst []byte) error {
 		return nil
 	}
 	return s.readAt(dst, e.Offset+off, name)
+}
+
+// Prefetch asks the kernel to start reading n stored bytes of tensor name
+// from byte off of its data into the page cache, in the background (a
+// hint: nothing is returned, an unknown name or range is ignored), so that
+// a ReadRawAt of them that follows finds them in memory.
+func (s *File) Prefetch(name string, off, n int64) {
+	e, ok := s.Entries[name]
+	if !ok || off < 0 || n <= 0 || off+n > e.Length {
+		return
+	}
+	_ = unix.Fadvise(int(s.f.Fd()), s.dataStart+e.Offset+off, n, unix.FADV_WILLNEED)
 }

@@ -126,10 +126,11 @@ def fuse(
 
     Per adapted layer, ``W' = W + s B A`` as PEFT's ``merge_and_unload()`` computes it: Linear layers, GPT-2's
     Conv1D (``fan_in_fan_out``), embeddings, Conv2d, rsLoRA, ``rank_pattern`` / ``alpha_pattern``, ``lora_bias``,
-    DoRA's magnitude, and ``modules_to_save`` tensors (which replace the base's). The sum runs in float32 and is
-    rounded once to each tensor's dtype (round to nearest even). The engine streams: each worker holds one base tensor
-    and its factors, whatever the model's size, and the shards are written on all cores. The output folder appears
-    complete or not at all.
+    DoRA's magnitude, and ``modules_to_save`` tensors (which replace the base's). Each row is summed in float64 (in
+    the CPU's vector kernels) and rounded once to each tensor's dtype (round to nearest even). The engine streams: a
+    layer with one LoRA is read, fused and written a block of rows at a time, several layers at once, so that the
+    reads, the arithmetic and the writes overlap; other changed tensors are whole in memory one per worker, within a
+    budget of twice the largest. The output folder appears complete or not at all.
 
     Args:
         base (`str | os.PathLike`):
@@ -161,7 +162,8 @@ def fuse(
         progress (`bool`, *optional*):
             Show a progress bar (tqdm, if installed); by default shown for models of many tensors.
         workers (`int`, *optional*):
-            Tensors fused at once; defaults to the number of cores.
+            Tensors fused at once; defaults to twice the number of cores (each tensor's arithmetic runs on all
+            cores; more tensors in flight overlap their reads and writes with it).
         revision (`str`, *optional*):
             Hub revision for a base or adapters given as Hub ids without ``@revision``.
         **merge_options:

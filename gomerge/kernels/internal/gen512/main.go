@@ -1,6 +1,7 @@
 // Command gen512 writes kernels_avx512_gen.go, the AVX-512 (16-lane)
 // versions of the kernels in kernels_avx2.go (8 lanes, AVX2), which are the
-// same code at another width. It is run by go generate in package kernels
+// same code at another width, and likewise fuse_avx512_gen.go from
+// fuse_avx2.go (the fuse kernel, in a file of its own: see pairs). It is run by go generate in package kernels
 // (the directive is in doc.go); with -check it only reports whether the
 // file on disk is what it would write (the Makefile's lint target).
 //
@@ -52,6 +53,15 @@ const (
 	lanesConst = "lanesAVX2"
 )
 
+// pairs are the files written once at 8 lanes and the files generated from
+// them at 16: source (which declares lanesConst) first, then the kernels
+// that live in files of their own (fuse_avx2.go: the fuse kernel). The names
+// declared at the top of any of them are renamed in all of them.
+var pairs = [][2]string{
+	{source, target},
+	{"fuse_avx2.go", "fuse_avx512_gen.go"},
+}
+
 func main() {
 	dir := flag.String("dir", ".", "the directory of package kernels")
 	check := flag.Bool("check", false, "only check that "+target+" is up to date (exit status 1 if not)")
@@ -63,26 +73,75 @@ func main() {
 }
 
 func run(dir string, check bool) error {
-	src, err := os.ReadFile(filepath.Join(dir, source))
-	if err != nil {
-		return err
+	srcs := make([][]byte, len(pairs))
+	for i, p := range pairs {
+		var err error
+		if srcs[i], err = os.ReadFile(filepath.Join(dir, p[0])); err != nil {
+			return err
+		}
 	}
-	out, err := generate(src)
-	if err != nil {
-		return err
-	}
-	path := filepath.Join(dir, target)
-	if check {
-		old, err := os.ReadFile(path)
+	for i, p := range pairs {
+		// the names declared at the top of the other sources
+		elsewhere := map[string]bool{}
+		for j, q := range pairs {
+			if j == i {
+				continue
+			}
+			names, err := topNames(q[0], srcs[j])
+			if err != nil {
+				return err
+			}
+			for n := range names {
+				elsewhere[n] = true
+			}
+		}
+		out, err := generateFrom(p[0], srcs[i], elsewhere)
 		if err != nil {
 			return err
 		}
-		if !bytes.Equal(old, out) {
-			return fmt.Errorf("%s is not what %s generates: run go generate ./gomerge/kernels", path, source)
+		path := filepath.Join(dir, p[1])
+		if check {
+			old, err := os.ReadFile(path)
+			if err != nil {
+				return err
+			}
+			if !bytes.Equal(old, out) {
+				return fmt.Errorf("%s is not what %s generates: run go generate ./gomerge/kernels", path, p[0])
+			}
+			continue
 		}
-		return nil
+		if err := os.WriteFile(path, out, 0o644); err != nil {
+			return err
+		}
 	}
-	return os.WriteFile(path, out, 0o644)
+	return nil
+}
+
+// topNames returns the names declared at the top of the Go source src.
+func topNames(name string, src []byte) (map[string]bool, error) {
+	file, err := parser.ParseFile(token.NewFileSet(), name, src, parser.SkipObjectResolution)
+	if err != nil {
+		return nil, err
+	}
+	names := map[string]bool{}
+	for _, d := range file.Decls {
+		switch d := d.(type) {
+		case *ast.FuncDecl:
+			names[d.Name.Name] = true
+		case *ast.GenDecl:
+			for _, s := range d.Specs {
+				switch s := s.(type) {
+				case *ast.TypeSpec:
+					names[s.Name.Name] = true
+				case *ast.ValueSpec:
+					for _, n := range s.Names {
+						names[n.Name] = true
+					}
+				}
+			}
+		}
+	}
+	return names, nil
 }
 
 // vectorName matches archsimd's names with a lane count: the vector types
@@ -112,8 +171,14 @@ type edit struct {
 	text     string
 }
 
-// generate returns the 16-lane file for the 8-lane source src.
-func generate(src []byte) ([]byte, error) {
+// generate returns the 16-lane file for the 8-lane source src (of
+// kernels_avx2.go).
+func generate(src []byte) ([]byte, error) { return generateFrom(source, src, nil) }
+
+// generateFrom returns the 16-lane file for the 8-lane source src of the
+// file named source; elsewhere are the names declared at the top of the
+// other sources (renamed here too; one of them may be lanesConst).
+func generateFrom(source string, src []byte, elsewhere map[string]bool) ([]byte, error) {
 	fset := token.NewFileSet()
 	file, err := parser.ParseFile(fset, source, src, parser.ParseComments|parser.SkipObjectResolution)
 	if err != nil {
@@ -154,8 +219,14 @@ func generate(src []byte) ([]byte, error) {
 			}
 		}
 	}
-	if lanesValue == nil || lanesValue.Kind != token.INT {
+	if (lanesValue == nil || lanesValue.Kind != token.INT) && !(elsewhere[lanesConst] && !declared[lanesConst]) {
 		return nil, fmt.Errorf("%s declares no constant %s = <integer>", source, lanesConst)
+	}
+	for n := range elsewhere {
+		if declared[n] {
+			return nil, fmt.Errorf("%s declares %s, which another source declares too", source, n)
+		}
+		declared[n] = true
 	}
 	if imports == nil {
 		return nil, fmt.Errorf("%s imports nothing (it needs simd/archsimd)", source)
