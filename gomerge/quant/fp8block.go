@@ -46,7 +46,8 @@ func (f FP8Block) Dequantize(dst []float32, q []byte, scaleInv []float32) {
 }
 
 // Quantize is transformers' Fp8Quantize rule per block, in float32: scale =
-// 448 / amax (1 for an all-zero block), stored inverse = 1 / scale, q =
+// 448 / amax, which torch computes as reciprocal(amax) * 448 (1 for an
+// all-zero block), stored inverse = 1 / scale, q =
 // e4m3(clamp(W * scale, -448, 448)). A ragged edge block takes its amax
 // over the values it has, as zero-padding to the full block does.
 func (f FP8Block) Quantize(q []byte, scaleInv []float32, w []float32) {
@@ -63,7 +64,7 @@ func (f FP8Block) Quantize(q []byte, scaleInv []float32, w []float32) {
 			}
 			scale := float32(1)
 			if amax > 0 {
-				scale = E4M3Max / amax
+				scale = (1 / amax) * E4M3Max // torch's 448.0 / t: reciprocal(t) * 448
 			}
 			scaleInv[br*sc+bc] = 1 / scale
 			for r := r0; r < r1; r++ {

@@ -27,7 +27,7 @@ func Int8Quantize(q []byte, scb []float32, w []float32, rows, cols int) {
 			am = max32(am, abs32(v))
 		}
 		scb[r] = am
-		f := 127 / am
+		f := (1 / am) * 127 // torch's 127.0 / t: reciprocal(t) * 127
 		for c, v := range row {
 			x := float32(0)
 			if am != 0 {

@@ -250,3 +250,12 @@ def validate_combination(request: dict[str, Any]) -> None:
     status = json.loads(_b.validate_combination(encode(request)))
     if "error" in status:
         raise_engine_error(status["error"])
+
+
+def quant_codec(request: dict[str, Any]) -> None:
+    """Runs one of the engine's quantization codecs (``format``: ``bnb4``, ``int8``, ``fp8_block``, ``fp8_scaled``,
+    ``mxfp4``; ``op``: ``dequantize`` or ``quantize``) from the safetensors file ``input`` into ``output``; the
+    tensor names are those of ``gomerge/quant/codec.go``. Raises the engine's error."""
+    status = json.loads(_b.quant_codec(encode(request)))
+    if "error" in status:
+        raise_engine_error(status["error"])
