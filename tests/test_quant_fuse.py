@@ -500,3 +500,33 @@ def test_ragged_fp8_blocks_fuse_both_ways(folders, tmp_path):
         q, inv = _fp8_reference((w.double() + delta[k]).float(), 48)
         assert _bytes(got[k]) == _bytes(q) and torch.equal(got[k.replace(".weight", ".weight_scale_inv")], inv), k
     assert len(res.quantized["tensors"]) == len(delta)
+
+
+def test_fuse_request_and_result_keys_match_the_engine(folders, monkeypatch):
+    from gomerge import _native
+
+    seen = {}
+    real = _native.fuse_start
+
+    def spy(request):
+        seen["request"] = request
+        return real(request)
+
+    monkeypatch.setattr(_native, "fuse_start", spy)
+    res = gomerge.fuse(folders["nf4"], [folders["adapter"]], keep_format=True, dry_run=True, progress=False)
+    keys = _native.request_keys()
+    assert set(seen["request"]) <= set(keys["fuse"])  # the merge parameters are sent when given
+    quant_keys = {"keep_format", "survival_threshold", "reference_base", "merge_base"}
+    assert quant_keys <= set(seen["request"])
+    assert sorted(res.__dict__) == sorted(keys["fuse_result"])
+
+
+def test_cli_keep_format_and_dry_run_report(folders, tmp_path, capsys):
+    from gomerge.cli import main
+
+    rc = main(["fuse", folders["nf4"], folders["adapter"], "--keep-format", "--dry-run", "--survival-threshold", "0.2"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.self_attn.q_proj.weight: survival" in out
+    rc = main(["fuse", folders["fp8"], folders["adapter"], "--dtype", "bfloat16", "-o", str(tmp_path / "o"), "--quiet"])
+    assert rc == 0 and os.path.exists(tmp_path / "o" / "model.safetensors")

@@ -236,9 +236,8 @@ def fuse(
         "keep_format": bool(keep_format),
         "reference_base": os.fspath(reference_base) if reference_base is not None else "",
         "merge_base": merge_base or "",
+        "survival_threshold": None if survival_threshold is None else float(survival_threshold),
     }
-    if survival_threshold is not None:
-        request["survival_threshold"] = float(survival_threshold)
     request.update(params)
     with ExitStack() as temporary:  # temporary copies of .bin adapters live until the fuse is done
         request["adapters"] = [sources.resolve(n, temporary, revision) for n in names]
