@@ -88,6 +88,7 @@ type quantPlan struct {
 
 	mu      sync.Mutex
 	reports []QuantTensorReport
+	heavy   sync.Mutex // held while a quantized tensor is computed
 }
 
 // unsupportedMethods are quantization methods fuse does not read yet, with what to say.
@@ -499,9 +500,14 @@ func (qt *quantTensor) requantize(x []float32, old *quantized, stored map[string
 	return out
 }
 
-// dequantizeBytes decodes a requantized result as the base's reader would.
-func (qt *quantTensor) dequantizeBytes(dst []float32, enc map[string][]byte, old *quantized) {
-	q := &quantized{packed: enc[qt.weight]}
+// dequantizeBytesRange decodes elements [lo, lo+len(dst)) of a
+// requantized result as the base's reader would; lo and len(dst) are
+// whole rows of quantization blocks (surveyChunk).
+func (qt *quantTensor) dequantizeBytesRange(dst []float32, enc map[string][]byte, old *quantized, lo int) {
+	packed := enc[qt.weight]
+	cols := qt.shape[len(qt.shape)-1]
+	r0, rows := lo/cols, len(dst)/cols
+	round := quant.RoundTo(qt.dtype.TorchName())
 	switch qt.format {
 	case qBnb4:
 		b := *old.bnb
@@ -513,13 +519,43 @@ func (qt *quantTensor) dequantizeBytes(dst []float32, enc map[string][]byte, old
 		} else {
 			b.Absmax = safetensors.BytesAsFloat32(enc[qt.stats["absmax"]])
 		}
-		q.bnb = &b
+		b.DequantizeRange(dst, packed, b.BlockAbsmax(), lo, round)
+		return
 	case qInt8:
-		q.scales = safetensors.BytesAsFloat32(enc[qt.stats["SCB"]])
-	default:
-		q.scales = safetensors.BytesAsFloat32(enc[qt.stats["scale"]])
+		quant.Int8Dequantize(dst, packed[lo:], safetensors.BytesAsFloat32(enc[qt.stats["SCB"]])[r0:], rows, cols)
+	case qFP8Block:
+		f := quant.FP8Block{Rows: rows, Cols: cols, BlockRows: qt.block[0], BlockCols: qt.block[1]}
+		sc := (cols + qt.block[1] - 1) / qt.block[1]
+		f.Dequantize(dst, packed[lo:], safetensors.BytesAsFloat32(enc[qt.stats["scale"]])[(r0/qt.block[0])*sc:])
+	case qFP8Scaled:
+		sc := safetensors.BytesAsFloat32(enc[qt.stats["scale"]])
+		f := quant.FP8Scaled{Rows: rows, Cols: cols, PerChannel: len(sc) > 1}
+		if f.PerChannel {
+			sc = sc[r0:]
+		}
+		f.Dequantize(dst, packed[lo:], sc)
 	}
-	qt.dequantize(dst, q)
+	if round != nil {
+		for i, v := range dst {
+			dst[i] = round(v)
+		}
+	}
+}
+
+// surveyChunk is the number of elements record decodes at a time: whole
+// rows, a multiple of the quantization blocks' rows (FP8) and of the 4-bit
+// blocks (an even count).
+func (qt *quantTensor) surveyChunk() int {
+	n := safetensors.Numel(qt.shape)
+	cols := qt.shape[len(qt.shape)-1]
+	unit := cols
+	switch qt.format {
+	case qFP8Block:
+		unit = cols * qt.block[0]
+	case qBnb4:
+		unit = 2 * qt.bnb.Blocksize
+	}
+	return min(n, max(unit, (1<<20)/unit*unit))
 }
 
 // fuseQuantOne handles the tensors of a quantized base: it reports done
@@ -534,6 +570,10 @@ func (q *quantPlan) fuseQuantOne(ctx context.Context, p *fusePlan, t *fuseTensor
 	if qt == nil || (q.keep && len(t.ops) == 0) {
 		return false, nil
 	}
+	// one quantized tensor at a time: each holds four copies of itself (the dequantized base, the sum, the written
+	// values, the encoded bytes), and its own work runs on all cores (applyOps)
+	q.heavy.Lock()
+	defer q.heavy.Unlock()
 	old, err := qt.read(base)
 	if err != nil {
 		return true, err
@@ -555,7 +595,6 @@ func (q *quantPlan) fuseQuantOne(ctx context.Context, p *fusePlan, t *fuseTensor
 	if err := applyOps(ctx, p, t, x); err != nil {
 		return true, err
 	}
-	written := x
 	var enc map[string][]byte
 	if q.keep {
 		stored := map[string][]int{}
@@ -565,15 +604,17 @@ func (q *quantPlan) fuseQuantOne(ctx context.Context, p *fusePlan, t *fuseTensor
 			}
 		}
 		enc = qt.requantize(x, old, stored)
-		written = make([]float32, n)
-		qt.dequantizeBytes(written, enc, old)
-	} else {
-		written = make([]float32, n)
-		for i, v := range x {
-			written[i] = safetensors.Round(t.dtype, v)
-		}
 	}
 	if len(t.ops) > 0 {
+		written := func(dst []float32, lo int) { // the written values of [lo, lo+len(dst)), dequantized
+			if enc != nil {
+				qt.dequantizeBytesRange(dst, enc, old, lo)
+				return
+			}
+			for i := range dst {
+				dst[i] = safetensors.Round(t.dtype, x[lo+i])
+			}
+		}
 		q.record(qt, wBase, x, written, deq, w16)
 	}
 	if w == nil {
@@ -614,18 +655,27 @@ func (q *quantPlan) readReference(qt *quantTensor) ([]float32, error) {
 	return x, nil
 }
 
-// record computes one changed tensor's survival figures.
-func (q *quantPlan) record(qt *quantTensor, w, sum, written, deq, w16 []float32) {
+// record computes one changed tensor's survival figures, decoding the
+// written values a chunk at a time (written fills dst with the values of
+// [lo, lo+len(dst))).
+func (q *quantPlan) record(qt *quantTensor, w, sum []float32, written func(dst []float32, lo int), deq, w16 []float32) {
 	var dot, dd, rr, gap float64
-	for i := range w {
-		d := float64(sum[i]) - float64(w[i])
-		dot += (float64(written[i]) - float64(w[i])) * d
-		dd += d * d
-		r := float64(written[i]) - float64(sum[i])
-		rr += r * r
-		if w16 != nil {
-			g := float64(deq[i]) - float64(w16[i])
-			gap += g * g
+	chunk := qt.surveyChunk()
+	buf := make([]float32, chunk)
+	for lo := 0; lo < len(w); lo += chunk {
+		out := buf[:min(chunk, len(w)-lo)]
+		written(out, lo)
+		for j, v := range out {
+			i := lo + j
+			d := float64(sum[i]) - float64(w[i])
+			dot += (float64(v) - float64(w[i])) * d
+			dd += d * d
+			r := float64(v) - float64(sum[i])
+			rr += r * r
+			if w16 != nil {
+				g := float64(deq[i]) - float64(w16[i])
+				gap += g * g
+			}
 		}
 	}
 	rep := QuantTensorReport{Tensor: qt.weight, Format: q.method, Survival: 1} // no update at all: nothing to lose

@@ -209,8 +209,8 @@ func writeEncoded(w *safetensors.Writer, name string, d safetensors.DType, x []f
 // float32 tensor, its encoded copy and the factors' float64 work space (0
 // for a tensor copied as it is, which moves inside the kernel).
 func (t *fuseTensor) memCost() int64 {
-	if t.quant != nil {
-		return 16 * int64(safetensors.Numel(t.shape)) // the dequantized base, the sum and the written values, in float32
+	if t.quant != nil { // one at a time (quantPlan.heavy): the dequantized base and the sum in float32, the bytes
+		return 5 * int64(safetensors.Numel(t.shape))
 	}
 	if len(t.ops) == 0 {
 		return 0

@@ -197,6 +197,24 @@ func (b *Bnb4) BlockAbsmax() []float32 {
 	return out
 }
 
+// DequantizeRange writes elements [lo, lo+len(dst)) of the weight, as
+// Dequantize does, from the block absmax values (BlockAbsmax).
+func (b *Bnb4) DequantizeRange(dst []float32, packed []byte, absmax []float32, lo int, round func(float32) float32) {
+	bs := b.State.Blocksize
+	for j := range dst {
+		i := lo + j
+		q := packed[i/2]
+		if i%2 == 0 {
+			q >>= 4
+		}
+		v := b.QuantMap[q&0xf] * absmax[i/bs]
+		if round != nil {
+			v = round(v)
+		}
+		dst[j] = v
+	}
+}
+
 // Dequantize writes the weight (numel values) in float32: element 2j is
 // the high nibble of byte j, 2j+1 the low one, times its block's absmax;
 // round, when not nil, then rounds each value to the state's dtype, as

@@ -68,29 +68,22 @@ func E5M2ToFloat32(dst []float32, src []byte) {
 // to it (the quantizers clamp first, so the cast never sees them), NaN
 // gives NaN (0x7f).
 func Float32ToE4M3(x float32) uint8 {
-	if x != x {
-		return 0x7f
+	b := math.Float32bits(x)
+	sign := uint8(b>>24) & 0x80
+	a := b &^ (1 << 31)
+	switch {
+	case a > 0x7f800000: // NaN
+		return sign | 0x7f
+	case a >= 0x43e00000: // 448 and above
+		return sign | 0x7e
+	case a < 0x3c800000: // below 2^-6: subnormal, multiples of 2^-9 (8 of them is the smallest normal, 0x08)
+		return sign | uint8(math.RoundToEven(float64(math.Float32frombits(a))*512))
 	}
-	var sign uint8
-	a := float64(x)
-	if a < 0 || (a == 0 && math.Signbit(a)) {
-		sign, a = 0x80, -a
-	}
-	if a >= E4M3Max {
+	// normal: keep 3 of the 23 mantissa bits, to nearest with ties to even (a carry moves into the exponent)
+	r := (a + 0x7ffff + (a>>20)&1) >> 20
+	e := r>>3 - 127 + 7
+	if e > 15 || (e == 15 && r&7 == 7) {
 		return sign | 0x7e
 	}
-	if a < math.Ldexp(1, -6) { // subnormal: multiples of 2^-9
-		q := math.RoundToEven(a * 512)
-		return sign | uint8(q) // q = 8 is the smallest normal (0x08)
-	}
-	frac, exp := math.Frexp(a) // a = frac * 2^exp, frac in [0.5, 1)
-	e := exp - 1               // a = (2 frac) 2^e
-	m := math.RoundToEven((2*frac - 1) * 8)
-	if m == 8 {
-		m, e = 0, e+1
-	}
-	if e+7 > 15 || (e+7 == 15 && m == 7) {
-		return sign | 0x7e
-	}
-	return sign | uint8(e+7)<<3 | uint8(m)
+	return sign | uint8(e)<<3 | uint8(r&7)
 }

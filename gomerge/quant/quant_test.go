@@ -203,3 +203,53 @@ func TestMXFP4(t *testing.T) {
 		assert.Equal(t, want, fp4Code(x), "x = %v", x)
 	}
 }
+
+// e4m3Reference rounds to float8_e4m3fn by its definition (float64 arithmetic, saturating): what the bit
+// arithmetic of Float32ToE4M3 must equal.
+func e4m3Reference(x float32) uint8 {
+	if x != x {
+		return 0x7f
+	}
+	var sign uint8
+	a := float64(x)
+	if math.Signbit(a) {
+		sign, a = 0x80, -a
+	}
+	if a >= E4M3Max {
+		return sign | 0x7e
+	}
+	if a < math.Ldexp(1, -6) {
+		return sign | uint8(math.RoundToEven(a*512))
+	}
+	frac, exp := math.Frexp(a)
+	e := exp - 1
+	m := math.RoundToEven((2*frac - 1) * 8)
+	if m == 8 {
+		m, e = 0, e+1
+	}
+	return sign | uint8(e+7)<<3 | uint8(m)
+}
+
+func TestFloat32ToE4M3MatchesItsDefinition(t *testing.T) {
+	r := rand.New(rand.NewPCG(5, 6))
+	check := func(x float32) {
+		if got, want := Float32ToE4M3(x), e4m3Reference(x); got != want && x == x {
+			t.Fatalf("x = %v (%#x): got %#x, want %#x", x, math.Float32bits(x), got, want)
+		}
+	}
+	for i := 0; i < 2_000_000; i++ {
+		check(math.Float32frombits(r.Uint32()))
+		check(float32(r.NormFloat64() * math.Ldexp(1, r.IntN(20)-12)))
+	}
+	for b := 0; b < 256; b++ { // every value and the midpoints around it
+		v := e4m3Table[b]
+		check(v)
+		check(math.Nextafter32(v, float32(math.Inf(1))))
+		check(math.Nextafter32(v, float32(math.Inf(-1))))
+		if b < 0x7e {
+			mid := (v + e4m3Table[b+1]) / 2
+			check(mid)
+			check(math.Nextafter32(mid, 0))
+		}
+	}
+}
