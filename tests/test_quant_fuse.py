@@ -530,3 +530,29 @@ def test_cli_keep_format_and_dry_run_report(folders, tmp_path, capsys):
     assert "model.layers.0.self_attn.q_proj.weight: survival" in out
     rc = main(["fuse", folders["fp8"], folders["adapter"], "--dtype", "bfloat16", "-o", str(tmp_path / "o"), "--quiet"])
     assert rc == 0 and os.path.exists(tmp_path / "o" / "model.safetensors")
+
+
+def test_llm_int8_skip_modules_stay_16bit(folders, tmp_path):
+    """Layers left 16-bit by llm_int8_skip_modules (unsloth's dynamic quants) are fused as ordinary tensors, next to
+    requantized 4-bit ones."""
+    base = tmp_path / "skip"
+    q = AutoModelForCausalLM.from_pretrained(
+        folders["w16"],
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=["v_proj", "lm_head"]
+        ),
+        device_map="cpu",
+    )
+    q.save_pretrained(base)
+    sd = load_file(str(base / "model.safetensors"))
+    v = "model.layers.0.self_attn.v_proj.weight"
+    assert sd[v].dtype == torch.bfloat16
+    delta = _delta(folders["adapter"])
+    res = gomerge.fuse(
+        str(base), [folders["adapter"]], output_dir=str(tmp_path / "o"), keep_format=True, progress=False
+    )
+    got = load_file(str(tmp_path / "o" / "model.safetensors"))
+    assert torch.equal(got[v], _round_once(sd[v].double() + delta[v], torch.bfloat16))
+    assert v not in {t["tensor"] for t in res.quantized["tensors"]}
+    qk = "model.layers.0.self_attn.q_proj.weight"
+    assert qk in {t["tensor"] for t in res.quantized["tensors"]} and got[qk].dtype == torch.uint8
