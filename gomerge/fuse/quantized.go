@@ -457,9 +457,11 @@ func (qt *quantTensor) dequantize(dst []float32, q *quantized) {
 		quant.FP8Scaled{Rows: qt.shape[0], Cols: qt.shape[1], PerChannel: len(q.scales) > 1}.Dequantize(dst, q.packed, q.scales)
 	}
 	if r := quant.RoundTo(qt.dtype.TorchName()); r != nil {
-		for i, v := range dst {
-			dst[i] = r(v)
-		}
+		parallel.For(len(dst), 1<<16, func(lo, hi int) {
+			for i := lo; i < hi; i++ {
+				dst[i] = r(dst[i])
+			}
+		})
 	}
 }
 

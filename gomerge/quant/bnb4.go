@@ -8,6 +8,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+
+	"gomerge/gomerge/parallel"
 )
 
 // Bnb4State is the quant_state of a bitsandbytes 4-bit tensor, stored as
@@ -221,19 +223,7 @@ func (b *Bnb4) DequantizeRange(dst []float32, packed []byte, absmax []float32, l
 // dequantize_4bit returns it.
 func (b *Bnb4) Dequantize(dst []float32, packed []byte, round func(float32) float32) {
 	absmax := b.BlockAbsmax()
-	bs := b.State.Blocksize
-	n := b.State.Numel()
-	for i := 0; i < n; i++ {
-		q := packed[i/2]
-		if i%2 == 0 {
-			q >>= 4
-		}
-		v := b.QuantMap[q&0xf] * absmax[i/bs]
-		if round != nil {
-			v = round(v)
-		}
-		dst[i] = v
-	}
+	parallel.For(b.State.Numel(), 1<<16, func(lo, hi int) { b.DequantizeRange(dst[lo:hi], packed, absmax, lo, round) })
 }
 
 // Quantize4 is bitsandbytes' quantize_4bit (its CPU kernel, the default
@@ -259,7 +249,24 @@ func Quantize4(packed []byte, absmax []float32, w []float32, quantMap []float32,
 	}
 	n := len(w)
 	full := n - n%blocksize
-	for b := 0; b*blocksize < n; b++ {
+	grain := max(1, (1<<16)/blocksize)
+	if blocksize%2 == 1 {
+		grain = n // a byte would hold two blocks' codes: one goroutine
+	}
+	parallel.For(ceilDiv(n, blocksize), grain, func(b0, b1 int) {
+		for b := b0; b < b1; b++ {
+			quantize4Block(packed, absmax, w, b, blocksize, full, code)
+		}
+	})
+	if n%2 == 1 {
+		packed[n/2] |= code(0)
+	}
+}
+
+// quantize4Block quantizes block b of w (Quantize4).
+func quantize4Block(packed []byte, absmax []float32, w []float32, b, blocksize, full int, code func(float32) byte) {
+	n := len(w)
+	{
 		lo, hi := b*blocksize, min((b+1)*blocksize, n)
 		am := float32(0)
 		for _, v := range w[lo:hi] {
@@ -282,9 +289,6 @@ func Quantize4(packed []byte, absmax []float32, w []float32, quantMap []float32,
 				packed[i/2] |= q
 			}
 		}
-	}
-	if n%2 == 1 {
-		packed[n/2] |= code(0)
 	}
 }
 

@@ -3,6 +3,8 @@ package quant
 import (
 	"fmt"
 	"math"
+
+	"gomerge/gomerge/parallel"
 )
 
 // FP8Block is a blockwise-scaled FP8 E4M3 weight (DeepSeek-V3, Qwen3 FP8,
@@ -36,13 +38,15 @@ func (f FP8Block) Check(scales int) error {
 // (despite its name, weight_scale_inv multiplies).
 func (f FP8Block) Dequantize(dst []float32, q []byte, scaleInv []float32) {
 	sc := ceilDiv(f.Cols, f.BlockCols)
-	for r := 0; r < f.Rows; r++ {
-		srow := scaleInv[(r/f.BlockRows)*sc:]
-		row, out := q[r*f.Cols:(r+1)*f.Cols], dst[r*f.Cols:(r+1)*f.Cols]
-		for c, b := range row {
-			out[c] = e4m3Table[b] * srow[c/f.BlockCols]
+	parallel.For(f.Rows, max(1, (1<<16)/max(1, f.Cols)), func(lo, hi int) {
+		for r := lo; r < hi; r++ {
+			srow := scaleInv[(r/f.BlockRows)*sc:]
+			row, out := q[r*f.Cols:(r+1)*f.Cols], dst[r*f.Cols:(r+1)*f.Cols]
+			for c, b := range row {
+				out[c] = e4m3Table[b] * srow[c/f.BlockCols]
+			}
 		}
-	}
+	})
 }
 
 // Quantize is transformers' Fp8Quantize rule per block, in float32: scale =
@@ -52,7 +56,12 @@ func (f FP8Block) Dequantize(dst []float32, q []byte, scaleInv []float32) {
 // over the values it has, as zero-padding to the full block does.
 func (f FP8Block) Quantize(q []byte, scaleInv []float32, w []float32) {
 	sr, sc := ceilDiv(f.Rows, f.BlockRows), ceilDiv(f.Cols, f.BlockCols)
-	for br := 0; br < sr; br++ {
+	parallel.For(sr, 1, func(lo, hi int) { f.quantizeRows(q, scaleInv, w, lo, hi, sc) })
+}
+
+// quantizeRows quantizes block rows [lo, hi).
+func (f FP8Block) quantizeRows(q []byte, scaleInv []float32, w []float32, lo, hi, sc int) {
+	for br := lo; br < hi; br++ {
 		r0, r1 := br*f.BlockRows, min((br+1)*f.BlockRows, f.Rows)
 		for bc := 0; bc < sc; bc++ {
 			c0, c1 := bc*f.BlockCols, min((bc+1)*f.BlockCols, f.Cols)
