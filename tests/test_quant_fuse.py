@@ -556,3 +556,36 @@ def test_llm_int8_skip_modules_stay_16bit(folders, tmp_path):
     assert v not in {t["tensor"] for t in res.quantized["tensors"]}
     qk = "model.layers.0.self_attn.q_proj.weight"
     assert qk in {t["tensor"] for t in res.quantized["tensors"]} and got[qk].dtype == torch.uint8
+
+
+def test_int8_from_transformers_save_path_reloads(folders, tmp_path):
+    """An int8 folder written by transformers' BitsAndBytesConfig(load_in_8bit=True) save path: --keep-format writes
+    bitsandbytes' int8_vectorwise_quant of each sum, and transformers reloads it with the logits of the folder holding
+    bitsandbytes' own requantized tensors."""
+    base = tmp_path / "int8"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = AutoModelForCausalLM.from_pretrained(
+            folders["w16"], quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu"
+        )
+        q.save_pretrained(base)
+    sd = load_file(str(base / "model.safetensors"))
+    delta = _delta(folders["adapter"])
+    gomerge.fuse(str(base), [folders["adapter"]], output_dir=str(tmp_path / "o"), keep_format=True, progress=False)
+    got = load_file(str(tmp_path / "o" / "model.safetensors"))
+    expected = dict(sd)
+    dt = torch.float32 if json.load(open(base / "config.json")).get("dtype") == "float32" else torch.bfloat16
+    for k in delta:
+        scb = k.replace(".weight", ".SCB")
+        w = bnb_f.int8_vectorwise_dequant(sd[k], sd[scb]).to(dt)
+        expected[k], expected[scb], _ = bnb_f.int8_vectorwise_quant((w.double() + delta[k]).float())
+        assert torch.equal(got[k], expected[k]) and torch.equal(got[scb], expected[scb]), k
+    ref = tmp_path / "ref"
+    shutil.copytree(base, ref)
+    save_file(expected, str(ref / "model.safetensors"), metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = AutoModelForCausalLM.from_pretrained(str(tmp_path / "o"), device_map="cpu")
+        theirs = AutoModelForCausalLM.from_pretrained(str(ref), device_map="cpu")
+    assert torch.equal(_logits(ours), _logits(theirs))
+    assert not torch.equal(_logits(ours), _logits(AutoModelForCausalLM.from_pretrained(str(base), device_map="cpu")))
