@@ -46,10 +46,11 @@ that both it and the floors find them in the page cache. Results go to benchmark
 PNG chart), with the targets of the issue checked against the run.
 
 - X1, mixture-of-experts adapters: benchmarks/moe.py (`--scenarios X1`, `--x1-layers N`).
+- Q1, Q2: fusing into quantized bases (NF4 with PEFT + bitsandbytes, FP8 blockwise with `cp -r`), in
+  benchmarks/quant.py (its own table: results/quant.md).
 
-Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1,M1,F1,F2,E1,X1,G1,SLOW] [--s3-layers N]
-    [--s1-methods ties,svd,...]
-    [--m1-methods knots_ties,core_tsv,...] [--e1-layers N]
+Usage: python benchmarks/run.py [--scenarios S1,S2,S3,S4,R1,M1,F1,F2,E1,X1,G1,Q1,Q2,SLOW] [--s3-layers N]
+    [--s1-methods ties,svd,...] [--m1-methods knots_ties,core_tsv,...] [--e1-layers N] [--q-layers N]
 """
 
 from __future__ import annotations
@@ -1188,9 +1189,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--scenarios",
-        default="S1,S2,S3,S4,R1,M1,F1,E1,X1,G1",
+        default="S1,S2,S3,S4,R1,M1,F1,E1,X1,G1,Q1,Q2",
         help="comma-separated; on request: F2 (13.5 GB) and SLOW (M1's dense-SVD peers, benchmarks/slow.py)",
     )
+    ap.add_argument("--q-layers", type=int, default=2, help="layers of Q1's and Q2's models (benchmarks/quant.py)")
     ap.add_argument("--chart-only", action="store_true", help="redraw the chart and table from results/latest.json")
     ap.add_argument("--s3-layers", type=int, default=32)
     ap.add_argument("--s1-methods", default="ties,svd,cat,linear,dare_ties", help="S1's methods (comma-separated)")
@@ -1252,6 +1254,8 @@ def main() -> None:
         for scenario in ("F1", "F2"):
             if scenario in todo:
                 fuse_scenario(scenario, root, bw, rows)
+        if todo & {"Q1", "Q2"}:  # quantized bases: benchmarks/quant.py (its own table, results/quant.md)
+            __import__("quant").run(todo & {"Q1", "Q2"}, args.q_layers)
         if "X1" in todo:
             import moe
 

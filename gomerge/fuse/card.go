@@ -53,5 +53,6 @@ func ModelCard(opts *Options, res *Result) string {
 	for _, t := range res.Changed {
 		ch.Row(card.Code(t.Tensor), fmt.Sprint(t.Shape), strings.Join(t.Ops, ", "))
 	}
+	quantCardSection(c, res)
 	return c.String()
 }

@@ -35,6 +35,19 @@ type Options struct {
 	BaseName     string   `json:"base_name"`      // how the user named the base (for the model card)
 	SourceNames  []string `json:"source_names"`   // how the user named the adapters (for the model card)
 	Workers      int      `json:"workers"`        // tensors fused at once; 0: twice the cores
+	// KeepFormat writes a quantized base's changed tensors requantized to
+	// its own format (untouched tensors byte for byte); DType instead writes
+	// it dequantized. See quantized.go.
+	KeepFormat bool `json:"keep_format"`
+	// SurvivalThreshold: a changed quantized tensor keeping less of its
+	// update is named in a warning (nil: DefaultSurvivalThreshold).
+	SurvivalThreshold *float64 `json:"survival_threshold"`
+	// ReferenceBase is the 16-bit original of a quantized base, for the
+	// report's reference gap and MergeBase "w16".
+	ReferenceBase string `json:"reference_base"`
+	// MergeBase is what the update is added to: "dequant" (the quantized
+	// base dequantized, the default) or "w16" (ReferenceBase's weights).
+	MergeBase string `json:"merge_base"`
 
 	oneAdapterMethod string // a combination_type given for one adapter, which nothing merges
 }
@@ -63,6 +76,8 @@ type Result struct {
 	DryRun          bool     `json:"dry_run"`
 	Seconds         float64  `json:"seconds"`
 	Warnings        []string `json:"warnings"`
+	// Quantized is the survival report of a quantized base (nil otherwise).
+	Quantized *QuantReport `json:"quantized,omitempty"`
 }
 
 // validate checks the options before any file is read.
@@ -146,6 +161,9 @@ func Fuse(ctx context.Context, opts Options, progress *parallel.Progress) (*Resu
 		}
 	}()
 	plan, err := planFuse(&opts, base, adapters)
+	if plan != nil {
+		defer plan.quant.close()
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -160,11 +178,20 @@ func Fuse(ctx context.Context, opts Options, progress *parallel.Progress) (*Resu
 		if ctx.Err() != nil {
 			return nil, errs.ErrCancelled
 		}
+		if plan.quant != nil {
+			if err := plan.quant.evaluate(ctx, plan, base, opts.Workers); err != nil {
+				return nil, err
+			}
+			plan.quant.finish(&opts, res)
+		}
 		res.Seconds = time.Since(start).Seconds()
 		return res, nil
 	}
 	if err := writeFused(ctx, &opts, plan, base, progress); err != nil {
 		return nil, err
+	}
+	if plan.quant != nil {
+		plan.quant.finish(&opts, res)
 	}
 	res.Seconds = time.Since(start).Seconds()
 	return res, nil

@@ -46,15 +46,17 @@ type fuseTensor struct {
 	dtype     safetensors.DType // the output dtype; "" for a tensor copied as it is (integers, ...)
 	rawDType  string            // the base's dtype as written
 	ops       []fuseOp
+	quant     *quantTensor // a quantized weight of the base (quantized.go)
+	stored    []int        // its shape in the output file when not shape (packed weights, quant_state)
 }
 
 // bytes is the tensor's size in the output.
 func (t *fuseTensor) bytes() int64 {
 	if t.dtype == "" {
 		n, _ := safetensors.RawDTypeSize(t.rawDType)
-		return int64(safetensors.Numel(t.shape) * n)
+		return int64(safetensors.Numel(t.storedShape()) * n)
 	}
-	return int64(safetensors.Numel(t.shape) * t.dtype.Size())
+	return int64(safetensors.Numel(t.storedShape()) * t.dtype.Size())
 }
 
 // fusePlan is the whole output: its tensors, shards and config changes.
@@ -69,6 +71,7 @@ type fusePlan struct {
 	warnings  []string
 	mergeOpts methods.Combine // the merge before fusing (merged)
 	rank      int             // its rank
+	quant     *quantPlan      // a quantized base (quantized.go)
 }
 
 // embeddingSuffixes name the input embeddings that an lm_head can be tied to.
@@ -115,6 +118,9 @@ func planFuse(opts *Options, base *modelfolder.Folder, adapters []*adapter.Adapt
 			t.dtype = outDType
 		}
 		p.byName[name] = t
+	}
+	if err := p.planQuant(opts, base); err != nil {
+		return nil, err
 	}
 	tiedTo := ""
 	tiedDone := false
@@ -222,6 +228,7 @@ func planFuse(opts *Options, base *modelfolder.Folder, adapters []*adapter.Adapt
 			p.untieLMHead(emb)
 		}
 	}
+	p.reserveQuantState()
 	if err := p.layout(opts, base); err != nil {
 		return nil, err
 	}
@@ -233,7 +240,7 @@ func adapterFile(a *adapter.Adapter) string { return a.File.Path }
 
 // checkFloat refuses to change a tensor that is not stored as floats.
 func (t *fuseTensor) checkFloat(base *modelfolder.Folder, by string) error {
-	if t.dtype == "" {
+	if t.dtype == "" && t.quant == nil {
 		return errs.Value("%s: tensor %s has dtype %s, which fuse cannot write (it writes F32, BF16 and F16); %s targets it",
 			base.Dir, t.src, t.rawDType, by)
 	}
@@ -374,6 +381,9 @@ func (p *fusePlan) layout(opts *Options, base *modelfolder.Folder) error {
 	for _, s := range base.Shards() {
 		var names []string
 		for _, n := range s.Tensors {
+			if p.byName[n] == nil {
+				continue // a quantization statistic of a dequantized output
+			}
 			names = append(names, n)
 			if t := p.byName[lmHead]; t != nil && t.src == n && t.name != n {
 				names = append(names, lmHead)

@@ -53,7 +53,7 @@ func writeFused(ctx context.Context, opts *Options, p *fusePlan, base *modelfold
 		outs := make([]safetensors.OutTensor, len(s.Tensors))
 		for i, n := range s.Tensors {
 			t := p.byName[n]
-			outs[i] = safetensors.OutTensor{Name: n, DType: t.dtype, Shape: t.shape, RawDType: t.rawDType}
+			outs[i] = safetensors.OutTensor{Name: n, DType: t.dtype, Shape: t.storedShape(), RawDType: t.rawDType}
 		}
 		w, err := out.CreateShard(s.Name, outs)
 		if err != nil {
@@ -66,6 +66,9 @@ func writeFused(ctx context.Context, opts *Options, p *fusePlan, base *modelfold
 	}
 	if progress != nil {
 		progress.Total.Store(int64(len(p.tensors)))
+	}
+	if p.quant != nil {
+		p.quant.writers = writerOf
 	}
 	defer holdMemoryLimit(2*p.largestCost() + 256<<20)()
 	if err := fuseTensors(ctx, opts, p, base, writerOf, progress); err != nil {
@@ -85,6 +88,9 @@ func writeFused(ctx context.Context, opts *Options, p *fusePlan, base *modelfold
 		if p.untie {
 			cfg["tie_word_embeddings"] = false
 		}
+		if p.quant != nil && !p.quant.keep {
+			delete(cfg, "quantization_config") // written dequantized
+		}
 		if opts.DType != "" {
 			dt, _ := safetensors.ParseDType(opts.DType)
 			cfg["dtype"] = dt.TorchName()
@@ -100,7 +106,11 @@ func writeFused(ctx context.Context, opts *Options, p *fusePlan, base *modelfold
 	if err := out.CopyFiles(base, skip...); err != nil {
 		return err
 	}
-	if err := out.WriteFile("README.md", []byte(ModelCard(opts, p.result(opts)))); err != nil {
+	res := p.result(opts)
+	if p.quant != nil {
+		p.quant.finish(opts, res)
+	}
+	if err := out.WriteFile("README.md", []byte(ModelCard(opts, res))); err != nil {
 		return err
 	}
 	if ctx.Err() != nil {
@@ -154,6 +164,11 @@ func fuseOne(ctx context.Context, p *fusePlan, t *fuseTensor, base *modelfolder.
 			err = errs.New(errs.KindInternal, "tensor %s: internal error: %v", t.name, r)
 		}
 	}()
+	if p.quant != nil {
+		if done, err := p.quant.fuseQuantOne(ctx, p, t, base, w); done {
+			return raw, err
+		}
+	}
 	info, _ := base.Info(t.src)
 	if len(t.ops) == 0 && (t.dtype == "" || t.dtype == info.DType) {
 		return base.CopyTensor(w, t.name, t.src, raw)
@@ -203,6 +218,9 @@ func writeEncoded(w *safetensors.Writer, name string, d safetensors.DType, x []f
 // float32 tensor, its encoded copy and the factors' float64 work space (0
 // for a tensor copied as it is, which moves inside the kernel).
 func (t *fuseTensor) memCost() int64 {
+	if t.quant != nil { // one at a time (quantPlan.heavy): the dequantized base and the sum in float32, the bytes
+		return 5 * int64(safetensors.Numel(t.shape))
+	}
 	if len(t.ops) == 0 {
 		return 0
 	}

@@ -70,6 +70,10 @@ func seedSafetensors(t testing.TB) [][]byte {
 		header(`{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}`),
 		header(`{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}`),
 		header(`{"a":{"dtype":"F8_E4M3","shape":[16],"data_offsets":[0,16]}}`),
+		header(`{"a":{"dtype":"F8_E4M3","shape":[4,2],"data_offsets":[0,8]},"b":{"dtype":"F8_E5M2","shape":[8],"data_offsets":[8,16]}}`),
+		header(`{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]},"b":{"dtype":"I8","shape":[2,2],"data_offsets":[8,12]},"c":{"dtype":"I32","shape":[1],"data_offsets":[12,16]}}`),
+		header(`{"a":{"dtype":"F8_E4M3","shape":[17],"data_offsets":[0,16]}}`),
+		header(`{"a":{"dtype":"F8_E3M4","shape":[16],"data_offsets":[0,16]}}`),
 		header(`{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,16]}}`),
 		header(`{"__metadata__":{"format":1}}`),
 	}
@@ -97,7 +101,12 @@ func FuzzOpenSafetensors(f *testing.F) {
 		defer st.Close()
 		st.AllowNonFinite = true
 		for name, e := range st.Entries {
-			if e.DType == "" {
+			if e.DType == "" { // integers and FP8: read as stored, their size checked against dtype and shape
+				n, ok := RawDTypeSize(e.RawDType)
+				raw, err := st.ReadRaw(name, nil)
+				if !ok || err != nil || len(raw) != n*Numel(e.Shape) {
+					t.Fatalf("a validated %s tensor failed to read: %v", e.RawDType, err)
+				}
 				continue
 			}
 			if _, err := st.ReadFloat32(name); err != nil {

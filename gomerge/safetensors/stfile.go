@@ -113,12 +113,12 @@ func readHeader(path string, f *os.File) (*File, error) {
 			shape[i] = int(d)
 		}
 		s, e := ti.DataOffsets[0], ti.DataOffsets[1]
-		if e < s || elems > (1<<62)/ti.dtype.Size() || e-s != elems*ti.dtype.Size() {
+		if e < s || elems > (1<<62)/ti.size || e-s != elems*ti.size {
 			return nil, bad("tensor %s: dtype %s and shape %v need %d bytes, its offsets [%d, %d] give %d",
-				name, ti.dtype, ti.Shape, elems*ti.dtype.Size(), s, e, e-s)
+				name, ti.rawName, ti.Shape, elems*ti.size, s, e, e-s)
 		}
 		spans = append(spans, span{name, s, e})
-		st.Entries[name] = Entry{DType: stDTypes[ti.dtype], RawDType: ti.dtype.String(), Shape: shape,
+		st.Entries[name] = Entry{DType: ti.floatType, RawDType: ti.rawName, Shape: shape,
 			Offset: int64(s), Length: int64(e - s)}
 	}
 	sort.Slice(spans, func(i, j int) bool {
@@ -151,7 +151,9 @@ func (e unsupportedDType) Error() string { return "tensor " + e.name + " has dty
 // headerTensor is one tensor's entry in a safetensors header.
 type headerTensor struct {
 	name        string
-	dtype       stlib.DType
+	rawName     string   // the dtype as written
+	size        uint64   // bytes per element
+	floatType   DType    // "" for dtypes gomerge does not merge
 	DType       *string  `json:"dtype"`
 	Shape       []uint64 `json:"shape"`
 	DataOffsets []uint64 `json:"data_offsets"`
@@ -161,7 +163,8 @@ type headerTensor struct {
 // shape and offsets, and the string metadata. It rejects what encoding/json
 // would let through silently (a name given twice: the last would win), a
 // tensor entry without its three fields, and dtypes that cannot be read
-// (FP8 and the like; the dtype names are the safetensors library's).
+// (the dtype names are the safetensors library's, and the FP8 ones,
+// F8_E4M3 and F8_E5M2, which it does not know).
 func parseHeader(header []byte) (tensors []headerTensor, metadata map[string]string, err error) {
 	dec := json.NewDecoder(bytes.NewReader(header))
 	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
@@ -191,8 +194,13 @@ func parseHeader(header []byte) (tensors []headerTensor, metadata map[string]str
 		if t.DType == nil || t.Shape == nil || len(t.DataOffsets) != 2 {
 			return nil, nil, fmt.Errorf("header: tensor %s needs dtype, shape and two data_offsets", key)
 		}
-		if t.dtype, err = stlib.ParseDType(*t.DType); err != nil {
+		size, ok := RawDTypeSize(*t.DType)
+		if !ok {
 			return nil, nil, unsupportedDType{key, *t.DType}
+		}
+		t.rawName, t.size = *t.DType, uint64(size)
+		if d, err := stlib.ParseDType(*t.DType); err == nil {
+			t.floatType = stDTypes[d]
 		}
 		tensors = append(tensors, t)
 	}
@@ -307,12 +315,20 @@ func (t OutTensor) byteLen() int64 {
 // RawDTypeSize is the element size of a dtype as named in safetensors
 // headers (F32, I64, BOOL, ...); false for a name the format does not know.
 func RawDTypeSize(raw string) (int, bool) {
+	if n, ok := fp8DTypes[raw]; ok {
+		return n, true
+	}
 	d, err := stlib.ParseDType(raw)
 	if err != nil {
 		return 0, false
 	}
 	return int(d.Size()), true
 }
+
+// fp8DTypes are the one-byte float dtypes of safetensors that the
+// reference Go library does not list: read as raw bytes, decoded by
+// package quant.
+var fp8DTypes = map[string]int{"F8_E4M3": 1, "F8_E5M2": 1}
 
 // ReadRaw reads the stored bytes of tensor name, whatever its dtype, into
 // dst (grown when too small) and returns them.

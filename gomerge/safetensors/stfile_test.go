@@ -70,3 +70,37 @@ func TestWriteTensorPart(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, x, got)
 }
+
+func TestOpenReadsQuantizedDTypes(t *testing.T) {
+	dir := t.TempDir()
+	cases := []struct {
+		name, header string
+		ok           bool
+	}{
+		{"fp8", `{"w":{"dtype":"F8_E4M3","shape":[2,4],"data_offsets":[0,8]},"x":{"dtype":"F8_E5M2","shape":[8],"data_offsets":[8,16]}}`, true},
+		{"ints", `{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]},"b":{"dtype":"I8","shape":[4],"data_offsets":[8,12]},"c":{"dtype":"I32","shape":[1],"data_offsets":[12,16]}}`, true},
+		{"fp8-size", `{"w":{"dtype":"F8_E4M3","shape":[3,4],"data_offsets":[0,16]}}`, false},
+		{"i32-size", `{"w":{"dtype":"I32","shape":[3],"data_offsets":[0,16]}}`, false},
+		{"unknown", `{"w":{"dtype":"F8_E3M4","shape":[16],"data_offsets":[0,16]}}`, false},
+	}
+	for _, c := range cases {
+		path := filepath.Join(dir, c.name+".safetensors")
+		b := make([]byte, 8)
+		binary.LittleEndian.PutUint64(b, uint64(len(c.header)))
+		require.NoError(t, os.WriteFile(path, append(append(b, c.header...), make([]byte, 16)...), 0o644))
+		st, err := Open(path)
+		if !c.ok {
+			assert.Error(t, err, c.name)
+			continue
+		}
+		require.NoError(t, err, c.name)
+		for name, e := range st.Entries {
+			assert.Equal(t, DType(""), e.DType, "%s is read as stored", name)
+			raw, err := st.ReadRaw(name, nil)
+			require.NoError(t, err)
+			n, _ := RawDTypeSize(e.RawDType)
+			assert.Len(t, raw, n*Numel(e.Shape))
+		}
+		st.Close()
+	}
+}

@@ -303,3 +303,12 @@ def serving_targets() -> tuple[dict[str, Any], ...]:
     """The engine's table of serving targets: one dict per target (``name``, ``title``, ``ranks``, ``ranks_up_to``,
     ``one_rank``, ``alpha_is_r``, ``patterns``, ``rslora``, ``modules_to_save``, ``dora``, ``sources``)."""
     return tuple(json.loads(_b.serving_targets()))
+
+
+def quant_codec(request: dict[str, Any]) -> None:
+    """Runs one of the engine's quantization codecs (``format``: ``bnb4``, ``int8``, ``fp8_block``, ``fp8_scaled``,
+    ``mxfp4``; ``op``: ``dequantize`` or ``quantize``) from the safetensors file ``input`` into ``output``; the
+    tensor names are those of ``gomerge/quant/codec.go``. Raises the engine's error."""
+    status = json.loads(_b.quant_codec(encode(request)))
+    if "error" in status:
+        raise_engine_error(status["error"])

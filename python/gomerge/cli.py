@@ -364,6 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--stack", action="store_true", help="apply several adapters one after another")
     f.add_argument("--max-shard-size", metavar="SIZE", help="split the output into shards of at most SIZE (5GB)")
     f.add_argument("--dry-run", action="store_true", help="list what would change; write nothing")
+    q = f.add_argument_group("quantized bases (bitsandbytes NF4/FP4/int8, FP8): --dtype writes them dequantized")
+    q.add_argument("--keep-format", action="store_true", help="requantize the changed tensors to the base's format")
+    q.add_argument(
+        "--survival-threshold",
+        type=float,
+        metavar="F",
+        help="warn about tensors keeping less than F of their update (default 0.5)",
+    )
+    q.add_argument("--reference-base", metavar="DIR", help="the 16-bit original, for the report (and --merge-base w16)")
+    q.add_argument(
+        "--merge-base", choices=("dequant", "w16"), help="add the update to the dequantized base (default) or to w16"
+    )
     _add_merge_params(f)
     _shared(f, "dtype", dtype="dtype of every float tensor (default: the base's)")
     _shared(f, "revision")
@@ -720,8 +732,18 @@ def _fuse(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 s["weight"] = w
         options["base"] = args.base
     options.update(_given_params(args))
-    _override(options, args, "output_dir", "dtype", "max_shard_size", combination_type="method")
-    for key in ("stack", "dry_run", "overwrite"):
+    _override(
+        options,
+        args,
+        "output_dir",
+        "dtype",
+        "max_shard_size",
+        "survival_threshold",
+        "reference_base",
+        "merge_base",
+        combination_type="method",
+    )
+    for key in ("stack", "dry_run", "overwrite", "keep_format"):
         if getattr(args, key):
             options[key] = True
     if not options.get("dry_run"):
@@ -748,6 +770,9 @@ def _fuse(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             for c in res.changed:
                 print(f"{c['tensor']} {c['shape']} {c['dtype']}: {', '.join(c['ops'])} ({', '.join(c['adapters'])})")
             print(f"dry run: {len(res.changed)} of {res.tensors} tensors would change; nothing was written")
+        if res.quantized:
+            for t in res.quantized["tensors"]:
+                print(f"{t['tensor']}: survival {t['survival']:.4g}, residual {t['residual']:.4g}")
         else:
             print(
                 f"fused {_n(len(res.adapters), 'adapter')} into {res.output_dir}: {len(res.changed)} of "

@@ -65,6 +65,10 @@ class FuseResult(EngineResult):
         dry_run (`bool`): nothing was written.
         seconds (`float`): wall time.
         warnings (`list[str]`): what the engine wants you to know (also issued as Python warnings).
+        quantized (`dict`, *optional*): for a quantized base, ``method``, ``output`` (``"keep_format"`` or the
+            dtype), ``merge_base``, ``threshold`` and ``tensors``: per changed tensor ``tensor``, ``survival``
+            (``<Q - W, dW> / ||dW||^2``), ``residual`` (``||Q - (W + dW)|| / ||dW||``) and, with a reference base,
+            ``reference_gap`` (``||deq(Wq) - W16|| / ||dW||``).
     """
 
     output_dir: str
@@ -80,6 +84,7 @@ class FuseResult(EngineResult):
     dry_run: bool
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    quantized: dict[str, Any] | None = None
 
     def _html_rows(self) -> tuple[str, list[tuple[str, Any]]]:
         return (
@@ -120,6 +125,10 @@ def fuse(
     progress: bool | None = None,
     workers: int | None = None,
     revision: str | None = None,
+    keep_format: bool = False,
+    survival_threshold: float | None = None,
+    reference_base: PathLike | None = None,
+    merge_base: str | None = None,
     **merge_options: Any,
 ) -> FuseResult:
     """Fuses LoRA adapters into the weights of their base model and writes a model folder transformers loads.
@@ -166,6 +175,20 @@ def fuse(
             cores; more tensors in flight overlap their reads and writes with it).
         revision (`str`, *optional*):
             Hub revision for a base or adapters given as Hub ids without ``@revision``.
+        keep_format (`bool`, defaults to `False`):
+            For a quantized base (bitsandbytes NF4 / FP4 / int8, FP8 blockwise or per-tensor / per-channel):
+            requantize the changed tensors to the base's own format, bit for bit as its reference quantizer, and
+            copy every other tensor byte for byte (``quantization_config`` stays). A quantized base needs either
+            this or ``dtype`` (which writes the fused model dequantized).
+        survival_threshold (`float`, *optional*):
+            For a quantized base: a changed tensor whose written weights keep less than this fraction of its
+            update is named in a warning (default 0.5). Every changed tensor's survival and residual are in
+            ``FuseResult.quantized``, the model card and a dry run.
+        reference_base (`str | os.PathLike`, *optional*):
+            The 16-bit original of a quantized base: the report adds ``||deq(Wq) - W16|| / ||dW||`` per tensor.
+        merge_base (`str`, *optional*):
+            What the update is added to on a quantized base: ``"dequant"`` (the dequantized base, as PEFT's
+            bitsandbytes merge; default) or ``"w16"`` (``reference_base``'s weights).
         **merge_options:
             The parameters of the merge method, for several adapters without ``stack`` (the engine's schema; each
             method refuses those it does not take):
@@ -212,6 +235,10 @@ def fuse(
         "max_shard_size": 0 if max_shard_size is None else parse_size(max_shard_size),
         "dry_run": bool(dry_run),
         "workers": int(workers or 0),
+        "keep_format": bool(keep_format),
+        "reference_base": os.fspath(reference_base) if reference_base is not None else "",
+        "merge_base": merge_base or "",
+        "survival_threshold": None if survival_threshold is None else float(survival_threshold),
     }
     request.update(params)
     with ExitStack() as temporary:  # temporary copies of .bin adapters live until the fuse is done

@@ -1,0 +1,262 @@
+"""The engine's quantization codecs (gomerge/quant) against their references, bit for bit on CPU: bitsandbytes'
+quantize_4bit / dequantize_4bit (NF4, FP4, double quant, odd sizes, quant_storage), int8_vectorwise_quant /
+int8_vectorwise_dequant, torch's float8_e4m3fn casts with transformers' fine-grained FP8 rule (448 / amax per
+128 x 128 block) and compressed-tensors' per-tensor / per-channel rule (amax / 448), and transformers'
+convert_moe_packed_tensors for MXFP4."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import bitsandbytes.functional as bnb_f  # noqa: E402
+import pytest
+import torch
+from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: E402
+from safetensors.torch import load_file, save_file
+
+from gomerge import _native
+
+torch._dynamo.config.disable = True  # bitsandbytes' default kernels are torch.compile'd: compiling them adds minutes
+
+
+def _bnb_dequantize_4bit(q: torch.Tensor, st) -> torch.Tensor:
+    """bitsandbytes' pure-torch dequantize_4bit (backends/default/ops.py), in the state's dtype. Its C kernel for
+    CPU (what dequantize_4bit calls here) agrees with it when a row is a whole number of blocks, and is wrong when
+    blocks span rows (bitsandbytes 0.50.2 with the AVX-512 build): test_bnb4_c_kernel_agrees_on_whole_row_blocks."""
+    absmax = st.absmax
+    if st.nested:
+        absmax = bnb_f.dequantize_blockwise(st.absmax, st.state2) + st.offset
+    return _dequantize_4bit_compute(q.view(torch.uint8).reshape(-1), absmax, st.code, st.blocksize, st.shape, st.dtype)
+
+
+def _codec(tmp_path, fmt: str, op: str, tensors: dict[str, torch.Tensor], **extra) -> dict[str, torch.Tensor]:
+    src = os.path.join(tmp_path, f"{fmt}-{op}-in.safetensors")
+    dst = os.path.join(tmp_path, f"{fmt}-{op}-out.safetensors")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, src)
+    _native.quant_codec({"format": fmt, "op": op, "input": src, "output": dst, **extra})
+    return load_file(dst)
+
+
+def _state_tensors(weight: torch.Tensor, state) -> dict[str, torch.Tensor]:
+    packed = state.as_dict(packed=True)
+    out = {"weight": weight.view(torch.uint8) if weight.dtype != torch.uint8 else weight}
+    for k, v in packed.items():
+        out["quant_state" if k.startswith("quant_state.") else k] = v
+    return out
+
+
+CASES_4BIT = [
+    # (quant_type, nested, shape, blocksize, dtype)
+    ("nf4", False, (64, 96), 64, torch.bfloat16),
+    ("nf4", True, (128, 96), 64, torch.bfloat16),
+    ("fp4", False, (64, 96), 64, torch.float16),
+    ("fp4", True, (96, 70), 64, torch.float32),
+    ("nf4", False, (33, 7), 64, torch.float32),  # a short last block and an odd element count
+    ("nf4", True, (300, 64), 128, torch.bfloat16),  # more than 256 blocks: two nested blocks
+]
+
+
+@pytest.mark.parametrize("quant_type,nested,shape,blocksize,dtype", CASES_4BIT)
+def test_bnb4_dequantize_equals_bitsandbytes(tmp_path, quant_type, nested, shape, blocksize, dtype):
+    torch.manual_seed(0)
+    w = (torch.randn(shape) * 0.05).to(dtype)
+    q, st = bnb_f.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+    ref = _bnb_dequantize_4bit(q, st).float()
+    out = _codec(tmp_path, "bnb4", "dequantize", _state_tensors(q, st))["out"]
+    assert out.shape == ref.shape
+    assert torch.equal(out, ref), (out - ref).abs().max()
+
+
+@pytest.mark.parametrize("quant_type,dtype", [("nf4", torch.bfloat16), ("fp4", torch.float32), ("nf4", torch.float16)])
+def test_bnb4_c_kernel_agrees_on_whole_row_blocks(tmp_path, quant_type, dtype):
+    """Where each row is a whole number of blocks (every Linear of a real model), bitsandbytes' CPU C kernel gives
+    the same values as its pure-torch one, and so as the engine."""
+    torch.manual_seed(10)
+    w = (torch.randn(48, 128) * 0.05).to(dtype)
+    q, st = bnb_f.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=True)
+    out = _codec(tmp_path, "bnb4", "dequantize", _state_tensors(q, st))["out"]
+    assert torch.equal(out, bnb_f.dequantize_4bit(q, st).float())
+
+
+@pytest.mark.parametrize("quant_type,nested,shape,blocksize,dtype", CASES_4BIT)
+def test_bnb4_quantize_equals_bitsandbytes(tmp_path, quant_type, nested, shape, blocksize, dtype):
+    torch.manual_seed(1)
+    w = torch.randn(shape) * 0.05
+    q, st = bnb_f.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+    ref = _state_tensors(q, st)
+    templ = {k: ref[k] for k in ("quant_map", "quant_state", "nested_quant_map") if k in ref}
+    if nested:  # torch's float32 mean (a CPU-dependent summation order) is given: the rest is compared bit for bit
+        templ["offset"] = st.offset.reshape(1).float()
+    out = _codec(tmp_path, "bnb4", "quantize", {"w": w, **templ})
+    assert torch.equal(out["weight"], ref["weight"])
+    for k in ("nested_absmax", "nested_quant_map"):
+        if k in ref:
+            assert torch.equal(out[k], ref[k]), k
+    if not nested:
+        assert torch.equal(out["absmax"], ref["absmax"])
+    else:  # the codes of absmax - offset: the nearest values (test_bnb8_blockwise_equals_bitsandbytes)
+        _, plain = bnb_f.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type)
+        x = plain.absmax - st.offset
+        assert torch.equal(out["absmax"], _nearest_codes(x, st.state2.absmax, st.state2.code, 256))
+        assert (out["absmax"] != ref["absmax"]).float().mean() < 0.02
+    assert bytes(out["quant_state"].tolist()) == bytes(ref["quant_state"].tolist())
+
+
+def test_bnb4_quant_storage_bf16_reads_the_raw_bytes(tmp_path):
+    torch.manual_seed(2)
+    w = torch.randn(64, 64) * 0.05
+    q, st = bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4", quant_storage=torch.bfloat16)
+    assert q.dtype == torch.bfloat16
+    ref = _bnb_dequantize_4bit(q, st).float()
+    out = _codec(tmp_path, "bnb4", "dequantize", _state_tensors(q, st))["out"]
+    assert torch.equal(out, ref)
+
+
+def test_bnb4_nested_offset_is_the_float32_mean(tmp_path):
+    """Without the reference's offset, the engine's mean (float64 sum, one rounding) is within one float32 unit of
+    torch's float32 mean; the codes equal the reference's wherever the offsets agree."""
+    torch.manual_seed(3)
+    w = torch.randn(256, 256) * 0.05
+    q, st = bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    ref = _state_tensors(q, st)
+    templ = {k: ref[k] for k in ("quant_map", "quant_state", "nested_quant_map")}
+    out = _codec(tmp_path, "bnb4", "quantize", {"w": w, **templ})
+    assert torch.equal(out["weight"], ref["weight"])  # the 4-bit codes do not depend on the offset
+    off = json.loads(bytes(out["quant_state"].tolist()))["nested_offset"]
+    ref_off = st.offset.item()
+    assert abs(off - ref_off) <= abs(torch.nextafter(st.offset, torch.tensor(float("inf"))).item() - ref_off)
+
+
+@pytest.mark.parametrize("shape", [(16, 40), (7, 129)])
+def test_int8_equals_bitsandbytes(tmp_path, shape):
+    torch.manual_seed(4)
+    w = torch.randn(shape)
+    cb, scb, _ = bnb_f.int8_vectorwise_quant(w.clone())
+    out = _codec(tmp_path, "int8", "quantize", {"w": w})
+    assert torch.equal(out["weight"], cb)
+    assert torch.equal(out["SCB"], scb)
+    ref = bnb_f.int8_vectorwise_dequant(cb, scb)
+    deq = _codec(tmp_path, "int8", "dequantize", {"weight": cb, "SCB": scb})["out"]
+    assert torch.equal(deq, ref)
+
+
+def _fp8_block_reference(w: torch.Tensor, bm: int = 128, bn: int = 128):
+    """transformers' Fp8Quantize rule, with ragged edge blocks zero-padded to the block size (DeepSeek's rule)."""
+    rows, cols = w.shape
+    pr, pc = -rows % bm, -cols % bn
+    wp = torch.nn.functional.pad(w.float(), (0, pc, 0, pr))
+    t = wp.reshape(wp.shape[0] // bm, bm, wp.shape[1] // bn, bn)
+    amax = t.abs().amax(dim=(1, 3))
+    scale = torch.where(amax > 0, 448.0 / torch.where(amax > 0, amax, torch.ones_like(amax)), torch.ones_like(amax))
+    inv = (1.0 / scale).float()
+    q = torch.clamp(t * scale[:, None, :, None], -448, 448).to(torch.float8_e4m3fn)
+    q = q.reshape(wp.shape)[:rows, :cols]
+    return q, inv
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (200, 130), (5, 7)])
+def test_fp8_block_equals_torch_casts(tmp_path, shape):
+    torch.manual_seed(5)
+    w = torch.randn(shape) * 0.02
+    w[0, 0] = 0.5  # one block with a larger amax
+    q, inv = _fp8_block_reference(w)
+    out = _codec(tmp_path, "fp8_block", "quantize", {"w": w})
+    assert torch.equal(out["weight"].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(out["weight_scale_inv"], inv)
+    full = inv.repeat_interleave(128, 0)[: shape[0]].repeat_interleave(128, 1)[:, : shape[1]]
+    ref = q.float().reshape(shape) * full
+    deq = _codec(tmp_path, "fp8_block", "dequantize", {"weight": q, "weight_scale_inv": inv})["out"]
+    assert torch.equal(deq, ref)
+
+
+def test_fp8_e4m3_every_byte_decodes_as_torch(tmp_path):
+    q = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(1, 256)
+    deq = _codec(tmp_path, "fp8_scaled", "dequantize", {"weight": q, "weight_scale": torch.ones(1)})["out"]
+    ref = q.float()
+    nan = torch.isnan(ref)
+    assert torch.equal(torch.isnan(deq), nan)
+    assert torch.equal(deq[~nan], ref[~nan])
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fp8_scaled_equals_torch_casts(tmp_path, per_channel):
+    torch.manual_seed(6)
+    w = torch.randn(48, 80) * 0.03
+    amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax().reshape(1)
+    scale = amax / 448.0
+    q = torch.clamp(w / scale, -448, 448).to(torch.float8_e4m3fn)
+    out = _codec(tmp_path, "fp8_scaled", "quantize", {"w": w}, per_channel=per_channel)
+    assert torch.equal(out["weight"].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(out["weight_scale"], scale)
+    deq = _codec(tmp_path, "fp8_scaled", "dequantize", {"weight": q, "weight_scale": scale})["out"]
+    assert torch.equal(deq, q.float() * scale)
+
+
+def test_mxfp4_dequantize_equals_convert_moe_packed_tensors(tmp_path):
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    g = torch.Generator().manual_seed(7)
+    e, n, groups = 2, 6, 3  # [E, N, K/32, 16] blocks, [E, N, K/32] scales
+    blocks = torch.randint(0, 256, (e, n, groups, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(110, 140, (e, n, groups), dtype=torch.uint8, generator=g)
+    ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, K, N]
+    out = _codec(tmp_path, "mxfp4", "dequantize", {"blocks": blocks, "scales": scales})["out"]  # [E, N, K]
+    assert torch.equal(out.transpose(1, 2), ref)
+
+
+def test_mxfp4_quantize_round_trips_and_encodes_the_ocp_rule(tmp_path):
+    """The encoder's output decodes (by transformers) to values within half an FP4 step of the input; the shared
+    exponent is floor(log2(amax)) - 2 (OCP MX v1.0) and requantizing the decoded values gives the same bytes."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    torch.manual_seed(8)
+    w = torch.randn(2, 4, 64)  # [E, N, K]
+    out = _codec(tmp_path, "mxfp4", "quantize", {"w": w})
+    blocks, scales = out["blocks"], out["scales"]
+    assert blocks.shape == (2, 4, 2, 16) and scales.shape == (2, 4, 2)
+    amax = w.reshape(2, 4, 2, 32).abs().amax(-1)
+    assert torch.equal(scales.int() - 127, torch.floor(torch.log2(amax)).int() - 2)
+    deq = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).transpose(1, 2)
+    step = torch.ldexp(torch.ones_like(amax), scales.int() - 127).repeat_interleave(32, -1).reshape(w.shape)
+    assert ((deq - w).abs() <= 2 * step).all()  # values above 6 steps saturate: at most 2 steps off
+    again = _codec(tmp_path, "mxfp4", "quantize", {"w": deq})
+    assert torch.equal(again["blocks"], blocks) and torch.equal(again["scales"], scales)
+
+
+def test_codec_errors_name_the_tensor(tmp_path):
+    torch.manual_seed(9)
+    q, st = bnb_f.quantize_4bit(torch.randn(64, 64), blocksize=64, quant_type="nf4")
+    t = _state_tensors(q, st)
+    t["absmax"] = t["absmax"][:10]
+    with pytest.raises(ValueError, match="absmax has 10 values"):
+        _codec(tmp_path, "bnb4", "dequantize", t)
+    with pytest.raises(ValueError, match="weight_scale_inv has 1 values"):
+        q8 = torch.zeros(200, 200).to(torch.float8_e4m3fn)
+        _codec(tmp_path, "fp8_block", "dequantize", {"weight": q8, "weight_scale_inv": torch.ones(1, 1)})
+
+
+def _nearest_codes(x: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """The nearest-value rule of bitsandbytes' quantize_blockwise (its C kernel's comment: "find the closest value"),
+    with the kernel's code (first value -1) and its float32 division by the block's absmax; ties to the lower."""
+    c = code.clone()
+    c[0] = -1
+    n = x.numel()
+    normed = x / absmax.repeat_interleave(blocksize)[:n]
+    return (normed[:, None] - c[None, :]).abs().argmin(1).to(torch.uint8)  # argmin: the first (lower) of a tie
+
+
+@pytest.mark.parametrize("n,blocksize", [(256 * 400, 256), (1000, 256), (4096, 64)])
+def test_bnb8_blockwise_equals_bitsandbytes(tmp_path, n, blocksize):
+    """Double quant's absmax codes: the block absmax equal bitsandbytes' bit for bit, every code is the nearest value,
+    and so equals bitsandbytes' wherever its C kernel's bucket search found the nearest value: all but a few codes
+    per thousand (inputs close to a midpoint of the code, where the search lands on a neighbour)."""
+    torch.manual_seed(11)
+    x = torch.randn(n)
+    q, st = bnb_f.quantize_blockwise(x, blocksize=blocksize)
+    out = _codec(tmp_path, "bnb8", "quantize", {"w": x, "code": st.code}, block=[blocksize])
+    assert torch.equal(out["absmax"], st.absmax)
+    nearest = _nearest_codes(x, st.absmax, st.code, blocksize)
+    assert torch.equal(out["codes"], nearest)
+    off = q != nearest
+    assert off.float().mean() < 0.01, off.sum()  # measured: 1.4 per thousand over 102400 values
