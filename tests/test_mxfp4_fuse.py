@@ -33,7 +33,12 @@ from gomerge import _native
 
 QCONFIG = {
     "quant_method": "mxfp4",
-    "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
 }
 G0 = "model.layers.0.mlp.experts.gate_up_proj"
 
@@ -116,7 +121,9 @@ def _fuse(folders, name: str, base: str | None = None, **kw):
     out = os.path.join(folders["root"], name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = gomerge.fuse(base or folders["base"], [folders["adapter"]], output_dir=out, overwrite=True, progress=False, **kw)
+        res = gomerge.fuse(
+            base or folders["base"], [folders["adapter"]], output_dir=out, overwrite=True, progress=False, **kw
+        )
     return out, res
 
 
@@ -178,7 +185,9 @@ def test_keep_format_equals_the_encoder_on_the_sum(folders):
 
 def test_dry_run_reports_survival(folders):
     _, res = _fuse(folders, "dry", keep_format=True, dry_run=True)
-    assert {t["tensor"] for t in res.quantized["tensors"]} == {f"model.layers.{i}.{p}_blocks" for i in range(2) for p in EXPERT_PARAMS}
+    assert {t["tensor"] for t in res.quantized["tensors"]} == {
+        f"model.layers.{i}.{p}_blocks" for i in range(2) for p in EXPERT_PARAMS
+    }
     assert all(np.isfinite(t["survival"]) and t["residual"] >= 0 for t in res.quantized["tensors"])
     assert not os.path.exists(os.path.join(folders["root"], "dry"))
 
