@@ -178,10 +178,22 @@ func (p *fusePlan) addExperts(opts *Options, i int, a *adapter.Adapter, m *adapt
 		}
 		return nil
 	}
+	if t := p.mxfp4Param(m.Param); t != nil { // MXFP4 experts, [E, in, out] once dequantized
+		if want := []int{experts, in, out}; !slices.Equal(t.shape, want) {
+			return errs.Value("%s: needs the base's %s to have shape %v, but its MXFP4 %s is %v once dequantized (expert count or size disagree)",
+				where, m.Param, want, t.src, t.shape)
+		}
+		for e := range experts {
+			if err := add(t, expertOp{expert: e, rowLo: 0, rowHi: out, stacked: true}, true); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 	for _, suffix := range []string{"_blocks", "_scales"} {
 		if _, ok := base.Info(m.Param + suffix); ok {
-			return errs.Value("%s: the base stores %s as %s%s, MXFP4-quantized experts (gpt-oss's released format), which fuse does not "+
-				"write; fuse into an unquantized (bf16) checkpoint", where, m.Param, m.Param, suffix)
+			return errs.Value("%s: the base stores %s as %s%s, MXFP4-quantized experts (gpt-oss's released format), "+
+				"but its config has no quantization_config with quant_method \"mxfp4\"", where, m.Param, m.Param, suffix)
 		}
 	}
 	var tried []string

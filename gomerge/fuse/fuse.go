@@ -230,7 +230,9 @@ func (p *fusePlan) result(opts *Options) *Result {
 			continue
 		}
 		c := Change{Tensor: t.name, Shape: t.shape, DType: t.dtypeName(), Ops: []string{}, Adapters: []string{}}
-		if t.name != t.src {
+		if t.name != t.src && t.quant != nil {
+			c.Ops = append(c.Ops, "dequantized from "+t.src)
+		} else if t.name != t.src {
 			c.Ops = append(c.Ops, "copy of "+t.src)
 		}
 		seen := map[int]bool{}

@@ -69,9 +69,10 @@ type fusePlan struct {
 	untie     bool
 	totalSize int64
 	warnings  []string
-	mergeOpts methods.Combine // the merge before fusing (merged)
-	rank      int             // its rank
-	quant     *quantPlan      // a quantized base (quantized.go)
+	mergeOpts methods.Combine   // the merge before fusing (merged)
+	rank      int               // its rank
+	quant     *quantPlan        // a quantized base (quantized.go)
+	renamed   map[string]string // base tensor -> its output name, when they differ (MXFP4 experts written dequantized)
 }
 
 // embeddingSuffixes name the input embeddings that an lm_head can be tied to.
@@ -381,6 +382,9 @@ func (p *fusePlan) layout(opts *Options, base *modelfolder.Folder) error {
 	for _, s := range base.Shards() {
 		var names []string
 		for _, n := range s.Tensors {
+			if r, ok := p.renamed[n]; ok {
+				n = r
+			}
 			if p.byName[n] == nil {
 				continue // a quantization statistic of a dequantized output
 			}

@@ -61,6 +61,7 @@ const (
 	qInt8
 	qFP8Block
 	qFP8Scaled
+	qMXFP4
 )
 
 // quantTensor is one quantized weight of the base and its statistics.
@@ -73,6 +74,7 @@ type quantTensor struct {
 	bnb    quant.Bnb4State
 	block  [2]int
 	file   string
+	dense  string // MXFP4: the parameter's name (the blocks' without _blocks)
 }
 
 // quantPlan is what a fuse knows of its base's quantization.
@@ -93,9 +95,8 @@ type quantPlan struct {
 
 // unsupportedMethods are quantization methods fuse does not read yet, with what to say.
 var unsupportedMethods = map[string]string{
-	"gptq":  "GPTQ is not supported yet (it is next, with AWQ)",
-	"awq":   "AWQ is not supported yet (it is next, with GPTQ)",
-	"mxfp4": "MXFP4 (gpt-oss experts) is not supported by fuse yet: it needs the mixture-of-experts mapping; its codec is in gomerge/quant",
+	"gptq": "GPTQ is not supported yet (it is next, with AWQ)",
+	"awq":  "AWQ is not supported yet (it is next, with GPTQ)",
 }
 
 // planQuant reads the base's quantization_config and the statistics of
@@ -144,8 +145,11 @@ func (p *fusePlan) planQuant(opts *Options, base *modelfolder.Folder) error {
 	case "compressed-tensors", "fbgemm_fp8":
 		q.method = method + " fp8"
 		err = q.findFP8Scaled(base)
+	case "mxfp4":
+		q.method = "mxfp4"
+		err = q.findMXFP4(base)
 	default:
-		return errs.Value("%s: quantization_config.quant_method %q is not supported by fuse (supported: bitsandbytes, fp8, compressed-tensors and fbgemm_fp8 FP8)", base.Dir, method)
+		return errs.Value("%s: quantization_config.quant_method %q is not supported by fuse (supported: bitsandbytes, fp8, compressed-tensors and fbgemm_fp8 FP8, mxfp4)", base.Dir, method)
 	}
 	if err != nil {
 		return err
@@ -164,6 +168,9 @@ func (p *fusePlan) planQuant(opts *Options, base *modelfolder.Folder) error {
 			t.dtype, t.stored = outDType, nil
 			for _, s := range qt.stats {
 				delete(p.byName, s)
+			}
+			if qt.format == qMXFP4 { // written as the parameter transformers' dequantizing loader makes
+				p.renameOutput(t, qt.dense)
 			}
 		}
 	}
@@ -380,6 +387,7 @@ type quantized struct {
 	packed []byte
 	bnb    *quant.Bnb4
 	scales []float32
+	e8m0   []byte // MXFP4 scales
 }
 
 // read reads a quantized weight and its statistics, validated.
@@ -432,6 +440,10 @@ func (qt *quantTensor) read(base *modelfolder.Folder) (*quantized, error) {
 		if len(out.scales) != qt.shape[0] || len(packed) != n {
 			return nil, bad("SCB has %d values for %d rows", len(out.scales), qt.shape[0])
 		}
+	case qMXFP4:
+		if out.e8m0, err = qt.readMXFP4Scales(base, len(packed)); err != nil {
+			return nil, err
+		}
 	case qFP8Block, qFP8Scaled:
 		if out.scales, err = f32("scale"); err != nil {
 			return nil, err
@@ -449,6 +461,8 @@ func (qt *quantTensor) dequantize(dst []float32, q *quantized) {
 	case qBnb4:
 		q.bnb.Dequantize(dst, q.packed, quant.RoundTo(qt.dtype.TorchName()))
 		return
+	case qMXFP4:
+		qt.mxfp4Dequantize(dst, q.packed, q.e8m0, 0)
 	case qInt8:
 		quant.Int8Dequantize(dst, q.packed, q.scales, qt.shape[0], qt.shape[1])
 	case qFP8Block:
@@ -498,6 +512,9 @@ func (qt *quantTensor) requantize(x []float32, old *quantized, stored map[string
 		q, sc := make([]byte, len(x)), make([]float32, len(old.scales))
 		f.Quantize(q, sc, x, nil)
 		out[qt.weight], out[qt.stats["scale"]] = q, safetensors.Float32AsBytes(sc)
+	case qMXFP4:
+		blocks, scales := qt.mxfp4Quantize(x)
+		out[qt.weight], out[qt.stats["scales"]] = blocks, scales
 	}
 	return out
 }
@@ -536,6 +553,8 @@ func (qt *quantTensor) dequantizeBytesRange(dst []float32, enc map[string][]byte
 			sc = sc[r0:]
 		}
 		f.Dequantize(dst, packed[lo:], sc)
+	case qMXFP4:
+		qt.mxfp4Dequantize(dst, packed, enc[qt.stats["scales"]], lo)
 	}
 	if round != nil {
 		for i, v := range dst {
@@ -556,6 +575,8 @@ func (qt *quantTensor) surveyChunk() int {
 		unit = cols * qt.block[0]
 	case qBnb4:
 		unit = 2 * qt.bnb.Blocksize
+	case qMXFP4:
+		unit = n / qt.shape[0] // one expert
 	}
 	return min(n, max(unit, (1<<20)/unit*unit))
 }

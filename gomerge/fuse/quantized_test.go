@@ -125,7 +125,6 @@ func TestFuseQuantizedRefusals(t *testing.T) {
 	}{
 		{"gptq", Options{Base: base("gptq", `{"quantization_config": {"quant_method": "gptq"}}`), DType: "bf16"}, "GPTQ is not supported yet (it is next"},
 		{"awq", Options{Base: base("awq", `{"quantization_config": {"quant_method": "awq"}}`), KeepFormat: true}, "AWQ is not supported yet"},
-		{"mxfp4", Options{Base: base("mxfp4", `{"quantization_config": {"quant_method": "mxfp4"}}`), KeepFormat: true}, "mixture-of-experts"},
 		{"no choice", Options{Base: good}, "pass dtype"},
 		{"both", Options{Base: good, DType: "bf16", KeepFormat: true}, "one of the two"},
 		{"keep on plain", Options{Base: plain, KeepFormat: true}, "is not quantized"},
