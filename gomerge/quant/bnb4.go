@@ -353,8 +353,13 @@ func Blockwise8LUT(code []float32) []byte {
 }
 
 // MeanFloat32 is the mean of x as float32: the sum in float64, divided
-// and rounded once. torch sums float32 in float32 (with a CPU-dependent
-// order), so its mean may differ from this in the last place.
+// and rounded once (within 2^-24 + (n+1) 2^-53 of the exact mean,
+// relatively, for x >= 0).
+// bitsandbytes' offset is absmax.mean() in torch, which on CPU sums float32
+// in float32 in a cascade of vectorized partial sums whose order follows
+// the CPU's vector width (AVX2, AVX-512, NEON) and then divides: not
+// reproducible across CPUs, so this keeps the correctly rounded mean, which
+// torch's lies within gamma_(n+1) * mean|x| of (u = 2^-24).
 func MeanFloat32(x []float32) float32 {
 	s := 0.0
 	for _, v := range x {
