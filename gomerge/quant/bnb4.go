@@ -298,7 +298,10 @@ func quantize4Block(packed []byte, absmax []float32, w []float32, b, blocksize, 
 // 0), inv = 1 / absmax and s = clamp(x * inv, -1, 1) in float32, and the
 // code index is a 65536-entry lookup table (Blockwise8LUT) read at
 // uint16(trunc(fma((s + 1) * 0.5, 65535, 0.5))); the shipped x86-64 build
-// fuses that multiply-add (vfmadd213ss). The table stands for the nearest
+// fuses that multiply-add (vfmadd213ss); its aarch64 build computes
+// (s + 1) * 32767.5 + 0.5 with two roundings (vmlaq_f32) instead, which can
+// pick the next bin, so on ARM bitsandbytes may itself differ from this in
+// rare codes. The table stands for the nearest
 // value of the code only to within its 2 / 65535 bins, so a value near a
 // midpoint of the code may get the neighbour of its nearest value.
 func QuantizeBlockwise8(codes []byte, absmax []float32, x []float32, code []float32, blocksize int) {
