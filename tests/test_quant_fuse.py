@@ -299,11 +299,17 @@ def test_keep_format_equals_reference_quantizer(folders, kind):
             owned.update(k + s for s in (".absmax", ".nested_absmax", ".quant_state.bitsandbytes__" + state.quant_type))
             if not state.nested:
                 assert torch.equal(got[k + ".absmax"], state.absmax)
-            else:  # the nested codes of absmax - offset (test_quant_codecs: nearest values; offset: float32 mean)
+            else:  # offset: the correctly rounded mean, within the float32 summation bound of torch's CPU-dependent
+                # mean (test_quant_codecs._mean_tolerance); codes: bitsandbytes' of absmax - that offset, bit for bit
                 js = json.loads(bytes(got[k + ".quant_state.bitsandbytes__" + state.quant_type].tolist()))
-                assert abs(js["nested_offset"] - state.offset.item()) <= 2 * torch.finfo(torch.float32).eps * abs(
-                    state.offset.item()
-                )
+                _, plain = bnb_f.quantize_4bit(x, blocksize=state.blocksize, quant_type=state.quant_type)
+                n, u = plain.absmax.numel(), 2.0**-24
+                tol = (n + 1) * u / (1 - (n + 1) * u) * plain.absmax.double().mean().item()
+                assert abs(js["nested_offset"] - state.offset.item()) <= tol
+                off = torch.tensor(js["nested_offset"], dtype=torch.float32)
+                codes, st2 = bnb_f.quantize_blockwise(plain.absmax - off, blocksize=state.state2.blocksize)
+                assert torch.equal(got[k + ".absmax"], codes), k
+                assert torch.equal(got[k + ".nested_absmax"], st2.absmax), k
     for name, t in base_sd.items():  # everything else: the base's bytes
         if name not in owned:
             assert _bytes(got[name]) == _bytes(t), name

@@ -292,18 +292,20 @@ func quantize4Block(packed []byte, absmax []float32, w []float32, b, blocksize, 
 	}
 }
 
-// QuantizeBlockwise8 is bitsandbytes' CPU quantize_blockwise, which double
-// quant runs on the absmax values: per block absmax = max |x|, normed = x /
-// absmax in float32, and the index of the nearest value of the sorted code
-// (whose first value the kernel sets to -1), ties to the lower one.
-// bitsandbytes 0.50.2's C kernel finds its index with a bucket search
-// that, for about one value in a thousand lying within about 2% of a
-// midpoint, returns a neighbour of the nearest value; this function always
-// returns the nearest (tests/test_quant_codecs.py measures the
-// difference).
+// QuantizeBlockwise8 is bitsandbytes 0.50.2's CPU quantize_blockwise
+// (csrc/cpu_ops.cpp, quantize_cpu_impl<float>, what double quant runs on
+// absmax - offset), bit for bit: per block absmax = max |x| (0: every code
+// 0), inv = 1 / absmax and s = clamp(x * inv, -1, 1) in float32, and the
+// code index is a 65536-entry lookup table (Blockwise8LUT) read at
+// uint16(trunc(fma((s + 1) * 0.5, 65535, 0.5))); the shipped x86-64 build
+// fuses that multiply-add (vfmadd213ss); its aarch64 build computes
+// (s + 1) * 32767.5 + 0.5 with two roundings (vmlaq_f32) instead, which can
+// pick the next bin, so on ARM bitsandbytes may itself differ from this in
+// rare codes. The table stands for the nearest
+// value of the code only to within its 2 / 65535 bins, so a value near a
+// midpoint of the code may get the neighbour of its nearest value.
 func QuantizeBlockwise8(codes []byte, absmax []float32, x []float32, code []float32, blocksize int) {
-	c := append([]float32(nil), code...)
-	c[0] = -1
+	lut := Blockwise8LUT(code)
 	for b := 0; b*blocksize < len(x); b++ {
 		lo, hi := b*blocksize, min((b+1)*blocksize, len(x))
 		am := float32(0)
@@ -311,21 +313,56 @@ func QuantizeBlockwise8(codes []byte, absmax []float32, x []float32, code []floa
 			am = max32(am, abs32(v))
 		}
 		absmax[b] = am
+		if am == 0 {
+			clear(codes[lo:hi])
+			continue
+		}
+		inv := 1 / am
 		for i := lo; i < hi; i++ {
-			v := x[i] / am
-			// the last code value <= v, then its right neighbour when strictly closer
-			k := max(sort.Search(len(c), func(j int) bool { return c[j] > v })-1, 0)
-			if k < len(c)-1 && abs32(v-c[k+1]) < abs32(v-c[k]) {
-				k++
-			}
-			codes[i] = byte(k)
+			codes[i] = lut[blockwise8Index(float32(x[i]*inv))]
 		}
 	}
 }
 
+// blockwise8Index is the kernel's norm_to_lut_index: clamp s to [-1, 1],
+// t = (s + 1) * 0.5 in float32, then fma(t, 65535, 0.5) rounded once to
+// float32 and truncated. t * 65535 + 0.5 is exact in float64 whenever it
+// can reach 1, so float32(math.FMA(...)) is the float32 fused result.
+func blockwise8Index(s float32) uint16 {
+	s = clamp32(s, -1, 1)
+	t := float32(float32(s+1) * 0.5)
+	return uint16(int32(float32(math.FMA(float64(t), 65535, 0.5))))
+}
+
+// Blockwise8LUT is the kernel's build_quantize_lut: midpoints m[i] =
+// (code[i] + code[i+1]) * 0.5 in float32, and entry i of the table (for
+// the value -1 + 2i / 65535 in float32) is the number of leading midpoints
+// strictly below that value (the code as given, assumed sorted).
+func Blockwise8LUT(code []float32) []byte {
+	mid := make([]float32, len(code)-1)
+	for i := range mid {
+		mid[i] = float32(code[i]+code[i+1]) * 0.5
+	}
+	lut := make([]byte, 65536)
+	k := 0
+	for i := range lut {
+		v := float32(float32(2*i)/65535) - 1
+		for k < len(mid) && mid[k] < v {
+			k++
+		}
+		lut[i] = byte(k)
+	}
+	return lut
+}
+
 // MeanFloat32 is the mean of x as float32: the sum in float64, divided
-// and rounded once. torch sums float32 in float32 (with a CPU-dependent
-// order), so its mean may differ from this in the last place.
+// and rounded once (within 2^-24 + (n+1) 2^-53 of the exact mean,
+// relatively, for x >= 0).
+// bitsandbytes' offset is absmax.mean() in torch, which on CPU sums float32
+// in float32 in a cascade of vectorized partial sums whose order follows
+// the CPU's vector width (AVX2, AVX-512, NEON) and then divides: not
+// reproducible across CPUs, so this keeps the correctly rounded mean, which
+// torch's lies within gamma_(n+1) * mean|x| of (u = 2^-24).
 func MeanFloat32(x []float32) float32 {
 	s := 0.0
 	for _, v := range x {

@@ -253,3 +253,31 @@ func TestFloat32ToE4M3MatchesItsDefinition(t *testing.T) {
 		}
 	}
 }
+
+func TestBlockwise8LUTAndIndex(t *testing.T) {
+	code := []float32{-1, -0.5, 0, 0.5, 1} // midpoints -0.75, -0.25, 0.25, 0.75
+	lut := Blockwise8LUT(code)
+	require.Len(t, lut, 65536)
+	for _, c := range []struct {
+		s    float32
+		want byte
+	}{
+		{-2, 0}, {-1, 0}, {-0.76, 0}, {-0.74, 1}, {0, 2}, {0.2, 2}, {0.3, 3}, {0.76, 4}, {1, 4}, {3, 4},
+	} {
+		assert.Equal(t, c.want, lut[blockwise8Index(c.s)], "s=%v", c.s)
+	}
+	// the table's bins are 2 / 65535 wide: a value just above a midpoint can take the lower code
+	assert.Equal(t, byte(2), lut[blockwise8Index(0.25+1e-6)])
+	assert.Equal(t, uint16(0), blockwise8Index(-1))
+	assert.Equal(t, uint16(65535), blockwise8Index(1))
+	assert.Equal(t, uint16(32768), blockwise8Index(0)) // fma(0.5, 65535, 0.5) = 32768 exactly
+}
+
+func TestQuantizeBlockwise8ZeroBlockAndScale(t *testing.T) {
+	code := []float32{-1, -0.5, 0, 0.5, 1}
+	x := []float32{0, 0, 0, -4, 2, 1.01, 4}
+	codes, absmax := make([]byte, len(x)), make([]float32, 3)
+	QuantizeBlockwise8(codes, absmax, x, code, 3)
+	assert.Equal(t, []float32{0, 4, 4}, absmax)
+	assert.Equal(t, []byte{0, 0, 0, 0, 3, 3, 4}, codes) // 1.01 / 4 = 0.2525: just past the midpoint 0.25
+}
