@@ -105,3 +105,21 @@ def test_mxfp4_encoder_equals_torchao_on_nan_and_inf(tmp_path):
     ref_blocks, ref_scales = _reference(w)
     assert torch.equal(scales[0], ref_scales)
     assert torch.equal(blocks[0], ref_blocks)
+
+
+def test_mxfp4_reencoding_any_blocks_is_lossless(tmp_path):
+    """Blocks written by any rule (random codes, so also triton_kernels' ROUND_UP scales), decoded by transformers and
+    re-encoded by gomerge, decode to the same values: the group's largest code c sets gomerge's exponent to
+    floor(log2(c x 2^s)) - 2, which multiplies every code of the group by 1, 2, 4 or 8 onto the E2M1 grid."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    g = torch.Generator().manual_seed(22)
+    blocks = torch.randint(0, 256, (2, 8, 4, 16), dtype=torch.uint8, generator=g)
+    blocks[0, 0, 0] = 0x11  # a group whose largest magnitude is 0.5 (x 8)
+    blocks[0, 0, 1] = 0x23  # 1.5 (x 4)
+    blocks[0, 0, 2] = 0x45  # 3 (x 2)
+    scales = torch.randint(9, 254, (2, 8, 4), dtype=torch.uint8, generator=g)
+    deq = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).transpose(1, 2).contiguous()  # [E, N, K]
+    b2, s2 = _gomerge(tmp_path, deq)
+    again = convert_moe_packed_tensors(b2, s2, dtype=torch.float32).transpose(1, 2)
+    assert torch.equal(again, deq)
