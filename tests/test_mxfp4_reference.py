@@ -76,7 +76,7 @@ def _adversarial() -> torch.Tensor:
     ],
 )
 def test_mxfp4_encoder_equals_torchao_on_random_inputs(tmp_path, name, make):
-    w = make(torch.Generator().manual_seed(hash(name) % 1000))
+    w = make(torch.Generator().manual_seed(len(name)))  # fixed per case (str hashes vary between runs)
     blocks, scales = _gomerge(tmp_path, w)
     ref_blocks, ref_scales = _reference(w)
     assert torch.equal(scales, ref_scales)
