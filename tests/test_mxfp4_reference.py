@@ -72,6 +72,7 @@ def _adversarial() -> torch.Tensor:
         ("randn", lambda g: torch.randn(3, 8, 128, generator=g)),
         ("wide", lambda g: torch.randn(2, 16, 64, generator=g) * torch.logspace(-30, 30, 64)),
         ("bf16-values", lambda g: (torch.randn(2, 8, 96, generator=g) * 0.02).bfloat16().float()),
+        ("bf16-file", lambda g: (torch.randn(4, 16, 256, generator=g) * 0.02).bfloat16()),  # a BF16 input tensor
         ("sparse", lambda g: torch.randn(2, 4, 64, generator=g) * (torch.rand(2, 4, 64, generator=g) < 0.1)),
     ],
 )
