@@ -199,9 +199,31 @@ func TestMXFP4(t *testing.T) {
 	MXFP4Quantize(b2, s2, dst)
 	assert.Equal(t, []byte{124}, s2)
 	assert.Equal(t, blocks, b2)
-	for x, want := range map[float64]byte{0.25: 0, 0.75: 2, 1.25: 2, 1.75: 4, 2.5: 4, 3.5: 6, 5: 6, 7: 7, -0.3: 9} {
-		assert.Equal(t, want, fp4Code(x), "x = %v", x)
+	for _, c := range []struct {
+		x    float32
+		want byte
+	}{
+		{0.25, 0}, {0.75, 2}, {1.25, 2}, {1.75, 4}, {2.5, 4}, {3.5, 6}, {5, 6}, {7, 7}, {-0.3, 9},
+		{math.Nextafter32(0.25, 1), 1}, {math.Nextafter32(5, 0), 6}, {math.Nextafter32(5, 6), 7}, {6, 7}, {float32(math.Inf(-1)), 15},
+		{float32(math.Copysign(0, -1)), 8}, {1e-40, 0}, {float32(math.NaN()), 3},
+	} {
+		assert.Equal(t, c.want, e2m1Code(c.x), "x = %v", c.x)
 	}
+	// torchao's special cases: an all-zero group gets scale byte 0 but is divided by 2^-126; a NaN makes the
+	// scale 255 (+Inf divisor: the finite values become zeros); an infinity makes it 253.
+	tiny := make([]float32, 32)
+	tiny[0], tiny[1] = 0x1p-126, 0x1p-127
+	MXFP4Quantize(b2, s2, tiny)
+	assert.Equal(t, []byte{0}, s2)
+	assert.Equal(t, byte(0x12), b2[0]) // 2^-126 / 2^-126 = 1 (code 2), 2^-127 / 2^-126 = 0.5 (code 1)
+	tiny[5] = float32(math.NaN())
+	MXFP4Quantize(b2, s2, tiny)
+	assert.Equal(t, []byte{255}, s2)
+	assert.Equal(t, byte(0), b2[0])
+	tiny[5] = float32(math.Inf(1))
+	MXFP4Quantize(b2, s2, tiny)
+	assert.Equal(t, []byte{253}, s2)
+	assert.Equal(t, byte(0x70), b2[2])
 }
 
 // e4m3Reference rounds to float8_e4m3fn by its definition (float64 arithmetic, saturating): what the bit
