@@ -999,7 +999,7 @@ def _inspect(args: argparse.Namespace) -> int:
         experts = sorted(set(info["experts"].values()))
         lines.insert(
             6,
-            f"target params  {', '.join(info['target_parameters'])} ({'/'.join(map(str, experts))} "
+            f"target params  {', '.join(sorted(info['target_parameters']))} ({'/'.join(map(str, experts))} "
             "experts; ranks are per expert)",
         )
     if info["extra_tensors"]:
