@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import time
 
 import numpy as np
 import torch
@@ -109,8 +107,8 @@ def x1_adapter(layers: int, seed: int, r: int = 16) -> str:
     return path
 
 
-def x1(root: str, bw: float, rows: list, layers: int, child, dir_bytes) -> None:
-    """The X1 rows (see the module's docstring); `child` and `dir_bytes` are run.py's."""
+def x1(root: str, bw: float, rows: list, layers: int, child, dir_bytes, fuse_contenders) -> None:
+    """The X1 rows (see the module's docstring); `child`, `dir_bytes` and `fuse_contenders` are run.py's."""
     s = QWEN3_30B_A3B
     shapes = (
         f"Qwen3-30B-A3B experts {s['experts']} x ({2 * s['moe_intermediate']}x{s['hidden']}, "
@@ -148,44 +146,8 @@ def x1(root: str, bw: float, rows: list, layers: int, child, dir_bytes) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
     base, adapter = x1_base(layers), adapters[0]
-    size = dir_bytes(base)
-    for name in os.listdir(base):  # into the page cache, for every contender alike
-        with open(os.path.join(base, name), "rb") as f:
-            while f.read(64 << 20):
-                pass
-    out = os.path.join(root, "x1-fuse")
-
-    def fresh():
-        shutil.rmtree(out, ignore_errors=True)
-        os.sync()
-
-    fresh()
-    t0 = time.perf_counter()
-    subprocess.run(["cp", "-r", base, out], check=True)
-    os.sync()
-    t_copy = time.perf_counter() - t0
-    fresh()
-    go_code = (
-        "import gomerge\nt0 = time.perf_counter()\n"
-        f"r = gomerge.fuse({base!r}, [{adapter!r}], output_dir={out!r}, overwrite=True, progress=False)\n"
-        "os.sync()\nout = dict(seconds=time.perf_counter() - t0, changed=len(r.changed))"
-    )
-    go_runs = [child(go_code) for _ in range(2)]
-    go = min(go_runs, key=lambda r: r["seconds"])
-    written = dir_bytes(out)
-    fresh()
-    peft_code = (
-        "import torch\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\nout = {}\n"
-        "t0 = time.perf_counter()\n"
-        f"m = AutoModelForCausalLM.from_pretrained({base!r}, dtype=torch.bfloat16)\n"
-        "t1 = time.perf_counter()\n"
-        f"m = PeftModel.from_pretrained(m, {adapter!r})\n"
-        "t2 = time.perf_counter()\nm = m.merge_and_unload()\nt3 = time.perf_counter()\n"
-        f"m.save_pretrained({out!r})\nt4 = time.perf_counter()\nos.sync()\nt5 = time.perf_counter()\n"
-        "out = dict(seconds=t5 - t0, load=t1 - t0, adapter=t2 - t1, merge=t3 - t2, save=t4 - t3, sync=t5 - t4)"
-    )
-    peft = child(peft_code)
-    fresh()
+    c = fuse_contenders(base, adapter, os.path.join(root, "x1-fuse"))
+    size, t_copy, go, go_runs, written, peft = (c[k] for k in ("size", "copy", "go", "go_runs", "written", "peft"))
     rows.append(
         dict(
             scenario="X1",

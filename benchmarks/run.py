@@ -922,14 +922,15 @@ def memory_cgroup(limit: int | None):
                 time.sleep(0.1)
 
 
-def fuse_scenario(scenario: str, root: str, bw: float, rows: list) -> None:
-    base, adapter = fuse_inputs(scenario)
+def fuse_contenders(base: str, adapter: str, out: str, memory_cap: int | None = None) -> dict:
+    """Fuses `adapter` into `base` at `out` by `cp -r` (the copy floor), gomerge (best of 2) and PEFT end to end,
+    each in a child process from a warm page cache and followed by a sync; with `memory_cap`, gomerge and PEFT again
+    with the memory (page cache included) capped. F1, F2 and X1 (benchmarks/moe.py) time their fuse here."""
     size = dir_bytes(base)
     for name in os.listdir(base):  # into the page cache, for every contender alike
         with open(os.path.join(base, name), "rb") as f:
             while f.read(64 << 20):
                 pass
-    out = os.path.join(root, f"{scenario}-out")
 
     def fresh():
         shutil.rmtree(out, ignore_errors=True)
@@ -962,17 +963,26 @@ def fuse_scenario(scenario: str, root: str, bw: float, rows: list) -> None:
     )
     peft = child(peft_code)
     fresh()
-    s = FUSE_SHAPES[scenario]
     capped = {}
-    if s.get("memory_cap") and cgroup_memory_root():
+    if memory_cap and cgroup_memory_root():
         # the same fuse with the memory (page cache included) capped below the model's size: PEFT's path needs the
         # whole model in memory, gomerge's one tensor per core
-        capped["limit_mib"] = s["memory_cap"] / 2**20
-        capped["gomerge"] = child(go_code, memory_limit=s["memory_cap"])
+        capped["limit_mib"] = memory_cap / 2**20
+        capped["gomerge"] = child(go_code, memory_limit=memory_cap)
         capped["gomerge_ok"] = capped["gomerge"].get("changed") == go["changed"]
         fresh()
-        capped["peft"] = child(peft_code, memory_limit=s["memory_cap"])
+        capped["peft"] = child(peft_code, memory_limit=memory_cap)
         fresh()
+    return dict(size=size, copy=t_copy, go=go, go_runs=go_runs, written=written, peft=peft, capped=capped)
+
+
+def fuse_scenario(scenario: str, root: str, bw: float, rows: list) -> None:
+    base, adapter = fuse_inputs(scenario)
+    s = FUSE_SHAPES[scenario]
+    c = fuse_contenders(base, adapter, os.path.join(root, f"{scenario}-out"), s.get("memory_cap"))
+    size, t_copy, go, go_runs, written, peft, capped = (
+        c[k] for k in ("size", "copy", "go", "go_runs", "written", "peft", "capped")
+    )
     rows.append(
         dict(
             scenario=scenario,
@@ -1259,7 +1269,7 @@ def main() -> None:
         if "X1" in todo:
             import moe
 
-            moe.x1(root, bw, rows, args.x1_layers, child, dir_bytes)
+            moe.x1(root, bw, rows, args.x1_layers, child, dir_bytes, fuse_contenders)
         for r in rows:
             r["measured"] = slow.today()
             r.update(machine_record.row_fields(record))
