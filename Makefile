@@ -51,6 +51,7 @@ lint: $(VENV)/.deps-test
 	$(GO) vet ./gomerge/... ./bindings ./benchmarks/floor
 	GOEXPERIMENT= $(GO) vet ./gomerge/...
 	$(GO) run ./gomerge/kernels/internal/gen512 -dir gomerge/kernels -check
+	$(GO) run ./gomerge/kernels/internal/genasm -dir gomerge/kernels -check
 	printf '$(STATICCHECK_MATRIX)' | $(GO) tool staticcheck -matrix ./gomerge/... ./bindings ./benchmarks/floor
 	$(VENV)/bin/ruff check $(PY_SOURCES)
 	$(VENV)/bin/ruff format --check $(PY_SOURCES)

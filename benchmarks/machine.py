@@ -19,8 +19,9 @@ from typing import Any
 
 from gomerge import _native
 
-# E1's sketch products: Y^T D with l = 64 + 10 sketch columns and D of TinyLlama's MLP shape (5632 x 2048)
-E1_GEMM = (74, 2048, 5632)
+# E1's sketch products: Y^T D with l = 64 + 20 sketch columns (extract.Oversample) and D of TinyLlama's MLP shape
+# (5632 x 2048)
+E1_GEMM = (84, 2048, 5632)
 
 
 def cpu() -> dict[str, Any]:

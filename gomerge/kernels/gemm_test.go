@@ -241,7 +241,7 @@ func TestGemmAndPeakSetsComplete(t *testing.T) {
 // (go test -bench Gemm32 ./gomerge/kernels).
 func BenchmarkGemm32(b *testing.B) {
 	rng := rand.New(rand.NewPCG(1, 1))
-	m, n, k := 74, 2048, 5632
+	m, n, k := 84, 2048, 5632
 	a, bm := matrix(rng, m, k, true), matrix(rng, k, n, false)
 	c := make([]float32, m*n)
 	for _, name := range Runnable() {
@@ -258,7 +258,7 @@ func BenchmarkGemm32(b *testing.B) {
 // measured one after the other.
 func BenchmarkGemm32vsPeak(b *testing.B) {
 	rng := rand.New(rand.NewPCG(1, 1))
-	m, n, k := 74, 2048, 2048
+	m, n, k := 84, 2048, 2048
 	a, bm := matrix(rng, m, k, true), matrix(rng, k, n, false)
 	c := make([]float32, m*n)
 	for _, name := range Runnable()[1:] {

@@ -93,7 +93,8 @@ func PeakFMA(set string, f64 bool, threads int, d time.Duration) (Rate, error) {
 
 func peakGo(iters int) (float64, float64) {
 	const a, b = 1e-3, 1e-3
-	var c0, c1, c2, c3, c4, c5, c6, c7 float64
+	// chains that start apart: the compiler would merge equal ones into one
+	c0, c1, c2, c3, c4, c5, c6, c7 := 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0
 	for range iters {
 		c0, c1, c2, c3 = math.FMA(c0, a, b), math.FMA(c1, a, b), math.FMA(c2, a, b), math.FMA(c3, a, b)
 		c4, c5, c6, c7 = math.FMA(c4, a, b), math.FMA(c5, a, b), math.FMA(c6, a, b), math.FMA(c7, a, b)

@@ -2,72 +2,28 @@
 
 package kernels
 
-import "simd/archsimd"
-
-// The vector sets' peak loops (peak.go): 12 chains of vector multiply-adds
-// c = c*a + a (VFMADD213 writes its result over the receiver c: no register
-// copies).
+// The vector sets' peak loops (peak.go), in assembly (gemm_amd64.s, written
+// by internal/genasm): 12 independent chains of vector multiply-adds
+// c = c*a + a. In Go, the compiler merged chains that started equal into one
+// (common subexpressions), which ran at its latency, not at the pipes' rate.
 func init() {
-	peakLoops["avx2"] = [2]peakLoop{peak32AVX2, peak64AVX2}
-	peakLoops["avx512"] = [2]peakLoop{peak32512, peak64512}
+	peakLoops["avx2"] = [2]peakLoop{asmPeak(peak32AVX2, 8), asmPeak(peak64AVX2, 4)}
+	peakLoops["avx512"] = [2]peakLoop{asmPeak(peak32AVX512, 16), asmPeak(peak64AVX512, 8)}
 }
 
-//go:noinline
-func peak32AVX2(iters int) (float64, float64) {
-	a := archsimd.BroadcastFloat32x8(1e-3)
-	var c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11 archsimd.Float32x8
-	for range iters {
-		c0, c1, c2, c3 = c0.MulAdd(a, a), c1.MulAdd(a, a), c2.MulAdd(a, a), c3.MulAdd(a, a)
-		c4, c5, c6, c7 = c4.MulAdd(a, a), c5.MulAdd(a, a), c6.MulAdd(a, a), c7.MulAdd(a, a)
-		c8, c9, c10, c11 = c8.MulAdd(a, a), c9.MulAdd(a, a), c10.MulAdd(a, a), c11.MulAdd(a, a)
-	}
-	var out [8]float32
-	s := c0.Add(c1).Add(c2).Add(c3).Add(c4).Add(c5).Add(c6).Add(c7).Add(c8).Add(c9).Add(c10).Add(c11)
-	s.Store(&out)
-	return 2 * 12 * 8 * float64(iters), float64(out[0])
-}
+// The assembly peak loops: iters steps of peakChains chains; sink is one
+// lane of their sum (it keeps the work observable).
+func peak32AVX2(iters int) (sink float64)
+func peak64AVX2(iters int) (sink float64)
+func peak32AVX512(iters int) (sink float64)
+func peak64AVX512(iters int) (sink float64)
 
-//go:noinline
-func peak64AVX2(iters int) (float64, float64) {
-	a := archsimd.BroadcastFloat64x4(1e-3)
-	var c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11 archsimd.Float64x4
-	for range iters {
-		c0, c1, c2, c3 = c0.MulAdd(a, a), c1.MulAdd(a, a), c2.MulAdd(a, a), c3.MulAdd(a, a)
-		c4, c5, c6, c7 = c4.MulAdd(a, a), c5.MulAdd(a, a), c6.MulAdd(a, a), c7.MulAdd(a, a)
-		c8, c9, c10, c11 = c8.MulAdd(a, a), c9.MulAdd(a, a), c10.MulAdd(a, a), c11.MulAdd(a, a)
-	}
-	var out [4]float64
-	s := c0.Add(c1).Add(c2).Add(c3).Add(c4).Add(c5).Add(c6).Add(c7).Add(c8).Add(c9).Add(c10).Add(c11)
-	s.Store(&out)
-	return 2 * 12 * 4 * float64(iters), out[0]
-}
+// peakChains is the chains of each assembly peak loop (internal/genasm).
+const peakChains = 12
 
-//go:noinline
-func peak32512(iters int) (float64, float64) {
-	a := archsimd.BroadcastFloat32x16(1e-3)
-	var c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11 archsimd.Float32x16
-	for range iters {
-		c0, c1, c2, c3 = c0.MulAdd(a, a), c1.MulAdd(a, a), c2.MulAdd(a, a), c3.MulAdd(a, a)
-		c4, c5, c6, c7 = c4.MulAdd(a, a), c5.MulAdd(a, a), c6.MulAdd(a, a), c7.MulAdd(a, a)
-		c8, c9, c10, c11 = c8.MulAdd(a, a), c9.MulAdd(a, a), c10.MulAdd(a, a), c11.MulAdd(a, a)
+// asmPeak is a peakLoop of an assembly loop of lanes values per vector.
+func asmPeak(f func(int) float64, lanes int) peakLoop {
+	return func(iters int) (float64, float64) {
+		return 2 * peakChains * float64(lanes) * float64(iters), f(iters)
 	}
-	var out [16]float32
-	s := c0.Add(c1).Add(c2).Add(c3).Add(c4).Add(c5).Add(c6).Add(c7).Add(c8).Add(c9).Add(c10).Add(c11)
-	s.Store(&out)
-	return 2 * 12 * 16 * float64(iters), float64(out[0])
-}
-
-//go:noinline
-func peak64512(iters int) (float64, float64) {
-	a := archsimd.BroadcastFloat64x8(1e-3)
-	var c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11 archsimd.Float64x8
-	for range iters {
-		c0, c1, c2, c3 = c0.MulAdd(a, a), c1.MulAdd(a, a), c2.MulAdd(a, a), c3.MulAdd(a, a)
-		c4, c5, c6, c7 = c4.MulAdd(a, a), c5.MulAdd(a, a), c6.MulAdd(a, a), c7.MulAdd(a, a)
-		c8, c9, c10, c11 = c8.MulAdd(a, a), c9.MulAdd(a, a), c10.MulAdd(a, a), c11.MulAdd(a, a)
-	}
-	var out [8]float64
-	s := c0.Add(c1).Add(c2).Add(c3).Add(c4).Add(c5).Add(c6).Add(c7).Add(c8).Add(c9).Add(c10).Add(c11)
-	s.Store(&out)
-	return 2 * 12 * 8 * float64(iters), out[0]
 }
