@@ -74,12 +74,27 @@ func lowRankRowsAVX2(w []float32, coef, basis []float64, rows, cols, r int, to R
 		}
 	}
 	rc := newRoundingAVX2(to)
+	sums := make([]float64, 2*chunk) // two rows' sums, from lowRankPairAVX2
+	if nWhole > 0 {
+		_ = basis[(r-1)*cols+nWhole-1] // every basis load of lowRankPairAVX2 is inside basis
+	}
 	for lo := 0; lo < nWhole; lo += chunk {
 		hi := min(lo+chunk, nWhole)
-		for i := range rows {
-			if skips[i] {
+		for i := 0; i < rows; i++ {
+			switch {
+			case skips[i]:
 				lowRankOneAVX2(w[i*cols+lo:i*cols+hi], coef[i*r:(i+1)*r], basis[lo:], cols, &rc)
-			} else {
+			case i+1 < rows && !skips[i+1]:
+				// two rows at once: each basis vector loaded serves both
+				x0, x1 := w[i*cols+lo:i*cols+hi], w[(i+1)*cols+lo:(i+1)*cols+hi]
+				s0, s1 := sums[:hi-lo], sums[chunk:chunk+hi-lo]
+				lowRankPairAVX2(unsafe.Pointer(&x0[0]), unsafe.Pointer(&x1[0]), unsafe.Pointer(&s0[0]), unsafe.Pointer(&s1[0]),
+					(hi-lo)/lowRankBlockAVX2, unsafe.Pointer(&coef[i*r]), unsafe.Pointer(&coef[(i+1)*r]), r,
+					unsafe.Pointer(&basis[lo]), cols)
+				storeSumsAVX2(x0, s0, &rc)
+				storeSumsAVX2(x1, s1, &rc)
+				i++
+			default:
 				lowRankDenseAVX2(w[i*cols+lo:i*cols+hi], coef[i*r:(i+1)*r], basis[lo:], cols, &rc)
 			}
 		}
@@ -115,6 +130,30 @@ func lowRankDenseAVX2(x []float32, cs, basis []float64, stride int, rc *rounding
 			a3 = a3.Add(cb.Mul(archsimd.LoadFloat64x4((*[f64LanesAVX2]float64)(unsafe.Add(p, 3*vb)))))
 		}
 		storeBlockAVX2(xb, a0, a1, a2, a3, rc)
+	}
+}
+
+// lowRankPairAVX2 (assembly: asm_amd64.s, written by internal/genasm) is
+// the sums of lowRankDenseAVX2 for two rows x0 and x1 at once, over blocks
+// blocks of columns: each lane widens its value, then adds c[k] * basis
+// row k rounded (a product, then a sum: no fused multiply-add), for k < r
+// in order; the sums go to s0 and s1 (float64, one per column). c0 and c1
+// point to the rows' r coefficients, basis to the first column's value of
+// basis row 0, whose rows are stride values apart.
+//
+//go:noescape
+func lowRankPairAVX2(x0, x1, s0, s1 unsafe.Pointer, blocks int, c0, c1 unsafe.Pointer, r int, basis unsafe.Pointer, stride int)
+
+// storeSumsAVX2 rounds the sums s of lowRankPairAVX2 (toFloat32ForAVX2)
+// into the whole blocks of x.
+func storeSumsAVX2(x []float32, s []float64, rc *roundingAVX2) {
+	for j := 0; j+lowRankBlockAVX2 <= len(x); j += lowRankBlockAVX2 {
+		sb := (*[lowRankBlockAVX2]float64)(s[j : j+lowRankBlockAVX2])
+		a0 := archsimd.LoadFloat64x4((*[f64LanesAVX2]float64)(sb[0:]))
+		a1 := archsimd.LoadFloat64x4((*[f64LanesAVX2]float64)(sb[f64LanesAVX2:]))
+		a2 := archsimd.LoadFloat64x4((*[f64LanesAVX2]float64)(sb[2*f64LanesAVX2:]))
+		a3 := archsimd.LoadFloat64x4((*[f64LanesAVX2]float64)(sb[3*f64LanesAVX2:]))
+		storeBlockAVX2((*[lowRankBlockAVX2]float32)(x[j:j+lowRankBlockAVX2]), a0, a1, a2, a3, rc)
 	}
 }
 
@@ -175,11 +214,14 @@ func toFloat32ForAVX2(v archsimd.Float64x4, rc *roundingAVX2) archsimd.Float32x4
 	if !rc.nudge {
 		return f
 	}
-	av := v.AsInt64x4().And(rc.abs).AsFloat64x4()
-	ab := f.ConvertToFloat64().AsInt64x4().And(rc.abs).AsFloat64x4()
-	step := rc.one.Masked(ab.Less(av)).Sub(rc.one.Masked(ab.Greater(av))).ConvertToInt32() // +1, -1 or 0
 	b := f.AsInt32x4()
 	e := b.ShiftAllRight(rc.mantBits32).And(rc.exponent)
 	onMid := b.And(rc.low).Equal(rc.mid).And(e.Greater(rc.eLo)).And(rc.eHi.Greater(e))
+	if onMid.ToBits() == 0 {
+		return f // no lane on a midpoint (almost always)
+	}
+	av := v.AsInt64x4().And(rc.abs).AsFloat64x4()
+	ab := f.ConvertToFloat64().AsInt64x4().And(rc.abs).AsFloat64x4()
+	step := rc.one.Masked(ab.Less(av)).Sub(rc.one.Masked(ab.Greater(av))).ConvertToInt32() // +1, -1 or 0
 	return b.Add(step.Masked(onMid)).AsFloat32x4()
 }

@@ -5,7 +5,7 @@ package kernels
 import "unsafe"
 
 // The vector micro-kernels of Gemm32 and Gemm64 (gemm.go), in assembly
-// (gemm_amd64.s, written by internal/genasm: see there why): a 6 x 16
+// (asm_amd64.s, written by internal/genasm: see there why): a 6 x 16
 // float32 tile on AVX2 (6 x 8 in float64) and a 12 x 32 tile on AVX-512
 // (12 x 16 in float64). Each step p is one fused multiply-add per entry, so
 // each entry is the chain of gemm.go in order. The sets register them here.

@@ -2,7 +2,7 @@
 
 package kernels
 
-// The vector sets' peak loops (peak.go), in assembly (gemm_amd64.s, written
+// The vector sets' peak loops (peak.go), in assembly (asm_amd64.s, written
 // by internal/genasm): 12 independent chains of vector multiply-adds
 // c = c*a + a. In Go, the compiler merged chains that started equal into one
 // (common subexpressions), which ran at its latency, not at the pipes' rate.

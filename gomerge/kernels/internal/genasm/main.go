@@ -1,6 +1,6 @@
-// Command genasm writes gemm_amd64.s, the assembly of the vector sets'
-// product micro-kernels (gemm.go, gemm_simd.go) and peak loops (peak.go,
-// peak_simd.go). It is run by go generate in package kernels (the directive
+// Command genasm writes asm_amd64.s, the assembly of the vector sets'
+// product micro-kernels (gemm.go, gemm_simd.go), peak loops (peak.go,
+// peak_simd.go) and fuse sums (fuse.go, fuse_avx2.go). It is run by go generate in package kernels (the directive
 // is in doc.go); with -check it only reports whether the file on disk is
 // what it would write (the Makefile's lint target).
 //
@@ -73,7 +73,7 @@ func main() {
 	dir := flag.String("dir", ".", "the kernels package's folder")
 	check := flag.Bool("check", false, "only check that the file is up to date")
 	flag.Parse()
-	path := filepath.Join(*dir, "gemm_amd64.s")
+	path := filepath.Join(*dir, "asm_amd64.s")
 	want := generate()
 	if *check {
 		got, err := os.ReadFile(path)
@@ -104,6 +104,10 @@ func generate() []byte {
 	for _, k := range peaks {
 		b.WriteString("\n")
 		writePeak(p, k)
+	}
+	for _, f := range pairs {
+		b.WriteString("\n")
+		writePair(p, f)
 	}
 	return b.Bytes()
 }
@@ -217,6 +221,87 @@ func writePeak(p func(string, ...any), k peak) {
 		p("\tVCVTSS2SD X0, X0, X0")
 	}
 	p("\tMOVSD X0, sink+8(FP)")
+	p("\tVZEROUPPER")
+	p("\tRET")
+}
+
+// pair is one fuse kernel: the float64 sums of two rows of LowRankRows.
+type pair struct {
+	name  string
+	reg   string
+	lanes int // float64 values per vector
+}
+
+var pairs = []pair{
+	{"lowRankPairAVX2", "Y", 4},
+	{"lowRankPair512", "Z", 8},
+}
+
+// writePair writes func name(x0, x1, s0, s1 unsafe.Pointer, blocks int,
+// c0, c1 unsafe.Pointer, r int, basis unsafe.Pointer, stride int): for
+// blocks blocks of 4 vectors of columns, the sums of rows x0 and x1
+// (float32, widened) plus their terms c[k] * basis row k (k < r; the rows
+// stride float64 values apart), into s0 and s1 (float64). Each lane adds
+// its products rounded (VMULPD, then VADDPD: no fused multiply-add) in the
+// order of k, as the portable kernel does. Registers: sums in 0-7, the
+// basis block in 8-11, the coefficients in 12 and 13, a product in 14.
+func writePair(p func(string, ...any), f pair) {
+	r := func(n int) string { return vreg(f.reg, n) }
+	vec := 8 * f.lanes // bytes of a vector of float64
+	half := 4 * f.lanes
+	p("// func %s(x0, x1, s0, s1 unsafe.Pointer, blocks int, c0, c1 unsafe.Pointer, r int, basis unsafe.Pointer, stride int)", f.name)
+	p("TEXT ·%s(SB), NOSPLIT, $0-80", f.name)
+	p("\tMOVQ x0+0(FP), SI")
+	p("\tMOVQ x1+8(FP), DI")
+	p("\tMOVQ s0+16(FP), R8")
+	p("\tMOVQ s1+24(FP), R9")
+	p("\tMOVQ blocks+32(FP), BX")
+	p("\tMOVQ c0+40(FP), R10")
+	p("\tMOVQ c1+48(FP), R11")
+	p("\tMOVQ r+56(FP), R12")
+	p("\tMOVQ basis+64(FP), R13")
+	p("\tMOVQ stride+72(FP), DX")
+	p("\tSHLQ $3, DX")
+	p("\tTESTQ BX, BX")
+	p("\tJLE %s_done", f.name)
+	p("%s_block:", f.name)
+	for v := range 4 {
+		p("\tVCVTPS2PD %d(SI), %s", v*half, r(v))
+		p("\tVCVTPS2PD %d(DI), %s", v*half, r(4+v))
+	}
+	p("\tMOVQ R13, AX")
+	p("\tXORQ CX, CX")
+	p("\tTESTQ R12, R12")
+	p("\tJLE %s_store", f.name)
+	p("%s_term:", f.name)
+	for v := range 4 {
+		p("\tVMOVUPD %d(AX), %s", v*vec, r(8+v))
+	}
+	p("\tVBROADCASTSD (R10)(CX*8), %s", r(12))
+	p("\tVBROADCASTSD (R11)(CX*8), %s", r(13))
+	for row := range 2 {
+		for v := range 4 {
+			p("\tVMULPD %s, %s, %s", r(8+v), r(12+row), r(14))
+			p("\tVADDPD %s, %s, %s", r(14), r(4*row+v), r(4*row+v))
+		}
+	}
+	p("\tADDQ DX, AX")
+	p("\tINCQ CX")
+	p("\tCMPQ CX, R12")
+	p("\tJLT %s_term", f.name)
+	p("%s_store:", f.name)
+	for v := range 4 {
+		p("\tVMOVUPD %s, %d(R8)", r(v), v*vec)
+		p("\tVMOVUPD %s, %d(R9)", r(4+v), v*vec)
+	}
+	p("\tADDQ $%d, SI", 4*half)
+	p("\tADDQ $%d, DI", 4*half)
+	p("\tADDQ $%d, R8", 4*vec)
+	p("\tADDQ $%d, R9", 4*vec)
+	p("\tADDQ $%d, R13", 4*vec)
+	p("\tDECQ BX")
+	p("\tJNZ %s_block", f.name)
+	p("%s_done:", f.name)
 	p("\tVZEROUPPER")
 	p("\tRET")
 }
