@@ -2,6 +2,7 @@ package linalg
 
 import (
 	"math"
+	"sync"
 
 	"gonum.org/v1/gonum/blas"
 	"gonum.org/v1/gonum/blas/blas64"
@@ -28,9 +29,19 @@ func LowRankSVD(b []float64, a []float64, m, r, n, k int) (bk, ak, s []float64) 
 // LowRankSVDBy is LowRankSVD with the rank chosen from the singular values
 // (all min(m, n, R) of them, decreasing) by rank; it returns that rank too.
 func LowRankSVDBy(b []float64, a []float64, m, r, n int, rank func(s []float64) int) (bk, ak, s []float64, k int) {
-	qb, rb, pb := ThinQR(b, m, r)
+	var qb, rb []float64
+	var pb int
+	qrB := func() { qb, rb, pb = ThinQR(b, m, r) }
+	var wg sync.WaitGroup
+	if (m+n)*r*r >= concurrentQRMin {
+		// the two QRs are independent, and most of their time goes to gonum's unblocked panels on one core
+		wg.Go(qrB)
+	} else {
+		qrB()
+	}
 	at := transpose(a, r, n)
 	qa, ra, pa := ThinQR(at, n, r)
+	wg.Wait()
 
 	// core = Rb (pb x r) @ Ra^T (r x pa)
 	core := make([]float64, pb*pa)
@@ -84,6 +95,10 @@ func LowRankSVDBy(b []float64, a []float64, m, r, n int, rank func(s []float64) 
 	}
 	return bk, ak, sv, k
 }
+
+// concurrentQRMin is the size ((m + n) R^2) from which LowRankSVDBy runs
+// its two thin QRs at once (each one is computed as alone: the same bits).
+const concurrentQRMin = 1 << 22
 
 // ThinQR factors the m x r row-major matrix x (overwritten) as Q R with Q
 // m x p orthonormal and R p x r upper triangular, p = min(m, r).
