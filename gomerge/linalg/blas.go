@@ -1,6 +1,8 @@
 package linalg
 
 import (
+	"sync"
+
 	"gonum.org/v1/gonum/blas"
 	"gonum.org/v1/gonum/blas/blas64"
 	"gonum.org/v1/gonum/blas/gonum"
@@ -46,12 +48,17 @@ func (f fastBLAS) Dgemm(tA, tB blas.Transpose, m, n, k int, alpha float64, a []f
 		f.Implementation.Dgemm(tA, tB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) // gonum's checks and panics
 		return
 	}
-	t := make([]float64, m*n)
-	err := kernels.Gemm64(kernels.Matrix64{Rows: m, Cols: k, Stride: lda, Trans: ta, Data: a},
-		kernels.Matrix64{Rows: k, Cols: n, Stride: ldb, Trans: tb, Data: b}, t, n)
-	if err != nil {
-		panic("gomerge: " + err.Error())
+	am := kernels.Matrix64{Rows: m, Cols: k, Stride: lda, Trans: ta, Data: a}
+	bm := kernels.Matrix64{Rows: k, Cols: n, Stride: ldb, Trans: tb, Data: b}
+	if alpha == 1 && beta == 0 {
+		// C = op(A) op(B): the product written in place (1 v is v; C is not read)
+		gemm64(am, bm, c, ldc)
+		return
 	}
+	tp := scratch64(m * n)
+	defer scratchPool64.Put(tp)
+	t := (*tp)[:m*n]
+	gemm64(am, bm, t, n)
 	for i := range m {
 		row, out := t[i*n:(i+1)*n], c[i*ldc:i*ldc+n]
 		switch {
@@ -63,10 +70,38 @@ func (f fastBLAS) Dgemm(tA, tB blas.Transpose, m, n, k int, alpha float64, a []f
 			for j, v := range row {
 				out[j] += v
 			}
+		case alpha == -1 && beta == 1: // Dlarfb's C - V W^T: (-v) + c is c - v
+			for j, v := range row {
+				out[j] -= v
+			}
 		default:
 			for j, v := range row {
 				out[j] = float64(alpha*v) + float64(beta*out[j])
 			}
 		}
 	}
+}
+
+// gemm64 is kernels.Gemm64 on shapes that fastBLAS.Dgemm has checked.
+func gemm64(a, b kernels.Matrix64, c []float64, ldc int) {
+	if err := kernels.Gemm64(a, b, c, ldc); err != nil {
+		panic("gomerge: " + err.Error())
+	}
+}
+
+// scratchPool64 recycles the products that fastBLAS.Dgemm adds to C (the
+// blocked QRs' trailing updates: megabytes per panel, which fresh
+// allocations would clear each time).
+var scratchPool64 sync.Pool
+
+// scratch64 returns a buffer of at least n float64 values with undefined
+// contents, from scratchPool64 when one there is large enough.
+func scratch64(n int) *[]float64 {
+	if p, ok := scratchPool64.Get().(*[]float64); ok {
+		if cap(*p) >= n {
+			return p
+		}
+	}
+	b := make([]float64, n)
+	return &b
 }

@@ -49,6 +49,9 @@ func TestLowRankSVDMatchesDenseSVD(t *testing.T) {
 		{"k equals rank", 25, 6, 18, 6},
 		{"k above rank pads zeros", 15, 3, 11, 8},
 		{"rank above both dims", 5, 12, 4, 4},
+		// above implicitQMin: the LQs and Dormlq (lowRankSVDLQ)
+		{"large, tall (LQ path)", 720, 80, 700, 10},
+		{"large, wide, k above rank (LQ path)", 600, 90, 800, 100},
 	}
 	rng := rand.New(rand.NewPCG(1, 2))
 	for _, tc := range tests {
