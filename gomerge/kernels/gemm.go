@@ -276,13 +276,33 @@ func packBRows[T float32 | float64](dst []T, b MatrixOf[T], pc, kc, s0, s1, nr i
 		return
 	}
 	j0, j1 := s0*nr, min(s1*nr, b.Cols)
+	whole := s0 + (j1-j0)/nr // strips before it lie inside B
 	for p := range kc {
 		row := b.Data[(pc+p)*b.Stride+j0 : (pc+p)*b.Stride+j1]
-		for s := s0; s < s1; s++ {
+		for s := s0; s < whole; s++ {
+			copyStrip(dst[(s-s0)*kc*nr+p*nr:], row[(s-s0)*nr:], nr)
+		}
+		for s := whole; s < s1; s++ {
 			d := dst[(s-s0)*kc*nr+p*nr : (s-s0)*kc*nr+(p+1)*nr]
 			c := copy(d, row[min((s-s0)*nr, len(row)):])
 			clear(d[c:])
 		}
+	}
+}
+
+// copyStrip copies the first nr values of src into dst: for the strip
+// widths of the vector sets, one move of an array that the compiler writes
+// inline (copy's call costs as much as the move of a strip).
+func copyStrip[T float32 | float64](dst, src []T, nr int) {
+	switch nr {
+	case 32:
+		*(*[32]T)(dst) = *(*[32]T)(src)
+	case 16:
+		*(*[16]T)(dst) = *(*[16]T)(src)
+	case 8:
+		*(*[8]T)(dst) = *(*[8]T)(src)
+	default:
+		copy(dst[:nr], src)
 	}
 }
 
