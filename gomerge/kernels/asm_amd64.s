@@ -4,16 +4,18 @@
 
 #include "textflag.h"
 
-// func gemm32AVX2(kc int, ap, bp, c unsafe.Pointer, ldc int, first bool)
+// func gemm32AVX2(kc int, ap unsafe.Pointer, lda int, bp, c unsafe.Pointer, ldc int, first bool)
 // a 6 x 16 tile: accumulators Y0-Y11, B in Y12 and Y13, A's broadcast in Y14
-TEXT ·gemm32AVX2(SB), NOSPLIT, $0-41
+TEXT ·gemm32AVX2(SB), NOSPLIT, $0-49
 	MOVQ kc+0(FP), CX
 	MOVQ ap+8(FP), SI
-	MOVQ bp+16(FP), DX
-	MOVQ c+24(FP), DI
-	MOVQ ldc+32(FP), R8
+	MOVQ lda+16(FP), R10
+	SHLQ $2, R10
+	MOVQ bp+24(FP), DX
+	MOVQ c+32(FP), DI
+	MOVQ ldc+40(FP), R8
 	SHLQ $2, R8
-	MOVBLZX first+40(FP), AX
+	MOVBLZX first+48(FP), AX
 	TESTL AX, AX
 	JNZ gemm32AVX2_zero
 	MOVQ DI, R9
@@ -72,7 +74,7 @@ gemm32AVX2_loop:
 	VBROADCASTSS 20(SI), Y14
 	VFMADD231PS Y12, Y14, Y10
 	VFMADD231PS Y13, Y14, Y11
-	ADDQ $24, SI
+	ADDQ R10, SI
 	ADDQ $64, DX
 	DECQ CX
 	JNZ gemm32AVX2_loop
@@ -97,16 +99,18 @@ gemm32AVX2_store:
 	VZEROUPPER
 	RET
 
-// func gemm64AVX2(kc int, ap, bp, c unsafe.Pointer, ldc int, first bool)
+// func gemm64AVX2(kc int, ap unsafe.Pointer, lda int, bp, c unsafe.Pointer, ldc int, first bool)
 // a 6 x 8 tile: accumulators Y0-Y11, B in Y12 and Y13, A's broadcast in Y14
-TEXT ·gemm64AVX2(SB), NOSPLIT, $0-41
+TEXT ·gemm64AVX2(SB), NOSPLIT, $0-49
 	MOVQ kc+0(FP), CX
 	MOVQ ap+8(FP), SI
-	MOVQ bp+16(FP), DX
-	MOVQ c+24(FP), DI
-	MOVQ ldc+32(FP), R8
+	MOVQ lda+16(FP), R10
+	SHLQ $3, R10
+	MOVQ bp+24(FP), DX
+	MOVQ c+32(FP), DI
+	MOVQ ldc+40(FP), R8
 	SHLQ $3, R8
-	MOVBLZX first+40(FP), AX
+	MOVBLZX first+48(FP), AX
 	TESTL AX, AX
 	JNZ gemm64AVX2_zero
 	MOVQ DI, R9
@@ -165,7 +169,7 @@ gemm64AVX2_loop:
 	VBROADCASTSD 40(SI), Y14
 	VFMADD231PD Y12, Y14, Y10
 	VFMADD231PD Y13, Y14, Y11
-	ADDQ $48, SI
+	ADDQ R10, SI
 	ADDQ $64, DX
 	DECQ CX
 	JNZ gemm64AVX2_loop
@@ -190,16 +194,18 @@ gemm64AVX2_store:
 	VZEROUPPER
 	RET
 
-// func gemm32AVX512(kc int, ap, bp, c unsafe.Pointer, ldc int, first bool)
+// func gemm32AVX512(kc int, ap unsafe.Pointer, lda int, bp, c unsafe.Pointer, ldc int, first bool)
 // a 12 x 32 tile: accumulators Z0-Z24, B in Z25 and Z26, A's broadcast in Z27
-TEXT ·gemm32AVX512(SB), NOSPLIT, $0-41
+TEXT ·gemm32AVX512(SB), NOSPLIT, $0-49
 	MOVQ kc+0(FP), CX
 	MOVQ ap+8(FP), SI
-	MOVQ bp+16(FP), DX
-	MOVQ c+24(FP), DI
-	MOVQ ldc+32(FP), R8
+	MOVQ lda+16(FP), R10
+	SHLQ $2, R10
+	MOVQ bp+24(FP), DX
+	MOVQ c+32(FP), DI
+	MOVQ ldc+40(FP), R8
 	SHLQ $2, R8
-	MOVBLZX first+40(FP), AX
+	MOVBLZX first+48(FP), AX
 	TESTL AX, AX
 	JNZ gemm32AVX512_zero
 	MOVQ DI, R9
@@ -306,7 +312,7 @@ gemm32AVX512_loop:
 	VBROADCASTSS 44(SI), Z27
 	VFMADD231PS Z25, Z27, Z23
 	VFMADD231PS Z26, Z27, Z24
-	ADDQ $48, SI
+	ADDQ R10, SI
 	ADDQ $128, DX
 	DECQ CX
 	JNZ gemm32AVX512_loop
@@ -349,16 +355,18 @@ gemm32AVX512_store:
 	VZEROUPPER
 	RET
 
-// func gemm64AVX512(kc int, ap, bp, c unsafe.Pointer, ldc int, first bool)
+// func gemm64AVX512(kc int, ap unsafe.Pointer, lda int, bp, c unsafe.Pointer, ldc int, first bool)
 // a 12 x 16 tile: accumulators Z0-Z24, B in Z25 and Z26, A's broadcast in Z27
-TEXT ·gemm64AVX512(SB), NOSPLIT, $0-41
+TEXT ·gemm64AVX512(SB), NOSPLIT, $0-49
 	MOVQ kc+0(FP), CX
 	MOVQ ap+8(FP), SI
-	MOVQ bp+16(FP), DX
-	MOVQ c+24(FP), DI
-	MOVQ ldc+32(FP), R8
+	MOVQ lda+16(FP), R10
+	SHLQ $3, R10
+	MOVQ bp+24(FP), DX
+	MOVQ c+32(FP), DI
+	MOVQ ldc+40(FP), R8
 	SHLQ $3, R8
-	MOVBLZX first+40(FP), AX
+	MOVBLZX first+48(FP), AX
 	TESTL AX, AX
 	JNZ gemm64AVX512_zero
 	MOVQ DI, R9
@@ -465,7 +473,7 @@ gemm64AVX512_loop:
 	VBROADCASTSD 88(SI), Z27
 	VFMADD231PD Z25, Z27, Z23
 	VFMADD231PD Z26, Z27, Z24
-	ADDQ $96, SI
+	ADDQ R10, SI
 	ADDQ $128, DX
 	DECQ CX
 	JNZ gemm64AVX512_loop

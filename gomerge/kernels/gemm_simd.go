@@ -17,28 +17,29 @@ func init() {
 }
 
 // The assembly micro-kernels: C's tile (row stride ldc values) from +0
-// (first) or from its values, plus kc steps of the packed strips ap (mr
-// values a step) and bp (nr values a step).
+// (first) or from its values, plus kc steps of A (mr values a step, lda
+// values apart: a packed strip, or a transposed A's own rows) and of the
+// packed strip bp (nr values a step).
 //
 //go:noescape
-func gemm32AVX2(kc int, ap, bp, c unsafe.Pointer, ldc int, first bool)
+func gemm32AVX2(kc int, ap unsafe.Pointer, lda int, bp, c unsafe.Pointer, ldc int, first bool)
 
 //go:noescape
-func gemm64AVX2(kc int, ap, bp, c unsafe.Pointer, ldc int, first bool)
+func gemm64AVX2(kc int, ap unsafe.Pointer, lda int, bp, c unsafe.Pointer, ldc int, first bool)
 
 //go:noescape
-func gemm32AVX512(kc int, ap, bp, c unsafe.Pointer, ldc int, first bool)
+func gemm32AVX512(kc int, ap unsafe.Pointer, lda int, bp, c unsafe.Pointer, ldc int, first bool)
 
 //go:noescape
-func gemm64AVX512(kc int, ap, bp, c unsafe.Pointer, ldc int, first bool)
+func gemm64AVX512(kc int, ap unsafe.Pointer, lda int, bp, c unsafe.Pointer, ldc int, first bool)
 
 // asmMicro wraps an assembly micro-kernel of an mr x nr tile: the slices'
 // lengths are checked here (a panic, never a read or write past them).
-func asmMicro[T float32 | float64](mr, nr int, f func(kc int, ap, bp, c unsafe.Pointer, ldc int, first bool)) func(kc int, ap, bp, c []T, ldc int, first bool) {
-	return func(kc int, ap, bp, c []T, ldc int, first bool) {
-		if kc < 1 || len(ap) < mr*kc || len(bp) < nr*kc || ldc < nr || len(c) < (mr-1)*ldc+nr {
+func asmMicro[T float32 | float64](mr, nr int, f func(kc int, ap unsafe.Pointer, lda int, bp, c unsafe.Pointer, ldc int, first bool)) func(kc int, ap []T, lda int, bp, c []T, ldc int, first bool) {
+	return func(kc int, ap []T, lda int, bp, c []T, ldc int, first bool) {
+		if kc < 1 || lda < mr || len(ap) < (kc-1)*lda+mr || len(bp) < nr*kc || ldc < nr || len(c) < (mr-1)*ldc+nr {
 			panic("kernels: micro-kernel operands too short")
 		}
-		f(kc, unsafe.Pointer(unsafe.SliceData(ap)), unsafe.Pointer(unsafe.SliceData(bp)), unsafe.Pointer(unsafe.SliceData(c)), ldc, first)
+		f(kc, unsafe.Pointer(unsafe.SliceData(ap)), lda, unsafe.Pointer(unsafe.SliceData(bp)), unsafe.Pointer(unsafe.SliceData(c)), ldc, first)
 	}
 }

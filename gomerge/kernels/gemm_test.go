@@ -56,7 +56,7 @@ func TestPortableFMA(t *testing.T) {
 		for i := range 4 {
 			a[i], b[i], c[5*i] = cases[q+i][0], cases[q+i][1], cases[q+i][2]
 		}
-		microGo(1, a[:], b[:], c[:], 4, false)
+		microGo(1, a[:], 4, b[:], c[:], 4, false)
 		for i, x := range cases[q : q+4] {
 			got := c[5*i]
 			if math.IsNaN(float64(x[0])) || math.IsInf(float64(x[0]), 0) {
@@ -78,6 +78,7 @@ func TestGemm32(t *testing.T) {
 	shapes := [][3]int{
 		{1, 1, 1}, {3, 5, 7}, {6, 16, 1}, {6, 32, 300}, {7, 17, 513}, {97, 74, 260},
 		{200, 33, 600}, {74, 1100, 257}, {130, 600, 300}, {13, 2, 1}, {5, 0, 3}, {0, 4, 4}, {4, 5, 0},
+		{20, 300, 600}, {40, 700, 300}, {5, 90, 260}, {130, 20, 600}, // C^T = B^T A^T, A read in place
 	}
 	for _, sh := range shapes {
 		m, n, k := sh[0], sh[1], sh[2]

@@ -112,25 +112,28 @@ func generate() []byte {
 	return b.Bytes()
 }
 
-// writeMicro writes func name(kc int, ap, bp, c unsafe.Pointer, ldc int,
-// first bool): C's mr x 2*lanes tile (row stride ldc values) from +0 (first)
-// or from its values, plus kc steps of mr values of A and 2*lanes of B.
+// writeMicro writes func name(kc int, ap unsafe.Pointer, lda int, bp,
+// c unsafe.Pointer, ldc int, first bool): C's mr x 2*lanes tile (row stride
+// ldc values) from +0 (first) or from its values, plus kc steps of mr values
+// of A (the steps lda values apart) and 2*lanes of B.
 func writeMicro(p func(string, ...any), m micro) {
 	vec := m.lanes * m.size
 	acc := func(i, j int) string { return vreg(m.reg, 2*i+j) }
 	b0, b1, x := vreg(m.reg, 2*m.mr), vreg(m.reg, 2*m.mr+1), vreg(m.reg, 2*m.mr+2)
 	mov := "VMOVUP" + m.suffix[1:]
-	p("// func %s(kc int, ap, bp, c unsafe.Pointer, ldc int, first bool)", m.name)
+	p("// func %s(kc int, ap unsafe.Pointer, lda int, bp, c unsafe.Pointer, ldc int, first bool)", m.name)
 	p("// a %d x %d tile: accumulators %s0-%s, B in %s and %s, A's broadcast in %s", m.mr, 2*m.lanes, m.reg, acc(m.mr-1, 1), b0, b1, x)
 	shift := map[int]int{4: 2, 8: 3}[m.size]
-	p("TEXT ·%s(SB), NOSPLIT, $0-41", m.name)
+	p("TEXT ·%s(SB), NOSPLIT, $0-49", m.name)
 	p("\tMOVQ kc+0(FP), CX")
 	p("\tMOVQ ap+8(FP), SI")
-	p("\tMOVQ bp+16(FP), DX")
-	p("\tMOVQ c+24(FP), DI")
-	p("\tMOVQ ldc+32(FP), R8")
+	p("\tMOVQ lda+16(FP), R10")
+	p("\tSHLQ $%d, R10", shift)
+	p("\tMOVQ bp+24(FP), DX")
+	p("\tMOVQ c+32(FP), DI")
+	p("\tMOVQ ldc+40(FP), R8")
 	p("\tSHLQ $%d, R8", shift)
-	p("\tMOVBLZX first+40(FP), AX")
+	p("\tMOVBLZX first+48(FP), AX")
 	p("\tTESTL AX, AX")
 	p("\tJNZ %s_zero", m.name)
 	p("\tMOVQ DI, R9")
@@ -159,7 +162,7 @@ func writeMicro(p func(string, ...any), m micro) {
 		p("\tVFMADD231%s %s, %s, %s", m.suffix, b0, x, acc(i, 0))
 		p("\tVFMADD231%s %s, %s, %s", m.suffix, b1, x, acc(i, 1))
 	}
-	p("\tADDQ $%d, SI", m.mr*m.size)
+	p("\tADDQ R10, SI")
 	p("\tADDQ $%d, DX", 2*vec)
 	p("\tDECQ CX")
 	p("\tJNZ %s_loop", m.name)
