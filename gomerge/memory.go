@@ -49,6 +49,9 @@ type MemRequest struct {
 	methods.Combine
 	Rank    int         `json:"rank"`
 	Modules []MemModule `json:"modules"`
+	// TorchMasks, when set, draws the DARE masks that the sources point to
+	// before the merge (see TorchMasks).
+	TorchMasks *TorchMasks `json:"torch_masks"`
 }
 
 // MemResult describes a finished in-memory merge: the rank written for each
@@ -58,6 +61,9 @@ type MemResult struct {
 	Seed     *uint64  `json:"seed"`
 	Seconds  float64  `json:"seconds"`
 	Warnings []string `json:"warnings"`
+	// TorchPos is the generator's position after TorchMasks drew (its
+	// state words were advanced in place); nil without TorchMasks.
+	TorchPos *int `json:"torch_pos"`
 }
 
 // viewMemory is the one place where a caller's raw address becomes a Go
@@ -85,6 +91,13 @@ func MergeTensors(ctx context.Context, req MemRequest, progress *parallel.Progre
 	defer parallel.HoldGCHeadroom()()
 	res := &MemResult{Warnings: opts.PrepareRandomness()}
 	res.Seed = opts.Seed
+	if req.TorchMasks != nil {
+		pos, err := req.TorchMasks.draw()
+		if err != nil {
+			return nil, err
+		}
+		res.TorchPos = &pos
+	}
 	jobs := make([]methods.ModuleJob, len(req.Modules))
 	for i, mm := range req.Modules {
 		j, err := memJob(mm, opts.Method())

@@ -134,23 +134,89 @@ def _writable(t: torch.Tensor, shape: torch.Size) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and t.shape == shape
 
 
+class _TorchGenerator:
+    """torch's default CPU generator (at::mt19937) as the state that `torch.get_rng_state()` returns: the legacy
+    struct of CPUGeneratorImplState, 5056 bytes: the initial seed (uint64), `left` (int32), `seeded` (int32), `next`
+    (uint64), the 624 state words (each in a uint64), then the normal samples' cache. Go draws from a copy of the
+    words (`words`, uint32) and `set` writes the advanced words and position back. `read()` is None for a state of
+    another layout (another torch), whose draws then stay with torch."""
+
+    SIZE, LEFT, NEXT, WORDS, N = 5056, 8, 16, 24, 624
+
+    def __init__(self, state: torch.Tensor, pos: int) -> None:
+        self.state, self.pos = state, pos
+        self.words = self._slots().to(torch.int32)  # the words' bits (Go reads them as uint32)
+
+    def _slots(self) -> torch.Tensor:
+        return self.state[self.WORDS : self.WORDS + 8 * self.N].view(torch.int64)
+
+    @classmethod
+    def read(cls) -> _TorchGenerator | None:
+        state = torch.get_rng_state()
+        if state.dtype != torch.uint8 or state.numel() != cls.SIZE:
+            return None
+        left = int(state[cls.LEFT : cls.LEFT + 4].view(torch.int32)[0])
+        nxt = int(state[cls.NEXT : cls.NEXT + 8].view(torch.int64)[0])
+        slots = state[cls.WORDS : cls.WORDS + 8 * cls.N].view(torch.int64)
+        # at::mt19937's invariant: next + left == 625 (left == 1, next == 0 right after seeding)
+        if not (1 <= left <= cls.N and (nxt + left == cls.N + 1 or (left == 1 and nxt == 0))):
+            return None
+        if bool(((slots < 0) | (slots > 0xFFFFFFFF)).any()):
+            return None
+        return cls(state, cls.N + 1 - left)
+
+    def set(self, pos: int) -> None:
+        """Sets torch's generator to the words as Go left them, at position `pos`."""
+        self._slots().copy_(self.words.to(torch.int64) & 0xFFFFFFFF)
+        self.state[self.LEFT : self.LEFT + 4].view(torch.int32)[0] = self.N + 1 - pos
+        self.state[self.NEXT : self.NEXT + 8].view(torch.int64)[0] = pos
+        torch.set_rng_state(self.state)
+
+
+# probability tensors whose torch.bernoulli draws one 24-bit word per element (float64 draws 53 bits)
+_BERNOULLI_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 class _DareMasks:
     """PEFT's DARE keep-masks of the factors, drawn as PEFT draws them (`torch.bernoulli(torch.full_like(x,
-    density))`, in the same order from torch's global generator) but into uint8 views of one buffer: the
-    in-place `bernoulli_` with a probability tensor draws the same numbers in the same order for any output dtype,
-    and the probability tensors (of x's shape and dtype: a bf16 0.2 is not a float32 0.2) are made once per
-    shape rather than once per factor. Tensors off the CPU or not contiguous take PEFT's own expression."""
+    density))`, in the same order from torch's global generator), into uint8 views of one buffer.
 
-    def __init__(self, density: float, numel: int, keep: list) -> None:
+    Where every factor is a contiguous CPU tensor of a float32, bfloat16 or float16 dtype, Go draws them
+    (`torch_masks`): torch.bernoulli takes one generator word per element, in memory order, so the masks are one
+    run of words from torch's generator, which Go reproduces bit for bit at a fraction of torch's per-element cost;
+    torch's generator is then set where PEFT's draws leave it. Otherwise torch draws them here, factor by factor:
+    the in-place `bernoulli_` with a probability tensor draws the same numbers in the same order for any output
+    dtype, and the probability tensors (of x's shape and dtype: a bf16 0.2 is not a float32 0.2) are made once per
+    shape; tensors off the CPU or not contiguous take PEFT's own expression."""
+
+    def __init__(self, density: float, factors: list[torch.Tensor], keep: list) -> None:
         self.density = density
-        self.buffer = torch.empty(numel, dtype=torch.uint8)
+        self.buffer = torch.empty(sum(x.numel() for x in factors), dtype=torch.uint8)
         keep.append(self.buffer)
         self.offset = 0
         self.probs: dict[tuple, torch.Tensor] = {}
+        self.generator = None
+        if all(x.device.type == "cpu" and x.is_contiguous() and x.dtype in _BERNOULLI_DTYPES for x in factors):
+            self.generator = _TorchGenerator.read()
+        if self.generator is not None:
+            keep.append(self.generator.words)
+        self.runs: list[dict[str, Any]] = []
+        self.p_of: dict[torch.dtype, float] = {}
 
     def draw(self, x: torch.Tensor, keep: list) -> int:
-        """The address of x's mask."""
+        """The address of x's mask (drawn by Go during the merge where `request()` is not None)."""
         x = x.data
+        if self.generator is not None:
+            p = self.p_of.get(x.dtype)
+            if p is None:
+                p = self.p_of[x.dtype] = torch.tensor(self.density, dtype=x.dtype).item()
+            if self.runs and self.runs[-1]["p"] == p:
+                self.runs[-1]["n"] += x.numel()
+            else:
+                self.runs.append({"n": x.numel(), "p": p})
+            address = self.buffer.data_ptr() + self.offset
+            self.offset += x.numel()
+            return address
         if x.device.type != "cpu" or not x.is_contiguous() or self.offset + x.numel() > self.buffer.numel():
             return _u8(torch.bernoulli(torch.full_like(input=x, fill_value=self.density)), keep)
         key = (tuple(x.shape), x.dtype)
@@ -161,6 +227,18 @@ class _DareMasks:
         self.offset += x.numel()
         mask.bernoulli_(p)
         return mask.data_ptr()
+
+    def request(self) -> dict[str, Any] | None:
+        """The engine's `torch_masks`: the draws Go makes before the merge, or None where torch drew them."""
+        if self.generator is None:
+            return None
+        g = self.generator
+        return {"state": g.words.data_ptr(), "pos": g.pos, "out": self.buffer.data_ptr(), "runs": self.runs}
+
+    def done(self, pos: int | None) -> None:
+        """Sets torch's generator after Go's draws (`pos`: the engine's `torch_pos`)."""
+        if self.generator is not None and pos is not None:
+            self.generator.set(pos)
 
 
 def _dw_mask_2d(layer: LoraLayer, adapter: str, density: float) -> torch.Tensor:
@@ -371,9 +449,7 @@ def _merge(
         layers.append((key, target, tgt, srcs, experts))
     masks = None
     if dare_torch and family1:
-        masks = _DareMasks(
-            density, sum(a.numel() + b.numel() for _, _, _, srcs, _ in layers for *_, a, b in srcs), keep
-        )
+        masks = _DareMasks(density, [x for _, _, _, srcs, _ in layers for *_, a, b in srcs for x in (a, b)], keep)
     request_modules: list = []
     job = _Units(request_modules, keep, family1, combination_type, dare_torch, density, masks)
     targets = []
@@ -407,9 +483,12 @@ def _merge(
         rank=new_rank,
         seed=seed,
         modules=request_modules,
+        torch_masks=None if masks is None else masks.request(),
         **_peft_args(combination_type, svd_clamp=svd_clamp, density=density, majority_sign_method=majority_sign_method),
     )
     result = _native.run_job(_native.merge_tensors_start(request), progress)
+    if masks is not None:
+        masks.done(result.get("torch_pos"))
     for message in result.get("warnings") or []:
         warnings.warn(message, stacklevel=3)
     for t_a, t_b, srcs, outs, experts in targets:  # the results that could not be written in place
