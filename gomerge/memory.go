@@ -80,7 +80,7 @@ func viewMemory(ptr uintptr, n int) []byte {
 
 // MergeTensors runs a merge on tensors in memory and writes every module's
 // merged factors to the caller's output buffers.
-func MergeTensors(ctx context.Context, req MemRequest, progress *parallel.Progress) (*MemResult, error) {
+func MergeTensors(ctx context.Context, req MemRequest, progress *parallel.Progress) (res *MemResult, err error) {
 	opts := Options{Combine: req.Combine}
 	if err := opts.Validate(); err != nil {
 		return nil, err
@@ -89,14 +89,25 @@ func MergeTensors(ctx context.Context, req MemRequest, progress *parallel.Progre
 		return nil, errs.Value("rank: must be positive, got %d", req.Rank)
 	}
 	defer parallel.HoldGCHeadroom()()
-	res := &MemResult{Warnings: opts.PrepareRandomness()}
+	res = &MemResult{Warnings: opts.PrepareRandomness()}
 	res.Seed = opts.Seed
-	if req.TorchMasks != nil {
-		pos, err := req.TorchMasks.draw()
-		if err != nil {
-			return nil, err
+	var ready func(i int) error
+	if tm := req.TorchMasks; tm != nil {
+		stream, total, serr := tm.start(ctx)
+		if serr != nil {
+			return nil, serr
 		}
-		res.TorchPos = &pos
+		// the drawing writes into the caller's buffers: it ends before the merge returns, whatever happens
+		defer func() {
+			pos, serr := stream.finish()
+			if err == nil && serr != nil {
+				res, err = nil, serr
+			}
+			if err == nil {
+				res.TorchPos = &pos
+			}
+		}()
+		ready = func(i int) error { return stream.wait(maskEnd(req.Modules[i], tm.Out, total)) }
 	}
 	jobs := make([]methods.ModuleJob, len(req.Modules))
 	for i, mm := range req.Modules {
@@ -106,7 +117,7 @@ func MergeTensors(ctx context.Context, req MemRequest, progress *parallel.Progre
 		}
 		jobs[i] = j
 	}
-	outcomes, err := runJobs(ctx, &opts.Combine, opts.Workers, jobs, req.Rank, safetensors.F32, progress, func(i int, _, _ string, a, b safetensors.RawTensor) error {
+	outcomes, err := runJobs(ctx, &opts.Combine, opts.Workers, jobs, req.Rank, safetensors.F32, progress, ready, func(i int, _, _ string, a, b safetensors.RawTensor) error {
 		mm := req.Modules[i]
 		if a.Shape[0] > mm.OutRank {
 			return errs.Value("module %s: merged rank %d does not fit the output rank %d", mm.Name, a.Shape[0], mm.OutRank)
