@@ -288,3 +288,43 @@ def test_dare_masks_of_float64_factors_stay_with_torch():
     base = masks.buffer.data_ptr()
     for x, address, want in zip(factors, got, expected):
         assert torch.equal(masks.buffer[address - base : address - base + x.numel()].view(x.shape), want)
+
+
+def test_dare_in_two_threads_takes_turns(adapters):
+    """Two DARE drop-in calls at once draw from torch's generator in turn, as two PEFT calls one after the other:
+    each gets the masks of one of PEFT's two calls, and the generator ends where PEFT's second call leaves it."""
+    case = DROPIN_CASES[0]
+    names = [f"a{i}" for i in range(len(case.adapters))]
+    theirs = [load(case, adapters[case.name]) for _ in range(2)]
+    ours = [load(case, adapters[case.name]) for _ in range(2)]  # (building a model seeds torch's generator)
+    torch.manual_seed(99)
+    for model in theirs:
+        model.add_weighted_adapter(names, case.weights, "merged", combination_type="dare_ties", density=0.4)
+    peft_calls = [peft_factors(m) for m in theirs]
+    state = torch.get_rng_state()
+    torch.manual_seed(99)
+    errors = []
+
+    def work(model):
+        try:
+            gp.add_weighted_adapter(model, names, case.weights, "merged", combination_type="dare_ties", density=0.4)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(m,)) for m in ours]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert torch.equal(torch.get_rng_state(), state), "the generator is not where PEFT's two calls leave it"
+
+    def same(f, g):  # the drop-in's rule: PEFT's factors to float32 rounding (test_dropin_matches_peft)
+        return f.keys() == g.keys() and all(
+            np.allclose(x, y, rtol=1e-5, atol=1e-5 * np.abs(y).max()) for k in f for x, y in zip(f[k], g[k])
+        )
+
+    got = [peft_factors(m) for m in ours]
+    assert (same(got[0], peft_calls[0]) and same(got[1], peft_calls[1])) or (
+        same(got[0], peft_calls[1]) and same(got[1], peft_calls[0])
+    ), "each call must get the masks of one of PEFT's calls"

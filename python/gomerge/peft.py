@@ -175,6 +175,10 @@ class _TorchGenerator:
 
 # probability tensors whose torch.bernoulli draws one 24-bit word per element (float64 draws 53 bits)
 _BERNOULLI_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# held by a drop-in call while it draws from torch's generator (the injection; DARE's masks, from reading the
+# generator until it is set after Go's draws): calls in several threads take turns, and each draw advances the
+# generator, as PEFT's draws do
+_TORCH_RNG_LOCK = threading.Lock()
 
 
 class _DareMasks:
@@ -391,40 +395,44 @@ def _add_weighted_adapter(
             self, adapters, weights, None, method, new_rank, svd_clamp, density, majority_sign_method, seed, progress
         )
     try:
-        # Create the adapter exactly as PEFT does (this also draws its initial weights from torch's generator); its
-        # target_parameters are the ones the adapters share (see _check_args).
-        params = next((c.target_parameters for a in adapters if (c := self.peft_config[a]).target_parameters), None)
-        self.peft_config[adapter_name] = replace(
-            self.peft_config[adapters[0]],
-            r=new_rank,
-            lora_alpha=new_rank,
-            target_modules=new_target_modules,
-            alpha_pattern={},
-            rank_pattern={},
-            **({"target_parameters": params} if params else {}),
-        )
-        self.inject_adapter(self.model, adapter_name)
-        _freeze_adapter(self.model, adapter_name)
+        with _TORCH_RNG_LOCK:  # the injection draws the new factors' initial values from torch's generator
+            # Create the adapter exactly as PEFT does; its target_parameters are the ones the adapters share (see
+            # _check_args).
+            params = next((c.target_parameters for a in adapters if (c := self.peft_config[a]).target_parameters), None)
+            self.peft_config[adapter_name] = replace(
+                self.peft_config[adapters[0]],
+                r=new_rank,
+                lora_alpha=new_rank,
+                target_modules=new_target_modules,
+                alpha_pattern={},
+                rank_pattern={},
+                **({"target_parameters": params} if params else {}),
+            )
+            self.inject_adapter(self.model, adapter_name)
+            _freeze_adapter(self.model, adapter_name)
     except BaseException:
         if merge is not None:
             merge.abandon()
         raise
     try:
         if merge is None:
-            merge = _Merge(
-                self,
-                adapters,
-                weights,
-                adapter_name,
-                method,
-                new_rank,
-                svd_clamp,
-                density,
-                majority_sign_method,
-                seed,
-                progress,
-            )
-        merge.finish(adapter_name)
+            with _TORCH_RNG_LOCK:  # DARE's masks, drawn from torch's generator
+                merge = _Merge(
+                    self,
+                    adapters,
+                    weights,
+                    adapter_name,
+                    method,
+                    new_rank,
+                    svd_clamp,
+                    density,
+                    majority_sign_method,
+                    seed,
+                    progress,
+                )
+                merge.finish(adapter_name)
+        else:
+            merge.finish(adapter_name)
     except BaseException:
         if merge is not None:
             merge.abandon()
@@ -492,6 +500,15 @@ class _Merge:
                 density, [x for _, _, _, srcs, _ in layers for *_, a, b in srcs for x in (a, b)], self.keep
             )
         self.masks = masks
+        try:
+            self._start(layers, new_rank, svd_clamp, density, majority_sign_method, seed, dare_torch)
+        except BaseException:
+            self.abandon()
+            raise
+
+    def _start(self, layers, new_rank, svd_clamp, density, majority_sign_method, seed, dare_torch) -> None:
+        """Builds the engine's request and starts the job."""
+        family1, combination_type, masks = self.family1, self.combination_type, self.masks
         request_modules: list = []
         units = _Units(request_modules, self.keep, family1, combination_type, dare_torch, density, masks)
         self.targets = []
@@ -538,14 +555,13 @@ class _Merge:
     def abandon(self) -> None:
         """Stops the job, if it still runs, and waits for it: Go must not write into buffers given up."""
         job, self.job = self.job, None
-        if job is None:
-            return
-        _native.job_cancel(job)
-        try:
-            while _native.job_wait(job, 100)["state"] != "done":
+        if job is not None:
+            _native.job_cancel(job)
+            try:
+                while _native.job_wait(job, 100)["state"] != "done":
+                    pass
+            except BaseException:  # its own outcome (usually "cancelled") does not matter
                 pass
-        except BaseException:  # its own outcome (usually "cancelled") does not matter
-            pass
 
     def finish(self, adapter_name: str) -> None:
         """Waits for the job and gives the new adapter `adapter_name` its factors: PEFT's dtypes and devices."""
