@@ -12,6 +12,7 @@
 //   - options.go, plan.go, merge.go: arguments, the merged adapter's tensors
 //     and rank pattern, and running a merge on all cores
 //   - memory.go: merges of tensors in a model's memory (the PEFT drop-in)
+//   - torchmasks.go: the drop-in's DARE masks, drawn in Go from torch's generator state
 //   - card.go: a merged adapter's config and model card (written with package card)
 //   - limits.go: memory planning (workers within the available memory, from
 //     each method's estimate)
@@ -51,6 +52,8 @@
 //     introduction, the sections each command fills, the rank table, the usage snippet) and Version
 //   - errs: typed errors (ErrKind) that the Python layer maps to exception classes
 //   - internal/pool: the float32 scratch buffer pools that they share
+//   - internal/torchrng: torch's CPU generator (mt19937) and torch.bernoulli's draws from it,
+//     with which an in-memory merge draws the drop-in's DARE masks as PEFT does (TorchMasks)
 //   - internal/testutil: the helpers the tests share (test adapters, reference safetensors files)
 //   - modelfolder: Hugging Face model folders (config, shards and index, validated against
 //     hostile names and contents) and output model folders

@@ -49,6 +49,9 @@ type MemRequest struct {
 	methods.Combine
 	Rank    int         `json:"rank"`
 	Modules []MemModule `json:"modules"`
+	// TorchMasks, when set, draws the DARE masks that the sources point to
+	// before the merge (see TorchMasks).
+	TorchMasks *TorchMasks `json:"torch_masks"`
 }
 
 // MemResult describes a finished in-memory merge: the rank written for each
@@ -58,6 +61,9 @@ type MemResult struct {
 	Seed     *uint64  `json:"seed"`
 	Seconds  float64  `json:"seconds"`
 	Warnings []string `json:"warnings"`
+	// TorchPos is the generator's position after TorchMasks drew (its
+	// state words were advanced in place); nil without TorchMasks.
+	TorchPos *int `json:"torch_pos"`
 }
 
 // viewMemory is the one place where a caller's raw address becomes a Go
@@ -74,7 +80,7 @@ func viewMemory(ptr uintptr, n int) []byte {
 
 // MergeTensors runs a merge on tensors in memory and writes every module's
 // merged factors to the caller's output buffers.
-func MergeTensors(ctx context.Context, req MemRequest, progress *parallel.Progress) (*MemResult, error) {
+func MergeTensors(ctx context.Context, req MemRequest, progress *parallel.Progress) (res *MemResult, err error) {
 	opts := Options{Combine: req.Combine}
 	if err := opts.Validate(); err != nil {
 		return nil, err
@@ -83,8 +89,26 @@ func MergeTensors(ctx context.Context, req MemRequest, progress *parallel.Progre
 		return nil, errs.Value("rank: must be positive, got %d", req.Rank)
 	}
 	defer parallel.HoldGCHeadroom()()
-	res := &MemResult{Warnings: opts.PrepareRandomness()}
+	res = &MemResult{Warnings: opts.PrepareRandomness()}
 	res.Seed = opts.Seed
+	var ready func(i int) error
+	if tm := req.TorchMasks; tm != nil {
+		stream, total, serr := tm.start(ctx)
+		if serr != nil {
+			return nil, serr
+		}
+		// the drawing writes into the caller's buffers: it ends before the merge returns, whatever happens
+		defer func() {
+			pos, serr := stream.finish()
+			if err == nil && serr != nil {
+				res, err = nil, serr
+			}
+			if err == nil {
+				res.TorchPos = &pos
+			}
+		}()
+		ready = func(i int) error { return stream.wait(maskEnd(req.Modules[i], tm.Out, total)) }
+	}
 	jobs := make([]methods.ModuleJob, len(req.Modules))
 	for i, mm := range req.Modules {
 		j, err := memJob(mm, opts.Method())
@@ -93,7 +117,7 @@ func MergeTensors(ctx context.Context, req MemRequest, progress *parallel.Progre
 		}
 		jobs[i] = j
 	}
-	outcomes, err := runJobs(ctx, &opts.Combine, opts.Workers, jobs, req.Rank, safetensors.F32, progress, func(i int, _, _ string, a, b safetensors.RawTensor) error {
+	outcomes, err := runJobs(ctx, &opts.Combine, opts.Workers, jobs, req.Rank, safetensors.F32, progress, ready, func(i int, _, _ string, a, b safetensors.RawTensor) error {
 		mm := req.Modules[i]
 		if a.Shape[0] > mm.OutRank {
 			return errs.Value("module %s: merged rank %d does not fit the output rank %d", mm.Name, a.Shape[0], mm.OutRank)

@@ -159,7 +159,7 @@ func writeModules(ctx context.Context, opts Options, jobs []methods.ModuleJob, r
 		if err != nil {
 			return nil, err
 		}
-		outcomes, err := runJobs(ctx, &opts.Combine, opts.Workers, jobs, rank, dt, progress, func(_ int, aName, bName string, a, b safetensors.RawTensor) error {
+		outcomes, err := runJobs(ctx, &opts.Combine, opts.Workers, jobs, rank, dt, progress, nil, func(_ int, aName, bName string, a, b safetensors.RawTensor) error {
 			return w.WritePair(aName, a.Data, bName, b.Data)
 		})
 		if cerr := w.Close(); err == nil {
@@ -172,7 +172,7 @@ func writeModules(ctx context.Context, opts Options, jobs []methods.ModuleJob, r
 		a, b         safetensors.RawTensor
 	}
 	held := make([]pair, len(jobs))
-	outcomes, err := runJobs(ctx, &opts.Combine, opts.Workers, jobs, rank, dt, progress, func(i int, aName, bName string, a, b safetensors.RawTensor) error {
+	outcomes, err := runJobs(ctx, &opts.Combine, opts.Workers, jobs, rank, dt, progress, nil, func(i int, aName, bName string, a, b safetensors.RawTensor) error {
 		// runJobs hands its buffers back to the pool after emit: keep copies
 		ca, cb := a, b
 		ca.Data, cb.Data = append([]byte(nil), a.Data...), append([]byte(nil), b.Data...)
@@ -208,12 +208,17 @@ type emitFunc func(i int, aName, bName string, a, b safetensors.RawTensor) error
 
 // runJobs merges the modules on all cores, hands each result to emit and
 // returns each module's merged rank.
-func runJobs(ctx context.Context, c *methods.Combine, workers int, jobs []methods.ModuleJob, rank int, dt safetensors.DType, progress *parallel.Progress, emit emitFunc) ([]methods.Outcome, error) {
+func runJobs(ctx context.Context, c *methods.Combine, workers int, jobs []methods.ModuleJob, rank int, dt safetensors.DType, progress *parallel.Progress, ready func(i int) error, emit emitFunc) ([]methods.Outcome, error) {
 	if progress != nil {
 		progress.Total.Store(int64(len(jobs)))
 	}
 	outcomes := make([]methods.Outcome, len(jobs))
 	err := parallel.RunJobs(ctx, len(jobs), workers, progress, func(_, i int) error {
+		if ready != nil {
+			if err := ready(i); err != nil {
+				return err
+			}
+		}
 		aName, bName, a, b, o, err := methods.RunModule(ctx, c, &jobs[i], rank, dt)
 		if err == nil {
 			err = emit(i, aName, bName, a.RawTensor, b.RawTensor)

@@ -231,3 +231,100 @@ def test_dora_falls_back_to_peft_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="use_dora.*PEFT's own"):
         gp.add_weighted_adapter(model, ["a0", "a1"], [1.0, 1.0], "merged", combination_type="svd")
     assert "merged" in model.peft_config
+
+
+@pytest.mark.parametrize(
+    "dtypes,warmup",
+    [
+        pytest.param([torch.float32] * 6, 0, id="float32-fresh-seed"),
+        pytest.param(
+            [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16, torch.float16], 5, id="mixed"
+        ),
+        pytest.param([torch.bfloat16] * 6, 623, id="bfloat16-at-a-twist"),
+    ],
+)
+def test_dare_masks_drawn_by_go_are_torchs(dtypes, warmup):
+    """The DARE masks that Go draws for the drop-in (`torch_masks`) are torch.bernoulli's, bit for bit, for float32,
+    bfloat16 and float16 factors (each its own probability: a bf16 0.2 is not a float32 0.2), and torch's generator
+    is left where torch's own draws leave it, whatever its position (right after seeding, mid-block, at a twist)."""
+    density = 0.2
+    shapes = [(8, 300), (700, 8), (3, 5), (4, 641), (1250, 4), (1, 1)]
+    factors = [torch.empty(s, dtype=dt) for s, dt in zip(shapes, dtypes)]
+
+    def start():
+        torch.manual_seed(11)
+        if warmup:
+            torch.bernoulli(torch.full((warmup,), 0.5))  # warmup words drawn: the stream starts anywhere
+
+    start()
+    expected = [torch.bernoulli(torch.full_like(x, density)).to(torch.uint8).flatten() for x in factors]
+    state = torch.get_rng_state()
+    start()
+    keep: list = []
+    masks = gp._DareMasks(density, factors, keep)
+    assert masks.request() is not None, "these factors are drawn in Go"
+    addresses = [masks.draw(x, keep) for x in factors]
+    request = dict.fromkeys(gomerge._native.request_keys()["merge_tensors"])
+    request.update(combination_type="dare_ties", density=density, rank=8, modules=[], torch_masks=masks.request())
+    result = gomerge._native.run_job(gomerge._native.merge_tensors_start(request), False)
+    masks.done(result["torch_pos"])
+    assert torch.equal(torch.get_rng_state(), state), "torch's generator is not where torch.bernoulli leaves it"
+    base = masks.buffer.data_ptr()
+    for x, address, want in zip(factors, addresses, expected):
+        got = masks.buffer[address - base : address - base + x.numel()]
+        assert torch.equal(got, want), (x.shape, x.dtype)
+
+
+def test_dare_masks_of_float64_factors_stay_with_torch():
+    """float64 probabilities make torch.bernoulli draw 53-bit words: those masks are drawn by torch itself."""
+    factors = [torch.empty(4, 5, dtype=torch.float64), torch.empty(5, 4)]
+    torch.manual_seed(3)
+    expected = [torch.bernoulli(torch.full_like(x, 0.3)).to(torch.uint8) for x in factors]
+    torch.manual_seed(3)
+    keep: list = []
+    masks = gp._DareMasks(0.3, factors, keep)
+    assert masks.request() is None
+    got = [masks.draw(x, keep) for x in factors]
+    base = masks.buffer.data_ptr()
+    for x, address, want in zip(factors, got, expected):
+        assert torch.equal(masks.buffer[address - base : address - base + x.numel()].view(x.shape), want)
+
+
+def test_dare_in_two_threads_takes_turns(adapters):
+    """Two DARE drop-in calls at once draw from torch's generator in turn, as two PEFT calls one after the other:
+    each gets the masks of one of PEFT's two calls, and the generator ends where PEFT's second call leaves it."""
+    case = DROPIN_CASES[0]
+    names = [f"a{i}" for i in range(len(case.adapters))]
+    theirs = [load(case, adapters[case.name]) for _ in range(2)]
+    ours = [load(case, adapters[case.name]) for _ in range(2)]  # (building a model seeds torch's generator)
+    torch.manual_seed(99)
+    for model in theirs:
+        model.add_weighted_adapter(names, case.weights, "merged", combination_type="dare_ties", density=0.4)
+    peft_calls = [peft_factors(m) for m in theirs]
+    state = torch.get_rng_state()
+    torch.manual_seed(99)
+    errors = []
+
+    def work(model):
+        try:
+            gp.add_weighted_adapter(model, names, case.weights, "merged", combination_type="dare_ties", density=0.4)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(m,)) for m in ours]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert torch.equal(torch.get_rng_state(), state), "the generator is not where PEFT's two calls leave it"
+
+    def same(f, g):  # the drop-in's rule: PEFT's factors to float32 rounding (test_dropin_matches_peft)
+        return f.keys() == g.keys() and all(
+            np.allclose(x, y, rtol=1e-5, atol=1e-5 * np.abs(y).max()) for k in f for x, y in zip(f[k], g[k])
+        )
+
+    got = [peft_factors(m) for m in ours]
+    assert (same(got[0], peft_calls[0]) and same(got[1], peft_calls[1])) or (
+        same(got[0], peft_calls[1]) and same(got[1], peft_calls[0])
+    ), "each call must get the masks of one of PEFT's calls"

@@ -3,6 +3,7 @@ package methods
 import (
 	"math"
 	"math/rand/v2"
+	"slices"
 	"sort"
 	"testing"
 
@@ -120,5 +121,35 @@ func BenchmarkMagnitudePrune16M(b *testing.B) {
 	for b.Loop() {
 		copy(y, x)
 		MagnitudePrune(y, 0.2)
+	}
+}
+
+// MaskPrune keeps the elements of a non-zero mask byte (rescaled by
+// 1/density, as a division, when asked) and writes +0 elsewhere, whatever
+// the element (a negative number, an infinity, NaN).
+func TestMaskPrune(t *testing.T) {
+	inf, nan := float32(math.Inf(1)), float32(math.NaN())
+	x := []float32{1.5, -2.25, 3, -0.7, inf, nan, -inf, 1e-30, -5}
+	mask := []byte{1, 0, 2, 0, 0, 0, 255, 1, 1}
+	for _, tc := range []struct {
+		name    string
+		density float64
+		rescale bool
+	}{{"rescaled", 0.3, true}, {"not rescaled", 0.3, false}, {"density 1 keeps all", 1, true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := slices.Clone(x)
+			MaskPrune(got, mask, tc.density, tc.rescale)
+			for i, v := range x {
+				want := v
+				switch {
+				case tc.density >= 1:
+				case mask[i] == 0:
+					want = 0
+				case tc.rescale:
+					want = v / float32(tc.density)
+				}
+				assert.Equal(t, math.Float32bits(want), math.Float32bits(got[i]), "element %d (%v, mask %d)", i, v, mask[i])
+			}
+		})
 	}
 }

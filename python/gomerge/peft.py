@@ -134,23 +134,93 @@ def _writable(t: torch.Tensor, shape: torch.Size) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and t.shape == shape
 
 
+class _TorchGenerator:
+    """torch's default CPU generator (at::mt19937) as the state that `torch.get_rng_state()` returns: the legacy
+    struct of CPUGeneratorImplState, 5056 bytes: the initial seed (uint64), `left` (int32), `seeded` (int32), `next`
+    (uint64), the 624 state words (each in a uint64), then the normal samples' cache. Go draws from a copy of the
+    words (`words`, uint32) and `set` writes the advanced words and position back. `read()` is None for a state of
+    another layout (another torch), whose draws then stay with torch."""
+
+    SIZE, LEFT, NEXT, WORDS, N = 5056, 8, 16, 24, 624
+
+    def __init__(self, state: torch.Tensor, pos: int) -> None:
+        self.state, self.pos = state, pos
+        self.words = self._slots().to(torch.int32)  # the words' bits (Go reads them as uint32)
+
+    def _slots(self) -> torch.Tensor:
+        return self.state[self.WORDS : self.WORDS + 8 * self.N].view(torch.int64)
+
+    @classmethod
+    def read(cls) -> _TorchGenerator | None:
+        state = torch.get_rng_state()
+        if state.dtype != torch.uint8 or state.numel() != cls.SIZE:
+            return None
+        left = int(state[cls.LEFT : cls.LEFT + 4].view(torch.int32)[0])
+        nxt = int(state[cls.NEXT : cls.NEXT + 8].view(torch.int64)[0])
+        slots = state[cls.WORDS : cls.WORDS + 8 * cls.N].view(torch.int64)
+        # at::mt19937's invariant: next + left == 625 (left == 1, next == 0 right after seeding)
+        if not (1 <= left <= cls.N and (nxt + left == cls.N + 1 or (left == 1 and nxt == 0))):
+            return None
+        if bool(((slots < 0) | (slots > 0xFFFFFFFF)).any()):
+            return None
+        return cls(state, cls.N + 1 - left)
+
+    def set(self, pos: int) -> None:
+        """Sets torch's generator to the words as Go left them, at position `pos`."""
+        self._slots().copy_(self.words.to(torch.int64) & 0xFFFFFFFF)
+        self.state[self.LEFT : self.LEFT + 4].view(torch.int32)[0] = self.N + 1 - pos
+        self.state[self.NEXT : self.NEXT + 8].view(torch.int64)[0] = pos
+        torch.set_rng_state(self.state)
+
+
+# probability tensors whose torch.bernoulli draws one 24-bit word per element (float64 draws 53 bits)
+_BERNOULLI_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# held by a drop-in call while it draws from torch's generator (the injection; DARE's masks, from reading the
+# generator until it is set after Go's draws): calls in several threads take turns, and each draw advances the
+# generator, as PEFT's draws do
+_TORCH_RNG_LOCK = threading.Lock()
+
+
 class _DareMasks:
     """PEFT's DARE keep-masks of the factors, drawn as PEFT draws them (`torch.bernoulli(torch.full_like(x,
-    density))`, in the same order from torch's global generator) but into uint8 views of one buffer: the
-    in-place `bernoulli_` with a probability tensor draws the same numbers in the same order for any output dtype,
-    and the probability tensors (of x's shape and dtype: a bf16 0.2 is not a float32 0.2) are made once per
-    shape rather than once per factor. Tensors off the CPU or not contiguous take PEFT's own expression."""
+    density))`, in the same order from torch's global generator), into uint8 views of one buffer.
 
-    def __init__(self, density: float, numel: int, keep: list) -> None:
+    Where every factor is a contiguous CPU tensor of a float32, bfloat16 or float16 dtype, Go draws them
+    (`torch_masks`): torch.bernoulli takes one generator word per element, in memory order, so the masks are one
+    run of words from torch's generator, which Go reproduces bit for bit at a fraction of torch's per-element cost;
+    torch's generator is then set where PEFT's draws leave it. Otherwise torch draws them here, factor by factor:
+    the in-place `bernoulli_` with a probability tensor draws the same numbers in the same order for any output
+    dtype, and the probability tensors (of x's shape and dtype: a bf16 0.2 is not a float32 0.2) are made once per
+    shape; tensors off the CPU or not contiguous take PEFT's own expression."""
+
+    def __init__(self, density: float, factors: list[torch.Tensor], keep: list) -> None:
         self.density = density
-        self.buffer = torch.empty(numel, dtype=torch.uint8)
+        self.buffer = torch.empty(sum(x.numel() for x in factors), dtype=torch.uint8)
         keep.append(self.buffer)
         self.offset = 0
         self.probs: dict[tuple, torch.Tensor] = {}
+        self.generator = None
+        if all(x.device.type == "cpu" and x.is_contiguous() and x.dtype in _BERNOULLI_DTYPES for x in factors):
+            self.generator = _TorchGenerator.read()
+        if self.generator is not None:
+            keep.append(self.generator.words)
+        self.runs: list[dict[str, Any]] = []
+        self.p_of: dict[torch.dtype, float] = {}
 
     def draw(self, x: torch.Tensor, keep: list) -> int:
-        """The address of x's mask."""
+        """The address of x's mask (drawn by Go during the merge where `request()` is not None)."""
         x = x.data
+        if self.generator is not None:
+            p = self.p_of.get(x.dtype)
+            if p is None:
+                p = self.p_of[x.dtype] = torch.tensor(self.density, dtype=x.dtype).item()
+            if self.runs and self.runs[-1]["p"] == p:
+                self.runs[-1]["n"] += x.numel()
+            else:
+                self.runs.append({"n": x.numel(), "p": p})
+            address = self.buffer.data_ptr() + self.offset
+            self.offset += x.numel()
+            return address
         if x.device.type != "cpu" or not x.is_contiguous() or self.offset + x.numel() > self.buffer.numel():
             return _u8(torch.bernoulli(torch.full_like(input=x, fill_value=self.density)), keep)
         key = (tuple(x.shape), x.dtype)
@@ -161,6 +231,18 @@ class _DareMasks:
         self.offset += x.numel()
         mask.bernoulli_(p)
         return mask.data_ptr()
+
+    def request(self) -> dict[str, Any] | None:
+        """The engine's `torch_masks`: the draws Go makes before the merge, or None where torch drew them."""
+        if self.generator is None:
+            return None
+        g = self.generator
+        return {"state": g.words.data_ptr(), "pos": g.pos, "out": self.buffer.data_ptr(), "runs": self.runs}
+
+    def done(self, pos: int | None) -> None:
+        """Sets torch's generator after Go's draws (`pos`: the engine's `torch_pos`)."""
+        if self.generator is not None and pos is not None:
+            self.generator.set(pos)
 
 
 def _dw_mask_2d(layer: LoraLayer, adapter: str, density: float) -> torch.Tensor:
@@ -302,63 +384,73 @@ def _add_weighted_adapter(
         )
     _validate(combination_type, density, majority_sign_method, svd_clamp)
 
-    # Create the adapter exactly as PEFT does (this also draws its initial weights from torch's generator); its
-    # target_parameters are the ones the adapters share (see _check_args).
-    params = next((c.target_parameters for a in adapters if (c := self.peft_config[a]).target_parameters), None)
-    self.peft_config[adapter_name] = replace(
-        self.peft_config[adapters[0]],
-        r=new_rank,
-        lora_alpha=new_rank,
-        target_modules=new_target_modules,
-        alpha_pattern={},
-        rank_pattern={},
-        **({"target_parameters": params} if params else {}),
-    )
-    self.inject_adapter(self.model, adapter_name)
-    _freeze_adapter(self.model, adapter_name)
-    try:
-        _merge(
-            self,
-            adapters,
-            weights,
-            adapter_name,
-            combination_type,
-            new_rank,
-            svd_clamp,
-            density,
-            majority_sign_method,
-            seed,
-            progress,
+    method = _method(combination_type)
+    # DARE's default masks come from torch's generator after the injection (which draws the new factors' initial
+    # values from it), so that merge starts after it; every other merge runs in Go while PEFT injects the adapter
+    # in Python (on another core), into buffers that become the adapter's tensors.
+    early = not (method["pruning"] == "dare" and seed is None and density < 1)
+    merge = None
+    if early:
+        merge = _Merge(
+            self, adapters, weights, None, method, new_rank, svd_clamp, density, majority_sign_method, seed, progress
         )
+    try:
+        with _TORCH_RNG_LOCK:  # the injection draws the new factors' initial values from torch's generator
+            # Create the adapter exactly as PEFT does; its target_parameters are the ones the adapters share (see
+            # _check_args).
+            params = next((c.target_parameters for a in adapters if (c := self.peft_config[a]).target_parameters), None)
+            self.peft_config[adapter_name] = replace(
+                self.peft_config[adapters[0]],
+                r=new_rank,
+                lora_alpha=new_rank,
+                target_modules=new_target_modules,
+                alpha_pattern={},
+                rank_pattern={},
+                **({"target_parameters": params} if params else {}),
+            )
+            self.inject_adapter(self.model, adapter_name)
+            _freeze_adapter(self.model, adapter_name)
     except BaseException:
+        if merge is not None:
+            merge.abandon()
+        raise
+    try:
+        if merge is None:
+            with _TORCH_RNG_LOCK:  # DARE's masks, drawn from torch's generator
+                merge = _Merge(
+                    self,
+                    adapters,
+                    weights,
+                    adapter_name,
+                    method,
+                    new_rank,
+                    svd_clamp,
+                    density,
+                    majority_sign_method,
+                    seed,
+                    progress,
+                )
+                merge.finish(adapter_name)
+        else:
+            merge.finish(adapter_name)
+    except BaseException:
+        if merge is not None:
+            merge.abandon()
         self.delete_adapter(adapter_name)  # leave the model as it was
         raise
 
 
-def _merge(
-    self: LoraModel,
-    adapters,
-    weights,
-    adapter_name,
-    combination_type,
-    new_rank,
-    svd_clamp,
-    density,
-    majority_sign_method,
-    seed,
-    progress,
-) -> None:
-    method = _method(combination_type)
-    family1 = method["family"] == "factors"
-    dare_torch = method["pruning"] == "dare" and seed is None and density < 1
-    keep: list = []  # every buffer whose address goes to Go stays referenced here until the job ends
-    # the modules in PEFT's order (it walks named_modules and looks each key up again: the same modules)
+def _layers(self: LoraModel, adapters: list[str], weights: list[float], adapter_name: str | None) -> list:
+    """The modules to merge in PEFT's order (it walks named_modules and looks each key up again: the same
+    modules): those that hold the new adapter `adapter_name` (once it is injected), or, with None, every module
+    that holds one of the adapters (before the injection). Each is (key, layer, its new factors or None, its
+    sources (index, adapter, weight, A, B), its experts)."""
     layers = []
     for key, target in self.model.named_modules():
         if self.prefix in key or not isinstance(target, LoraLayer):
             continue
-        tgt = _factors(target, adapter_name)
-        if tgt is None:
+        tgt = None if adapter_name is None else _factors(target, adapter_name)
+        if adapter_name is not None and tgt is None:
             continue
         srcs = [
             (i, name, w) + f
@@ -366,65 +458,158 @@ def _merge(
             if (f := _factors(target, name)) is not None
         ]
         if not srcs:
+            if adapter_name is None:
+                continue
             raise ValueError("No matching LoRAs found. Please raise an issue on GitHub.")
         experts = getattr(target, "num_experts", 1) if isinstance(target, ParamWrapper) else 1
         layers.append((key, target, tgt, srcs, experts))
-    masks = None
-    if dare_torch and family1:
-        masks = _DareMasks(
-            density, sum(a.numel() + b.numel() for _, _, _, srcs, _ in layers for *_, a, b in srcs), keep
+    return layers
+
+
+class _Merge:
+    """One merge in Go: started at construction, from the modules that hold the new adapter (`adapter_name`,
+    already injected: Go writes into its tensors where it can) or, with None, from those that hold the adapters
+    (before the injection: Go writes into buffers of the new factors' shapes); `finish` waits for it and gives the
+    new adapter its factors."""
+
+    def __init__(
+        self,
+        lora_model: LoraModel,
+        adapters,
+        weights,
+        adapter_name: str | None,
+        method: dict[str, Any],
+        new_rank: int,
+        svd_clamp,
+        density,
+        majority_sign_method,
+        seed,
+        progress,
+    ) -> None:
+        self.lora_model, self.progress, self.job = lora_model, progress, None
+        self.early = adapter_name is None
+        combination_type = method["name"]
+        self.combination_type = combination_type
+        family1 = self.family1 = method["family"] == "factors"
+        dare_torch = method["pruning"] == "dare" and seed is None and density < 1
+        self.keep: list = []  # every buffer whose address goes to Go stays referenced here until the job ends
+        layers = _layers(lora_model, adapters, weights, adapter_name)
+        masks = None
+        if dare_torch and family1:
+            masks = _DareMasks(
+                density, [x for _, _, _, srcs, _ in layers for *_, a, b in srcs for x in (a, b)], self.keep
+            )
+        self.masks = masks
+        try:
+            self._start(layers, new_rank, svd_clamp, density, majority_sign_method, seed, dare_torch)
+        except BaseException:
+            self.abandon()
+            raise
+
+    def _start(self, layers, new_rank, svd_clamp, density, majority_sign_method, seed, dare_torch) -> None:
+        """Builds the engine's request and starts the job."""
+        family1, combination_type, masks = self.family1, self.combination_type, self.masks
+        request_modules: list = []
+        units = _Units(request_modules, self.keep, family1, combination_type, dare_torch, density, masks)
+        self.targets = []
+        for key, target, tgt, srcs, experts in layers:
+            a0, b0 = srcs[0][3], srcs[0][4]
+            # the new factors' shapes, per unit (each expert of a ParamWrapper is a unit of its own)
+            r = new_rank if tgt is None else tgt[0].shape[0] // experts
+            shapes = ((r, *a0.shape[1:]), (b0.shape[0], r, *b0.shape[2:]))
+            if experts == 1:
+                out = units.add(key, target, srcs, shapes, tgt, experts)
+                outs = None if out is None else [out]
+            else:  # named as the engine names an expert read from disk
+                shapes = ((r, a0.shape[1]), (b0.shape[0], r))
+                outs = [
+                    units.add(
+                        f"{key}[{e}]",
+                        target,
+                        [(i, n, w) + _expert(a, b, experts, e) for i, n, w, a, b in srcs],
+                        shapes,
+                        None,
+                        experts,
+                    )
+                    for e in range(experts)
+                ]
+            if outs is not None:
+                self.targets.append((target, tgt, srcs, outs, experts))
+        if not request_modules:
+            return
+        # every key the engine takes, None (its default) unless PEFT's call sets it; new_rank is PEFT's resolved
+        # svd_rank, and the engine refuses a key it does not know
+        request = dict.fromkeys(_native.request_keys()["merge_tensors"])
+        request.update(
+            combination_type=combination_type,
+            rank=new_rank,
+            seed=seed,
+            modules=request_modules,
+            torch_masks=None if masks is None else masks.request(),
+            **_peft_args(
+                combination_type, svd_clamp=svd_clamp, density=density, majority_sign_method=majority_sign_method
+            ),
         )
-    request_modules: list = []
-    job = _Units(request_modules, keep, family1, combination_type, dare_torch, density, masks)
-    targets = []
-    for key, target, (t_a, t_b), srcs, experts in layers:
-        if experts == 1:
-            out = job.add(key, target, srcs, (t_a.shape, t_b.shape), (t_a, t_b), experts)
-            outs = None if out is None else [out]
-        else:  # each expert of a ParamWrapper is a module of its own, named as the engine names one read from disk
-            r = t_a.shape[0] // experts
-            shapes = ((r, t_a.shape[1]), (t_b.shape[0], r))
-            outs = [
-                job.add(
-                    f"{key}[{e}]",
-                    target,
-                    [(i, n, w) + _expert(a, b, experts, e) for i, n, w, a, b in srcs],
-                    shapes,
-                    None,
-                    experts,
+        self.job = _native.merge_tensors_start(request)
+
+    def abandon(self) -> None:
+        """Stops the job, if it still runs, and waits for it: Go must not write into buffers given up."""
+        job, self.job = self.job, None
+        if job is not None:
+            _native.job_cancel(job)
+            try:
+                while _native.job_wait(job, 100)["state"] != "done":
+                    pass
+            except BaseException:  # its own outcome (usually "cancelled") does not matter
+                pass
+
+    def finish(self, adapter_name: str) -> None:
+        """Waits for the job and gives the new adapter `adapter_name` its factors: PEFT's dtypes and devices."""
+        if self.job is not None:
+            result = _native.run_job(self.job, self.progress)
+            self.job = None
+            if self.masks is not None:
+                self.masks.done(result.get("torch_pos"))
+            for message in result.get("warnings") or []:
+                warnings.warn(message, stacklevel=4)
+        merged = set()
+        for target, tgt, srcs, outs, experts in self.targets:  # the results that were not written in place
+            if tgt is None:  # merged before the injection
+                tgt = _factors(target, adapter_name)
+                if tgt is None:  # a module the new adapter's config leaves out
+                    continue
+                merged.add(id(target))
+            t_a, t_b = tgt
+            out_a, out_b = _stack(outs, experts)
+            # (family 1 gives the sources' shapes, as PEFT does, whatever the new adapter's rank)
+            if not self.family1 and (out_a.shape != t_a.shape or out_b.shape != t_b.shape):
+                raise RuntimeError(
+                    f"gomerge: merged factors of shapes {tuple(out_a.shape)}, {tuple(out_b.shape)} for the new "
+                    f"adapter's {tuple(t_a.shape)}, {tuple(t_b.shape)} (please report this)"
                 )
-                for e in range(experts)
-            ]
-        if outs is not None:
-            targets.append((t_a, t_b, srcs, outs, experts))
-    if not request_modules:
-        return
-    # every key the engine takes, None (its default) unless PEFT's call sets it; new_rank is PEFT's resolved
-    # svd_rank, and the engine refuses a key it does not know
-    request = dict.fromkeys(_native.request_keys()["merge_tensors"])
-    request.update(
-        combination_type=combination_type,
-        rank=new_rank,
-        seed=seed,
-        modules=request_modules,
-        **_peft_args(combination_type, svd_clamp=svd_clamp, density=density, majority_sign_method=majority_sign_method),
-    )
-    result = _native.run_job(_native.merge_tensors_start(request), progress)
-    for message in result.get("warnings") or []:
-        warnings.warn(message, stacklevel=3)
-    for t_a, t_b, srcs, outs, experts in targets:  # the results that could not be written in place
-        out_a, out_b = _stack(outs, experts)
-        a0, b0 = srcs[0][3], srcs[0][4]
-        if family1:  # PEFT: combined on the first source's device, cast to its A's dtype
-            t_a.data = out_a.to(device=a0.device, dtype=a0.dtype)
-            t_b.data = out_b.to(device=b0.device, dtype=a0.dtype)
-        elif combination_type == "cat":  # PEFT: written into the new adapter's own tensors
-            t_a.data.copy_(out_a)
-            t_b.data.copy_(out_b)
-        else:  # PEFT: the float32 SVD factors, on the device of the first source's update
-            t_a.data = out_a.to(b0.device)
-            t_b.data = out_b.to(b0.device)
-    del keep
+            a0, b0 = srcs[0][3], srcs[0][4]
+            if self.family1:  # PEFT: combined on the first source's device, cast to its A's dtype
+                t_a.data = out_a.to(device=a0.device, dtype=a0.dtype)
+                t_b.data = out_b.to(device=b0.device, dtype=a0.dtype)
+            elif self.combination_type == "cat":  # PEFT: written into the new adapter's own tensors (a buffer
+                # that is already what they would hold becomes their storage: no copy)
+                for t, out in ((t_a, out_a), (t_b, out_b)):
+                    if _writable(t, out.shape):
+                        t.data = out
+                    else:
+                        t.data.copy_(out)
+            else:  # PEFT: the float32 SVD factors, on the device of the first source's update
+                t_a.data = out_a.to(b0.device)
+                t_b.data = out_b.to(b0.device)
+        if self.early:  # PEFT's check, which _layers makes after the injection: every module given the new
+            # adapter has a source
+            prefix = self.lora_model.prefix
+            for key, layer in self.lora_model.model.named_modules():
+                if prefix in key or not isinstance(layer, LoraLayer) or id(layer) in merged:
+                    continue
+                if _factors(layer, adapter_name) is not None:
+                    raise ValueError("No matching LoRAs found. Please raise an issue on GitHub.")
+        self.keep.clear()
 
 
 def _expert(a: torch.Tensor, b: torch.Tensor, experts: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
