@@ -58,6 +58,10 @@ type kernels struct {
 	gtaInto func(out []float32, ts [][]float32, scale, w []float32, consensus, normalize bool, divisor, lambda float32)
 	// lowRankRows is LowRankRows (fuse.go).
 	lowRankRows func(w []float32, coef, basis []float64, rows, cols, r int, to Rounding)
+	// mtTwist and temperBernoulli are MT19937Twist and TemperBernoulli
+	// (mt19937.go).
+	mtTwist         func(state *[MTWords]uint32)
+	temperBernoulli func(dst []byte, words []uint32, t uint32)
 }
 
 // portableKernels are the kernels in plain Go: they run on every CPU.
@@ -77,6 +81,9 @@ var portableKernels = kernels{
 	mulTInto:      mulTIntoGo,
 	gtaInto:       gtaIntoGo,
 	lowRankRows:   lowRankRowsGo,
+
+	mtTwist:         mtTwistGo,
+	temperBernoulli: temperBernoulliGo,
 }
 
 // kernelSets are the implementations in this build, whether or not this CPU

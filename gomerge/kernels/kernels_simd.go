@@ -36,6 +36,9 @@ var vectorKernels = []kernels{
 		mulTInto:      mulTIntoAVX2,
 		gtaInto:       gtaIntoAVX2,
 		lowRankRows:   lowRankRowsAVX2,
+
+		mtTwist:         mtTwistAVX2,
+		temperBernoulli: temperBernoulliAVX2,
 	},
 	{
 		name: "avx512",
@@ -57,6 +60,9 @@ var vectorKernels = []kernels{
 		mulTInto:      mulTIntoAVX2,
 		gtaInto:       gtaIntoAVX2,
 		lowRankRows:   lowRankRows512,
+
+		mtTwist:         mtTwist512,
+		temperBernoulli: temperBernoulli512,
 	},
 }
 

@@ -3,17 +3,12 @@ package torchrng
 import (
 	"fmt"
 	"math"
+
+	"gomerge/gomerge/kernels"
 )
 
 // StateWords is the number of 32-bit words of the Mersenne Twister's state.
-const StateWords = 624
-
-const (
-	shift     = 397
-	matrixA   = 0x9908b0df
-	upperMask = 0x80000000
-	lowerMask = 0x7fffffff
-)
+const StateWords = kernels.MTWords
 
 // MT19937 is the 32-bit Mersenne Twister as at::mt19937 runs it. State is
 // the twisted state; Pos the index of the next word to temper, StateWords
@@ -43,30 +38,11 @@ func (g *MT19937) Check() error {
 	return nil
 }
 
-// twist is the Mersenne Twister's state transition, in the three ranges
-// where the indices i+1 and i+397 do not wrap around, and without branches.
+// twist is the Mersenne Twister's state transition, by the kernel set in
+// use (vector lanes where the CPU has them; the same bits).
 func (g *MT19937) twist() {
-	s := &g.State
-	mix := func(i, j, k int) {
-		y := s[i]&upperMask | s[j]&lowerMask
-		s[i] = s[k] ^ y>>1 ^ (-(y & 1) & matrixA)
-	}
-	i := 0
-	for ; i < StateWords-shift; i++ {
-		mix(i, i+1, i+shift)
-	}
-	for ; i < StateWords-1; i++ {
-		mix(i, i+1, i+shift-StateWords)
-	}
-	mix(StateWords-1, 0, shift-1)
+	kernels.MT19937Twist(&g.State)
 	g.Pos = 0
-}
-
-func temper(y uint32) uint32 {
-	y ^= y >> 11
-	y ^= (y << 7) & 0x9d2c5680
-	y ^= (y << 15) & 0xefc60000
-	return y ^ y>>18
 }
 
 // Uint32 is the next word (torch's generator->random()).
@@ -76,7 +52,7 @@ func (g *MT19937) Uint32() uint32 {
 	}
 	y := g.State[g.Pos]
 	g.Pos++
-	return temper(y)
+	return kernels.MT19937Temper(y)
 }
 
 // BernoulliThreshold is the bound that torch.bernoulli's test of a 24-bit
@@ -104,11 +80,7 @@ func (g *MT19937) Bernoulli(dst []byte, p float32) error {
 		}
 		words := g.State[g.Pos:]
 		k := min(len(words), len(dst))
-		out := dst[:k]
-		for i, y := range words[:k] {
-			// x < t as the sign of x - t (both below 2**25): no branch to mispredict
-			out[i] = byte((temper(y)&0xFFFFFF - t) >> 31)
-		}
+		kernels.TemperBernoulli(dst[:k], words[:k], t)
 		g.Pos += k
 		dst = dst[k:]
 	}
