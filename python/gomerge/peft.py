@@ -394,8 +394,13 @@ def _add_weighted_adapter(
         merge = _Merge(
             self, adapters, weights, None, method, new_rank, svd_clamp, density, majority_sign_method, seed, progress
         )
+    # The injection draws the new factors' initial values from torch's generator, and DARE's default masks follow
+    # them: the lock is held from the one to the other (PEFT's call draws them in a row, with no other thread's
+    # draws between); an early merge lets it go after the injection.
+    _TORCH_RNG_LOCK.acquire()
+    locked = True
     try:
-        with _TORCH_RNG_LOCK:  # the injection draws the new factors' initial values from torch's generator
+        try:
             # Create the adapter exactly as PEFT does; its target_parameters are the ones the adapters share (see
             # _check_args).
             params = next((c.target_parameters for a in adapters if (c := self.peft_config[a]).target_parameters), None)
@@ -410,13 +415,12 @@ def _add_weighted_adapter(
             )
             self.inject_adapter(self.model, adapter_name)
             _freeze_adapter(self.model, adapter_name)
-    except BaseException:
-        if merge is not None:
-            merge.abandon()
-        raise
-    try:
-        if merge is None:
-            with _TORCH_RNG_LOCK:  # DARE's masks, drawn from torch's generator
+        except BaseException:
+            if merge is not None:
+                merge.abandon()
+            raise
+        try:
+            if merge is None:
                 merge = _Merge(
                     self,
                     adapters,
@@ -431,13 +435,18 @@ def _add_weighted_adapter(
                     progress,
                 )
                 merge.finish(adapter_name)
-        else:
-            merge.finish(adapter_name)
-    except BaseException:
-        if merge is not None:
-            merge.abandon()
-        self.delete_adapter(adapter_name)  # leave the model as it was
-        raise
+            else:
+                _TORCH_RNG_LOCK.release()
+                locked = False
+                merge.finish(adapter_name)
+        except BaseException:
+            if merge is not None:
+                merge.abandon()
+            self.delete_adapter(adapter_name)  # leave the model as it was
+            raise
+    finally:
+        if locked:
+            _TORCH_RNG_LOCK.release()
 
 
 def _layers(self: LoraModel, adapters: list[str], weights: list[float], adapter_name: str | None) -> list:
