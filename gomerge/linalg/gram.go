@@ -39,6 +39,10 @@ const (
 // the Householder QRs.
 const gramKappaMax = 1e3
 
+// gramChunk is the number of columns of x per Dsyrk in gramFactor: R rows
+// of it (48 KiB at R = 24) stay in the L2 cache.
+const gramChunk = 256
+
 // useGram says whether LowRankSVDBy tries the Gram route on this shape.
 func useGram(m, r, n int) bool {
 	return (m+n)*r*r >= gramMin && gramThin*r <= min(m, n)
@@ -115,7 +119,15 @@ func lowRankSVDGram(b, a []float64, m, r, n int, rank func(s []float64) int) (bk
 // most gramKappaMax (estimated).
 func gramFactor(x []float64, r, cols int) (rf []float64, ok bool) {
 	rf = make([]float64, r*r)
-	gonum.Implementation{}.Dsyrk(blas.Upper, blas.NoTrans, r, cols, 1, x, cols, 0, rf, r)
+	// x x^T summed over chunks of gramChunk columns: Dsyrk's dot products then read the r rows from the L2 cache
+	// (whole rows of thousands of values would stream from memory once per pair of rows)
+	for c0 := 0; c0 < cols; c0 += gramChunk {
+		beta := 1.0
+		if c0 == 0 {
+			beta = 0
+		}
+		gonum.Implementation{}.Dsyrk(blas.Upper, blas.NoTrans, r, min(gramChunk, cols-c0), 1, x[c0:], cols, beta, rf, r)
+	}
 	for i := 0; i < r; i++ {
 		if !(rf[i*r+i] > 0) || math.IsInf(rf[i*r+i], 0) {
 			return nil, false // a zero row (a zero adapter), or NaN or Inf
@@ -129,8 +141,9 @@ func gramFactor(x []float64, r, cols int) (rf []float64, ok bool) {
 	for j := 0; j < r; j++ {
 		nrm := 0.0
 		for i := 0; i <= j; i++ {
-			nrm = math.Hypot(nrm, rf[i*r+j])
+			nrm += rf[i*r+j] * rf[i*r+j]
 		}
+		nrm = math.Sqrt(nrm) // no overflow: the Gram matrix's diagonal (this squared) is finite
 		for i := 0; i <= j; i++ {
 			eq[i*r+j] = rf[i*r+j] / nrm
 		}

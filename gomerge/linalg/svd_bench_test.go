@@ -3,7 +3,9 @@ package linalg
 import (
 	"fmt"
 	"math/rand/v2"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // BenchmarkLowRankSVD512 is S3's svd module: eight rank-64 factors of a
@@ -69,6 +71,7 @@ func BenchmarkLowRankSVDS1(b *testing.B) {
 		ac := make([]float64, len(ac0))
 		rank := func([]float64) int { return k }
 		b.Run(fmt.Sprintf("householder/%dx%d", sh.out, sh.in), func(b *testing.B) {
+			defer reportCPU(b)()
 			for b.Loop() {
 				copy(bc, bc0)
 				copy(ac, ac0)
@@ -76,6 +79,7 @@ func BenchmarkLowRankSVDS1(b *testing.B) {
 			}
 		})
 		b.Run(fmt.Sprintf("gram/%dx%d", sh.out, sh.in), func(b *testing.B) {
+			defer reportCPU(b)()
 			for b.Loop() {
 				if _, _, _, _, ok := lowRankSVDGram(bc0, ac0, sh.out, r, sh.in, rank); !ok {
 					b.Fatal("the Gram route fell back")
@@ -83,4 +87,19 @@ func BenchmarkLowRankSVDS1(b *testing.B) {
 			}
 		})
 	}
+}
+
+// reportCPU reports the process's CPU time per iteration (cpu-ms/op),
+// steadier than the wall time on a shared machine: call as
+// defer reportCPU(b)().
+func reportCPU(b *testing.B) func() {
+	cpu := func() time.Duration {
+		var ru syscall.Rusage
+		if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+			return 0
+		}
+		return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	}
+	start := cpu()
+	return func() { b.ReportMetric(float64(cpu()-start)/1e6/float64(b.N), "cpu-ms/op") }
 }
