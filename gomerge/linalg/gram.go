@@ -64,7 +64,9 @@ func useGram(m, r, n int) bool {
 // gonum's dot products over contiguous rows run at its speed. The two
 // sides run at once.
 func lowRankSVDGram(b, a []float64, m, r, n int, rank func(s []float64) int) (bk, ak, s []float64, k int, ok bool) {
-	bt := make([]float64, r*m) // B^T, r x m: rows that Dsyrk and Dgemm read contiguously
+	btp := scratch64(r * m) // B^T, r x m: rows that Dsyrk and Dgemm read contiguously
+	defer scratchPool64.Put(btp)
+	bt := (*btp)[:r*m]
 	var rb, ra []float64
 	var okB, okA bool
 	var wg sync.WaitGroup
@@ -96,7 +98,9 @@ func lowRankSVDGram(b, a []float64, m, r, n int, rank func(s []float64) int) (bk
 		xt := make([]float64, kk*r)
 		impl.Dgemm(blas.NoTrans, blas.Trans, kk, r, r, 1, vtc, r, core, r, 0, xt, r)
 		impl.Dtrsm(blas.Right, blas.Upper, blas.Trans, blas.NonUnit, kk, r, 1, rb, r, xt, r)
-		bkt := make([]float64, kk*m)
+		bktp := scratch64(kk * m)
+		defer scratchPool64.Put(bktp)
+		bkt := (*bktp)[:kk*m]
 		impl.Dgemm(blas.NoTrans, blas.NoTrans, kk, m, r, 1, xt, r, bt, m, 0, bkt, m)
 		for j := 0; j < kk; j++ {
 			for i, v := range bkt[j*m : (j+1)*m] {
