@@ -28,10 +28,24 @@ func LowRankSVD(b []float64, a []float64, m, r, n, k int) (bk, ak, s []float64) 
 
 // LowRankSVDBy is LowRankSVD with the rank chosen from the singular values
 // (all min(m, n, R) of them, decreasing) by rank; it returns that rank too.
+// Large shapes take LQs with implicit Q (lowRankSVDLQ); mid-size thin
+// stacks take Cholesky factors of the Gram matrices (lowRankSVDGram) where
+// they are well conditioned; the rest, explicit Householder QRs.
 func LowRankSVDBy(b []float64, a []float64, m, r, n int, rank func(s []float64) int) (bk, ak, s []float64, k int) {
 	if min(m, r)*min(m, r)*m >= implicitQMin && min(n, r)*min(n, r)*n >= implicitQMin {
 		return lowRankSVDLQ(b, a, m, r, n, rank)
 	}
+	if useGram(m, r, n) {
+		if bk, ak, s, k, ok := lowRankSVDGram(b, a, m, r, n, rank); ok {
+			return bk, ak, s, k
+		}
+	}
+	return lowRankSVDQR(b, a, m, r, n, rank)
+}
+
+// lowRankSVDQR is LowRankSVDBy by explicit Householder QRs (the route of
+// small shapes, and the fallback of the Gram route).
+func lowRankSVDQR(b []float64, a []float64, m, r, n int, rank func(s []float64) int) (bk, ak, s []float64, k int) {
 	var fb, fa householderQR
 	var wg sync.WaitGroup
 	if (m+n)*r*r >= concurrentQRMin {

@@ -10,8 +10,9 @@ import (
 )
 
 // BenchmarkSVDModules is bench S2's ties_svd (three rank-16 adapters on one
-// 4096 x 4096 module) and S3's svd (eight rank-64 adapters on a Llama-7B
-// attention and MLP module) without the disk.
+// 4096 x 4096 module), S3's svd (eight rank-64 adapters on a Llama-7B
+// attention and MLP module) and S1's svd (three rank-8 adapters on
+// TinyLlama's attention, grouped key/value and MLP shapes) without the disk.
 func BenchmarkSVDModules(b *testing.B) {
 	for _, bc := range []struct {
 		name    string
@@ -21,6 +22,9 @@ func BenchmarkSVDModules(b *testing.B) {
 		{"ties_svd", 4096, 4096, []int{16, 16, 16}},
 		{"svd", 4096, 4096, []int{64, 64, 64, 64, 64, 64, 64, 64}},
 		{"svd", 11008, 4096, []int{64, 64, 64, 64, 64, 64, 64, 64}},
+		{"svd", 2048, 2048, []int{8, 8, 8}},
+		{"svd", 5632, 2048, []int{8, 8, 8}},
+		{"svd", 256, 2048, []int{8, 8, 8}},
 	} {
 		b.Run(fmt.Sprintf("%s/%dx%d", bc.name, bc.out, bc.in), func(b *testing.B) {
 			srcs := spanSources(rand.New(rand.NewPCG(21, 22)), bc.out, bc.in, bc.ranks...)
