@@ -101,6 +101,17 @@ def bandwidth() -> float:
     return 2 * src.nbytes / best
 
 
+def warm_page_cache(*dirs: str) -> None:
+    """Reads the files of `dirs` once, so that every contender that follows finds them in the page cache."""
+    for d in dirs:
+        for name in os.listdir(d):
+            path = os.path.join(d, name)
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    while f.read(64 << 20):
+                        pass
+
+
 def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
@@ -718,6 +729,7 @@ def e1(root: str, bw: float, rows: list, layers: int) -> None:
     writes the model's dtype); each module's error ||dW - B A|| / ||dW|| is computed from both outputs."""
     base, ft = e1_models(layers)
     ours, theirs = os.path.join(root, "e1-gomerge"), os.path.join(root, "e1-mergekit")
+    warm_page_cache(base, ft)  # gomerge runs first: without this, only mergekit would find them there
     t_go, peak_go = child_peak(
         "import gomerge, json, os, time\nt0 = time.perf_counter()\n"
         f"r = gomerge.extract({base!r}, {ft!r}, {ours!r}, rank={E1_RANK}, dtype='bfloat16', progress=False)\n"
@@ -928,10 +940,7 @@ def fuse_contenders(base: str, adapter: str, out: str, memory_cap: int | None = 
     and PEFT again with the memory (page cache included) capped. F1, F2 and X1 (benchmarks/moe.py) time their fuse
     here."""
     size = dir_bytes(base)
-    for name in os.listdir(base):  # into the page cache, for every contender alike
-        with open(os.path.join(base, name), "rb") as f:
-            while f.read(64 << 20):
-                pass
+    warm_page_cache(base)
 
     def fresh():
         shutil.rmtree(out, ignore_errors=True)

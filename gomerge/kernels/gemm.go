@@ -356,7 +356,18 @@ func packA[T float32 | float64](dst []T, a MatrixOf[T], i0, rows, pc, kc, mr int
 		}
 		return
 	}
-	for ii := range mr {
+	dst = dst[:kc*mr]
+	ii := 0
+	for ; ii+4 <= rows; ii += 4 {
+		// four rows side by side: one bounds check per four values written
+		at := func(r int) []T { return a.Data[(i0+r)*a.Stride+pc:][:kc] }
+		r0, r1, r2, r3 := at(ii), at(ii+1), at(ii+2), at(ii+3)
+		for p := range kc {
+			q := (*[4]T)(dst[p*mr+ii:])
+			q[0], q[1], q[2], q[3] = r0[p], r1[p], r2[p], r3[p]
+		}
+	}
+	for ; ii < mr; ii++ {
 		if ii >= rows {
 			for p := range kc {
 				dst[p*mr+ii] = 0

@@ -11,7 +11,7 @@ import (
 )
 
 // LowRankSVD computes the rank-k truncated SVD of the product B @ A, where
-// B is m x R and A is R x n (row-major float64; b is overwritten), without
+// B is m x R and A is R x n (row-major float64; b and a are overwritten), without
 // forming the m x n product: thin QRs B = Qb Rb and A^T = Qa Ra, an SVD of the small core
 // Rb Ra^T = U S V^T, then B @ A = (Qb U) S (Qa V)^T. The cost is
 // O((m + n) R^2 + R^3) instead of a dense O(m n min(m, n)) SVD.
@@ -201,7 +201,7 @@ func lowRankSVDLQ(b, a []float64, m, r, n int, rank func(s []float64) int) (bk, 
 	var fb householderLQ
 	var wg sync.WaitGroup
 	wg.Go(func() { fb = factorLQ(bt, r, m) })
-	fa := factorLQ(append([]float64(nil), a...), r, n)
+	fa := factorLQ(a, r, n) // in place: a is the caller's scratch (see LowRankSVD)
 	wg.Wait()
 	pb, pa := fb.p, fa.p
 	rb, ra := fb.lT(), fa.lT() // pb x r, pa x r
