@@ -86,6 +86,8 @@ import gomerge.peft as gp
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 CACHE = os.path.join(HERE, ".cache")
+# `make bench`'s scenarios; F2 (13.5 GB) and SLOW run on request
+DEFAULT_SCENARIOS = ("S1", "S2", "S3", "S4", "R1", "M1", "F1", "E1", "X1", "G1", "Q1", "Q2")
 MiB = 1 << 20
 
 
@@ -1221,7 +1223,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--scenarios",
-        default="S1,S2,S3,S4,R1,M1,F1,E1,X1,G1,Q1,Q2",
+        default=",".join(DEFAULT_SCENARIOS),
         help="comma-separated; on request: F2 (13.5 GB) and SLOW (M1's dense-SVD peers, benchmarks/slow.py)",
     )
     ap.add_argument("--q-layers", type=int, default=2, help="layers of Q1's and Q2's models (benchmarks/quant.py)")
@@ -1305,9 +1307,12 @@ def main() -> None:
                 for r in saved["rows"]
                 if r["scenario"] not in todo or (r["scenario"] == "M1" and r["method"] not in m1_methods)
             ]
-            if kept:
+            if kept and not set(DEFAULT_SCENARIOS) <= todo:
                 ran = ", ".join(sorted({r["scenario"] for r in rows}))
                 machine = f"{saved['machine']}; {ran} from a later run on: {machine}"
+            elif kept:  # a whole default run: only the opt-in rows (SLOW, F2) are older, and they say so
+                older = ", ".join(f"{r['scenario']} {r['method']}" for r in kept)
+                machine = f"{machine}; rows kept from earlier runs (see the rows by machine below): {older}"
             rows = kept + rows
         rows.sort(key=lambda r: order[r["scenario"]])  # stable: each scenario's rows keep their order
     os.makedirs(RESULTS, exist_ok=True)
