@@ -220,8 +220,8 @@ func gemm[T float32 | float64](g gemmKernel[T], threads int, a, b MatrixOf[T], c
 	if mBlocks == 1 {
 		// one block of rows (the sketch's Y^T D, whose B is large): each task owns an equal share of the columns
 		// and packs them, a row of B at a time (packBRows), for each step of the inner dimension, and uses them
-		// at once (the longer the piece of each row of B a task reads, the faster B streams from memory: 1.4x
-		// from 512 to 1024 columns, 1.3x more to 2048, on a Zen 4)
+		// at once (the longer the piece of each row of B a task reads, the faster B streams from memory: on a
+		// Zen 4, one thread on E1's shape, 1.1x from 512 to 1024 columns and 1.3x more to 2048)
 		nChunk = (nStrips + workers - 1) / workers
 		nBlocks = (nStrips + nChunk - 1) / nChunk
 		run(workers, nBlocks, func(w, jb int) {
