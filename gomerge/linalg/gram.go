@@ -79,14 +79,7 @@ func lowRankSVDGram(b, a []float64, m, r, n int, rank func(s []float64) int) (bk
 	if !okB || !okA {
 		return nil, nil, nil, 0, false
 	}
-	core := make([]float64, r*r)
-	blas64.Gemm(blas.NoTrans, blas.Trans, 1,
-		blas64.General{Rows: r, Cols: r, Stride: r, Data: rb},
-		blas64.General{Rows: r, Cols: r, Stride: r, Data: ra},
-		0, blas64.General{Rows: r, Cols: r, Stride: r, Data: core})
-	sv, vtc := smallSVD(core, r, r)
-	k = rank(sv)
-	kk := min(k, r)
+	core, sv, vtc, k, kk := coreSVD(rb, ra, r, r, r, rank)
 	bk = make([]float64, m*k)
 	ak = make([]float64, k*n)
 	if kk == 0 {

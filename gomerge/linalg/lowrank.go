@@ -57,19 +57,8 @@ func lowRankSVDQR(b []float64, a []float64, m, r, n int, rank func(s []float64) 
 	at := transpose(a, r, n)
 	fa = factorQR(at, n, r)
 	wg.Wait()
-	rb, ra, pb, pa := fb.rFactor(), fa.rFactor(), fb.p, fa.p
-
-	// core = Rb (pb x r) @ Ra^T (r x pa)
-	core := make([]float64, pb*pa)
-	blas64.Gemm(blas.NoTrans, blas.Trans, 1,
-		blas64.General{Rows: pb, Cols: r, Stride: r, Data: rb},
-		blas64.General{Rows: pa, Cols: r, Stride: r, Data: ra},
-		0, blas64.General{Rows: pb, Cols: pa, Stride: pa, Data: core})
-	sv, vtc := smallSVD(core, pb, pa)
-	q := len(sv)
-	k = rank(sv)
-	kk := min(k, q)
-
+	pb, pa := fb.p, fa.p
+	core, sv, vtc, k, kk := coreSVD(fb.rFactor(), fa.rFactor(), pb, pa, r, rank)
 	bk = make([]float64, m*k)
 	ak = make([]float64, k*n)
 	if kk == 0 {
@@ -95,6 +84,21 @@ func lowRankSVDQR(b []float64, a []float64, m, r, n int, rank func(s []float64) 
 		0, blas64.General{Rows: kk, Cols: n, Stride: n, Data: ak})
 	canonicalSigns(bk, ak, m, n, k, kk)
 	return bk, ak, sv, k
+}
+
+// coreSVD is the step every route of LowRankSVDBy shares: the core
+// Rb Ra^T (pb x pa, from Rb pb x r and Ra pa x r, upper triangular), its
+// singular values and V^T (smallSVD), the rank k that rank chooses, and the
+// kk <= k components the core has.
+func coreSVD(rb, ra []float64, pb, pa, r int, rank func(s []float64) int) (core, sv, vtc []float64, k, kk int) {
+	core = make([]float64, pb*pa)
+	blas64.Gemm(blas.NoTrans, blas.Trans, 1,
+		blas64.General{Rows: pb, Cols: r, Stride: r, Data: rb},
+		blas64.General{Rows: pa, Cols: r, Stride: r, Data: ra},
+		0, blas64.General{Rows: pb, Cols: pa, Stride: pa, Data: core})
+	sv, vtc = smallSVD(core, pb, pa)
+	k = rank(sv)
+	return core, sv, vtc, k, min(k, len(sv))
 }
 
 // concurrentQRMin is the size ((m + n) R^2) from which LowRankSVDBy runs
@@ -204,15 +208,7 @@ func lowRankSVDLQ(b, a []float64, m, r, n int, rank func(s []float64) int) (bk, 
 	fa := factorLQ(a, r, n) // in place: a is the caller's scratch (see LowRankSVD)
 	wg.Wait()
 	pb, pa := fb.p, fa.p
-	rb, ra := fb.lT(), fa.lT() // pb x r, pa x r
-	core := make([]float64, pb*pa)
-	blas64.Gemm(blas.NoTrans, blas.Trans, 1,
-		blas64.General{Rows: pb, Cols: r, Stride: r, Data: rb},
-		blas64.General{Rows: pa, Cols: r, Stride: r, Data: ra},
-		0, blas64.General{Rows: pb, Cols: pa, Stride: pa, Data: core})
-	sv, vtc := smallSVD(core, pb, pa)
-	k = rank(sv)
-	kk := min(k, len(sv))
+	core, sv, vtc, k, kk := coreSVD(fb.lT(), fa.lT(), pb, pa, r, rank) // L^T: the R of the QR of x^T
 	bk = make([]float64, m*k)
 	ak = make([]float64, k*n)
 	if kk == 0 {
