@@ -389,11 +389,20 @@ def _add_weighted_adapter(
     # values from it), so that merge starts after it; every other merge runs in Go while PEFT injects the adapter
     # in Python (on another core), into buffers that become the adapter's tensors.
     early = not (method["pruning"] == "dare" and seed is None and density < 1)
-    merge = None
-    if early:
-        merge = _Merge(
-            self, adapters, weights, None, method, new_rank, svd_clamp, density, majority_sign_method, seed, progress
-        )
+    start = functools.partial(
+        _Merge,
+        self,
+        adapters,
+        weights,
+        method=method,
+        new_rank=new_rank,
+        svd_clamp=svd_clamp,
+        density=density,
+        majority_sign_method=majority_sign_method,
+        seed=seed,
+        progress=progress,
+    )
+    merge = start(None) if early else None
     # The injection draws the new factors' initial values from torch's generator, and DARE's default masks follow
     # them: the lock is held from the one to the other (PEFT's call draws them in a row, with no other thread's
     # draws between); an early merge lets it go after the injection.
@@ -421,24 +430,11 @@ def _add_weighted_adapter(
             raise
         try:
             if merge is None:
-                merge = _Merge(
-                    self,
-                    adapters,
-                    weights,
-                    adapter_name,
-                    method,
-                    new_rank,
-                    svd_clamp,
-                    density,
-                    majority_sign_method,
-                    seed,
-                    progress,
-                )
-                merge.finish(adapter_name)
+                merge = start(adapter_name)  # DARE's masks: drawn during the merge, with the lock still held
             else:
                 _TORCH_RNG_LOCK.release()
                 locked = False
-                merge.finish(adapter_name)
+            merge.finish(adapter_name)
         except BaseException:
             if merge is not None:
                 merge.abandon()
