@@ -407,6 +407,13 @@ func TestAbsBand(t *testing.T) {
 // sample sees only zeros).
 func TestKthLargestAbsBits(t *testing.T) {
 	rng := rand.New(rand.NewPCG(5, 5))
+	lowRankA, lowRankB := make([]float32, 64), make([]float32, 1024)
+	for i := range lowRankA {
+		lowRankA[i] = float32(rng.NormFloat64())
+	}
+	for i := range lowRankB {
+		lowRankB[i] = float32(rng.NormFloat64())
+	}
 	for _, tc := range []struct {
 		name string
 		gen  func(i int) float32
@@ -414,17 +421,20 @@ func TestKthLargestAbsBits(t *testing.T) {
 		{"normal", func(int) float32 { return float32(rng.NormFloat64()) }},
 		{"heavy tail", func(int) float32 { return float32(rng.NormFloat64() / (rng.Float64() + 1e-3)) }},
 		{"few values", func(int) float32 { return float32(rng.IntN(5)) }},
-		{"sample misses", func(i int) float32 {
-			if i%64 == 0 {
-				return 0
-			}
-			return float32(rng.NormFloat64())
-		}},
+		{"sample misses", func(int) float32 { return float32(rng.NormFloat64()) }}, // then zeros where the sample reads
+		// a rank-one delta b a^T in rows of 64: a sample from one column sees |a_0| times the |b_i|, not the spread
+		{"low rank", func(i int) float32 { return lowRankA[i%64] * lowRankB[(i/64)%len(lowRankB)] }},
 	} {
 		for _, n := range []int{bandMinLen - 1, bandMinLen, 70001} {
 			x := make([]float32, n)
 			for i := range x {
 				x[i] = tc.gen(i)
+			}
+			if tc.name == "sample misses" && n >= bandMinLen {
+				s := min(2048, max(256, n>>6))
+				for i := range s {
+					x[sampleIndex(i, n, s)] = 0
+				}
 			}
 			for _, density := range []float64{0.01, 0.2, 0.9} {
 				k := PruneK(density, n)
@@ -432,10 +442,9 @@ func TestKthLargestAbsBits(t *testing.T) {
 				switch {
 				case n < bandMinLen:
 					assert.False(t, banded, "%s n=%d: too small to sample", tc.name, n)
-				case tc.name == "sample misses" && n == 70001:
-					// the sample's stride (n/1093 = 64) sees only the zeros
+				case tc.name == "sample misses":
 					assert.False(t, banded, "%s n=%d density=%v: the histogram fallback ran", tc.name, n, density)
-				case tc.name == "normal":
+				case tc.name == "normal", tc.name == "low rank":
 					assert.True(t, banded, "%s n=%d density=%v: the sampled band held the k-th value", tc.name, n, density)
 				}
 				var gt, eq int

@@ -91,7 +91,7 @@ func sampleBand(t []float32, k int) (lo, hi uint32, capacity int) {
 	s := min(2048, max(256, n>>6))
 	sample := make([]uint32, s)
 	for i := range sample {
-		sample[i] = math.Float32bits(t[i*(n/s)]) & 0x7fffffff
+		sample[i] = math.Float32bits(t[sampleIndex(i, n, s)]) & 0x7fffffff
 	}
 	// the k-th value's rank in the sample is about p*s, give or take 3 standard deviations
 	p := float64(k) / float64(n)
@@ -102,6 +102,22 @@ func sampleBand(t []float32, k int) (lo, hi uint32, capacity int) {
 	// the sample is now partitioned around index hiRank-1: the loRank-th largest is after it
 	lo = selectKthLargest(sample[hiRank:], loRank-hiRank)
 	return lo, hi, min(n, 2*n*(loRank-hiRank+1)/s+1024) + 16
+}
+
+// sampleIndex is the index of sample i of s drawn from n entries: one entry
+// of each stretch of n/s, at a place within it that a fixed hash of i
+// picks. A fixed offset would read one column of a matrix whose rows divide
+// the stride (a dense delta's rows of 4096 against a stride of 8192), and
+// the values of one column are not those of the whole: a low-rank delta
+// B A scales one column of A by every row of B. The hash is splitmix64's
+// finalizer, so the sample, and the band, are the same on every run.
+func sampleIndex(i, n, s int) int {
+	h := uint64(i) + 0x9e3779b97f4a7c15
+	h = (h ^ h>>30) * 0xbf58476d1ce4e5b9
+	h = (h ^ h>>27) * 0x94d049bb133111eb
+	h ^= h >> 31
+	w := n / s
+	return i*w + int(h%uint64(w))
 }
 
 // rangeBucket narrows the candidates, values within [lo, hi], to those of
