@@ -7,6 +7,9 @@ import (
 	"runtime"
 	"sync"
 	"time"
+	"unsafe"
+
+	"gomerge/gomerge/internal/pool"
 )
 
 // The blocked float32 matrix product of the randomized SVD's sketches
@@ -146,7 +149,8 @@ func gemm[T float32 | float64](g gemmKernel[T], threads int, a, b MatrixOf[T], c
 		// few rows and many columns (the sketch's Y^T D): C^T = B^T A^T instead, whose many rows are B's
 		// columns, read in place (see direct), and whose B (A^T) has at most directStrips strips. Each entry
 		// is the same chain (a multiply-add's product is the same with its factors swapped)
-		ct := make([]T, n*m)
+		ct, put := scratch[T](n * m)
+		defer put()
 		if err := gemm(g, threads, b.transposed(), a.transposed(), ct, m); err != nil {
 			return err
 		}
@@ -167,7 +171,9 @@ func gemm[T float32 | float64](g gemmKernel[T], threads int, a, b MatrixOf[T], c
 	workers := max(1, min(threads, tasks))
 	aps := make([][]T, workers)
 	for w := range aps {
-		aps[w] = make([]T, gemmMC*gemmKC+mr*gemmKC)
+		var put func()
+		aps[w], put = scratch[T](gemmMC*gemmKC + mr*gemmKC)
+		defer put()
 	}
 	// direct says whether the strip of A's rows i.. (of a block ending at row i1) is read in place: a
 	// transposed A holds each step's mr values side by side, so a whole strip needs no packing, and where B
@@ -225,7 +231,8 @@ func gemm[T float32 | float64](g gemmKernel[T], threads int, a, b MatrixOf[T], c
 		nChunk = (nStrips + workers - 1) / workers
 		nBlocks = (nStrips + nChunk - 1) / nChunk
 		run(workers, nBlocks, func(w, jb int) {
-			bw := make([]T, gemmKC*nChunk*nr)
+			bw, put := scratch[T](gemmKC * nChunk * nr)
+			defer put()
 			s0, s1 := jb*nChunk, min((jb+1)*nChunk, nStrips)
 			for pc := 0; pc < k; pc += gemmKC {
 				kc := min(gemmKC, k-pc)
@@ -239,7 +246,8 @@ func gemm[T float32 | float64](g gemmKernel[T], threads int, a, b MatrixOf[T], c
 		// one block of columns (the sketch's D Z, whose B is small): B is packed whole, once, and each task owns
 		// a block of rows through the whole inner dimension, with no barrier between its steps
 		steps := (k + gemmKC - 1) / gemmKC
-		bp := make([]T, steps*gemmKC*nStrips*nr)
+		bp, put := scratch[T](steps * gemmKC * nStrips * nr)
+		defer put()
 		panel := func(pc int) []T { return bp[pc/gemmKC*gemmKC*nStrips*nr:] }
 		run(min(threads, steps), steps, func(_, t int) {
 			pc := t * gemmKC
@@ -253,7 +261,8 @@ func gemm[T float32 | float64](g gemmKernel[T], threads int, a, b MatrixOf[T], c
 		})
 		return nil
 	}
-	bp := make([]T, gemmKC*nStrips*nr)
+	bp, put := scratch[T](gemmKC * nStrips * nr)
+	defer put()
 	for pc := 0; pc < k; pc += gemmKC {
 		kc := min(gemmKC, k-pc)
 		// B's panel, shared: rows pc..pc+kc, strip s holds columns s*nr.. (zero past n), kc steps of nr values;
@@ -379,6 +388,17 @@ func packA[T float32 | float64](dst []T, a MatrixOf[T], i0, rows, pc, kc, mr int
 			dst[p*mr+ii] = v
 		}
 	}
+}
+
+// scratch returns a buffer of n values with undefined contents from the
+// shared pool (the packing buffers, which every step writes whole before
+// it reads them: fresh ones, cleared by the allocator, cost more than the
+// arithmetic of the small products of the SVD's Gram route), and the call
+// that gives it back.
+func scratch[T float32 | float64](n int) ([]T, func()) {
+	per := int(unsafe.Sizeof(T(0))) / 4
+	buf := pool.Get(n * per)
+	return unsafe.Slice((*T)(unsafe.Pointer(unsafe.SliceData(buf))), n), func() { pool.Put(buf) }
 }
 
 // run calls f(worker, task) for tasks 0..n-1 on up to workers goroutines

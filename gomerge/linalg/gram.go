@@ -4,6 +4,8 @@ import (
 	"math"
 	"sync"
 
+	"gomerge/gomerge/kernels"
+
 	"gonum.org/v1/gonum/blas"
 	"gonum.org/v1/gonum/blas/blas64"
 	"gonum.org/v1/gonum/blas/gonum"
@@ -39,10 +41,6 @@ const (
 // the Householder QRs.
 const gramKappaMax = 1e3
 
-// gramChunk is the number of columns of x per Dsyrk in gramFactor: R rows
-// of it (48 KiB at R = 24) stay in the L2 cache.
-const gramChunk = 256
-
 // useGram says whether LowRankSVDBy tries the Gram route on this shape.
 func useGram(m, r, n int) bool {
 	return (m+n)*r*r >= gramMin && gramThin*r <= min(m, n)
@@ -58,23 +56,19 @@ func useGram(m, r, n int) bool {
 // ok = false, with b and a untouched, where a Cholesky fails or a factor's
 // conditioning exceeds gramKappaMax.
 //
-// All its products are gonum's (Dsyrk, Dgemm) on rows of B^T and A, so the
-// same bits on every kernel set: at these shapes (R and k a few dozen at
-// most) kernels.Gemm64's packing buffers cost more than the arithmetic, and
-// gonum's dot products over contiguous rows run at its speed. The two
-// sides run at once.
+// Its three large products (the two Gram matrices and the outputs) are
+// kernels.Gemm64's, which reads B and A in place (a transposed operand
+// with few rows needs no packing) and whose every entry is one chain of
+// fused multiply-adds in order: the same bits on every kernel set and core
+// count. The two sides run at once.
 func lowRankSVDGram(b, a []float64, m, r, n int, rank func(s []float64) int) (bk, ak, s []float64, k int, ok bool) {
-	btp := scratch64(r * m) // B^T, r x m: rows that Dsyrk and Dgemm read contiguously
-	defer scratchPool64.Put(btp)
-	bt := (*btp)[:r*m]
+	bv := kernels.Matrix64{Rows: m, Cols: r, Stride: r, Data: b} // B, m x r
+	av := kernels.Matrix64{Rows: r, Cols: n, Stride: n, Data: a} // A, r x n
 	var rb, ra []float64
 	var okB, okA bool
 	var wg sync.WaitGroup
-	wg.Go(func() {
-		transposeTiled(b, m, r, bt)
-		rb, okB = gramFactor(bt, r, m)
-	})
-	ra, okA = gramFactor(a, r, n)
+	wg.Go(func() { rb, okB = gramFactor(transposeOf(bv)) })
+	ra, okA = gramFactor(av)
 	wg.Wait()
 	if !okB || !okA {
 		return nil, nil, nil, 0, false
@@ -87,44 +81,44 @@ func lowRankSVDGram(b, a []float64, m, r, n int, rank func(s []float64) int) (bk
 	}
 	var impl gonum.Implementation
 	wg.Go(func() {
-		// x^T = (Rb^{-1} core V[:, :kk])^T = Vt[:kk, :] core^T Rb^{-T} (kk x r), then Bk^T = x^T B^T (kk x m)
+		// x^T = (Rb^{-1} core V[:, :kk])^T = Vt[:kk, :] core^T Rb^{-T} (kk x r), then Bk = B x (m x kk)
 		xt := make([]float64, kk*r)
 		impl.Dgemm(blas.NoTrans, blas.Trans, kk, r, r, 1, vtc, r, core, r, 0, xt, r)
 		impl.Dtrsm(blas.Right, blas.Upper, blas.Trans, blas.NonUnit, kk, r, 1, rb, r, xt, r)
-		bktp := scratch64(kk * m)
-		defer scratchPool64.Put(bktp)
-		bkt := (*bktp)[:kk*m]
-		impl.Dgemm(blas.NoTrans, blas.NoTrans, kk, m, r, 1, xt, r, bt, m, 0, bkt, m)
-		for j := 0; j < kk; j++ {
-			for i, v := range bkt[j*m : (j+1)*m] {
-				bk[i*k+j] = v
-			}
-		}
+		gemm64Serial(bv, transposeOf(kernels.Matrix64{Rows: kk, Cols: r, Stride: r, Data: xt}), bk, k)
 	})
 	// y = Vt[:kk, :] Ra^{-T} (kk x r), then Ak = y A (kk x n)
 	y := append([]float64(nil), vtc[:kk*r]...)
 	impl.Dtrsm(blas.Right, blas.Upper, blas.Trans, blas.NonUnit, kk, r, 1, ra, r, y, r)
-	impl.Dgemm(blas.NoTrans, blas.NoTrans, kk, n, r, 1, y, r, a, n, 0, ak, n)
+	gemm64Serial(kernels.Matrix64{Rows: kk, Cols: r, Stride: r, Data: y}, av, ak, n)
 	wg.Wait()
 	canonicalSigns(bk, ak, m, n, k, kk)
 	return bk, ak, sv, k, true
 }
 
+// gemm64Serial is kernels.Gemm64 on the calling goroutine alone: the Gram
+// route's products are small (its stacks are thin), LowRankSVDBy runs its
+// two sides at once, and the merges run modules on all cores, so more
+// threads would only add hand-offs.
+func gemm64Serial(a, b kernels.Matrix64, c []float64, ldc int) {
+	if err := kernels.Gemm64With(kernels.InUse(), 1, a, b, c, ldc); err != nil {
+		panic("gomerge: " + err.Error())
+	}
+}
+
+// transposeOf is the view of x's transpose (no copy).
+func transposeOf(x kernels.Matrix64) kernels.Matrix64 {
+	return kernels.Matrix64{Rows: x.Cols, Cols: x.Rows, Stride: x.Stride, Trans: !x.Trans, Data: x.Data}
+}
+
 // gramFactor returns the upper triangular Cholesky factor R (r x r) of
-// x x^T for x (r x cols, row-major), and whether the route may use it: the
+// x x^T for x (r x cols), and whether the route may use it: the
 // Cholesky succeeded and R with unit columns has a condition number of at
 // most gramKappaMax (estimated).
-func gramFactor(x []float64, r, cols int) (rf []float64, ok bool) {
+func gramFactor(x kernels.Matrix64) (rf []float64, ok bool) {
+	r := x.Rows
 	rf = make([]float64, r*r)
-	// x x^T summed over chunks of gramChunk columns: Dsyrk's dot products then read the r rows from the L2 cache
-	// (whole rows of thousands of values would stream from memory once per pair of rows)
-	for c0 := 0; c0 < cols; c0 += gramChunk {
-		beta := 1.0
-		if c0 == 0 {
-			beta = 0
-		}
-		gonum.Implementation{}.Dsyrk(blas.Upper, blas.NoTrans, r, min(gramChunk, cols-c0), 1, x[c0:], cols, beta, rf, r)
-	}
+	gemm64Serial(x, transposeOf(x), rf, r)
 	for i := 0; i < r; i++ {
 		if !(rf[i*r+i] > 0) || math.IsInf(rf[i*r+i], 0) {
 			return nil, false // a zero row (a zero adapter), or NaN or Inf
@@ -132,6 +126,9 @@ func gramFactor(x []float64, r, cols int) (rf []float64, ok bool) {
 	}
 	if _, chol := lapack64.Potrf(blas64.Symmetric{Uplo: blas.Upper, N: r, Stride: r, Data: rf}); !chol {
 		return nil, false
+	}
+	for i := 1; i < r; i++ {
+		clear(rf[i*r : i*r+i]) // the product wrote both triangles; R is the upper one
 	}
 	// R D^{-1}, D the norms of R's columns (those of x's rows): the equilibrated factor
 	eq := make([]float64, r*r)
@@ -148,20 +145,4 @@ func gramFactor(x []float64, r, cols int) (rf []float64, ok bool) {
 	rcond := lapack64.Trcon(lapack.MaxColumnSum, blas64.Triangular{Uplo: blas.Upper, Diag: blas.NonUnit, N: r, Stride: r, Data: eq},
 		make([]float64, 3*r), make([]int, r))
 	return rf, rcond*gramKappaMax >= 1
-}
-
-// transposeTiled writes the transpose of x (rows x cols) into t (cols x
-// rows), a tile of rows at a time: writing along whole columns of t would
-// hit one cache set per row where rows is a power of two.
-func transposeTiled(x []float64, rows, cols int, t []float64) {
-	const tile = 16
-	for i0 := 0; i0 < rows; i0 += tile {
-		i1 := min(i0+tile, rows)
-		for j := 0; j < cols; j++ {
-			dst := t[j*rows+i0 : j*rows+i1]
-			for i := range dst {
-				dst[i] = x[(i0+i)*cols+j]
-			}
-		}
-	}
 }
