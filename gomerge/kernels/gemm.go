@@ -169,10 +169,11 @@ func gemm[T float32 | float64](g gemmKernel[T], threads int, a, b MatrixOf[T], c
 	nBlocks := (nStrips + nChunk - 1) / nChunk
 	tasks := mBlocks * nBlocks
 	workers := max(1, min(threads, tasks))
+	// each worker's packed block of A, then its edge tile
 	aps := make([][]T, workers)
 	for w := range aps {
 		var put func()
-		aps[w], put = scratch[T](gemmMC*gemmKC + mr*gemmKC)
+		aps[w], put = scratch[T](gemmMC*gemmKC + mr*gemmKC + mr*nr)
 		defer put()
 	}
 	// direct says whether the strip of A's rows i.. (of a block ending at row i1) is read in place: a
@@ -185,7 +186,7 @@ func gemm[T float32 | float64](g gemmKernel[T], threads int, a, b MatrixOf[T], c
 	block := func(w, ib, jb, pc, kc int, bstrip func(s int) []T) {
 		first := pc == 0
 		i0, i1 := ib*gemmMC, min((ib+1)*gemmMC, m)
-		ap := aps[w]
+		ap, tile := aps[w][:gemmMC*gemmKC+mr*gemmKC], aps[w][gemmMC*gemmKC+mr*gemmKC:]
 		// A's block: rows i0..i1, strip r holds rows i0+r*mr.., kc steps of mr values (zero past i1)
 		rStrips := (i1 - i0 + mr - 1) / mr
 		for r := range rStrips {
@@ -193,7 +194,6 @@ func gemm[T float32 | float64](g gemmKernel[T], threads int, a, b MatrixOf[T], c
 				packA(ap[r*kc*mr:(r+1)*kc*mr], a, i0+r*mr, min(mr, i1-i0-r*mr), pc, kc, mr)
 			}
 		}
-		var tile [16 * 64]T
 		for s := jb * nChunk; s < min((jb+1)*nChunk, nStrips); s++ {
 			bs := bstrip(s)
 			j0 := s * nr
@@ -210,15 +210,14 @@ func gemm[T float32 | float64](g gemmKernel[T], threads int, a, b MatrixOf[T], c
 					continue
 				}
 				// an edge tile: through a whole one
-				t := tile[:mr*nr]
 				if !first {
 					for ii := range rows {
-						copy(t[ii*nr:ii*nr+cols], c[(ib0+ii)*ldc+j0:])
+						copy(tile[ii*nr:ii*nr+cols], c[(ib0+ii)*ldc+j0:])
 					}
 				}
-				g.micro(kc, as, lda, bs, t, nr, first)
+				g.micro(kc, as, lda, bs, tile, nr, first)
 				for ii := range rows {
-					copy(c[(ib0+ii)*ldc+j0:(ib0+ii)*ldc+j0+cols], t[ii*nr:])
+					copy(c[(ib0+ii)*ldc+j0:(ib0+ii)*ldc+j0+cols], tile[ii*nr:])
 				}
 			}
 		}

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"gonum.org/v1/gonum/blas"
@@ -274,5 +275,33 @@ func BenchmarkGemm32vsPeak(b *testing.B) {
 			p, _ := PeakFMA(name, false, 1, 300*time.Millisecond)
 			b.ReportMetric(p.CPU/1e9, "peakGFLOP/cpu-s")
 		})
+	}
+}
+
+// A product takes its packing buffers and edge tiles from the pool: the
+// Gram route of the SVD runs thousands of small products, and a fresh,
+// cleared 200 KiB block of A per call (or an 8 KiB tile per block, which
+// escaped to the heap through the micro-kernel's function value) cost
+// more than their arithmetic. 200 calls allocate less than 4 KiB each on
+// average (the views and closures of a call take a few hundred bytes; a
+// collection that empties the pool costs one block, 1 KiB a call here).
+func TestGemmReusesBuffers(t *testing.T) {
+	x := make([]float64, 24*2048)
+	for i := range x {
+		x[i] = float64(i%7) - 3
+	}
+	a := Matrix64{Rows: 24, Cols: 2048, Stride: 2048, Data: x}
+	c := make([]float64, 24*24)
+	for _, set := range Runnable() {
+		require.NoError(t, Gemm64With(set, 1, a, a.transposed(), c, 24))
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		const calls = 200
+		for range calls {
+			require.NoError(t, Gemm64With(set, 1, a, a.transposed(), c, 24))
+		}
+		runtime.ReadMemStats(&after)
+		perCall := float64(after.TotalAlloc-before.TotalAlloc) / calls
+		assert.Less(t, perCall, 4096.0, "%s: bytes allocated per product", set)
 	}
 }

@@ -2,9 +2,11 @@ package methods
 
 import (
 	"context"
-	"gomerge/gomerge/linalg"
 	"math"
 	"sort"
+
+	"gomerge/gomerge/internal/pool"
+	"gomerge/gomerge/linalg"
 )
 
 // svdModule is the merge of "svd": the exact truncated SVD of the weighted
@@ -25,8 +27,11 @@ func mergeSVD(srcs []Source, rule linalg.RankRule, in, out int, clamp *float64) 
 	for _, s := range srcs {
 		total += s.Mod.Rank
 	}
-	bc := make([]float64, out*total) // [w_1 s_1 B_1 | w_2 s_2 B_2 | ...]
-	ac := make([]float64, total*in)  // [A_1; A_2; ...]
+	// the stacks are scratch (LowRankSVDBy may overwrite them), written whole below: pooled, not cleared
+	bc := pool.Get64(out * total) // [w_1 s_1 B_1 | w_2 s_2 B_2 | ...]
+	defer pool.Put64(bc)
+	ac := pool.Get64(total * in) // [A_1; A_2; ...]
+	defer pool.Put64(ac)
 	off := 0
 	for _, s := range srcs {
 		fa, fb, err := s.Mod.Factors()

@@ -7,6 +7,7 @@ package pool
 import (
 	"math/bits"
 	"sync"
+	"unsafe"
 )
 
 var pools [40]sync.Pool
@@ -34,4 +35,16 @@ func Put(b []float32) {
 	if c := bits.Len(uint(cap(b) - 1)); cap(b) == 1<<c {
 		pools[c].Put(&b)
 	}
+}
+
+// Get64 returns a float64 buffer of length n with undefined contents: the
+// memory of a float32 buffer from Get, twice as long.
+func Get64(n int) []float64 {
+	b := Get(2 * n)
+	return unsafe.Slice((*float64)(unsafe.Pointer(unsafe.SliceData(b))), cap(b)/2)[:n] // Put64 needs the capacity
+}
+
+// Put64 gives a buffer from Get64 back to its pool.
+func Put64(b []float64) {
+	Put(unsafe.Slice((*float32)(unsafe.Pointer(unsafe.SliceData(b))), 2*cap(b)))
 }

@@ -26,3 +26,25 @@ func TestGetPut(t *testing.T) {
 		})
 	}
 }
+
+// Get64's buffers keep the capacity of the float32 memory under them, so
+// that Put64 can give them back (a view as long as n would be dropped).
+func TestGet64Put64(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		n, wantCap int
+	}{
+		{"small, not pooled", 10, 10},
+		{"smallest pooled", minPooled / 2, minPooled / 2},
+		{"rounded up", minPooled/2 + 1, minPooled},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := Get64(tc.n)
+			assert.Len(t, b, tc.n)
+			assert.Equal(t, tc.wantCap, cap(b))
+			b[tc.n-1] = 1.5 // the memory is float64's to use
+			Put64(b)
+			assert.Len(t, Get64(tc.n), tc.n)
+		})
+	}
+}
