@@ -93,7 +93,32 @@ def wide(seed: int = 0) -> nn.Module:
     return Wide().eval()
 
 
-MODELS: dict[str, Callable[[int], nn.Module]] = {"llama": llama, "gpt2": gpt2, "conv": convnet, "wide": wide}
+class Gram(nn.Module):
+    """Two linear layers (1024 x 2048) where three rank-8 adapters stack to a rank-24 update thin and large enough
+    ((m + n) R^2 >= 2^20) for gomerge's exact SVD to take Cholesky factors of the Gram matrices (the route of
+    TinyLlama's modules), not Householder QRs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(1024, 2048)
+        self.down = nn.Linear(2048, 1024)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def gram(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Gram().eval()
+
+
+MODELS: dict[str, Callable[[int], nn.Module]] = {
+    "llama": llama,
+    "gpt2": gpt2,
+    "conv": convnet,
+    "wide": wide,
+    "gram": gram,
+}
 
 
 def model_input(kind: str) -> torch.Tensor:
@@ -102,6 +127,8 @@ def model_input(kind: str) -> torch.Tensor:
         return torch.randn(2, 3, 8, 8, generator=g)
     if kind == "wide":
         return torch.randn(2, 384, generator=g)
+    if kind == "gram":
+        return torch.randn(2, 1024, generator=g)
     return torch.randint(0, 128, (2, 12), generator=g)
 
 

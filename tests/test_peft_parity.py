@@ -155,6 +155,17 @@ CASES = [
         types=("linear", "svd", "cat"),
     ),
     Case(
+        "gram-route",
+        "gram",
+        [
+            AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["up", "down"]), 28),
+            AdapterSpec(dict(r=8, lora_alpha=8, target_modules=["up", "down"]), 29),
+            AdapterSpec(dict(r=8, lora_alpha=16, target_modules=["up", "down"]), 30),
+        ],
+        [2.0, 1.0, 1.0],
+        types=("svd",),
+    ),
+    Case(
         "llama-bf16",
         "llama",
         [
