@@ -389,13 +389,23 @@ func packA[T float32 | float64](dst []T, a MatrixOf[T], i0, rows, pc, kc, mr int
 	}
 }
 
-// scratch returns a buffer of n values with undefined contents from the
-// shared pool (the packing buffers, which every step writes whole before
-// it reads them: fresh ones, cleared by the allocator, cost more than the
-// arithmetic of the small products of the SVD's Gram route), and the call
-// that gives it back.
+// maxScratch is the largest buffer (in float32 values: 1 MiB) that gemm
+// takes from the shared pool: enough for the small products of the SVD's
+// Gram route (a worker's packed block of A, 220 KiB in float64, and B's
+// strips), where fresh buffers, cleared by the allocator, cost more than
+// the arithmetic. A large product's packed B (megabytes) is allocated, so
+// that the pool does not keep it past the product: pooled up to 4 MiB,
+// the buffers raised bench S3's peak RSS by some 50 MiB.
+const maxScratch = 1 << 18
+
+// scratch returns a buffer of n values with undefined contents (gemm's
+// packing buffers, which every step writes whole before it reads them),
+// pooled up to maxScratch, and the call that gives it back.
 func scratch[T float32 | float64](n int) ([]T, func()) {
 	per := int(unsafe.Sizeof(T(0))) / 4
+	if n*per > maxScratch {
+		return make([]T, n), func() {}
+	}
 	buf := pool.Get(n * per)
 	return unsafe.Slice((*T)(unsafe.Pointer(unsafe.SliceData(buf))), n), func() { pool.Put(buf) }
 }

@@ -37,6 +37,8 @@ func TestGet64Put64(t *testing.T) {
 		{"small, not pooled", 10, 10},
 		{"smallest pooled", minPooled / 2, minPooled / 2},
 		{"rounded up", minPooled/2 + 1, minPooled},
+		{"largest pooled", MaxScratch64, MaxScratch64},
+		{"too large to pool: allocated as asked", MaxScratch64 + 1, MaxScratch64 + 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := Get64(tc.n)
