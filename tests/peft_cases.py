@@ -75,41 +75,31 @@ def convnet(seed: int = 0) -> nn.Module:
     return ConvNet().eval()
 
 
-class Wide(nn.Module):
-    """Two linear layers wide enough (384 x 640) for gomerge's randomized SVD rather than its exact small-matrix
-    path."""
+class UpDown(nn.Module):
+    """Two linear layers, `up` (d -> h) and `down` (h -> d)."""
 
-    def __init__(self) -> None:
+    def __init__(self, d: int, h: int) -> None:
         super().__init__()
-        self.up = nn.Linear(384, 640)
-        self.down = nn.Linear(640, 384)
+        self.up = nn.Linear(d, h)
+        self.down = nn.Linear(h, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(torch.relu(self.up(x)))
 
 
 def wide(seed: int = 0) -> nn.Module:
+    """Two linear layers wide enough (384 x 640) for gomerge's randomized SVD rather than its exact small-matrix
+    path."""
     torch.manual_seed(seed)
-    return Wide().eval()
-
-
-class Gram(nn.Module):
-    """Two linear layers (1024 x 2048) where three rank-8 adapters stack to a rank-24 update thin and large enough
-    ((m + n) R^2 >= 2^20) for gomerge's exact SVD to take Cholesky factors of the Gram matrices (the route of
-    TinyLlama's modules), not Householder QRs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.up = nn.Linear(1024, 2048)
-        self.down = nn.Linear(2048, 1024)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(torch.relu(self.up(x)))
+    return UpDown(384, 640).eval()
 
 
 def gram(seed: int = 0) -> nn.Module:
+    """Two linear layers (1024 x 2048) where three rank-8 adapters stack to a rank-24 update thin and large enough
+    ((m + n) R^2 >= 2^20) for gomerge's exact SVD to take Cholesky factors of the Gram matrices (the route of
+    TinyLlama's modules), not Householder QRs."""
     torch.manual_seed(seed)
-    return Gram().eval()
+    return UpDown(1024, 2048).eval()
 
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {
