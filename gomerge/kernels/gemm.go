@@ -70,8 +70,8 @@ type (
 	Matrix64 = MatrixOf[float64]
 )
 
-// transposed is the view of x's transpose.
-func (x MatrixOf[T]) transposed() MatrixOf[T] {
+// Transposed is the view of x's transpose (no copy).
+func (x MatrixOf[T]) Transposed() MatrixOf[T] {
 	return MatrixOf[T]{Rows: x.Cols, Cols: x.Rows, Stride: x.Stride, Trans: !x.Trans, Data: x.Data}
 }
 
@@ -151,7 +151,7 @@ func gemm[T float32 | float64](g gemmKernel[T], threads int, a, b MatrixOf[T], c
 		// is the same chain (a multiply-add's product is the same with its factors swapped)
 		ct, put := scratch[T](n * m)
 		defer put()
-		if err := gemm(g, threads, b.transposed(), a.transposed(), ct, m); err != nil {
+		if err := gemm(g, threads, b.Transposed(), a.Transposed(), ct, m); err != nil {
 			return err
 		}
 		for i := range m {

@@ -293,12 +293,12 @@ func TestGemmReusesBuffers(t *testing.T) {
 	a := Matrix64{Rows: 24, Cols: 2048, Stride: 2048, Data: x}
 	c := make([]float64, 24*24)
 	for _, set := range Runnable() {
-		require.NoError(t, Gemm64With(set, 1, a, a.transposed(), c, 24))
+		require.NoError(t, Gemm64With(set, 1, a, a.Transposed(), c, 24))
 		var before, after runtime.MemStats
 		runtime.ReadMemStats(&before)
 		const calls = 200
 		for range calls {
-			require.NoError(t, Gemm64With(set, 1, a, a.transposed(), c, 24))
+			require.NoError(t, Gemm64With(set, 1, a, a.Transposed(), c, 24))
 		}
 		runtime.ReadMemStats(&after)
 		perCall := float64(after.TotalAlloc-before.TotalAlloc) / calls

@@ -56,8 +56,8 @@ func useGram(m, r, n int) bool {
 // ok = false, with b and a untouched, where a Cholesky fails or a factor's
 // conditioning exceeds gramKappaMax.
 //
-// Its three large products (the two Gram matrices and the outputs) are
-// kernels.Gemm64's, which reads B and A in place (a transposed operand
+// Its products with B and A (the two Gram matrices and the two outputs)
+// are kernels.Gemm64's, which reads B and A in place (a transposed operand
 // with few rows needs no packing) and whose every entry is one chain of
 // fused multiply-adds in order: the same bits on every kernel set and core
 // count. The two sides run at once.
@@ -67,7 +67,7 @@ func lowRankSVDGram(b, a []float64, m, r, n int, rank func(s []float64) int) (bk
 	var rb, ra []float64
 	var okB, okA bool
 	var wg sync.WaitGroup
-	wg.Go(func() { rb, okB = gramFactor(transposeOf(bv)) })
+	wg.Go(func() { rb, okB = gramFactor(bv.Transposed()) })
 	ra, okA = gramFactor(av)
 	wg.Wait()
 	if !okB || !okA {
@@ -85,7 +85,7 @@ func lowRankSVDGram(b, a []float64, m, r, n int, rank func(s []float64) int) (bk
 		xt := make([]float64, kk*r)
 		impl.Dgemm(blas.NoTrans, blas.Trans, kk, r, r, 1, vtc, r, core, r, 0, xt, r)
 		impl.Dtrsm(blas.Right, blas.Upper, blas.Trans, blas.NonUnit, kk, r, 1, rb, r, xt, r)
-		gemm64Serial(bv, transposeOf(kernels.Matrix64{Rows: kk, Cols: r, Stride: r, Data: xt}), bk, k)
+		gemm64Serial(bv, kernels.Matrix64{Rows: kk, Cols: r, Stride: r, Data: xt}.Transposed(), bk, k)
 	})
 	// y = Vt[:kk, :] Ra^{-T} (kk x r), then Ak = y A (kk x n)
 	y := append([]float64(nil), vtc[:kk*r]...)
@@ -106,11 +106,6 @@ func gemm64Serial(a, b kernels.Matrix64, c []float64, ldc int) {
 	}
 }
 
-// transposeOf is the view of x's transpose (no copy).
-func transposeOf(x kernels.Matrix64) kernels.Matrix64 {
-	return kernels.Matrix64{Rows: x.Cols, Cols: x.Rows, Stride: x.Stride, Trans: !x.Trans, Data: x.Data}
-}
-
 // gramFactor returns the upper triangular Cholesky factor R (r x r) of
 // x x^T for x (r x cols), and whether the route may use it: the
 // Cholesky succeeded and R with unit columns has a condition number of at
@@ -118,7 +113,7 @@ func transposeOf(x kernels.Matrix64) kernels.Matrix64 {
 func gramFactor(x kernels.Matrix64) (rf []float64, ok bool) {
 	r := x.Rows
 	rf = make([]float64, r*r)
-	gemm64Serial(x, transposeOf(x), rf, r)
+	gemm64Serial(x, x.Transposed(), rf, r)
 	for i := 0; i < r; i++ {
 		if !(rf[i*r+i] > 0) || math.IsInf(rf[i*r+i], 0) {
 			return nil, false // a zero row (a zero adapter), or NaN or Inf
