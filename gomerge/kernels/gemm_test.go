@@ -285,7 +285,14 @@ func BenchmarkGemm32vsPeak(b *testing.B) {
 // more than their arithmetic. 200 calls allocate less than 4 KiB each on
 // average (the views and closures of a call take a few hundred bytes; a
 // collection that empties the pool costs one block, 1 KiB a call here).
+// The race detector's sync.Pool drops a quarter of what is put back, so
+// under it (make test's -race runs) the count says nothing; the other runs
+// of the same test binary's code, natively and on every emulated CPU level,
+// check it.
 func TestGemmReusesBuffers(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector's sync.Pool drops buffers at random")
+	}
 	x := make([]float64, 24*2048)
 	for i := range x {
 		x[i] = float64(i%7) - 3
