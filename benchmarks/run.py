@@ -62,6 +62,7 @@ import gc
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -859,6 +860,15 @@ def fuse_inputs(scenario: str) -> tuple[str, str]:
     return base, adapter
 
 
+def later_run_machine(saved: str, ran: str, machine: str) -> str:
+    """The machine line after a run of some scenarios (`ran`, e.g. "F1" or "F1, F2") replaced their rows: the saved
+    line, less what an earlier run of the same scenarios appended (its rows are gone), plus "`ran` from a later run
+    on: `machine`"."""
+    parts = re.split(r"; (?=[A-Z][A-Z0-9]*(?:, [A-Z][A-Z0-9]*)* from a later run on: )", saved)
+    later = [p for p in parts[1:] if not p.startswith(f"{ran} from a later run on: ")]
+    return "; ".join([parts[0], *later, f"{ran} from a later run on: {machine}"])
+
+
 _RSS = "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0] / 1024"
 
 
@@ -1309,7 +1319,7 @@ def main() -> None:
             ]
             if kept and not set(DEFAULT_SCENARIOS) <= todo:
                 ran = ", ".join(sorted({r["scenario"] for r in rows}))
-                machine = f"{saved['machine']}; {ran} from a later run on: {machine}"
+                machine = later_run_machine(saved["machine"], ran, machine)
             elif kept:  # a whole default run: only the opt-in rows (SLOW, F2) are older, and they say so
                 older = ", ".join(f"{r['scenario']} {r['method']}" for r in kept)
                 machine = f"{machine}; rows kept from earlier runs (see the rows by machine below): {older}"
