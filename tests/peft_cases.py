@@ -75,31 +75,41 @@ def convnet(seed: int = 0) -> nn.Module:
     return ConvNet().eval()
 
 
-class UpDown(nn.Module):
-    """Two linear layers, `up` (d -> h) and `down` (h -> d)."""
+class Wide(nn.Module):
+    """Two linear layers wide enough (384 x 640) for gomerge's randomized SVD rather than its exact small-matrix
+    path."""
 
-    def __init__(self, d: int, h: int) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.up = nn.Linear(d, h)
-        self.down = nn.Linear(h, d)
+        self.up = nn.Linear(384, 640)
+        self.down = nn.Linear(640, 384)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(torch.relu(self.up(x)))
 
 
 def wide(seed: int = 0) -> nn.Module:
-    """Two linear layers wide enough (384 x 640) for gomerge's randomized SVD rather than its exact small-matrix
-    path."""
     torch.manual_seed(seed)
-    return UpDown(384, 640).eval()
+    return Wide().eval()
 
 
-def gram(seed: int = 0) -> nn.Module:
+class Gram(nn.Module):
     """Two linear layers (1024 x 2048) where three rank-8 adapters stack to a rank-24 update thin and large enough
     ((m + n) R^2 >= 2^20) for gomerge's exact SVD to take Cholesky factors of the Gram matrices (the route of
     TinyLlama's modules), not Householder QRs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(1024, 2048)
+        self.down = nn.Linear(2048, 1024)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def gram(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return UpDown(1024, 2048).eval()
+    return Gram().eval()
 
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {
