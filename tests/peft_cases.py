@@ -77,7 +77,8 @@ def convnet(seed: int = 0) -> nn.Module:
 
 class Wide(nn.Module):
     """Two linear layers wide enough (384 x 640) for gomerge's randomized SVD rather than its exact small-matrix
-    path."""
+    path. (PEFT writes the class's name into each adapter's config, so the golden corpus's inputs depend on it: Gram
+    below is a class of its own, not this one with other sizes.)"""
 
     def __init__(self) -> None:
         super().__init__()
