@@ -546,10 +546,7 @@ def s3(root: str, bw: float, rows: list, layers: int, svd_layers: int) -> None:
     for ctype, kw, n_layers in (("ties", {"density": 0.2}, layers), ("svd", {}, svd_layers)):
         dirs = s3_adapters(n_layers)
         in_bytes = sum(dir_bytes(d) for d in dirs)
-        for d in dirs:  # into the page cache, as for every other scenario (whose inputs were just written)
-            with open(os.path.join(d, "adapter_model.safetensors"), "rb") as f:
-                while f.read(64 << 20):
-                    pass
+        warm_page_cache(*dirs)  # as for every other scenario (whose inputs were just written)
         out = os.path.join(root, f"s3-{ctype}")
         runs = [gomerge_child(dirs, ctype, out, **kw) for _ in range(2 if ctype == "ties" else 1)]
         t_go, peak = min(t for t, _ in runs), max(p for _, p in runs)
